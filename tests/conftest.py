@@ -1,0 +1,25 @@
+"""Test conventions: Triton runs under its CPU interpreter unless a GPU is present;
+tests marked `gpu` are skipped without CUDA."""
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    # Must happen before triton is imported anywhere.
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "gpu: needs a CUDA device (skipped without one)")
+    config.addinivalue_line("markers", "slow: long-running (still part of the CI suite)")
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip_gpu = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip_gpu)
