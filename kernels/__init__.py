@@ -1,0 +1,66 @@
+"""Triton kernels of pfgmpp_fast (imported as pfgmpp_fast.kernels).
+
+One file per fused op (philox, chi2, perturb, loss, sampler_step): the Triton kernel(s) and a
+Python launcher taking the argument list of the matching op in docs/KERNEL_OPS.md.  This module
+holds the small helpers they share: key splitting, float64-as-two-float32 scalars and the
+description of an image tensor's memory layout.
+"""
+import torch
+
+MODE_CONTIGUOUS, MODE_CHANNELS_LAST, MODE_STRIDED = 0, 1, 2
+MAX_ELEMENTS_PER_SAMPLE = 2**31 - 1
+
+
+def split_key(key: int):
+    """64-bit Philox key -> (k0, k1) as Python ints (the kernels truncate them to uint32)."""
+    key = int(key)
+    if not 0 <= key < 2**63:
+        raise ValueError(f"key must be an int in [0, 2**63), got {key}")
+    return key & 0xFFFFFFFF, key >> 32
+
+
+def split_f64(value: float):
+    """A Python float as hi + lo float32 pair, so float64-state kernels get ~48-bit scalars
+    without a host-to-device copy (Triton passes float arguments as float32)."""
+    hi = float(torch.tensor(value, dtype=torch.float32))
+    lo = float(torch.tensor(value - hi, dtype=torch.float32)) if abs(hi) != float("inf") else 0.0
+    return hi, lo
+
+
+def launch_grid_1d(n_programs: int):
+    return (int(n_programs),)
+
+
+class Layout:
+    """How to address element (b, e) of an image tensor, e the logical NCHW flat index.
+
+    The tensor is seen as [B, C, H, W] (fewer dims padded with 1s; more than four dims are
+    flattened, copying once if they are not contiguous).  mode is contiguous, dense
+    channels-last, or general strides (then the kernel computes c, h, w and uses the strides).
+    """
+
+    def __init__(self, t: torch.Tensor):
+        B = t.shape[0]
+        if t.dim() > 4:
+            t = t.reshape(B, -1, 1, 1)  # a view when possible, else one visible copy
+        while t.dim() < 4:
+            t = t.unsqueeze(-1)
+        self.tensor = t
+        _, C, H, W = t.shape
+        self.C, self.HW, self.W = C, H * W, W
+        self.N = C * H * W
+        if t.is_contiguous():
+            self.mode = MODE_CONTIGUOUS
+        elif t.is_contiguous(memory_format=torch.channels_last):
+            self.mode = MODE_CHANNELS_LAST
+        else:
+            self.mode = MODE_STRIDED
+        self.strides = tuple(t.stride())
+
+    def args(self):
+        return (self.C, self.HW, self.W) + self.strides
+
+
+def check_sample_size(N: int):
+    if N > MAX_ELEMENTS_PER_SAMPLE:
+        raise ValueError(f"elements per sample must be < 2**31, got {N}")

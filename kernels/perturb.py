@@ -1,0 +1,86 @@
+"""Fused perturbation: x = y + scale[b]·g (g regenerated from Philox), net_in = c_in[b]·x.
+
+One pass over y: reads y once, writes the network input in its dtype and memory format
+(and x in fp32/fp64 only when asked).  Noise is indexed by the logical NCHW element, so the
+result does not depend on the memory format of y or of the output.
+"""
+import torch
+import triton
+import triton.language as tl
+
+from . import Layout, split_key, check_sample_size, MODE_CONTIGUOUS, MODE_CHANNELS_LAST
+from .philox import normal_block, sample_counter, key_words, block_for
+
+
+@triton.jit
+def element_offsets(b, e, N, C, HW, W, sb, sc, sh, sw, MODE: tl.constexpr):
+    """Memory offsets of logical elements e of sample b (int64) for a layout MODE."""
+    b64 = b.to(tl.int64)
+    if MODE == 0:  # contiguous
+        return b64 * N + e
+    elif MODE == 1:  # dense channels-last
+        c = e // HW
+        return b64 * N + (e - c * HW) * C + c
+    else:  # general strides
+        c = e // HW
+        hw = e - c * HW
+        h = hw // W
+        w = hw - h * W
+        return b64 * sb + c.to(tl.int64) * sc + h.to(tl.int64) * sh + w.to(tl.int64) * sw
+
+
+@triton.jit(do_not_specialize=["N", "nblk", "k0", "k1", "stream"])
+def _perturb_kernel(y_ptr, scale_ptr, cin_ptr, sid_ptr, net_ptr, x_ptr,
+                    N, nblk, k0, k1, stream,
+                    yC, yHW, yW, y_sb, y_sc, y_sh, y_sw,
+                    nC, nHW, nW, n_sb, n_sc, n_sh, n_sw,
+                    Y_MODE: tl.constexpr, NET_MODE: tl.constexpr, WRITE_X: tl.constexpr,
+                    COMPUTE: tl.constexpr, BLOCK: tl.constexpr):
+    pid = tl.program_id(0)
+    b = pid // nblk
+    blk = pid - b * nblk
+    e = blk * BLOCK + tl.arange(0, BLOCK)
+    mask = e < N
+    sid_lo, sid_hi = sample_counter(tl.load(sid_ptr + b))
+    kk0, kk1 = key_words(k0, k1)
+    g = normal_block(blk * (BLOCK // 4), sid_lo, sid_hi, stream.to(tl.uint32), kk0, kk1, BLOCK)
+    y_off = element_offsets(b, e, N, yC, yHW, yW, y_sb, y_sc, y_sh, y_sw, Y_MODE)
+    y = tl.load(y_ptr + y_off, mask=mask, other=0.0).to(COMPUTE)
+    s = tl.load(scale_ptr + b).to(COMPUTE)
+    c_in = tl.load(cin_ptr + b).to(COMPUTE)
+    x = y + s * g.to(COMPUTE)
+    n_off = element_offsets(b, e, N, nC, nHW, nW, n_sb, n_sc, n_sh, n_sw, NET_MODE)
+    tl.store(net_ptr + n_off, (c_in * x).to(net_ptr.dtype.element_ty), mask=mask)
+    if WRITE_X:
+        tl.store(x_ptr + b.to(tl.int64) * N + e, x, mask=mask)
+
+
+def compute_dtype(t: torch.Tensor):
+    return torch.float64 if t.dtype == torch.float64 else torch.float32
+
+
+TL_DTYPE = {torch.float32: tl.float32, torch.float64: tl.float64}
+
+
+def empty_image(like: torch.Tensor, dtype, channels_last: bool):
+    fmt = torch.channels_last if channels_last and like.dim() == 4 else torch.contiguous_format
+    return torch.empty(like.shape, dtype=dtype, device=like.device, memory_format=fmt)
+
+
+def perturb(y, scale, c_in, sample_ids, key, stream, out_dtype, channels_last, write_x):
+    cd = compute_dtype(y)
+    net_in = empty_image(y, out_dtype, channels_last)
+    x = torch.empty(y.shape if write_x else (0,), dtype=cd, device=y.device)
+    B = y.shape[0]
+    if B == 0 or y.numel() == 0:
+        return net_in, x
+    ly, ln = Layout(y), Layout(net_in)
+    check_sample_size(ly.N)
+    k0, k1 = split_key(key)
+    BLOCK = block_for(ly.N)
+    nblk = triton.cdiv(ly.N, BLOCK)
+    _perturb_kernel[(B * nblk,)](
+        ly.tensor, scale.contiguous(), c_in.contiguous(), sample_ids.contiguous(), ln.tensor,
+        x if write_x else net_in, ly.N, nblk, k0, k1, stream, *ly.args(), *ln.args(),
+        Y_MODE=ly.mode, NET_MODE=ln.mode, WRITE_X=bool(write_x), COMPUTE=TL_DTYPE[cd], BLOCK=BLOCK)
+    return net_in, x
