@@ -9,7 +9,7 @@ import triton
 import triton.language as tl
 
 from . import Layout, split_key, check_sample_size, MODE_CONTIGUOUS, MODE_CHANNELS_LAST
-from .philox import normal_block, sample_counter, key_words, block_for
+from .philox import normal_block, sample_counter, key_words, block_for, cast_for_store
 
 
 @triton.jit
@@ -50,7 +50,7 @@ def _perturb_kernel(y_ptr, scale_ptr, cin_ptr, sid_ptr, net_ptr, x_ptr,
     c_in = tl.load(cin_ptr + b).to(COMPUTE)
     x = y + s * g.to(COMPUTE)
     n_off = element_offsets(b, e, N, nC, nHW, nW, n_sb, n_sc, n_sh, n_sw, NET_MODE)
-    tl.store(net_ptr + n_off, (c_in * x).to(net_ptr.dtype.element_ty), mask=mask)
+    tl.store(net_ptr + n_off, cast_for_store(c_in * x, net_ptr), mask=mask)
     if WRITE_X:
         tl.store(x_ptr + b.to(tl.int64) * N + e, x, mask=mask)
 

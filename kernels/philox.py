@@ -73,6 +73,17 @@ def normal_block(j_start, sid_lo, sid_hi, stream, k0, k1, BLOCK: tl.constexpr):
 
 
 @triton.jit
+def cast_for_store(v, ptr):
+    """Cast v to ptr's element type; float64 -> 16-bit goes through float32 (one path that
+    every backend, the interpreter included, supports)."""
+    out_ty: tl.constexpr = ptr.dtype.element_ty
+    if v.dtype == tl.float64:
+        if out_ty != tl.float64:
+            v = v.to(tl.float32)
+    return v.to(out_ty)
+
+
+@triton.jit
 def key_words(k0, k1):
     return k0.to(tl.uint32), k1.to(tl.uint32)
 

@@ -1,0 +1,66 @@
+"""Fused loss forward + backward on the raw network output F.
+
+T = ((1 - c_skip)·y - c_skip·scale·g) / c_out with g regenerated from Philox (never stored),
+per-sample Σ (F - T)² (float32 partial sums per block, summed per sample afterwards, so the
+result is deterministic) and grad_F = grad_scale·2(F - T) in F's dtype and memory format.
+"""
+import torch
+import triton
+import triton.language as tl
+
+from . import Layout, split_key, check_sample_size
+from .philox import normal_block, sample_counter, key_words, block_for, cast_for_store
+from .perturb import element_offsets
+
+
+@triton.jit(do_not_specialize=["N", "nblk", "k0", "k1", "stream", "grad_scale"])
+def _loss_kernel(F_ptr, y_ptr, scale_ptr, cskip_ptr, cout_ptr, sid_ptr, grad_ptr, part_ptr,
+                 N, nblk, k0, k1, stream, grad_scale,
+                 fC, fHW, fW, f_sb, f_sc, f_sh, f_sw,
+                 yC, yHW, yW, y_sb, y_sc, y_sh, y_sw,
+                 gC, gHW, gW, g_sb, g_sc, g_sh, g_sw,
+                 F_MODE: tl.constexpr, Y_MODE: tl.constexpr, G_MODE: tl.constexpr,
+                 COMPUTE: tl.constexpr, BLOCK: tl.constexpr):
+    pid = tl.program_id(0)
+    b = pid // nblk
+    blk = pid - b * nblk
+    e = blk * BLOCK + tl.arange(0, BLOCK)
+    mask = e < N
+    sid_lo, sid_hi = sample_counter(tl.load(sid_ptr + b))
+    kk0, kk1 = key_words(k0, k1)
+    g = normal_block(blk * (BLOCK // 4), sid_lo, sid_hi, stream.to(tl.uint32), kk0, kk1, BLOCK)
+    y = tl.load(y_ptr + element_offsets(b, e, N, yC, yHW, yW, y_sb, y_sc, y_sh, y_sw, Y_MODE),
+                mask=mask, other=0.0).to(COMPUTE)
+    F = tl.load(F_ptr + element_offsets(b, e, N, fC, fHW, fW, f_sb, f_sc, f_sh, f_sw, F_MODE),
+                mask=mask, other=0.0).to(COMPUTE)
+    c_skip = tl.load(cskip_ptr + b).to(COMPUTE)
+    c_out = tl.load(cout_ptr + b).to(COMPUTE)
+    s = tl.load(scale_ptr + b).to(COMPUTE)
+    target = ((1.0 - c_skip) * y - c_skip * s * g.to(COMPUTE)) / c_out
+    diff = tl.where(mask, F - target, 0.0)
+    tl.store(part_ptr + pid.to(tl.int64), tl.sum(diff * diff, axis=0).to(tl.float32))
+    grad = (tl.cast(grad_scale, COMPUTE) * 2.0) * diff
+    tl.store(grad_ptr + element_offsets(b, e, N, gC, gHW, gW, g_sb, g_sc, g_sh, g_sw, G_MODE),
+             cast_for_store(grad, grad_ptr), mask=mask)
+
+
+def loss_fwd_bwd(F, y, scale, c_skip, c_out, sample_ids, key, stream, grad_scale):
+    if F.shape != y.shape:
+        raise ValueError(f"F must have y's shape {tuple(y.shape)}, got {tuple(F.shape)}")
+    B = y.shape[0]
+    grad = torch.empty_like(F)  # keeps F's memory format when F is dense
+    if B == 0 or y.numel() == 0:
+        return torch.zeros(B, dtype=torch.float32, device=y.device), grad
+    cd = torch.float64 if torch.float64 in (F.dtype, y.dtype) else torch.float32
+    lf, ly, lg = Layout(F), Layout(y), Layout(grad)
+    check_sample_size(ly.N)
+    k0, k1 = split_key(key)
+    BLOCK = block_for(ly.N)
+    nblk = triton.cdiv(ly.N, BLOCK)
+    partial = torch.empty(B * nblk, dtype=torch.float32, device=y.device)
+    _loss_kernel[(B * nblk,)](
+        lf.tensor, ly.tensor, scale.contiguous(), c_skip.contiguous(), c_out.contiguous(),
+        sample_ids.contiguous(), lg.tensor, partial, ly.N, nblk, k0, k1, stream, float(grad_scale),
+        *lf.args(), *ly.args(), *lg.args(), F_MODE=lf.mode, Y_MODE=ly.mode, G_MODE=lg.mode,
+        COMPUTE=tl.float64 if cd == torch.float64 else tl.float32, BLOCK=BLOCK)
+    return partial.view(B, nblk).sum(dim=1), grad

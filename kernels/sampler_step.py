@@ -1,0 +1,124 @@
+"""Fused sampler update (both Heun stages and the Euler step, with the step's noise).
+
+d = A·x + Bf·F;  y1 = base + h1·d + alpha_scale·ε_α + churn_scale·ε_c;  y2 = base + h2·d;
+net_in = c_in_next·y1 in the network dtype / memory format.  State (x, base, y1, y2) is fp32
+or fp64 contiguous; F any dtype and layout.  Scalars travel as hi + lo float32 pairs so the
+fp64 state keeps ~48-bit coefficients (Triton passes Python floats as float32).
+"""
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from . import Layout, split_key, split_f64, check_sample_size
+from .philox import normal_block, sample_counter, key_words, block_for, cast_for_store
+from .perturb import element_offsets, empty_image
+
+
+@triton.jit
+def _scalar(hi, lo, COMPUTE: tl.constexpr):
+    if COMPUTE == tl.float64:
+        return tl.cast(hi, tl.float64) + tl.cast(lo, tl.float64)
+    else:
+        return tl.cast(hi, tl.float32)
+
+
+@triton.jit(do_not_specialize=["N", "nblk", "k0", "k1", "alpha_stream", "churn_stream",
+                               "A_hi", "A_lo", "B_hi", "B_lo", "h1_hi", "h1_lo", "h2_hi", "h2_lo",
+                               "as_hi", "as_lo", "cs_hi", "cs_lo", "ci_hi", "ci_lo"])
+def _sampler_kernel(x_ptr, F_ptr, base_ptr, sid_ptr, y1_ptr, y2_ptr, net_ptr,
+                    N, nblk, k0, k1, alpha_stream, churn_stream,
+                    A_hi, A_lo, B_hi, B_lo, h1_hi, h1_lo, h2_hi, h2_lo,
+                    as_hi, as_lo, cs_hi, cs_lo, ci_hi, ci_lo,
+                    fC, fHW, fW, f_sb, f_sc, f_sh, f_sw,
+                    nC, nHW, nW, n_sb, n_sc, n_sh, n_sw,
+                    HAS_F: tl.constexpr, HAS_BASE: tl.constexpr, HAS_Y2: tl.constexpr,
+                    HAS_NET: tl.constexpr, HAS_ALPHA: tl.constexpr, HAS_CHURN: tl.constexpr,
+                    F_MODE: tl.constexpr, NET_MODE: tl.constexpr,
+                    COMPUTE: tl.constexpr, BLOCK: tl.constexpr):
+    pid = tl.program_id(0)
+    b = pid // nblk
+    blk = pid - b * nblk
+    e = blk * BLOCK + tl.arange(0, BLOCK)
+    mask = e < N
+    state_off = b.to(tl.int64) * N + e
+    x = tl.load(x_ptr + state_off, mask=mask, other=0.0).to(COMPUTE)
+    if HAS_BASE:
+        b0 = tl.load(base_ptr + state_off, mask=mask, other=0.0).to(COMPUTE)
+    else:
+        b0 = x
+    if HAS_F:
+        F = tl.load(F_ptr + element_offsets(b, e, N, fC, fHW, fW, f_sb, f_sc, f_sh, f_sw, F_MODE),
+                    mask=mask, other=0.0).to(COMPUTE)
+        d = _scalar(A_hi, A_lo, COMPUTE) * x + _scalar(B_hi, B_lo, COMPUTE) * F
+        y1 = b0 + _scalar(h1_hi, h1_lo, COMPUTE) * d
+    else:
+        y1 = b0
+    if HAS_ALPHA or HAS_CHURN:
+        sid_lo, sid_hi = sample_counter(tl.load(sid_ptr + b))
+        kk0, kk1 = key_words(k0, k1)
+        j0 = blk * (BLOCK // 4)
+        if HAS_ALPHA:
+            eps = normal_block(j0, sid_lo, sid_hi, alpha_stream.to(tl.uint32), kk0, kk1, BLOCK)
+            y1 = y1 + _scalar(as_hi, as_lo, COMPUTE) * eps.to(COMPUTE)
+        if HAS_CHURN:
+            eps = normal_block(j0, sid_lo, sid_hi, churn_stream.to(tl.uint32), kk0, kk1, BLOCK)
+            y1 = y1 + _scalar(cs_hi, cs_lo, COMPUTE) * eps.to(COMPUTE)
+    tl.store(y1_ptr + state_off, y1, mask=mask)
+    if HAS_Y2:
+        if HAS_F:
+            y2 = b0 + _scalar(h2_hi, h2_lo, COMPUTE) * d
+        else:
+            y2 = b0
+        tl.store(y2_ptr + state_off, y2, mask=mask)
+    if HAS_NET:
+        n_off = element_offsets(b, e, N, nC, nHW, nW, n_sb, n_sc, n_sh, n_sw, NET_MODE)
+        net = _scalar(ci_hi, ci_lo, COMPUTE) * y1
+        tl.store(net_ptr + n_off, cast_for_store(net, net_ptr), mask=mask)
+
+
+def _empty(t):
+    return t is None or t.numel() == 0
+
+
+def sampler_update(x, F, base, A, Bf, h1, h2, sample_ids, key, alpha_scale, alpha_stream,
+                   churn_scale, churn_stream, c_in_next, net_dtype, channels_last):
+    sd = x.dtype
+    if sd not in (torch.float32, torch.float64):
+        raise TypeError(f"x (sampler state) must be float32 or float64, got {sd}")
+    has_f, has_base = not _empty(F), not _empty(base)
+    has_y2, has_net = not math.isnan(h2), not math.isnan(c_in_next)
+    x = x.contiguous()
+    if has_base:
+        if base.shape != x.shape or base.dtype != sd:
+            raise ValueError(f"base must match x ({tuple(x.shape)}, {sd}), got {tuple(base.shape)}, {base.dtype}")
+        base = base.contiguous()
+    if has_f and F.shape != x.shape:
+        raise ValueError(f"F must have x's shape {tuple(x.shape)}, got {tuple(F.shape)}")
+    y1 = torch.empty_like(x)
+    y2 = torch.empty_like(x) if has_y2 else torch.empty(0, dtype=sd, device=x.device)
+    net_in = (empty_image(x, net_dtype, channels_last) if has_net
+              else torch.empty(0, dtype=net_dtype, device=x.device))
+    B = x.shape[0]
+    if B == 0 or x.numel() == 0:
+        return y1, y2, net_in
+    N = x.numel() // B
+    check_sample_size(N)
+    lf = Layout(F) if has_f else Layout(x)
+    ln = Layout(net_in) if has_net else Layout(x)
+    k0, k1 = split_key(key)
+    BLOCK = block_for(N)
+    nblk = triton.cdiv(N, BLOCK)
+    scalars = [split_f64(v if not math.isnan(v) else 0.0)
+               for v in (A, Bf, h1, h2, alpha_scale, churn_scale, c_in_next)]
+    flat = [p for pair in scalars for p in pair]
+    _sampler_kernel[(B * nblk,)](
+        x, lf.tensor, base if has_base else x, sample_ids.contiguous(), y1,
+        y2 if has_y2 else y1, ln.tensor if has_net else y1,
+        N, nblk, k0, k1, int(alpha_stream), int(churn_stream), *flat, *lf.args(), *ln.args(),
+        HAS_F=has_f, HAS_BASE=has_base, HAS_Y2=has_y2, HAS_NET=has_net,
+        HAS_ALPHA=alpha_scale != 0, HAS_CHURN=churn_scale != 0,
+        F_MODE=lf.mode, NET_MODE=ln.mode,
+        COMPUTE=tl.float64 if sd == torch.float64 else tl.float32, BLOCK=BLOCK)
+    return y1, y2, net_in
