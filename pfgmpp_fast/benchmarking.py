@@ -1,0 +1,136 @@
+"""Shared measurement tools for benchmarks/ (DESIGN §7): timing, ceilings, result files.
+
+Ratios in one run on one device, never a lone absolute time: every suite measures the
+device-to-device copy ceiling (bytes read + written) and a large bf16 matmul in the same
+process as the thing it measures.
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+import platform
+import re
+import statistics
+import sys
+import time
+from typing import Callable, Dict, List, Optional
+
+import torch
+
+
+def sync(device) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_ms(fn: Callable[[], object], device="cpu", warmup: int = 3, reps: int = 10,
+            min_time_s: float = 0.0) -> float:
+    """Median wall time of fn() in milliseconds (CUDA events on GPU, perf_counter on CPU).
+
+    Warm-up calls come first so compilation and allocation stay out of the numbers.
+    """
+    device = torch.device(device)
+    for _ in range(warmup):
+        fn()
+    sync(device)
+    times: List[float] = []
+    start_all = time.perf_counter()
+    while len(times) < reps or (time.perf_counter() - start_all) < min_time_s:
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end))
+        else:
+            t0 = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t0) * 1e3)
+        if len(times) >= 10 * max(reps, 1):
+            break
+    return statistics.median(times)
+
+
+def copy_ceiling_gbs(device="cpu", nbytes: int = 1 << 30, reps: int = 10) -> float:
+    """Device-to-device copy bandwidth in GB/s, counting bytes read + bytes written."""
+    device = torch.device(device)
+    n = nbytes // 4
+    src = torch.randn(n, device=device)
+    dst = torch.empty_like(src)
+    ms = time_ms(lambda: dst.copy_(src), device, warmup=3, reps=reps)
+    return 2 * n * 4 / (ms * 1e-3) / 1e9
+
+
+def matmul_ceiling_tflops(device="cpu", size: int = 8192, dtype=torch.bfloat16, reps: int = 10) -> float:
+    """Dense matmul rate in TFLOP/s for a square product of `size` in `dtype`."""
+    device = torch.device(device)
+    a = torch.randn(size, size, device=device, dtype=dtype)
+    b = torch.randn(size, size, device=device, dtype=dtype)
+    ms = time_ms(lambda: a @ b, device, warmup=2, reps=reps)
+    return 2 * size ** 3 / (ms * 1e-3) / 1e12
+
+
+def ceilings(device="cpu", smoke: bool = False) -> Dict[str, float]:
+    """Both ceilings, small sizes in smoke mode (CPU CI)."""
+    if smoke:
+        return {"copy_GBps": copy_ceiling_gbs(device, 1 << 24, reps=3),
+                "bf16_matmul_TFLOPs": matmul_ceiling_tflops(device, 256, reps=3)}
+    return {"copy_GBps": copy_ceiling_gbs(device), "bf16_matmul_TFLOPs": matmul_ceiling_tflops(device)}
+
+
+def device_name(device="cpu") -> str:
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
+
+
+def slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9]+", "-", text).strip("-").lower()
+
+
+def environment(device="cpu") -> Dict[str, object]:
+    """Device, versions and the exact command: everything a result needs to be read."""
+    info = {
+        "device": device_name(device),
+        "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "python": sys.version.split()[0],
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "command": " ".join([os.path.basename(sys.executable)] + sys.argv),
+    }
+    try:
+        import triton
+        info["triton"] = triton.__version__
+    except Exception:  # pragma: no cover - triton is optional on some installs
+        info["triton"] = None
+    return info
+
+
+def write_json(path: str, payload: dict) -> None:
+    """Atomic JSON write (temp file, fsync, rename)."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump(payload, f, indent=2, default=str)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def markdown_table(rows: List[dict], columns: Optional[List[str]] = None) -> str:
+    """Rows of dicts as a GitHub markdown table (floats with 3 significant digits)."""
+    if not rows:
+        return "_(no rows)_\n"
+    columns = columns or list(dict.fromkeys(k for r in rows for k in r))
+
+    def fmt(v):
+        if isinstance(v, float):
+            return f"{v:.3g}" if abs(v) < 1e4 else f"{v:.0f}"
+        return "" if v is None else str(v)
+
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(fmt(r.get(c)) for c in columns) + " |" for r in rows]
+    return "\n".join(lines) + "\n"
