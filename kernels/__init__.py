@@ -5,6 +5,7 @@ Python launcher taking the argument list of the matching op in docs/KERNEL_OPS.m
 holds the small helpers they share: key splitting, float64-as-two-float32 scalars and the
 description of an image tensor's memory layout.
 """
+import numpy as np
 import torch
 
 MODE_CONTIGUOUS, MODE_CHANNELS_LAST, MODE_STRIDED = 0, 1, 2
@@ -22,9 +23,19 @@ def split_key(key: int):
 def split_f64(value: float):
     """A Python float as hi + lo float32 pair, so float64-state kernels get ~48-bit scalars
     without a host-to-device copy (Triton passes float arguments as float32)."""
-    hi = float(torch.tensor(value, dtype=torch.float32))
-    lo = float(torch.tensor(value - hi, dtype=torch.float32)) if abs(hi) != float("inf") else 0.0
+    with np.errstate(over="ignore"):
+        hi = float(np.float32(value))
+        lo = float(np.float32(value - hi)) if abs(hi) != float("inf") else 0.0
     return hi, lo
+
+
+def launch(kernel):
+    """The kernel wrapped for torch.library.triton_op tracing (plain kernel in eager)."""
+    try:
+        from torch.library import wrap_triton
+        return wrap_triton(kernel)
+    except (ImportError, RuntimeError, TypeError):
+        return kernel
 
 
 def launch_grid_1d(n_programs: int):

@@ -9,7 +9,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import split_key, split_f64
+from . import launch, split_key, split_f64
 from .philox import philox4x32_10, uint_to_unit, box_muller, sample_counter, key_words
 
 MAX_ATTEMPTS = 16
@@ -60,6 +60,6 @@ def chi2(sample_ids: torch.Tensor, key: int, D: float, stream: int) -> torch.Ten
     k0, k1 = split_key(key)
     D_hi, D_lo = split_f64(D)
     BLOCK = max(16, min(256, triton.next_power_of_2(B)))
-    _chi2_kernel[(triton.cdiv(B, BLOCK),)](sample_ids.contiguous(), out, B, k0, k1, stream,
+    launch(_chi2_kernel)[(triton.cdiv(B, BLOCK),)](sample_ids.contiguous(), out, B, k0, k1, stream,
                                            D_hi, D_lo, BLOCK=BLOCK, ATTEMPTS=MAX_ATTEMPTS)
     return out

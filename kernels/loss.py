@@ -8,7 +8,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import Layout, split_key, check_sample_size
+from . import launch, Layout, split_key, check_sample_size
 from .philox import normal_block, sample_counter, key_words, block_for, cast_for_store
 from .perturb import element_offsets
 
@@ -58,7 +58,7 @@ def loss_fwd_bwd(F, y, scale, c_skip, c_out, sample_ids, key, stream, grad_scale
     BLOCK = block_for(ly.N)
     nblk = triton.cdiv(ly.N, BLOCK)
     partial = torch.empty(B * nblk, dtype=torch.float32, device=y.device)
-    _loss_kernel[(B * nblk,)](
+    launch(_loss_kernel)[(B * nblk,)](
         lf.tensor, ly.tensor, scale.contiguous(), c_skip.contiguous(), c_out.contiguous(),
         sample_ids.contiguous(), lg.tensor, partial, ly.N, nblk, k0, k1, stream, float(grad_scale),
         *lf.args(), *ly.args(), *lg.args(), F_MODE=lf.mode, Y_MODE=ly.mode, G_MODE=lg.mode,

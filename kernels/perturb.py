@@ -8,7 +8,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import Layout, split_key, check_sample_size, MODE_CONTIGUOUS, MODE_CHANNELS_LAST
+from . import launch, Layout, split_key, check_sample_size, MODE_CONTIGUOUS, MODE_CHANNELS_LAST
 from .philox import normal_block, sample_counter, key_words, block_for, cast_for_store
 
 
@@ -79,7 +79,7 @@ def perturb(y, scale, c_in, sample_ids, key, stream, out_dtype, channels_last, w
     k0, k1 = split_key(key)
     BLOCK = block_for(ly.N)
     nblk = triton.cdiv(ly.N, BLOCK)
-    _perturb_kernel[(B * nblk,)](
+    launch(_perturb_kernel)[(B * nblk,)](
         ly.tensor, scale.contiguous(), c_in.contiguous(), sample_ids.contiguous(), ln.tensor,
         x if write_x else net_in, ly.N, nblk, k0, k1, stream, *ly.args(), *ln.args(),
         Y_MODE=ly.mode, NET_MODE=ln.mode, WRITE_X=bool(write_x), COMPUTE=TL_DTYPE[cd], BLOCK=BLOCK)

@@ -8,7 +8,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import split_key, launch_grid_1d
+from . import launch, split_key, launch_grid_1d
 
 PHILOX_M0 = 0xD2511F53
 PHILOX_M1 = 0xCD9E8D57
@@ -126,7 +126,7 @@ def philox4x32(counter: torch.Tensor, key: int) -> torch.Tensor:
     ctr = counter.to(torch.int64).contiguous()
     k0, k1 = split_key(key)
     BLOCK = block_for(M, 256)
-    _philox_raw_kernel[(triton.cdiv(M, BLOCK),)](ctr, out, M, k0, k1, BLOCK=BLOCK)
+    launch(_philox_raw_kernel)[(triton.cdiv(M, BLOCK),)](ctr, out, M, k0, k1, BLOCK=BLOCK)
     return out
 
 
@@ -138,6 +138,6 @@ def philox_normal(sample_ids: torch.Tensor, key: int, n: int, stream: int) -> to
     k0, k1 = split_key(key)
     BLOCK = block_for(n)
     nblk = triton.cdiv(n, BLOCK)
-    _philox_normal_kernel[launch_grid_1d(B * nblk)](sample_ids.contiguous(), out, n, nblk, k0, k1,
+    launch(_philox_normal_kernel)[launch_grid_1d(B * nblk)](sample_ids.contiguous(), out, n, nblk, k0, k1,
                                                    stream, BLOCK=BLOCK)
     return out

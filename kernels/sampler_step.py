@@ -11,7 +11,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import Layout, split_key, split_f64, check_sample_size
+from . import launch, Layout, split_key, split_f64, check_sample_size
 from .philox import normal_block, sample_counter, key_words, block_for, cast_for_store
 from .perturb import element_offsets, empty_image
 
@@ -113,7 +113,7 @@ def sampler_update(x, F, base, A, Bf, h1, h2, sample_ids, key, alpha_scale, alph
     scalars = [split_f64(v if not math.isnan(v) else 0.0)
                for v in (A, Bf, h1, h2, alpha_scale, churn_scale, c_in_next)]
     flat = [p for pair in scalars for p in pair]
-    _sampler_kernel[(B * nblk,)](
+    launch(_sampler_kernel)[(B * nblk,)](
         x, lf.tensor, base if has_base else x, sample_ids.contiguous(), y1,
         y2 if has_y2 else y1, ln.tensor if has_net else y1,
         N, nblk, k0, k1, int(alpha_stream), int(churn_stream), *flat, *lf.args(), *ln.args(),
