@@ -1,0 +1,395 @@
+"""`python -m pfgmpp_fast generate`: images from a network, one image per seed.
+
+Each image depends only on its seed (and the sampler settings): latents come from the
+counter-based RNG keyed by (SAMPLING_KEY, seed), so batch size, rank count, padding and
+backend do not change any image. Pipeline per batch, all on the device:
+prior latents → fused sampler steps (network made fast: bf16 + channels-last + compile +
+CUDA graphs on a GPU) → uint8 exactly as the published pipeline, (x·127.5 + 128).clip(0, 255).
+
+Outputs: PNGs in the published layout (`outdir/000000/000123.png`, folders of 1000 seeds)
+or one `.npz` (`images` uint8 NHWC, `seeds` int64, sorted by seed), written atomically.
+Under torchrun the sorted seeds are split across ranks (rank r takes seeds[r::world]).
+
+Python entry points: `parse_int_list`, `check_seeds`, `rank_seeds`, `generate_images`
+(iterator of (seeds, uint8 NCHW images)), `write_images`, `load_generator_network`.
+"""
+from __future__ import annotations
+
+import argparse
+import io
+import math
+import os
+import re
+import sys
+from typing import Iterator, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+
+__all__ = ["SAMPLING_KEY", "STREAM_CLASS", "parse_int_list", "check_seeds", "rank_seeds", "dist_info",
+           "to_uint8", "class_labels_for", "generate_images", "write_images", "load_generator_network",
+           "make_generator_fast", "add_sampler_arguments", "sampler_kwargs_from_args", "add_arguments", "main"]
+
+SAMPLING_KEY = 0x5EED_0F_1A6E       # the fixed Philox key of sampling: image = f(seed)
+STREAM_CLASS = 3                    # Philox stream of the random class label of a seed
+MAX_SEED = 2 ** 63
+MAX_SEEDS = 10 ** 9
+
+
+# ----------------------------------------------------------------------------------------
+# Seeds
+
+def parse_int_list(text) -> list:
+    """'0-49999', '1,5,7-9' (inclusive ranges, as the published parse_int_list) -> [int]."""
+    if isinstance(text, (list, tuple, range, np.ndarray)):
+        return [int(v) for v in text]
+    if isinstance(text, (int, np.integer)) and not isinstance(text, bool):
+        return [int(text)]
+    if not isinstance(text, str):
+        raise TypeError(f"seeds must be a string like '0-49999' or '1,5,7-9', got {text!r}")
+    out = []
+    for part in text.split(","):
+        part = part.strip()
+        m = re.fullmatch(r"(\d+)-(\d+)", part)
+        if m:
+            lo, hi = int(m.group(1)), int(m.group(2))
+            if hi < lo:
+                raise ValueError(f"seeds: range {part!r} is empty (end < start)")
+            if hi - lo + 1 + len(out) > MAX_SEEDS:
+                raise ValueError(f"seeds: {part!r} holds more than {MAX_SEEDS} seeds")
+            out.extend(range(lo, hi + 1))
+        elif re.fullmatch(r"\d+", part):
+            out.append(int(part))
+        else:
+            raise ValueError(f"seeds: cannot parse {part!r} in {text!r}; expected non-negative integers "
+                             "and inclusive ranges like '0-49999' or '1,5,7-9'")
+    return out
+
+
+def check_seeds(seeds, name: str = "seeds") -> np.ndarray:
+    """Seeds as a sorted int64 array; each in [0, 2^63), no duplicates."""
+    values = parse_int_list(seeds)
+    if not values:
+        raise ValueError(f"{name} is empty")
+    for v in (min(values), max(values)):
+        if not 0 <= v < MAX_SEED:
+            raise ValueError(f"{name}: seed {v} is out of range; seeds must be in [0, 2^63)")
+    arr = np.sort(np.asarray(values, dtype=np.int64))
+    dup = arr[1:][arr[1:] == arr[:-1]]
+    if dup.size:
+        raise ValueError(f"{name}: seed {int(dup[0])} appears more than once (each seed is one image)")
+    return arr
+
+
+def dist_info() -> Tuple[int, int]:
+    """(rank, world size) of the running torch.distributed group, (0, 1) without one."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
+def rank_seeds(seeds: np.ndarray, rank: int, world: int) -> np.ndarray:
+    """The seeds rank `rank` of `world` generates: sorted seeds[rank::world]."""
+    if not (isinstance(world, int) and world >= 1 and isinstance(rank, int) and 0 <= rank < world):
+        raise ValueError(f"rank must be in [0, world) with world >= 1, got rank={rank}, world={world}")
+    return np.sort(np.asarray(seeds, dtype=np.int64))[rank::world]
+
+
+# ----------------------------------------------------------------------------------------
+# Generation
+
+def to_uint8(x: torch.Tensor) -> torch.Tensor:
+    """The published quantisation: (x·127.5 + 128).clip(0, 255) → uint8 (truncation)."""
+    return (x * 127.5 + 128).clip(0, 255).to(torch.uint8)
+
+
+def class_labels_for(seeds: torch.Tensor, label_dim: int, class_idx: Optional[int], key: int = SAMPLING_KEY):
+    """One-hot labels [B, label_dim]: `class_idx` for all, else a class drawn from the seed
+    (Philox stream STREAM_CLASS, block 0, lane 0, modulo label_dim), or None if unconditional."""
+    if label_dim == 0:
+        if class_idx is not None:
+            raise ValueError(f"class {class_idx} was requested but the network is unconditional (label_dim=0)")
+        return None
+    if class_idx is not None:
+        if not 0 <= int(class_idx) < label_dim:
+            raise ValueError(f"class must be in [0, {label_dim}), got {class_idx}")
+        idx = torch.full_like(seeds, int(class_idx))
+    else:
+        from . import reference as R
+        counters = torch.stack([torch.zeros_like(seeds), seeds & R.MASK32, (seeds >> 32) & R.MASK32,
+                                torch.full_like(seeds, STREAM_CLASS)], dim=-1)
+        idx = R.philox4x32(counters, key)[:, 0] % label_dim
+    return torch.nn.functional.one_hot(idx, label_dim).to(torch.float32)
+
+
+def _network_D(net):
+    D = getattr(net, "D", None)
+    return None if D is None else float(D)
+
+
+def resolve_D(net, D=None) -> float:
+    """The network's D; a given D must equal it (network/D mismatch is an error)."""
+    from . import reference as R
+    net_D = _network_D(net)
+    if D is not None:
+        D = R.check_D(D)
+        if net_D is not None and D != net_D:
+            raise ValueError(f"D={D:g} was given but the network was trained with D={net_D:g}; "
+                             "sampling with a different D is a network/D mismatch (omit --D to use the network's)")
+        return D
+    if net_D is None:
+        raise ValueError("the network has no attribute D; pass D explicitly")
+    return net_D
+
+
+def generate_images(net, seeds, batch_size: int = 64, num_steps: int = 18, sigma_min: float = 0.002,
+                    sigma_max: float = 80.0, rho: float = 7.0, solver: str = "heun", S_churn: float = 0.0,
+                    S_min: float = 0.0, S_max: float = float("inf"), S_noise: float = 1.0,
+                    alpha: float = 0.0, class_idx: Optional[int] = None, D=None, key: int = SAMPLING_KEY,
+                    dtype=torch.float32, net_dtype=None, backend: str = "auto", device=None,
+                    image_shape: Optional[Sequence[int]] = None, fixed_shape: Optional[bool] = None,
+                    progress: bool = False) -> Iterator[Tuple[np.ndarray, torch.Tensor]]:
+    """Yield (seeds int64 [b], uint8 images [b, C, H, W] on `device`) batch by batch.
+
+    `seeds` are generated in sorted order, `batch_size` at a time (this process only: split
+    across ranks first with `rank_seeds`). `net` is an EDMPrecond-like network (attributes
+    D, img_channels, img_resolution, label_dim) or a denoiser callable with `image_shape`
+    and `D` given. fixed_shape (default: when the network is compiled / CUDA-graphed) pads
+    the last batch with repeats of its last seed so every call has the same shape; padded
+    images are dropped (an image depends only on its seed, so this changes nothing).
+    """
+    from . import ops
+    from .sampler import sample
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
+    seeds = np.sort(np.asarray(seeds, dtype=np.int64)) if len(seeds) else np.zeros(0, np.int64)
+    if seeds.size and (seeds[0] < 0):
+        raise ValueError(f"seeds: seed {int(seeds[0])} is out of range; seeds must be in [0, 2^63)")
+    D = resolve_D(net, D)
+    if image_shape is None:
+        if not all(hasattr(net, a) for a in ("img_channels", "img_resolution")):
+            raise ValueError("image_shape is needed for a network without img_channels/img_resolution")
+        image_shape = (int(net.img_channels), int(net.img_resolution), int(net.img_resolution))
+    image_shape = tuple(int(s) for s in image_shape)
+    label_dim = int(getattr(net, "label_dim", 0) or 0)
+    if device is None:
+        p = next(iter(net.parameters()), None) if isinstance(net, torch.nn.Module) else None
+        device = p.device if p is not None else torch.device("cpu")
+    device = torch.device(device)
+    if fixed_shape is None:
+        from .networks import FastNetwork
+        fixed_shape = isinstance(net, FastNetwork)
+    batches = range(0, len(seeds), batch_size)
+    if progress:
+        from tqdm import tqdm
+        batches = tqdm(batches, desc="generating", unit="batch", file=sys.stderr)
+    for start in batches:
+        chunk = seeds[start:start + batch_size]
+        real = len(chunk)
+        if fixed_shape and real < batch_size:
+            chunk = np.concatenate([chunk, np.full(batch_size - real, chunk[-1], dtype=np.int64)])
+        ids = torch.from_numpy(chunk).to(device)
+        latents = ops.prior((len(chunk), *image_shape), D, sigma_max, key, ids, dtype=dtype, device=device,
+                            backend=backend)
+        labels = class_labels_for(ids, label_dim, class_idx, key)
+        with torch.no_grad():
+            x = sample(net, latents, D, key, ids, num_steps=num_steps, sigma_min=sigma_min, sigma_max=sigma_max,
+                       rho=rho, solver=solver, S_churn=S_churn, S_min=S_min, S_max=S_max, S_noise=S_noise,
+                       alpha=alpha, class_labels=labels, dtype=dtype, net_dtype=net_dtype, backend=backend)
+        yield chunk[:real], to_uint8(x[:real])
+
+
+# ----------------------------------------------------------------------------------------
+# Output
+
+def _atomic_write_bytes(path: str, data: bytes) -> None:
+    from .io_utils import atomic_write_bytes
+    atomic_write_bytes(path, data)
+
+
+def png_bytes(image_hwc: np.ndarray) -> bytes:
+    import PIL.Image
+    img = PIL.Image.fromarray(image_hwc[:, :, 0], "L") if image_hwc.shape[2] == 1 else PIL.Image.fromarray(image_hwc, "RGB")
+    buf = io.BytesIO()
+    img.save(buf, format="png")
+    return buf.getvalue()
+
+
+def png_path(outdir: str, seed: int) -> str:
+    """The published layout: outdir/<seed − seed % 1000:06d>/<seed:06d>.png."""
+    return os.path.join(outdir, f"{seed - seed % 1000:06d}", f"{seed:06d}.png")
+
+
+def npz_bytes(images_nhwc: np.ndarray, seeds: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.savez(buf, images=images_nhwc, seeds=seeds)
+    return buf.getvalue()
+
+
+def load_npz_images(path: str):
+    """(images uint8 NHWC, seeds int64) from a generate .npz (no pickle)."""
+    with np.load(path, allow_pickle=False) as f:
+        if "images" not in f or "seeds" not in f:
+            raise ValueError(f"{path}: expected arrays 'images' and 'seeds', got {sorted(f.keys())}")
+        return f["images"], f["seeds"]
+
+
+def write_images(batches, outdir: Optional[str] = None, npz: Optional[str] = None) -> int:
+    """Consume `generate_images` batches: PNGs under `outdir` and/or one `.npz` (gathered
+    on rank 0 under torch.distributed). Returns the number of images written by this rank."""
+    if outdir is None and npz is None:
+        raise ValueError("give outdir (PNG folder) and/or npz (one .npz file)")
+    rank, world = dist_info()
+    kept_images, kept_seeds, count = [], [], 0
+    for seeds, images in batches:
+        nhwc = images.permute(0, 2, 3, 1).cpu().numpy()
+        count += len(seeds)
+        if outdir is not None:
+            for seed, img in zip(seeds.tolist(), nhwc):
+                path = png_path(outdir, seed)
+                os.makedirs(os.path.dirname(path), exist_ok=True)
+                _atomic_write_bytes(path, png_bytes(img))
+        if npz is not None:
+            kept_images.append(nhwc)
+            kept_seeds.append(seeds)
+    if npz is not None:
+        images = np.concatenate(kept_images) if kept_images else None
+        seeds = np.concatenate(kept_seeds) if kept_seeds else np.zeros(0, np.int64)
+        if world > 1:
+            gathered = [None] * world if rank == 0 else None
+            torch.distributed.gather_object((images, seeds), gathered, dst=0)
+            if rank == 0:
+                images = np.concatenate([g[0] for g in gathered if g[0] is not None])
+                seeds = np.concatenate([g[1] for g in gathered])
+        if rank == 0:
+            order = np.argsort(seeds, kind="stable")
+            _atomic_write_bytes(npz, npz_bytes(images[order], seeds[order]))
+    if world > 1:
+        torch.distributed.barrier()
+    return count
+
+
+# ----------------------------------------------------------------------------------------
+# Networks and distributed setup
+
+def load_generator_network(path: str, device, trust_pickle: bool = False):
+    """Load a checkpoint (ours: safetensors; a published pickle only with trust_pickle)."""
+    from .checkpoint import load_network
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"network checkpoint not found: {path}")
+    net = load_network(path, device="cpu", trust_pickle=trust_pickle)
+    return net.to(device).eval().requires_grad_(False)
+
+
+def make_generator_fast(net, device, net_dtype: str = "auto", compile: Optional[bool] = None,
+                        cuda_graphs: Optional[bool] = None):
+    """The network as sampling uses it: on a GPU bf16 + channels-last + compile + CUDA graphs
+    by default; on the CPU eager fp32 unless asked otherwise."""
+    from .networks import EDMPrecond, make_fast
+    device = torch.device(device)
+    on_gpu = device.type == "cuda"
+    dtype = {"auto": torch.bfloat16 if on_gpu else None, "fp32": None, "bf16": torch.bfloat16,
+             "fp16": torch.float16}.get(net_dtype, "bad")
+    if dtype == "bad":
+        raise ValueError(f"net_dtype must be auto, fp32, bf16 or fp16, got {net_dtype!r}")
+    compile = on_gpu if compile is None else bool(compile)
+    cuda_graphs = (on_gpu and compile) if cuda_graphs is None else bool(cuda_graphs)
+    if not isinstance(net, EDMPrecond) or (dtype is None and not compile and not on_gpu):
+        return net
+    return make_fast(net, dtype=dtype, channels_last=on_gpu, compile=compile, cuda_graphs=cuda_graphs)
+
+
+def init_distributed(device_arg: Optional[str] = None) -> torch.device:
+    """Join the torchrun group when WORLD_SIZE > 1; returns this rank's device."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if device_arg:
+        device = torch.device(device_arg)
+    elif torch.cuda.is_available():
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    else:
+        device = torch.device("cpu")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    if world > 1 and not torch.distributed.is_initialized():
+        torch.distributed.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+    return device
+
+
+# ----------------------------------------------------------------------------------------
+# CLI
+
+def _float_or_inf(text: str) -> float:
+    return float("inf") if text.lower() in ("inf", "infinity") else float(text)
+
+
+def add_sampler_arguments(p: argparse.ArgumentParser) -> None:
+    """Network + sampler options shared by `generate` and `fid`."""
+    g = p.add_argument_group("network and sampler")
+    g.add_argument("--network", metavar="PATH", help="network checkpoint (ours: .safetensors)")
+    g.add_argument("--trust-pickle", action="store_true",
+                   help="allow loading a published pickle checkpoint (runs code from the file!)")
+    g.add_argument("--D", type=_float_or_inf, default=None,
+                   help="check that the network was trained with this D (default: the network's)")
+    g.add_argument("--batch", type=int, default=64, help="images per batch and rank (default 64)")
+    g.add_argument("--steps", type=int, default=18, help="sampling steps n (Heun: 2n-1 NFE; default 18)")
+    g.add_argument("--solver", choices=["heun", "euler"], default="heun")
+    g.add_argument("--sigma-min", type=float, default=0.002)
+    g.add_argument("--sigma-max", type=float, default=80.0)
+    g.add_argument("--rho", type=float, default=7.0)
+    g.add_argument("--S-churn", dest="S_churn", type=float, default=0.0)
+    g.add_argument("--S-min", dest="S_min", type=float, default=0.0)
+    g.add_argument("--S-max", dest="S_max", type=_float_or_inf, default=float("inf"))
+    g.add_argument("--S-noise", dest="S_noise", type=float, default=1.0)
+    g.add_argument("--alpha", type=float, default=0.0, help="robustness noise x += alpha*t_i*eps per step")
+    g.add_argument("--class", dest="class_idx", type=int, default=None, help="class label (default: random per seed)")
+    g.add_argument("--dtype", choices=["fp32", "fp64"], default="fp32", help="sampler state precision")
+    g.add_argument("--net-dtype", choices=["auto", "fp32", "bf16", "fp16"], default="auto",
+                   help="network precision (auto: bf16 on a GPU, fp32 on the CPU)")
+    g.add_argument("--compile", dest="compile", action="store_true", default=None, help="torch.compile the network")
+    g.add_argument("--no-compile", dest="compile", action="store_false")
+    g.add_argument("--cuda-graphs", dest="cuda_graphs", action="store_true", default=None)
+    g.add_argument("--no-cuda-graphs", dest="cuda_graphs", action="store_false")
+    g.add_argument("--backend", default="auto", help="fused-op backend: auto, reference, triton, cuda, cpu")
+    g.add_argument("--device", default=None, help="default: cuda:LOCAL_RANK if available, else cpu")
+
+
+def sampler_kwargs_from_args(args) -> dict:
+    return dict(num_steps=args.steps, sigma_min=args.sigma_min, sigma_max=args.sigma_max, rho=args.rho,
+                solver=args.solver, S_churn=args.S_churn, S_min=args.S_min, S_max=args.S_max,
+                S_noise=args.S_noise, alpha=args.alpha, class_idx=args.class_idx, D=args.D,
+                dtype=torch.float64 if args.dtype == "fp64" else torch.float32, backend=args.backend)
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    add_sampler_arguments(p)
+    p.add_argument("--seeds", default="0-63", help="seeds, e.g. '0-49999' or '1,5,7-9' (default 0-63)")
+    p.add_argument("--outdir", default=None, help="write PNGs here (outdir/000000/000123.png)")
+    p.add_argument("--npz", default=None, help="write one .npz (images uint8 NHWC, seeds)")
+    p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+
+
+def main(args) -> int:
+    try:
+        if not args.network:
+            raise ValueError("--network is required")
+        if args.outdir is None and args.npz is None:
+            raise ValueError("give --outdir (PNG folder) and/or --npz (one .npz file)")
+        seeds = check_seeds(args.seeds)
+        device = init_distributed(args.device)
+        net = load_generator_network(args.network, device, trust_pickle=args.trust_pickle)
+        kwargs = sampler_kwargs_from_args(args)
+        resolve_D(net, kwargs["D"])
+        fast = make_generator_fast(net, device, args.net_dtype, args.compile, args.cuda_graphs)
+    except (ValueError, TypeError, FileNotFoundError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    rank, world = dist_info()
+    mine = rank_seeds(seeds, rank, world)
+    batches = generate_images(fast, mine, args.batch, device=device, progress=args.progress and rank == 0, **kwargs)
+    write_images(batches, outdir=args.outdir, npz=args.npz)
+    if rank == 0:
+        where = " and ".join(x for x in (args.outdir, args.npz) if x)
+        print(f"wrote {len(seeds)} images to {where}")
+    if world > 1:
+        torch.distributed.destroy_process_group()
+    return 0
