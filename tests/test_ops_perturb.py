@@ -1,0 +1,175 @@
+"""Fused perturbation (op level and public perturb / perturb_net_input / prior) vs reference."""
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import math
+
+import pytest
+
+from pfgmpp_fast import ops
+from pfgmpp_fast import reference as R
+
+BACKENDS = [
+    pytest.param("triton", id="triton"),
+    pytest.param("cpu", id="cpu", marks=pytest.mark.skipif(not ops.has_extension(), reason="pfgmpp_fast._C not built")),
+    pytest.param("cuda", id="cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(not ops.has_cuda_kernels(), reason="no CUDA kernels")]),
+]
+D_VALUES = [1.0, 2.0, 128.0, 2048.0, 3072000.0, math.inf]
+DTYPE_PAIRS = [  # (y dtype, net-input dtype)
+    (torch.float32, torch.float32), (torch.float32, torch.bfloat16), (torch.float32, torch.float16),
+    (torch.bfloat16, torch.bfloat16), (torch.float64, torch.float64), (torch.float64, torch.bfloat16),
+]
+
+
+def device_for(backend):
+    if backend == "cuda" or (backend == "triton" and torch.cuda.is_available()):
+        return torch.device("cuda")
+    return torch.device("cpu")
+
+
+@pytest.fixture(autouse=True)
+def poison_uninitialized_memory():
+    """torch.empty returns NaN-filled tensors: an output element a kernel forgets stays NaN."""
+    prev = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.utils.deterministic.fill_uninitialized_memory = True
+    yield
+    torch.use_deterministic_algorithms(prev)
+
+
+def make_images(B, layout, dtype, device, gen, shape=(3, 5, 7)):
+    """Random images [B, 3, 5, 7] (odd N = 105) that are contiguous, channels-last or strided."""
+    if layout == "strided":  # every other column of a wider tensor, then H and W swapped
+        big = torch.randn(B, shape[0], shape[2], 2 * shape[1] + 1, generator=gen)
+        y = big[..., 1::2].transpose(2, 3)
+        assert not y.is_contiguous() and not y.is_contiguous(memory_format=torch.channels_last) or B == 0
+    else:
+        y = torch.randn(B, *shape, generator=gen)
+        if layout == "channels_last":
+            y = y.contiguous(memory_format=torch.channels_last)
+    return y.to(device=device, dtype=dtype)
+
+
+def rel_err(out, ref):
+    out, ref = out.detach().double().cpu(), ref.detach().double().cpu()
+    if ref.numel() == 0:
+        return 0.0
+    return ((out - ref).norm() / ref.norm().clamp_min(1e-30)).item()
+
+
+def tol(dtype):
+    return 1e-2 if dtype in (torch.bfloat16, torch.float16) else 1e-5
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("B", [0, 1, 7])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "strided"])
+@pytest.mark.parametrize("y_dtype,out_dtype", DTYPE_PAIRS)
+def test_perturb_op_matches_reference(backend, B, layout, y_dtype, out_dtype):
+    dev = device_for(backend)
+    gen = torch.Generator().manual_seed(hash((B, layout, str(y_dtype), str(out_dtype))) % 2**31)
+    y = make_images(B, layout, y_dtype, dev, gen)
+    cd = torch.float64 if y_dtype == torch.float64 else torch.float32
+    scale = (torch.rand(B, generator=gen, dtype=torch.float64) * 3 + 0.01).to(dev, cd)
+    c_in = (torch.rand(B, generator=gen, dtype=torch.float64) + 0.1).to(dev, cd)
+    ids = torch.randint(0, 2**62, (B,), generator=gen).to(dev)
+    key = int(torch.randint(0, 2**62, (1,), generator=gen))
+    channels_last = layout != "contiguous"
+    write_x = layout != "strided"
+    net_in, x = ops.perturb_op(y, scale, c_in, ids, key, R.STREAM_NOISE, out_dtype, channels_last,
+                               write_x, backend=backend)
+    ref_net, ref_x = R.ref_perturb(y.cpu(), scale.cpu(), c_in.cpu(), ids.cpu(), key, R.STREAM_NOISE,
+                                   out_dtype, channels_last, write_x)
+    assert net_in.dtype == out_dtype and net_in.shape == y.shape and net_in.device == dev
+    assert net_in.stride() == ref_net.stride()
+    assert torch.isfinite(net_in).all()
+    assert rel_err(net_in, ref_net) < tol(out_dtype)
+    assert x.dtype == cd and x.shape == ref_x.shape
+    if write_x:
+        assert x.is_contiguous() and torch.isfinite(x).all()
+        assert rel_err(x, ref_x) < 1e-5
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("D", D_VALUES)
+def test_public_perturb_matches_reference(backend, D):
+    dev = device_for(backend)
+    gen = torch.Generator().manual_seed(int(min(D, 1e7)))
+    y = torch.randn(7, 2, 3, 5, generator=gen)
+    ids = torch.randint(0, 2**62, (7,), generator=gen)
+    sigma = torch.rand(7, generator=gen, dtype=torch.float64) * 10 + 0.002
+    x = ops.perturb(y.to(dev), sigma.to(dev), D, 99, ids.to(dev), backend=backend)
+    ref = R.perturb(y, sigma, D, 99, ids)
+    assert x.dtype == y.dtype and x.shape == y.shape
+    assert torch.isfinite(x).all()
+    assert rel_err(x - y.to(dev), ref - y) < 1e-5
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_perturb_keeps_channels_last_and_scalar_sigma(backend):
+    dev = device_for(backend)
+    y = torch.randn(3, 4, 3, 3).contiguous(memory_format=torch.channels_last).to(dev)
+    x = ops.perturb(y, 0.5, 128, 5, torch.arange(3, device=dev), backend=backend)
+    assert x.is_contiguous(memory_format=torch.channels_last)
+    assert rel_err(x, R.perturb(y.cpu(), 0.5, 128, 5, torch.arange(3))) < 1e-5
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("D", [2.0, math.inf])
+def test_perturb_net_input(backend, D):
+    dev = device_for(backend)
+    y = torch.randn(5, 3, 4, 4)
+    ids = torch.arange(10, 15)
+    sigma = torch.linspace(0.01, 50, 5, dtype=torch.float64)
+    net_in, x = ops.perturb_net_input(y.to(dev), sigma.to(dev), D, 7, ids.to(dev), sigma_data=0.5,
+                                      out_dtype=torch.bfloat16, channels_last=True, write_x=True,
+                                      backend=backend)
+    ref_x = R.perturb(y, sigma, D, 7, ids)
+    c_in = R.precond(sigma, 0.5)[2].view(-1, 1, 1, 1)
+    assert net_in.dtype == torch.bfloat16 and net_in.is_contiguous(memory_format=torch.channels_last)
+    assert rel_err(x, ref_x) < 1e-5
+    assert rel_err(net_in, c_in * ref_x) < 1e-2
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("D", D_VALUES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_prior_matches_reference(backend, D, dtype):
+    dev = device_for(backend)
+    seeds = torch.tensor([0, 3, 2**40 + 1])
+    x = ops.prior((3, 2, 5, 3), D, 80.0, 11, seeds.to(dev), dtype=dtype, backend=backend)
+    ref = R.prior((3, 2, 5, 3), D, 80.0, 11, seeds, dtype=dtype)
+    assert x.dtype == dtype and x.shape == (3, 2, 5, 3)
+    assert torch.isfinite(x).all()
+    assert rel_err(x, ref) < 1e-5
+    assert ops.prior((0, 2, 5, 3), D, 80.0, 11, seeds[:0].to(dev), backend=backend).shape == (0, 2, 5, 3)
+
+
+def test_heavy_tail_stays_finite():
+    """D << 1: scale clamped at MAX_SCALE, no inf / NaN in the outputs."""
+    y = torch.zeros(16, 1, 2, 2)
+    x = ops.perturb(y, 1.0, 0.05, 1, torch.arange(16), backend="triton")
+    assert torch.isfinite(x).all()
+
+
+def test_perturb_validation():
+    y = torch.randn(2, 3, 4, 4)
+    ids = torch.arange(2)
+    with pytest.raises(ValueError, match="batch size"):
+        ops.perturb(y, 1.0, 2.0, 1, torch.arange(3), backend="triton")
+    with pytest.raises(ValueError, match="D"):
+        ops.perturb(y, 1.0, 0.0, 1, ids, backend="triton")
+    with pytest.raises(ValueError, match="sigma"):
+        ops.perturb(y, -1.0, 2.0, 1, ids, backend="triton")
+    with pytest.raises(TypeError, match="key"):
+        ops.perturb(y, 1.0, 2.0, 1.5, ids, backend="triton")
+    with pytest.raises(ValueError, match="backend"):
+        ops.perturb(y, 1.0, 2.0, 1, ids, backend="fast")
+    with pytest.raises(TypeError, match="out_dtype"):
+        ops.perturb_net_input(y, 1.0, 2.0, 1, ids, out_dtype=torch.int8, backend="triton")
+    with pytest.raises(TypeError, match="floating-point"):
+        ops.perturb(y.to(torch.int32), 1.0, 2.0, 1, ids, backend="triton")

@@ -1,0 +1,120 @@
+"""Philox4x32-10, normals and chi2_D of the fast backends against reference.py."""
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported (conftest does too)
+
+import pytest
+
+from pfgmpp_fast import ops
+from pfgmpp_fast import reference as R
+
+BACKENDS = [
+    pytest.param("triton", id="triton"),
+    pytest.param("cpu", id="cpu", marks=pytest.mark.skipif(not ops.has_extension(), reason="pfgmpp_fast._C not built")),
+    pytest.param("cuda", id="cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(not ops.has_cuda_kernels(), reason="no CUDA kernels")]),
+]
+
+
+def device_for(backend):
+    if backend == "cuda" or (backend == "triton" and torch.cuda.is_available()):
+        return torch.device("cuda")
+    return torch.device("cpu")
+
+
+# Random123 known answers for philox4x32_10 (counter, key=(k0, k1), output)
+KAT = [
+    ((0, 0, 0, 0), (0, 0), (0x6627E8D5, 0xE169C58D, 0xBC57AC4C, 0x9B00DBD8)),
+    ((0xFFFFFFFF,) * 4, (0xFFFFFFFF, 0xFFFFFFFF), (0x408F276D, 0x41C83B0E, 0xA20BC7C6, 0x6D5451FD)),
+    ((0x243F6A88, 0x85A308D3, 0x13198A2E, 0x03707344), (0xA4093822, 0x299F31D0),
+     (0xD16CFE09, 0x94FDCCEB, 0x5001E420, 0x24126EA1)),
+]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_philox_known_answers(backend):
+    dev = device_for(backend)
+    for ctr, (k0, k1), expected in KAT:
+        key = (k1 << 32) | k0
+        if key >= 2**63:  # the ops take keys in [0, 2^63); the all-ones key is checked via the reference
+            assert tuple(R.philox4x32(torch.tensor([ctr]), key)[0].tolist()) == expected
+            continue
+        out = ops.philox4x32(torch.tensor([ctr], dtype=torch.int64, device=dev), key, backend=backend)
+        assert tuple(out[0].tolist()) == expected
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("M", [0, 1, 33])
+def test_philox_bit_exact_random_counters(backend, M):
+    dev = device_for(backend)
+    gen = torch.Generator().manual_seed(1000 + M)
+    counter = torch.randint(0, 2**32, (M, 4), generator=gen, dtype=torch.int64)
+    key = int(torch.randint(0, 2**62, (1,), generator=gen)) * 2 + 1
+    out = ops.philox4x32(counter.to(dev), key, backend=backend).cpu()
+    assert out.dtype == torch.int64 and out.shape == (M, 4)
+    assert torch.equal(out, R.philox4x32(counter, key))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("n", [0, 1, 3, 37, 260])
+def test_philox_normal_matches_reference(backend, n):
+    dev = device_for(backend)
+    gen = torch.Generator().manual_seed(n)
+    ids = torch.cat([torch.tensor([0, 2**32 - 1, 2**32, 2**62 + 7]),
+                     torch.randint(0, 2**62, (3,), generator=gen)])
+    for key, stream in [(0, R.STREAM_NOISE), (2**40 + 3, R.stream_churn(5)), (12345, R.stream_alpha(17))]:
+        out = ops.philox_normal(ids.to(dev), key, n, stream, backend=backend).cpu()
+        ref = R.normal(key, ids, n, stream)
+        assert out.dtype == torch.float32 and out.shape == ref.shape
+        assert torch.isfinite(out).all()
+        torch.testing.assert_close(out, ref, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_philox_normal_empty_batch(backend):
+    out = ops.philox_normal(torch.zeros(0, dtype=torch.int64, device=device_for(backend)), 1, 5, 0,
+                            backend=backend)
+    assert out.shape == (0, 5)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("D", [0.3, 1.0, 2.0, 8.0, 128.0, 2048.0, 3072000.0])
+def test_chi2_matches_reference(backend, D):
+    dev = device_for(backend)
+    gen = torch.Generator().manual_seed(int(D * 10))
+    ids = torch.cat([torch.tensor([0, 1, 2**33 + 5]), torch.randint(0, 2**62, (61,), generator=gen)])
+    out = ops.chi2(ids.to(dev), 2**35 + 11, D, R.STREAM_CHI2, backend=backend).cpu()
+    ref = R.chi2(2**35 + 11, ids, D)
+    assert out.dtype == torch.float64 and out.shape == (64,)
+    assert torch.isfinite(out).all() and (out > 0).all()
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=0)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_chi2_moments(backend):
+    """Mean D, variance 2D: the kernel draws the right law, not only the reference's values."""
+    ids = torch.arange(4000, device=device_for(backend))
+    for D in (2.0, 128.0):
+        v = ops.chi2(ids, 3, D, backend=backend).cpu()
+        assert abs(v.mean().item() - D) < 4 * (2 * D / 4000) ** 0.5
+        assert abs(v.var().item() / (2 * D) - 1) < 0.15
+
+
+def test_bad_inputs_fail_clearly():
+    ids = torch.arange(3)
+    with pytest.raises(ValueError, match="backend"):
+        ops.philox_normal(ids, 1, 4, 0, backend="gpu")
+    with pytest.raises(ValueError, match="key"):
+        ops.philox_normal(ids, -1, 4, 0, backend="triton")
+    with pytest.raises(ValueError, match="D"):
+        ops.chi2(ids, 1, float("inf"), backend="triton")
+    with pytest.raises(ValueError, match="D"):
+        ops.chi2(ids, 1, -2.0, backend="triton")
+    if not ops.has_extension():
+        with pytest.raises(RuntimeError, match="not built"):
+            ops.philox_normal(ids, 1, 4, 0, backend="cpu")
+    if not ops.has_cuda_kernels():
+        with pytest.raises(RuntimeError, match="CUDA"):
+            ops.philox_normal(ids, 1, 4, 0, backend="cuda")
