@@ -504,7 +504,7 @@ def ref_loss_fwd_bwd(F, y, scale, c_skip, c_out, sample_ids, key, stream, grad_s
     cs, co, s = (_per_sample(v, y.dim(), cd) for v in (c_skip, c_out, scale))
     target = ((1 - cs) * y.to(cd) - cs * s * g) / co
     diff = F.to(cd) - target
-    per_sample = diff.square().reshape(diff.shape[0], -1).sum(dim=1).to(torch.float32)
+    per_sample = diff.square().flatten(1).sum(dim=1).to(torch.float32)  # flatten: B = 0 safe
     grad = torch.empty_like(F)                 # keeps F's memory format
     grad.copy_(grad_scale * 2 * diff)
     return per_sample, grad
