@@ -1,0 +1,359 @@
+"""Datasets for training: the published formats, numpy arrays and the embedded digits.
+
+``load_dataset(spec)`` accepts
+
+* ``"digits"`` — the embedded default: scikit-learn's bundled ``load_digits`` (1797 grey
+  8×8 images, labels 0..9; no download), pixel values 0..16 mapped linearly to [-1, 1].
+* a directory or ``.zip`` of images in the published layout (EDM's dataset_tool: PNG/JPEG
+  files in any sub-folders, optional ``dataset.json`` = ``{"labels": [[fname, label], ...]}``
+  with integer class labels), all square and of one size;
+* ``.npy`` / ``.npz`` arrays (``.npz``: key ``images``, else the first array; optional key
+  ``labels`` of integer classes). Layout: ``[N, H, W]`` (grey), ``[N, H, W, C]`` or
+  ``[N, C, H, W]`` with C in {1, 3} (NHWC when the last axis is 1 or 3, otherwise NCHW).
+  ``uint8`` arrays are pixel values 0..255 (mapped to [-1, 1] as x / 127.5 − 1);
+  floating-point arrays must already lie in [-1, 1].
+
+The whole data set lives in memory as one tensor (uint8 when the source is 8-bit,
+float32 otherwise) and batches are gathered by index — fast for the small data sets we
+train on CPUs and cheap to keep on the GPU for CIFAR-sized ones. Everything is validated
+when loading, so a missing, corrupt or wrong-size data set stops before any training step.
+
+Batches come from :class:`GlobalBatchSampler`: the order of samples is a function of the
+seed and the global position only (one permutation per epoch), so rank ``r`` of ``W`` takes
+its slice of the same global batch, whatever ``W`` is.
+"""
+from __future__ import annotations
+
+import io
+import json
+import os
+import zipfile
+from dataclasses import dataclass, field
+from typing import Optional
+
+import numpy as np
+import torch
+
+__all__ = ["ImageDataset", "load_dataset", "dataset_to_uint8", "GlobalBatchSampler", "IMAGE_EXTENSIONS"]
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
+_CACHE: dict = {}
+
+
+@dataclass
+class ImageDataset:
+    """An in-memory image data set: ``images`` [N, C, H, W] uint8 (0..255) or float32
+    ([-1, 1]); ``labels`` one-hot float32 [N, label_dim] or None. With ``xflip`` the data
+    set has 2N items, item i ≥ N being item i − N mirrored left-right (as in EDM)."""
+
+    images: torch.Tensor
+    labels: Optional[torch.Tensor] = None
+    name: str = "dataset"
+    xflip: bool = False
+    source: str = ""
+    _float_cache: dict = field(default_factory=dict, repr=False)
+
+    def __post_init__(self):
+        if self.images.dim() != 4:
+            raise ValueError(f"images must be [N, C, H, W], got shape {tuple(self.images.shape)}")
+        if self.images.dtype not in (torch.uint8, torch.float32):
+            raise TypeError(f"images must be uint8 or float32, got {self.images.dtype}")
+        if self.labels is not None and self.labels.shape[0] != self.images.shape[0]:
+            raise ValueError(f"{self.labels.shape[0]} labels for {self.images.shape[0]} images")
+
+    # --- shape facts -------------------------------------------------------------------
+    @property
+    def num_images(self) -> int:
+        return int(self.images.shape[0])
+
+    @property
+    def resolution(self) -> int:
+        return int(self.images.shape[-1])
+
+    @property
+    def channels(self) -> int:
+        return int(self.images.shape[1])
+
+    @property
+    def label_dim(self) -> int:
+        return 0 if self.labels is None else int(self.labels.shape[1])
+
+    def __len__(self) -> int:
+        return self.num_images * (2 if self.xflip else 1)
+
+    def __getitem__(self, index: int):
+        image, label = self.get_batch(torch.tensor([int(index)]))
+        return image[0], (None if label is None else label[0])
+
+    # --- batches -------------------------------------------------------------------------
+    def to(self, device) -> "ImageDataset":
+        """The same data set with its tensors on ``device`` (indexing then stays there)."""
+        return ImageDataset(self.images.to(device), None if self.labels is None else self.labels.to(device),
+                            self.name, self.xflip, self.source)
+
+    def get_batch(self, indices: torch.Tensor, device=None):
+        """Images float32 in [-1, 1], [B, C, H, W], and labels (or None) for item indices.
+
+        ``indices`` index the (possibly x-flipped, 2N-long) data set; they may live on the
+        CPU while the data set is on the GPU (a small host-to-device copy, no sync).
+        """
+        indices = torch.as_tensor(indices, dtype=torch.int64)
+        n = self.num_images
+        if self.xflip:
+            flip = indices >= n
+            base = indices - flip.to(torch.int64) * n
+        else:
+            flip, base = None, indices
+        base = base.to(self.images.device, non_blocking=True)
+        images = self.images.index_select(0, base)
+        images = images.to(torch.float32) / 127.5 - 1 if images.dtype == torch.uint8 else images.clone()
+        if flip is not None:
+            flip = flip.to(images.device, non_blocking=True).view(-1, 1, 1, 1)
+            images = torch.where(flip, images.flip(3), images)
+        labels = None if self.labels is None else self.labels.index_select(0, base)
+        if device is not None:
+            images = images.to(device, non_blocking=True)
+            labels = None if labels is None else labels.to(device, non_blocking=True)
+        return images, labels
+
+
+# ----------------------------------------------------------------------------------------
+# Loading
+
+def _one_hot(labels: np.ndarray, source: str) -> torch.Tensor:
+    labels = np.asarray(labels)
+    if labels.ndim != 1 or not np.issubdtype(labels.dtype, np.integer) or labels.size == 0 or labels.min() < 0:
+        raise ValueError(f"labels in {source} must be non-negative integer classes, one per image")
+    dim = int(labels.max()) + 1
+    out = torch.zeros(labels.shape[0], dim, dtype=torch.float32)
+    out[torch.arange(labels.shape[0]), torch.from_numpy(labels.astype(np.int64))] = 1
+    return out
+
+
+def _load_digits():
+    try:
+        from sklearn.datasets import load_digits
+    except ImportError as exc:
+        raise ImportError("the embedded 'digits' data set needs scikit-learn (pip install scikit-learn)") from exc
+    bunch = load_digits()
+    images = torch.from_numpy(bunch.images.astype(np.float32) / 8.0 - 1.0).unsqueeze(1)   # 0..16 -> [-1, 1]
+    return images.contiguous(), np.asarray(bunch.target, dtype=np.int64)
+
+
+def _array_to_nchw(array: np.ndarray, source: str) -> torch.Tensor:
+    if array.ndim == 3:
+        array = array[:, None]
+    if array.ndim != 4:
+        raise ValueError(f"{source}: image array must be [N,H,W], [N,H,W,C] or [N,C,H,W], got shape {array.shape}")
+    if array.shape[-1] in (1, 3) and array.shape[1] not in (1, 3):
+        array = array.transpose(0, 3, 1, 2)
+    if array.shape[1] not in (1, 3):
+        raise ValueError(f"{source}: images must have 1 or 3 channels, got shape {array.shape}")
+    if array.dtype == np.uint8:
+        return torch.from_numpy(np.ascontiguousarray(array))
+    if not np.issubdtype(array.dtype, np.floating):
+        raise TypeError(f"{source}: image array must be uint8 (0..255) or float in [-1, 1], got {array.dtype}")
+    array = np.ascontiguousarray(array, dtype=np.float32)
+    if not np.isfinite(array).all():
+        raise ValueError(f"{source}: image array contains NaN or Inf")
+    lo, hi = float(array.min(initial=0)), float(array.max(initial=0))
+    if lo < -1.0 - 1e-6 or hi > 1.0 + 1e-6:
+        raise ValueError(f"{source}: float images must lie in [-1, 1], got values in [{lo}, {hi}]")
+    return torch.from_numpy(array)
+
+
+def _load_array(path: str):
+    try:
+        loaded = np.load(path, allow_pickle=False)
+    except Exception as exc:
+        raise ValueError(f"cannot read array file {path}: {exc}") from exc
+    labels = None
+    if isinstance(loaded, np.lib.npyio.NpzFile):
+        with loaded:
+            keys = list(loaded.keys())
+            if not keys:
+                raise ValueError(f"{path}: the .npz file holds no arrays")
+            key = "images" if "images" in keys else keys[0]
+            try:
+                images = loaded[key]
+                labels = loaded["labels"] if "labels" in keys else None
+            except Exception as exc:
+                raise ValueError(f"{path}: corrupt .npz member: {exc}") from exc
+    else:
+        images = loaded
+    return _array_to_nchw(images, path), labels
+
+
+def _decode_image(data: bytes, name: str) -> np.ndarray:
+    from PIL import Image
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            img.load()
+            if img.mode not in ("L", "RGB"):
+                img = img.convert("RGB")
+            return np.asarray(img, dtype=np.uint8)
+    except Exception as exc:
+        raise ValueError(f"corrupt or unreadable image {name}: {exc}") from exc
+
+
+def _load_images(path: str):
+    """A folder or zip of images (published layout) -> (uint8 NCHW, labels or None)."""
+    if os.path.isdir(path):
+        names = sorted(os.path.relpath(os.path.join(root, f), path).replace(os.sep, "/")
+                       for root, _, files in os.walk(path) for f in files)
+        read = lambda name: open(os.path.join(path, name), "rb").read()  # noqa: E731
+        zf = None
+    else:
+        try:
+            zf = zipfile.ZipFile(path)
+        except (zipfile.BadZipFile, OSError) as exc:
+            raise ValueError(f"{path} is not a readable zip file: {exc}") from exc
+        names = sorted(zf.namelist())
+        read = zf.read
+    try:
+        image_names = [n for n in names if n.lower().endswith(IMAGE_EXTENSIONS)]
+        if not image_names:
+            raise ValueError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) found in {path}")
+        arrays = []
+        for name in image_names:
+            try:
+                data = read(name)
+            except Exception as exc:
+                raise ValueError(f"cannot read {name} in {path}: {exc}") from exc
+            arrays.append(_decode_image(data, f"{path}:{name}"))
+        shapes = {a.shape for a in arrays}
+        if len(shapes) != 1:
+            raise ValueError(f"images in {path} differ in shape: {sorted(shapes)[:4]}")
+        labels = None
+        if "dataset.json" in names:
+            try:
+                meta = json.loads(read("dataset.json"))
+                table = meta.get("labels") if isinstance(meta, dict) else None
+            except Exception as exc:
+                raise ValueError(f"corrupt dataset.json in {path}: {exc}") from exc
+            if table is not None:
+                lookup = {str(k).replace("\\", "/"): v for k, v in table}
+                missing = [n for n in image_names if n not in lookup]
+                if missing:
+                    raise ValueError(f"dataset.json in {path} has no label for {missing[0]} (and {len(missing) - 1} more)")
+                labels = np.asarray([lookup[n] for n in image_names])
+    finally:
+        if zf is not None:
+            zf.close()
+    stacked = np.stack(arrays)
+    return _array_to_nchw(stacked, path), labels
+
+
+def load_dataset(spec: str, resolution: Optional[int] = None, use_labels: bool = False,
+                 xflip: bool = False, cache: bool = True, max_size: Optional[int] = None) -> ImageDataset:
+    """Load a data set (see the module docstring for the formats).
+
+    resolution: expected image size (ValueError if the data differ); use_labels: return
+    one-hot class labels (ValueError if the data set has none); xflip: double the data set
+    with mirrored copies; cache: keep the decoded data in memory for later calls in this
+    process; max_size: use only the first ``max_size`` images.
+    """
+    if not isinstance(spec, (str, os.PathLike)) or not os.fspath(spec):
+        raise TypeError(f"data must be 'digits' or a path to a folder/.zip/.npy/.npz, got {spec!r}")
+    spec = os.fspath(spec)
+    if resolution is not None and (isinstance(resolution, bool) or not isinstance(resolution, int) or resolution < 1):
+        raise ValueError(f"resolution must be a positive int or None, got {resolution!r}")
+    if max_size is not None and (not isinstance(max_size, int) or max_size < 1):
+        raise ValueError(f"max_size must be a positive int or None, got {max_size!r}")
+
+    if spec == "digits":
+        key = ("digits",)
+    else:
+        if not os.path.exists(spec):
+            raise FileNotFoundError(f"data set not found: {spec} (expected 'digits', a folder, .zip, .npy or .npz)")
+        st = os.stat(spec)
+        key = (os.path.abspath(spec), st.st_mtime_ns, st.st_size)
+    if cache and key in _CACHE:
+        images, labels = _CACHE[key]
+    else:
+        if spec == "digits":
+            images, labels = _load_digits()
+        elif os.path.isdir(spec) or spec.lower().endswith(".zip"):
+            images, labels = _load_images(spec)
+        elif spec.lower().endswith((".npy", ".npz")):
+            images, labels = _load_array(spec)
+        else:
+            raise ValueError(f"unsupported data set {spec}: expected 'digits', a folder, .zip, .npy or .npz")
+        if images.shape[0] == 0:
+            raise ValueError(f"data set {spec} holds no images")
+        if images.shape[-1] != images.shape[-2]:
+            raise ValueError(f"images in {spec} must be square, got {images.shape[-2]}x{images.shape[-1]}")
+        if labels is not None and len(labels) != images.shape[0]:
+            raise ValueError(f"{spec}: {len(labels)} labels for {images.shape[0]} images")
+        if cache:
+            _CACHE[key] = (images, labels)
+
+    if resolution is not None and images.shape[-1] != resolution:
+        raise ValueError(f"data set {spec} has resolution {images.shape[-1]}, but resolution={resolution} was requested")
+    if max_size is not None:
+        images = images[:max_size]
+        labels = None if labels is None else labels[:max_size]
+    label_tensor = None
+    if use_labels:
+        if labels is None:
+            raise ValueError(f"use_labels (--cond) was requested but data set {spec} has no labels "
+                             "(dataset.json / 'labels' array)")
+        label_tensor = _one_hot(np.asarray(labels), spec)
+    name = "digits" if spec == "digits" else os.path.splitext(os.path.basename(spec.rstrip("/\\")))[0]
+    return ImageDataset(images, label_tensor, name=name, xflip=bool(xflip), source=spec)
+
+
+def dataset_to_uint8(dataset: ImageDataset, max_images: Optional[int] = None) -> torch.Tensor:
+    """The data set's images as uint8 [N, C, H, W] (no x-flip copies), e.g. for FID reference
+    statistics. Float data in [-1, 1] is mapped to round((x + 1) · 127.5)."""
+    images = dataset.images if max_images is None else dataset.images[:max_images]
+    if images.dtype == torch.uint8:
+        return images.cpu().contiguous()
+    return ((images.cpu().to(torch.float32) + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
+
+
+# ----------------------------------------------------------------------------------------
+# Order of samples
+
+class GlobalBatchSampler:
+    """Infinite, distributed-aware order of data-set items.
+
+    Global position p (p = step · global_batch + j) maps to item perm_e[p mod n] of epoch
+    e = p // n, with perm_e a permutation drawn from (seed, e). Rank ``r`` of ``W`` takes
+    items [r·B/W, (r+1)·B/W) of each global batch, so the union over ranks — and the
+    training run — does not depend on W. Indices are computed on the CPU (no device sync).
+    """
+
+    def __init__(self, size: int, seed: int = 0, shuffle: bool = True):
+        if not isinstance(size, int) or size < 1:
+            raise ValueError(f"size must be a positive int, got {size!r}")
+        self.size, self.seed, self.shuffle = size, int(seed), bool(shuffle)
+        self._perms: dict = {}
+
+    def _perm(self, epoch: int) -> torch.Tensor:
+        if epoch not in self._perms:
+            if len(self._perms) >= 4:
+                self._perms.pop(min(self._perms))
+            if self.shuffle:
+                gen = torch.Generator().manual_seed((self.seed * 1_000_003 + epoch) % (2**63))
+                self._perms[epoch] = torch.randperm(self.size, generator=gen)
+            else:
+                self._perms[epoch] = torch.arange(self.size)
+        return self._perms[epoch]
+
+    def positions(self, start: int, count: int) -> torch.Tensor:
+        """Item indices for global positions [start, start + count)."""
+        pos = torch.arange(start, start + count, dtype=torch.int64)
+        epochs = pos // self.size
+        out = torch.empty(count, dtype=torch.int64)
+        for e in torch.unique(epochs).tolist():
+            mask = epochs == e
+            out[mask] = self._perm(int(e))[pos[mask] % self.size]
+        return out
+
+    def batch(self, step: int, global_batch: int, rank: int = 0, world_size: int = 1) -> torch.Tensor:
+        """Item indices of rank ``rank``'s share of global batch number ``step``."""
+        if global_batch % world_size:
+            raise ValueError(f"global batch {global_batch} is not divisible by world size {world_size}")
+        per_rank = global_batch // world_size
+        return self.positions(step * global_batch + rank * per_rank, per_rank)

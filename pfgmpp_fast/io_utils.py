@@ -1,0 +1,153 @@
+"""Atomic file writing: a kill leaves the old file or the new one, never half of one.
+
+Every writer goes to a temporary file in the destination's directory (same file system,
+so the rename is atomic), flushes and fsyncs it, then `os.replace`s it over the target
+and fsyncs the directory. Temporary names start with ``.`` and end with ``.tmp`` so
+readers that list a directory (e.g. ``--resume auto``) can ignore leftovers.
+
+For tests of the kill-during-write path: when the environment variable
+``PFGMPP_FAST_KILL_DURING_WRITE`` is set to a substring of a target's file name, the
+process SIGKILLs itself after half of that file's bytes are on disk (before the rename);
+``PFGMPP_FAST_KILL_DURING_WRITE_SKIP=n`` lets the first n matching writes complete.
+"""
+from __future__ import annotations
+
+import io
+import json
+import os
+import signal
+import tempfile
+from typing import Any, Callable
+
+import torch
+
+__all__ = ["TMP_SUFFIX", "is_temp_file", "atomic_write", "atomic_write_bytes", "atomic_write_text",
+           "atomic_save_json", "atomic_torch_save_state", "load_torch_state", "append_line"]
+
+TMP_SUFFIX = ".tmp"
+KILL_ENV = "PFGMPP_FAST_KILL_DURING_WRITE"
+_matching_writes = 0
+
+
+def is_temp_file(name: str) -> bool:
+    """True for the temporary names our writers use (leftovers of a killed write)."""
+    base = os.path.basename(name)
+    return base.startswith(".") and base.endswith(TMP_SUFFIX)
+
+
+def _fsync_dir(directory: str) -> None:
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:        # e.g. Windows: directories cannot be opened
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def atomic_write(path: str | os.PathLike, write: Callable[[io.BufferedWriter], None]) -> str:
+    """Call ``write(f)`` on a temporary file next to ``path``, fsync, rename over ``path``."""
+    path = os.fspath(path)
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=TMP_SUFFIX, dir=directory)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+    _fsync_dir(directory)
+    return path
+
+
+def _maybe_kill_midway(path: str, f, data: bytes) -> bytes:
+    """Test hook: write half of the bytes, make them durable, then SIGKILL ourselves."""
+    global _matching_writes
+    marker = os.environ.get(KILL_ENV)
+    if marker and marker in os.path.basename(path):
+        _matching_writes += 1
+        if _matching_writes <= int(os.environ.get(KILL_ENV + "_SKIP", "0")):
+            return data
+        half = len(data) // 2
+        f.write(data[:half])
+        f.flush()
+        os.fsync(f.fileno())
+        os.kill(os.getpid(), signal.SIGKILL)
+    return data
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> str:
+    """Write ``data`` to ``path`` atomically."""
+    if not isinstance(data, (bytes, bytearray, memoryview)):
+        raise TypeError(f"data must be bytes, got {type(data).__name__}")
+    path = os.fspath(path)
+    return atomic_write(path, lambda f: f.write(_maybe_kill_midway(path, f, bytes(data))))
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> str:
+    return atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_save_json(path: str | os.PathLike, obj: Any, indent: int = 2) -> str:
+    """JSON (sorted keys, trailing newline) written atomically."""
+    return atomic_write_text(path, json.dumps(obj, indent=indent, sort_keys=True, allow_nan=True) + "\n")
+
+
+def _check_plain(obj: Any, where: str = "state") -> None:
+    """Only tensors and plain Python types, so ``torch.load(weights_only=True)`` can read it."""
+    if obj is None or isinstance(obj, (bool, int, float, str, torch.Tensor, torch.dtype)):
+        return
+    if isinstance(obj, (list, tuple)):
+        for i, v in enumerate(obj):
+            _check_plain(v, f"{where}[{i}]")
+        return
+    if isinstance(obj, dict):
+        for k, v in obj.items():
+            if not isinstance(k, (str, int)):
+                raise TypeError(f"{where}: keys must be str or int, got {type(k).__name__}")
+            _check_plain(v, f"{where}[{k!r}]")
+        return
+    raise TypeError(f"{where} holds a {type(obj).__name__}; only tensors and plain types can be saved "
+                    "(so the file loads with weights_only=True)")
+
+
+def atomic_torch_save_state(path: str | os.PathLike, state: dict) -> str:
+    """``torch.save`` of a dict of tensors / plain types, atomically; loadable weights-only."""
+    if not isinstance(state, dict):
+        raise TypeError(f"state must be a dict, got {type(state).__name__}")
+    _check_plain(state)
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    return atomic_write_bytes(path, buffer.getvalue())
+
+
+def load_torch_state(path: str | os.PathLike, map_location="cpu") -> dict:
+    """Load a file written by :func:`atomic_torch_save_state` without running code."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"no such state file: {path}")
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as exc:
+        raise ValueError(f"state file {path} is corrupt or not a weights-only torch file: {exc}") from exc
+    if not isinstance(state, dict):
+        raise ValueError(f"state file {path} does not hold a dict")
+    return state
+
+
+def append_line(path: str | os.PathLike, line: str) -> None:
+    """Append one line to a log and fsync (logs are append-only; a kill loses at most the tail)."""
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(line if line.endswith("\n") else line + "\n")
+        f.flush()
+        os.fsync(f.fileno())
