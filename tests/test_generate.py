@@ -1,0 +1,181 @@
+"""Generation (pfgmpp_fast/generate.py): seeds, determinism per seed, ranks, outputs, errors."""
+import os
+import tempfile
+
+import numpy as np
+import pytest
+import torch
+
+from pfgmpp_fast import generate as G
+from pfgmpp_fast import reference as R
+from pfgmpp_fast.networks import build_network
+
+
+class DenoiserNet(torch.nn.Module):
+    """The exact denoiser of a small data set, dressed as a network (a stand-in for tests)."""
+
+    def __init__(self, data, D, label_dim=0):
+        super().__init__()
+        self.den = R.optimal_denoiser(data, D)
+        self.D = D
+        self.img_channels, self.img_resolution, self.label_dim = data.shape[1], data.shape[2], label_dim
+        self.seen_labels = []
+
+    def forward(self, x, sigma, class_labels=None):
+        if class_labels is not None:
+            self.seen_labels.append(class_labels)
+        return self.den(x, sigma)
+
+
+def stand_in(D=8.0, label_dim=0):
+    g = torch.Generator().manual_seed(0)
+    return DenoiserNet(torch.rand(16, 1, 8, 8, generator=g) * 2 - 1, D, label_dim)
+
+
+def tiny_net(D=8):
+    torch.manual_seed(0)
+    return build_network("ddpmpp", resolution=8, channels=1, D=D, model_channels=8, channel_mult=[1],
+                         num_blocks=1, attn_resolutions=[], dropout=0.0).eval()
+
+
+def run(net, seeds, batch, **kw):
+    kw.setdefault("num_steps", 4)
+    out = list(G.generate_images(net, seeds, batch, **kw))
+    return np.concatenate([s for s, _ in out]), torch.cat([im for _, im in out])
+
+
+def test_parse_int_list_and_check_seeds():
+    assert G.parse_int_list("1,5,7-9") == [1, 5, 7, 8, 9]
+    assert G.parse_int_list("0-3") == [0, 1, 2, 3]
+    assert list(G.check_seeds("9,2-3")) == [2, 3, 9]
+    assert G.check_seeds(str(2**63 - 1))[0] == 2**63 - 1
+    with pytest.raises(ValueError, match=r"out of range.*\[0, 2\^63\)"):
+        G.check_seeds(str(2**63))
+    with pytest.raises(ValueError, match=r"out of range"):
+        G.check_seeds([-1])
+    with pytest.raises(ValueError, match="cannot parse"):
+        G.parse_int_list("-5")
+    with pytest.raises(ValueError, match="cannot parse"):
+        G.parse_int_list("1,a")
+    with pytest.raises(ValueError, match="empty"):
+        G.parse_int_list("5-2")
+    with pytest.raises(ValueError, match="more than once"):
+        G.check_seeds("1-3,2")
+    assert list(G.rank_seeds(np.array([5, 1, 3, 2]), 1, 2)) == [2, 5]
+
+
+def test_to_uint8_is_the_published_quantisation():
+    x = torch.tensor([-2.0, -1.0, -0.999, 0.0, 0.5, 0.999, 1.0, 3.0, float("nan")])[:-1]
+    ref = np.clip(x.numpy() * 127.5 + 128, 0, 255).astype(np.uint8)
+    assert np.array_equal(G.to_uint8(x).numpy(), ref)
+    assert G.to_uint8(torch.tensor([1.0])).item() == 255 and G.to_uint8(torch.tensor([-1.0])).item() == 0
+
+
+def test_batch_1_vs_13_identical_stand_in():
+    net = stand_in()
+    seeds = np.array([0, 3, 7, 11, 12, 40, 41, 99, 1000, 2**40, 5, 6, 2**63 - 1])
+    s1, a = run(net, seeds, 1)
+    s13, b = run(net, seeds, 13)
+    s4, c = run(net, seeds[::-1].copy(), 4, fixed_shape=True)     # padded last batch, other order
+    assert np.array_equal(s1, np.sort(seeds)) and np.array_equal(s1, s13) and np.array_equal(s1, s4)
+    assert a.dtype == torch.uint8 and a.shape == (13, 1, 8, 8)
+    assert torch.equal(a, b) and torch.equal(a, c)
+    assert a.float().std() > 10                                     # real images, not a constant
+
+
+def test_batch_1_vs_3_identical_network():
+    net = tiny_net()
+    _, a = run(net, [4, 8, 15], 1, num_steps=3)
+    _, b = run(net, [4, 8, 15], 3, num_steps=3)
+    assert torch.equal(a, b)
+
+
+def test_image_depends_only_on_seed_and_settings():
+    net = stand_in()
+    _, a = run(net, [1, 2], 2)
+    _, b = run(net, [2, 3], 2)
+    assert torch.equal(a[1], b[0]) and not torch.equal(a[0], a[1])
+    _, c = run(net, [1, 2], 2, alpha=0.3)
+    assert not torch.equal(a, c)
+
+
+def test_class_labels_depend_on_seed_only():
+    seeds = torch.arange(50, dtype=torch.int64)
+    lab = G.class_labels_for(seeds, 10, None)
+    assert lab.shape == (50, 10) and torch.equal(lab.sum(1), torch.ones(50))
+    assert torch.equal(G.class_labels_for(seeds[7:9], 10, None), lab[7:9])
+    assert lab.argmax(1).unique().numel() > 3
+    assert torch.equal(G.class_labels_for(seeds[:3], 10, 4).argmax(1), torch.full((3,), 4))
+    with pytest.raises(ValueError, match="class must be in"):
+        G.class_labels_for(seeds, 10, 10)
+    with pytest.raises(ValueError, match="unconditional"):
+        G.class_labels_for(seeds, 0, 1)
+    net = stand_in(label_dim=10)
+    run(net, [3, 4], 2, num_steps=2)
+    assert net.seen_labels and net.seen_labels[0].shape == (2, 10)
+
+
+def test_network_D_mismatch_is_an_error():
+    net = stand_in(D=8.0)
+    with pytest.raises(ValueError, match=r"D=16 was given but the network was trained with D=8"):
+        run(net, [0], 1, D=16)
+    run(net, [0], 1, D=8)                                            # equal D is fine
+    with pytest.raises(ValueError, match="mismatch"):
+        G.resolve_D(tiny_net(D=128), float("inf"))
+
+
+def test_write_png_layout_and_npz(tmp_path):
+    from PIL import Image
+    net = stand_in()
+    seeds = [5, 1234, 999]
+    _, images = run(net, seeds, 2)
+    G.write_images(G.generate_images(net, np.array(seeds), 2, num_steps=4),
+                   outdir=str(tmp_path / "png"), npz=str(tmp_path / "out.npz"))
+    for seed, img in zip(sorted(seeds), images):
+        path = tmp_path / "png" / f"{seed - seed % 1000:06d}" / f"{seed:06d}.png"
+        assert path.exists(), path
+        assert np.array_equal(np.asarray(Image.open(path)), img[0].numpy())
+    assert not [f for f in os.listdir(tmp_path / "png" / "000000") if f.startswith(".")]   # no temp files
+    arr, s = G.load_npz_images(str(tmp_path / "out.npz"))
+    assert arr.dtype == np.uint8 and arr.shape == (3, 8, 8, 1)
+    assert list(s) == sorted(seeds) and np.array_equal(arr, images.permute(0, 2, 3, 1).numpy())
+
+
+def _rank_worker(rank, world, init_file, out):
+    torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        net = stand_in()
+        seeds = G.check_seeds("0-10")
+        mine = G.rank_seeds(seeds, *G.dist_info())
+        G.write_images(G.generate_images(net, mine, 3, num_steps=4), npz=out)
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def test_one_vs_two_gloo_ranks_identical(tmp_path):
+    import torch.multiprocessing as mp
+    one = str(tmp_path / "one.npz")
+    G.write_images(G.generate_images(stand_in(), G.check_seeds("0-10"), 5, num_steps=4), npz=one)
+    two = str(tmp_path / "two.npz")
+    init_file = os.path.join(tempfile.mkdtemp(dir=tmp_path), "init")
+    mp.spawn(_rank_worker, args=(2, init_file, two), nprocs=2, join=True)
+    a, sa = G.load_npz_images(one)
+    b, sb = G.load_npz_images(two)
+    assert list(sa) == list(range(11)) and np.array_equal(sa, sb)
+    assert np.array_equal(a, b)
+
+
+def test_cli_generate_and_D_mismatch(tmp_path, capsys):
+    ckpt = pytest.importorskip("pfgmpp_fast.checkpoint")
+    from pfgmpp_fast import cli
+    path = str(tmp_path / "net.safetensors")
+    ckpt.save_network(tiny_net(D=8), path)
+    out = str(tmp_path / "g.npz")
+    assert cli.main(["generate", "--network", path, "--seeds", "0-2", "--steps", "2", "--npz", out,
+                     "--no-progress"]) == 0
+    arr, seeds = G.load_npz_images(out)
+    assert arr.shape == (3, 8, 8, 1) and list(seeds) == [0, 1, 2]
+    assert cli.main(["generate", "--network", path, "--D", "16", "--npz", out]) == 2
+    assert "network was trained with D=8" in capsys.readouterr().err
+    assert cli.main(["generate", "--network", path, "--seeds", "9223372036854775808", "--npz", out]) == 2
+    assert "out of range" in capsys.readouterr().err
