@@ -1,0 +1,431 @@
+"""Network checkpoints: our safe format, and a trusted import of published EDM / PFGM++ pickles.
+
+Our format is one safetensors file: the ``state_dict`` (keys ``model.*``, as published) plus,
+in the safetensors metadata, the network config as JSON. Loading it never executes code.
+
+Published EDM / PFGM++ checkpoints (``network-snapshot-*.pkl``: a plain pickle of a dict with
+an ``'ema'`` network; ``training-state-*.pt``: a ``torch.save`` zip with a ``'net'`` network)
+are pickles whose classes come from ``torch_utils.persistence``: unpickling them with the
+published code executes the Python source embedded in the file. We refuse them unless the
+caller passes ``trust_pickle=True``, and even then we never execute that source: a restricted
+unpickler maps the persistent classes to inert records (class name + state), every unknown
+global to an inert placeholder, and tensors to plain tensors (storages through
+``torch.load(weights_only=True)``). We then build our own network from the recorded
+constructor arguments and copy the weights in, strictly.
+"""
+from __future__ import annotations
+
+import collections
+import io
+import json
+import math
+import os
+import pickle
+import struct
+import tempfile
+import zipfile
+import _compat_pickle
+from typing import Any
+
+import torch
+
+from .networks import EDMPrecond, FastNetwork
+
+__all__ = ['save_network', 'load_network', 'convert_published', 'network_config', 'network_from_config',
+           'UntrustedCheckpointError', 'FORMAT']
+
+FORMAT = 'pfgmpp_fast.network.v1'
+PICKLE_REFUSAL = ('{path}: this is a pickle ({kind}). Unpickling runs code stored in the file '
+                  '(published EDM/PFGM++ checkpoints embed Python source that the published loader '
+                  'executes), so it is refused by default. If you trust where the file comes from, pass '
+                  'trust_pickle=True (CLI: --trust-pickle) to import it; we then read only the constructor '
+                  'arguments and weights (without executing the embedded source) and you can convert it to '
+                  'our safe format with convert_published().')
+
+
+class UntrustedCheckpointError(ValueError):
+    """A pickle-based checkpoint was given without ``trust_pickle=True``."""
+
+
+# ----------------------------------------------------------------------------------------
+# Config <-> JSON.
+
+def _to_json_value(v):
+    if isinstance(v, float) and math.isinf(v):
+        return 'inf' if v > 0 else '-inf'
+    if isinstance(v, (list, tuple)):
+        return [_to_json_value(x) for x in v]
+    if isinstance(v, dict):
+        return {str(k): _to_json_value(x) for k, x in v.items()}
+    if v is None or isinstance(v, (bool, int, float, str)):
+        return v
+    if hasattr(v, 'item') and getattr(v, 'ndim', 1) == 0:  # numpy / torch scalar
+        return _to_json_value(v.item())
+    raise TypeError(f'network config value {v!r} ({type(v).__name__}) is not JSON-serialisable')
+
+
+def _from_json_value(key, v):
+    if key in ('sigma_max', 'sigma_min', 'D') and isinstance(v, str):
+        return float(v)
+    return v
+
+
+def network_config(net) -> dict:
+    """JSON-serialisable constructor arguments of an :class:`EDMPrecond` (or a FastNetwork)."""
+    if isinstance(net, FastNetwork):
+        net = net.net
+    if not isinstance(net, EDMPrecond):
+        raise TypeError(f'net must be an EDMPrecond or FastNetwork, got {type(net).__name__}')
+    return _to_json_value(net.config())
+
+
+def network_from_config(config: dict, device='cpu') -> EDMPrecond:
+    if not isinstance(config, dict):
+        raise ValueError(f'network config must be a dict, got {type(config).__name__}')
+    kwargs = {k: _from_json_value(k, v) for k, v in config.items()}
+    with torch.device(device):
+        return EDMPrecond(**kwargs)
+
+
+# ----------------------------------------------------------------------------------------
+# Atomic write.
+
+def _atomic_write_bytes(path: str, data: bytes) -> None:
+    path = os.fspath(path)
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix='.' + os.path.basename(path) + '.', suffix='.tmp', dir=directory)
+    try:
+        with os.fdopen(fd, 'wb') as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+    try:  # make the rename durable
+        dfd = os.open(directory, os.O_RDONLY)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
+    except OSError:
+        pass
+
+
+# ----------------------------------------------------------------------------------------
+# Our format.
+
+def save_network(path, net, extra_metadata: dict | None = None) -> None:
+    """Write ``net`` (EDMPrecond or FastNetwork) as safetensors + JSON config, atomically."""
+    from safetensors.torch import save as st_save
+    config = network_config(net)
+    if extra_metadata is not None and not isinstance(extra_metadata, dict):
+        raise TypeError(f'extra_metadata must be a dict or None, got {type(extra_metadata).__name__}')
+    tensors = {k: v.detach().to('cpu').contiguous() for k, v in net.state_dict().items()}
+    metadata = {'format': FORMAT, 'config': json.dumps(config, sort_keys=True),
+                'extra': json.dumps(_to_json_value(extra_metadata or {}), sort_keys=True),
+                'torch_version': torch.__version__}
+    _atomic_write_bytes(path, st_save(tensors, metadata=metadata))
+
+
+def _sniff(path: str) -> str:
+    with open(path, 'rb') as f:
+        head = f.read(16)
+    if head[:4] == b'PK\x03\x04':
+        return 'zip'
+    if head[:1] == b'\x80' or (head[:1] in (b'(', b'}', b']') and path.endswith('.pkl')):
+        return 'pickle'
+    if len(head) >= 9 and head[8:9] == b'{':
+        return 'safetensors'
+    return 'unknown'
+
+
+def _read_safetensors(path: str):
+    from safetensors.torch import load as st_load
+    size = os.path.getsize(path)
+    with open(path, 'rb') as f:
+        data = f.read()
+    if size < 8:
+        raise ValueError(f'{path}: truncated file ({size} bytes): not a pfgmpp_fast checkpoint')
+    (header_len,) = struct.unpack('<Q', data[:8])
+    if 8 + header_len > size:
+        raise ValueError(f'{path}: truncated or corrupt checkpoint: header says {header_len} header bytes, '
+                         f'file has {size - 8}')
+    try:
+        header = json.loads(data[8:8 + header_len])
+    except ValueError as e:
+        raise ValueError(f'{path}: corrupt checkpoint header ({e})') from None
+    metadata = header.get('__metadata__') or {}
+    if metadata.get('format') != FORMAT:
+        raise ValueError(f'{path}: not a pfgmpp_fast network checkpoint (metadata format='
+                         f'{metadata.get("format")!r}, expected {FORMAT!r})')
+    try:
+        tensors = st_load(data)
+    except Exception as e:  # safetensors raises its own error type
+        raise ValueError(f'{path}: truncated or corrupt checkpoint ({type(e).__name__}: {e})') from None
+    try:
+        config = json.loads(metadata['config'])
+        extra = json.loads(metadata.get('extra', '{}'))
+    except (KeyError, ValueError) as e:
+        raise ValueError(f'{path}: corrupt network config in checkpoint metadata ({e})') from None
+    return tensors, config, extra
+
+
+def _load_weights_strict(path: str, net: EDMPrecond, state: dict) -> None:
+    expected = net.state_dict()
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    wrong = [f'{k}: file {tuple(state[k].shape)} vs config {tuple(v.shape)}'
+             for k, v in expected.items() if k in state and tuple(state[k].shape) != tuple(v.shape)]
+    if missing or unexpected or wrong:
+        def short(items):
+            return ', '.join(items[:5]) + (f' ... (+{len(items) - 5})' if len(items) > 5 else '')
+        parts = [f'{len(missing)} missing ({short(missing)})' if missing else '',
+                 f'{len(unexpected)} unexpected ({short(unexpected)})' if unexpected else '',
+                 f'{len(wrong)} with wrong shape ({short(wrong)})' if wrong else '']
+        raise ValueError(f'{path}: weights do not match the network config: ' + '; '.join(p for p in parts if p))
+    bad = [k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if bad:
+        raise ValueError(f'{path}: non-finite values (NaN/Inf) in {len(bad)} tensors, e.g. {bad[:3]}')
+    with torch.no_grad():
+        for k, v in expected.items():
+            v.copy_(state[k])
+
+
+def load_network(path, device='cpu', trust_pickle: bool = False, D=None) -> EDMPrecond:
+    """Load a network. Our safetensors format loads without executing code. Published pickles
+    (``.pkl`` snapshots / ``training-state-*.pt``) are refused unless ``trust_pickle=True``;
+    ``D`` then sets the PFGM++ D of the imported network (default: found in the pickle's loss
+    options, else float('inf'), i.e. EDM)."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f'{path}: no such checkpoint file')
+    kind = _sniff(path)
+    if kind in ('pickle', 'zip'):
+        if not trust_pickle:
+            raise UntrustedCheckpointError(PICKLE_REFUSAL.format(path=path, kind='torch.save zip' if kind == 'zip' else 'pickle'))
+        return _import_published(path, kind, device, D)
+    if kind != 'safetensors':
+        raise ValueError(f'{path}: unrecognised or truncated checkpoint (neither our safetensors format nor a pickle)')
+    tensors, config, _ = _read_safetensors(path)
+    try:
+        net = network_from_config(config)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f'{path}: invalid network config in checkpoint: {e}') from None
+    _load_weights_strict(path, net, tensors)
+    return net.to(device)
+
+
+def read_metadata(path) -> dict:
+    """(config, extra metadata) of one of our checkpoints, without building the network."""
+    _, config, extra = _read_safetensors(os.fspath(path))
+    return dict(config=config, extra=extra)
+
+
+def convert_published(src, dst, trust_pickle: bool = False, D=None) -> EDMPrecond:
+    """Import a published EDM / PFGM++ pickle (needs ``trust_pickle=True``) and save it in our format."""
+    net = load_network(src, trust_pickle=trust_pickle, D=D)
+    save_network(dst, net, extra_metadata={'converted_from': os.path.basename(os.fspath(src))})
+    return net
+
+
+# ----------------------------------------------------------------------------------------
+# Restricted unpickling of the published persistence format.
+
+class PersistentRecord:
+    """What a ``torch_utils.persistence`` object becomes: its class name and state; its
+    embedded module source is dropped unread and never executed."""
+
+    def __init__(self, class_name: str, state: dict, version=None):
+        self.class_name = class_name
+        self.state = state
+        self.version = version
+
+    def __repr__(self):
+        return f'PersistentRecord({self.class_name!r})'
+
+
+class OpaqueObject:
+    """Inert stand-in for any other global: records its name, call arguments and state."""
+    qualname = '?'
+
+    def __init__(self, *args, **kwargs):
+        self.args, self.kwargs = args, kwargs
+
+    def __setstate__(self, state):
+        self.state = state
+
+    def __repr__(self):
+        return f'OpaqueObject({self.qualname})'
+
+
+def _opaque_class(module: str, name: str):
+    return type(f'Opaque_{name}', (OpaqueObject,), {'qualname': f'{module}.{name}'})
+
+
+def _reconstruct_persistent(meta):
+    if not isinstance(meta, dict) or 'class_name' not in meta:
+        raise ValueError('malformed torch_utils.persistence record')
+    state = meta.get('state')
+    return PersistentRecord(str(meta['class_name']), dict(state) if isinstance(state, dict) else {}, meta.get('version'))
+
+
+def _load_storage_from_bytes(b):
+    return torch.load(io.BytesIO(b), map_location='cpu', weights_only=True)
+
+
+def _safe_reconstructor(cls, base, state):
+    if isinstance(cls, type) and issubclass(cls, OpaqueObject):
+        obj = cls()
+        if state is not None:
+            obj.state = state
+        return obj
+    raise pickle.UnpicklingError(f'copyreg._reconstructor for {cls!r} is not allowed')
+
+
+def _safe_rebuild_from_type_v2(func, new_type, args, state):
+    if func not in (torch._utils._rebuild_tensor_v2,) or new_type not in (torch.Tensor, torch.nn.Parameter):
+        raise pickle.UnpicklingError('tensor rebuild with a disallowed function or type')
+    t = func(*args)
+    return torch.nn.Parameter(t, requires_grad=False) if new_type is torch.nn.Parameter else t
+
+
+class _EasyDict(dict):
+    pass
+
+
+_ALLOWED = {
+    ('torch_utils.persistence', '_reconstruct_persistent_obj'): _reconstruct_persistent,
+    ('dnnlib.util', 'EasyDict'): _EasyDict,
+    ('dnnlib', 'EasyDict'): _EasyDict,
+    ('collections', 'OrderedDict'): collections.OrderedDict,
+    ('collections', 'defaultdict'): collections.defaultdict,
+    ('torch._utils', '_rebuild_tensor_v2'): torch._utils._rebuild_tensor_v2,
+    ('torch._utils', '_rebuild_parameter'): torch._utils._rebuild_parameter,
+    ('torch._utils', '_rebuild_parameter_with_state'): torch._utils._rebuild_parameter_with_state,
+    ('torch._tensor', '_rebuild_from_type_v2'): _safe_rebuild_from_type_v2,
+    ('torch.storage', '_load_from_bytes'): _load_storage_from_bytes,
+    ('torch', 'Size'): torch.Size,
+    ('torch', 'Tensor'): torch.Tensor,
+    ('torch.nn.parameter', 'Parameter'): torch.nn.Parameter,
+    ('copyreg', '_reconstructor'): _safe_reconstructor,
+    ('builtins', 'set'): set, ('builtins', 'frozenset'): frozenset, ('builtins', 'slice'): slice,
+    ('builtins', 'complex'): complex, ('builtins', 'object'): object,
+}
+
+
+class RestrictedUnpickler(pickle.Unpickler):
+    """Allows tensors, containers and persistence records; everything else is inert."""
+
+    def find_class(self, module, name):
+        # Python 2 names (torch.save writes protocol 2): __builtin__ -> builtins, copy_reg -> copyreg
+        if (module, name) in _compat_pickle.NAME_MAPPING:
+            module, name = _compat_pickle.NAME_MAPPING[(module, name)]
+        module = _compat_pickle.IMPORT_MAPPING.get(module, module)
+        fn = _ALLOWED.get((module, name))
+        if fn is not None:
+            return fn
+        if module == 'torch' and isinstance(getattr(torch, name, None), torch.dtype):
+            return getattr(torch, name)
+        if module == 'torch' and name.endswith('Storage') and hasattr(torch, name):
+            return getattr(torch, name)  # storage type tags (torch.load path)
+        return _opaque_class(module, name)
+
+
+class _RestrictedPickleModule:
+    """A ``pickle_module`` for ``torch.load`` that unpickles through RestrictedUnpickler."""
+    Unpickler = RestrictedUnpickler
+    UnpicklingError = pickle.UnpicklingError
+
+    @staticmethod
+    def load(f, **kwargs):
+        return RestrictedUnpickler(f, **kwargs).load()
+
+
+def _read_published(path: str, kind: str):
+    try:
+        if kind == 'zip':
+            return torch.load(path, map_location='cpu', weights_only=False, pickle_module=_RestrictedPickleModule)
+        with open(path, 'rb') as f:
+            return RestrictedUnpickler(f).load()
+    except (pickle.UnpicklingError, EOFError, zipfile.BadZipFile, RuntimeError, ValueError,
+            AttributeError, IndexError, KeyError, TypeError, struct.error) as e:
+        raise ValueError(f'{path}: cannot read the pickle (truncated, corrupt or not a published '
+                         f'EDM/PFGM++ checkpoint): {type(e).__name__}: {e}') from None
+
+
+def _collect_state(obj, prefix, out: dict) -> None:
+    state = obj.state if isinstance(obj, (PersistentRecord, OpaqueObject)) else None
+    if not isinstance(state, dict):
+        raise ValueError(f'unexpected object at {prefix or "<root>"}: {obj!r}')
+    for name, p in (state.get('_parameters') or {}).items():
+        if p is not None:
+            out[prefix + name] = p.detach()
+    non_persistent = state.get('_non_persistent_buffers_set') or set()
+    for name, b in (state.get('_buffers') or {}).items():
+        if b is not None and name not in non_persistent:
+            out[prefix + name] = b.detach()
+    for name, m in (state.get('_modules') or {}).items():
+        if m is not None:
+            _collect_state(m, prefix + name + '.', out)
+
+
+_IGNORED_PUBLISHED_KWARGS = {'pfgm': False, 'small': False}
+
+
+def _published_config(path: str, rec: PersistentRecord, D) -> dict:
+    if rec.class_name != 'EDMPrecond':
+        raise ValueError(f'{path}: network class {rec.class_name!r} is not supported (only EDMPrecond; '
+                         f'VP/VE/iDDPM preconditionings are different models)')
+    init_args = rec.state.get('_init_args') or ()
+    kwargs = rec.state.get('_init_kwargs')
+    if init_args or not isinstance(kwargs, dict):
+        raise ValueError(f'{path}: the pickle does not record the EDMPrecond constructor keyword arguments')
+    kwargs = dict(kwargs)
+    for key, neutral in _IGNORED_PUBLISHED_KWARGS.items():
+        if key in kwargs:
+            value = kwargs.pop(key)
+            if bool(value) != neutral:
+                raise ValueError(f'{path}: published option {key}={value!r} (a different model head / preconditioning) '
+                                 f'is not supported')
+    kwargs.pop('class_name', None)
+    kwargs = {k: (list(v) if isinstance(v, tuple) else v) for k, v in kwargs.items()}
+    kwargs['D'] = float('inf') if D is None else D
+    return kwargs
+
+
+def _find_D(snapshot) -> float | None:
+    loss = snapshot.get('loss_fn') if isinstance(snapshot, dict) else None
+    if isinstance(loss, PersistentRecord):
+        for src in (loss.state.get('_init_kwargs') or {}, loss.state):
+            if isinstance(src, dict) and src.get('pfgmpp', True) and isinstance(src.get('D'), (int, float)) \
+                    and not isinstance(src.get('D'), bool):
+                return src['D']
+    return None
+
+
+def _import_published(path: str, kind: str, device, D) -> EDMPrecond:
+    snapshot = _read_published(path, kind)
+    if not isinstance(snapshot, dict):
+        raise ValueError(f'{path}: expected a dict with an "ema" (network snapshot) or "net" (training state) '
+                         f'entry, got {type(snapshot).__name__}')
+    rec = snapshot.get('ema', snapshot.get('net'))
+    if not isinstance(rec, PersistentRecord):
+        raise ValueError(f'{path}: no published network ("ema" or "net" entry of the persistence format) found; '
+                         f'keys: {sorted(map(str, snapshot))}')
+    if D is None:
+        D = _find_D(snapshot)
+    config = _published_config(path, rec, D)
+    try:
+        net = network_from_config(config)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f'{path}: cannot build a network from the published arguments {config}: {e}') from None
+    state = {}
+    _collect_state(rec, '', state)
+    _load_weights_strict(path, net, state)
+    return net.to(device)
