@@ -38,6 +38,7 @@ import os
 import re
 import sys
 import time
+import warnings
 from typing import Callable, Dict, Iterable, List, Optional, Sequence
 
 import numpy as np
@@ -140,7 +141,12 @@ def frechet_distance(mu1, sigma1, mu2, sigma2) -> float:
         if value.shape != shape:
             raise ValueError(f"{name} has shape {value.shape}, expected {shape} (mu [d], sigma [d, d] of one d)")
     m = np.square(mu1 - mu2).sum()
-    s, _ = scipy.linalg.sqrtm(sigma1 @ sigma2, disp=False)
+    with warnings.catch_warnings():      # `disp` (the published call) is deprecated in SciPy >= 1.17
+        warnings.simplefilter("ignore", DeprecationWarning)
+        try:
+            s, _ = scipy.linalg.sqrtm(sigma1 @ sigma2, disp=False)
+        except TypeError:                  # SciPy >= 1.18: no `disp`, same result
+            s = scipy.linalg.sqrtm(sigma1 @ sigma2)
     return float(np.real(m + np.trace(sigma1 + sigma2 - 2 * s)))
 
 
@@ -337,9 +343,11 @@ class images_source(Source):
             raise TypeError("images must be uint8 [N, C, H, W]")
         self.ids = np.arange(self.images.shape[0], dtype=np.int64)
         self.device = torch.device(device)
+        # content, not only the name, identifies the images (shards of other data never mix)
+        self.sha256 = hashlib.sha256(self.images.cpu().contiguous().numpy().tobytes()).hexdigest()
 
     def describe(self) -> dict:
-        return {"source": "images", "spec": self.spec, "count": int(self.images.shape[0])}
+        return {"source": "images", "spec": self.spec, "count": int(self.images.shape[0]), "sha256": self.sha256}
 
     def batches(self, ids, batch_size):
         for start in range(0, len(ids), batch_size):

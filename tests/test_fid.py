@@ -1,0 +1,313 @@
+"""FID (pfgmpp_fast/fid.py): statistics, Fréchet distance, resume, sweeps, Inception loading, errors."""
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+import scipy.linalg
+import torch
+
+from pfgmpp_fast import fid as F
+from pfgmpp_fast import reference as R
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def digits_cache(tmp_path_factory):
+    return str(tmp_path_factory.mktemp("digits") / "digits-features.safetensors")
+
+
+@pytest.fixture(scope="module")
+def digits(digits_cache):
+    return F.get_feature_extractor("digits", digits_cache=digits_cache)
+
+
+class DenoiserNet(torch.nn.Module):
+    def __init__(self, data, D):
+        super().__init__()
+        self.den = R.optimal_denoiser(data, D)
+        self.D, self.img_channels, self.img_resolution, self.label_dim = D, 1, data.shape[-1], 0
+
+    def forward(self, x, sigma, class_labels=None):
+        return self.den(x, sigma)
+
+
+def digits_net(D=8.0, n=64):
+    from pfgmpp_fast.digits_features import digits_uint8
+    u, _ = digits_uint8()
+    return DenoiserNet(u[:n].float() / 127.5 - 1, D)
+
+
+def tiny_net(seed=0):
+    from pfgmpp_fast.networks import build_network
+    torch.manual_seed(seed)
+    return build_network("ddpmpp", resolution=8, channels=1, D=8, model_channels=8, channel_mult=[1],
+                         num_blocks=1, attn_resolutions=[], dropout=0.0).eval()
+
+
+# ----------------------------------------------------------------------------------------
+# Fréchet distance and statistics
+
+def test_frechet_matches_independent_float64():
+    rng = np.random.default_rng(0)
+    a = rng.standard_normal((300, 12)) @ rng.standard_normal((12, 12))
+    b = rng.standard_normal((250, 12)) * 1.5 + 0.3
+    mu1, s1 = a.mean(0), np.cov(a, rowvar=False)
+    mu2, s2 = b.mean(0), np.cov(b, rowvar=False)
+    root = scipy.linalg.sqrtm(s1 @ s2)
+    expected = float(np.sum((mu1 - mu2) ** 2) + np.trace(s1) + np.trace(s2) - 2 * np.trace(root).real)
+    got = F.frechet_distance(mu1, s1, mu2, s2)
+    assert abs(got - expected) <= 1e-6 * abs(expected)
+    # analytic: diagonal covariances give Σ (√a − √b)²
+    d1, d2 = rng.uniform(0.5, 2, 12), rng.uniform(0.5, 2, 12)
+    analytic = np.sum((mu1 - mu2) ** 2) + np.sum((np.sqrt(d1) - np.sqrt(d2)) ** 2)
+    assert abs(F.frechet_distance(mu1, np.diag(d1), mu2, np.diag(d2)) - analytic) <= 1e-9 * analytic
+    assert abs(F.frechet_distance(mu1, s1, mu1, s1)) < 1e-6
+    with pytest.raises(ValueError, match="sigma2 has shape"):
+        F.frechet_distance(mu1, s1, mu2, s2[:5, :5])
+
+
+def test_streaming_statistics_equal_whole_batch():
+    g = torch.Generator().manual_seed(3)
+    feats = torch.randn(301, 9, generator=g, dtype=torch.float64) * 3 + 1
+    whole = feats.numpy()
+    shard_a, shard_b = F.FeatureStats(9), F.FeatureStats(9)
+    for start in range(0, 150, 7):
+        shard_a.update(feats[start:min(start + 7, 150)])
+    for start in range(150, 301, 11):
+        shard_b.update(feats[start:start + 11])
+    # round trip of one shard through its arrays (as in shard files)
+    shard_b = F.FeatureStats.from_arrays(**{"n": shard_b.to_arrays()["n"], "s": shard_b.to_arrays()["sum"],
+                                            "so": shard_b.to_arrays()["sum_outer"]})
+    total = F.FeatureStats(9).merge(shard_a).merge(shard_b)
+    assert total.count == 301
+    mu, sigma = total.mean_cov()
+    np.testing.assert_allclose(mu, whole.mean(0), rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(sigma, np.cov(whole, rowvar=False), rtol=1e-10, atol=1e-10)
+    with pytest.raises(ValueError, match="NaN"):
+        F.FeatureStats(9).update(torch.full((2, 9), float("nan")))
+    with pytest.raises(ValueError, match=r"features must be \[B, 9\]"):
+        F.FeatureStats(9).update(torch.zeros(2, 8))
+
+
+def test_sharded_stats_equal_unsharded_and_resume_skips(tmp_path, digits):
+    from pfgmpp_fast.digits_features import digits_uint8
+    images = digits_uint8()[0][:97]
+    src = F.images_source(images)
+    whole = F.calc_stats(src, digits, batch_size=97)
+    sharded = F.calc_stats(src, digits, batch_size=8, outdir=str(tmp_path), shard_size=30)
+    assert sorted(os.listdir(tmp_path)) == ["stats-0-29.npz", "stats-30-59.npz", "stats-60-89.npz", "stats-90-96.npz"]
+    for a, b in zip(whole.mean_cov(), sharded.mean_cov()):   # float32 features: batch size moves the last bits
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+    log = []
+    again = F.calc_stats(src, digits, batch_size=8, outdir=str(tmp_path), shard_size=30, log=log.append)
+    assert all("resumed" in line for line in log) and len(log) == 4
+    assert torch.equal(again.sum_outer, sharded.sum_outer)
+    with pytest.raises(ValueError, match="another run"):          # other shard boundaries
+        F.calc_stats(src, digits, batch_size=8, outdir=str(tmp_path), shard_size=20)
+    with pytest.raises(ValueError, match="another configuration"):
+        F.calc_stats(F.images_source(images.flip(0)), digits, outdir=str(tmp_path), shard_size=30)
+
+
+KILL_SCRIPT = textwrap.dedent("""
+    import sys, torch
+    sys.path.insert(0, {root!r})
+    sys.path.insert(0, {tests!r})
+    from test_fid import digits_net
+    from pfgmpp_fast import fid as F
+    ex = F.get_feature_extractor("digits", digits_cache={cache!r})
+    src = F.generator_source(digits_net(), "0-39", num_steps=4, backend="reference")
+    F.calc_stats(src, ex, batch_size=6, outdir={outdir!r}, shard_size=10)
+    print("done")
+""")
+
+
+def test_kill_and_rerun_gives_the_same_statistics(tmp_path, digits, digits_cache):
+    outdir = str(tmp_path / "resume")
+    script = tmp_path / "child.py"
+    script.write_text(KILL_SCRIPT.format(root=ROOT, tests=os.path.join(ROOT, "tests"), cache=digits_cache,
+                                         outdir=outdir))
+    env = dict(os.environ, PFGMPP_FAST_KILL_DURING_WRITE="stats-20-29")   # SIGKILL mid-write of shard 3
+    first = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=300)
+    assert first.returncode == -signal.SIGKILL, first.stderr
+    done = sorted(f for f in os.listdir(outdir) if f.startswith("stats-"))
+    assert done == ["stats-0-9.npz", "stats-10-19.npz"]
+    mtimes = {f: os.stat(os.path.join(outdir, f)).st_mtime_ns for f in done}
+    env.pop("PFGMPP_FAST_KILL_DURING_WRITE")
+    second = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=300)
+    assert second.returncode == 0 and "done" in second.stdout, second.stderr
+    assert {f: os.stat(os.path.join(outdir, f)).st_mtime_ns for f in done} == mtimes   # not recomputed
+    resumed = F.calc_stats(F.generator_source(digits_net(), "0-39", num_steps=4, backend="reference"),
+                           digits, batch_size=6, outdir=outdir, shard_size=10)
+    fresh = F.calc_stats(F.generator_source(digits_net(), "0-39", num_steps=4, backend="reference"),
+                         digits, batch_size=40)
+    assert resumed.count == 40
+    for a, b in zip(resumed.mean_cov(), fresh.mean_cov()):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+
+
+# ----------------------------------------------------------------------------------------
+# Reference files and clear errors
+
+def test_reference_stats_roundtrip_and_wrong_files(tmp_path, digits):
+    mu, sigma = F.reference_stats("digits", digits, batch_size=500)
+    path = str(tmp_path / "ref.npz")
+    F.save_stats(path, mu, sigma)
+    with np.load(path) as f:
+        assert sorted(f.files) == ["mu", "sigma"] and f["mu"].shape == (64,)
+    mu2, sigma2 = F.load_stats(path, dim=64)
+    assert np.array_equal(mu, mu2) and np.array_equal(sigma, sigma2)
+    with pytest.raises(ValueError, match="2048-d features"):
+        F.load_stats(path, dim=2048)
+    np.savez(tmp_path / "keys.npz", mean=mu, cov=sigma)
+    with pytest.raises(ValueError, match="expected arrays 'mu' and 'sigma'"):
+        F.load_stats(str(tmp_path / "keys.npz"))
+    np.save(tmp_path / "plain.npy", mu)
+    with pytest.raises(ValueError, match="plain array"):
+        F.load_stats(str(tmp_path / "plain.npy"))
+    (tmp_path / "junk.npz").write_bytes(b"not a zip")
+    with pytest.raises(ValueError, match="not a reference-statistics"):
+        F.load_stats(str(tmp_path / "junk.npz"))
+    np.savez(tmp_path / "shape.npz", mu=mu, sigma=sigma[:3])
+    with pytest.raises(ValueError, match=r"sigma \[d, d\]"):
+        F.load_stats(str(tmp_path / "shape.npz"))
+    with pytest.raises(FileNotFoundError):
+        F.load_stats(str(tmp_path / "missing.npz"))
+
+
+def test_fewer_images_than_requested(tmp_path, digits, digits_cache, capsys):
+    from pfgmpp_fast import cli
+    from pfgmpp_fast.digits_features import digits_uint8
+    with pytest.raises(ValueError, match="fewer images than requested: 20 .* only 10"):
+        F.calc_stats(F.images_source(digits_uint8()[0][:10]), digits, num=20)
+    np.savez(tmp_path / "imgs.npz", images=digits_uint8()[0][:10].permute(0, 2, 3, 1).numpy())
+    rc = cli.main(["fid", "calc", "--images", str(tmp_path / "imgs.npz"), "--num", "20", "--features", "digits",
+                   "--digits-cache", digits_cache])
+    assert rc == 2 and "fewer images than requested" in capsys.readouterr().err
+    rc = cli.main(["fid", "calc", "--images", str(tmp_path / "imgs.npz"), "--num", "10", "--features", "digits",
+                   "--digits-cache", digits_cache, "--outdir", str(tmp_path / "o")])
+    assert rc == 0 and (tmp_path / "o" / "stats.npz").exists()
+
+
+def test_cli_ref_and_calc_with_reference(tmp_path, digits_cache, capsys):
+    from pfgmpp_fast import cli
+    ref = str(tmp_path / "digits-ref.npz")
+    assert cli.main(["fid", "ref", "--data", "digits", "--dest", ref, "--features", "digits",
+                     "--digits-cache", digits_cache]) == 0
+    np.savez(tmp_path / "imgs.npz", images=(np.arange(5).reshape(5, 1, 1, 1) * 40 + np.zeros((5, 8, 8, 1))).astype(np.uint8))
+    assert cli.main(["fid", "calc", "--images", str(tmp_path / "imgs.npz"), "--num", "5", "--features", "digits",
+                     "--digits-cache", digits_cache, "--ref", ref]) == 0
+    assert '"FDD"' in capsys.readouterr().out
+    bad = tmp_path / "bad.npz"
+    np.savez(bad, mu=np.zeros(2048), sigma=np.eye(2048, dtype=np.float32)[:2048])
+    assert cli.main(["fid", "calc", "--images", str(tmp_path / "imgs.npz"), "--num", "5", "--features", "digits",
+                     "--digits-cache", digits_cache, "--ref", str(bad)]) == 2
+    assert "2048-d statistics" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------------------
+# Inception weights: local file through torch-fidelity's loader, SHA-256 check both ways
+
+def test_inception_weights_local_file_and_sha256_refusal(tmp_path, monkeypatch):
+    path = str(tmp_path / "inception-test.pth")
+    digest = F.make_random_inception_weights(path, seed=0)
+    assert len(digest) == 64 and digest != F.INCEPTION_SHA256
+    real_load = torch.load
+    loads = []
+    monkeypatch.setattr(torch, "load", lambda *a, **k: loads.append(a) or real_load(*a, **k))
+    with pytest.raises(ValueError, match="refusing to load Inception weights"):
+        F.get_feature_extractor("inception", inception_weights=path)
+    assert loads == []                                   # refused before anything was unpickled
+    with pytest.raises(ValueError, match="refusing"):
+        F.InceptionFeatures(path, sha256="0" * 64)
+    ex = F.get_feature_extractor("inception", inception_weights=path, inception_sha256=digest)
+    assert len(loads) == 1 and ex.dim == 2048 and ex.sha256 == digest
+    sd = real_load(path, weights_only=True)
+    assert torch.equal(ex.net.Conv2d_1a_3x3.conv.weight, sd["Conv2d_1a_3x3.conv.weight"])
+    g = torch.Generator().manual_seed(0)
+    rgb = torch.randint(0, 256, (2, 3, 16, 16), generator=g, dtype=torch.uint8)
+    feats = ex(rgb)
+    assert feats.shape == (2, 2048) and feats.dtype == torch.float64 and torch.isfinite(feats).all()
+    grey = ex(rgb[:, :1])
+    assert torch.allclose(grey, ex(rgb[:, :1].repeat(1, 3, 1, 1)))
+    with pytest.raises(ValueError, match="64 hex digits"):
+        F.InceptionFeatures(path, sha256="abc")
+    with pytest.raises(FileNotFoundError):
+        F.InceptionFeatures(str(tmp_path / "nope.pth"))
+
+
+# ----------------------------------------------------------------------------------------
+# Sweeps: each kind writes the documented files
+
+def _check_sweep_files(outdir, kind, rows, metric="FDD"):
+    for ext in ("csv", "md", "png"):
+        assert os.path.getsize(os.path.join(outdir, f"sweep-{kind}.{ext}")) > 0
+    csv = open(os.path.join(outdir, f"sweep-{kind}.csv")).read().splitlines()
+    assert csv[0].split(",")[:2] == ["kind", "value"] and metric in csv[0] and len(csv) == len(rows) + 1
+    md = open(os.path.join(outdir, f"sweep-{kind}.md")).read()
+    best = min(rows, key=lambda r: r[metric])
+    assert f"Best: {kind} = {best['value']}" in md
+    with open(os.path.join(outdir, f"sweep-{kind}.png"), "rb") as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+    assert all(np.isfinite(r[metric]) for r in rows)
+
+
+@pytest.fixture(scope="module")
+def digits_ref(digits):
+    return F.reference_stats("digits", digits, batch_size=500)
+
+
+def test_sweep_steps_and_alpha(tmp_path, digits, digits_ref):
+    net = digits_net()
+    rows = F.sweep("steps", [2, 5], net=net, ref=digits_ref, extractor=digits, seeds="0-23",
+                   outdir=str(tmp_path), batch_size=24, shard_size=12, backend="reference", log=lambda s: None)
+    assert [r["nfe"] for r in rows] == [3, 9] and [r["images"] for r in rows] == [24, 24]
+    _check_sweep_files(str(tmp_path), "steps", rows)
+    assert sorted(os.listdir(tmp_path / "steps-2")) == ["stats-0-11.npz", "stats-12-23.npz"]
+    rows = F.sweep("alpha", [0.0, 1.0], net=net, ref=digits_ref, extractor=digits, seeds="0-23",
+                   outdir=str(tmp_path), batch_size=24, num_steps=4, backend="reference", log=lambda s: None)
+    _check_sweep_files(str(tmp_path), "alpha", rows)
+    assert rows[0]["FDD"] != rows[1]["FDD"]
+
+
+def test_sweep_bits_restores_weights(tmp_path, digits, digits_ref):
+    net = tiny_net()
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    rows = F.sweep("bits", [2, 8, 32], net=net, ref=digits_ref, extractor=digits, seeds="0-15",
+                   outdir=str(tmp_path), batch_size=16, num_steps=2, log=lambda s: None)
+    _check_sweep_files(str(tmp_path), "bits", rows)
+    assert rows[0]["FDD"] != rows[2]["FDD"]
+    for k, v in net.state_dict().items():
+        assert torch.equal(v, before[k])
+    # 32 bits reproduces the unquantised network exactly
+    plain = F.calc_stats(F.generator_source(net, "0-15", num_steps=2), digits, batch_size=16)
+    unq = F.frechet_distance(*plain.mean_cov(), *digits_ref)
+    assert abs(unq - rows[2]["FDD"]) < 1e-9
+
+
+def test_sweep_checkpoints(tmp_path, digits, digits_ref):
+    from safetensors.torch import load_file, save_file
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    for kimg, seed in ((0, 1), (200, 2), (100, 3)):
+        sd = {k: v.contiguous() for k, v in tiny_net(seed).state_dict().items()}
+        save_file(sd, str(run_dir / f"network-snapshot-{kimg:06d}.safetensors"))
+    (run_dir / "training-state-000100.pt").write_bytes(b"")          # not a network snapshot
+
+    def load(path):
+        net = tiny_net(0)
+        net.load_state_dict(load_file(path))
+        return net
+
+    assert [k for k, _ in F.find_checkpoints(str(run_dir))] == [0, 100, 200]
+    rows = F.sweep("checkpoints", None, run_dir=str(run_dir), ref=digits_ref, extractor=digits, seeds="0-11",
+                   outdir=str(tmp_path / "out"), batch_size=12, num_steps=2, load_network=load, log=lambda s: None)
+    assert [r["value"] for r in rows] == [0, 100, 200]
+    assert len({r["FDD"] for r in rows}) == 3
+    _check_sweep_files(str(tmp_path / "out"), "checkpoints", rows)
+    with pytest.raises(ValueError, match="no network snapshots"):
+        F.find_checkpoints(str(tmp_path / "out"))
