@@ -105,6 +105,8 @@ def sample(net, latents: torch.Tensor, D, key, seeds, num_steps: int = 18, sigma
         return (t_hat, a_s, c_s, i), adapter.coeffs(t_hat)[2]
 
     x = latents.to(dtype).contiguous()
+    if B == 0:  # nothing to sample; do not call the network with an empty batch
+        return x.clone()
     nz, c_in0 = noise_of(0)
     x_hat, _, net_in = update(x, None, None, 0.0, 0.0, 0.0, nan, nz, c_in0)
     steps = range(num_steps)

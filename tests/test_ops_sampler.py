@@ -1,0 +1,218 @@
+"""Fused sampler update (op level) and the fused sample() vs reference.sample."""
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import math
+
+import pytest
+from torch import nn
+
+from pfgmpp_fast import ops
+from pfgmpp_fast import reference as R
+from pfgmpp_fast.sampler import sample
+
+BACKENDS = [
+    pytest.param("triton", id="triton"),
+    pytest.param("cpu", id="cpu", marks=pytest.mark.skipif(not ops.has_extension(), reason="pfgmpp_fast._C not built")),
+    pytest.param("cuda", id="cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(not ops.has_cuda_kernels(), reason="no CUDA kernels")]),
+]
+NAN = float("nan")
+
+
+def device_for(backend):
+    if backend == "cuda" or (backend == "triton" and torch.cuda.is_available()):
+        return torch.device("cuda")
+    return torch.device("cpu")
+
+
+@pytest.fixture(autouse=True)
+def poison_uninitialized_memory():
+    prev = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.utils.deterministic.fill_uninitialized_memory = True
+    yield
+    torch.use_deterministic_algorithms(prev)
+
+
+def rel_err(out, ref):
+    out, ref = out.detach().double().cpu(), ref.detach().double().cpu()
+    if ref.numel() == 0:
+        return 0.0
+    return ((out - ref).norm() / ref.norm().clamp_min(1e-30)).item()
+
+
+# (has F, F dtype, F layout, has base, h2, alpha, churn, c_in_next, net dtype, channels-last net input)
+CASES = {
+    "prepare_noise_only": (False, None, None, False, NAN, 0.3, 0.7, 0.2, torch.float32, False),
+    "stage1_heun": (True, torch.bfloat16, "channels_last", False, 0.25, 0.0, 0.0, 0.9, torch.bfloat16, True),
+    "stage2_heun_next_noise": (True, torch.float32, "strided", True, NAN, 0.1, 0.05, 0.4, torch.float16, False),
+    "euler_last_step": (True, torch.float16, "contiguous", False, NAN, 0.0, 0.0, NAN, torch.float32, False),
+    "euler_churn_only": (True, torch.float32, "channels_last", False, NAN, 0.0, 1.3, 0.6, torch.float32, True),
+    "everything": (True, torch.float32, "contiguous", True, 0.3, 0.2, 0.4, 0.5, torch.bfloat16, True),
+}
+
+
+def make_F(B, layout, dtype, device, gen):
+    if layout == "strided":
+        F = torch.randn(B, 3, 7, 11, generator=gen)[..., 1::2].transpose(2, 3)
+    else:
+        F = torch.randn(B, 3, 5, 7, generator=gen)
+        if layout == "channels_last":
+            F = F.contiguous(memory_format=torch.channels_last)
+    return F.to(device, dtype)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("B", [0, 1, 7])
+@pytest.mark.parametrize("state_dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("case", list(CASES))
+def test_sampler_update_matches_reference(backend, B, state_dtype, case):
+    has_F, F_dtype, F_layout, has_base, h2, alpha, churn, c_in_next, net_dtype, cl = CASES[case]
+    dev = device_for(backend)
+    gen = torch.Generator().manual_seed(hash((B, case, str(state_dtype))) % 2**31)
+    x = torch.randn(B, 3, 5, 7, generator=gen, dtype=torch.float64).to(dev, state_dtype)
+    F = make_F(B, F_layout, F_dtype, dev, gen) if has_F else None
+    base = torch.randn(B, 3, 5, 7, generator=gen, dtype=torch.float64).to(dev, state_dtype) if has_base else None
+    ids = torch.randint(0, 2**62, (B,), generator=gen).to(dev)
+    A, Bf, h1 = 0.37, -1.9, -0.61
+    args = (A, Bf, h1, h2, ids, 2**50 + 3, alpha, R.stream_alpha(4), churn, R.stream_churn(4),
+            c_in_next, net_dtype, cl)
+    y1, y2, net_in = ops.sampler_update(x, F, base, *args, backend=backend)
+    cpu = lambda t: None if t is None else t.cpu()  # noqa: E731
+    r1, r2, rn = R.ref_sampler_update(x.cpu(), cpu(F), cpu(base), A, Bf, h1, h2, ids.cpu(), *args[5:])
+    tol = 1e-5
+    assert y1.dtype == state_dtype and y1.shape == x.shape and y1.is_contiguous()
+    assert torch.isfinite(y1).all() and rel_err(y1, r1) < tol
+    assert y2.shape == r2.shape and y2.dtype == state_dtype
+    if not math.isnan(h2):
+        assert torch.isfinite(y2).all() and rel_err(y2, r2) < tol
+    assert net_in.shape == rn.shape and net_in.dtype == net_dtype
+    if not math.isnan(c_in_next):
+        assert net_in.stride() == rn.stride()
+        assert torch.isfinite(net_in).all()
+        assert rel_err(net_in, rn) < (1e-2 if net_dtype in (torch.bfloat16, torch.float16) else 1e-5)
+
+
+class TinyPrecond(nn.Module):
+    """EDMPrecond-like stand-in that is exactly the optimal denoiser: raw() returns
+    F = (D*(x) − c_skip·x)/c_out, recovering x from x_in = c_in·x and σ from c_noise."""
+
+    def __init__(self, data, D, sigma_data=0.5):
+        super().__init__()
+        self.sigma_data = sigma_data
+        self.denoiser = R.optimal_denoiser(data, D)
+
+    def raw(self, x_in, c_noise, class_labels=None, augment_labels=None):
+        sigma = torch.exp(4 * c_noise.to(torch.float64)).view(-1, 1, 1, 1)
+        c_skip, c_out, c_in, _ = R.precond(sigma, self.sigma_data)
+        x = x_in.to(torch.float64) / c_in
+        return ((self.denoiser(x, sigma.view(-1)) - c_skip * x) / c_out).to(torch.float32)
+
+    def forward(self, x, sigma, class_labels=None):
+        return self.denoiser(x, sigma, class_labels)
+
+
+def _data():
+    return torch.randn(5, 2, 3, 3, generator=torch.Generator().manual_seed(3))
+
+
+def _lands_on_data(x, data, tol):
+    d = torch.cdist(x.double().reshape(x.shape[0], -1).cpu(), data.double().reshape(data.shape[0], -1))
+    return d.min(dim=1).values.max().item() < tol
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("D", [1.0, 2.0, 128.0, 2048.0, 3072000.0, math.inf])
+def test_sample_with_exact_denoiser_matches_reference(backend, D):
+    dev = device_for(backend)
+    data = _data()
+    seeds = torch.tensor([0, 1, 2, 2**40])
+    latents = R.prior((4, 2, 3, 3), D, 80.0, 5, seeds, dtype=torch.float32)
+    den = R.optimal_denoiser(data.to(dev), D)
+    x = sample(den, latents.to(dev), D, 5, seeds.to(dev), num_steps=10, backend=backend)
+    ref = R.sample(R.optimal_denoiser(data, D), latents, D, 5, seeds, num_steps=10, dtype=torch.float32)
+    assert x.dtype == torch.float32 and x.shape == latents.shape
+    assert rel_err(x, ref) < 1e-4
+    assert _lands_on_data(ref, data, 1e-3) and _lands_on_data(x, data, 1e-3)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("kwargs", [
+    dict(S_churn=20.0, S_min=0.01, S_max=50.0, alpha=0.05),
+    dict(solver="euler", num_steps=12),
+    dict(dtype=torch.float64),
+], ids=["churn_alpha", "euler", "float64"])
+def test_sample_variants_match_reference(backend, kwargs):
+    dev = device_for(backend)
+    data, D = _data(), 128.0
+    seeds = torch.arange(3)
+    dtype = kwargs.get("dtype", torch.float32)
+    latents = R.prior((3, 2, 3, 3), D, 80.0, 1, seeds, dtype=dtype)
+    kw = dict(num_steps=8, **kwargs) if "num_steps" not in kwargs else kwargs
+    x = sample(R.optimal_denoiser(data.to(dev), D), latents.to(dev), D, 1, seeds.to(dev), backend=backend, **kw)
+    kw.setdefault("dtype", torch.float32)
+    ref = R.sample(R.optimal_denoiser(data, D), latents, D, 1, seeds, **kw)
+    assert x.dtype == dtype
+    assert rel_err(x, ref) < (1e-10 if dtype == torch.float64 else 1e-4)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_sample_precond_net_uses_fused_raw_path(backend):
+    """An EDMPrecond-like net goes through .raw with fused c_skip / c_out / c_in."""
+    dev = device_for(backend)
+    data, D = _data(), 2048.0
+    net = TinyPrecond(data.to(dev), D)
+    seeds = torch.arange(3)
+    latents = R.prior((3, 2, 3, 3), D, 80.0, 2, seeds, dtype=torch.float32)
+    x = sample(net, latents.to(dev), D, 2, seeds.to(dev), num_steps=10, backend=backend)
+    ref = R.sample(R.optimal_denoiser(data, D), latents, D, 2, seeds, num_steps=10, dtype=torch.float32)
+    assert rel_err(x, ref) < 1e-4
+    x16 = sample(net, latents.to(dev), D, 2, seeds.to(dev), num_steps=10, net_dtype=torch.bfloat16,
+                 channels_last=True, backend=backend)
+    assert torch.isfinite(x16).all() and rel_err(x16, ref) < 5e-2
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_sample_empty_batch(backend):
+    dev = device_for(backend)
+    den = R.optimal_denoiser(_data().to(dev), 128.0)
+    x = sample(den, torch.zeros(0, 2, 3, 3, device=dev), 128.0, 1, torch.zeros(0, dtype=torch.int64, device=dev),
+               num_steps=3, backend=backend)
+    assert x.shape == (0, 2, 3, 3)
+
+
+def test_sample_validation():
+    den = R.optimal_denoiser(_data(), 128.0)
+    lat = torch.randn(2, 2, 3, 3)
+    ids = torch.arange(2)
+    with pytest.raises(ValueError, match="solver"):
+        sample(den, lat, 128, 1, ids, solver="rk4", backend="triton")
+    with pytest.raises(ValueError, match="S_churn"):
+        sample(den, lat, 128, 1, ids, S_churn=-1, backend="triton")
+    with pytest.raises(ValueError, match="num_steps"):
+        sample(den, lat, 128, 1, ids, num_steps=0, backend="triton")
+    with pytest.raises(TypeError, match="dtype"):
+        sample(den, lat, 128, 1, ids, dtype=torch.float16, backend="triton")
+    with pytest.raises(ValueError, match="batch size"):
+        sample(den, lat, 128, 1, torch.arange(3), backend="triton")
+    with pytest.raises(ValueError, match="backend"):
+        sample(den, lat, 128, 1, ids, backend="fastest")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not ops.has_cuda_kernels(), reason="no CUDA kernels")
+def test_sampler_triton_and_cuda_agree():
+    dev = torch.device("cuda")
+    gen = torch.Generator().manual_seed(9)
+    x = torch.randn(16, 3, 32, 32, generator=gen).to(dev)
+    base = torch.randn(16, 3, 32, 32, generator=gen).to(dev)
+    F = torch.randn(16, 3, 32, 32, generator=gen).to(dev, torch.bfloat16).contiguous(memory_format=torch.channels_last)
+    ids = torch.arange(16, device=dev)
+    args = (0.3, -0.2, 0.5, 0.25, ids, 7, 0.1, R.stream_alpha(1), 0.2, R.stream_churn(1), 0.7, torch.bfloat16, True)
+    a = ops.sampler_update(x, F, base, *args, backend="triton")
+    b = ops.sampler_update(x, F, base, *args, backend="cuda")
+    assert rel_err(a[0], b[0]) < 1e-5 and rel_err(a[1], b[1]) < 1e-5 and rel_err(a[2], b[2]) < 1e-2
