@@ -712,8 +712,8 @@ def main(args) -> int:
                 source = images_source(args.images, device=device)
             else:
                 seeds = args.seeds if args.seeds is not None else f"0-{args.num - 1}"
-                net = load_generator_network(args.network, device, trust_pickle=args.trust_pickle)
                 kw = sampler_kwargs_from_args(args)
+                net = load_generator_network(args.network, device, trust_pickle=args.trust_pickle, D=kw["D"])
                 resolve_D(net, kw["D"])
                 fast = make_generator_fast(net, device, args.net_dtype, args.compile, args.cuda_graphs)
                 source = generator_source(fast, seeds, device=device,
@@ -742,9 +742,9 @@ def main(args) -> int:
         if args.kind != "checkpoints":
             if not args.network:
                 raise ValueError(f"--network is required for --kind {args.kind}")
-            net = load_generator_network(args.network, device, trust_pickle=args.trust_pickle)
+            net = load_generator_network(args.network, device, trust_pickle=args.trust_pickle, D=kw["D"])
         fast = lambda n: make_generator_fast(n, device, args.net_dtype, args.compile, args.cuda_graphs)
-        load = lambda p: load_generator_network(p, device, trust_pickle=args.trust_pickle)
+        load = lambda p: load_generator_network(p, device, trust_pickle=args.trust_pickle, D=kw["D"])
         sweep(args.kind, values, net=net, run_dir=args.run_dir, ref=ref, extractor=extractor, seeds=args.seeds,
               outdir=args.outdir, batch_size=args.batch, shard_size=args.shard_size, device=device,
               make_fast=fast, load_network=load, log=say, **kw)

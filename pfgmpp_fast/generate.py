@@ -272,12 +272,13 @@ def write_images(batches, outdir: Optional[str] = None, npz: Optional[str] = Non
 # ----------------------------------------------------------------------------------------
 # Networks and distributed setup
 
-def load_generator_network(path: str, device, trust_pickle: bool = False):
-    """Load a checkpoint (ours: safetensors; a published pickle only with trust_pickle)."""
+def load_generator_network(path: str, device, trust_pickle: bool = False, D=None):
+    """Load a checkpoint (ours: safetensors, whose recorded D a given D must equal; a published
+    pickle only with trust_pickle, where a given D sets the imported network's D)."""
     from .checkpoint import load_network
     if not os.path.exists(path):
         raise FileNotFoundError(f"network checkpoint not found: {path}")
-    net = load_network(path, device="cpu", trust_pickle=trust_pickle)
+    net = load_network(path, device="cpu", trust_pickle=trust_pickle, D=D)
     return net.to(device).eval().requires_grad_(False)
 
 
@@ -376,8 +377,8 @@ def main(args) -> int:
             raise ValueError("give --outdir (PNG folder) and/or --npz (one .npz file)")
         seeds = check_seeds(args.seeds)
         device = init_distributed(args.device)
-        net = load_generator_network(args.network, device, trust_pickle=args.trust_pickle)
         kwargs = sampler_kwargs_from_args(args)
+        net = load_generator_network(args.network, device, trust_pickle=args.trust_pickle, D=kwargs["D"])
         resolve_D(net, kwargs["D"])
         fast = make_generator_fast(net, device, args.net_dtype, args.compile, args.cuda_graphs)
     except (ValueError, TypeError, FileNotFoundError) as exc:

@@ -311,3 +311,24 @@ def test_sweep_checkpoints(tmp_path, digits, digits_ref):
     _check_sweep_files(str(tmp_path / "out"), "checkpoints", rows)
     with pytest.raises(ValueError, match="no network snapshots"):
         F.find_checkpoints(str(tmp_path / "out"))
+
+
+def test_cli_calc_and_sweep_from_checkpoint(tmp_path, digits_cache, digits, digits_ref, capsys):
+    from pfgmpp_fast import cli
+    from pfgmpp_fast.checkpoint import save_network
+    net_path = str(tmp_path / "net.safetensors")
+    save_network(net_path, tiny_net())
+    ref = str(tmp_path / "ref.npz")
+    F.save_stats(ref, *digits_ref)
+    common = ["--network", net_path, "--steps", "2", "--batch", "8", "--features", "digits",
+              "--digits-cache", digits_cache, "--ref", ref]
+    assert cli.main(["fid", "calc", *common, "--num", "16", "--outdir", str(tmp_path / "calc"),
+                     "--shard-size", "8"]) == 0
+    out = capsys.readouterr().out
+    assert '"FDD"' in out and (tmp_path / "calc" / "stats-8-15.npz").exists()
+    assert cli.main(["fid", "calc", *common, "--num", "16", "--D", "64"]) == 2
+    assert "network/D mismatch" in capsys.readouterr().err
+    assert cli.main(["fid", "sweep", "--kind", "bits", "--values", "4,32", *common, "--seeds", "0-7",
+                     "--outdir", str(tmp_path / "sw")]) == 0
+    rows = open(tmp_path / "sw" / "sweep-bits.csv").read().splitlines()
+    assert len(rows) == 3 and rows[1].startswith("bits,4,")

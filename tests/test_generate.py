@@ -169,7 +169,7 @@ def test_cli_generate_and_D_mismatch(tmp_path, capsys):
     ckpt = pytest.importorskip("pfgmpp_fast.checkpoint")
     from pfgmpp_fast import cli
     path = str(tmp_path / "net.safetensors")
-    ckpt.save_network(tiny_net(D=8), path)
+    ckpt.save_network(path, tiny_net(D=8))
     out = str(tmp_path / "g.npz")
     assert cli.main(["generate", "--network", path, "--seeds", "0-2", "--steps", "2", "--npz", out,
                      "--no-progress"]) == 0
