@@ -1,0 +1,160 @@
+"""Fused-kernel benchmark: GB/s of each op against the copy ceiling and speed-ups over the
+published code path, the reference in eager and torch.compile(reference), in one run.
+
+    python benchmarks/bench_kernels.py --device cuda --out results.json
+    python benchmarks/bench_kernels.py --smoke          # CPU, tiny sizes, seconds
+
+Bytes per element are the floor each op must move (DESIGN §4): perturb reads y (fp32) and
+writes the bf16 network input (6 B); loss reads F (bf16) and y (fp32) and writes dL/dF (bf16)
+(8 B); sampler stage 1 reads x (fp32) and F (bf16) and writes x', the Heun base and the bf16
+next input (16 B); stage 2 reads x', base and F' and writes x_{i+1} and the next input (16 B).
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import sys
+
+parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
+parser.add_argument("--smoke", action="store_true", help="tiny sizes on the CPU, finishes in seconds")
+parser.add_argument("--out", default=None, help="write the JSON result here (atomically)")
+parser.add_argument("--batch", type=int, default=None, help="batch size (default 5632 x 3x64x64 = 69M elements)")
+parser.add_argument("--resolution", type=int, default=64)
+parser.add_argument("--D", type=float, default=128.0)
+parser.add_argument("--reps", type=int, default=None)
+parser.add_argument("--no-compile", action="store_true", help="skip torch.compile(reference)")
+args = parser.parse_args()
+
+import torch  # noqa: E402
+
+device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+if device.type == "cpu":
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # Triton's CPU interpreter (slow; smoke sizes)
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import numpy as np  # noqa: E402
+
+import baselines  # noqa: E402
+from pfgmpp_fast import benchmarking as bm  # noqa: E402
+from pfgmpp_fast import ops  # noqa: E402
+from pfgmpp_fast import reference as R  # noqa: E402
+
+
+def fast_backends():
+    out = []
+    if ops.triton_available(device):
+        out.append("triton")
+    if device.type == "cuda" and ops.has_cuda_kernels():
+        out.append("cuda")
+    if device.type == "cpu" and ops.has_extension():
+        out.append("cpu")
+    return out
+
+
+def main():
+    smoke = args.smoke
+    reps = args.reps or (3 if smoke else 20)
+    warmup = 1 if smoke else 3
+    env = bm.environment(device)
+    ceil = bm.ceilings(device, smoke=smoke)
+    copy = ceil["copy_GBps"]
+    res = 16 if smoke else args.resolution
+    B = args.batch or (8 if smoke else 5632)
+    shape = (B, 3, res, res)
+    N = 3 * res * res
+    n_el = B * N
+    D, key, stream = args.D, 2**33 + 7, R.STREAM_NOISE
+    print(f"[kernels] {env['device']}: copy {copy:.1f} GB/s; shape {shape} ({n_el / 1e6:.1f}M elements)", flush=True)
+
+    gen = torch.Generator(device=device).manual_seed(0)
+    ids = torch.arange(B, device=device, dtype=torch.int64)
+    y = torch.randn(shape, device=device, generator=gen)
+    sigma = torch.exp(torch.randn(B, device=device, generator=gen, dtype=torch.float64) * 1.2 - 1.2)
+    c_skip, c_out, c_in, _ = (t.to(torch.float32) for t in R.precond(sigma))
+    scale = R.noise_scale(sigma, D, key, ids).to(torch.float32)
+    F = torch.randn(shape, device=device, generator=gen).to(torch.bfloat16).contiguous(memory_format=torch.channels_last)
+    x = torch.randn(shape, device=device, generator=gen) * 5
+    base = torch.randn(shape, device=device, generator=gen) * 5
+    x_perturbed = y + scale.view(-1, 1, 1, 1) * torch.randn_like(y)
+    rng = np.random.default_rng(0)
+    t_hat, t_next = 2.5, 1.9
+    sd2 = 0.25
+    cs1, co1, ci2 = sd2 / (t_hat ** 2 + sd2), t_hat * 0.5 / math.sqrt(t_hat ** 2 + sd2), 1 / math.sqrt(t_next ** 2 + sd2)
+    cs2, co2 = sd2 / (t_next ** 2 + sd2), t_next * 0.5 / math.sqrt(t_next ** 2 + sd2)
+    A1, B1, h = (1 - cs1) / t_hat, -co1 / t_hat, t_next - t_hat
+    A2, B2 = (1 - cs2) / t_next, -co2 / t_next
+    nan = float("nan")
+    x64, base64 = x.double(), base.double()
+    d64 = torch.randn(shape, device=device, dtype=torch.float64, generator=gen)
+
+    ops_spec = {
+        "perturb": dict(
+            bytes=6, call=lambda be, impl: impl(y, scale, c_in, ids, key, stream, torch.bfloat16, True, False, **be),
+            op=ops.perturb_op, ref=R.ref_perturb,
+            published=lambda: baselines.published_perturb_net_input(y, sigma.float(), D, c_in, rng, torch.bfloat16)),
+        "loss_fwd_bwd": dict(
+            bytes=8, call=lambda be, impl: impl(F, y, scale, c_skip, c_out, ids, key, stream, 1.0 / B, **be),
+            op=ops.loss_fwd_bwd, ref=R.ref_loss_fwd_bwd,
+            published=lambda: baselines.published_loss_fwd_bwd(F, x_perturbed, y, sigma.float(), c_skip, c_out)),
+        "sampler_stage1": dict(
+            bytes=16, call=lambda be, impl: impl(x, F, None, A1, B1, h, 0.5 * h, ids, key, 0.0, R.stream_alpha(3), 0.0,
+                                                 R.stream_churn(3), ci2, torch.bfloat16, True, **be),
+            op=ops.sampler_update, ref=R.ref_sampler_update,
+            published=lambda: baselines.published_sampler_stage1(x64, F, t_hat, t_next, cs1, co1, ci2)),
+        "sampler_stage2_churn": dict(
+            bytes=16, call=lambda be, impl: impl(x, F, base, A2, B2, 0.5 * h, nan, ids, key, 0.0, R.stream_alpha(4), 0.3,
+                                                 R.stream_churn(4), ci2, torch.bfloat16, True, **be),
+            op=ops.sampler_update, ref=R.ref_sampler_update,
+            published=lambda: baselines.published_sampler_stage2(base64, x64, d64, F, t_hat, t_next, cs2, co2, ci2)),
+    }
+
+    def timed(fn):
+        try:
+            return bm.time_ms(fn, device, warmup=warmup, reps=reps)
+        except Exception as exc:  # a baseline that cannot run here is reported, not fatal
+            print(f"    failed: {type(exc).__name__}: {str(exc)[:200]}", flush=True)
+            return None
+
+    compile_ok = not args.no_compile and not (smoke and device.type == "cpu")
+    rows, summary = [], []
+    for name, spec in ops_spec.items():
+        nbytes = spec["bytes"] * n_el
+        print(f"  {name}: published / reference / compiled reference ...", flush=True)
+        t_pub = timed(spec["published"])
+        t_ref = timed(lambda: spec["call"]({}, spec["ref"]))
+        t_comp = None
+        if compile_ok:
+            compiled = torch.compile(spec["ref"], dynamic=False)
+            t_comp = timed(lambda: spec["call"]({}, compiled))
+            torch._dynamo.reset()
+        for label, t in (("published", t_pub), ("reference", t_ref), ("compiled_reference", t_comp)):
+            rows.append(dict(op=name, backend=label, ms=t, GBps=None if t is None else nbytes / t / 1e6,
+                             pct_copy=None if t is None else 100 * nbytes / t / 1e6 / copy))
+        for be in fast_backends():
+            t = timed(lambda: spec["call"]({"backend": be}, spec["op"]))
+            if t is None:
+                continue
+            gbps = nbytes / t / 1e6
+            row = dict(op=name, backend=be, ms=t, GBps=gbps, pct_copy=100 * gbps / copy,
+                       speedup_vs_published=None if t_pub is None else t_pub / t,
+                       speedup_vs_reference=None if t_ref is None else t_ref / t,
+                       speedup_vs_compiled_reference=None if t_comp is None else t_comp / t)
+            rows.append(row)
+            summary.append(row)
+            print(f"    {be}: {t:.3f} ms, {gbps:.1f} GB/s ({row['pct_copy']:.0f}% of copy)", flush=True)
+
+    payload = dict(suite="kernels", environment=env, smoke=smoke, ceilings=ceil, shape=list(shape),
+                   elements=n_el, D=D, bytes_per_element={k: v["bytes"] for k, v in ops_spec.items()},
+                   rows=rows, summary=summary)
+    print(bm.markdown_table(summary or rows))
+    if args.out:
+        bm.write_json(args.out, payload)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
