@@ -390,7 +390,7 @@ class SongUNet(torch.nn.Module):
 
     def forward(self, x, noise_labels, class_labels, augment_labels=None):
         emb = self.map_noise(noise_labels)
-        emb = emb.reshape(emb.shape[0], 2, -1).flip(1).reshape(*emb.shape)  # [sin, cos] order
+        emb = emb.reshape(emb.shape[0], 2, emb.shape[1] // 2).flip(1).reshape(*emb.shape)  # [sin, cos] order
         if self.map_label is not None:
             tmp = class_labels
             if self.training and self.label_dropout:
@@ -655,7 +655,7 @@ class FastNetwork(torch.nn.Module):
     The UNet runs channels-last under autocast, attention through SDPA, torch.compile'd;
     the preconditioning around it stays in fp32."""
 
-    def __init__(self, net: EDMPrecond, dtype, channels_last, compile, cuda_graphs, compile_mode):
+    def __init__(self, net: EDMPrecond, dtype, channels_last, compile, cuda_graphs, compile_mode, compile_backend=None):
         super().__init__()
         if not isinstance(net, EDMPrecond):
             raise TypeError(f'net must be an EDMPrecond, got {type(net).__name__}')
@@ -671,7 +671,8 @@ class FastNetwork(torch.nn.Module):
             self.net.to(memory_format=torch.channels_last)
         if compile:
             mode = compile_mode if compile_mode is not None else ('reduce-overhead' if cuda_graphs else None)
-            self._unet = torch.compile(self._unet_eager, mode=mode, dynamic=False)
+            backend = 'inductor' if compile_backend is None else compile_backend
+            self._unet = torch.compile(self._unet_eager, mode=mode, dynamic=False, backend=backend)
         else:
             self._unet = self._unet_eager
 
@@ -720,11 +721,13 @@ class FastNetwork(torch.nn.Module):
         return self.net.load_state_dict(state_dict, strict=strict, assign=assign)
 
 
-def make_fast(net, dtype=torch.bfloat16, channels_last=True, compile=True, cuda_graphs=False, compile_mode=None):
+def make_fast(net, dtype=torch.bfloat16, channels_last=True, compile=True, cuda_graphs=False, compile_mode=None,
+              compile_backend=None):
     """Make ``net`` fast: channels-last, autocast in ``dtype`` (None / float32 = off), attention
     through ``scaled_dot_product_attention``, ``torch.compile`` (``cuda_graphs=True`` compiles
     with mode 'reduce-overhead' for fixed-shape inference; outputs are cloned out of the
     graph pool). Returns a :class:`FastNetwork` sharing ``net``'s parameters; ``net`` itself
     keeps its eager behaviour (its conv weights become channels-last, values unchanged).
+    ``compile_backend`` (default inductor) exists for quick CPU checks ('aot_eager').
     """
-    return FastNetwork(net, dtype, channels_last, compile, cuda_graphs, compile_mode)
+    return FastNetwork(net, dtype, channels_last, compile, cuda_graphs, compile_mode, compile_backend)
