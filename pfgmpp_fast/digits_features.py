@@ -152,8 +152,3 @@ class DigitsFeatures(torch.nn.Module):
             logits = self.net(images.reshape(images.shape[0], -1).to(torch.float32) / 255.0)
         return float((logits.argmax(1) == labels).to(torch.float64).mean())
 
-
-def _digits_reference_array() -> np.ndarray:
-    """The digits as uint8 NHWC (for reference statistics)."""
-    u, _ = digits_uint8()
-    return u.permute(0, 2, 3, 1).numpy()

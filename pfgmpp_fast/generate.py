@@ -196,6 +196,10 @@ def generate_images(net, seeds, batch_size: int = 64, num_steps: int = 18, sigma
             x = sample(net, latents, D, key, ids, num_steps=num_steps, sigma_min=sigma_min, sigma_max=sigma_max,
                        rho=rho, solver=solver, S_churn=S_churn, S_min=S_min, S_max=S_max, S_noise=S_noise,
                        alpha=alpha, class_labels=labels, dtype=dtype, net_dtype=net_dtype, backend=backend)
+        if not bool(torch.isfinite(x).all()):          # one check per batch, outside the step loop
+            bad = (~torch.isfinite(x.reshape(x.shape[0], -1)).all(dim=1)).nonzero().flatten().cpu().numpy()
+            raise FloatingPointError(f"sampling produced NaN/Inf for seeds {chunk[bad][:8].tolist()} "
+                                     "(check the network weights, D and the sampler settings)")
         yield chunk[:real], to_uint8(x[:real])
 
 

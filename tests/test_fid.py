@@ -232,8 +232,8 @@ def test_inception_weights_local_file_and_sha256_refusal(tmp_path, monkeypatch):
     rgb = torch.randint(0, 256, (2, 3, 16, 16), generator=g, dtype=torch.uint8)
     feats = ex(rgb)
     assert feats.shape == (2, 2048) and feats.dtype == torch.float64 and torch.isfinite(feats).all()
-    grey = ex(rgb[:, :1])
-    assert torch.allclose(grey, ex(rgb[:, :1].repeat(1, 3, 1, 1)))
+    grey = ex(rgb[:1, :1])                                   # grey images are repeated to RGB
+    assert torch.allclose(grey, ex(rgb[:1, :1].repeat(1, 3, 1, 1)))
     with pytest.raises(ValueError, match="64 hex digits"):
         F.InceptionFeatures(path, sha256="abc")
     with pytest.raises(FileNotFoundError):
@@ -332,3 +332,30 @@ def test_cli_calc_and_sweep_from_checkpoint(tmp_path, digits_cache, digits, digi
                      "--outdir", str(tmp_path / "sw")]) == 0
     rows = open(tmp_path / "sw" / "sweep-bits.csv").read().splitlines()
     assert len(rows) == 3 and rows[1].startswith("bits,4,")
+
+
+def _fid_rank_worker(rank, world, init_file, cache, outdir, result):
+    torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        from pfgmpp_fast.digits_features import digits_uint8
+        ex = F.get_feature_extractor("digits", digits_cache=cache)
+        stats = F.calc_stats(F.images_source(digits_uint8()[0][:61]), ex, batch_size=8, outdir=outdir,
+                             shard_size=25)
+        if rank == 0:
+            np.savez(result, **stats.to_arrays())
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def test_two_gloo_ranks_reduce_to_single_process_statistics(tmp_path, digits, digits_cache):
+    import torch.multiprocessing as mp
+    from pfgmpp_fast.digits_features import digits_uint8
+    single = F.calc_stats(F.images_source(digits_uint8()[0][:61]), digits, batch_size=8)
+    outdir, result = str(tmp_path / "shards"), str(tmp_path / "two.npz")
+    mp.spawn(_fid_rank_worker, args=(2, str(tmp_path / "init"), digits_cache, outdir, result), nprocs=2, join=True)
+    assert sorted(os.listdir(outdir)) == ["stats-0-24.npz", "stats-25-49.npz", "stats-50-60.npz"]
+    with np.load(result) as f:
+        two = F.FeatureStats.from_arrays(f["n"], f["sum"], f["sum_outer"])
+    assert two.count == 61
+    for a, b in zip(single.mean_cov(), two.mean_cov()):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)

@@ -179,3 +179,16 @@ def test_cli_generate_and_D_mismatch(tmp_path, capsys):
     assert "network was trained with D=8" in capsys.readouterr().err
     assert cli.main(["generate", "--network", path, "--seeds", "9223372036854775808", "--npz", out]) == 2
     assert "out of range" in capsys.readouterr().err
+
+
+def test_nan_output_is_reported():
+    class Broken(DenoiserNet):
+        def forward(self, x, sigma, class_labels=None):
+            out = super().forward(x, sigma)
+            out[1] = float("nan")
+            return out
+
+    g = torch.Generator().manual_seed(0)
+    net = Broken(torch.rand(4, 1, 8, 8, generator=g) * 2 - 1, 8.0)
+    with pytest.raises(FloatingPointError, match=r"NaN/Inf for seeds \[8\]"):
+        run(net, [3, 8, 9], 3, num_steps=2)
