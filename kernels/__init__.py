@@ -75,3 +75,30 @@ class Layout:
 def check_sample_size(N: int):
     if N > MAX_ELEMENTS_PER_SAMPLE:
         raise ValueError(f"elements per sample must be < 2**31, got {N}")
+
+
+class BlockPlan:
+    """How a kernel walks one sample.  Flat: BLOCK consecutive logical elements.  Tiled (used
+    when a 4-D operand is channels-last and H·W % 4 == 0): a [C_PAD, BLOCK_HW] tile of all
+    channels at BLOCK_HW pixels, so channels-last loads and stores are contiguous runs while
+    the noise still comes four logical elements per Philox call."""
+
+    def __init__(self, N: int, C: int, HW: int, tiled: bool, cap: int = 1024):
+        import triton
+        self.tiled = bool(tiled) and HW % 4 == 0 and triton.next_power_of_2(C) <= 64
+        if self.tiled:
+            self.C_PAD = triton.next_power_of_2(C)
+            self.BLOCK_HW = max(4, min(triton.next_power_of_2(HW), max(4, cap // self.C_PAD)))
+            self.BLOCK = self.C_PAD * self.BLOCK_HW
+            self.nblk = triton.cdiv(HW, self.BLOCK_HW)
+        else:
+            self.BLOCK = max(4, min(cap, triton.next_power_of_2(max(int(N), 1))))
+            self.C_PAD, self.BLOCK_HW = 1, 4
+            self.nblk = triton.cdiv(N, self.BLOCK)
+
+    def meta(self):
+        return dict(TILED=self.tiled, BLOCK=self.BLOCK, C_PAD=self.C_PAD, BLOCK_HW=self.BLOCK_HW)
+
+
+def wants_tiling(*layouts) -> bool:
+    return any(l is not None and l.mode == MODE_CHANNELS_LAST and l.tensor.dim() == 4 for l in layouts)

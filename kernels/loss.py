@@ -8,8 +8,8 @@ import torch
 import triton
 import triton.language as tl
 
-from . import launch, Layout, split_key, check_sample_size
-from .philox import normal_block, sample_counter, key_words, block_for, cast_for_store
+from . import launch, Layout, BlockPlan, wants_tiling, split_key, check_sample_size
+from .philox import sample_counter, key_words, cast_for_store, tile_elements, tile_normals, tile_sum
 from .perturb import element_offsets
 
 
@@ -20,15 +20,15 @@ def _loss_kernel(F_ptr, y_ptr, scale_ptr, cskip_ptr, cout_ptr, sid_ptr, grad_ptr
                  yC, yHW, yW, y_sb, y_sc, y_sh, y_sw,
                  gC, gHW, gW, g_sb, g_sc, g_sh, g_sw,
                  F_MODE: tl.constexpr, Y_MODE: tl.constexpr, G_MODE: tl.constexpr,
-                 COMPUTE: tl.constexpr, BLOCK: tl.constexpr):
+                 COMPUTE: tl.constexpr, TILED: tl.constexpr, BLOCK: tl.constexpr,
+                 C_PAD: tl.constexpr, BLOCK_HW: tl.constexpr):
     pid = tl.program_id(0)
     b = pid // nblk
     blk = pid - b * nblk
-    e = blk * BLOCK + tl.arange(0, BLOCK)
-    mask = e < N
+    e, mask = tile_elements(blk, N, yHW, TILED, BLOCK, C_PAD, BLOCK_HW)
     sid_lo, sid_hi = sample_counter(tl.load(sid_ptr + b))
     kk0, kk1 = key_words(k0, k1)
-    g = normal_block(blk * (BLOCK // 4), sid_lo, sid_hi, stream.to(tl.uint32), kk0, kk1, BLOCK)
+    g = tile_normals(blk, yHW, sid_lo, sid_hi, stream.to(tl.uint32), kk0, kk1, TILED, BLOCK, C_PAD, BLOCK_HW)
     y = tl.load(y_ptr + element_offsets(b, e, N, yC, yHW, yW, y_sb, y_sc, y_sh, y_sw, Y_MODE),
                 mask=mask, other=0.0).to(COMPUTE)
     F = tl.load(F_ptr + element_offsets(b, e, N, fC, fHW, fW, f_sb, f_sc, f_sh, f_sw, F_MODE),
@@ -38,7 +38,7 @@ def _loss_kernel(F_ptr, y_ptr, scale_ptr, cskip_ptr, cout_ptr, sid_ptr, grad_ptr
     s = tl.load(scale_ptr + b).to(COMPUTE)
     target = ((1.0 - c_skip) * y - c_skip * s * g.to(COMPUTE)) / c_out
     diff = tl.where(mask, F - target, 0.0)
-    tl.store(part_ptr + pid.to(tl.int64), tl.sum(diff * diff, axis=0).to(tl.float32))
+    tl.store(part_ptr + pid.to(tl.int64), tile_sum(diff * diff, TILED).to(tl.float32))
     grad = (tl.cast(grad_scale, COMPUTE) * 2.0) * diff
     tl.store(grad_ptr + element_offsets(b, e, N, gC, gHW, gW, g_sb, g_sc, g_sh, g_sw, G_MODE),
              cast_for_store(grad, grad_ptr), mask=mask)
@@ -55,12 +55,12 @@ def loss_fwd_bwd(F, y, scale, c_skip, c_out, sample_ids, key, stream, grad_scale
     lf, ly, lg = Layout(F), Layout(y), Layout(grad)
     check_sample_size(ly.N)
     k0, k1 = split_key(key)
-    BLOCK = block_for(ly.N)
-    nblk = triton.cdiv(ly.N, BLOCK)
+    plan = BlockPlan(ly.N, ly.C, ly.HW, wants_tiling(lf, ly, lg))
+    nblk = plan.nblk
     partial = torch.empty(B * nblk, dtype=torch.float32, device=y.device)
     launch(_loss_kernel)[(B * nblk,)](
         lf.tensor, ly.tensor, scale.contiguous(), c_skip.contiguous(), c_out.contiguous(),
         sample_ids.contiguous(), lg.tensor, partial, ly.N, nblk, k0, k1, stream, float(grad_scale),
         *lf.args(), *ly.args(), *lg.args(), F_MODE=lf.mode, Y_MODE=ly.mode, G_MODE=lg.mode,
-        COMPUTE=tl.float64 if cd == torch.float64 else tl.float32, BLOCK=BLOCK)
+        COMPUTE=tl.float64 if cd == torch.float64 else tl.float32, **plan.meta())
     return partial.view(B, nblk).sum(dim=1), grad

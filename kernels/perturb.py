@@ -8,8 +8,8 @@ import torch
 import triton
 import triton.language as tl
 
-from . import launch, Layout, split_key, check_sample_size, MODE_CONTIGUOUS, MODE_CHANNELS_LAST
-from .philox import normal_block, sample_counter, key_words, block_for, cast_for_store
+from . import launch, Layout, BlockPlan, wants_tiling, split_key, check_sample_size
+from .philox import sample_counter, key_words, cast_for_store, tile_elements, tile_normals
 
 
 @triton.jit
@@ -35,15 +35,15 @@ def _perturb_kernel(y_ptr, scale_ptr, cin_ptr, sid_ptr, net_ptr, x_ptr,
                     yC, yHW, yW, y_sb, y_sc, y_sh, y_sw,
                     nC, nHW, nW, n_sb, n_sc, n_sh, n_sw,
                     Y_MODE: tl.constexpr, NET_MODE: tl.constexpr, WRITE_X: tl.constexpr,
-                    COMPUTE: tl.constexpr, BLOCK: tl.constexpr):
+                    COMPUTE: tl.constexpr, TILED: tl.constexpr, BLOCK: tl.constexpr,
+                    C_PAD: tl.constexpr, BLOCK_HW: tl.constexpr):
     pid = tl.program_id(0)
     b = pid // nblk
     blk = pid - b * nblk
-    e = blk * BLOCK + tl.arange(0, BLOCK)
-    mask = e < N
+    e, mask = tile_elements(blk, N, yHW, TILED, BLOCK, C_PAD, BLOCK_HW)
     sid_lo, sid_hi = sample_counter(tl.load(sid_ptr + b))
     kk0, kk1 = key_words(k0, k1)
-    g = normal_block(blk * (BLOCK // 4), sid_lo, sid_hi, stream.to(tl.uint32), kk0, kk1, BLOCK)
+    g = tile_normals(blk, yHW, sid_lo, sid_hi, stream.to(tl.uint32), kk0, kk1, TILED, BLOCK, C_PAD, BLOCK_HW)
     y_off = element_offsets(b, e, N, yC, yHW, yW, y_sb, y_sc, y_sh, y_sw, Y_MODE)
     y = tl.load(y_ptr + y_off, mask=mask, other=0.0).to(COMPUTE)
     s = tl.load(scale_ptr + b).to(COMPUTE)
@@ -63,8 +63,12 @@ TL_DTYPE = {torch.float32: tl.float32, torch.float64: tl.float64}
 
 
 def empty_image(like: torch.Tensor, dtype, channels_last: bool):
-    fmt = torch.channels_last if channels_last and like.dim() == 4 else torch.contiguous_format
-    return torch.empty(like.shape, dtype=dtype, device=like.device, memory_format=fmt)
+    """Contiguous, or channels-last with the strides `.contiguous(memory_format=channels_last)`
+    gives (which keeps NCHW strides when C == 1 or H == W == 1, where both formats agree)."""
+    out = torch.empty(like.shape, dtype=dtype, device=like.device)
+    if channels_last and like.dim() == 4 and not out.is_contiguous(memory_format=torch.channels_last):
+        out = torch.empty(like.shape, dtype=dtype, device=like.device, memory_format=torch.channels_last)
+    return out
 
 
 def perturb(y, scale, c_in, sample_ids, key, stream, out_dtype, channels_last, write_x):
@@ -77,10 +81,9 @@ def perturb(y, scale, c_in, sample_ids, key, stream, out_dtype, channels_last, w
     ly, ln = Layout(y), Layout(net_in)
     check_sample_size(ly.N)
     k0, k1 = split_key(key)
-    BLOCK = block_for(ly.N)
-    nblk = triton.cdiv(ly.N, BLOCK)
-    launch(_perturb_kernel)[(B * nblk,)](
+    plan = BlockPlan(ly.N, ly.C, ly.HW, wants_tiling(ly, ln))
+    launch(_perturb_kernel)[(B * plan.nblk,)](
         ly.tensor, scale.contiguous(), c_in.contiguous(), sample_ids.contiguous(), ln.tensor,
-        x if write_x else net_in, ly.N, nblk, k0, k1, stream, *ly.args(), *ln.args(),
-        Y_MODE=ly.mode, NET_MODE=ln.mode, WRITE_X=bool(write_x), COMPUTE=TL_DTYPE[cd], BLOCK=BLOCK)
+        x if write_x else net_in, ly.N, plan.nblk, k0, k1, stream, *ly.args(), *ln.args(),
+        Y_MODE=ly.mode, NET_MODE=ln.mode, WRITE_X=bool(write_x), COMPUTE=TL_DTYPE[cd], **plan.meta())
     return net_in, x

@@ -73,14 +73,50 @@ def normal_block(j_start, sid_lo, sid_hi, stream, k0, k1, BLOCK: tl.constexpr):
 
 
 @triton.jit
+def tile_elements(blk, N, HW, TILED: tl.constexpr, BLOCK: tl.constexpr, C_PAD: tl.constexpr,
+                  BLOCK_HW: tl.constexpr):
+    """Logical element indices e (and mask) handled by program block blk of a sample."""
+    if TILED:
+        c = tl.arange(0, C_PAD)[:, None]
+        hw = blk * BLOCK_HW + tl.arange(0, BLOCK_HW)[None, :]
+        e = c * HW + hw
+        mask = (hw < HW) & (e < N)
+    else:
+        e = blk * BLOCK + tl.arange(0, BLOCK)
+        mask = e < N
+    return e, mask
+
+
+@triton.jit
+def tile_normals(blk, HW, sid_lo, sid_hi, stream, k0, k1, TILED: tl.constexpr, BLOCK: tl.constexpr,
+                 C_PAD: tl.constexpr, BLOCK_HW: tl.constexpr):
+    """The normals of the elements tile_elements returns (same shape, same order)."""
+    if TILED:
+        c = tl.arange(0, C_PAD)[:, None]
+        j = ((c * HW + blk * BLOCK_HW) // 4 + tl.arange(0, BLOCK_HW // 4)[None, :]).to(tl.uint32)
+        z0, z1, z2, z3 = normal4(j, sid_lo, sid_hi, stream, k0, k1)
+        z = tl.join(tl.join(z0, z2), tl.join(z1, z3))
+        return tl.reshape(z, [C_PAD, BLOCK_HW])
+    else:
+        return normal_block(blk * (BLOCK // 4), sid_lo, sid_hi, stream, k0, k1, BLOCK)
+
+
+@triton.jit
+def tile_sum(v, TILED: tl.constexpr):
+    if TILED:
+        return tl.sum(tl.sum(v, axis=1), axis=0)
+    else:
+        return tl.sum(v, axis=0)
+
+
+@triton.jit
 def cast_for_store(v, ptr):
     """Cast v to ptr's element type; float64 -> 16-bit goes through float32 (one path that
     every backend, the interpreter included, supports)."""
-    out_ty: tl.constexpr = ptr.dtype.element_ty
     if v.dtype == tl.float64:
-        if out_ty != tl.float64:
+        if ptr.dtype.element_ty != tl.float64:
             v = v.to(tl.float32)
-    return v.to(out_ty)
+    return v.to(ptr.dtype.element_ty)
 
 
 @triton.jit

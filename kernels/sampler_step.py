@@ -11,8 +11,8 @@ import torch
 import triton
 import triton.language as tl
 
-from . import launch, Layout, split_key, split_f64, check_sample_size
-from .philox import normal_block, sample_counter, key_words, block_for, cast_for_store
+from . import launch, Layout, BlockPlan, wants_tiling, split_key, split_f64, check_sample_size
+from .philox import sample_counter, key_words, cast_for_store, tile_elements, tile_normals
 from .perturb import element_offsets, empty_image
 
 
@@ -36,12 +36,12 @@ def _sampler_kernel(x_ptr, F_ptr, base_ptr, sid_ptr, y1_ptr, y2_ptr, net_ptr,
                     HAS_F: tl.constexpr, HAS_BASE: tl.constexpr, HAS_Y2: tl.constexpr,
                     HAS_NET: tl.constexpr, HAS_ALPHA: tl.constexpr, HAS_CHURN: tl.constexpr,
                     F_MODE: tl.constexpr, NET_MODE: tl.constexpr,
-                    COMPUTE: tl.constexpr, BLOCK: tl.constexpr):
+                    COMPUTE: tl.constexpr, TILED: tl.constexpr, BLOCK: tl.constexpr,
+                    C_PAD: tl.constexpr, BLOCK_HW: tl.constexpr):
     pid = tl.program_id(0)
     b = pid // nblk
     blk = pid - b * nblk
-    e = blk * BLOCK + tl.arange(0, BLOCK)
-    mask = e < N
+    e, mask = tile_elements(blk, N, nHW, TILED, BLOCK, C_PAD, BLOCK_HW)
     state_off = b.to(tl.int64) * N + e
     x = tl.load(x_ptr + state_off, mask=mask, other=0.0).to(COMPUTE)
     if HAS_BASE:
@@ -58,12 +58,13 @@ def _sampler_kernel(x_ptr, F_ptr, base_ptr, sid_ptr, y1_ptr, y2_ptr, net_ptr,
     if HAS_ALPHA or HAS_CHURN:
         sid_lo, sid_hi = sample_counter(tl.load(sid_ptr + b))
         kk0, kk1 = key_words(k0, k1)
-        j0 = blk * (BLOCK // 4)
         if HAS_ALPHA:
-            eps = normal_block(j0, sid_lo, sid_hi, alpha_stream.to(tl.uint32), kk0, kk1, BLOCK)
+            eps = tile_normals(blk, nHW, sid_lo, sid_hi, alpha_stream.to(tl.uint32), kk0, kk1,
+                               TILED, BLOCK, C_PAD, BLOCK_HW)
             y1 = y1 + _scalar(as_hi, as_lo, COMPUTE) * eps.to(COMPUTE)
         if HAS_CHURN:
-            eps = normal_block(j0, sid_lo, sid_hi, churn_stream.to(tl.uint32), kk0, kk1, BLOCK)
+            eps = tile_normals(blk, nHW, sid_lo, sid_hi, churn_stream.to(tl.uint32), kk0, kk1,
+                               TILED, BLOCK, C_PAD, BLOCK_HW)
             y1 = y1 + _scalar(cs_hi, cs_lo, COMPUTE) * eps.to(COMPUTE)
     tl.store(y1_ptr + state_off, y1, mask=mask)
     if HAS_Y2:
@@ -105,20 +106,23 @@ def sampler_update(x, F, base, A, Bf, h1, h2, sample_ids, key, alpha_scale, alph
         return y1, y2, net_in
     N = x.numel() // B
     check_sample_size(N)
-    lf = Layout(F) if has_f else Layout(x)
-    ln = Layout(net_in) if has_net else Layout(x)
+    lx = Layout(x)
+    lf = Layout(F) if has_f else lx
+    ln = Layout(net_in) if has_net else lx
+    # geometry (C, HW, W) always from x so the tiling and the noise index agree
+    ln_args = (lx.C, lx.HW, lx.W) + ln.strides
+    plan = BlockPlan(N, lx.C, lx.HW, wants_tiling(lf if has_f else None, ln if has_net else None))
+    nblk = plan.nblk
     k0, k1 = split_key(key)
-    BLOCK = block_for(N)
-    nblk = triton.cdiv(N, BLOCK)
     scalars = [split_f64(v if not math.isnan(v) else 0.0)
                for v in (A, Bf, h1, h2, alpha_scale, churn_scale, c_in_next)]
     flat = [p for pair in scalars for p in pair]
     launch(_sampler_kernel)[(B * nblk,)](
         x, lf.tensor, base if has_base else x, sample_ids.contiguous(), y1,
         y2 if has_y2 else y1, ln.tensor if has_net else y1,
-        N, nblk, k0, k1, int(alpha_stream), int(churn_stream), *flat, *lf.args(), *ln.args(),
+        N, nblk, k0, k1, int(alpha_stream), int(churn_stream), *flat, *lf.args(), *ln_args,
         HAS_F=has_f, HAS_BASE=has_base, HAS_Y2=has_y2, HAS_NET=has_net,
         HAS_ALPHA=alpha_scale != 0, HAS_CHURN=churn_scale != 0,
         F_MODE=lf.mode, NET_MODE=ln.mode,
-        COMPUTE=tl.float64 if sd == torch.float64 else tl.float32, BLOCK=BLOCK)
+        COMPUTE=tl.float64 if sd == torch.float64 else tl.float32, **plan.meta())
     return y1, y2, net_in
