@@ -46,7 +46,7 @@ import torch
 
 __all__ = ["INCEPTION_SHA256", "INCEPTION_URL", "FeatureStats", "frechet_distance", "save_stats", "load_stats",
            "InceptionFeatures", "make_random_inception_weights", "get_feature_extractor", "calc_stats",
-           "images_source", "generator_source", "reference_stats", "sweep", "find_checkpoints",
+           "images_source", "generator_source", "reference_stats", "sweep", "find_checkpoints", "weights_fingerprint",
            "add_arguments", "main"]
 
 # torch-fidelity's Inception-v3 weights (feature_extractor_inceptionv3.URL_INCEPTION_V3). The
@@ -483,6 +483,17 @@ def find_checkpoints(run_dir: str) -> List[tuple]:
     return sorted(out)
 
 
+def weights_fingerprint(net) -> str:
+    """SHA-256 over a network's state (names, dtypes, shapes, values): shards computed with
+    other weights are never resumed into this network's statistics."""
+    h = hashlib.sha256()
+    for name, t in sorted(net.state_dict().items()):
+        t = t.detach().cpu().contiguous()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
 def _nfe(steps: int, solver: str) -> int:
     return 2 * steps - 1 if solver == "heun" else steps
 
@@ -598,7 +609,7 @@ def sweep(kind: str, values: Optional[Sequence] = None, net=None, run_dir: Optio
                 kw["alpha"] = float(value)
             point_dir = os.path.join(outdir, f"{kind}-{value}")
             source = generator_source(fast, seeds, device=device, describe={
-                "sweep": kind, "value": value, "checkpoint": path}, **kw)
+                "sweep": kind, "value": value, "checkpoint": path, "weights": weights_fingerprint(base)}, **kw)
             t0 = time.perf_counter()
             stats = calc_stats(source, extractor, batch_size=batch_size, outdir=point_dir,
                                shard_size=shard_size, device=device)
@@ -717,7 +728,8 @@ def main(args) -> int:
                 resolve_D(net, kw["D"])
                 fast = make_generator_fast(net, device, args.net_dtype, args.compile, args.cuda_graphs)
                 source = generator_source(fast, seeds, device=device,
-                                          describe={"network": os.path.abspath(args.network)}, **kw)
+                                          describe={"network": os.path.abspath(args.network),
+                                                    "weights": weights_fingerprint(net)}, **kw)
             t0 = time.perf_counter()
             stats = calc_stats(source, extractor, num=args.num, batch_size=getattr(args, "batch", 64),
                                outdir=args.outdir, shard_size=args.shard_size, device=device,

@@ -283,6 +283,13 @@ def test_sweep_bits_restores_weights(tmp_path, digits, digits_ref):
     assert rows[0]["FDD"] != rows[2]["FDD"]
     for k, v in net.state_dict().items():
         assert torch.equal(v, before[k])
+    # a rerun in the same outdir resumes; other weights never resume from these shards
+    again = F.sweep("bits", [2, 8, 32], net=net, ref=digits_ref, extractor=digits, seeds="0-15",
+                    outdir=str(tmp_path), batch_size=16, num_steps=2, log=lambda s: None)
+    assert [r["FDD"] for r in again] == [r["FDD"] for r in rows]
+    with pytest.raises(ValueError, match="another configuration"):
+        F.sweep("bits", [2], net=tiny_net(seed=5), ref=digits_ref, extractor=digits, seeds="0-15",
+                outdir=str(tmp_path), batch_size=16, num_steps=2, log=lambda s: None)
     # 32 bits reproduces the unquantised network exactly
     plain = F.calc_stats(F.generator_source(net, "0-15", num_steps=2), digits, batch_size=16)
     unq = F.frechet_distance(*plain.mean_cov(), *digits_ref)
