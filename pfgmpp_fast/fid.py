@@ -410,6 +410,11 @@ def calc_stats(source: Source, extractor, num: Optional[int] = None, batch_size:
     shards = [ids[i:i + shard_size] for i in range(0, len(ids), shard_size)]
     expected = {_shard_name(s) for s in shards}
     os.makedirs(outdir, exist_ok=True)
+    if rank == 0:                        # leftovers of a write that was killed half-way
+        from .io_utils import is_temp_file
+        for name in os.listdir(outdir):
+            if is_temp_file(name) and name.startswith(".stats-"):
+                os.unlink(os.path.join(outdir, name))
     present = {f for f in os.listdir(outdir) if SHARD_RE.match(f)}
     foreign = sorted(present - expected)
     if foreign:

@@ -136,11 +136,13 @@ def test_kill_and_rerun_gives_the_same_statistics(tmp_path, digits, digits_cache
     assert first.returncode == -signal.SIGKILL, first.stderr
     done = sorted(f for f in os.listdir(outdir) if f.startswith("stats-"))
     assert done == ["stats-0-9.npz", "stats-10-19.npz"]
+    assert [f for f in os.listdir(outdir) if f.startswith(".stats-20-29")]      # the half-written temp file
     mtimes = {f: os.stat(os.path.join(outdir, f)).st_mtime_ns for f in done}
     env.pop("PFGMPP_FAST_KILL_DURING_WRITE")
     second = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=300)
     assert second.returncode == 0 and "done" in second.stdout, second.stderr
     assert {f: os.stat(os.path.join(outdir, f)).st_mtime_ns for f in done} == mtimes   # not recomputed
+    assert sorted(os.listdir(outdir)) == ["stats-0-9.npz", "stats-10-19.npz", "stats-20-29.npz", "stats-30-39.npz"]
     resumed = F.calc_stats(F.generator_source(digits_net(), "0-39", num_steps=4, backend="reference"),
                            digits, batch_size=6, outdir=outdir, shard_size=10)
     fresh = F.calc_stats(F.generator_source(digits_net(), "0-39", num_steps=4, backend="reference"),
