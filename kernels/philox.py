@@ -128,9 +128,12 @@ def key_words(k0, k1):
 def _philox_raw_kernel(ctr_ptr, out_ptr, M, k0, k1, BLOCK: tl.constexpr):
     i = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = i < M
-    c = [tl.load(ctr_ptr + 4 * i + lane, mask=mask, other=0).to(tl.uint32) for lane in range(4)]
+    c0 = tl.load(ctr_ptr + 4 * i + 0, mask=mask, other=0).to(tl.uint32)
+    c1 = tl.load(ctr_ptr + 4 * i + 1, mask=mask, other=0).to(tl.uint32)
+    c2 = tl.load(ctr_ptr + 4 * i + 2, mask=mask, other=0).to(tl.uint32)
+    c3 = tl.load(ctr_ptr + 4 * i + 3, mask=mask, other=0).to(tl.uint32)
     kk0, kk1 = key_words(k0, k1)
-    x0, x1, x2, x3 = philox4x32_10(c[0], c[1], c[2], c[3], kk0, kk1)
+    x0, x1, x2, x3 = philox4x32_10(c0, c1, c2, c3, kk0, kk1)
     tl.store(out_ptr + 4 * i + 0, x0.to(tl.int64), mask=mask)
     tl.store(out_ptr + 4 * i + 1, x1.to(tl.int64), mask=mask)
     tl.store(out_ptr + 4 * i + 2, x2.to(tl.int64), mask=mask)
