@@ -138,8 +138,13 @@ def main(argv=None) -> int:
     rows, notes = [], []
 
     def measure(name, fn, warmup):
+        if on_gpu:
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats(device)
         ms = B.time_ms(fn, device, warmup=warmup, reps=reps)
         row = {"method": name, "batch": batch, "nfe": nfe, "ms_per_batch": ms, "img_per_s": batch / (ms * 1e-3)}
+        if on_gpu:
+            row["peak_MiB_per_image"] = torch.cuda.max_memory_allocated(device) / batch / 2**20
         rows.append(row)
         print(f"{name:>16}: {row['img_per_s']:.1f} img/s ({ms:.1f} ms per batch of {batch})", flush=True)
         return row
