@@ -239,9 +239,10 @@ class UNetBlock(torch.nn.Module):
         heads, c = self.num_heads, C // self.num_heads
         qkv = self.qkv(self.norm2(x))  # channel layout: (head, c, {q,k,v})
         if self.attention_impl == 'sdpa':
-            # (B, HW, heads, c, 3): a view when qkv is channels-last.
+            # (B, HW, heads, c, 3) is a view when qkv is channels-last; one copy then gives
+            # q, k, v contiguous in the (B, heads, HW, c) layout the flash/efficient kernels want.
             qkv = qkv.permute(0, 2, 3, 1).reshape(B, H * W, heads, c, 3)
-            q, k, v = qkv.permute(4, 0, 2, 1, 3).unbind(0)  # each (B, heads, HW, c)
+            q, k, v = qkv.permute(4, 0, 2, 1, 3).contiguous().unbind(0)
             a = F.scaled_dot_product_attention(q, k, v)
             return a.permute(0, 2, 1, 3).reshape(B, H, W, C).permute(0, 3, 1, 2)
         q, k, v = qkv.reshape(B * heads, c, 3, H * W).unbind(2)

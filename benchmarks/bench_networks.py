@@ -1,0 +1,228 @@
+"""Network throughput: CIFAR-10 DDPM++ and NCSN++, three ways, ratios in one run.
+
+    python benchmarks/bench_networks.py --out benchmarks/results/networks_h100.json   # GPU
+    python benchmarks/bench_networks.py --smoke                                          # CPU, seconds
+
+Variants (same architecture, same weights):
+  published  strict fp32 (TF32 off), NCHW, eager, the published attention (einsum + fp32
+             softmax with its hand-written backward) and depthwise-conv resampling;
+             our module set to published behaviour, checked equal to the published code.
+  hand       the published-style model with what a user adds by hand: bf16 autocast,
+             channels_last, TF32 on, torch.compile (default mode).
+  fast       pfgmpp_fast.networks.make_fast (bf16, channels_last, SDPA, torch.compile).
+Forward = inference (eval, no_grad); fwd+bwd = training mode (dropout on), backward of a
+weighted sum of the output. Also measured in the same run: a bf16 matmul ceiling.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), '..'))
+from pfgmpp_fast.networks import Conv2d, build_network, make_fast, set_attention  # noqa: E402
+
+
+def _sync(device):
+    if device.type == 'cuda':
+        torch.cuda.synchronize()
+
+
+def _time(fn, device, warmup, iters):
+    for _ in range(warmup):
+        fn()
+    _sync(device)
+    times = []
+    for _ in range(iters):
+        if device.type == 'cuda':
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            torch.cuda.synchronize()
+            times.append(start.elapsed_time(end) / 1e3)
+        else:
+            t = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def _set_tf32(on: bool):
+    torch.backends.cuda.matmul.allow_tf32 = on
+    torch.backends.cudnn.allow_tf32 = on
+
+
+def _published_style(net):
+    """Published behaviour: einsum attention, depthwise-conv resampling even for [1,1]."""
+    set_attention(net, 'einsum')
+    for m in net.modules():
+        if isinstance(m, Conv2d):
+            m.box_filter = False
+    return net
+
+
+class _HandCompiled(torch.nn.Module):
+    """What a user does by hand to the published model: autocast + channels_last + compile."""
+
+    def __init__(self, net, dtype, backend):
+        super().__init__()
+        self.net = net.to(memory_format=torch.channels_last)
+        self.dtype = dtype
+        self.compiled = net if backend == 'none' else torch.compile(net, backend=backend)
+
+    def forward(self, x, sigma, labels=None, augment_labels=None):
+        x = x.contiguous(memory_format=torch.channels_last)
+        with torch.autocast(device_type=x.device.type, dtype=self.dtype):
+            return self.compiled(x, sigma, labels, augment_labels=augment_labels)
+
+
+def _make_inputs(net, batch, device, gen):
+    x = torch.randn(batch, net.img_channels, net.img_resolution, net.img_resolution, device=device, generator=gen)
+    sigma = (torch.randn(batch, device=device, generator=gen) * 1.2 - 1.2).exp()
+    aug = torch.zeros(batch, 9, device=device) if net.model.map_augment is not None else None
+    return x, sigma, aug
+
+
+def bench_variant(variant, arch, cfg, args, device):
+    torch.manual_seed(0)
+    net = build_network(arch, **cfg).to(device)
+    dtype = torch.bfloat16
+    if variant == 'published':
+        _set_tf32(False)
+        model = _published_style(net)
+    elif variant == 'hand':
+        _set_tf32(True)
+        model = _HandCompiled(_published_style(net), dtype, args.compile_backend)
+    else:
+        _set_tf32(True)
+        compiled = args.compile_backend != 'none'
+        model = make_fast(net, dtype=dtype, compile=compiled, compile_backend=args.compile_backend if compiled else None,
+                          compile_mode=args.compile_mode)
+    gen = torch.Generator(device=device).manual_seed(1)
+    x, sigma, aug = _make_inputs(net, args.batch, device, gen)
+    weight = torch.randn(x.shape, device=device, generator=gen)
+    result = {}
+
+    net.eval()
+
+    def fwd():
+        with torch.no_grad():
+            model(x, sigma, None, augment_labels=aug)
+    t0 = time.perf_counter()
+    fwd()
+    _sync(device)
+    result['first_forward_s'] = time.perf_counter() - t0
+    if device.type == 'cuda':
+        torch.cuda.reset_peak_memory_stats()
+    t = _time(fwd, device, args.warmup, args.iters)
+    result['forward_img_per_s'] = args.batch / t
+    if device.type == 'cuda':
+        result['forward_peak_bytes_per_img'] = torch.cuda.max_memory_allocated() / args.batch
+
+    net.train()
+    params = list(net.parameters())
+
+    def fwd_bwd():
+        for p in params:
+            p.grad = None
+        (model(x, sigma, None, augment_labels=aug) * weight).sum().backward()
+    t0 = time.perf_counter()
+    fwd_bwd()
+    _sync(device)
+    result['first_fwd_bwd_s'] = time.perf_counter() - t0
+    if device.type == 'cuda':
+        torch.cuda.reset_peak_memory_stats()
+    t = _time(fwd_bwd, device, args.warmup, args.iters)
+    result['fwd_bwd_img_per_s'] = args.batch / t
+    if device.type == 'cuda':
+        result['fwd_bwd_peak_bytes_per_img'] = torch.cuda.max_memory_allocated() / args.batch
+    _set_tf32(False)
+    del model, net
+    if device.type == 'cuda':
+        torch.cuda.empty_cache()
+    return result
+
+
+def matmul_ceiling(device, n, iters):
+    a = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+    b = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+    t = _time(lambda: a @ b, device, 3, iters)
+    return 2 * n ** 3 / t / 1e12
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument('--smoke', action='store_true', help='tiny nets on the CPU, no torch.compile: seconds')
+    p.add_argument('--batch', type=int, default=None, help='default 512 (smoke: 2)')
+    p.add_argument('--iters', type=int, default=None, help='timed iterations (default 20, smoke 2)')
+    p.add_argument('--warmup', type=int, default=None, help='untimed iterations after the first (default 5, smoke 1)')
+    p.add_argument('--archs', default='ddpmpp,ncsnpp')
+    p.add_argument('--variants', default='published,hand,fast')
+    p.add_argument('--compile-backend', default=None,
+                   help='torch.compile backend (default inductor; "none" = no compile, the smoke default)')
+    p.add_argument('--compile-mode', default=None, help='compile mode for the fast variant (e.g. max-autotune-no-cudagraphs)')
+    p.add_argument('--device', default=None)
+    p.add_argument('--out', default=None, help='write results as JSON here (and a .md table next to it)')
+    args = p.parse_args(argv)
+
+    device = torch.device(args.device or ('cpu' if args.smoke or not torch.cuda.is_available() else 'cuda'))
+    args.batch = args.batch or (2 if args.smoke else 512)
+    args.iters = args.iters or (2 if args.smoke else 20)
+    args.warmup = args.warmup if args.warmup is not None else (1 if args.smoke else 5)
+    if args.compile_backend is None:
+        args.compile_backend = 'none' if args.smoke else 'inductor'
+    if args.smoke:
+        torch.set_num_threads(1)  # tiny nets: thread hand-offs cost more than they save
+    # CIFAR-10 configs as published (augment_dim=9, dropout 0.13); smoke: the same shape, tiny.
+    cfg = dict(resolution=32, channels=3, augment_dim=9)
+    if args.smoke:
+        cfg = dict(resolution=8, channels=3, augment_dim=9, model_channels=16, channel_mult=[1, 2], num_blocks=1,
+                   attn_resolutions=[4])
+
+    results = dict(command=' '.join([os.path.basename(sys.argv[0])] + (argv if argv is not None else sys.argv[1:])),
+                   device=torch.cuda.get_device_name(device) if device.type == 'cuda' else platform.processor() or 'cpu',
+                   torch=torch.__version__, python=platform.python_version(), batch=args.batch, iters=args.iters,
+                   smoke=args.smoke, compile_backend=args.compile_backend, compile_mode=args.compile_mode,
+                   config=cfg, archs={})
+    if device.type == 'cuda':
+        results['bf16_matmul_tflops'] = matmul_ceiling(device, 8192, 10)
+    for arch in args.archs.split(','):
+        row = {}
+        for variant in args.variants.split(','):
+            row[variant] = bench_variant(variant, arch, cfg, args, device)
+            print(f'{arch:7s} {variant:9s} fwd {row[variant]["forward_img_per_s"]:10.1f} img/s   '
+                  f'fwd+bwd {row[variant]["fwd_bwd_img_per_s"]:10.1f} img/s', flush=True)
+        ratios = {}
+        for base in ('published', 'hand'):
+            if base in row and 'fast' in row:
+                for k in ('forward', 'fwd_bwd'):
+                    ratios[f'fast_over_{base}_{k}'] = row['fast'][f'{k}_img_per_s'] / row[base][f'{k}_img_per_s']
+        row['ratios'] = ratios
+        print(f'{arch:7s} ratios ' + ', '.join(f'{k}={v:.2f}' for k, v in ratios.items()), flush=True)
+        results['archs'][arch] = row
+
+    if args.out:
+        from pfgmpp_fast.checkpoint import _atomic_write_bytes
+        _atomic_write_bytes(args.out, json.dumps(results, indent=2).encode())
+        lines = [f'# Network throughput ({results["device"]}, torch {results["torch"]}, batch {args.batch})', '',
+                 '| arch | variant | forward img/s | fwd+bwd img/s |', '|---|---|---|---|']
+        for arch, row in results['archs'].items():
+            for v, r in row.items():
+                if v != 'ratios':
+                    lines.append(f'| {arch} | {v} | {r["forward_img_per_s"]:.1f} | {r["fwd_bwd_img_per_s"]:.1f} |')
+            for k, val in row['ratios'].items():
+                lines.append(f'| {arch} | {k} | {val:.2f} | |')
+        md = os.path.splitext(args.out)[0] + '.md'
+        _atomic_write_bytes(md, ('\n'.join(lines) + '\n').encode())
+    return results
+
+
+if __name__ == '__main__':
+    main()
