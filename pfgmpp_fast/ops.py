@@ -66,6 +66,12 @@ def _register_triton_ops():
     _triton_registered = True
 
 
+try:  # register at import: torch.compile cannot trace the registration itself
+    _register_triton_ops()
+except ImportError:  # triton not installed: backend='triton' reports it when asked for
+    pass
+
+
 def _ext():
     try:
         from . import _ext as ext
@@ -123,7 +129,8 @@ def resolve_backend(backend: str, device) -> str:
 
 def _op(name: str, backend: str):
     if backend == "triton":
-        _register_triton_ops()
+        if not _triton_registered:
+            _register_triton_ops()
         return getattr(torch.ops.pfgmpp_fast_triton, name)
     _ext()  # loads the library and its fake implementations
     return getattr(torch.ops.pfgmpp_fast, name)
