@@ -201,3 +201,25 @@ def test_perturb_op_tiled_channels_last(backend, C, H, W, in_cl, out_cl):
         ref_net, ref_x = R.ref_perturb(y, scale, c_in, ids, 3, 0, out_dtype, out_cl, True)
         assert same_format(net_in, ref_net) and torch.isfinite(net_in).all()
         assert rel_err(net_in, ref_net) < tol(out_dtype) and rel_err(x, ref_x) < 1e-5
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["triton", pytest.param("cuda", marks=pytest.mark.skipif(
+    not ops.has_cuda_kernels(), reason="no CUDA kernels"))])
+def test_perturb_64bit_indexing(backend):
+    """B·N > 2^31: the last samples (whose offsets overflow int32) still match the reference."""
+    dev = torch.device("cuda")
+    N = 3 * 64 * 64
+    B = (2**31) // N + 3
+    y_small = torch.randn(1, 3, 64, 64, device=dev)
+    y = y_small.expand(B, 3, 64, 64)  # zero batch stride: no 8 GB input
+    ids = torch.arange(B, device=dev)
+    scale = torch.full((B,), 0.7, device=dev)
+    c_in = torch.full((B,), 0.5, device=dev)
+    net_in, _ = ops.perturb_op(y, scale, c_in, ids, 5, 0, torch.bfloat16, False, False, backend=backend)
+    tail = slice(B - 3, B)
+    ref, _ = R.ref_perturb(y[tail].cpu(), scale[tail].cpu(), c_in[tail].cpu(), ids[tail].cpu(), 5, 0,
+                           torch.bfloat16, False, False)
+    assert rel_err(net_in[tail], ref) < 1e-2
+    del net_in
+    torch.cuda.empty_cache()
