@@ -231,11 +231,12 @@ def test_inception_weights_local_file_and_sha256_refusal(tmp_path, monkeypatch):
     sd = real_load(path, weights_only=True)
     assert torch.equal(ex.net.Conv2d_1a_3x3.conv.weight, sd["Conv2d_1a_3x3.conv.weight"])
     g = torch.Generator().manual_seed(0)
-    rgb = torch.randint(0, 256, (2, 3, 16, 16), generator=g, dtype=torch.uint8)
+    grey = torch.randint(0, 256, (1, 1, 16, 16), generator=g, dtype=torch.uint8)
+    rgb = torch.cat([torch.randint(0, 256, (1, 3, 16, 16), generator=g, dtype=torch.uint8), grey.repeat(1, 3, 1, 1)])
     feats = ex(rgb)
     assert feats.shape == (2, 2048) and feats.dtype == torch.float64 and torch.isfinite(feats).all()
-    grey = ex(rgb[:1, :1])                                   # grey images are repeated to RGB
-    assert torch.allclose(grey, ex(rgb[:1, :1].repeat(1, 3, 1, 1)))
+    assert not torch.allclose(feats[0], feats[1])
+    assert torch.allclose(ex(grey)[0], feats[1], rtol=1e-5, atol=1e-6)   # grey images are repeated to RGB
     with pytest.raises(ValueError, match="64 hex digits"):
         F.InceptionFeatures(path, sha256="abc")
     with pytest.raises(FileNotFoundError):
