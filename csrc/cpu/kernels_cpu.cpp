@@ -3,6 +3,8 @@
 // normals per Philox call, load/convert, fused arithmetic, convert/store) are simple
 // loops over contiguous buffers so the compiler can vectorise them.
 #include <algorithm>
+#include <bit>
+#include <cmath>
 #include <cstring>
 #include <type_traits>
 #include <vector>
@@ -20,15 +22,144 @@ namespace {
 
 constexpr int64_t kChunk = 2048;  // elements per work item (multiple of 4)
 
+// ---------------------------------------------------------------- vectorised normals
+// Box-Muller needs float32 log, sin and cos. Scalar libm calls would cost more than the
+// rest of the op, so these are evaluated in double precision with branch-free code the
+// compiler vectorises, then rounded to float: correctly rounded except in rare near-ties
+// (the spec's "accurate logf/sinf/cosf"; torch's own SIMD versions are within 1 ulp).
+#define PFG_INLINE inline __attribute__((always_inline))
+
+constexpr uint64_t kSqrtHalfBits = 0x3FE6A09E667F3BCDull;  // sqrt(0.5)
+constexpr double kLn2 = 0.69314718055994530942;
+constexpr double kRoundMagic = 6755399441055744.0;  // 1.5 * 2^52: x + magic rounds x
+constexpr double kTwoOverPi = 0.63661977236758134308;
+constexpr double kPiOver2Hi = 1.57079632673412561417;  // 33 bits: q * hi is exact for q <= 4
+constexpr double kPiOver2Lo = 6.07710050650619224932e-11;
+
+// log(x) for float x in (0, 1]: x = 2^k m, m in [sqrt(1/2), sqrt(2)), log m = 2 atanh(s).
+PFG_INLINE float log_f32(float xf) {
+  const int64_t t = std::bit_cast<int64_t>(static_cast<double>(xf)) - int64_t(kSqrtHalfBits);
+  const uint64_t biased = static_cast<uint64_t>(t + (int64_t(64) << 52));  // k + 64 >= 0
+  const double k = std::bit_cast<double>((biased >> 52) | 0x4330000000000000ull) -
+                   (4503599627370496.0 + 64.0);
+  const double m = std::bit_cast<double>((static_cast<uint64_t>(t) & 0x000FFFFFFFFFFFFFull) +
+                                         kSqrtHalfBits);
+  const double s = (m - 1.0) / (m + 1.0);  // |s| <= 0.1716
+  const double s2 = s * s;
+  double p = 1.0 / 17;  // atanh series; truncation < 1e-15 relative
+  p = p * s2 + 1.0 / 15;
+  p = p * s2 + 1.0 / 13;
+  p = p * s2 + 1.0 / 11;
+  p = p * s2 + 1.0 / 9;
+  p = p * s2 + 1.0 / 7;
+  p = p * s2 + 1.0 / 5;
+  p = p * s2 + 1.0 / 3;
+  p = p * s2 + 1.0;
+  return static_cast<float>(k * kLn2 + 2.0 * s * p);
+}
+
+// sin and cos of a float angle in [0, 2 pi]: quadrant reduction, Taylor on |r| <= pi/4.
+PFG_INLINE void sincos_f32(float thf, float& sf, float& cf) {
+  const double th = static_cast<double>(thf);
+  const double tq = th * kTwoOverPi + kRoundMagic;
+  const uint64_t q = std::bit_cast<uint64_t>(tq);  // low bits: the quadrant
+  const double qd = tq - kRoundMagic;
+  const double r = (th - qd * kPiOver2Hi) - qd * kPiOver2Lo;
+  const double r2 = r * r;
+  double ps = -1.0 / 1307674368000.0;  // sin: up to r^15
+  ps = ps * r2 + 1.0 / 6227020800.0;
+  ps = ps * r2 - 1.0 / 39916800.0;
+  ps = ps * r2 + 1.0 / 362880.0;
+  ps = ps * r2 - 1.0 / 5040.0;
+  ps = ps * r2 + 1.0 / 120.0;
+  ps = ps * r2 - 1.0 / 6.0;
+  const double sr = r + r * r2 * ps;
+  double pc = -1.0 / 6402373705728000.0;  // cos: up to r^18
+  pc = pc * r2 + 1.0 / 20922789888000.0;
+  pc = pc * r2 - 1.0 / 87178291200.0;
+  pc = pc * r2 + 1.0 / 479001600.0;
+  pc = pc * r2 - 1.0 / 3628800.0;
+  pc = pc * r2 + 1.0 / 40320.0;
+  pc = pc * r2 - 1.0 / 720.0;
+  pc = pc * r2 + 1.0 / 24.0;
+  pc = pc * r2 - 0.5;
+  const double cr = 1.0 + r2 * pc;
+  const bool swap = (q & 1) != 0;
+  double sv = swap ? cr : sr;
+  double cv = swap ? sr : cr;
+  sv = (q & 2) ? -sv : sv;
+  cv = ((q + 1) & 2) ? -cv : cv;
+  sf = static_cast<float>(sv);
+  cf = static_cast<float>(cv);
+}
+
+constexpr int kBatch = 64;  // Philox blocks per vectorised batch (256 normals)
+
+// Normals of blocks j0 .. j0+nb-1 (nb <= kBatch) of one sample and stream, 4 per block.
+// Structure of arrays over the batch, so every loop below is a SIMD loop; compiled for
+// AVX-512, AVX2 and the baseline ISA, picked at load time.
+__attribute__((target_clones("avx512f", "avx2", "default")))
+void normal_blocks(uint32_t id_lo, uint32_t id_hi, uint32_t stream, PhiloxKey key, uint32_t j0,
+                   int nb, float* z) {
+  uint32_t c0[kBatch], c1[kBatch], c2[kBatch], c3[kBatch];
+  for (int i = 0; i < kBatch; ++i) {
+    c0[i] = j0 + static_cast<uint32_t>(i);
+    c1[i] = id_lo;
+    c2[i] = id_hi;
+    c3[i] = stream;
+  }
+  uint32_t k0 = key.k0, k1 = key.k1;
+  for (int round = 0; round < 10; ++round) {
+    if (round > 0) {
+      k0 += kPhiloxW0;
+      k1 += kPhiloxW1;
+    }
+    for (int i = 0; i < kBatch; ++i) {
+      const uint64_t p0 = static_cast<uint64_t>(kPhiloxM0) * c0[i];
+      const uint64_t p1 = static_cast<uint64_t>(kPhiloxM1) * c2[i];
+      const uint32_t n0 = static_cast<uint32_t>(p1 >> 32) ^ c1[i] ^ k0;
+      const uint32_t n2 = static_cast<uint32_t>(p0 >> 32) ^ c3[i] ^ k1;
+      c0[i] = n0;
+      c1[i] = static_cast<uint32_t>(p1);
+      c2[i] = n2;
+      c3[i] = static_cast<uint32_t>(p0);
+    }
+  }
+  float za0[kBatch], za1[kBatch], zb0[kBatch], zb1[kBatch];
+  for (int i = 0; i < kBatch; ++i) {
+    const float ra = sqrtf(-2.0f * log_f32(philox_uniform(c0[i])));
+    const float rb = sqrtf(-2.0f * log_f32(philox_uniform(c2[i])));
+    float sa, ca, sb, cb;
+    sincos_f32(6.2831855f * philox_uniform(c1[i]), sa, ca);
+    sincos_f32(6.2831855f * philox_uniform(c3[i]), sb, cb);
+    za0[i] = ra * ca;
+    za1[i] = ra * sa;
+    zb0[i] = rb * cb;
+    zb1[i] = rb * sb;
+  }
+  for (int i = 0; i < nb; ++i) {
+    z[4 * i] = za0[i];
+    z[4 * i + 1] = za1[i];
+    z[4 * i + 2] = zb0[i];
+    z[4 * i + 3] = zb1[i];
+  }
+}
+
 // Normals z[e0 .. e0+n) of one sample; e0 is a multiple of 4.
 void draw_normals(uint64_t sid, PhiloxKey key, uint32_t stream, int64_t e0, int64_t n,
                   float* z) {
+  const uint32_t id_lo = static_cast<uint32_t>(sid & 0xFFFFFFFFu);
+  const uint32_t id_hi = static_cast<uint32_t>(sid >> 32);
   const int64_t full = n / 4;
-  const uint32_t j0 = static_cast<uint32_t>(e0 / 4);
-  for (int64_t q = 0; q < full; ++q) philox_normal4(sid, j0 + (uint32_t)q, stream, key, z + 4 * q);
+  uint32_t j = static_cast<uint32_t>(e0 / 4);
+  for (int64_t q = 0; q < full; q += kBatch) {
+    const int nb = static_cast<int>(std::min<int64_t>(kBatch, full - q));
+    normal_blocks(id_lo, id_hi, stream, key, j, nb, z + 4 * q);
+    j += static_cast<uint32_t>(nb);
+  }
   if (n % 4) {
     float tail[4];
-    philox_normal4(sid, j0 + (uint32_t)full, stream, key, tail);
+    normal_blocks(id_lo, id_hi, stream, key, j, 1, tail);
     for (int64_t i = 0; i < n % 4; ++i) z[4 * full + i] = tail[i];
   }
 }

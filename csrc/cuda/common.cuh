@@ -1,6 +1,7 @@
 // Device helpers shared by the CUDA kernels: launch geometry, dtype-dispatched loads and
 // stores of one Philox block (4 logical elements), 16-byte vector accesses when aligned.
-// Only CUDA and c10 exception headers here (no ATen), to keep nvcc compile time small.
+// Only CUDA headers here: no ATen and no c10 (c10/cuda/CUDAException.h alone triples the
+// nvcc time of a file); launch errors are raised by the host layer (ops.cpp) with c10.
 #pragma once
 #include <algorithm>
 #include <cstdint>
@@ -8,12 +9,20 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
-#include <c10/cuda/CUDAException.h>
 
 #include "../kernel_params.h"
 #include "../philox.h"
 
 namespace pfgmpp {
+
+// Defined in ops.cpp: raises the c10 CUDA error (C10_CUDA_CHECK) for a failed call.
+void cuda_check(int error, const char* what, const char* file, int line);
+
+// C10_CUDA_KERNEL_LAUNCH_CHECK without the c10 headers: checks every launch right away.
+#define PFG_CUDA_KERNEL_LAUNCH_CHECK() \
+  ::pfgmpp::cuda_check(static_cast<int>(cudaGetLastError()), "kernel launch", __FILE__, __LINE__)
+#define PFG_CUDA_CHECK(call) ::pfgmpp::cuda_check(static_cast<int>(call), #call, __FILE__, __LINE__)
+
 namespace cuda_detail {
 
 constexpr int kThreads = 256;
@@ -22,10 +31,10 @@ constexpr int kThreads = 256;
 inline int grid_blocks(int64_t items) {
   static int sm_count[64] = {0};
   int dev = 0;
-  C10_CUDA_CHECK(cudaGetDevice(&dev));
+  PFG_CUDA_CHECK(cudaGetDevice(&dev));
   if (dev >= 64) dev = 63;
   if (sm_count[dev] == 0)
-    C10_CUDA_CHECK(cudaDeviceGetAttribute(&sm_count[dev], cudaDevAttrMultiProcessorCount, dev));
+    PFG_CUDA_CHECK(cudaDeviceGetAttribute(&sm_count[dev], cudaDevAttrMultiProcessorCount, dev));
   const int64_t blocks = (items + kThreads - 1) / kThreads;
   return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(blocks, int64_t(sm_count[dev]) * 16)));
 }

@@ -74,16 +74,15 @@ int64_t loss_num_chunks(const Geometry& g) {
 void loss_fwd_bwd(const LossParams& p, float* partials, void* stream) {
   const int64_t blocks_per_sample = (p.g.N + 3) / 4;
   const int64_t chunks = loss_num_chunks(p.g);
-  TORCH_CHECK(chunks < (int64_t(1) << 31), "loss_fwd_bwd: too many elements per sample (N=", p.g.N, ")");
   const dim3 grid(static_cast<unsigned>(chunks), static_cast<unsigned>(std::min<int64_t>(p.g.B, 65535)));
   if (p.use_double) {
     loss_kernel<double><<<grid, kThreads, 0, as_stream(stream)>>>(p, blocks_per_sample, chunks, partials);
   } else {
     loss_kernel<float><<<grid, kThreads, 0, as_stream(stream)>>>(p, blocks_per_sample, chunks, partials);
   }
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  PFG_CUDA_KERNEL_LAUNCH_CHECK();
   sum_partials_kernel<<<grid_blocks(p.g.B), kThreads, 0, as_stream(stream)>>>(partials, p.g.B, chunks, p.per_sample_loss);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  PFG_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 }  // namespace cuda

@@ -42,7 +42,7 @@ void perturb(const PerturbParams& p, void* stream) {
   } else {
     perturb_kernel<float><<<grid, kThreads, 0, as_stream(stream)>>>(p, blocks_per_sample);
   }
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  PFG_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 }  // namespace cuda

@@ -47,18 +47,18 @@ __global__ void chi2_kernel(Chi2Params p) {
 
 void philox4x32(const RawPhiloxParams& p, void* stream) {
   philox_raw_kernel<<<grid_blocks(p.M), kThreads, 0, as_stream(stream)>>>(p);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  PFG_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 void philox_normal(const NormalParams& p, void* stream) {
   const int64_t blocks_per_row = (p.n + 3) / 4;
   philox_normal_kernel<<<grid_blocks(p.B * blocks_per_row), kThreads, 0, as_stream(stream)>>>(p, blocks_per_row);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  PFG_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 void chi2(const Chi2Params& p, void* stream) {
   chi2_kernel<<<grid_blocks(p.B), kThreads, 0, as_stream(stream)>>>(p);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  PFG_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 }  // namespace cuda

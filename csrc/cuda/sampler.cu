@@ -72,7 +72,7 @@ void sampler_update(const SamplerParams& p, void* stream) {
   } else {
     sampler_kernel<float><<<grid, kThreads, 0, as_stream(stream)>>>(p, blocks_per_sample);
   }
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  PFG_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 }  // namespace cuda
