@@ -324,32 +324,40 @@ class GlobalBatchSampler:
     training run — does not depend on W. Indices are computed on the CPU (no device sync).
     """
 
-    def __init__(self, size: int, seed: int = 0, shuffle: bool = True):
+    def __init__(self, size: int, seed: int = 0, shuffle: bool = True, device=None):
         if not isinstance(size, int) or size < 1:
             raise ValueError(f"size must be a positive int, got {size!r}")
         self.size, self.seed, self.shuffle = size, int(seed), bool(shuffle)
+        self.device = torch.device(device) if device is not None else torch.device("cpu")
         self._perms: dict = {}
 
     def _perm(self, epoch: int) -> torch.Tensor:
         if epoch not in self._perms:
             if len(self._perms) >= 4:
                 self._perms.pop(min(self._perms))
-            if self.shuffle:
+            if self.shuffle:       # drawn on the CPU (same order on every device), then moved once
                 gen = torch.Generator().manual_seed((self.seed * 1_000_003 + epoch) % (2**63))
-                self._perms[epoch] = torch.randperm(self.size, generator=gen)
+                perm = torch.randperm(self.size, generator=gen)
             else:
-                self._perms[epoch] = torch.arange(self.size)
+                perm = torch.arange(self.size)
+            self._perms[epoch] = perm.to(self.device)
         return self._perms[epoch]
 
     def positions(self, start: int, count: int) -> torch.Tensor:
-        """Item indices for global positions [start, start + count)."""
-        pos = torch.arange(start, start + count, dtype=torch.int64)
-        epochs = pos // self.size
-        out = torch.empty(count, dtype=torch.int64)
-        for e in torch.unique(epochs).tolist():
-            mask = epochs == e
-            out[mask] = self._perm(int(e))[pos[mask] % self.size]
-        return out
+        """Item indices for global positions [start, start + count), on ``self.device``.
+
+        Epoch boundaries are found with Python integers, so this never waits for the device.
+        """
+        start, count = int(start), int(count)
+        pieces, pos, end = [], start, start + count
+        while pos < end:
+            epoch, offset = divmod(pos, self.size)
+            take = min(end - pos, self.size - offset)
+            pieces.append(self._perm(epoch)[offset:offset + take])
+            pos += take
+        if not pieces:
+            return torch.empty(0, dtype=torch.int64, device=self.device)
+        return pieces[0] if len(pieces) == 1 else torch.cat(pieces)
 
     def batch(self, step: int, global_batch: int, rank: int = 0, world_size: int = 1) -> torch.Tensor:
         """Item indices of rank ``rank``'s share of global batch number ``step``."""

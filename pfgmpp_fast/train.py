@@ -294,6 +294,7 @@ class _Run:
         from pfgmpp_fast.networks import build_network
         o, dev = self.o, self.device
         if o["deterministic"]:
+            os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
             torch.use_deterministic_algorithms(True)
             if dev.type == "cuda":
                 torch.backends.cudnn.benchmark = False
@@ -323,7 +324,7 @@ class _Run:
                                     max_size=o["max_size"])
         if self.dataset.images.numel() * self.dataset.images.element_size() < (2 << 30):
             self.dataset = self.dataset.to(dev)
-        self.sampler = GlobalBatchSampler(len(self.dataset), seed=o["seed"])
+        self.sampler = GlobalBatchSampler(len(self.dataset), seed=o["seed"], device=self.dataset.images.device)
         self.log(f"data: {o['data']} ({self.dataset.num_images} images, {self.dataset.channels}x"
                  f"{self.dataset.resolution}x{self.dataset.resolution}, {self.dataset.label_dim} classes, "
                  f"{len(self.dataset)} items with x-flips)")
@@ -399,13 +400,22 @@ class _Run:
             optimizer=_to_cpu(self.optimizer.state_dict()),
             cur_nimg=int(self.cur_nimg), cur_tick=int(self.cur_tick),
             nonfinite_total=int(self.nonfinite_total), total_time=float(self.total_time()),
-            rng_cpu=torch.get_rng_state(),
+            rng_cpu_ranks=self._gather_rng("cpu"),
             options={k: _jsonable(self.o[k]) for k in RESUME_KEYS},
             network_config=_jsonable(self.net.config()),
         )
         if self.device.type == "cuda":
-            state["rng_cuda"] = torch.cuda.get_rng_state(self.device)
+            state["rng_cuda_ranks"] = self._gather_rng("cuda")
         return state
+
+    def _gather_rng(self, kind):
+        """Every rank's RNG state (dropout masks), so a resumed run continues them exactly."""
+        mine = torch.get_rng_state() if kind == "cpu" else torch.cuda.get_rng_state(self.device)
+        if not self.dist.enabled:
+            return [mine]
+        everyone = [None] * self.dist.world_size
+        torch.distributed.all_gather_object(everyone, mine)
+        return everyone
 
     def load_state(self, path: str):
         state = load_torch_state(path)
@@ -426,10 +436,15 @@ class _Run:
         self.cur_nimg, self.cur_tick = int(state["cur_nimg"]), int(state["cur_tick"])
         self.nonfinite_total = int(state.get("nonfinite_total", 0))
         self.total_time_before = float(state.get("total_time", 0.0))
-        if "rng_cpu" in state:
-            torch.set_rng_state(state["rng_cpu"])
-        if "rng_cuda" in state and self.device.type == "cuda":
-            torch.cuda.set_rng_state(state["rng_cuda"], self.device)
+        cpu_states, cuda_states = state.get("rng_cpu_ranks") or [], state.get("rng_cuda_ranks") or []
+        if len(cpu_states) == self.dist.world_size:
+            torch.set_rng_state(cpu_states[self.dist.rank])
+        else:
+            torch.manual_seed((self.o["seed"] * 1009 + self.dist.rank + 7919 * self.cur_nimg) % 2**63)
+            self.log(f"resume: the state was written by {len(cpu_states)} rank(s), this run has "
+                     f"{self.dist.world_size}: dropout masks are reseeded (weights continue exactly)")
+        if self.device.type == "cuda" and len(cuda_states) == self.dist.world_size:
+            torch.cuda.set_rng_state(cuda_states[self.dist.rank], self.device)
 
     def total_time(self):
         return self.total_time_before + (time.time() - self.start_time)
@@ -496,6 +511,9 @@ class _Run:
         total_nimg = int(round(o["duration_mimg"] * 1e6))
         N = self.dataset.channels * self.dataset.resolution ** 2
         self.start_time = time.time()
+        if self.cur_nimg >= total_nimg:
+            self.log(f"the run is complete ({self.cur_nimg / 1000:.3f} of {total_nimg / 1000:.3f} kimg); nothing to do")
+            return
         tick_start_nimg, tick_start_time = self.cur_nimg, time.time()
         stats_path = os.path.join(o["run_dir"], "stats.jsonl")
         bar = _progress_bar(o, self.rank0, total_nimg, self.cur_nimg)
@@ -531,6 +549,7 @@ class _Run:
                 "Timing/sec_per_kimg": tick_time / max(tick_imgs, 1) * 1000,
                 "Timing/maintenance_sec": maintenance,
                 "Resources/peak_gpu_mem_gb": peak,
+                "Resources/cpu_mem_gb": _cpu_mem_gb(),
                 "Perf/img_per_sec": tick_imgs / max(tick_time, 1e-9),
                 "timestamp": time.time(),
             }
@@ -558,7 +577,7 @@ class _Run:
             if o["snap_ticks"] is not None and (done or self.cur_tick % o["snap_ticks"] == 0) and self.rank0:
                 _save_network_file(os.path.join(o["run_dir"], f"network-snapshot-{kimg_tag}.safetensors"), self.ema,
                                    {"kimg": self.cur_nimg / 1000, "seed": o["seed"], "D": _jsonable(o["D"])})
-            if o["dump_ticks"] is not None and (done or self.cur_tick % o["dump_ticks"] == 0) and self.cur_tick != 0:
+            if o["dump_ticks"] is not None and (done or (self.cur_tick % o["dump_ticks"] == 0 and self.cur_tick != 0)):
                 state = self.state_dict()
                 if self.rank0:
                     atomic_torch_save_state(os.path.join(o["run_dir"], f"training-state-{kimg_tag}.pt"), state)
@@ -624,6 +643,15 @@ def _kill_hook(where: str, step_index: int):
     target = os.environ.get("PFGMPP_FAST_KILL_AT_STEP")
     if target is not None and where == "step" and int(target) == step_index:
         os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _cpu_mem_gb() -> float:
+    """Peak resident memory of this process (GiB)."""
+    try:
+        import resource
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20      # KiB on Linux
+    except Exception:
+        return 0.0
 
 
 def _to_cpu(obj):

@@ -227,3 +227,23 @@ def test_cli_dry_run_defaults_are_the_published_recipe(capsys):
     assert o["D"] == float("inf") and o["network"] == {"channel_mult": [1, 2]}
     assert main(parser.parse_args(["--dry-run", "--D", "0"])) == 2
     assert "D must be in (0, inf]" in capsys.readouterr().err
+
+
+def test_transfer_from_a_snapshot(tmp_path):
+    run_training(**tiny(tmp_path / "a", steps=2, snap_ticks=1))
+    snap = tmp_path / "a" / "network-snapshot-000000.safetensors"
+    from pfgmpp_fast.checkpoint import load_network
+    source = load_network(str(snap))                        # our format loads without code execution
+    # Step 0 has lr = 0 (ramp-up from 0), so after one step the weights are the transferred ones.
+    run_training(**tiny(tmp_path / "b", steps=1, transfer=str(snap), dump_ticks=1))
+    state = read_state(tmp_path / "b")
+    for k, v in source.state_dict().items():
+        assert torch.equal(state["net"][k], v), k
+    with pytest.raises(ValueError, match="does not match the network"):
+        run_training(**tiny(tmp_path / "c", steps=1, transfer=str(snap),
+                            network={**TINY_NET, "model_channels": 16}))
+    pickled = tmp_path / "published.pkl"
+    import pickle
+    pickled.write_bytes(pickle.dumps({"ema": None}))
+    with pytest.raises(ValueError, match="pickle"):
+        run_training(**tiny(tmp_path / "d", steps=1, transfer=str(pickled)))
