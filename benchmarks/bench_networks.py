@@ -110,7 +110,7 @@ def bench_variant(variant, arch, cfg, args, device):
     weight = torch.randn(x.shape, device=device, generator=gen)
     result = {}
 
-    net.eval()
+    model.eval()
 
     def fwd():
         with torch.no_grad():
@@ -126,7 +126,7 @@ def bench_variant(variant, arch, cfg, args, device):
     if device.type == 'cuda':
         result['forward_peak_bytes_per_img'] = torch.cuda.max_memory_allocated() / args.batch
 
-    net.train()
+    model.train()
     params = list(net.parameters())
 
     def fwd_bwd():

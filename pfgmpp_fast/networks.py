@@ -654,7 +654,10 @@ class FastNetwork(torch.nn.Module):
     """Drop-in for an :class:`EDMPrecond`: same ``forward`` / ``raw`` signatures, same
     parameters (shared, so optimisers and EMA see one set of weights), attributes forwarded.
     The UNet runs channels-last under autocast, attention through SDPA, torch.compile'd;
-    the preconditioning around it stays in fp32."""
+    the preconditioning around it stays in fp32.
+
+    The module objects are a twin of the wrapped network's (sharing its tensors), so call
+    ``.train()`` / ``.eval()`` on this object; take EMA copies of the wrapped network."""
 
     def __init__(self, net: EDMPrecond, dtype, channels_last, compile, cuda_graphs, compile_mode, compile_backend=None):
         super().__init__()
@@ -681,7 +684,10 @@ class FastNetwork(torch.nn.Module):
         try:
             return super().__getattr__(name)
         except AttributeError:
-            return getattr(self._modules['net'], name)
+            modules = self.__dict__.get('_modules')
+            if modules is None or 'net' not in modules:
+                raise
+            return getattr(modules['net'], name)
 
     def _unet_eager(self, x_in, c_noise, class_labels, augment_labels):
         if self.channels_last:

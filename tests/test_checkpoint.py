@@ -18,8 +18,11 @@ from pfgmpp_fast.networks import EDMPrecond, build_network, make_fast
 
 def _net(arch='ncsnpp', label_dim=3, D=128, **kw):
     torch.manual_seed(0)
-    net = build_network(arch, resolution=8, channels=2, label_dim=label_dim, D=D, model_channels=16 if arch != 'adm' else 64,
-                        channel_mult=[1, 2], num_blocks=1, attn_resolutions=[4], dropout=0.0, **kw)
+    small = dict(model_channels=16, channel_mult=[1, 2], attn_resolutions=[4])
+    if arch == 'adm':  # ADM attention needs 64 channels per head: keep it to one level
+        small = dict(model_channels=64, channel_mult=[1], attn_resolutions=[8])
+    net = build_network(arch, resolution=8, channels=2, label_dim=label_dim, D=D, num_blocks=1, dropout=0.0,
+                        **{**small, **kw})
     g = torch.Generator().manual_seed(1)
     with torch.no_grad():
         for p in net.parameters():
