@@ -656,8 +656,9 @@ class FastNetwork(torch.nn.Module):
     The UNet runs channels-last under autocast, attention through SDPA, torch.compile'd;
     the preconditioning around it stays in fp32.
 
-    The module objects are a twin of the wrapped network's (sharing its tensors), so call
-    ``.train()`` / ``.eval()`` on this object; take EMA copies of the wrapped network."""
+    The module objects are a twin of the wrapped network's (sharing its tensors); train/eval
+    mode follows the wrapped network (and ``.train()`` here sets both). Take EMA copies of
+    the wrapped network, not of this object."""
 
     def __init__(self, net: EDMPrecond, dtype, channels_last, compile, cuda_graphs, compile_mode, compile_backend=None):
         super().__init__()
@@ -668,6 +669,7 @@ class FastNetwork(torch.nn.Module):
         if cuda_graphs and not compile:
             raise ValueError('cuda_graphs=True needs compile=True (CUDA graphs come from compile mode "reduce-overhead")')
         self.net = set_attention(_twin(net), 'sdpa')
+        object.__setattr__(self, '_source', net)  # not a submodule: its tensors are already ours
         self.autocast_dtype = None if dtype in (None, torch.float32) else dtype
         self.channels_last = bool(channels_last)
         self.cuda_graphs = bool(cuda_graphs)
@@ -697,7 +699,14 @@ class FastNetwork(torch.nn.Module):
         with torch.autocast(device_type=x_in.device.type, dtype=self.autocast_dtype):
             return self.net.model(x_in, c_noise, class_labels=class_labels, augment_labels=augment_labels)
 
+    def train(self, mode: bool = True):
+        super().train(mode)
+        self._source.train(mode)
+        return self
+
     def _call_unet(self, x_in, c_noise, class_labels, augment_labels):
+        if self.net.training != self._source.training:  # follow net.train() / net.eval()
+            self.net.train(self._source.training)
         if self.cuda_graphs:
             torch.compiler.cudagraph_mark_step_begin()
             return self._unet(x_in, c_noise, class_labels, augment_labels).clone()
