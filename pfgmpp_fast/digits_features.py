@@ -32,7 +32,6 @@ import os
 import tempfile
 from typing import Optional
 
-import numpy as np
 import torch
 
 __all__ = ["DigitsFeatures", "digits_uint8", "train_digits_features", "default_cache_path"]
