@@ -9,7 +9,9 @@ Variants (same architecture, same weights):
              our module set to published behaviour, checked equal to the published code.
   hand       the published-style model with what a user adds by hand: bf16 autocast,
              channels_last, TF32 on, torch.compile (default mode).
-  fast       pfgmpp_fast.networks.make_fast (bf16, channels_last, SDPA, torch.compile).
+  fast       pfgmpp_fast.networks.make_fast (bf16, channels_last, SDPA attention, box
+             resampling as avg-pool / nearest, other FIR resampling as fused shifted
+             slices, torch.compile).
 Forward = inference (eval, no_grad); fwd+bwd = training mode (dropout on), backward of a
 weighted sum of the output. Also measured in the same run: a bf16 matmul ceiling.
 """

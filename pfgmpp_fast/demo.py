@@ -1,49 +1,405 @@
-"""The demo: PFGM++ on the embedded digits data set (interim version: exact denoiser).
+"""`python -m pfgmpp_fast demo`: train a small PFGM++ on the embedded digits and sample it.
 
-Samples scikit-learn's bundled 8x8 digits with the exact (optimal) denoiser of the data
-set under the PFGM++ perturbation kernel, through the reference sampler, and writes a
-PNG grid. (The training demo replaces this once training lands.)
+The main job of the package on a fresh machine (no download, a few minutes on a 2-core CPU,
+well under a minute of training on a GPU):
+
+1. data: scikit-learn's bundled 8×8 digits (1797 images, pixel values 0..16 → [−1, 1]).
+   The first 1437 are the training split; the last 360 are held out.
+2. train: a small DDPM++ UNet (16 channels, multipliers 1,2, one block per resolution, no
+   attention, ~180k parameters) as PFGM++ with D = 128, through `train.run_training`
+   (fused perturbation + loss kernels, EMA, atomic snapshots), for `--duration` kimg.
+3. sample: the EMA network with the fused Heun sampler (18 steps = 35 NFE), seeds 0..K−1.
+4. score: the Fréchet Digit Distance (FDD) — the Fréchet distance between Gaussians
+   fitted to the 64-d features of `digits_features.py` (a small classifier trained on the
+   digits) — of the samples to the training split, in sets of 360 images (the held-out
+   count, so every number below has the same small-sample bias), for the trained network,
+   the same network before training (same seeds), and the 360 held-out real digits (the
+   floor: what a perfect generator would score).
+
+Outputs in `--outdir` (default demo-out): samples.png (a 10×10 grid, upscaled, 1-px gaps),
+loss.png (training loss vs kimg), metrics.json (throughputs, FDDs, versions, command) and
+run/ (the training run: snapshots, stats.jsonl, log.txt).
+
+Shared pieces (the digits split, the scorer, generation, snapshot loading, the small-network
+recipe) are reused by `pfgmpp_fast.experiments`.
 """
 from __future__ import annotations
 
 import argparse
+import glob
+import json
 import math
 import os
+import platform
+import sys
+import time
+from typing import Dict, List, Optional, Sequence
 
-import numpy as np
-import torch
+__all__ = ["SMALL_NETWORK", "RECIPE", "NUM_TRAIN", "NUM_HELDOUT", "DEFAULT_DURATION_KIMG", "SHORT_DURATION_KIMG",
+           "parse_D", "pick_device", "set_cpu_threads", "digits_uint8_split", "DigitsScorer", "train_small", "load_snapshot",
+           "latest_snapshot", "untrained_network", "generate_uint8", "sampling_network", "read_stats",
+           "versions", "add_arguments", "main"]
 
-from pfgmpp_fast import reference as R
+# The one small-network recipe of the demo and the robustness experiment.
+SMALL_NETWORK = dict(model_channels=16, channel_mult=[1, 2], num_blocks=1, attn_resolutions=[])
+RECIPE = dict(batch=128, lr=2e-3, lr_rampup_kimg=10.0, ema_halflife_kimg=50.0, ema_rampup_ratio=0.05,
+              dropout=0.0, augment=0.0)
+NUM_DIGITS = 1797
+NUM_HELDOUT = 360                     # = the size of one FDD set
+NUM_TRAIN = NUM_DIGITS - NUM_HELDOUT  # the first 1437 digits
+DEFAULT_DURATION_KIMG = 200.0
+SHORT_DURATION_KIMG = 20.0
+NUM_STEPS = 18                        # Heun: 35 NFE
 
+
+# ----------------------------------------------------------------------------------------
+# Small helpers
+
+def parse_D(text) -> float:
+    """'128' → 128.0, 'inf' / 'edm' → inf; ValueError for anything outside (0, inf]."""
+    from pfgmpp_fast import reference as R
+    if isinstance(text, str) and text.strip().lower() in ("inf", "infinity", "edm"):
+        return float("inf")
+    try:
+        value = float(text)
+    except (TypeError, ValueError):
+        raise ValueError(f"D must be a number in (0, inf] or 'inf', got {text!r}") from None
+    return R.check_D(value)
+
+
+def _D_label(D: float) -> str:
+    return "inf" if math.isinf(D) else f"{D:g}"
+
+
+def set_cpu_threads(device, threads: int) -> None:
+    """torch's intra-op threads for CPU runs. These networks are tiny (8×8 images), so one
+    thread loses little on an idle machine and avoids OpenMP oversubscription — which slows
+    a 2-thread run down 10–20× when other processes share the cores. 0 = torch's default."""
+    import torch
+    if isinstance(threads, bool) or not isinstance(threads, int) or threads < 0:
+        raise ValueError(f"threads must be an int >= 0 (0 = torch's default), got {threads!r}")
+    if device.type == "cpu" and threads > 0:
+        torch.set_num_threads(threads)
+
+
+def pick_device(name: str = "auto"):
+    import torch
+    if name in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {name!r} was requested but CUDA is not available (use --device cpu)")
+    return device
+
+
+def versions() -> Dict[str, str]:
+    import numpy
+    import torch
+    import pfgmpp_fast
+    out = {"pfgmpp_fast": pfgmpp_fast.__version__, "python": platform.python_version(), "torch": torch.__version__,
+           "numpy": numpy.__version__, "platform": platform.platform(), "cpu_count": str(os.cpu_count()),
+           "torch_threads": str(torch.get_num_threads())}
+    try:
+        from pfgmpp_fast import ops
+        out["extension"] = "built" if ops.has_extension() else "not built (reference kernels)"
+    except Exception as exc:  # pragma: no cover - informational only
+        out["extension"] = f"unavailable ({exc})"
+    if torch.cuda.is_available():
+        out["gpu"] = torch.cuda.get_device_name(0)
+    return out
+
+
+# ----------------------------------------------------------------------------------------
+# Data and scoring
+
+def digits_uint8_split():
+    """(training split uint8 [1437, 1, 8, 8], held-out uint8 [360, 1, 8, 8]) of the digits,
+    quantised exactly as generated images are (digits_features.digits_uint8)."""
+    from pfgmpp_fast.digits_features import digits_uint8
+    images, _ = digits_uint8()
+    if images.shape[0] != NUM_DIGITS:
+        raise RuntimeError(f"expected {NUM_DIGITS} digits from scikit-learn, got {images.shape[0]}")
+    return images[:NUM_TRAIN], images[NUM_TRAIN:]
+
+
+class DigitsScorer:
+    """Fréchet Digit Distance to the training split (fid.py statistics and distance,
+    digits_features.py features). `floor` = the FDD of the 360 held-out real digits."""
+
+    def __init__(self, device="cpu"):
+        from pfgmpp_fast.fid import get_feature_extractor
+        self.device = device
+        self.extractor = get_feature_extractor("digits", device=device)
+        self.sha256 = getattr(self.extractor, "sha256", None)
+        train, heldout = digits_uint8_split()
+        self.mu, self.sigma = self._stats(train).mean_cov()
+        self.floor = self.fdd(heldout)
+
+    def _stats(self, images):
+        from pfgmpp_fast.fid import FeatureStats
+        stats = FeatureStats(int(self.extractor.dim), device="cpu")
+        for start in range(0, images.shape[0], 1024):
+            stats.update(self.extractor(images[start:start + 1024].to(self.device)).cpu())
+        return stats
+
+    def fdd(self, images) -> float:
+        """FDD of uint8 images [B, 1, 8, 8] (B >= 2) to the training split."""
+        from pfgmpp_fast.fid import frechet_distance
+        mu, sigma = self._stats(images).mean_cov()
+        return frechet_distance(mu, sigma, self.mu, self.sigma)
+
+    def fdd_sets(self, images, set_size: int = NUM_HELDOUT) -> List[float]:
+        """FDD of consecutive sets of `set_size` images (a trailing partial set is dropped)."""
+        count = images.shape[0] // set_size
+        if count < 1:
+            raise ValueError(f"need at least {set_size} images for one FDD set, got {images.shape[0]}")
+        return [self.fdd(images[i * set_size:(i + 1) * set_size]) for i in range(count)]
+
+
+# ----------------------------------------------------------------------------------------
+# Training and networks
+
+def train_small(run_dir: str, D: float, duration_kimg: float, seed: int = 0, device="auto", progress="auto",
+                backend: str = "auto", resume: bool = False, tick_kimg: Optional[float] = None,
+                **overrides) -> str:
+    """Train the small network of the recipe on the training split with `train.run_training`.
+
+    Returns the run directory; the final EMA network is its newest network snapshot.
+    `resume=True` continues from the newest training state in `run_dir` (if any).
+    """
+    from pfgmpp_fast.train import run_training
+    options = dict(RECIPE, run_dir=run_dir, data="digits", arch="ddpmpp", D=D, duration_kimg=duration_kimg,
+                   seed=seed, max_size=NUM_TRAIN, network=dict(SMALL_NETWORK), device=str(device),
+                   backend=backend, progress=progress, precision="auto", compile=False,
+                   tick_kimg=tick_kimg or max(duration_kimg / 10, 0.1), snap_ticks=10 ** 9, dump_ticks=5,
+                   resume="auto" if resume else None)
+    options.update(overrides)
+    return run_training(**options)
+
+
+def latest_snapshot(run_dir: str) -> str:
+    """The network snapshot with the largest kimg in `run_dir`."""
+    from pfgmpp_fast.fid import find_checkpoints
+    return find_checkpoints(run_dir)[-1][1]
+
+
+def load_snapshot(path: str, device="cpu"):
+    """An EDMPrecond from one of our snapshots (safetensors, never pickle), eval mode."""
+    import torch
+    try:
+        from pfgmpp_fast.checkpoint import load_network
+    except ImportError:
+        load_network = None
+    if load_network is not None:
+        net = load_network(path, device="cpu")
+    else:   # checkpoint.py absent: train.py's plain safetensors + JSON config
+        from safetensors import safe_open
+        from safetensors.torch import load_file
+        from pfgmpp_fast.networks import EDMPrecond
+        with safe_open(path, framework="pt") as f:
+            meta = f.metadata() or {}
+        if "config" not in meta:
+            raise ValueError(f"{path} is not a pfgmpp_fast network snapshot (no 'config' metadata)")
+        config = json.loads(meta["config"])
+        if isinstance(config.get("D"), str):
+            config["D"] = float(config["D"])
+        net = EDMPrecond(**config)
+        net.load_state_dict(load_file(path), strict=True)
+    return net.to(device).eval().requires_grad_(False)
+
+
+def untrained_network(D: float, seed: int = 0, device="cpu"):
+    """The recipe's network at initialisation (the same weights training starts from)."""
+    import torch
+    from pfgmpp_fast.networks import build_network
+    state = torch.random.get_rng_state()
+    try:
+        torch.manual_seed(seed)
+        net = build_network("ddpmpp", 8, 1, D=D, dropout=RECIPE["dropout"], **SMALL_NETWORK)
+    finally:
+        torch.random.set_rng_state(state)
+    return net.to(device).eval().requires_grad_(False)
+
+
+def sampling_network(net, device):
+    """What sampling runs: eager fp32 on the CPU; bf16 channels-last (not compiled: the demo
+    is short) on a GPU."""
+    from pfgmpp_fast.generate import make_generator_fast
+    return make_generator_fast(net, device, compile=False, cuda_graphs=False)
+
+
+def generate_uint8(net, seeds: Sequence[int], num_steps: int = NUM_STEPS, alpha: float = 0.0, batch_size: int = 128,
+                   device="cpu", progress: bool = False, desc: str = "sampling", backend: str = "auto"):
+    """uint8 images [len(seeds), 1, 8, 8] (CPU) from the fused sampler, one image per seed."""
+    import torch
+    from pfgmpp_fast.generate import generate_images
+    bar = None
+    if progress:
+        from tqdm import tqdm
+        bar = tqdm(total=len(seeds), desc=desc, unit="img", file=sys.stderr, dynamic_ncols=True)
+    out = []
+    for chunk, images in generate_images(net, list(seeds), batch_size=batch_size, num_steps=num_steps, alpha=alpha,
+                                         device=device, backend=backend):
+        out.append(images.cpu())
+        if bar is not None:
+            bar.update(len(chunk))
+    if bar is not None:
+        bar.close()
+    return torch.cat(out)
+
+
+def read_stats(run_dir: str) -> List[dict]:
+    path = os.path.join(run_dir, "stats.jsonl")
+    rows = []
+    if os.path.exists(path):
+        with open(path, encoding="utf-8") as f:
+            for line in f:
+                line = line.strip()
+                if line:
+                    try:
+                        rows.append(json.loads(line))
+                    except json.JSONDecodeError:     # a torn last line after a kill
+                        pass
+    return rows
+
+
+# ----------------------------------------------------------------------------------------
+# CLI
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--outdir", default="demo-out", help="output directory (default: demo-out)")
-    p.add_argument("--D", type=float, default=128.0, help="augmented dimension D (inf = EDM)")
-    p.add_argument("--num", type=int, default=64, help="number of samples")
-    p.add_argument("--steps", type=int, default=18, help="sampler steps (NFE = 2*steps - 1)")
+    p.add_argument("--device", default="auto", help="auto (cuda if available, else cpu), cpu, cuda, cuda:1, ...")
+    p.add_argument("--D", default="128", help="augmented dimension D; 'inf' = EDM diffusion (default: 128)")
+    p.add_argument("--duration", type=float, default=None, metavar="KIMG",
+                   help=f"training length in thousands of training images (default: {DEFAULT_DURATION_KIMG:g}; "
+                        f"--short: {SHORT_DURATION_KIMG:g})")
+    p.add_argument("--short", action="store_true",
+                   help="CI mode: short training, one FDD set of 360 samples (< 2 minutes on a 2-core CPU)")
+    p.add_argument("--seed", type=int, default=0, help="training seed (network init, data order, noise)")
+    p.add_argument("--sets", type=int, default=None,
+                   help="number of FDD sets of 360 samples (default: 3; --short: 1)")
+    p.add_argument("--backend", default="auto", help="kernel backend: auto, cpu, cuda, triton, reference")
+    p.add_argument("--threads", type=int, default=1,
+                   help="CPU threads (default 1: the network is tiny and one thread is robust on shared "
+                        "machines; 0 = torch's default)")
+    p.add_argument("--no-progress", dest="progress", action="store_false", default=True,
+                   help="no progress bars (tick lines are still printed)")
 
 
-def _grid_png(images: np.ndarray, path: str) -> None:
-    from PIL import Image
-    n, h, w = images.shape
-    cols = int(math.ceil(math.sqrt(n)))
-    rows = int(math.ceil(n / cols))
-    grid = np.zeros((rows * h, cols * w), dtype=np.uint8)
-    for i, im in enumerate(images):
-        r, c = divmod(i, cols)
-        grid[r * h:(r + 1) * h, c * w:(c + 1) * w] = im
-    Image.fromarray(grid).resize((cols * w * 8, rows * h * 8), Image.NEAREST).save(path)
+def _mean_spread(values: Sequence[float]):
+    import numpy as np
+    v = np.asarray(values, dtype=np.float64)
+    return float(v.mean()), float(v.std(ddof=1)) if v.size > 1 else 0.0
 
 
 def main(args) -> int:
-    from sklearn.datasets import load_digits
-    data = torch.from_numpy(load_digits().images).double().unsqueeze(1) / 8.0 - 1.0
-    seeds = torch.arange(args.num)
-    latents = R.prior((args.num, 1, 8, 8), args.D, 80.0, 0, seeds)
-    x = R.sample(R.optimal_denoiser(data, args.D), latents, args.D, 0, seeds, num_steps=args.steps)
-    images = ((x[:, 0] + 1) * 127.5).clamp(0, 255).round().to(torch.uint8).numpy()
-    os.makedirs(args.outdir, exist_ok=True)
-    path = os.path.join(args.outdir, "samples.png")
-    _grid_png(images, path)
-    print(f"wrote {path}")
+    import numpy as np
+    import torch
+    from pfgmpp_fast.io_utils import atomic_save_json
+    from pfgmpp_fast.plots import save_image_grid, save_loss_curve
+
+    try:
+        D = parse_D(args.D)
+        device = pick_device(args.device)
+        duration = args.duration if args.duration is not None else (SHORT_DURATION_KIMG if args.short else DEFAULT_DURATION_KIMG)
+        if not (math.isfinite(duration) and duration > 0):
+            raise ValueError(f"--duration must be a positive number of kimg, got {duration}")
+        sets = args.sets if args.sets is not None else (1 if args.short else 3)
+        if sets < 1:
+            raise ValueError(f"--sets must be >= 1, got {sets}")
+        if not 0 <= args.seed < 2 ** 63:
+            raise ValueError(f"--seed must be in [0, 2^63), got {args.seed}")
+        set_cpu_threads(device, args.threads)
+    except (ValueError, TypeError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+    outdir = os.path.abspath(args.outdir)
+    run_dir = os.path.join(outdir, "run")
+    os.makedirs(outdir, exist_ok=True)
+    t_start = time.perf_counter()
+    progress = bool(args.progress) and sys.stderr.isatty()
+    num_samples = sets * NUM_HELDOUT
+    seeds = list(range(num_samples))
+    batch = num_samples if device.type == "cuda" else 120
+    print(f"pfgmpp_fast demo: PFGM++ D={_D_label(D)} on the embedded digits, device {device}, "
+          f"{duration:g} kimg of training, {num_samples} samples ({sets} FDD sets of {NUM_HELDOUT})", flush=True)
+
+    # 1. Scorer and the untrained baseline (same seeds as the trained samples).
+    scorer = DigitsScorer(device=device)
+    print(f"[1/4] FDD of the untrained network ({num_samples} samples)", flush=True)
+    untrained = sampling_network(untrained_network(D, args.seed, device), device)
+    with torch.no_grad():
+        untrained_images = generate_uint8(untrained, seeds, device=device, batch_size=batch, progress=progress,
+                                          desc="sampling (untrained)", backend=args.backend)
+    fdd_untrained = scorer.fdd_sets(untrained_images)
+    del untrained
+
+    # 2. Train (fresh run directory each time: the demo measures its own throughput).
+    print(f"[2/4] training ({duration:g} kimg, batch {RECIPE['batch']}) -> {run_dir}", flush=True)
+    for stale in glob.glob(os.path.join(run_dir, "*")):
+        if os.path.isfile(stale):
+            os.unlink(stale)
+    t0 = time.perf_counter()
+    train_small(run_dir, D, duration, seed=args.seed, device=device, progress=progress, backend=args.backend)
+    train_seconds = time.perf_counter() - t0
+    stats = read_stats(run_dir)
+    steady = [s["Perf/img_per_sec"] for s in stats if s.get("Progress/tick", 0) > 0]
+
+    # 3. Sample the trained EMA network.
+    print(f"[3/4] sampling {num_samples} images ({NUM_STEPS} Heun steps = {2 * NUM_STEPS - 1} NFE)", flush=True)
+    snapshot = latest_snapshot(run_dir)
+    net = sampling_network(load_snapshot(snapshot, device), device)
+    with torch.no_grad():
+        generate_uint8(net, seeds[:min(8, num_samples)], device=device, batch_size=8, backend=args.backend)  # warm-up
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        t0 = time.perf_counter()
+        images = generate_uint8(net, seeds, device=device, batch_size=batch, progress=progress,
+                                backend=args.backend)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        sample_seconds = time.perf_counter() - t0
+
+    # 4. Score and write the outputs.
+    print("[4/4] scoring and writing outputs", flush=True)
+    fdd_trained = scorer.fdd_sets(images)
+    trained_mean, trained_spread = _mean_spread(fdd_trained)
+    untrained_mean, untrained_spread = _mean_spread(fdd_untrained)
+    paths = {"samples": os.path.join(outdir, "samples.png"), "loss": os.path.join(outdir, "loss.png"),
+             "metrics": os.path.join(outdir, "metrics.json"), "run": run_dir, "snapshot": snapshot}
+    save_image_grid(images[:100].numpy(), paths["samples"], cols=10, scale=4, gap=1)
+    save_loss_curve([s["Progress/kimg"] for s in stats], [s["Loss/loss"] for s in stats], paths["loss"],
+                    title=f"PFGM++ D={_D_label(D)} on digits: training loss")
+    kimg = stats[-1]["Progress/kimg"] if stats else duration
+    metrics = {
+        "command": "python -m pfgmpp_fast demo " + " ".join(sys.argv[2:] if sys.argv[1:2] == ["demo"] else sys.argv[1:]),
+        "device": str(device), "D": _D_label(D), "seed": args.seed, "short": bool(args.short),
+        "network": {"arch": "ddpmpp", **SMALL_NETWORK,
+                    "parameters": int(sum(p.numel() for p in net.parameters()))},
+        "recipe": dict(RECIPE, duration_kimg=duration, train_images=NUM_TRAIN),
+        "train": {"kimg": kimg, "seconds": round(train_seconds, 2),
+                  "img_per_sec": round(kimg * 1000 / train_seconds, 1),
+                  "img_per_sec_steady": round(float(np.median(steady)), 1) if steady else None,
+                  "final_loss": stats[-1]["Loss/loss"] if stats else None},
+        "sample": {"images": num_samples, "num_steps": NUM_STEPS, "nfe": 2 * NUM_STEPS - 1, "solver": "heun",
+                   "seconds": round(sample_seconds, 2), "img_per_sec": round(num_samples / sample_seconds, 1)},
+        "fdd": {"trained": trained_mean, "trained_spread": trained_spread, "trained_sets": fdd_trained,
+                "untrained": untrained_mean, "untrained_spread": untrained_spread, "untrained_sets": fdd_untrained,
+                "heldout_real": scorer.floor, "images_per_set": NUM_HELDOUT,
+                "reference": f"training split (first {NUM_TRAIN} digits)",
+                "heldout": f"last {NUM_HELDOUT} digits (never trained on)",
+                "features": "digits_features.py (64-d)", "features_sha256": scorer.sha256},
+        "wall_seconds": None, "versions": versions(), "files": paths,
+    }
+    metrics["wall_seconds"] = round(time.perf_counter() - t_start, 2)
+    atomic_save_json(paths["metrics"], metrics)
+
+    print(f"wrote {paths['samples']}\nwrote {paths['loss']}\nwrote {paths['metrics']}\n"
+          f"training run (snapshots, stats.jsonl, log.txt): {run_dir}")
+    print(f"train : {kimg:g} kimg in {train_seconds:.1f} s = {metrics['train']['img_per_sec']:.0f} img/s on {device}")
+    print(f"sample: {num_samples} images at {2 * NUM_STEPS - 1} NFE in {sample_seconds:.1f} s "
+          f"= {metrics['sample']['img_per_sec']:.0f} img/s")
+    print(f"FDD   : trained {trained_mean:.2f} ± {trained_spread:.2f} | untrained {untrained_mean:.2f} | "
+          f"held-out real digits {scorer.floor:.2f} (lower is better; {metrics['wall_seconds']:.0f} s in all)")
     return 0

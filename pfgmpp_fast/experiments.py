@@ -1,0 +1,376 @@
+"""`python -m pfgmpp_fast experiment robustness`: the paper's robustness claim, on digits.
+
+PFGM++ (Xu et al., 2023, §5 / Fig. 4–5) reports that finite D trades rigidity for
+robustness: under noise injected during sampling (x ← x + α·t·ε at every step), under
+post-training weight quantisation and with few sampling steps, small D degrades gracefully
+while D → ∞ (diffusion) breaks down, with a middle D as the sweet spot. This experiment lets
+a user check that with the package's own tools on data that ships with it:
+
+1. train the demo's small network (demo.SMALL_NETWORK, demo.RECIPE: same recipe, same
+   budget, same seed) on the digits' training split for every D in `D_values`;
+2. sweep each trained (EMA) network over α (robustness noise), weight bit widths
+   (quantize.py, per-channel symmetric fake quantisation) and NFE (Heun: NFE = 2·steps − 1);
+   the base point of every sweep is α = 0, 32 bits, 18 steps (35 NFE), computed once;
+3. score every point with the Fréchet Digit Distance (demo.DigitsScorer: fid.py's
+   statistics and distance in the digits_features.py feature space) to the training split,
+   on `sets` disjoint seed sets of `set_size` images (set k = seeds k·set_size ...) →
+   mean ± spread (sample standard deviation over the sets). The same seeds are used for
+   every D and every point (common random numbers), and the held-out real digits give the
+   floor.
+
+Resumable: each finished training leaves `train/D<D>/done.json`, each finished point a
+`points/D<D>/<point>/set<k>.json` (all written atomically); a rerun skips them and an
+unfinished training continues from its newest training state. The run's configuration is
+kept in `config.json`; a rerun with another configuration in the same folder is refused.
+
+Outputs (results folder, default `results/robustness`): per sweep (alpha, bits, nfe)
+`robustness-<sweep>.csv` (long format: one row per D and value), `robustness-<sweep>.md`
+(a table: rows D, columns the sweep values, cells mean ± spread) and
+`robustness-<sweep>.png` (FDD vs the swept value, one line per D); plus `summary.md`
+(all tables, training facts, floor) and `results.json`.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import json
+import math
+import os
+import sys
+import time
+from typing import Dict, List, Optional, Sequence
+
+__all__ = ["FULL_CONFIG", "TINY_CONFIG", "EXPERIMENTS", "run_robustness", "make_config", "add_arguments", "main"]
+
+FULL_CONFIG = dict(
+    D_values=[8.0, 64.0, 128.0, 2048.0, float("inf")],
+    alpha=[0.0, 0.05, 0.1, 0.2, 0.3],
+    bits=[32, 8, 6, 5, 4],
+    steps=[3, 5, 7, 11, 18],          # NFE 5, 9, 13, 21, 35 (Heun)
+    base_steps=18,
+    duration_kimg=100.0,
+    sets=3,
+    set_size=360,
+    seed=0,
+)
+# CI: two D values, two points per sweep, a few training steps (< 90 s on a 2-core CPU).
+TINY_CONFIG = dict(
+    D_values=[128.0, float("inf")],
+    alpha=[0.0, 0.3],
+    bits=[32, 4],
+    steps=[3, 5],                     # NFE 5, 9
+    base_steps=5,
+    duration_kimg=1.0,
+    sets=2,
+    set_size=100,
+    seed=0,
+)
+SWEEPS = ("alpha", "bits", "nfe")
+EXPERIMENTS = ("robustness",)
+
+
+def _D_label(D: float) -> str:
+    return "inf" if math.isinf(D) else f"{D:g}"
+
+
+def _point_name(alpha: float, bits: int, steps: int) -> str:
+    return f"alpha{alpha:g}-bits{bits}-steps{steps}"
+
+
+def make_config(tiny: bool = False, **overrides) -> dict:
+    """The experiment configuration (FULL_CONFIG / TINY_CONFIG plus overrides), validated."""
+    from pfgmpp_fast.demo import parse_D
+    config = dict(TINY_CONFIG if tiny else FULL_CONFIG)
+    for k, v in overrides.items():
+        if v is None:
+            continue
+        if k not in config:
+            raise TypeError(f"unknown experiment option {k!r}; known: {sorted(config)}")
+        config[k] = v
+    config["D_values"] = [parse_D(d) for d in config["D_values"]]
+    if len(set(config["D_values"])) != len(config["D_values"]) or not config["D_values"]:
+        raise ValueError(f"D_values must be distinct and non-empty, got {config['D_values']}")
+    for a in config["alpha"]:
+        if not (isinstance(a, (int, float)) and math.isfinite(a) and a >= 0):
+            raise ValueError(f"alpha values must be finite numbers >= 0, got {a!r}")
+    for b in config["bits"]:
+        if isinstance(b, bool) or not isinstance(b, int) or not 2 <= b <= 32:
+            raise ValueError(f"bits values must be ints in [2, 32], got {b!r}")
+    for s in config["steps"] + [config["base_steps"]]:
+        if isinstance(s, bool) or not isinstance(s, int) or s < 1:
+            raise ValueError(f"steps values must be ints >= 1, got {s!r}")
+    if not (isinstance(config["sets"], int) and config["sets"] >= 1):
+        raise ValueError(f"sets must be an int >= 1, got {config['sets']!r}")
+    if not (isinstance(config["set_size"], int) and 2 <= config["set_size"]):
+        raise ValueError(f"set_size must be an int >= 2, got {config['set_size']!r}")
+    if not (isinstance(config["duration_kimg"], (int, float)) and 0 < config["duration_kimg"] < math.inf):
+        raise ValueError(f"duration_kimg must be a positive number, got {config['duration_kimg']!r}")
+    config["alpha"] = [float(a) for a in config["alpha"]]
+    config["duration_kimg"] = float(config["duration_kimg"])
+    return config
+
+
+def _config_json(config: dict) -> dict:
+    return {k: ([_D_label(d) for d in v] if k == "D_values" else v) for k, v in config.items()}
+
+
+def _points(config: dict) -> Dict[str, dict]:
+    """{name: {alpha, bits, steps}} of every distinct point (the base point once)."""
+    base = dict(alpha=0.0, bits=32, steps=config["base_steps"])
+    points = {}
+    for a in config["alpha"]:
+        points.setdefault(_point_name(a, 32, base["steps"]), dict(base, alpha=a))
+    for b in config["bits"]:
+        points.setdefault(_point_name(0.0, b, base["steps"]), dict(base, bits=b))
+    for s in config["steps"]:
+        points.setdefault(_point_name(0.0, 32, s), dict(base, steps=s))
+    return points
+
+
+def _sweep_points(config: dict, sweep: str) -> List[tuple]:
+    """[(x value, point name)] of one sweep, in the configured order."""
+    base_steps = config["base_steps"]
+    if sweep == "alpha":
+        return [(a, _point_name(a, 32, base_steps)) for a in config["alpha"]]
+    if sweep == "bits":
+        return [(b, _point_name(0.0, b, base_steps)) for b in config["bits"]]
+    return [(2 * s - 1, _point_name(0.0, 32, s)) for s in config["steps"]]
+
+
+# ----------------------------------------------------------------------------------------
+# The run
+
+class _Log:
+    def __init__(self, path: Optional[str]):
+        self.path = path
+
+    def __call__(self, msg: str):
+        print(msg, flush=True)
+        if self.path:
+            from pfgmpp_fast.io_utils import append_line
+            append_line(self.path, msg)
+
+
+def _read_json(path: str) -> Optional[dict]:
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+def _train(config: dict, D: float, outdir: str, device, log: _Log, progress, backend: str = "auto") -> dict:
+    """Train (or resume, or skip) the network for D; returns its done.json record."""
+    import glob
+    from pfgmpp_fast.demo import latest_snapshot, read_stats, train_small
+    from pfgmpp_fast.io_utils import atomic_save_json
+    run_dir = os.path.join(outdir, "train", f"D{_D_label(D)}")
+    done_path = os.path.join(run_dir, "done.json")
+    done = _read_json(done_path)
+    if done is not None:
+        log(f"D={_D_label(D)}: training finished earlier ({done['kimg']:g} kimg) -> skipped")
+        return done
+    states = glob.glob(os.path.join(run_dir, "training-state-*.pt"))
+    if not states and os.path.isdir(run_dir):      # a start that left no state: begin afresh
+        for f in glob.glob(os.path.join(run_dir, "*")):
+            if os.path.isfile(f):
+                os.unlink(f)
+    log(f"D={_D_label(D)}: training {config['duration_kimg']:g} kimg"
+        + (" (resuming from the newest training state)" if states else ""))
+    t0 = time.perf_counter()
+    train_small(run_dir, D, config["duration_kimg"], seed=config["seed"], device=device, progress=progress,
+                resume=True, backend=backend)
+    stats = read_stats(run_dir)
+    done = {"D": _D_label(D), "kimg": stats[-1]["Progress/kimg"] if stats else config["duration_kimg"],
+            "snapshot": os.path.relpath(latest_snapshot(run_dir), outdir),
+            "final_loss": stats[-1]["Loss/loss"] if stats else None,
+            "train_seconds_this_process": round(time.perf_counter() - t0, 2),
+            "train_seconds_total": stats[-1]["Timing/total_sec"] if stats else None,
+            "loss_curve": [[s["Progress/kimg"], s["Loss/loss"]] for s in stats]}
+    atomic_save_json(done_path, done)
+    return done
+
+
+def _score_points(config: dict, D: float, done: dict, outdir: str, scorer, device, log: _Log,
+                  progress: bool, backend: str = "auto") -> Dict[str, List[dict]]:
+    """FDD of every (point, set) for one D; finished ones are read back from disk."""
+    import torch
+    from pfgmpp_fast import quantize as Q
+    from pfgmpp_fast.demo import generate_uint8, load_snapshot, sampling_network
+    from pfgmpp_fast.io_utils import atomic_save_json
+    points = _points(config)
+    results: Dict[str, List[dict]] = {}
+    base_net, nets = None, {}
+    for name, p in points.items():
+        point_dir = os.path.join(outdir, "points", f"D{_D_label(D)}", name)
+        results[name] = []
+        for k in range(config["sets"]):
+            path = os.path.join(point_dir, f"set{k}.json")
+            record = _read_json(path)
+            if record is not None:
+                results[name].append(record)
+                log(f"D={_D_label(D)} {name} set {k}: FDD {record['fdd']:.3f} (finished earlier -> skipped)")
+                continue
+            if base_net is None:
+                base_net = load_snapshot(os.path.join(outdir, done["snapshot"]), device)
+            if p["bits"] not in nets:
+                q = base_net if p["bits"] >= 32 else Q.quantize_network(base_net, p["bits"])
+                nets = {p["bits"]: sampling_network(q, device)}        # keep one network at a time
+            seeds = list(range(k * config["set_size"], (k + 1) * config["set_size"]))
+            t0 = time.perf_counter()
+            with torch.no_grad():
+                images = generate_uint8(nets[p["bits"]], seeds, num_steps=p["steps"], alpha=p["alpha"],
+                                        batch_size=config["set_size"] if device.type == "cuda" else 120,
+                                        device=device, progress=progress, desc=f"D={_D_label(D)} {name} set {k}",
+                                        backend=backend)
+            record = {"D": _D_label(D), "point": name, **p, "nfe": 2 * p["steps"] - 1, "set": k,
+                      "seeds": f"{seeds[0]}-{seeds[-1]}", "images": len(seeds), "fdd": scorer.fdd(images),
+                      "seconds": round(time.perf_counter() - t0, 3)}
+            atomic_save_json(path, record)
+            results[name].append(record)
+            log(f"D={_D_label(D)} {name} set {k}: FDD {record['fdd']:.3f} ({record['seconds']:.1f} s)")
+    return results
+
+
+def _mean_spread(values: Sequence[float]):
+    import numpy as np
+    v = np.asarray(values, dtype=np.float64)
+    return float(v.mean()), (float(v.std(ddof=1)) if v.size > 1 else 0.0)
+
+
+def _write_outputs(config: dict, all_results: Dict[float, Dict[str, List[dict]]], trainings: Dict[float, dict],
+                   floor: float, outdir: str, meta: dict) -> Dict[str, str]:
+    from pfgmpp_fast.io_utils import atomic_save_json, atomic_write_text
+    from pfgmpp_fast.plots import save_sweep_figure
+    labels = {"alpha": ("alpha", "α (noise injected at every step: x ← x + α·t·ε)"),
+              "bits": ("bits", "weight bits (post-training quantisation)"),
+              "nfe": ("nfe", "NFE (Heun, 2·steps − 1)")}
+    paths, tables = {}, []
+    for sweep in SWEEPS:
+        column, xlabel = labels[sweep]
+        sp = _sweep_points(config, sweep)
+        rows, curves = [], {}
+        for D, results in all_results.items():
+            xs, means, spreads = [], [], []
+            for x, name in sp:
+                fdds = [r["fdd"] for r in sorted(results[name], key=lambda r: r["set"])]
+                mean, spread = _mean_spread(fdds)
+                rows.append({"D": _D_label(D), column: x, "fdd_mean": mean, "fdd_spread": spread, "sets": len(fdds),
+                             "images_per_set": config["set_size"], "fdd_sets": ";".join(f"{v:.6f}" for v in fdds)})
+                xs.append(x), means.append(mean), spreads.append(spread)
+            curves[f"D={_D_label(D)}"] = (xs, means, spreads)
+        buf = io.StringIO()
+        writer = csv.DictWriter(buf, fieldnames=list(rows[0]), lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(rows)
+        base = os.path.join(outdir, f"robustness-{sweep}")
+        paths[f"{sweep}_csv"] = atomic_write_text(base + ".csv", buf.getvalue())
+        head = [f"{x:g}" for x, _ in sp]
+        lines = [f"FDD (mean ± spread over {config['sets']} sets of {config['set_size']} samples; lower is better) "
+                 f"vs {xlabel}", "", f"| D \\ {column} | " + " | ".join(head) + " |", "|---" * (len(head) + 1) + "|"]
+        for D in all_results:
+            cells = [f"{r['fdd_mean']:.2f} ± {r['fdd_spread']:.2f}" for r in rows if r["D"] == _D_label(D)]
+            lines.append(f"| {_D_label(D)} | " + " | ".join(cells) + " |")
+        lines += ["", f"Held-out real digits (floor): {floor:.2f}", ""]
+        table = "\n".join(lines)
+        tables.append((sweep, table))
+        paths[f"{sweep}_md"] = atomic_write_text(base + ".md", table)
+        invert = sweep == "bits"
+        paths[f"{sweep}_png"] = save_sweep_figure(
+            curves, base + ".png", xlabel=xlabel, ylabel="FDD to the training split (lower is better)",
+            title=f"PFGM++ on digits: robustness to {sweep}", floor=floor, xticks=[x for x, _ in sp],
+            invert_x=invert)
+    summary = ["# Robustness experiment (PFGM++ on digits)", "",
+               f"Command: `{meta['command']}`", f"Device: {meta['device']}", "",
+               "Versions: " + ", ".join(f"{k} {v}" for k, v in meta["versions"].items()), "",
+               "Configuration: " + json.dumps(_config_json(config)), "",
+               "## Training", "", "| D | kimg | final loss | train seconds |", "|---|---|---|---|"]
+    for D, t in trainings.items():
+        loss = f"{t['final_loss']:.4f}" if t.get("final_loss") is not None else "n/a"
+        secs = t.get("train_seconds_total")
+        summary.append(f"| {_D_label(D)} | {t['kimg']:g} | {loss} | {secs:.0f} |" if secs is not None
+                       else f"| {_D_label(D)} | {t['kimg']:g} | {loss} | n/a |")
+    for sweep, table in tables:
+        summary += ["", f"## Sweep: {sweep}", "", table]
+    paths["summary"] = atomic_write_text(os.path.join(outdir, "summary.md"), "\n".join(summary) + "\n")
+    paths["results"] = atomic_save_json(os.path.join(outdir, "results.json"), {
+        **meta, "config": _config_json(config), "floor_heldout": floor,
+        "trainings": {_D_label(D): {k: v for k, v in t.items() if k != "loss_curve"} for D, t in trainings.items()},
+        "points": [r for results in all_results.values() for rs in results.values() for r in rs]})
+    return paths
+
+
+def run_robustness(outdir: str = "results/robustness", tiny: bool = False, device="auto", progress="auto",
+                   command: Optional[str] = None, backend: str = "auto", **overrides) -> Dict[str, str]:
+    """Run (or resume) the robustness experiment; returns {output: path}."""
+    from pfgmpp_fast.demo import DigitsScorer, pick_device, versions
+    from pfgmpp_fast.io_utils import atomic_save_json
+    config = make_config(tiny, **overrides)
+    device = pick_device(device)
+    outdir = os.path.abspath(outdir)
+    os.makedirs(outdir, exist_ok=True)
+    config_path = os.path.join(outdir, "config.json")
+    stored = _read_json(config_path)
+    if stored is not None and stored != _config_json(config):
+        raise ValueError(f"{outdir} holds a run of another configuration ({config_path}); use a fresh --outdir.\n"
+                         f"  stored: {json.dumps(stored)}\n  now:    {json.dumps(_config_json(config))}")
+    if stored is None:
+        atomic_save_json(config_path, _config_json(config))
+    log = _Log(os.path.join(outdir, "log.txt"))
+    bars = sys.stderr.isatty() if progress == "auto" else bool(progress)
+    t0 = time.perf_counter()
+    log(f"robustness experiment -> {outdir} on {device}: D {[_D_label(d) for d in config['D_values']]}, "
+        f"{len(_points(config))} points x {config['sets']} sets of {config['set_size']} samples per D")
+    scorer = DigitsScorer(device=device)
+    from pfgmpp_fast.demo import digits_uint8_split
+    floor = scorer.fdd(digits_uint8_split()[1][:config["set_size"]])
+    trainings, all_results = {}, {}
+    for D in config["D_values"]:
+        trainings[D] = _train(config, D, outdir, device, log, bars, backend)
+        all_results[D] = _score_points(config, D, trainings[D], outdir, scorer, device, log, bars, backend)
+    meta = {"command": command or "python -m pfgmpp_fast experiment robustness", "device": str(device),
+            "versions": versions(), "features_sha256": scorer.sha256,
+            "seconds_this_process": round(time.perf_counter() - t0, 1)}
+    paths = _write_outputs(config, all_results, trainings, floor, outdir, meta)
+    log(f"done in {time.perf_counter() - t0:.0f} s; results:")
+    for key in sorted(paths):
+        log(f"  {paths[key]}")
+    return paths
+
+
+# ----------------------------------------------------------------------------------------
+# CLI
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("name", choices=EXPERIMENTS, help="which experiment (robustness: the paper's α / PTQ / NFE claim)")
+    p.add_argument("--tiny", action="store_true", help="CI size: 2 D values, 2 points per sweep, 1 kimg (< 90 s)")
+    p.add_argument("--outdir", default=None, help="results folder (default: results/robustness, --tiny: "
+                                                  "results/robustness-tiny); a rerun resumes")
+    p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, ...")
+    p.add_argument("--duration", type=float, default=None, metavar="KIMG",
+                   help=f"training length per D in kimg (default {FULL_CONFIG['duration_kimg']:g}; "
+                        f"--tiny {TINY_CONFIG['duration_kimg']:g})")
+    p.add_argument("--sets", type=int, default=None, help="seed sets per point (default 3; --tiny 2)")
+    p.add_argument("--D-values", dest="D_values", default=None, help="comma-separated D values, e.g. 8,128,inf")
+    p.add_argument("--backend", default="auto", help="kernel backend: auto, cpu, cuda, triton, reference")
+    p.add_argument("--threads", type=int, default=1, help="CPU threads (default 1, see demo --help; 0 = torch's default)")
+    p.add_argument("--no-progress", dest="progress", action="store_false", default="auto")
+
+
+def main(args) -> int:
+    from pfgmpp_fast.train import TrainingError
+    outdir = args.outdir or ("results/robustness-tiny" if args.tiny else "results/robustness")
+    command = "python -m pfgmpp_fast experiment " + " ".join(sys.argv[2:] if sys.argv[1:2] == ["experiment"]
+                                                                else sys.argv[1:])
+    try:
+        from pfgmpp_fast.demo import pick_device, set_cpu_threads
+        set_cpu_threads(pick_device(args.device), args.threads)
+        D_values = None if args.D_values is None else [d.strip() for d in args.D_values.split(",") if d.strip()]
+        run_robustness(outdir, tiny=args.tiny, device=args.device, progress=args.progress, command=command,
+                       backend=args.backend,
+                       duration_kimg=args.duration, sets=args.sets, D_values=D_values)
+    except (ValueError, TypeError, FileNotFoundError, TrainingError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0

@@ -1,0 +1,119 @@
+"""Small plotting helpers for the demo and the experiments (PNG files, written atomically).
+
+matplotlib is imported lazily with the non-interactive Agg backend, so importing this
+module is cheap and works on machines without a display.
+"""
+from __future__ import annotations
+
+import io
+import math
+import os
+from typing import Dict, Optional, Sequence, Tuple
+
+import numpy as np
+
+__all__ = ["image_grid", "save_image_grid", "save_loss_curve", "save_sweep_figure"]
+
+
+def _pyplot():
+    import matplotlib
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def _save_figure(fig, path: str) -> str:
+    from pfgmpp_fast.io_utils import atomic_write_bytes
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=120, bbox_inches="tight")
+    _pyplot().close(fig)
+    return atomic_write_bytes(path, buffer.getvalue())
+
+
+def image_grid(images: np.ndarray, cols: Optional[int] = None, scale: int = 4, gap: int = 1,
+               gap_value: int = 128) -> np.ndarray:
+    """uint8 images [B, H, W] (grey) or [B, C, H, W] -> one uint8 grid [rows·(H·scale+gap)−gap, ...].
+
+    Each image is upscaled by `scale` (nearest neighbour, crisp pixels) and separated from
+    its neighbours by `gap` pixels of grey `gap_value`.
+    """
+    images = np.asarray(images)
+    if images.dtype != np.uint8:
+        raise TypeError(f"images must be uint8, got {images.dtype}")
+    if images.ndim == 4:
+        if images.shape[1] not in (1, 3):
+            raise ValueError(f"images must be [B, H, W] or [B, C, H, W] with C in (1, 3), got {images.shape}")
+        images = images[:, 0] if images.shape[1] == 1 else images.transpose(0, 2, 3, 1)
+    if images.ndim not in (3, 4) or images.shape[0] == 0:
+        raise ValueError(f"images must be a non-empty [B, H, W] or [B, C, H, W] array, got shape {images.shape}")
+    if not (isinstance(scale, int) and scale >= 1):
+        raise ValueError(f"scale must be an int >= 1, got {scale!r}")
+    if not (isinstance(gap, int) and gap >= 0):
+        raise ValueError(f"gap must be an int >= 0, got {gap!r}")
+    n, h, w = images.shape[:3]
+    cols = cols or int(math.ceil(math.sqrt(n)))
+    rows = int(math.ceil(n / cols))
+    big = images.repeat(scale, axis=1).repeat(scale, axis=2)
+    H, W = h * scale, w * scale
+    shape = (rows * (H + gap) - gap, cols * (W + gap) - gap) + big.shape[3:]
+    grid = np.full(shape, gap_value, dtype=np.uint8)
+    for i in range(n):
+        r, c = divmod(i, cols)
+        grid[r * (H + gap):r * (H + gap) + H, c * (W + gap):c * (W + gap) + W] = big[i]
+    return grid
+
+
+def save_image_grid(images: np.ndarray, path: str, cols: Optional[int] = None, scale: int = 4, gap: int = 1) -> str:
+    """Write `image_grid(images)` as a PNG (atomically)."""
+    from PIL import Image
+    from pfgmpp_fast.io_utils import atomic_write_bytes
+    buffer = io.BytesIO()
+    Image.fromarray(image_grid(images, cols=cols, scale=scale, gap=gap)).save(buffer, format="PNG")
+    return atomic_write_bytes(path, buffer.getvalue())
+
+
+def save_loss_curve(kimg: Sequence[float], loss: Sequence[float], path: str, title: str = "training loss") -> str:
+    """Loss vs kimg (raw points and a moving average), log-scaled y."""
+    plt = _pyplot()
+    kimg, loss = np.asarray(kimg, dtype=np.float64), np.asarray(loss, dtype=np.float64)
+    fig, ax = plt.subplots(figsize=(6, 3.6))
+    ax.plot(kimg, loss, color="tab:blue", alpha=0.35, lw=0.8, label="per tick")
+    if loss.size >= 5:
+        k = max(1, loss.size // 20)
+        smooth = np.convolve(loss, np.ones(k) / k, mode="valid")
+        ax.plot(kimg[k - 1:], smooth, color="tab:blue", lw=1.8, label=f"moving average ({k})")
+    if loss.size and np.all(loss > 0):
+        ax.set_yscale("log")
+    ax.set_xlabel("training images seen (kimg)")
+    ax.set_ylabel("loss (Σ over pixels, batch mean)")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    return _save_figure(fig, path)
+
+
+def save_sweep_figure(curves: Dict[str, Tuple[Sequence[float], Sequence[float], Sequence[float]]], path: str,
+                      xlabel: str, ylabel: str, title: str, floor: Optional[float] = None,
+                      xticks: Optional[Sequence[float]] = None, invert_x: bool = False, logy: bool = True) -> str:
+    """One line per label: curves[label] = (x, mean, spread); spread drawn as error bars.
+    `floor` (e.g. held-out real data) is drawn as a dashed horizontal line."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for label, (x, mean, spread) in curves.items():
+        ax.errorbar(np.asarray(x, dtype=np.float64), np.asarray(mean, dtype=np.float64),
+                    yerr=np.asarray(spread, dtype=np.float64), marker="o", ms=4, capsize=3, label=label)
+    if floor is not None and math.isfinite(floor):
+        ax.axhline(floor, color="gray", ls="--", lw=1, label="held-out real digits")
+    if xticks is not None:
+        ax.set_xticks(list(xticks))
+        ax.set_xticklabels([f"{v:g}" for v in xticks])
+    if invert_x:
+        ax.invert_xaxis()
+    if logy:
+        ax.set_yscale("log")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=8)
+    return _save_figure(fig, path)
