@@ -57,7 +57,7 @@ def fast_backends():
 
 def main():
     smoke = args.smoke
-    reps = args.reps or (3 if smoke else 20)
+    reps = args.reps or (2 if smoke else 20)
     warmup = 1 if smoke else 3
     env = bm.environment(device)
     ceil = bm.ceilings(device, smoke=smoke)

@@ -223,3 +223,19 @@ def test_perturb_64bit_indexing(backend):
     assert rel_err(net_in[tail], ref) < 1e-2
     del net_in
     torch.cuda.empty_cache()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_perturb_op_other_ranks(backend):
+    """[B, N] and 5-D (non-contiguous: copied once) images use the same logical element order."""
+    dev = device_for(backend)
+    gen = torch.Generator().manual_seed(12)
+    for y in (torch.randn(7, 10, generator=gen), torch.randn(3, 2, 3, 2, 5, generator=gen).transpose(3, 4),
+              torch.randn(2, 3, 9, generator=gen)[:, :, ::2]):
+        B = y.shape[0]
+        scale, c_in = torch.rand(B, generator=gen) + 0.1, torch.rand(B, generator=gen) + 0.1
+        ids = torch.randint(0, 2**62, (B,), generator=gen)
+        net_in, x = ops.perturb_op(y.to(dev), scale.to(dev), c_in.to(dev), ids.to(dev), 8, 0, torch.float32,
+                                   False, True, backend=backend)
+        ref_net, ref_x = R.ref_perturb(y, scale, c_in, ids, 8, 0, torch.float32, False, True)
+        assert net_in.shape == y.shape and rel_err(net_in, ref_net) < 1e-5 and rel_err(x, ref_x) < 1e-5
