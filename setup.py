@@ -139,6 +139,8 @@ class CMakeBuild(build_ext):
             print(f"pfgmpp_fast: building CUDA kernels for {env['TORCH_CUDA_ARCH_LIST']} "
                   f"with {cuda_home}", flush=True)
         else:
+            # CMakeLists.txt then reads torch's headers and libraries without its CMake
+            # config (which needs a CUDA toolkit whenever torch is a CUDA build).
             cmake_args.append("-DPFGMPP_WITH_CUDA=OFF")
             why = ("PFGMPP_FAST_NO_CUDA is set" if not want_cuda else
                    "nvcc not found" if cuda_home is None else "torch is a CPU-only build")
