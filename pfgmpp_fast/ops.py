@@ -68,7 +68,7 @@ def _register_triton_ops():
 
 try:  # register at import: torch.compile cannot trace the registration itself
     _register_triton_ops()
-except ImportError:  # triton not installed: backend='triton' reports it when asked for
+except (ImportError, RuntimeError):  # no usable triton: backend='triton' fails when asked for
     pass
 
 

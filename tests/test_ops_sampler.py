@@ -244,3 +244,13 @@ def test_sampler_update_tiled_channels_last(backend, C, H, W, state_dtype):
         assert same_format(out[2], ref[2])
         assert rel_err(out[0], ref[0]) < 1e-5 and rel_err(out[1], ref[1]) < 1e-5
         assert rel_err(out[2], ref[2]) < (1e-2 if net_dtype == torch.bfloat16 else 1e-5)
+
+
+def test_reference_backend_through_public_api():
+    data, D = _data(), 8.0
+    seeds = torch.arange(3)
+    latents = R.prior((3, 2, 3, 3), D, 80.0, 4, seeds, dtype=torch.float32)
+    kw = dict(num_steps=6, S_churn=5.0, alpha=0.02)
+    x = sample(R.optimal_denoiser(data, D), latents, D, 4, seeds, backend="reference", **kw)
+    ref = R.sample(R.optimal_denoiser(data, D), latents, D, 4, seeds, dtype=torch.float32, **kw)
+    assert rel_err(x, ref) < 1e-5
