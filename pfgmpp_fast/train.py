@@ -211,12 +211,6 @@ class _Dist:
         self.created = False
         world = int(os.environ.get("WORLD_SIZE", "1"))
         want_cuda = torch.cuda.is_available() if device_option == "auto" else str(device_option).startswith("cuda")
-        if world > 1 and not torch.distributed.is_initialized():
-            torch.distributed.init_process_group(backend="nccl" if want_cuda else "gloo")
-            self.created = True
-        self.enabled = torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1
-        self.rank = torch.distributed.get_rank() if self.enabled else 0
-        self.world_size = torch.distributed.get_world_size() if self.enabled else 1
         local_rank = int(os.environ.get("LOCAL_RANK", "0"))
         if device_option == "auto":
             self.device = torch.device("cuda", local_rank) if want_cuda else torch.device("cpu")
@@ -225,7 +219,13 @@ class _Dist:
             if self.device.type == "cuda" and self.device.index is None:
                 self.device = torch.device("cuda", local_rank)
         if self.device.type == "cuda":
-            torch.cuda.set_device(self.device)
+            torch.cuda.set_device(self.device)       # before NCCL starts: it uses the current device
+        if world > 1 and not torch.distributed.is_initialized():
+            torch.distributed.init_process_group(backend="nccl" if self.device.type == "cuda" else "gloo")
+            self.created = True
+        self.enabled = torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1
+        self.rank = torch.distributed.get_rank() if self.enabled else 0
+        self.world_size = torch.distributed.get_world_size() if self.enabled else 1
 
     def barrier(self):
         if self.enabled:
@@ -433,7 +433,7 @@ class _Run:
             self.optimizer.load_state_dict(state["optimizer"])
         except (RuntimeError, ValueError, KeyError) as exc:
             raise ValueError(f"resume: {path} does not fit the network/optimizer of this run: {exc}") from None
-        self.cur_nimg, self.cur_tick = int(state["cur_nimg"]), int(state["cur_tick"])
+        self.cur_nimg, self.cur_tick = int(state["cur_nimg"]), int(state["cur_tick"]) + 1   # the next tick
         self.nonfinite_total = int(state.get("nonfinite_total", 0))
         self.total_time_before = float(state.get("total_time", 0.0))
         cpu_states, cuda_states = state.get("rng_cpu_ranks") or [], state.get("rng_cuda_ranks") or []
