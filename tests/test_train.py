@@ -199,6 +199,13 @@ def test_bad_inputs(tmp_path, uninterrupted):
     with pytest.raises(ValueError, match="corrupt"):
         run_training(**{**base, "resume": str(bad_state)})
     assert not os.path.exists(tmp_path / "run" / "stats.jsonl")
+    # --resume auto skips a corrupt newest state and temp files, and takes the newest intact one.
+    auto_dir = tmp_path / "auto"
+    auto_dir.mkdir()
+    (auto_dir / "training-state-000000.pt").write_bytes(open(state, "rb").read())
+    (auto_dir / "training-state-000007.pt").write_bytes(b"truncated")
+    (auto_dir / ".training-state-000009.pt.abc.tmp").write_bytes(open(state, "rb").read())
+    assert find_latest_state(str(auto_dir), log=lambda m: None) == str(auto_dir / "training-state-000000.pt")
 
 
 def test_nonfinite_losses_are_skipped_then_stop(tmp_path):
