@@ -198,10 +198,10 @@ def _load_weights_strict(path: str, net: EDMPrecond, state: dict) -> None:
 
 
 def load_network(path, device='cpu', trust_pickle: bool = False, D=None) -> EDMPrecond:
-    """Load a network. Our safetensors format loads without executing code. Published pickles
-    (``.pkl`` snapshots / ``training-state-*.pt``) are refused unless ``trust_pickle=True``;
-    ``D`` then sets the PFGM++ D of the imported network (default: found in the pickle's loss
-    options, else float('inf'), i.e. EDM)."""
+    """Load a network. Our safetensors format loads without executing code (a given ``D`` must
+    equal the recorded one). Published pickles (``.pkl`` snapshots / ``training-state-*.pt``)
+    are refused unless ``trust_pickle=True``; ``D`` then sets the PFGM++ D of the imported
+    network (default: found in the pickle's loss options, else float('inf'), i.e. EDM)."""
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f'{path}: no such checkpoint file')
@@ -217,6 +217,8 @@ def load_network(path, device='cpu', trust_pickle: bool = False, D=None) -> EDMP
         net = network_from_config(config)
     except (TypeError, ValueError) as e:
         raise ValueError(f'{path}: invalid network config in checkpoint: {e}') from None
+    if D is not None and float(D) != float(net.D):
+        raise ValueError(f'D={D!r} was given but {path} holds a network trained with D={net.D!r}')
     _load_weights_strict(path, net, tensors)
     return net.to(device)
 
@@ -394,6 +396,7 @@ def _published_config(path: str, rec: PersistentRecord, D) -> dict:
                 raise ValueError(f'{path}: published option {key}={value!r} (a different model head / preconditioning) '
                                  f'is not supported')
     kwargs.pop('class_name', None)
+    kwargs.setdefault('model_type', 'DhariwalUNet')  # the published EDMPrecond default
     kwargs = {k: (list(v) if isinstance(v, tuple) else v) for k, v in kwargs.items()}
     kwargs['D'] = float('inf') if D is None else D
     return kwargs
@@ -429,3 +432,26 @@ def _import_published(path: str, kind: str, device, D) -> EDMPrecond:
     _collect_state(rec, '', state)
     _load_weights_strict(path, net, state)
     return net.to(device)
+
+
+# ----------------------------------------------------------------------------------------
+# CLI: `python -m pfgmpp_fast convert SRC DST --trust-pickle` (cli.py COMMANDS entry).
+
+def add_arguments(p) -> None:
+    p.add_argument('src', help='published network-snapshot-*.pkl or training-state-*.pt')
+    p.add_argument('dst', help='output .safetensors (our format: weights + JSON config, loads without code)')
+    p.add_argument('--trust-pickle', action='store_true',
+                   help='confirm you trust SRC: pickles can run code (we read only arguments and weights)')
+    p.add_argument('--D', type=float, default=None, help='PFGM++ D of the network (default: from the pickle, else inf = EDM)')
+
+
+def main(args) -> int:
+    import sys
+    try:
+        net = convert_published(args.src, args.dst, trust_pickle=args.trust_pickle, D=args.D)
+    except UntrustedCheckpointError as e:
+        print(f'error: {e}', file=sys.stderr)
+        return 2
+    n = sum(p.numel() for p in net.parameters())
+    print(f'wrote {args.dst}: {net.model_type}, {n:,} parameters, D={net.D}, label_dim={net.label_dim}')
+    return 0

@@ -29,7 +29,7 @@ from torch.nn.functional import silu
 __all__ = [
     'Linear', 'Conv2d', 'GroupNorm', 'UNetBlock', 'PositionalEmbedding', 'FourierEmbedding',
     'SongUNet', 'DhariwalUNet', 'EDMPrecond', 'build_network', 'make_fast', 'FastNetwork',
-    'ARCH_DEFAULTS', 'set_attention',
+    'ARCH_DEFAULTS', 'set_attention', 'set_resample',
 ]
 
 ATTENTION_IMPLS = ('einsum', 'sdpa')
@@ -123,6 +123,10 @@ class Conv2d(torch.nn.Module):
         taps = [float(t) for t in resample_filter]
         # A [1,1] filter is exactly 2x2 average pooling / nearest upsampling.
         self.box_filter = taps == [taps[0]] * 2
+        # 'polyphase' (set by make_fast): other filters as sums of shifted strided slices,
+        # which torch.compile fuses into one pass instead of a depthwise convolution.
+        self.resample_impl = 'conv'
+        self.taps = [t / sum(taps) for t in taps]
         f = torch.as_tensor(taps, dtype=torch.float32)
         f = torch.outer(f, f).unsqueeze(0).unsqueeze(1) / f.sum().square()
         self.register_buffer('resample_filter', f if up or down else None)
@@ -130,11 +134,15 @@ class Conv2d(torch.nn.Module):
     def _down(self, x, f, pad, channels):
         if self.box_filter and pad == 0:
             return F.avg_pool2d(x, 2)
+        if self.resample_impl == 'polyphase':
+            return _fir_down_1d(_fir_down_1d(x, self.taps, pad, 2), self.taps, pad, 3)
         return F.conv2d(x, f.tile([channels, 1, 1, 1]), groups=channels, stride=2, padding=pad)
 
     def _up(self, x, f, pad, channels):
         if self.box_filter and pad == 0:
             return F.interpolate(x, scale_factor=2, mode='nearest')
+        if self.resample_impl == 'polyphase' and len(self.taps) == 2 * pad + 2:  # output exactly 2x
+            return _fir_up_1d(_fir_up_1d(x, self.taps, pad, 2), self.taps, pad, 3)
         return F.conv_transpose2d(x, f.mul(4).tile([channels, 1, 1, 1]), groups=channels, stride=2, padding=pad)
 
     def forward(self, x):
@@ -157,6 +165,49 @@ class Conv2d(torch.nn.Module):
         if w is not None:
             return F.conv2d(x, w, b, padding=w_pad)
         return x if b is None else x + b.reshape(1, -1, 1, 1)
+
+
+def _shifted(x, shift: int, dim: int):
+    """y[j] = x[j - shift] along ``dim``, zero outside."""
+    n = x.shape[dim]
+    if shift == 0:
+        return x
+    if abs(shift) >= n:
+        return torch.zeros_like(x)
+    if shift > 0:
+        pad_shape = list(x.shape); pad_shape[dim] = shift
+        return torch.cat([x.new_zeros(pad_shape), x.narrow(dim, 0, n - shift)], dim=dim)
+    pad_shape = list(x.shape); pad_shape[dim] = -shift
+    return torch.cat([x.narrow(dim, -shift, n + shift), x.new_zeros(pad_shape)], dim=dim)
+
+
+def _fir_down_1d(x, taps, pad: int, dim: int):
+    """y[i] = sum_k taps[k] x[2i + k - pad] (zero padding): depthwise stride-2 FIR along dim."""
+    n = x.shape[dim]
+    out = (n + 2 * pad - len(taps)) // 2 + 1
+    padded = F.pad(x, (pad, pad) if dim == 3 else (0, 0, pad, pad))
+    y = None
+    for k, t in enumerate(taps):
+        term = padded.narrow(dim, k, 2 * out - 1)
+        term = term[:, :, ::2] if dim == 2 else term[..., ::2]
+        y = term * t if y is None else y + term * t
+    return y
+
+
+def _fir_up_1d(x, taps, pad: int, dim: int):
+    """Transposed stride-2 FIR (weights 2*taps, padding pad) along dim, as two phases:
+    y[2j + r] = sum_m 2 taps[2m + r + pad] x[j - m]."""
+    L = len(taps)
+    phases = []
+    for r in (0, 1):
+        y = None
+        for m in range(-L, L + 1):
+            k = 2 * m + r + pad
+            if 0 <= k < L:
+                term = _shifted(x, m, dim) * (2 * taps[k])
+                y = term if y is None else y + term
+        phases.append(y)
+    return torch.stack(phases, dim=dim + 1).flatten(dim, dim + 1)
 
 
 class GroupNorm(torch.nn.Module):
@@ -632,6 +683,16 @@ def build_network(arch='ddpmpp', resolution=32, channels=3, label_dim=0, D=128, 
     return EDMPrecond(img_resolution=resolution, img_channels=channels, label_dim=label_dim, D=D, **kwargs)
 
 
+def set_resample(net: torch.nn.Module, impl: str) -> torch.nn.Module:
+    """Select how non-box FIR resampling runs: 'conv' (depthwise conv, published) or
+    'polyphase' (shifted strided slices; fused by torch.compile)."""
+    _check_choice('impl', impl, ('conv', 'polyphase'))
+    for m in net.modules():
+        if isinstance(m, Conv2d):
+            m.resample_impl = impl
+    return net
+
+
 def set_attention(net: torch.nn.Module, impl: str) -> torch.nn.Module:
     """Select the attention implementation ('einsum' = published fp32 softmax, 'sdpa')."""
     _check_choice('impl', impl, ATTENTION_IMPLS)
@@ -668,7 +729,7 @@ class FastNetwork(torch.nn.Module):
             raise ValueError(f'dtype must be None, torch.float32, torch.bfloat16 or torch.float16, got {dtype!r}')
         if cuda_graphs and not compile:
             raise ValueError('cuda_graphs=True needs compile=True (CUDA graphs come from compile mode "reduce-overhead")')
-        self.net = set_attention(_twin(net), 'sdpa')
+        self.net = set_resample(set_attention(_twin(net), 'sdpa'), 'polyphase')
         object.__setattr__(self, '_source', net)  # not a submodule: its tensors are already ours
         self.autocast_dtype = None if dtype in (None, torch.float32) else dtype
         self.channels_last = bool(channels_last)
