@@ -25,13 +25,13 @@ def _loss_kernel(F_ptr, y_ptr, scale_ptr, cskip_ptr, cout_ptr, sid_ptr, grad_ptr
     pid = tl.program_id(0)
     b = pid // nblk
     blk = pid - b * nblk
-    e, mask = tile_elements(blk, N, yHW, TILED, BLOCK, C_PAD, BLOCK_HW)
+    e, c, hw, mask = tile_elements(blk, N, yHW, TILED, BLOCK, C_PAD, BLOCK_HW)
     sid_lo, sid_hi = sample_counter(tl.load(sid_ptr + b))
     kk0, kk1 = key_words(k0, k1)
     g = tile_normals(blk, yHW, sid_lo, sid_hi, stream.to(tl.uint32), kk0, kk1, TILED, BLOCK, C_PAD, BLOCK_HW)
-    y = tl.load(y_ptr + element_offsets(b, e, N, yC, yHW, yW, y_sb, y_sc, y_sh, y_sw, Y_MODE),
+    y = tl.load(y_ptr + element_offsets(b, e, c, hw, N, yC, yHW, yW, y_sb, y_sc, y_sh, y_sw, Y_MODE, TILED),
                 mask=mask, other=0.0).to(COMPUTE)
-    F = tl.load(F_ptr + element_offsets(b, e, N, fC, fHW, fW, f_sb, f_sc, f_sh, f_sw, F_MODE),
+    F = tl.load(F_ptr + element_offsets(b, e, c, hw, N, fC, fHW, fW, f_sb, f_sc, f_sh, f_sw, F_MODE, TILED),
                 mask=mask, other=0.0).to(COMPUTE)
     c_skip = tl.load(cskip_ptr + b).to(COMPUTE)
     c_out = tl.load(cout_ptr + b).to(COMPUTE)
@@ -40,7 +40,7 @@ def _loss_kernel(F_ptr, y_ptr, scale_ptr, cskip_ptr, cout_ptr, sid_ptr, grad_ptr
     diff = tl.where(mask, F - target, 0.0)
     tl.store(part_ptr + pid.to(tl.int64), tile_sum(diff * diff, TILED).to(tl.float32))
     grad = (tl.cast(grad_scale, COMPUTE) * 2.0) * diff
-    tl.store(grad_ptr + element_offsets(b, e, N, gC, gHW, gW, g_sb, g_sc, g_sh, g_sw, G_MODE),
+    tl.store(grad_ptr + element_offsets(b, e, c, hw, N, gC, gHW, gW, g_sb, g_sc, g_sh, g_sw, G_MODE, TILED),
              cast_for_store(grad, grad_ptr), mask=mask)
 
 

@@ -13,17 +13,21 @@ from .philox import sample_counter, key_words, cast_for_store, tile_elements, ti
 
 
 @triton.jit
-def element_offsets(b, e, N, C, HW, W, sb, sc, sh, sw, MODE: tl.constexpr):
-    """Memory offsets of logical elements e of sample b (int64) for a layout MODE."""
+def element_offsets(b, e, c, hw, N, C, HW, W, sb, sc, sh, sw, MODE: tl.constexpr, TILED: tl.constexpr):
+    """Memory offsets (int64) of logical elements e of sample b for a layout MODE.  Tiled
+    programs pass the channel c and pixel hw of e, which saves the integer divisions."""
     b64 = b.to(tl.int64)
     if MODE == 0:  # contiguous
         return b64 * N + e
     elif MODE == 1:  # dense channels-last
-        c = e // HW
-        return b64 * N + (e - c * HW) * C + c
+        if not TILED:
+            c = e // HW
+            hw = e - c * HW
+        return b64 * N + hw * C + c
     else:  # general strides
-        c = e // HW
-        hw = e - c * HW
+        if not TILED:
+            c = e // HW
+            hw = e - c * HW
         h = hw // W
         w = hw - h * W
         return b64 * sb + c.to(tl.int64) * sc + h.to(tl.int64) * sh + w.to(tl.int64) * sw
@@ -40,16 +44,16 @@ def _perturb_kernel(y_ptr, scale_ptr, cin_ptr, sid_ptr, net_ptr, x_ptr,
     pid = tl.program_id(0)
     b = pid // nblk
     blk = pid - b * nblk
-    e, mask = tile_elements(blk, N, yHW, TILED, BLOCK, C_PAD, BLOCK_HW)
+    e, c, hw, mask = tile_elements(blk, N, yHW, TILED, BLOCK, C_PAD, BLOCK_HW)
     sid_lo, sid_hi = sample_counter(tl.load(sid_ptr + b))
     kk0, kk1 = key_words(k0, k1)
     g = tile_normals(blk, yHW, sid_lo, sid_hi, stream.to(tl.uint32), kk0, kk1, TILED, BLOCK, C_PAD, BLOCK_HW)
-    y_off = element_offsets(b, e, N, yC, yHW, yW, y_sb, y_sc, y_sh, y_sw, Y_MODE)
+    y_off = element_offsets(b, e, c, hw, N, yC, yHW, yW, y_sb, y_sc, y_sh, y_sw, Y_MODE, TILED)
     y = tl.load(y_ptr + y_off, mask=mask, other=0.0).to(COMPUTE)
     s = tl.load(scale_ptr + b).to(COMPUTE)
     c_in = tl.load(cin_ptr + b).to(COMPUTE)
     x = y + s * g.to(COMPUTE)
-    n_off = element_offsets(b, e, N, nC, nHW, nW, n_sb, n_sc, n_sh, n_sw, NET_MODE)
+    n_off = element_offsets(b, e, c, hw, N, nC, nHW, nW, n_sb, n_sc, n_sh, n_sw, NET_MODE, TILED)
     tl.store(net_ptr + n_off, cast_for_store(c_in * x, net_ptr), mask=mask)
     if WRITE_X:
         tl.store(x_ptr + b.to(tl.int64) * N + e, x, mask=mask)

@@ -75,16 +75,18 @@ def normal_block(j_start, sid_lo, sid_hi, stream, k0, k1, BLOCK: tl.constexpr):
 @triton.jit
 def tile_elements(blk, N, HW, TILED: tl.constexpr, BLOCK: tl.constexpr, C_PAD: tl.constexpr,
                   BLOCK_HW: tl.constexpr):
-    """Logical element indices e (and mask) handled by program block blk of a sample."""
+    """Logical element indices e, their channel c and pixel hw (tiled only; flat returns e for
+    both, unused), and the mask, for program block blk of a sample."""
     if TILED:
         c = tl.arange(0, C_PAD)[:, None]
         hw = blk * BLOCK_HW + tl.arange(0, BLOCK_HW)[None, :]
         e = c * HW + hw
         mask = (hw < HW) & (e < N)
+        return e, c, hw, mask
     else:
         e = blk * BLOCK + tl.arange(0, BLOCK)
         mask = e < N
-    return e, mask
+        return e, e, e, mask
 
 
 @triton.jit

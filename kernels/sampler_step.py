@@ -41,7 +41,7 @@ def _sampler_kernel(x_ptr, F_ptr, base_ptr, sid_ptr, y1_ptr, y2_ptr, net_ptr,
     pid = tl.program_id(0)
     b = pid // nblk
     blk = pid - b * nblk
-    e, mask = tile_elements(blk, N, nHW, TILED, BLOCK, C_PAD, BLOCK_HW)
+    e, c, hw, mask = tile_elements(blk, N, nHW, TILED, BLOCK, C_PAD, BLOCK_HW)
     state_off = b.to(tl.int64) * N + e
     x = tl.load(x_ptr + state_off, mask=mask, other=0.0).to(COMPUTE)
     if HAS_BASE:
@@ -49,7 +49,7 @@ def _sampler_kernel(x_ptr, F_ptr, base_ptr, sid_ptr, y1_ptr, y2_ptr, net_ptr,
     else:
         b0 = x
     if HAS_F:
-        F = tl.load(F_ptr + element_offsets(b, e, N, fC, fHW, fW, f_sb, f_sc, f_sh, f_sw, F_MODE),
+        F = tl.load(F_ptr + element_offsets(b, e, c, hw, N, fC, fHW, fW, f_sb, f_sc, f_sh, f_sw, F_MODE, TILED),
                     mask=mask, other=0.0).to(COMPUTE)
         d = _scalar(A_hi, A_lo, COMPUTE) * x + _scalar(B_hi, B_lo, COMPUTE) * F
         y1 = b0 + _scalar(h1_hi, h1_lo, COMPUTE) * d
@@ -74,7 +74,7 @@ def _sampler_kernel(x_ptr, F_ptr, base_ptr, sid_ptr, y1_ptr, y2_ptr, net_ptr,
             y2 = b0
         tl.store(y2_ptr + state_off, y2, mask=mask)
     if HAS_NET:
-        n_off = element_offsets(b, e, N, nC, nHW, nW, n_sb, n_sc, n_sh, n_sw, NET_MODE)
+        n_off = element_offsets(b, e, c, hw, N, nC, nHW, nW, n_sb, n_sc, n_sh, n_sw, NET_MODE, TILED)
         net = _scalar(ci_hi, ci_lo, COMPUTE) * y1
         tl.store(net_ptr + n_off, cast_for_store(net, net_ptr), mask=mask)
 
