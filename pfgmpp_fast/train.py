@@ -47,7 +47,7 @@ from pfgmpp_fast.io_utils import (append_line, atomic_save_json, atomic_torch_sa
                                   is_temp_file, load_torch_state)
 
 __all__ = ["DEFAULTS", "resolve_options", "run_training", "add_arguments", "main",
-           "find_latest_state", "TrainingError"]
+           "find_latest_state", "find_latest_snapshot", "TrainingError"]
 
 # ----------------------------------------------------------------------------------------
 # Options
@@ -139,6 +139,8 @@ def resolve_options(**options) -> dict:
         options["duration_mimg"] = _positive("duration_kimg", options.pop("duration_kimg")) / 1000.0
     if "aug_dim" in options:
         options["D"] = options.pop("aug_dim")
+    if "network_overrides" in options:
+        options["network"] = options.pop("network_overrides")
     unknown = sorted(set(options) - set(DEFAULTS))
     if unknown:
         raise TypeError(f"unknown training option(s): {', '.join(unknown)}; known: {', '.join(sorted(DEFAULTS))}")
@@ -255,6 +257,16 @@ def find_latest_state(run_dir: str, log=print) -> Optional[str]:
         except (ValueError, OSError) as exc:
             log(f"resume: skipping unreadable state {path}: {exc}")
     return None
+
+
+def find_latest_snapshot(run_dir: str) -> Optional[str]:
+    """Path of the newest ``network-snapshot-<kimg>.safetensors`` in ``run_dir`` (None if none)."""
+    found = []
+    for path in glob.glob(os.path.join(glob.escape(run_dir), "network-snapshot-*.safetensors")):
+        m = re.match(r"^network-snapshot-(\d+)\.safetensors$", os.path.basename(path))
+        if m:
+            found.append((int(m.group(1)), os.path.getmtime(path), path))
+    return max(found)[2] if found else None
 
 
 def _save_network_file(path, net, extra):
@@ -687,9 +699,20 @@ def _progress_bar(o, rank0, total_nimg, cur_nimg):
 # ----------------------------------------------------------------------------------------
 # Entry points
 
-def run_training(**options) -> str:
-    """Train with ``options`` (see DEFAULTS; ``duration_kimg`` and ``aug_dim`` are accepted
-    aliases). Returns the run directory. Works as one process or under torchrun."""
+def run_training(run_dir=None, **options) -> str:
+    """Train with ``options`` (see DEFAULTS; ``duration_kimg``, ``aug_dim`` and
+    ``network_overrides`` are accepted aliases). Returns the run directory, which holds
+    ``network-snapshot-*.safetensors`` (see :func:`find_latest_snapshot`). Works as one
+    process or under torchrun.
+
+    Example (a small CPU run)::
+
+        run_training("runs/digits", data="digits", batch=64, duration_kimg=50, precision="fp32",
+                     compile=False, network=dict(model_channels=16, channel_mult=[1, 2],
+                     num_blocks=1, attn_resolutions=[]), tick_kimg=5, snap_ticks=2)
+    """
+    if run_dir is not None:
+        options["run_dir"] = run_dir
     o = resolve_options(**options)
     dist = _Dist(o["device"])
     try:

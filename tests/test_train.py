@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from pfgmpp_fast import io_utils, ops
-from pfgmpp_fast.train import TrainingError, add_arguments, find_latest_state, main, run_training
+from pfgmpp_fast.train import (TrainingError, add_arguments, find_latest_snapshot, find_latest_state, main,
+                               run_training)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY_NET = dict(model_channels=8, channel_mult=[1, 2], num_blocks=1, attn_resolutions=[])
@@ -98,6 +99,7 @@ def test_loss_falls_on_digits(tmp_path):
     assert options["batch"] == 32 and options["network_config"]["augment_dim"] == 9
     # The snapshot holds the EMA weights in the safe format.
     from safetensors.torch import load_file
+    assert find_latest_snapshot(run) == os.path.join(run, "network-snapshot-000001.safetensors")
     snap = load_file(os.path.join(run, "network-snapshot-000001.safetensors"))
     state = io_utils.load_torch_state(os.path.join(run, "training-state-000001.pt"))
     assert snap.keys() == state["ema"].keys()
