@@ -212,12 +212,16 @@ def test_make_fast_compiled_cpu_bf16_vs_eager_fp32():
     assert {id(p) for p in fast.parameters()} == {id(p) for p in net.parameters()}
     assert all(m.attention_impl == 'einsum' for m in net.modules() if isinstance(m, UNetBlock))
     _fast_check(net, fast)
-    # train/eval mode follows the wrapped network, and .train() on the wrapper sets both
+
+
+def test_make_fast_follows_train_eval_mode():
+    net = _tiny().eval()
+    fast = make_fast(net, compile=False)
     net.train()
-    fast.raw(torch.randn(1, 2, 8, 8), torch.zeros(1))
+    fast.raw(torch.randn(1, 1, 8, 8), torch.zeros(1))
     assert fast.net.training and all(m.training for m in fast.net.modules())
     fast.eval()
-    assert not net.training and not fast.net.training
+    assert not net.training and not fast.net.training and not any(m.training for m in fast.net.modules())
 
 
 def test_make_fast_eager_and_fp32_modes():
