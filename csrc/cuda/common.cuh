@@ -70,12 +70,25 @@ __device__ __forceinline__ void store1(const ImageArg& a, int64_t idx, T v) {
   }
 }
 
-// Memory index of logical element e of sample b (see kernel_params.h).
-__device__ __forceinline__ int64_t element_index(const ImageArg& a, const Geometry& g, int64_t b, int64_t e) {
-  if (!a.channels_last) return b * g.N + e;
-  const int64_t c = e / g.HW;
-  return b * g.N + (e - c * g.HW) * g.C + c;
-}
+// Channels-last addresses of consecutive logical elements e0, e0+1, ... of sample b: one
+// division for the first, then a pixel step with channel wrap (see kernel_params.h).
+struct ChannelsLastWalk {
+  int64_t c, pix, index;
+  __device__ __forceinline__ ChannelsLastWalk(const Geometry& g, int64_t b, int64_t e0) {
+    c = e0 / g.HW;
+    pix = e0 - c * g.HW;
+    index = b * g.N + pix * g.C + c;
+  }
+  __device__ __forceinline__ void next(const Geometry& g) {
+    if (++pix == g.HW) {
+      pix = 0;
+      ++c;
+      index += 1 - (g.HW - 1) * g.C;  // back to pixel 0, next channel
+    } else {
+      index += g.C;
+    }
+  }
+};
 
 // Loads logical elements e0 .. e0+cnt-1 (cnt <= 4, e0 % 4 == 0) of sample b.
 template <typename T>
@@ -110,7 +123,12 @@ __device__ __forceinline__ void load4(const ImageArg& a, const Geometry& g, int6
       }
     }
   }
-  for (int k = 0; k < cnt; ++k) v[k] = load1<T>(a, element_index(a, g, b, e0 + k));
+  if (!a.channels_last) {
+    for (int k = 0; k < cnt; ++k) v[k] = load1<T>(a, idx + k);
+    return;
+  }
+  ChannelsLastWalk w(g, b, e0);
+  for (int k = 0; k < cnt; ++k, w.next(g)) v[k] = load1<T>(a, w.index);
 }
 
 template <typename T>
@@ -147,7 +165,12 @@ __device__ __forceinline__ void store4(const ImageArg& a, const Geometry& g, int
       }
     }
   }
-  for (int k = 0; k < cnt; ++k) store1<T>(a, element_index(a, g, b, e0 + k), v[k]);
+  if (!a.channels_last) {
+    for (int k = 0; k < cnt; ++k) store1<T>(a, idx + k, v[k]);
+    return;
+  }
+  ChannelsLastWalk w(g, b, e0);
+  for (int k = 0; k < cnt; ++k, w.next(g)) store1<T>(a, w.index, v[k]);
 }
 
 }  // namespace cuda_detail
