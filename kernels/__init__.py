@@ -102,3 +102,33 @@ class BlockPlan:
 
 def wants_tiling(*layouts) -> bool:
     return any(l is not None and l.mode == MODE_CHANNELS_LAST and l.tensor.dim() == 4 for l in layouts)
+
+
+FLOAT_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+
+
+def check_per_sample(name: str, t, B: int, device, int_ids: bool = False):
+    """A per-sample vector [B] on the images' device (kernels index it by sample)."""
+    if t is None or not torch.is_tensor(t):
+        raise TypeError(f"{name} must be a tensor of shape [{B}], got {type(t).__name__}")
+    if tuple(t.shape) != (B,):
+        raise ValueError(f"{name} must have shape [{B}] (one value per sample), got {tuple(t.shape)}")
+    if t.device != torch.device(device):
+        raise ValueError(f"{name} is on {t.device} but the images are on {device}")
+    if int_ids and t.dtype != torch.int64:
+        raise TypeError(f"{name} must be int64 sample ids, got {t.dtype}")
+    if not int_ids and not t.is_floating_point():
+        raise TypeError(f"{name} must be a floating-point tensor, got {t.dtype}")
+
+
+def check_image(name: str, t):
+    if not torch.is_tensor(t) or t.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{name} must be a float32/float64/bfloat16/float16 tensor, got "
+                        f"{getattr(t, 'dtype', type(t).__name__)}")
+    if t.dim() < 1:
+        raise ValueError(f"{name} must have a batch dimension, got shape {tuple(t.shape)}")
+
+
+def check_out_dtype(name: str, dtype):
+    if dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{name} must be one of {FLOAT_DTYPES}, got {dtype}")

@@ -8,7 +8,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import launch, Layout, BlockPlan, wants_tiling, split_key, check_sample_size
+from . import launch, check_per_sample, check_image, Layout, BlockPlan, wants_tiling, split_key, check_sample_size
 from .philox import sample_counter, key_words, cast_for_store, tile_elements, tile_normals, tile_sum
 from .perturb import element_offsets
 
@@ -45,9 +45,15 @@ def _loss_kernel(F_ptr, y_ptr, scale_ptr, cskip_ptr, cout_ptr, sid_ptr, grad_ptr
 
 
 def loss_fwd_bwd(F, y, scale, c_skip, c_out, sample_ids, key, stream, grad_scale):
-    if F.shape != y.shape:
-        raise ValueError(f"F must have y's shape {tuple(y.shape)}, got {tuple(F.shape)}")
+    check_image("F", F)
+    check_image("y", y)
+    if F.shape != y.shape or F.device != y.device:
+        raise ValueError(f"F must have y's shape {tuple(y.shape)} and device {y.device}, got "
+                         f"{tuple(F.shape)} on {F.device}")
     B = y.shape[0]
+    for name, t in (("scale", scale), ("c_skip", c_skip), ("c_out", c_out)):
+        check_per_sample(name, t, B, y.device)
+    check_per_sample("sample_ids", sample_ids, B, y.device, int_ids=True)
     grad = torch.empty_like(F)  # keeps F's memory format when F is dense
     if B == 0 or y.numel() == 0:
         return torch.zeros(B, dtype=torch.float32, device=y.device), grad

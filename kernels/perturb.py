@@ -8,7 +8,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import launch, Layout, BlockPlan, wants_tiling, split_key, check_sample_size
+from . import launch, check_per_sample, check_image, check_out_dtype, Layout, BlockPlan, wants_tiling, split_key, check_sample_size
 from .philox import sample_counter, key_words, cast_for_store, tile_elements, tile_normals
 
 
@@ -76,6 +76,11 @@ def empty_image(like: torch.Tensor, dtype, channels_last: bool):
 
 
 def perturb(y, scale, c_in, sample_ids, key, stream, out_dtype, channels_last, write_x):
+    check_image("y", y)
+    check_out_dtype("out_dtype", out_dtype)
+    for name, t in (("scale", scale), ("c_in", c_in)):
+        check_per_sample(name, t, y.shape[0], y.device)
+    check_per_sample("sample_ids", sample_ids, y.shape[0], y.device, int_ids=True)
     cd = compute_dtype(y)
     net_in = empty_image(y, out_dtype, channels_last)
     x = torch.empty(y.shape if write_x else (0,), dtype=cd, device=y.device)

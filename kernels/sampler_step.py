@@ -11,7 +11,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import launch, Layout, BlockPlan, wants_tiling, split_key, split_f64, check_sample_size
+from . import launch, check_per_sample, check_image, check_out_dtype, Layout, BlockPlan, wants_tiling, split_key, split_f64, check_sample_size
 from .philox import sample_counter, key_words, cast_for_store, tile_elements, tile_normals
 from .perturb import element_offsets, empty_image
 
@@ -95,8 +95,13 @@ def sampler_update(x, F, base, A, Bf, h1, h2, sample_ids, key, alpha_scale, alph
         if base.shape != x.shape or base.dtype != sd:
             raise ValueError(f"base must match x ({tuple(x.shape)}, {sd}), got {tuple(base.shape)}, {base.dtype}")
         base = base.contiguous()
-    if has_f and F.shape != x.shape:
-        raise ValueError(f"F must have x's shape {tuple(x.shape)}, got {tuple(F.shape)}")
+    if has_f:
+        check_image("F", F)
+        if F.shape != x.shape or F.device != x.device:
+            raise ValueError(f"F must have x's shape {tuple(x.shape)} and device {x.device}, got "
+                             f"{tuple(F.shape)} on {F.device}")
+    check_out_dtype("net_dtype", net_dtype)
+    check_per_sample("sample_ids", sample_ids, x.shape[0], x.device, int_ids=True)
     y1 = torch.empty_like(x)
     y2 = torch.empty_like(x) if has_y2 else torch.empty(0, dtype=sd, device=x.device)
     net_in = (empty_image(x, net_dtype, channels_last) if has_net

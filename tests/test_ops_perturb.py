@@ -239,3 +239,20 @@ def test_perturb_op_other_ranks(backend):
                                    False, True, backend=backend)
         ref_net, ref_x = R.ref_perturb(y, scale, c_in, ids, 8, 0, torch.float32, False, True)
         assert net_in.shape == y.shape and rel_err(net_in, ref_net) < 1e-5 and rel_err(x, ref_x) < 1e-5
+
+
+def test_kernel_ops_reject_mismatched_per_sample_vectors():
+    y = torch.randn(3, 2, 4, 4)
+    ids = torch.arange(3)
+    v = torch.ones(3)
+    with pytest.raises(ValueError, match=r"scale must have shape \[3\]"):
+        ops.perturb_op(y, torch.ones(2), v, ids, 1, 0, torch.float32, False, False, backend="triton")
+    with pytest.raises(TypeError, match="sample_ids must be int64"):
+        ops.perturb_op(y, v, v, ids.to(torch.int32), 1, 0, torch.float32, False, False, backend="triton")
+    with pytest.raises(ValueError, match="F must have"):
+        ops.loss_fwd_bwd(y[:, :1], y, v, v, v, ids, 1, 0, 1.0, backend="triton")
+    with pytest.raises(ValueError, match=r"c_out must have shape \[3\]"):
+        ops.loss_fwd_bwd(y, y, v, v, torch.ones(3, 1), ids, 1, 0, 1.0, backend="triton")
+    with pytest.raises(TypeError, match="net_dtype"):
+        ops.sampler_update(y, None, None, 0., 0., 0., 0., ids, 1, 0., 0, 0., 0, 1.0, torch.int32, False,
+                           backend="triton")
