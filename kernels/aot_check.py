@@ -65,8 +65,12 @@ def main(argv=None) -> int:
     for name, fn, sig, constexprs in _variants():
         full = {a: sig.get(a, "i32") for a in fn.arg_names}
         full.update({k: "constexpr" for k in constexprs})
-        src = ASTSource(fn=fn, signature=full,
-                        constexprs={(fn.arg_names.index(k),): v for k, v in constexprs.items()})
+        try:
+            src = ASTSource(fn=fn, signature=full,
+                            constexprs={(fn.arg_names.index(k),): v for k, v in constexprs.items()})
+        except TypeError as exc:  # another Triton version's ASTSource API: cannot check here
+            print(f"SKIP: this Triton's ASTSource API differs ({exc})")
+            return 3
         try:
             ptx = triton.compile(src, target=target, options={"num_warps": 4}).asm["ptx"]
         except Exception as exc:  # report every failing variant, then fail

@@ -132,4 +132,6 @@ def test_kernels_compile_for_sm90_with_accurate_math():
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     proc = subprocess.run([sys.executable, "-m", "pfgmpp_fast.kernels.aot_check", "--arch", "90"],
                           cwd=root, env=env, capture_output=True, text=True, timeout=300)
+    if proc.returncode == 3:
+        pytest.skip(proc.stdout.strip())
     assert proc.returncode == 0, proc.stdout + proc.stderr
