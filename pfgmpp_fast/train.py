@@ -76,7 +76,7 @@ DEFAULTS = dict(
     P_mean=-1.2,
     P_std=1.2,
     sigma_data=0.5,
-    loss_scaling=1.0,         # EDM --ls
+    loss_scaling=1.0,         # EDM --ls (we unscale the gradients before Adam; EDM does not: same up to Adam's eps)
     network=None,             # dict of network overrides (model_channels, channel_mult, ...)
     precision="auto",         # auto | bf16 | fp16 | fp32
     compile="auto",           # auto (on for CUDA) | True | False
@@ -397,7 +397,7 @@ class _Run:
         # Counters (device-side accumulators read once per tick).
         self.cur_nimg, self.cur_tick = 0, 0
         self.loss_acc = torch.zeros((), dtype=torch.float64, device=dev)
-        self.loss_count = 0
+        self.loss_count = torch.zeros((), dtype=torch.float64, device=dev)
         self.nonfinite = torch.zeros((), dtype=torch.int64, device=dev)
         self.nonfinite_total = 0
         self.total_time_before = 0.0
@@ -512,9 +512,9 @@ class _Run:
             torch._foreach_lerp_(self.ema_params, self.params, 1.0 - beta)
 
         self.nonfinite += self.found_inf.to(torch.int64)
-        finite_loss = torch.where(self.found_inf > 0, torch.zeros_like(step_loss), step_loss)
-        self.loss_acc += finite_loss.double()
-        self.loss_count += self.per_rank
+        finite = self.found_inf == 0
+        self.loss_acc += torch.where(finite, step_loss, torch.zeros_like(step_loss)).double()
+        self.loss_count += finite.double() * self.per_rank          # images of finite steps only
         self.cur_nimg += o["batch"]
 
     # -- the loop ---------------------------------------------------------------------------
@@ -544,15 +544,15 @@ class _Run:
                     continue
 
             # ---- end of a tick: the one host sync of the tick --------------------------
-            loss_sum, nonfinite = self._reduce_tick()
+            loss_sum, loss_count, nonfinite = self._reduce_tick()
             tick_end_time = time.time()
             tick_time = tick_end_time - tick_start_time
             tick_imgs = self.cur_nimg - tick_start_nimg
             self.nonfinite_total += nonfinite
             peak = torch.cuda.max_memory_allocated(self.device) / 2**30 if self.device.type == "cuda" else 0.0
             stats = {
-                "Loss/loss": loss_sum / max(self.loss_count * self.dist.world_size, 1) / N,
-                "Loss/loss_per_image": loss_sum / max(self.loss_count * self.dist.world_size, 1),
+                "Loss/loss": loss_sum / loss_count / N if loss_count else float("nan"),
+                "Loss/loss_per_image": loss_sum / loss_count if loss_count else float("nan"),
                 "Loss/nonfinite_steps": self.nonfinite_total,
                 "Progress/tick": self.cur_tick,
                 "Progress/kimg": self.cur_nimg / 1000,
@@ -565,7 +565,6 @@ class _Run:
                 "Perf/img_per_sec": tick_imgs / max(tick_time, 1e-9),
                 "timestamp": time.time(),
             }
-            self.loss_count = 0
             if self.rank0:
                 append_line(stats_path, json.dumps(stats, sort_keys=True))
                 line = (f"tick {self.cur_tick:<5d} kimg {self.cur_nimg / 1000:<9.3f} loss {stats['Loss/loss']:<8.4f} "
@@ -606,14 +605,16 @@ class _Run:
             bar.close()
 
     def _reduce_tick(self):
-        packed = torch.stack([self.loss_acc, self.nonfinite.double()])
+        """(Σ loss, images with a finite loss, non-finite steps) of the tick over all ranks."""
+        packed = torch.stack([self.loss_acc, self.loss_count, self.nonfinite.double()])
         if self.dist.enabled:
             torch.distributed.all_reduce(packed)
-            packed[1] /= self.dist.world_size       # found_inf is identical on all ranks
-        loss_sum, nonfinite = packed.tolist()
+            packed[2] /= self.dist.world_size       # found_inf is identical on all ranks
+        loss_sum, loss_count, nonfinite = packed.tolist()
         self.loss_acc.zero_()
+        self.loss_count.zero_()
         self.nonfinite.zero_()
-        return loss_sum, int(round(nonfinite))
+        return loss_sum, loss_count, int(round(nonfinite))
 
 
 class _LossModule(torch.nn.Module):
