@@ -218,7 +218,7 @@ def load_network(path, device='cpu', trust_pickle: bool = False, D=None) -> EDMP
     except (TypeError, ValueError) as e:
         raise ValueError(f'{path}: invalid network config in checkpoint: {e}') from None
     if D is not None and float(D) != float(net.D):
-        raise ValueError(f'D={D!r} was given but {path} holds a network trained with D={net.D!r}')
+        raise ValueError(f'{path}: D={D!r} was given but this network was trained with D={net.D!r}')
     _load_weights_strict(path, net, tensors)
     return net.to(device)
 
