@@ -1,2 +1,41 @@
-"""pfgmpp_fast: fused kernels, fast networks and evaluation for PFGM++ generative models."""
+"""pfgmpp_fast: fused kernels, fast networks and evaluation for PFGM++ generative models.
+
+The public API (imported lazily, so `import pfgmpp_fast` stays cheap):
+
+    perturb, perturb_net_input, prior          the Student-t perturbation and the prior
+    training_loss, PFGMPPLoss                  the fused EDM/PFGM++ objective
+    sample                                     Heun/Euler sampling on fused steps
+    build_network, make_fast, EDMPrecond       DDPM++ / NCSN++ / ADM networks
+    save_network, load_network                 safe checkpoints (published pickles need trust_pickle=True)
+    reference                                  the pure-PyTorch spec everything is tested against
+
+Every op takes backend='auto'|'reference'|'triton'|'cuda'|'cpu'.
+"""
+import importlib
+
 __version__ = "0.1.0"
+
+_EXPORTS = {
+    "perturb": "ops", "perturb_net_input": "ops", "prior": "ops", "noise_scale": "ops",
+    "training_scalars": "ops", "resolve_backend": "ops", "BACKENDS": "ops",
+    "training_loss": "loss", "PFGMPPLoss": "loss",
+    "sample": "sampler",
+    "build_network": "networks", "make_fast": "networks", "EDMPrecond": "networks",
+    "save_network": "checkpoint", "load_network": "checkpoint", "convert_published": "checkpoint",
+}
+
+__all__ = sorted(_EXPORTS) + ["reference", "__version__"]
+
+
+def __getattr__(name):
+    if name in _EXPORTS:
+        value = getattr(importlib.import_module(f"{__name__}.{_EXPORTS[name]}"), name)
+        globals()[name] = value
+        return value
+    if name == "reference":
+        return importlib.import_module(f"{__name__}.reference")
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__():
+    return __all__

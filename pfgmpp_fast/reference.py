@@ -14,6 +14,7 @@ logical NCHW flat index) uses block e // 4, lane e % 4. Streams name the purpose
     STREAM_NOISE = 0          perturbation noise g (training) and prior noise (sampling)
     STREAM_SIGMA = 1          training noise level: ln σ = P_mean + P_std · z[0]
     STREAM_CHI2  = 2          χ²_D attempts (Marsaglia–Tsang), one block per attempt
+    STREAM_CLASS = 3          a seed's random class label in generation (generate.py)
     stream_churn(i) = 0x10000 + i   sampler churn noise at step i
     stream_alpha(i) = 0x20000 + i   sampler robustness noise (α) at step i
 
@@ -28,7 +29,7 @@ import numpy as np
 import torch
 
 __all__ = [
-    "STREAM_NOISE", "STREAM_SIGMA", "STREAM_CHI2", "stream_churn", "stream_alpha",
+    "STREAM_NOISE", "STREAM_SIGMA", "STREAM_CHI2", "STREAM_CLASS", "stream_churn", "stream_alpha",
     "CHI2_MAX_ATTEMPTS", "MAX_SCALE",
     "philox4x32", "uniform", "normal", "chi2", "noise_scale", "training_scalars",
     "perturb", "perturb_published", "prior", "precond", "time_steps",
@@ -47,6 +48,7 @@ MASK32 = 0xFFFFFFFF
 STREAM_NOISE = 0
 STREAM_SIGMA = 1
 STREAM_CHI2 = 2
+STREAM_CLASS = 3
 CHI2_MAX_ATTEMPTS = 16     # P(all rejected) < 0.05^16: a fixed bound every backend shares
 MAX_SCALE = 1e30           # the per-sample scale is clamped so D << 1 stays finite
 TWO_PI_F32 = 6.2831855     # float32(2π), used in float32 arithmetic
@@ -454,7 +456,7 @@ def optimal_denoiser(data: torch.Tensor, D) -> Callable:
     N = flat_data.shape[1]
 
     def denoiser(x: torch.Tensor, sigma: torch.Tensor, class_labels=None) -> torch.Tensor:
-        xf = x.reshape(x.shape[0], -1)
+        xf = x.reshape(x.shape[0], N)
         yd = flat_data.to(device=x.device, dtype=x.dtype)
         dist2 = torch.cdist(xf, yd).square()                          # [B, M]
         sig = torch.as_tensor(sigma, dtype=x.dtype, device=x.device).reshape(-1, 1)
