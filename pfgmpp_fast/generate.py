@@ -30,7 +30,7 @@ __all__ = ["SAMPLING_KEY", "STREAM_CLASS", "parse_int_list", "check_seeds", "ran
            "make_generator_fast", "add_sampler_arguments", "sampler_kwargs_from_args", "add_arguments", "main"]
 
 SAMPLING_KEY = 0x5EED_0F_1A6E       # the fixed Philox key of sampling: image = f(seed)
-STREAM_CLASS = 3                    # Philox stream of the random class label of a seed
+STREAM_CLASS = R.STREAM_CLASS      # Philox stream of the random class label of a seed
 MAX_SEED = 2 ** 63
 MAX_SEEDS = 10 ** 9
 
