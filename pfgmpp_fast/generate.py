@@ -25,6 +25,8 @@ from typing import Iterator, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
+from . import reference as R
+
 __all__ = ["SAMPLING_KEY", "STREAM_CLASS", "parse_int_list", "check_seeds", "rank_seeds", "dist_info",
            "to_uint8", "class_labels_for", "generate_images", "write_images", "load_generator_network",
            "make_generator_fast", "add_sampler_arguments", "sampler_kwargs_from_args", "add_arguments", "main"]
