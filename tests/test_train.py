@@ -108,10 +108,16 @@ def test_loss_falls_on_digits(tmp_path):
 
 
 def test_fast_path_matches_reference_path(tmp_path):
-    """Fused loss (C++ or Triton kernels) vs reference.training_loss on the eager fp32 net."""
+    """Fused loss (C++ or Triton kernels) on the fast network (make_fast: channels-last, SDPA
+    attention; fp32 so that one seed gives comparable curves) vs reference.training_loss on
+    the eager fp32 NCHW network."""
     runs = {}
     for backend in (FUSED_BACKEND, "reference"):
-        runs[backend] = run_training(**tiny(tmp_path / backend, steps=6, backend=backend, dump_ticks=6))
+        fast = backend != "reference"
+        runs[backend] = run_training(**tiny(tmp_path / backend, steps=6, backend=backend, dump_ticks=6,
+                                            channels_last=fast))
+    options = json.load(open(os.path.join(runs[FUSED_BACKEND], "training_options.json")))
+    assert options["resolved_channels_last"] is True
     fast = [s["Loss/loss"] for s in read_stats(runs[FUSED_BACKEND])]
     ref = [s["Loss/loss"] for s in read_stats(runs["reference"])]
     assert len(fast) == len(ref) == 6
