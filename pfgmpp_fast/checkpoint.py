@@ -218,7 +218,8 @@ def load_network(path, device='cpu', trust_pickle: bool = False, D=None) -> EDMP
     except (TypeError, ValueError) as e:
         raise ValueError(f'{path}: invalid network config in checkpoint: {e}') from None
     if D is not None and float(D) != float(net.D):
-        raise ValueError(f'{path}: D={D!r} was given but this network was trained with D={net.D!r}')
+        raise ValueError(f'{path}: D={float(D):g} was given but the network was trained with D={float(net.D):g} '
+                         f'(a network/D mismatch; omit D to use the network\'s)')
     _load_weights_strict(path, net, tensors)
     return net.to(device)
 
