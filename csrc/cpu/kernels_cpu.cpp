@@ -21,6 +21,15 @@ namespace cpu {
 namespace {
 
 constexpr int64_t kChunk = 2048;  // elements per work item (multiple of 4)
+// Below this many elements a call runs on the calling thread: waking the OpenMP pool
+// costs more than the work (and far more on a loaded machine).
+constexpr int64_t kMinParallelElements = 1 << 15;
+
+// Grain size (in work items of up to kChunk elements) for at::parallel_for.
+inline int64_t grain_items(int64_t n_per_sample) {
+  const int64_t per_item = std::max<int64_t>(1, std::min(kChunk, n_per_sample));
+  return std::max<int64_t>(1, kMinParallelElements / per_item);
+}
 
 // ---------------------------------------------------------------- vectorised normals
 // Box-Muller needs float32 log, sin and cos. Scalar libm calls would cost more than the
@@ -230,7 +239,7 @@ void store(const ImageArg& a, const Geometry& g, int64_t b, int64_t e0, int64_t 
 template <typename Fn>
 void for_each_chunk(const Geometry& g, Fn&& fn) {
   const int64_t chunks = (g.N + kChunk - 1) / kChunk;
-  at::parallel_for(0, g.B * chunks, 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, g.B * chunks, grain_items(g.N), [&](int64_t begin, int64_t end) {
     for (int64_t item = begin; item < end; ++item) {
       const int64_t b = item / chunks;
       const int64_t e0 = (item % chunks) * kChunk;
@@ -358,7 +367,7 @@ void philox4x32(const RawPhiloxParams& p) {
 void philox_normal(const NormalParams& p) {
   const PhiloxKey key = split_key(p.key);
   const int64_t chunks = (p.n + kChunk - 1) / kChunk;
-  at::parallel_for(0, p.B * chunks, 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, p.B * chunks, grain_items(p.n), [&](int64_t begin, int64_t end) {
     for (int64_t item = begin; item < end; ++item) {
       const int64_t b = item / chunks, e0 = (item % chunks) * kChunk;
       draw_normals(static_cast<uint64_t>(p.sample_ids[b]), key, p.stream, e0,
