@@ -48,7 +48,7 @@ NUM_DIGITS = 1797
 NUM_HELDOUT = 360                     # = the size of one FDD set
 NUM_TRAIN = NUM_DIGITS - NUM_HELDOUT  # the first 1437 digits
 DEFAULT_DURATION_KIMG = 200.0
-SHORT_DURATION_KIMG = 20.0
+SHORT_DURATION_KIMG = 12.0
 NUM_STEPS = 18                        # Heun: 35 NFE
 
 
@@ -171,7 +171,7 @@ def train_small(run_dir: str, D: float, duration_kimg: float, seed: int = 0, dev
     options = dict(RECIPE, run_dir=run_dir, data="digits", arch="ddpmpp", D=D, duration_kimg=duration_kimg,
                    seed=seed, max_size=NUM_TRAIN, network=dict(SMALL_NETWORK), device=str(device),
                    backend=backend, progress=progress, precision="auto", compile=False,
-                   tick_kimg=tick_kimg or max(duration_kimg / 10, 0.1), snap_ticks=10 ** 9, dump_ticks=5,
+                   tick_kimg=tick_kimg or max(duration_kimg / 20, 0.1), snap_ticks=10 ** 9, dump_ticks=5,
                    resume="auto" if resume else None)
     options.update(overrides)
     return run_training(**options)
@@ -221,11 +221,11 @@ def untrained_network(D: float, seed: int = 0, device="cpu"):
     return net.to(device).eval().requires_grad_(False)
 
 
-def sampling_network(net, device):
-    """What sampling runs: eager fp32 on the CPU; bf16 channels-last (not compiled: the demo
-    is short) on a GPU."""
+def sampling_network(net, device, net_dtype: str = "auto"):
+    """What sampling runs: eager fp32 on the CPU; channels-last, bf16 by default (not
+    compiled: the jobs are short) on a GPU."""
     from pfgmpp_fast.generate import make_generator_fast
-    return make_generator_fast(net, device, compile=False, cuda_graphs=False)
+    return make_generator_fast(net, device, net_dtype=net_dtype, compile=False, cuda_graphs=False)
 
 
 def generate_uint8(net, seeds: Sequence[int], num_steps: int = NUM_STEPS, alpha: float = 0.0, batch_size: int = 128,

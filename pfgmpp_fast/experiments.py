@@ -49,7 +49,7 @@ FULL_CONFIG = dict(
     bits=[32, 8, 6, 5, 4],
     steps=[3, 5, 7, 11, 18],          # NFE 5, 9, 13, 21, 35 (Heun)
     base_steps=18,
-    duration_kimg=100.0,
+    duration_kimg=64.0,
     sets=3,
     set_size=360,
     seed=0,
@@ -160,8 +160,10 @@ def _read_json(path: str) -> Optional[dict]:
         return None
 
 
-def _train(config: dict, D: float, outdir: str, device, log: _Log, progress, backend: str = "auto") -> dict:
-    """Train (or resume, or skip) the network for D; returns its done.json record."""
+def _train(config: dict, D: float, outdir: str, device, log: _Log, progress, backend: str = "auto",
+           compute: bool = True) -> Optional[dict]:
+    """Train (or resume, or skip) the network for D; returns its done.json record (None when
+    it is not finished and compute=False)."""
     import glob
     from pfgmpp_fast.demo import latest_snapshot, read_stats, train_small
     from pfgmpp_fast.io_utils import atomic_save_json
@@ -171,6 +173,9 @@ def _train(config: dict, D: float, outdir: str, device, log: _Log, progress, bac
     if done is not None:
         log(f"D={_D_label(D)}: training finished earlier ({done['kimg']:g} kimg) -> skipped")
         return done
+    if not compute:
+        log(f"D={_D_label(D)}: training not finished (report only: left out)")
+        return None
     states = glob.glob(os.path.join(run_dir, "training-state-*.pt"))
     if not states and os.path.isdir(run_dir):      # a start that left no state: begin afresh
         for f in glob.glob(os.path.join(run_dir, "*")):
@@ -193,30 +198,34 @@ def _train(config: dict, D: float, outdir: str, device, log: _Log, progress, bac
 
 
 def _score_points(config: dict, D: float, done: dict, outdir: str, scorer, device, log: _Log,
-                  progress: bool, backend: str = "auto") -> Dict[str, List[dict]]:
-    """FDD of every (point, set) for one D; finished ones are read back from disk."""
+                  progress: bool, backend: str = "auto", set_index: int = 0, compute: bool = True,
+                  results: Optional[Dict[str, List[dict]]] = None) -> Dict[str, List[dict]]:
+    """FDD of every point on seed set `set_index` for one D, appended to `results`; finished
+    ones are read back from disk (compute=False: only those)."""
     import torch
     from pfgmpp_fast import quantize as Q
     from pfgmpp_fast.demo import generate_uint8, load_snapshot, sampling_network
     from pfgmpp_fast.io_utils import atomic_save_json
     points = _points(config)
-    results: Dict[str, List[dict]] = {}
+    results = {name: [] for name in points} if results is None else results
     base_net, nets = None, {}
     for name, p in points.items():
         point_dir = os.path.join(outdir, "points", f"D{_D_label(D)}", name)
-        results[name] = []
-        for k in range(config["sets"]):
+        for k in (set_index,):
             path = os.path.join(point_dir, f"set{k}.json")
             record = _read_json(path)
             if record is not None:
                 results[name].append(record)
                 log(f"D={_D_label(D)} {name} set {k}: FDD {record['fdd']:.3f} (finished earlier -> skipped)")
                 continue
+            if not compute:
+                continue
             if base_net is None:
                 base_net = load_snapshot(os.path.join(outdir, done["snapshot"]), device)
             if p["bits"] not in nets:
                 q = base_net if p["bits"] >= 32 else Q.quantize_network(base_net, p["bits"])
-                nets = {p["bits"]: sampling_network(q, device)}        # keep one network at a time
+                # fp32 everywhere, so the bit width is the only quantisation in the bits sweep.
+                nets = {p["bits"]: sampling_network(q, device, net_dtype="fp32")}   # one network at a time
             seeds = list(range(k * config["set_size"], (k + 1) * config["set_size"]))
             t0 = time.perf_counter()
             with torch.no_grad():
@@ -255,6 +264,8 @@ def _write_outputs(config: dict, all_results: Dict[float, Dict[str, List[dict]]]
             xs, means, spreads = [], [], []
             for x, name in sp:
                 fdds = [r["fdd"] for r in sorted(results[name], key=lambda r: r["set"])]
+                if not fdds:        # report_only on a partial run
+                    continue
                 mean, spread = _mean_spread(fdds)
                 rows.append({"D": _D_label(D), column: x, "fdd_mean": mean, "fdd_spread": spread, "sets": len(fdds),
                              "images_per_set": config["set_size"], "fdd_sets": ";".join(f"{v:.6f}" for v in fdds)})
@@ -270,7 +281,10 @@ def _write_outputs(config: dict, all_results: Dict[float, Dict[str, List[dict]]]
         lines = [f"FDD (mean ± spread over {config['sets']} sets of {config['set_size']} samples; lower is better) "
                  f"vs {xlabel}", "", f"| D \\ {column} | " + " | ".join(head) + " |", "|---" * (len(head) + 1) + "|"]
         for D in all_results:
-            cells = [f"{r['fdd_mean']:.2f} ± {r['fdd_spread']:.2f}" for r in rows if r["D"] == _D_label(D)]
+            by_x = {r[column]: r for r in rows if r["D"] == _D_label(D)}
+            cells = [(f"{by_x[x]['fdd_mean']:.2f} ± {by_x[x]['fdd_spread']:.2f}"
+                      + ("" if by_x[x]["sets"] == config["sets"] else f" ({by_x[x]['sets']} sets)"))
+                     if x in by_x else "—" for x, _ in sp]
             lines.append(f"| {_D_label(D)} | " + " | ".join(cells) + " |")
         lines += ["", f"Held-out real digits (floor): {floor:.2f}", ""]
         table = "\n".join(lines)
@@ -302,8 +316,11 @@ def _write_outputs(config: dict, all_results: Dict[float, Dict[str, List[dict]]]
 
 
 def run_robustness(outdir: str = "results/robustness", tiny: bool = False, device="auto", progress="auto",
-                   command: Optional[str] = None, backend: str = "auto", **overrides) -> Dict[str, str]:
-    """Run (or resume) the robustness experiment; returns {output: path}."""
+                   command: Optional[str] = None, backend: str = "auto", report_only: bool = False,
+                   **overrides) -> Dict[str, str]:
+    """Run (or resume) the robustness experiment; returns {output: path}. report_only: compute
+    nothing, write the outputs from what is on disk (points without a finished set are left
+    out of the tables; the set counts say how many sets each number averages)."""
     from pfgmpp_fast.demo import DigitsScorer, pick_device, versions
     from pfgmpp_fast.io_utils import atomic_save_json
     config = make_config(tiny, **overrides)
@@ -325,11 +342,21 @@ def run_robustness(outdir: str = "results/robustness", tiny: bool = False, devic
     scorer = DigitsScorer(device=device)
     from pfgmpp_fast.demo import digits_uint8_split
     floor = scorer.fdd(digits_uint8_split()[1][:config["set_size"]])
+    # Train every D first, then score seed set by seed set: a run stopped early has every
+    # point on the first sets (and `report_only` turns that into tables).
     trainings, all_results = {}, {}
     for D in config["D_values"]:
-        trainings[D] = _train(config, D, outdir, device, log, bars, backend)
-        all_results[D] = _score_points(config, D, trainings[D], outdir, scorer, device, log, bars, backend)
+        done = _train(config, D, outdir, device, log, bars, backend, compute=not report_only)
+        if done is not None:
+            trainings[D] = done
+    for k in range(config["sets"]):
+        for D, done in trainings.items():
+            all_results[D] = _score_points(config, D, done, outdir, scorer, device, log, bars, backend,
+                                           set_index=k, compute=not report_only, results=all_results.get(D))
+    if not all_results:
+        raise ValueError(f"{outdir}: no finished training yet, nothing to report")
     meta = {"command": command or "python -m pfgmpp_fast experiment robustness", "device": str(device),
+            "report_only": bool(report_only),
             "versions": versions(), "features_sha256": scorer.sha256,
             "seconds_this_process": round(time.perf_counter() - t0, 1)}
     paths = _write_outputs(config, all_results, trainings, floor, outdir, meta)
@@ -355,6 +382,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--D-values", dest="D_values", default=None, help="comma-separated D values, e.g. 8,128,inf")
     p.add_argument("--backend", default="auto", help="kernel backend: auto, cpu, cuda, triton, reference")
     p.add_argument("--threads", type=int, default=1, help="CPU threads (default 1, see demo --help; 0 = torch's default)")
+    p.add_argument("--report-only", action="store_true",
+                   help="compute nothing: write the tables and figures from the points finished so far")
     p.add_argument("--no-progress", dest="progress", action="store_false", default="auto")
 
 
@@ -368,7 +397,7 @@ def main(args) -> int:
         set_cpu_threads(pick_device(args.device), args.threads)
         D_values = None if args.D_values is None else [d.strip() for d in args.D_values.split(",") if d.strip()]
         run_robustness(outdir, tiny=args.tiny, device=args.device, progress=args.progress, command=command,
-                       backend=args.backend,
+                       backend=args.backend, report_only=args.report_only,
                        duration_kimg=args.duration, sets=args.sets, D_values=D_values)
     except (ValueError, TypeError, FileNotFoundError, TrainingError) as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -77,15 +77,17 @@ def save_loss_curve(kimg: Sequence[float], loss: Sequence[float], path: str, tit
     plt = _pyplot()
     kimg, loss = np.asarray(kimg, dtype=np.float64), np.asarray(loss, dtype=np.float64)
     fig, ax = plt.subplots(figsize=(6, 3.6))
-    ax.plot(kimg, loss, color="tab:blue", alpha=0.35, lw=0.8, label="per tick")
-    if loss.size >= 5:
-        k = max(1, loss.size // 20)
-        smooth = np.convolve(loss, np.ones(k) / k, mode="valid")
-        ax.plot(kimg[k - 1:], smooth, color="tab:blue", lw=1.8, label=f"moving average ({k})")
+    smooth = loss.size >= 40
+    ax.plot(kimg, loss, color="tab:blue", alpha=0.35 if smooth else 1.0, lw=0.8 if smooth else 1.5, marker=None if smooth else "o",
+            ms=3, label="mean over each tick")
+    if smooth:
+        k = loss.size // 20
+        ax.plot(kimg[k - 1:], np.convolve(loss, np.ones(k) / k, mode="valid"), color="tab:blue", lw=1.8,
+                label=f"moving average of {k} ticks")
     if loss.size and np.all(loss > 0):
         ax.set_yscale("log")
     ax.set_xlabel("training images seen (kimg)")
-    ax.set_ylabel("loss (Σ over pixels, batch mean)")
+    ax.set_ylabel("loss per pixel (λ(σ)-weighted)")
     ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend()

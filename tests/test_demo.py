@@ -1,0 +1,106 @@
+"""The demo: end to end in --short mode (the CI mode), and its pieces."""
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _env():
+    env = dict(os.environ)
+    env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
+    return env
+
+
+@pytest.fixture(scope="module")
+def short_demo(tmp_path_factory):
+    outdir = tmp_path_factory.mktemp("demo") / "out"
+    proc = subprocess.run([sys.executable, "-m", "pfgmpp_fast", "demo", "--short", "--outdir", str(outdir)],
+                          cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return outdir, proc.stdout
+
+
+def test_short_demo_writes_every_documented_file(short_demo):
+    from PIL import Image
+    outdir, stdout = short_demo
+    for name in ("samples.png", "loss.png", "metrics.json", os.path.join("run", "stats.jsonl"),
+                 os.path.join("run", "log.txt"), os.path.join("run", "training_options.json")):
+        assert (outdir / name).is_file(), name
+    for name in ("samples.png", "loss.png", "metrics.json", "run"):
+        assert str(outdir / name) in stdout, f"the demo does not say where {name} went"
+    assert list((outdir / "run").glob("network-snapshot-*.safetensors"))
+    grid = np.asarray(Image.open(outdir / "samples.png"))
+    assert grid.shape == (10 * 33 - 1, 10 * 33 - 1)          # 10x10 digits, 4x upscaled, 1-px gaps
+    assert grid.std() > 10                                      # not a blank image
+    assert Image.open(outdir / "loss.png").size[0] > 100
+    # Three summary lines.
+    assert any(line.startswith("train :") for line in stdout.splitlines())
+    assert any(line.startswith("sample:") for line in stdout.splitlines())
+    assert any(line.startswith("FDD   :") for line in stdout.splitlines())
+
+
+def test_short_demo_trained_beats_untrained(short_demo):
+    outdir, _ = short_demo
+    m = json.loads((outdir / "metrics.json").read_text())
+    fdd = m["fdd"]
+    for key in ("trained", "untrained", "heldout_real"):
+        assert np.isfinite(fdd[key]) and fdd[key] >= 0, key
+    # "Clearly better": at most a third of the untrained network's distance.
+    assert fdd["trained"] < fdd["untrained"] / 3, fdd
+    assert fdd["heldout_real"] < fdd["trained"], fdd          # real digits are the floor
+    assert fdd["images_per_set"] == 360 and len(fdd["trained_sets"]) == 1
+    assert m["train"]["img_per_sec"] > 0 and m["sample"]["img_per_sec"] > 0
+    assert m["sample"]["nfe"] == 35 and m["D"] == "128" and m["short"] is True
+    assert m["train"]["kimg"] >= 12
+    assert m["network"]["parameters"] > 0 and "torch" in m["versions"]
+
+
+def test_demo_rejects_bad_arguments(tmp_path):
+    from pfgmpp_fast import cli
+    for argv in (["demo", "--D", "-1"], ["demo", "--D", "abc"], ["demo", "--duration", "0"],
+                 ["demo", "--sets", "0"], ["demo", "--threads", "-2"]):
+        assert cli.main(argv + ["--outdir", str(tmp_path / "x")]) == 2, argv
+    assert not (tmp_path / "x" / "metrics.json").exists()
+
+
+def test_parse_D():
+    from pfgmpp_fast.demo import parse_D
+    assert parse_D("128") == 128.0 and parse_D("inf") == float("inf") and parse_D("EDM") == float("inf")
+    for bad in ("0", "-3", "nan", "x"):
+        with pytest.raises(ValueError, match="D must"):
+            parse_D(bad)
+
+
+def test_image_grid_layout():
+    from pfgmpp_fast.plots import image_grid
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, size=(7, 1, 8, 8), dtype=np.uint8)
+    grid = image_grid(images, cols=3, scale=2, gap=1, gap_value=77)
+    assert grid.shape == (3 * 17 - 1, 3 * 17 - 1)
+    # Image 4 sits at row 1, column 1, each pixel a 2x2 block.
+    np.testing.assert_array_equal(grid[17:33:2, 17:33:2], images[4, 0])
+    np.testing.assert_array_equal(grid[18:34:2, 18:34:2], images[4, 0])
+    assert (grid[16, :] == 77).all() and (grid[:, 16] == 77).all()     # gaps
+    assert (grid[34:, 17:] == 77).all()                                 # the empty cells after image 6
+    with pytest.raises(TypeError):
+        image_grid(images.astype(np.float32))
+    with pytest.raises(ValueError):
+        image_grid(np.zeros((0, 8, 8), np.uint8))
+
+
+def test_scorer_floor_and_separation():
+    from pfgmpp_fast.demo import DigitsScorer, digits_uint8_split
+    scorer = DigitsScorer()
+    train, heldout = digits_uint8_split()
+    assert train.shape == (1437, 1, 8, 8) and heldout.shape == (360, 1, 8, 8)
+    noise = torch.randint(0, 256, (360, 1, 8, 8), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    assert 0 < scorer.floor < scorer.fdd(noise) / 10
+    assert scorer.fdd_sets(torch.cat([heldout, heldout[:100]])) == [pytest.approx(scorer.floor)]
+    with pytest.raises(ValueError, match="at least 360"):
+        scorer.fdd_sets(heldout[:10])
