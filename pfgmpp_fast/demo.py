@@ -317,7 +317,7 @@ def main(args) -> int:
     outdir = os.path.abspath(args.outdir)
     run_dir = os.path.join(outdir, "run")
     os.makedirs(outdir, exist_ok=True)
-    t_start = time.perf_counter()
+    t_start, cpu_start = time.perf_counter(), time.process_time()
     progress = bool(args.progress) and sys.stderr.isatty()
     num_samples = sets * NUM_HELDOUT
     seeds = list(range(num_samples))
@@ -390,9 +390,10 @@ def main(args) -> int:
                 "reference": f"training split (first {NUM_TRAIN} digits)",
                 "heldout": f"last {NUM_HELDOUT} digits (never trained on)",
                 "features": "digits_features.py (64-d)", "features_sha256": scorer.sha256},
-        "wall_seconds": None, "versions": versions(), "files": paths,
+        "wall_seconds": None, "cpu_seconds": None, "versions": versions(), "files": paths,
     }
     metrics["wall_seconds"] = round(time.perf_counter() - t_start, 2)
+    metrics["cpu_seconds"] = round(time.process_time() - cpu_start, 2)    # this process, all threads
     atomic_save_json(paths["metrics"], metrics)
 
     print(f"wrote {paths['samples']}\nwrote {paths['loss']}\nwrote {paths['metrics']}\n"

@@ -27,7 +27,9 @@ Outputs (results folder, default `results/robustness`): per sweep (alpha, bits, 
 `robustness-<sweep>.csv` (long format: one row per D and value), `robustness-<sweep>.md`
 (a table: rows D, columns the sweep values, cells mean ± spread) and
 `robustness-<sweep>.png` (FDD vs the swept value, one line per D); plus `summary.md`
-(all tables, training facts, floor) and `results.json`.
+(all tables and figures, training facts, floor), `training-loss.png` (loss per D),
+`results.json` (every point) and `log.txt`. `--report-only` writes these from the points
+finished so far without computing anything (for a run stopped early).
 """
 from __future__ import annotations
 
@@ -290,11 +292,16 @@ def _write_outputs(config: dict, all_results: Dict[float, Dict[str, List[dict]]]
         table = "\n".join(lines)
         tables.append((sweep, table))
         paths[f"{sweep}_md"] = atomic_write_text(base + ".md", table)
-        invert = sweep == "bits"
         paths[f"{sweep}_png"] = save_sweep_figure(
             curves, base + ".png", xlabel=xlabel, ylabel="FDD to the training split (lower is better)",
             title=f"PFGM++ on digits: robustness to {sweep}", floor=floor, xticks=[x for x, _ in sp],
-            invert_x=invert)
+            categorical=sweep == "bits")
+    curves = {f"D={_D_label(D)}": ([k for k, _ in t["loss_curve"]], [v for _, v in t["loss_curve"]],
+                                   [0.0] * len(t["loss_curve"]))
+              for D, t in trainings.items() if t.get("loss_curve")}
+    if curves:
+        paths["loss_png"] = save_sweep_figure(curves, os.path.join(outdir, "training-loss.png"), xlabel="kimg",
+                                              ylabel="training loss per pixel", title="training loss per D")
     summary = ["# Robustness experiment (PFGM++ on digits)", "",
                f"Command: `{meta['command']}`", f"Device: {meta['device']}", "",
                "Versions: " + ", ".join(f"{k} {v}" for k, v in meta["versions"].items()), "",
@@ -305,8 +312,10 @@ def _write_outputs(config: dict, all_results: Dict[float, Dict[str, List[dict]]]
         secs = t.get("train_seconds_total")
         summary.append(f"| {_D_label(D)} | {t['kimg']:g} | {loss} | {secs:.0f} |" if secs is not None
                        else f"| {_D_label(D)} | {t['kimg']:g} | {loss} | n/a |")
+    if "loss_png" in paths:
+        summary += ["", "![training loss](training-loss.png)"]
     for sweep, table in tables:
-        summary += ["", f"## Sweep: {sweep}", "", table]
+        summary += ["", f"## Sweep: {sweep}", "", table, f"![FDD vs {sweep}](robustness-{sweep}.png)"]
     paths["summary"] = atomic_write_text(os.path.join(outdir, "summary.md"), "\n".join(summary) + "\n")
     paths["results"] = atomic_save_json(os.path.join(outdir, "results.json"), {
         **meta, "config": _config_json(config), "floor_heldout": floor,

@@ -96,21 +96,23 @@ def save_loss_curve(kimg: Sequence[float], loss: Sequence[float], path: str, tit
 
 def save_sweep_figure(curves: Dict[str, Tuple[Sequence[float], Sequence[float], Sequence[float]]], path: str,
                       xlabel: str, ylabel: str, title: str, floor: Optional[float] = None,
-                      xticks: Optional[Sequence[float]] = None, invert_x: bool = False, logy: bool = True) -> str:
+                      xticks: Optional[Sequence[float]] = None, categorical: bool = False,
+                      logy: bool = True) -> str:
     """One line per label: curves[label] = (x, mean, spread); spread drawn as error bars.
-    `floor` (e.g. held-out real data) is drawn as a dashed horizontal line."""
+    `floor` (e.g. held-out real data) is drawn as a dashed horizontal line. categorical:
+    the values of `xticks` are placed at equal spacing, in the given order (e.g. bit widths)."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6, 4))
+    position = {v: i for i, v in enumerate(xticks)} if categorical and xticks is not None else None
     for label, (x, mean, spread) in curves.items():
-        ax.errorbar(np.asarray(x, dtype=np.float64), np.asarray(mean, dtype=np.float64),
+        xs = [position[v] for v in x] if position is not None else x
+        ax.errorbar(np.asarray(xs, dtype=np.float64), np.asarray(mean, dtype=np.float64),
                     yerr=np.asarray(spread, dtype=np.float64), marker="o", ms=4, capsize=3, label=label)
     if floor is not None and math.isfinite(floor):
         ax.axhline(floor, color="gray", ls="--", lw=1, label="held-out real digits")
     if xticks is not None:
-        ax.set_xticks(list(xticks))
+        ax.set_xticks(list(range(len(xticks))) if position is not None else list(xticks))
         ax.set_xticklabels([f"{v:g}" for v in xticks])
-    if invert_x:
-        ax.invert_xaxis()
     if logy:
         ax.set_yscale("log")
     ax.set_xlabel(xlabel)
