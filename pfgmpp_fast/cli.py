@@ -1,4 +1,4 @@
-"""`python -m pfgmpp_fast {train,generate,fid,bench,demo,experiment}`.
+"""The pfgmpp_fast command line: python -m pfgmpp_fast COMMAND [options].
 
 Each command lives in its own module, which provides `add_arguments(parser)` and
 `main(args) -> int`; modules are imported only when their command runs, so `--help` is
@@ -16,6 +16,7 @@ COMMANDS = {
     "generate": ("pfgmpp_fast.generate", "generate images from a network checkpoint"),
     "fid": ("pfgmpp_fast.fid", "FID: reference statistics, streaming evaluation and sweeps"),
     "bench": ("pfgmpp_fast.bench", "run the benchmark suite on this device"),
+    "convert": ("pfgmpp_fast.checkpoint", "convert a published EDM/PFGM++ pickle to our safe format (needs --trust-pickle)"),
     "experiment": ("pfgmpp_fast.experiments", "reproduce the paper's robustness findings on digits"),
 }
 
