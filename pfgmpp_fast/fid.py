@@ -660,7 +660,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_sampler_arguments(calc)
     calc.add_argument("--images", default=None, help="an image folder/zip/npz instead of --network")
     calc.add_argument("--seeds", default=None, help="seeds (default 0-(num-1))")
-    calc.add_argument("--num", type=int, default=50000, help="number of images (default 50000)")
+    calc.add_argument("--num-images", "--num", dest="num", type=int, default=50000,
+                      help="number of images (default 50000; under torchrun write --num-images)")
     calc.add_argument("--ref", default=None, help="reference statistics .npz (mu, sigma): print the FID")
     calc.add_argument("--outdir", default=None, help="keep resumable shards here (and stats.npz, result.json)")
     calc.add_argument("--shard-size", type=int, default=5000)
@@ -669,7 +670,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     ref = sub.add_parser("ref", help="reference statistics (published .npz format) of a data set")
     ref.add_argument("--data", required=True, help="'digits', an image folder/zip, or .npy/.npz")
     ref.add_argument("--dest", required=True, help="output .npz (mu, sigma)")
-    ref.add_argument("--num", type=int, default=None, help="use the first NUM images (default all)")
+    ref.add_argument("--num-images", "--num", dest="num", type=int, default=None,
+                     help="use the first N images (default all)")
     ref.add_argument("--batch", type=int, default=256)
     ref.add_argument("--device", default=None)
     _add_feature_arguments(ref)
