@@ -108,6 +108,8 @@ def make_config(tiny: bool = False, **overrides) -> dict:
         raise ValueError(f"set_size must be an int >= 2, got {config['set_size']!r}")
     if not (isinstance(config["duration_kimg"], (int, float)) and 0 < config["duration_kimg"] < math.inf):
         raise ValueError(f"duration_kimg must be a positive number, got {config['duration_kimg']!r}")
+    if isinstance(config["seed"], bool) or not isinstance(config["seed"], int) or not 0 <= config["seed"] < 2 ** 63:
+        raise ValueError(f"seed must be an int in [0, 2^63), got {config['seed']!r}")
     config["alpha"] = [float(a) for a in config["alpha"]]
     config["duration_kimg"] = float(config["duration_kimg"])
     return config
@@ -288,7 +290,7 @@ def _write_outputs(config: dict, all_results: Dict[float, Dict[str, List[dict]]]
                       + ("" if by_x[x]["sets"] == config["sets"] else f" ({by_x[x]['sets']} sets)"))
                      if x in by_x else "—" for x, _ in sp]
             lines.append(f"| {_D_label(D)} | " + " | ".join(cells) + " |")
-        lines += ["", f"Held-out real digits (floor): {floor:.2f}", ""]
+        lines += ["", f"Reference: {config['set_size']} held-out real digits score {floor:.2f}.", ""]
         table = "\n".join(lines)
         tables.append((sweep, table))
         paths[f"{sweep}_md"] = atomic_write_text(base + ".md", table)
@@ -388,6 +390,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help=f"training length per D in kimg (default {FULL_CONFIG['duration_kimg']:g}; "
                         f"--tiny {TINY_CONFIG['duration_kimg']:g})")
     p.add_argument("--sets", type=int, default=None, help="seed sets per point (default 3; --tiny 2)")
+    p.add_argument("--seed", type=int, default=None, help="training seed (default 0), e.g. for a replicate run")
     p.add_argument("--D-values", dest="D_values", default=None, help="comma-separated D values, e.g. 8,128,inf")
     p.add_argument("--backend", default="auto", help="kernel backend: auto, cpu, cuda, triton, reference")
     p.add_argument("--threads", type=int, default=1, help="CPU threads (default 1, see demo --help; 0 = torch's default)")
@@ -407,7 +410,7 @@ def main(args) -> int:
         D_values = None if args.D_values is None else [d.strip() for d in args.D_values.split(",") if d.strip()]
         run_robustness(outdir, tiny=args.tiny, device=args.device, progress=args.progress, command=command,
                        backend=args.backend, report_only=args.report_only,
-                       duration_kimg=args.duration, sets=args.sets, D_values=D_values)
+                       duration_kimg=args.duration, sets=args.sets, D_values=D_values, seed=args.seed)
     except (ValueError, TypeError, FileNotFoundError, TrainingError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -109,7 +109,7 @@ def save_sweep_figure(curves: Dict[str, Tuple[Sequence[float], Sequence[float], 
         ax.errorbar(np.asarray(xs, dtype=np.float64), np.asarray(mean, dtype=np.float64),
                     yerr=np.asarray(spread, dtype=np.float64), marker="o", ms=4, capsize=3, label=label)
     if floor is not None and math.isfinite(floor):
-        ax.axhline(floor, color="gray", ls="--", lw=1, label="held-out real digits")
+        ax.axhline(floor, color="gray", ls="--", lw=1, label="held-out real digits (reference)")
     if xticks is not None:
         ax.set_xticks(list(range(len(xticks))) if position is not None else list(xticks))
         ax.set_xticklabels([f"{v:g}" for v in xticks])

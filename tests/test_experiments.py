@@ -55,7 +55,7 @@ def test_tiny_writes_every_documented_file(tiny_run):
             sets = [float(v) for v in r["fdd_sets"].split(";")]
             assert float(r["fdd_mean"]) == pytest.approx(np.mean(sets), rel=1e-5)
         table = (outdir / f"robustness-{sweep}.md").read_text()
-        assert "| 128 |" in table and "| inf |" in table and "±" in table and "floor" in table
+        assert "| 128 |" in table and "| inf |" in table and "±" in table and "held-out real digits" in table
         image = Image.open(outdir / f"robustness-{sweep}.png")
         assert image.format == "PNG" and image.size[0] > 200
         assert str(outdir / f"robustness-{sweep}.png") in stdout
@@ -124,7 +124,7 @@ def test_config_validation():
     assert [x for x, _ in _sweep_points(full, "nfe")] == [5, 9, 13, 21, 35]
     assert full["D_values"][-1] == float("inf") and FULL_CONFIG["sets"] >= 2
     for bad in (dict(D_values=["0"]), dict(D_values=[8, 8]), dict(alpha=[-0.1]), dict(bits=[1]),
-                dict(steps=[0]), dict(sets=0), dict(set_size=1), dict(duration_kimg=0)):
+                dict(steps=[0]), dict(sets=0), dict(set_size=1), dict(duration_kimg=0), dict(seed=-1)):
         with pytest.raises((ValueError, TypeError)):
             make_config(**bad)
     with pytest.raises(TypeError, match="unknown"):
