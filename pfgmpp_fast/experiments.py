@@ -25,7 +25,8 @@ kept in `config.json`; a rerun with another configuration in the same folder is 
 
 Outputs (results folder, default `results/robustness`): per sweep (alpha, bits, nfe)
 `robustness-<sweep>.csv` (long format: one row per D and value), `robustness-<sweep>.md`
-(a table: rows D, columns the sweep values, cells mean ± spread) and
+(tables: rows D, columns the sweep values, cells mean ± spread of the FDD, and of the
+degradation = FDD minus the same D's base-point FDD on the same seed set) and
 `robustness-<sweep>.png` (FDD vs the swept value, one line per D); plus `summary.md`
 (all tables and figures, training facts, floor), `training-loss.png` (loss per D),
 `results.json` (every point) and `log.txt`. `--report-only` writes these from the points
@@ -264,14 +265,21 @@ def _write_outputs(config: dict, all_results: Dict[float, Dict[str, List[dict]]]
         column, xlabel = labels[sweep]
         sp = _sweep_points(config, sweep)
         rows, curves = [], {}
+        base_name = _point_name(0.0, 32, config["base_steps"])
         for D, results in all_results.items():
             xs, means, spreads = [], [], []
+            base_by_set = {r["set"]: r["fdd"] for r in results[base_name]}
             for x, name in sp:
-                fdds = [r["fdd"] for r in sorted(results[name], key=lambda r: r["set"])]
+                records = sorted(results[name], key=lambda r: r["set"])
+                fdds = [r["fdd"] for r in records]
                 if not fdds:        # report_only on a partial run
                     continue
                 mean, spread = _mean_spread(fdds)
-                rows.append({"D": _D_label(D), column: x, "fdd_mean": mean, "fdd_spread": spread, "sets": len(fdds),
+                # Paired by seed set (common seeds): how much worse than the same D's base point.
+                diffs = [r["fdd"] - base_by_set[r["set"]] for r in records if r["set"] in base_by_set]
+                d_mean, d_spread = _mean_spread(diffs) if diffs else (float("nan"), float("nan"))
+                rows.append({"D": _D_label(D), column: x, "fdd_mean": mean, "fdd_spread": spread,
+                             "degradation_mean": d_mean, "degradation_spread": d_spread, "sets": len(fdds),
                              "images_per_set": config["set_size"], "fdd_sets": ";".join(f"{v:.6f}" for v in fdds)})
                 xs.append(x), means.append(mean), spreads.append(spread)
             curves[f"D={_D_label(D)}"] = (xs, means, spreads)
@@ -290,7 +298,16 @@ def _write_outputs(config: dict, all_results: Dict[float, Dict[str, List[dict]]]
                       + ("" if by_x[x]["sets"] == config["sets"] else f" ({by_x[x]['sets']} sets)"))
                      if x in by_x else "—" for x, _ in sp]
             lines.append(f"| {_D_label(D)} | " + " | ".join(cells) + " |")
-        lines += ["", f"Reference: {config['set_size']} held-out real digits score {floor:.2f}.", ""]
+        lines += ["", f"Reference: {config['set_size']} held-out real digits score {floor:.2f}.", "",
+                  f"Degradation: FDD minus the FDD of the same D's base point (α = 0, 32 bits, "
+                  f"{2 * config['base_steps'] - 1} NFE) on the same seed set (paired), mean ± spread over the sets",
+                  "", f"| D \\ {column} | " + " | ".join(head) + " |", "|---" * (len(head) + 1) + "|"]
+        for D in all_results:
+            by_x = {r[column]: r for r in rows if r["D"] == _D_label(D)}
+            cells = [f"{by_x[x]['degradation_mean']:+.2f} ± {by_x[x]['degradation_spread']:.2f}" if x in by_x else "—"
+                     for x, _ in sp]
+            lines.append(f"| {_D_label(D)} | " + " | ".join(cells) + " |")
+        lines.append("")
         table = "\n".join(lines)
         tables.append((sweep, table))
         paths[f"{sweep}_md"] = atomic_write_text(base + ".md", table)
