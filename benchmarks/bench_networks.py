@@ -210,6 +210,18 @@ def main(argv=None):
         print(f'{arch:7s} ratios ' + ', '.join(f'{k}={v:.2f}' for k, v in ratios.items()), flush=True)
         results['archs'][arch] = row
 
+    # Rows for the suite driver (pfgmpp_fast.bench) and the README table, plus both ceilings.
+    from pfgmpp_fast import benchmarking as bm
+    results['environment'] = bm.environment(device)
+    results['ceilings'] = bm.ceilings(device, smoke=args.smoke)
+    results['rows'] = [dict(arch=arch, variant=v, forward_img_per_s=r['forward_img_per_s'],
+                            fwd_bwd_img_per_s=r['fwd_bwd_img_per_s'])
+                       for arch, row in results['archs'].items() for v, r in row.items() if v != 'ratios']
+    targets = {'published_fwd_bwd': '>= 5 (H100/H200)', 'hand_fwd_bwd': '>= 1.15 (H100/H200)'}
+    results['summary'] = [dict(metric=f'{arch} fast / {k.replace("fast_over_", "")}', value=val,
+                               target=targets.get(k.replace('fast_over_', ''), ''))
+                          for arch, row in results['archs'].items() for k, val in row['ratios'].items()
+                          if k.endswith('fwd_bwd')]
     if args.out:
         from pfgmpp_fast.checkpoint import _atomic_write_bytes
         _atomic_write_bytes(args.out, json.dumps(results, indent=2).encode())

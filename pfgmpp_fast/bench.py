@@ -18,6 +18,11 @@ import tempfile
 import time
 from pathlib import Path
 
+# Full-size CPU runs: the kernels at the CIFAR-sized batch of the CPU targets (B = 128,
+# N = 3·32·32); network, training and sampling suites at CIFAR size take hours on a
+# laptop-class CPU, so a CPU run without --only measures the kernels alone.
+CPU_ARGS = {"kernels": ["--batch", "128", "--resolution", "32"]}
+
 SUITES = [
     ("kernels", "bench_kernels.py"),
     ("networks", "bench_networks.py"),
@@ -52,7 +57,11 @@ def _summary_rows(name: str, result: dict) -> list:
 def run_suite(name: str, script: Path, device: str, smoke: bool, timeout: int) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, f"{name}.json")
-        cmd = [sys.executable, str(script), "--device", device, "--out", out] + (["--smoke"] if smoke else [])
+        cmd = [sys.executable, str(script), "--device", device, "--out", out]
+        if smoke:
+            cmd.append("--smoke")
+        elif device.startswith("cpu"):
+            cmd += CPU_ARGS.get(name, [])
         t0 = time.time()
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
         elapsed = time.time() - t0
@@ -72,7 +81,14 @@ def main(args) -> int:
     from pfgmpp_fast import benchmarking as bm
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    selected = [s for s in SUITES if not args.only or s[0] in args.only.split(",")]
+    only = args.only.split(",") if args.only else None
+    if only is None and device.startswith("cpu") and not args.smoke:
+        only = list(CPU_ARGS)
+        print("CPU run: measuring the kernels only (pass --only to choose suites)", flush=True)
+    unknown = set(only or []) - {n for n, _ in SUITES}
+    if unknown:
+        raise SystemExit(f"--only: unknown suite(s) {sorted(unknown)}; choose from {[n for n, _ in SUITES]}")
+    selected = [s for s in SUITES if only is None or s[0] in only]
     env = bm.environment(device)
     print(f"benchmarking on {env['device']} (torch {env['torch']}, triton {env['triton']})", flush=True)
     ceil = bm.ceilings(device, smoke=args.smoke)
@@ -95,9 +111,12 @@ def main(args) -> int:
     tmp.write_text(md)
     os.replace(tmp, outdir / f"{stem}.md")
 
-    summary = [r for name, res in suites.items() for r in _summary_rows(name, res)]
     print()
-    print(bm.markdown_table(summary) if summary else "(no results)")
+    for name, res in suites.items():  # the short table last: one block per suite
+        rows = _summary_rows(name, res)
+        print(f"{name}: " + (f"FAILED ({res['error']})" if "error" in res else ""))
+        if rows:
+            print(bm.markdown_table([{k: v for k, v in r.items() if k != "suite"} for r in rows]))
     print(f"results: {outdir / (stem + '.json')} and .md")
     return 1 if any("error" in r for r in suites.values()) else 0
 
