@@ -1,56 +1,19 @@
 """Fused sampler update (op level) and the fused sample() vs reference.sample."""
-import os
-
-import torch
-
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
 import math
 
 import pytest
+import torch
 from torch import nn
 
 from pfgmpp_fast import ops
 from pfgmpp_fast import reference as R
+from op_helpers import BACKENDS, device_for, same_format, rel_err
+
 from pfgmpp_fast.sampler import sample
 
-BACKENDS = [
-    pytest.param("triton", id="triton"),
-    pytest.param("cpu", id="cpu", marks=pytest.mark.skipif(not ops.has_extension(), reason="pfgmpp_fast._C not built")),
-    pytest.param("cuda", id="cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(not ops.has_cuda_kernels(), reason="no CUDA kernels")]),
-]
+pytestmark = pytest.mark.usefixtures("poison_uninitialized_memory")
+
 NAN = float("nan")
-
-
-def device_for(backend):
-    if backend == "cuda" or (backend == "triton" and torch.cuda.is_available()):
-        return torch.device("cuda")
-    return torch.device("cpu")
-
-
-@pytest.fixture(autouse=True)
-def poison_uninitialized_memory():
-    prev = torch.are_deterministic_algorithms_enabled()
-    torch.use_deterministic_algorithms(True, warn_only=True)
-    torch.utils.deterministic.fill_uninitialized_memory = True
-    yield
-    torch.use_deterministic_algorithms(prev)
-
-
-def same_format(out, ref):
-    """Same memory format (exact strides may differ where both formats coincide, e.g. C == 1)."""
-    if out.dim() != 4:
-        return out.is_contiguous() == ref.is_contiguous()
-    return all(out.is_contiguous(memory_format=f) == ref.is_contiguous(memory_format=f)
-               for f in (torch.contiguous_format, torch.channels_last))
-
-
-def rel_err(out, ref):
-    out, ref = out.detach().double().cpu(), ref.detach().double().cpu()
-    if ref.numel() == 0:
-        return 0.0
-    return ((out - ref).norm() / ref.norm().clamp_min(1e-30)).item()
 
 
 # (has F, F dtype, F layout, has base, h2, alpha, churn, c_in_next, net dtype, channels-last net input)

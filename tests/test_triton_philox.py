@@ -3,25 +3,11 @@ import os
 
 import torch
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported (conftest does too)
-
 import pytest
 
 from pfgmpp_fast import ops
 from pfgmpp_fast import reference as R
-
-BACKENDS = [
-    pytest.param("triton", id="triton"),
-    pytest.param("cpu", id="cpu", marks=pytest.mark.skipif(not ops.has_extension(), reason="pfgmpp_fast._C not built")),
-    pytest.param("cuda", id="cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(not ops.has_cuda_kernels(), reason="no CUDA kernels")]),
-]
-
-
-def device_for(backend):
-    if backend == "cuda" or (backend == "triton" and torch.cuda.is_available()):
-        return torch.device("cuda")
-    return torch.device("cpu")
+from op_helpers import BACKENDS, device_for
 
 
 # Random123 known answers for philox4x32_10 (counter, key=(k0, k1), output)
