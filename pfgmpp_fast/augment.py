@@ -30,7 +30,7 @@ through bit-exactly.
 from __future__ import annotations
 
 import math
-from typing import Optional, Tuple
+from typing import Tuple
 
 import torch
 import torch.nn.functional as Fn

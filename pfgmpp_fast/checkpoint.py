@@ -22,10 +22,8 @@ import math
 import os
 import pickle
 import struct
-import tempfile
 import zipfile
 import _compat_pickle
-from typing import Any
 
 import torch
 
@@ -91,30 +89,8 @@ def network_from_config(config: dict, device='cpu') -> EDMPrecond:
 # Atomic write.
 
 def _atomic_write_bytes(path: str, data: bytes) -> None:
-    path = os.fspath(path)
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix='.' + os.path.basename(path) + '.', suffix='.tmp', dir=directory)
-    try:
-        with os.fdopen(fd, 'wb') as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-    try:  # make the rename durable
-        dfd = os.open(directory, os.O_RDONLY)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
-    except OSError:
-        pass
+    from .io_utils import atomic_write_bytes
+    atomic_write_bytes(path, data)
 
 
 # ----------------------------------------------------------------------------------------

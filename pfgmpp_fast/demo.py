@@ -186,27 +186,8 @@ def latest_snapshot(run_dir: str) -> str:
 
 def load_snapshot(path: str, device="cpu"):
     """An EDMPrecond from one of our snapshots (safetensors, never pickle), eval mode."""
-    import torch
-    try:
-        from pfgmpp_fast.checkpoint import load_network
-    except ImportError:
-        load_network = None
-    if load_network is not None:
-        net = load_network(path, device="cpu")
-    else:   # checkpoint.py absent: train.py's plain safetensors + JSON config
-        from safetensors import safe_open
-        from safetensors.torch import load_file
-        from pfgmpp_fast.networks import EDMPrecond
-        with safe_open(path, framework="pt") as f:
-            meta = f.metadata() or {}
-        if "config" not in meta:
-            raise ValueError(f"{path} is not a pfgmpp_fast network snapshot (no 'config' metadata)")
-        config = json.loads(meta["config"])
-        if isinstance(config.get("D"), str):
-            config["D"] = float(config["D"])
-        net = EDMPrecond(**config)
-        net.load_state_dict(load_file(path), strict=True)
-    return net.to(device).eval().requires_grad_(False)
+    from pfgmpp_fast.checkpoint import load_network
+    return load_network(path, device="cpu").to(device).eval().requires_grad_(False)
 
 
 def untrained_network(D: float, seed: int = 0, device="cpu"):

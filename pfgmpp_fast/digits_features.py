@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import tempfile
 from typing import Optional
 
 import torch
@@ -97,20 +96,9 @@ def train_digits_features() -> dict:
 
 def _atomic_save_safetensors(tensors: dict, path: str) -> None:
     from safetensors.torch import save
-    data = save(tensors)
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=".safetensors")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+
+    from .io_utils import atomic_write_bytes
+    atomic_write_bytes(path, save(tensors))
 
 
 class DigitsFeatures(torch.nn.Module):

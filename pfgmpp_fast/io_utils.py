@@ -29,6 +29,10 @@ KILL_ENV = "PFGMPP_FAST_KILL_DURING_WRITE"
 _matching_writes = 0
 
 
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+
+
 def is_temp_file(name: str) -> bool:
     """True for the temporary names our writers use (leftovers of a killed write)."""
     base = os.path.basename(name)
@@ -55,6 +59,7 @@ def atomic_write(path: str | os.PathLike, write: Callable[[io.BufferedWriter], N
     os.makedirs(directory, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=TMP_SUFFIX, dir=directory)
     try:
+        os.fchmod(fd, 0o666 & ~_UMASK)  # mkstemp makes 0600; results are for sharing
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()
