@@ -22,7 +22,7 @@ def newest_results(results_dir: Path) -> list:
     by_device = {}
     for path in sorted(results_dir.glob("*.json")):
         data = json.loads(path.read_text())
-        if data.get("smoke"):
+        if data.get("smoke") or "suites" not in data:  # smoke runs and single-suite files
             continue
         env = data["environment"]
         key = env["device"]

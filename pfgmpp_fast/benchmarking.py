@@ -91,6 +91,16 @@ def slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9]+", "-", text).strip("-").lower()
 
 
+def _command_line() -> str:
+    """The command as the user typed it (`python -m pfgmpp_fast ...` for the CLI)."""
+    argv = list(sys.argv)
+    if argv and argv[0].endswith(os.path.join("pfgmpp_fast", "__main__.py")):
+        argv[0] = "-m pfgmpp_fast"
+    elif argv:
+        argv[0] = os.path.relpath(argv[0]) if os.path.isabs(argv[0]) else argv[0]
+    return " ".join(["python"] + argv)
+
+
 def environment(device="cpu") -> Dict[str, object]:
     """Device, versions and the exact command: everything a result needs to be read."""
     info = {
@@ -99,7 +109,7 @@ def environment(device="cpu") -> Dict[str, object]:
         "python": sys.version.split()[0],
         "torch": torch.__version__,
         "cuda": torch.version.cuda,
-        "command": " ".join([os.path.basename(sys.executable)] + sys.argv),
+        "command": _command_line(),
     }
     try:
         import triton
