@@ -121,6 +121,19 @@ def check_images(name, y, batch=None) -> None:
         raise ValueError(f"{name} has batch size {y.shape[0]} but {batch} sample ids/seeds were given")
 
 
+def check_sampler_options(solver, S_churn, S_min, S_max, S_noise, alpha, dtype) -> None:
+    """The sampler's options (shared by reference.sample and the fused sampler)."""
+    if solver not in ("heun", "euler"):
+        raise ValueError(f"solver must be 'heun' or 'euler', got {solver!r}")
+    for name, value in (("S_churn", S_churn), ("S_min", S_min), ("S_noise", S_noise), ("alpha", alpha)):
+        if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
+            raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+    if not (S_max >= S_min):
+        raise ValueError(f"S_max must be >= S_min, got S_max={S_max}, S_min={S_min}")
+    if dtype not in (torch.float32, torch.float64):
+        raise TypeError(f"dtype must be torch.float32 or torch.float64, got {dtype}")
+
+
 def check_sigma(sigma, batch, device, dtype) -> torch.Tensor:
     """σ as a [B] tensor; a scalar is broadcast. Must be finite and > 0."""
     sigma = torch.as_tensor(sigma, dtype=dtype, device=device)
@@ -408,15 +421,7 @@ def sample(denoiser: Callable, latents: torch.Tensor, D, key, seeds, num_steps: 
     check_images("latents", latents, batch=seeds.shape[0])
     key = check_key(key)
     check_D(D)
-    if solver not in ("heun", "euler"):
-        raise ValueError(f"solver must be 'heun' or 'euler', got {solver!r}")
-    for name, value in (("S_churn", S_churn), ("S_min", S_min), ("S_noise", S_noise), ("alpha", alpha)):
-        if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
-            raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
-    if not (S_max >= S_min):
-        raise ValueError(f"S_max must be >= S_min, got S_max={S_max}, S_min={S_min}")
-    if dtype not in (torch.float32, torch.float64):
-        raise TypeError(f"dtype must be torch.float32 or torch.float64, got {dtype}")
+    check_sampler_options(solver, S_churn, S_min, S_max, S_noise, alpha, dtype)
 
     B, N = latents.shape[0], latents[0].numel() if latents.shape[0] else 0
     t_steps = time_steps(num_steps, sigma_min, sigma_max, rho, dtype=torch.float64)

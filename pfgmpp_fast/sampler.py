@@ -41,18 +41,6 @@ class _NetAdapter:
         return self.net(net_in, sigma, self.labels)
 
 
-def _check_sample_args(solver, S_churn, S_min, S_max, S_noise, alpha, dtype):
-    if solver not in ("heun", "euler"):
-        raise ValueError(f"solver must be 'heun' or 'euler', got {solver!r}")
-    for name, value in (("S_churn", S_churn), ("S_min", S_min), ("S_noise", S_noise), ("alpha", alpha)):
-        if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
-            raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
-    if not (S_max >= S_min):
-        raise ValueError(f"S_max must be >= S_min, got S_max={S_max}, S_min={S_min}")
-    if dtype not in (torch.float32, torch.float64):
-        raise TypeError(f"dtype must be torch.float32 or torch.float64, got {dtype}")
-
-
 def sample(net, latents: torch.Tensor, D, key, seeds, num_steps: int = 18, sigma_min: float = 0.002,
            sigma_max: float = 80.0, rho: float = 7.0, solver: str = "heun", S_churn: float = 0.0,
            S_min: float = 0.0, S_max: float = float("inf"), S_noise: float = 1.0, alpha: float = 0.0,
@@ -70,7 +58,7 @@ def sample(net, latents: torch.Tensor, D, key, seeds, num_steps: int = 18, sigma
     R.check_images("latents", latents, batch=seeds.shape[0])
     key = R.check_key(key)
     R.check_D(D)
-    _check_sample_args(solver, S_churn, S_min, S_max, S_noise, alpha, dtype)
+    R.check_sampler_options(solver, S_churn, S_min, S_max, S_noise, alpha, dtype)
     B = latents.shape[0]
     adapter = _NetAdapter(net, B, latents.device, class_labels)
     if net_dtype is None:
