@@ -532,6 +532,9 @@ def _write_sweep_outputs(rows: List[dict], kind: str, metric: str, outdir: str, 
     ax.set_ylabel(metric)
     ax.set_title(f"{metric} vs {xlabel}")
     ax.grid(alpha=0.3)
+    if kind in ("steps", "bits"):  # discrete settings: ticks at the measured values only
+        ax.set_xticks(xs)
+    fig.tight_layout()
     png = io.BytesIO()
     fig.savefig(png, format="png")
     _atomic_write_bytes(paths["png"], png.getvalue())
