@@ -103,6 +103,18 @@ class CMakeExtension(Extension):
 
 
 class CMakeBuild(build_ext):
+    def copy_extensions_to_source(self):
+        """Put the built library next to the sources under a temporary name, then rename it
+        into place: a process that has the old library loaded keeps a valid mapping (an
+        in-place overwrite crashes it)."""
+        build_py = self.get_finalized_command("build_py")
+        for ext in self.extensions:
+            inplace_file, regular_file = self._get_inplace_equivalent(build_py, ext)
+            tmp = f"{inplace_file}.tmp-{os.getpid()}"
+            shutil.copyfile(regular_file, tmp)
+            shutil.copymode(regular_file, tmp)
+            os.replace(tmp, inplace_file)
+
     def build_extension(self, ext):
         import pybind11
         import torch
