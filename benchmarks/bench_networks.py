@@ -18,7 +18,6 @@ weighted sum of the output. Also measured in the same run: a bf16 matmul ceiling
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import statistics
@@ -223,8 +222,7 @@ def main(argv=None):
                           for arch, row in results['archs'].items() for k, val in row['ratios'].items()
                           if k.endswith('fwd_bwd')]
     if args.out:
-        from pfgmpp_fast.checkpoint import _atomic_write_bytes
-        _atomic_write_bytes(args.out, json.dumps(results, indent=2).encode())
+        bm.write_json(args.out, results)
         lines = [f'# Network throughput ({results["device"]}, torch {results["torch"]}, batch {args.batch})', '',
                  '| arch | variant | forward img/s | fwd+bwd img/s |', '|---|---|---|---|']
         for arch, row in results['archs'].items():
@@ -234,7 +232,7 @@ def main(argv=None):
             for k, val in row['ratios'].items():
                 lines.append(f'| {arch} | {k} | {val:.2f} | |')
         md = os.path.splitext(args.out)[0] + '.md'
-        _atomic_write_bytes(md, ('\n'.join(lines) + '\n').encode())
+        bm.write_text(md, '\n'.join(lines) + '\n')
     return results
 
 

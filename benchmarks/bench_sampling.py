@@ -223,11 +223,7 @@ def main(argv=None) -> int:
         text = (f"# Sampling at {nfe} NFE — {payload['environment']['device']}\n\n"
                 + B.markdown_table(summary) + "\n" + B.markdown_table(rows)
                 + "\nFID-50k time is an extrapolation from the measured slice (linear in images).\n")
-        with open(md + ".tmp", "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(md + ".tmp", md)
+        B.write_text(md, text)
     print(B.markdown_table(summary))
     return 0
 

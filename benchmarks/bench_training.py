@@ -30,7 +30,6 @@ from __future__ import annotations
 import argparse
 import copy
 import gc
-import math
 import os
 import sys
 import tempfile
@@ -236,11 +235,7 @@ def main(argv=None) -> int:
         md = os.path.splitext(args.out)[0] + ".md"
         text = (f"# Training step — {payload['environment']['device']}\n\n" + B.markdown_table(summary) + "\n"
                 + B.markdown_table(rows) + "\n" + "\n".join(f"- {n}" for n in notes) + "\n")
-        with open(md + ".tmp", "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(md + ".tmp", md)
+        B.write_text(md, text)
     print(B.markdown_table(summary))
     return 0
 

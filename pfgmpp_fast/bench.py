@@ -106,10 +106,7 @@ def main(args) -> int:
     date = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d")
     stem = f"{bm.slug(env['device'])}-{date}" + ("-smoke" if args.smoke else "")
     bm.write_json(str(outdir / f"{stem}.json"), payload)
-    md = render_markdown(payload)
-    tmp = outdir / f".{stem}.md.tmp"
-    tmp.write_text(md)
-    os.replace(tmp, outdir / f"{stem}.md")
+    bm.write_text(str(outdir / f"{stem}.md"), render_markdown(payload))
 
     print()
     for name, res in suites.items():  # the short table last: one block per suite

@@ -119,15 +119,14 @@ def environment(device="cpu") -> Dict[str, object]:
     return info
 
 
+def write_text(path: str, text: str) -> None:
+    """Atomic text write (temp file, fsync, rename): results are never half written."""
+    from pfgmpp_fast.io_utils import atomic_write_text
+    atomic_write_text(path, text)
+
+
 def write_json(path: str, payload: dict) -> None:
-    """Atomic JSON write (temp file, fsync, rename)."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(payload, f, indent=2, default=str)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    write_text(path, json.dumps(payload, indent=2, default=str))
 
 
 def markdown_table(rows: List[dict], columns: Optional[List[str]] = None) -> str:

@@ -75,12 +75,9 @@ def train_digits_features() -> dict:
     """Train the feature network as documented above; returns its state dict (float32, CPU)."""
     images, labels = digits_uint8()
     x = images.reshape(images.shape[0], -1).to(torch.float32) / 255.0
-    generator_state = torch.random.get_rng_state()
-    try:
+    with torch.random.fork_rng(devices=[]):  # leave the caller's RNG untouched
         torch.manual_seed(SEED)
         net = _Net()
-    finally:
-        torch.random.set_rng_state(generator_state)
     opt = torch.optim.Adam(net.parameters(), lr=LEARNING_RATE)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)        # tiny matmuls: one thread is faster and reproducible

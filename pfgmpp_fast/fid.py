@@ -221,12 +221,9 @@ def make_random_inception_weights(path: str, seed: int = 0) -> str:
     """A randomly initialised state dict of torch-fidelity's Inception-v3, saved the way
     torch-fidelity expects (for tests and throughput benchmarks — not for real FIDs).
     Returns its SHA-256."""
-    state = torch.random.get_rng_state()
-    try:
+    with torch.random.fork_rng(devices=[]):  # leave the caller's RNG untouched
         torch.manual_seed(seed)
         net = _unloaded_inception()
-    finally:
-        torch.random.set_rng_state(state)
     sd = {k: v.clone() for k, v in torch.nn.Module.state_dict(net).items()}
     buf = io.BytesIO()
     torch.save(sd, buf)
