@@ -39,7 +39,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import numpy as np  # noqa: E402
 
 import baselines  # noqa: E402
-from pfgmpp_fast import benchmarking as bm  # noqa: E402
+from pfgmpp_fast.utils import benchmarking as bm  # noqa: E402
 from pfgmpp_fast import ops  # noqa: E402
 from pfgmpp_fast import reference as R  # noqa: E402
 

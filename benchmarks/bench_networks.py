@@ -209,8 +209,8 @@ def main(argv=None):
         print(f'{arch:7s} ratios ' + ', '.join(f'{k}={v:.2f}' for k, v in ratios.items()), flush=True)
         results['archs'][arch] = row
 
-    # Rows for the suite driver (pfgmpp_fast.bench) and the README table, plus both ceilings.
-    from pfgmpp_fast import benchmarking as bm
+    # Rows for the suite driver (pfgmpp_fast.apps.bench) and the README table, plus both ceilings.
+    from pfgmpp_fast.utils import benchmarking as bm
     results['environment'] = bm.environment(device)
     results['ceilings'] = bm.ceilings(device, smoke=args.smoke)
     results['rows'] = [dict(arch=arch, variant=v, forward_img_per_s=r['forward_img_per_s'],

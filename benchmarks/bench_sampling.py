@@ -10,7 +10,7 @@ does not depend on the weights), same batch, 18 Heun steps = 35 NFE, ending in u
 2. hand-compiled — the same published sampler, with the network made fast by hand the way
    a user would: bf16 autocast + channels-last + torch.compile (mode max-autotune-no-cudagraphs
    is not used; default mode, as `torch.compile(net)` gives).
-3. ours — pfgmpp_fast.generate.generate_images: Philox prior, fused sampler steps (float32
+3. ours — pfgmpp_fast.evaluation.generate.generate_images: Philox prior, fused sampler steps (float32
    state), make_fast(bf16, channels-last, compile, CUDA graphs).
 
 Plus the FID-50k wall time at 35 NFE on this device: generation + Inception-v3 pool
@@ -38,8 +38,8 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from pfgmpp_fast import benchmarking as B  # noqa: E402
-from pfgmpp_fast import generate as G  # noqa: E402
+from pfgmpp_fast.utils import benchmarking as B  # noqa: E402
+from pfgmpp_fast.evaluation import generate as G  # noqa: E402
 from pfgmpp_fast.networks import build_network, make_fast  # noqa: E402
 
 
@@ -171,36 +171,36 @@ def main(argv=None) -> int:
     summary.append({"metric": f"ours img/s at {nfe} NFE", "value": by["ours"]["img_per_s"], "target": ""})
 
     # --- FID-50k at 35 NFE: measured slice, extrapolated --------------------------------
-    from pfgmpp_fast import fid as F
+    from pfgmpp_fast.evaluation import calc, features, metrics
     with tempfile.TemporaryDirectory() as tmp:
         if smoke:
-            extractor = F.get_feature_extractor("digits", device)      # trained once, cached
+            extractor = features.get_feature_extractor("digits", device)      # trained once, cached
             feature_note = "digits features (smoke)"
         else:
             try:
                 if args.inception_weights:
-                    extractor = F.InceptionFeatures(args.inception_weights, device=device)
+                    extractor = features.InceptionFeatures(args.inception_weights, device=device)
                     feature_note = "Inception-v3 (torch-fidelity weights)"
                 else:
                     path = os.path.join(tmp, "inception-random.pth")
-                    digest = F.make_random_inception_weights(path)
-                    extractor = F.InceptionFeatures(path, sha256=digest, device=device)
+                    digest = features.make_random_inception_weights(path)
+                    extractor = features.InceptionFeatures(path, sha256=digest, device=device)
                     feature_note = "Inception-v3 architecture with random weights (timing only)"
             except ImportError as exc:
                 extractor, feature_note = None, f"skipped: torch-fidelity not installed ({exc})"
         if extractor is not None:
             slice_seeds = np.arange(10_000, 10_000 + fid_slice, dtype=np.int64)
-            warm = F.generator_source(fast, slice_seeds[:batch], device=device, num_steps=steps)
-            F.calc_stats(warm, extractor, batch_size=batch, device=device)           # warm-up (compile)
+            warm = calc.generator_source(fast, slice_seeds[:batch], device=device, num_steps=steps)
+            calc.calc_stats(warm, extractor, batch_size=batch, device=device)           # warm-up (compile)
             B.sync(device)
             t0 = time.perf_counter()
-            src = F.generator_source(fast, slice_seeds, device=device, num_steps=steps)
-            stats = F.calc_stats(src, extractor, batch_size=batch, device=device)
+            src = calc.generator_source(fast, slice_seeds, device=device, num_steps=steps)
+            stats = calc.calc_stats(src, extractor, batch_size=batch, device=device)
             mu, sigma = stats.mean_cov()
             B.sync(device)
             slice_s = time.perf_counter() - t0
             t1 = time.perf_counter()
-            F.frechet_distance(mu, sigma, mu, sigma + np.eye(len(mu)) * 1e-3)
+            metrics.frechet_distance(mu, sigma, mu, sigma + np.eye(len(mu)) * 1e-3)
             fd_s = time.perf_counter() - t1
             est = slice_s * 50_000 / fid_slice + fd_s
             rows.append({"method": "FID-50k estimate", "batch": batch, "nfe": nfe,

@@ -11,7 +11,7 @@ Adam lr 1e-3, EMA) on synthetic data of that shape, timed three ways in one proc
    a Python loop of lerp/copy per parameter for the EMA.
 2. hand-compiled — the same published step with the network made fast by hand the way a
    user would: bf16 autocast + channels-last + torch.compile (default mode), TF32 on.
-3. ours          — pfgmpp_fast.train's step: fused perturbation and loss kernels, make_fast
+3. ours          — pfgmpp_fast.training.loop's step: fused perturbation and loss kernels, make_fast
    (bf16, channels-last, compiled), fused Adam with on-device skip of non-finite steps,
    foreach EMA and gradient clean-up, no host syncs.
 
@@ -39,7 +39,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from pfgmpp_fast import benchmarking as B  # noqa: E402
+from pfgmpp_fast.utils import benchmarking as B  # noqa: E402
 from pfgmpp_fast.networks import build_network  # noqa: E402
 
 P_MEAN, P_STD, SIGMA_DATA = -1.2, 1.2, 0.5
@@ -188,9 +188,11 @@ def main(argv=None) -> int:
         del step
         free(device)
 
-    # Ours: the real training step of pfgmpp_fast.train on the same synthetic data.
+    # Ours: the real training step of pfgmpp_fast.training.loop on the same synthetic data.
     set_tf32(True)
-    from pfgmpp_fast.train import _Dist, _Run, resolve_options
+    from pfgmpp_fast.training.loop import TrainingRun
+    from pfgmpp_fast.training.options import resolve_options
+    from pfgmpp_fast.utils import distributed
     with tempfile.TemporaryDirectory() as tmp:
         data_path = os.path.join(tmp, "synthetic.npy")
         np.save(data_path, data.numpy())
@@ -198,8 +200,7 @@ def main(argv=None) -> int:
         o = resolve_options(run_dir=tmp, data=data_path, arch="ddpmpp", D=D, batch=batch, dropout=0.13, augment=0.0,
                             network=network, precision="bf16" if on_gpu else "fp32", compile=compile_ok,
                             channels_last=on_gpu, backend="auto", device=str(device), seed=0, progress=False)
-        dist = _Dist(o["device"])
-        run = _Run(o, dist)
+        run = TrainingRun(o, distributed.init(o["device"]))
         run.rank0 = False                      # no log file chatter from the benchmark
         run.setup()
         run.net.load_state_dict(template.state_dict())

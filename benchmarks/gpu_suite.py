@@ -9,7 +9,7 @@ its own with --device/--smoke/--out.
 import argparse
 import sys
 
-from pfgmpp_fast import bench
+from pfgmpp_fast.apps import bench
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])

@@ -33,7 +33,7 @@ def newest_results(results_dir: Path) -> list:
 
 def render(results_dir: Path) -> str:
     sys.path.insert(0, str(ROOT))
-    from pfgmpp_fast.benchmarking import markdown_table
+    from pfgmpp_fast.utils.benchmarking import markdown_table
 
     found = newest_results(results_dir)
     if not found:

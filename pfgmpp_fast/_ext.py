@@ -19,7 +19,7 @@ _BUILD_HINT = (
     "C++20 compiler; nvcc adds the CUDA kernels, PFGMPP_FAST_NO_CUDA=1 skips them).")
 
 try:
-    from . import _C  # noqa: F401  (registers torch.ops.pfgmpp_fast.* as a side effect)
+    from pfgmpp_fast import _C  # noqa: F401  (registers torch.ops.pfgmpp_fast.* as a side effect)
 except ImportError as exc:  # pragma: no cover - depends on the build
     raise ImportError(f"{_BUILD_HINT} (import error: {exc})") from exc
 

@@ -16,18 +16,21 @@ constructor arguments and copy the weights in, strictly.
 from __future__ import annotations
 
 import collections
+import glob
 import io
 import json
 import math
 import os
 import pickle
+import re
 import struct
 import zipfile
 import _compat_pickle
 
 import torch
 
-from .networks import EDMPrecond, FastNetwork
+from pfgmpp_fast.networks import EDMPrecond, FastNetwork
+from pfgmpp_fast.utils.io_utils import atomic_write_bytes
 
 __all__ = ['save_network', 'load_network', 'convert_published', 'network_config', 'network_from_config',
            'UntrustedCheckpointError', 'FORMAT']
@@ -86,11 +89,33 @@ def network_from_config(config: dict, device='cpu') -> EDMPrecond:
 
 
 # ----------------------------------------------------------------------------------------
-# Atomic write.
+# Snapshots of a run directory.
 
-def _atomic_write_bytes(path: str, data: bytes) -> None:
-    from .io_utils import atomic_write_bytes
-    atomic_write_bytes(path, data)
+_KIMG_RE = re.compile(r"(\d+)\.(safetensors|pkl|pt)$")
+
+
+def find_checkpoints(run_dir: str) -> list:
+    """[(kimg, path)] of network snapshots in a run directory, sorted by kimg (the number at
+    the end of the file name: network-snapshot-000200.safetensors → 200)."""
+    if not os.path.isdir(run_dir):
+        raise FileNotFoundError(f"run directory not found: {run_dir}")
+    out = []
+    for path in glob.glob(os.path.join(glob.escape(run_dir), "*")):
+        name = os.path.basename(path)
+        m = _KIMG_RE.search(name)
+        if m and ("snapshot" in name or "network" in name) and not name.startswith("."):
+            out.append((int(m.group(1)), path))
+    if not out:
+        raise ValueError(f"no network snapshots (network-snapshot-<kimg>.safetensors) in {run_dir}")
+    return sorted(out)
+
+
+def find_latest_snapshot(run_dir: str):
+    """Path of the snapshot with the largest kimg in ``run_dir`` (None if there is none)."""
+    try:
+        return find_checkpoints(run_dir)[-1][1]
+    except (FileNotFoundError, ValueError):
+        return None
 
 
 # ----------------------------------------------------------------------------------------
@@ -106,7 +131,7 @@ def save_network(path, net, extra_metadata: dict | None = None) -> None:
     metadata = {'format': FORMAT, 'config': json.dumps(config, sort_keys=True),
                 'extra': json.dumps(_to_json_value(extra_metadata or {}), sort_keys=True),
                 'torch_version': torch.__version__}
-    _atomic_write_bytes(path, st_save(tensors, metadata=metadata))
+    atomic_write_bytes(path, st_save(tensors, metadata=metadata))
 
 
 def _sniff(path: str) -> str:

@@ -11,13 +11,13 @@ import importlib
 import sys
 
 COMMANDS = {
-    "demo": ("pfgmpp_fast.demo", "train a small PFGM++ on the embedded digits data and sample it (the main job)"),
-    "train": ("pfgmpp_fast.train", "train a network (torchrun for several GPUs/nodes)"),
-    "generate": ("pfgmpp_fast.generate", "generate images from a network checkpoint"),
-    "fid": ("pfgmpp_fast.fid", "FID: reference statistics, streaming evaluation and sweeps"),
-    "bench": ("pfgmpp_fast.bench", "run the benchmark suite on this device"),
+    "demo": ("pfgmpp_fast.apps.demo", "train a small PFGM++ on the embedded digits data and sample it (the main job)"),
+    "train": ("pfgmpp_fast.training.options", "train a network (torchrun for several GPUs/nodes)"),
+    "generate": ("pfgmpp_fast.evaluation.generate", "generate images from a network checkpoint"),
+    "fid": ("pfgmpp_fast.evaluation.fid", "FID: reference statistics, streaming evaluation and sweeps"),
+    "bench": ("pfgmpp_fast.apps.bench", "run the benchmark suite on this device"),
     "convert": ("pfgmpp_fast.checkpoint", "convert a published EDM/PFGM++ pickle to our safe format (needs --trust-pickle)"),
-    "experiment": ("pfgmpp_fast.experiments", "reproduce the paper's robustness findings on digits"),
+    "experiment": ("pfgmpp_fast.apps.experiments", "reproduce the paper's robustness findings on digits"),
 }
 
 

@@ -13,8 +13,9 @@ import math
 import torch
 from torch import nn
 
-from . import ops
-from . import reference as R
+from pfgmpp_fast import ops
+from pfgmpp_fast import checks
+from pfgmpp_fast import reference as R
 
 
 def _is_precond_net(net) -> bool:
@@ -48,10 +49,10 @@ def training_loss(net, y: torch.Tensor, D, key, sample_ids, P_mean: float = -1.2
     `channels_last` attribute, else y's layout).  sigma_data is taken from the network
     when it has one.
     """
-    R.check_images("y", y)
-    sample_ids = R.check_sample_ids(sample_ids, device=y.device)
-    R.check_images("y", y, batch=sample_ids.shape[0])
-    key, D = R.check_key(key), R.check_D(D)
+    checks.check_images("y", y)
+    sample_ids = checks.check_sample_ids(sample_ids, device=y.device)
+    checks.check_images("y", y, batch=sample_ids.shape[0])
+    key, D = checks.check_key(key), checks.check_D(D)
     if net_dtype is not None and net_dtype not in ops.NET_DTYPES:
         raise TypeError(f"net_dtype must be one of {ops.NET_DTYPES} or None, got {net_dtype}")
     sigma, s = ops.training_scalars(key, sample_ids, D, P_mean, P_std, backend=backend)
@@ -59,7 +60,7 @@ def training_loss(net, y: torch.Tensor, D, key, sample_ids, P_mean: float = -1.2
     kwargs = {} if augment_labels is None else {"augment_labels": augment_labels}
 
     if not _is_precond_net(net):
-        R.check_positive("sigma_data", sigma_data)
+        checks.check_positive("sigma_data", sigma_data)
         ones = torch.ones_like(s, dtype=cd)
         x, _ = ops.perturb_op(y, s.to(cd), ones, sample_ids, key, R.STREAM_NOISE, y.dtype,
                               ops._is_channels_last(y), False, backend=backend)
@@ -87,11 +88,11 @@ class PFGMPPLoss(nn.Module):
     def __init__(self, D=128, P_mean: float = -1.2, P_std: float = 1.2, sigma_data: float = 0.5,
                  backend: str = "auto"):
         super().__init__()
-        self.D = R.check_D(D)
+        self.D = checks.check_D(D)
         if not math.isfinite(P_mean):
             raise ValueError(f"P_mean must be finite, got {P_mean}")
-        self.P_mean, self.P_std = float(P_mean), R.check_positive("P_std", P_std)
-        self.sigma_data = R.check_positive("sigma_data", sigma_data)
+        self.P_mean, self.P_std = float(P_mean), checks.check_positive("P_std", P_std)
+        self.sigma_data = checks.check_positive("sigma_data", sigma_data)
         if backend not in ops.BACKENDS:
             raise ValueError(f"backend must be one of {ops.BACKENDS}, got {backend!r}")
         self.backend = backend

@@ -15,7 +15,8 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
-from . import reference as R
+from pfgmpp_fast import checks
+from pfgmpp_fast import reference as R
 
 BACKENDS = ("auto", "reference", "triton", "cuda", "cpu")
 OP_NAMES = ("philox4x32", "philox_normal", "chi2", "perturb", "loss_fwd_bwd", "sampler_update")
@@ -32,7 +33,7 @@ def _register_triton_ops():
     global _triton_registered
     if _triton_registered:
         return
-    from .kernels import philox as kp, chi2 as kc, perturb as kpt, loss as kl, sampler_step as ks
+    from pfgmpp_fast.kernels import philox as kp, chi2 as kc, perturb as kpt, loss as kl, sampler_step as ks
 
     def op(name, fn):
         return torch.library.triton_op(f"pfgmpp_fast_triton::{name}", fn, mutates_args=())
@@ -74,7 +75,7 @@ except (ImportError, RuntimeError):  # no usable triton: backend='triton' fails 
 
 def _ext():
     try:
-        from . import _ext as ext
+        from pfgmpp_fast import _ext as ext
     except ImportError:
         return None
     return ext
@@ -200,7 +201,7 @@ def _is_channels_last(t: Tensor) -> bool:
 
 def noise_scale(sigma: Tensor, D, key, sample_ids, backend: str = "auto") -> Tensor:
     """s = σ·√(D/V), V ~ χ²_D on the device (float64 [B], clamped to MAX_SCALE); σ for D = inf."""
-    D = R.check_D(D)
+    D = checks.check_D(D)
     sigma = sigma.to(torch.float64)
     if math.isinf(D):
         return sigma.clone()
@@ -212,23 +213,23 @@ def training_scalars(key, sample_ids, D, P_mean: float = -1.2, P_std: float = 1.
     """(σ, s) float64 [B] of the training step, drawn on the device (reference.training_scalars)."""
     if not math.isfinite(P_mean):
         raise ValueError(f"P_mean must be finite, got {P_mean}")
-    R.check_positive("P_std", P_std)
+    checks.check_positive("P_std", P_std)
     z = philox_normal(sample_ids, key, 1, R.STREAM_SIGMA, backend=backend)[:, 0].to(torch.float64)
     sigma = torch.exp(P_mean + P_std * z)
     return sigma, noise_scale(sigma, D, key, sample_ids, backend=backend)
 
 
 def _check_common(y, key, D, sample_ids, name="y"):
-    R.check_images(name, y)
-    sample_ids = R.check_sample_ids(sample_ids, device=y.device)
-    R.check_images(name, y, batch=sample_ids.shape[0])
-    return R.check_key(key), R.check_D(D), sample_ids
+    checks.check_images(name, y)
+    sample_ids = checks.check_sample_ids(sample_ids, device=y.device)
+    checks.check_images(name, y, batch=sample_ids.shape[0])
+    return checks.check_key(key), checks.check_D(D), sample_ids
 
 
 def perturb(y: Tensor, sigma, D, key, sample_ids, backend: str = "auto") -> Tensor:
     """x = y + σ·√(D/V)·g in one fused pass (reference.perturb); y's dtype and memory format."""
     key, D, sample_ids = _check_common(y, key, D, sample_ids)
-    sigma = R.check_sigma(sigma, y.shape[0], y.device, torch.float64)
+    sigma = checks.check_sigma(sigma, y.shape[0], y.device, torch.float64)
     cd = _compute_dtype(y)
     s = noise_scale(sigma, D, key, sample_ids, backend=backend).to(cd)
     ones = torch.ones_like(s)
@@ -244,7 +245,7 @@ def perturb_net_input(y: Tensor, sigma, D, key, sample_ids, sigma_data: float = 
     key, D, sample_ids = _check_common(y, key, D, sample_ids)
     if out_dtype not in NET_DTYPES:
         raise TypeError(f"out_dtype must be one of {NET_DTYPES}, got {out_dtype}")
-    sigma = R.check_sigma(sigma, y.shape[0], y.device, torch.float64)
+    sigma = checks.check_sigma(sigma, y.shape[0], y.device, torch.float64)
     cd = _compute_dtype(y)
     s = noise_scale(sigma, D, key, sample_ids, backend=backend).to(cd)
     c_in = R.precond(sigma, sigma_data)[2].to(cd)
@@ -255,13 +256,13 @@ def perturb_net_input(y: Tensor, sigma, D, key, sample_ids, sigma_data: float = 
 def prior(shape, D, sigma_max, key, seeds, dtype=torch.float32, device=None, backend: str = "auto"):
     """Latents σ_max·√(D/V)·g (reference.prior), generated on the device."""
     shape = tuple(int(s) for s in shape)
-    seeds = R.check_sample_ids(seeds, name="seeds", device=device)
+    seeds = checks.check_sample_ids(seeds, name="seeds", device=device)
     if len(shape) < 2 or shape[0] != seeds.shape[0]:
         raise ValueError(f"shape must be [B, ...] with B = len(seeds) = {seeds.shape[0]}, got {shape}")
     if dtype not in (torch.float32, torch.float64):
         raise TypeError(f"dtype must be torch.float32 or torch.float64, got {dtype}")
-    sigma_max = R.check_positive("sigma_max", sigma_max)
-    key, D = R.check_key(key), R.check_D(D)
+    sigma_max = checks.check_positive("sigma_max", sigma_max)
+    key, D = checks.check_key(key), checks.check_D(D)
     sigma = torch.full((shape[0],), sigma_max, dtype=torch.float64, device=seeds.device)
     s = noise_scale(sigma, D, key, seeds, backend=backend).to(dtype)
     g = philox_normal(seeds, key, math.prod(shape[1:]), R.STREAM_NOISE, backend=backend).to(dtype)

@@ -64,87 +64,9 @@ def stream_alpha(step: int) -> int:
     return 0x20000 + int(step)
 
 
-# ----------------------------------------------------------------------------------------
-# Input validation (shared by every public function here and the fast API)
-
-def check_key(key) -> int:
-    if isinstance(key, bool) or not isinstance(key, (int, np.integer)):
-        raise TypeError(f"key must be an int in [0, 2^63), got {type(key).__name__}")
-    key = int(key)
-    if not 0 <= key < 2**63:
-        raise ValueError(f"key must be in [0, 2^63), got {key}")
-    return key
-
-
-def check_D(D) -> float:
-    try:
-        D = float(D)
-    except (TypeError, ValueError):
-        raise TypeError(f"D must be a number in (0, inf], got {D!r}") from None
-    if math.isnan(D) or D <= 0:
-        raise ValueError(f"D must be in (0, inf] (float('inf') = EDM diffusion), got {D}")
-    return D
-
-
-def check_sample_ids(sample_ids, name="sample_ids", device=None) -> torch.Tensor:
-    if not torch.is_tensor(sample_ids):
-        sample_ids = torch.as_tensor(np.asarray(sample_ids, dtype=np.int64), device=device)
-    if sample_ids.dtype not in (torch.int64, torch.int32):
-        raise TypeError(f"{name} must be an integer tensor (int64), got {sample_ids.dtype}")
-    if sample_ids.dim() != 1:
-        raise ValueError(f"{name} must be 1-D [B], got shape {tuple(sample_ids.shape)}")
-    sample_ids = sample_ids.to(torch.int64)
-    if device is not None:
-        sample_ids = sample_ids.to(device)
-    return sample_ids
-
-
-def check_positive(name, value, allow_inf=False) -> float:
-    try:
-        value = float(value)
-    except (TypeError, ValueError):
-        raise TypeError(f"{name} must be a number, got {value!r}") from None
-    if math.isnan(value) or value <= 0 or (math.isinf(value) and not allow_inf):
-        rng = "(0, inf]" if allow_inf else "(0, inf)"
-        raise ValueError(f"{name} must be in {rng}, got {value}")
-    return value
-
-
-def check_images(name, y, batch=None) -> None:
-    if not torch.is_tensor(y):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(y).__name__}")
-    if not y.is_floating_point():
-        raise TypeError(f"{name} must be a floating-point tensor, got {y.dtype}")
-    if y.dim() < 2:
-        raise ValueError(f"{name} must have shape [B, ...] with at least 2 dims, got {tuple(y.shape)}")
-    if batch is not None and y.shape[0] != batch:
-        raise ValueError(f"{name} has batch size {y.shape[0]} but {batch} sample ids/seeds were given")
-
-
-def check_sampler_options(solver, S_churn, S_min, S_max, S_noise, alpha, dtype) -> None:
-    """The sampler's options (shared by reference.sample and the fused sampler)."""
-    if solver not in ("heun", "euler"):
-        raise ValueError(f"solver must be 'heun' or 'euler', got {solver!r}")
-    for name, value in (("S_churn", S_churn), ("S_min", S_min), ("S_noise", S_noise), ("alpha", alpha)):
-        if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
-            raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
-    if not (S_max >= S_min):
-        raise ValueError(f"S_max must be >= S_min, got S_max={S_max}, S_min={S_min}")
-    if dtype not in (torch.float32, torch.float64):
-        raise TypeError(f"dtype must be torch.float32 or torch.float64, got {dtype}")
-
-
-def check_sigma(sigma, batch, device, dtype) -> torch.Tensor:
-    """σ as a [B] tensor; a scalar is broadcast. Must be finite and > 0."""
-    sigma = torch.as_tensor(sigma, dtype=dtype, device=device)
-    if sigma.dim() == 0:
-        sigma = sigma.expand(batch)
-    sigma = sigma.reshape(-1)
-    if sigma.shape[0] != batch:
-        raise ValueError(f"sigma must be a scalar or have shape [{batch}], got {tuple(sigma.shape)}")
-    if sigma.numel() and not bool(torch.isfinite(sigma).all() & (sigma > 0).all()):
-        raise ValueError("sigma must be finite and > 0 (allowed range (0, inf))")
-    return sigma
+# Input validation lives in checks.py (re-exported here for the reference's own public functions).
+from pfgmpp_fast.checks import (check_D, check_images, check_key, check_positive, check_sample_ids,  # noqa: E402,F401
+                                check_sampler_options, check_sigma)
 
 
 # ----------------------------------------------------------------------------------------

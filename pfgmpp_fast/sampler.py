@@ -14,8 +14,9 @@ import math
 
 import torch
 
-from . import ops
-from . import reference as R
+from pfgmpp_fast import ops
+from pfgmpp_fast import checks
+from pfgmpp_fast import reference as R
 
 
 class _NetAdapter:
@@ -53,12 +54,12 @@ def sample(net, latents: torch.Tensor, D, key, seeds, num_steps: int = 18, sigma
     precision (float32 or float64); net_dtype: network input dtype (default float32 for
     an EDMPrecond-like net, the state dtype for a plain callable).
     """
-    R.check_images("latents", latents)
-    seeds = R.check_sample_ids(seeds, name="seeds", device=latents.device)
-    R.check_images("latents", latents, batch=seeds.shape[0])
-    key = R.check_key(key)
-    R.check_D(D)
-    R.check_sampler_options(solver, S_churn, S_min, S_max, S_noise, alpha, dtype)
+    checks.check_images("latents", latents)
+    seeds = checks.check_sample_ids(seeds, name="seeds", device=latents.device)
+    checks.check_images("latents", latents, batch=seeds.shape[0])
+    key = checks.check_key(key)
+    checks.check_D(D)
+    checks.check_sampler_options(solver, S_churn, S_min, S_max, S_noise, alpha, dtype)
     B = latents.shape[0]
     adapter = _NetAdapter(net, B, latents.device, class_labels)
     if net_dtype is None:

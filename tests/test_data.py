@@ -10,9 +10,9 @@ import pytest
 import torch
 from PIL import Image
 
-from pfgmpp_fast import io_utils
-from pfgmpp_fast.augment import AugmentPipe
-from pfgmpp_fast.data import GlobalBatchSampler, dataset_to_uint8, load_dataset
+from pfgmpp_fast.utils import io_utils
+from pfgmpp_fast.training.augment import AugmentPipe
+from pfgmpp_fast.training.data import GlobalBatchSampler, dataset_to_uint8, load_dataset
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -271,7 +271,7 @@ def test_atomic_writers_roundtrip(tmp_path):
 def test_kill_during_atomic_write_keeps_old_file(tmp_path):
     target = tmp_path / "state.bin"
     io_utils.atomic_write_bytes(target, b"old contents")
-    code = ("import sys; from pfgmpp_fast import io_utils; "
+    code = ("import sys; from pfgmpp_fast.utils import io_utils; "
             "io_utils.atomic_write_bytes(sys.argv[1], b'new contents' * 1000)")
     env = {**os.environ, "PFGMPP_FAST_KILL_DURING_WRITE": "state.bin", "PYTHONPATH": REPO}
     proc = subprocess.run([sys.executable, "-c", code, str(target)], env=env)

@@ -70,7 +70,7 @@ def test_demo_rejects_bad_arguments(tmp_path):
 
 
 def test_parse_D():
-    from pfgmpp_fast.demo import parse_D
+    from pfgmpp_fast.checks import parse_D
     assert parse_D("128") == 128.0 and parse_D("inf") == float("inf") and parse_D("EDM") == float("inf")
     for bad in ("0", "-3", "nan", "x"):
         with pytest.raises(ValueError, match="D must"):
@@ -78,7 +78,7 @@ def test_parse_D():
 
 
 def test_image_grid_layout():
-    from pfgmpp_fast.plots import image_grid
+    from pfgmpp_fast.utils.plots import image_grid
     rng = np.random.default_rng(0)
     images = rng.integers(0, 256, size=(7, 1, 8, 8), dtype=np.uint8)
     grid = image_grid(images, cols=3, scale=2, gap=1, gap_value=77)
@@ -95,7 +95,7 @@ def test_image_grid_layout():
 
 
 def test_scorer_floor_and_separation():
-    from pfgmpp_fast.demo import DigitsScorer, digits_uint8_split
+    from pfgmpp_fast.apps.digits import DigitsScorer, digits_uint8_split
     scorer = DigitsScorer()
     train, heldout = digits_uint8_split()
     assert train.shape == (1437, 1, 8, 8) and heldout.shape == (360, 1, 8, 8)

@@ -104,20 +104,20 @@ def test_resume_after_kill_skips_finished_points(tiny_run, tmp_path):
         np.testing.assert_allclose([float(r["fdd_mean"]) for r in got], [float(r["fdd_mean"]) for r in want],
                                    rtol=1e-6)
     # Everything is on disk now: a report-only pass (in process) reads all 16 points back.
-    from pfgmpp_fast.experiments import run_robustness
+    from pfgmpp_fast.apps.experiments import run_robustness
     paths = run_robustness(str(outdir), tiny=True, report_only=True, progress=False)
     assert _read_csv(paths["alpha_csv"]) == _read_csv(outdir / "robustness-alpha.csv")
 
 
 def test_other_configuration_in_same_folder_is_refused(tiny_run):
-    from pfgmpp_fast.experiments import run_robustness
+    from pfgmpp_fast.apps.experiments import run_robustness
     outdir, _ = tiny_run
     with pytest.raises(ValueError, match="another configuration"):
         run_robustness(str(outdir), tiny=True, duration_kimg=2.0)
 
 
 def test_config_validation():
-    from pfgmpp_fast.experiments import FULL_CONFIG, make_config, _points, _sweep_points
+    from pfgmpp_fast.apps.experiments import FULL_CONFIG, make_config, _points, _sweep_points
     full = make_config()
     assert [2 * s - 1 for s in full["steps"]] == [5, 9, 13, 21, 35]
     assert len(_points(full)) == 13                      # 5 + 5 + 5 sweep values, base point once

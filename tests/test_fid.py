@@ -10,7 +10,9 @@ import pytest
 import scipy.linalg
 import torch
 
-from pfgmpp_fast import fid as F
+from pfgmpp_fast import checkpoint
+from pfgmpp_fast.evaluation import calc, features, metrics
+from pfgmpp_fast.evaluation import sweep as sweep_engine
 from pfgmpp_fast import reference as R
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -23,7 +25,7 @@ def digits_cache(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def digits(digits_cache):
-    return F.get_feature_extractor("digits", digits_cache=digits_cache)
+    return features.get_feature_extractor("digits", digits_cache=digits_cache)
 
 
 class DenoiserNet(torch.nn.Module):
@@ -37,7 +39,7 @@ class DenoiserNet(torch.nn.Module):
 
 
 def digits_net(D=8.0, n=64):
-    from pfgmpp_fast.digits_features import digits_uint8
+    from pfgmpp_fast.evaluation.digits_features import digits_uint8
     u, _ = digits_uint8()
     return DenoiserNet(u[:n].float() / 127.5 - 1, D)
 
@@ -60,57 +62,57 @@ def test_frechet_matches_independent_float64():
     mu2, s2 = b.mean(0), np.cov(b, rowvar=False)
     root = scipy.linalg.sqrtm(s1 @ s2)
     expected = float(np.sum((mu1 - mu2) ** 2) + np.trace(s1) + np.trace(s2) - 2 * np.trace(root).real)
-    got = F.frechet_distance(mu1, s1, mu2, s2)
+    got = metrics.frechet_distance(mu1, s1, mu2, s2)
     assert abs(got - expected) <= 1e-6 * abs(expected)
     # analytic: diagonal covariances give Σ (√a − √b)²
     d1, d2 = rng.uniform(0.5, 2, 12), rng.uniform(0.5, 2, 12)
     analytic = np.sum((mu1 - mu2) ** 2) + np.sum((np.sqrt(d1) - np.sqrt(d2)) ** 2)
-    assert abs(F.frechet_distance(mu1, np.diag(d1), mu2, np.diag(d2)) - analytic) <= 1e-9 * analytic
-    assert abs(F.frechet_distance(mu1, s1, mu1, s1)) < 1e-6
+    assert abs(metrics.frechet_distance(mu1, np.diag(d1), mu2, np.diag(d2)) - analytic) <= 1e-9 * analytic
+    assert abs(metrics.frechet_distance(mu1, s1, mu1, s1)) < 1e-6
     with pytest.raises(ValueError, match="sigma2 has shape"):
-        F.frechet_distance(mu1, s1, mu2, s2[:5, :5])
+        metrics.frechet_distance(mu1, s1, mu2, s2[:5, :5])
 
 
 def test_streaming_statistics_equal_whole_batch():
     g = torch.Generator().manual_seed(3)
     feats = torch.randn(301, 9, generator=g, dtype=torch.float64) * 3 + 1
     whole = feats.numpy()
-    shard_a, shard_b = F.FeatureStats(9), F.FeatureStats(9)
+    shard_a, shard_b = metrics.FeatureStats(9), metrics.FeatureStats(9)
     for start in range(0, 150, 7):
         shard_a.update(feats[start:min(start + 7, 150)])
     for start in range(150, 301, 11):
         shard_b.update(feats[start:start + 11])
     # round trip of one shard through its arrays (as in shard files)
-    shard_b = F.FeatureStats.from_arrays(**{"n": shard_b.to_arrays()["n"], "s": shard_b.to_arrays()["sum"],
+    shard_b = metrics.FeatureStats.from_arrays(**{"n": shard_b.to_arrays()["n"], "s": shard_b.to_arrays()["sum"],
                                             "so": shard_b.to_arrays()["sum_outer"]})
-    total = F.FeatureStats(9).merge(shard_a).merge(shard_b)
+    total = metrics.FeatureStats(9).merge(shard_a).merge(shard_b)
     assert total.count == 301
     mu, sigma = total.mean_cov()
     np.testing.assert_allclose(mu, whole.mean(0), rtol=1e-12, atol=1e-12)
     np.testing.assert_allclose(sigma, np.cov(whole, rowvar=False), rtol=1e-10, atol=1e-10)
     with pytest.raises(ValueError, match="NaN"):
-        F.FeatureStats(9).update(torch.full((2, 9), float("nan")))
+        metrics.FeatureStats(9).update(torch.full((2, 9), float("nan")))
     with pytest.raises(ValueError, match=r"features must be \[B, 9\]"):
-        F.FeatureStats(9).update(torch.zeros(2, 8))
+        metrics.FeatureStats(9).update(torch.zeros(2, 8))
 
 
 def test_sharded_stats_equal_unsharded_and_resume_skips(tmp_path, digits):
-    from pfgmpp_fast.digits_features import digits_uint8
+    from pfgmpp_fast.evaluation.digits_features import digits_uint8
     images = digits_uint8()[0][:97]
-    src = F.images_source(images)
-    whole = F.calc_stats(src, digits, batch_size=97)
-    sharded = F.calc_stats(src, digits, batch_size=8, outdir=str(tmp_path), shard_size=30)
+    src = calc.images_source(images)
+    whole = calc.calc_stats(src, digits, batch_size=97)
+    sharded = calc.calc_stats(src, digits, batch_size=8, outdir=str(tmp_path), shard_size=30)
     assert sorted(os.listdir(tmp_path)) == ["stats-0-29.npz", "stats-30-59.npz", "stats-60-89.npz", "stats-90-96.npz"]
     for a, b in zip(whole.mean_cov(), sharded.mean_cov()):   # float32 features: batch size moves the last bits
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
     log = []
-    again = F.calc_stats(src, digits, batch_size=8, outdir=str(tmp_path), shard_size=30, log=log.append)
+    again = calc.calc_stats(src, digits, batch_size=8, outdir=str(tmp_path), shard_size=30, log=log.append)
     assert all("resumed" in line for line in log) and len(log) == 4
     assert torch.equal(again.sum_outer, sharded.sum_outer)
     with pytest.raises(ValueError, match="another run"):          # other shard boundaries
-        F.calc_stats(src, digits, batch_size=8, outdir=str(tmp_path), shard_size=20)
+        calc.calc_stats(src, digits, batch_size=8, outdir=str(tmp_path), shard_size=20)
     with pytest.raises(ValueError, match="another configuration"):
-        F.calc_stats(F.images_source(images.flip(0)), digits, outdir=str(tmp_path), shard_size=30)
+        calc.calc_stats(calc.images_source(images.flip(0)), digits, outdir=str(tmp_path), shard_size=30)
 
 
 KILL_SCRIPT = textwrap.dedent("""
@@ -118,10 +120,10 @@ KILL_SCRIPT = textwrap.dedent("""
     sys.path.insert(0, {root!r})
     sys.path.insert(0, {tests!r})
     from test_fid import digits_net
-    from pfgmpp_fast import fid as F
-    ex = F.get_feature_extractor("digits", digits_cache={cache!r})
-    src = F.generator_source(digits_net(), "0-39", num_steps=4, backend="reference")
-    F.calc_stats(src, ex, batch_size=6, outdir={outdir!r}, shard_size=10)
+    from pfgmpp_fast.evaluation import calc, features
+    ex = features.get_feature_extractor("digits", digits_cache={cache!r})
+    src = calc.generator_source(digits_net(), "0-39", num_steps=4, backend="reference")
+    calc.calc_stats(src, ex, batch_size=6, outdir={outdir!r}, shard_size=10)
     print("done")
 """)
 
@@ -143,9 +145,9 @@ def test_kill_and_rerun_gives_the_same_statistics(tmp_path, digits, digits_cache
     assert second.returncode == 0 and "done" in second.stdout, second.stderr
     assert {f: os.stat(os.path.join(outdir, f)).st_mtime_ns for f in done} == mtimes   # not recomputed
     assert sorted(os.listdir(outdir)) == ["stats-0-9.npz", "stats-10-19.npz", "stats-20-29.npz", "stats-30-39.npz"]
-    resumed = F.calc_stats(F.generator_source(digits_net(), "0-39", num_steps=4, backend="reference"),
+    resumed = calc.calc_stats(calc.generator_source(digits_net(), "0-39", num_steps=4, backend="reference"),
                            digits, batch_size=6, outdir=outdir, shard_size=10)
-    fresh = F.calc_stats(F.generator_source(digits_net(), "0-39", num_steps=4, backend="reference"),
+    fresh = calc.calc_stats(calc.generator_source(digits_net(), "0-39", num_steps=4, backend="reference"),
                          digits, batch_size=40)
     assert resumed.count == 40
     for a, b in zip(resumed.mean_cov(), fresh.mean_cov()):
@@ -156,36 +158,36 @@ def test_kill_and_rerun_gives_the_same_statistics(tmp_path, digits, digits_cache
 # Reference files and clear errors
 
 def test_reference_stats_roundtrip_and_wrong_files(tmp_path, digits):
-    mu, sigma = F.reference_stats("digits", digits, batch_size=500)
+    mu, sigma = calc.reference_stats("digits", digits, batch_size=500)
     path = str(tmp_path / "ref.npz")
-    F.save_stats(path, mu, sigma)
+    metrics.save_stats(path, mu, sigma)
     with np.load(path) as f:
         assert sorted(f.files) == ["mu", "sigma"] and f["mu"].shape == (64,)
-    mu2, sigma2 = F.load_stats(path, dim=64)
+    mu2, sigma2 = metrics.load_stats(path, dim=64)
     assert np.array_equal(mu, mu2) and np.array_equal(sigma, sigma2)
     with pytest.raises(ValueError, match="2048-d features"):
-        F.load_stats(path, dim=2048)
+        metrics.load_stats(path, dim=2048)
     np.savez(tmp_path / "keys.npz", mean=mu, cov=sigma)
     with pytest.raises(ValueError, match="expected arrays 'mu' and 'sigma'"):
-        F.load_stats(str(tmp_path / "keys.npz"))
+        metrics.load_stats(str(tmp_path / "keys.npz"))
     np.save(tmp_path / "plain.npy", mu)
     with pytest.raises(ValueError, match="plain array"):
-        F.load_stats(str(tmp_path / "plain.npy"))
+        metrics.load_stats(str(tmp_path / "plain.npy"))
     (tmp_path / "junk.npz").write_bytes(b"not a zip")
     with pytest.raises(ValueError, match="not a reference-statistics"):
-        F.load_stats(str(tmp_path / "junk.npz"))
+        metrics.load_stats(str(tmp_path / "junk.npz"))
     np.savez(tmp_path / "shape.npz", mu=mu, sigma=sigma[:3])
     with pytest.raises(ValueError, match=r"sigma \[d, d\]"):
-        F.load_stats(str(tmp_path / "shape.npz"))
+        metrics.load_stats(str(tmp_path / "shape.npz"))
     with pytest.raises(FileNotFoundError):
-        F.load_stats(str(tmp_path / "missing.npz"))
+        metrics.load_stats(str(tmp_path / "missing.npz"))
 
 
 def test_fewer_images_than_requested(tmp_path, digits, digits_cache, capsys):
     from pfgmpp_fast import cli
-    from pfgmpp_fast.digits_features import digits_uint8
+    from pfgmpp_fast.evaluation.digits_features import digits_uint8
     with pytest.raises(ValueError, match="fewer images than requested: 20 .* only 10"):
-        F.calc_stats(F.images_source(digits_uint8()[0][:10]), digits, num=20)
+        calc.calc_stats(calc.images_source(digits_uint8()[0][:10]), digits, num=20)
     np.savez(tmp_path / "imgs.npz", images=digits_uint8()[0][:10].permute(0, 2, 3, 1).numpy())
     rc = cli.main(["fid", "calc", "--images", str(tmp_path / "imgs.npz"), "--num", "20", "--features", "digits",
                    "--digits-cache", digits_cache])
@@ -216,17 +218,17 @@ def test_cli_ref_and_calc_with_reference(tmp_path, digits_cache, capsys):
 
 def test_inception_weights_local_file_and_sha256_refusal(tmp_path, monkeypatch):
     path = str(tmp_path / "inception-test.pth")
-    digest = F.make_random_inception_weights(path, seed=0)
-    assert len(digest) == 64 and digest != F.INCEPTION_SHA256
+    digest = features.make_random_inception_weights(path, seed=0)
+    assert len(digest) == 64 and digest != features.INCEPTION_SHA256
     real_load = torch.load
     loads = []
     monkeypatch.setattr(torch, "load", lambda *a, **k: loads.append(a) or real_load(*a, **k))
     with pytest.raises(ValueError, match="refusing to load Inception weights"):
-        F.get_feature_extractor("inception", inception_weights=path)
+        features.get_feature_extractor("inception", inception_weights=path)
     assert loads == []                                   # refused before anything was unpickled
     with pytest.raises(ValueError, match="refusing"):
-        F.InceptionFeatures(path, sha256="0" * 64)
-    ex = F.get_feature_extractor("inception", inception_weights=path, inception_sha256=digest)
+        features.InceptionFeatures(path, sha256="0" * 64)
+    ex = features.get_feature_extractor("inception", inception_weights=path, inception_sha256=digest)
     assert len(loads) == 1 and ex.dim == 2048 and ex.sha256 == digest
     sd = real_load(path, weights_only=True)
     assert torch.equal(ex.net.Conv2d_1a_3x3.conv.weight, sd["Conv2d_1a_3x3.conv.weight"])
@@ -238,9 +240,9 @@ def test_inception_weights_local_file_and_sha256_refusal(tmp_path, monkeypatch):
     assert not torch.allclose(feats[0], feats[1])
     assert torch.allclose(ex(grey)[0], feats[1], rtol=1e-5, atol=1e-6)   # grey images are repeated to RGB
     with pytest.raises(ValueError, match="64 hex digits"):
-        F.InceptionFeatures(path, sha256="abc")
+        features.InceptionFeatures(path, sha256="abc")
     with pytest.raises(FileNotFoundError):
-        F.InceptionFeatures(str(tmp_path / "nope.pth"))
+        features.InceptionFeatures(str(tmp_path / "nope.pth"))
 
 
 # ----------------------------------------------------------------------------------------
@@ -261,17 +263,17 @@ def _check_sweep_files(outdir, kind, rows, metric="FDD"):
 
 @pytest.fixture(scope="module")
 def digits_ref(digits):
-    return F.reference_stats("digits", digits, batch_size=500)
+    return calc.reference_stats("digits", digits, batch_size=500)
 
 
 def test_sweep_steps_and_alpha(tmp_path, digits, digits_ref):
     net = digits_net()
-    rows = F.sweep("steps", [2, 5], net=net, ref=digits_ref, extractor=digits, seeds="0-23",
+    rows = sweep_engine.sweep("steps", [2, 5], net=net, ref=digits_ref, extractor=digits, seeds="0-23",
                    outdir=str(tmp_path), batch_size=24, shard_size=12, backend="reference", log=lambda s: None)
     assert [r["nfe"] for r in rows] == [3, 9] and [r["images"] for r in rows] == [24, 24]
     _check_sweep_files(str(tmp_path), "steps", rows)
     assert sorted(os.listdir(tmp_path / "steps-2")) == ["stats-0-11.npz", "stats-12-23.npz"]
-    rows = F.sweep("alpha", [0.0, 1.0], net=net, ref=digits_ref, extractor=digits, seeds="0-23",
+    rows = sweep_engine.sweep("alpha", [0.0, 1.0], net=net, ref=digits_ref, extractor=digits, seeds="0-23",
                    outdir=str(tmp_path), batch_size=24, num_steps=4, backend="reference", log=lambda s: None)
     _check_sweep_files(str(tmp_path), "alpha", rows)
     assert rows[0]["FDD"] != rows[1]["FDD"]
@@ -280,22 +282,22 @@ def test_sweep_steps_and_alpha(tmp_path, digits, digits_ref):
 def test_sweep_bits_restores_weights(tmp_path, digits, digits_ref):
     net = tiny_net()
     before = {k: v.clone() for k, v in net.state_dict().items()}
-    rows = F.sweep("bits", [2, 8, 32], net=net, ref=digits_ref, extractor=digits, seeds="0-15",
+    rows = sweep_engine.sweep("bits", [2, 8, 32], net=net, ref=digits_ref, extractor=digits, seeds="0-15",
                    outdir=str(tmp_path), batch_size=16, num_steps=2, log=lambda s: None)
     _check_sweep_files(str(tmp_path), "bits", rows)
     assert rows[0]["FDD"] != rows[2]["FDD"]
     for k, v in net.state_dict().items():
         assert torch.equal(v, before[k])
     # a rerun in the same outdir resumes; other weights never resume from these shards
-    again = F.sweep("bits", [2, 8, 32], net=net, ref=digits_ref, extractor=digits, seeds="0-15",
+    again = sweep_engine.sweep("bits", [2, 8, 32], net=net, ref=digits_ref, extractor=digits, seeds="0-15",
                     outdir=str(tmp_path), batch_size=16, num_steps=2, log=lambda s: None)
     assert [r["FDD"] for r in again] == [r["FDD"] for r in rows]
     with pytest.raises(ValueError, match="another configuration"):
-        F.sweep("bits", [2], net=tiny_net(seed=5), ref=digits_ref, extractor=digits, seeds="0-15",
+        sweep_engine.sweep("bits", [2], net=tiny_net(seed=5), ref=digits_ref, extractor=digits, seeds="0-15",
                 outdir=str(tmp_path), batch_size=16, num_steps=2, log=lambda s: None)
     # 32 bits reproduces the unquantised network exactly
-    plain = F.calc_stats(F.generator_source(net, "0-15", num_steps=2), digits, batch_size=16)
-    unq = F.frechet_distance(*plain.mean_cov(), *digits_ref)
+    plain = calc.calc_stats(calc.generator_source(net, "0-15", num_steps=2), digits, batch_size=16)
+    unq = metrics.frechet_distance(*plain.mean_cov(), *digits_ref)
     assert abs(unq - rows[2]["FDD"]) < 1e-9
 
 
@@ -313,14 +315,14 @@ def test_sweep_checkpoints(tmp_path, digits, digits_ref):
         net.load_state_dict(load_file(path))
         return net
 
-    assert [k for k, _ in F.find_checkpoints(str(run_dir))] == [0, 100, 200]
-    rows = F.sweep("checkpoints", None, run_dir=str(run_dir), ref=digits_ref, extractor=digits, seeds="0-11",
+    assert [k for k, _ in checkpoint.find_checkpoints(str(run_dir))] == [0, 100, 200]
+    rows = sweep_engine.sweep("checkpoints", None, run_dir=str(run_dir), ref=digits_ref, extractor=digits, seeds="0-11",
                    outdir=str(tmp_path / "out"), batch_size=12, num_steps=2, load_network=load, log=lambda s: None)
     assert [r["value"] for r in rows] == [0, 100, 200]
     assert len({r["FDD"] for r in rows}) == 3
     _check_sweep_files(str(tmp_path / "out"), "checkpoints", rows)
     with pytest.raises(ValueError, match="no network snapshots"):
-        F.find_checkpoints(str(tmp_path / "out"))
+        checkpoint.find_checkpoints(str(tmp_path / "out"))
 
 
 def test_cli_calc_and_sweep_from_checkpoint(tmp_path, digits_cache, digits, digits_ref, capsys):
@@ -329,7 +331,7 @@ def test_cli_calc_and_sweep_from_checkpoint(tmp_path, digits_cache, digits, digi
     net_path = str(tmp_path / "net.safetensors")
     save_network(net_path, tiny_net())
     ref = str(tmp_path / "ref.npz")
-    F.save_stats(ref, *digits_ref)
+    metrics.save_stats(ref, *digits_ref)
     common = ["--network", net_path, "--steps", "2", "--batch", "8", "--features", "digits",
               "--digits-cache", digits_cache, "--ref", ref]
     assert cli.main(["fid", "calc", *common, "--num", "16", "--outdir", str(tmp_path / "calc"),
@@ -347,9 +349,9 @@ def test_cli_calc_and_sweep_from_checkpoint(tmp_path, digits_cache, digits, digi
 def _fid_rank_worker(rank, world, init_file, cache, outdir, result):
     torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
-        from pfgmpp_fast.digits_features import digits_uint8
-        ex = F.get_feature_extractor("digits", digits_cache=cache)
-        stats = F.calc_stats(F.images_source(digits_uint8()[0][:61]), ex, batch_size=8, outdir=outdir,
+        from pfgmpp_fast.evaluation.digits_features import digits_uint8
+        ex = features.get_feature_extractor("digits", digits_cache=cache)
+        stats = calc.calc_stats(calc.images_source(digits_uint8()[0][:61]), ex, batch_size=8, outdir=outdir,
                              shard_size=25)
         if rank == 0:
             np.savez(result, **stats.to_arrays())
@@ -359,13 +361,13 @@ def _fid_rank_worker(rank, world, init_file, cache, outdir, result):
 
 def test_two_gloo_ranks_reduce_to_single_process_statistics(tmp_path, digits, digits_cache):
     import torch.multiprocessing as mp
-    from pfgmpp_fast.digits_features import digits_uint8
-    single = F.calc_stats(F.images_source(digits_uint8()[0][:61]), digits, batch_size=8)
+    from pfgmpp_fast.evaluation.digits_features import digits_uint8
+    single = calc.calc_stats(calc.images_source(digits_uint8()[0][:61]), digits, batch_size=8)
     outdir, result = str(tmp_path / "shards"), str(tmp_path / "two.npz")
     mp.spawn(_fid_rank_worker, args=(2, str(tmp_path / "init"), digits_cache, outdir, result), nprocs=2, join=True)
     assert sorted(os.listdir(outdir)) == ["stats-0-24.npz", "stats-25-49.npz", "stats-50-60.npz"]
     with np.load(result) as f:
-        two = F.FeatureStats.from_arrays(f["n"], f["sum"], f["sum_outer"])
+        two = metrics.FeatureStats.from_arrays(f["n"], f["sum"], f["sum_outer"])
     assert two.count == 61
     for a, b in zip(single.mean_cov(), two.mean_cov()):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
@@ -374,12 +376,12 @@ def test_two_gloo_ranks_reduce_to_single_process_statistics(tmp_path, digits, di
 def test_streaming_equals_the_png_round_trip(tmp_path, digits):
     """Generation → uint8 → features in memory gives the statistics of the published
     PNG-folder pipeline on the same seeds (PNG is lossless)."""
-    from pfgmpp_fast import generate as G
+    from pfgmpp_fast.evaluation import generate as G
     net = digits_net()
     seeds = G.check_seeds("0-9,1000-1004")
     G.write_images(G.generate_images(net, seeds, 8, num_steps=3, backend="reference"), outdir=str(tmp_path / "png"))
     assert (tmp_path / "png" / "001000" / "001004.png").exists()
-    png = F.calc_stats(F.images_source(str(tmp_path / "png")), digits, batch_size=15)
-    streamed = F.calc_stats(F.generator_source(net, seeds, num_steps=3, backend="reference"), digits, batch_size=15)
+    png = calc.calc_stats(calc.images_source(str(tmp_path / "png")), digits, batch_size=15)
+    streamed = calc.calc_stats(calc.generator_source(net, seeds, num_steps=3, backend="reference"), digits, batch_size=15)
     assert png.count == streamed.count == 15
     assert torch.equal(png.sum, streamed.sum) and torch.equal(png.sum_outer, streamed.sum_outer)

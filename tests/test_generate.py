@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from pfgmpp_fast import generate as G
+from pfgmpp_fast.evaluation import generate as G
+from pfgmpp_fast.utils import distributed
 from pfgmpp_fast import reference as R
 from pfgmpp_fast.networks import build_network
 
@@ -146,7 +147,7 @@ def _rank_worker(rank, world, init_file, out):
     try:
         net = stand_in()
         seeds = G.check_seeds("0-10")
-        mine = G.rank_seeds(seeds, *G.dist_info())
+        mine = G.rank_seeds(seeds, *(distributed.get_rank(), distributed.get_world_size()))
         G.write_images(G.generate_images(net, mine, 3, num_steps=4), npz=out)
     finally:
         torch.distributed.destroy_process_group()

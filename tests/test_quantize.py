@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from pfgmpp_fast import quantize as Q
+from pfgmpp_fast.evaluation import quantize as Q
 from pfgmpp_fast.networks import build_network
 
 

@@ -9,9 +9,11 @@ import sys
 import pytest
 import torch
 
-from pfgmpp_fast import io_utils, ops
-from pfgmpp_fast.train import (TrainingError, add_arguments, find_latest_snapshot, find_latest_state, main,
-                               run_training)
+from pfgmpp_fast import ops
+from pfgmpp_fast.utils import io_utils
+from pfgmpp_fast.checkpoint import find_latest_snapshot
+from pfgmpp_fast.training.loop import find_latest_state, run_training
+from pfgmpp_fast.training.options import TrainingError, add_arguments, main
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY_NET = dict(model_channels=8, channel_mult=[1, 2], num_blocks=1, attn_resolutions=[])
@@ -53,7 +55,7 @@ def assert_states_equal(a, b, exact=True, atol=0.0):
 
 
 def run_subprocess(options, env_extra=None, rank=None, world=None, port=None):
-    code = "import json, sys; from pfgmpp_fast.train import run_training; run_training(**json.loads(sys.argv[1]))"
+    code = "import json, sys; from pfgmpp_fast.training.loop import run_training; run_training(**json.loads(sys.argv[1]))"
     env = {**os.environ, "PYTHONPATH": REPO, "OMP_NUM_THREADS": "1"}
     if rank is not None:
         env.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",

@@ -22,7 +22,7 @@ def _pyplot():
 
 
 def _save_figure(fig, path: str) -> str:
-    from pfgmpp_fast.io_utils import atomic_write_bytes
+    from pfgmpp_fast.utils.io_utils import atomic_write_bytes
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=120, bbox_inches="tight")
     _pyplot().close(fig)
@@ -65,7 +65,7 @@ def image_grid(images: np.ndarray, cols: Optional[int] = None, scale: int = 4, g
 def save_image_grid(images: np.ndarray, path: str, cols: Optional[int] = None, scale: int = 4, gap: int = 1) -> str:
     """Write `image_grid(images)` as a PNG (atomically)."""
     from PIL import Image
-    from pfgmpp_fast.io_utils import atomic_write_bytes
+    from pfgmpp_fast.utils.io_utils import atomic_write_bytes
     buffer = io.BytesIO()
     Image.fromarray(image_grid(images, cols=cols, scale=scale, gap=gap)).save(buffer, format="PNG")
     return atomic_write_bytes(path, buffer.getvalue())

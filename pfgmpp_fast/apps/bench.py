@@ -32,7 +32,7 @@ SUITES = [
 
 
 def benchmarks_dir() -> Path:
-    here = Path(__file__).resolve().parent.parent / "benchmarks"
+    here = Path(__file__).resolve().parents[2] / "benchmarks"
     if not here.is_dir():
         raise FileNotFoundError(
             f"benchmarks/ not found next to the package ({here}); run from a source checkout")
@@ -78,7 +78,7 @@ def run_suite(name: str, script: Path, device: str, smoke: bool, timeout: int) -
 def main(args) -> int:
     import torch
 
-    from pfgmpp_fast import benchmarking as bm
+    from pfgmpp_fast.utils import benchmarking as bm
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     only = args.only.split(",") if args.only else None
@@ -119,7 +119,7 @@ def main(args) -> int:
 
 
 def render_markdown(payload: dict) -> str:
-    from pfgmpp_fast.benchmarking import markdown_table
+    from pfgmpp_fast.utils.benchmarking import markdown_table
 
     env, ceil = payload["environment"], payload["ceilings"]
     lines = [f"# Benchmarks on {env['device']}", "",

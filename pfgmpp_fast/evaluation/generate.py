@@ -25,69 +25,22 @@ from typing import Iterator, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
-from . import reference as R
+from pfgmpp_fast import checks
+from pfgmpp_fast import reference as R
+from pfgmpp_fast.checks import check_seeds, parse_int_list  # noqa: F401  (part of this module's API)
+from pfgmpp_fast.utils import distributed
+from pfgmpp_fast.utils.io_utils import atomic_write_bytes
 
-__all__ = ["SAMPLING_KEY", "STREAM_CLASS", "parse_int_list", "check_seeds", "rank_seeds", "dist_info",
+__all__ = ["SAMPLING_KEY", "STREAM_CLASS", "parse_int_list", "check_seeds", "rank_seeds",
            "to_uint8", "class_labels_for", "generate_images", "write_images", "load_generator_network",
            "make_generator_fast", "add_sampler_arguments", "sampler_kwargs_from_args", "add_arguments", "main"]
 
 SAMPLING_KEY = 0x5EED_0F_1A6E       # the fixed Philox key of sampling: image = f(seed)
 STREAM_CLASS = R.STREAM_CLASS      # Philox stream of the random class label of a seed
-MAX_SEED = 2 ** 63
-MAX_SEEDS = 10 ** 9
 
 
 # ----------------------------------------------------------------------------------------
 # Seeds
-
-def parse_int_list(text) -> list:
-    """'0-49999', '1,5,7-9' (inclusive ranges, as the published parse_int_list) -> [int]."""
-    if isinstance(text, (list, tuple, range, np.ndarray)):
-        return [int(v) for v in text]
-    if isinstance(text, (int, np.integer)) and not isinstance(text, bool):
-        return [int(text)]
-    if not isinstance(text, str):
-        raise TypeError(f"seeds must be a string like '0-49999' or '1,5,7-9', got {text!r}")
-    out = []
-    for part in text.split(","):
-        part = part.strip()
-        m = re.fullmatch(r"(\d+)-(\d+)", part)
-        if m:
-            lo, hi = int(m.group(1)), int(m.group(2))
-            if hi < lo:
-                raise ValueError(f"seeds: range {part!r} is empty (end < start)")
-            if hi - lo + 1 + len(out) > MAX_SEEDS:
-                raise ValueError(f"seeds: {part!r} holds more than {MAX_SEEDS} seeds")
-            out.extend(range(lo, hi + 1))
-        elif re.fullmatch(r"\d+", part):
-            out.append(int(part))
-        else:
-            raise ValueError(f"seeds: cannot parse {part!r} in {text!r}; expected non-negative integers "
-                             "and inclusive ranges like '0-49999' or '1,5,7-9'")
-    return out
-
-
-def check_seeds(seeds, name: str = "seeds") -> np.ndarray:
-    """Seeds as a sorted int64 array; each in [0, 2^63), no duplicates."""
-    values = parse_int_list(seeds)
-    if not values:
-        raise ValueError(f"{name} is empty")
-    for v in (min(values), max(values)):
-        if not 0 <= v < MAX_SEED:
-            raise ValueError(f"{name}: seed {v} is out of range; seeds must be in [0, 2^63)")
-    arr = np.sort(np.asarray(values, dtype=np.int64))
-    dup = arr[1:][arr[1:] == arr[:-1]]
-    if dup.size:
-        raise ValueError(f"{name}: seed {int(dup[0])} appears more than once (each seed is one image)")
-    return arr
-
-
-def dist_info() -> Tuple[int, int]:
-    """(rank, world size) of the running torch.distributed group, (0, 1) without one."""
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_rank(), torch.distributed.get_world_size()
-    return 0, 1
-
 
 def rank_seeds(seeds: np.ndarray, rank: int, world: int) -> np.ndarray:
     """The seeds rank `rank` of `world` generates: sorted seeds[rank::world]."""
@@ -116,7 +69,6 @@ def class_labels_for(seeds: torch.Tensor, label_dim: int, class_idx: Optional[in
             raise ValueError(f"class must be in [0, {label_dim}), got {class_idx}")
         idx = torch.full_like(seeds, int(class_idx))
     else:
-        from . import reference as R
         counters = torch.stack([torch.zeros_like(seeds), seeds & R.MASK32, (seeds >> 32) & R.MASK32,
                                 torch.full_like(seeds, STREAM_CLASS)], dim=-1)
         idx = R.philox4x32(counters, key)[:, 0] % label_dim
@@ -130,10 +82,9 @@ def _network_D(net):
 
 def resolve_D(net, D=None) -> float:
     """The network's D; a given D must equal it (network/D mismatch is an error)."""
-    from . import reference as R
     net_D = _network_D(net)
     if D is not None:
-        D = R.check_D(D)
+        D = checks.parse_D(D)
         if net_D is not None and D != net_D:
             raise ValueError(f"D={D:g} was given but the network was trained with D={net_D:g}; "
                              "sampling with a different D is a network/D mismatch (omit --D to use the network's)")
@@ -159,8 +110,8 @@ def generate_images(net, seeds, batch_size: int = 64, num_steps: int = 18, sigma
     the last batch with repeats of its last seed so every call has the same shape; padded
     images are dropped (an image depends only on its seed, so this changes nothing).
     """
-    from . import ops
-    from .sampler import sample
+    from pfgmpp_fast import ops
+    from pfgmpp_fast.sampler import sample
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
     seeds = np.sort(np.asarray(seeds, dtype=np.int64)) if len(seeds) else np.zeros(0, np.int64)
@@ -178,7 +129,7 @@ def generate_images(net, seeds, batch_size: int = 64, num_steps: int = 18, sigma
         device = p.device if p is not None else torch.device("cpu")
     device = torch.device(device)
     if fixed_shape is None:
-        from .networks import FastNetwork
+        from pfgmpp_fast.networks import FastNetwork
         fixed_shape = isinstance(net, FastNetwork)
     batches = range(0, len(seeds), batch_size)
     if progress:
@@ -206,11 +157,6 @@ def generate_images(net, seeds, batch_size: int = 64, num_steps: int = 18, sigma
 
 # ----------------------------------------------------------------------------------------
 # Output
-
-def _atomic_write_bytes(path: str, data: bytes) -> None:
-    from .io_utils import atomic_write_bytes
-    atomic_write_bytes(path, data)
-
 
 def png_bytes(image_hwc: np.ndarray) -> bytes:
     import PIL.Image
@@ -244,7 +190,7 @@ def write_images(batches, outdir: Optional[str] = None, npz: Optional[str] = Non
     on rank 0 under torch.distributed). Returns the number of images written by this rank."""
     if outdir is None and npz is None:
         raise ValueError("give outdir (PNG folder) and/or npz (one .npz file)")
-    rank, world = dist_info()
+    rank, world = distributed.get_rank(), distributed.get_world_size()
     kept_images, kept_seeds, count = [], [], 0
     for seeds, images in batches:
         nhwc = images.permute(0, 2, 3, 1).cpu().numpy()
@@ -253,7 +199,7 @@ def write_images(batches, outdir: Optional[str] = None, npz: Optional[str] = Non
             for seed, img in zip(seeds.tolist(), nhwc):
                 path = png_path(outdir, seed)
                 os.makedirs(os.path.dirname(path), exist_ok=True)
-                _atomic_write_bytes(path, png_bytes(img))
+                atomic_write_bytes(path, png_bytes(img))
         if npz is not None:
             kept_images.append(nhwc)
             kept_seeds.append(seeds)
@@ -268,7 +214,7 @@ def write_images(batches, outdir: Optional[str] = None, npz: Optional[str] = Non
                 seeds = np.concatenate([g[1] for g in gathered])
         if rank == 0:
             order = np.argsort(seeds, kind="stable")
-            _atomic_write_bytes(npz, npz_bytes(images[order], seeds[order]))
+            atomic_write_bytes(npz, npz_bytes(images[order], seeds[order]))
     if world > 1:
         torch.distributed.barrier()
     return count
@@ -280,7 +226,7 @@ def write_images(batches, outdir: Optional[str] = None, npz: Optional[str] = Non
 def load_generator_network(path: str, device, trust_pickle: bool = False, D=None):
     """Load a checkpoint (ours: safetensors, whose recorded D a given D must equal; a published
     pickle only with trust_pickle, where a given D sets the imported network's D)."""
-    from .checkpoint import load_network
+    from pfgmpp_fast.checkpoint import load_network
     if not os.path.exists(path):
         raise FileNotFoundError(f"network checkpoint not found: {path}")
     net = load_network(path, device="cpu", trust_pickle=trust_pickle, D=D)
@@ -291,7 +237,7 @@ def make_generator_fast(net, device, net_dtype: str = "auto", compile: Optional[
                         cuda_graphs: Optional[bool] = None):
     """The network as sampling uses it: on a GPU bf16 + channels-last + compile + CUDA graphs
     by default; on the CPU eager fp32 unless asked otherwise."""
-    from .networks import EDMPrecond, make_fast
+    from pfgmpp_fast.networks import EDMPrecond, make_fast
     device = torch.device(device)
     on_gpu = device.type == "cuda"
     dtype = {"auto": torch.bfloat16 if on_gpu else None, "fp32": None, "bf16": torch.bfloat16,
@@ -305,28 +251,8 @@ def make_generator_fast(net, device, net_dtype: str = "auto", compile: Optional[
     return make_fast(net, dtype=dtype, channels_last=on_gpu, compile=compile, cuda_graphs=cuda_graphs)
 
 
-def init_distributed(device_arg: Optional[str] = None) -> torch.device:
-    """Join the torchrun group when WORLD_SIZE > 1; returns this rank's device."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if device_arg:
-        device = torch.device(device_arg)
-    elif torch.cuda.is_available():
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-    else:
-        device = torch.device("cpu")
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-    if world > 1 and not torch.distributed.is_initialized():
-        torch.distributed.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
-    return device
-
-
 # ----------------------------------------------------------------------------------------
 # CLI
-
-def _float_or_inf(text: str) -> float:
-    return float("inf") if text.lower() in ("inf", "infinity") else float(text)
-
 
 def add_sampler_arguments(p: argparse.ArgumentParser) -> None:
     """Network + sampler options shared by `generate` and `fid`."""
@@ -334,7 +260,7 @@ def add_sampler_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--network", metavar="PATH", help="network checkpoint (ours: .safetensors)")
     g.add_argument("--trust-pickle", action="store_true",
                    help="allow loading a published pickle checkpoint (runs code from the file!)")
-    g.add_argument("--D", type=_float_or_inf, default=None,
+    g.add_argument("--D", default=None,
                    help="check that the network was trained with this D (default: the network's)")
     g.add_argument("--batch", type=int, default=64, help="images per batch and rank (default 64)")
     g.add_argument("--steps", type=int, default=18, help="sampling steps n (Heun: 2n-1 NFE; default 18)")
@@ -344,7 +270,7 @@ def add_sampler_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--rho", type=float, default=7.0)
     g.add_argument("--S-churn", dest="S_churn", type=float, default=0.0)
     g.add_argument("--S-min", dest="S_min", type=float, default=0.0)
-    g.add_argument("--S-max", dest="S_max", type=_float_or_inf, default=float("inf"))
+    g.add_argument("--S-max", dest="S_max", type=float, default=float("inf"))
     g.add_argument("--S-noise", dest="S_noise", type=float, default=1.0)
     g.add_argument("--alpha", type=float, default=0.0, help="robustness noise x += alpha*t_i*eps per step")
     g.add_argument("--class", dest="class_idx", type=int, default=None, help="class label (default: random per seed)")
@@ -362,7 +288,8 @@ def add_sampler_arguments(p: argparse.ArgumentParser) -> None:
 def sampler_kwargs_from_args(args) -> dict:
     return dict(num_steps=args.steps, sigma_min=args.sigma_min, sigma_max=args.sigma_max, rho=args.rho,
                 solver=args.solver, S_churn=args.S_churn, S_min=args.S_min, S_max=args.S_max,
-                S_noise=args.S_noise, alpha=args.alpha, class_idx=args.class_idx, D=args.D,
+                S_noise=args.S_noise, alpha=args.alpha, class_idx=args.class_idx,
+                D=None if args.D is None else checks.parse_D(args.D),
                 dtype=torch.float64 if args.dtype == "fp64" else torch.float32, backend=args.backend)
 
 
@@ -381,7 +308,7 @@ def main(args) -> int:
         if args.outdir is None and args.npz is None:
             raise ValueError("give --outdir (PNG folder) and/or --npz (one .npz file)")
         seeds = check_seeds(args.seeds)
-        device = init_distributed(args.device)
+        device = distributed.init(args.device)
         kwargs = sampler_kwargs_from_args(args)
         net = load_generator_network(args.network, device, trust_pickle=args.trust_pickle, D=kwargs["D"])
         resolve_D(net, kwargs["D"])
@@ -389,13 +316,12 @@ def main(args) -> int:
     except (ValueError, TypeError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    rank, world = dist_info()
+    rank, world = distributed.get_rank(), distributed.get_world_size()
     mine = rank_seeds(seeds, rank, world)
     batches = generate_images(fast, mine, args.batch, device=device, progress=args.progress and rank == 0, **kwargs)
     write_images(batches, outdir=args.outdir, npz=args.npz)
     if rank == 0:
         where = " and ".join(x for x in (args.outdir, args.npz) if x)
         print(f"wrote {len(seeds)} images to {where}")
-    if world > 1:
-        torch.distributed.destroy_process_group()
+    distributed.close()
     return 0

@@ -35,7 +35,7 @@ from typing import Tuple
 import torch
 import torch.nn.functional as Fn
 
-from pfgmpp_fast import reference
+from pfgmpp_fast import checks, reference
 
 __all__ = ["AugmentPipe", "STREAM_AUGMENT", "augment_dim"]
 
@@ -127,10 +127,10 @@ class AugmentPipe:
                             f"{getattr(images, 'shape', type(images).__name__)}")
         B, C, H, W = images.shape
         device = images.device
-        sample_ids = reference.check_sample_ids(sample_ids, device=device)
+        sample_ids = checks.check_sample_ids(sample_ids, device=device)
         if sample_ids.shape[0] != B:
             raise ValueError(f"{sample_ids.shape[0]} sample ids for {B} images")
-        key = reference.check_key(key)
+        key = checks.check_key(key)
         if backend == "reference":
             z = reference.normal(key, sample_ids, _NUM_DRAWS, STREAM_AUGMENT)
         else:

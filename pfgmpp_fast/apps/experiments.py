@@ -6,12 +6,12 @@ post-training weight quantisation and with few sampling steps, small D degrades 
 while D → ∞ (diffusion) breaks down, with a middle D as the sweet spot. This experiment lets
 a user check that with the package's own tools on data that ships with it:
 
-1. train the demo's small network (demo.SMALL_NETWORK, demo.RECIPE: same recipe, same
+1. train the demo's small network (digits.SMALL_NETWORK, digits.RECIPE: same recipe, same
    budget, same seed) on the digits' training split for every D in `D_values`;
 2. sweep each trained (EMA) network over α (robustness noise), weight bit widths
    (quantize.py, per-channel symmetric fake quantisation) and NFE (Heun: NFE = 2·steps − 1);
    the base point of every sweep is α = 0, 32 bits, 18 steps (35 NFE), computed once;
-3. score every point with the Fréchet Digit Distance (demo.DigitsScorer: fid.py's
+3. score every point with the Fréchet Digit Distance (digits.DigitsScorer: fid.py's
    statistics and distance in the digits_features.py feature space) to the training split,
    on `sets` disjoint seed sets of `set_size` images (set k = seeds k·set_size ...) →
    mean ± spread (sample standard deviation over the sets). The same seeds are used for
@@ -44,6 +44,10 @@ import sys
 import time
 from typing import Dict, List, Optional, Sequence
 
+from pfgmpp_fast import checks
+from pfgmpp_fast.apps.digits import D_label
+from pfgmpp_fast.utils import distributed
+
 __all__ = ["FULL_CONFIG", "TINY_CONFIG", "EXPERIMENTS", "run_robustness", "make_config", "add_arguments", "main"]
 
 FULL_CONFIG = dict(
@@ -73,17 +77,12 @@ SWEEPS = ("alpha", "bits", "nfe")
 EXPERIMENTS = ("robustness",)
 
 
-def _D_label(D: float) -> str:
-    return "inf" if math.isinf(D) else f"{D:g}"
-
-
 def _point_name(alpha: float, bits: int, steps: int) -> str:
     return f"alpha{alpha:g}-bits{bits}-steps{steps}"
 
 
 def make_config(tiny: bool = False, **overrides) -> dict:
     """The experiment configuration (FULL_CONFIG / TINY_CONFIG plus overrides), validated."""
-    from pfgmpp_fast.demo import parse_D
     config = dict(TINY_CONFIG if tiny else FULL_CONFIG)
     for k, v in overrides.items():
         if v is None:
@@ -91,7 +90,7 @@ def make_config(tiny: bool = False, **overrides) -> dict:
         if k not in config:
             raise TypeError(f"unknown experiment option {k!r}; known: {sorted(config)}")
         config[k] = v
-    config["D_values"] = [parse_D(d) for d in config["D_values"]]
+    config["D_values"] = [checks.parse_D(d) for d in config["D_values"]]
     if len(set(config["D_values"])) != len(config["D_values"]) or not config["D_values"]:
         raise ValueError(f"D_values must be distinct and non-empty, got {config['D_values']}")
     for a in config["alpha"]:
@@ -117,7 +116,7 @@ def make_config(tiny: bool = False, **overrides) -> dict:
 
 
 def _config_json(config: dict) -> dict:
-    return {k: ([_D_label(d) for d in v] if k == "D_values" else v) for k, v in config.items()}
+    return {k: ([D_label(d) for d in v] if k == "D_values" else v) for k, v in config.items()}
 
 
 def _points(config: dict) -> Dict[str, dict]:
@@ -153,7 +152,7 @@ class _Log:
     def __call__(self, msg: str):
         print(msg, flush=True)
         if self.path:
-            from pfgmpp_fast.io_utils import append_line
+            from pfgmpp_fast.utils.io_utils import append_line
             append_line(self.path, msg)
 
 
@@ -170,29 +169,29 @@ def _train(config: dict, D: float, outdir: str, device, log: _Log, progress, bac
     """Train (or resume, or skip) the network for D; returns its done.json record (None when
     it is not finished and compute=False)."""
     import glob
-    from pfgmpp_fast.demo import latest_snapshot, read_stats, train_small
-    from pfgmpp_fast.io_utils import atomic_save_json
-    run_dir = os.path.join(outdir, "train", f"D{_D_label(D)}")
+    from pfgmpp_fast.apps.digits import latest_snapshot, read_stats, train_small
+    from pfgmpp_fast.utils.io_utils import atomic_save_json
+    run_dir = os.path.join(outdir, "train", f"D{D_label(D)}")
     done_path = os.path.join(run_dir, "done.json")
     done = _read_json(done_path)
     if done is not None:
-        log(f"D={_D_label(D)}: training finished earlier ({done['kimg']:g} kimg) -> skipped")
+        log(f"D={D_label(D)}: training finished earlier ({done['kimg']:g} kimg) -> skipped")
         return done
     if not compute:
-        log(f"D={_D_label(D)}: training not finished (report only: left out)")
+        log(f"D={D_label(D)}: training not finished (report only: left out)")
         return None
     states = glob.glob(os.path.join(run_dir, "training-state-*.pt"))
     if not states and os.path.isdir(run_dir):      # a start that left no state: begin afresh
         for f in glob.glob(os.path.join(run_dir, "*")):
             if os.path.isfile(f):
                 os.unlink(f)
-    log(f"D={_D_label(D)}: training {config['duration_kimg']:g} kimg"
+    log(f"D={D_label(D)}: training {config['duration_kimg']:g} kimg"
         + (" (resuming from the newest training state)" if states else ""))
     t0 = time.perf_counter()
     train_small(run_dir, D, config["duration_kimg"], seed=config["seed"], device=device, progress=progress,
                 resume=True, backend=backend)
     stats = read_stats(run_dir)
-    done = {"D": _D_label(D), "kimg": stats[-1]["Progress/kimg"] if stats else config["duration_kimg"],
+    done = {"D": D_label(D), "kimg": stats[-1]["Progress/kimg"] if stats else config["duration_kimg"],
             "snapshot": os.path.relpath(latest_snapshot(run_dir), outdir),
             "final_loss": stats[-1]["Loss/loss"] if stats else None,
             "train_seconds_this_process": round(time.perf_counter() - t0, 2),
@@ -208,20 +207,20 @@ def _score_points(config: dict, D: float, done: dict, outdir: str, scorer, devic
     """FDD of every point on seed set `set_index` for one D, appended to `results`; finished
     ones are read back from disk (compute=False: only those)."""
     import torch
-    from pfgmpp_fast import quantize as Q
-    from pfgmpp_fast.demo import generate_uint8, load_snapshot, sampling_network
-    from pfgmpp_fast.io_utils import atomic_save_json
+    from pfgmpp_fast.evaluation import quantize as Q
+    from pfgmpp_fast.apps.digits import generate_uint8, load_snapshot, sampling_network
+    from pfgmpp_fast.utils.io_utils import atomic_save_json
     points = _points(config)
     results = {name: [] for name in points} if results is None else results
     base_net, nets = None, {}
     for name, p in points.items():
-        point_dir = os.path.join(outdir, "points", f"D{_D_label(D)}", name)
+        point_dir = os.path.join(outdir, "points", f"D{D_label(D)}", name)
         for k in (set_index,):
             path = os.path.join(point_dir, f"set{k}.json")
             record = _read_json(path)
             if record is not None:
                 results[name].append(record)
-                log(f"D={_D_label(D)} {name} set {k}: FDD {record['fdd']:.3f} (finished earlier -> skipped)")
+                log(f"D={D_label(D)} {name} set {k}: FDD {record['fdd']:.3f} (finished earlier -> skipped)")
                 continue
             if not compute:
                 continue
@@ -236,14 +235,14 @@ def _score_points(config: dict, D: float, done: dict, outdir: str, scorer, devic
             with torch.no_grad():
                 images = generate_uint8(nets[p["bits"]], seeds, num_steps=p["steps"], alpha=p["alpha"],
                                         batch_size=config["set_size"] if device.type == "cuda" else 120,
-                                        device=device, progress=progress, desc=f"D={_D_label(D)} {name} set {k}",
+                                        device=device, progress=progress, desc=f"D={D_label(D)} {name} set {k}",
                                         backend=backend)
-            record = {"D": _D_label(D), "point": name, **p, "nfe": 2 * p["steps"] - 1, "set": k,
+            record = {"D": D_label(D), "point": name, **p, "nfe": 2 * p["steps"] - 1, "set": k,
                       "seeds": f"{seeds[0]}-{seeds[-1]}", "images": len(seeds), "fdd": scorer.fdd(images),
                       "seconds": round(time.perf_counter() - t0, 3)}
             atomic_save_json(path, record)
             results[name].append(record)
-            log(f"D={_D_label(D)} {name} set {k}: FDD {record['fdd']:.3f} ({record['seconds']:.1f} s)")
+            log(f"D={D_label(D)} {name} set {k}: FDD {record['fdd']:.3f} ({record['seconds']:.1f} s)")
     return results
 
 
@@ -255,8 +254,8 @@ def _mean_spread(values: Sequence[float]):
 
 def _write_outputs(config: dict, all_results: Dict[float, Dict[str, List[dict]]], trainings: Dict[float, dict],
                    floor: float, outdir: str, meta: dict) -> Dict[str, str]:
-    from pfgmpp_fast.io_utils import atomic_save_json, atomic_write_text
-    from pfgmpp_fast.plots import save_sweep_figure
+    from pfgmpp_fast.utils.io_utils import atomic_save_json, atomic_write_text
+    from pfgmpp_fast.utils.plots import save_sweep_figure
     labels = {"alpha": ("alpha", "α (noise injected at every step: x ← x + α·t·ε)"),
               "bits": ("bits", "weight bits (post-training quantisation)"),
               "nfe": ("nfe", "NFE (Heun, 2·steps − 1)")}
@@ -278,11 +277,11 @@ def _write_outputs(config: dict, all_results: Dict[float, Dict[str, List[dict]]]
                 # Paired by seed set (common seeds): how much worse than the same D's base point.
                 diffs = [r["fdd"] - base_by_set[r["set"]] for r in records if r["set"] in base_by_set]
                 d_mean, d_spread = _mean_spread(diffs) if diffs else (float("nan"), float("nan"))
-                rows.append({"D": _D_label(D), column: x, "fdd_mean": mean, "fdd_spread": spread,
+                rows.append({"D": D_label(D), column: x, "fdd_mean": mean, "fdd_spread": spread,
                              "degradation_mean": d_mean, "degradation_spread": d_spread, "sets": len(fdds),
                              "images_per_set": config["set_size"], "fdd_sets": ";".join(f"{v:.6f}" for v in fdds)})
                 xs.append(x), means.append(mean), spreads.append(spread)
-            curves[f"D={_D_label(D)}"] = (xs, means, spreads)
+            curves[f"D={D_label(D)}"] = (xs, means, spreads)
         buf = io.StringIO()
         writer = csv.DictWriter(buf, fieldnames=list(rows[0]), lineterminator="\n")
         writer.writeheader()
@@ -293,20 +292,20 @@ def _write_outputs(config: dict, all_results: Dict[float, Dict[str, List[dict]]]
         lines = [f"FDD (mean ± spread over {config['sets']} sets of {config['set_size']} samples; lower is better) "
                  f"vs {xlabel}", "", f"| D \\ {column} | " + " | ".join(head) + " |", "|---" * (len(head) + 1) + "|"]
         for D in all_results:
-            by_x = {r[column]: r for r in rows if r["D"] == _D_label(D)}
+            by_x = {r[column]: r for r in rows if r["D"] == D_label(D)}
             cells = [(f"{by_x[x]['fdd_mean']:.2f} ± {by_x[x]['fdd_spread']:.2f}"
                       + ("" if by_x[x]["sets"] == config["sets"] else f" ({by_x[x]['sets']} sets)"))
                      if x in by_x else "—" for x, _ in sp]
-            lines.append(f"| {_D_label(D)} | " + " | ".join(cells) + " |")
+            lines.append(f"| {D_label(D)} | " + " | ".join(cells) + " |")
         lines += ["", f"Reference: {config['set_size']} held-out real digits score {floor:.2f}.", "",
                   f"Degradation: FDD minus the FDD of the same D's base point (α = 0, 32 bits, "
                   f"{2 * config['base_steps'] - 1} NFE) on the same seed set (paired), mean ± spread over the sets",
                   "", f"| D \\ {column} | " + " | ".join(head) + " |", "|---" * (len(head) + 1) + "|"]
         for D in all_results:
-            by_x = {r[column]: r for r in rows if r["D"] == _D_label(D)}
+            by_x = {r[column]: r for r in rows if r["D"] == D_label(D)}
             cells = [f"{by_x[x]['degradation_mean']:+.2f} ± {by_x[x]['degradation_spread']:.2f}" if x in by_x else "—"
                      for x, _ in sp]
-            lines.append(f"| {_D_label(D)} | " + " | ".join(cells) + " |")
+            lines.append(f"| {D_label(D)} | " + " | ".join(cells) + " |")
         lines.append("")
         table = "\n".join(lines)
         tables.append((sweep, table))
@@ -315,7 +314,7 @@ def _write_outputs(config: dict, all_results: Dict[float, Dict[str, List[dict]]]
             curves, base + ".png", xlabel=xlabel, ylabel="FDD to the training split (lower is better)",
             title=f"PFGM++ on digits: robustness to {sweep}", floor=floor, xticks=[x for x, _ in sp],
             categorical=sweep == "bits")
-    curves = {f"D={_D_label(D)}": ([k for k, _ in t["loss_curve"]], [v for _, v in t["loss_curve"]],
+    curves = {f"D={D_label(D)}": ([k for k, _ in t["loss_curve"]], [v for _, v in t["loss_curve"]],
                                    [0.0] * len(t["loss_curve"]))
               for D, t in trainings.items() if t.get("loss_curve")}
     if curves:
@@ -329,8 +328,8 @@ def _write_outputs(config: dict, all_results: Dict[float, Dict[str, List[dict]]]
     for D, t in trainings.items():
         loss = f"{t['final_loss']:.4f}" if t.get("final_loss") is not None else "n/a"
         secs = t.get("train_seconds_total")
-        summary.append(f"| {_D_label(D)} | {t['kimg']:g} | {loss} | {secs:.0f} |" if secs is not None
-                       else f"| {_D_label(D)} | {t['kimg']:g} | {loss} | n/a |")
+        summary.append(f"| {D_label(D)} | {t['kimg']:g} | {loss} | {secs:.0f} |" if secs is not None
+                       else f"| {D_label(D)} | {t['kimg']:g} | {loss} | n/a |")
     if "loss_png" in paths:
         summary += ["", "![training loss](training-loss.png)"]
     for sweep, table in tables:
@@ -338,7 +337,7 @@ def _write_outputs(config: dict, all_results: Dict[float, Dict[str, List[dict]]]
     paths["summary"] = atomic_write_text(os.path.join(outdir, "summary.md"), "\n".join(summary) + "\n")
     paths["results"] = atomic_save_json(os.path.join(outdir, "results.json"), {
         **meta, "config": _config_json(config), "floor_heldout": floor,
-        "trainings": {_D_label(D): {k: v for k, v in t.items() if k != "loss_curve"} for D, t in trainings.items()},
+        "trainings": {D_label(D): {k: v for k, v in t.items() if k != "loss_curve"} for D, t in trainings.items()},
         "points": [r for results in all_results.values() for rs in results.values() for r in rs]})
     return paths
 
@@ -349,10 +348,10 @@ def run_robustness(outdir: str = "results/robustness", tiny: bool = False, devic
     """Run (or resume) the robustness experiment; returns {output: path}. report_only: compute
     nothing, write the outputs from what is on disk (points without a finished set are left
     out of the tables; the set counts say how many sets each number averages)."""
-    from pfgmpp_fast.demo import DigitsScorer, pick_device, versions
-    from pfgmpp_fast.io_utils import atomic_save_json
+    from pfgmpp_fast.apps.digits import DigitsScorer, digits_uint8_split, versions
+    from pfgmpp_fast.utils.io_utils import atomic_save_json
     config = make_config(tiny, **overrides)
-    device = pick_device(device)
+    device = distributed.pick_device(device)
     outdir = os.path.abspath(outdir)
     os.makedirs(outdir, exist_ok=True)
     config_path = os.path.join(outdir, "config.json")
@@ -365,10 +364,9 @@ def run_robustness(outdir: str = "results/robustness", tiny: bool = False, devic
     log = _Log(os.path.join(outdir, "log.txt"))
     bars = sys.stderr.isatty() if progress == "auto" else bool(progress)
     t0 = time.perf_counter()
-    log(f"robustness experiment -> {outdir} on {device}: D {[_D_label(d) for d in config['D_values']]}, "
+    log(f"robustness experiment -> {outdir} on {device}: D {[D_label(d) for d in config['D_values']]}, "
         f"{len(_points(config))} points x {config['sets']} sets of {config['set_size']} samples per D")
     scorer = DigitsScorer(device=device)
-    from pfgmpp_fast.demo import digits_uint8_split
     floor = scorer.fdd(digits_uint8_split()[1][:config["set_size"]])
     # Train every D first, then score seed set by seed set: a run stopped early has every
     # point on the first sets (and `report_only` turns that into tables).
@@ -417,13 +415,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def main(args) -> int:
-    from pfgmpp_fast.train import TrainingError
+    from pfgmpp_fast.training.options import TrainingError
     outdir = args.outdir or ("results/robustness-tiny" if args.tiny else "results/robustness")
     command = "python -m pfgmpp_fast experiment " + " ".join(sys.argv[2:] if sys.argv[1:2] == ["experiment"]
                                                                 else sys.argv[1:])
     try:
-        from pfgmpp_fast.demo import pick_device, set_cpu_threads
-        set_cpu_threads(pick_device(args.device), args.threads)
+        distributed.set_cpu_threads(distributed.pick_device(args.device), args.threads)
         D_values = None if args.D_values is None else [d.strip() for d in args.D_values.split(",") if d.strip()]
         run_robustness(outdir, tiny=args.tiny, device=args.device, progress=args.progress, command=command,
                        backend=args.backend, report_only=args.report_only,

@@ -121,7 +121,7 @@ def environment(device="cpu") -> Dict[str, object]:
 
 def write_text(path: str, text: str) -> None:
     """Atomic text write (temp file, fsync, rename): results are never half written."""
-    from pfgmpp_fast.io_utils import atomic_write_text
+    from pfgmpp_fast.utils.io_utils import atomic_write_text
     atomic_write_text(path, text)
 
 

@@ -94,7 +94,7 @@ def train_digits_features() -> dict:
 def _atomic_save_safetensors(tensors: dict, path: str) -> None:
     from safetensors.torch import save
 
-    from .io_utils import atomic_write_bytes
+    from pfgmpp_fast.utils.io_utils import atomic_write_bytes
     atomic_write_bytes(path, save(tensors))
 
 

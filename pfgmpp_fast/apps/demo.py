@@ -1,0 +1,189 @@
+"""`python -m pfgmpp_fast demo`: train a small PFGM++ on the embedded digits and sample it.
+
+The main job of the package on a fresh machine (no download, a few minutes on a 2-core CPU,
+well under a minute of training on a GPU):
+
+1. data: scikit-learn's bundled 8×8 digits (1797 images, pixel values 0..16 → [−1, 1]).
+   The first 1437 are the training split; the last 360 are held out.
+2. train: a small DDPM++ UNet (16 channels, multipliers 1,2, one block per resolution, no
+   attention, ~180k parameters) as PFGM++ with D = 128, through `train.run_training`
+   (fused perturbation + loss kernels, EMA, atomic snapshots), for `--duration` kimg.
+3. sample: the EMA network with the fused Heun sampler (18 steps = 35 NFE), seeds 0..K−1.
+4. score: the Fréchet Digit Distance (FDD) — the Fréchet distance between Gaussians
+   fitted to the 64-d features of `digits_features.py` (a small classifier trained on the
+   digits) — of the samples to the training split, in sets of 360 images (the held-out
+   count, so every number below has the same small-sample bias), for the trained network,
+   the same network before training (same seeds), and the 360 held-out real digits (the
+   reference level of fresh real data; a generator that reproduces its training images
+   can score below it, so it is a yardstick, not a hard floor).
+
+Outputs in `--outdir` (default demo-out): samples.png (a 10×10 grid, 6× upscaled, 1-px grey gaps),
+loss.png (training loss vs kimg), metrics.json (throughputs, FDDs, versions, command) and
+run/ (the training run: snapshots, stats.jsonl, log.txt).
+
+Shared pieces (the digits split, the scorer, generation, snapshot loading, the small-network
+recipe) are reused by `pfgmpp_fast.apps.experiments`.
+"""
+from __future__ import annotations
+
+import argparse
+import glob
+import math
+import os
+import sys
+import time
+from typing import Sequence
+
+from pfgmpp_fast import checks
+from pfgmpp_fast.apps.digits import (NUM_HELDOUT, NUM_STEPS, NUM_TRAIN, RECIPE, SMALL_NETWORK, D_label, DigitsScorer,
+                                     generate_uint8, latest_snapshot, load_snapshot, read_stats, sampling_network,
+                                     train_small, untrained_network, versions)
+from pfgmpp_fast.utils import distributed
+
+__all__ = ["DEFAULT_DURATION_KIMG", "SHORT_DURATION_KIMG", "add_arguments", "main"]
+
+DEFAULT_DURATION_KIMG = 200.0
+SHORT_DURATION_KIMG = 12.0
+
+
+# ----------------------------------------------------------------------------------------
+# CLI
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--outdir", default="demo-out", help="output directory (default: demo-out)")
+    p.add_argument("--device", default="auto", help="auto (cuda if available, else cpu), cpu, cuda, cuda:1, ...")
+    p.add_argument("--D", default="128", help="augmented dimension D; 'inf' = EDM diffusion (default: 128)")
+    p.add_argument("--duration", type=float, default=None, metavar="KIMG",
+                   help=f"training length in thousands of training images (default: {DEFAULT_DURATION_KIMG:g}; "
+                        f"--short: {SHORT_DURATION_KIMG:g})")
+    p.add_argument("--short", action="store_true",
+                   help="CI mode: short training, one FDD set of 360 samples (< 2 minutes on a 2-core CPU)")
+    p.add_argument("--seed", type=int, default=0, help="training seed (network init, data order, noise)")
+    p.add_argument("--sets", type=int, default=None,
+                   help="number of FDD sets of 360 samples (default: 3; --short: 1)")
+    p.add_argument("--backend", default="auto", help="kernel backend: auto, cpu, cuda, triton, reference")
+    p.add_argument("--threads", type=int, default=1,
+                   help="CPU threads (default 1: the network is tiny and one thread is robust on shared "
+                        "machines; 0 = torch's default)")
+    p.add_argument("--no-progress", dest="progress", action="store_false", default=True,
+                   help="no progress bars (tick lines are still printed)")
+
+
+def _mean_spread(values: Sequence[float]):
+    import numpy as np
+    v = np.asarray(values, dtype=np.float64)
+    return float(v.mean()), float(v.std(ddof=1)) if v.size > 1 else 0.0
+
+
+def main(args) -> int:
+    import numpy as np
+    import torch
+    from pfgmpp_fast.utils.io_utils import atomic_save_json
+    from pfgmpp_fast.utils.plots import save_image_grid, save_loss_curve
+
+    try:
+        D = checks.parse_D(args.D)
+        device = distributed.pick_device(args.device)
+        duration = args.duration if args.duration is not None else (SHORT_DURATION_KIMG if args.short else DEFAULT_DURATION_KIMG)
+        if not (math.isfinite(duration) and duration > 0):
+            raise ValueError(f"--duration must be a positive number of kimg, got {duration}")
+        sets = args.sets if args.sets is not None else (1 if args.short else 3)
+        if sets < 1:
+            raise ValueError(f"--sets must be >= 1, got {sets}")
+        if not 0 <= args.seed < 2 ** 63:
+            raise ValueError(f"--seed must be in [0, 2^63), got {args.seed}")
+        distributed.set_cpu_threads(device, args.threads)
+    except (ValueError, TypeError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+    outdir = os.path.abspath(args.outdir)
+    run_dir = os.path.join(outdir, "run")
+    os.makedirs(outdir, exist_ok=True)
+    t_start, cpu_start = time.perf_counter(), time.process_time()
+    progress = bool(args.progress) and sys.stderr.isatty()
+    num_samples = sets * NUM_HELDOUT
+    seeds = list(range(num_samples))
+    batch = num_samples if device.type == "cuda" else 120
+    print(f"pfgmpp_fast demo: PFGM++ D={D_label(D)} on the embedded digits, device {device}, "
+          f"{duration:g} kimg of training, {num_samples} samples ({sets} FDD sets of {NUM_HELDOUT})", flush=True)
+
+    # 1. Scorer and the untrained baseline (same seeds as the trained samples).
+    scorer = DigitsScorer(device=device)
+    print(f"[1/4] FDD of the untrained network ({num_samples} samples)", flush=True)
+    untrained = sampling_network(untrained_network(D, args.seed, device), device)
+    with torch.no_grad():
+        untrained_images = generate_uint8(untrained, seeds, device=device, batch_size=batch, progress=progress,
+                                          desc="sampling (untrained)", backend=args.backend)
+    fdd_untrained = scorer.fdd_sets(untrained_images)
+    del untrained
+
+    # 2. Train (fresh run directory each time: the demo measures its own throughput).
+    print(f"[2/4] training ({duration:g} kimg, batch {RECIPE['batch']}) -> {run_dir}", flush=True)
+    for stale in glob.glob(os.path.join(run_dir, "*")):
+        if os.path.isfile(stale):
+            os.unlink(stale)
+    t0 = time.perf_counter()
+    train_small(run_dir, D, duration, seed=args.seed, device=device, progress=progress, backend=args.backend)
+    train_seconds = time.perf_counter() - t0
+    stats = read_stats(run_dir)
+    steady = [s["Perf/img_per_sec"] for s in stats if s.get("Progress/tick", 0) > 0]
+
+    # 3. Sample the trained EMA network.
+    print(f"[3/4] sampling {num_samples} images ({NUM_STEPS} Heun steps = {2 * NUM_STEPS - 1} NFE)", flush=True)
+    snapshot = latest_snapshot(run_dir)
+    net = sampling_network(load_snapshot(snapshot, device), device)
+    with torch.no_grad():
+        generate_uint8(net, seeds[:min(8, num_samples)], device=device, batch_size=8, backend=args.backend)  # warm-up
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        t0 = time.perf_counter()
+        images = generate_uint8(net, seeds, device=device, batch_size=batch, progress=progress,
+                                backend=args.backend)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        sample_seconds = time.perf_counter() - t0
+
+    # 4. Score and write the outputs.
+    print("[4/4] scoring and writing outputs", flush=True)
+    fdd_trained = scorer.fdd_sets(images)
+    trained_mean, trained_spread = _mean_spread(fdd_trained)
+    untrained_mean, untrained_spread = _mean_spread(fdd_untrained)
+    paths = {"samples": os.path.join(outdir, "samples.png"), "loss": os.path.join(outdir, "loss.png"),
+             "metrics": os.path.join(outdir, "metrics.json"), "run": run_dir, "snapshot": snapshot}
+    save_image_grid(images[:100].numpy(), paths["samples"], cols=10, scale=6, gap=1)
+    save_loss_curve([s["Progress/kimg"] for s in stats], [s["Loss/loss"] for s in stats], paths["loss"],
+                    title=f"PFGM++ D={D_label(D)} on digits: training loss")
+    kimg = stats[-1]["Progress/kimg"] if stats else duration
+    metrics = {
+        "command": "python -m pfgmpp_fast demo " + " ".join(sys.argv[2:] if sys.argv[1:2] == ["demo"] else sys.argv[1:]),
+        "device": str(device), "D": D_label(D), "seed": args.seed, "short": bool(args.short),
+        "network": {"arch": "ddpmpp", **SMALL_NETWORK,
+                    "parameters": int(sum(p.numel() for p in net.parameters()))},
+        "recipe": dict(RECIPE, duration_kimg=duration, train_images=NUM_TRAIN),
+        "train": {"kimg": kimg, "seconds": round(train_seconds, 2),
+                  "img_per_sec": round(kimg * 1000 / train_seconds, 1),
+                  "img_per_sec_steady": round(float(np.median(steady)), 1) if steady else None,
+                  "final_loss": stats[-1]["Loss/loss"] if stats else None},
+        "sample": {"images": num_samples, "num_steps": NUM_STEPS, "nfe": 2 * NUM_STEPS - 1, "solver": "heun",
+                   "seconds": round(sample_seconds, 2), "img_per_sec": round(num_samples / sample_seconds, 1)},
+        "fdd": {"trained": trained_mean, "trained_spread": trained_spread, "trained_sets": fdd_trained,
+                "untrained": untrained_mean, "untrained_spread": untrained_spread, "untrained_sets": fdd_untrained,
+                "heldout_real": scorer.floor, "images_per_set": NUM_HELDOUT,
+                "reference": f"training split (first {NUM_TRAIN} digits)",
+                "heldout": f"last {NUM_HELDOUT} digits (never trained on)",
+                "features": "digits_features.py (64-d)", "features_sha256": scorer.sha256},
+        "wall_seconds": None, "cpu_seconds": None, "versions": versions(), "files": paths,
+    }
+    metrics["wall_seconds"] = round(time.perf_counter() - t_start, 2)
+    metrics["cpu_seconds"] = round(time.process_time() - cpu_start, 2)    # this process, all threads
+    atomic_save_json(paths["metrics"], metrics)
+
+    print(f"wrote {paths['samples']}\nwrote {paths['loss']}\nwrote {paths['metrics']}\n"
+          f"training run (snapshots, stats.jsonl, log.txt): {run_dir}")
+    print(f"train : {kimg:g} kimg in {train_seconds:.1f} s = {metrics['train']['img_per_sec']:.0f} img/s on {device}")
+    print(f"sample: {num_samples} images at {2 * NUM_STEPS - 1} NFE in {sample_seconds:.1f} s "
+          f"= {metrics['sample']['img_per_sec']:.0f} img/s")
+    print(f"FDD   : trained {trained_mean:.2f} ± {trained_spread:.2f} | untrained {untrained_mean:.2f} | "
+          f"held-out real digits {scorer.floor:.2f} (lower is better; {metrics['wall_seconds']:.0f} s in all)")
+    return 0

@@ -1,0 +1,209 @@
+"""Streaming, sharded, resumable feature statistics of image sources (no PNG round trip).
+
+Pipeline: ids (seeds or image indices) → a Source's uint8 batches (generate_images, or a
+data set) → feature extractor → float64 running sums, reduced across ranks.
+
+Resume (`fid calc --outdir DIR`): the sorted ids are cut into shards of `shard_size`;
+each finished shard is written atomically as `DIR/stats-<first>-<last>.npz` (n, sums, the
+ids it holds and the configuration it was computed with). A rerun loads finished shards
+and computes only the missing ones; shards of another configuration or other boundaries
+are an error, never silently mixed; the combine checks every id is counted exactly once.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import re
+import sys
+from typing import Callable, Iterable, Optional
+
+import numpy as np
+import torch
+
+from pfgmpp_fast import checks
+from pfgmpp_fast.evaluation.metrics import FeatureStats, npz_bytes
+from pfgmpp_fast.utils import distributed
+from pfgmpp_fast.utils.io_utils import atomic_write_bytes, is_temp_file
+
+__all__ = ["Source", "generator_source", "images_source", "calc_stats", "reference_stats", "weights_fingerprint",
+           "SHARD_RE"]
+
+SHARD_RE = re.compile(r"^stats-(\d+)-(\d+)\.npz$")
+
+
+# ----------------------------------------------------------------------------------------
+# Sources of uint8 images, addressed by integer ids (seeds, or image indices)
+
+class Source:
+    """ids (sorted int64), describe() (a JSON-able configuration) and batches(ids, batch)."""
+
+    ids: np.ndarray
+
+    def describe(self) -> dict:
+        raise NotImplementedError
+
+    def batches(self, ids: np.ndarray, batch_size: int) -> Iterable[torch.Tensor]:
+        raise NotImplementedError
+
+
+class generator_source(Source):
+    """Images generated from seeds by `net` (generate.generate_images keyword arguments)."""
+
+    def __init__(self, net, seeds, device="cpu", describe: Optional[dict] = None, **gen_kwargs):
+        self.net, self.device, self.gen_kwargs = net, torch.device(device), gen_kwargs
+        self.ids = checks.check_seeds(seeds)
+        self._describe = dict(describe or {})
+
+    def describe(self) -> dict:
+        kw = {k: (str(v) if isinstance(v, torch.dtype) else v) for k, v in self.gen_kwargs.items()}
+        kw = {k: (repr(v) if isinstance(v, float) and not math.isfinite(v) else v) for k, v in kw.items()}
+        return {"source": "generator", **kw, **self._describe}
+
+    def batches(self, ids, batch_size):
+        from pfgmpp_fast.evaluation.generate import generate_images
+        for _, images in generate_images(self.net, ids, batch_size, device=self.device, **self.gen_kwargs):
+            yield images
+
+
+class images_source(Source):
+    """Images of a data set / folder / zip / npz (data.load_dataset), ids = indices."""
+
+    def __init__(self, spec: str, device="cpu"):
+        from pfgmpp_fast.training.data import load_dataset, dataset_to_uint8
+        if isinstance(spec, torch.Tensor):
+            self.images, self.spec = spec, "<tensor>"
+        else:
+            self.images, self.spec = dataset_to_uint8(load_dataset(spec)), str(spec)
+        if self.images.dtype != torch.uint8 or self.images.dim() != 4:
+            raise TypeError("images must be uint8 [N, C, H, W]")
+        self.ids = np.arange(self.images.shape[0], dtype=np.int64)
+        self.device = torch.device(device)
+        # content, not only the name, identifies the images (shards of other data never mix)
+        self.sha256 = hashlib.sha256(self.images.cpu().contiguous().numpy().tobytes()).hexdigest()
+
+    def describe(self) -> dict:
+        return {"source": "images", "spec": self.spec, "count": int(self.images.shape[0]), "sha256": self.sha256}
+
+    def batches(self, ids, batch_size):
+        for start in range(0, len(ids), batch_size):
+            idx = torch.from_numpy(np.asarray(ids[start:start + batch_size]))
+            yield self.images.index_select(0, idx).to(self.device)
+
+
+# ----------------------------------------------------------------------------------------
+# Streaming, sharded, resumable statistics
+
+def _config_string(source: Source, extractor) -> str:
+    cfg = {"source": source.describe(), "features": getattr(extractor, "name", type(extractor).__name__),
+           "dim": int(extractor.dim), "features_sha256": getattr(extractor, "sha256", None)}
+    return json.dumps(cfg, sort_keys=True, default=str)
+
+
+def _shard_name(ids: np.ndarray) -> str:
+    return f"stats-{int(ids[0])}-{int(ids[-1])}.npz"
+
+
+def _stats_of(source: Source, extractor, ids: np.ndarray, batch_size: int, device) -> FeatureStats:
+    rank, world = distributed.get_rank(), distributed.get_world_size()
+    stats = FeatureStats(int(extractor.dim), device=device)
+    for images in source.batches(ids[rank::world], batch_size):
+        stats.update(extractor(images))
+    return stats.all_reduce()
+
+
+def calc_stats(source: Source, extractor, num: Optional[int] = None, batch_size: int = 64,
+               outdir: Optional[str] = None, shard_size: int = 5000, device="cpu",
+               progress: bool = False, log: Callable[[str], None] = lambda s: None) -> FeatureStats:
+    """Feature statistics of the first `num` ids of `source` (all when None).
+
+    With `outdir`, progress is kept there in shards (module docstring) and a rerun resumes.
+    Under torch.distributed every rank must call this; each rank takes ids[rank::world] of
+    every shard and the sums are all-reduced; rank 0 writes the shard files.
+    """
+    rank, world = distributed.get_rank(), distributed.get_world_size()
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
+    if isinstance(shard_size, bool) or not isinstance(shard_size, int) or shard_size < 1:
+        raise ValueError(f"shard_size must be an int >= 1, got {shard_size!r}")
+    ids = np.asarray(source.ids, dtype=np.int64)
+    if num is not None:
+        if isinstance(num, bool) or not isinstance(num, int) or num < 2:
+            raise ValueError(f"num (number of images) must be an int >= 2, got {num!r}")
+        if len(ids) < num:
+            raise ValueError(f"fewer images than requested: {num} images requested for the statistics but "
+                             f"only {len(ids)} are available ({len(ids)} seeds/images in the source)")
+        ids = ids[:num]
+    if outdir is None:
+        stats = _stats_of(source, extractor, ids, batch_size, device)
+        if stats.count != len(ids):
+            raise RuntimeError(f"counted {stats.count} images, expected {len(ids)}")
+        return stats
+
+    config = _config_string(source, extractor)
+    shards = [ids[i:i + shard_size] for i in range(0, len(ids), shard_size)]
+    expected = {_shard_name(s) for s in shards}
+    os.makedirs(outdir, exist_ok=True)
+    if rank == 0:                        # leftovers of a write that was killed half-way
+        for name in os.listdir(outdir):
+            if is_temp_file(name) and name.startswith(".stats-"):
+                os.unlink(os.path.join(outdir, name))
+    present = {f for f in os.listdir(outdir) if SHARD_RE.match(f)}
+    foreign = sorted(present - expected)
+    if foreign:
+        raise ValueError(f"{outdir} holds shard files of another run ({foreign[:3]}...): other seeds or "
+                         "another --shard-size; use a fresh --outdir (or delete them)")
+    total = FeatureStats(int(extractor.dim), device="cpu")
+    counted = []
+    iterator = shards
+    if progress and rank == 0:
+        from tqdm import tqdm
+        iterator = tqdm(shards, desc="FID shards", unit="shard", file=sys.stderr)
+    for shard in iterator:
+        path = os.path.join(outdir, _shard_name(shard))
+        if os.path.exists(path):
+            with np.load(path, allow_pickle=False) as f:
+                if str(f["config"]) != config:
+                    raise ValueError(f"{path} was computed with another configuration; use a fresh --outdir.\n"
+                                     f"  file: {f['config']}\n  now:  {config}")
+                if not np.array_equal(f["seeds"], shard):
+                    raise ValueError(f"{path} holds other seeds than expected; use a fresh --outdir")
+                part = FeatureStats.from_arrays(f["n"], f["sum"], f["sum_outer"])
+            log(f"shard {_shard_name(shard)}: resumed from disk")
+        else:
+            part = _stats_of(source, extractor, shard, batch_size, device)
+            if rank == 0:
+                atomic_write_bytes(path, npz_bytes(config=np.asarray(config), seeds=shard,
+                                                     **part.to_arrays()))
+            distributed.barrier()
+            log(f"shard {_shard_name(shard)}: computed")
+        if part.count != len(shard):
+            raise RuntimeError(f"shard {path}: counted {part.count} images for {len(shard)} seeds")
+        total.merge(part)
+        counted.append(shard)
+    all_ids = np.concatenate(counted)
+    if total.count != len(ids) or not np.array_equal(np.sort(all_ids), ids):
+        raise RuntimeError("combined shards do not cover every seed exactly once")
+    return total
+
+
+# ----------------------------------------------------------------------------------------
+# Reference statistics from a data set
+
+def reference_stats(data, extractor, batch_size: int = 256, num: Optional[int] = None, device="cpu"):
+    """(mu, sigma) of a data set ('digits', folder, zip, npz or a uint8 tensor)."""
+    source = images_source(data, device=device)
+    stats = calc_stats(source, extractor, num=num, batch_size=batch_size, device=device)
+    return stats.mean_cov()
+
+
+def weights_fingerprint(net) -> str:
+    """SHA-256 over a network's state (names, dtypes, shapes, values): shards computed with
+    other weights are never resumed into this network's statistics."""
+    h = hashlib.sha256()
+    for name, t in sorted(net.state_dict().items()):
+        t = t.detach().cpu().contiguous()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()

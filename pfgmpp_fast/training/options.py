@@ -1,0 +1,239 @@
+"""Training options: one frozen dataclass with the published CIFAR-10 recipe as defaults, their
+validation (every error names the option, the value and the allowed range) and the `train`
+command line (`python -m pfgmpp_fast train`), which parses, resolves and runs (loop.py).
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import sys
+from typing import Optional
+
+import torch
+
+from pfgmpp_fast import checks
+
+__all__ = ["TrainingOptions", "DEFAULTS", "ARCHES", "PRECISIONS", "BACKENDS", "RESUME_KEYS", "TrainingError",
+           "resolve_options", "add_arguments", "options_from_args", "main"]
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainingOptions:
+    """Everything a run is configured by (EDM's train.py options, named as there where possible)."""
+    run_dir: str = "runs/train"           # the run directory (EDM: --outdir); created if missing
+    data: str = "digits"                  # 'digits' | folder | .zip | .npy | .npz
+    cond: bool = False                    # class-conditional (needs labels)
+    arch: str = "ddpmpp"                  # ddpmpp | ncsnpp | adm
+    D: float = 128.0                      # augmented dimension (PFGM++), inf = EDM
+    resolution: Optional[int] = None      # expected data resolution (checked); default: the data's
+    batch: int = 512                      # global batch size
+    batch_gpu: Optional[int] = None       # per-rank chunk (gradient accumulation); default batch / ranks
+    lr: float = 10e-4                     # Adam learning rate after the ramp-up
+    lr_rampup_kimg: Optional[float] = 10000.0   # linear lr ramp-up length (kimg)
+    ema_halflife_kimg: float = 500.0      # EMA half-life (EDM --ema 0.5 Mimg)
+    ema_rampup_ratio: Optional[float] = 0.05    # EMA half-life ramp-up: at most this fraction of the images so far
+    dropout: float = 0.13                 # dropout probability of the network
+    augment: float = 0.12                 # augmentation probability (0 = off; the network then has no augment input)
+    xflip: bool = False                   # dataset x-flips (doubles the data set)
+    duration_mimg: float = 200.0          # training length (Mimg)
+    tick_kimg: float = 50.0               # images per tick (one host sync, one log line per tick)
+    snap_ticks: Optional[int] = 50        # ticks between network snapshots (None: never)
+    dump_ticks: Optional[int] = 500       # ticks between training states (None: never)
+    seed: int = 0                         # network init, data order, augmentation and noise
+    P_mean: float = -1.2                  # mean of ln σ in training
+    P_std: float = 1.2                    # standard deviation of ln σ in training
+    sigma_data: float = 0.5               # σ_d of the EDM preconditioning
+    loss_scaling: float = 1.0             # EDM --ls (gradients are unscaled before Adam; same up to Adam's eps)
+    network: dict = dataclasses.field(default_factory=dict)   # network overrides (model_channels, channel_mult, ...)
+    precision: str = "auto"               # auto (bf16 on CUDA, fp32 on the CPU) | bf16 | fp16 | fp32
+    compile: object = "auto"              # auto (on for CUDA) | True | False
+    channels_last: object = "auto"        # auto (on for CUDA) | True | False
+    backend: str = "auto"                 # kernel backend of the loss: auto | triton | cuda | cpu | reference
+    device: str = "auto"                  # auto | cpu | cuda | cuda:N
+    resume: Optional[str] = None          # None | 'auto' | path of a training-state-*.pt
+    transfer: Optional[str] = None        # network file to start from (ours, or a published pickle with trust_pickle)
+    trust_pickle: bool = False            # allow a published pickle for transfer (restricted unpickler)
+    max_nonfinite: int = 10               # stop once more steps than this had a non-finite loss
+    deterministic: bool = False           # torch.use_deterministic_algorithms
+    progress: object = "auto"             # progress bar: auto (a TTY) | True | False
+    max_size: Optional[int] = None        # use only the first max_size images
+
+    def __getitem__(self, name):          # o["batch"] reads like the published options dict
+        return getattr(self, name)
+
+    def as_dict(self) -> dict:
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+
+
+DEFAULTS = TrainingOptions().as_dict()
+ARCHES = ("ddpmpp", "ncsnpp", "adm")
+PRECISIONS = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}
+BACKENDS = ("auto", "triton", "cuda", "cpu", "reference")
+# Options a resumed run must share with the run that wrote the state.
+RESUME_KEYS = ("data", "cond", "arch", "D", "batch", "seed", "P_mean", "P_std", "sigma_data", "augment",
+               "xflip", "network", "lr", "lr_rampup_kimg", "ema_halflife_kimg", "ema_rampup_ratio", "dropout",
+               "max_size")
+
+
+class TrainingError(RuntimeError):
+    """A training run stopped for a reason the user must act on (non-finite losses, ...)."""
+
+
+def resolve_options(**options) -> TrainingOptions:
+    """Defaults + ``options``, validated (ValueError/TypeError naming the option)."""
+    if "duration_kimg" in options:
+        options["duration_mimg"] = checks.check_number("duration_kimg", options.pop("duration_kimg")) / 1000.0
+    if "aug_dim" in options:
+        options["D"] = options.pop("aug_dim")
+    if "network_overrides" in options:
+        options["network"] = options.pop("network_overrides")
+    unknown = sorted(set(options) - set(DEFAULTS))
+    if unknown:
+        raise TypeError(f"unknown training option(s): {', '.join(unknown)}; known: {', '.join(sorted(DEFAULTS))}")
+    o = {**DEFAULTS, **options}
+    o["run_dir"] = os.fspath(o["run_dir"])
+    if o["arch"] not in ARCHES:
+        raise ValueError(f"arch must be one of {ARCHES}, got {o['arch']!r}")
+    o["D"] = checks.parse_D(o["D"])
+    if math.isfinite(o["D"]) and float(o["D"]).is_integer():
+        o["D"] = float(o["D"])
+    o["batch"] = int(checks.check_number("batch", o["batch"], integer=True))
+    if o["batch_gpu"] is not None:
+        o["batch_gpu"] = int(checks.check_number("batch_gpu", o["batch_gpu"], integer=True))
+    for name in ("lr", "ema_halflife_kimg", "duration_mimg", "tick_kimg", "P_std", "sigma_data", "loss_scaling"):
+        o[name] = checks.check_number(name, o[name])
+    for name in ("lr_rampup_kimg", "ema_rampup_ratio"):
+        o[name] = None if o[name] is None else checks.check_number(name, o[name], allow_zero=True)
+    for name in ("snap_ticks", "dump_ticks"):
+        o[name] = None if o[name] is None else int(checks.check_number(name, o[name], integer=True))
+    for name in ("dropout", "augment"):
+        v = checks.check_number(name, o[name], allow_zero=True)
+        if v > 1:
+            raise ValueError(f"{name} must be in [0, 1], got {v}")
+        o[name] = v
+    if not isinstance(o["P_mean"], (int, float)) or not math.isfinite(o["P_mean"]):
+        raise ValueError(f"P_mean must be a finite number, got {o['P_mean']!r}")
+    o["P_mean"] = float(o["P_mean"])
+    o["seed"] = int(checks.check_number("seed", o["seed"], allow_zero=True, integer=True))
+    if o["seed"] >= 2**63:
+        raise ValueError(f"seed must be in [0, 2^63), got {o['seed']}")
+    o["max_nonfinite"] = int(checks.check_number("max_nonfinite", o["max_nonfinite"], allow_zero=True, integer=True))
+    if o["resolution"] is not None:
+        o["resolution"] = int(checks.check_number("resolution", o["resolution"], integer=True))
+    if o["max_size"] is not None:
+        o["max_size"] = int(checks.check_number("max_size", o["max_size"], integer=True))
+    for name in ("cond", "xflip", "deterministic", "trust_pickle"):
+        o[name] = checks.as_bool(name, o[name])
+    for name in ("compile", "channels_last", "progress"):
+        if o[name] != "auto":
+            o[name] = checks.as_bool(name, o[name])
+    if o["precision"] not in ("auto", *PRECISIONS):
+        raise ValueError(f"precision must be one of auto, bf16, fp16, fp32, got {o['precision']!r}")
+    if o["backend"] not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {o['backend']!r}")
+    if o["network"] is None:
+        o["network"] = {}
+    if isinstance(o["network"], str):
+        try:
+            o["network"] = json.loads(o["network"])
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"network must be a JSON object of network overrides, got {o['network']!r}: {exc}") from None
+    if not isinstance(o["network"], dict):
+        raise TypeError(f"network must be a dict of network overrides, got {type(o['network']).__name__}")
+    if o["resume"] is not None and o["resume"] != "auto" and not os.path.isfile(o["resume"]):
+        raise FileNotFoundError(f"resume: no such training state {o['resume']}")
+    if o["transfer"] is not None and not os.path.isfile(o["transfer"]):
+        raise FileNotFoundError(f"transfer: no such network file {o['transfer']}")
+    return TrainingOptions(**o)
+
+
+def jsonable(value):
+    """Plain JSON-compatible form (inf stays a float; tuples become lists)."""
+    if isinstance(value, dict):
+        return {str(k): jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [jsonable(v) for v in value]
+    if isinstance(value, torch.dtype):
+        return str(value)
+    return value
+
+
+# ----------------------------------------------------------------------------------------
+# Command line
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    d = DEFAULTS
+    a = parser.add_argument
+    a("--outdir", "--run-dir", dest="run_dir", default=d["run_dir"], help="run directory (created; resumable)")
+    a("--data", default=d["data"], help="'digits' (embedded), a folder/.zip of PNGs, or .npy/.npz (default: digits)")
+    a("--cond", action="store_true", help="class-conditional training (needs labels)")
+    a("--arch", choices=ARCHES, default=d["arch"])
+    a("--D", "--aug_dim", "--aug-dim", dest="D", default="128", help="augmented dimension D (inf = EDM)")
+    a("--resolution", type=int, default=None, help="expected data resolution (checked)")
+    a("--batch", type=int, default=d["batch"], help="global batch size")
+    a("--batch-gpu", "--batch_gpu", dest="batch_gpu", type=int, default=None, help="per-rank chunk (gradient accumulation)")
+    a("--lr", type=float, default=d["lr"])
+    a("--lr-rampup", dest="lr_rampup_kimg", type=float, default=d["lr_rampup_kimg"], help="lr ramp-up (kimg)")
+    a("--ema", dest="ema_halflife_mimg", type=float, default=d["ema_halflife_kimg"] / 1000, help="EMA half-life (Mimg)")
+    a("--ema-rampup", dest="ema_rampup_ratio", type=float, default=d["ema_rampup_ratio"])
+    a("--dropout", type=float, default=d["dropout"])
+    a("--augment", type=float, default=d["augment"], help="augmentation probability (0 = off)")
+    a("--xflip", action="store_true", help="dataset x-flips")
+    a("--duration", dest="duration_mimg", type=float, default=d["duration_mimg"], help="training duration (Mimg)")
+    a("--tick", dest="tick_kimg", type=float, default=d["tick_kimg"], help="kimg per tick")
+    a("--snap", dest="snap_ticks", type=int, default=d["snap_ticks"], help="ticks between network snapshots")
+    a("--dump", dest="dump_ticks", type=int, default=d["dump_ticks"], help="ticks between training states")
+    a("--seed", type=int, default=d["seed"])
+    a("--ls", dest="loss_scaling", type=float, default=d["loss_scaling"], help="loss scaling")
+    a("--network", default=None, help='JSON network overrides, e.g. \'{"model_channels": 64}\'')
+    a("--cres", default=None, help="channel multipliers, e.g. 1,2,2,2")
+    a("--precision", choices=["auto", "bf16", "fp16", "fp32"], default=d["precision"])
+    a("--compile", dest="compile", action="store_true", default=None)
+    a("--no-compile", dest="compile", action="store_false")
+    a("--channels-last", dest="channels_last", action="store_true", default=None)
+    a("--no-channels-last", dest="channels_last", action="store_false")
+    a("--backend", choices=BACKENDS, default=d["backend"], help="kernel backend of the fused loss")
+    a("--device", default=d["device"])
+    a("--resume", default=None, help="'auto' (newest intact state in the run dir) or a training-state file")
+    a("--transfer", default=None, help="initialise the network from this file")
+    a("--trust-pickle", action="store_true", help="allow loading a published pickle for --transfer (runs code!)")
+    a("--max-nonfinite", type=int, default=d["max_nonfinite"], help="stop after this many non-finite losses")
+    a("--deterministic", action="store_true")
+    a("--no-progress", dest="progress", action="store_false", default="auto")
+    a("--max-size", type=int, default=None, help="use only the first N images")
+    a("--dry-run", action="store_true", help="print the resolved options and exit")
+
+
+def options_from_args(args) -> dict:
+    o = {k: getattr(args, k) for k in DEFAULTS if hasattr(args, k)}
+    o["ema_halflife_kimg"] = args.ema_halflife_mimg * 1000
+    if o.get("compile") is None:
+        o["compile"] = "auto"
+    if o.get("channels_last") is None:
+        o["channels_last"] = "auto"
+    network = json.loads(args.network) if args.network else {}
+    if args.cres:
+        network["channel_mult"] = [int(x) for x in str(args.cres).split(",")]
+    o["network"] = network
+    return o
+
+
+def main(args) -> int:
+    try:
+        o = resolve_options(**options_from_args(args))
+    except (ValueError, TypeError, FileNotFoundError, json.JSONDecodeError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if args.dry_run:
+        print(json.dumps(jsonable(o.as_dict()), indent=2, sort_keys=True))
+        return 0
+    from pfgmpp_fast.training.loop import run_training
+    try:
+        run_training(**o.as_dict())
+    except (ValueError, TypeError, FileNotFoundError, TrainingError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    return 0
