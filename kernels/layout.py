@@ -47,7 +47,7 @@ def warps_for(block: int, per_thread: int = ELEMENTS_PER_THREAD) -> int:
 
 
 def grid(B: int, nblk: int):
-    """One program per (sample, block), flattened into grid dimension x."""
+    """B · nblk programs (one per sample and block) in grid dimension x."""
     n = int(B) * int(nblk)
     if n > MAX_PROGRAMS:
         raise ValueError(f"B * blocks per sample = {B} * {nblk} = {n} programs exceeds the grid limit "

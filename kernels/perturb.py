@@ -17,6 +17,8 @@ from .layout import (TL_DTYPE, BlockPlan, Layout, cast_for_store, check_image, c
 from .philox import key_words, sample_counter, tile_normals
 
 
+# N is specialised (N % 16 == 0 proves 16-byte alignment, so loads and stores vectorise); keys,
+# streams and blocks per sample are not: new values never recompile.  The same in every kernel.
 @triton.jit(do_not_specialize=["nblk", "k0", "k1", "stream"])
 def _perturb_kernel(y_ptr, scale_ptr, cin_ptr, sid_ptr, net_ptr, x_ptr,
                     N, nblk, k0, k1, stream,
