@@ -25,6 +25,7 @@ import struct
 
 import torch
 
+from pfgmpp_fast.cli import command
 from pfgmpp_fast.networks import EDMPrecond, FastNetwork
 from pfgmpp_fast.safe_pickle import OpaqueObject, PersistentRecord, UnsupportedArchiveError, archive_kind, read_published
 from pfgmpp_fast.utils.io_utils import atomic_write_bytes, content_digest
@@ -329,6 +330,7 @@ def add_arguments(p) -> None:
     p.add_argument('--D', type=float, default=None, help='PFGM++ D of the network (default: from the pickle, else inf = EDM)')
 
 
+@command
 def main(args) -> int:
     from pfgmpp_fast.cli import blame, check_output_path
     check_output_path('DST', args.dst)

@@ -14,13 +14,14 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import importlib
 import math
 import os
 import sys
 
 __all__ = ["COMMANDS", "UsageError", "blame", "check_output_path", "int_at_least", "number", "add_threads_argument",
-           "build_parser", "main"]
+           "command", "report", "build_parser", "main"]
 
 COMMANDS = {
     "demo": ("pfgmpp_fast.apps.demo", "train a small PFGM++ on the embedded digits data and sample it (the main job)"),
@@ -151,18 +152,32 @@ def main(argv=None) -> int:
     if getattr(args, "_missing", None):
         print(f"error: the '{args.command}' command is not available in this build", file=sys.stderr)
         return 2
-    try:
-        return int(importlib.import_module(args._module).main(args) or 0)
-    except KeyboardInterrupt:
+    return command(importlib.import_module(args._module).main)(args)
+
+
+def report(exc: BaseException) -> int:
+    """Print ``exc`` as one line and return the exit code (the module docstring's rules)."""
+    if isinstance(exc, KeyboardInterrupt):
         print("interrupted", file=sys.stderr)
         return 130
-    except Exception as exc:              # noqa: BLE001 - the one place errors become messages
-        _close_process_group()
-        if os.environ.get(DEBUG_ENV) == "1":
-            raise
-        message = str(exc).strip() or type(exc).__name__
-        if not isinstance(exc, (ValueError, TypeError, OSError, RuntimeError, ArithmeticError)):
-            message = f"unexpected {type(exc).__name__}: {message} (rerun with {DEBUG_ENV}=1 for the traceback)"
-        print(f"error: {message}", file=sys.stderr)
-        # input errors (ValueError incl. UsageError, TypeError, a missing file) are usage errors
-        return 2 if isinstance(exc, (ValueError, TypeError, FileNotFoundError)) else 1
+    _close_process_group()
+    message = str(exc).strip() or type(exc).__name__
+    if not isinstance(exc, (ValueError, TypeError, OSError, RuntimeError, ArithmeticError)):
+        message = f"unexpected {type(exc).__name__}: {message} (rerun with {DEBUG_ENV}=1 for the traceback)"
+    print(f"error: {message}", file=sys.stderr)
+    # input errors (ValueError incl. UsageError, TypeError, a missing file) are usage errors
+    return 2 if isinstance(exc, (ValueError, TypeError, FileNotFoundError)) else 1
+
+
+def command(main_fn):
+    """Wrap a command's ``main(args)``: errors become one message and an exit code (:func:`report`)."""
+    @functools.wraps(main_fn)
+    def run(args) -> int:
+        try:
+            return int(main_fn(args) or 0)
+        except (Exception, KeyboardInterrupt) as exc:   # noqa: BLE001 - the one place errors become messages
+            if os.environ.get(DEBUG_ENV) == "1" and not isinstance(exc, KeyboardInterrupt):
+                raise
+            return report(exc)
+    run.__wrapped_command__ = True
+    return main_fn if getattr(main_fn, "__wrapped_command__", False) else run

@@ -15,6 +15,7 @@ import sys
 import time
 from typing import Optional
 
+from pfgmpp_fast.cli import command
 from pfgmpp_fast.evaluation.calc import calc_stats, generator_source, images_source, reference_stats, weights_fingerprint
 from pfgmpp_fast.evaluation.features import FEATURES, get_feature_extractor
 from pfgmpp_fast.evaluation.metrics import frechet_distance, load_stats, save_stats
@@ -192,6 +193,7 @@ def _sweep(args, device, say) -> int:
     return 0
 
 
+@command
 def main(args) -> int:
     from pfgmpp_fast.cli import UsageError, blame, check_output_path
     cmd = getattr(args, "fid_command", None)

@@ -25,6 +25,7 @@ from typing import Iterator, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
+from pfgmpp_fast.cli import command
 from pfgmpp_fast import checks
 from pfgmpp_fast import reference as R
 from pfgmpp_fast.checks import check_seeds, parse_int_list  # noqa: F401  (part of this module's API)
@@ -352,6 +353,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
 
 
+@command
 def main(args) -> int:
     from pfgmpp_fast.cli import UsageError, blame, check_output_path
     if not args.network:

@@ -418,13 +418,13 @@ class TrainingRun:
                     f"max_nonfinite={o['max_nonfinite']}: stopping at kimg {self.cur_nimg / 1000:.3f}. Their updates "
                     "were skipped. Lower the learning rate, use --precision fp32/bf16, or check the data.")
 
-            if last_step_bad:       # the network diverged at the end of this tick: keep no file of it
+            if last_step_bad:       # the network diverged by the end of this tick: no snapshot of it
                 if done:
                     raise TrainingError(
                         f"the run ended with a non-finite loss (NaN/Inf) at kimg {self.cur_nimg / 1000:.3f} "
-                        f"({self.nonfinite_total} non-finite steps in all); the final snapshot and state were not "
-                        "written. Lower the learning rate, use --precision fp32/bf16, or check the data.")
-                self.log(f"tick {self.cur_tick}: the last step had a non-finite loss; no snapshot or state this tick")
+                        f"({self.nonfinite_total} non-finite steps in all); no final snapshot was written. "
+                        "Lower the learning rate, use --precision fp32/bf16, or check the data.")
+                self.log(f"tick {self.cur_tick}: the last step had a non-finite loss; no network snapshot this tick")
 
             # ---- snapshots and training state ------------------------------------------
             maint_start = time.time()
@@ -433,8 +433,7 @@ class TrainingRun:
                     and not last_step_bad):
                 save_network(os.path.join(o["run_dir"], f"network-snapshot-{kimg_tag}.safetensors"), self.ema,
                              extra_metadata={"kimg": self.cur_nimg / 1000, "seed": o["seed"], "D": jsonable(o["D"])})
-            if (o["dump_ticks"] is not None and (done or (self.cur_tick % o["dump_ticks"] == 0 and self.cur_tick != 0))
-                    and not last_step_bad):
+            if o["dump_ticks"] is not None and (done or (self.cur_tick % o["dump_ticks"] == 0 and self.cur_tick != 0)):
                 state = self.state_dict()
                 if self.rank0:
                     atomic_torch_save_state(os.path.join(o["run_dir"], f"training-state-{kimg_tag}.pt"), state)

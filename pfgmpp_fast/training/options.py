@@ -14,6 +14,7 @@ from typing import Optional
 
 import torch
 
+from pfgmpp_fast.cli import command
 from pfgmpp_fast import checks
 
 __all__ = ["TrainingOptions", "DEFAULTS", "ARCHES", "PRECISIONS", "BACKENDS", "RESUME_KEYS", "TrainingError",
@@ -255,8 +256,9 @@ def _resolve_from_args(args) -> TrainingOptions:
         raise UsageError(option, text) from None
 
 
+@command
 def main(args) -> int:
-    from pfgmpp_fast.cli import check_output_path
+    from pfgmpp_fast.cli import blame, check_output_path
     o = _resolve_from_args(args)
     check_output_path("--outdir", o["run_dir"], is_dir=True)
     if args.dry_run:
@@ -264,6 +266,8 @@ def main(args) -> int:
         return 0
     from pfgmpp_fast.training.loop import run_training
     from pfgmpp_fast.utils import distributed
-    distributed.set_cpu_threads(distributed.pick_device(o["device"]), args.threads)
+    with blame("--device"):
+        device = distributed.pick_device(o["device"])
+    distributed.set_cpu_threads(device, args.threads)
     run_training(**o.as_dict())
     return 0
