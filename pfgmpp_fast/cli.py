@@ -39,7 +39,11 @@ class UsageError(ValueError):
     """A bad command-line input: ``option`` names it, the message says what is wrong and allowed."""
 
     def __init__(self, option: str, message: str):
-        super().__init__(f"{option}: {message}" if option and not str(message).startswith(option) else message)
+        message = str(message)
+        bare = option.lstrip("-").replace("-", "_") + ": "
+        if message.startswith(bare):            # "seeds: ..." from a checker → "--seeds: ..."
+            message = message[len(bare):]
+        super().__init__(f"{option}: {message}" if option and not message.startswith(option) else message)
         self.option = option
 
 

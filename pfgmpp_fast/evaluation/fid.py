@@ -84,7 +84,8 @@ def _extractor(args, device):
         return get_feature_extractor(args.features, device, args.inception_weights, args.inception_sha256,
                                      args.digits_cache)
     except (ValueError, FileNotFoundError) as exc:
-        raise UsageError(option, str(exc)) from None
+        raise UsageError("--inception-sha256" if "sha256" in str(exc) and args.inception_sha256 else option,
+                         str(exc)) from None
     except OSError as exc:           # e.g. URLError: no network
         if args.features == "inception" and args.inception_weights is None:
             raise RuntimeError(f"--inception-weights: cannot download the Inception weights ({exc}); offline, pass "
@@ -210,6 +211,9 @@ def main(args) -> int:
     if cmd == "sweep":
         return _sweep(args, device, say)
     check_output_path("--dest", args.dest)
+    if args.data != "digits" and not os.path.exists(args.data):
+        raise UsageError("--data", f"no such data set {args.data!r}: give 'digits', a folder or .zip of images, "
+                                   "or a .npy/.npz file")
     extractor = _extractor(args, device)
     with blame("--data"):
         mu, sigma = reference_stats(args.data, extractor, batch_size=args.batch, num=args.num, device=device)

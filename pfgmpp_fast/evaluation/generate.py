@@ -334,8 +334,10 @@ def device_from_args(args) -> torch.device:
 def network_from_args(args, device, path: Optional[str] = None, D=None):
     """The network of --network (or ``path``), checked against --D and --class (UsageError naming them)."""
     from pfgmpp_fast.cli import UsageError, blame
-    with blame("--network"):
+    try:
         net = load_generator_network(path or args.network, device, trust_pickle=args.trust_pickle, D=D)
+    except (ValueError, TypeError, FileNotFoundError) as exc:
+        raise UsageError("--D" if "network/D mismatch" in str(exc) else "--network", str(exc)) from None
     with blame("--D"):
         resolve_D(net, D)
     label_dim = int(getattr(net, "label_dim", 0) or 0)

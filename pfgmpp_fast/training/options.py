@@ -258,16 +258,19 @@ def _resolve_from_args(args) -> TrainingOptions:
 
 @command
 def main(args) -> int:
-    from pfgmpp_fast.cli import blame, check_output_path
+    from pfgmpp_fast.cli import UsageError, blame, check_output_path
     o = _resolve_from_args(args)
+    if o["data"] != "digits" and not os.path.exists(o["data"]):
+        raise UsageError("--data", f"no such data set {o['data']!r}: give 'digits', a folder or .zip of images, "
+                                   "or a .npy/.npz file")
     check_output_path("--outdir", o["run_dir"], is_dir=True)
+    from pfgmpp_fast.utils import distributed
+    with blame("--device"):
+        device = distributed.pick_device(o["device"])
     if args.dry_run:
         print(json.dumps(jsonable(o.as_dict()), indent=2, sort_keys=True))
         return 0
     from pfgmpp_fast.training.loop import run_training
-    from pfgmpp_fast.utils import distributed
-    with blame("--device"):
-        device = distributed.pick_device(o["device"])
     distributed.set_cpu_threads(device, args.threads)
     run_training(**o.as_dict())
     return 0
