@@ -45,8 +45,8 @@ from pfgmpp_fast import reference as R
 from pfgmpp_fast.checkpoint import find_latest_snapshot, load_network, save_network
 from pfgmpp_fast.training.options import PRECISIONS, RESUME_KEYS, TrainingError, TrainingOptions, jsonable, resolve_options
 from pfgmpp_fast.utils import distributed
-from pfgmpp_fast.utils.io_utils import (append_line, atomic_save_json, atomic_torch_save_state, atomic_write_text,
-                                       is_temp_file, load_torch_state)
+from pfgmpp_fast.training.run_files import drop_stats_after, remove_temp_files
+from pfgmpp_fast.utils.io_utils import append_line, atomic_save_json, atomic_torch_save_state, is_temp_file, load_torch_state
 
 __all__ = ["TrainingRun", "run_training", "find_latest_state", "find_latest_snapshot", "TrainingError"]
 
@@ -72,32 +72,6 @@ def find_latest_state(run_dir: str, log=print) -> Optional[str]:
         except (ValueError, OSError) as exc:
             log(f"resume: skipping unreadable state {path}: {exc}")
     return None
-
-
-def _remove_temp_files(run_dir: str, log=print) -> None:
-    """Leftovers of writes that were killed half-way (io_utils temp names) go on resume."""
-    for name in sorted(os.listdir(run_dir)):
-        if is_temp_file(name):
-            os.unlink(os.path.join(run_dir, name))
-            log(f"resume: removed {name}, left by an interrupted write")
-
-
-def _drop_stats_after(stats_path: str, next_tick: int) -> None:
-    """stats.jsonl rows of ticks >= next_tick (and torn lines) were written after the state we
-    resume from; the resumed run writes those ticks again, so drop them (no duplicates)."""
-    if not os.path.exists(stats_path):
-        return
-    with open(stats_path, encoding="utf-8") as f:
-        lines = f.read().splitlines()
-    kept = []
-    for line in lines:
-        try:
-            if int(json.loads(line)["Progress/tick"]) < next_tick:
-                kept.append(line)
-        except (ValueError, KeyError, TypeError):
-            pass
-    if len(kept) != len(lines):
-        atomic_write_text(stats_path, "".join(k + "\n" for k in kept))
 
 
 # ----------------------------------------------------------------------------------------
@@ -430,7 +404,7 @@ class TrainingRun:
             maint_start = time.time()
             kimg_tag = f"{self.cur_nimg // 1000:06d}"
             if (o["snap_ticks"] is not None and (done or self.cur_tick % o["snap_ticks"] == 0) and self.rank0
-                    and not last_step_bad):
+                    and not last_step_bad and self._ema_is_sane(done)):
                 save_network(os.path.join(o["run_dir"], f"network-snapshot-{kimg_tag}.safetensors"), self.ema,
                              extra_metadata={"kimg": self.cur_nimg / 1000, "seed": o["seed"], "D": jsonable(o["D"])})
             if o["dump_ticks"] is not None and (done or (self.cur_tick % o["dump_ticks"] == 0 and self.cur_tick != 0)):
@@ -448,6 +422,24 @@ class TrainingRun:
                 torch.cuda.reset_peak_memory_stats(self.device)
         if bar is not None:
             bar.close()
+
+    @torch.no_grad()
+    def _ema_is_sane(self, done: bool) -> bool:
+        """Whether the EMA network's denoising error on a fixed data batch is finite in float32
+        (a network that diverged within the tick's last update is not written as a snapshot)."""
+        y, labels = self.dataset.get_batch(torch.arange(min(8, len(self.dataset))), device=self.device)
+        map_augment = getattr(self.ema.model, "map_augment", None)
+        aug = None if map_augment is None else torch.zeros(y.shape[0], map_augment.in_features, device=self.device)
+        sigma = torch.full((y.shape[0],), float(self.o["sigma_data"]), device=self.device)
+        error = (self.ema(y, sigma, labels, augment_labels=aug).float() - y).square().mean()
+        if bool(torch.isfinite(error)):
+            return True
+        message = (f"the network diverged at kimg {self.cur_nimg / 1000:.3f} (its denoising error is not finite): "
+                   "no snapshot written")
+        if done:
+            raise TrainingError(message + ". Lower the learning rate or check the data.")
+        self.log(f"tick {self.cur_tick}: {message}")
+        return False
 
     def _reduce_tick(self):
         """(Σ loss, images with a finite loss, non-finite steps, last step non-finite, weights
@@ -559,7 +551,7 @@ def run_training(run_dir=None, **options) -> str:
         run = TrainingRun(o, device)
         resume_path = None
         if o["resume"] and run.rank0:
-            _remove_temp_files(o["run_dir"], run.log)
+            remove_temp_files(o["run_dir"], run.log)
         if o["resume"] == "auto":
             resume_path = find_latest_state(o["run_dir"], log=run.log)
         elif o["resume"]:
@@ -573,7 +565,7 @@ def run_training(run_dir=None, **options) -> str:
         if resume_path:
             run.load_state(resume_path)
             if run.rank0:
-                _drop_stats_after(os.path.join(o["run_dir"], "stats.jsonl"), run.cur_tick)
+                drop_stats_after(os.path.join(o["run_dir"], "stats.jsonl"), run.cur_tick)
             run.log(f"resume: continuing from {resume_path} at kimg {run.cur_nimg / 1000:.3f}")
         elif o["resume"] == "auto":
             run.log("resume: no training state found; starting a new run")
