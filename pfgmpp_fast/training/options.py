@@ -200,7 +200,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     a("--device", default=d["device"])
     a("--resume", default=None, help="'auto' (newest intact state in the run dir) or a training-state file")
     a("--transfer", default=None, help="initialise the network from this file")
-    a("--trust-pickle", action="store_true", help="allow loading a published pickle for --transfer (runs code!)")
+    a("--trust-pickle", action="store_true",
+      help="allow importing a published pickle for --transfer (read without running its code; TorchScript is refused)")
     a("--max-nonfinite", type=int, default=d["max_nonfinite"], help="stop after this many non-finite losses")
     a("--deterministic", action="store_true")
     a("--no-progress", dest="progress", action="store_false", default="auto")
