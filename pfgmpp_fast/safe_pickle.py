@@ -170,7 +170,7 @@ def archive_kind(path: str) -> str:
     UnsupportedArchiveError for TorchScript and other zips; 'unknown' otherwise."""
     with open(path, 'rb') as f:
         head = f.read(16)
-    if head[:4] == b'PK\x03\x04' or (zipfile.is_zipfile(path) and head[:1] != b'\x80'):
+    if head[:4] == b'PK\x03\x04':
         try:
             with zipfile.ZipFile(path) as zf:
                 _zip_layout(path, zf)
