@@ -403,8 +403,9 @@ class TrainingRun:
             # ---- snapshots and training state ------------------------------------------
             maint_start = time.time()
             kimg_tag = f"{self.cur_nimg // 1000:06d}"
-            if (o["snap_ticks"] is not None and (done or self.cur_tick % o["snap_ticks"] == 0) and self.rank0
-                    and not last_step_bad and self._ema_is_sane(done)):
+            snap_due = o["snap_ticks"] is not None and (done or self.cur_tick % o["snap_ticks"] == 0)
+            # every rank probes (identical EMA weights), so all of them stop together on divergence
+            if snap_due and not last_step_bad and self._ema_is_sane(done) and self.rank0:
                 save_network(os.path.join(o["run_dir"], f"network-snapshot-{kimg_tag}.safetensors"), self.ema,
                              extra_metadata={"kimg": self.cur_nimg / 1000, "seed": o["seed"], "D": jsonable(o["D"])})
             if o["dump_ticks"] is not None and (done or (self.cur_tick % o["dump_ticks"] == 0 and self.cur_tick != 0)):
