@@ -1,6 +1,5 @@
 """Nothing loaded from a file runs code: a TorchScript archive whose __setstate__ writes a file is
 refused by every entry point that reads networks (issue 14, security 1), even with --trust-pickle."""
-import os
 import shutil
 import warnings
 from typing import Tuple

@@ -9,7 +9,6 @@ import dataclasses
 import json
 import math
 import os
-import sys
 from typing import Optional
 
 import torch
