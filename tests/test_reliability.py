@@ -178,9 +178,12 @@ def test_fid_resume_under_another_net_dtype_is_refused(tmp_path, capsys):
     assert cli.main(common + ["--net-dtype", "fp32"]) == 0
     assert "resumed from disk" in capsys.readouterr().out
     (tmp_path / "o" / "stats-4-7.npz").unlink()              # killed before the last shard
+    for name in (".stats-4-7.npz.a1.tmp", ".stats.npz.b2.tmp", ".result.json.c3.tmp"):
+        (tmp_path / "o" / name).write_bytes(b"half a file")
     assert cli.main(common + ["--net-dtype", "bf16"]) == 2
     err = capsys.readouterr().err
     assert "another configuration" in err and '"net_dtype": "bf16"' in err
+    assert not [f for f in os.listdir(tmp_path / "o") if io_utils.is_temp_file(f)]
 
 
 def test_threads_option(tmp_path):

@@ -150,7 +150,7 @@ def calc_stats(source: Source, extractor, num: Optional[int] = None, batch_size:
     os.makedirs(outdir, exist_ok=True)
     if rank == 0:                        # leftovers of a write that was killed half-way
         for name in os.listdir(outdir):
-            if is_temp_file(name) and name.startswith(".stats-"):
+            if is_temp_file(name):      # shards, stats.npz, result.json
                 os.unlink(os.path.join(outdir, name))
     present = {f for f in os.listdir(outdir) if SHARD_RE.match(f)}
     foreign = sorted(present - expected)
