@@ -152,9 +152,10 @@ def _zip_layout(path: str, zf: zipfile.ZipFile) -> str:
     """The common top-level folder of a torch.save zip; UnsupportedArchiveError for any other zip."""
     names = zf.namelist()
     prefixes = {n.split('/', 1)[0] for n in names}
-    if any(n.endswith('constants.pkl') or '/code/' in n for n in names):
+    code = [n for n in names if n.endswith('constants.pkl') or '/code/' in n]
+    if code:
         raise UnsupportedArchiveError(
-            f'{path}: this is a TorchScript archive (it holds code: {", ".join(n for n in names if "/code/" in n or n.endswith("constants.pkl"))[:200]}). '
+            f'{path}: this is a TorchScript archive (it holds code: {", ".join(code)[:200]}). '
             'Loading it would run that code (torch.jit.load), so it is refused even with trust_pickle; '
             'only published EDM/PFGM++ pickles (network-snapshot-*.pkl, training-state-*.pt) can be imported.')
     strange = [n for n in names if '/' not in n or not _TORCH_SAVE_ENTRY.fullmatch(n.split('/', 1)[1])]

@@ -128,7 +128,8 @@ def _check_calc_args(args):
 
 def _calc(args, device, say) -> int:
     from pfgmpp_fast.cli import UsageError, blame
-    from pfgmpp_fast.evaluation.generate import generator_numerics, make_generator_fast, network_from_args, sampler_kwargs_from_args
+    from pfgmpp_fast.evaluation.generate import (generator_numerics, make_generator_fast, network_from_args,
+                                                 sampler_kwargs_from_args)
     rank = distributed.get_rank()
     if args.images is not None:
         with blame("--images"):

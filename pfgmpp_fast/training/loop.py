@@ -383,36 +383,11 @@ class TrainingRun:
                     append_line(self.log_path, line)
                 else:
                     self.log(line)
-            if weights_bad:
-                raise TrainingError(f"the network weights became non-finite (NaN/Inf) by kimg {self.cur_nimg / 1000:.3f}: "
-                                    "stopping without writing them. Lower the learning rate or check the data.")
-            if self.nonfinite_total > o["max_nonfinite"]:
-                raise TrainingError(
-                    f"{self.nonfinite_total} training steps had a non-finite loss (NaN/Inf), more than "
-                    f"max_nonfinite={o['max_nonfinite']}: stopping at kimg {self.cur_nimg / 1000:.3f}. Their updates "
-                    "were skipped. Lower the learning rate, use --precision fp32/bf16, or check the data.")
-
-            if last_step_bad:       # the network diverged by the end of this tick: no snapshot of it
-                if done:
-                    raise TrainingError(
-                        f"the run ended with a non-finite loss (NaN/Inf) at kimg {self.cur_nimg / 1000:.3f} "
-                        f"({self.nonfinite_total} non-finite steps in all); no final snapshot was written. "
-                        "Lower the learning rate, use --precision fp32/bf16, or check the data.")
-                self.log(f"tick {self.cur_tick}: the last step had a non-finite loss; no network snapshot this tick")
+            self._stop_if_diverged(done, last_step_bad, weights_bad)
 
             # ---- snapshots and training state ------------------------------------------
             maint_start = time.time()
-            kimg_tag = f"{self.cur_nimg // 1000:06d}"
-            snap_due = o["snap_ticks"] is not None and (done or self.cur_tick % o["snap_ticks"] == 0)
-            # every rank probes (identical EMA weights), so all of them stop together on divergence
-            if snap_due and not last_step_bad and self._ema_is_sane(done) and self.rank0:
-                save_network(os.path.join(o["run_dir"], f"network-snapshot-{kimg_tag}.safetensors"), self.ema,
-                             extra_metadata={"kimg": self.cur_nimg / 1000, "seed": o["seed"], "D": jsonable(o["D"])})
-            if o["dump_ticks"] is not None and (done or (self.cur_tick % o["dump_ticks"] == 0 and self.cur_tick != 0)):
-                state = self.state_dict()
-                if self.rank0:
-                    atomic_torch_save_state(os.path.join(o["run_dir"], f"training-state-{kimg_tag}.pt"), state)
-                distributed.barrier()
+            self._write_files(done, last_step_bad)
             maintenance = time.time() - maint_start
 
             if done:
@@ -423,6 +398,39 @@ class TrainingRun:
                 torch.cuda.reset_peak_memory_stats(self.device)
         if bar is not None:
             bar.close()
+
+    def _write_files(self, done: bool, last_step_bad: bool):
+        """The tick's network snapshot (not of a diverged network) and training state, when due."""
+        o, kimg_tag = self.o, f"{self.cur_nimg // 1000:06d}"
+        snap_due = o["snap_ticks"] is not None and (done or self.cur_tick % o["snap_ticks"] == 0)
+        # every rank probes (identical EMA weights), so all of them stop together on divergence
+        if snap_due and not last_step_bad and self._ema_is_sane(done) and self.rank0:
+            save_network(os.path.join(o["run_dir"], f"network-snapshot-{kimg_tag}.safetensors"), self.ema,
+                         extra_metadata={"kimg": self.cur_nimg / 1000, "seed": o["seed"], "D": jsonable(o["D"])})
+        if o["dump_ticks"] is not None and (done or (self.cur_tick % o["dump_ticks"] == 0 and self.cur_tick != 0)):
+            state = self.state_dict()
+            if self.rank0:
+                atomic_torch_save_state(os.path.join(o["run_dir"], f"training-state-{kimg_tag}.pt"), state)
+            distributed.barrier()
+
+    def _stop_if_diverged(self, done: bool, last_step_bad: bool, weights_bad: bool):
+        """TrainingError when the weights are non-finite, the non-finite budget is spent, or the
+        run ends on a non-finite step; a tick that ends on one gets no snapshot (logged)."""
+        if weights_bad:
+            raise TrainingError(f"the network weights became non-finite (NaN/Inf) by kimg {self.cur_nimg / 1000:.3f}: "
+                                "stopping without writing them. Lower the learning rate or check the data.")
+        if self.nonfinite_total > self.o["max_nonfinite"]:
+            raise TrainingError(
+                f"{self.nonfinite_total} training steps had a non-finite loss (NaN/Inf), more than "
+                f"max_nonfinite={self.o['max_nonfinite']}: stopping at kimg {self.cur_nimg / 1000:.3f}. Their updates "
+                "were skipped. Lower the learning rate, use --precision fp32/bf16, or check the data.")
+        if last_step_bad:       # the network diverged by the end of this tick: no snapshot of it
+            if done:
+                raise TrainingError(
+                    f"the run ended with a non-finite loss (NaN/Inf) at kimg {self.cur_nimg / 1000:.3f} "
+                    f"({self.nonfinite_total} non-finite steps in all); no final snapshot was written. "
+                    "Lower the learning rate, use --precision fp32/bf16, or check the data.")
+            self.log(f"tick {self.cur_tick}: the last step had a non-finite loss; no network snapshot this tick")
 
     @torch.no_grad()
     def _ema_is_sane(self, done: bool) -> bool:
