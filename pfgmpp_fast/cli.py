@@ -4,11 +4,12 @@ Each command lives in its own module, which provides `add_arguments(parser)` and
 `main(args) -> int`; only the module of the command that runs is imported, so `--help` is
 fast and a missing optional dependency only affects its own command.
 
-One error path for every command (here, in :func:`main`): a command raises and this module
-prints one line, ``error: <option>: <what is wrong and what is allowed>``, never a traceback.
+One error path for every command (:func:`command`, which wraps each command's ``main``): a
+command raises and this module prints one message, ``error: <option>: <what is wrong and what
+is allowed>``, never a traceback (argparse reports malformed values the same way).
 Exit codes: 0 success; 2 a usage error (a bad option value, or a file an option names that is
 missing or of the wrong kind); 1 a failure while running (I/O, non-finite training, ...);
-130 interrupted. ``PFGMPP_FAST_DEBUG=1`` re-raises unexpected errors with their traceback.
+130 interrupted. ``PFGMPP_FAST_DEBUG=1`` re-raises errors, with their traceback.
 """
 from __future__ import annotations
 
