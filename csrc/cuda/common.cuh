@@ -6,6 +6,7 @@
 #pragma once
 #include <algorithm>
 #include <cstdint>
+#include <initializer_list>
 #include <type_traits>
 
 #include <cuda_bf16.h>
@@ -154,27 +155,6 @@ __device__ __forceinline__ void store_quad(const ImageArg& a, int64_t idx, const
   }
 }
 
-// Four elements idx .. idx+3 (idx % 4 == 0): vector access if aligned, else scalar.
-template <typename T>
-__device__ __forceinline__ void load_run4(const ImageArg& a, int64_t idx, T* v) {
-  if (a.aligned16) {
-    load_quad<T>(a, idx, v);
-  } else {
-#pragma unroll
-    for (int k = 0; k < 4; ++k) v[k] = load1<T>(a, idx + k);
-  }
-}
-
-template <typename T>
-__device__ __forceinline__ void store_run4(const ImageArg& a, int64_t idx, const T* v) {
-  if (a.aligned16) {
-    store_quad<T>(a, idx, v);
-  } else {
-#pragma unroll
-    for (int k = 0; k < 4; ++k) store1<T>(a, idx + k, v[k]);
-  }
-}
-
 // Channels-last addresses of consecutive logical elements e0, e0+1, ... of sample b: one
 // division for the first, then a pixel step with channel wrap (see kernel_params.h).
 struct ChannelsLastWalk {
@@ -197,15 +177,15 @@ struct ChannelsLastWalk {
 
 // ------------------------------------------------------------------------ work units
 // The work of one thread. C == 0: one Philox block u, the logical elements 4u .. 4u+3 of a
-// sample (fewer at its end). C in 1..4 (a 4-D image with C channels, H*W % 4 == 0, and a
-// channels-last operand): the pixels 4u .. 4u+3 with all their channels, i.e. the Philox
-// blocks c*HW/4 + u (row c of the unit). A channels-last operand then holds the unit as one
+// sample (fewer at its end). C = 1 or 3 (see unit_channels): the pixels 4u .. 4u+3 with all
+// their channels, i.e. the Philox blocks c*HW/4 + u (row c of the unit), for a 4-D image
+// with H*W % 4 == 0. A channels-last operand then holds the unit as one
 // contiguous run of 4C elements, a contiguous operand as C aligned runs of 4: every access
 // is a vector access and a warp's stores are contiguous, instead of one element per access
 // strided by C. The row count is a compile-time constant, so the arrays stay in registers.
 template <int C>
 struct Unit {
-  static_assert(C >= 0 && C <= 4, "whole-pixel units for 1 to 4 channels");
+  static_assert(C == 0 || C == 1 || C == 3, "whole-pixel units for gray and RGB images");
   static constexpr int kRows = C > 0 ? C : 1;
 
   __host__ __device__ static int64_t per_sample(const Geometry& g) {
@@ -221,19 +201,26 @@ struct Unit {
   }
 };
 
-// Whole-pixel units for these images? (any_channels_last: some operand is channels-last.)
-inline int unit_channels(const Geometry& g, bool any_channels_last) {
-  return any_channels_last && g.HW > 0 && g.HW % 4 == 0 && g.C >= 1 && g.C <= 4 ? static_cast<int>(g.C) : 0;
+// The unit's C for an op's image operands (ptr == nullptr: absent): whole pixels when one is
+// channels-last, all are 16-byte aligned and C is 1 or 3 (gray and RGB: each C is one more
+// instantiation of every kernel). Everything else, the unaligned case included, takes the
+// C == 0 path, which keeps the whole-pixel code free of scalar fallbacks.
+inline int unit_channels(const Geometry& g, std::initializer_list<ImageArg> operands) {
+  bool any_cl = false, aligned = true;
+  for (const ImageArg& a : operands) {
+    if (!a.ptr) continue;
+    any_cl = any_cl || a.channels_last;
+    aligned = aligned && a.aligned16;
+  }
+  return any_cl && aligned && g.HW > 0 && g.HW % 4 == 0 && (g.C == 1 || g.C == 3) ? static_cast<int>(g.C) : 0;
 }
 
-// Calls f(std::integral_constant<int, C>{}) with C = unit_channels(g, any_channels_last).
+// Calls f(std::integral_constant<int, C>{}) with C = unit_channels(g, operands).
 template <typename F>
-void with_unit(const Geometry& g, bool any_channels_last, F&& f) {
-  switch (unit_channels(g, any_channels_last)) {
+void with_unit(const Geometry& g, std::initializer_list<ImageArg> operands, F&& f) {
+  switch (unit_channels(g, operands)) {
     case 1: return f(std::integral_constant<int, 1>{});
-    case 2: return f(std::integral_constant<int, 2>{});
     case 3: return f(std::integral_constant<int, 3>{});
-    case 4: return f(std::integral_constant<int, 4>{});
     default: return f(std::integral_constant<int, 0>{});
   }
 }
@@ -262,13 +249,13 @@ __device__ __forceinline__ void load_unit(const ImageArg& a, const Geometry& g, 
   } else {
     if (!a.channels_last) {
 #pragma unroll
-      for (int c = 0; c < C; ++c) load_run4<T>(a, b * g.N + c * g.HW + 4 * u, v[c]);
+      for (int c = 0; c < C; ++c) load_quad<T>(a, b * g.N + c * g.HW + 4 * u, v[c]);
       return;
     }
     T run[4 * C];  // pixel-major: run[k*C + c] is channel c of pixel 4u + k
     const int64_t start = b * g.N + 4 * u * C;
 #pragma unroll
-    for (int q = 0; q < C; ++q) load_run4<T>(a, start + 4 * q, run + 4 * q);
+    for (int q = 0; q < C; ++q) load_quad<T>(a, start + 4 * q, run + 4 * q);
 #pragma unroll
     for (int k = 0; k < 4; ++k)
 #pragma unroll
@@ -300,7 +287,7 @@ __device__ __forceinline__ void store_unit(const ImageArg& a, const Geometry& g,
   } else {
     if (!a.channels_last) {
 #pragma unroll
-      for (int c = 0; c < C; ++c) store_run4<T>(a, b * g.N + c * g.HW + 4 * u, v[c]);
+      for (int c = 0; c < C; ++c) store_quad<T>(a, b * g.N + c * g.HW + 4 * u, v[c]);
       return;
     }
     T run[4 * C];
@@ -310,7 +297,7 @@ __device__ __forceinline__ void store_unit(const ImageArg& a, const Geometry& g,
       for (int c = 0; c < C; ++c) run[k * C + c] = v[c][k];
     const int64_t start = b * g.N + 4 * u * C;
 #pragma unroll
-    for (int q = 0; q < C; ++q) store_run4<T>(a, start + 4 * q, run + 4 * q);
+    for (int q = 0; q < C; ++q) store_quad<T>(a, start + 4 * q, run + 4 * q);
   }
 }
 

@@ -83,7 +83,7 @@ Plan plan(const Geometry& g) {
 
 template <typename F>
 void with_types(const LossParams& p, F&& f) {
-  with_unit(p.g, p.F.channels_last || p.y.channels_last, [&](auto C) {
+  with_unit(p.g, {p.F, p.y, p.grad_F}, [&](auto C) {
     if (p.use_double) {
       f(double(), C);
     } else {

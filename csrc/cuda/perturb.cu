@@ -43,7 +43,7 @@ void launch(const PerturbParams& p, cudaStream_t stream) {
 }  // namespace
 
 void perturb(const PerturbParams& p, void* stream) {
-  with_unit(p.g, p.y.channels_last || p.net_in.channels_last, [&](auto C) {
+  with_unit(p.g, {p.y, p.net_in, p.x}, [&](auto C) {
     p.use_double ? launch<double, C()>(p, as_stream(stream)) : launch<float, C()>(p, as_stream(stream));
   });
   PFG_CUDA_KERNEL_LAUNCH_CHECK();

@@ -85,7 +85,7 @@ void launch(const SamplerParams& p, cudaStream_t stream) {
 }  // namespace
 
 void sampler_update(const SamplerParams& p, void* stream) {
-  with_unit(p.g, p.F.channels_last || p.net_in.channels_last, [&](auto C) {
+  with_unit(p.g, {p.x, p.F, p.base, p.y1, p.y2, p.net_in}, [&](auto C) {
     p.use_double ? launch<double, C()>(p, as_stream(stream)) : launch<float, C()>(p, as_stream(stream));
   });
   PFG_CUDA_KERNEL_LAUNCH_CHECK();
