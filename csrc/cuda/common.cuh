@@ -34,26 +34,47 @@ constexpr int kMaxDevices = 64;
 
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
-// How many blocks of `Kernel` (kThreads each) the current device runs at once: the size of a
-// persistent grid, whose blocks then stride over the work. Cached per kernel and device.
+inline int sm_count() {
+  static int cache[kMaxDevices] = {0};
+  int dev = 0, sms = 0;
+  PFG_CUDA_CHECK(cudaGetDevice(&dev));
+  if (dev < kMaxDevices && cache[dev] > 0) return cache[dev];
+  PFG_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev));
+  if (dev < kMaxDevices) cache[dev] = sms;
+  return sms;
+}
+
+// How many blocks of `Kernel` (kThreads each) the current device runs at once (occupancy):
+// the size of a persistent grid, whose blocks then stride over the work. Cached per kernel
+// and device.
 template <auto Kernel>
 int resident_blocks() {
   static int cache[kMaxDevices] = {0};
-  int dev = 0;
+  int dev = 0, per_sm = 0;
   PFG_CUDA_CHECK(cudaGetDevice(&dev));
   if (dev < kMaxDevices && cache[dev] > 0) return cache[dev];
-  int sms = 0, per_sm = 0;
-  PFG_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev));
   PFG_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, Kernel, kThreads, 0));
-  const int blocks = std::max(1, sms * std::max(1, per_sm));
+  const int blocks = sm_count() * std::max(1, per_sm);
   if (dev < kMaxDevices) cache[dev] = blocks;
   return blocks;
 }
 
-// Grid for `items` work items of one thread each: all resident blocks, or fewer if less work.
+struct Launch {
+  int blocks, threads;
+};
+
+// Launch shape for `items` work items of one thread each, in a grid-stride kernel. With
+// enough work for a full block on every SM: all resident blocks of kThreads (or fewer if
+// less work). With less (a small batch, latency-bound): smaller blocks of whole warps, one
+// or so per SM, so the work spreads over every SM instead of crowding a few.
 template <auto Kernel>
-int grid_blocks(int64_t items) {
-  return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(ceil_div(items, kThreads), resident_blocks<Kernel>())));
+Launch launch_1d(int64_t items) {
+  const int64_t sms = sm_count();
+  if (items >= sms * kThreads) {
+    return Launch{static_cast<int>(std::min<int64_t>(ceil_div(items, kThreads), resident_blocks<Kernel>())), kThreads};
+  }
+  const int64_t threads = std::max<int64_t>(32, ceil_div(ceil_div(items, sms), 32) * 32);
+  return Launch{static_cast<int>(std::max<int64_t>(1, ceil_div(items, threads))), static_cast<int>(threads)};
 }
 
 inline cudaStream_t as_stream(void* s) { return static_cast<cudaStream_t>(s); }

@@ -10,6 +10,7 @@ namespace {
 using namespace cuda_detail;
 
 constexpr int64_t kMaxGridY = 65535;
+constexpr int64_t kMinChunkUnits = 32;
 
 template <typename T, int C>
 __global__ void __launch_bounds__(kThreads)
@@ -65,8 +66,9 @@ __global__ void __launch_bounds__(kThreads) sum_partials_kernel(const float* par
   }
 }
 
-// Chunks per sample: enough blocks to fill the device (occupancy), but at least kThreads
-// units per chunk so no thread of a block idles.
+// Chunks per sample: enough blocks to fill the device (occupancy) when the batch alone does
+// not, down to one warp of units per chunk (the rest of such a block idles, but the work of a
+// small batch spreads over every SM instead of a few).
 struct Plan {
   int64_t chunk_units, chunks;
 };
@@ -76,7 +78,7 @@ Plan plan(const Geometry& g) {
   const int64_t units = Unit<C>::per_sample(g);
   const int64_t rows = std::max<int64_t>(1, std::min(g.B, kMaxGridY));
   const int64_t wanted = ceil_div(resident_blocks<loss_kernel<T, C>>(), rows);
-  const int64_t chunks = std::max<int64_t>(1, std::min(wanted, units / kThreads));
+  const int64_t chunks = std::max<int64_t>(1, std::min(wanted, ceil_div(units, kMinChunkUnits)));
   const int64_t chunk_units = std::max<int64_t>(1, ceil_div(units, chunks));
   return Plan{chunk_units, ceil_div(units, chunk_units)};
 }
@@ -111,7 +113,8 @@ void loss_fwd_bwd(const LossParams& p, float* partials, void* stream) {
   });
   PFG_CUDA_KERNEL_LAUNCH_CHECK();
   constexpr auto sum = sum_partials_kernel;
-  sum<<<grid_blocks<sum>(p.g.B), kThreads, 0, as_stream(stream)>>>(partials, p.g.B, chunks, p.per_sample_loss);
+  const Launch l = launch_1d<sum>(p.g.B);
+  sum<<<l.blocks, l.threads, 0, as_stream(stream)>>>(partials, p.g.B, chunks, p.per_sample_loss);
   PFG_CUDA_KERNEL_LAUNCH_CHECK();
 }
 

@@ -48,18 +48,21 @@ __global__ void __launch_bounds__(kThreads) chi2_kernel(Chi2Params p) {
 }  // namespace
 
 void philox4x32(const RawPhiloxParams& p, void* stream) {
-  philox_raw_kernel<<<grid_blocks<philox_raw_kernel>(p.M), kThreads, 0, as_stream(stream)>>>(p);
+  const Launch l = launch_1d<philox_raw_kernel>(p.M);
+  philox_raw_kernel<<<l.blocks, l.threads, 0, as_stream(stream)>>>(p);
   PFG_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 void philox_normal(const NormalParams& p, void* stream) {
   const int64_t blocks_per_row = (p.n + 3) / 4;
-  philox_normal_kernel<<<grid_blocks<philox_normal_kernel>(p.B * blocks_per_row), kThreads, 0, as_stream(stream)>>>(p, blocks_per_row);
+  const Launch l = launch_1d<philox_normal_kernel>(p.B * blocks_per_row);
+  philox_normal_kernel<<<l.blocks, l.threads, 0, as_stream(stream)>>>(p, blocks_per_row);
   PFG_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 void chi2(const Chi2Params& p, void* stream) {
-  chi2_kernel<<<grid_blocks<chi2_kernel>(p.B), kThreads, 0, as_stream(stream)>>>(p);
+  const Launch l = launch_1d<chi2_kernel>(p.B);
+  chi2_kernel<<<l.blocks, l.threads, 0, as_stream(stream)>>>(p);
   PFG_CUDA_KERNEL_LAUNCH_CHECK();
 }
 

@@ -79,7 +79,8 @@ __global__ void __launch_bounds__(kThreads) sampler_kernel(SamplerParams p) {
 template <typename T, int C>
 void launch(const SamplerParams& p, cudaStream_t stream) {
   constexpr auto kernel = sampler_kernel<T, C>;
-  kernel<<<grid_blocks<kernel>(p.g.B * Unit<C>::per_sample(p.g)), kThreads, 0, stream>>>(p);
+  const Launch l = launch_1d<kernel>(p.g.B * Unit<C>::per_sample(p.g));
+  kernel<<<l.blocks, l.threads, 0, stream>>>(p);
 }
 
 }  // namespace
