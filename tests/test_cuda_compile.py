@@ -124,3 +124,22 @@ def test_cuda_kernels_have_no_spills_and_small_frames():
         bad += [f"{source.name}: {v}" for v in violations(funcs)]
     print("\n".join(report))
     assert not bad, "\n".join(bad + ["", *report])
+
+
+def test_cpu_and_cuda_kernels_share_the_elementwise_maths():
+    """Issue 12 §3: one __host__ __device__ header holds the per-element formulas, so the CPU
+    tests check the code the GPU runs; the kernels only index, load, draw and store."""
+    csrc = ROOT / "csrc"
+    header = (csrc / "elementwise.h").read_text()
+    assert "PFG_HD" in header  # __host__ __device__ under nvcc
+    uses = {"cpu/kernels_cpu.cpp": ["PerturbMath", "LossMath", "SamplerMath"], "cuda/perturb.cu": ["PerturbMath"],
+            "cuda/loss.cu": ["LossMath"], "cuda/sampler.cu": ["SamplerMath"]}
+    for path, structs in uses.items():
+        text = (csrc / path).read_text()
+        assert "elementwise.h" in text or "common.cuh" in text, path
+        for name in structs:
+            assert f"struct {name}" in header and f"{name}<" in text, f"{path} does not use {name}"
+    assert "elementwise.h" in (csrc / "cuda" / "common.cuh").read_text()
+    assert "T(1) - c_skip" in header
+    for path in ("cpu/kernels_cpu.cpp", "cuda/loss.cu"):  # the loss formula lives only in the header
+        assert "T(1) - c_skip" not in (csrc / path).read_text(), path
