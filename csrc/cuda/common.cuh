@@ -5,6 +5,7 @@
 // nvcc time of a file); launch errors are raised by the host layer (ops.cpp) with c10.
 #pragma once
 #include <algorithm>
+#include <atomic>
 #include <cstdint>
 #include <initializer_list>
 #include <type_traits>
@@ -35,7 +36,7 @@ constexpr int kMaxDevices = 64;
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 inline int sm_count() {
-  static int cache[kMaxDevices] = {0};
+  static std::atomic<int> cache[kMaxDevices];  // 0: not known yet
   int dev = 0, sms = 0;
   PFG_CUDA_CHECK(cudaGetDevice(&dev));
   if (dev < kMaxDevices && cache[dev] > 0) return cache[dev];
@@ -49,7 +50,7 @@ inline int sm_count() {
 // and device.
 template <auto Kernel>
 int resident_blocks() {
-  static int cache[kMaxDevices] = {0};
+  static std::atomic<int> cache[kMaxDevices];  // 0: not known yet
   int dev = 0, per_sm = 0;
   PFG_CUDA_CHECK(cudaGetDevice(&dev));
   if (dev < kMaxDevices && cache[dev] > 0) return cache[dev];
