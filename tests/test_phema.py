@@ -39,6 +39,12 @@ def digits_run(tmp_path_factory):
     return run_dir
 
 
+@pytest.fixture(scope="module")
+def scorer():
+    from pfgmpp_fast.apps.digits import DigitsScorer
+    return DigitsScorer()
+
+
 def newest(run_dir):
     snaps = P.list_snapshots(run_dir)
     return {s.std: s for s in snaps if s.nimg == snaps[-1].nimg}, snaps
@@ -119,21 +125,38 @@ def test_a_tracked_length_reconstructs_to_its_snapshot(digits_run):
     assert (vec(rec) - ref).abs().max() <= 1e-6 * ref.abs().max()
 
 
-def test_an_untracked_length_reconstructs_from_the_other_two(digits_run):
-    from pfgmpp_fast.apps.digits import DigitsScorer, generate_uint8
+def test_an_untracked_length_reconstructs_from_the_other_two(digits_run, scorer):
+    from pfgmpp_fast.apps.digits import generate_uint8
     last, snaps = newest(digits_run)
     (rec, info), = P.reconstruct([s for s in snaps if s.std != 0.07], [0.07])
     assert info["phema_sources"] == 32 and info["phema_error"] < 0.01
     t = {std: vec(load_network(s.path)) for std, s in last.items()}
     param_err = ((vec(rec) - t[0.07]).norm() / (t[0.05] - t[0.1]).norm()).item()
     assert param_err < PARAM_TOL, param_err
-    scorer = DigitsScorer()
     seeds = list(range(200))
     with torch.no_grad():
         fdd_rec = scorer.fdd(generate_uint8(rec, seeds, num_steps=6, batch_size=200))
         fdd_tracked = scorer.fdd(generate_uint8(load_network(last[0.07].path).eval(), seeds, num_steps=6,
                                                 batch_size=200))
+    print(f"third profile: parameter error {param_err:.4f}, FDD {fdd_rec:.3f} vs {fdd_tracked:.3f}")
     assert abs(fdd_rec - fdd_tracked) <= FDD_TOL * fdd_tracked, (fdd_rec, fdd_tracked)
+
+
+def test_demo_phema_sweep(digits_run, scorer, tmp_path):
+    """The demo's EMA sweep: a row per length, the plot, and the FDD of a tracked length equal to
+    that of its own snapshot (same seeds)."""
+    from pfgmpp_fast.apps.demo import phema_sweep
+    from pfgmpp_fast.apps.digits import generate_uint8
+    seeds = list(range(360))
+    out = phema_sweep(digits_run, str(tmp_path), scorer, seeds, torch.device("cpu"), 360, "auto", False, 128.0,
+                      stds=(0.05, 0.08), num_steps=3)
+    assert os.path.isfile(out["plot"]) and out["plot"].endswith("phema.png")
+    assert [r["std"] for r in out["table"]] == [0.05, 0.08] and out["tracked"] == sorted(TRACKED)
+    assert all(math.isfinite(r["fdd"]) and r["profile_error"] < 0.05 for r in out["table"])
+    last, _ = newest(digits_run)
+    with torch.no_grad():
+        images = generate_uint8(load_network(last[0.05].path).eval(), seeds, 3, batch_size=360)
+    assert out["table"][0]["fdd"] == pytest.approx(scorer.fdd(images), rel=1e-4)
 
 
 def test_reconstruction_does_not_depend_on_the_snapshot_order(digits_run, tmp_path):
