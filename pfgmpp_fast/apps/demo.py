@@ -127,7 +127,7 @@ def main(args) -> int:
 
     # 2. Train (fresh run directory each time: the demo measures its own throughput).
     print(f"[2/4] training ({duration:g} kimg, batch {RECIPE['batch']}) -> {run_dir}", flush=True)
-    for stale in glob.glob(os.path.join(run_dir, "*")):
+    for stale in glob.glob(os.path.join(run_dir, "*")) + glob.glob(os.path.join(run_dir, "phema", "*")):
         if os.path.isfile(stale):
             os.unlink(stale)
     t0 = time.perf_counter()

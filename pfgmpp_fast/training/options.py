@@ -188,7 +188,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     a("--phema", nargs="?", const="0.05,0.1", default=None, metavar="STD,...",
       help="also track power-function EMAs of these lengths for post-hoc EMA (default pair: 0.05,0.1)")
     a("--phema-snap", dest="phema_snap_kimg", type=float, default=d["phema_snap_kimg"],
-      help="kimg between power-function EMA snapshots")
+      help="kimg between power-function EMA snapshots (written at the first tick end after each multiple)")
     a("--dropout", type=float, default=d["dropout"])
     a("--augment", type=float, default=d["augment"], help="augmentation probability (0 = off)")
     a("--xflip", action="store_true", help="dataset x-flips")
