@@ -185,10 +185,30 @@ def _read_snapshot(path: str) -> Snapshot:
     try:
         with safe_open(path, framework="pt") as f:
             meta = f.metadata() or {}
+        from pfgmpp_fast.checkpoint import FORMAT
+        if meta.get("format") != FORMAT:
+            raise ValueError(f"metadata format {meta.get('format')!r}, expected {FORMAT!r}")
         extra, config = json.loads(meta.get("extra", "{}")), meta["config"]
         return Snapshot(path, float(extra["phema_std"]), float(extra["phema_gamma"]), int(extra["nimg"]), config)
     except Exception as exc:       # safetensors raises its own types
         raise ValueError(f"{path}: not a phema snapshot ({type(exc).__name__}: {exc})") from None
+
+
+def _load_parameters(path: str, like: torch.nn.Module) -> dict:
+    """The parameters of one snapshot, checked against ``like`` (names, shapes, finite values);
+    reading the tensors alone, without building a network per snapshot."""
+    from safetensors.torch import load_file
+    try:
+        tensors = load_file(path)
+    except Exception as exc:       # safetensors raises its own types
+        raise ValueError(f"{path}: truncated or corrupt phema snapshot ({type(exc).__name__}: {exc})") from None
+    for name, p in like.named_parameters():
+        t = tensors.get(name)
+        if t is None or t.shape != p.shape:
+            raise ValueError(f"{path}: parameter {name} is missing or has the wrong shape for this run's network")
+        if not torch.isfinite(t).all():
+            raise ValueError(f"{path}: non-finite values (NaN/Inf) in {name}")
+    return tensors
 
 
 def list_snapshots(run_dir: str) -> List[Snapshot]:
@@ -235,11 +255,11 @@ def reconstruct(snapshots: Sequence[Snapshot], stds: Sequence[float], at_nimg: O
                                              f"{e:.3f} > {max_error:g})" for s, e in bad)
                          + f". The run tracks {tracked} with {len(snaps)} snapshots up to {at_nimg / 1000:g} kimg; "
                          "ask for a length between them or close to them, or snapshot more often (--phema-snap)")
-    newest = load_network(snaps[-1].path, device="cpu")
+    newest = load_network(snaps[-1].path, device="cpu")        # validated: format, shapes, finite values
     names = [n for n, _ in newest.named_parameters()]
     acc = [{n: torch.zeros_like(p, dtype=torch.float64) for n, p in newest.named_parameters()} for _ in stds]
     for i, snap in enumerate(snaps):
-        state = load_network(snap.path, device="cpu").state_dict()
+        state = _load_parameters(snap.path, newest)
         for o, sums in enumerate(acc):
             for n in names:
                 sums[n].add_(state[n].double(), alpha=float(X[i, o]))
