@@ -252,6 +252,27 @@ def test_resume_continues_the_power_function_emas_exactly(tmp_path):
     assert names == sorted(os.listdir(split / "phema")) and len(names) == 2 * 5     # 384, 640, 1024, 1280, 1536
     for name in names:
         assert torch.equal(vec(load_network(str(whole / "phema" / name))), vec(load_network(str(split / "phema" / name))))
+    # tracking changes nothing else: the network and the half-life EMA are those of a run without it
+    plain = tmp_path / "plain"
+    run_training(**{**tiny(plain, 1.536), "phema": None})
+    c = load_torch_state(str(plain / "training-state-000001.pt"))
+    assert "phema" not in c and not os.path.exists(plain / "phema")
+    for part in ("net", "ema"):
+        assert all(torch.equal(a[part][k], c[part][k]) for k in a[part])
     # a state without these profiles cannot be continued with them
     with pytest.raises(ValueError, match=r"no power-function EMA for --phema \[0.2\]"):
         run_training(**{**tiny(split, 2.0, resume="auto"), "phema": (0.05, 0.2)})
+
+
+@pytest.mark.gpu
+def test_update_does_not_sync_the_host():
+    params = [torch.randn(n, device="cuda") for n in (100, 7, 3000)]
+    tracker = P.PowerFunctionEMA((0.05, 0.1), params, template=None, snap_kimg=1.0)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for step in range(1, 5):
+            tracker.update(params, step * 8, 8)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    torch.testing.assert_close(tracker.emas[0][0], params[0])      # β = 0 at the first step, θ constant
