@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from pfgmpp_fast.checkpoint import load_network, read_metadata
+from pfgmpp_fast.checkpoint import load_network, read_metadata, save_network
 from pfgmpp_fast.cli import main as cli_main
 from pfgmpp_fast.training import phema as P
 from pfgmpp_fast.training.loop import run_training
@@ -105,6 +105,7 @@ def test_snapshots_are_written_with_their_metadata(digits_run):
     assert len(snaps) == 3 * 16 and snaps[-1].nimg == 4096           # every 0.256 kimg, and the end
     extra = read_metadata(snaps[-1].path)["extra"]
     assert extra["nimg"] == 4096 and extra["step"] == 32 and extra["batch"] == 128
+    assert extra["run"]["lr"] == 2e-3 and extra["run"]["seed"] == 0 and extra["D"] == 128
     assert extra["phema_gamma"] == pytest.approx(P.std_to_exp(extra["phema_std"]))
     from pfgmpp_fast.checkpoint import find_checkpoints
     assert all(os.path.basename(path).startswith("network-snapshot-")                # not network snapshots
@@ -188,6 +189,13 @@ def test_bad_input_gets_a_clear_error(digits_run, tmp_path):
     for fn in (P.available_stds, lambda d: P.reconstruct_network(d, 0.05)):
         with pytest.raises(ValueError, match="has no power-function EMA snapshots.*--phema"):
             fn(str(plain))
+    mixed = tmp_path / "mixed"
+    shutil.copytree(os.path.join(digits_run, "phema"), mixed / "phema")
+    stale = P.list_snapshots(str(mixed))[-1].path                  # as if another run had written it
+    meta = read_metadata(stale)["extra"]
+    save_network(stale, load_network(stale), extra_metadata={**meta, "run": {**meta["run"], "lr": 1e-3}})
+    with pytest.raises(ValueError, match="come from different runs"):
+        P.reconstruct_network(str(mixed), 0.05)
     with pytest.raises(FileNotFoundError, match="no such run directory"):
         P.available_stds(str(tmp_path / "missing"))
     for bad in ("0.05,abc", "0.05,0.5", "0.05,0.05", ""):

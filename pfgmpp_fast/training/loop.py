@@ -403,7 +403,8 @@ class TrainingRun:
                 save_network(os.path.join(o["run_dir"], f"network-snapshot-{kimg_tag}.safetensors"), self.ema,
                              extra_metadata={"kimg": self.cur_nimg / 1000, "seed": o["seed"], "D": jsonable(o["D"])})
             if self.phema is not None and self.rank0 and self.phema.due(tick_start_nimg, self.cur_nimg, done):
-                self.phema.save(o["run_dir"], self.cur_nimg, o["batch"], {"seed": o["seed"], "D": jsonable(o["D"])})
+                self.phema.save(o["run_dir"], self.cur_nimg, o["batch"], {"seed": o["seed"], "D": jsonable(o["D"]),
+                                "run": {k: jsonable(o[k]) for k in RESUME_KEYS}})
             if o["dump_ticks"] is not None and (done or (self.cur_tick % o["dump_ticks"] == 0 and self.cur_tick != 0)):
                 state = self.state_dict()
                 if self.rank0:

@@ -178,6 +178,7 @@ class Snapshot:
     gamma: float
     nimg: int
     config: str           # the network config (JSON), identical for the snapshots of one run
+    run: str              # the options that define the run (JSON), identical too
 
 
 def _read_snapshot(path: str) -> Snapshot:
@@ -189,7 +190,8 @@ def _read_snapshot(path: str) -> Snapshot:
         if meta.get("format") != FORMAT:
             raise ValueError(f"metadata format {meta.get('format')!r}, expected {FORMAT!r}")
         extra, config = json.loads(meta.get("extra", "{}")), meta["config"]
-        return Snapshot(path, float(extra["phema_std"]), float(extra["phema_gamma"]), int(extra["nimg"]), config)
+        return Snapshot(path, float(extra["phema_std"]), float(extra["phema_gamma"]), int(extra["nimg"]), config,
+                        json.dumps(extra.get("run"), sort_keys=True))
     except Exception as exc:       # safetensors raises its own types
         raise ValueError(f"{path}: not a phema snapshot ({type(exc).__name__}: {exc})") from None
 
@@ -244,8 +246,10 @@ def reconstruct(snapshots: Sequence[Snapshot], stds: Sequence[float], at_nimg: O
         raise ValueError(f"at-kimg must be within the phema snapshots, [{snaps[0].nimg / 1000:g}, "
                          f"{last / 1000:g}] kimg, got {at_nimg / 1000:g}")
     snaps = [s for s in snaps if s.nimg <= at_nimg]
-    if len({s.config for s in snaps}) != 1:
-        raise ValueError("the phema snapshots have different network configs (mixed runs?)")
+    if len({s.config for s in snaps}) != 1 or len({s.run for s in snaps}) != 1:
+        runs = sorted({s.run for s in snaps})
+        raise ValueError(f"the phema snapshots come from different runs (network configs or options differ, e.g. "
+                         f"{runs[:2]}): a fresh run must not write into the run directory of another")
     out_g = [std_to_exp(s) for s in stds]
     X, error = solve_coefficients([s.nimg for s in snaps], [s.gamma for s in snaps], [at_nimg] * len(stds), out_g)
     bad = [(s, e) for s, e in zip(stds, error) if not e <= max_error]
