@@ -27,6 +27,7 @@ __all__ = ["COMMANDS", "UsageError", "blame", "check_output_path", "int_at_least
 COMMANDS = {
     "demo": ("pfgmpp_fast.apps.demo", "train a small PFGM++ on the embedded digits data and sample it (the main job)"),
     "train": ("pfgmpp_fast.training.options", "train a network (torchrun for several GPUs/nodes)"),
+    "phema": ("pfgmpp_fast.training.phema", "post-hoc EMA: networks of any EMA length from a run trained with --phema"),
     "generate": ("pfgmpp_fast.evaluation.generate", "generate images from a network checkpoint"),
     "fid": ("pfgmpp_fast.evaluation.fid", "FID: reference statistics, streaming evaluation and sweeps"),
     "bench": ("pfgmpp_fast.apps.bench", "run the benchmark suite on this device"),

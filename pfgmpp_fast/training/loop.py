@@ -44,6 +44,7 @@ import torch
 from pfgmpp_fast import reference as R
 from pfgmpp_fast.checkpoint import find_latest_snapshot, load_network, save_network
 from pfgmpp_fast.training.options import PRECISIONS, RESUME_KEYS, TrainingError, TrainingOptions, jsonable, resolve_options
+from pfgmpp_fast.training.phema import PowerFunctionEMA
 from pfgmpp_fast.utils import distributed
 from pfgmpp_fast.training.run_files import drop_stats_after, remove_temp_files
 from pfgmpp_fast.utils.io_utils import append_line, atomic_save_json, atomic_torch_save_state, is_temp_file, load_torch_state
@@ -94,10 +95,12 @@ class TrainingRun:
     # -- setup ------------------------------------------------------------------------------
     def setup(self):
         """Everything a step needs, validated before the first step: backends, batch geometry,
-        data, network + EMA, optimizer, loss, counters."""
+        data, network + EMA (+ power-function EMAs), optimizer, loss, counters."""
+        o = self.o
         self._configure_backends()
         self._build_data()
         self._build_network()
+        self.phema = PowerFunctionEMA(o["phema"], self.params, self.ema, o["phema_snap_kimg"]) if o["phema"] else None
         self._build_optimizer()
         self._reset_counters()
 
@@ -225,6 +228,8 @@ class TrainingRun:
         )
         if self.device.type == "cuda":
             state["rng_cuda_ranks"] = self._gather_rng("cuda")
+        if self.phema is not None:
+            state["phema"] = self.phema.state_dict()
         return state
 
     def _gather_rng(self, kind):
@@ -252,6 +257,8 @@ class TrainingRun:
             self.optimizer.load_state_dict(state["optimizer"])
         except (RuntimeError, ValueError, KeyError) as exc:
             raise ValueError(f"resume: {path} does not fit the network/optimizer of this run: {exc}") from None
+        if self.phema is not None:
+            self.phema.load_state_dict(state.get("phema"), path)
         self.cur_nimg, self.cur_tick = int(state["cur_nimg"]), int(state["cur_tick"]) + 1   # the next tick
         self.nonfinite_total = int(state.get("nonfinite_total", 0))
         self.total_time_before = float(state.get("total_time", 0.0))
@@ -317,6 +324,8 @@ class TrainingRun:
         beta = 0.5 ** (o["batch"] / max(halflife, 1e-8))
         with torch.no_grad():
             torch._foreach_lerp_(self.ema_params, self.params, 1.0 - beta)
+        if self.phema is not None:
+            self.phema.update(self.params, self.cur_nimg + o["batch"], o["batch"])
 
         self.nonfinite += self.found_inf.to(torch.int64)
         finite = self.found_inf == 0
@@ -387,7 +396,7 @@ class TrainingRun:
 
             # ---- snapshots and training state ------------------------------------------
             maint_start = time.time()
-            self._write_files(done, last_step_bad)
+            self._write_files(done, last_step_bad, tick_start_nimg)
             maintenance = time.time() - maint_start
 
             if done:
@@ -399,7 +408,7 @@ class TrainingRun:
         if bar is not None:
             bar.close()
 
-    def _write_files(self, done: bool, last_step_bad: bool):
+    def _write_files(self, done: bool, last_step_bad: bool, tick_start_nimg: int):
         """The tick's network snapshot (not of a diverged network) and training state, when due."""
         o, kimg_tag = self.o, f"{self.cur_nimg // 1000:06d}"
         snap_due = o["snap_ticks"] is not None and (done or self.cur_tick % o["snap_ticks"] == 0)
@@ -407,6 +416,9 @@ class TrainingRun:
         if snap_due and not last_step_bad and self._ema_is_sane(done) and self.rank0:
             save_network(os.path.join(o["run_dir"], f"network-snapshot-{kimg_tag}.safetensors"), self.ema,
                          extra_metadata={"kimg": self.cur_nimg / 1000, "seed": o["seed"], "D": jsonable(o["D"])})
+        if self.phema is not None and self.rank0 and self.phema.due(tick_start_nimg, self.cur_nimg, done):
+            self.phema.save(o["run_dir"], self.cur_nimg, o["batch"], {"seed": o["seed"], "D": jsonable(o["D"]),
+                            "run": {k: jsonable(o[k]) for k in RESUME_KEYS}})
         if o["dump_ticks"] is not None and (done or (self.cur_tick % o["dump_ticks"] == 0 and self.cur_tick != 0)):
             state = self.state_dict()
             if self.rank0:

@@ -35,6 +35,8 @@ class TrainingOptions:
     lr_rampup_kimg: Optional[float] = 10000.0   # linear lr ramp-up length (kimg)
     ema_halflife_kimg: float = 500.0      # EMA half-life (EDM --ema 0.5 Mimg)
     ema_rampup_ratio: Optional[float] = 0.05    # EMA half-life ramp-up: at most this fraction of the images so far
+    phema: Optional[tuple] = None         # power-function EMA lengths to track for post-hoc EMA (training/phema.py)
+    phema_snap_kimg: float = 5000.0       # kimg between power-function EMA snapshots
     dropout: float = 0.13                 # dropout probability of the network
     augment: float = 0.12                 # augmentation probability (0 = off; the network then has no augment input)
     xflip: bool = False                   # dataset x-flips (doubles the data set)
@@ -105,6 +107,10 @@ def resolve_options(**options) -> TrainingOptions:
         o["batch_gpu"] = int(checks.check_number("batch_gpu", o["batch_gpu"], integer=True))
     for name in ("lr", "ema_halflife_kimg", "duration_mimg", "tick_kimg", "P_std", "sigma_data", "loss_scaling"):
         o[name] = checks.check_number(name, o[name])
+    if o["phema"] is not None:
+        from pfgmpp_fast.training.phema import parse_stds
+        o["phema"] = parse_stds(o["phema"])
+    o["phema_snap_kimg"] = checks.check_number("phema_snap_kimg", o["phema_snap_kimg"])
     for name in ("lr_rampup_kimg", "ema_rampup_ratio"):
         o[name] = None if o[name] is None else checks.check_number(name, o[name], allow_zero=True)
     for name in ("snap_ticks", "dump_ticks"):
@@ -179,6 +185,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     a("--lr-rampup", dest="lr_rampup_kimg", type=float, default=d["lr_rampup_kimg"], help="lr ramp-up (kimg)")
     a("--ema", dest="ema_halflife_mimg", type=float, default=d["ema_halflife_kimg"] / 1000, help="EMA half-life (Mimg)")
     a("--ema-rampup", dest="ema_rampup_ratio", type=float, default=d["ema_rampup_ratio"])
+    a("--phema", nargs="?", const="0.05,0.1", default=None, metavar="STD,...",
+      help="also track power-function EMAs of these lengths for post-hoc EMA (default pair: 0.05,0.1)")
+    a("--phema-snap", dest="phema_snap_kimg", type=float, default=d["phema_snap_kimg"],
+      help="kimg between power-function EMA snapshots (written at the first tick end after each multiple)")
     a("--dropout", type=float, default=d["dropout"])
     a("--augment", type=float, default=d["augment"], help="augmentation probability (0 = off)")
     a("--xflip", action="store_true", help="dataset x-flips")
