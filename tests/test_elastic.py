@@ -80,14 +80,13 @@ def wait_for(condition, proc, what, timeout=300):
 
 def kill_workers_during(proc, marker, progress, rng, ranks, first=2, last=STEPS - 3):
     """SIGKILL worker `ranks[i]` of restart attempt i once progress() reaches a random mark."""
-    mark = first
+    span = (last - first + 1) // len(ranks)
     for attempt, rank in enumerate(ranks):
-        mark = rng.randint(mark, last)
+        mark = rng.randint(first + attempt * span, first + (attempt + 1) * span - 1)
         wait_for(lambda: (attempt, rank) in workers(marker), proc, f"worker {rank} of attempt {attempt}")
         wait_for(lambda: progress() >= mark, proc, f"progress {mark}")
         time.sleep(rng.uniform(0, 0.05))
         os.kill(workers(marker)[(attempt, rank)], signal.SIGKILL)
-        mark += 1
 
 
 def lines(path):
@@ -123,7 +122,7 @@ def read_final(run_dir):
 
 @pytest.mark.slow
 def test_killed_workers_restart_and_finish_bit_identical(tmp_path, uninterrupted):
-    marker, rng = uuid.uuid4().hex, random.Random(16)
+    marker, rng = uuid.uuid4().hex, random.Random(int(os.environ.get("PFGMPP_FAST_TEST_SEED", "16")))
     ranks = rng.sample([0, 1], 2)                     # one worker of each rank, in attempts 0 and 1
     proc = launch(train_args(tmp_path), marker)
     kill_workers_during(proc, marker, lambda: lines(tmp_path / "stats.jsonl"), rng, ranks)
@@ -150,7 +149,7 @@ def fid_args(outdir, network, cache):
 def test_killed_fid_workers_restart_and_finish_bit_identical(tmp_path, uninterrupted, digits_cache):
     network = os.path.join(uninterrupted, "network-snapshot-000000.safetensors")
     finish(launch(fid_args(tmp_path / "whole", network, digits_cache), uuid.uuid4().hex))
-    marker, rng = uuid.uuid4().hex, random.Random(5)
+    marker, rng = uuid.uuid4().hex, random.Random(int(os.environ.get("PFGMPP_FAST_TEST_SEED", "5")))
     outdir = tmp_path / "killed"
     proc = launch(fid_args(outdir, network, digits_cache), marker)
     shards = lambda: sum(f.startswith("stats-") for f in os.listdir(outdir)) if outdir.exists() else 0
