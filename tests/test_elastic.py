@@ -4,11 +4,13 @@ The kill tests run `torchrun --standalone --nproc_per_node=2 --max-restarts=3 ..
 on the CPU (gloo), SIGKILL one worker of each rank at moments drawn with a fixed seed, and
 compare the result bit for bit with an uninterrupted 2-process run.
 """
+import datetime
 import fcntl
 import json
 import os
 import random
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -236,7 +238,7 @@ def test_namespace_ignores_the_keys_of_a_killed_attempt():
     store.set("pfgmpp_fast/pg/old/rank_1", "127.0.0.1:9")
     got = {}
     threads = [threading.Thread(target=lambda r=r: got.__setitem__(r, distributed._fresh_namespace(
-        store, r, 3, __import__("datetime").timedelta(seconds=30)))) for r in (2, 1, 0)]
+        store, r, 3, datetime.timedelta(seconds=30)))) for r in (2, 1, 0)]
     for t in threads:
         t.start()
     for t in threads:
@@ -247,11 +249,10 @@ def test_namespace_ignores_the_keys_of_a_killed_attempt():
     assert not got[1].check(["rank_1"])               # the stale address is not visible
 
 
-def test_setup_retries_with_backoff_until_every_rank_is_there(tmp_path):
+def test_setup_retries_with_backoff_until_every_rank_is_there(monkeypatch):
     code = ("import os, sys, time, torch; from pfgmpp_fast.utils import distributed\n"
             "time.sleep(4 if os.environ['RANK'] == '1' else 0); distributed.init('cpu')\n"
             "x = torch.ones(1); torch.distributed.all_reduce(x); print('sum', x.item()); distributed.close()")
-    import socket
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -264,12 +265,9 @@ def test_setup_retries_with_backoff_until_every_rank_is_there(tmp_path):
     assert "rank 0: process-group setup failed (try 1/3)" in outs[0] and "retrying in 2 s" in outs[0]
     assert "rank 0: joined the process group on try 2/3" in outs[0]
 
-    os.environ["PFGMPP_FAST_DIST_INIT_TRIES"] = "0"
-    try:
-        with pytest.raises(ValueError, match="PFGMPP_FAST_DIST_INIT_TRIES must be an int >= 1, got '0'"):
-            distributed._env_int(distributed.INIT_TRIES_ENV, 3)
-    finally:
-        del os.environ["PFGMPP_FAST_DIST_INIT_TRIES"]
+    monkeypatch.setenv("PFGMPP_FAST_DIST_INIT_TRIES", "0")
+    with pytest.raises(ValueError, match="PFGMPP_FAST_DIST_INIT_TRIES must be an int >= 1, got '0'"):
+        distributed._env_int(distributed.INIT_TRIES_ENV, 3)
 
 
 def test_ddp_uses_the_current_buffer_sync_api():

@@ -127,7 +127,7 @@ def _join_group(backend: str, dev: torch.device, world: int) -> None:
         except Exception as exc:        # noqa: BLE001 — any failure of a try is retried, the last one raised
             if torch.distributed.is_initialized():
                 torch.distributed.destroy_process_group()      # a half-made group
-            reason = (str(exc).strip().splitlines() or [type(exc).__name__])[-1]
+            reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
             if attempt == tries:
                 raise RuntimeError(f"rank {rank}: could not join the process group of {world} ranks in {tries} "
                                    f"tries of {per_try.total_seconds():g} s{where}: {reason}") from exc
