@@ -28,6 +28,8 @@ from pfgmpp_fast.utils.run_lock import LOCK_NAME, RunDirectoryBusy, acquire_run_
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY_NET = '{"model_channels": 8, "channel_mult": [1, 2], "num_blocks": 1, "attn_resolutions": []}'
 STEPS, BATCH = 12, 16
+# seeds of the kill moments (PFGMPP_FAST_TEST_SEEDS=1,2,3 repeats the kill tests with other moments)
+SEEDS = [int(x) for x in os.environ.get("PFGMPP_FAST_TEST_SEEDS", "16").split(",")]
 
 
 def train_args(run_dir, steps=STEPS):
@@ -123,8 +125,9 @@ def read_final(run_dir):
 # Killed workers: torchrun restarts, --resume auto continues, the result is bit-identical
 
 @pytest.mark.slow
-def test_killed_workers_restart_and_finish_bit_identical(tmp_path, uninterrupted):
-    marker, rng = uuid.uuid4().hex, random.Random(int(os.environ.get("PFGMPP_FAST_TEST_SEED", "16")))
+@pytest.mark.parametrize("seed", SEEDS)
+def test_killed_workers_restart_and_finish_bit_identical(tmp_path, uninterrupted, seed):
+    marker, rng = uuid.uuid4().hex, random.Random(seed)
     ranks = rng.sample([0, 1], 2)                     # one worker of each rank, in attempts 0 and 1
     proc = launch(train_args(tmp_path), marker)
     kill_workers_during(proc, marker, lambda: lines(tmp_path / "stats.jsonl"), rng, ranks)
@@ -147,21 +150,29 @@ def fid_args(outdir, network, cache):
             "--device", "cpu", "--outdir", str(outdir)]
 
 
-@pytest.mark.slow
-def test_killed_fid_workers_restart_and_finish_bit_identical(tmp_path, uninterrupted, digits_cache):
+@pytest.fixture(scope="module")
+def fid_uninterrupted(tmp_path_factory, uninterrupted, digits_cache):
+    outdir = tmp_path_factory.mktemp("fid-uninterrupted")
     network = os.path.join(uninterrupted, "network-snapshot-000000.safetensors")
-    finish(launch(fid_args(tmp_path / "whole", network, digits_cache), uuid.uuid4().hex))
-    marker, rng = uuid.uuid4().hex, random.Random(int(os.environ.get("PFGMPP_FAST_TEST_SEED", "5")))
+    finish(launch(fid_args(outdir, network, digits_cache), uuid.uuid4().hex))
+    return outdir, network
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("seed", SEEDS)
+def test_killed_fid_workers_restart_and_finish_bit_identical(tmp_path, fid_uninterrupted, digits_cache, seed):
+    whole, network = fid_uninterrupted
+    marker, rng = uuid.uuid4().hex, random.Random(seed + 1)
     outdir = tmp_path / "killed"
     proc = launch(fid_args(outdir, network, digits_cache), marker)
     shards = lambda: sum(f.startswith("stats-") for f in os.listdir(outdir)) if outdir.exists() else 0
     kill_workers_during(proc, marker, shards, rng, rng.sample([0, 1], 2), first=1, last=9)
     out = finish(proc)
     assert out.count("exitcode: -9") == 2 and "connectFullMesh" not in out
-    names = sorted(f for f in os.listdir(tmp_path / "whole") if f.endswith(".npz"))
+    names = sorted(f for f in os.listdir(whole) if f.endswith(".npz"))
     assert len(names) == 12 + 1 and names == sorted(f for f in os.listdir(outdir) if f.endswith(".npz"))
     for name in names:
-        with np.load(tmp_path / "whole" / name) as x, np.load(outdir / name) as y:
+        with np.load(whole / name) as x, np.load(outdir / name) as y:
             for k in x.files:
                 assert np.array_equal(x[k], y[k]), f"{name}:{k} differs"
 
