@@ -44,8 +44,8 @@ from pfgmpp_fast import reference as R
 from pfgmpp_fast.checkpoint import find_latest_snapshot, load_network, save_network
 from pfgmpp_fast.training.options import PRECISIONS, RESUME_KEYS, TrainingError, TrainingOptions, jsonable, resolve_options
 from pfgmpp_fast.utils import distributed
-from pfgmpp_fast.utils.run_lock import acquire_run_dir
 from pfgmpp_fast.utils.io_utils import append_line, atomic_save_json, atomic_torch_save_state, is_temp_file, load_torch_state
+from pfgmpp_fast.utils.run_lock import acquire_run_dir
 
 __all__ = ["TrainingRun", "run_training", "find_latest_state", "find_latest_snapshot", "TrainingError"]
 
