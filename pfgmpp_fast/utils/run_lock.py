@@ -1,10 +1,11 @@
 """One writer per run directory: a job owns its directory while it runs.
 
 The owner holds ``fcntl.flock`` on ``DIR/.pfgmpp_fast.lock`` and writes who it is into that
-file (host, pid, start time, command, torchelastic run). A second job on the directory is
-refused with that description; the kernel drops the lock when the holder's process ends
-(killed or not), so a directory whose job was killed is free again at once: no stale lock
-to clean up, and a worker group restarted by torchrun takes the lock of its dead rank 0.
+file (host, pid, start time, command, torchelastic run); it removes the file when the job
+ends. A second job on the directory is refused with that description; the kernel drops the
+lock when the holder's process ends (killed or not), so a directory whose job was killed is
+free again at once (the file a killed job leaves is taken over, never trusted), and a
+worker group restarted by torchrun takes the lock of its dead rank 0.
 Under torch.distributed rank 0 holds the lock for the job and every rank gets the verdict.
 
 flock is local to one machine unless the file system forwards it (NFSv4, Lustre with
@@ -57,13 +58,18 @@ def _acquire(directory: str, purpose: str) -> Optional[str]:
         _held[key][1] += 1
         return None
     os.makedirs(directory, exist_ok=True)
-    fd = os.open(os.path.join(directory, LOCK_NAME), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o666)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        os.close(fd)
-        return (f"{directory} is in use by another job ({_describe(read_holder(directory))}); "
-                f"wait for it to finish or stop it, or use another directory for this {purpose}")
+    path = os.path.join(directory, LOCK_NAME)
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o666)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            return (f"{directory} is in use by another job ({_describe(read_holder(directory))}); "
+                    f"wait for it to finish or stop it, or use another directory for this {purpose}")
+        if _same_file(fd, path):
+            break
+        os.close(fd)            # the previous holder removed this file as we opened it: take the new one
     holder = dict(host=socket.gethostname(), pid=os.getpid(), purpose=purpose,
                   started=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                   command=shlex.join(getattr(sys, "orig_argv", sys.argv)), torchelastic=distributed.elastic_info())
@@ -74,6 +80,14 @@ def _acquire(directory: str, purpose: str) -> Optional[str]:
     return None
 
 
+def _same_file(fd: int, path: str) -> bool:
+    try:
+        a, b = os.fstat(fd), os.stat(path)
+    except FileNotFoundError:
+        return False
+    return (a.st_dev, a.st_ino) == (b.st_dev, b.st_ino)
+
+
 def _release(directory: str) -> None:
     key = os.path.realpath(directory)
     entry = _held.get(key)
@@ -82,6 +96,10 @@ def _release(directory: str) -> None:
     entry[1] -= 1
     if entry[1] == 0:
         del _held[key]
+        try:
+            os.unlink(os.path.join(directory, LOCK_NAME))     # still ours: the directory keeps only results
+        except FileNotFoundError:
+            pass
         os.close(entry[0])      # closing the descriptor drops the flock
 
 
