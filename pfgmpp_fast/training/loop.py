@@ -48,6 +48,7 @@ from pfgmpp_fast.training.phema import PowerFunctionEMA
 from pfgmpp_fast.utils import distributed
 from pfgmpp_fast.training.run_files import drop_stats_after, remove_temp_files
 from pfgmpp_fast.utils.io_utils import append_line, atomic_save_json, atomic_torch_save_state, is_temp_file, load_torch_state
+from pfgmpp_fast.utils.run_lock import acquire_run_dir
 
 __all__ = ["TrainingRun", "run_training", "find_latest_state", "find_latest_snapshot", "TrainingError"]
 
@@ -199,8 +200,7 @@ class TrainingRun:
         self.loss_module = _LossModule(self.fast_net, o, self.net_dtype, self.channels_last)
         self.ddp = None
         if distributed.is_enabled():
-            self.ddp = torch.nn.parallel.DistributedDataParallel(
-                self.loss_module, device_ids=[dev] if dev.type == "cuda" else None, broadcast_buffers=False)
+            self.ddp = distributed.ddp(self.loss_module, dev)
 
     def _reset_counters(self):
         """Device-side accumulators, read once per tick."""
@@ -567,8 +567,10 @@ def run_training(run_dir=None, **options) -> str:
     o = resolve_options(**options)
     device = distributed.init(o["device"])
     created = not os.path.exists(o["run_dir"])
+    lock = None
     try:
         os.makedirs(o["run_dir"], exist_ok=True)
+        lock = acquire_run_dir(o["run_dir"], "training run")      # one job per run directory
         run = TrainingRun(o, device)
         resume_path = None
         if o["resume"] and run.rank0:
@@ -604,4 +606,6 @@ def run_training(run_dir=None, **options) -> str:
         run.log("done.")
         return o["run_dir"]
     finally:
+        if lock is not None:
+            lock.release()
         distributed.close()
