@@ -1,4 +1,5 @@
-"""`python -m pfgmpp_fast fid {calc,ref,sweep}`: streaming, distributed, resumable FID.
+"""`python -m pfgmpp_fast fid {calc,ref,sweep}`: streaming, distributed, resumable FID and
+the metric set (`--metrics fid,kid,isc,prc,fd_dinov2`, one pass over the images).
 
 seeds → generate_images (fused sampler, uint8 exactly as the published pipeline) → feature
 extractor (features.py) → float64 running sums reduced across ranks (calc.py) → μ, Σ
@@ -16,8 +17,9 @@ import time
 from typing import Optional
 
 from pfgmpp_fast.evaluation.calc import calc_stats, generator_source, images_source, reference_stats, weights_fingerprint
-from pfgmpp_fast.evaluation.features import FEATURES, get_feature_extractor
-from pfgmpp_fast.evaluation.metrics import frechet_distance, load_stats, save_stats
+from pfgmpp_fast.evaluation.features import FEATURES, Detectors, get_feature_extractor
+from pfgmpp_fast.evaluation.metrics import (METRICS, compute_metrics, load_reference, parse_metrics,
+                                            save_reference)
 from pfgmpp_fast.evaluation.sweep import SWEEP_KINDS, sweep
 from pfgmpp_fast.utils import distributed
 from pfgmpp_fast.utils.io_utils import atomic_write_bytes
@@ -36,6 +38,14 @@ def _add_feature_arguments(p):
     p.add_argument("--inception-sha256", default=None, metavar="HEX",
                    help="trust a weights file with this SHA-256 instead of the published file's")
     p.add_argument("--digits-cache", default=None, metavar="PATH", help="digits feature network cache file")
+    p.add_argument("--metrics", default="fid", metavar="LIST",
+                   help=f"comma-separated subset of {','.join(METRICS)} (default fid), all from one pass; kid and "
+                        "prc work in any --features space, isc needs inception")
+    p.add_argument("--dinov2-weights", default=None, metavar="PATH",
+                   help="local DINOv2 ViT-L/14 weights for fd_dinov2 (timm's model.safetensors; default: download)")
+    p.add_argument("--dinov2-sha256", default=None, metavar="HEX",
+                   help="expected SHA-256 of --dinov2-weights (required for a pickled .pth)")
+    p.add_argument("--dinov2-size", type=int, default=224, help=argparse.SUPPRESS)   # tests only
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -60,11 +70,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     ref.add_argument("--batch", type=int, default=256)
     ref.add_argument("--device", default=None)
     _add_feature_arguments(ref)
-    sw = sub.add_parser("sweep", help="FID over checkpoints, steps/NFE, alpha or weight bits")
+    sw = sub.add_parser("sweep", help="metrics over checkpoints, steps/NFE, alpha, weight bits or EMA length")
     add_sampler_arguments(sw)
     sw.add_argument("--kind", choices=SWEEP_KINDS, required=True)
-    sw.add_argument("--values", default=None, help="comma-separated values (steps, alphas, bits, kimgs)")
-    sw.add_argument("--run-dir", default=None, help="run directory with network snapshots (kind=checkpoints)")
+    sw.add_argument("--values", default=None, help="comma-separated values (steps, alphas, bits, kimgs, EMA stds)")
+    sw.add_argument("--run-dir", default=None,
+                    help="run directory with network snapshots (kind=checkpoints) or phema snapshots (kind=ema)")
+    sw.add_argument("--at-kimg", type=float, default=None, help="kind=ema: reconstruct at this training point")
     sw.add_argument("--ref", required=True, help="reference statistics .npz")
     sw.add_argument("--seeds", default="0-49999")
     sw.add_argument("--outdir", default="fid-sweep")
@@ -72,16 +84,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     _add_feature_arguments(sw)
 
 
-def _extractor(args, device):
-    return get_feature_extractor(args.features, device, args.inception_weights, args.inception_sha256,
+def _extractor(args, device) -> Detectors:
+    """The detectors `--metrics` needs (the main --features space, Inception logits, DINOv2)."""
+    metrics = parse_metrics(args.metrics)
+    main = get_feature_extractor(args.features, device, args.inception_weights, args.inception_sha256,
                                  args.digits_cache)
+    dinov2 = None
+    if "fd_dinov2" in metrics:
+        from pfgmpp_fast.evaluation.features import DINOv2Features
+        dinov2 = DINOv2Features(args.dinov2_weights, args.dinov2_sha256, device=device, image_size=args.dinov2_size)
+    return Detectors(main, metrics, dinov2)
 
 
 def _values(text: Optional[str], kind: str):
     if text is None:
         return None
     parts = [t.strip() for t in text.split(",") if t.strip()]
-    conv = float if kind == "alpha" else int
+    conv = float if kind in ("alpha", "ema") else int
     try:
         return [conv(t) for t in parts]
     except ValueError:
@@ -101,13 +120,14 @@ def main(args) -> int:
         say = (lambda s: print(s, flush=True)) if rank == 0 else (lambda s: None)
         if cmd == "ref":
             extractor = _extractor(args, device)
-            mu, sigma = reference_stats(args.data, extractor, batch_size=args.batch, num=args.num, device=device)
+            stats = reference_stats(args.data, extractor, batch_size=args.batch, num=args.num, device=device)
             if rank == 0:
-                save_stats(args.dest, mu, sigma)
-            say(f"wrote {extractor.dim}-d reference statistics of {args.data} to {args.dest}")
+                save_reference(args.dest, stats)
+            say(f"wrote {extractor.dim}-d reference statistics of {args.data} to {args.dest}"
+                + (f" (for {','.join(extractor.metrics)})" if extractor.metrics != ("fid",) else ""))
             return 0
         extractor = _extractor(args, device)
-        ref = load_stats(args.ref, dim=int(extractor.dim)) if args.ref else None
+        ref = load_reference(args.ref, dim=int(extractor.dim), metrics=extractor.metrics) if args.ref else None
         if cmd == "calc":
             if (args.network is None) == (args.images is None):
                 raise ValueError("give exactly one of --network (generate) or --images (folder/zip/npz)")
@@ -126,15 +146,17 @@ def main(args) -> int:
             stats = calc_stats(source, extractor, num=args.num, batch_size=getattr(args, "batch", 64),
                                outdir=args.outdir, shard_size=args.shard_size, device=device,
                                progress=rank == 0, log=say)
-            mu, sigma = stats.mean_cov()
-            result = {"images": stats.count, "features": extractor.name, "seconds": time.perf_counter() - t0}
-            if ref is not None:
-                result["FID" if extractor.name == "inception" else "FDD"] = frechet_distance(mu, sigma, *ref)
+            result = {"images": stats["features"].count, "features": extractor.name}
+            # without --ref only the Inception Score (it needs no reference)
+            wanted = extractor.metrics if ref is not None else tuple(m for m in extractor.metrics if m == "isc")
+            if wanted:
+                result.update(compute_metrics(stats, ref, wanted, extractor.name))
+            result["seconds"] = time.perf_counter() - t0
             if rank == 0:
                 if args.dest:
-                    save_stats(args.dest, mu, sigma)
+                    save_reference(args.dest, stats)
                 if args.outdir:
-                    save_stats(os.path.join(args.outdir, "stats.npz"), mu, sigma)
+                    save_reference(os.path.join(args.outdir, "stats.npz"), stats)
                     atomic_write_bytes(os.path.join(args.outdir, "result.json"),
                                         (json.dumps(result, indent=2) + "\n").encode())
             say(json.dumps(result))
@@ -143,7 +165,7 @@ def main(args) -> int:
         kw = sampler_kwargs_from_args(args)
         values = _values(args.values, args.kind)
         net = None
-        if args.kind != "checkpoints":
+        if args.kind not in ("checkpoints", "ema"):
             if not args.network:
                 raise ValueError(f"--network is required for --kind {args.kind}")
             net = load_generator_network(args.network, device, trust_pickle=args.trust_pickle, D=kw["D"])
@@ -151,8 +173,8 @@ def main(args) -> int:
         load = lambda p: load_generator_network(p, device, trust_pickle=args.trust_pickle, D=kw["D"])
         sweep(args.kind, values, net=net, run_dir=args.run_dir, ref=ref, extractor=extractor, seeds=args.seeds,
               outdir=args.outdir, batch_size=args.batch, shard_size=args.shard_size, device=device,
-              make_fast=fast, load_network=load, log=say, **kw)
-        say(f"wrote {args.outdir}/sweep-{args.kind}.csv, .md, .png")
+              make_fast=fast, load_network=load, log=say, at_kimg=args.at_kimg, **kw)
+        say(f"wrote {args.outdir}/sweep-{args.kind}.csv, .md and one sweep-{args.kind}-<metric>.png per metric")
         return 0
     except (ValueError, TypeError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
