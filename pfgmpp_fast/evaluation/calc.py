@@ -188,7 +188,7 @@ def calc_stats(source: Source, extractor, num: Optional[int] = None, batch_size:
     iterator = shards
     if progress and rank == 0:
         from tqdm import tqdm
-        iterator = tqdm(shards, desc="FID shards", unit="shard", file=sys.stderr)
+        iterator = tqdm(shards, desc="shards", unit="shard", file=sys.stderr)
     for shard in iterator:
         path = os.path.join(outdir, _shard_name(shard))
         if os.path.exists(path):

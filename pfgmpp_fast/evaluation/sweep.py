@@ -165,7 +165,7 @@ def _metric_figure(rows: List[dict], columns: Sequence[str], kind: str, path: st
         ax.plot([best["x"]], [best[c]], "*", ms=14, color="tab:red", zorder=3)
     ax.set_xlabel(XLABELS[kind])
     ax.set_ylabel(" / ".join(columns))
-    ax.set_title(f"{' / '.join(columns)} vs {XLABELS[kind]} (★ best)")
+    ax.set_title(f"{' / '.join(columns)} sweep over {kind} (★ best)")
     ax.grid(alpha=0.3)
     if len(columns) > 1:
         ax.legend(fontsize=8)
