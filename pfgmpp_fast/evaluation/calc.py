@@ -138,6 +138,18 @@ def _load_shard(f, detectors: Detectors) -> Dict[str, FeatureStats]:
     return out
 
 
+def _first_ids(source: Source, num: Optional[int]) -> np.ndarray:
+    ids = np.asarray(source.ids, dtype=np.int64)
+    if num is not None:
+        if isinstance(num, bool) or not isinstance(num, int) or num < 2:
+            raise ValueError(f"num (number of images) must be an int >= 2, got {num!r}")
+        if len(ids) < num:
+            raise ValueError(f"fewer images than requested: {num} images requested for the statistics but "
+                             f"only {len(ids)} are available ({len(ids)} seeds/images in the source)")
+        ids = ids[:num]
+    return ids
+
+
 def calc_stats(source: Source, extractor, num: Optional[int] = None, batch_size: int = 64,
                outdir: Optional[str] = None, shard_size: int = 5000, device="cpu",
                progress: bool = False, log: Callable[[str], None] = lambda s: None
@@ -156,14 +168,7 @@ def calc_stats(source: Source, extractor, num: Optional[int] = None, batch_size:
         raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
     if isinstance(shard_size, bool) or not isinstance(shard_size, int) or shard_size < 1:
         raise ValueError(f"shard_size must be an int >= 1, got {shard_size!r}")
-    ids = np.asarray(source.ids, dtype=np.int64)
-    if num is not None:
-        if isinstance(num, bool) or not isinstance(num, int) or num < 2:
-            raise ValueError(f"num (number of images) must be an int >= 2, got {num!r}")
-        if len(ids) < num:
-            raise ValueError(f"fewer images than requested: {num} images requested for the statistics but "
-                             f"only {len(ids)} are available ({len(ids)} seeds/images in the source)")
-        ids = ids[:num]
+    ids = _first_ids(source, num)
     if outdir is None:
         stats = _stats_of(source, extractor, ids, batch_size, device)
         if stats["features"].count != len(ids):
