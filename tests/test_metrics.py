@@ -146,6 +146,7 @@ KILL_SCRIPT = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 def test_kill_and_resume_gives_identical_metrics(tmp_path, digits, digits_cache, digits_images):
     import json
     ref = str(tmp_path / "ref.npz")

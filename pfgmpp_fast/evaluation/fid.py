@@ -5,7 +5,8 @@ seeds → generate_images (fused sampler, uint8 exactly as the published pipelin
 extractor (features.py) → float64 running sums reduced across ranks (calc.py) → μ, Σ
 (unbiased, as the published fid.py) → Fréchet distance with scipy's sqrtm (metrics.py).
 Reference statistics are `.npz` files with `mu` [d] and `sigma` [d, d] (the published
-format). Sweeps (sweep.py) over checkpoints, steps/NFE, alpha or weight bit widths.
+format; `--metrics` adds the feature rows and DINOv2 moments other metrics need). Sweeps
+(sweep.py) over checkpoints, steps/NFE, alpha, weight bit widths or post-hoc EMA lengths.
 """
 from __future__ import annotations
 
@@ -57,14 +58,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     calc.add_argument("--seeds", default=None, help="seeds (default 0-(num-1))")
     calc.add_argument("--num-images", "--num", dest="num", type=int, default=50000,
                       help="number of images (default 50000; under torchrun write --num-images)")
-    calc.add_argument("--ref", default=None, help="reference statistics .npz (mu, sigma): print the FID")
+    calc.add_argument("--ref", default=None, help="reference statistics .npz (fid ref): print the --metrics")
     calc.add_argument("--outdir", default=None, help="keep resumable shards here (and stats.npz, result.json)")
     calc.add_argument("--shard-size", type=int, default=5000)
-    calc.add_argument("--dest", default=None, help="also write the statistics (mu, sigma) here")
+    calc.add_argument("--dest", default=None, help="also write the statistics (as fid ref does) here")
     _add_feature_arguments(calc)
     ref = sub.add_parser("ref", help="reference statistics (published .npz format) of a data set")
     ref.add_argument("--data", required=True, help="'digits', an image folder/zip, or .npy/.npz")
-    ref.add_argument("--dest", required=True, help="output .npz (mu, sigma)")
+    ref.add_argument("--dest", required=True, help="output .npz (mu, sigma; extra arrays for --metrics)")
     ref.add_argument("--num-images", "--num", dest="num", type=int, default=None,
                      help="use the first N images (default all)")
     ref.add_argument("--batch", type=int, default=256)
