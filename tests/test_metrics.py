@@ -265,9 +265,13 @@ def test_fd_dinov2_through_dinov2_weights_with_sha256(tmp_path, digits_cache, di
     assert cli.main(["fid", "calc", "--images", str(tmp_path / "gen.npz"), "--num", "6", "--ref", ref,
                      "--outdir", str(tmp_path / "o"), "--shard-size", "3", *common]) == 0
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    # independent: the same timm model with the state loaded, EDM2's preprocessing by hand
-    net = timm.create_model(DINOV2_ARCH, pretrained=False, num_classes=0, dynamic_img_size=True).eval()
-    net.load_state_dict(state)
+    # independent: timm's model for a 2x2 patch grid, the positional embedding resampled as the
+    # published DINOv2 does at run time (bicubic, scale (2 + 0.1) / 37), EDM2's preprocessing by hand
+    net = timm.create_model(DINOV2_ARCH, pretrained=False, num_classes=0, img_size=28).eval()
+    pos = state["pos_embed"]
+    grid = torch.nn.functional.interpolate(pos[:, 1:].reshape(1, 37, 37, -1).permute(0, 3, 1, 2), mode="bicubic",
+                                           scale_factor=(2.1 / 37, 2.1 / 37), antialias=False)
+    net.load_state_dict({**state, "pos_embed": torch.cat([pos[:, :1], grid.flatten(2).transpose(1, 2)], 1)})
 
     def feats(u):
         x = torch.nn.functional.interpolate(u.float().repeat(1, 3, 1, 1), size=(28, 28), mode="bicubic",

@@ -11,7 +11,8 @@ attributes `.name`, `.dim` and `.sha256` (the digest of the weights file it was 
 - `digits`: the 64-d digit features of digits_features.py ("Fréchet Digit Distance").
 - `dinov2` (FD-DINOv2, EDM2): timm's DINOv2 ViT-L/14, 1024-d normalised class token of
   images resized to 224 px (bicubic, antialiased) and normalised with ImageNet's mean/std, as
-  EDM2's calculate_metrics.py computes them. Weights: timm's safetensors file, downloaded
+  EDM2's calculate_metrics.py computes them (with the published model's positional-embedding
+  resampling). Weights: timm's safetensors file, downloaded
   through huggingface_hub, or `--dinov2-weights PATH` offline (safetensors, or a pickle
   only with `--dinov2-sha256`: its digest is checked before anything unpickles it).
 
@@ -21,6 +22,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import math
 import os
 import re
 from typing import Optional
@@ -166,11 +168,25 @@ def _verified_dinov2_path(weights: Optional[str], sha256: Optional[str]):
     return weights, actual
 
 
+def _dinov2_pos_embed(pos_embed: torch.Tensor, grid: int) -> torch.Tensor:
+    """The positional embedding of a `grid`×`grid` patch input, resampled as DINOv2's own
+    interpolate_pos_encoding does it (bicubic, scale factor (grid + 0.1) / M, no antialias),
+    so the features equal those of the published model, which EDM2 runs."""
+    cls, patch = pos_embed[:, :1].float(), pos_embed[:, 1:].float()
+    M, dim = int(round(math.sqrt(patch.shape[1]))), patch.shape[-1]
+    if M == grid:
+        return pos_embed
+    scale = (grid + 0.1) / M
+    patch = torch.nn.functional.interpolate(patch.reshape(1, M, M, dim).permute(0, 3, 1, 2), mode="bicubic",
+                                            antialias=False, scale_factor=(scale, scale))
+    return torch.cat([cls, patch.permute(0, 2, 3, 1).reshape(1, grid * grid, dim)], dim=1).to(pos_embed.dtype)
+
+
 class DINOv2Features(torch.nn.Module):
     """1024-d DINOv2 ViT-L/14 features of uint8 images (C = 1 or 3), as EDM2 computes them:
     bicubic antialiased resize to `image_size` (224; smaller only for tests), /255, ImageNet
-    normalisation, the final-norm class token. The architecture is timm's; the positional
-    embedding is resampled to the input grid by timm (dynamic_img_size)."""
+    normalisation, the final-norm class token of timm's ViT-L/14 (the positional embedding
+    resampled once to the input grid as DINOv2 does at run time)."""
 
     name = "dinov2"
     dim = 1024
@@ -188,8 +204,11 @@ class DINOv2Features(torch.nn.Module):
             state = load_file(path)
         else:                      # digest checked above; weights_only never runs code either
             state = torch.load(path, map_location="cpu", weights_only=True)
+        if "pos_embed" not in state:
+            raise ValueError(f"{path} is not a DINOv2 ViT state dict (no 'pos_embed')")
+        state["pos_embed"] = _dinov2_pos_embed(state["pos_embed"], image_size // 14)
         with torch.device("meta"):  # no 300M-parameter random init: the weights are assigned below
-            net = timm.create_model(DINOV2_ARCH, pretrained=False, num_classes=0, dynamic_img_size=True)
+            net = timm.create_model(DINOV2_ARCH, pretrained=False, num_classes=0, img_size=image_size)
         net.load_state_dict(checkpoint_filter_fn(state, net), strict=True, assign=True)
         self.net = net.to(device).eval().requires_grad_(False)
         self.image_size = image_size

@@ -16,8 +16,9 @@ import torch
 
 from pfgmpp_fast.utils.io_utils import atomic_write_bytes
 
-__all__ = ["METRICS", "FeatureStats", "frechet_distance", "npz_bytes", "save_stats", "load_stats", "parse_metrics",
-           "compute_metrics", "save_reference", "load_reference"]
+__all__ = ["METRICS", "METRIC_COLUMNS", "LOWER_IS_BETTER", "FeatureStats", "frechet_distance", "npz_bytes",
+           "save_stats", "load_stats", "parse_metrics", "metric_columns", "compute_metrics", "save_reference",
+           "load_reference"]
 
 METRICS = ("fid", "kid", "isc", "prc", "fd_dinov2")
 
