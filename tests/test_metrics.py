@@ -265,6 +265,12 @@ def test_fd_dinov2_through_dinov2_weights_with_sha256(tmp_path, digits_cache, di
     assert cli.main(["fid", "calc", "--images", str(tmp_path / "gen.npz"), "--num", "6", "--ref", ref,
                      "--outdir", str(tmp_path / "o"), "--shard-size", "3", *common]) == 0
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    # resume: a lost shard is recomputed, the DINOv2 moments come back identical
+    os.unlink(tmp_path / "o" / "stats-3-5.npz")
+    assert cli.main(["fid", "calc", "--images", str(tmp_path / "gen.npz"), "--num", "6", "--ref", ref,
+                     "--outdir", str(tmp_path / "o"), "--shard-size", "3", *common]) == 0
+    again = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert (again["FD_DINOv2"], again["FDD"]) == (result["FD_DINOv2"], result["FDD"])
     # independent: timm's model for a 2x2 patch grid, the positional embedding resampled as the
     # published DINOv2 does at run time (bicubic, scale (2 + 0.1) / 37), EDM2's preprocessing by hand
     net = timm.create_model(DINOV2_ARCH, pretrained=False, num_classes=0, img_size=28).eval()
