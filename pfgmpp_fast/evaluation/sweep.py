@@ -130,12 +130,14 @@ def as_reference(ref, detectors: Detectors) -> Dict[str, np.ndarray]:
 
 def score_point(fast, base, point: Point, seeds, detectors: Detectors, ref: Dict[str, np.ndarray],
                 outdir: Optional[str], batch_size: int, shard_size: int = 5000, device="cpu",
-                **gen_kwargs) -> dict:
+                describe: Optional[dict] = None, **gen_kwargs) -> dict:
     """The metrics of one point (its weights already applied to `base`, which `fast` runs):
-    a row {kind, value, x, images, steps, nfe, <metric columns>, seconds}."""
+    a row {kind, value, x, images, steps, nfe, <metric columns>, seconds}. `describe` adds
+    settings that change the images (e.g. generate.generator_numerics) to the shards'
+    configuration, so a resume under other settings is refused."""
     kw = {**gen_kwargs, **point.gen}
     source = generator_source(fast, seeds, device=device, describe={
-        "sweep": point.kind, "value": point.value, "checkpoint": point.path, "weights": weights_fingerprint(base)},
+        **(describe or {}), "sweep": point.kind, "value": point.value, "checkpoint": point.path, "weights": weights_fingerprint(base)},
         **kw)
     t0 = time.perf_counter()
     stats = calc_stats(source, detectors, batch_size=batch_size, outdir=outdir, shard_size=shard_size, device=device)
@@ -215,7 +217,8 @@ def sweep(kind: str, values: Optional[Sequence] = None, net=None, run_dir: Optio
           ref=None, extractor=None, seeds="0-49999", outdir: str = "fid-sweep", batch_size: int = 64,
           shard_size: int = 5000, device="cpu", make_fast: Optional[Callable] = None,
           load_network: Optional[Callable] = None, log: Callable[[str], None] = print,
-          metrics=None, at_kimg: Optional[float] = None, **gen_kwargs) -> List[dict]:
+          metrics=None, at_kimg: Optional[float] = None, describe: Optional[dict] = None,
+          **gen_kwargs) -> List[dict]:
     """One sweep in one call, reusing the network: kind in SWEEP_KINDS.
 
     - 'checkpoints': every snapshot in `run_dir` (metrics vs kimg); `values` optionally
@@ -228,7 +231,7 @@ def sweep(kind: str, values: Optional[Sequence] = None, net=None, run_dir: Optio
     `extractor`: a features.Detectors, or one feature extractor (then `metrics`, default
     'fid'); `ref`: a reference .npz path, its load_reference dict, or (mu, sigma). Each point
     keeps its shards in outdir/<kind>-<value>/ (resumable). Returns the rows (also written by
-    write_sweep_outputs); FID is called FDD outside Inception's space.
+    write_sweep_outputs); FID is called FDD outside Inception's space. `describe`: see score_point.
     """
     if extractor is None:
         raise ValueError("extractor is required (get_feature_extractor('inception'|'digits'))")
@@ -247,7 +250,7 @@ def sweep(kind: str, values: Optional[Sequence] = None, net=None, run_dir: Optio
         for point in points:
             shared.apply(point)
             row = score_point(fast, base, point, seeds, detectors, ref, os.path.join(outdir, f"{kind}-{point.value}"),
-                              batch_size, shard_size, device, **gen_kwargs)
+                              batch_size, shard_size, device, describe, **gen_kwargs)
             rows.append(row)
             scores = ", ".join(f"{c} = {row[c]:.4f}" for g in _metric_groups(detectors) for c in g)
             log(f"{kind}={point.value}: {scores} ({row['images']} images)")
