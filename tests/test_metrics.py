@@ -125,7 +125,8 @@ def test_cli_ref_and_calc_report_every_digits_metric(tmp_path, digits_cache, cap
                      "--ref", ref, "--outdir", str(tmp_path / "calc"), "--shard-size", "8", "--features", "digits",
                      "--digits-cache", digits_cache]) == 2
     assert "another configuration" in capsys.readouterr().err
-    assert cli.main(["fid", "calc", "--network", net_path, "--num", "16", "--metrics", "fid,nope", *common[:4]]) == 2
+    assert cli.main(["fid", "calc", "--network", net_path, "--num", "16", "--ref", ref, "--metrics", "fid,nope",
+                     *common[:4]]) == 2
     assert "--metrics must be" in capsys.readouterr().err
 
 

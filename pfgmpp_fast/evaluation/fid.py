@@ -231,6 +231,8 @@ def main(args) -> int:
     cmd = getattr(args, "fid_command", None)
     if cmd is None:
         raise UsageError("fid", "give a subcommand: python -m pfgmpp_fast fid {calc,ref,sweep} ... (see --help)")
+    with blame("--metrics"):              # before any network is loaded
+        parse_metrics(args.metrics)
     if cmd == "calc":
         _check_calc_args(args)
     from pfgmpp_fast.evaluation.generate import device_from_args
