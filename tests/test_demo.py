@@ -36,8 +36,10 @@ def test_short_demo_writes_every_documented_file(short_demo):
         assert str(outdir / name) in stdout, f"the demo does not say where {name} went"
     assert list((outdir / "run").glob("network-snapshot-*.safetensors"))
     grid = np.asarray(Image.open(outdir / "samples.png"))
-    assert grid.shape == (10 * 49 - 1, 10 * 49 - 1)          # 10x10 digits, 6x upscaled, 1-px gaps
-    assert (grid[48, :] == 128).all() and (grid[:, 48] == 128).all()
+    # 10x10 digits, 6x upscaled, each framed by 12 px of black in a 72-px cell; 6-px light gaps and border
+    assert grid.shape == (2 * 6 + 10 * (72 + 6) - 6, 2 * 6 + 10 * (72 + 6) - 6)
+    assert (grid[78:84, :] == 210).all() and (grid[:, 78:84] == 210).all() and (grid[:6] == 210).all()
+    assert (grid[6:18, 6:78] == 0).all()                        # the frame above the first digit
     assert grid.std() > 10                                      # not a blank image
     assert Image.open(outdir / "loss.png").size[0] > 100
     # Three summary lines.

@@ -159,7 +159,7 @@ def main(args) -> int:
     untrained_mean, untrained_spread = _mean_spread(fdd_untrained)
     paths = {"samples": os.path.join(outdir, "samples.png"), "loss": os.path.join(outdir, "loss.png"),
              "metrics": os.path.join(outdir, "metrics.json"), "run": run_dir, "snapshot": snapshot}
-    save_image_grid(images[:100].numpy(), paths["samples"], cols=10, scale=6, gap=1)
+    save_image_grid(images[:100].numpy(), paths["samples"], cols=10, scale=6)
     save_loss_curve([s["Progress/kimg"] for s in stats], [s["Loss/loss"] for s in stats], paths["loss"],
                     title=f"PFGM++ D={D_label(D)} on digits: training loss")
     kimg = stats[-1]["Progress/kimg"] if stats else duration

@@ -11,8 +11,9 @@ a user check that with the package's own tools on data that ships with it:
 2. sweep each trained (EMA) network over α (robustness noise), weight bit widths
    (quantize.py, per-channel symmetric fake quantisation) and NFE (Heun: NFE = 2·steps − 1);
    the base point of every sweep is α = 0, 32 bits, 18 steps (35 NFE), computed once;
-3. score every point with the Fréchet Digit Distance (digits.DigitsScorer: fid.py's
-   statistics and distance in the digits_features.py feature space) to the training split,
+3. score every point through the sweep engine (evaluation.sweep: the same PointNetwork and
+   score_point as `fid sweep`) with every metric of the digits feature space — the Fréchet
+   Digit Distance, KID and precision/recall (torch-fidelity's code) — to the training split,
    on `sets` disjoint seed sets of `set_size` images (set k = seeds k·set_size ...) →
    mean ± spread (sample standard deviation over the sets). The same seeds are used for
    every D and every point (common random numbers), and the held-out real digits give the
@@ -27,7 +28,8 @@ Outputs (results folder, default `results/robustness`): per sweep (alpha, bits, 
 `robustness-<sweep>.csv` (long format: one row per D and value), `robustness-<sweep>.md`
 (tables: rows D, columns the sweep values, cells mean ± spread of the FDD, and of the
 degradation = FDD minus the same D's base-point FDD on the same seed set) and
-`robustness-<sweep>.png` (FDD vs the swept value, one line per D); plus `summary.md`
+`robustness-<sweep>.png` (FDD vs the swept value, one line per D; the same tables and
+`robustness-<sweep>-{kid,precision,recall}.png` for the other metrics); plus `summary.md`
 (all tables and figures, training facts, floor), `training-loss.png` (loss per D),
 `results.json` (every point) and `log.txt`. `--report-only` writes these from the points
 finished so far without computing anything (for a run stopped early).
@@ -201,48 +203,70 @@ def _train(config: dict, D: float, outdir: str, device, log: _Log, progress, bac
     return done
 
 
-def _score_points(config: dict, D: float, done: dict, outdir: str, scorer, device, log: _Log,
+class _DigitsMetrics:
+    """The digits detectors of the robustness sweeps (FDD, KID, precision/recall) and the
+    training split's reference (moments and feature rows)."""
+
+    METRICS = "fid,kid,prc"
+
+    def __init__(self, scorer):
+        from pfgmpp_fast.apps.digits import digits_uint8_split
+        from pfgmpp_fast.evaluation.calc import reference_stats
+        from pfgmpp_fast.evaluation.features import Detectors
+        self.detectors = Detectors(scorer.extractor, self.METRICS)
+        stats = reference_stats(digits_uint8_split()[0], self.detectors, batch_size=1024, device=scorer.device)
+        mu, sigma = stats["features"].mean_cov()
+        self.reference = {"mu": mu, "sigma": sigma, "features": stats["features"].rows.numpy()}
+
+
+def _engine_point(p: dict):
+    """The sweep engine's Point for one experiment point (the weights depend on `bits` only)."""
+    from pfgmpp_fast.evaluation.sweep import Point
+    kind = "bits" if p["bits"] < 32 else ("alpha" if p["alpha"] else "steps")
+    value = {"bits": p["bits"], "alpha": p["alpha"], "steps": p["steps"]}[kind]
+    return Point(kind, value, gen={"num_steps": p["steps"], "alpha": p["alpha"]})
+
+
+def _score_points(config: dict, D: float, done: dict, outdir: str, space: _DigitsMetrics, device, log: _Log,
                   progress: bool, backend: str = "auto", set_index: int = 0, compute: bool = True,
                   results: Optional[Dict[str, List[dict]]] = None) -> Dict[str, List[dict]]:
-    """FDD of every point on seed set `set_index` for one D, appended to `results`; finished
-    ones are read back from disk (compute=False: only those)."""
-    import torch
-    from pfgmpp_fast.evaluation import quantize as Q
-    from pfgmpp_fast.apps.digits import generate_uint8, load_snapshot, sampling_network
+    """FDD, KID and precision/recall of every point on seed set `set_index` for one D, through
+    the sweep engine (evaluation.sweep: PointNetwork + score_point), appended to `results`;
+    finished ones are read back from disk (compute=False: only those)."""
+    from pfgmpp_fast.apps.digits import load_snapshot, sampling_network
+    from pfgmpp_fast.evaluation.sweep import PointNetwork, score_point
     from pfgmpp_fast.utils.io_utils import atomic_save_json
     points = _points(config)
     results = {name: [] for name in points} if results is None else results
-    base_net, nets = None, {}
+    shared, fast, bits = None, None, None
+    k = set_index
     for name, p in points.items():
-        point_dir = os.path.join(outdir, "points", f"D{D_label(D)}", name)
-        for k in (set_index,):
-            path = os.path.join(point_dir, f"set{k}.json")
-            record = _read_json(path)
-            if record is not None:
-                results[name].append(record)
-                log(f"D={D_label(D)} {name} set {k}: FDD {record['fdd']:.3f} (finished earlier -> skipped)")
-                continue
-            if not compute:
-                continue
-            if base_net is None:
-                base_net = load_snapshot(os.path.join(outdir, done["snapshot"]), device)
-            if p["bits"] not in nets:
-                q = base_net if p["bits"] >= 32 else Q.quantize_network(base_net, p["bits"])
-                # fp32 everywhere, so the bit width is the only quantisation in the bits sweep.
-                nets = {p["bits"]: sampling_network(q, device, net_dtype="fp32")}   # one network at a time
-            seeds = list(range(k * config["set_size"], (k + 1) * config["set_size"]))
-            t0 = time.perf_counter()
-            with torch.no_grad():
-                images = generate_uint8(nets[p["bits"]], seeds, num_steps=p["steps"], alpha=p["alpha"],
-                                        batch_size=config["set_size"] if device.type == "cuda" else 120,
-                                        device=device, progress=progress, desc=f"D={D_label(D)} {name} set {k}",
-                                        backend=backend)
-            record = {"D": D_label(D), "point": name, **p, "nfe": 2 * p["steps"] - 1, "set": k,
-                      "seeds": f"{seeds[0]}-{seeds[-1]}", "images": len(seeds), "fdd": scorer.fdd(images),
-                      "seconds": round(time.perf_counter() - t0, 3)}
-            atomic_save_json(path, record)
+        path = os.path.join(outdir, "points", f"D{D_label(D)}", name, f"set{k}.json")
+        record = _read_json(path)
+        if record is not None:
             results[name].append(record)
-            log(f"D={D_label(D)} {name} set {k}: FDD {record['fdd']:.3f} ({record['seconds']:.1f} s)")
+            log(f"D={D_label(D)} {name} set {k}: FDD {record['fdd']:.3f} (finished earlier -> skipped)")
+            continue
+        if not compute:
+            continue
+        if shared is None:
+            shared = PointNetwork(load_snapshot(os.path.join(outdir, done["snapshot"]), device), None, device)
+        point = _engine_point(p)
+        if p["bits"] != bits:            # fp32 everywhere: the bit width is the only quantisation
+            shared.apply(point)
+            fast, bits = sampling_network(shared.net, device, net_dtype="fp32"), p["bits"]
+        seeds = list(range(k * config["set_size"], (k + 1) * config["set_size"]))
+        row = score_point(fast, shared.net, point, seeds, space.detectors, space.reference, None,
+                          batch_size=config["set_size"] if device.type == "cuda" else 120, device=device,
+                          backend=backend)
+        record = {"D": D_label(D), "point": name, **p, "nfe": 2 * p["steps"] - 1, "set": k,
+                  "seeds": f"{seeds[0]}-{seeds[-1]}", "images": row["images"], "fdd": row["FDD"],
+                  "kid": row["KID"], "kid_std": row["KID_std"], "precision": row["precision"],
+                  "recall": row["recall"], "seconds": row["seconds"]}
+        atomic_save_json(path, record)
+        results[name].append(record)
+        log(f"D={D_label(D)} {name} set {k}: FDD {record['fdd']:.3f}, KID {record['kid']:.4f}, precision "
+            f"{record['precision']:.2f}, recall {record['recall']:.2f} ({record['seconds']:.1f} s)")
     return results
 
 
@@ -252,74 +276,90 @@ def _mean_spread(values: Sequence[float]):
     return float(v.mean()), (float(v.std(ddof=1)) if v.size > 1 else 0.0)
 
 
-def _write_outputs(config: dict, all_results: Dict[float, Dict[str, List[dict]]], trainings: Dict[float, dict],
-                   floor: float, outdir: str, meta: dict) -> Dict[str, str]:
-    from pfgmpp_fast.utils.io_utils import atomic_save_json, atomic_write_text
+SWEEP_LABELS = {"alpha": ("alpha", "α (noise injected at every step: x ← x + α·t·ε)"),
+                "bits": ("bits", "weight bits (post-training quantisation)"),
+                "nfe": ("nfe", "NFE (Heun, 2·steps − 1)")}
+# The other digits-space metrics beside FDD: record key, title, lower is better.
+EXTRA_METRICS = (("kid", "KID", True), ("precision", "precision", False), ("recall", "recall", False))
+
+
+def _sweep_rows(config: dict, all_results, sweep: str):
+    """Long-format rows of one sweep (one per D and value) and the FDD curves per D."""
+    column = SWEEP_LABELS[sweep][0]
+    base_name = _point_name(0.0, 32, config["base_steps"])
+    rows, curves = [], {}
+    for D, results in all_results.items():
+        xs, means, spreads = [], [], []
+        base_by_set = {r["set"]: r["fdd"] for r in results[base_name]}
+        for x, name in _sweep_points(config, sweep):
+            records = sorted(results[name], key=lambda r: r["set"])
+            fdds = [r["fdd"] for r in records]
+            if not fdds:        # report_only on a partial run
+                continue
+            mean, spread = _mean_spread(fdds)
+            # Paired by seed set (common seeds): how much worse than the same D's base point.
+            diffs = [r["fdd"] - base_by_set[r["set"]] for r in records if r["set"] in base_by_set]
+            d_mean, d_spread = _mean_spread(diffs) if diffs else (float("nan"), float("nan"))
+            row = {"D": D_label(D), column: x, "fdd_mean": mean, "fdd_spread": spread,
+                   "degradation_mean": d_mean, "degradation_spread": d_spread, "sets": len(fdds),
+                   "images_per_set": config["set_size"], "fdd_sets": ";".join(f"{v:.6f}" for v in fdds)}
+            for key, _, _ in EXTRA_METRICS:   # records of older runs may lack them: NaN
+                row[f"{key}_mean"], row[f"{key}_spread"] = _mean_spread([r.get(key, float("nan")) for r in records])
+            rows.append(row)
+            xs.append(x), means.append(mean), spreads.append(spread)
+        curves[f"D={D_label(D)}"] = (xs, means, spreads)
+    return rows, curves
+
+
+def _table(config: dict, all_results, rows: List[dict], sweep: str, key: str, fmt: str) -> List[str]:
+    """Markdown table: rows D, columns the sweep values, cells `fmt` of mean and spread of `key`."""
+    column = SWEEP_LABELS[sweep][0]
+    sp = _sweep_points(config, sweep)
+    head = [f"{x:g}" for x, _ in sp]
+    lines = [f"| D \\ {column} | " + " | ".join(head) + " |", "|---" * (len(head) + 1) + "|"]
+    for D in all_results:
+        by_x = {r[column]: r for r in rows if r["D"] == D_label(D)}
+        cells = [(fmt.format(by_x[x][f"{key}_mean"], by_x[x][f"{key}_spread"])
+                  + ("" if key != "fdd" or by_x[x]["sets"] == config["sets"] else f" ({by_x[x]['sets']} sets)"))
+                 if x in by_x else "—" for x, _ in sp]
+        lines.append(f"| {D_label(D)} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def _sweep_report(config: dict, all_results, rows: List[dict], sweep: str, floor: float) -> str:
+    xlabel = SWEEP_LABELS[sweep][1]
+    lines = [f"FDD (mean ± spread over {config['sets']} sets of {config['set_size']} samples; lower is better) "
+             f"vs {xlabel}", ""] + _table(config, all_results, rows, sweep, "fdd", "{:.2f} ± {:.2f}")
+    lines += ["", f"Reference: {config['set_size']} held-out real digits score {floor:.2f}.", "",
+              f"Degradation: FDD minus the FDD of the same D's base point (α = 0, 32 bits, "
+              f"{2 * config['base_steps'] - 1} NFE) on the same seed set (paired), mean ± spread over the sets", ""]
+    lines += _table(config, all_results, rows, sweep, "degradation", "{:+.2f} ± {:.2f}")
+    for key, title, lower in EXTRA_METRICS:
+        lines += ["", f"{title} in the digits feature space (mean ± spread; {'lower' if lower else 'higher'} "
+                  "is better)", ""] + _table(config, all_results, rows, sweep, key, "{:.4f} ± {:.4f}")
+    return "\n".join(lines + [""])
+
+
+def _sweep_figures(config: dict, rows: List[dict], curves, sweep: str, floor: float, base: str) -> Dict[str, str]:
+    """One figure per metric: FDD (robustness-<sweep>.png) and robustness-<sweep>-<metric>.png."""
     from pfgmpp_fast.utils.plots import save_sweep_figure
-    labels = {"alpha": ("alpha", "α (noise injected at every step: x ← x + α·t·ε)"),
-              "bits": ("bits", "weight bits (post-training quantisation)"),
-              "nfe": ("nfe", "NFE (Heun, 2·steps − 1)")}
-    paths, tables = {}, []
-    for sweep in SWEEPS:
-        column, xlabel = labels[sweep]
-        sp = _sweep_points(config, sweep)
-        rows, curves = [], {}
-        base_name = _point_name(0.0, 32, config["base_steps"])
-        for D, results in all_results.items():
-            xs, means, spreads = [], [], []
-            base_by_set = {r["set"]: r["fdd"] for r in results[base_name]}
-            for x, name in sp:
-                records = sorted(results[name], key=lambda r: r["set"])
-                fdds = [r["fdd"] for r in records]
-                if not fdds:        # report_only on a partial run
-                    continue
-                mean, spread = _mean_spread(fdds)
-                # Paired by seed set (common seeds): how much worse than the same D's base point.
-                diffs = [r["fdd"] - base_by_set[r["set"]] for r in records if r["set"] in base_by_set]
-                d_mean, d_spread = _mean_spread(diffs) if diffs else (float("nan"), float("nan"))
-                rows.append({"D": D_label(D), column: x, "fdd_mean": mean, "fdd_spread": spread,
-                             "degradation_mean": d_mean, "degradation_spread": d_spread, "sets": len(fdds),
-                             "images_per_set": config["set_size"], "fdd_sets": ";".join(f"{v:.6f}" for v in fdds)})
-                xs.append(x), means.append(mean), spreads.append(spread)
-            curves[f"D={D_label(D)}"] = (xs, means, spreads)
-        buf = io.StringIO()
-        writer = csv.DictWriter(buf, fieldnames=list(rows[0]), lineterminator="\n")
-        writer.writeheader()
-        writer.writerows(rows)
-        base = os.path.join(outdir, f"robustness-{sweep}")
-        paths[f"{sweep}_csv"] = atomic_write_text(base + ".csv", buf.getvalue())
-        head = [f"{x:g}" for x, _ in sp]
-        lines = [f"FDD (mean ± spread over {config['sets']} sets of {config['set_size']} samples; lower is better) "
-                 f"vs {xlabel}", "", f"| D \\ {column} | " + " | ".join(head) + " |", "|---" * (len(head) + 1) + "|"]
-        for D in all_results:
-            by_x = {r[column]: r for r in rows if r["D"] == D_label(D)}
-            cells = [(f"{by_x[x]['fdd_mean']:.2f} ± {by_x[x]['fdd_spread']:.2f}"
-                      + ("" if by_x[x]["sets"] == config["sets"] else f" ({by_x[x]['sets']} sets)"))
-                     if x in by_x else "—" for x, _ in sp]
-            lines.append(f"| {D_label(D)} | " + " | ".join(cells) + " |")
-        lines += ["", f"Reference: {config['set_size']} held-out real digits score {floor:.2f}.", "",
-                  f"Degradation: FDD minus the FDD of the same D's base point (α = 0, 32 bits, "
-                  f"{2 * config['base_steps'] - 1} NFE) on the same seed set (paired), mean ± spread over the sets",
-                  "", f"| D \\ {column} | " + " | ".join(head) + " |", "|---" * (len(head) + 1) + "|"]
-        for D in all_results:
-            by_x = {r[column]: r for r in rows if r["D"] == D_label(D)}
-            cells = [f"{by_x[x]['degradation_mean']:+.2f} ± {by_x[x]['degradation_spread']:.2f}" if x in by_x else "—"
-                     for x, _ in sp]
-            lines.append(f"| {D_label(D)} | " + " | ".join(cells) + " |")
-        lines.append("")
-        table = "\n".join(lines)
-        tables.append((sweep, table))
-        paths[f"{sweep}_md"] = atomic_write_text(base + ".md", table)
-        paths[f"{sweep}_png"] = save_sweep_figure(
-            curves, base + ".png", xlabel=xlabel, ylabel="FDD to the training split (lower is better)",
-            title=f"PFGM++ on digits: robustness to {sweep}", floor=floor, xticks=[x for x, _ in sp],
-            categorical=sweep == "bits")
-    curves = {f"D={D_label(D)}": ([k for k, _ in t["loss_curve"]], [v for _, v in t["loss_curve"]],
-                                   [0.0] * len(t["loss_curve"]))
-              for D, t in trainings.items() if t.get("loss_curve")}
-    if curves:
-        paths["loss_png"] = save_sweep_figure(curves, os.path.join(outdir, "training-loss.png"), xlabel="kimg",
-                                              ylabel="training loss per pixel", title="training loss per D")
+    column, xlabel = SWEEP_LABELS[sweep]
+    xticks = [x for x, _ in _sweep_points(config, sweep)]
+    paths = {f"{sweep}_png": save_sweep_figure(
+        curves, base + ".png", xlabel=xlabel, ylabel="FDD to the training split (lower is better)",
+        title=f"PFGM++ on digits: robustness to {sweep}", floor=floor, xticks=xticks, categorical=sweep == "bits")}
+    for key, title, lower in EXTRA_METRICS:
+        per_D = {}
+        for r in rows:
+            xs, means, spreads = per_D.setdefault(f"D={r['D']}", ([], [], []))
+            xs.append(r[column]), means.append(r[f"{key}_mean"]), spreads.append(r[f"{key}_spread"])
+        paths[f"{sweep}_{key}_png"] = save_sweep_figure(
+            per_D, f"{base}-{key}.png", xlabel=xlabel, ylabel=f"{title} ({'lower' if lower else 'higher'} is better)",
+            title=f"PFGM++ on digits: {title} vs {sweep}", xticks=xticks, categorical=sweep == "bits", logy=False)
+    return paths
+
+
+def _summary(config: dict, trainings, tables, meta: dict, loss_png: bool) -> str:
     summary = ["# Robustness experiment (PFGM++ on digits)", "",
                f"Command: `{meta['command']}`", f"Device: {meta['device']}", "",
                "Versions: " + ", ".join(f"{k} {v}" for k, v in meta["versions"].items()), "",
@@ -330,11 +370,38 @@ def _write_outputs(config: dict, all_results: Dict[float, Dict[str, List[dict]]]
         secs = t.get("train_seconds_total")
         summary.append(f"| {D_label(D)} | {t['kimg']:g} | {loss} | {secs:.0f} |" if secs is not None
                        else f"| {D_label(D)} | {t['kimg']:g} | {loss} | n/a |")
-    if "loss_png" in paths:
+    if loss_png:
         summary += ["", "![training loss](training-loss.png)"]
     for sweep, table in tables:
         summary += ["", f"## Sweep: {sweep}", "", table, f"![FDD vs {sweep}](robustness-{sweep}.png)"]
-    paths["summary"] = atomic_write_text(os.path.join(outdir, "summary.md"), "\n".join(summary) + "\n")
+    return "\n".join(summary) + "\n"
+
+
+def _write_outputs(config: dict, all_results: Dict[float, Dict[str, List[dict]]], trainings: Dict[float, dict],
+                   floor: float, outdir: str, meta: dict) -> Dict[str, str]:
+    from pfgmpp_fast.utils.io_utils import atomic_save_json, atomic_write_text
+    from pfgmpp_fast.utils.plots import save_sweep_figure
+    paths, tables = {}, []
+    for sweep in SWEEPS:
+        rows, curves = _sweep_rows(config, all_results, sweep)
+        buf = io.StringIO()
+        writer = csv.DictWriter(buf, fieldnames=list(rows[0]), lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(rows)
+        base = os.path.join(outdir, f"robustness-{sweep}")
+        paths[f"{sweep}_csv"] = atomic_write_text(base + ".csv", buf.getvalue())
+        table = _sweep_report(config, all_results, rows, sweep, floor)
+        tables.append((sweep, table))
+        paths[f"{sweep}_md"] = atomic_write_text(base + ".md", table)
+        paths.update(_sweep_figures(config, rows, curves, sweep, floor, base))
+    curves = {f"D={D_label(D)}": ([k for k, _ in t["loss_curve"]], [v for _, v in t["loss_curve"]],
+                                   [0.0] * len(t["loss_curve"]))
+              for D, t in trainings.items() if t.get("loss_curve")}
+    if curves:
+        paths["loss_png"] = save_sweep_figure(curves, os.path.join(outdir, "training-loss.png"), xlabel="kimg",
+                                              ylabel="training loss per pixel", title="training loss per D")
+    paths["summary"] = atomic_write_text(os.path.join(outdir, "summary.md"),
+                                         _summary(config, trainings, tables, meta, "loss_png" in paths))
     paths["results"] = atomic_save_json(os.path.join(outdir, "results.json"), {
         **meta, "config": _config_json(config), "floor_heldout": floor,
         "trainings": {D_label(D): {k: v for k, v in t.items() if k != "loss_curve"} for D, t in trainings.items()},
@@ -368,6 +435,7 @@ def run_robustness(outdir: str = "results/robustness", tiny: bool = False, devic
         f"{len(_points(config))} points x {config['sets']} sets of {config['set_size']} samples per D")
     scorer = DigitsScorer(device=device)
     floor = scorer.fdd(digits_uint8_split()[1][:config["set_size"]])
+    space = _DigitsMetrics(scorer) if not report_only else None
     # Train every D first, then score seed set by seed set: a run stopped early has every
     # point on the first sets (and `report_only` turns that into tables).
     trainings, all_results = {}, {}
@@ -377,7 +445,7 @@ def run_robustness(outdir: str = "results/robustness", tiny: bool = False, devic
             trainings[D] = done
     for k in range(config["sets"]):
         for D, done in trainings.items():
-            all_results[D] = _score_points(config, D, done, outdir, scorer, device, log, bars, backend,
+            all_results[D] = _score_points(config, D, done, outdir, space, device, log, bars, backend,
                                            set_index=k, compute=not report_only, results=all_results.get(D))
     if not all_results:
         raise ValueError(f"{outdir}: no finished training yet, nothing to report")

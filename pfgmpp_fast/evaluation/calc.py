@@ -5,7 +5,9 @@ data set) → feature extractor → float64 running sums, reduced across ranks.
 
 Resume (`fid calc --outdir DIR`): the sorted ids are cut into shards of `shard_size`;
 each finished shard is written atomically as `DIR/stats-<first>-<last>.npz` (n, sums, the
-ids it holds and the configuration it was computed with). A rerun loads finished shards
+ids it holds and the configuration it was computed with; with several detectors
+(features.Detectors) also the feature rows KID / precision-recall need, Inception's logits
+for IS and `<output>.n/.sum/.sum_outer` of the others, e.g. DINOv2). A rerun loads finished shards
 and computes only the missing ones; shards of another configuration or other boundaries
 are an error, never silently mixed; the combine checks every id is counted exactly once.
 """
@@ -17,12 +19,13 @@ import math
 import os
 import re
 import sys
-from typing import Callable, Iterable, Optional
+from typing import Callable, Dict, Iterable, Optional, Union
 
 import numpy as np
 import torch
 
 from pfgmpp_fast import checks
+from pfgmpp_fast.evaluation.features import Detectors
 from pfgmpp_fast.evaluation.metrics import FeatureStats, npz_bytes
 from pfgmpp_fast.utils import distributed
 from pfgmpp_fast.utils.io_utils import atomic_write_bytes, is_temp_file
@@ -102,6 +105,8 @@ def _config_string(source: Source, extractor, device="cpu") -> str:
     cfg = {"source": source.describe(), "features": getattr(extractor, "name", type(extractor).__name__),
            "dim": int(extractor.dim), "features_sha256": getattr(extractor, "sha256", None),
            "features_device_type": torch.device(device).type}
+    if extractor.extra_config():           # FID alone: the configuration of older shards
+        cfg["detectors"] = extractor.extra_config()
     return json.dumps(cfg, sort_keys=True, default=str)
 
 
@@ -109,27 +114,35 @@ def _shard_name(ids: np.ndarray) -> str:
     return f"stats-{int(ids[0])}-{int(ids[-1])}.npz"
 
 
-def _stats_of(source: Source, extractor, ids: np.ndarray, batch_size: int, device) -> FeatureStats:
+def _empty_stats(detectors: Detectors, device) -> Dict[str, FeatureStats]:
+    return {k: FeatureStats(dim, device=device, keep=keep) for k, (dim, keep) in detectors.layout.items()}
+
+
+def _stats_of(source: Source, detectors: Detectors, ids: np.ndarray, batch_size: int,
+              device) -> Dict[str, FeatureStats]:
     rank, world = distributed.get_rank(), distributed.get_world_size()
-    stats = FeatureStats(int(extractor.dim), device=device)
+    stats = _empty_stats(detectors, device)
     for images in source.batches(ids[rank::world], batch_size):
-        stats.update(extractor(images))
-    return stats.all_reduce()
+        for k, out in detectors(images).items():
+            stats[k].update(out)
+    return {k: st.all_reduce() for k, st in stats.items()}
 
 
-def calc_stats(source: Source, extractor, num: Optional[int] = None, batch_size: int = 64,
-               outdir: Optional[str] = None, shard_size: int = 5000, device="cpu",
-               progress: bool = False, log: Callable[[str], None] = lambda s: None) -> FeatureStats:
-    """Feature statistics of the first `num` ids of `source` (all when None).
+def _shard_arrays(stats: Dict[str, FeatureStats]) -> Dict[str, np.ndarray]:
+    """'features' under the plain keys n, sum, sum_outer (, rows); the others prefixed."""
+    return {(a if k == "features" else f"{k}.{a}"): v for k, st in stats.items() for a, v in st.to_arrays().items()}
 
-    With `outdir`, progress is kept there in shards (module docstring) and a rerun resumes.
-    Under torch.distributed every rank must call this; each rank takes ids[rank::world] of
-    every shard and the sums are all-reduced; rank 0 writes the shard files.
-    """
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
-    if isinstance(shard_size, bool) or not isinstance(shard_size, int) or shard_size < 1:
-        raise ValueError(f"shard_size must be an int >= 1, got {shard_size!r}")
+
+def _load_shard(f, detectors: Detectors) -> Dict[str, FeatureStats]:
+    out = {}
+    for k, (_, keep) in detectors.layout.items():
+        p = "" if k == "features" else f"{k}."
+        out[k] = FeatureStats.from_arrays(f[p + "n"], f[p + "sum"], f[p + "sum_outer"],
+                                          f[p + "rows"] if keep else None)
+    return out
+
+
+def _first_ids(source: Source, num: Optional[int]) -> np.ndarray:
     ids = np.asarray(source.ids, dtype=np.int64)
     if num is not None:
         if isinstance(num, bool) or not isinstance(num, int) or num < 2:
@@ -138,17 +151,40 @@ def calc_stats(source: Source, extractor, num: Optional[int] = None, batch_size:
             raise ValueError(f"fewer images than requested: {num} images requested for the statistics but "
                              f"only {len(ids)} are available ({len(ids)} seeds/images in the source)")
         ids = ids[:num]
+    return ids
+
+
+def calc_stats(source: Source, extractor, num: Optional[int] = None, batch_size: int = 64,
+               outdir: Optional[str] = None, shard_size: int = 5000, device="cpu",
+               progress: bool = False, log: Callable[[str], None] = lambda s: None
+               ) -> Union[FeatureStats, Dict[str, FeatureStats]]:
+    """Feature statistics of the first `num` ids of `source` (all when None): a FeatureStats
+    for one extractor, {output: FeatureStats} for a features.Detectors (one pass for all).
+
+    With `outdir`, progress is kept there in shards (module docstring) and a rerun resumes.
+    Under torch.distributed every rank must call this; each rank takes ids[rank::world] of
+    every shard and the sums are all-reduced; rank 0 writes the shard files.
+    """
+    single = not isinstance(extractor, Detectors)
+    extractor = Detectors(extractor) if single else extractor
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
+    if isinstance(shard_size, bool) or not isinstance(shard_size, int) or shard_size < 1:
+        raise ValueError(f"shard_size must be an int >= 1, got {shard_size!r}")
+    ids = _first_ids(source, num)
     if outdir is None:
         stats = _stats_of(source, extractor, ids, batch_size, device)
-        if stats.count != len(ids):
-            raise RuntimeError(f"counted {stats.count} images, expected {len(ids)}")
-        return stats
+        if stats["features"].count != len(ids):
+            raise RuntimeError(f"counted {stats['features'].count} images, expected {len(ids)}")
+        return stats["features"] if single else stats
 
     with acquire_run_dir(outdir, "fid calc"):         # one job per shard directory
-        return _sharded_stats(source, extractor, ids, batch_size, outdir, shard_size, device, progress, log)
+        total = _sharded_stats(source, extractor, ids, batch_size, outdir, shard_size, device, progress, log)
+    return total["features"] if single else total
 
 
-def _sharded_stats(source, extractor, ids, batch_size, outdir, shard_size, device, progress, log) -> FeatureStats:
+def _sharded_stats(source, extractor: Detectors, ids, batch_size, outdir, shard_size, device, progress,
+                   log) -> Dict[str, FeatureStats]:
     """calc_stats with an output directory (the caller owns it)."""
     rank = distributed.get_rank()
     config = _config_string(source, extractor, device)
@@ -164,12 +200,12 @@ def _sharded_stats(source, extractor, ids, batch_size, outdir, shard_size, devic
     if foreign:
         raise ValueError(f"{outdir} holds shard files of another run ({foreign[:3]}...): other seeds or "
                          "another --shard-size; use a fresh --outdir (or delete them)")
-    total = FeatureStats(int(extractor.dim), device="cpu")
+    total = _empty_stats(extractor, "cpu")
     counted = []
     iterator = shards
     if progress and rank == 0:
         from tqdm import tqdm
-        iterator = tqdm(shards, desc="FID shards", unit="shard", file=sys.stderr)
+        iterator = tqdm(shards, desc="shards", unit="shard", file=sys.stderr)
     for shard in iterator:
         path = os.path.join(outdir, _shard_name(shard))
         if os.path.exists(path):
@@ -179,21 +215,21 @@ def _sharded_stats(source, extractor, ids, batch_size, outdir, shard_size, devic
                                      f"  file: {f['config']}\n  now:  {config}")
                 if not np.array_equal(f["seeds"], shard):
                     raise ValueError(f"{path} holds other seeds than expected; use a fresh --outdir")
-                part = FeatureStats.from_arrays(f["n"], f["sum"], f["sum_outer"])
+                part = _load_shard(f, extractor)
             log(f"shard {_shard_name(shard)}: resumed from disk")
         else:
             part = _stats_of(source, extractor, shard, batch_size, device)
             if rank == 0:
-                atomic_write_bytes(path, npz_bytes(config=np.asarray(config), seeds=shard,
-                                                     **part.to_arrays()))
+                atomic_write_bytes(path, npz_bytes(config=np.asarray(config), seeds=shard, **_shard_arrays(part)))
             distributed.barrier()
             log(f"shard {_shard_name(shard)}: computed")
-        if part.count != len(shard):
-            raise RuntimeError(f"shard {path}: counted {part.count} images for {len(shard)} seeds")
-        total.merge(part)
+        if any(st.count != len(shard) for st in part.values()):
+            raise RuntimeError(f"shard {path}: counted {part['features'].count} images for {len(shard)} seeds")
+        for k, st in part.items():
+            total[k].merge(st)
         counted.append(shard)
     all_ids = np.concatenate(counted)
-    if total.count != len(ids) or not np.array_equal(np.sort(all_ids), ids):
+    if total["features"].count != len(ids) or not np.array_equal(np.sort(all_ids), ids):
         raise RuntimeError("combined shards do not cover every seed exactly once")
     return total
 
@@ -202,10 +238,11 @@ def _sharded_stats(source, extractor, ids, batch_size, outdir, shard_size, devic
 # Reference statistics from a data set
 
 def reference_stats(data, extractor, batch_size: int = 256, num: Optional[int] = None, device="cpu"):
-    """(mu, sigma) of a data set ('digits', folder, zip, npz or a uint8 tensor)."""
+    """(mu, sigma) of a data set ('digits', folder, zip, npz or a uint8 tensor); for a
+    features.Detectors, {output: FeatureStats} (metrics.save_reference writes them)."""
     source = images_source(data, device=device)
     stats = calc_stats(source, extractor, num=num, batch_size=batch_size, device=device)
-    return stats.mean_cov()
+    return stats if isinstance(extractor, Detectors) else stats.mean_cov()
 
 
 def weights_fingerprint(net) -> str:

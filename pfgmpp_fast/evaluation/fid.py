@@ -1,10 +1,12 @@
-"""`python -m pfgmpp_fast fid {calc,ref,sweep}`: streaming, distributed, resumable FID.
+"""`python -m pfgmpp_fast fid {calc,ref,sweep}`: streaming, distributed, resumable FID and
+the metric set (`--metrics fid,kid,isc,prc,fd_dinov2`, one pass over the images).
 
 seeds → generate_images (fused sampler, uint8 exactly as the published pipeline) → feature
 extractor (features.py) → float64 running sums reduced across ranks (calc.py) → μ, Σ
 (unbiased, as the published fid.py) → Fréchet distance with scipy's sqrtm (metrics.py).
 Reference statistics are `.npz` files with `mu` [d] and `sigma` [d, d] (the published
-format). Sweeps (sweep.py) over checkpoints, steps/NFE, alpha or weight bit widths.
+format; `--metrics` adds the feature rows and DINOv2 moments other metrics need). Sweeps
+(sweep.py) over checkpoints, steps/NFE, alpha, weight bit widths or post-hoc EMA lengths.
 """
 from __future__ import annotations
 
@@ -16,8 +18,9 @@ from typing import Optional
 
 from pfgmpp_fast.cli import command
 from pfgmpp_fast.evaluation.calc import calc_stats, generator_source, images_source, reference_stats, weights_fingerprint
-from pfgmpp_fast.evaluation.features import FEATURES, get_feature_extractor
-from pfgmpp_fast.evaluation.metrics import frechet_distance, load_stats, save_stats
+from pfgmpp_fast.evaluation.features import FEATURES, Detectors, get_feature_extractor
+from pfgmpp_fast.evaluation.metrics import (METRICS, compute_metrics, load_reference, parse_metrics,
+                                            save_reference)
 from pfgmpp_fast.evaluation.sweep import SWEEP_KINDS, sweep
 from pfgmpp_fast.utils import distributed
 from pfgmpp_fast.utils.io_utils import atomic_write_bytes
@@ -36,6 +39,14 @@ def _add_feature_arguments(p):
     p.add_argument("--inception-sha256", default=None, metavar="HEX",
                    help="trust a weights file with this SHA-256 instead of the published file's")
     p.add_argument("--digits-cache", default=None, metavar="PATH", help="digits feature network cache file")
+    p.add_argument("--metrics", default="fid", metavar="LIST",
+                   help=f"comma-separated subset of {','.join(METRICS)} (default fid), all from one pass; kid and "
+                        "prc work in any --features space, isc needs inception")
+    p.add_argument("--dinov2-weights", default=None, metavar="PATH",
+                   help="local DINOv2 ViT-L/14 weights for fd_dinov2 (timm's model.safetensors; default: download)")
+    p.add_argument("--dinov2-sha256", default=None, metavar="HEX",
+                   help="expected SHA-256 of --dinov2-weights (required for a pickled .pth)")
+    p.add_argument("--dinov2-size", type=int, default=224, help=argparse.SUPPRESS)   # tests only
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -48,26 +59,28 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     calc.add_argument("--seeds", default=None, help="seeds (default 0-(num-1))")
     calc.add_argument("--num-images", "--num", dest="num", type=int_at_least(2), default=50000,
                       help="number of images (default 50000; under torchrun write --num-images)")
-    calc.add_argument("--ref", default=None, help="reference statistics .npz (mu, sigma): print the FID "
+    calc.add_argument("--ref", default=None, help="reference statistics .npz (fid ref): print the --metrics "
                       "(give --ref, --dest and/or --outdir)")
     calc.add_argument("--outdir", default=None, help="keep resumable shards here (and stats.npz, result.json)")
     calc.add_argument("--shard-size", type=int_at_least(1), default=5000)
-    calc.add_argument("--dest", default=None, help="also write the statistics (mu, sigma) here")
+    calc.add_argument("--dest", default=None, help="also write the statistics (as fid ref does) here")
     _add_feature_arguments(calc)
     ref = sub.add_parser("ref", help="reference statistics (published .npz format) of a data set")
     ref.add_argument("--data", required=True, help="'digits', an image folder/zip, or .npy/.npz")
-    ref.add_argument("--dest", required=True, help="output .npz (mu, sigma)")
+    ref.add_argument("--dest", required=True, help="output .npz (mu, sigma; extra arrays for --metrics)")
     ref.add_argument("--num-images", "--num", dest="num", type=int_at_least(2), default=None,
                      help="use the first N images (default all)")
     ref.add_argument("--batch", type=int_at_least(1), default=256)
     ref.add_argument("--device", default=None)
     add_threads_argument(ref)
     _add_feature_arguments(ref)
-    sw = sub.add_parser("sweep", help="FID over checkpoints, steps/NFE, alpha or weight bits")
+    sw = sub.add_parser("sweep", help="metrics over checkpoints, steps/NFE, alpha, weight bits or EMA length")
     add_sampler_arguments(sw)
     sw.add_argument("--kind", choices=SWEEP_KINDS, required=True)
-    sw.add_argument("--values", default=None, help="comma-separated values (steps, alphas, bits, kimgs)")
-    sw.add_argument("--run-dir", default=None, help="run directory with network snapshots (kind=checkpoints)")
+    sw.add_argument("--values", default=None, help="comma-separated values (steps, alphas, bits, kimgs, EMA stds)")
+    sw.add_argument("--run-dir", default=None,
+                    help="run directory with network snapshots (kind=checkpoints) or phema snapshots (kind=ema)")
+    sw.add_argument("--at-kimg", type=float, default=None, help="kind=ema: reconstruct at this training point")
     sw.add_argument("--ref", required=True, help="reference statistics .npz")
     sw.add_argument("--seeds", default="0-49999")
     sw.add_argument("--outdir", default="fid-sweep")
@@ -75,7 +88,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     _add_feature_arguments(sw)
 
 
-def _extractor(args, device):
+def _extractor(args, device) -> Detectors:
+    """The detectors `--metrics` needs (the main --features space, Inception logits, DINOv2)."""
+    from pfgmpp_fast.cli import blame
+    with blame("--metrics"):
+        metrics = parse_metrics(args.metrics)
+    main = _main_extractor(args, device)
+    dinov2 = None
+    if "fd_dinov2" in metrics:
+        from pfgmpp_fast.evaluation.features import DINOv2Features
+        with blame("--dinov2-sha256" if args.dinov2_sha256 else "--dinov2-weights"):
+            dinov2 = DINOv2Features(args.dinov2_weights, args.dinov2_sha256, device=device,
+                                    image_size=args.dinov2_size)
+    with blame("--metrics"):
+        return Detectors(main, metrics, dinov2)
+
+
+def _main_extractor(args, device):
     """The feature extractor; its failures name --inception-weights / --digits-cache."""
     from pfgmpp_fast.cli import UsageError
     option = "--inception-weights" if args.features == "inception" else "--digits-cache"
@@ -101,14 +130,14 @@ def _extractor(args, device):
 def _reference(args, extractor):
     from pfgmpp_fast.cli import blame
     with blame("--ref"):
-        return load_stats(args.ref, dim=int(extractor.dim)) if args.ref else None
+        return load_reference(args.ref, dim=int(extractor.dim), metrics=extractor.metrics) if args.ref else None
 
 
 def _values(text: Optional[str], kind: str):
     if text is None:
         return None
     parts = [t.strip() for t in text.split(",") if t.strip()]
-    conv = float if kind == "alpha" else int
+    conv = float if kind in ("alpha", "ema") else int
     try:
         return [conv(t) for t in parts]
     except ValueError:
@@ -151,15 +180,17 @@ def _calc(args, device, say) -> int:
     t0 = time.perf_counter()
     stats = calc_stats(source, extractor, num=args.num, batch_size=getattr(args, "batch", 64), outdir=args.outdir,
                        shard_size=args.shard_size, device=device, progress=rank == 0, log=say)
-    mu, sigma = stats.mean_cov()
-    result = {"images": stats.count, "features": extractor.name, "seconds": time.perf_counter() - t0}
-    if ref is not None:
-        result["FID" if extractor.name == "inception" else "FDD"] = frechet_distance(mu, sigma, *ref)
+    result = {"images": stats["features"].count, "features": extractor.name}
+    # without --ref only the Inception Score (it needs no reference)
+    wanted = extractor.metrics if ref is not None else tuple(m for m in extractor.metrics if m == "isc")
+    if wanted:
+        result.update(compute_metrics(stats, ref, wanted, extractor.name))
+    result["seconds"] = time.perf_counter() - t0
     if rank == 0:
         if args.dest:
-            save_stats(args.dest, mu, sigma)
+            save_reference(args.dest, stats)
         if args.outdir:
-            save_stats(os.path.join(args.outdir, "stats.npz"), mu, sigma)
+            save_reference(os.path.join(args.outdir, "stats.npz"), stats)
             atomic_write_bytes(os.path.join(args.outdir, "result.json"), (json.dumps(result, indent=2) + "\n").encode())
     say(json.dumps(result))
     return 0
@@ -174,9 +205,9 @@ def _sweep(args, device, say) -> int:
     with blame("--values"):
         values = _values(args.values, args.kind)
     net = None
-    if args.kind == "checkpoints":
+    if args.kind in ("checkpoints", "ema"):
         if args.run_dir is None:
-            raise UsageError("--run-dir", "is required for --kind checkpoints")
+            raise UsageError("--run-dir", f"is required for --kind {args.kind}")
     elif not args.network:
         raise UsageError("--network", f"is required for --kind {args.kind}")
     else:
@@ -185,12 +216,12 @@ def _sweep(args, device, say) -> int:
     ref = _reference(args, extractor)
     fast = lambda n: make_generator_fast(n, device, args.net_dtype, args.compile, args.cuda_graphs)
     load = lambda p: network_from_args(args, device, path=p, D=kw["D"])
-    with blame("--run-dir" if args.kind == "checkpoints" else "--values"):
+    with blame("--run-dir" if args.kind in ("checkpoints", "ema") and args.values is None else "--values"):
         sweep(args.kind, values, net=net, run_dir=args.run_dir, ref=ref, extractor=extractor, seeds=args.seeds,
               outdir=args.outdir, batch_size=args.batch, shard_size=args.shard_size, device=device,
-              make_fast=fast, load_network=load, log=say,
+              make_fast=fast, load_network=load, log=say, at_kimg=args.at_kimg,
               describe=generator_numerics(device, args.net_dtype, args.compile, args.cuda_graphs), **kw)
-    say(f"wrote {args.outdir}/sweep-{args.kind}.csv, .md, .png")
+    say(f"wrote {args.outdir}/sweep-{args.kind}.csv, .md and one sweep-{args.kind}[-<metric>].png per metric")
     return 0
 
 
@@ -200,6 +231,8 @@ def main(args) -> int:
     cmd = getattr(args, "fid_command", None)
     if cmd is None:
         raise UsageError("fid", "give a subcommand: python -m pfgmpp_fast fid {calc,ref,sweep} ... (see --help)")
+    with blame("--metrics"):              # before any network is loaded
+        parse_metrics(args.metrics)
     if cmd == "calc":
         _check_calc_args(args)
     from pfgmpp_fast.evaluation.generate import device_from_args
@@ -216,8 +249,9 @@ def main(args) -> int:
                                    "or a .npy/.npz file")
     extractor = _extractor(args, device)
     with blame("--data"):
-        mu, sigma = reference_stats(args.data, extractor, batch_size=args.batch, num=args.num, device=device)
+        stats = reference_stats(args.data, extractor, batch_size=args.batch, num=args.num, device=device)
     if rank == 0:
-        save_stats(args.dest, mu, sigma)
-    say(f"wrote {extractor.dim}-d reference statistics of {args.data} to {args.dest}")
+        save_reference(args.dest, stats)
+    say(f"wrote {extractor.dim}-d reference statistics of {args.data} to {args.dest}"
+        + (f" (for {','.join(extractor.metrics)})" if extractor.metrics != ("fid",) else ""))
     return 0

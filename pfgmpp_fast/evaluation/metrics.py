@@ -1,32 +1,39 @@
-"""Metrics over image features: float64 running moments (FeatureStats) that merge across
-shards and ranks, the Fréchet distance (FID / FDD), and reference statistics in the
-published `.npz` format (mu, sigma).
+"""Metrics over image features: float64 running moments (FeatureStats, optionally keeping
+the feature rows) that merge across shards and ranks, the Fréchet distance (FID / FDD /
+FD-DINOv2), KID, Inception Score and precision/recall (torch-fidelity's metric code on our
+features), and reference statistics in the published `.npz` format (mu, sigma; extra keys
+for the other metrics).
 """
 from __future__ import annotations
 
 import io
 import os
 import warnings
-from typing import Dict, Optional
+from typing import Dict, Iterable, Optional, Sequence
 
 import numpy as np
 import torch
 
 from pfgmpp_fast.utils.io_utils import atomic_write_bytes
 
-__all__ = ["FeatureStats", "frechet_distance", "npz_bytes", "save_stats", "load_stats"]
+__all__ = ["METRICS", "METRIC_COLUMNS", "LOWER_IS_BETTER", "FeatureStats", "frechet_distance", "npz_bytes",
+           "save_stats", "load_stats", "parse_metrics", "metric_columns", "compute_metrics", "save_reference",
+           "load_reference"]
+
+METRICS = ("fid", "kid", "isc", "prc", "fd_dinov2")
 
 
 # ----------------------------------------------------------------------------------------
 # Statistics
 
 class FeatureStats:
-    """float64 running sums n, Σf, Σffᵀ of features (on the features' device)."""
+    """float64 running sums n, Σf, Σffᵀ of features (on the features' device); keep=True also
+    keeps the rows themselves (float32, in update order) for KID, IS and precision/recall."""
 
-    def __init__(self, dim: int, device="cpu"):
+    def __init__(self, dim: int, device="cpu", keep: bool = False):
         if isinstance(dim, bool) or not isinstance(dim, int) or dim < 1:
             raise ValueError(f"dim must be an int >= 1, got {dim!r}")
-        self.dim = dim
+        self.dim, self.keep, self._rows = dim, bool(keep), []
         self.n = torch.zeros((), dtype=torch.float64, device=device)
         self.sum = torch.zeros(dim, dtype=torch.float64, device=device)
         self.sum_outer = torch.zeros(dim, dim, dtype=torch.float64, device=device)
@@ -40,7 +47,18 @@ class FeatureStats:
         self.n += f.shape[0]
         self.sum += f.sum(0)
         self.sum_outer += f.T @ f
+        if self.keep:
+            self._rows.append(features.detach().to("cpu", torch.float32))
         return self
+
+    @property
+    def rows(self) -> torch.Tensor:
+        """The kept feature rows [n, dim] (float32, CPU)."""
+        if not self.keep:
+            raise ValueError("these statistics keep only moments, not the features (keep=False)")
+        if len(self._rows) != 1:
+            self._rows = [torch.cat(self._rows) if self._rows else torch.zeros(0, self.dim)]
+        return self._rows[0]
 
     def merge(self, other: "FeatureStats") -> "FeatureStats":
         if other.dim != self.dim:
@@ -48,6 +66,8 @@ class FeatureStats:
         self.n += other.n.to(self.n.device)
         self.sum += other.sum.to(self.sum.device)
         self.sum_outer += other.sum_outer.to(self.sum_outer.device)
+        if self.keep:
+            self._rows.append(other.rows)
         return self
 
     def all_reduce(self) -> "FeatureStats":
@@ -59,6 +79,8 @@ class FeatureStats:
             self.n = flat[0].clone()
             self.sum = flat[1:1 + self.dim].clone()
             self.sum_outer = flat[1 + self.dim:].view(self.dim, self.dim).clone()
+            if self.keep:
+                self._rows = [_gather_strided(self.rows)]
         return self
 
     @property
@@ -77,16 +99,39 @@ class FeatureStats:
         return mu, sigma
 
     def to_arrays(self) -> Dict[str, np.ndarray]:
-        return {"n": np.asarray(self.count, dtype=np.int64), "sum": self.sum.cpu().numpy(),
-                "sum_outer": self.sum_outer.cpu().numpy()}
+        out = {"n": np.asarray(self.count, dtype=np.int64), "sum": self.sum.cpu().numpy(),
+               "sum_outer": self.sum_outer.cpu().numpy()}
+        if self.keep:
+            out["rows"] = self.rows.numpy()
+        return out
 
     @classmethod
-    def from_arrays(cls, n, s, so) -> "FeatureStats":
-        st = cls(int(np.asarray(s).shape[0]))
+    def from_arrays(cls, n, s, so, rows=None) -> "FeatureStats":
+        st = cls(int(np.asarray(s).shape[0]), keep=rows is not None)
         st.n = torch.tensor(float(n), dtype=torch.float64)
         st.sum = torch.from_numpy(np.asarray(s, dtype=np.float64)).clone()
         st.sum_outer = torch.from_numpy(np.asarray(so, dtype=np.float64)).clone()
+        if rows is not None:
+            st._rows = [torch.from_numpy(np.asarray(rows, dtype=np.float32)).clone()]
         return st
+
+
+def _gather_strided(rows: torch.Tensor) -> torch.Tensor:
+    """The rows of all ranks in id order, when rank r held ids[r::world] (calc.py's split)."""
+    world = torch.distributed.get_world_size()
+    backend_device = "cuda" if torch.distributed.get_backend() == "nccl" else "cpu"
+    count = torch.tensor([rows.shape[0]], device=backend_device)
+    counts = [torch.zeros_like(count) for _ in range(world)]
+    torch.distributed.all_gather(counts, count)
+    counts = [int(c) for c in counts]
+    padded = torch.zeros(max(counts), rows.shape[1], device=backend_device)
+    padded[:rows.shape[0]] = rows.to(backend_device)
+    parts = [torch.empty_like(padded) for _ in range(world)]
+    torch.distributed.all_gather(parts, padded)
+    out = torch.empty(sum(counts), rows.shape[1])
+    for r, (part, c) in enumerate(zip(parts, counts)):
+        out[r::world] = part[:c].cpu()
+    return out
 
 
 def frechet_distance(mu1, sigma1, mu2, sigma2) -> float:
@@ -143,3 +188,97 @@ def load_stats(path: str, dim: Optional[int] = None):
     if not (np.isfinite(mu).all() and np.isfinite(sigma).all()):
         raise ValueError(f"{path}: mu/sigma contain NaN or Inf")
     return mu, sigma
+
+
+# ----------------------------------------------------------------------------------------
+# The metric set (torch-fidelity's metric code on our features)
+
+# Result columns per metric, and whether lower is better (for "best" in sweeps).
+METRIC_COLUMNS = {"fid": ("FID",), "kid": ("KID", "KID_std"), "isc": ("IS", "IS_std"),
+                  "prc": ("precision", "recall"), "fd_dinov2": ("FD_DINOv2",)}
+LOWER_IS_BETTER = {"FID": True, "FDD": True, "KID": True, "FD_DINOv2": True, "IS": False, "precision": False,
+                   "recall": False}
+
+
+def parse_metrics(metrics) -> tuple:
+    """'fid,kid' or a sequence -> a tuple in METRICS order; unknown names are an error."""
+    names = [m.strip() for m in metrics.split(",")] if isinstance(metrics, str) else list(metrics)
+    names = [m for m in names if m]
+    bad = [m for m in names if m not in METRICS]
+    if bad or not names:
+        raise ValueError(f"--metrics must be a comma-separated subset of {','.join(METRICS)}, got {metrics!r}")
+    return tuple(m for m in METRICS if m in names)
+
+
+def metric_columns(metrics, space: str) -> list:
+    """The result columns of `metrics` ('FDD' instead of 'FID' outside Inception's space)."""
+    cols = [c for m in parse_metrics(metrics) for c in METRIC_COLUMNS[m]]
+    return ["FDD" if c == "FID" and space != "inception" else c for c in cols]
+
+
+def compute_metrics(stats: Dict[str, FeatureStats], ref: Dict[str, np.ndarray], metrics, space: str,
+                    kid_subset_size: int = 1000, isc_splits: int = 10, seed: int = 2020) -> Dict[str, float]:
+    """{column: value} of `metrics` for the statistics of one calc (calc.calc_stats with
+    Detectors) against a reference (load_reference). KID (polynomial kernel, unbiased MMD²
+    over subsets), IS and precision/recall (k = 3) are torch-fidelity's functions."""
+    from torch_fidelity.metric_isc import isc_features_to_metric
+    from torch_fidelity.metric_kid import kid_features_to_metric
+    from torch_fidelity.metric_prc import prc_features_to_metric
+    out = {}
+    for m in parse_metrics(metrics):
+        if m == "fid":
+            out["FID" if space == "inception" else "FDD"] = frechet_distance(*stats["features"].mean_cov(),
+                                                                             ref["mu"], ref["sigma"])
+        elif m == "fd_dinov2":
+            out["FD_DINOv2"] = frechet_distance(*stats["dinov2"].mean_cov(), ref["dinov2_mu"], ref["dinov2_sigma"])
+        elif m == "kid":
+            gen, real = stats["features"].rows, torch.from_numpy(ref["features"])
+            size = min(kid_subset_size, len(gen), len(real))
+            r = kid_features_to_metric(gen, real, kid_subsets=100, kid_subset_size=size, rng_seed=seed, verbose=False)
+            out["KID"], out["KID_std"] = r["kernel_inception_distance_mean"], r["kernel_inception_distance_std"]
+        elif m == "isc":
+            logits = stats["logits"].rows
+            r = isc_features_to_metric(logits, splits=min(isc_splits, len(logits)), shuffle=True, rng_seed=seed)
+            out["IS"], out["IS_std"] = r["inception_score_mean"], r["inception_score_std"]
+        elif m == "prc":
+            r = prc_features_to_metric(stats["features"].rows, torch.from_numpy(ref["features"]), verbose=False)
+            out["precision"], out["recall"] = r["precision"], r["recall"]
+    bad = {k: v for k, v in out.items() if not np.isfinite(v)}
+    if bad:
+        raise ValueError(f"metrics are not finite: {bad} (check the images, the features and the reference)")
+    return out
+
+
+def save_reference(path: str, stats: Dict[str, FeatureStats]) -> None:
+    """Reference statistics of every detector in one `.npz`: mu, sigma (the published keys)
+    plus `features` (rows, for KID / precision-recall) and dinov2_mu / dinov2_sigma."""
+    mu, sigma = stats["features"].mean_cov()
+    arrays = {"mu": mu, "sigma": sigma}
+    if stats["features"].keep:
+        arrays["features"] = stats["features"].rows.numpy()
+    if "dinov2" in stats:
+        arrays["dinov2_mu"], arrays["dinov2_sigma"] = stats["dinov2"].mean_cov()
+    atomic_write_bytes(path, npz_bytes(**arrays))
+
+
+def load_reference(path: str, dim: Optional[int] = None, metrics=("fid",)) -> Dict[str, np.ndarray]:
+    """The arrays of a reference `.npz` that `metrics` need (IS needs none), checked."""
+    mu, sigma = load_stats(path, dim=dim)
+    out = {"mu": mu, "sigma": sigma}
+    metrics = parse_metrics(metrics)
+    need = {"features"} if {"kid", "prc"} & set(metrics) else set()
+    need |= {"dinov2_mu", "dinov2_sigma"} if "fd_dinov2" in metrics else set()
+    with np.load(path, allow_pickle=False) as f:
+        missing = sorted(need - set(f.files))
+        if missing:
+            raise ValueError(f"{path} has no {missing} for --metrics {','.join(metrics)}: make it with "
+                             f"`fid ref --metrics {','.join(metrics)}`")
+        for k in need:
+            out[k] = f[k].astype(np.float32 if k == "features" else np.float64)
+    if "features" in out and (out["features"].ndim != 2 or out["features"].shape[1] != mu.shape[0]):
+        raise ValueError(f"{path}: features must be [n, {mu.shape[0]}], got {out['features'].shape}")
+    if "dinov2_mu" in out and out["dinov2_sigma"].shape != (out["dinov2_mu"].shape[0],) * 2:
+        raise ValueError(f"{path}: dinov2_sigma must be [d, d] for dinov2_mu [d]")
+    if not all(np.isfinite(v).all() for v in out.values()):
+        raise ValueError(f"{path}: reference arrays contain NaN or Inf")
+    return out

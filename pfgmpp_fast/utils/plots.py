@@ -30,11 +30,13 @@ def _save_figure(fig, path: str) -> str:
 
 
 def image_grid(images: np.ndarray, cols: Optional[int] = None, scale: int = 4, gap: int = 1,
-               gap_value: int = 128) -> np.ndarray:
-    """uint8 images [B, H, W] (grey) or [B, C, H, W] -> one uint8 grid [rows·(H·scale+gap)−gap, ...].
+               gap_value: int = 128, pad: int = 0, pad_value: int = 0, border: int = 0) -> np.ndarray:
+    """uint8 images [B, H, W] (grey) or [B, C, H, W] -> one uint8 grid.
 
-    Each image is upscaled by `scale` (nearest neighbour, crisp pixels) and separated from
-    its neighbours by `gap` pixels of grey `gap_value`.
+    Each image is upscaled by `scale` (nearest neighbour, crisp pixels), framed by `pad`
+    pixels of `pad_value` (so strokes never touch the cell edge), and separated from its
+    neighbours by `gap` pixels of `gap_value`; `border` pixels of `gap_value` surround the
+    grid. Cell size H·scale + 2·pad; grid height 2·border + rows·(cell + gap) − gap.
     """
     images = np.asarray(images)
     if images.dtype != np.uint8:
@@ -47,27 +49,35 @@ def image_grid(images: np.ndarray, cols: Optional[int] = None, scale: int = 4, g
         raise ValueError(f"images must be a non-empty [B, H, W] or [B, C, H, W] array, got shape {images.shape}")
     if not (isinstance(scale, int) and scale >= 1):
         raise ValueError(f"scale must be an int >= 1, got {scale!r}")
-    if not (isinstance(gap, int) and gap >= 0):
-        raise ValueError(f"gap must be an int >= 0, got {gap!r}")
+    for name, value in (("gap", gap), ("pad", pad), ("border", border)):
+        if not (isinstance(value, int) and value >= 0):
+            raise ValueError(f"{name} must be an int >= 0, got {value!r}")
     n, h, w = images.shape[:3]
     cols = cols or int(math.ceil(math.sqrt(n)))
     rows = int(math.ceil(n / cols))
     big = images.repeat(scale, axis=1).repeat(scale, axis=2)
-    H, W = h * scale, w * scale
-    shape = (rows * (H + gap) - gap, cols * (W + gap) - gap) + big.shape[3:]
+    H, W = h * scale + 2 * pad, w * scale + 2 * pad
+    shape = (2 * border + rows * (H + gap) - gap, 2 * border + cols * (W + gap) - gap) + big.shape[3:]
     grid = np.full(shape, gap_value, dtype=np.uint8)
     for i in range(n):
         r, c = divmod(i, cols)
-        grid[r * (H + gap):r * (H + gap) + H, c * (W + gap):c * (W + gap) + W] = big[i]
+        top, left = border + r * (H + gap), border + c * (W + gap)
+        grid[top:top + H, left:left + W] = pad_value
+        grid[top + pad:top + H - pad, left + pad:left + W - pad] = big[i]
     return grid
 
 
-def save_image_grid(images: np.ndarray, path: str, cols: Optional[int] = None, scale: int = 4, gap: int = 1) -> str:
-    """Write `image_grid(images)` as a PNG (atomically)."""
+def save_image_grid(images: np.ndarray, path: str, cols: Optional[int] = None, scale: int = 4, gap: int = 6,
+                    pad: int = 2, gap_value: int = 210, border: Optional[int] = None) -> str:
+    """Write `image_grid(images)` as a PNG (atomically). The defaults are made to be read at
+    1:1: each image framed by `pad` (upscaled) pixels of black, cells apart by `gap` pixels
+    of a light grey that contrasts with dark backgrounds, the same grey around the grid."""
     from PIL import Image
     from pfgmpp_fast.utils.io_utils import atomic_write_bytes
     buffer = io.BytesIO()
-    Image.fromarray(image_grid(images, cols=cols, scale=scale, gap=gap)).save(buffer, format="PNG")
+    grid = image_grid(images, cols=cols, scale=scale, gap=gap, gap_value=gap_value, pad=pad * scale, pad_value=0,
+                      border=gap if border is None else border)
+    Image.fromarray(grid).save(buffer, format="PNG")
     return atomic_write_bytes(path, buffer.getvalue())
 
 
