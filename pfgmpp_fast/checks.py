@@ -12,7 +12,7 @@ import torch
 
 __all__ = ["check_key", "check_D", "parse_D", "check_sample_ids", "check_positive", "check_images",
            "check_sampler_options", "check_sigma", "as_bool", "check_number", "parse_int_list", "check_seeds",
-           "check_net_D", "check_sigma_max", "check_common", "DeviceReport", "MAX_SEED", "MAX_SEEDS", "MAX_SIGMA"]
+           "check_net_D", "check_sigma_max", "check_common", "format_ids", "DeviceReport", "MAX_SEED", "MAX_SEEDS", "MAX_SIGMA"]
 
 MAX_SEED = 2 ** 63
 MAX_SEEDS = 10 ** 9
@@ -145,13 +145,13 @@ class DeviceReport:
     def nonfinite(self, name: str, t: torch.Tensor, ids: torch.Tensor, ids_name: str = "sample_ids",
                   hint: str = "") -> None:
         """Report the rows of `t` [B, ...] holding NaN/Inf, by their sample ids."""
-        bad = ~torch.isfinite(t.reshape(t.shape[0], -1)).all(dim=1) if t.dim() > 1 else ~torch.isfinite(t)
-        self.add(bad, lambda rows, _: f"{name} contains NaN/Inf for {ids_name} {_some(ids, rows)}{hint}")
+        bad = ~torch.isfinite(t).flatten(1).all(dim=1) if t.dim() > 1 else ~torch.isfinite(t)
+        self.add(bad, lambda rows, _: f"{name} contains NaN/Inf for {ids_name} {format_ids(ids, rows)}{hint}")
 
     def ids(self, ids: torch.Tensor, name: str = "sample_ids") -> None:
         """Negative ids on a GPU, checked with the call's one host read (on the CPU check_sample_ids did it)."""
         if ids.device.type != "cpu":
-            self.add(ids < 0, lambda rows, _: f"{name} must be in [0, 2^63), got {_some(ids, rows)}", ValueError)
+            self.add(ids < 0, lambda rows, _: f"{name} must be in [0, 2^63), got {format_ids(ids, rows)}", ValueError)
 
     def raise_if_any(self) -> None:
         if not self._items:
@@ -252,6 +252,7 @@ def check_seeds(seeds, name: str = "seeds") -> np.ndarray:
     return arr
 
 
-def _some(ids: torch.Tensor, rows, limit: int = 8) -> str:
+def format_ids(ids: torch.Tensor, rows, limit: int = 8) -> str:
+    """ids[rows] for a message, the first `limit` of them."""
     values = ids[rows[:limit]].tolist()
     return str(values) + (f" (and {len(rows) - limit} more)" if len(rows) > limit else "")

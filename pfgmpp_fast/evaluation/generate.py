@@ -110,14 +110,15 @@ def generate_images(net, seeds, batch_size: int = 64, num_steps: int = 18, sigma
     the last batch with repeats of its last seed so every call has the same shape; padded
     images are dropped (an image depends only on its seed, so this changes nothing).
     """
-    from pfgmpp_fast import ops
-    from pfgmpp_fast.sampler import sample
+    from pfgmpp_fast.sampler import Sampler
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
     seeds = np.sort(np.asarray(seeds, dtype=np.int64)) if len(seeds) else np.zeros(0, np.int64)
     if seeds.size and (seeds[0] < 0):
         raise ValueError(f"seeds: seed {int(seeds[0])} is out of range; seeds must be in [0, 2^63)")
     D = resolve_D(net, D)
+    sampler = Sampler(D, key, num_steps, sigma_min, sigma_max, rho, solver, S_churn, S_min, S_max, S_noise, alpha,
+                      dtype, net_dtype, backend)          # checks the options once per call
     if image_shape is None:
         if not all(hasattr(net, a) for a in ("img_channels", "img_resolution")):
             raise ValueError("image_shape is needed for a network without img_channels/img_resolution")
@@ -141,17 +142,9 @@ def generate_images(net, seeds, batch_size: int = 64, num_steps: int = 18, sigma
         if fixed_shape and real < batch_size:
             chunk = np.concatenate([chunk, np.full(batch_size - real, chunk[-1], dtype=np.int64)])
         ids = torch.from_numpy(chunk).to(device)
-        latents = ops.prior((len(chunk), *image_shape), D, sigma_max, key, ids, dtype=dtype, device=device,
-                            backend=backend)
+        latents = sampler.prior((len(chunk), *image_shape), ids)
         labels = class_labels_for(ids, label_dim, class_idx, key)
-        with torch.no_grad():
-            x = sample(net, latents, D, key, ids, num_steps=num_steps, sigma_min=sigma_min, sigma_max=sigma_max,
-                       rho=rho, solver=solver, S_churn=S_churn, S_min=S_min, S_max=S_max, S_noise=S_noise,
-                       alpha=alpha, class_labels=labels, dtype=dtype, net_dtype=net_dtype, backend=backend)
-        if not bool(torch.isfinite(x).all()):          # one check per batch, outside the step loop
-            bad = (~torch.isfinite(x.reshape(x.shape[0], -1)).all(dim=1)).nonzero().flatten().cpu().numpy()
-            raise FloatingPointError(f"sampling produced NaN/Inf for seeds {chunk[bad][:8].tolist()} "
-                                     "(check the network weights, D and the sampler settings)")
+        x = sampler(net, latents, ids, labels)     # NaN/Inf raises FloatingPointError naming the seeds
         yield chunk[:real], to_uint8(x[:real])
 
 

@@ -438,7 +438,8 @@ class _LossModule(torch.nn.Module):
         from pfgmpp_fast.loss import training_loss
         return training_loss(self.net, y, o["D"], o["seed"], sample_ids, o["P_mean"], o["P_std"], o["sigma_data"],
                              labels=labels, augment_labels=augment_labels, backend=o["backend"],
-                             net_dtype=self.net_dtype, channels_last=self.channels_last)
+                             net_dtype=self.net_dtype, channels_last=self.channels_last,
+                             check_finite=False)   # non-finite steps are counted on the device (step)
 
 
 def _aug_backend(backend):
