@@ -69,7 +69,7 @@ def check_net_D(net, D: float) -> None:
     net_D = getattr(net, "D", None)
     if isinstance(net_D, (int, float)) and not isinstance(net_D, bool) and float(net_D) != D:
         raise ValueError(f"D={D:g} was given but the network was trained with D={float(net_D):g} "
-                         "(network/D mismatch; pass the network's D)")
+                         "(a network/D mismatch; omit D / --D to use the network's)")
 
 
 def check_positive(name, value, allow_inf=False) -> float:

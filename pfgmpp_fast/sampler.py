@@ -64,7 +64,7 @@ def sample(net, latents: torch.Tensor, D, key, seeds, num_steps: int = 18, sigma
     or any denoiser callable `net(x, sigma[B], class_labels) -> D(x)`.  dtype: state
     precision (float32 or float64); net_dtype: network input dtype (default float32 for
     an EDMPrecond-like net, the state dtype for a plain callable).  Runs under
-    torch.no_grad() unless requires_grad=True.  NaN/Inf in the latents, in the network's
+    torch.no_grad() unless requires_grad=True (then on the differentiable reference updates).  NaN/Inf in the latents, in the network's
     output at any step or in the result raises FloatingPointError naming the seeds and the
     step (flags kept on the device, read once at the end).  D must be the network's own D.
     """
@@ -81,7 +81,7 @@ class Sampler:
                  rho: float = 7.0, solver: str = "heun", S_churn: float = 0.0, S_min: float = 0.0,
                  S_max: float = float("inf"), S_noise: float = 1.0, alpha: float = 0.0, dtype=torch.float32,
                  net_dtype=None, backend: str = "auto", progress: bool = False, channels_last=None):
-        self.D, self.key = checks.check_D(D), checks.check_key(key)
+        self.D, self.key = checks.parse_D(D), checks.check_key(key)
         checks.check_sampler_options(solver, S_churn, S_min, S_max, S_noise, alpha, dtype)
         if net_dtype is not None and net_dtype not in ops.NET_DTYPES:
             raise TypeError(f"net_dtype must be one of {ops.NET_DTYPES}, got {net_dtype}")
@@ -103,8 +103,10 @@ class Sampler:
         seeds = checks.check_sample_ids(seeds, name="seeds", device=latents.device)
         checks.check_images("latents", latents, batch=seeds.shape[0])
         checks.check_net_D(net, self.D)
+        # The fused update kernels have no backward: a differentiable run takes the reference ops.
+        options = dict(self.options, backend="reference") if requires_grad else self.options
         with torch.set_grad_enabled(bool(requires_grad)):
-            return _sample(net, latents, self.key, seeds, self.t, class_labels=class_labels, **self.options)
+            return _sample(net, latents, self.key, seeds, self.t, class_labels=class_labels, **options)
 
 
 def _sample(net, latents, key: int, seeds, t, solver="heun", S_churn=0.0, S_min=0.0, S_max=float("inf"),

@@ -85,9 +85,7 @@ def resolve_D(net, D=None) -> float:
     net_D = _network_D(net)
     if D is not None:
         D = checks.parse_D(D)
-        if net_D is not None and D != net_D:
-            raise ValueError(f"D={D:g} was given but the network was trained with D={net_D:g}; "
-                             "sampling with a different D is a network/D mismatch (omit --D to use the network's)")
+        checks.check_net_D(net, D)
         return D
     if net_D is None:
         raise ValueError("the network has no attribute D; pass D explicitly")
@@ -116,9 +114,11 @@ def generate_images(net, seeds, batch_size: int = 64, num_steps: int = 18, sigma
     seeds = np.sort(np.asarray(seeds, dtype=np.int64)) if len(seeds) else np.zeros(0, np.int64)
     if seeds.size and (seeds[0] < 0):
         raise ValueError(f"seeds: seed {int(seeds[0])} is out of range; seeds must be in [0, 2^63)")
-    D = resolve_D(net, D)
-    sampler = Sampler(D, key, num_steps, sigma_min, sigma_max, rho, solver, S_churn, S_min, S_max, S_noise, alpha,
-                      dtype, net_dtype, backend)          # checks the options once per call
+    if D is None and _network_D(net) is None:
+        raise ValueError("the network has no attribute D; pass D explicitly")
+    sampler = Sampler(_network_D(net) if D is None else D, key, num_steps, sigma_min, sigma_max, rho, solver, S_churn, S_min, S_max, S_noise, alpha,
+                      dtype, net_dtype, backend)          # checks D and the options once per call
+    checks.check_net_D(net, sampler.D)
     if image_shape is None:
         if not all(hasattr(net, a) for a in ("img_channels", "img_resolution")):
             raise ValueError("image_shape is needed for a network without img_channels/img_resolution")
