@@ -272,7 +272,11 @@ def prior(shape, D, sigma_max, key, seeds, dtype=torch.float32, device=None, bac
         raise TypeError(f"dtype must be torch.float32 or torch.float64, got {dtype}")
     sigma_max = checks.check_sigma_max("sigma_max", sigma_max)
     key, D = checks.check_key(key), checks.check_D(D)
-    return _prior(shape, D, sigma_max, key, seeds, dtype, backend)
+    latents = _prior(shape, D, sigma_max, key, seeds, dtype, backend)
+    report = checks.DeviceReport()
+    report.ids(seeds, "seeds")          # on a GPU: read once (on the CPU check_sample_ids did it)
+    report.raise_if_any()
+    return latents
 
 
 def _prior(shape, D: float, sigma_max: float, key: int, seeds: Tensor, dtype, backend: str) -> Tensor:

@@ -12,7 +12,8 @@ from pfgmpp_fast import reference as R
 from pfgmpp_fast.evaluation import generate as G
 from pfgmpp_fast.networks import build_network
 
-BACKENDS = ["reference"] + (["cpu"] if ops.has_extension() else [])
+BACKENDS = (["reference"] + (["cpu"] if ops.has_extension() else [])
+            + (["triton"] if ops.triton_available(torch.device("cpu")) else []))
 
 
 def tiny_net(D=8.0):
@@ -214,3 +215,30 @@ def test_sample_keeps_no_autograd_graph_unless_asked():
         x_grad.sum().backward()
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in net.parameters() if p.requires_grad)
     assert torch.allclose(x_grad.detach(), x, rtol=1e-4, atol=1e-4)
+
+
+# ------------------------------------------------------------------------------------ on a GPU
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+def test_gpu_reports_from_one_device_read(backend, monkeypatch):
+    """On CUDA, negative ids and NaN/Inf are flagged on the device and read once per call."""
+    if backend == "cuda" and not ops.has_cuda_kernels():
+        pytest.skip("built without the CUDA kernels")
+    dev = torch.device("cuda")
+    y = torch.randn(3, 1, 4, 4, device=dev)
+    with pytest.raises(ValueError, match=r"sample_ids must be in \[0, 2\^63\), got \[-2\]"):
+        pf.perturb(y, 1.0, 8, 0, torch.tensor([0, -2, 1], device=dev), backend=backend)
+    with pytest.raises(ValueError, match=r"seeds must be in \[0, 2\^63\)"):
+        pf.prior((3, 1, 4, 4), 8, 80.0, 0, torch.tensor([0, -2, 1], device=dev), backend=backend)
+    y[1, 0, 0, 0] = float("nan")
+    with pytest.raises(FloatingPointError, match=r"y contains NaN/Inf for sample_ids \[11\]"):
+        pf.perturb(y, 1.0, 8, 0, torch.tensor([10, 11, 12], device=dev), backend=backend)
+    net = Plain((3, float("inf"))).to(dev)
+    reads = []
+    original = checks.DeviceReport.raise_if_any
+    monkeypatch.setattr(checks.DeviceReport, "raise_if_any", lambda self: (reads.append(1), original(self))[1])
+    with pytest.raises(FloatingPointError, match=r"seeds \[31\] \(first at step \[1\]"):
+        pf.sample(net, torch.randn(3, 1, 4, 4, device=dev) * 80, 8, 0, torch.tensor([30, 31, 32], device=dev),
+                  num_steps=3, backend=backend)
+    assert len(reads) == 1
