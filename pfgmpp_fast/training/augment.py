@@ -35,7 +35,7 @@ from typing import Tuple
 import torch
 import torch.nn.functional as Fn
 
-from pfgmpp_fast import checks, reference
+from pfgmpp_fast import checks, ops, reference
 
 __all__ = ["AugmentPipe", "STREAM_AUGMENT", "augment_dim"]
 
@@ -134,7 +134,6 @@ class AugmentPipe:
         if backend == "reference":
             z = reference.normal(key, sample_ids, _NUM_DRAWS, STREAM_AUGMENT)
         else:
-            from pfgmpp_fast import ops
             z = ops.philox_normal(sample_ids, key, _NUM_DRAWS, STREAM_AUGMENT, backend=backend)
         z = z.to(device=device, dtype=torch.float32)                                    # [B, 24]
         u = _uniform(z)
