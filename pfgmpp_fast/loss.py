@@ -52,9 +52,16 @@ def training_loss(net, y: torch.Tensor, D, key, sample_ids, P_mean: float = -1.2
     loop passes False and counts non-finite steps on the device instead).
     """
     key, D, sample_ids = checks.check_common("y", y, key, D, sample_ids)
-    checks.check_net_D(net, D)
     R.check_training_options(P_mean, P_std)
     sigma_data = checks.check_positive("sigma_data", sigma_data)
+    return _checked_call(net, y, D, key, sample_ids, P_mean, P_std, sigma_data, labels, augment_labels,
+                         backend, net_dtype, channels_last, check_finite)
+
+
+def _checked_call(net, y, D: float, key: int, sample_ids, P_mean, P_std, sigma_data, labels, augment_labels,
+                  backend, net_dtype, channels_last, check_finite):
+    """The per-call checks that need the network, the loss, and its NaN/Inf report."""
+    checks.check_net_D(net, D)
     if net_dtype is not None and net_dtype not in ops.NET_DTYPES:
         raise TypeError(f"net_dtype must be one of {ops.NET_DTYPES} or None, got {net_dtype}")
     loss, F, s = _training_loss(net, y, D, key, sample_ids, P_mean, P_std, sigma_data, labels, augment_labels,
@@ -133,8 +140,12 @@ class PFGMPPLoss(nn.Module):
         self.backend = backend
 
     def forward(self, net, y, key, sample_ids, labels=None, augment_labels=None, net_dtype=None):
-        return training_loss(net, y, self.D, key, sample_ids, self.P_mean, self.P_std,
-                             self.sigma_data, labels, augment_labels, self.backend, net_dtype)
+        """The loss of one batch; D and the options were checked once, at construction."""
+        checks.check_images("y", y)
+        sample_ids = checks.check_sample_ids(sample_ids, device=y.device)
+        checks.check_images("y", y, batch=sample_ids.shape[0])
+        return _checked_call(net, y, self.D, checks.check_key(key), sample_ids, self.P_mean, self.P_std,
+                             self.sigma_data, labels, augment_labels, self.backend, net_dtype, None, True)
 
     def extra_repr(self):
         return f"D={self.D}, P_mean={self.P_mean}, P_std={self.P_std}, sigma_data={self.sigma_data}, backend={self.backend!r}"

@@ -75,6 +75,16 @@ def test_generate_images_checks_D_once(monkeypatch):
     assert len(out) == 3 and len(calls) == 1
 
 
+def test_pfgmpp_loss_checks_D_at_construction_only(monkeypatch):
+    calls = _count_check_D(monkeypatch)
+    loss = pf.PFGMPPLoss(D=8)
+    for step in range(3):
+        loss(Plain(), torch.randn(2, 1, 4, 4), 0, torch.arange(2 * step, 2 * step + 2))
+    assert len(calls) == 1
+    with pytest.raises(ValueError, match="network was trained with D=16"):
+        loss(Plain(D=16.0), torch.randn(2, 1, 4, 4), 0, torch.arange(2))
+
+
 @pytest.mark.parametrize("api", ["perturb", "prior", "training_loss", "sample", "ref_perturb", "ref_sample"])
 def test_public_functions_check_D_once(monkeypatch, api):
     y, ids = torch.randn(2, 1, 4, 4), torch.arange(2)
