@@ -132,8 +132,8 @@ def check_sigma_max(name, value) -> float:
 class DeviceReport:
     """Conditions evaluated on the device and read back once per call (one host sync).
 
-    `add(bad, explain)`: `bad` is a bool tensor [B] (or an int tensor, < 0 meaning fine,
-    else a step index), `explain(rows, values)` builds the message for the bad rows.
+    `add(bad, explain)`: `bad` is a bool tensor [B] (or an int64 tensor [B]: -1 fine,
+    else the step where it went wrong), `explain(rows, values)` builds the message for the bad rows.
     `raise_if_any()` reads every flag at once and raises the first failure."""
 
     def __init__(self):
@@ -166,7 +166,6 @@ class DeviceReport:
             if rows.numel():
                 values = part[rows] - (0 if bad.dtype == torch.bool else 1)
                 raise error(explain(rows.tolist(), values.tolist()))
-
 
 
 def parse_D(text) -> float:
