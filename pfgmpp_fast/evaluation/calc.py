@@ -95,9 +95,12 @@ class images_source(Source):
 # ----------------------------------------------------------------------------------------
 # Streaming, sharded, resumable statistics
 
-def _config_string(source: Source, extractor) -> str:
+def _config_string(source: Source, extractor, device="cpu") -> str:
+    """Everything that changes the images or their features (the source's description holds the
+    sampler settings, weights and resolved network numerics; features run on ``device``)."""
     cfg = {"source": source.describe(), "features": getattr(extractor, "name", type(extractor).__name__),
-           "dim": int(extractor.dim), "features_sha256": getattr(extractor, "sha256", None)}
+           "dim": int(extractor.dim), "features_sha256": getattr(extractor, "sha256", None),
+           "features_device_type": torch.device(device).type}
     return json.dumps(cfg, sort_keys=True, default=str)
 
 
@@ -141,13 +144,13 @@ def calc_stats(source: Source, extractor, num: Optional[int] = None, batch_size:
             raise RuntimeError(f"counted {stats.count} images, expected {len(ids)}")
         return stats
 
-    config = _config_string(source, extractor)
+    config = _config_string(source, extractor, device)
     shards = [ids[i:i + shard_size] for i in range(0, len(ids), shard_size)]
     expected = {_shard_name(s) for s in shards}
     os.makedirs(outdir, exist_ok=True)
     if rank == 0:                        # leftovers of a write that was killed half-way
         for name in os.listdir(outdir):
-            if is_temp_file(name) and name.startswith(".stats-"):
+            if is_temp_file(name):      # shards, stats.npz, result.json
                 os.unlink(os.path.join(outdir, name))
     present = {f for f in os.listdir(outdir) if SHARD_RE.match(f)}
     foreign = sorted(present - expected)

@@ -33,6 +33,7 @@ import glob
 import json
 import os
 import re
+import shutil
 import sys
 import time
 from typing import Optional
@@ -43,6 +44,7 @@ from pfgmpp_fast import reference as R
 from pfgmpp_fast.checkpoint import find_latest_snapshot, load_network, save_network
 from pfgmpp_fast.training.options import PRECISIONS, RESUME_KEYS, TrainingError, TrainingOptions, jsonable, resolve_options
 from pfgmpp_fast.utils import distributed, faults
+from pfgmpp_fast.training.run_files import drop_stats_after, remove_temp_files
 from pfgmpp_fast.utils.io_utils import append_line, atomic_save_json, atomic_torch_save_state, is_temp_file, load_torch_state
 
 __all__ = ["TrainingRun", "run_training", "find_latest_state", "find_latest_snapshot", "TrainingError"]
@@ -349,7 +351,7 @@ class TrainingRun:
                     continue
 
             # ---- end of a tick: the one host sync of the tick --------------------------
-            loss_sum, loss_count, nonfinite = self._reduce_tick()
+            loss_sum, loss_count, nonfinite, last_step_bad, weights_bad = self._reduce_tick()
             tick_end_time = time.time()
             tick_time = tick_end_time - tick_start_time
             tick_imgs = self.cur_nimg - tick_start_nimg
@@ -381,23 +383,11 @@ class TrainingRun:
                     append_line(self.log_path, line)
                 else:
                     self.log(line)
-            if self.nonfinite_total > o["max_nonfinite"]:
-                raise TrainingError(
-                    f"{self.nonfinite_total} training steps had a non-finite loss (NaN/Inf), more than "
-                    f"max_nonfinite={o['max_nonfinite']}: stopping at kimg {self.cur_nimg / 1000:.3f}. Their updates "
-                    "were skipped. Lower the learning rate, use --precision fp32/bf16, or check the data.")
+            self._stop_if_diverged(done, last_step_bad, weights_bad)
 
             # ---- snapshots and training state ------------------------------------------
             maint_start = time.time()
-            kimg_tag = f"{self.cur_nimg // 1000:06d}"
-            if o["snap_ticks"] is not None and (done or self.cur_tick % o["snap_ticks"] == 0) and self.rank0:
-                save_network(os.path.join(o["run_dir"], f"network-snapshot-{kimg_tag}.safetensors"), self.ema,
-                             extra_metadata={"kimg": self.cur_nimg / 1000, "seed": o["seed"], "D": jsonable(o["D"])})
-            if o["dump_ticks"] is not None and (done or (self.cur_tick % o["dump_ticks"] == 0 and self.cur_tick != 0)):
-                state = self.state_dict()
-                if self.rank0:
-                    atomic_torch_save_state(os.path.join(o["run_dir"], f"training-state-{kimg_tag}.pt"), state)
-                distributed.barrier()
+            self._write_files(done, last_step_bad)
             maintenance = time.time() - maint_start
 
             if done:
@@ -409,17 +399,71 @@ class TrainingRun:
         if bar is not None:
             bar.close()
 
+    def _write_files(self, done: bool, last_step_bad: bool):
+        """The tick's network snapshot (not of a diverged network) and training state, when due."""
+        o, kimg_tag = self.o, f"{self.cur_nimg // 1000:06d}"
+        snap_due = o["snap_ticks"] is not None and (done or self.cur_tick % o["snap_ticks"] == 0)
+        # every rank probes (identical EMA weights), so all of them stop together on divergence
+        if snap_due and not last_step_bad and self._ema_is_sane(done) and self.rank0:
+            save_network(os.path.join(o["run_dir"], f"network-snapshot-{kimg_tag}.safetensors"), self.ema,
+                         extra_metadata={"kimg": self.cur_nimg / 1000, "seed": o["seed"], "D": jsonable(o["D"])})
+        if o["dump_ticks"] is not None and (done or (self.cur_tick % o["dump_ticks"] == 0 and self.cur_tick != 0)):
+            state = self.state_dict()
+            if self.rank0:
+                atomic_torch_save_state(os.path.join(o["run_dir"], f"training-state-{kimg_tag}.pt"), state)
+            distributed.barrier()
+
+    def _stop_if_diverged(self, done: bool, last_step_bad: bool, weights_bad: bool):
+        """TrainingError when the weights are non-finite, the non-finite budget is spent, or the
+        run ends on a non-finite step; a tick that ends on one gets no snapshot (logged)."""
+        if weights_bad:
+            raise TrainingError(f"the network weights became non-finite (NaN/Inf) by kimg {self.cur_nimg / 1000:.3f}: "
+                                "stopping without writing them. Lower the learning rate or check the data.")
+        if self.nonfinite_total > self.o["max_nonfinite"]:
+            raise TrainingError(
+                f"{self.nonfinite_total} training steps had a non-finite loss (NaN/Inf), more than "
+                f"max_nonfinite={self.o['max_nonfinite']}: stopping at kimg {self.cur_nimg / 1000:.3f}. Their updates "
+                "were skipped. Lower the learning rate, use --precision fp32/bf16, or check the data.")
+        if last_step_bad:       # the network diverged by the end of this tick: no snapshot of it
+            if done:
+                raise TrainingError(
+                    f"the run ended with a non-finite loss (NaN/Inf) at kimg {self.cur_nimg / 1000:.3f} "
+                    f"({self.nonfinite_total} non-finite steps in all); no final snapshot was written. "
+                    "Lower the learning rate, use --precision fp32/bf16, or check the data.")
+            self.log(f"tick {self.cur_tick}: the last step had a non-finite loss; no network snapshot this tick")
+
+    @torch.no_grad()
+    def _ema_is_sane(self, done: bool) -> bool:
+        """Whether the EMA network's denoising error on a fixed data batch is finite in float32
+        (a network that diverged within the tick's last update is not written as a snapshot)."""
+        y, labels = self.dataset.get_batch(torch.arange(min(8, len(self.dataset))), device=self.device)
+        map_augment = getattr(self.ema.model, "map_augment", None)
+        aug = None if map_augment is None else torch.zeros(y.shape[0], map_augment.in_features, device=self.device)
+        sigma = torch.full((y.shape[0],), float(self.o["sigma_data"]), device=self.device)
+        error = (self.ema(y, sigma, labels, augment_labels=aug).float() - y).square().mean()
+        if bool(torch.isfinite(error)):
+            return True
+        message = (f"the network diverged at kimg {self.cur_nimg / 1000:.3f} (its denoising error is not finite): "
+                   "no snapshot written")
+        if done:
+            raise TrainingError(message + ". Lower the learning rate or check the data.")
+        self.log(f"tick {self.cur_tick}: {message}")
+        return False
+
     def _reduce_tick(self):
-        """(Σ loss, images with a finite loss, non-finite steps) of the tick over all ranks."""
-        packed = torch.stack([self.loss_acc, self.loss_count, self.nonfinite.double()])
+        """(Σ loss, images with a finite loss, non-finite steps, last step non-finite, weights
+        non-finite) of the tick over all ranks: checked on the device, read in this one sync."""
+        weights_bad = torch.stack([~torch.isfinite(p).all() for p in self.params + self.ema_params]).any()
+        packed = torch.stack([self.loss_acc, self.loss_count, self.nonfinite.double(), self.found_inf.double(),
+                              weights_bad.double()])
         if distributed.is_enabled():
             torch.distributed.all_reduce(packed)
             packed[2] /= self.world_size       # found_inf is identical on all ranks
-        loss_sum, loss_count, nonfinite = packed.tolist()
+        loss_sum, loss_count, nonfinite, last_bad, weights_bad = packed.tolist()
         self.loss_acc.zero_()
         self.loss_count.zero_()
         self.nonfinite.zero_()
-        return loss_sum, loss_count, int(round(nonfinite))
+        return loss_sum, loss_count, int(round(nonfinite)), last_bad > 0, weights_bad > 0
 
 
 class _LossModule(torch.nn.Module):
@@ -503,17 +547,27 @@ def run_training(run_dir=None, **options) -> str:
         options["run_dir"] = run_dir
     o = resolve_options(**options)
     device = distributed.init(o["device"])
+    created = not os.path.exists(o["run_dir"])
     try:
         os.makedirs(o["run_dir"], exist_ok=True)
         run = TrainingRun(o, device)
         resume_path = None
+        if o["resume"] and run.rank0:
+            remove_temp_files(o["run_dir"], run.log)
         if o["resume"] == "auto":
             resume_path = find_latest_state(o["run_dir"], log=run.log)
         elif o["resume"]:
             resume_path = o["resume"]
-        run.setup()
+        try:
+            run.setup()
+        except BaseException:      # bad data/options: leave no empty run directory behind
+            if created and run.rank0:
+                shutil.rmtree(o["run_dir"], ignore_errors=True)
+            raise
         if resume_path:
             run.load_state(resume_path)
+            if run.rank0:
+                drop_stats_after(os.path.join(o["run_dir"], "stats.jsonl"), run.cur_tick)
             run.log(f"resume: continuing from {resume_path} at kimg {run.cur_nimg / 1000:.3f}")
         elif o["resume"] == "auto":
             run.log("resume: no training state found; starting a new run")

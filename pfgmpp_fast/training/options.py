@@ -9,11 +9,11 @@ import dataclasses
 import json
 import math
 import os
-import sys
 from typing import Optional
 
 import torch
 
+from pfgmpp_fast.cli import command
 from pfgmpp_fast import checks
 
 __all__ = ["TrainingOptions", "DEFAULTS", "ARCHES", "PRECISIONS", "BACKENDS", "RESUME_KEYS", "TrainingError",
@@ -199,41 +199,78 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     a("--device", default=d["device"])
     a("--resume", default=None, help="'auto' (newest intact state in the run dir) or a training-state file")
     a("--transfer", default=None, help="initialise the network from this file")
-    a("--trust-pickle", action="store_true", help="allow loading a published pickle for --transfer (runs code!)")
+    a("--trust-pickle", action="store_true",
+      help="allow importing a published pickle for --transfer (read without running its code; TorchScript is refused)")
     a("--max-nonfinite", type=int, default=d["max_nonfinite"], help="stop after this many non-finite losses")
     a("--deterministic", action="store_true")
     a("--no-progress", dest="progress", action="store_false", default="auto")
     a("--max-size", type=int, default=None, help="use only the first N images")
     a("--dry-run", action="store_true", help="print the resolved options and exit")
+    from pfgmpp_fast.cli import add_threads_argument
+    add_threads_argument(parser)
 
 
 def options_from_args(args) -> dict:
+    from pfgmpp_fast.cli import UsageError
     o = {k: getattr(args, k) for k in DEFAULTS if hasattr(args, k)}
     o["ema_halflife_kimg"] = args.ema_halflife_mimg * 1000
     if o.get("compile") is None:
         o["compile"] = "auto"
     if o.get("channels_last") is None:
         o["channels_last"] = "auto"
-    network = json.loads(args.network) if args.network else {}
+    try:
+        network = json.loads(args.network) if args.network else {}
+    except json.JSONDecodeError as exc:
+        raise UsageError("--network", f"must be a JSON object of network overrides, e.g. "
+                                      f"'{{\"model_channels\": 64}}', got {args.network!r} ({exc})") from None
+    if not isinstance(network, dict):
+        raise UsageError("--network", f"must be a JSON object of network overrides, got {args.network!r}")
     if args.cres:
-        network["channel_mult"] = [int(x) for x in str(args.cres).split(",")]
+        try:
+            network["channel_mult"] = [int(x) for x in str(args.cres).split(",")]
+        except ValueError:
+            raise UsageError("--cres", f"must be comma-separated integers >= 1, e.g. 1,2,2,2, got {args.cres!r}") from None
+        if any(c < 1 for c in network["channel_mult"]):
+            raise UsageError("--cres", f"must be comma-separated integers >= 1, e.g. 1,2,2,2, got {args.cres!r}")
     o["network"] = network
     return o
 
 
-def main(args) -> int:
+# CLI option of each TrainingOptions field (resolve_options names the field; the CLI names the option).
+_OPTION_OF = {"run_dir": "--outdir", "D": "--D", "batch_gpu": "--batch-gpu", "lr_rampup_kimg": "--lr-rampup",
+              "ema_halflife_kimg": "--ema", "ema_rampup_ratio": "--ema-rampup", "duration_mimg": "--duration",
+              "tick_kimg": "--tick", "snap_ticks": "--snap", "dump_ticks": "--dump", "loss_scaling": "--ls",
+              "max_nonfinite": "--max-nonfinite", "max_size": "--max-size", "trust_pickle": "--trust-pickle"}
+
+
+def _resolve_from_args(args) -> TrainingOptions:
+    from pfgmpp_fast.cli import UsageError
     try:
-        o = resolve_options(**options_from_args(args))
-    except (ValueError, TypeError, FileNotFoundError, json.JSONDecodeError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+        return resolve_options(**options_from_args(args))
+    except UsageError:
+        raise
+    except (ValueError, TypeError, FileNotFoundError) as exc:
+        text = str(exc)
+        field = next((f for f in sorted(DEFAULTS, key=len, reverse=True) if text.startswith(f)), None)
+        option = _OPTION_OF.get(field, "--" + field.replace("_", "-")) if field else "train"
+        raise UsageError(option, text) from None
+
+
+@command
+def main(args) -> int:
+    from pfgmpp_fast.cli import UsageError, blame, check_output_path
+    o = _resolve_from_args(args)
+    if o["data"] != "digits" and not os.path.exists(o["data"]):
+        raise UsageError("--data", f"no such data set {o['data']!r}: give 'digits', a folder or .zip of images, "
+                                   "or a .npy/.npz file")
+    check_output_path("--outdir", o["run_dir"], is_dir=True)
+    from pfgmpp_fast.utils import distributed
+    with blame("--device"):
+        device = distributed.pick_device(o["device"])
     if args.dry_run:
         print(json.dumps(jsonable(o.as_dict()), indent=2, sort_keys=True))
         return 0
     from pfgmpp_fast.training.loop import run_training
-    try:
-        run_training(**o.as_dict())
-    except (ValueError, TypeError, FileNotFoundError, TrainingError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
+    distributed.set_cpu_threads(device, args.threads)
+    run_training(**o.as_dict())
     return 0
