@@ -11,8 +11,9 @@ import numpy as np
 import torch
 
 __all__ = ["check_key", "check_D", "parse_D", "check_sample_ids", "check_positive", "check_images",
-           "check_sampler_options", "check_sigma", "as_bool", "check_number", "parse_int_list", "check_seeds",
-           "check_net_D", "check_sigma_max", "check_common", "format_ids", "DeviceReport", "MAX_SEED", "MAX_SEEDS", "MAX_SIGMA"]
+           "check_sampler_options", "check_training_options", "check_sigma", "as_bool", "check_number",
+           "parse_int_list", "check_seeds", "check_net_D", "check_sigma_max", "check_common", "format_ids",
+           "DeviceReport", "MAX_SEED", "MAX_SEEDS", "MAX_SIGMA"]
 
 MAX_SEED = 2 ** 63
 MAX_SEEDS = 10 ** 9
@@ -92,6 +93,13 @@ def check_images(name, y, batch=None) -> None:
         raise ValueError(f"{name} must have shape [B, ...] with at least 2 dims, got {tuple(y.shape)}")
     if batch is not None and y.shape[0] != batch:
         raise ValueError(f"{name} has batch size {y.shape[0]} but {batch} sample ids/seeds were given")
+
+
+def check_training_options(P_mean, P_std) -> None:
+    """The training noise-level distribution ln σ ~ N(P_mean, P_std²)."""
+    if isinstance(P_mean, bool) or not math.isfinite(P_mean):
+        raise ValueError(f"P_mean must be a finite number, got {P_mean!r}")
+    check_positive("P_std", P_std)
 
 
 def check_sampler_options(solver, S_churn, S_min, S_max, S_noise, alpha, dtype) -> None:

@@ -52,7 +52,7 @@ def training_loss(net, y: torch.Tensor, D, key, sample_ids, P_mean: float = -1.2
     loop passes False and counts non-finite steps on the device instead).
     """
     key, D, sample_ids = checks.check_common("y", y, key, D, sample_ids)
-    R.check_training_options(P_mean, P_std)
+    checks.check_training_options(P_mean, P_std)
     sigma_data = checks.check_positive("sigma_data", sigma_data)
     return _checked_call(net, y, D, key, sample_ids, P_mean, P_std, sigma_data, labels, augment_labels,
                          backend, net_dtype, channels_last, check_finite)
@@ -132,7 +132,7 @@ class PFGMPPLoss(nn.Module):
                  backend: str = "auto"):
         super().__init__()
         self.D = checks.check_D(D)
-        R.check_training_options(P_mean, P_std)
+        checks.check_training_options(P_mean, P_std)
         self.P_mean, self.P_std = float(P_mean), float(P_std)
         self.sigma_data = checks.check_positive("sigma_data", sigma_data)
         if backend not in ops.BACKENDS:

@@ -172,7 +172,7 @@ def _noise_scale(sigma: Tensor, D: float, key: int, sample_ids: Tensor, backend:
 def training_scalars(key, sample_ids, D, P_mean: float = -1.2, P_std: float = 1.2, backend: str = "auto"):
     """(σ, s) float64 [B] of the training step, drawn on the device (reference.training_scalars)."""
     sample_ids, key, D = checks.check_sample_ids(sample_ids), checks.check_key(key), checks.check_D(D)
-    R.check_training_options(P_mean, P_std)
+    checks.check_training_options(P_mean, P_std)
     return _training_scalars(key, sample_ids, D, P_mean, P_std, backend)
 
 

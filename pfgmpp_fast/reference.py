@@ -209,16 +209,10 @@ def _noise_scale(sigma: torch.Tensor, D: float, key: int, sample_ids: torch.Tens
     return (sigma * torch.sqrt(D / V)).clamp(max=MAX_SCALE)
 
 
-def check_training_options(P_mean, P_std) -> None:
-    if not math.isfinite(P_mean):
-        raise ValueError(f"P_mean must be finite, got {P_mean}")
-    checks.check_positive("P_std", P_std)
-
-
 def training_scalars(key, sample_ids, D, P_mean: float = -1.2, P_std: float = 1.2):
     """Training noise level σ ~ exp(N(P_mean, P_std²)) and scale s, float64 [B] each."""
     sample_ids, key, D = checks.check_sample_ids(sample_ids), checks.check_key(key), checks.check_D(D)
-    check_training_options(P_mean, P_std)
+    checks.check_training_options(P_mean, P_std)
     return _training_scalars(key, sample_ids, D, P_mean, P_std)
 
 
@@ -340,7 +334,7 @@ def training_loss(net: Callable, y: torch.Tensor, D, key, sample_ids, P_mean: fl
     (key, sample id). `net` is a denoiser net(x, sigma[B], class_labels, ...).
     """
     key, D, sample_ids = checks.check_common("y", y, key, D, sample_ids)
-    check_training_options(P_mean, P_std)
+    checks.check_training_options(P_mean, P_std)
     checks.check_positive("sigma_data", sigma_data)
     sigma, s = _training_scalars(key, sample_ids, D, P_mean, P_std)
     g = _normal(key, sample_ids, y[0].numel() if y.shape[0] else 0, STREAM_NOISE)
