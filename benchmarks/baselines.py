@@ -20,28 +20,17 @@ the same tensors as the fused ops.  They are a comparison baseline, not a spec.
 """
 from __future__ import annotations
 
-import math
-
 import numpy as np
 import torch
 
+from pfgmpp_fast import reference as R
+
 
 def published_perturb_net_input(y, sigma, D, c_in, rng: np.random.Generator, out_dtype=torch.float32):
-    """Host Beta draw + sphere normalisation + separate ops, then c_in·x in out_dtype."""
-    B = y.shape[0]
-    N = y[0].numel()
-    shape = (-1,) + (1,) * (y.dim() - 1)
-    if math.isinf(D):
-        x = y + sigma.view(shape) * torch.randn_like(y)
-    else:
-        r = sigma.to(torch.float64) * math.sqrt(D)
-        beta = np.clip(rng.beta(N / 2.0, D / 2.0, size=B), 1e-3, 1 - 1e-3).astype(np.double)
-        inverse_beta = torch.from_numpy(beta / (1 - beta + 1e-8)).to(y.device)  # host -> device
-        radius = (r * torch.sqrt(inverse_beta + 1e-8)).view(B, 1)
-        gaussian = torch.randn(B, N, device=y.device)
-        unit = gaussian / torch.norm(gaussian, p=2, dim=1, keepdim=True)
-        x = y + (unit * radius).to(y.dtype).view_as(y)
-    return (c_in.view(shape) * x).to(out_dtype), x
+    """Host Beta draw + sphere normalisation + separate ops (reference.published_displacement),
+    then c_in·x in out_dtype."""
+    x = R.published_displacement(y, sigma, D, rng)
+    return (c_in.view((-1,) + (1,) * (y.dim() - 1)) * x).to(out_dtype), x
 
 
 def published_loss_fwd_bwd(F, x, y, sigma, c_skip, c_out, sigma_data=0.5):

@@ -11,6 +11,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from pfgmpp_fast.reference import compute_dtype
+
 from .layout import (TL_DTYPE, BlockPlan, Layout, cast_for_store, check_image, check_out_dtype, check_per_sample,
                      check_sample_size, element_offsets, empty_image, grid, launch, register, split_key,
                      tile_elements, wants_tiling)
@@ -43,10 +45,6 @@ def _perturb_kernel(y_ptr, scale_ptr, cin_ptr, sid_ptr, net_ptr, x_ptr,
     tl.store(net_ptr + n_off, cast_for_store(c_in * x, net_ptr), mask=mask)
     if WRITE_X:
         tl.store(x_ptr + b.to(tl.int64) * N + e, x, mask=mask)
-
-
-def compute_dtype(t: torch.Tensor):
-    return torch.float64 if t.dtype == torch.float64 else torch.float32
 
 
 def perturb(y: Tensor, scale: Tensor, c_in: Tensor, sample_ids: Tensor, key: int, stream: int,

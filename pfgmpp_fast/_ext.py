@@ -13,6 +13,8 @@ from typing import Optional
 
 import torch
 
+from pfgmpp_fast.reference import compute_dtype
+
 _BUILD_HINT = (
     "pfgmpp_fast._C (the C++/CUDA kernels) is not built. Build it from the repository root "
     "with `pip install --no-build-isolation -e .` (needs cmake>=3.30, ninja, pybind11 and a "
@@ -28,10 +30,6 @@ OP_NAMES = ("philox4x32", "philox_normal", "chi2", "perturb", "loss_fwd_bwd", "s
 HAS_EXTENSION = True
 HAS_CUDA_KERNELS = bool(
     torch._C._dispatch_has_kernel_for_dispatch_key("pfgmpp_fast::philox_normal", "CUDA"))
-
-
-def _compute_dtype(t: torch.Tensor) -> torch.dtype:
-    return torch.float64 if t.dtype == torch.float64 else torch.float32
 
 
 def _format(channels_last: bool, like: torch.Tensor) -> torch.memory_format:
@@ -64,7 +62,7 @@ def _register_fakes() -> None:
 
     @torch.library.register_fake(lib + "perturb")
     def _(y, scale, c_in, sample_ids, key, stream, out_dtype, channels_last, write_x):
-        cd = _compute_dtype(y)
+        cd = compute_dtype(y)
         net_in = torch.empty(y.shape, dtype=out_dtype, device=y.device,
                              memory_format=_format(channels_last, y))
         x = (torch.empty(y.shape, dtype=cd, device=y.device) if write_x

@@ -11,12 +11,13 @@ import numpy as np
 import torch
 
 __all__ = ["check_key", "check_D", "parse_D", "check_sample_ids", "check_positive", "check_images",
-           "check_sampler_options", "check_sigma", "as_bool", "check_number", "parse_int_list", "check_seeds",
-           "MAX_SEED", "MAX_SEEDS"]
+           "check_sampler_options", "check_training_options", "check_sigma", "as_bool", "check_number",
+           "parse_int_list", "check_seeds", "check_net_D", "check_sigma_max", "check_common", "format_ids",
+           "DeviceReport", "MAX_SEED", "MAX_SEEDS", "MAX_SIGMA"]
 
 MAX_SEED = 2 ** 63
 MAX_SEEDS = 10 ** 9
-
+MAX_SIGMA = 1e30    # = reference.MAX_SCALE: the largest noise scale every backend represents unclamped
 
 
 def check_key(key) -> int:
@@ -29,6 +30,8 @@ def check_key(key) -> int:
 
 
 def check_D(D) -> float:
+    if isinstance(D, bool):
+        raise TypeError(f"D must be a number in (0, inf], got the bool {D!r}")
     try:
         D = float(D)
     except (TypeError, ValueError):
@@ -48,7 +51,26 @@ def check_sample_ids(sample_ids, name="sample_ids", device=None) -> torch.Tensor
     sample_ids = sample_ids.to(torch.int64)
     if device is not None:
         sample_ids = sample_ids.to(device)
+    if (sample_ids.device.type == "cpu" and sample_ids.numel() and not torch.compiler.is_compiling()
+            and int(sample_ids.min()) < 0):   # free on the host; on a GPU see DeviceReport.ids
+        raise ValueError(f"{name} must be in [0, 2^63), got {int(sample_ids.min())}")
     return sample_ids
+
+
+def check_common(name, images, key, D, sample_ids, ids_name="sample_ids"):
+    """(key, D, sample ids) of a per-sample op on `images` [B, ...]: each checked once."""
+    check_images(name, images)
+    sample_ids = check_sample_ids(sample_ids, name=ids_name, device=images.device)
+    check_images(name, images, batch=sample_ids.shape[0])
+    return check_key(key), check_D(D), sample_ids
+
+
+def check_net_D(net, D: float) -> None:
+    """A D that disagrees with the network's own D (the one it was trained with) is an error."""
+    net_D = getattr(net, "D", None)
+    if isinstance(net_D, (int, float)) and not isinstance(net_D, bool) and float(net_D) != D:
+        raise ValueError(f"D={D:g} was given but the network was trained with D={float(net_D):g} "
+                         "(a network/D mismatch; omit D / --D to use the network's)")
 
 
 def check_positive(name, value, allow_inf=False) -> float:
@@ -73,6 +95,13 @@ def check_images(name, y, batch=None) -> None:
         raise ValueError(f"{name} has batch size {y.shape[0]} but {batch} sample ids/seeds were given")
 
 
+def check_training_options(P_mean, P_std) -> None:
+    """The training noise-level distribution ln σ ~ N(P_mean, P_std²)."""
+    if isinstance(P_mean, bool) or not math.isfinite(P_mean):
+        raise ValueError(f"P_mean must be a finite number, got {P_mean!r}")
+    check_positive("P_std", P_std)
+
+
 def check_sampler_options(solver, S_churn, S_min, S_max, S_noise, alpha, dtype) -> None:
     """The sampler's options (shared by reference.sample and the fused sampler)."""
     if solver not in ("heun", "euler"):
@@ -87,16 +116,64 @@ def check_sampler_options(solver, S_churn, S_min, S_max, S_noise, alpha, dtype) 
 
 
 def check_sigma(sigma, batch, device, dtype) -> torch.Tensor:
-    """σ as a [B] tensor; a scalar is broadcast. Must be finite and > 0."""
+    """σ as a [B] tensor; a scalar is broadcast. Must be in (0, MAX_SIGMA]."""
     sigma = torch.as_tensor(sigma, dtype=dtype, device=device)
     if sigma.dim() == 0:
         sigma = sigma.expand(batch)
     sigma = sigma.reshape(-1)
     if sigma.shape[0] != batch:
         raise ValueError(f"sigma must be a scalar or have shape [{batch}], got {tuple(sigma.shape)}")
-    if sigma.numel() and not bool(torch.isfinite(sigma).all() & (sigma > 0).all()):
-        raise ValueError("sigma must be finite and > 0 (allowed range (0, inf))")
+    if sigma.numel() and not bool(((sigma > 0) & (sigma <= MAX_SIGMA)).all()):   # NaN fails too
+        bad = sigma[~((sigma > 0) & (sigma <= MAX_SIGMA))][0].item()
+        raise ValueError(f"sigma must be in (0, {MAX_SIGMA:g}], got {bad}")
     return sigma
+
+
+def check_sigma_max(name, value) -> float:
+    """A scalar noise level in (0, MAX_SIGMA]."""
+    value = check_positive(name, value)
+    if value > MAX_SIGMA:
+        raise ValueError(f"{name} must be in (0, {MAX_SIGMA:g}], got {value}")
+    return value
+
+
+class DeviceReport:
+    """Conditions evaluated on the device and read back once per call (one host sync).
+
+    `add(bad, explain)`: `bad` is a bool tensor [B] (or an int64 tensor [B]: -1 fine,
+    else the step where it went wrong), `explain(rows, values)` builds the message for the bad rows.
+    `raise_if_any()` reads every flag at once and raises the first failure."""
+
+    def __init__(self):
+        self._items = []
+
+    def add(self, bad: torch.Tensor, explain, error=FloatingPointError) -> None:
+        self._items.append((bad.reshape(-1), explain, error))
+
+    def nonfinite(self, name: str, t: torch.Tensor, ids: torch.Tensor, ids_name: str = "sample_ids",
+                  hint: str = "") -> None:
+        """Report the rows of `t` [B, ...] holding NaN/Inf, by their sample ids."""
+        bad = ~torch.isfinite(t).flatten(1).all(dim=1) if t.dim() > 1 else ~torch.isfinite(t)
+        self.add(bad, lambda rows, _: f"{name} contains NaN/Inf for {ids_name} {format_ids(ids, rows)}{hint}")
+
+    def ids(self, ids: torch.Tensor, name: str = "sample_ids") -> None:
+        """Negative ids on a GPU, checked with the call's one host read (on the CPU check_sample_ids did it)."""
+        if ids.device.type != "cpu":
+            self.add(ids < 0, lambda rows, _: f"{name} must be in [0, 2^63), got {format_ids(ids, rows)}", ValueError)
+
+    def raise_if_any(self) -> None:
+        if not self._items:
+            return
+        flags = torch.cat([b.to(torch.int64) if b.dtype == torch.bool else b.to(torch.int64) + 1
+                           for b, _, _ in self._items]).cpu()            # the one host read
+        start = 0
+        for bad, explain, error in self._items:
+            part = flags[start:start + bad.numel()]
+            start += bad.numel()
+            rows = part.nonzero().flatten()
+            if rows.numel():
+                values = part[rows] - (0 if bad.dtype == torch.bool else 1)
+                raise error(explain(rows.tolist(), values.tolist()))
 
 
 def parse_D(text) -> float:
@@ -180,3 +257,9 @@ def check_seeds(seeds, name: str = "seeds") -> np.ndarray:
     if dup.size:
         raise ValueError(f"{name}: seed {int(dup[0])} appears more than once (each seed is one image)")
     return arr
+
+
+def format_ids(ids: torch.Tensor, rows, limit: int = 8) -> str:
+    """ids[rows] for a message, the first `limit` of them."""
+    values = ids[rows[:limit]].tolist()
+    return str(values) + (f" (and {len(rows) - limit} more)" if len(rows) > limit else "")

@@ -8,7 +8,6 @@ in the forward pass; backward only scales it.  Any other denoiser callable
 """
 from __future__ import annotations
 
-import math
 
 import torch
 from torch import nn
@@ -41,26 +40,45 @@ class FusedLoss(torch.autograd.Function):
 
 def training_loss(net, y: torch.Tensor, D, key, sample_ids, P_mean: float = -1.2,
                   P_std: float = 1.2, sigma_data: float = 0.5, labels=None, augment_labels=None,
-                  backend: str = "auto", net_dtype=None, channels_last=None) -> torch.Tensor:
+                  backend: str = "auto", net_dtype=None, channels_last=None, check_finite: bool = True) -> torch.Tensor:
     """Σ_pixels λ(σ)(D_θ(x, σ) − y)², averaged over the batch (reference.training_loss).
 
     net_dtype: dtype of the network input on the fused path (default float32);
     channels_last: write the network input channels-last (default: the net's
     `channels_last` attribute, else y's layout).  sigma_data is taken from the network
-    when it has one.
+    when it has one; a D that disagrees with the network's own D is an error.
+    check_finite: NaN/Inf in y, in the network output or in the loss raises FloatingPointError
+    naming the sample ids (one host read per call, skipped under torch.compile; the training
+    loop passes False and counts non-finite steps on the device instead).
     """
-    checks.check_images("y", y)
-    sample_ids = checks.check_sample_ids(sample_ids, device=y.device)
-    checks.check_images("y", y, batch=sample_ids.shape[0])
-    key, D = checks.check_key(key), checks.check_D(D)
+    key, D, sample_ids = checks.check_common("y", y, key, D, sample_ids)
+    checks.check_training_options(P_mean, P_std)
+    sigma_data = checks.check_positive("sigma_data", sigma_data)
+    return _checked_call(net, y, D, key, sample_ids, P_mean, P_std, sigma_data, labels, augment_labels,
+                         backend, net_dtype, channels_last, check_finite)
+
+
+def _checked_call(net, y, D: float, key: int, sample_ids, P_mean, P_std, sigma_data, labels, augment_labels,
+                  backend, net_dtype, channels_last, check_finite):
+    """The per-call checks that need the network, the loss, and its NaN/Inf report."""
+    checks.check_net_D(net, D)
     if net_dtype is not None and net_dtype not in ops.NET_DTYPES:
         raise TypeError(f"net_dtype must be one of {ops.NET_DTYPES} or None, got {net_dtype}")
-    sigma, s = ops.training_scalars(key, sample_ids, D, P_mean, P_std, backend=backend)
-    cd = torch.float64 if y.dtype == torch.float64 else torch.float32
+    loss, F, s = _training_loss(net, y, D, key, sample_ids, P_mean, P_std, sigma_data, labels, augment_labels,
+                                backend, net_dtype, channels_last)
+    if check_finite and not torch.compiler.is_compiling():
+        _report_nonfinite(y, F, loss, s, sample_ids, D)
+    return loss
+
+
+def _training_loss(net, y, D: float, key: int, sample_ids, P_mean, P_std, sigma_data, labels, augment_labels,
+                   backend, net_dtype, channels_last):
+    """(loss, network output, noise scale s) on checked arguments."""
+    sigma, s = ops._training_scalars(key, sample_ids, D, P_mean, P_std, backend)
+    cd = R.compute_dtype(y)
     kwargs = {} if augment_labels is None else {"augment_labels": augment_labels}
 
     if not _is_precond_net(net):
-        checks.check_positive("sigma_data", sigma_data)
         ones = torch.ones_like(s, dtype=cd)
         x, _ = ops.perturb_op(y, s.to(cd), ones, sample_ids, key, R.STREAM_NOISE, y.dtype,
                               ops._is_channels_last(y), False, backend=backend)
@@ -68,9 +86,10 @@ def training_loss(net, y: torch.Tensor, D, key, sample_ids, P_mean: float = -1.2
         denoised = net(x, sigma_net, labels, **kwargs)
         weight = (sigma_net ** 2 + sigma_data ** 2) / (sigma_net * sigma_data) ** 2
         shape = (-1, *[1] * (y.dim() - 1))
-        return (weight.view(shape) * (denoised.to(y.dtype) - y) ** 2).sum() / max(y.shape[0], 1)
+        loss = (weight.view(shape) * (denoised.to(y.dtype) - y) ** 2).sum() / max(y.shape[0], 1)
+        return loss, denoised, s
 
-    c_skip, c_out, c_in, c_noise = R.precond(sigma, float(net.sigma_data))
+    c_skip, c_out, c_in, c_noise = R.coefficients(sigma, float(net.sigma_data))
     if channels_last is None:
         channels_last = bool(getattr(net, "channels_last", False)) or ops._is_channels_last(y)
     net_in, _ = ops.perturb_op(y, s.to(cd), c_in.to(cd), sample_ids, key, R.STREAM_NOISE,
@@ -78,8 +97,32 @@ def training_loss(net, y: torch.Tensor, D, key, sample_ids, P_mean: float = -1.2
     F = net.raw(net_in, c_noise.to(torch.float32), labels, **kwargs)
     if F.shape != y.shape:
         raise ValueError(f"net.raw returned shape {tuple(F.shape)}, expected {tuple(y.shape)}")
-    return FusedLoss.apply(F, y, s.to(cd), c_skip.to(cd), c_out.to(cd), sample_ids, key,
-                           R.STREAM_NOISE, backend)
+    loss = FusedLoss.apply(F, y, s.to(cd), c_skip.to(cd), c_out.to(cd), sample_ids, key, R.STREAM_NOISE, backend)
+    return loss, F, s
+
+
+def _report_nonfinite(y, F, loss, s, sample_ids, D: float) -> None:
+    """What is not finite and where, from one host read: y, the network output, the loss."""
+    def scale_hint(rows=None):
+        s_max = float((s if rows is None else s[rows]).max()) if s.numel() else 0.0
+        if s_max < 1e6:
+            return ""
+        return (f"; with D={D:g} the noise scale σ·√(D/V), V ~ χ²_D, reaches {s_max:.3g} (small D puts V near 0: "
+                "the noise has infinite variance for D ≤ 2 and the loss overflows; use a larger D)")
+
+    report = checks.DeviceReport()
+    report.ids(sample_ids)
+    report.nonfinite("y", y, sample_ids)
+    report.nonfinite("the network output", F.detach(), sample_ids)
+    report.add(~torch.isfinite(loss.detach()).reshape(1),
+               lambda rows, _: f"the training loss is not finite ({float(loss):g}){scale_hint()}")
+    try:
+        report.raise_if_any()
+    except FloatingPointError as exc:
+        if "network output" in str(exc):
+            bad = (~torch.isfinite(F.detach().flatten(1)).all(dim=1)).nonzero().flatten()
+            raise FloatingPointError(f"{exc}{scale_hint(bad)}") from None
+        raise
 
 
 class PFGMPPLoss(nn.Module):
@@ -89,17 +132,20 @@ class PFGMPPLoss(nn.Module):
                  backend: str = "auto"):
         super().__init__()
         self.D = checks.check_D(D)
-        if not math.isfinite(P_mean):
-            raise ValueError(f"P_mean must be finite, got {P_mean}")
-        self.P_mean, self.P_std = float(P_mean), checks.check_positive("P_std", P_std)
+        checks.check_training_options(P_mean, P_std)
+        self.P_mean, self.P_std = float(P_mean), float(P_std)
         self.sigma_data = checks.check_positive("sigma_data", sigma_data)
         if backend not in ops.BACKENDS:
             raise ValueError(f"backend must be one of {ops.BACKENDS}, got {backend!r}")
         self.backend = backend
 
     def forward(self, net, y, key, sample_ids, labels=None, augment_labels=None, net_dtype=None):
-        return training_loss(net, y, self.D, key, sample_ids, self.P_mean, self.P_std,
-                             self.sigma_data, labels, augment_labels, self.backend, net_dtype)
+        """The loss of one batch; D and the options were checked once, at construction."""
+        checks.check_images("y", y)
+        sample_ids = checks.check_sample_ids(sample_ids, device=y.device)
+        checks.check_images("y", y, batch=sample_ids.shape[0])
+        return _checked_call(net, y, self.D, checks.check_key(key), sample_ids, self.P_mean, self.P_std,
+                             self.sigma_data, labels, augment_labels, self.backend, net_dtype, None, True)
 
     def extra_repr(self):
         return f"D={self.D}, P_mean={self.P_mean}, P_std={self.P_std}, sigma_data={self.sigma_data}, backend={self.backend!r}"

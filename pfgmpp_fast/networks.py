@@ -26,6 +26,8 @@ import torch
 import torch.nn.functional as F
 from torch.nn.functional import silu
 
+from pfgmpp_fast.reference import coefficients
+
 __all__ = [
     'Linear', 'Conv2d', 'GroupNorm', 'UNetBlock', 'PositionalEmbedding', 'FourierEmbedding',
     'SongUNet', 'DhariwalUNet', 'EDMPrecond', 'build_network', 'make_fast', 'FastNetwork',
@@ -621,13 +623,8 @@ class EDMPrecond(torch.nn.Module):
         return class_labels.to(torch.float32).reshape(-1, self.label_dim)
 
     def coefficients(self, sigma):
-        """(c_skip, c_out, c_in, c_noise) for a sigma tensor of shape [B, 1, 1, 1]."""
-        sd = self.sigma_data
-        c_skip = sd ** 2 / (sigma ** 2 + sd ** 2)
-        c_out = sigma * sd / (sigma ** 2 + sd ** 2).sqrt()
-        c_in = 1 / (sd ** 2 + sigma ** 2).sqrt()
-        c_noise = sigma.log() / 4
-        return c_skip, c_out, c_in, c_noise
+        """(c_skip, c_out, c_in, c_noise) for a sigma tensor of shape [B, 1, 1, 1] (reference.precond)."""
+        return coefficients(sigma, self.sigma_data)
 
     def forward(self, x, sigma, class_labels=None, force_fp32=False, augment_labels=None, **model_kwargs):
         x = x.to(torch.float32)

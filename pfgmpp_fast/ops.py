@@ -109,14 +109,14 @@ def philox4x32(counter: Tensor, key: int, backend: str = "auto") -> Tensor:
 def philox_normal(sample_ids: Tensor, key: int, n: int, stream: int, backend: str = "auto") -> Tensor:
     b = resolve_backend(backend, sample_ids.device)
     if b == "reference":
-        return R.normal(key, sample_ids, n, stream)
+        return R._normal(int(key), sample_ids, int(n), int(stream))
     return _op("philox_normal", b)(sample_ids, int(key), int(n), int(stream))
 
 
 def chi2(sample_ids: Tensor, key: int, D: float, stream: int = R.STREAM_CHI2, backend: str = "auto") -> Tensor:
     b = resolve_backend(backend, sample_ids.device)
     if b == "reference":
-        return R.chi2(key, sample_ids, D, stream)
+        return R._chi2(int(key), sample_ids, float(D), int(stream))
     return _op("chi2", b)(sample_ids, int(key), float(D), int(stream))
 
 
@@ -148,11 +148,8 @@ def sampler_update(x, F, base, A, Bf, h1, h2, sample_ids, key, alpha_scale, alph
 
 
 # ----------------------------------------------------------------------------------------
-# Public fast API (same semantics as reference.perturb / reference.prior)
-
-def _compute_dtype(t: Tensor):
-    return torch.float64 if t.dtype == torch.float64 else torch.float32
-
+# Public fast API (same semantics as reference.perturb / reference.prior). The public functions
+# check their arguments once; the private _noise_scale, _training_scalars, _prior take checked ones.
 
 def _is_channels_last(t: Tensor) -> bool:
     return t.dim() == 4 and not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last)
@@ -160,7 +157,11 @@ def _is_channels_last(t: Tensor) -> bool:
 
 def noise_scale(sigma: Tensor, D, key, sample_ids, backend: str = "auto") -> Tensor:
     """s = σ·√(D/V), V ~ χ²_D on the device (float64 [B], clamped to MAX_SCALE); σ for D = inf."""
-    D = checks.check_D(D)
+    sample_ids, key, D = checks.check_sample_ids(sample_ids), checks.check_key(key), checks.check_D(D)
+    return _noise_scale(sigma, D, key, sample_ids, backend)
+
+
+def _noise_scale(sigma: Tensor, D: float, key: int, sample_ids: Tensor, backend: str) -> Tensor:
     sigma = sigma.to(torch.float64)
     if math.isinf(D):
         return sigma.clone()
@@ -170,30 +171,37 @@ def noise_scale(sigma: Tensor, D, key, sample_ids, backend: str = "auto") -> Ten
 
 def training_scalars(key, sample_ids, D, P_mean: float = -1.2, P_std: float = 1.2, backend: str = "auto"):
     """(σ, s) float64 [B] of the training step, drawn on the device (reference.training_scalars)."""
-    if not math.isfinite(P_mean):
-        raise ValueError(f"P_mean must be finite, got {P_mean}")
-    checks.check_positive("P_std", P_std)
+    sample_ids, key, D = checks.check_sample_ids(sample_ids), checks.check_key(key), checks.check_D(D)
+    checks.check_training_options(P_mean, P_std)
+    return _training_scalars(key, sample_ids, D, P_mean, P_std, backend)
+
+
+def _training_scalars(key: int, sample_ids: Tensor, D: float, P_mean: float, P_std: float, backend: str):
     z = philox_normal(sample_ids, key, 1, R.STREAM_SIGMA, backend=backend)[:, 0].to(torch.float64)
     sigma = torch.exp(P_mean + P_std * z)
-    return sigma, noise_scale(sigma, D, key, sample_ids, backend=backend)
+    return sigma, _noise_scale(sigma, D, key, sample_ids, backend)
 
 
-def _check_common(y, key, D, sample_ids, name="y"):
-    checks.check_images(name, y)
-    sample_ids = checks.check_sample_ids(sample_ids, device=y.device)
-    checks.check_images(name, y, batch=sample_ids.shape[0])
-    return checks.check_key(key), checks.check_D(D), sample_ids
+def _report_input(y: Tensor, sample_ids: Tensor, name: str = "y") -> None:
+    """NaN/Inf in the input and negative ids (on a GPU), read once (one host sync) per call."""
+    if torch.compiler.is_compiling():
+        return
+    report = checks.DeviceReport()
+    report.ids(sample_ids)
+    report.nonfinite(name, y, sample_ids)
+    report.raise_if_any()
 
 
 def perturb(y: Tensor, sigma, D, key, sample_ids, backend: str = "auto") -> Tensor:
-    """x = y + σ·√(D/V)·g in one fused pass (reference.perturb); y's dtype and memory format."""
-    key, D, sample_ids = _check_common(y, key, D, sample_ids)
+    """x = y + σ·√(D/V)·g in one fused pass (reference.perturb); y's dtype and memory format.
+    NaN/Inf in y is an error naming the sample ids."""
+    key, D, sample_ids = checks.check_common("y", y, key, D, sample_ids)
     sigma = checks.check_sigma(sigma, y.shape[0], y.device, torch.float64)
-    cd = _compute_dtype(y)
-    s = noise_scale(sigma, D, key, sample_ids, backend=backend).to(cd)
-    ones = torch.ones_like(s)
-    x, _ = perturb_op(y, s, ones, sample_ids, key, R.STREAM_NOISE, y.dtype, _is_channels_last(y),
+    cd = R.compute_dtype(y)
+    s = _noise_scale(sigma, D, key, sample_ids, backend).to(cd)
+    x, _ = perturb_op(y, s, torch.ones_like(s), sample_ids, key, R.STREAM_NOISE, y.dtype, _is_channels_last(y),
                       False, backend=backend)
+    _report_input(y, sample_ids)
     return x
 
 
@@ -201,15 +209,17 @@ def perturb_net_input(y: Tensor, sigma, D, key, sample_ids, sigma_data: float = 
                       out_dtype=torch.float32, channels_last: bool = False, write_x: bool = False,
                       backend: str = "auto"):
     """The fused network input c_in(σ)·x (and x in fp32/fp64 when write_x) in one pass."""
-    key, D, sample_ids = _check_common(y, key, D, sample_ids)
+    key, D, sample_ids = checks.check_common("y", y, key, D, sample_ids)
     if out_dtype not in NET_DTYPES:
         raise TypeError(f"out_dtype must be one of {NET_DTYPES}, got {out_dtype}")
     sigma = checks.check_sigma(sigma, y.shape[0], y.device, torch.float64)
-    cd = _compute_dtype(y)
-    s = noise_scale(sigma, D, key, sample_ids, backend=backend).to(cd)
-    c_in = R.precond(sigma, sigma_data)[2].to(cd)
-    return perturb_op(y, s, c_in, sample_ids, key, R.STREAM_NOISE, out_dtype, channels_last,
-                      write_x, backend=backend)
+    c_in = R.precond(sigma, sigma_data)[2]
+    cd = R.compute_dtype(y)
+    s = _noise_scale(sigma, D, key, sample_ids, backend).to(cd)
+    out = perturb_op(y, s, c_in.to(cd), sample_ids, key, R.STREAM_NOISE, out_dtype, channels_last,
+                     write_x, backend=backend)
+    _report_input(y, sample_ids)
+    return out
 
 
 def prior(shape, D, sigma_max, key, seeds, dtype=torch.float32, device=None, backend: str = "auto"):
@@ -220,9 +230,17 @@ def prior(shape, D, sigma_max, key, seeds, dtype=torch.float32, device=None, bac
         raise ValueError(f"shape must be [B, ...] with B = len(seeds) = {seeds.shape[0]}, got {shape}")
     if dtype not in (torch.float32, torch.float64):
         raise TypeError(f"dtype must be torch.float32 or torch.float64, got {dtype}")
-    sigma_max = checks.check_positive("sigma_max", sigma_max)
+    sigma_max = checks.check_sigma_max("sigma_max", sigma_max)
     key, D = checks.check_key(key), checks.check_D(D)
+    latents = _prior(shape, D, sigma_max, key, seeds, dtype, backend)
+    report = checks.DeviceReport()
+    report.ids(seeds, "seeds")          # on a GPU: read once (on the CPU check_sample_ids did it)
+    report.raise_if_any()
+    return latents
+
+
+def _prior(shape, D: float, sigma_max: float, key: int, seeds: Tensor, dtype, backend: str) -> Tensor:
     sigma = torch.full((shape[0],), sigma_max, dtype=torch.float64, device=seeds.device)
-    s = noise_scale(sigma, D, key, seeds, backend=backend).to(dtype)
+    s = _noise_scale(sigma, D, key, seeds, backend).to(dtype)
     g = philox_normal(seeds, key, math.prod(shape[1:]), R.STREAM_NOISE, backend=backend).to(dtype)
     return (s.view(-1, 1) * g).view(shape)

@@ -33,7 +33,8 @@ __all__ = [
     "STREAM_NOISE", "STREAM_SIGMA", "STREAM_CHI2", "STREAM_CLASS", "STREAM_AUGMENT", "stream_churn", "stream_alpha",
     "CHI2_MAX_ATTEMPTS", "MAX_SCALE",
     "philox4x32", "uniform", "normal", "chi2", "noise_scale", "training_scalars",
-    "perturb", "perturb_published", "prior", "precond", "time_steps",
+    "perturb", "perturb_published", "published_displacement", "prior", "precond", "coefficients",
+    "time_steps", "compute_dtype",
     "training_loss", "sample", "optimal_denoiser",
     "ref_perturb", "ref_loss_fwd_bwd", "ref_sampler_update",
 ]
@@ -64,9 +65,9 @@ def stream_alpha(step: int) -> int:
     return 0x20000 + int(step)
 
 
-# Input validation lives in checks.py (re-exported here for the reference's own public functions).
-from pfgmpp_fast.checks import (check_D, check_images, check_key, check_positive, check_sample_ids,  # noqa: E402,F401
-                                check_sampler_options, check_sigma)
+# Argument checks live in checks.py: the public functions below call them once at entry; the
+# private _normal, _chi2, _noise_scale, _training_scalars take checked arguments.
+from pfgmpp_fast import checks  # noqa: E402
 
 
 # ----------------------------------------------------------------------------------------
@@ -136,15 +137,19 @@ def _box_muller(u: torch.Tensor) -> torch.Tensor:
 def _blocks(key, sample_ids, num_blocks, stream) -> torch.Tensor:
     """Raw Philox outputs [B, num_blocks, 4] for every sample of one stream."""
     blocks = torch.arange(num_blocks, dtype=torch.int64, device=sample_ids.device)
-    return philox4x32(_counters(sample_ids, blocks, stream), check_key(key))
+    return philox4x32(_counters(sample_ids, blocks, stream), key)
 
 
 def normal(key, sample_ids, n: int, stream: int = STREAM_NOISE) -> torch.Tensor:
     """Standard normals float32 [B, n]: element e of sample b from block e // 4, lane e % 4."""
-    sample_ids = check_sample_ids(sample_ids)
+    sample_ids, key = checks.check_sample_ids(sample_ids), checks.check_key(key)
     n = int(n)
     if n < 0:
         raise ValueError(f"n must be >= 0, got {n}")
+    return _normal(key, sample_ids, n, stream)
+
+
+def _normal(key: int, sample_ids: torch.Tensor, n: int, stream: int) -> torch.Tensor:
     num_blocks = (n + 3) // 4
     z = _box_muller(uniform(_blocks(key, sample_ids, num_blocks, stream)))
     return z.reshape(sample_ids.shape[0], num_blocks * 4)[:, :n]
@@ -159,10 +164,13 @@ def chi2(key, sample_ids, D, stream: int = STREAM_CHI2) -> torch.Tensor:
     Attempt a uses block a of the sample's counter: z = Box–Muller z0 (float32 -> float64),
     acceptance uniform u2; the boost uniform (shape < 1) is u3 of block 0.
     """
-    sample_ids = check_sample_ids(sample_ids)
-    D = check_D(D)
+    sample_ids, key, D = checks.check_sample_ids(sample_ids), checks.check_key(key), checks.check_D(D)
     if math.isinf(D):
         raise ValueError("chi2 needs a finite D (D = inf means no χ² draw: s = σ)")
+    return _chi2(key, sample_ids, D, stream)
+
+
+def _chi2(key: int, sample_ids: torch.Tensor, D: float, stream: int) -> torch.Tensor:
     k = D / 2.0
     boost = k < 1.0
     kk = k + 1.0 if boost else k
@@ -189,23 +197,29 @@ def chi2(key, sample_ids, D, stream: int = STREAM_CHI2) -> torch.Tensor:
 
 def noise_scale(sigma: torch.Tensor, D, key, sample_ids) -> torch.Tensor:
     """Per-sample s = σ·√(D/V), V ~ χ²_D (s = σ for D = inf); float64 [B], at most MAX_SCALE."""
-    D = check_D(D)
+    sample_ids, key, D = checks.check_sample_ids(sample_ids), checks.check_key(key), checks.check_D(D)
+    return _noise_scale(sigma, D, key, sample_ids)
+
+
+def _noise_scale(sigma: torch.Tensor, D: float, key: int, sample_ids: torch.Tensor) -> torch.Tensor:
     sigma = sigma.to(torch.float64)
     if math.isinf(D):
         return sigma.clone()
-    V = chi2(key, sample_ids, D, STREAM_CHI2)
+    V = _chi2(key, sample_ids, D, STREAM_CHI2)
     return (sigma * torch.sqrt(D / V)).clamp(max=MAX_SCALE)
 
 
 def training_scalars(key, sample_ids, D, P_mean: float = -1.2, P_std: float = 1.2):
     """Training noise level σ ~ exp(N(P_mean, P_std²)) and scale s, float64 [B] each."""
-    sample_ids = check_sample_ids(sample_ids)
-    if not math.isfinite(P_mean):
-        raise ValueError(f"P_mean must be finite, got {P_mean}")
-    check_positive("P_std", P_std)
-    z = normal(key, sample_ids, 1, STREAM_SIGMA)[:, 0].to(torch.float64)
+    sample_ids, key, D = checks.check_sample_ids(sample_ids), checks.check_key(key), checks.check_D(D)
+    checks.check_training_options(P_mean, P_std)
+    return _training_scalars(key, sample_ids, D, P_mean, P_std)
+
+
+def _training_scalars(key: int, sample_ids: torch.Tensor, D: float, P_mean: float, P_std: float):
+    z = _normal(key, sample_ids, 1, STREAM_SIGMA)[:, 0].to(torch.float64)
     sigma = torch.exp(P_mean + P_std * z)
-    return sigma, noise_scale(sigma, D, key, sample_ids)
+    return sigma, _noise_scale(sigma, D, key, sample_ids)
 
 
 # ----------------------------------------------------------------------------------------
@@ -216,13 +230,10 @@ def perturb(y: torch.Tensor, sigma, D, key, sample_ids) -> torch.Tensor:
 
     Computed in y's dtype (float64 when y is float64). sigma: scalar or [B].
     """
-    check_images("y", y)
-    sample_ids = check_sample_ids(sample_ids, device=y.device)
-    check_images("y", y, batch=sample_ids.shape[0])
-    key, D = check_key(key), check_D(D)
-    sigma = check_sigma(sigma, y.shape[0], y.device, torch.float64)
-    s = noise_scale(sigma, D, key, sample_ids).to(y.dtype)
-    g = normal(key, sample_ids, y[0].numel() if y.shape[0] else 0, STREAM_NOISE).to(y.dtype)
+    key, D, sample_ids = checks.check_common("y", y, key, D, sample_ids)
+    sigma = checks.check_sigma(sigma, y.shape[0], y.device, torch.float64)
+    s = _noise_scale(sigma, D, key, sample_ids).to(y.dtype)
+    g = _normal(key, sample_ids, y[0].numel() if y.shape[0] else 0, STREAM_NOISE).to(y.dtype)
     return y + s.view(-1, *[1] * (y.dim() - 1)) * g.view(y.shape)
 
 
@@ -233,20 +244,27 @@ def perturb_published(y: torch.Tensor, sigma, D, generator: Optional[np.random.G
     [1e-3, 1−1e-3], plus the 1e-8 fudges; u uniform on the sphere (a normalised Gaussian);
     x = y + R·u. D = inf: y + σ·n, n ~ N(0, I).
     """
-    check_images("y", y)
-    D = check_D(D)
-    B, N = y.shape[0], y[0].numel() if y.shape[0] else 0
-    sigma = check_sigma(sigma, B, y.device, torch.float64)
+    checks.check_images("y", y)
+    D = checks.check_D(D)
+    sigma = checks.check_sigma(sigma, y.shape[0], y.device, torch.float64)
     rng = generator if generator is not None else np.random.default_rng()
     torch_gen = torch.Generator(device=y.device).manual_seed(int(rng.integers(2**62)))
+    return published_displacement(y, sigma, D, rng, torch_gen, torch.float64)
+
+
+def published_displacement(y: torch.Tensor, sigma: torch.Tensor, D: float, rng: np.random.Generator,
+                           torch_gen=None, noise_dtype=torch.float32) -> torch.Tensor:
+    """y + R·u of `perturb_published` on checked arguments (benchmarks/baselines.py times this).
+    The published code draws its Gaussian in float32; the reference uses float64."""
+    B, N = y.shape[0], y[0].numel() if y.shape[0] else 0
     if math.isinf(D):
         n = torch.randn(y.shape, generator=torch_gen, device=y.device, dtype=y.dtype)
         return y + sigma.to(y.dtype).view(-1, *[1] * (y.dim() - 1)) * n
-    r = sigma * math.sqrt(D)
+    r = sigma.to(torch.float64) * math.sqrt(D)
     beta = np.clip(rng.beta(N / 2.0, D / 2.0, size=B), 1e-3, 1 - 1e-3)
-    inverse_beta = torch.from_numpy(beta / (1 - beta + 1e-8)).to(y.device)
+    inverse_beta = torch.from_numpy(beta / (1 - beta + 1e-8)).to(y.device)     # host -> device
     radius = (r * torch.sqrt(inverse_beta + 1e-8)).view(B, 1)
-    gaussian = torch.randn(B, N, generator=torch_gen, device=y.device, dtype=torch.float64)
+    gaussian = torch.randn(B, N, generator=torch_gen, device=y.device, dtype=noise_dtype)
     unit = gaussian / torch.norm(gaussian, p=2, dim=1, keepdim=True)
     return y + (unit * radius).to(y.dtype).view(y.shape)
 
@@ -257,14 +275,14 @@ def prior(shape: Sequence[int], D, sigma_max: float, key, seeds, dtype=torch.flo
     The same kernel as `perturb` at σ_max with y = 0: an image depends only on its seed.
     """
     shape = tuple(int(s) for s in shape)
-    seeds = check_sample_ids(seeds, name="seeds", device=device)
+    seeds = checks.check_sample_ids(seeds, name="seeds", device=device)
     if len(shape) < 2 or shape[0] != seeds.shape[0]:
         raise ValueError(f"shape must be [B, ...] with B = len(seeds) = {seeds.shape[0]}, got {shape}")
-    check_positive("sigma_max", sigma_max)
-    key, D = check_key(key), check_D(D)
-    sigma = torch.full((shape[0],), float(sigma_max), dtype=torch.float64, device=seeds.device)
-    s = noise_scale(sigma, D, key, seeds).to(dtype)
-    g = normal(key, seeds, math.prod(shape[1:]), STREAM_NOISE).to(dtype)
+    sigma_max = checks.check_sigma_max("sigma_max", sigma_max)
+    key, D = checks.check_key(key), checks.check_D(D)
+    sigma = torch.full((shape[0],), sigma_max, dtype=torch.float64, device=seeds.device)
+    s = _noise_scale(sigma, D, key, seeds).to(dtype)
+    g = _normal(key, seeds, math.prod(shape[1:]), STREAM_NOISE).to(dtype)
     return (s.view(-1, 1) * g).view(shape)
 
 
@@ -273,15 +291,22 @@ def prior(shape: Sequence[int], D, sigma_max: float, key, seeds, dtype=torch.flo
 
 def precond(sigma, sigma_data: float = 0.5):
     """(c_skip, c_out, c_in, c_noise) of EDM; unchanged by D."""
-    check_positive("sigma_data", sigma_data)
-    sigma = torch.as_tensor(sigma)
-    if not sigma.is_floating_point():
-        sigma = sigma.to(torch.float64)
+    return coefficients(sigma, checks.check_positive("sigma_data", sigma_data))
+
+
+def coefficients(sigma, sigma_data: float):
+    """`precond` on a checked sigma_data: the one definition the networks, the loss and the
+    sampler use. σ: a tensor (computed in its dtype) or a Python float (floats back)."""
+    if torch.is_tensor(sigma):
+        sigma = sigma if sigma.is_floating_point() else sigma.to(torch.float64)
+        sqrt, log = torch.sqrt, torch.log
+    else:
+        sigma, sqrt, log = float(sigma), math.sqrt, math.log
     sd2 = sigma_data ** 2
     c_skip = sd2 / (sigma ** 2 + sd2)
-    c_out = sigma * sigma_data / torch.sqrt(sigma ** 2 + sd2)
-    c_in = 1.0 / torch.sqrt(sigma ** 2 + sd2)
-    c_noise = torch.log(sigma) / 4.0
+    c_out = sigma * sigma_data / sqrt(sigma ** 2 + sd2)
+    c_in = 1.0 / sqrt(sigma ** 2 + sd2)
+    c_noise = log(sigma) / 4.0
     return c_skip, c_out, c_in, c_noise
 
 
@@ -290,11 +315,11 @@ def time_steps(num_steps: int = 18, sigma_min: float = 0.002, sigma_max: float =
     """EDM's schedule t_0 = σ_max > ... > t_{n-1} = σ_min, plus t_n = 0: [n + 1]."""
     if isinstance(num_steps, bool) or not isinstance(num_steps, (int, np.integer)) or num_steps < 1:
         raise ValueError(f"num_steps must be an int >= 1, got {num_steps!r}")
-    sigma_min = check_positive("sigma_min", sigma_min)
-    sigma_max = check_positive("sigma_max", sigma_max)
+    sigma_min = checks.check_positive("sigma_min", sigma_min)
+    sigma_max = checks.check_sigma_max("sigma_max", sigma_max)
     if sigma_min > sigma_max:
         raise ValueError(f"sigma_min ({sigma_min}) must be <= sigma_max ({sigma_max})")
-    rho = check_positive("rho", rho)
+    rho = checks.check_positive("rho", rho)
     i = torch.arange(num_steps, dtype=torch.float64, device=device)
     denom = max(num_steps - 1, 1)
     t = (sigma_max ** (1 / rho) + i / denom * (sigma_min ** (1 / rho) - sigma_max ** (1 / rho))) ** rho
@@ -308,12 +333,11 @@ def training_loss(net: Callable, y: torch.Tensor, D, key, sample_ids, P_mean: fl
     σ ~ exp(N(P_mean, P_std²)) and x = perturb(y, σ) both come from the RNG keyed by
     (key, sample id). `net` is a denoiser net(x, sigma[B], class_labels, ...).
     """
-    check_images("y", y)
-    sample_ids = check_sample_ids(sample_ids, device=y.device)
-    check_images("y", y, batch=sample_ids.shape[0])
-    key, D = check_key(key), check_D(D)
-    sigma, s = training_scalars(key, sample_ids, D, P_mean, P_std)
-    g = normal(key, sample_ids, y[0].numel() if y.shape[0] else 0, STREAM_NOISE)
+    key, D, sample_ids = checks.check_common("y", y, key, D, sample_ids)
+    checks.check_training_options(P_mean, P_std)
+    checks.check_positive("sigma_data", sigma_data)
+    sigma, s = _training_scalars(key, sample_ids, D, P_mean, P_std)
+    g = _normal(key, sample_ids, y[0].numel() if y.shape[0] else 0, STREAM_NOISE)
     shape = (-1, *[1] * (y.dim() - 1))
     x = y + s.to(y.dtype).view(shape) * g.to(y.dtype).view(y.shape)
     sigma_net = sigma.to(y.dtype)
@@ -338,12 +362,8 @@ def sample(denoiser: Callable, latents: torch.Tensor, D, key, seeds, num_steps: 
     x̂ = x + √(t̂² − t_i²)·S_noise·ε_c (stream_churn(i)); Euler step; Heun correction
     when i < n − 1. `denoiser(x, sigma[B], class_labels)` returns D(x).
     """
-    check_images("latents", latents)
-    seeds = check_sample_ids(seeds, name="seeds", device=latents.device)
-    check_images("latents", latents, batch=seeds.shape[0])
-    key = check_key(key)
-    check_D(D)
-    check_sampler_options(solver, S_churn, S_min, S_max, S_noise, alpha, dtype)
+    key, D, seeds = checks.check_common("latents", latents, key, D, seeds, ids_name="seeds")
+    checks.check_sampler_options(solver, S_churn, S_min, S_max, S_noise, alpha, dtype)
 
     B, N = latents.shape[0], latents[0].numel() if latents.shape[0] else 0
     t_steps = time_steps(num_steps, sigma_min, sigma_max, rho, dtype=torch.float64)
@@ -352,12 +372,12 @@ def sample(denoiser: Callable, latents: torch.Tensor, D, key, seeds, num_steps: 
         t_cur, t_next = float(t_steps[i]), float(t_steps[i + 1])
         x_cur = x_next
         if alpha > 0:
-            eps = normal(key, seeds, N, stream_alpha(i)).to(dtype).view(latents.shape)
+            eps = _normal(key, seeds, N, stream_alpha(i)).to(dtype).view(latents.shape)
             x_cur = x_cur + alpha * t_cur * eps
         gamma = min(S_churn / num_steps, math.sqrt(2) - 1) if S_min <= t_cur <= S_max else 0.0
         t_hat = t_cur + gamma * t_cur
         if gamma > 0:
-            eps = normal(key, seeds, N, stream_churn(i)).to(dtype).view(latents.shape)
+            eps = _normal(key, seeds, N, stream_churn(i)).to(dtype).view(latents.shape)
             x_hat = x_cur + math.sqrt(t_hat ** 2 - t_cur ** 2) * S_noise * eps
         else:
             x_hat = x_cur
@@ -379,8 +399,8 @@ def optimal_denoiser(data: torch.Tensor, D) -> Callable:
     log w_i = −(N+D)/2 · log(‖x − y_i‖² + r²), r = σ√D (a softmax, stable in log space);
     D = inf: log w_i = −‖x − y_i‖² / (2σ²). Works in x's dtype.
     """
-    check_images("data", data)
-    D = check_D(D)
+    checks.check_images("data", data)
+    D = checks.check_D(D)
     flat_data = data.reshape(data.shape[0], -1)
     N = flat_data.shape[1]
 
@@ -405,10 +425,11 @@ def optimal_denoiser(data: torch.Tensor, D) -> Callable:
 def _logical_noise(key, sample_ids, like: torch.Tensor, stream: int, dtype) -> torch.Tensor:
     """Noise shaped like `like`, element e = logical NCHW index (layout independent)."""
     n = like[0].numel() if like.shape[0] else 0
-    return normal(key, sample_ids, n, stream).to(dtype).view(like.shape)
+    return _normal(key, sample_ids, n, stream).to(dtype).view(like.shape)
 
 
-def _compute_dtype(t: torch.Tensor):
+def compute_dtype(t: torch.Tensor) -> torch.dtype:
+    """The arithmetic dtype of the fused ops for an input: float64 stays, anything else float32."""
     return torch.float64 if t.dtype == torch.float64 else torch.float32
 
 
@@ -418,7 +439,7 @@ def _per_sample(v: torch.Tensor, ndim: int, dtype) -> torch.Tensor:
 
 def ref_perturb(y, scale, c_in, sample_ids, key, stream, out_dtype, channels_last, write_x):
     """(net_in, x): x = y + scale·g, net_in = c_in·x in out_dtype; x float32/float64."""
-    cd = _compute_dtype(y)
+    cd = compute_dtype(y)
     g = _logical_noise(key, sample_ids, y, stream, cd)
     x = y.to(cd) + _per_sample(scale, y.dim(), cd) * g
     net_in = (_per_sample(c_in, y.dim(), cd) * x).to(out_dtype)

@@ -69,11 +69,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, default=1,
                    help="CPU threads (default 1: the network is tiny and one thread is robust on shared "
                         "machines; 0 = torch's default)")
-    p.add_argument("--no-progress", dest="progress", action="store_false", default=True,
-                   help="no progress bars (tick lines are still printed)")
     p.add_argument("--phema", action="store_true",
                    help=f"also track power-function EMAs {PHEMA_TRACKED} and write the FDD vs EMA length sweep "
                         "of the run (post-hoc EMA: phema.png, metrics.json 'phema')")
+    p.add_argument("--no-progress", dest="progress", action="store_false", default=True,
+                   help="no progress bars (tick lines are still printed)")
 
 
 def _mean_spread(values: Sequence[float]):
@@ -82,24 +82,25 @@ def _mean_spread(values: Sequence[float]):
     return float(v.mean()), float(v.std(ddof=1)) if v.size > 1 else 0.0
 
 
-def main(args) -> int:
-    import numpy as np
-    import torch
-    from pfgmpp_fast.utils.io_utils import atomic_save_json
-    from pfgmpp_fast.utils.plots import save_image_grid, save_loss_curve
+def _resolve(args):
+    """(D, device, duration kimg, FDD sets) from the command line; ValueError/TypeError on bad input."""
+    D = checks.parse_D(args.D)
+    device = distributed.pick_device(args.device)
+    duration = args.duration if args.duration is not None else (SHORT_DURATION_KIMG if args.short else DEFAULT_DURATION_KIMG)
+    if not (math.isfinite(duration) and duration > 0):
+        raise ValueError(f"--duration must be a positive number of kimg, got {duration}")
+    sets = args.sets if args.sets is not None else (1 if args.short else 3)
+    if sets < 1:
+        raise ValueError(f"--sets must be >= 1, got {sets}")
+    if not 0 <= args.seed < 2 ** 63:
+        raise ValueError(f"--seed must be in [0, 2^63), got {args.seed}")
+    distributed.set_cpu_threads(device, args.threads)
+    return D, device, duration, sets
 
+
+def main(args) -> int:
     try:
-        D = checks.parse_D(args.D)
-        device = distributed.pick_device(args.device)
-        duration = args.duration if args.duration is not None else (SHORT_DURATION_KIMG if args.short else DEFAULT_DURATION_KIMG)
-        if not (math.isfinite(duration) and duration > 0):
-            raise ValueError(f"--duration must be a positive number of kimg, got {duration}")
-        sets = args.sets if args.sets is not None else (1 if args.short else 3)
-        if sets < 1:
-            raise ValueError(f"--sets must be >= 1, got {sets}")
-        if not 0 <= args.seed < 2 ** 63:
-            raise ValueError(f"--seed must be in [0, 2^63), got {args.seed}")
-        distributed.set_cpu_threads(device, args.threads)
+        D, device, duration, sets = _resolve(args)
     except (ValueError, TypeError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -119,55 +120,91 @@ def main(args) -> int:
     scorer = DigitsScorer(device=device)
     print(f"[1/4] FDD of the untrained network ({num_samples} samples)", flush=True)
     untrained = sampling_network(untrained_network(D, args.seed, device), device)
-    with torch.no_grad():
-        untrained_images = generate_uint8(untrained, seeds, device=device, batch_size=batch, progress=progress,
-                                          desc="sampling (untrained)", backend=args.backend)
+    untrained_images = generate_uint8(untrained, seeds, device=device, batch_size=batch, progress=progress,
+                                      desc="sampling (untrained)", backend=args.backend)
     fdd_untrained = scorer.fdd_sets(untrained_images)
     del untrained
 
     # 2. Train (fresh run directory each time: the demo measures its own throughput).
     print(f"[2/4] training ({duration:g} kimg, batch {RECIPE['batch']}) -> {run_dir}", flush=True)
+    train_seconds = _train(run_dir, D, duration, args, device, progress)
+    stats = read_stats(run_dir)
+
+    # 3. Sample the trained EMA network.
+    print(f"[3/4] sampling {num_samples} images ({NUM_STEPS} Heun steps = {2 * NUM_STEPS - 1} NFE)", flush=True)
+    snapshot = latest_snapshot(run_dir)
+    net = sampling_network(load_snapshot(snapshot, device), device)
+    images, sample_seconds = _timed_sampling(net, seeds, device, batch, progress, args.backend)
+
+    # 4. Score and write the outputs.
+    print("[4/4] scoring and writing outputs", flush=True)
+    run = dict(D=D, device=device, duration=duration, args=args, net=net, stats=stats, scorer=scorer,
+               num_samples=num_samples, train_seconds=train_seconds, sample_seconds=sample_seconds,
+               seeds=seeds, batch=batch, outdir=outdir, run_dir=run_dir, progress=progress,
+               fdd_trained=scorer.fdd_sets(images), fdd_untrained=fdd_untrained)
+    paths = {"samples": os.path.join(outdir, "samples.png"), "loss": os.path.join(outdir, "loss.png"),
+             "metrics": os.path.join(outdir, "metrics.json"), "run": run_dir, "snapshot": snapshot}
+    metrics = _write_outputs(run, images, paths, t_start, cpu_start)
+    _print_summary(run, metrics, paths)
+    return 0
+
+
+def _train(run_dir, D, duration, args, device, progress) -> float:
+    """Train in a clean run directory; returns the wall seconds."""
     for stale in glob.glob(os.path.join(run_dir, "*")) + glob.glob(os.path.join(run_dir, "phema", "*")):
         if os.path.isfile(stale):
             os.unlink(stale)
     t0 = time.perf_counter()
     train_small(run_dir, D, duration, seed=args.seed, device=device, progress=progress, backend=args.backend,
                 **(dict(phema=PHEMA_TRACKED, phema_snap_kimg=duration / 20) if args.phema else {}))
-    train_seconds = time.perf_counter() - t0
-    stats = read_stats(run_dir)
-    steady = [s["Perf/img_per_sec"] for s in stats if s.get("Progress/tick", 0) > 0]
+    return time.perf_counter() - t0
 
-    # 3. Sample the trained EMA network.
-    print(f"[3/4] sampling {num_samples} images ({NUM_STEPS} Heun steps = {2 * NUM_STEPS - 1} NFE)", flush=True)
-    snapshot = latest_snapshot(run_dir)
-    net = sampling_network(load_snapshot(snapshot, device), device)
-    with torch.no_grad():
-        generate_uint8(net, seeds[:min(8, num_samples)], device=device, batch_size=8, backend=args.backend)  # warm-up
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        t0 = time.perf_counter()
-        images = generate_uint8(net, seeds, device=device, batch_size=batch, progress=progress,
-                                backend=args.backend)
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        sample_seconds = time.perf_counter() - t0
 
-    # 4. Score and write the outputs.
-    print("[4/4] scoring and writing outputs", flush=True)
-    fdd_trained = scorer.fdd_sets(images)
-    trained_mean, trained_spread = _mean_spread(fdd_trained)
-    untrained_mean, untrained_spread = _mean_spread(fdd_untrained)
-    paths = {"samples": os.path.join(outdir, "samples.png"), "loss": os.path.join(outdir, "loss.png"),
-             "metrics": os.path.join(outdir, "metrics.json"), "run": run_dir, "snapshot": snapshot}
+def _timed_sampling(net, seeds, device, batch, progress, backend):
+    """(uint8 images, seconds) after an 8-image warm-up; the timing excludes the warm-up."""
+    import torch
+    generate_uint8(net, seeds[:min(8, len(seeds))], device=device, batch_size=8, backend=backend)  # warm-up
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    t0 = time.perf_counter()
+    images = generate_uint8(net, seeds, device=device, batch_size=batch, progress=progress, backend=backend)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return images, time.perf_counter() - t0
+
+
+def _write_outputs(run, images, paths, t_start, cpu_start) -> dict:
+    """samples.png, loss.png and metrics.json; returns the metrics."""
+    from pfgmpp_fast.utils.io_utils import atomic_save_json
+    from pfgmpp_fast.utils.plots import save_image_grid, save_loss_curve
+    D, stats = run["D"], run["stats"]
     save_image_grid(images[:100].numpy(), paths["samples"], cols=10, scale=6)
     save_loss_curve([s["Progress/kimg"] for s in stats], [s["Loss/loss"] for s in stats], paths["loss"],
                     title=f"PFGM++ D={D_label(D)} on digits: training loss")
+    metrics = _metrics(run, paths)
+    if run["args"].phema:
+        metrics["phema"] = phema_sweep(run["run_dir"], run["outdir"], run["scorer"], run["seeds"], run["device"],
+                                       run["batch"], run["args"].backend, run["progress"], D)
+        paths["phema"] = metrics["phema"]["plot"]
+    metrics["wall_seconds"] = round(time.perf_counter() - t_start, 2)
+    metrics["cpu_seconds"] = round(time.process_time() - cpu_start, 2)    # this process, all threads
+    atomic_save_json(paths["metrics"], metrics)
+    return metrics
+
+
+def _metrics(run, paths) -> dict:
+    import numpy as np
+    args, stats, scorer, duration = run["args"], run["stats"], run["scorer"], run["duration"]
     kimg = stats[-1]["Progress/kimg"] if stats else duration
-    metrics = {
+    steady = [s["Perf/img_per_sec"] for s in stats if s.get("Progress/tick", 0) > 0]
+    trained_mean, trained_spread = _mean_spread(run["fdd_trained"])
+    untrained_mean, untrained_spread = _mean_spread(run["fdd_untrained"])
+    train_seconds, sample_seconds, num_samples = run["train_seconds"], run["sample_seconds"], run["num_samples"]
+    return {
         "command": "python -m pfgmpp_fast demo " + " ".join(sys.argv[2:] if sys.argv[1:2] == ["demo"] else sys.argv[1:]),
-        "device": str(device), "D": D_label(D), "seed": args.seed, "short": bool(args.short),
+        "device": str(run["device"]), "D": D_label(run["D"]), "seed": args.seed, "short": bool(args.short),
         "network": {"arch": "ddpmpp", **SMALL_NETWORK,
-                    "parameters": int(sum(p.numel() for p in net.parameters()))},
+                    "parameters": int(sum(p.numel() for p in run["net"].parameters()))},
         "recipe": dict(RECIPE, duration_kimg=duration, train_images=NUM_TRAIN),
         "train": {"kimg": kimg, "seconds": round(train_seconds, 2),
                   "img_per_sec": round(kimg * 1000 / train_seconds, 1),
@@ -175,29 +212,27 @@ def main(args) -> int:
                   "final_loss": stats[-1]["Loss/loss"] if stats else None},
         "sample": {"images": num_samples, "num_steps": NUM_STEPS, "nfe": 2 * NUM_STEPS - 1, "solver": "heun",
                    "seconds": round(sample_seconds, 2), "img_per_sec": round(num_samples / sample_seconds, 1)},
-        "fdd": {"trained": trained_mean, "trained_spread": trained_spread, "trained_sets": fdd_trained,
-                "untrained": untrained_mean, "untrained_spread": untrained_spread, "untrained_sets": fdd_untrained,
+        "fdd": {"trained": trained_mean, "trained_spread": trained_spread, "trained_sets": run["fdd_trained"],
+                "untrained": untrained_mean, "untrained_spread": untrained_spread,
+                "untrained_sets": run["fdd_untrained"],
                 "heldout_real": scorer.floor, "images_per_set": NUM_HELDOUT,
                 "reference": f"training split (first {NUM_TRAIN} digits)",
                 "heldout": f"last {NUM_HELDOUT} digits (never trained on)",
                 "features": "digits_features.py (64-d)", "features_sha256": scorer.sha256},
         "wall_seconds": None, "cpu_seconds": None, "versions": versions(), "files": paths,
     }
-    if args.phema:
-        metrics["phema"] = phema_sweep(run_dir, outdir, scorer, seeds, device, batch, args.backend, progress, D)
-        paths["phema"] = metrics["phema"]["plot"]
-    metrics["wall_seconds"] = round(time.perf_counter() - t_start, 2)
-    metrics["cpu_seconds"] = round(time.process_time() - cpu_start, 2)    # this process, all threads
-    atomic_save_json(paths["metrics"], metrics)
 
+
+def _print_summary(run, metrics, paths) -> None:
+    fdd = metrics["fdd"]
     print(f"wrote {paths['samples']}\nwrote {paths['loss']}\nwrote {paths['metrics']}\n"
-          f"training run (snapshots, stats.jsonl, log.txt): {run_dir}")
-    print(f"train : {kimg:g} kimg in {train_seconds:.1f} s = {metrics['train']['img_per_sec']:.0f} img/s on {device}")
-    print(f"sample: {num_samples} images at {2 * NUM_STEPS - 1} NFE in {sample_seconds:.1f} s "
+          f"training run (snapshots, stats.jsonl, log.txt): {paths['run']}")
+    print(f"train : {metrics['train']['kimg']:g} kimg in {run['train_seconds']:.1f} s = "
+          f"{metrics['train']['img_per_sec']:.0f} img/s on {run['device']}")
+    print(f"sample: {run['num_samples']} images at {2 * NUM_STEPS - 1} NFE in {run['sample_seconds']:.1f} s "
           f"= {metrics['sample']['img_per_sec']:.0f} img/s")
-    print(f"FDD   : trained {trained_mean:.2f} ± {trained_spread:.2f} | untrained {untrained_mean:.2f} | "
-          f"held-out real digits {scorer.floor:.2f} (lower is better; {metrics['wall_seconds']:.0f} s in all)")
-    return 0
+    print(f"FDD   : trained {fdd['trained']:.2f} ± {fdd['trained_spread']:.2f} | untrained {fdd['untrained']:.2f} | "
+          f"held-out real digits {fdd['heldout_real']:.2f} (lower is better; {metrics['wall_seconds']:.0f} s in all)")
 
 
 def phema_sweep(run_dir, outdir, scorer, seeds, device, batch, backend, progress, D, stds=PHEMA_SWEEP,

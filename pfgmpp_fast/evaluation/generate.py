@@ -87,9 +87,7 @@ def resolve_D(net, D=None) -> float:
     net_D = _network_D(net)
     if D is not None:
         D = checks.parse_D(D)
-        if net_D is not None and D != net_D:
-            raise ValueError(f"D={D:g} was given but the network was trained with D={net_D:g}; "
-                             "sampling with a different D is a network/D mismatch (omit --D to use the network's)")
+        checks.check_net_D(net, D)
         return D
     if net_D is None:
         raise ValueError("the network has no attribute D; pass D explicitly")
@@ -112,14 +110,17 @@ def generate_images(net, seeds, batch_size: int = 64, num_steps: int = 18, sigma
     the last batch with repeats of its last seed so every call has the same shape; padded
     images are dropped (an image depends only on its seed, so this changes nothing).
     """
-    from pfgmpp_fast import ops
-    from pfgmpp_fast.sampler import sample
+    from pfgmpp_fast.sampler import Sampler
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
     seeds = np.sort(np.asarray(seeds, dtype=np.int64)) if len(seeds) else np.zeros(0, np.int64)
     if seeds.size and (seeds[0] < 0):
         raise ValueError(f"seeds: seed {int(seeds[0])} is out of range; seeds must be in [0, 2^63)")
-    D = resolve_D(net, D)
+    if D is None and _network_D(net) is None:
+        raise ValueError("the network has no attribute D; pass D explicitly")
+    sampler = Sampler(_network_D(net) if D is None else D, key, num_steps, sigma_min, sigma_max, rho, solver,
+                      S_churn, S_min, S_max, S_noise, alpha, dtype, net_dtype, backend)  # D, options: checked once
+    checks.check_net_D(net, sampler.D)
     if image_shape is None:
         if not all(hasattr(net, a) for a in ("img_channels", "img_resolution")):
             raise ValueError("image_shape is needed for a network without img_channels/img_resolution")
@@ -143,17 +144,9 @@ def generate_images(net, seeds, batch_size: int = 64, num_steps: int = 18, sigma
         if fixed_shape and real < batch_size:
             chunk = np.concatenate([chunk, np.full(batch_size - real, chunk[-1], dtype=np.int64)])
         ids = torch.from_numpy(chunk).to(device)
-        latents = ops.prior((len(chunk), *image_shape), D, sigma_max, key, ids, dtype=dtype, device=device,
-                            backend=backend)
+        latents = sampler.prior((len(chunk), *image_shape), ids)
         labels = class_labels_for(ids, label_dim, class_idx, key)
-        with torch.no_grad():
-            x = sample(net, latents, D, key, ids, num_steps=num_steps, sigma_min=sigma_min, sigma_max=sigma_max,
-                       rho=rho, solver=solver, S_churn=S_churn, S_min=S_min, S_max=S_max, S_noise=S_noise,
-                       alpha=alpha, class_labels=labels, dtype=dtype, net_dtype=net_dtype, backend=backend)
-        if not bool(torch.isfinite(x).all()):          # one check per batch, outside the step loop
-            bad = (~torch.isfinite(x.reshape(x.shape[0], -1)).all(dim=1)).nonzero().flatten().cpu().numpy()
-            raise FloatingPointError(f"sampling produced NaN/Inf for seeds {chunk[bad][:8].tolist()} "
-                                     "(check the network weights, D and the sampler settings)")
+        x = sampler(net, latents, ids, labels)     # NaN/Inf raises FloatingPointError naming the seeds
         yield chunk[:real], to_uint8(x[:real])
 
 

@@ -35,7 +35,7 @@ from typing import Tuple
 import torch
 import torch.nn.functional as Fn
 
-from pfgmpp_fast import checks, reference
+from pfgmpp_fast import checks, ops, reference
 
 __all__ = ["AugmentPipe", "STREAM_AUGMENT", "augment_dim"]
 
@@ -134,7 +134,6 @@ class AugmentPipe:
         if backend == "reference":
             z = reference.normal(key, sample_ids, _NUM_DRAWS, STREAM_AUGMENT)
         else:
-            from pfgmpp_fast import ops
             z = ops.philox_normal(sample_ids, key, _NUM_DRAWS, STREAM_AUGMENT, backend=backend)
         z = z.to(device=device, dtype=torch.float32)                                    # [B, 24]
         u = _uniform(z)
@@ -143,7 +142,15 @@ class AugmentPipe:
         labels = []
         zero = torch.zeros(B, device=device)
 
-        # ---- pixel blitting (exact) --------------------------------------------------------
+        images = self._blit(images, ucol, labels, zero)
+        images = self._geometric(images, col, ucol, labels, zero)
+
+        out_labels = torch.cat(labels, 1).to(torch.float32) if labels else torch.zeros(B, 0, device=device)
+        return images, out_labels
+
+    def _blit(self, images, ucol, labels, zero):
+        """Flips, quarter turns and integer translations (exact); appends their labels."""
+        B, C, H, W = images.shape
         if self.xflip > 0:
             w = torch.where(self._gate(ucol("xflip_g"), self.xflip), (ucol("xflip_w") < 0.5).float(), zero)
             images = torch.where(w.view(B, 1, 1, 1) > 0, images.flip(3), images)
@@ -169,8 +176,12 @@ class AugmentPipe:
             ty = (wy * (H * self.translate_int_max)).round().to(torch.int64)
             images = self._translate_int(images, tx, ty)
             labels.append(torch.stack([tx / (W * self.translate_int_max), ty / (H * self.translate_int_max)], 1).float())
+        return images
 
-        # ---- geometric transforms (resampled) ----------------------------------------------
+    def _geometric(self, images, col, ucol, labels, zero):
+        """Scale, rotation, anisotropy, fractional translation: one resampling; appends labels."""
+        B, C, H, W = images.shape
+        device = images.device
         G_inv = torch.eye(3, device=device).expand(B, 3, 3)
         geometric = False
         if self.scale > 0:
@@ -200,9 +211,7 @@ class AugmentPipe:
             geometric = True
         if geometric:
             images = self._warp(images, G_inv)
-
-        out_labels = torch.cat(labels, 1).to(torch.float32) if labels else torch.zeros(B, 0, device=device)
-        return images, out_labels
+        return images
 
     @staticmethod
     def _translate_int(images, tx, ty):

@@ -34,7 +34,6 @@ import json
 import os
 import re
 import shutil
-import signal
 import sys
 import time
 from typing import Optional
@@ -45,7 +44,7 @@ from pfgmpp_fast import reference as R
 from pfgmpp_fast.checkpoint import find_latest_snapshot, load_network, save_network
 from pfgmpp_fast.training.options import PRECISIONS, RESUME_KEYS, TrainingError, TrainingOptions, jsonable, resolve_options
 from pfgmpp_fast.training.phema import PowerFunctionEMA
-from pfgmpp_fast.utils import distributed
+from pfgmpp_fast.utils import distributed, faults
 from pfgmpp_fast.training.run_files import drop_stats_after, remove_temp_files
 from pfgmpp_fast.utils.io_utils import append_line, atomic_save_json, atomic_torch_save_state, is_temp_file, load_torch_state
 from pfgmpp_fast.utils.run_lock import acquire_run_dir
@@ -297,7 +296,8 @@ class TrainingRun:
                 loss = module(y, ids, labels, augment_labels)          # mean over the chunk
                 (loss * (o["loss_scaling"] * self.batch_gpu / self.per_rank)).backward()
                 step_loss += loss.detach().float() * self.batch_gpu
-                _kill_hook("step", step_index)
+                if faults.should_kill("AT_STEP", str(step_index), exact=True):   # kill-and-resume tests
+                    faults.kill()
 
         # Skip the update (on the device) when the loss is not finite on any rank.
         self.found_inf.copy_((~torch.isfinite(step_loss)).float())
@@ -494,7 +494,8 @@ class _LossModule(torch.nn.Module):
         from pfgmpp_fast.loss import training_loss
         return training_loss(self.net, y, o["D"], o["seed"], sample_ids, o["P_mean"], o["P_std"], o["sigma_data"],
                              labels=labels, augment_labels=augment_labels, backend=o["backend"],
-                             net_dtype=self.net_dtype, channels_last=self.channels_last)
+                             net_dtype=self.net_dtype, channels_last=self.channels_last,
+                             check_finite=False)   # non-finite steps are counted on the device (step)
 
 
 def _aug_backend(backend):
@@ -509,14 +510,6 @@ def _sanitize_(grads):
     flat = torch._utils._flatten_dense_tensors(grads)
     torch.nan_to_num_(flat, nan=0.0, posinf=1e5, neginf=-1e5)
     torch._foreach_copy_(grads, torch._utils._unflatten_dense_tensors(flat, grads))
-
-
-def _kill_hook(where: str, step_index: int):
-    """Test hook: PFGMPP_FAST_KILL_AT_STEP=k SIGKILLs this process in the middle of step k
-    (after its backward pass, before the optimiser update)."""
-    target = os.environ.get("PFGMPP_FAST_KILL_AT_STEP")
-    if target is not None and where == "step" and int(target) == step_index:
-        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def _cpu_mem_gb() -> float:

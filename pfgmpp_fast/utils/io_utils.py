@@ -5,9 +5,9 @@ so the rename is atomic), flushes and fsyncs it, then `os.replace`s it over the 
 and fsyncs the directory. Temporary names start with ``.`` and end with ``.tmp`` so
 readers that list a directory (e.g. ``--resume auto``) can ignore leftovers.
 
-For tests of the kill-during-write path: when the environment variable
-``PFGMPP_FAST_KILL_DURING_WRITE`` is set to a substring of a target's file name, the
-process SIGKILLs itself after half of that file's bytes are on disk (before the rename);
+For tests of the kill-during-write path (utils/faults.py): with
+``PFGMPP_FAST_KILL_DURING_WRITE`` set to a substring of a target's file name, the process
+SIGKILLs itself after half of that file's bytes are on disk (before the rename);
 ``PFGMPP_FAST_KILL_DURING_WRITE_SKIP=n`` lets the first n matching writes complete.
 """
 from __future__ import annotations
@@ -16,19 +16,18 @@ import hashlib
 import io
 import json
 import os
-import signal
 import tempfile
 from typing import Any, Callable
 
 import torch
+
+from pfgmpp_fast.utils import faults
 
 __all__ = ["TMP_SUFFIX", "DIGEST_KEY", "is_temp_file", "atomic_write", "atomic_write_bytes", "atomic_write_text",
            "atomic_save_json", "content_digest", "atomic_torch_save_state", "load_torch_state", "append_line"]
 
 TMP_SUFFIX = ".tmp"
 DIGEST_KEY = "__sha256__"        # a state file's digest of everything else in it
-KILL_ENV = "PFGMPP_FAST_KILL_DURING_WRITE"
-_matching_writes = 0
 
 
 _UMASK = os.umask(0)
@@ -78,18 +77,12 @@ def atomic_write(path: str | os.PathLike, write: Callable[[io.BufferedWriter], N
 
 
 def _maybe_kill_midway(path: str, f, data: bytes) -> bytes:
-    """Test hook: write half of the bytes, make them durable, then SIGKILL ourselves."""
-    global _matching_writes
-    marker = os.environ.get(KILL_ENV)
-    if marker and marker in os.path.basename(path):
-        _matching_writes += 1
-        if _matching_writes <= int(os.environ.get(KILL_ENV + "_SKIP", "0")):
-            return data
-        half = len(data) // 2
-        f.write(data[:half])
+    """Fault injection (utils/faults.py, point DURING_WRITE): half of the bytes, durable, then SIGKILL."""
+    if faults.should_kill("DURING_WRITE", os.path.basename(path)):
+        f.write(data[:len(data) // 2])
         f.flush()
         os.fsync(f.fileno())
-        os.kill(os.getpid(), signal.SIGKILL)
+        faults.kill()
     return data
 
 
