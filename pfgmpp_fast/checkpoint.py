@@ -25,9 +25,9 @@ import struct
 
 import torch
 
-from pfgmpp_fast.cli import command
 from pfgmpp_fast.networks import EDMPrecond, FastNetwork
 from pfgmpp_fast.safe_pickle import OpaqueObject, PersistentRecord, UnsupportedArchiveError, archive_kind, read_published
+from pfgmpp_fast.utils.cli_errors import blame, check_output_path, command
 from pfgmpp_fast.utils.io_utils import atomic_write_bytes, content_digest
 
 __all__ = ['save_network', 'load_network', 'convert_published', 'network_config', 'network_from_config',
@@ -332,7 +332,6 @@ def add_arguments(p) -> None:
 
 @command
 def main(args) -> int:
-    from pfgmpp_fast.cli import blame, check_output_path
     check_output_path('DST', args.dst)
     with blame('SRC'):
         net = load_network(args.src, trust_pickle=args.trust_pickle, D=args.D)

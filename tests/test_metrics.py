@@ -5,7 +5,6 @@ import signal
 import subprocess
 import sys
 import textwrap
-import types
 
 import numpy as np
 import pytest
@@ -315,12 +314,8 @@ def _ema_net(std):
 
 
 def _fake_phema(monkeypatch, calls):
-    """training.phema.reconstruct_network replaced by tiny networks (other branch's module)."""
-    try:
-        import pfgmpp_fast.training.phema as phema
-    except ImportError:
-        phema = types.ModuleType("pfgmpp_fast.training.phema")
-        monkeypatch.setitem(sys.modules, "pfgmpp_fast.training.phema", phema)
+    """phema.reconstruct_network replaced by tiny networks."""
+    import pfgmpp_fast.phema as phema
 
     def reconstruct_network(run_dir, std, at_kimg=None, device="cpu"):
         calls.append((run_dir, std, at_kimg, str(device)))

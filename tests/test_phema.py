@@ -1,4 +1,4 @@
-"""Post-hoc EMA (training/phema.py): the power-function EMA maths, tracking during training,
+"""Post-hoc EMA (phema.py, training/phema.py): the power-function EMA maths, tracking during training,
 reconstruction (tracked lengths exactly, an untracked length from the others), snapshot-order
 independence, bad input, exact resume, and the `phema` command."""
 import json
@@ -13,9 +13,10 @@ import torch
 
 from pfgmpp_fast.checkpoint import load_network, read_metadata, save_network
 from pfgmpp_fast.cli import main as cli_main
-from pfgmpp_fast.training import phema as P
+from pfgmpp_fast import phema as P
 from pfgmpp_fast.training.loop import run_training
 from pfgmpp_fast.training.options import resolve_options
+from pfgmpp_fast.training.phema import PowerFunctionEMA
 from pfgmpp_fast.utils.io_utils import load_torch_state
 
 TRACKED = (0.05, 0.1, 0.07)       # the third is tracked only to check its reconstruction from the other two
@@ -76,7 +77,7 @@ def test_tracked_ema_weighs_each_step_by_its_profile_mass():
     `batch` images they are the profile's mass on each step, (τ^(γ+1) − (τ−1)^(γ+1)) / T^(γ+1)."""
     T, batch = 40, 3
     theta = torch.zeros(T, dtype=torch.float64)
-    tracker = P.PowerFunctionEMA((0.05, 0.2), [theta], template=None, snap_kimg=1.0)
+    tracker = PowerFunctionEMA((0.05, 0.2), [theta], template=None, snap_kimg=1.0)
     for step in range(1, T + 1):
         theta.zero_()[step - 1] = 1
         tracker.update([theta], step * batch, batch)
@@ -275,7 +276,7 @@ def test_resume_continues_the_power_function_emas_exactly(tmp_path):
 @pytest.mark.gpu
 def test_update_does_not_sync_the_host():
     params = [torch.randn(n, device="cuda") for n in (100, 7, 3000)]
-    tracker = P.PowerFunctionEMA((0.05, 0.1), params, template=None, snap_kimg=1.0)
+    tracker = PowerFunctionEMA((0.05, 0.1), params, template=None, snap_kimg=1.0)
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:

@@ -13,7 +13,8 @@ from pfgmpp_fast import ops
 from pfgmpp_fast.utils import io_utils
 from pfgmpp_fast.checkpoint import find_latest_snapshot
 from pfgmpp_fast.training.loop import find_latest_state, run_training
-from pfgmpp_fast.training.options import TrainingError, add_arguments, main
+from pfgmpp_fast.training.options import TrainingError
+from pfgmpp_fast.training.train import add_arguments, main
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY_NET = dict(model_channels=8, channel_mult=[1, 2], num_blocks=1, attn_resolutions=[])

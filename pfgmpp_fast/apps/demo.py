@@ -238,10 +238,10 @@ def _print_summary(run, metrics, paths) -> None:
 def phema_sweep(run_dir, outdir, scorer, seeds, device, batch, backend, progress, D, stds=PHEMA_SWEEP,
                 num_steps: int = NUM_STEPS) -> dict:
     """FDD vs EMA length of the demo's own run, without retraining: a network per length of
-    PHEMA_SWEEP reconstructed from the run's power-function EMA snapshots (training/phema.py),
+    PHEMA_SWEEP reconstructed from the run's power-function EMA snapshots (pfgmpp_fast/phema.py),
     sampled with the same seeds. Writes phema.png; returns the table for metrics.json."""
     import torch
-    from pfgmpp_fast.training.phema import list_snapshots, reconstruct
+    from pfgmpp_fast.phema import list_snapshots, reconstruct
     from pfgmpp_fast.utils.plots import save_sweep_figure
     snapshots = list_snapshots(run_dir)
     print(f"[phema] FDD vs EMA length {tuple(stds)} (post-hoc EMA from {sorted({s.std for s in snapshots})}, "

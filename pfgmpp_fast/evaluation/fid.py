@@ -16,13 +16,14 @@ import os
 import time
 from typing import Optional
 
-from pfgmpp_fast.cli import command
 from pfgmpp_fast.evaluation.calc import calc_stats, generator_source, images_source, reference_stats, weights_fingerprint
 from pfgmpp_fast.evaluation.features import FEATURES, Detectors, get_feature_extractor
 from pfgmpp_fast.evaluation.metrics import (METRICS, compute_metrics, load_reference, parse_metrics,
                                             save_reference)
 from pfgmpp_fast.evaluation.sweep import SWEEP_KINDS, sweep
 from pfgmpp_fast.utils import distributed
+from pfgmpp_fast.utils.cli_errors import (UsageError, add_threads_argument, blame, check_output_path, command,
+                                          int_at_least)
 from pfgmpp_fast.utils.io_utils import atomic_write_bytes
 
 __all__ = ["add_arguments", "main"]
@@ -50,7 +51,6 @@ def _add_feature_arguments(p):
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from pfgmpp_fast.cli import add_threads_argument, int_at_least
     from pfgmpp_fast.evaluation.generate import add_sampler_arguments
     sub = parser.add_subparsers(dest="fid_command", metavar="{calc,ref,sweep}")
     calc = sub.add_parser("calc", help="statistics (and FID) of generated images or an image folder")
@@ -90,7 +90,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _extractor(args, device) -> Detectors:
     """The detectors `--metrics` needs (the main --features space, Inception logits, DINOv2)."""
-    from pfgmpp_fast.cli import blame
     with blame("--metrics"):
         metrics = parse_metrics(args.metrics)
     main = _main_extractor(args, device)
@@ -106,7 +105,6 @@ def _extractor(args, device) -> Detectors:
 
 def _main_extractor(args, device):
     """The feature extractor; its failures name --inception-weights / --digits-cache."""
-    from pfgmpp_fast.cli import UsageError
     option = "--inception-weights" if args.features == "inception" else "--digits-cache"
     try:
         return get_feature_extractor(args.features, device, args.inception_weights, args.inception_sha256,
@@ -128,7 +126,6 @@ def _main_extractor(args, device):
 
 
 def _reference(args, extractor):
-    from pfgmpp_fast.cli import blame
     with blame("--ref"):
         return load_reference(args.ref, dim=int(extractor.dim), metrics=extractor.metrics) if args.ref else None
 
@@ -145,7 +142,6 @@ def _values(text: Optional[str], kind: str):
 
 
 def _check_calc_args(args):
-    from pfgmpp_fast.cli import UsageError, check_output_path
     if (args.network is None) == (args.images is None):
         raise UsageError("--network/--images", "give exactly one of --network (generate) or --images (folder/zip/npz)")
     if args.ref is None and args.dest is None and args.outdir is None:
@@ -156,7 +152,6 @@ def _check_calc_args(args):
 
 
 def _calc(args, device, say) -> int:
-    from pfgmpp_fast.cli import UsageError, blame
     from pfgmpp_fast.evaluation.generate import (generator_numerics, make_generator_fast, network_from_args,
                                                  sampler_kwargs_from_args)
     rank = distributed.get_rank()
@@ -197,7 +192,6 @@ def _calc(args, device, say) -> int:
 
 
 def _sweep(args, device, say) -> int:
-    from pfgmpp_fast.cli import UsageError, blame, check_output_path
     from pfgmpp_fast.evaluation.generate import (generator_numerics, make_generator_fast, network_from_args,
                                                  sampler_kwargs_from_args)
     check_output_path("--outdir", args.outdir, is_dir=True)
@@ -227,7 +221,6 @@ def _sweep(args, device, say) -> int:
 
 @command
 def main(args) -> int:
-    from pfgmpp_fast.cli import UsageError, blame, check_output_path
     cmd = getattr(args, "fid_command", None)
     if cmd is None:
         raise UsageError("fid", "give a subcommand: python -m pfgmpp_fast fid {calc,ref,sweep} ... (see --help)")

@@ -18,18 +18,18 @@ from __future__ import annotations
 import argparse
 import io
 import os
-import re
 import sys
 from typing import Iterator, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
 
-from pfgmpp_fast.cli import command
 from pfgmpp_fast import checks
 from pfgmpp_fast import reference as R
 from pfgmpp_fast.checks import check_seeds, parse_int_list  # noqa: F401  (part of this module's API)
 from pfgmpp_fast.utils import distributed
+from pfgmpp_fast.utils.cli_errors import (UsageError, add_threads_argument, blame, check_output_path, command,
+                                          int_at_least, number)
 from pfgmpp_fast.utils.io_utils import atomic_write_bytes
 
 __all__ = ["SAMPLING_KEY", "STREAM_CLASS", "parse_int_list", "check_seeds", "rank_seeds",
@@ -259,7 +259,6 @@ def make_generator_fast(net, device, net_dtype: str = "auto", compile: Optional[
 
 def add_sampler_arguments(p: argparse.ArgumentParser) -> None:
     """Network + sampler options shared by `generate` and `fid`."""
-    from pfgmpp_fast.cli import add_threads_argument, int_at_least, number
     g = p.add_argument_group("network and sampler")
     g.add_argument("--network", metavar="PATH", help="network checkpoint (ours: .safetensors)")
     g.add_argument("--trust-pickle", action="store_true",
@@ -295,7 +294,6 @@ def add_sampler_arguments(p: argparse.ArgumentParser) -> None:
 
 def sampler_kwargs_from_args(args) -> dict:
     """generate_images keyword arguments of the command line, checked (UsageError naming the option)."""
-    from pfgmpp_fast.cli import UsageError, blame
     if args.sigma_min > args.sigma_max:
         raise UsageError("--sigma-min", f"must be <= --sigma-max ({args.sigma_max:g}), got {args.sigma_min:g}")
     if args.S_max < args.S_min:
@@ -312,7 +310,6 @@ def device_from_args(args) -> torch.device:
     """This rank's device (--device, joining torchrun's process group) with --threads applied,
     and --backend checked against it."""
     from pfgmpp_fast import ops
-    from pfgmpp_fast.cli import UsageError, blame
     with blame("--device"):
         device = distributed.init(args.device)
     distributed.set_cpu_threads(device, args.threads)
@@ -326,7 +323,6 @@ def device_from_args(args) -> torch.device:
 
 def network_from_args(args, device, path: Optional[str] = None, D=None):
     """The network of --network (or ``path``), checked against --D and --class (UsageError naming them)."""
-    from pfgmpp_fast.cli import UsageError, blame
     try:
         net = load_generator_network(path or args.network, device, trust_pickle=args.trust_pickle, D=D)
     except (ValueError, TypeError, FileNotFoundError) as exc:
@@ -350,7 +346,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 @command
 def main(args) -> int:
-    from pfgmpp_fast.cli import UsageError, blame, check_output_path
     if not args.network:
         raise UsageError("--network", "is required (a network checkpoint, e.g. network-snapshot-*.safetensors)")
     if args.outdir is None and args.npz is None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import io
 import os
 import warnings
-from typing import Dict, Iterable, Optional, Sequence
+from typing import Dict, Optional
 
 import numpy as np
 import torch

@@ -20,6 +20,7 @@ from typing import Callable, Dict, List, Optional, Sequence
 import numpy as np
 import torch
 
+from pfgmpp_fast import phema
 from pfgmpp_fast.checkpoint import find_checkpoints
 from pfgmpp_fast.evaluation import quantize as Q
 from pfgmpp_fast.evaluation.calc import calc_stats, generator_source, weights_fingerprint
@@ -86,9 +87,8 @@ def point_weights(point: Point, load_network: Callable, device="cpu", at_kimg: O
     """The network whose weights a checkpoint / EMA point uses (None for the other kinds)."""
     if point.kind == "checkpoints":
         return load_network(point.path)
-    if point.kind == "ema":          # the phema feature's module, imported only when it is used
-        from pfgmpp_fast.training.phema import reconstruct_network
-        return reconstruct_network(point.path, float(point.value), at_kimg=at_kimg, device=device)
+    if point.kind == "ema":
+        return phema.reconstruct_network(point.path, float(point.value), at_kimg=at_kimg, device=device)
     return None
 
 

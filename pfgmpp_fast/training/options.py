@@ -1,10 +1,9 @@
-"""Training options: one frozen dataclass with the published CIFAR-10 recipe as defaults, their
-validation (every error names the option, the value and the allowed range) and the `train`
-command line (`python -m pfgmpp_fast train`), which parses, resolves and runs (loop.py).
+"""Training options: one frozen dataclass with the published CIFAR-10 recipe as defaults and
+their validation (every error names the option, the value and the allowed range). The `train`
+command (train.py) parses them from the command line; the loop (loop.py) runs them.
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import math
@@ -13,11 +12,10 @@ from typing import Optional
 
 import torch
 
-from pfgmpp_fast.cli import command
 from pfgmpp_fast import checks
 
 __all__ = ["TrainingOptions", "DEFAULTS", "ARCHES", "PRECISIONS", "BACKENDS", "RESUME_KEYS", "TrainingError",
-           "resolve_options", "add_arguments", "options_from_args", "main"]
+           "resolve_options", "jsonable"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -108,7 +106,7 @@ def resolve_options(**options) -> TrainingOptions:
     for name in ("lr", "ema_halflife_kimg", "duration_mimg", "tick_kimg", "P_std", "sigma_data", "loss_scaling"):
         o[name] = checks.check_number(name, o[name])
     if o["phema"] is not None:
-        from pfgmpp_fast.training.phema import parse_stds
+        from pfgmpp_fast.phema import parse_stds
         o["phema"] = parse_stds(o["phema"])
     o["phema_snap_kimg"] = checks.check_number("phema_snap_kimg", o["phema_snap_kimg"])
     for name in ("lr_rampup_kimg", "ema_rampup_ratio"):
@@ -165,122 +163,3 @@ def jsonable(value):
     if isinstance(value, torch.dtype):
         return str(value)
     return value
-
-
-# ----------------------------------------------------------------------------------------
-# Command line
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    d = DEFAULTS
-    a = parser.add_argument
-    a("--outdir", "--run-dir", dest="run_dir", default=d["run_dir"], help="run directory (created; resumable)")
-    a("--data", default=d["data"], help="'digits' (embedded), a folder/.zip of PNGs, or .npy/.npz (default: digits)")
-    a("--cond", action="store_true", help="class-conditional training (needs labels)")
-    a("--arch", choices=ARCHES, default=d["arch"])
-    a("--D", "--aug_dim", "--aug-dim", dest="D", default="128", help="augmented dimension D (inf = EDM)")
-    a("--resolution", type=int, default=None, help="expected data resolution (checked)")
-    a("--batch", type=int, default=d["batch"], help="global batch size")
-    a("--batch-gpu", "--batch_gpu", dest="batch_gpu", type=int, default=None, help="per-rank chunk (gradient accumulation)")
-    a("--lr", type=float, default=d["lr"])
-    a("--lr-rampup", dest="lr_rampup_kimg", type=float, default=d["lr_rampup_kimg"], help="lr ramp-up (kimg)")
-    a("--ema", dest="ema_halflife_mimg", type=float, default=d["ema_halflife_kimg"] / 1000, help="EMA half-life (Mimg)")
-    a("--ema-rampup", dest="ema_rampup_ratio", type=float, default=d["ema_rampup_ratio"])
-    a("--phema", nargs="?", const="0.05,0.1", default=None, metavar="STD,...",
-      help="also track power-function EMAs of these lengths for post-hoc EMA (default pair: 0.05,0.1)")
-    a("--phema-snap", dest="phema_snap_kimg", type=float, default=d["phema_snap_kimg"],
-      help="kimg between power-function EMA snapshots (written at the first tick end after each multiple)")
-    a("--dropout", type=float, default=d["dropout"])
-    a("--augment", type=float, default=d["augment"], help="augmentation probability (0 = off)")
-    a("--xflip", action="store_true", help="dataset x-flips")
-    a("--duration", dest="duration_mimg", type=float, default=d["duration_mimg"], help="training duration (Mimg)")
-    a("--tick", dest="tick_kimg", type=float, default=d["tick_kimg"], help="kimg per tick")
-    a("--snap", dest="snap_ticks", type=int, default=d["snap_ticks"], help="ticks between network snapshots")
-    a("--dump", dest="dump_ticks", type=int, default=d["dump_ticks"], help="ticks between training states")
-    a("--seed", type=int, default=d["seed"])
-    a("--ls", dest="loss_scaling", type=float, default=d["loss_scaling"], help="loss scaling")
-    a("--network", default=None, help='JSON network overrides, e.g. \'{"model_channels": 64}\'')
-    a("--cres", default=None, help="channel multipliers, e.g. 1,2,2,2")
-    a("--precision", choices=["auto", "bf16", "fp16", "fp32"], default=d["precision"])
-    a("--compile", dest="compile", action="store_true", default=None)
-    a("--no-compile", dest="compile", action="store_false")
-    a("--channels-last", dest="channels_last", action="store_true", default=None)
-    a("--no-channels-last", dest="channels_last", action="store_false")
-    a("--backend", choices=BACKENDS, default=d["backend"], help="kernel backend of the fused loss")
-    a("--device", default=d["device"])
-    a("--resume", default=None, help="'auto' (newest intact state in the run dir) or a training-state file")
-    a("--transfer", default=None, help="initialise the network from this file")
-    a("--trust-pickle", action="store_true",
-      help="allow importing a published pickle for --transfer (read without running its code; TorchScript is refused)")
-    a("--max-nonfinite", type=int, default=d["max_nonfinite"], help="stop after this many non-finite losses")
-    a("--deterministic", action="store_true")
-    a("--no-progress", dest="progress", action="store_false", default="auto")
-    a("--max-size", type=int, default=None, help="use only the first N images")
-    a("--dry-run", action="store_true", help="print the resolved options and exit")
-    from pfgmpp_fast.cli import add_threads_argument
-    add_threads_argument(parser)
-
-
-def options_from_args(args) -> dict:
-    from pfgmpp_fast.cli import UsageError
-    o = {k: getattr(args, k) for k in DEFAULTS if hasattr(args, k)}
-    o["ema_halflife_kimg"] = args.ema_halflife_mimg * 1000
-    if o.get("compile") is None:
-        o["compile"] = "auto"
-    if o.get("channels_last") is None:
-        o["channels_last"] = "auto"
-    try:
-        network = json.loads(args.network) if args.network else {}
-    except json.JSONDecodeError as exc:
-        raise UsageError("--network", f"must be a JSON object of network overrides, e.g. "
-                                      f"'{{\"model_channels\": 64}}', got {args.network!r} ({exc})") from None
-    if not isinstance(network, dict):
-        raise UsageError("--network", f"must be a JSON object of network overrides, got {args.network!r}")
-    if args.cres:
-        try:
-            network["channel_mult"] = [int(x) for x in str(args.cres).split(",")]
-        except ValueError:
-            raise UsageError("--cres", f"must be comma-separated integers >= 1, e.g. 1,2,2,2, got {args.cres!r}") from None
-        if any(c < 1 for c in network["channel_mult"]):
-            raise UsageError("--cres", f"must be comma-separated integers >= 1, e.g. 1,2,2,2, got {args.cres!r}")
-    o["network"] = network
-    return o
-
-
-# CLI option of each TrainingOptions field (resolve_options names the field; the CLI names the option).
-_OPTION_OF = {"run_dir": "--outdir", "D": "--D", "batch_gpu": "--batch-gpu", "lr_rampup_kimg": "--lr-rampup",
-              "ema_halflife_kimg": "--ema", "ema_rampup_ratio": "--ema-rampup", "duration_mimg": "--duration",
-              "tick_kimg": "--tick", "snap_ticks": "--snap", "dump_ticks": "--dump", "loss_scaling": "--ls",
-              "max_nonfinite": "--max-nonfinite", "max_size": "--max-size", "trust_pickle": "--trust-pickle"}
-
-
-def _resolve_from_args(args) -> TrainingOptions:
-    from pfgmpp_fast.cli import UsageError
-    try:
-        return resolve_options(**options_from_args(args))
-    except UsageError:
-        raise
-    except (ValueError, TypeError, FileNotFoundError) as exc:
-        text = str(exc)
-        field = next((f for f in sorted(DEFAULTS, key=len, reverse=True) if text.startswith(f)), None)
-        option = _OPTION_OF.get(field, "--" + field.replace("_", "-")) if field else "train"
-        raise UsageError(option, text) from None
-
-
-@command
-def main(args) -> int:
-    from pfgmpp_fast.cli import UsageError, blame, check_output_path
-    o = _resolve_from_args(args)
-    if o["data"] != "digits" and not os.path.exists(o["data"]):
-        raise UsageError("--data", f"no such data set {o['data']!r}: give 'digits', a folder or .zip of images, "
-                                   "or a .npy/.npz file")
-    check_output_path("--outdir", o["run_dir"], is_dir=True)
-    from pfgmpp_fast.utils import distributed
-    with blame("--device"):
-        device = distributed.pick_device(o["device"])
-    if args.dry_run:
-        print(json.dumps(jsonable(o.as_dict()), indent=2, sort_keys=True))
-        return 0
-    from pfgmpp_fast.training.loop import run_training
-    distributed.set_cpu_threads(device, args.threads)
-    run_training(**o.as_dict())
-    return 0

@@ -1,0 +1,133 @@
+"""The one error path of every command, and the argparse pieces the commands share.
+
+Each command's ``main`` is wrapped by :func:`command`: it raises, and one message is printed,
+``error: <option>: <what is wrong and what is allowed>``, never a traceback (argparse reports
+malformed values the same way). Exit codes: 0 success; 2 a usage error (a bad option value, or
+a file an option names that is missing or of the wrong kind); 1 a failure while running (I/O,
+non-finite training, ...); 130 interrupted. ``PFGMPP_FAST_DEBUG=1`` re-raises errors, with
+their traceback. Below every layer (no package import), so every command module can use it.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import functools
+import math
+import os
+import sys
+
+__all__ = ["UsageError", "blame", "check_output_path", "int_at_least", "number", "add_threads_argument",
+           "command", "report", "DEBUG_ENV"]
+
+DEBUG_ENV = "PFGMPP_FAST_DEBUG"
+
+
+class UsageError(ValueError):
+    """A bad command-line input: ``option`` names it, the message says what is wrong and allowed."""
+
+    def __init__(self, option: str, message: str):
+        message = str(message)
+        bare = option.lstrip("-").replace("-", "_") + ": "
+        if message.startswith(bare):            # "seeds: ..." from a checker → "--seeds: ..."
+            message = message[len(bare):]
+        super().__init__(f"{option}: {message}" if option and not message.startswith(option) else message)
+        self.option = option
+
+
+@contextlib.contextmanager
+def blame(option: str):
+    """Input errors (ValueError, TypeError, FileNotFoundError) raised inside become UsageErrors naming ``option``."""
+    try:
+        yield
+    except UsageError:
+        raise
+    except (ValueError, TypeError, FileNotFoundError) as exc:
+        raise UsageError(option, str(exc)) from exc
+
+
+def check_output_path(option: str, path, is_dir: bool = False):
+    """Fail early (UsageError naming ``option``) when ``path`` cannot be created: the nearest
+    existing ancestor must be a writable folder, and ``path`` itself not the wrong kind."""
+    if path is None:
+        return None
+    path = os.path.abspath(os.fspath(path))
+    if os.path.exists(path) and os.path.isdir(path) != is_dir:
+        raise UsageError(option, f"{path} exists and is {'a file' if is_dir else 'a folder'}; "
+                                 f"expected {'a folder' if is_dir else 'a file path'}")
+    parent = path if is_dir else os.path.dirname(path)
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent) or not os.access(parent, os.W_OK | os.X_OK):
+        raise UsageError(option, f"cannot create {path}: {parent} is "
+                                 f"{'not a folder' if not os.path.isdir(parent) else 'not writable'}")
+    return path
+
+
+def int_at_least(low: int):
+    """An argparse ``type``: an integer >= low (argparse then names the option in its error)."""
+    def parse(text):
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be an integer >= {low}, got {text!r}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be an integer >= {low}, got {text!r}")
+        return value
+    parse.__name__ = f"int>={low}"
+    return parse
+
+
+def number(positive: bool = False, allow_inf: bool = False):
+    """An argparse ``type``: a float, never NaN; > 0 if ``positive``, >= 0 otherwise; finite
+    unless ``allow_inf``."""
+    def parse(text):
+        try:
+            value = float(text)
+        except ValueError:
+            value = math.nan
+        if math.isnan(value) or (value <= 0 if positive else value < 0) or (math.isinf(value) and not allow_inf):
+            allowed = ("(0, " if positive else "[0, ") + ("inf]" if allow_inf else "inf)")
+            raise argparse.ArgumentTypeError(f"must be a number in {allowed}, got {text!r}")
+        return value
+    parse.__name__ = "number"
+    return parse
+
+
+def add_threads_argument(p) -> None:
+    p.add_argument("--threads", type=int_at_least(0), default=1,
+                   help="CPU threads of torch (default 1: robust when other processes share the cores; "
+                        "0 = torch's default)")
+
+
+def _close_process_group() -> None:
+    dist = sys.modules.get("pfgmpp_fast.utils.distributed")
+    if dist is not None:
+        dist.close()
+
+
+def report(exc: BaseException) -> int:
+    """Print ``exc`` as one line and return the exit code (the module docstring's rules)."""
+    if isinstance(exc, KeyboardInterrupt):
+        print("interrupted", file=sys.stderr)
+        return 130
+    _close_process_group()
+    message = str(exc).strip() or type(exc).__name__
+    if not isinstance(exc, (ValueError, TypeError, OSError, RuntimeError, ArithmeticError)):
+        message = f"unexpected {type(exc).__name__}: {message} (rerun with {DEBUG_ENV}=1 for the traceback)"
+    print(f"error: {message}", file=sys.stderr)
+    # input errors (ValueError incl. UsageError, TypeError, a missing file) are usage errors
+    return 2 if isinstance(exc, (ValueError, TypeError, FileNotFoundError)) else 1
+
+
+def command(main_fn):
+    """Wrap a command's ``main(args)``: errors become one message and an exit code (:func:`report`)."""
+    @functools.wraps(main_fn)
+    def run(args) -> int:
+        try:
+            return int(main_fn(args) or 0)
+        except (Exception, KeyboardInterrupt) as exc:   # noqa: BLE001 - the one place errors become messages
+            if os.environ.get(DEBUG_ENV) == "1" and not isinstance(exc, KeyboardInterrupt):
+                raise
+            return report(exc)
+    run.__wrapped_command__ = True
+    return main_fn if getattr(main_fn, "__wrapped_command__", False) else run
