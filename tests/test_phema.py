@@ -14,9 +14,9 @@ import torch
 from pfgmpp_fast.checkpoint import load_network, read_metadata, save_network
 from pfgmpp_fast.cli import main as cli_main
 from pfgmpp_fast import phema as P
-from pfgmpp_fast.training.loop import run_training
 from pfgmpp_fast.training.options import resolve_options
 from pfgmpp_fast.training.phema import PowerFunctionEMA
+from pfgmpp_fast.training.train import run_training
 from pfgmpp_fast.utils.io_utils import load_torch_state
 
 TRACKED = (0.05, 0.1, 0.07)       # the third is tracked only to check its reconstruction from the other two

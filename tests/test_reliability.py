@@ -13,8 +13,9 @@ import torch
 
 from pfgmpp_fast import checkpoint as ck
 from pfgmpp_fast import cli
-from pfgmpp_fast.training.loop import find_latest_state, run_training
 from pfgmpp_fast.training.options import TrainingError
+from pfgmpp_fast.training.run_files import find_latest_state
+from pfgmpp_fast.training.train import run_training
 from pfgmpp_fast.utils import io_utils
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

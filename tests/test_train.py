@@ -12,9 +12,9 @@ import torch
 from pfgmpp_fast import ops
 from pfgmpp_fast.utils import io_utils
 from pfgmpp_fast.checkpoint import find_latest_snapshot
-from pfgmpp_fast.training.loop import find_latest_state, run_training
 from pfgmpp_fast.training.options import TrainingError
-from pfgmpp_fast.training.train import add_arguments, main
+from pfgmpp_fast.training.run_files import find_latest_state
+from pfgmpp_fast.training.train import add_arguments, main, run_training
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY_NET = dict(model_channels=8, channel_mult=[1, 2], num_blocks=1, attn_resolutions=[])
@@ -56,7 +56,7 @@ def assert_states_equal(a, b, exact=True, atol=0.0):
 
 
 def run_subprocess(options, env_extra=None, rank=None, world=None, port=None):
-    code = "import json, sys; from pfgmpp_fast.training.loop import run_training; run_training(**json.loads(sys.argv[1]))"
+    code = "import json, sys; from pfgmpp_fast.training.train import run_training; run_training(**json.loads(sys.argv[1]))"
     env = {**os.environ, "PYTHONPATH": REPO, "OMP_NUM_THREADS": "1"}
     if rank is not None:
         env.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",

@@ -90,7 +90,7 @@ def train_small(run_dir: str, D: float, duration_kimg: float, seed: int = 0, dev
     Returns the run directory; the final EMA network is its newest network snapshot.
     `resume=True` continues from the newest training state in `run_dir` (if any).
     """
-    from pfgmpp_fast.training.loop import run_training
+    from pfgmpp_fast.training.train import run_training
     options = dict(RECIPE, run_dir=run_dir, data="digits", arch="ddpmpp", D=D, duration_kimg=duration_kimg,
                    seed=seed, max_size=NUM_TRAIN, network=dict(SMALL_NETWORK), device=str(device),
                    backend=backend, progress=progress, precision="auto", compile=False,

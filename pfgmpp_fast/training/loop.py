@@ -1,12 +1,7 @@
-"""Training: `python -m pfgmpp_fast train` and `run_training(**options) -> run_dir`.
+"""The training loop: :class:`TrainingRun`, one rank's share of a run (setup, step, the ticks).
+The entry points (`run_training`, the `train` command) are train.py.
 
-A drop-in for the published PFGM++ / EDM train.py: the defaults are the published
-CIFAR-10 recipe (batch 512, lr 1e-3 with a 10 Mimg ramp-up, EMA half-life 0.5 Mimg with
-ramp-up ratio 0.05, dropout 0.13, augmentation probability 0.12, 200 Mimg, DDPM++, D=128),
-the run directory holds the published files (training_options.json, log.txt, stats.jsonl,
-network snapshots, training states) and several GPUs/nodes work through ``torchrun``.
-
-What is different (and why it is fast and safe):
+What is different from the published EDM loop (and why it is fast and safe):
 
 * the step is perturb → network → loss on the fused kernels (pfgmpp_fast.loss), the
   network is channels-last / autocast / compiled (networks.make_fast), Adam is fused,
@@ -17,66 +12,29 @@ What is different (and why it is fast and safe):
   (seed, i) too, so a run is reproducible and does not depend on the number of ranks or
   on gradient accumulation (with dropout > 0 the dropout masks come from torch's RNG,
   seeded per rank: reproducible for a fixed rank count);
-* files are written atomically; ``--resume auto`` continues from the newest intact
-  training state; a non-finite loss skips the update on the device (fused Adam's
-  ``found_inf``), is counted, and the run stops with an error once the count exceeds
-  ``--max-nonfinite``; bad data / checkpoints / options fail before any step.
-
-Precision: ``auto`` = bf16 autocast on CUDA, fp32 on the CPU (the published code trains in
-fp32; ``--precision fp32`` reproduces that exactly).
+* files are written atomically; a non-finite loss skips the update on the device (fused
+  Adam's ``found_inf``), is counted, and the run stops with an error once the count exceeds
+  ``max_nonfinite``; a diverged network is never written as a snapshot.
 """
 from __future__ import annotations
 
 import contextlib
 import copy
-import glob
-import json
 import os
-import re
-import shutil
-import sys
 import time
-from typing import Optional
 
 import torch
 
 from pfgmpp_fast import reference as R
-from pfgmpp_fast.checkpoint import find_latest_snapshot, load_network, save_network
-from pfgmpp_fast.training.options import PRECISIONS, RESUME_KEYS, TrainingError, TrainingOptions, jsonable, resolve_options
+from pfgmpp_fast.checkpoint import load_network, save_network
+from pfgmpp_fast.training.options import PRECISIONS, RESUME_KEYS, TrainingError, TrainingOptions, jsonable
 from pfgmpp_fast.training.phema import PowerFunctionEMA
+from pfgmpp_fast.training.report import TickReporter
 from pfgmpp_fast.utils import distributed, faults
-from pfgmpp_fast.training.run_files import drop_stats_after, remove_temp_files
-from pfgmpp_fast.utils.io_utils import append_line, atomic_save_json, atomic_torch_save_state, is_temp_file, load_torch_state
-from pfgmpp_fast.utils.run_lock import acquire_run_dir
+from pfgmpp_fast.utils.io_utils import append_line, atomic_torch_save_state, load_torch_state
 
-__all__ = ["TrainingRun", "run_training", "find_latest_state", "find_latest_snapshot", "TrainingError"]
+__all__ = ["TrainingRun"]
 
-STATE_RE = re.compile(r"^training-state-(\d+)\.pt$")
-
-
-# ----------------------------------------------------------------------------------------
-# Checkpoints
-
-def find_latest_state(run_dir: str, log=print) -> Optional[str]:
-    """The newest training state in ``run_dir`` that loads (temp files and corrupt ones skipped)."""
-    candidates = []
-    for path in glob.glob(os.path.join(glob.escape(run_dir), "training-state-*.pt")):
-        name = os.path.basename(path)
-        m = STATE_RE.match(name)
-        if m and not is_temp_file(name):
-            candidates.append((int(m.group(1)), os.path.getmtime(path), path))
-    for _, _, path in sorted(candidates, reverse=True):
-        try:
-            state = load_torch_state(path)
-            if "cur_nimg" in state and "net" in state:
-                return path
-        except (ValueError, OSError) as exc:
-            log(f"resume: skipping unreadable state {path}: {exc}")
-    return None
-
-
-# ----------------------------------------------------------------------------------------
-# The run
 
 class TrainingRun:
     """One rank's share of a run: build (setup), load_state, step, train."""
@@ -337,23 +295,17 @@ class TrainingRun:
     def train(self):
         o = self.o
         total_nimg = int(round(o["duration_mimg"] * 1e6))
-        N = self.dataset.channels * self.dataset.resolution ** 2
         self.start_time = time.time()
         if self.cur_nimg >= total_nimg:
             self.log(f"the run is complete ({self.cur_nimg / 1000:.3f} of {total_nimg / 1000:.3f} kimg); nothing to do")
             return
-        tick_start_nimg, tick_start_time = self.cur_nimg, time.time()
-        stats_path = os.path.join(o["run_dir"], "stats.jsonl")
-        bar = _progress_bar(o, self.rank0, total_nimg, self.cur_nimg)
-        maintenance = 0.0
-        if self.device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(self.device)
+        reporter = TickReporter(o, self.rank0, self.device, total_nimg, self.cur_nimg, self.log)
+        tick_start_nimg, tick_start_time, maintenance = self.cur_nimg, time.time(), 0.0
         while True:
             done = self.cur_nimg >= total_nimg
             if not done:
                 self.step()
-                if bar is not None:
-                    bar.update(o["batch"] / 1000)
+                reporter.advance(o["batch"])
                 done = self.cur_nimg >= total_nimg
                 if (not done and self.cur_tick != 0
                         and self.cur_nimg < tick_start_nimg + o["tick_kimg"] * 1000):
@@ -361,37 +313,12 @@ class TrainingRun:
 
             # ---- end of a tick: the one host sync of the tick --------------------------
             loss_sum, loss_count, nonfinite, last_step_bad, weights_bad = self._reduce_tick()
-            tick_end_time = time.time()
-            tick_time = tick_end_time - tick_start_time
-            tick_imgs = self.cur_nimg - tick_start_nimg
+            tick_sec = time.time() - tick_start_time
             self.nonfinite_total += nonfinite
-            peak = torch.cuda.max_memory_allocated(self.device) / 2**30 if self.device.type == "cuda" else 0.0
-            stats = {
-                "Loss/loss": loss_sum / loss_count / N if loss_count else float("nan"),
-                "Loss/loss_per_image": loss_sum / loss_count if loss_count else float("nan"),
-                "Loss/nonfinite_steps": self.nonfinite_total,
-                "Progress/tick": self.cur_tick,
-                "Progress/kimg": self.cur_nimg / 1000,
-                "Timing/total_sec": self.total_time(),
-                "Timing/sec_per_tick": tick_time,
-                "Timing/sec_per_kimg": tick_time / max(tick_imgs, 1) * 1000,
-                "Timing/maintenance_sec": maintenance,
-                "Resources/peak_gpu_mem_gb": peak,
-                "Resources/cpu_mem_gb": _cpu_mem_gb(),
-                "Perf/img_per_sec": tick_imgs / max(tick_time, 1e-9),
-                "timestamp": time.time(),
-            }
-            if self.rank0:
-                append_line(stats_path, json.dumps(stats, sort_keys=True))
-                line = (f"tick {self.cur_tick:<5d} kimg {self.cur_nimg / 1000:<9.3f} loss {stats['Loss/loss']:<8.4f} "
-                        f"time {stats['Timing/total_sec']:<8.1f} sec/tick {tick_time:<7.2f} "
-                        f"sec/kimg {stats['Timing/sec_per_kimg']:<7.3f} img/s {stats['Perf/img_per_sec']:<8.1f} "
-                        f"gpumem {peak:<6.2f} nonfinite {self.nonfinite_total}")
-                if bar is not None:
-                    bar.write(line)
-                    append_line(self.log_path, line)
-                else:
-                    self.log(line)
+            reporter.report(tick=self.cur_tick, cur_nimg=self.cur_nimg, loss_sum=loss_sum, loss_count=loss_count,
+                            pixels=self.dataset.channels * self.dataset.resolution ** 2,
+                            nonfinite_total=self.nonfinite_total, total_sec=self.total_time(), tick_sec=tick_sec,
+                            tick_imgs=self.cur_nimg - tick_start_nimg, maintenance_sec=maintenance)
             self._stop_if_diverged(done, last_step_bad, weights_bad)
 
             # ---- snapshots and training state ------------------------------------------
@@ -403,10 +330,8 @@ class TrainingRun:
                 break
             self.cur_tick += 1
             tick_start_nimg, tick_start_time = self.cur_nimg, time.time()
-            if self.device.type == "cuda":
-                torch.cuda.reset_peak_memory_stats(self.device)
-        if bar is not None:
-            bar.close()
+            reporter.start_tick()
+        reporter.close()
 
     def _write_files(self, done: bool, last_step_bad: bool, tick_start_nimg: int):
         """The tick's network snapshot (not of a diverged network) and training state, when due."""
@@ -512,15 +437,6 @@ def _sanitize_(grads):
     torch._foreach_copy_(grads, torch._utils._unflatten_dense_tensors(flat, grads))
 
 
-def _cpu_mem_gb() -> float:
-    """Peak resident memory of this process (GiB)."""
-    try:
-        import resource
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20      # KiB on Linux
-    except Exception:
-        return 0.0
-
-
 def _to_cpu(obj):
     if torch.is_tensor(obj):
         return obj.detach().cpu()
@@ -529,76 +445,3 @@ def _to_cpu(obj):
     if isinstance(obj, (list, tuple)):
         return type(obj)(_to_cpu(v) for v in obj)
     return obj
-
-
-def _progress_bar(o, rank0, total_nimg, cur_nimg):
-    show = o["progress"] if o["progress"] != "auto" else sys.stderr.isatty()
-    if not (show and rank0):
-        return None
-    from tqdm import tqdm
-    return tqdm(total=total_nimg / 1000, initial=cur_nimg / 1000, unit="kimg", dynamic_ncols=True,
-                bar_format="{l_bar}{bar}| {n:.1f}/{total:.1f} kimg [{elapsed}<{remaining}]")
-
-
-# ----------------------------------------------------------------------------------------
-# Entry points
-
-def run_training(run_dir=None, **options) -> str:
-    """Train with ``options`` (see DEFAULTS; ``duration_kimg``, ``aug_dim`` and
-    ``network_overrides`` are accepted aliases). Returns the run directory, which holds
-    ``network-snapshot-*.safetensors`` (see :func:`find_latest_snapshot`). Works as one
-    process or under torchrun.
-
-    Example (a small CPU run)::
-
-        run_training("runs/digits", data="digits", batch=64, duration_kimg=50, precision="fp32",
-                     compile=False, network=dict(model_channels=16, channel_mult=[1, 2],
-                     num_blocks=1, attn_resolutions=[]), tick_kimg=5, snap_ticks=2)
-    """
-    if run_dir is not None:
-        options["run_dir"] = run_dir
-    o = resolve_options(**options)
-    device = distributed.init(o["device"])
-    created = not os.path.exists(o["run_dir"])
-    lock = None
-    try:
-        os.makedirs(o["run_dir"], exist_ok=True)
-        lock = acquire_run_dir(o["run_dir"], "training run")      # one job per run directory
-        run = TrainingRun(o, device)
-        resume_path = None
-        if o["resume"] and run.rank0:
-            remove_temp_files(o["run_dir"], run.log)
-        if o["resume"] == "auto":
-            resume_path = find_latest_state(o["run_dir"], log=run.log)
-        elif o["resume"]:
-            resume_path = o["resume"]
-        try:
-            run.setup()
-        except BaseException:      # bad data/options: leave no empty run directory behind
-            if created and run.rank0:
-                shutil.rmtree(o["run_dir"], ignore_errors=True)
-            raise
-        if resume_path:
-            run.load_state(resume_path)
-            if run.rank0:
-                drop_stats_after(os.path.join(o["run_dir"], "stats.jsonl"), run.cur_tick)
-            run.log(f"resume: continuing from {resume_path} at kimg {run.cur_nimg / 1000:.3f}")
-        elif o["resume"] == "auto":
-            run.log("resume: no training state found; starting a new run")
-        if run.rank0:
-            resolved = {**jsonable(o.as_dict()), "world_size": run.world_size, "device": str(device),
-                        "resolved_precision": run.precision, "resolved_compile": run.compile,
-                        "resolved_channels_last": run.channels_last, "batch_gpu_resolved": run.batch_gpu,
-                        "fused_adam": run.fused, "network_config": jsonable(run.net.config()),
-                        "augment_pipe": None if run.augment_pipe is None else run.augment_pipe.options()}
-            atomic_save_json(os.path.join(o["run_dir"], "training_options.json"), resolved)
-        run.log(f"training {o['arch']} D={o['D']} on {device} x{run.world_size}: batch {o['batch']} "
-                f"(batch_gpu {run.batch_gpu}, {run.rounds} rounds), precision {run.precision}, "
-                f"compile {run.compile}, backend {o['backend']}, {o['duration_mimg'] * 1000:g} kimg")
-        run.train()
-        run.log("done.")
-        return o["run_dir"]
-    finally:
-        if lock is not None:
-            lock.release()
-        distributed.close()
