@@ -34,13 +34,13 @@ import math
 import os
 import sys
 import time
-from typing import Sequence
 
 from pfgmpp_fast import checks
 from pfgmpp_fast.apps.digits import (NUM_HELDOUT, NUM_STEPS, NUM_TRAIN, RECIPE, SMALL_NETWORK, D_label, DigitsScorer,
-                                     generate_uint8, latest_snapshot, load_snapshot, read_stats, sampling_network,
-                                     train_small, untrained_network, versions)
+                                     generate_uint8, latest_snapshot, load_snapshot, mean_spread, read_stats,
+                                     sampling_network, train_small, untrained_network, versions)
 from pfgmpp_fast.utils import distributed
+from pfgmpp_fast.utils.cli_errors import add_threads_argument
 
 __all__ = ["DEFAULT_DURATION_KIMG", "SHORT_DURATION_KIMG", "add_arguments", "main"]
 
@@ -66,20 +66,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sets", type=int, default=None,
                    help="number of FDD sets of 360 samples (default: 3; --short: 1)")
     p.add_argument("--backend", default="auto", help="kernel backend: auto, cpu, cuda, triton, reference")
-    p.add_argument("--threads", type=int, default=1,
-                   help="CPU threads (default 1: the network is tiny and one thread is robust on shared "
-                        "machines; 0 = torch's default)")
+    add_threads_argument(p)
     p.add_argument("--phema", action="store_true",
                    help=f"also track power-function EMAs {PHEMA_TRACKED} and write the FDD vs EMA length sweep "
                         "of the run (post-hoc EMA: phema.png, metrics.json 'phema')")
     p.add_argument("--no-progress", dest="progress", action="store_false", default=True,
                    help="no progress bars (tick lines are still printed)")
-
-
-def _mean_spread(values: Sequence[float]):
-    import numpy as np
-    v = np.asarray(values, dtype=np.float64)
-    return float(v.mean()), float(v.std(ddof=1)) if v.size > 1 else 0.0
 
 
 def _resolve(args):
@@ -197,8 +189,8 @@ def _metrics(run, paths) -> dict:
     args, stats, scorer, duration = run["args"], run["stats"], run["scorer"], run["duration"]
     kimg = stats[-1]["Progress/kimg"] if stats else duration
     steady = [s["Perf/img_per_sec"] for s in stats if s.get("Progress/tick", 0) > 0]
-    trained_mean, trained_spread = _mean_spread(run["fdd_trained"])
-    untrained_mean, untrained_spread = _mean_spread(run["fdd_untrained"])
+    trained_mean, trained_spread = mean_spread(run["fdd_trained"])
+    untrained_mean, untrained_spread = mean_spread(run["fdd_untrained"])
     train_seconds, sample_seconds, num_samples = run["train_seconds"], run["sample_seconds"], run["num_samples"]
     return {
         "command": "python -m pfgmpp_fast demo " + " ".join(sys.argv[2:] if sys.argv[1:2] == ["demo"] else sys.argv[1:]),
@@ -252,7 +244,7 @@ def phema_sweep(run_dir, outdir, scorer, seeds, device, batch, backend, progress
             images = generate_uint8(sampling_network(net, device), seeds, num_steps, device=device, batch_size=batch,
                                     progress=progress, desc=f"sampling (EMA {info['phema_std']:g})", backend=backend)
         fdd = scorer.fdd_sets(images)
-        mean, spread = _mean_spread(fdd)
+        mean, spread = mean_spread(fdd)
         rows.append({"std": info["phema_std"], "fdd": mean, "fdd_spread": spread, "fdd_sets": fdd,
                      "profile_error": info["phema_error"]})
     plot = save_sweep_figure({"post-hoc EMA": ([r["std"] for r in rows], [r["fdd"] for r in rows],

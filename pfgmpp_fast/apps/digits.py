@@ -11,7 +11,7 @@ import platform
 import sys
 from typing import Dict, List, Optional, Sequence
 
-__all__ = ["SMALL_NETWORK", "RECIPE", "NUM_DIGITS", "NUM_TRAIN", "NUM_HELDOUT", "NUM_STEPS", "D_label",
+__all__ = ["SMALL_NETWORK", "RECIPE", "NUM_DIGITS", "NUM_TRAIN", "NUM_HELDOUT", "NUM_STEPS", "D_label", "mean_spread",
            "digits_uint8_split", "DigitsScorer", "train_small", "load_snapshot", "latest_snapshot",
            "untrained_network", "generate_uint8", "sampling_network", "read_stats", "versions"]
 
@@ -25,11 +25,16 @@ NUM_TRAIN = NUM_DIGITS - NUM_HELDOUT  # the first 1437 digits
 NUM_STEPS = 18                        # Heun: 35 NFE
 
 
-
-
 def D_label(D: float) -> str:
     """'inf' or D formatted with %g (file and table labels)."""
     return "inf" if D == float("inf") else f"{D:g}"
+
+
+def mean_spread(values: Sequence[float]):
+    """(mean, spread) of per-set scores: the spread is the sample standard deviation (0 for one set)."""
+    import numpy as np
+    v = np.asarray(values, dtype=np.float64)
+    return float(v.mean()), float(v.std(ddof=1)) if v.size > 1 else 0.0
 
 
 # ----------------------------------------------------------------------------------------

@@ -37,18 +37,25 @@ finished so far without computing anything (for a run stopped early).
 from __future__ import annotations
 
 import argparse
-import csv
-import io
+import glob
 import json
 import math
 import os
 import sys
 import time
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional
 
 from pfgmpp_fast import checks
-from pfgmpp_fast.apps.digits import D_label
+from pfgmpp_fast.apps.digits import (D_label, DigitsScorer, digits_uint8_split, latest_snapshot, load_snapshot,
+                                     mean_spread, read_stats, sampling_network, train_small, versions)
+from pfgmpp_fast.evaluation.calc import reference_stats
+from pfgmpp_fast.evaluation.features import Detectors
+from pfgmpp_fast.evaluation.sweep import Point, PointNetwork, score_point
+from pfgmpp_fast.training.options import TrainingError
 from pfgmpp_fast.utils import distributed
+from pfgmpp_fast.utils.cli_errors import add_threads_argument
+from pfgmpp_fast.utils.io_utils import append_line, atomic_save_csv, atomic_save_json, atomic_write_text
+from pfgmpp_fast.utils.plots import save_sweep_figure
 
 __all__ = ["FULL_CONFIG", "TINY_CONFIG", "EXPERIMENTS", "run_robustness", "make_config", "add_arguments", "main"]
 
@@ -154,7 +161,6 @@ class _Log:
     def __call__(self, msg: str):
         print(msg, flush=True)
         if self.path:
-            from pfgmpp_fast.utils.io_utils import append_line
             append_line(self.path, msg)
 
 
@@ -170,9 +176,6 @@ def _train(config: dict, D: float, outdir: str, device, log: _Log, progress, bac
            compute: bool = True) -> Optional[dict]:
     """Train (or resume, or skip) the network for D; returns its done.json record (None when
     it is not finished and compute=False)."""
-    import glob
-    from pfgmpp_fast.apps.digits import latest_snapshot, read_stats, train_small
-    from pfgmpp_fast.utils.io_utils import atomic_save_json
     run_dir = os.path.join(outdir, "train", f"D{D_label(D)}")
     done_path = os.path.join(run_dir, "done.json")
     done = _read_json(done_path)
@@ -210,9 +213,6 @@ class _DigitsMetrics:
     METRICS = "fid,kid,prc"
 
     def __init__(self, scorer):
-        from pfgmpp_fast.apps.digits import digits_uint8_split
-        from pfgmpp_fast.evaluation.calc import reference_stats
-        from pfgmpp_fast.evaluation.features import Detectors
         self.detectors = Detectors(scorer.extractor, self.METRICS)
         stats = reference_stats(digits_uint8_split()[0], self.detectors, batch_size=1024, device=scorer.device)
         mu, sigma = stats["features"].mean_cov()
@@ -221,7 +221,6 @@ class _DigitsMetrics:
 
 def _engine_point(p: dict):
     """The sweep engine's Point for one experiment point (the weights depend on `bits` only)."""
-    from pfgmpp_fast.evaluation.sweep import Point
     kind = "bits" if p["bits"] < 32 else ("alpha" if p["alpha"] else "steps")
     value = {"bits": p["bits"], "alpha": p["alpha"], "steps": p["steps"]}[kind]
     return Point(kind, value, gen={"num_steps": p["steps"], "alpha": p["alpha"]})
@@ -233,9 +232,6 @@ def _score_points(config: dict, D: float, done: dict, outdir: str, space: _Digit
     """FDD, KID and precision/recall of every point on seed set `set_index` for one D, through
     the sweep engine (evaluation.sweep: PointNetwork + score_point), appended to `results`;
     finished ones are read back from disk (compute=False: only those)."""
-    from pfgmpp_fast.apps.digits import load_snapshot, sampling_network
-    from pfgmpp_fast.evaluation.sweep import PointNetwork, score_point
-    from pfgmpp_fast.utils.io_utils import atomic_save_json
     points = _points(config)
     results = {name: [] for name in points} if results is None else results
     shared, fast, bits = None, None, None
@@ -270,12 +266,6 @@ def _score_points(config: dict, D: float, done: dict, outdir: str, space: _Digit
     return results
 
 
-def _mean_spread(values: Sequence[float]):
-    import numpy as np
-    v = np.asarray(values, dtype=np.float64)
-    return float(v.mean()), (float(v.std(ddof=1)) if v.size > 1 else 0.0)
-
-
 SWEEP_LABELS = {"alpha": ("alpha", "α (noise injected at every step: x ← x + α·t·ε)"),
                 "bits": ("bits", "weight bits (post-training quantisation)"),
                 "nfe": ("nfe", "NFE (Heun, 2·steps − 1)")}
@@ -296,15 +286,15 @@ def _sweep_rows(config: dict, all_results, sweep: str):
             fdds = [r["fdd"] for r in records]
             if not fdds:        # report_only on a partial run
                 continue
-            mean, spread = _mean_spread(fdds)
+            mean, spread = mean_spread(fdds)
             # Paired by seed set (common seeds): how much worse than the same D's base point.
             diffs = [r["fdd"] - base_by_set[r["set"]] for r in records if r["set"] in base_by_set]
-            d_mean, d_spread = _mean_spread(diffs) if diffs else (float("nan"), float("nan"))
+            d_mean, d_spread = mean_spread(diffs) if diffs else (float("nan"), float("nan"))
             row = {"D": D_label(D), column: x, "fdd_mean": mean, "fdd_spread": spread,
                    "degradation_mean": d_mean, "degradation_spread": d_spread, "sets": len(fdds),
                    "images_per_set": config["set_size"], "fdd_sets": ";".join(f"{v:.6f}" for v in fdds)}
             for key, _, _ in EXTRA_METRICS:   # records of older runs may lack them: NaN
-                row[f"{key}_mean"], row[f"{key}_spread"] = _mean_spread([r.get(key, float("nan")) for r in records])
+                row[f"{key}_mean"], row[f"{key}_spread"] = mean_spread([r.get(key, float("nan")) for r in records])
             rows.append(row)
             xs.append(x), means.append(mean), spreads.append(spread)
         curves[f"D={D_label(D)}"] = (xs, means, spreads)
@@ -342,7 +332,6 @@ def _sweep_report(config: dict, all_results, rows: List[dict], sweep: str, floor
 
 def _sweep_figures(config: dict, rows: List[dict], curves, sweep: str, floor: float, base: str) -> Dict[str, str]:
     """One figure per metric: FDD (robustness-<sweep>.png) and robustness-<sweep>-<metric>.png."""
-    from pfgmpp_fast.utils.plots import save_sweep_figure
     column, xlabel = SWEEP_LABELS[sweep]
     xticks = [x for x, _ in _sweep_points(config, sweep)]
     paths = {f"{sweep}_png": save_sweep_figure(
@@ -379,17 +368,11 @@ def _summary(config: dict, trainings, tables, meta: dict, loss_png: bool) -> str
 
 def _write_outputs(config: dict, all_results: Dict[float, Dict[str, List[dict]]], trainings: Dict[float, dict],
                    floor: float, outdir: str, meta: dict) -> Dict[str, str]:
-    from pfgmpp_fast.utils.io_utils import atomic_save_json, atomic_write_text
-    from pfgmpp_fast.utils.plots import save_sweep_figure
     paths, tables = {}, []
     for sweep in SWEEPS:
         rows, curves = _sweep_rows(config, all_results, sweep)
-        buf = io.StringIO()
-        writer = csv.DictWriter(buf, fieldnames=list(rows[0]), lineterminator="\n")
-        writer.writeheader()
-        writer.writerows(rows)
         base = os.path.join(outdir, f"robustness-{sweep}")
-        paths[f"{sweep}_csv"] = atomic_write_text(base + ".csv", buf.getvalue())
+        paths[f"{sweep}_csv"] = atomic_save_csv(base + ".csv", rows)
         table = _sweep_report(config, all_results, rows, sweep, floor)
         tables.append((sweep, table))
         paths[f"{sweep}_md"] = atomic_write_text(base + ".md", table)
@@ -415,8 +398,6 @@ def run_robustness(outdir: str = "results/robustness", tiny: bool = False, devic
     """Run (or resume) the robustness experiment; returns {output: path}. report_only: compute
     nothing, write the outputs from what is on disk (points without a finished set are left
     out of the tables; the set counts say how many sets each number averages)."""
-    from pfgmpp_fast.apps.digits import DigitsScorer, digits_uint8_split, versions
-    from pfgmpp_fast.utils.io_utils import atomic_save_json
     config = make_config(tiny, **overrides)
     device = distributed.pick_device(device)
     outdir = os.path.abspath(outdir)
@@ -476,14 +457,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=None, help="training seed (default 0), e.g. for a replicate run")
     p.add_argument("--D-values", dest="D_values", default=None, help="comma-separated D values, e.g. 8,128,inf")
     p.add_argument("--backend", default="auto", help="kernel backend: auto, cpu, cuda, triton, reference")
-    p.add_argument("--threads", type=int, default=1, help="CPU threads (default 1, see demo --help; 0 = torch's default)")
+    add_threads_argument(p)
     p.add_argument("--report-only", action="store_true",
                    help="compute nothing: write the tables and figures from the points finished so far")
     p.add_argument("--no-progress", dest="progress", action="store_false", default="auto")
 
 
 def main(args) -> int:
-    from pfgmpp_fast.training.options import TrainingError
     outdir = args.outdir or ("results/robustness-tiny" if args.tiny else "results/robustness")
     command = "python -m pfgmpp_fast experiment " + " ".join(sys.argv[2:] if sys.argv[1:2] == ["experiment"]
                                                                 else sys.argv[1:])

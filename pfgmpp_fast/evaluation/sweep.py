@@ -28,7 +28,7 @@ from pfgmpp_fast.evaluation.features import Detectors
 from pfgmpp_fast.evaluation.generate import load_generator_network, resolve_D
 from pfgmpp_fast.evaluation.metrics import LOWER_IS_BETTER, compute_metrics, load_reference, metric_columns
 from pfgmpp_fast.utils import distributed
-from pfgmpp_fast.utils.io_utils import atomic_write_bytes
+from pfgmpp_fast.utils.io_utils import atomic_save_csv, atomic_write_bytes
 
 __all__ = ["SWEEP_KINDS", "Point", "make_points", "point_weights", "PointNetwork", "as_reference", "score_point",
            "write_sweep_outputs", "sweep"]
@@ -182,14 +182,9 @@ def _metric_figure(rows: List[dict], columns: Sequence[str], kind: str, path: st
 def write_sweep_outputs(rows: List[dict], kind: str, metric_groups: Sequence[Sequence[str]],
                         outdir: str) -> Dict[str, str]:
     """sweep-<kind>.csv, .md (table, best point per metric) and one PNG per metric group."""
-    import csv
     columns = list(rows[0].keys())
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=columns, lineterminator="\n")
-    writer.writeheader()
-    writer.writerows(rows)
     paths = {k: os.path.join(outdir, f"sweep-{kind}.{k}") for k in ("csv", "md")}
-    atomic_write_bytes(paths["csv"], buf.getvalue().encode())
+    atomic_save_csv(paths["csv"], rows)
 
     fmt = lambda v: f"{v:.4f}" if isinstance(v, float) else str(v)
     names = [c for group in metric_groups for c in group]

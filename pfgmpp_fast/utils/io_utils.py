@@ -12,6 +12,7 @@ SIGKILLs itself after half of that file's bytes are on disk (before the rename);
 """
 from __future__ import annotations
 
+import csv
 import hashlib
 import io
 import json
@@ -24,7 +25,7 @@ import torch
 from pfgmpp_fast.utils import faults
 
 __all__ = ["TMP_SUFFIX", "DIGEST_KEY", "is_temp_file", "atomic_write", "atomic_write_bytes", "atomic_write_text",
-           "atomic_save_json", "content_digest", "atomic_torch_save_state", "load_torch_state", "append_line"]
+           "atomic_save_json", "atomic_save_csv", "content_digest", "atomic_torch_save_state", "load_torch_state", "append_line"]
 
 TMP_SUFFIX = ".tmp"
 DIGEST_KEY = "__sha256__"        # a state file's digest of everything else in it
@@ -101,6 +102,15 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> str:
 def atomic_save_json(path: str | os.PathLike, obj: Any, indent: int = 2) -> str:
     """JSON (sorted keys, trailing newline) written atomically."""
     return atomic_write_text(path, json.dumps(obj, indent=indent, sort_keys=True, allow_nan=True) + "\n")
+
+
+def atomic_save_csv(path: str | os.PathLike, rows: list) -> str:
+    """CSV of dict rows (the first row's keys are the header, Unix line ends) written atomically."""
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=list(rows[0]), lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    return atomic_write_text(path, buf.getvalue())
 
 
 def _check_plain(obj: Any, where: str = "state") -> None:
