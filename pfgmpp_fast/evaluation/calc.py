@@ -26,9 +26,9 @@ import torch
 
 from pfgmpp_fast import checks
 from pfgmpp_fast.evaluation.features import Detectors
-from pfgmpp_fast.evaluation.metrics import FeatureStats, npz_bytes
+from pfgmpp_fast.evaluation.metrics import FeatureStats
 from pfgmpp_fast.utils import distributed
-from pfgmpp_fast.utils.io_utils import atomic_write_bytes, is_temp_file
+from pfgmpp_fast.utils.io_utils import atomic_save_npz, is_temp_file
 from pfgmpp_fast.utils.run_lock import acquire_run_dir
 
 __all__ = ["Source", "generator_source", "images_source", "calc_stats", "reference_stats", "weights_fingerprint",
@@ -220,7 +220,7 @@ def _sharded_stats(source, extractor: Detectors, ids, batch_size, outdir, shard_
         else:
             part = _stats_of(source, extractor, shard, batch_size, device)
             if rank == 0:
-                atomic_write_bytes(path, npz_bytes(config=np.asarray(config), seeds=shard, **_shard_arrays(part)))
+                atomic_save_npz(path, config=np.asarray(config), seeds=shard, **_shard_arrays(part))
             distributed.barrier()
             log(f"shard {_shard_name(shard)}: computed")
         if any(st.count != len(shard) for st in part.values()):

@@ -30,7 +30,7 @@ from pfgmpp_fast.checks import check_seeds, parse_int_list  # noqa: F401  (part 
 from pfgmpp_fast.utils import distributed
 from pfgmpp_fast.utils.cli_errors import (UsageError, add_threads_argument, blame, check_output_path, command,
                                           int_at_least, number)
-from pfgmpp_fast.utils.io_utils import atomic_write_bytes
+from pfgmpp_fast.utils.io_utils import atomic_save_npz, atomic_write_bytes
 
 __all__ = ["SAMPLING_KEY", "STREAM_CLASS", "parse_int_list", "check_seeds", "rank_seeds",
            "to_uint8", "class_labels_for", "generate_images", "write_images", "load_generator_network",
@@ -166,12 +166,6 @@ def png_path(outdir: str, seed: int) -> str:
     return os.path.join(outdir, f"{seed - seed % 1000:06d}", f"{seed:06d}.png")
 
 
-def npz_bytes(images_nhwc: np.ndarray, seeds: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    np.savez(buf, images=images_nhwc, seeds=seeds)
-    return buf.getvalue()
-
-
 def load_npz_images(path: str):
     """(images uint8 NHWC, seeds int64) from a generate .npz (no pickle)."""
     with np.load(path, allow_pickle=False) as f:
@@ -209,7 +203,7 @@ def write_images(batches, outdir: Optional[str] = None, npz: Optional[str] = Non
                 seeds = np.concatenate([g[1] for g in gathered])
         if rank == 0:
             order = np.argsort(seeds, kind="stable")
-            atomic_write_bytes(npz, npz_bytes(images[order], seeds[order]))
+            atomic_save_npz(npz, images=images[order], seeds=seeds[order])
     if world > 1:
         torch.distributed.barrier()
     return count

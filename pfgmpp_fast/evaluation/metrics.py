@@ -6,7 +6,6 @@ for the other metrics).
 """
 from __future__ import annotations
 
-import io
 import os
 import warnings
 from typing import Dict, Optional
@@ -14,9 +13,9 @@ from typing import Dict, Optional
 import numpy as np
 import torch
 
-from pfgmpp_fast.utils.io_utils import atomic_write_bytes
+from pfgmpp_fast.utils.io_utils import atomic_save_npz
 
-__all__ = ["METRICS", "METRIC_COLUMNS", "LOWER_IS_BETTER", "FeatureStats", "frechet_distance", "npz_bytes",
+__all__ = ["METRICS", "METRIC_COLUMNS", "LOWER_IS_BETTER", "FeatureStats", "frechet_distance",
            "save_stats", "load_stats", "parse_metrics", "metric_columns", "compute_metrics", "save_reference",
            "load_reference"]
 
@@ -154,15 +153,9 @@ def frechet_distance(mu1, sigma1, mu2, sigma2) -> float:
     return float(np.real(m + np.trace(sigma1 + sigma2 - 2 * s)))
 
 
-def npz_bytes(**arrays) -> bytes:
-    buf = io.BytesIO()
-    np.savez(buf, **arrays)
-    return buf.getvalue()
-
-
 def save_stats(path: str, mu, sigma) -> None:
     """Reference statistics in the published format (npz with mu, sigma), atomically."""
-    atomic_write_bytes(path, npz_bytes(mu=np.asarray(mu, np.float64), sigma=np.asarray(sigma, np.float64)))
+    atomic_save_npz(path, mu=np.asarray(mu, np.float64), sigma=np.asarray(sigma, np.float64))
 
 
 def load_stats(path: str, dim: Optional[int] = None):
@@ -258,7 +251,7 @@ def save_reference(path: str, stats: Dict[str, FeatureStats]) -> None:
         arrays["features"] = stats["features"].rows.numpy()
     if "dinov2" in stats:
         arrays["dinov2_mu"], arrays["dinov2_sigma"] = stats["dinov2"].mean_cov()
-    atomic_write_bytes(path, npz_bytes(**arrays))
+    atomic_save_npz(path, **arrays)
 
 
 def load_reference(path: str, dim: Optional[int] = None, metrics=("fid",)) -> Dict[str, np.ndarray]:

@@ -11,7 +11,6 @@ point: sharded calc + metrics), `write_sweep_outputs`.
 """
 from __future__ import annotations
 
-import io
 import os
 import time
 from dataclasses import dataclass, field
@@ -28,7 +27,8 @@ from pfgmpp_fast.evaluation.features import Detectors
 from pfgmpp_fast.evaluation.generate import load_generator_network, resolve_D
 from pfgmpp_fast.evaluation.metrics import LOWER_IS_BETTER, compute_metrics, load_reference, metric_columns
 from pfgmpp_fast.utils import distributed
-from pfgmpp_fast.utils.io_utils import atomic_save_csv, atomic_write_bytes
+from pfgmpp_fast.utils.io_utils import atomic_save_csv, atomic_write_text
+from pfgmpp_fast.utils.plots import new_figure, save_figure
 
 __all__ = ["SWEEP_KINDS", "Point", "make_points", "point_weights", "PointNetwork", "as_reference", "score_point",
            "write_sweep_outputs", "sweep"]
@@ -155,11 +155,7 @@ def best_row(rows: List[dict], column: str) -> dict:
 
 def _metric_figure(rows: List[dict], columns: Sequence[str], kind: str, path: str) -> None:
     """One metric (one or two columns, e.g. precision and recall) vs the swept value."""
-    from matplotlib.figure import Figure
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    fig = Figure(figsize=(5, 3.5), dpi=120)
-    FigureCanvasAgg(fig)
-    ax = fig.add_subplot(1, 1, 1)
+    fig, ax = new_figure(figsize=(5, 3.5))
     xs = [r["x"] for r in rows]
     for c in columns:
         ax.plot(xs, [r[c] for r in rows], "o-", ms=6, label=c)
@@ -173,10 +169,7 @@ def _metric_figure(rows: List[dict], columns: Sequence[str], kind: str, path: st
         ax.legend(fontsize=8)
     if kind in ("steps", "bits", "ema"):  # discrete settings: ticks at the measured values only
         ax.set_xticks(xs)
-    fig.tight_layout()
-    png = io.BytesIO()
-    fig.savefig(png, format="png")
-    atomic_write_bytes(path, png.getvalue())
+    save_figure(fig, path)
 
 
 def write_sweep_outputs(rows: List[dict], kind: str, metric_groups: Sequence[Sequence[str]],
@@ -195,7 +188,7 @@ def write_sweep_outputs(rows: List[dict], kind: str, metric_groups: Sequence[Seq
     for c in names:
         best = best_row(rows, c)
         lines.append(f"Best: {kind} = {best['value']} with {c} = {best[c]:.4f}")
-    atomic_write_bytes(paths["md"], ("\n".join(lines) + "\n").encode())
+    atomic_write_text(paths["md"], "\n".join(lines) + "\n")
     for i, group in enumerate(metric_groups):
         key = "png" if i == 0 else f"{group[0]}_png"
         paths[key] = os.path.join(outdir, f"sweep-{kind}.png" if i == 0 else f"sweep-{kind}-{group[0]}.png")

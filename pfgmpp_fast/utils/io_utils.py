@@ -25,7 +25,7 @@ import torch
 from pfgmpp_fast.utils import faults
 
 __all__ = ["TMP_SUFFIX", "DIGEST_KEY", "is_temp_file", "atomic_write", "atomic_write_bytes", "atomic_write_text",
-           "atomic_save_json", "atomic_save_csv", "content_digest", "atomic_torch_save_state", "load_torch_state", "append_line"]
+           "atomic_save_json", "atomic_save_csv", "atomic_save_npz", "content_digest", "atomic_torch_save_state", "load_torch_state", "append_line"]
 
 TMP_SUFFIX = ".tmp"
 DIGEST_KEY = "__sha256__"        # a state file's digest of everything else in it
@@ -102,6 +102,14 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> str:
 def atomic_save_json(path: str | os.PathLike, obj: Any, indent: int = 2) -> str:
     """JSON (sorted keys, trailing newline) written atomically."""
     return atomic_write_text(path, json.dumps(obj, indent=indent, sort_keys=True, allow_nan=True) + "\n")
+
+
+def atomic_save_npz(path: str | os.PathLike, **arrays) -> str:
+    """``np.savez`` of ``arrays`` (no pickles), written atomically."""
+    import numpy as np
+    buf = io.BytesIO()
+    np.savez(buf, **arrays)
+    return atomic_write_bytes(path, buf.getvalue())
 
 
 def atomic_save_csv(path: str | os.PathLike, rows: list) -> str:

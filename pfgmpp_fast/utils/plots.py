@@ -11,7 +11,7 @@ from typing import Dict, Optional, Sequence, Tuple
 
 import numpy as np
 
-__all__ = ["image_grid", "save_image_grid", "save_loss_curve", "save_sweep_figure"]
+__all__ = ["new_figure", "save_figure", "image_grid", "save_image_grid", "save_loss_curve", "save_sweep_figure"]
 
 
 def _pyplot():
@@ -21,7 +21,13 @@ def _pyplot():
     return plt
 
 
-def _save_figure(fig, path: str) -> str:
+def new_figure(figsize=(6, 4)):
+    """(figure, axes) of a one-plot figure on the Agg backend."""
+    return _pyplot().subplots(figsize=figsize)
+
+
+def save_figure(fig, path: str) -> str:
+    """The figure as a PNG (120 dpi, tight bounding box), written atomically; the figure is closed."""
     from pfgmpp_fast.utils.io_utils import atomic_write_bytes
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=120, bbox_inches="tight")
@@ -100,7 +106,7 @@ def save_loss_curve(kimg: Sequence[float], loss: Sequence[float], path: str, tit
     ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend()
-    return _save_figure(fig, path)
+    return save_figure(fig, path)
 
 
 def save_sweep_figure(curves: Dict[str, Tuple[Sequence[float], Sequence[float], Sequence[float]]], path: str,
@@ -129,4 +135,4 @@ def save_sweep_figure(curves: Dict[str, Tuple[Sequence[float], Sequence[float], 
     ax.set_title(title)
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=8)
-    return _save_figure(fig, path)
+    return save_figure(fig, path)
