@@ -147,6 +147,8 @@ def main(argv=None) -> int:
             row["peak_MiB_per_image"] = torch.cuda.max_memory_allocated(device) / batch / 2**20
         rows.append(row)
         print(f"{name:>16}: {row['img_per_s']:.1f} img/s ({ms:.1f} ms per batch of {batch})", flush=True)
+        if args.out:  # a run killed later keeps the rows it finished
+            B.write_json(args.out, {"suite": "sampling", "smoke": smoke, "rows": rows, "complete": False})
         return row
 
     ceil = B.ceilings(device, smoke=smoke or not on_gpu)

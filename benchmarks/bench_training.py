@@ -174,10 +174,16 @@ def main(argv=None) -> int:
     rows, notes = [], []
     ceil = B.ceilings(device, smoke=smoke or not on_gpu)
 
+    def checkpoint():  # after each variant: a run killed later keeps the rows it finished
+        if args.out:
+            B.write_json(args.out, {"suite": "training", "smoke": smoke, "ceilings": ceil, "rows": rows,
+                                    "complete": False})
+
     if "published" not in skip:
         set_tf32(False)
         step = PublishedStep(copy.deepcopy(template).to(device), images, batch, D=D)
         measure("published", step, device, batch, warmup, reps, rows)
+        checkpoint()
         del step
         free(device)
     if "hand-compiled" not in skip:
@@ -185,6 +191,7 @@ def main(argv=None) -> int:
         step = PublishedStep(copy.deepcopy(template).to(device), images, batch, D=D, autocast_dtype=fast_dtype,
                              compile=compile_ok, channels_last=on_gpu)
         measure("hand-compiled", step, device, batch, warmup + (2 if compile_ok else 0), reps, rows)
+        checkpoint()
         del step
         free(device)
 
@@ -207,6 +214,7 @@ def main(argv=None) -> int:
         from pfgmpp_fast import ops
         backend = ops.resolve_backend("auto", device)
         measure("ours", run.step, device, batch, warmup + (2 if compile_ok else 0), reps, rows)
+        checkpoint()
         del run
         free(device)
     notes.append(f"ours: loss kernel backend '{backend}', fused Adam, make_fast("
