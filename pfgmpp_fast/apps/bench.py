@@ -176,6 +176,11 @@ def _earlier_suites(outdir: Path, stem: str, device: str) -> dict:
     return data.get("suites", {}) if data.get("environment", {}).get("device") == device else {}
 
 
+def _usage_error(message: str):
+    print(f"error: {message}", file=sys.stderr)
+    raise SystemExit(2)
+
+
 def select_suites(args, device: str) -> list:
     only = args.only.split(",") if args.only else None
     if only is None and device.startswith("cpu") and not args.smoke:
@@ -183,9 +188,10 @@ def select_suites(args, device: str) -> list:
         print("CPU run: measuring the kernels only (pass --only to choose suites)", flush=True)
     unknown = set(only or []) - {n for n, _ in SUITES}
     if unknown:
-        raise SystemExit(f"--only: unknown suite(s) {sorted(unknown)}; choose from {[n for n, _ in SUITES]}")
-    if args.budget is not None and args.budget <= 0:
-        raise SystemExit(f"--budget must be > 0 seconds, got {args.budget}")
+        _usage_error(f"--only: unknown suite(s) {sorted(unknown)}; choose from {[n for n, _ in SUITES]}")
+    for option, value in (("--budget", args.budget), ("--timeout", args.timeout)):
+        if value is not None and not value > 0:
+            _usage_error(f"{option} must be > 0 seconds, got {value}")
     return [s for s in SUITES if only is None or s[0] in only]
 
 
@@ -197,7 +203,16 @@ def main(args) -> int:
     t_start = time.time()
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     selected = select_suites(args, device)
-    signal.signal(signal.SIGTERM, _raise_terminated)
+    previous = signal.signal(signal.SIGTERM, _raise_terminated)
+    try:
+        return _run(args, device, selected, t_start)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _run(args, device, selected, t_start) -> int:
+    from pfgmpp_fast.utils import benchmarking as bm
+
     env = bm.environment(device)
     print(f"benchmarking on {env['device']} (torch {env['torch']}, triton {env['triton']})", flush=True)
     ceil = bm.ceilings(device, smoke=args.smoke)
@@ -227,7 +242,7 @@ def run_all(selected, args, device, suites, payload, outdir, stem, t_start) -> N
         timeout = args.timeout
         if args.budget is not None:
             timeout = suite_timeout(name, names[i:], args.budget - (time.time() - t_start), args.timeout)
-        if timeout < MIN_SUITE_S:
+        if args.budget is not None and timeout < MIN_SUITE_S:
             suites[name] = {"error": f"skipped: {timeout:.0f}s of --budget left", "wall_s": 0.0}
             print(f"[{name}] skipped: no time left in --budget", flush=True)
             write_results(outdir, stem, payload)
