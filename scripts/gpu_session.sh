@@ -60,11 +60,9 @@ if torch.cuda.is_available():
     p = torch.cuda.get_device_properties(0)
     print(f"GPU {p.name}, capability {p.major}.{p.minor}, {p.multi_processor_count} SMs, "
           f"{p.total_memory / 2**30:.0f} GiB")
+import importlib.util
 for mod in ("xdist", "pytest_timeout", "torch_fidelity", "safetensors"):
-    try:
-        __import__(mod); print(f"{mod}: yes")
-    except ImportError:
-        print(f"{mod}: MISSING")
+    print(f"{mod}: {'yes' if importlib.util.find_spec(mod) else 'MISSING'}")
 print("nvcc:", shutil.which("nvcc") or ("/usr/local/cuda/bin/nvcc" if os.path.exists("/usr/local/cuda/bin/nvcc") else None))
 print("compute-sanitizer:", shutil.which("compute-sanitizer"))
 EOF
@@ -119,8 +117,9 @@ EOF
 # pytest options: xdist workers and a per-test timeout where the plugins exist.
 pytest_opts() {
     local workers=$1 per_test=$2
-    "$PY" -c "import xdist" 2>/dev/null && echo "-n $workers"
-    "$PY" -c "import pytest_timeout" 2>/dev/null && echo "--timeout $per_test"
+    has() { "$PY" -c "import importlib.util, sys; sys.exit(not importlib.util.find_spec('$1'))"; }
+    has xdist && echo "-n $workers"
+    has pytest_timeout && echo "--timeout $per_test"
 }
 
 # The op tests of every fast backend: the cuda params carry `gpu`, the triton ones `triton`.
@@ -212,7 +211,7 @@ if ((!DRY)) && ls .whl/*.whl >/dev/null 2>&1; then
     "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
         && export PYTHONPATH=$PYTHONPATH:/tmp/site && note "wheels from .whl/ installed in /tmp/site"
 fi
-run_phase probe 45 session.txt fatal
+run_phase probe 90 session.txt fatal
 run_phase build 240 build.log fatal
 if [[ $SET == 1 ]]; then
     run_phase tests 120 tests.log
