@@ -14,7 +14,8 @@
 # per phase, and the benchmark results <device>-<date>.json/.md (commit those two under
 # benchmarks/results/). Missing Python packages travel as wheels in .whl/ (device README).
 set -uo pipefail
-cd "$(dirname "$0")/.."
+SELF=$(realpath "$0")
+cd "$(dirname "$SELF")/.."
 
 cpus() { env -u OMP_NUM_THREADS nproc; }  # nproc alone obeys OMP_NUM_THREADS
 usage() { echo "usage: $0 [--set 1|2] [--dry-run]" >&2; exit 2; }
@@ -25,7 +26,7 @@ if [[ ${1:-} != --phase-body ]]; then
             --set) [[ ${2:-} == 1 || ${2:-} == 2 ]] || { echo "--set: expected 1 or 2, got '${2:-}'" >&2; usage; }
                    SET=$2; shift 2 ;;
             --dry-run) DRY=1; shift ;;
-            -h|--help) sed -n 2,15p "$0"; exit 0 ;;
+            -h|--help) sed -n 2,15p "$SELF"; exit 0 ;;
             *) echo "unknown option '$1'" >&2; usage ;;
         esac
     done
@@ -194,7 +195,7 @@ run_phase() {
     note "== phase $name (at $((SECONDS - START))s, timeout ${cap}s, log $log)"
     local t0=$SECONDS rc tee_opt=()
     [[ $log == session.txt ]] && tee_opt=(-a)
-    PHASE_CAP=$cap timeout -k 10 "$cap" "$BASH" "$0" --phase-body "$name" 2>&1 | tee "${tee_opt[@]}" "$OUT/$log"
+    PHASE_CAP=$cap timeout -k 10 "$cap" "$BASH" "$SELF" --phase-body "$name" 2>&1 | tee "${tee_opt[@]}" "$OUT/$log"
     rc=${PIPESTATUS[0]}
     local status="ok"
     ((rc == 124 || rc == 137)) && status="TIMED OUT" || { ((rc)) && status="FAILED (exit $rc)"; }

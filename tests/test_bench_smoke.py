@@ -180,3 +180,18 @@ def test_bench_rejects_non_positive_times(option, capsys):
     with pytest.raises(SystemExit) as exc:
         bench.main(_bench_args(option, "0"))
     assert exc.value.code == 2 and f"{option} must be > 0 seconds, got 0" in capsys.readouterr().err
+
+
+def test_time_stats_times_back_to_back_calls_and_reports_spread():
+    import time
+
+    from pfgmpp_fast.utils import benchmarking as bm
+
+    calls = []
+    st = bm.time_stats(lambda: calls.append(1), "cpu", warmup=2, reps=3, inner=5)
+    assert len(calls) == 2 + 3 * 5                                   # k calls per sample
+    assert st["inner"] == 5 and st["samples"] == 3 and st["method"] == "back_to_back"
+    assert 0 < st["min_ms"] <= st["ms"] and st["iqr_pct"] >= 0
+    st = bm.time_stats(lambda: time.sleep(0.02), "cpu", warmup=0, reps=1000, max_time_s=0.1)
+    assert 2 <= st["samples"] < 20 and st["ms"] >= 20                 # slow baselines stop early
+    assert bm.time_ms(lambda: time.sleep(0.01), "cpu", warmup=0, reps=2) >= 10
