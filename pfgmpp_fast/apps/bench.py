@@ -114,7 +114,7 @@ def suite_command(name: str, script: Path, device: str, args, out: str) -> list:
     return cmd
 
 
-def run_suite(name: str, cmd: list, out: str, timeout: float) -> dict:
+def run_suite(cmd: list, out: str, timeout: float) -> dict:
     """Run one suite in its own process group; on timeout (or SIGTERM) kill the group and
     keep the rows it had written. A SIGTERM is marked `terminated` for the caller."""
     tail: collections.deque = collections.deque(maxlen=80)
@@ -143,8 +143,11 @@ def run_suite(name: str, cmd: list, out: str, timeout: float) -> dict:
 def _suite_result(out, returncode, error, tail, command, elapsed) -> dict:
     result = {}
     if os.path.exists(out):
-        with open(out) as f:
-            result = json.load(f)
+        try:
+            with open(out) as f:
+                result = json.load(f)
+        except ValueError as exc:  # a suite killed while writing without the atomic writer
+            error = error or f"unreadable results ({exc})"
     if error is None and returncode != 0:
         error = f"exit {returncode}"
     if error is None and not result:
@@ -198,14 +201,15 @@ def select_suites(args, device: str) -> list:
 def main(args) -> int:
     import torch
 
-    from pfgmpp_fast.utils import benchmarking as bm
-
     t_start = time.time()
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     selected = select_suites(args, device)
     previous = signal.signal(signal.SIGTERM, _raise_terminated)
     try:
         return _run(args, device, selected, t_start)
+    except Terminated:
+        print("terminated: results of the finished suites are kept", flush=True)
+        return 1
     finally:
         signal.signal(signal.SIGTERM, previous)
 
@@ -221,11 +225,7 @@ def _run(args, device, selected, t_start) -> int:
     stem = results_stem(env, args.smoke)
     suites = _earlier_suites(outdir, stem, env["device"]) if args.append else {}
     payload = {"environment": env, "smoke": args.smoke, "ceilings": ceil, "suites": suites}
-    try:
-        run_all(selected, args, device, suites, payload, outdir, stem, t_start)
-    except Terminated:
-        print("terminated: results of the finished suites are kept", flush=True)
-        return 1
+    run_all(selected, args, device, suites, payload, outdir, stem, t_start)
     print_summary(selected, suites)
     print(f"results: {outdir / (stem + '.json')} and .md")
     return 1 if any("error" in suites[n] for n, _ in selected if n in suites) else 0
@@ -251,7 +251,7 @@ def run_all(selected, args, device, suites, payload, outdir, stem, t_start) -> N
         with tempfile.TemporaryDirectory() as tmp:
             out = os.path.join(tmp, f"{name}.json")
             cmd = suite_command(name, benchmarks_dir() / script, device, args, out)
-            suites[name] = run_suite(name, cmd, out, timeout)
+            suites[name] = run_suite(cmd, out, timeout)
         if suites[name].pop("terminated", False):
             write_results(outdir, stem, payload)
             raise Terminated()
