@@ -22,7 +22,7 @@ void philox_normal(const NormalParams& p, void* stream);
 void chi2(const Chi2Params& p, void* stream);
 void perturb(const PerturbParams& p, void* stream);
 // The loss reduces per sample deterministically through `partials` ([B, chunks] floats).
-int64_t loss_num_chunks(const Geometry& g);
+int64_t loss_num_chunks(const LossParams& p);
 void loss_fwd_bwd(const LossParams& p, float* partials, void* stream);
 void sampler_update(const SamplerParams& p, void* stream);
 }  // namespace cuda

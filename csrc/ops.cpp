@@ -12,7 +12,6 @@
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
-#include <ATen/ops/zeros.h>
 #include <torch/library.h>
 
 #ifdef PFGMPP_WITH_CUDA
@@ -166,10 +165,28 @@ at::MemoryFormat net_format(bool channels_last) {
 
 Tensor empty_of(const Tensor& like, ScalarType st) { return at::empty({0}, like.options().dtype(st)); }
 
+// The dispatch tail of every op: runs `cpu_call()` for a CPU tensor `on`, else
+// `cuda_call(stream)` on on's device and its current stream. Write the CUDA call as
+// PFG_CUDA_CALL(expression using `stream`) so that CPU-only builds never reference it.
 #ifdef PFGMPP_WITH_CUDA
-#define PFG_ON_CUDA(t) const c10::cuda::OptionalCUDAGuard device_guard(t.device())
-void* current_stream() { return c10::cuda::getCurrentCUDAStream().stream(); }
+#define PFG_CUDA_CALL(...) [&](void* stream) { __VA_ARGS__; }
+#else
+#define PFG_CUDA_CALL(...) nullptr
 #endif
+
+template <typename CpuCall, typename CudaCall>
+void run_kernel(const Tensor& on, CpuCall&& cpu_call, CudaCall&& cuda_call) {
+#ifdef PFGMPP_WITH_CUDA
+  if (on.is_cuda()) {
+    const c10::cuda::OptionalCUDAGuard device_guard(on.device());
+    cuda_call(static_cast<void*>(c10::cuda::getCurrentCUDAStream().stream()));
+    return;
+  }
+#else
+  (void)cuda_call;
+#endif
+  cpu_call();
+}
 
 void require_cuda_build(const char* op, const Tensor& t) {
 #ifndef PFGMPP_WITH_CUDA
@@ -198,14 +215,7 @@ Tensor philox4x32_op(const Tensor& counter, int64_t key) {
   p.M = c.size(0);
   p.key = checked_key(op, key);
   if (p.M == 0) return out;
-#ifdef PFGMPP_WITH_CUDA
-  if (c.is_cuda()) {
-    PFG_ON_CUDA(c);
-    cuda::philox4x32(p, current_stream());
-    return out;
-  }
-#endif
-  cpu::philox4x32(p);
+  run_kernel(c, [&] { cpu::philox4x32(p); }, PFG_CUDA_CALL(cuda::philox4x32(p, stream)));
   return out;
 }
 
@@ -226,14 +236,7 @@ Tensor philox_normal_op(const Tensor& sample_ids, int64_t key, int64_t n, int64_
   if (out.numel() == 0) return out;
   p.sample_ids = ids.data_ptr<int64_t>();
   p.out = out.data_ptr<float>();
-#ifdef PFGMPP_WITH_CUDA
-  if (ids.is_cuda()) {
-    PFG_ON_CUDA(ids);
-    cuda::philox_normal(p, current_stream());
-    return out;
-  }
-#endif
-  cpu::philox_normal(p);
+  run_kernel(ids, [&] { cpu::philox_normal(p); }, PFG_CUDA_CALL(cuda::philox_normal(p, stream)));
   return out;
 }
 
@@ -255,14 +258,7 @@ Tensor chi2_op(const Tensor& sample_ids, int64_t key, double D, int64_t stream) 
   if (p.B == 0) return out;
   p.sample_ids = ids.data_ptr<int64_t>();
   p.out = out.data_ptr<double>();
-#ifdef PFGMPP_WITH_CUDA
-  if (ids.is_cuda()) {
-    PFG_ON_CUDA(ids);
-    cuda::chi2(p, current_stream());
-    return out;
-  }
-#endif
-  cpu::chi2(p);
+  run_kernel(ids, [&] { cpu::chi2(p); }, PFG_CUDA_CALL(cuda::chi2(p, stream)));
   return out;
 }
 
@@ -300,16 +296,19 @@ std::tuple<Tensor, Tensor> perturb_op(const Tensor& y, const Tensor& scale, cons
   p.c_in = ci.data_ptr();
   p.sample_ids = ids.data_ptr<int64_t>();
   p.use_double = compute == ScalarType::Double;
-#ifdef PFGMPP_WITH_CUDA
-  if (y.is_cuda()) {
-    PFG_ON_CUDA(y);
-    cuda::perturb(p, current_stream());
-    return {net_in, x};
-  }
-#endif
-  cpu::perturb(p);
+  run_kernel(y, [&] { cpu::perturb(p); }, PFG_CUDA_CALL(cuda::perturb(p, stream)));
   return {net_in, x};
 }
+
+#ifdef PFGMPP_WITH_CUDA
+// The CUDA loss also needs its per-chunk partial sums ([B, chunks] floats).
+void cuda_loss_fwd_bwd(const LossParams& p, const Tensor& F, void* stream) {
+  const int64_t chunks = cuda::loss_num_chunks(p);
+  TORCH_CHECK_VALUE(chunks < (int64_t(1) << 31), "loss_fwd_bwd: too many elements per sample, N=", p.g.N);
+  const Tensor partials = at::empty({p.g.B, chunks}, F.options().dtype(ScalarType::Float));
+  cuda::loss_fwd_bwd(p, partials.data_ptr<float>(), stream);
+}
+#endif
 
 std::tuple<Tensor, Tensor> loss_fwd_bwd_op(const Tensor& F, const Tensor& y, const Tensor& scale,
                                            const Tensor& c_skip, const Tensor& c_out,
@@ -339,11 +338,11 @@ std::tuple<Tensor, Tensor> loss_fwd_bwd_op(const Tensor& F, const Tensor& y, con
   LossParams p;
   p.key = checked_key(op, key);
   p.stream = checked_stream(op, "stream", stream);
-  Tensor loss = at::zeros({g.B}, F.options().dtype(ScalarType::Float));
+  Tensor loss = at::empty({g.B}, F.options().dtype(ScalarType::Float));
   Tensor grad = at::empty(Fi.t.sizes(), Fi.t.options().memory_format(
                                              Fi.channels_last ? at::MemoryFormat::ChannelsLast
                                                               : at::MemoryFormat::Contiguous));
-  if (g.B * g.N == 0) return {loss, grad};
+  if (g.B * g.N == 0) return {loss.zero_(), grad};  // N == 0: every sample's loss is 0
 
   p.g = g;
   p.F = image_arg(Fi.t, Fi.channels_last);
@@ -356,17 +355,7 @@ std::tuple<Tensor, Tensor> loss_fwd_bwd_op(const Tensor& F, const Tensor& y, con
   p.per_sample_loss = loss.data_ptr<float>();
   p.grad_scale = grad_scale;
   p.use_double = compute == ScalarType::Double;
-#ifdef PFGMPP_WITH_CUDA
-  if (F.is_cuda()) {
-    PFG_ON_CUDA(F);
-    const int64_t chunks = cuda::loss_num_chunks(g);
-    TORCH_CHECK_VALUE(chunks < (int64_t(1) << 31), op, ": too many elements per sample, N=", g.N);
-    Tensor partials = at::empty({g.B, chunks}, F.options().dtype(ScalarType::Float));
-    cuda::loss_fwd_bwd(p, partials.data_ptr<float>(), current_stream());
-    return {loss, grad};
-  }
-#endif
-  cpu::loss_fwd_bwd(p);
+  run_kernel(F, [&] { cpu::loss_fwd_bwd(p); }, PFG_CUDA_CALL(cuda_loss_fwd_bwd(p, F, stream)));
   return {loss, grad};
 }
 
@@ -442,14 +431,7 @@ std::tuple<Tensor, Tensor, Tensor> sampler_update_op(
   p.c_in_next = c_in_next;
   p.sample_ids = ids.data_ptr<int64_t>();
   p.use_double = state == ScalarType::Double;
-#ifdef PFGMPP_WITH_CUDA
-  if (x.is_cuda()) {
-    PFG_ON_CUDA(x);
-    cuda::sampler_update(p, current_stream());
-    return {y1, y2, net_in};
-  }
-#endif
-  cpu::sampler_update(p);
+  run_kernel(x, [&] { cpu::sampler_update(p); }, PFG_CUDA_CALL(cuda::sampler_update(p, stream)));
   return {y1, y2, net_in};
 }
 

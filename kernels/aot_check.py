@@ -1,89 +1,196 @@
-"""Compile every Triton kernel for a CUDA target without a GPU (ASTSource -> ... -> cubin).
+"""Compile the Triton kernels for a CUDA target without a GPU, exactly as the launchers call them.
 
-The CPU interpreter accepts Python the compiler rejects, and it never shows whether a math
-function lowered to an approximate instruction; this check does both.  Run it in a process
-*without* TRITON_INTERPRET:  python -m pfgmpp_fast.kernels.aot_check [--arch 90]
-Exit status 0 when every variant compiles with accurate log / sin / cos.
+Each launcher (perturb, loss_fwd_bwd, sampler_update, chi2, philox*) runs on small CPU tensors
+with its kernel launch recorded instead of executed; the recorded call goes through Triton's
+own argument specialisation (so `do_not_specialize` and 16-byte alignment count as at run
+time) and is compiled to PTX and cubin for sm_<arch>.  For each variant this reports:
+accurate log/sin/cos (the interpreter never shows an approximate lowering), the widest
+global load and store in bits (128 = the 16-byte accesses aligned sizes should get), and
+the registers / spills / stack of the cubin.  Run it *without* TRITON_INTERPRET:
+
+    python -m pfgmpp_fast.kernels.aot_check [--arch 90] [--json]
+
+Exit status 0 when every variant compiles with accurate math and no spills, 1 on a failure,
+3 when this Triton's ahead-of-time API is not the one this check drives (nothing checked).
 """
 import argparse
+import contextlib
+import json
+import math
 import os
+import re
+import subprocess
 import sys
+import tempfile
+
+APPROX = ("lg2.approx", "sin.approx", "cos.approx")
+
+
+class AotUnavailable(Exception):
+    """This Triton's ahead-of-time compile API differs from the one driven here."""
+
+
+@contextlib.contextmanager
+def _recording(modules, calls):
+    """`launch(kernel)[grid](*args, **kw)` in `modules` records instead of launching."""
+    class launch:
+        def __init__(self, kernel):
+            self.kernel = kernel
+
+        def __getitem__(self, grid):
+            return lambda *args, **kw: calls.append((self.kernel, grid, args, kw))
+
+    saved = {m: m.launch for m in modules}
+    for m in modules:
+        m.launch = launch
+    try:
+        yield
+    finally:
+        for m, f in saved.items():
+            m.launch = f
 
 
 def _variants():
-    import triton.language as tl
+    """(name, callable running one launcher on CPU tensors): CIFAR-sized, aligned samples."""
+    import torch
 
     from . import chi2, loss, perturb, philox, sampler_step
 
-    i64 = "i64"
-    strides = lambda *names: {f"{p}_{s}": i64 for p in names for s in ("sb", "sc", "sh", "sw")}  # noqa: E731
+    B, shape, nan = 2, (3, 32, 32), math.nan
+    ids = torch.arange(B)
+    img = lambda dtype, cl=False: torch.zeros(B, *shape, dtype=dtype).contiguous(  # noqa: E731
+        memory_format=torch.channels_last if cl else torch.contiguous_format)
+    vec = lambda dtype=torch.float32: torch.ones(B, dtype=dtype)  # noqa: E731
+    strided = torch.zeros(B, 3, 32, 65, dtype=torch.float64)[..., 1::2].transpose(2, 3)
+
+    def sampler(state, F_cl, net_dtype, net_cl, base, h2, noise):
+        x = img(state)
+        return lambda: sampler_step.sampler_update(
+            x, img(torch.bfloat16, F_cl), x.clone() if base else None, 0.5, -0.5, 0.1, 0.05 if h2 else nan, ids,
+            7, 0.3 * noise, 0x20001, 0.2 * noise, 0x10001, 1.5, net_dtype, net_cl)
+
+    return [
+        ("perturb flat fp32", lambda: perturb.perturb(img(torch.float32), vec(), vec(), ids, 7, 0, torch.bfloat16,
+                                                      False, True)),
+        ("perturb tiled fp32", lambda: perturb.perturb(img(torch.float32), vec(), vec(), ids, 7, 0, torch.bfloat16,
+                                                       True, False)),
+        ("perturb strided fp64", lambda: perturb.perturb(strided, vec(torch.float64), vec(torch.float64), ids, 7, 0,
+                                                         torch.bfloat16, True, True)),
+        ("loss flat", lambda: loss.loss_fwd_bwd(img(torch.bfloat16), img(torch.float32), vec(), vec(), vec(), ids, 7,
+                                                0, 1.0)),
+        ("loss tiled", lambda: loss.loss_fwd_bwd(img(torch.bfloat16, True), img(torch.float32), vec(), vec(), vec(),
+                                                 ids, 7, 0, 1.0)),
+        ("sampler heun-1 flat fp32", sampler(torch.float32, False, torch.float32, False, False, True, 0)),
+        ("sampler heun-2+noise flat fp32", sampler(torch.float32, False, torch.float32, False, True, False, 1)),
+        ("sampler heun-2+noise tiled fp32", sampler(torch.float32, True, torch.bfloat16, True, True, False, 1)),
+        ("sampler heun-2+noise tiled fp64", sampler(torch.float64, True, torch.bfloat16, True, True, False, 1)),
+        ("chi2", lambda: chi2.chi2(torch.arange(512), 7, 3.0, 2)),
+        ("philox_normal", lambda: philox.philox_normal(ids, 7, 3072, 0)),
+        ("philox_raw", lambda: philox.philox4x32(torch.zeros(512, 4, dtype=torch.int64), 7)),
+    ], (chi2, loss, perturb, philox, sampler_step)
+
+
+def compile_call(kernel, args, kwargs, target):
+    """Compile one recorded launch through the JIT's own binder (its specialisation of the
+    arguments: integers == 1 / % 16, pointers 16-byte aligned, unless do_not_specialize)."""
+    import triton
+    try:
+        from triton.compiler import ASTSource, make_backend
+        from triton.runtime.jit import create_function_from_signature
+        backend = make_backend(target)
+        binder = create_function_from_signature(kernel.signature, kernel.params, backend)
+        bound, specialization, options = binder(*args, **kwargs)
+        options, signature, constexprs, attrs = kernel._pack_args(backend, kwargs, bound, specialization, options)
+        src = ASTSource(kernel, signature, constexprs, attrs)
+    except (ImportError, AttributeError, TypeError, ValueError) as exc:
+        raise AotUnavailable(f"{type(exc).__name__}: {exc}") from exc
+    return triton.compile(src, target=target, options=options.__dict__)
+
+
+def vector_bits(ptx: str, op: str) -> int:
+    """Widest `op` (ld.global / st.global) access in the PTX, in bits (0 when none)."""
+    widest = 0
+    for vec, bits in re.findall(op + r"(?:\.[a-z_0-9]+)*?(?:\.v(\d))?\.[bfsu](\d+)\b", ptx):
+        widest = max(widest, int(vec or 1) * int(bits))
+    return widest
+
+
+def resource_usage(cubin: bytes) -> dict:
+    """Registers, spill bytes and stack frame of the cubin's kernel (cuobjdump -res-usage)."""
+    from triton import knobs
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        out = subprocess.run([knobs.nvidia.cuobjdump.path, "-res-usage", f.name], capture_output=True,
+                             text=True, check=True).stdout
+    field = lambda name: int(re.search(name + r":(\d+)", out).group(1))  # noqa: E731
+    return dict(regs=field("REG"), stack=field("STACK"), local=field("LOCAL"))
+
+
+def check_all(arch: int):
+    """One result dict per variant (raises AotUnavailable if this Triton cannot be driven)."""
+    from triton.backends.compiler import GPUTarget
+    target = GPUTarget("cuda", arch, 32)
+    variants, modules = _variants()
+    results = []
+    for name, run in variants:
+        calls = []
+        with _recording(modules, calls):
+            run()
+        for kernel, grid, args, kwargs in calls:
+            res = dict(name=name, kernel=kernel.__name__, num_warps=kwargs.get("num_warps", 4),
+                       meta={k: v for k, v in kwargs.items() if k in ("BLOCK", "C_PAD", "BLOCK_HW", "TILED")})
+            try:
+                compiled = compile_call(kernel, args, kwargs, target)
+            except AotUnavailable:
+                raise
+            except Exception as exc:  # report every failing variant
+                res["error"] = f"{type(exc).__name__}: {exc}"
+                results.append(res)
+                continue
+            ptx = compiled.asm["ptx"]
+            res.update(approx=[i for i in APPROX if i in ptx], ld_bits=vector_bits(ptx, r"ld\.global"),
+                       st_bits=vector_bits(ptx, r"st\.global"), **resource_usage(compiled.asm["cubin"]))
+            results.append(res)
+    return results
+
+
+def failures(res: dict) -> list:
+    if "error" in res:
+        return [res["error"]]
     out = []
-    for tiled, ymode, nmode, comp in [(False, 0, 0, tl.float32), (True, 0, 1, tl.float32), (False, 2, 1, tl.float64)]:
-        ptr = "*fp32" if comp == tl.float32 else "*fp64"
-        sig = dict(y_ptr=ptr, scale_ptr=ptr, cin_ptr=ptr, sid_ptr="*i64", net_ptr="*bf16", x_ptr=ptr,
-                   k0=i64, k1=i64, **strides("y", "n"))
-        out.append((f"perturb tiled={tiled} y_mode={ymode} net_mode={nmode} {comp}", perturb._perturb_kernel, sig,
-                    dict(Y_MODE=ymode, NET_MODE=nmode, WRITE_X=True, COMPUTE=comp, TILED=tiled, BLOCK=1024,
-                         C_PAD=4, BLOCK_HW=256)))
-    for tiled in (False, True):
-        sig = dict(F_ptr="*bf16", y_ptr="*fp32", scale_ptr="*fp32", cskip_ptr="*fp32", cout_ptr="*fp32",
-                   sid_ptr="*i64", grad_ptr="*bf16", part_ptr="*fp32", grad_scale="fp32", k0=i64, k1=i64,
-                   **strides("f", "y", "g"))
-        out.append((f"loss tiled={tiled}", loss._loss_kernel, sig,
-                    dict(F_MODE=1, Y_MODE=0, G_MODE=1, COMPUTE=tl.float32, TILED=tiled, BLOCK=1024, C_PAD=4,
-                         BLOCK_HW=256)))
-    scalars = {f"{n}_{p}": "fp32" for n in ("A", "B", "h1", "h2", "as", "cs", "ci") for p in ("hi", "lo")}
-    for tiled, comp in [(False, tl.float32), (True, tl.float32), (True, tl.float64)]:
-        ptr = "*fp32" if comp == tl.float32 else "*fp64"
-        sig = dict(x_ptr=ptr, F_ptr="*bf16", base_ptr=ptr, sid_ptr="*i64", y1_ptr=ptr, y2_ptr=ptr, net_ptr="*bf16",
-                   k0=i64, k1=i64, **scalars, **strides("f", "n"))
-        out.append((f"sampler tiled={tiled} {comp}", sampler_step._sampler_kernel, sig,
-                    dict(HAS_F=True, HAS_BASE=True, HAS_Y2=True, HAS_NET=True, HAS_ALPHA=True, HAS_CHURN=True,
-                         F_MODE=1, NET_MODE=1, COMPUTE=comp, TILED=tiled, BLOCK=1024, C_PAD=4, BLOCK_HW=256)))
-    out.append(("chi2", chi2._chi2_kernel, dict(sid_ptr="*i64", out_ptr="*fp64", D_hi="fp32", D_lo="fp32",
-                                                k0=i64, k1=i64), dict(BLOCK=256, ATTEMPTS=16)))
-    out.append(("philox_normal", philox._philox_normal_kernel, dict(sid_ptr="*i64", out_ptr="*fp32", k0=i64, k1=i64),
-                dict(BLOCK=1024)))
-    out.append(("philox_raw", philox._philox_raw_kernel, dict(ctr_ptr="*i64", out_ptr="*i64", k0=i64, k1=i64),
-                dict(BLOCK=256)))
+    if res["approx"]:
+        out.append(f"approximate math {res['approx']} (the spec needs accurate logf/sinf/cosf)")
+    if res["local"]:
+        out.append(f"{res['local']} bytes of local memory (register spills)")
     return out
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--arch", type=int, default=90)
+    parser.add_argument("--json", action="store_true", help="print the results as one JSON list")
     args = parser.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET", "0") == "1":
         print("unset TRITON_INTERPRET to compile", file=sys.stderr)
         return 2
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
-    target = GPUTarget("cuda", args.arch, 32)
-    failures = 0
-    for name, fn, sig, constexprs in _variants():
-        full = {a: sig.get(a, "i32") for a in fn.arg_names}
-        full.update({k: "constexpr" for k in constexprs})
-        try:
-            src = ASTSource(fn=fn, signature=full,
-                            constexprs={(fn.arg_names.index(k),): v for k, v in constexprs.items()})
-        except TypeError as exc:  # another Triton version's ASTSource API: cannot check here
-            print(f"SKIP: this Triton's ASTSource API differs ({exc})")
-            return 3
-        try:
-            ptx = triton.compile(src, target=target, options={"num_warps": 4}).asm["ptx"]
-        except Exception as exc:  # report every failing variant, then fail
-            failures += 1
-            print(f"FAIL {name}: {type(exc).__name__}: {exc}")
-            continue
-        approx = [ins for ins in ("lg2.approx", "sin.approx", "cos.approx") if ins in ptx]
-        if approx:
-            failures += 1
-            print(f"FAIL {name}: approximate math {approx} (the spec needs accurate logf/sinf/cosf)")
-        else:
-            print(f"OK   {name}")
-    return 1 if failures else 0
+    try:
+        results = check_all(args.arch)
+    except AotUnavailable as exc:
+        print(f"SKIP: this Triton's ahead-of-time API differs ({exc})")
+        return 3
+    failed = 0
+    for res in results:
+        bad = failures(res)
+        failed += bool(bad)
+        if not args.json:
+            usage = ("" if "error" in res else
+                     f"regs {res['regs']:3d} stack {res['stack']:3d} ld {res['ld_bits']:3d}b st {res['st_bits']:3d}b")
+            print(f"{'FAIL' if bad else 'OK  '} {res['name']:34s} warps {res['num_warps']} {usage}"
+                  + "".join(f"\n     {b}" for b in bad))
+    if args.json:
+        print(json.dumps(results))
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

@@ -8,11 +8,12 @@ import math
 import torch
 import triton
 import triton.language as tl
+from torch import Tensor
 
-from . import launch, split_key, split_f64
-from .philox import philox4x32_10, uint_to_unit, box_muller, sample_counter, key_words
+from pfgmpp_fast.reference import CHI2_MAX_ATTEMPTS
 
-MAX_ATTEMPTS = 16
+from .layout import grid, launch, register, split_f64, split_key, warps_for
+from .philox import box_muller, key_words, philox4x32_10, sample_counter, uint_to_unit
 
 
 @triton.jit(do_not_specialize=["B", "k0", "k1", "stream", "D_hi", "D_lo"])
@@ -49,7 +50,7 @@ def _chi2_kernel(sid_ptr, out_ptr, B, k0, k1, stream, D_hi, D_lo, BLOCK: tl.cons
     tl.store(out_ptr + i, 2.0 * tl.exp(log_gamma), mask=mask)
 
 
-def chi2(sample_ids: torch.Tensor, key: int, D: float, stream: int) -> torch.Tensor:
+def chi2(sample_ids: Tensor, key: int, D: float, stream: int) -> Tensor:
     D = float(D)
     if not (D > 0 and math.isfinite(D)):
         raise ValueError(f"D must be a finite float > 0 for chi2, got {D}")
@@ -59,7 +60,11 @@ def chi2(sample_ids: torch.Tensor, key: int, D: float, stream: int) -> torch.Ten
         return out
     k0, k1 = split_key(key)
     D_hi, D_lo = split_f64(D)
-    BLOCK = max(16, min(256, triton.next_power_of_2(B)))
-    launch(_chi2_kernel)[(triton.cdiv(B, BLOCK),)](sample_ids.contiguous(), out, B, k0, k1, stream,
-                                           D_hi, D_lo, BLOCK=BLOCK, ATTEMPTS=MAX_ATTEMPTS)
+    BLOCK = max(16, min(256, triton.next_power_of_2(B)))  # one sample per thread: 96 registers (244 with two)
+    launch(_chi2_kernel)[grid(1, triton.cdiv(B, BLOCK))](sample_ids.contiguous(), out, B, k0, k1, stream,
+                                                         D_hi, D_lo, BLOCK=BLOCK, ATTEMPTS=CHI2_MAX_ATTEMPTS,
+                                                         num_warps=warps_for(BLOCK, 1))
     return out
+
+
+register(chi2)

@@ -4,16 +4,19 @@ T = ((1 - c_skip)·y - c_skip·scale·g) / c_out with g regenerated from Philox 
 per-sample Σ (F - T)² (float32 partial sums per block, summed per sample afterwards, so the
 result is deterministic) and grad_F = grad_scale·2(F - T) in F's dtype and memory format.
 """
+from typing import Tuple
+
 import torch
 import triton
 import triton.language as tl
+from torch import Tensor
 
-from . import launch, check_per_sample, check_image, Layout, BlockPlan, wants_tiling, split_key, check_sample_size
-from .philox import sample_counter, key_words, cast_for_store, tile_elements, tile_normals, tile_sum
-from .perturb import element_offsets
+from .layout import (TL_DTYPE, BlockPlan, Layout, cast_for_store, check_image, check_per_sample, check_sample_size,
+                     element_offsets, grid, launch, register, split_key, tile_elements, tile_sum, wants_tiling)
+from .philox import key_words, sample_counter, tile_normals
 
 
-@triton.jit(do_not_specialize=["N", "nblk", "k0", "k1", "stream", "grad_scale"])
+@triton.jit(do_not_specialize=["nblk", "k0", "k1", "stream", "grad_scale"])
 def _loss_kernel(F_ptr, y_ptr, scale_ptr, cskip_ptr, cout_ptr, sid_ptr, grad_ptr, part_ptr,
                  N, nblk, k0, k1, stream, grad_scale,
                  fC, fHW, fW, f_sb, f_sc, f_sh, f_sw,
@@ -44,7 +47,8 @@ def _loss_kernel(F_ptr, y_ptr, scale_ptr, cskip_ptr, cout_ptr, sid_ptr, grad_ptr
              cast_for_store(grad, grad_ptr), mask=mask)
 
 
-def loss_fwd_bwd(F, y, scale, c_skip, c_out, sample_ids, key, stream, grad_scale):
+def loss_fwd_bwd(F: Tensor, y: Tensor, scale: Tensor, c_skip: Tensor, c_out: Tensor, sample_ids: Tensor, key: int,
+                 stream: int, grad_scale: float) -> Tuple[Tensor, Tensor]:
     check_image("F", F)
     check_image("y", y)
     if F.shape != y.shape or F.device != y.device:
@@ -64,9 +68,12 @@ def loss_fwd_bwd(F, y, scale, c_skip, c_out, sample_ids, key, stream, grad_scale
     plan = BlockPlan(ly.N, ly.C, ly.HW, wants_tiling(lf, ly, lg))
     nblk = plan.nblk
     partial = torch.empty(B * nblk, dtype=torch.float32, device=y.device)
-    launch(_loss_kernel)[(B * nblk,)](
+    launch(_loss_kernel)[grid(B, nblk)](
         lf.tensor, ly.tensor, scale.contiguous(), c_skip.contiguous(), c_out.contiguous(),
         sample_ids.contiguous(), lg.tensor, partial, ly.N, nblk, k0, k1, stream, float(grad_scale),
         *lf.args(), *ly.args(), *lg.args(), F_MODE=lf.mode, Y_MODE=ly.mode, G_MODE=lg.mode,
-        COMPUTE=tl.float64 if cd == torch.float64 else tl.float32, **plan.meta())
+        COMPUTE=TL_DTYPE[cd], **plan.meta())
     return partial.view(B, nblk).sum(dim=1), grad
+
+
+register(loss_fwd_bwd)

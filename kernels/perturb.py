@@ -4,36 +4,22 @@ One pass over y: reads y once, writes the network input in its dtype and memory 
 (and x in fp32/fp64 only when asked).  Noise is indexed by the logical NCHW element, so the
 result does not depend on the memory format of y or of the output.
 """
+from typing import Tuple
+
 import torch
 import triton
 import triton.language as tl
+from torch import Tensor
 
-from . import launch, check_per_sample, check_image, check_out_dtype, Layout, BlockPlan, wants_tiling, split_key, check_sample_size
-from .philox import sample_counter, key_words, cast_for_store, tile_elements, tile_normals
-
-
-@triton.jit
-def element_offsets(b, e, c, hw, N, C, HW, W, sb, sc, sh, sw, MODE: tl.constexpr, TILED: tl.constexpr):
-    """Memory offsets (int64) of logical elements e of sample b for a layout MODE.  Tiled
-    programs pass the channel c and pixel hw of e, which saves the integer divisions."""
-    b64 = b.to(tl.int64)
-    if MODE == 0:  # contiguous
-        return b64 * N + e
-    elif MODE == 1:  # dense channels-last
-        if not TILED:
-            c = e // HW
-            hw = e - c * HW
-        return b64 * N + hw * C + c
-    else:  # general strides
-        if not TILED:
-            c = e // HW
-            hw = e - c * HW
-        h = hw // W
-        w = hw - h * W
-        return b64 * sb + c.to(tl.int64) * sc + h.to(tl.int64) * sh + w.to(tl.int64) * sw
+from .layout import (TL_DTYPE, BlockPlan, Layout, cast_for_store, check_image, check_out_dtype, check_per_sample,
+                     check_sample_size, element_offsets, empty_image, grid, launch, register, split_key,
+                     tile_elements, wants_tiling)
+from .philox import key_words, sample_counter, tile_normals
 
 
-@triton.jit(do_not_specialize=["N", "nblk", "k0", "k1", "stream"])
+# N is specialised (N % 16 == 0 proves 16-byte alignment, so loads and stores vectorise); keys,
+# streams and blocks per sample are not: new values never recompile.  The same in every kernel.
+@triton.jit(do_not_specialize=["nblk", "k0", "k1", "stream"])
 def _perturb_kernel(y_ptr, scale_ptr, cin_ptr, sid_ptr, net_ptr, x_ptr,
                     N, nblk, k0, k1, stream,
                     yC, yHW, yW, y_sb, y_sc, y_sh, y_sw,
@@ -63,19 +49,8 @@ def compute_dtype(t: torch.Tensor):
     return torch.float64 if t.dtype == torch.float64 else torch.float32
 
 
-TL_DTYPE = {torch.float32: tl.float32, torch.float64: tl.float64}
-
-
-def empty_image(like: torch.Tensor, dtype, channels_last: bool):
-    """Contiguous, or channels-last with the strides `.contiguous(memory_format=channels_last)`
-    gives (which keeps NCHW strides when C == 1 or H == W == 1, where both formats agree)."""
-    out = torch.empty(like.shape, dtype=dtype, device=like.device)
-    if channels_last and like.dim() == 4 and not out.is_contiguous(memory_format=torch.channels_last):
-        out = torch.empty(like.shape, dtype=dtype, device=like.device, memory_format=torch.channels_last)
-    return out
-
-
-def perturb(y, scale, c_in, sample_ids, key, stream, out_dtype, channels_last, write_x):
+def perturb(y: Tensor, scale: Tensor, c_in: Tensor, sample_ids: Tensor, key: int, stream: int,
+            out_dtype: torch.dtype, channels_last: bool, write_x: bool) -> Tuple[Tensor, Tensor]:
     check_image("y", y)
     check_out_dtype("out_dtype", out_dtype)
     for name, t in (("scale", scale), ("c_in", c_in)):
@@ -91,8 +66,11 @@ def perturb(y, scale, c_in, sample_ids, key, stream, out_dtype, channels_last, w
     check_sample_size(ly.N)
     k0, k1 = split_key(key)
     plan = BlockPlan(ly.N, ly.C, ly.HW, wants_tiling(ly, ln))
-    launch(_perturb_kernel)[(B * plan.nblk,)](
+    launch(_perturb_kernel)[grid(B, plan.nblk)](
         ly.tensor, scale.contiguous(), c_in.contiguous(), sample_ids.contiguous(), ln.tensor,
         x if write_x else net_in, ly.N, plan.nblk, k0, k1, stream, *ly.args(), *ln.args(),
         Y_MODE=ly.mode, NET_MODE=ln.mode, WRITE_X=bool(write_x), COMPUTE=TL_DTYPE[cd], **plan.meta())
     return net_in, x
+
+
+register(perturb)

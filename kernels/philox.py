@@ -1,4 +1,5 @@
-"""Philox4x32-10 and Box-Muller as Triton device functions, plus the two raw ops.
+"""Philox4x32-10 and Box-Muller as Triton device functions, plus the two raw ops
+philox4x32 and philox_normal (kernels, launchers, registrations).
 
 Counter layout (docs/KERNEL_OPS.md): (block j, sample_id low 32, sample_id high 32, stream),
 key (k0, k1) = (key low 32, key high 32).  Element e of a sample uses block e // 4, lane e % 4,
@@ -7,18 +8,17 @@ so one Philox call feeds four consecutive elements: `normal_block` interleaves t
 import torch
 import triton
 import triton.language as tl
+from torch import Tensor
 
-from . import launch, split_key, launch_grid_1d
+from .layout import grid, launch, register, split_key, warps_for
 
-PHILOX_M0 = 0xD2511F53
-PHILOX_M1 = 0xCD9E8D57
-PHILOX_W0 = 0x9E3779B9
-PHILOX_W1 = 0xBB67AE85
+MAX_NORMALS_PER_SAMPLE = 2**34  # block index e // 4 is a 32-bit counter word (the C++ op's bound)
 
 
 @triton.jit
 def philox4x32_10(c0, c1, c2, c3, k0, k1):
-    """Ten Random123 rounds on uint32 tensors (c0..c3 same shape; k0, k1 uint32 scalars)."""
+    """Ten Random123 rounds on uint32 tensors (c0..c3 same shape; k0, k1 uint32 scalars).
+    Multipliers M0, M1 and key bumps W0, W1 as in docs/KERNEL_OPS.md."""
     for _ in tl.static_range(10):
         hi0 = tl.umulhi(c0, 0xD2511F53)
         lo0 = c0 * 0xD2511F53
@@ -64,29 +64,13 @@ def normal4(j, sid_lo, sid_hi, stream, k0, k1):
 
 @triton.jit
 def normal_block(j_start, sid_lo, sid_hi, stream, k0, k1, BLOCK: tl.constexpr):
-    """float32 normals for elements 4*j_start .. 4*j_start + BLOCK - 1 (BLOCK % 4 == 0)."""
+    """float32 normals for elements 4*j_start .. 4*j_start + BLOCK - 1 (BLOCK % 4 == 0;
+    j_start int32 or int64, the block index itself < 2^32)."""
     j = (j_start + tl.arange(0, BLOCK // 4)).to(tl.uint32)
     z0, z1, z2, z3 = normal4(j, sid_lo, sid_hi, stream, k0, k1)
     # join puts the new axis last: [j, a, b] = (z0, z1 | z2, z3)[a][b] -> element order z0 z1 z2 z3
     z = tl.join(tl.join(z0, z2), tl.join(z1, z3))
     return tl.reshape(z, [BLOCK])
-
-
-@triton.jit
-def tile_elements(blk, N, HW, TILED: tl.constexpr, BLOCK: tl.constexpr, C_PAD: tl.constexpr,
-                  BLOCK_HW: tl.constexpr):
-    """Logical element indices e, their channel c and pixel hw (tiled only; flat returns e for
-    both, unused), and the mask, for program block blk of a sample."""
-    if TILED:
-        c = tl.arange(0, C_PAD)[:, None]
-        hw = blk * BLOCK_HW + tl.arange(0, BLOCK_HW)[None, :]
-        e = c * HW + hw
-        mask = (hw < HW) & (e < N)
-        return e, c, hw, mask
-    else:
-        e = blk * BLOCK + tl.arange(0, BLOCK)
-        mask = e < N
-        return e, e, e, mask
 
 
 @triton.jit
@@ -101,24 +85,6 @@ def tile_normals(blk, HW, sid_lo, sid_hi, stream, k0, k1, TILED: tl.constexpr, B
         return tl.reshape(z, [C_PAD, BLOCK_HW])
     else:
         return normal_block(blk * (BLOCK // 4), sid_lo, sid_hi, stream, k0, k1, BLOCK)
-
-
-@triton.jit
-def tile_sum(v, TILED: tl.constexpr):
-    if TILED:
-        return tl.sum(tl.sum(v, axis=1), axis=0)
-    else:
-        return tl.sum(v, axis=0)
-
-
-@triton.jit
-def cast_for_store(v, ptr):
-    """Cast v to ptr's element type; float64 -> 16-bit goes through float32 (one path that
-    every backend, the interpreter included, supports)."""
-    if v.dtype == tl.float64:
-        if ptr.dtype.element_ty != tl.float64:
-            v = v.to(tl.float32)
-    return v.to(ptr.dtype.element_ty)
 
 
 @triton.jit
@@ -142,11 +108,11 @@ def _philox_raw_kernel(ctr_ptr, out_ptr, M, k0, k1, BLOCK: tl.constexpr):
     tl.store(out_ptr + 4 * i + 3, x3.to(tl.int64), mask=mask)
 
 
-@triton.jit(do_not_specialize=["n", "nblk", "k0", "k1", "stream"])
+@triton.jit(do_not_specialize=["nblk", "k0", "k1", "stream"])
 def _philox_normal_kernel(sid_ptr, out_ptr, n, nblk, k0, k1, stream, BLOCK: tl.constexpr):
     pid = tl.program_id(0)
     b = pid // nblk
-    blk = pid - b * nblk
+    blk = (pid - b * nblk).to(tl.int64)  # n may reach 2^34: element indices are int64
     sid_lo, sid_hi = sample_counter(tl.load(sid_ptr + b))
     kk0, kk1 = key_words(k0, k1)
     z = normal_block(blk * (BLOCK // 4), sid_lo, sid_hi, stream.to(tl.uint32), kk0, kk1, BLOCK)
@@ -159,7 +125,7 @@ def block_for(n, cap=1024):
     return max(4, min(cap, triton.next_power_of_2(max(int(n), 1))))
 
 
-def philox4x32(counter: torch.Tensor, key: int) -> torch.Tensor:
+def philox4x32(counter: Tensor, key: int) -> Tensor:
     out = torch.empty_like(counter, dtype=torch.int64)
     M = counter.shape[0]
     if M == 0:
@@ -167,11 +133,14 @@ def philox4x32(counter: torch.Tensor, key: int) -> torch.Tensor:
     ctr = counter.to(torch.int64).contiguous()
     k0, k1 = split_key(key)
     BLOCK = block_for(M, 256)
-    launch(_philox_raw_kernel)[(triton.cdiv(M, BLOCK),)](ctr, out, M, k0, k1, BLOCK=BLOCK)
+    launch(_philox_raw_kernel)[grid(1, triton.cdiv(M, BLOCK))](ctr, out, M, k0, k1, BLOCK=BLOCK,
+                                                               num_warps=warps_for(BLOCK))
     return out
 
 
-def philox_normal(sample_ids: torch.Tensor, key: int, n: int, stream: int) -> torch.Tensor:
+def philox_normal(sample_ids: Tensor, key: int, n: int, stream: int) -> Tensor:
+    if not 0 <= n <= MAX_NORMALS_PER_SAMPLE:
+        raise ValueError(f"philox_normal: n must be in [0, 2^34], got {n}")
     B = sample_ids.shape[0]
     out = torch.empty((B, n), dtype=torch.float32, device=sample_ids.device)
     if B == 0 or n == 0:
@@ -179,6 +148,10 @@ def philox_normal(sample_ids: torch.Tensor, key: int, n: int, stream: int) -> to
     k0, k1 = split_key(key)
     BLOCK = block_for(n)
     nblk = triton.cdiv(n, BLOCK)
-    launch(_philox_normal_kernel)[launch_grid_1d(B * nblk)](sample_ids.contiguous(), out, n, nblk, k0, k1,
-                                                   stream, BLOCK=BLOCK)
+    launch(_philox_normal_kernel)[grid(B, nblk)](sample_ids.contiguous(), out, n, nblk, k0, k1, stream,
+                                                 BLOCK=BLOCK, num_warps=warps_for(BLOCK))
     return out
+
+
+register(philox4x32)
+register(philox_normal)

@@ -6,14 +6,17 @@ or fp64 contiguous; F any dtype and layout.  Scalars travel as hi + lo float32 p
 fp64 state keeps ~48-bit coefficients (Triton passes Python floats as float32).
 """
 import math
+from typing import Optional, Tuple
 
 import torch
 import triton
 import triton.language as tl
+from torch import Tensor
 
-from . import launch, check_per_sample, check_image, check_out_dtype, Layout, BlockPlan, wants_tiling, split_key, split_f64, check_sample_size
-from .philox import sample_counter, key_words, cast_for_store, tile_elements, tile_normals
-from .perturb import element_offsets, empty_image
+from .layout import (TL_DTYPE, BlockPlan, Layout, cast_for_store, check_image, check_out_dtype, check_per_sample,
+                     check_sample_size, element_offsets, empty_image, grid, launch, register, split_f64, split_key,
+                     tile_elements, wants_tiling)
+from .philox import key_words, sample_counter, tile_normals
 
 
 @triton.jit
@@ -24,7 +27,7 @@ def _scalar(hi, lo, COMPUTE: tl.constexpr):
         return tl.cast(hi, tl.float32)
 
 
-@triton.jit(do_not_specialize=["N", "nblk", "k0", "k1", "alpha_stream", "churn_stream",
+@triton.jit(do_not_specialize=["nblk", "k0", "k1", "alpha_stream", "churn_stream",
                                "A_hi", "A_lo", "B_hi", "B_lo", "h1_hi", "h1_lo", "h2_hi", "h2_lo",
                                "as_hi", "as_lo", "cs_hi", "cs_lo", "ci_hi", "ci_lo"])
 def _sampler_kernel(x_ptr, F_ptr, base_ptr, sid_ptr, y1_ptr, y2_ptr, net_ptr,
@@ -83,8 +86,10 @@ def _empty(t):
     return t is None or t.numel() == 0
 
 
-def sampler_update(x, F, base, A, Bf, h1, h2, sample_ids, key, alpha_scale, alpha_stream,
-                   churn_scale, churn_stream, c_in_next, net_dtype, channels_last):
+def sampler_update(x: Tensor, F: Optional[Tensor], base: Optional[Tensor], A: float, Bf: float, h1: float,
+                   h2: float, sample_ids: Tensor, key: int, alpha_scale: float, alpha_stream: int,
+                   churn_scale: float, churn_stream: int, c_in_next: float, net_dtype: torch.dtype,
+                   channels_last: bool) -> Tuple[Tensor, Tensor, Tensor]:
     sd = x.dtype
     if sd not in (torch.float32, torch.float64):
         raise TypeError(f"x (sampler state) must be float32 or float64, got {sd}")
@@ -122,12 +127,15 @@ def sampler_update(x, F, base, A, Bf, h1, h2, sample_ids, key, alpha_scale, alph
     scalars = [split_f64(v if not math.isnan(v) else 0.0)
                for v in (A, Bf, h1, h2, alpha_scale, churn_scale, c_in_next)]
     flat = [p for pair in scalars for p in pair]
-    launch(_sampler_kernel)[(B * nblk,)](
+    launch(_sampler_kernel)[grid(B, nblk)](
         x, lf.tensor, base if has_base else x, sample_ids.contiguous(), y1,
         y2 if has_y2 else y1, ln.tensor if has_net else y1,
         N, nblk, k0, k1, int(alpha_stream), int(churn_stream), *flat, *lf.args(), *ln_args,
         HAS_F=has_f, HAS_BASE=has_base, HAS_Y2=has_y2, HAS_NET=has_net,
         HAS_ALPHA=alpha_scale != 0, HAS_CHURN=churn_scale != 0,
         F_MODE=lf.mode, NET_MODE=ln.mode,
-        COMPUTE=tl.float64 if sd == torch.float64 else tl.float32, **plan.meta())
+        COMPUTE=TL_DTYPE[sd], **plan.meta())
     return y1, y2, net_in
+
+
+register(sampler_update)

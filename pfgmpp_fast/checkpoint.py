@@ -9,31 +9,29 @@ are pickles whose classes come from ``torch_utils.persistence``: unpickling them
 published code executes the Python source embedded in the file. We refuse them unless the
 caller passes ``trust_pickle=True``, and even then we never execute that source: a restricted
 unpickler maps the persistent classes to inert records (class name + state), every unknown
-global to an inert placeholder, and tensors to plain tensors (storages through
-``torch.load(weights_only=True)``). We then build our own network from the recorded
+global to an inert placeholder, and tensors to plain tensors (safe_pickle.py; a zip is read
+entry by entry, never by torch.load). TorchScript archives and any other kind of file are
+refused before anything reads them. We then build our own network from the recorded
 constructor arguments and copy the weights in, strictly.
 """
 from __future__ import annotations
 
-import collections
 import glob
-import io
 import json
 import math
 import os
-import pickle
 import re
 import struct
-import zipfile
-import _compat_pickle
 
 import torch
 
+from pfgmpp_fast.cli import command
 from pfgmpp_fast.networks import EDMPrecond, FastNetwork
-from pfgmpp_fast.utils.io_utils import atomic_write_bytes
+from pfgmpp_fast.safe_pickle import OpaqueObject, PersistentRecord, UnsupportedArchiveError, archive_kind, read_published
+from pfgmpp_fast.utils.io_utils import atomic_write_bytes, content_digest
 
 __all__ = ['save_network', 'load_network', 'convert_published', 'network_config', 'network_from_config',
-           'UntrustedCheckpointError', 'FORMAT']
+           'UntrustedCheckpointError', 'UnsupportedArchiveError', 'FORMAT']
 
 FORMAT = 'pfgmpp_fast.network.v1'
 PICKLE_REFUSAL = ('{path}: this is a pickle ({kind}). Unpickling runs code stored in the file '
@@ -121,29 +119,32 @@ def find_latest_snapshot(run_dir: str):
 # ----------------------------------------------------------------------------------------
 # Our format.
 
-def save_network(path, net, extra_metadata: dict | None = None) -> None:
-    """Write ``net`` (EDMPrecond or FastNetwork) as safetensors + JSON config, atomically."""
+def _safetensors_bytes(tensors: dict, metadata: dict) -> bytes:
+    """safetensors bytes with a deterministic header (sorted keys; safetensors itself writes
+    the metadata in hash-map order), so identical networks give identical files."""
     from safetensors.torch import save as st_save
+    data = st_save(tensors, metadata=metadata)
+    (n,) = struct.unpack('<Q', data[:8])
+    header = json.dumps(json.loads(data[8:8 + n]), sort_keys=True, separators=(',', ':')).encode()
+    header += b' ' * (-len(header) % 8)          # safetensors' alignment of the data section
+    return struct.pack('<Q', len(header)) + header + data[8 + n:]
+
+
+def save_network(path, net, extra_metadata: dict | None = None) -> None:
+    """Write ``net`` (EDMPrecond or FastNetwork) as safetensors + JSON config + the SHA-256 of
+    its tensors, atomically. Non-finite weights are refused (nothing is written)."""
     config = network_config(net)
     if extra_metadata is not None and not isinstance(extra_metadata, dict):
         raise TypeError(f'extra_metadata must be a dict or None, got {type(extra_metadata).__name__}')
     tensors = {k: v.detach().to('cpu').contiguous() for k, v in net.state_dict().items()}
+    bad = [k for k, v in tensors.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if bad:
+        raise ValueError(f'{path}: refusing to write a network with non-finite values (NaN/Inf) in '
+                         f'{len(bad)} tensors, e.g. {bad[:3]}')
     metadata = {'format': FORMAT, 'config': json.dumps(config, sort_keys=True),
                 'extra': json.dumps(_to_json_value(extra_metadata or {}), sort_keys=True),
-                'torch_version': torch.__version__}
-    atomic_write_bytes(path, st_save(tensors, metadata=metadata))
-
-
-def _sniff(path: str) -> str:
-    with open(path, 'rb') as f:
-        head = f.read(16)
-    if head[:4] == b'PK\x03\x04':
-        return 'zip'
-    if head[:1] == b'\x80' or (head[:1] in (b'(', b'}', b']') and path.endswith('.pkl')):
-        return 'pickle'
-    if len(head) >= 9 and head[8:9] == b'{':
-        return 'safetensors'
-    return 'unknown'
+                'torch_version': torch.__version__, 'sha256': content_digest(tensors)}
+    atomic_write_bytes(path, _safetensors_bytes(tensors, metadata))
 
 
 def _read_safetensors(path: str):
@@ -169,6 +170,10 @@ def _read_safetensors(path: str):
         tensors = st_load(data)
     except Exception as e:  # safetensors raises its own error type
         raise ValueError(f'{path}: truncated or corrupt checkpoint ({type(e).__name__}: {e})') from None
+    digest = metadata.get('sha256')       # absent in files written before digests existed
+    if digest is not None and digest != content_digest(tensors):
+        raise ValueError(f'{path}: corrupt checkpoint: the weights do not match the SHA-256 digest stored in the '
+                         f'file (changed on disk after it was written)')
     try:
         config = json.loads(metadata['config'])
         extra = json.loads(metadata.get('extra', '{}'))
@@ -206,7 +211,7 @@ def load_network(path, device='cpu', trust_pickle: bool = False, D=None) -> EDMP
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f'{path}: no such checkpoint file')
-    kind = _sniff(path)
+    kind = archive_kind(path)  # refuses TorchScript and other archive kinds before any loader
     if kind in ('pickle', 'zip'):
         if not trust_pickle:
             raise UntrustedCheckpointError(PICKLE_REFUSAL.format(path=path, kind='torch.save zip' if kind == 'zip' else 'pickle'))
@@ -239,129 +244,7 @@ def convert_published(src, dst, trust_pickle: bool = False, D=None) -> EDMPrecon
 
 
 # ----------------------------------------------------------------------------------------
-# Restricted unpickling of the published persistence format.
-
-class PersistentRecord:
-    """What a ``torch_utils.persistence`` object becomes: its class name and state; its
-    embedded module source is dropped unread and never executed."""
-
-    def __init__(self, class_name: str, state: dict, version=None):
-        self.class_name = class_name
-        self.state = state
-        self.version = version
-
-    def __repr__(self):
-        return f'PersistentRecord({self.class_name!r})'
-
-
-class OpaqueObject:
-    """Inert stand-in for any other global: records its name, call arguments and state."""
-    qualname = '?'
-
-    def __init__(self, *args, **kwargs):
-        self.args, self.kwargs = args, kwargs
-
-    def __setstate__(self, state):
-        self.state = state
-
-    def __repr__(self):
-        return f'OpaqueObject({self.qualname})'
-
-
-def _opaque_class(module: str, name: str):
-    return type(f'Opaque_{name}', (OpaqueObject,), {'qualname': f'{module}.{name}'})
-
-
-def _reconstruct_persistent(meta):
-    if not isinstance(meta, dict) or 'class_name' not in meta:
-        raise ValueError('malformed torch_utils.persistence record')
-    state = meta.get('state')
-    return PersistentRecord(str(meta['class_name']), dict(state) if isinstance(state, dict) else {}, meta.get('version'))
-
-
-def _load_storage_from_bytes(b):
-    return torch.load(io.BytesIO(b), map_location='cpu', weights_only=True)
-
-
-def _safe_reconstructor(cls, base, state):
-    if isinstance(cls, type) and issubclass(cls, OpaqueObject):
-        obj = cls()
-        if state is not None:
-            obj.state = state
-        return obj
-    raise pickle.UnpicklingError(f'copyreg._reconstructor for {cls!r} is not allowed')
-
-
-def _safe_rebuild_from_type_v2(func, new_type, args, state):
-    if func not in (torch._utils._rebuild_tensor_v2,) or new_type not in (torch.Tensor, torch.nn.Parameter):
-        raise pickle.UnpicklingError('tensor rebuild with a disallowed function or type')
-    t = func(*args)
-    return torch.nn.Parameter(t, requires_grad=False) if new_type is torch.nn.Parameter else t
-
-
-class _EasyDict(dict):
-    pass
-
-
-_ALLOWED = {
-    ('torch_utils.persistence', '_reconstruct_persistent_obj'): _reconstruct_persistent,
-    ('dnnlib.util', 'EasyDict'): _EasyDict,
-    ('dnnlib', 'EasyDict'): _EasyDict,
-    ('collections', 'OrderedDict'): collections.OrderedDict,
-    ('collections', 'defaultdict'): collections.defaultdict,
-    ('torch._utils', '_rebuild_tensor_v2'): torch._utils._rebuild_tensor_v2,
-    ('torch._utils', '_rebuild_parameter'): torch._utils._rebuild_parameter,
-    ('torch._utils', '_rebuild_parameter_with_state'): torch._utils._rebuild_parameter_with_state,
-    ('torch._tensor', '_rebuild_from_type_v2'): _safe_rebuild_from_type_v2,
-    ('torch.storage', '_load_from_bytes'): _load_storage_from_bytes,
-    ('torch', 'Size'): torch.Size,
-    ('torch', 'Tensor'): torch.Tensor,
-    ('torch.nn.parameter', 'Parameter'): torch.nn.Parameter,
-    ('copyreg', '_reconstructor'): _safe_reconstructor,
-    ('builtins', 'set'): set, ('builtins', 'frozenset'): frozenset, ('builtins', 'slice'): slice,
-    ('builtins', 'complex'): complex, ('builtins', 'object'): object,
-}
-
-
-class RestrictedUnpickler(pickle.Unpickler):
-    """Allows tensors, containers and persistence records; everything else is inert."""
-
-    def find_class(self, module, name):
-        # Python 2 names (torch.save writes protocol 2): __builtin__ -> builtins, copy_reg -> copyreg
-        if (module, name) in _compat_pickle.NAME_MAPPING:
-            module, name = _compat_pickle.NAME_MAPPING[(module, name)]
-        module = _compat_pickle.IMPORT_MAPPING.get(module, module)
-        fn = _ALLOWED.get((module, name))
-        if fn is not None:
-            return fn
-        if module == 'torch' and isinstance(getattr(torch, name, None), torch.dtype):
-            return getattr(torch, name)
-        if module == 'torch' and name.endswith('Storage') and hasattr(torch, name):
-            return getattr(torch, name)  # storage type tags (torch.load path)
-        return _opaque_class(module, name)
-
-
-class _RestrictedPickleModule:
-    """A ``pickle_module`` for ``torch.load`` that unpickles through RestrictedUnpickler."""
-    Unpickler = RestrictedUnpickler
-    UnpicklingError = pickle.UnpicklingError
-
-    @staticmethod
-    def load(f, **kwargs):
-        return RestrictedUnpickler(f, **kwargs).load()
-
-
-def _read_published(path: str, kind: str):
-    try:
-        if kind == 'zip':
-            return torch.load(path, map_location='cpu', weights_only=False, pickle_module=_RestrictedPickleModule)
-        with open(path, 'rb') as f:
-            return RestrictedUnpickler(f).load()
-    except (pickle.UnpicklingError, EOFError, zipfile.BadZipFile, RuntimeError, ValueError,
-            AttributeError, IndexError, KeyError, TypeError, struct.error) as e:
-        raise ValueError(f'{path}: cannot read the pickle (truncated, corrupt or not a published '
-                         f'EDM/PFGM++ checkpoint): {type(e).__name__}: {e}') from None
-
+# Import of the published persistence format (read by safe_pickle, never executed).
 
 def _collect_state(obj, prefix, out: dict) -> None:
     state = obj.state if isinstance(obj, (PersistentRecord, OpaqueObject)) else None
@@ -415,7 +298,7 @@ def _find_D(snapshot) -> float | None:
 
 
 def _import_published(path: str, kind: str, device, D) -> EDMPrecond:
-    snapshot = _read_published(path, kind)
+    snapshot = read_published(path, kind)
     if not isinstance(snapshot, dict):
         raise ValueError(f'{path}: expected a dict with an "ema" (network snapshot) or "net" (training state) '
                          f'entry, got {type(snapshot).__name__}')
@@ -447,13 +330,13 @@ def add_arguments(p) -> None:
     p.add_argument('--D', type=float, default=None, help='PFGM++ D of the network (default: from the pickle, else inf = EDM)')
 
 
+@command
 def main(args) -> int:
-    import sys
-    try:
-        net = convert_published(args.src, args.dst, trust_pickle=args.trust_pickle, D=args.D)
-    except UntrustedCheckpointError as e:
-        print(f'error: {e}', file=sys.stderr)
-        return 2
+    from pfgmpp_fast.cli import blame, check_output_path
+    check_output_path('DST', args.dst)
+    with blame('SRC'):
+        net = load_network(args.src, trust_pickle=args.trust_pickle, D=args.D)
+    save_network(args.dst, net, extra_metadata={'converted_from': os.path.basename(os.fspath(args.src))})
     n = sum(p.numel() for p in net.parameters())
     print(f'wrote {args.dst}: {net.model_type}, {n:,} parameters, D={net.D}, label_dim={net.label_dim}')
     return 0

@@ -2,7 +2,7 @@
 `perturb`, `perturb_net_input`, `prior`, `noise_scale`, `training_scalars`.
 
 Backends: 'reference' (pure torch, reference.ref_*), 'triton' (ops `pfgmpp_fast_triton::*`,
-registered here with torch.library.triton_op), 'cuda' / 'cpu' (the C++ extension's ops
+registered by the kernel files in pfgmpp_fast/kernels), 'cuda' / 'cpu' (the C++ extension's ops
 `pfgmpp_fast::*`, loaded by pfgmpp_fast._ext), 'auto': on CUDA tensors the CUDA kernels when
 built else Triton; on CPU tensors the C++ CPU op when built else the reference.
 """
@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import math
 import os
-from typing import Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -19,56 +18,17 @@ from pfgmpp_fast import checks
 from pfgmpp_fast import reference as R
 
 BACKENDS = ("auto", "reference", "triton", "cuda", "cpu")
-OP_NAMES = ("philox4x32", "philox_normal", "chi2", "perturb", "loss_fwd_bwd", "sampler_update")
 NET_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 
 
-# ----------------------------------------------------------------------------------------
-# Triton ops (registered lazily: importing triton is not free and it may be absent)
-
-_triton_registered = False
-
-
-def _register_triton_ops():
-    global _triton_registered
-    if _triton_registered:
-        return
-    from pfgmpp_fast.kernels import philox as kp, chi2 as kc, perturb as kpt, loss as kl, sampler_step as ks
-
-    def op(name, fn):
-        return torch.library.triton_op(f"pfgmpp_fast_triton::{name}", fn, mutates_args=())
-
-    def philox4x32(counter: Tensor, key: int) -> Tensor:
-        return kp.philox4x32(counter, key)
-
-    def philox_normal(sample_ids: Tensor, key: int, n: int, stream: int) -> Tensor:
-        return kp.philox_normal(sample_ids, key, n, stream)
-
-    def chi2(sample_ids: Tensor, key: int, D: float, stream: int) -> Tensor:
-        return kc.chi2(sample_ids, key, D, stream)
-
-    def perturb(y: Tensor, scale: Tensor, c_in: Tensor, sample_ids: Tensor, key: int, stream: int,
-                out_dtype: torch.dtype, channels_last: bool, write_x: bool) -> Tuple[Tensor, Tensor]:
-        return kpt.perturb(y, scale, c_in, sample_ids, key, stream, out_dtype, channels_last, write_x)
-
-    def loss_fwd_bwd(F: Tensor, y: Tensor, scale: Tensor, c_skip: Tensor, c_out: Tensor,
-                     sample_ids: Tensor, key: int, stream: int, grad_scale: float) -> Tuple[Tensor, Tensor]:
-        return kl.loss_fwd_bwd(F, y, scale, c_skip, c_out, sample_ids, key, stream, grad_scale)
-
-    def sampler_update(x: Tensor, F: Optional[Tensor], base: Optional[Tensor], A: float, Bf: float,
-                       h1: float, h2: float, sample_ids: Tensor, key: int, alpha_scale: float,
-                       alpha_stream: int, churn_scale: float, churn_stream: int, c_in_next: float,
-                       net_dtype: torch.dtype, channels_last: bool) -> Tuple[Tensor, Tensor, Tensor]:
-        return ks.sampler_update(x, F, base, A, Bf, h1, h2, sample_ids, key, alpha_scale, alpha_stream,
-                                 churn_scale, churn_stream, c_in_next, net_dtype, channels_last)
-
-    for fn in (philox4x32, philox_normal, chi2, perturb, loss_fwd_bwd, sampler_update):
-        op(fn.__name__, fn)
-    _triton_registered = True
+def _import_triton_ops():
+    """Importing pfgmpp_fast.kernels registers the pfgmpp_fast_triton ops (each kernel file
+    registers its own)."""
+    import pfgmpp_fast.kernels  # noqa: F401
 
 
-try:  # register at import: torch.compile cannot trace the registration itself
-    _register_triton_ops()
+try:  # at import: torch.compile cannot trace the registration itself
+    _import_triton_ops()
 except (ImportError, RuntimeError):  # no usable triton: backend='triton' fails when asked for
     pass
 
@@ -130,8 +90,7 @@ def resolve_backend(backend: str, device) -> str:
 
 def _op(name: str, backend: str):
     if backend == "triton":
-        if not _triton_registered:
-            _register_triton_ops()
+        _import_triton_ops()
         return getattr(torch.ops.pfgmpp_fast_triton, name)
     _ext()  # loads the library and its fake implementations
     return getattr(torch.ops.pfgmpp_fast, name)

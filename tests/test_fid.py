@@ -190,7 +190,7 @@ def test_fewer_images_than_requested(tmp_path, digits, digits_cache, capsys):
         calc.calc_stats(calc.images_source(digits_uint8()[0][:10]), digits, num=20)
     np.savez(tmp_path / "imgs.npz", images=digits_uint8()[0][:10].permute(0, 2, 3, 1).numpy())
     rc = cli.main(["fid", "calc", "--images", str(tmp_path / "imgs.npz"), "--num", "20", "--features", "digits",
-                   "--digits-cache", digits_cache])
+                   "--digits-cache", digits_cache, "--dest", str(tmp_path / "s.npz")])
     assert rc == 2 and "fewer images than requested" in capsys.readouterr().err
     rc = cli.main(["fid", "calc", "--images", str(tmp_path / "imgs.npz"), "--num", "10", "--features", "digits",
                    "--digits-cache", digits_cache, "--outdir", str(tmp_path / "o")])

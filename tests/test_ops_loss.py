@@ -1,11 +1,15 @@
 """Fused loss forward+backward (op level), the autograd path and training_loss vs reference."""
+import math
+
 import pytest
 import torch
 from torch import nn
 
 from pfgmpp_fast import ops
 from pfgmpp_fast import reference as R
-from op_helpers import BACKENDS, D_VALUES, device_for, make_images, same_format, rel_err
+from op_helpers import (BACKENDS, D_VALUES, assert_close_rel, cpp_ops, device_for, in_layout, is_channels_last,
+                        make_images, needs_cuda_kernels, needs_ext, random_ids, rel_err, rel_err_or_abs, same_format,
+                        seeded, tol_for)
 
 from pfgmpp_fast.loss import PFGMPPLoss, training_loss
 
@@ -230,3 +234,105 @@ def test_reference_backend_through_public_api():
     ref = R.training_loss(net, y, 2.0, 6, ids)
     ref.backward()
     assert rel_err(loss, ref) < 1e-5 and rel_err(g, _param_grads(net)) < 1e-5
+
+
+# ------------------------------------------------------------ C++ op called directly (CPU, CUDA)
+
+LOSS_CASES = [
+    # shape, F dtype, F layout, y dtype, y layout, D, grad_scale
+    ((0, 3, 4, 4), torch.bfloat16, "contiguous", torch.float32, "contiguous", 8.0, 1.0),
+    ((1, 3, 5, 7), torch.float32, "contiguous", torch.float32, "contiguous", 1.0, 0.5),
+    ((7, 3, 5, 7), torch.bfloat16, "channels_last", torch.float32, "contiguous", 2.0, 1 / 7),
+    ((7, 3, 5, 7), torch.float16, "channels_last", torch.float32, "channels_last", 128.0, 3.0),
+    ((7, 3, 8, 8), torch.float32, "strided", torch.float32, "strided", 2048.0, 1.0),
+    ((7, 3, 8, 8), torch.float64, "contiguous", torch.float64, "channels_last", 3072000.0, 1.0),
+    ((7, 3, 6, 6), torch.bfloat16, "contiguous", torch.float64, "contiguous", math.inf, 2.0),
+    ((5, 37), torch.float32, "contiguous", torch.float32, "contiguous", 8.0, 1.0),
+    ((3, 7, 4100), torch.float32, "contiguous", torch.float32, "contiguous", 8.0, 1.0),  # > 1 chunk
+    ((2, 3, 64, 64), torch.bfloat16, "channels_last", torch.float32, "contiguous", 8.0, 1.0),  # many chunks
+    ((3, 1, 8, 12), torch.float32, "channels_last", torch.float32, "channels_last", 2.0, 1.0),  # C = 1
+    ((3, 3, 0, 4), torch.float32, "contiguous", torch.float32, "contiguous", 2.0, 1.0),  # N = 0: loss 0
+]
+
+
+def _loss_case(device, shape, F_dtype, F_layout, y_dtype, y_layout, D, grad_scale, seed=0):
+    B = shape[0]
+    g = seeded(seed)
+    cd = torch.float64 if torch.float64 in (F_dtype, y_dtype) else torch.float32
+    F = in_layout(torch.randn(shape, generator=g, dtype=torch.float64).to(F_dtype).to(device), F_layout)
+    y = in_layout(torch.randn(shape, generator=g, dtype=torch.float64).to(y_dtype).to(device), y_layout)
+    sigma = torch.exp(-1.2 + 1.2 * torch.randn(B, generator=g, dtype=torch.float64))
+    s = R.noise_scale(sigma, D, 7, random_ids(B, seed))
+    c_skip, c_out, _, _ = R.precond(sigma)
+    args = [t.to(cd).to(device) for t in (s, c_skip, c_out)]
+    ids = random_ids(B, seed + 5, device)
+    loss, grad = cpp_ops().loss_fwd_bwd(F, y, *args, ids, 4242, R.STREAM_NOISE, grad_scale)
+    ref_loss, ref_grad = R.ref_loss_fwd_bwd(F.cpu(), y.cpu(), *(a.cpu() for a in args), ids.cpu(),
+                                            4242, R.STREAM_NOISE, grad_scale)
+    assert loss.dtype == torch.float32 and loss.shape == (B,)
+    if B:
+        torch.testing.assert_close(loss.cpu(), ref_loss, rtol=1e-5, atol=0)
+    assert_close_rel(grad.cpu(), ref_grad, "grad_F")
+    if F.is_contiguous() or is_channels_last(F):  # grad_F keeps F's memory format
+        assert grad.stride() == ref_grad.stride()
+    return loss, grad
+
+
+def _case_id(c):
+    return f"{c[0]}-F{c[1]}-{c[2]}-y{c[3]}-{c[4]}-D{c[5]}"
+
+
+@needs_ext
+@pytest.mark.parametrize("case", LOSS_CASES, ids=_case_id)
+def test_loss_fwd_bwd_cpu(case):
+    _loss_case("cpu", *case)
+
+
+@needs_ext
+def test_loss_matches_autograd_of_reference_loss():
+    """grad_F is d/dF of grad_scale·Σ(F − T)²: check against torch.autograd on the reference."""
+    shape, B = (3, 2, 5, 5), 3
+    F = torch.randn(shape, generator=seeded(8), dtype=torch.float64, requires_grad=True)
+    y = torch.randn(shape, generator=seeded(9), dtype=torch.float64)
+    s, cs, co = torch.rand(B, dtype=torch.float64) + 0.5, torch.rand(B, dtype=torch.float64), torch.rand(B, dtype=torch.float64) + 0.5
+    ids = random_ids(B, 10)
+    g = R.normal(11, ids, 50, 0).double().view(shape)
+    T = ((1 - cs.view(-1, 1, 1, 1)) * y - cs.view(-1, 1, 1, 1) * s.view(-1, 1, 1, 1) * g) / co.view(-1, 1, 1, 1)
+    (0.25 * (F - T).square().sum()).backward()
+    loss, grad = cpp_ops().loss_fwd_bwd(F.detach(), y, s, cs, co, ids, 11, 0, 0.25)
+    torch.testing.assert_close(grad, F.grad, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(loss.double(), (F - T).detach().square().flatten(1).sum(1), rtol=1e-5, atol=0)
+
+
+@needs_ext
+@pytest.mark.parametrize("change,exc,needle", [
+    (dict(y=torch.randn(2, 3, 4, 5)), ValueError, "y"),
+    (dict(c_out=torch.ones(2, 1)), ValueError, "c_out"),
+    (dict(grad_scale=math.inf), ValueError, "grad_scale"),
+    (dict(F=torch.ones(2, 3, 4, 4, dtype=torch.int32)), TypeError, "F"),
+])
+def test_loss_bad_input(change, exc, needle):
+    kw = dict(F=torch.randn(2, 3, 4, 4), y=torch.randn(2, 3, 4, 4), scale=torch.ones(2),
+              c_skip=torch.ones(2), c_out=torch.ones(2), sample_ids=torch.arange(2), key=1,
+              stream=0, grad_scale=1.0)
+    kw.update(change)
+    with pytest.raises(exc, match=needle):
+        cpp_ops().loss_fwd_bwd(*kw.values())
+
+
+@needs_ext
+def test_fake_impls_match_real_kernels_loss():
+    """opcheck: schema, and fake (meta) outputs agree with the kernels in shape/dtype/strides."""
+    s, ids = torch.rand(3) + 0.5, random_ids(3, 1)
+    F = torch.randn(3, 3, 4, 5, dtype=torch.bfloat16).contiguous(memory_format=torch.channels_last)
+    x = torch.randn(3, 3, 4, 5)
+    torch.library.opcheck(cpp_ops().loss_fwd_bwd, (F, x, s, s, s, ids, 3, 0, 1.0),
+                          test_utils=("test_schema", "test_faketensor"))
+
+
+@pytest.mark.parametrize("case", [pytest.param(c, marks=needs_cuda_kernels) for c in LOSS_CASES],
+                         ids=lambda c: f"{c[0]}-F{c[1]}-{c[2]}")
+def test_loss_fwd_bwd_cuda(case):
+    loss, grad = _loss_case("cuda", *case)
+    cpu_loss, cpu_grad = _loss_case("cpu", *case)
+    assert rel_err_or_abs(grad, cpu_grad) < tol_for(grad.dtype)

@@ -1,4 +1,5 @@
 """Fused sampler update (op level) and the fused sample() vs reference.sample."""
+import itertools
 import math
 
 import pytest
@@ -7,7 +8,8 @@ from torch import nn
 
 from pfgmpp_fast import ops
 from pfgmpp_fast import reference as R
-from op_helpers import BACKENDS, device_for, same_format, rel_err
+from op_helpers import (BACKENDS, assert_close_rel, cpp_ops, device_for, in_layout, needs_cuda_kernels, needs_ext,
+                        random_ids, rel_err, same_format, seeded)
 
 from pfgmpp_fast.sampler import sample
 
@@ -217,3 +219,116 @@ def test_reference_backend_through_public_api():
     x = sample(R.optimal_denoiser(data, D), latents, D, 4, seeds, backend="reference", **kw)
     ref = R.sample(R.optimal_denoiser(data, D), latents, D, 4, seeds, dtype=torch.float32, **kw)
     assert rel_err(x, ref) < 1e-5
+
+
+# ------------------------------------------------------------ C++ op called directly (CPU, CUDA)
+
+SAMPLER_DTYPES = [  # state dtype, F dtype or None, net dtype
+    (torch.float32, torch.bfloat16, torch.bfloat16),
+    (torch.float32, torch.float32, torch.float32),
+    (torch.float32, torch.float16, torch.float16),
+    (torch.float64, torch.float32, torch.float32),
+    (torch.float64, None, torch.float64),
+    (torch.float32, None, torch.bfloat16),
+]
+
+
+def _sampler_cases():
+    shapes = [(0, 3, 4, 4), (1, 3, 5, 7), (7, 3, 5, 7), (5, 37)]
+    flags = list(itertools.product([False, True], repeat=5))  # base, y2, net, alpha, churn
+    cases = []
+    for i, (dt, fl) in enumerate(itertools.product(SAMPLER_DTYPES, flags[::3])):
+        shape = shapes[i % len(shapes)]
+        F_layout = ("contiguous", "channels_last", "strided")[i % 3]
+        cases.append((shape, *dt, F_layout, bool(i % 2), *fl))
+    # C = 3 and C = 1 with H*W % 4 == 0 and channels-last operands: CUDA's whole-pixel units
+    for shape, dt, fl in itertools.product([(3, 3, 4, 8), (2, 1, 4, 4)], SAMPLER_DTYPES,
+                                           [(True,) * 5, (False, False, True, False, True)]):
+        cases.append((shape, *dt, "channels_last", True, *fl))
+    return cases
+
+
+def _sampler_case(device, shape, state, F_dtype, net_dtype, F_layout, channels_last,
+                  has_base, has_y2, has_net, alpha, churn, seed=0):
+    g = seeded(seed)
+    B = shape[0]
+    x = torch.randn(shape, generator=g, dtype=torch.float64).mul(10).to(state).to(device)
+    F = (in_layout(torch.randn(shape, generator=g, dtype=torch.float64).to(F_dtype).to(device), F_layout)
+         if F_dtype is not None else None)
+    base = torch.randn(shape, generator=g, dtype=torch.float64).to(state).to(device) if has_base else None
+    t_hat, t_next, c_skip, c_out = 2.5, 1.7, 0.04, 0.48
+    A, Bf, h1 = (1 - c_skip) / t_hat, -c_out / t_hat, t_next - t_hat
+    h2 = 0.5 * h1 if has_y2 else math.nan
+    c_in_next = 1 / math.sqrt(t_next**2 + 0.25) if has_net else math.nan
+    alpha_scale = 0.1 * t_hat if alpha else 0.0
+    churn_scale = 0.7 if churn else 0.0
+    ids = random_ids(B, seed + 2, device)
+    args = (A, Bf, h1, h2)
+    tail = (4321, alpha_scale, R.stream_alpha(3), churn_scale, R.stream_churn(3), c_in_next, net_dtype,
+            channels_last)
+    y1, y2, net_in = cpp_ops().sampler_update(x, F, base, *args, ids, *tail)
+    cpu = lambda t: t.cpu() if t is not None else None  # noqa: E731
+    r1, r2, rn = R.ref_sampler_update(x.cpu(), cpu(F), cpu(base), *args, ids.cpu(), *tail)
+    assert_close_rel(y1.cpu(), r1, "y1")
+    assert_close_rel(y2.cpu(), r2, "y2")
+    assert_close_rel(net_in.cpu(), rn, "net_in")
+    assert y1.is_contiguous() and y2.is_contiguous()
+    if has_net and B:
+        fmt = torch.channels_last if channels_last and len(shape) == 4 else torch.contiguous_format
+        assert net_in.is_contiguous(memory_format=fmt)
+    return y1, y2, net_in
+
+
+@needs_ext
+@pytest.mark.parametrize("case", _sampler_cases(), ids=str)
+def test_sampler_update_cpu(case):
+    _sampler_case("cpu", *case)
+
+
+@needs_ext
+def test_sampler_empty_F_means_no_drift():
+    OPS = cpp_ops()
+    x = torch.randn(2, 3, 4, 4, generator=seeded(12))
+    ids = random_ids(2, 13)
+    none = OPS.sampler_update(x, None, None, 1.0, 1.0, 1.0, math.nan, ids, 1, 0.0, 0, 0.0, 0,
+                              math.nan, torch.float32, False)
+    empty = OPS.sampler_update(x, torch.empty(0), torch.empty(0), 1.0, 1.0, 1.0, math.nan, ids, 1,
+                               0.0, 0, 0.0, 0, math.nan, torch.float32, False)
+    assert torch.equal(none[0], x) and torch.equal(empty[0], x)
+    assert none[1].numel() == 0 and none[2].numel() == 0
+
+
+@needs_ext
+@pytest.mark.parametrize("change,exc,needle", [
+    (dict(x=torch.randn(2, 3, 4, 4).half()), TypeError, "x"),
+    (dict(F=torch.randn(2, 3, 4, 5)), ValueError, "F"),
+    (dict(base=torch.randn(2, 3, 4, 4).double()), TypeError, "base"),
+    (dict(h1=math.nan), ValueError, "h1"),
+    (dict(churn_stream=-1), ValueError, "churn_stream"),
+    (dict(net_dtype=torch.int32), TypeError, "net_dtype"),
+])
+def test_sampler_bad_input(change, exc, needle):
+    kw = dict(x=torch.randn(2, 3, 4, 4), F=torch.randn(2, 3, 4, 4), base=None, A=1.0, Bf=1.0, h1=1.0,
+              h2=math.nan, sample_ids=torch.arange(2), key=1, alpha_scale=0.0, alpha_stream=0,
+              churn_scale=0.0, churn_stream=0, c_in_next=1.0, net_dtype=torch.bfloat16, channels_last=False)
+    kw.update(change)
+    with pytest.raises(exc, match=needle):
+        cpp_ops().sampler_update(*kw.values())
+
+
+@needs_ext
+def test_fake_impls_match_real_kernels_sampler():
+    """opcheck: schema, and fake (meta) outputs agree with the kernels in shape/dtype/strides."""
+    OPS = cpp_ops()
+    ids = random_ids(3, 1)
+    F = torch.randn(3, 3, 4, 5, dtype=torch.bfloat16).contiguous(memory_format=torch.channels_last)
+    x = torch.randn(3, 3, 4, 5)
+    for args in [(x, F, None, 1.0, 2.0, 0.5, 0.25, ids, 3, 0.1, 5, 0.2, 6, 0.3, torch.bfloat16, True),
+                 (x, None, x, 1.0, 2.0, 0.5, math.nan, ids, 3, 0.0, 5, 0.0, 6, math.nan, torch.float16, False)]:
+        torch.library.opcheck(OPS.sampler_update, args, test_utils=("test_schema", "test_faketensor"))
+
+
+@pytest.mark.parametrize("case", [pytest.param(c, marks=needs_cuda_kernels) for c in _sampler_cases()[::2]],
+                         ids=str)
+def test_sampler_update_cuda(case):
+    _sampler_case("cuda", *case)

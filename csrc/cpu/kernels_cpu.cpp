@@ -14,6 +14,7 @@
 #include <c10/util/Half.h>
 
 #include "../backends.h"
+#include "../elementwise.h"
 #include "../philox.h"
 
 namespace pfgmpp {
@@ -258,10 +259,10 @@ void perturb_impl(const PerturbParams& p) {
     T xv[kChunk], net[kChunk];
     draw_normals(static_cast<uint64_t>(p.sample_ids[b]), key, p.stream, e0, n, z);
     load<T>(p.y, p.g, b, e0, n, xv);
-    const T s = scale[b], ci = c_in[b];
+    const PerturbMath<T> m{scale[b], c_in[b]};
     for (int64_t i = 0; i < n; ++i) {
-      xv[i] = xv[i] + s * static_cast<T>(z[i]);
-      net[i] = ci * xv[i];
+      xv[i] = m.x(xv[i], z[i]);
+      net[i] = m.net_in(xv[i]);
     }
     store<T>(p.net_in, p.g, b, e0, n, net);
     if (p.x.ptr) store<T>(p.x, p.g, b, e0, n, xv);
@@ -282,14 +283,12 @@ void loss_impl(const LossParams& p) {
     draw_normals(static_cast<uint64_t>(p.sample_ids[b]), key, p.stream, e0, n, z);
     load<T>(p.F, p.g, b, e0, n, f);
     load<T>(p.y, p.g, b, e0, n, yv);
-    const T a = T(1) - c_skip[b], bz = c_skip[b] * scale[b], co = c_out[b];
-    const T gs2 = static_cast<T>(2.0 * p.grad_scale);
+    const LossMath<T> m(c_skip[b], scale[b], c_out[b], p.grad_scale);
     double acc = 0.0;
     for (int64_t i = 0; i < n; ++i) {
-      const T target = (a * yv[i] - bz * static_cast<T>(z[i])) / co;
-      const T diff = f[i] - target;
+      const T diff = m.diff(f[i], yv[i], z[i]);
       acc += static_cast<double>(diff) * static_cast<double>(diff);
-      f[i] = gs2 * diff;
+      f[i] = m.grad(diff);
     }
     partial[item] = acc;
     store<T>(p.grad_F, p.g, b, e0, n, f);
@@ -306,9 +305,7 @@ template <typename T>
 void sampler_impl(const SamplerParams& p) {
   const PhiloxKey key = split_key(p.key);
   const bool alpha = p.alpha_scale != 0.0, churn = p.churn_scale != 0.0;
-  const T A = static_cast<T>(p.A), Bf = static_cast<T>(p.Bf), h1 = static_cast<T>(p.h1),
-          h2 = static_cast<T>(p.h2), sa = static_cast<T>(p.alpha_scale),
-          sc = static_cast<T>(p.churn_scale), cn = static_cast<T>(p.c_in_next);
+  const SamplerMath<T> m(p);
   for_each_chunk(p.g, [&](int64_t b, int64_t e0, int64_t n, int64_t) {
     float z[kChunk];
     T xv[kChunk], d[kChunk], b0[kChunk], out[kChunk];
@@ -316,7 +313,7 @@ void sampler_impl(const SamplerParams& p) {
     load<T>(p.x, p.g, b, e0, n, xv);
     if (p.F.ptr) {
       load<T>(p.F, p.g, b, e0, n, d);
-      for (int64_t i = 0; i < n; ++i) d[i] = A * xv[i] + Bf * d[i];
+      for (int64_t i = 0; i < n; ++i) d[i] = m.drift(xv[i], d[i]);
     } else {
       std::fill(d, d + n, T(0));
     }
@@ -326,21 +323,21 @@ void sampler_impl(const SamplerParams& p) {
       std::copy(xv, xv + n, b0);
     }
     if (p.y2.ptr) {
-      for (int64_t i = 0; i < n; ++i) out[i] = b0[i] + h2 * d[i];
+      for (int64_t i = 0; i < n; ++i) out[i] = m.y2(b0[i], d[i]);
       store<T>(p.y2, p.g, b, e0, n, out);
     }
-    for (int64_t i = 0; i < n; ++i) out[i] = b0[i] + h1 * d[i];
+    for (int64_t i = 0; i < n; ++i) out[i] = m.y1(b0[i], d[i]);
     if (alpha) {
       draw_normals(sid, key, p.alpha_stream, e0, n, z);
-      for (int64_t i = 0; i < n; ++i) out[i] += sa * static_cast<T>(z[i]);
+      for (int64_t i = 0; i < n; ++i) out[i] = m.add_alpha(out[i], z[i]);
     }
     if (churn) {
       draw_normals(sid, key, p.churn_stream, e0, n, z);
-      for (int64_t i = 0; i < n; ++i) out[i] += sc * static_cast<T>(z[i]);
+      for (int64_t i = 0; i < n; ++i) out[i] = m.add_churn(out[i], z[i]);
     }
     store<T>(p.y1, p.g, b, e0, n, out);
     if (p.net_in.ptr) {
-      for (int64_t i = 0; i < n; ++i) out[i] = cn * out[i];
+      for (int64_t i = 0; i < n; ++i) out[i] = m.net_in(out[i]);
       store<T>(p.net_in, p.g, b, e0, n, out);
     }
   });

@@ -1,5 +1,5 @@
 // CUDA kernel of perturb: x = y + scale[b] * g, net_in = c_in[b] * x (KERNEL_OPS.md op 4).
-// One thread per Philox block (4 logical elements) in a grid-stride loop.
+// One thread per work unit (common.cuh) in a grid-stride loop; the maths is elementwise.h.
 #include "common.cuh"
 
 namespace pfgmpp {
@@ -7,41 +7,46 @@ namespace cuda {
 namespace {
 using namespace cuda_detail;
 
-template <typename T>
-__global__ void perturb_kernel(PerturbParams p, int64_t blocks_per_sample) {
+template <typename T, int C>
+__global__ void __launch_bounds__(kThreads) perturb_kernel(PerturbParams p) {
+  using U = Unit<C>;
   const PhiloxKey key = split_key(p.key);
-  const T* scale = static_cast<const T*>(p.scale);
-  const T* c_in = static_cast<const T*>(p.c_in);
-  const int64_t total = p.g.B * blocks_per_sample;
+  const int64_t units = U::per_sample(p.g), total = p.g.B * units;
   for (int64_t i = global_thread(); i < total; i += grid_stride()) {
-    const int64_t b = i / blocks_per_sample, j = i - b * blocks_per_sample;
-    const int64_t e0 = 4 * j;
-    const int cnt = static_cast<int>(min64(4, p.g.N - e0));
-    float z[4];
-    philox_normal4(static_cast<uint64_t>(p.sample_ids[b]), (uint32_t)j, p.stream, key, z);
-    T v[4], net[4];
-    load4<T>(p.y, p.g, b, e0, cnt, v);
-    const T s = scale[b], ci = c_in[b];
+    const int64_t b = i / units, u = i - b * units;
+    const int cnt = U::count(p.g, u);
+    const uint64_t sid = static_cast<uint64_t>(p.sample_ids[b]);
+    const PerturbMath<T> m{static_cast<const T*>(p.scale)[b], static_cast<const T*>(p.c_in)[b]};
+    T v[U::kRows][4], net[U::kRows][4];
+    load_unit<T, C>(p.y, p.g, b, u, cnt, v);
 #pragma unroll
-    for (int k = 0; k < 4; ++k) {
-      v[k] = v[k] + s * static_cast<T>(z[k]);
-      net[k] = ci * v[k];
+    for (int r = 0; r < U::kRows; ++r) {
+      float z[4];
+      unit_normals<C>(sid, p.g, u, r, p.stream, key, z);
+#pragma unroll
+      for (int k = 0; k < 4; ++k) {
+        v[r][k] = m.x(v[r][k], z[k]);
+        net[r][k] = m.net_in(v[r][k]);
+      }
     }
-    store4<T>(p.net_in, p.g, b, e0, cnt, net);
-    if (p.x.ptr) store4<T>(p.x, p.g, b, e0, cnt, v);
+    store_unit<T, C>(p.net_in, p.g, b, u, cnt, net);
+    if (p.x.ptr) store_unit<T, C>(p.x, p.g, b, u, cnt, v);
   }
+}
+
+template <typename T, int C>
+void launch(const PerturbParams& p, cudaStream_t stream) {
+  constexpr auto kernel = perturb_kernel<T, C>;
+  const Launch l = launch_1d<kernel>(p.g.B * Unit<C>::per_sample(p.g));
+  kernel<<<l.blocks, l.threads, 0, stream>>>(p);
 }
 
 }  // namespace
 
 void perturb(const PerturbParams& p, void* stream) {
-  const int64_t blocks_per_sample = (p.g.N + 3) / 4;
-  const int grid = grid_blocks(p.g.B * blocks_per_sample);
-  if (p.use_double) {
-    perturb_kernel<double><<<grid, kThreads, 0, as_stream(stream)>>>(p, blocks_per_sample);
-  } else {
-    perturb_kernel<float><<<grid, kThreads, 0, as_stream(stream)>>>(p, blocks_per_sample);
-  }
+  with_unit(p.g, {p.y, p.net_in, p.x}, [&](auto C) {
+    p.use_double ? launch<double, C()>(p, as_stream(stream)) : launch<float, C()>(p, as_stream(stream));
+  });
   PFG_CUDA_KERNEL_LAUNCH_CHECK();
 }
 

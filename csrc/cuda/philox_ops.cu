@@ -6,7 +6,7 @@ namespace cuda {
 namespace {
 using namespace cuda_detail;
 
-__global__ void philox_raw_kernel(RawPhiloxParams p) {
+__global__ void __launch_bounds__(kThreads) philox_raw_kernel(RawPhiloxParams p) {
   const PhiloxKey key = split_key(p.key);
   for (int64_t m = global_thread(); m < p.M; m += grid_stride()) {
     const int64_t* c = p.counter + 4 * m;
@@ -19,7 +19,7 @@ __global__ void philox_raw_kernel(RawPhiloxParams p) {
   }
 }
 
-__global__ void philox_normal_kernel(NormalParams p, int64_t blocks_per_row) {
+__global__ void __launch_bounds__(kThreads) philox_normal_kernel(NormalParams p, int64_t blocks_per_row) {
   const PhiloxKey key = split_key(p.key);
   const int64_t total = p.B * blocks_per_row;
   const bool vec = (p.n & 3) == 0;
@@ -31,13 +31,15 @@ __global__ void philox_normal_kernel(NormalParams p, int64_t blocks_per_row) {
     if (vec) {
       *reinterpret_cast<float4*>(out) = make_float4(z[0], z[1], z[2], z[3]);
     } else {
-      const int cnt = static_cast<int>(min64(4, p.n - 4 * j));
-      for (int k = 0; k < cnt; ++k) out[k] = z[k];
+      const int64_t cnt = p.n - 4 * j;
+#pragma unroll
+      for (int k = 0; k < 4; ++k)  // constant indices: z stays in registers
+        if (k < cnt) out[k] = z[k];
     }
   }
 }
 
-__global__ void chi2_kernel(Chi2Params p) {
+__global__ void __launch_bounds__(kThreads) chi2_kernel(Chi2Params p) {
   const PhiloxKey key = split_key(p.key);
   for (int64_t b = global_thread(); b < p.B; b += grid_stride())
     p.out[b] = chi2_draw(static_cast<uint64_t>(p.sample_ids[b]), key, p.D, p.stream);
@@ -46,18 +48,21 @@ __global__ void chi2_kernel(Chi2Params p) {
 }  // namespace
 
 void philox4x32(const RawPhiloxParams& p, void* stream) {
-  philox_raw_kernel<<<grid_blocks(p.M), kThreads, 0, as_stream(stream)>>>(p);
+  const Launch l = launch_1d<philox_raw_kernel>(p.M);
+  philox_raw_kernel<<<l.blocks, l.threads, 0, as_stream(stream)>>>(p);
   PFG_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 void philox_normal(const NormalParams& p, void* stream) {
   const int64_t blocks_per_row = (p.n + 3) / 4;
-  philox_normal_kernel<<<grid_blocks(p.B * blocks_per_row), kThreads, 0, as_stream(stream)>>>(p, blocks_per_row);
+  const Launch l = launch_1d<philox_normal_kernel>(p.B * blocks_per_row);
+  philox_normal_kernel<<<l.blocks, l.threads, 0, as_stream(stream)>>>(p, blocks_per_row);
   PFG_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 void chi2(const Chi2Params& p, void* stream) {
-  chi2_kernel<<<grid_blocks(p.B), kThreads, 0, as_stream(stream)>>>(p);
+  const Launch l = launch_1d<chi2_kernel>(p.B);
+  chi2_kernel<<<l.blocks, l.threads, 0, as_stream(stream)>>>(p);
   PFG_CUDA_KERNEL_LAUNCH_CHECK();
 }
 

@@ -19,7 +19,9 @@ well under a minute of training on a GPU):
 
 Outputs in `--outdir` (default demo-out): samples.png (a 10×10 grid, 6× upscaled, 1-px grey gaps),
 loss.png (training loss vs kimg), metrics.json (throughputs, FDDs, versions, command) and
-run/ (the training run: snapshots, stats.jsonl, log.txt).
+run/ (the training run: snapshots, stats.jsonl, log.txt). With --phema the run also tracks
+power-function EMAs, and phema.png + metrics.json 'phema' hold the FDD of networks
+reconstructed for a range of EMA lengths from them (post-hoc EMA, training/phema.py).
 
 Shared pieces (the digits split, the scorer, generation, snapshot loading, the small-network
 recipe) are reused by `pfgmpp_fast.apps.experiments`.
@@ -44,6 +46,8 @@ __all__ = ["DEFAULT_DURATION_KIMG", "SHORT_DURATION_KIMG", "add_arguments", "mai
 
 DEFAULT_DURATION_KIMG = 200.0
 SHORT_DURATION_KIMG = 12.0
+PHEMA_TRACKED = (0.05, 0.10)                          # EDM2's pair, snapshotted every 1/20 of the run
+PHEMA_SWEEP = (0.03, 0.05, 0.07, 0.10, 0.15, 0.20)    # EMA lengths of the sweep (all within 5 % profile error)
 
 
 # ----------------------------------------------------------------------------------------
@@ -67,6 +71,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "machines; 0 = torch's default)")
     p.add_argument("--no-progress", dest="progress", action="store_false", default=True,
                    help="no progress bars (tick lines are still printed)")
+    p.add_argument("--phema", action="store_true",
+                   help=f"also track power-function EMAs {PHEMA_TRACKED} and write the FDD vs EMA length sweep "
+                        "of the run (post-hoc EMA: phema.png, metrics.json 'phema')")
 
 
 def _mean_spread(values: Sequence[float]):
@@ -120,11 +127,12 @@ def main(args) -> int:
 
     # 2. Train (fresh run directory each time: the demo measures its own throughput).
     print(f"[2/4] training ({duration:g} kimg, batch {RECIPE['batch']}) -> {run_dir}", flush=True)
-    for stale in glob.glob(os.path.join(run_dir, "*")):
+    for stale in glob.glob(os.path.join(run_dir, "*")) + glob.glob(os.path.join(run_dir, "phema", "*")):
         if os.path.isfile(stale):
             os.unlink(stale)
     t0 = time.perf_counter()
-    train_small(run_dir, D, duration, seed=args.seed, device=device, progress=progress, backend=args.backend)
+    train_small(run_dir, D, duration, seed=args.seed, device=device, progress=progress, backend=args.backend,
+                **(dict(phema=PHEMA_TRACKED, phema_snap_kimg=duration / 20) if args.phema else {}))
     train_seconds = time.perf_counter() - t0
     stats = read_stats(run_dir)
     steady = [s["Perf/img_per_sec"] for s in stats if s.get("Progress/tick", 0) > 0]
@@ -175,6 +183,9 @@ def main(args) -> int:
                 "features": "digits_features.py (64-d)", "features_sha256": scorer.sha256},
         "wall_seconds": None, "cpu_seconds": None, "versions": versions(), "files": paths,
     }
+    if args.phema:
+        metrics["phema"] = phema_sweep(run_dir, outdir, scorer, seeds, device, batch, args.backend, progress, D)
+        paths["phema"] = metrics["phema"]["plot"]
     metrics["wall_seconds"] = round(time.perf_counter() - t_start, 2)
     metrics["cpu_seconds"] = round(time.process_time() - cpu_start, 2)    # this process, all threads
     atomic_save_json(paths["metrics"], metrics)
@@ -187,3 +198,35 @@ def main(args) -> int:
     print(f"FDD   : trained {trained_mean:.2f} ± {trained_spread:.2f} | untrained {untrained_mean:.2f} | "
           f"held-out real digits {scorer.floor:.2f} (lower is better; {metrics['wall_seconds']:.0f} s in all)")
     return 0
+
+
+def phema_sweep(run_dir, outdir, scorer, seeds, device, batch, backend, progress, D, stds=PHEMA_SWEEP,
+                num_steps: int = NUM_STEPS) -> dict:
+    """FDD vs EMA length of the demo's own run, without retraining: a network per length of
+    PHEMA_SWEEP reconstructed from the run's power-function EMA snapshots (training/phema.py),
+    sampled with the same seeds. Writes phema.png; returns the table for metrics.json."""
+    import torch
+    from pfgmpp_fast.training.phema import list_snapshots, reconstruct
+    from pfgmpp_fast.utils.plots import save_sweep_figure
+    snapshots = list_snapshots(run_dir)
+    print(f"[phema] FDD vs EMA length {tuple(stds)} (post-hoc EMA from {sorted({s.std for s in snapshots})}, "
+          f"{len(snapshots)} snapshots)", flush=True)
+    rows = []
+    for net, info in reconstruct(snapshots, stds, device=device):
+        with torch.no_grad():
+            images = generate_uint8(sampling_network(net, device), seeds, num_steps, device=device, batch_size=batch,
+                                    progress=progress, desc=f"sampling (EMA {info['phema_std']:g})", backend=backend)
+        fdd = scorer.fdd_sets(images)
+        mean, spread = _mean_spread(fdd)
+        rows.append({"std": info["phema_std"], "fdd": mean, "fdd_spread": spread, "fdd_sets": fdd,
+                     "profile_error": info["phema_error"]})
+    plot = save_sweep_figure({"post-hoc EMA": ([r["std"] for r in rows], [r["fdd"] for r in rows],
+                                               [r["fdd_spread"] for r in rows])},
+                             os.path.join(outdir, "phema.png"), xlabel="EMA length (relative standard deviation)",
+                             ylabel="FDD (lower is better)", title=f"PFGM++ D={D_label(D)} on digits: FDD vs EMA length",
+                             floor=scorer.floor, xticks=list(stds))
+    best = min(rows, key=lambda r: r["fdd"])
+    print(f"wrote {plot}\nphema : FDD by EMA length " + " | ".join(f"{r['std']:g}: {r['fdd']:.2f}" for r in rows)
+          + f" (best {best['std']:g})", flush=True)
+    return {"tracked": sorted({s.std for s in snapshots}), "snapshots": len(snapshots), "table": rows,
+            "best_std": best["std"], "plot": plot}

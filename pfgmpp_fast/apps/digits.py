@@ -46,7 +46,7 @@ def digits_uint8_split():
 
 
 class DigitsScorer:
-    """Fréchet Digit Distance to the training split (fid.py statistics and distance,
+    """Fréchet Digit Distance to the training split (evaluation.metrics statistics and distance,
     digits_features.py features). `floor` = the FDD of the 360 held-out real digits."""
 
     def __init__(self, device="cpu"):

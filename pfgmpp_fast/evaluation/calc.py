@@ -26,6 +26,7 @@ from pfgmpp_fast import checks
 from pfgmpp_fast.evaluation.metrics import FeatureStats, npz_bytes
 from pfgmpp_fast.utils import distributed
 from pfgmpp_fast.utils.io_utils import atomic_write_bytes, is_temp_file
+from pfgmpp_fast.utils.run_lock import acquire_run_dir
 
 __all__ = ["Source", "generator_source", "images_source", "calc_stats", "reference_stats", "weights_fingerprint",
            "SHARD_RE"]
@@ -95,9 +96,12 @@ class images_source(Source):
 # ----------------------------------------------------------------------------------------
 # Streaming, sharded, resumable statistics
 
-def _config_string(source: Source, extractor) -> str:
+def _config_string(source: Source, extractor, device="cpu") -> str:
+    """Everything that changes the images or their features (the source's description holds the
+    sampler settings, weights and resolved network numerics; features run on ``device``)."""
     cfg = {"source": source.describe(), "features": getattr(extractor, "name", type(extractor).__name__),
-           "dim": int(extractor.dim), "features_sha256": getattr(extractor, "sha256", None)}
+           "dim": int(extractor.dim), "features_sha256": getattr(extractor, "sha256", None),
+           "features_device_type": torch.device(device).type}
     return json.dumps(cfg, sort_keys=True, default=str)
 
 
@@ -122,7 +126,6 @@ def calc_stats(source: Source, extractor, num: Optional[int] = None, batch_size:
     Under torch.distributed every rank must call this; each rank takes ids[rank::world] of
     every shard and the sums are all-reduced; rank 0 writes the shard files.
     """
-    rank, world = distributed.get_rank(), distributed.get_world_size()
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
     if isinstance(shard_size, bool) or not isinstance(shard_size, int) or shard_size < 1:
@@ -141,13 +144,20 @@ def calc_stats(source: Source, extractor, num: Optional[int] = None, batch_size:
             raise RuntimeError(f"counted {stats.count} images, expected {len(ids)}")
         return stats
 
-    config = _config_string(source, extractor)
+    with acquire_run_dir(outdir, "fid calc"):         # one job per shard directory
+        return _sharded_stats(source, extractor, ids, batch_size, outdir, shard_size, device, progress, log)
+
+
+def _sharded_stats(source, extractor, ids, batch_size, outdir, shard_size, device, progress, log) -> FeatureStats:
+    """calc_stats with an output directory (the caller owns it)."""
+    rank = distributed.get_rank()
+    config = _config_string(source, extractor, device)
     shards = [ids[i:i + shard_size] for i in range(0, len(ids), shard_size)]
     expected = {_shard_name(s) for s in shards}
     os.makedirs(outdir, exist_ok=True)
     if rank == 0:                        # leftovers of a write that was killed half-way
         for name in os.listdir(outdir):
-            if is_temp_file(name) and name.startswith(".stats-"):
+            if is_temp_file(name):      # shards, stats.npz, result.json
                 os.unlink(os.path.join(outdir, name))
     present = {f for f in os.listdir(outdir) if SHARD_RE.match(f)}
     foreign = sorted(present - expected)

@@ -22,7 +22,7 @@ Exactly what it is
   machines/BLAS builds, so the cached file *defines* the feature space: compare FDDs only
   when computed with the same file (`DigitsFeatures.sha256` names it; results record it).
 
-Interface (shared with the Inception extractor in fid.py): `extractor(images)` takes uint8
+Interface (shared with the Inception extractor in features.py): `extractor(images)` takes uint8
 images [B, 1, 8, 8] (NCHW) on any device and returns float64 features [B, 64].
 """
 from __future__ import annotations

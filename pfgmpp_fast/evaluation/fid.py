@@ -11,10 +11,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 import time
 from typing import Optional
 
+from pfgmpp_fast.cli import command
 from pfgmpp_fast.evaluation.calc import calc_stats, generator_source, images_source, reference_stats, weights_fingerprint
 from pfgmpp_fast.evaluation.features import FEATURES, get_feature_extractor
 from pfgmpp_fast.evaluation.metrics import frechet_distance, load_stats, save_stats
@@ -39,26 +39,29 @@ def _add_feature_arguments(p):
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from pfgmpp_fast.cli import add_threads_argument, int_at_least
     from pfgmpp_fast.evaluation.generate import add_sampler_arguments
     sub = parser.add_subparsers(dest="fid_command", metavar="{calc,ref,sweep}")
     calc = sub.add_parser("calc", help="statistics (and FID) of generated images or an image folder")
     add_sampler_arguments(calc)
     calc.add_argument("--images", default=None, help="an image folder/zip/npz instead of --network")
     calc.add_argument("--seeds", default=None, help="seeds (default 0-(num-1))")
-    calc.add_argument("--num-images", "--num", dest="num", type=int, default=50000,
+    calc.add_argument("--num-images", "--num", dest="num", type=int_at_least(2), default=50000,
                       help="number of images (default 50000; under torchrun write --num-images)")
-    calc.add_argument("--ref", default=None, help="reference statistics .npz (mu, sigma): print the FID")
+    calc.add_argument("--ref", default=None, help="reference statistics .npz (mu, sigma): print the FID "
+                      "(give --ref, --dest and/or --outdir)")
     calc.add_argument("--outdir", default=None, help="keep resumable shards here (and stats.npz, result.json)")
-    calc.add_argument("--shard-size", type=int, default=5000)
+    calc.add_argument("--shard-size", type=int_at_least(1), default=5000)
     calc.add_argument("--dest", default=None, help="also write the statistics (mu, sigma) here")
     _add_feature_arguments(calc)
     ref = sub.add_parser("ref", help="reference statistics (published .npz format) of a data set")
     ref.add_argument("--data", required=True, help="'digits', an image folder/zip, or .npy/.npz")
     ref.add_argument("--dest", required=True, help="output .npz (mu, sigma)")
-    ref.add_argument("--num-images", "--num", dest="num", type=int, default=None,
+    ref.add_argument("--num-images", "--num", dest="num", type=int_at_least(2), default=None,
                      help="use the first N images (default all)")
-    ref.add_argument("--batch", type=int, default=256)
+    ref.add_argument("--batch", type=int_at_least(1), default=256)
     ref.add_argument("--device", default=None)
+    add_threads_argument(ref)
     _add_feature_arguments(ref)
     sw = sub.add_parser("sweep", help="FID over checkpoints, steps/NFE, alpha or weight bits")
     add_sampler_arguments(sw)
@@ -68,13 +71,37 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     sw.add_argument("--ref", required=True, help="reference statistics .npz")
     sw.add_argument("--seeds", default="0-49999")
     sw.add_argument("--outdir", default="fid-sweep")
-    sw.add_argument("--shard-size", type=int, default=5000)
+    sw.add_argument("--shard-size", type=int_at_least(1), default=5000)
     _add_feature_arguments(sw)
 
 
 def _extractor(args, device):
-    return get_feature_extractor(args.features, device, args.inception_weights, args.inception_sha256,
-                                 args.digits_cache)
+    """The feature extractor; its failures name --inception-weights / --digits-cache."""
+    from pfgmpp_fast.cli import UsageError
+    option = "--inception-weights" if args.features == "inception" else "--digits-cache"
+    try:
+        return get_feature_extractor(args.features, device, args.inception_weights, args.inception_sha256,
+                                     args.digits_cache)
+    except (ValueError, FileNotFoundError) as exc:
+        raise UsageError("--inception-sha256" if "sha256" in str(exc) and args.inception_sha256 else option,
+                         str(exc)) from None
+    except OSError as exc:           # e.g. URLError: no network
+        if args.features == "inception" and args.inception_weights is None:
+            raise RuntimeError(f"--inception-weights: cannot download the Inception weights ({exc}); offline, pass "
+                               "--inception-weights PATH (torch-fidelity's weights-inception-2015-12-05-6726825d.pth) "
+                               "or use --features digits") from None
+        raise UsageError(option, f"cannot read {args.inception_weights or args.digits_cache}: {exc}") from None
+    except Exception as exc:         # safetensors' own error type for a file that is not a cache
+        if args.features != "digits":
+            raise
+        raise UsageError(option, f"{args.digits_cache} is not a digits feature cache (a safetensors file "
+                                 f"written by this package): {type(exc).__name__}: {exc}") from None
+
+
+def _reference(args, extractor):
+    from pfgmpp_fast.cli import blame
+    with blame("--ref"):
+        return load_stats(args.ref, dim=int(extractor.dim)) if args.ref else None
 
 
 def _values(text: Optional[str], kind: str):
@@ -88,72 +115,109 @@ def _values(text: Optional[str], kind: str):
         raise ValueError(f"--values must be comma-separated {conv.__name__}s for kind={kind}, got {text!r}") from None
 
 
-def main(args) -> int:
-    from pfgmpp_fast.evaluation.generate import (load_generator_network, make_generator_fast, resolve_D,
+def _check_calc_args(args):
+    from pfgmpp_fast.cli import UsageError, check_output_path
+    if (args.network is None) == (args.images is None):
+        raise UsageError("--network/--images", "give exactly one of --network (generate) or --images (folder/zip/npz)")
+    if args.ref is None and args.dest is None and args.outdir is None:
+        raise UsageError("--ref/--dest/--outdir", "give at least one: --ref (print the FID), --dest (write the "
+                         "statistics) or --outdir (resumable shards + stats.npz + result.json)")
+    check_output_path("--dest", args.dest)
+    check_output_path("--outdir", args.outdir, is_dir=True)
+
+
+def _calc(args, device, say) -> int:
+    from pfgmpp_fast.cli import UsageError, blame
+    from pfgmpp_fast.evaluation.generate import (generator_numerics, make_generator_fast, network_from_args,
                                                  sampler_kwargs_from_args)
-    cmd = getattr(args, "fid_command", None)
-    if cmd is None:
-        print("usage: python -m pfgmpp_fast fid {calc,ref,sweep} ... (see --help)", file=sys.stderr)
-        return 2
-    try:
-        device = distributed.init(args.device)
-        rank = distributed.get_rank()
-        say = (lambda s: print(s, flush=True)) if rank == 0 else (lambda s: None)
-        if cmd == "ref":
-            extractor = _extractor(args, device)
-            mu, sigma = reference_stats(args.data, extractor, batch_size=args.batch, num=args.num, device=device)
-            if rank == 0:
-                save_stats(args.dest, mu, sigma)
-            say(f"wrote {extractor.dim}-d reference statistics of {args.data} to {args.dest}")
-            return 0
-        extractor = _extractor(args, device)
-        ref = load_stats(args.ref, dim=int(extractor.dim)) if args.ref else None
-        if cmd == "calc":
-            if (args.network is None) == (args.images is None):
-                raise ValueError("give exactly one of --network (generate) or --images (folder/zip/npz)")
-            if args.images is not None:
-                source = images_source(args.images, device=device)
-            else:
-                seeds = args.seeds if args.seeds is not None else f"0-{args.num - 1}"
-                kw = sampler_kwargs_from_args(args)
-                net = load_generator_network(args.network, device, trust_pickle=args.trust_pickle, D=kw["D"])
-                resolve_D(net, kw["D"])
-                fast = make_generator_fast(net, device, args.net_dtype, args.compile, args.cuda_graphs)
-                source = generator_source(fast, seeds, device=device,
-                                          describe={"network": os.path.abspath(args.network),
-                                                    "weights": weights_fingerprint(net)}, **kw)
-            t0 = time.perf_counter()
-            stats = calc_stats(source, extractor, num=args.num, batch_size=getattr(args, "batch", 64),
-                               outdir=args.outdir, shard_size=args.shard_size, device=device,
-                               progress=rank == 0, log=say)
-            mu, sigma = stats.mean_cov()
-            result = {"images": stats.count, "features": extractor.name, "seconds": time.perf_counter() - t0}
-            if ref is not None:
-                result["FID" if extractor.name == "inception" else "FDD"] = frechet_distance(mu, sigma, *ref)
-            if rank == 0:
-                if args.dest:
-                    save_stats(args.dest, mu, sigma)
-                if args.outdir:
-                    save_stats(os.path.join(args.outdir, "stats.npz"), mu, sigma)
-                    atomic_write_bytes(os.path.join(args.outdir, "result.json"),
-                                        (json.dumps(result, indent=2) + "\n").encode())
-            say(json.dumps(result))
-            return 0
-        # sweep
+    rank = distributed.get_rank()
+    if args.images is not None:
+        with blame("--images"):
+            source = images_source(args.images, device=device)
+    else:
+        seeds = args.seeds if args.seeds is not None else f"0-{args.num - 1}"
         kw = sampler_kwargs_from_args(args)
+        net = network_from_args(args, device, D=kw["D"])
+        fast = make_generator_fast(net, device, args.net_dtype, args.compile, args.cuda_graphs)
+        with blame("--seeds"):
+            source = generator_source(fast, seeds, device=device, describe={
+                "network": os.path.abspath(args.network), "weights": weights_fingerprint(net),
+                **generator_numerics(device, args.net_dtype, args.compile, args.cuda_graphs)}, **kw)
+    extractor = _extractor(args, device)
+    ref = _reference(args, extractor)
+    if len(source.ids) < args.num:
+        raise UsageError("--num-images", f"fewer images than requested: {args.num} images requested but only "
+                         f"{len(source.ids)} are available (--seeds / --images)")
+    t0 = time.perf_counter()
+    stats = calc_stats(source, extractor, num=args.num, batch_size=getattr(args, "batch", 64), outdir=args.outdir,
+                       shard_size=args.shard_size, device=device, progress=rank == 0, log=say)
+    mu, sigma = stats.mean_cov()
+    result = {"images": stats.count, "features": extractor.name, "seconds": time.perf_counter() - t0}
+    if ref is not None:
+        result["FID" if extractor.name == "inception" else "FDD"] = frechet_distance(mu, sigma, *ref)
+    if rank == 0:
+        if args.dest:
+            save_stats(args.dest, mu, sigma)
+        if args.outdir:
+            save_stats(os.path.join(args.outdir, "stats.npz"), mu, sigma)
+            atomic_write_bytes(os.path.join(args.outdir, "result.json"), (json.dumps(result, indent=2) + "\n").encode())
+    say(json.dumps(result))
+    return 0
+
+
+def _sweep(args, device, say) -> int:
+    from pfgmpp_fast.cli import UsageError, blame, check_output_path
+    from pfgmpp_fast.evaluation.generate import (generator_numerics, make_generator_fast, network_from_args,
+                                                 sampler_kwargs_from_args)
+    check_output_path("--outdir", args.outdir, is_dir=True)
+    kw = sampler_kwargs_from_args(args)
+    with blame("--values"):
         values = _values(args.values, args.kind)
-        net = None
-        if args.kind != "checkpoints":
-            if not args.network:
-                raise ValueError(f"--network is required for --kind {args.kind}")
-            net = load_generator_network(args.network, device, trust_pickle=args.trust_pickle, D=kw["D"])
-        fast = lambda n: make_generator_fast(n, device, args.net_dtype, args.compile, args.cuda_graphs)
-        load = lambda p: load_generator_network(p, device, trust_pickle=args.trust_pickle, D=kw["D"])
+    net = None
+    if args.kind == "checkpoints":
+        if args.run_dir is None:
+            raise UsageError("--run-dir", "is required for --kind checkpoints")
+    elif not args.network:
+        raise UsageError("--network", f"is required for --kind {args.kind}")
+    else:
+        net = network_from_args(args, device, D=kw["D"])
+    extractor = _extractor(args, device)
+    ref = _reference(args, extractor)
+    fast = lambda n: make_generator_fast(n, device, args.net_dtype, args.compile, args.cuda_graphs)
+    load = lambda p: network_from_args(args, device, path=p, D=kw["D"])
+    with blame("--run-dir" if args.kind == "checkpoints" else "--values"):
         sweep(args.kind, values, net=net, run_dir=args.run_dir, ref=ref, extractor=extractor, seeds=args.seeds,
               outdir=args.outdir, batch_size=args.batch, shard_size=args.shard_size, device=device,
-              make_fast=fast, load_network=load, log=say, **kw)
-        say(f"wrote {args.outdir}/sweep-{args.kind}.csv, .md, .png")
-        return 0
-    except (ValueError, TypeError, FileNotFoundError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+              make_fast=fast, load_network=load, log=say,
+              describe=generator_numerics(device, args.net_dtype, args.compile, args.cuda_graphs), **kw)
+    say(f"wrote {args.outdir}/sweep-{args.kind}.csv, .md, .png")
+    return 0
+
+
+@command
+def main(args) -> int:
+    from pfgmpp_fast.cli import UsageError, blame, check_output_path
+    cmd = getattr(args, "fid_command", None)
+    if cmd is None:
+        raise UsageError("fid", "give a subcommand: python -m pfgmpp_fast fid {calc,ref,sweep} ... (see --help)")
+    if cmd == "calc":
+        _check_calc_args(args)
+    from pfgmpp_fast.evaluation.generate import device_from_args
+    device = device_from_args(args)
+    rank = distributed.get_rank()
+    say = (lambda s: print(s, flush=True)) if rank == 0 else (lambda s: None)
+    if cmd == "calc":
+        return _calc(args, device, say)
+    if cmd == "sweep":
+        return _sweep(args, device, say)
+    check_output_path("--dest", args.dest)
+    if args.data != "digits" and not os.path.exists(args.data):
+        raise UsageError("--data", f"no such data set {args.data!r}: give 'digits', a folder or .zip of images, "
+                                   "or a .npy/.npz file")
+    extractor = _extractor(args, device)
+    with blame("--data"):
+        mu, sigma = reference_stats(args.data, extractor, batch_size=args.batch, num=args.num, device=device)
+    if rank == 0:
+        save_stats(args.dest, mu, sigma)
+    say(f"wrote {extractor.dim}-d reference statistics of {args.data} to {args.dest}")
+    return 0

@@ -25,6 +25,7 @@ from typing import Iterator, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
+from pfgmpp_fast.cli import command
 from pfgmpp_fast import checks
 from pfgmpp_fast import reference as R
 from pfgmpp_fast.checks import check_seeds, parse_int_list  # noqa: F401  (part of this module's API)
@@ -33,7 +34,8 @@ from pfgmpp_fast.utils.io_utils import atomic_write_bytes
 
 __all__ = ["SAMPLING_KEY", "STREAM_CLASS", "parse_int_list", "check_seeds", "rank_seeds",
            "to_uint8", "class_labels_for", "generate_images", "write_images", "load_generator_network",
-           "make_generator_fast", "add_sampler_arguments", "sampler_kwargs_from_args", "add_arguments", "main"]
+           "make_generator_fast", "generator_numerics", "add_sampler_arguments", "sampler_kwargs_from_args",
+           "device_from_args", "network_from_args", "add_arguments", "main"]
 
 SAMPLING_KEY = 0x5EED_0F_1A6E       # the fixed Philox key of sampling: image = f(seed)
 STREAM_CLASS = R.STREAM_CLASS      # Philox stream of the random class label of a seed
@@ -233,22 +235,30 @@ def load_generator_network(path: str, device, trust_pickle: bool = False, D=None
     return net.to(device).eval().requires_grad_(False)
 
 
+def generator_numerics(device, net_dtype: str = "auto", compile: Optional[bool] = None,
+                       cuda_graphs: Optional[bool] = None) -> dict:
+    """The resolved settings that change a generated image's numerics (make_generator_fast's
+    choices): device type, network dtype, channels-last, compile, CUDA graphs."""
+    on_gpu = torch.device(device).type == "cuda"
+    if net_dtype not in ("auto", "fp32", "bf16", "fp16"):
+        raise ValueError(f"net_dtype must be auto, fp32, bf16 or fp16, got {net_dtype!r}")
+    compile = on_gpu if compile is None else bool(compile)
+    return {"device_type": torch.device(device).type, "net_dtype": ("bf16" if on_gpu else "fp32") if net_dtype == "auto"
+            else net_dtype, "channels_last": on_gpu, "compile": compile,
+            "cuda_graphs": (on_gpu and compile) if cuda_graphs is None else bool(cuda_graphs)}
+
+
 def make_generator_fast(net, device, net_dtype: str = "auto", compile: Optional[bool] = None,
                         cuda_graphs: Optional[bool] = None):
     """The network as sampling uses it: on a GPU bf16 + channels-last + compile + CUDA graphs
     by default; on the CPU eager fp32 unless asked otherwise."""
     from pfgmpp_fast.networks import EDMPrecond, make_fast
-    device = torch.device(device)
-    on_gpu = device.type == "cuda"
-    dtype = {"auto": torch.bfloat16 if on_gpu else None, "fp32": None, "bf16": torch.bfloat16,
-             "fp16": torch.float16}.get(net_dtype, "bad")
-    if dtype == "bad":
-        raise ValueError(f"net_dtype must be auto, fp32, bf16 or fp16, got {net_dtype!r}")
-    compile = on_gpu if compile is None else bool(compile)
-    cuda_graphs = (on_gpu and compile) if cuda_graphs is None else bool(cuda_graphs)
-    if not isinstance(net, EDMPrecond) or (dtype is None and not compile and not on_gpu):
+    n = generator_numerics(device, net_dtype, compile, cuda_graphs)
+    dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[n["net_dtype"]]
+    if not isinstance(net, EDMPrecond) or (dtype is None and not n["compile"] and not n["channels_last"]):
         return net
-    return make_fast(net, dtype=dtype, channels_last=on_gpu, compile=compile, cuda_graphs=cuda_graphs)
+    return make_fast(net, dtype=dtype, channels_last=n["channels_last"], compile=n["compile"],
+                     cuda_graphs=n["cuda_graphs"])
 
 
 # ----------------------------------------------------------------------------------------
@@ -256,24 +266,27 @@ def make_generator_fast(net, device, net_dtype: str = "auto", compile: Optional[
 
 def add_sampler_arguments(p: argparse.ArgumentParser) -> None:
     """Network + sampler options shared by `generate` and `fid`."""
+    from pfgmpp_fast.cli import add_threads_argument, int_at_least, number
     g = p.add_argument_group("network and sampler")
     g.add_argument("--network", metavar="PATH", help="network checkpoint (ours: .safetensors)")
     g.add_argument("--trust-pickle", action="store_true",
-                   help="allow loading a published pickle checkpoint (runs code from the file!)")
+                   help="allow importing a published pickle checkpoint (read without running its code; "
+                        "TorchScript is always refused)")
     g.add_argument("--D", default=None,
                    help="check that the network was trained with this D (default: the network's)")
-    g.add_argument("--batch", type=int, default=64, help="images per batch and rank (default 64)")
-    g.add_argument("--steps", type=int, default=18, help="sampling steps n (Heun: 2n-1 NFE; default 18)")
+    g.add_argument("--batch", type=int_at_least(1), default=64, help="images per batch and rank (default 64)")
+    g.add_argument("--steps", type=int_at_least(1), default=18, help="sampling steps n (Heun: 2n-1 NFE; default 18)")
     g.add_argument("--solver", choices=["heun", "euler"], default="heun")
-    g.add_argument("--sigma-min", type=float, default=0.002)
-    g.add_argument("--sigma-max", type=float, default=80.0)
-    g.add_argument("--rho", type=float, default=7.0)
-    g.add_argument("--S-churn", dest="S_churn", type=float, default=0.0)
-    g.add_argument("--S-min", dest="S_min", type=float, default=0.0)
-    g.add_argument("--S-max", dest="S_max", type=float, default=float("inf"))
-    g.add_argument("--S-noise", dest="S_noise", type=float, default=1.0)
-    g.add_argument("--alpha", type=float, default=0.0, help="robustness noise x += alpha*t_i*eps per step")
-    g.add_argument("--class", dest="class_idx", type=int, default=None, help="class label (default: random per seed)")
+    g.add_argument("--sigma-min", type=number(positive=True), default=0.002)
+    g.add_argument("--sigma-max", type=number(positive=True), default=80.0)
+    g.add_argument("--rho", type=number(positive=True), default=7.0)
+    g.add_argument("--S-churn", dest="S_churn", type=number(), default=0.0)
+    g.add_argument("--S-min", dest="S_min", type=number(), default=0.0)
+    g.add_argument("--S-max", dest="S_max", type=number(allow_inf=True), default=float("inf"))
+    g.add_argument("--S-noise", dest="S_noise", type=number(), default=1.0)
+    g.add_argument("--alpha", type=number(), default=0.0, help="robustness noise x += alpha*t_i*eps per step")
+    g.add_argument("--class", dest="class_idx", type=int_at_least(0), default=None,
+                   help="class label (default: random per seed)")
     g.add_argument("--dtype", choices=["fp32", "fp64"], default="fp32", help="sampler state precision")
     g.add_argument("--net-dtype", choices=["auto", "fp32", "bf16", "fp16"], default="auto",
                    help="network precision (auto: bf16 on a GPU, fp32 on the CPU)")
@@ -281,16 +294,57 @@ def add_sampler_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--no-compile", dest="compile", action="store_false")
     g.add_argument("--cuda-graphs", dest="cuda_graphs", action="store_true", default=None)
     g.add_argument("--no-cuda-graphs", dest="cuda_graphs", action="store_false")
-    g.add_argument("--backend", default="auto", help="fused-op backend: auto, reference, triton, cuda, cpu")
+    g.add_argument("--backend", choices=["auto", "reference", "triton", "cuda", "cpu"], default="auto",
+                   help="fused-op backend (default auto)")
     g.add_argument("--device", default=None, help="default: cuda:LOCAL_RANK if available, else cpu")
+    add_threads_argument(g)
 
 
 def sampler_kwargs_from_args(args) -> dict:
+    """generate_images keyword arguments of the command line, checked (UsageError naming the option)."""
+    from pfgmpp_fast.cli import UsageError, blame
+    if args.sigma_min > args.sigma_max:
+        raise UsageError("--sigma-min", f"must be <= --sigma-max ({args.sigma_max:g}), got {args.sigma_min:g}")
+    if args.S_max < args.S_min:
+        raise UsageError("--S-max", f"must be >= --S-min ({args.S_min:g}), got {args.S_max:g}")
+    with blame("--D"):
+        D = None if args.D is None else checks.parse_D(args.D)
     return dict(num_steps=args.steps, sigma_min=args.sigma_min, sigma_max=args.sigma_max, rho=args.rho,
                 solver=args.solver, S_churn=args.S_churn, S_min=args.S_min, S_max=args.S_max,
-                S_noise=args.S_noise, alpha=args.alpha, class_idx=args.class_idx,
-                D=None if args.D is None else checks.parse_D(args.D),
+                S_noise=args.S_noise, alpha=args.alpha, class_idx=args.class_idx, D=D,
                 dtype=torch.float64 if args.dtype == "fp64" else torch.float32, backend=args.backend)
+
+
+def device_from_args(args) -> torch.device:
+    """This rank's device (--device, joining torchrun's process group) with --threads applied,
+    and --backend checked against it."""
+    from pfgmpp_fast import ops
+    from pfgmpp_fast.cli import UsageError, blame
+    with blame("--device"):
+        device = distributed.init(args.device)
+    distributed.set_cpu_threads(device, args.threads)
+    if getattr(args, "backend", "auto") != "auto":
+        try:
+            ops.resolve_backend(args.backend, device)
+        except (ValueError, RuntimeError) as exc:
+            raise UsageError("--backend", f"{args.backend!r} cannot run on {device}: {exc}") from None
+    return device
+
+
+def network_from_args(args, device, path: Optional[str] = None, D=None):
+    """The network of --network (or ``path``), checked against --D and --class (UsageError naming them)."""
+    from pfgmpp_fast.cli import UsageError, blame
+    try:
+        net = load_generator_network(path or args.network, device, trust_pickle=args.trust_pickle, D=D)
+    except (ValueError, TypeError, FileNotFoundError) as exc:
+        raise UsageError("--D" if "network/D mismatch" in str(exc) else "--network", str(exc)) from None
+    with blame("--D"):
+        resolve_D(net, D)
+    label_dim = int(getattr(net, "label_dim", 0) or 0)
+    if args.class_idx is not None and not args.class_idx < label_dim:
+        raise UsageError("--class", f"must be in [0, {label_dim}) for this network, got {args.class_idx}" if label_dim
+                         else f"{args.class_idx} was given but the network is unconditional (label_dim=0): omit --class")
+    return net
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -301,21 +355,21 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
 
 
+@command
 def main(args) -> int:
-    try:
-        if not args.network:
-            raise ValueError("--network is required")
-        if args.outdir is None and args.npz is None:
-            raise ValueError("give --outdir (PNG folder) and/or --npz (one .npz file)")
+    from pfgmpp_fast.cli import UsageError, blame, check_output_path
+    if not args.network:
+        raise UsageError("--network", "is required (a network checkpoint, e.g. network-snapshot-*.safetensors)")
+    if args.outdir is None and args.npz is None:
+        raise UsageError("--outdir/--npz", "give --outdir (PNG folder) and/or --npz (one .npz file)")
+    check_output_path("--outdir", args.outdir, is_dir=True)
+    check_output_path("--npz", args.npz)
+    with blame("--seeds"):
         seeds = check_seeds(args.seeds)
-        device = distributed.init(args.device)
-        kwargs = sampler_kwargs_from_args(args)
-        net = load_generator_network(args.network, device, trust_pickle=args.trust_pickle, D=kwargs["D"])
-        resolve_D(net, kwargs["D"])
-        fast = make_generator_fast(net, device, args.net_dtype, args.compile, args.cuda_graphs)
-    except (ValueError, TypeError, FileNotFoundError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    kwargs = sampler_kwargs_from_args(args)
+    device = device_from_args(args)
+    net = network_from_args(args, device, D=kwargs["D"])
+    fast = make_generator_fast(net, device, args.net_dtype, args.compile, args.cuda_graphs)
     rank, world = distributed.get_rank(), distributed.get_world_size()
     mine = rank_seeds(seeds, rank, world)
     batches = generate_images(fast, mine, args.batch, device=device, progress=args.progress and rank == 0, **kwargs)

@@ -73,7 +73,7 @@ def sweep(kind: str, values: Optional[Sequence] = None, net=None, run_dir: Optio
           ref=None, extractor=None, seeds="0-49999", outdir: str = "fid-sweep", batch_size: int = 64,
           shard_size: int = 5000, device="cpu", make_fast: Optional[Callable] = None,
           load_network: Optional[Callable] = None, log: Callable[[str], None] = print,
-          **gen_kwargs) -> List[dict]:
+          describe: Optional[dict] = None, **gen_kwargs) -> List[dict]:
     """One sweep in one call, reusing the network: kind in SWEEP_KINDS.
 
     - 'checkpoints': every snapshot in `run_dir` (FID vs kimg); the snapshots' weights are
@@ -85,6 +85,8 @@ def sweep(kind: str, values: Optional[Sequence] = None, net=None, run_dir: Optio
     digits features for 1-channel 8×8 networks is NOT assumed: pass one). Each point keeps
     its shards in outdir/<kind>-<value>/ (resumable). Returns the rows (also written as
     sweep-<kind>.csv/.md/.png in `outdir`); metric column 'FID' (inception) or 'FDD' (digits).
+    `describe` adds settings that change the images (e.g. generate.generator_numerics) to the
+    shards' configuration, so a resume under other settings is refused.
     """
     if kind not in SWEEP_KINDS:
         raise ValueError(f"kind must be one of {SWEEP_KINDS}, got {kind!r}")
@@ -142,7 +144,8 @@ def sweep(kind: str, values: Optional[Sequence] = None, net=None, run_dir: Optio
                 kw["alpha"] = float(value)
             point_dir = os.path.join(outdir, f"{kind}-{value}")
             source = generator_source(fast, seeds, device=device, describe={
-                "sweep": kind, "value": value, "checkpoint": path, "weights": weights_fingerprint(base)}, **kw)
+                **(describe or {}), "sweep": kind, "value": value, "checkpoint": path,
+                "weights": weights_fingerprint(base)}, **kw)
             t0 = time.perf_counter()
             stats = calc_stats(source, extractor, batch_size=batch_size, outdir=point_dir,
                                shard_size=shard_size, device=device)

@@ -33,6 +33,7 @@ import glob
 import json
 import os
 import re
+import shutil
 import signal
 import sys
 import time
@@ -43,8 +44,11 @@ import torch
 from pfgmpp_fast import reference as R
 from pfgmpp_fast.checkpoint import find_latest_snapshot, load_network, save_network
 from pfgmpp_fast.training.options import PRECISIONS, RESUME_KEYS, TrainingError, TrainingOptions, jsonable, resolve_options
+from pfgmpp_fast.training.phema import PowerFunctionEMA
 from pfgmpp_fast.utils import distributed
+from pfgmpp_fast.training.run_files import drop_stats_after, remove_temp_files
 from pfgmpp_fast.utils.io_utils import append_line, atomic_save_json, atomic_torch_save_state, is_temp_file, load_torch_state
+from pfgmpp_fast.utils.run_lock import acquire_run_dir
 
 __all__ = ["TrainingRun", "run_training", "find_latest_state", "find_latest_snapshot", "TrainingError"]
 
@@ -92,10 +96,12 @@ class TrainingRun:
     # -- setup ------------------------------------------------------------------------------
     def setup(self):
         """Everything a step needs, validated before the first step: backends, batch geometry,
-        data, network + EMA, optimizer, loss, counters."""
+        data, network + EMA (+ power-function EMAs), optimizer, loss, counters."""
+        o = self.o
         self._configure_backends()
         self._build_data()
         self._build_network()
+        self.phema = PowerFunctionEMA(o["phema"], self.params, self.ema, o["phema_snap_kimg"]) if o["phema"] else None
         self._build_optimizer()
         self._reset_counters()
 
@@ -194,8 +200,7 @@ class TrainingRun:
         self.loss_module = _LossModule(self.fast_net, o, self.net_dtype, self.channels_last)
         self.ddp = None
         if distributed.is_enabled():
-            self.ddp = torch.nn.parallel.DistributedDataParallel(
-                self.loss_module, device_ids=[dev] if dev.type == "cuda" else None, broadcast_buffers=False)
+            self.ddp = distributed.ddp(self.loss_module, dev)
 
     def _reset_counters(self):
         """Device-side accumulators, read once per tick."""
@@ -223,6 +228,8 @@ class TrainingRun:
         )
         if self.device.type == "cuda":
             state["rng_cuda_ranks"] = self._gather_rng("cuda")
+        if self.phema is not None:
+            state["phema"] = self.phema.state_dict()
         return state
 
     def _gather_rng(self, kind):
@@ -250,6 +257,8 @@ class TrainingRun:
             self.optimizer.load_state_dict(state["optimizer"])
         except (RuntimeError, ValueError, KeyError) as exc:
             raise ValueError(f"resume: {path} does not fit the network/optimizer of this run: {exc}") from None
+        if self.phema is not None:
+            self.phema.load_state_dict(state.get("phema"), path)
         self.cur_nimg, self.cur_tick = int(state["cur_nimg"]), int(state["cur_tick"]) + 1   # the next tick
         self.nonfinite_total = int(state.get("nonfinite_total", 0))
         self.total_time_before = float(state.get("total_time", 0.0))
@@ -315,6 +324,8 @@ class TrainingRun:
         beta = 0.5 ** (o["batch"] / max(halflife, 1e-8))
         with torch.no_grad():
             torch._foreach_lerp_(self.ema_params, self.params, 1.0 - beta)
+        if self.phema is not None:
+            self.phema.update(self.params, self.cur_nimg + o["batch"], o["batch"])
 
         self.nonfinite += self.found_inf.to(torch.int64)
         finite = self.found_inf == 0
@@ -349,7 +360,7 @@ class TrainingRun:
                     continue
 
             # ---- end of a tick: the one host sync of the tick --------------------------
-            loss_sum, loss_count, nonfinite = self._reduce_tick()
+            loss_sum, loss_count, nonfinite, last_step_bad, weights_bad = self._reduce_tick()
             tick_end_time = time.time()
             tick_time = tick_end_time - tick_start_time
             tick_imgs = self.cur_nimg - tick_start_nimg
@@ -381,23 +392,11 @@ class TrainingRun:
                     append_line(self.log_path, line)
                 else:
                     self.log(line)
-            if self.nonfinite_total > o["max_nonfinite"]:
-                raise TrainingError(
-                    f"{self.nonfinite_total} training steps had a non-finite loss (NaN/Inf), more than "
-                    f"max_nonfinite={o['max_nonfinite']}: stopping at kimg {self.cur_nimg / 1000:.3f}. Their updates "
-                    "were skipped. Lower the learning rate, use --precision fp32/bf16, or check the data.")
+            self._stop_if_diverged(done, last_step_bad, weights_bad)
 
             # ---- snapshots and training state ------------------------------------------
             maint_start = time.time()
-            kimg_tag = f"{self.cur_nimg // 1000:06d}"
-            if o["snap_ticks"] is not None and (done or self.cur_tick % o["snap_ticks"] == 0) and self.rank0:
-                save_network(os.path.join(o["run_dir"], f"network-snapshot-{kimg_tag}.safetensors"), self.ema,
-                             extra_metadata={"kimg": self.cur_nimg / 1000, "seed": o["seed"], "D": jsonable(o["D"])})
-            if o["dump_ticks"] is not None and (done or (self.cur_tick % o["dump_ticks"] == 0 and self.cur_tick != 0)):
-                state = self.state_dict()
-                if self.rank0:
-                    atomic_torch_save_state(os.path.join(o["run_dir"], f"training-state-{kimg_tag}.pt"), state)
-                distributed.barrier()
+            self._write_files(done, last_step_bad, tick_start_nimg)
             maintenance = time.time() - maint_start
 
             if done:
@@ -409,17 +408,74 @@ class TrainingRun:
         if bar is not None:
             bar.close()
 
+    def _write_files(self, done: bool, last_step_bad: bool, tick_start_nimg: int):
+        """The tick's network snapshot (not of a diverged network) and training state, when due."""
+        o, kimg_tag = self.o, f"{self.cur_nimg // 1000:06d}"
+        snap_due = o["snap_ticks"] is not None and (done or self.cur_tick % o["snap_ticks"] == 0)
+        # every rank probes (identical EMA weights), so all of them stop together on divergence
+        if snap_due and not last_step_bad and self._ema_is_sane(done) and self.rank0:
+            save_network(os.path.join(o["run_dir"], f"network-snapshot-{kimg_tag}.safetensors"), self.ema,
+                         extra_metadata={"kimg": self.cur_nimg / 1000, "seed": o["seed"], "D": jsonable(o["D"])})
+        if self.phema is not None and self.rank0 and self.phema.due(tick_start_nimg, self.cur_nimg, done):
+            self.phema.save(o["run_dir"], self.cur_nimg, o["batch"], {"seed": o["seed"], "D": jsonable(o["D"]),
+                            "run": {k: jsonable(o[k]) for k in RESUME_KEYS}})
+        if o["dump_ticks"] is not None and (done or (self.cur_tick % o["dump_ticks"] == 0 and self.cur_tick != 0)):
+            state = self.state_dict()
+            if self.rank0:
+                atomic_torch_save_state(os.path.join(o["run_dir"], f"training-state-{kimg_tag}.pt"), state)
+            distributed.barrier()
+
+    def _stop_if_diverged(self, done: bool, last_step_bad: bool, weights_bad: bool):
+        """TrainingError when the weights are non-finite, the non-finite budget is spent, or the
+        run ends on a non-finite step; a tick that ends on one gets no snapshot (logged)."""
+        if weights_bad:
+            raise TrainingError(f"the network weights became non-finite (NaN/Inf) by kimg {self.cur_nimg / 1000:.3f}: "
+                                "stopping without writing them. Lower the learning rate or check the data.")
+        if self.nonfinite_total > self.o["max_nonfinite"]:
+            raise TrainingError(
+                f"{self.nonfinite_total} training steps had a non-finite loss (NaN/Inf), more than "
+                f"max_nonfinite={self.o['max_nonfinite']}: stopping at kimg {self.cur_nimg / 1000:.3f}. Their updates "
+                "were skipped. Lower the learning rate, use --precision fp32/bf16, or check the data.")
+        if last_step_bad:       # the network diverged by the end of this tick: no snapshot of it
+            if done:
+                raise TrainingError(
+                    f"the run ended with a non-finite loss (NaN/Inf) at kimg {self.cur_nimg / 1000:.3f} "
+                    f"({self.nonfinite_total} non-finite steps in all); no final snapshot was written. "
+                    "Lower the learning rate, use --precision fp32/bf16, or check the data.")
+            self.log(f"tick {self.cur_tick}: the last step had a non-finite loss; no network snapshot this tick")
+
+    @torch.no_grad()
+    def _ema_is_sane(self, done: bool) -> bool:
+        """Whether the EMA network's denoising error on a fixed data batch is finite in float32
+        (a network that diverged within the tick's last update is not written as a snapshot)."""
+        y, labels = self.dataset.get_batch(torch.arange(min(8, len(self.dataset))), device=self.device)
+        map_augment = getattr(self.ema.model, "map_augment", None)
+        aug = None if map_augment is None else torch.zeros(y.shape[0], map_augment.in_features, device=self.device)
+        sigma = torch.full((y.shape[0],), float(self.o["sigma_data"]), device=self.device)
+        error = (self.ema(y, sigma, labels, augment_labels=aug).float() - y).square().mean()
+        if bool(torch.isfinite(error)):
+            return True
+        message = (f"the network diverged at kimg {self.cur_nimg / 1000:.3f} (its denoising error is not finite): "
+                   "no snapshot written")
+        if done:
+            raise TrainingError(message + ". Lower the learning rate or check the data.")
+        self.log(f"tick {self.cur_tick}: {message}")
+        return False
+
     def _reduce_tick(self):
-        """(Σ loss, images with a finite loss, non-finite steps) of the tick over all ranks."""
-        packed = torch.stack([self.loss_acc, self.loss_count, self.nonfinite.double()])
+        """(Σ loss, images with a finite loss, non-finite steps, last step non-finite, weights
+        non-finite) of the tick over all ranks: checked on the device, read in this one sync."""
+        weights_bad = torch.stack([~torch.isfinite(p).all() for p in self.params + self.ema_params]).any()
+        packed = torch.stack([self.loss_acc, self.loss_count, self.nonfinite.double(), self.found_inf.double(),
+                              weights_bad.double()])
         if distributed.is_enabled():
             torch.distributed.all_reduce(packed)
             packed[2] /= self.world_size       # found_inf is identical on all ranks
-        loss_sum, loss_count, nonfinite = packed.tolist()
+        loss_sum, loss_count, nonfinite, last_bad, weights_bad = packed.tolist()
         self.loss_acc.zero_()
         self.loss_count.zero_()
         self.nonfinite.zero_()
-        return loss_sum, loss_count, int(round(nonfinite))
+        return loss_sum, loss_count, int(round(nonfinite)), last_bad > 0, weights_bad > 0
 
 
 class _LossModule(torch.nn.Module):
@@ -510,17 +566,29 @@ def run_training(run_dir=None, **options) -> str:
         options["run_dir"] = run_dir
     o = resolve_options(**options)
     device = distributed.init(o["device"])
+    created = not os.path.exists(o["run_dir"])
+    lock = None
     try:
         os.makedirs(o["run_dir"], exist_ok=True)
+        lock = acquire_run_dir(o["run_dir"], "training run")      # one job per run directory
         run = TrainingRun(o, device)
         resume_path = None
+        if o["resume"] and run.rank0:
+            remove_temp_files(o["run_dir"], run.log)
         if o["resume"] == "auto":
             resume_path = find_latest_state(o["run_dir"], log=run.log)
         elif o["resume"]:
             resume_path = o["resume"]
-        run.setup()
+        try:
+            run.setup()
+        except BaseException:      # bad data/options: leave no empty run directory behind
+            if created and run.rank0:
+                shutil.rmtree(o["run_dir"], ignore_errors=True)
+            raise
         if resume_path:
             run.load_state(resume_path)
+            if run.rank0:
+                drop_stats_after(os.path.join(o["run_dir"], "stats.jsonl"), run.cur_tick)
             run.log(f"resume: continuing from {resume_path} at kimg {run.cur_nimg / 1000:.3f}")
         elif o["resume"] == "auto":
             run.log("resume: no training state found; starting a new run")
@@ -538,4 +606,6 @@ def run_training(run_dir=None, **options) -> str:
         run.log("done.")
         return o["run_dir"]
     finally:
+        if lock is not None:
+            lock.release()
         distributed.close()

@@ -9,11 +9,11 @@ import dataclasses
 import json
 import math
 import os
-import sys
 from typing import Optional
 
 import torch
 
+from pfgmpp_fast.cli import command
 from pfgmpp_fast import checks
 
 __all__ = ["TrainingOptions", "DEFAULTS", "ARCHES", "PRECISIONS", "BACKENDS", "RESUME_KEYS", "TrainingError",
@@ -35,6 +35,8 @@ class TrainingOptions:
     lr_rampup_kimg: Optional[float] = 10000.0   # linear lr ramp-up length (kimg)
     ema_halflife_kimg: float = 500.0      # EMA half-life (EDM --ema 0.5 Mimg)
     ema_rampup_ratio: Optional[float] = 0.05    # EMA half-life ramp-up: at most this fraction of the images so far
+    phema: Optional[tuple] = None         # power-function EMA lengths to track for post-hoc EMA (training/phema.py)
+    phema_snap_kimg: float = 5000.0       # kimg between power-function EMA snapshots
     dropout: float = 0.13                 # dropout probability of the network
     augment: float = 0.12                 # augmentation probability (0 = off; the network then has no augment input)
     xflip: bool = False                   # dataset x-flips (doubles the data set)
@@ -105,6 +107,10 @@ def resolve_options(**options) -> TrainingOptions:
         o["batch_gpu"] = int(checks.check_number("batch_gpu", o["batch_gpu"], integer=True))
     for name in ("lr", "ema_halflife_kimg", "duration_mimg", "tick_kimg", "P_std", "sigma_data", "loss_scaling"):
         o[name] = checks.check_number(name, o[name])
+    if o["phema"] is not None:
+        from pfgmpp_fast.training.phema import parse_stds
+        o["phema"] = parse_stds(o["phema"])
+    o["phema_snap_kimg"] = checks.check_number("phema_snap_kimg", o["phema_snap_kimg"])
     for name in ("lr_rampup_kimg", "ema_rampup_ratio"):
         o[name] = None if o[name] is None else checks.check_number(name, o[name], allow_zero=True)
     for name in ("snap_ticks", "dump_ticks"):
@@ -179,6 +185,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     a("--lr-rampup", dest="lr_rampup_kimg", type=float, default=d["lr_rampup_kimg"], help="lr ramp-up (kimg)")
     a("--ema", dest="ema_halflife_mimg", type=float, default=d["ema_halflife_kimg"] / 1000, help="EMA half-life (Mimg)")
     a("--ema-rampup", dest="ema_rampup_ratio", type=float, default=d["ema_rampup_ratio"])
+    a("--phema", nargs="?", const="0.05,0.1", default=None, metavar="STD,...",
+      help="also track power-function EMAs of these lengths for post-hoc EMA (default pair: 0.05,0.1)")
+    a("--phema-snap", dest="phema_snap_kimg", type=float, default=d["phema_snap_kimg"],
+      help="kimg between power-function EMA snapshots (written at the first tick end after each multiple)")
     a("--dropout", type=float, default=d["dropout"])
     a("--augment", type=float, default=d["augment"], help="augmentation probability (0 = off)")
     a("--xflip", action="store_true", help="dataset x-flips")
@@ -199,41 +209,78 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     a("--device", default=d["device"])
     a("--resume", default=None, help="'auto' (newest intact state in the run dir) or a training-state file")
     a("--transfer", default=None, help="initialise the network from this file")
-    a("--trust-pickle", action="store_true", help="allow loading a published pickle for --transfer (runs code!)")
+    a("--trust-pickle", action="store_true",
+      help="allow importing a published pickle for --transfer (read without running its code; TorchScript is refused)")
     a("--max-nonfinite", type=int, default=d["max_nonfinite"], help="stop after this many non-finite losses")
     a("--deterministic", action="store_true")
     a("--no-progress", dest="progress", action="store_false", default="auto")
     a("--max-size", type=int, default=None, help="use only the first N images")
     a("--dry-run", action="store_true", help="print the resolved options and exit")
+    from pfgmpp_fast.cli import add_threads_argument
+    add_threads_argument(parser)
 
 
 def options_from_args(args) -> dict:
+    from pfgmpp_fast.cli import UsageError
     o = {k: getattr(args, k) for k in DEFAULTS if hasattr(args, k)}
     o["ema_halflife_kimg"] = args.ema_halflife_mimg * 1000
     if o.get("compile") is None:
         o["compile"] = "auto"
     if o.get("channels_last") is None:
         o["channels_last"] = "auto"
-    network = json.loads(args.network) if args.network else {}
+    try:
+        network = json.loads(args.network) if args.network else {}
+    except json.JSONDecodeError as exc:
+        raise UsageError("--network", f"must be a JSON object of network overrides, e.g. "
+                                      f"'{{\"model_channels\": 64}}', got {args.network!r} ({exc})") from None
+    if not isinstance(network, dict):
+        raise UsageError("--network", f"must be a JSON object of network overrides, got {args.network!r}")
     if args.cres:
-        network["channel_mult"] = [int(x) for x in str(args.cres).split(",")]
+        try:
+            network["channel_mult"] = [int(x) for x in str(args.cres).split(",")]
+        except ValueError:
+            raise UsageError("--cres", f"must be comma-separated integers >= 1, e.g. 1,2,2,2, got {args.cres!r}") from None
+        if any(c < 1 for c in network["channel_mult"]):
+            raise UsageError("--cres", f"must be comma-separated integers >= 1, e.g. 1,2,2,2, got {args.cres!r}")
     o["network"] = network
     return o
 
 
-def main(args) -> int:
+# CLI option of each TrainingOptions field (resolve_options names the field; the CLI names the option).
+_OPTION_OF = {"run_dir": "--outdir", "D": "--D", "batch_gpu": "--batch-gpu", "lr_rampup_kimg": "--lr-rampup",
+              "ema_halflife_kimg": "--ema", "ema_rampup_ratio": "--ema-rampup", "duration_mimg": "--duration",
+              "tick_kimg": "--tick", "snap_ticks": "--snap", "dump_ticks": "--dump", "loss_scaling": "--ls",
+              "max_nonfinite": "--max-nonfinite", "max_size": "--max-size", "trust_pickle": "--trust-pickle"}
+
+
+def _resolve_from_args(args) -> TrainingOptions:
+    from pfgmpp_fast.cli import UsageError
     try:
-        o = resolve_options(**options_from_args(args))
-    except (ValueError, TypeError, FileNotFoundError, json.JSONDecodeError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+        return resolve_options(**options_from_args(args))
+    except UsageError:
+        raise
+    except (ValueError, TypeError, FileNotFoundError) as exc:
+        text = str(exc)
+        field = next((f for f in sorted(DEFAULTS, key=len, reverse=True) if text.startswith(f)), None)
+        option = _OPTION_OF.get(field, "--" + field.replace("_", "-")) if field else "train"
+        raise UsageError(option, text) from None
+
+
+@command
+def main(args) -> int:
+    from pfgmpp_fast.cli import UsageError, blame, check_output_path
+    o = _resolve_from_args(args)
+    if o["data"] != "digits" and not os.path.exists(o["data"]):
+        raise UsageError("--data", f"no such data set {o['data']!r}: give 'digits', a folder or .zip of images, "
+                                   "or a .npy/.npz file")
+    check_output_path("--outdir", o["run_dir"], is_dir=True)
+    from pfgmpp_fast.utils import distributed
+    with blame("--device"):
+        device = distributed.pick_device(o["device"])
     if args.dry_run:
         print(json.dumps(jsonable(o.as_dict()), indent=2, sort_keys=True))
         return 0
     from pfgmpp_fast.training.loop import run_training
-    try:
-        run_training(**o.as_dict())
-    except (ValueError, TypeError, FileNotFoundError, TrainingError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
+    distributed.set_cpu_threads(device, args.threads)
+    run_training(**o.as_dict())
     return 0

@@ -3,17 +3,33 @@
 One process, or one process per device under ``torchrun`` (WORLD_SIZE > 1): gloo on the
 CPU, NCCL on CUDA. Everything that needs a rank, a world size, a barrier or this rank's
 device asks this module; ``init_process_group`` is called here and nowhere else.
+
+Elastic restarts (``torchrun --max-restarts``): by default the torchrun agent keeps one
+TCP store for all restart attempts, so the keys in which the ranks of a killed attempt
+published their addresses are still there when the restarted ranks connect; a rank that
+reads such a stale address before its peer overwrites it fails with ``Gloo
+connectFullMesh failed ... Connection refused`` (NCCL reads its unique id from the same
+store). :func:`init` therefore joins the group in a key namespace that no earlier attempt
+used (named by a nonce of this attempt's rank 0, agreed through the store), with bounded,
+logged retries and a timeout per try (``PFGMPP_FAST_DIST_INIT_TRIES``, default 3;
+``PFGMPP_FAST_DIST_INIT_TIMEOUT`` seconds, default 300).
 """
 from __future__ import annotations
 
+import datetime
 import os
+import sys
+import time
+import uuid
 from typing import Optional
 
 import torch
 
 __all__ = ["pick_device", "set_cpu_threads", "init", "close", "get_rank", "get_world_size", "is_enabled",
-           "barrier", "print0"]
+           "barrier", "print0", "ddp", "elastic_info"]
 
+INIT_TRIES_ENV = "PFGMPP_FAST_DIST_INIT_TRIES"
+INIT_TIMEOUT_ENV = "PFGMPP_FAST_DIST_INIT_TIMEOUT"
 _created_group = False
 
 
@@ -58,9 +74,125 @@ def init(device: Optional[str] = "auto") -> torch.device:
         torch.cuda.set_device(dev)          # before NCCL starts: it uses the current device
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1 and not torch.distributed.is_initialized():
-        torch.distributed.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo")
+        _join_group("nccl" if dev.type == "cuda" else "gloo", dev, world)
         _created_group = True
     return dev
+
+
+def elastic_info() -> Optional[str]:
+    """'torchelastic run ID, restart N' when started by torchrun's elastic agent, else None."""
+    run_id = os.environ.get("TORCHELASTIC_RUN_ID")
+    if run_id is None:
+        return None
+    return f"torchelastic run {run_id}, restart {os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}"
+
+
+def _env_int(name: str, default: int) -> int:
+    text = os.environ.get(name, str(default))
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise ValueError(f"environment variable {name} must be an int >= 1, got {text!r}")
+    return value
+
+
+def _warn(msg: str) -> None:
+    print(f"pfgmpp_fast.distributed: {msg}", file=sys.stderr, flush=True)
+
+
+def _join_group(backend: str, dev: torch.device, world: int) -> None:
+    """init_process_group in a fresh key namespace, retried (with backoff) when a try fails."""
+    rank = int(os.environ.get("RANK", "-1"))
+    if not 0 <= rank < world:
+        raise ValueError(f"environment variable RANK must be in [0, {world}) when WORLD_SIZE={world}, "
+                         f"got {os.environ.get('RANK')!r} (launch with torchrun)")
+    tries, per_try = _env_int(INIT_TRIES_ENV, 3), datetime.timedelta(seconds=_env_int(INIT_TIMEOUT_ENV, 300))
+    where = f" ({elastic_info()})" if elastic_info() else ""
+    base = None
+    for attempt in range(1, tries + 1):
+        try:
+            if base is None:        # the agent's store, or one that rank 0 serves (kept across tries)
+                base = next(torch.distributed.rendezvous("env://", rank=rank, world_size=world, timeout=per_try))[0]
+            store = _fresh_namespace(base, rank, world, per_try)
+            torch.distributed.init_process_group(backend, store=store, rank=rank, world_size=world, timeout=per_try,
+                                                 device_id=dev if dev.type == "cuda" else None)
+            torch.distributed.barrier()                     # every rank is connected
+            _set_timeout(torch.distributed.constants.default_pg_nccl_timeout if backend == "nccl"
+                         else torch.distributed.constants.default_pg_timeout)
+            if attempt > 1:
+                _warn(f"rank {rank}: joined the process group on try {attempt}/{tries}{where}")
+            return
+        except Exception as exc:        # noqa: BLE001 — any failure of a try is retried, the last one raised
+            if torch.distributed.is_initialized():
+                torch.distributed.destroy_process_group()      # a half-made group
+            reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            if attempt == tries:
+                raise RuntimeError(f"rank {rank}: could not join the process group of {world} ranks in {tries} "
+                                   f"tries of {per_try.total_seconds():g} s{where}: {reason}") from exc
+            delay = min(2.0 ** attempt, 30.0)
+            _warn(f"rank {rank}: process-group setup failed (try {attempt}/{tries}{where}): {reason}; "
+                  f"retrying in {delay:g} s")
+            time.sleep(delay)
+
+
+def _fresh_namespace(store, rank: int, world: int, timeout: datetime.timedelta):
+    """A PrefixStore over ``store`` that no earlier attempt wrote to. Rank 0 posts a new
+    nonce; every other rank acknowledges the nonce it reads together with a nonce of its
+    own, and starts once rank 0's 'go' lists its own nonce (so a stale leader key or a
+    stale 'go' of a killed attempt is never taken for the current one)."""
+    me, deadline = uuid.uuid4().hex, time.monotonic() + timeout.total_seconds()
+    leader_key, go_key, ack_key = "pfgmpp_fast/leader", "pfgmpp_fast/go", "pfgmpp_fast/ack/{}"
+    if rank == 0:
+        store.set(leader_key, me)
+        followers = {}
+        while len(followers) < world - 1:
+            for r in range(1, world):
+                if r not in followers and store.check([ack_key.format(r)]):
+                    leader, _, nonce = store.get(ack_key.format(r)).decode().partition(" ")
+                    if leader == me:
+                        followers[r] = nonce
+            _wait_a_little(deadline, len(followers) < world - 1, "ranks to acknowledge")
+        store.set(go_key, " ".join([me, *followers.values()]))
+        leader = me
+    else:
+        while True:
+            leader = store.get(leader_key).decode()
+            store.set(ack_key.format(rank), f"{leader} {me}")
+            go = store.get(go_key).decode().split() if store.check([go_key]) else []
+            if me in go[1:]:
+                leader = go[0]
+                break
+            _wait_a_little(deadline, True, "rank 0 to start the group")
+    return torch.distributed.PrefixStore(f"pfgmpp_fast/pg/{leader}/", store)
+
+
+def _wait_a_little(deadline: float, waiting: bool, what: str) -> None:
+    if not waiting:
+        return
+    if time.monotonic() > deadline:
+        raise TimeoutError(f"timed out waiting for {what}")
+    time.sleep(0.05)
+
+
+def _set_timeout(timeout: datetime.timedelta) -> None:
+    """Back to torch's collective timeout after the setup's own (older torch: _set_pg_timeout)."""
+    setter = getattr(torch.distributed, "set_timeout", None)
+    if setter is None:
+        from torch.distributed.distributed_c10d import _set_pg_timeout as setter
+    setter(timeout)
+
+
+def ddp(module: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+    """DistributedDataParallel without syncing buffers in forward (they are identical on all
+    ranks by construction), in the API of the installed torch (``forward_sync_buffers``
+    replaces the deprecated ``broadcast_buffers`` in torch 2.13)."""
+    import inspect
+    DDP = torch.nn.parallel.DistributedDataParallel
+    no_sync = ({"forward_sync_buffers": False} if "forward_sync_buffers" in inspect.signature(DDP).parameters
+               else {"broadcast_buffers": False})
+    return DDP(module, device_ids=[device] if device.type == "cuda" else None, **no_sync)
 
 
 def close() -> None:

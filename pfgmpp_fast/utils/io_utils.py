@@ -12,6 +12,7 @@ process SIGKILLs itself after half of that file's bytes are on disk (before the 
 """
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import os
@@ -21,10 +22,11 @@ from typing import Any, Callable
 
 import torch
 
-__all__ = ["TMP_SUFFIX", "is_temp_file", "atomic_write", "atomic_write_bytes", "atomic_write_text",
-           "atomic_save_json", "atomic_torch_save_state", "load_torch_state", "append_line"]
+__all__ = ["TMP_SUFFIX", "DIGEST_KEY", "is_temp_file", "atomic_write", "atomic_write_bytes", "atomic_write_text",
+           "atomic_save_json", "content_digest", "atomic_torch_save_state", "load_torch_state", "append_line"]
 
 TMP_SUFFIX = ".tmp"
+DIGEST_KEY = "__sha256__"        # a state file's digest of everything else in it
 KILL_ENV = "PFGMPP_FAST_KILL_DURING_WRITE"
 _matching_writes = 0
 
@@ -126,18 +128,50 @@ def _check_plain(obj: Any, where: str = "state") -> None:
                     "(so the file loads with weights_only=True)")
 
 
+def _feed(h, obj) -> None:
+    if torch.is_tensor(obj):
+        t = obj.detach().cpu().contiguous()
+        h.update(f"T{t.dtype}{tuple(t.shape)}:".encode())
+        if t.numel():
+            h.update(memoryview(t.reshape(-1).view(torch.uint8).numpy()))
+    elif isinstance(obj, dict):
+        h.update(b"{")
+        for k in sorted(obj, key=lambda k: (type(k).__name__, str(k))):
+            h.update(f"{type(k).__name__}:{k!r}=".encode())
+            _feed(h, obj[k])
+        h.update(b"}")
+    elif isinstance(obj, (list, tuple)):
+        h.update(b"[")
+        for v in obj:
+            _feed(h, v)
+        h.update(b"]")
+    else:
+        h.update(f"{type(obj).__name__}:{obj!r};".encode())
+
+
+def content_digest(obj) -> str:
+    """SHA-256 (hex) of tensors and plain values (dict keys in sorted order, tensors by dtype,
+    shape and bytes): the same content gives the same digest, whatever its memory layout."""
+    h = hashlib.sha256()
+    _feed(h, obj)
+    return h.hexdigest()
+
+
 def atomic_torch_save_state(path: str | os.PathLike, state: dict) -> str:
-    """``torch.save`` of a dict of tensors / plain types, atomically; loadable weights-only."""
+    """``torch.save`` of a dict of tensors / plain types, atomically, with the digest of its
+    content under DIGEST_KEY (checked by load_torch_state); loadable weights-only."""
     if not isinstance(state, dict):
         raise TypeError(f"state must be a dict, got {type(state).__name__}")
     _check_plain(state)
+    state = {k: v for k, v in state.items() if k != DIGEST_KEY}
     buffer = io.BytesIO()
-    torch.save(state, buffer)
+    torch.save({**state, DIGEST_KEY: content_digest(state)}, buffer)
     return atomic_write_bytes(path, buffer.getvalue())
 
 
 def load_torch_state(path: str | os.PathLike, map_location="cpu") -> dict:
-    """Load a file written by :func:`atomic_torch_save_state` without running code."""
+    """Load a file written by :func:`atomic_torch_save_state` without running code; its digest
+    must match (files written before digests existed load unchecked)."""
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"no such state file: {path}")
@@ -147,6 +181,10 @@ def load_torch_state(path: str | os.PathLike, map_location="cpu") -> dict:
         raise ValueError(f"state file {path} is corrupt or not a weights-only torch file: {exc}") from exc
     if not isinstance(state, dict):
         raise ValueError(f"state file {path} does not hold a dict")
+    digest = state.pop(DIGEST_KEY, None)
+    if digest is not None and digest != content_digest(state):
+        raise ValueError(f"state file {path} is corrupt: its content does not match the SHA-256 digest "
+                         "stored in it (changed on disk after it was written)")
     return state
 
 

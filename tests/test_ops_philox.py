@@ -1,5 +1,9 @@
-"""Philox4x32-10, normals and chi2_D of the fast backends against reference.py."""
-import os
+"""Philox4x32-10, normals and chi2_D of every backend (Triton, C++ CPU, CUDA) against
+reference.py, through ops.* and through torch.ops.pfgmpp_fast directly
+(the sm_90 compile of the Triton kernels is in test_triton_aot.py, of the CUDA kernels in
+test_cuda_compile.py)."""
+
+import math
 
 import torch
 
@@ -7,7 +11,9 @@ import pytest
 
 from pfgmpp_fast import ops
 from pfgmpp_fast import reference as R
-from op_helpers import BACKENDS, device_for
+from op_helpers import BACKENDS, CPP_D_VALUES, cpp_ops, device_for, needs_ext, random_ids, seeded
+
+pytestmark = pytest.mark.usefixtures("poison_uninitialized_memory")
 
 
 # Random123 known answers for philox4x32_10 (counter, key=(k0, k1), output)
@@ -107,17 +113,109 @@ def test_bad_inputs_fail_clearly():
             ops.philox_normal(ids, 1, 4, 0, backend="cuda")
 
 
-def test_kernels_compile_for_sm90_with_accurate_math():
-    """The interpreter accepts code the Triton compiler rejects: compile every kernel variant
-    for sm_90 (no GPU needed) and check log/sin/cos did not lower to approximate PTX."""
-    import subprocess
-    import sys
 
-    pytest.importorskip("triton.backends.nvidia")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    proc = subprocess.run([sys.executable, "-m", "pfgmpp_fast.kernels.aot_check", "--arch", "90"],
-                          cwd=root, env=env, capture_output=True, text=True, timeout=300)
-    if proc.returncode == 3:
-        pytest.skip(proc.stdout.strip())
-    assert proc.returncode == 0, proc.stdout + proc.stderr
+# ------------------------------------------------------------ C++ ops called directly (CPU, CUDA)
+
+
+@needs_ext
+@pytest.mark.parametrize("ctr,key,expected", KAT)
+def test_philox_known_answers_raw(ctr, key, expected):
+    """The shared header (csrc/philox.h) through the raw 32-bit entry point: full key range."""
+    from pfgmpp_fast import _C
+
+    assert tuple(_C.philox4x32_raw(*ctr, *key)) == expected
+
+
+@needs_ext
+@pytest.mark.parametrize("ctr,key,expected", KAT)
+def test_philox_known_answers_op(ctr, key, expected):
+    k0, k1 = key
+    if k1 >= 2**31:
+        pytest.skip("the op's key is an int < 2^63 (k1 < 2^31); covered by the raw test")
+    out = cpp_ops().philox4x32(torch.tensor([ctr], dtype=torch.int64), (k1 << 32) | k0)
+    assert tuple(out[0].tolist()) == expected
+
+
+def _philox_case(device):
+    g = seeded(1)
+    ctr = torch.randint(0, 2**32, (1001, 4), generator=g)
+    for key in (0, 1, 2**63 - 1, int(torch.randint(0, 2**62, (1,), generator=g))):
+        out = cpp_ops().philox4x32(ctr.to(device), key)
+        assert torch.equal(out.cpu(), R.philox4x32(ctr, key)), f"key={key}"
+    assert cpp_ops().philox4x32(torch.empty(0, 4, dtype=torch.int64, device=device), 5).shape == (0, 4)
+
+
+@needs_ext
+def test_philox_bit_exact_cpu():
+    _philox_case("cpu")
+
+
+def _normal_case(device):
+    for B, n, stream in ((0, 5, 0), (1, 1, 0), (7, 1027, R.stream_churn(3)), (33, 6, R.STREAM_SIGMA)):
+        ids = random_ids(B, n, device)
+        out = cpp_ops().philox_normal(ids, 987654321, n, stream)
+        ref = R.normal(987654321, ids.cpu(), n, stream)
+        assert out.dtype == torch.float32 and out.shape == (B, n)
+        torch.testing.assert_close(out.cpu(), ref, atol=1e-6, rtol=1e-6)
+
+
+@needs_ext
+def test_philox_normal_cpu():
+    _normal_case("cpu")
+
+
+def _chi2_case(device, D):
+    ids = random_ids(257, int(D) % 1000, device)
+    out = cpp_ops().chi2(ids, 2024, D, R.STREAM_CHI2)
+    ref = R.chi2(2024, ids.cpu(), D, R.STREAM_CHI2)
+    assert out.dtype == torch.float64 and out.shape == (257,)
+    assert (out > 0).all()
+    torch.testing.assert_close(out.cpu(), ref, rtol=1e-5, atol=0)
+
+
+@needs_ext
+@pytest.mark.parametrize("D", CPP_D_VALUES + (0.5,))
+def test_chi2_cpu(D):
+    _chi2_case("cpu", D)
+
+
+@needs_ext
+def test_rng_bad_input():
+    OPS = cpp_ops()
+    with pytest.raises(ValueError, match="D"):
+        OPS.chi2(torch.arange(3), 1, math.inf, 2)
+    with pytest.raises(ValueError, match="n"):
+        OPS.philox_normal(torch.arange(3), 1, -1, 0)
+    with pytest.raises(ValueError, match="counter"):
+        OPS.philox4x32(torch.zeros(3, 3, dtype=torch.int64), 1)
+
+
+@needs_ext
+def test_fake_impls_match_real_kernels_rng():
+    """opcheck: schema, and fake (meta) outputs agree with the kernels in shape/dtype/strides."""
+    OPS = cpp_ops()
+    ids = random_ids(3, 1)
+    cases = [
+        (OPS.philox4x32, (torch.randint(0, 2**32, (5, 4)), 3)),
+        (OPS.philox_normal, (ids, 3, 13, 0)),
+        (OPS.chi2, (ids, 3, 8.0, 2)),
+    ]
+    for op, args in cases:
+        torch.library.opcheck(op, args, test_utils=("test_schema", "test_faketensor"))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_uninitialized_memory_is_poisoned(backend):
+    """The fixture's poisoning reaches the device of each backend (at::empty of the C++ ops
+    goes through the same empty_cpu / empty_cuda), so an output element a kernel skips is NaN."""
+    assert torch.isnan(torch.empty(1000, device=device_for(backend))).all()
+
+
+@needs_ext
+@pytest.mark.gpu
+def test_cuda_rng_matches_reference():
+    assert ops.has_cuda_kernels(), "CUDA device present but the extension has no CUDA kernels"
+    _philox_case("cuda")
+    _normal_case("cuda")
+    for D in CPP_D_VALUES + (0.5,):
+        _chi2_case("cuda", D)
