@@ -126,7 +126,7 @@ pytest_opts() {
 # The op tests of every fast backend: the cuda params carry `gpu`, the triton ones `triton`.
 OP_SELECTION=(-m "gpu or triton")
 
-op_files() { ls tests/test_ops_*.py tests/test_triton_philox.py tests/test_cpp_ops.py 2>/dev/null; }
+op_files() { ls tests/test_ops_*.py; }
 
 body_tests() {
     local listing; listing=$("$PY" -m pytest -p no:cacheprovider --collect-only -q "${OP_SELECTION[@]}" $(op_files) 2>&1)
@@ -136,7 +136,7 @@ body_tests() {
     if ((n_triton == 0 || n_cuda == 0)); then echo "FATAL: the selection lost a backend"; return 1; fi
     if ((DRY)); then  # the plumbing only: Triton under its CPU interpreter is slow
         "$PY" -m pytest -q -p no:cacheprovider -rs $(pytest_opts 1 120) "${OP_SELECTION[@]}" \
-            tests/test_triton_philox.py -k "known_answers or cuda"
+            tests/test_ops_philox.py -k "known_answers or cuda"
     else
         "$PY" -m pytest -q -p no:cacheprovider -rs $(pytest_opts 8 90) "${OP_SELECTION[@]}" tests
     fi
