@@ -210,7 +210,7 @@ run_phase() {
 note "gpu_session: set $SET$( ((DRY)) && echo ', dry run'), budget ${TOTAL}s, $(date -u +%FT%TZ)"
 if ((!DRY)) && ls .whl/*.whl >/dev/null 2>&1; then
     "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-        && export PYTHONPATH=$PYTHONPATH:/tmp/site && note "wheels from .whl/ installed in /tmp/site"
+        && export PYTHONPATH=/tmp/site:$PYTHONPATH && note "wheels from .whl/ installed in /tmp/site (first on the path)"
 fi
 run_phase probe 90 session.txt fatal
 run_phase build 240 build.log fatal
