@@ -34,7 +34,7 @@ if [[ ${1:-} != --phase-body ]]; then
     export OUT=${OUT:-gpu-session-out}
     export PY=${PYTHON:-python3}
     export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
-    export CMAKE_MIN=3.30  # CMakeLists.txt: torch's C++20 needs CUDA20, which CMake < 3.30 can't give nvcc
+    export CMAKE_MIN=${CMAKE_MIN:-3.30}  # torch's C++20 needs CUDA20, which CMake < 3.30 can't give nvcc
     if ((DRY)); then
         export CUDA_VISIBLE_DEVICES="" TRITON_INTERPRET=1 OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
     fi

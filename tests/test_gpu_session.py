@@ -57,3 +57,16 @@ def test_bad_options_are_usage_errors(argv, tmp_path):
     proc = _run(*argv, out=tmp_path, timeout=60)
     assert proc.returncode == 2 and "usage:" in proc.stderr
     assert not any(tmp_path.iterdir())                               # nothing ran
+
+
+def test_old_cmake_stops_the_session_after_the_probe(tmp_path):
+    env_min = "999.0"                                                # every cmake is older than this
+    out = tmp_path / "out"
+    env = dict(os.environ, OUT=str(out), PYTHON=sys.executable, OMP_NUM_THREADS="1", CMAKE_MIN=env_min)
+    proc = subprocess.run(["bash", str(SCRIPT), "--dry-run"], capture_output=True, text=True, env=env,
+                          timeout=300, cwd=ROOT)
+    assert proc.returncode == 1
+    session = (out / "session.txt").read_text()
+    assert f"is older than {env_min}, which the build needs" in session
+    assert "phase probe: FAILED" in session and "STOP: phase probe" in session
+    assert sorted(p.name for p in out.iterdir()) == ["session.txt"]      # nothing after the probe ran
