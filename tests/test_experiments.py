@@ -117,7 +117,8 @@ def test_other_configuration_in_same_folder_is_refused(tiny_run):
 
 
 def test_config_validation():
-    from pfgmpp_fast.apps.experiments import FULL_CONFIG, make_config, _points, _sweep_points
+    from pfgmpp_fast.apps.experiments import FULL_CONFIG, make_config, _points
+    from pfgmpp_fast.apps.robustness_report import sweep_points as _sweep_points
     full = make_config()
     assert [2 * s - 1 for s in full["steps"]] == [5, 9, 13, 21, 35]
     assert len(_points(full)) == 13                      # 5 + 5 + 5 sweep values, base point once
