@@ -40,8 +40,8 @@ from typing import Sequence
 
 from pfgmpp_fast import checks
 from pfgmpp_fast.apps.digits import (NUM_HELDOUT, NUM_STEPS, NUM_TRAIN, PHEMA_TRACKED, RECIPE, SMALL_NETWORK, D_label,
-                                     DigitsScorer, generate_uint8, latest_snapshot, load_snapshot, read_stats, sampling_network,
-                                     train_small, untrained_network, versions)
+                                     DigitsScorer, generate_uint8, latest_snapshot, load_snapshot, read_stats,
+                                     sampling_network, train_small, untrained_network, versions)
 from pfgmpp_fast.utils import distributed
 
 __all__ = ["DEFAULT_DURATION_KIMG", "SHORT_DURATION_KIMG", "add_arguments", "main"]
@@ -253,10 +253,10 @@ def _print_summary(run, metrics, paths) -> None:
           f"= {metrics['sample']['img_per_sec']:.0f} img/s")
     print(f"FDD   : trained {fdd['trained']:.2f} ± {fdd['trained_spread']:.2f} | untrained {fdd['untrained']:.2f} | "
           f"held-out real digits {fdd['heldout_real']:.2f} (lower is better; {metrics['wall_seconds']:.0f} s in all)")
+    ms = metrics["metric_set"]
     print("KID/PR: " + " | ".join(f"{label} KID {m['KID']:.3f}, precision {m['precision']:.2f}, recall {m['recall']:.2f}"
-                                  for label, m in (("trained", metrics["metric_set"]["trained"]),
-                                                   ("untrained", metrics["metric_set"]["untrained"]),
-                                                   ("held-out real", metrics["metric_set"]["heldout_real"])))
+                                  for label, m in (("trained", ms["trained"]), ("untrained", ms["untrained"]),
+                                                   ("held-out real", ms["heldout_real"])))
           + " (KID lower, precision/recall higher is better)")
 
 

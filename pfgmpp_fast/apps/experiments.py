@@ -7,10 +7,13 @@ while D → ∞ (diffusion) breaks down, with a middle D as the sweet spot. This
 a user check that with the package's own tools on data that ships with it:
 
 1. train the demo's small network (digits.SMALL_NETWORK, digits.RECIPE: same recipe, same
-   budget, same seed) on the digits' training split for every D in `D_values`;
+   budget, same seed) on the digits' training split for every D in `D_values`, also tracking
+   the power-function EMAs digits.PHEMA_TRACKED (snapshots every 1/20 of the run);
 2. sweep each trained (EMA) network over α (robustness noise), weight bit widths
    (quantize.py, per-channel symmetric fake quantisation) and NFE (Heun: NFE = 2·steps − 1);
-   the base point of every sweep is α = 0, 32 bits, 18 steps (35 NFE), computed once;
+   the base point of every sweep is α = 0, 32 bits, 18 steps (35 NFE), computed once; and
+   sweep the EMA length (`ema`): the network reconstructed post hoc for each length
+   (training/phema.py, EDM2) at the base point's sampler settings;
 3. score every point through the sweep engine (evaluation.sweep: the same PointNetwork and
    score_point as `fid sweep`) with every metric of the digits feature space — the Fréchet
    Digit Distance, KID and precision/recall (torch-fidelity's code) — to the training split,
@@ -20,19 +23,21 @@ a user check that with the package's own tools on data that ships with it:
    floor.
 
 Resumable: each finished training leaves `train/D<D>/done.json`, each finished point a
-`points/D<D>/<point>/set<k>.json` (all written atomically); a rerun skips them and an
-unfinished training continues from its newest training state. The run's configuration is
-kept in `config.json`; a rerun with another configuration in the same folder is refused.
+`points/D<D>/<point>/set<k>.json` (EMA lengths: `ema/D<D>/ema<std>/set<k>.json`; all written
+atomically); a rerun skips them and an unfinished training continues from its newest
+training state. The run's configuration is kept in `config.json`; a rerun with another
+configuration in the same folder is refused.
 
-Outputs (results folder, default `results/robustness`): per sweep (alpha, bits, nfe)
-`robustness-<sweep>.csv` (long format: one row per D and value), `robustness-<sweep>.md`
-(tables: rows D, columns the sweep values, cells mean ± spread of the FDD, and of the
-degradation = FDD minus the same D's base-point FDD on the same seed set) and
-`robustness-<sweep>.png` (FDD vs the swept value, one line per D; the same tables and
-`robustness-<sweep>-{kid,precision,recall}.png` for the other metrics); plus `summary.md`
-(all tables and figures, training facts, floor), `training-loss.png` (loss per D),
-`results.json` (every point) and `log.txt`. `--report-only` writes these from the points
-finished so far without computing anything (for a run stopped early).
+Outputs (results folder, default `results/robustness`; apps/robustness_report.py writes
+them): per sweep (alpha, bits, nfe, ema) `robustness-<sweep>.csv` (long format: one row per
+D and value), `robustness-<sweep>.md` (tables: rows D, columns the sweep values, cells
+mean ± spread of the FDD, and of the degradation = FDD minus the same D's base-point FDD on
+the same seed set) and `robustness-<sweep>.png` (FDD vs the swept value, one line per D; the
+same tables and `robustness-<sweep>-{kid,precision,recall}.png` for the other metrics); plus
+`summary.md` (all tables and figures, training facts, floor), `training-loss.png` (loss per
+D), `results.json` (every point; the EMA lengths' under `ema_points`) and `log.txt`.
+`--report-only` writes these from the points finished so far without computing anything
+(for a run stopped early).
 """
 from __future__ import annotations
 

@@ -121,9 +121,10 @@ def _sweep_figures(config: dict, rows: List[dict], curves, sweep: str, floor: fl
     from pfgmpp_fast.utils.plots import save_sweep_figure
     column, xlabel = SWEEP_LABELS[sweep]
     xticks = [x for x, _ in sweep_points(config, sweep)]
+    title = "FDD vs EMA length" if sweep == "ema" else f"robustness to {sweep}"
     paths = {f"{sweep}_png": save_sweep_figure(
         curves, base + ".png", xlabel=xlabel, ylabel="FDD to the training split (lower is better)",
-        title=f"PFGM++ on digits: {'FDD vs EMA length' if sweep == 'ema' else f'robustness to {sweep}'}", floor=floor, xticks=xticks, categorical=sweep == "bits")}
+        title=f"PFGM++ on digits: {title}", floor=floor, xticks=xticks, categorical=sweep == "bits")}
     for key, title, lower in EXTRA_METRICS:
         per_D = {}
         for r in rows:
