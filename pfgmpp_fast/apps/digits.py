@@ -1,7 +1,7 @@
 """The digits toolkit shared by the demo and the robustness experiment: the small-network
-recipe, the train/held-out split of scikit-learn's 8×8 digits, the Fréchet Digit Distance
-scorer (evaluation.metrics in the evaluation.digits_features space), training, loading and
-sampling of the small network.
+recipe, the train/held-out split of scikit-learn's 8×8 digits, the scorer (Fréchet Digit
+Distance, KID and precision/recall: evaluation.metrics in the evaluation.digits_features
+space), training, loading and sampling of the small network.
 """
 from __future__ import annotations
 
