@@ -7,7 +7,15 @@ published code path, the reference in eager and torch.compile(reference), in one
 Bytes per element are the floor each op must move (DESIGN §4): perturb reads y (fp32) and
 writes the bf16 network input (6 B); loss reads F (bf16) and y (fp32) and writes dL/dF (bf16)
 (8 B); sampler stage 1 reads x (fp32) and F (bf16) and writes x', the Heun base and the bf16
-next input (16 B); stage 2 reads x', base and F' and writes x_{i+1} and the next input (16 B).
+next input (16 B); stage 2 reads x', base and F' and writes x_{i+1} and the next input (16 B). philox_normal alone (writes fp32 normals, 4 B) is the arithmetic
+ceiling: perturb draws one normal per element, so its floor is max(copy time, RNG time) and
+each perturb row reports `x_floor` = its time over that floor (DESIGN §7; target <= 1.1).
+
+Timing (utils/benchmarking.time_stats): `--inner` back-to-back calls between the CUDA events
+per sample, so one call's Python dispatch overlaps the previous kernel instead of being
+counted; on the GPU the fast backends are also timed as a CUDA-graph replay (`graph_ms`).
+`iqr_pct` is the spread of the samples. The JSON is rewritten after every op, so a run
+killed part-way keeps the ops it finished.
 """
 from __future__ import annotations
 
@@ -24,6 +32,7 @@ parser.add_argument("--batch", type=int, default=None, help="batch size (default
 parser.add_argument("--resolution", type=int, default=64)
 parser.add_argument("--D", type=float, default=128.0)
 parser.add_argument("--reps", type=int, default=None)
+parser.add_argument("--inner", type=int, default=None, help="back-to-back calls per timed sample (default 10; smoke 1)")
 parser.add_argument("--no-compile", action="store_true", help="skip torch.compile(reference)")
 args = parser.parse_args()
 
@@ -57,21 +66,10 @@ def fast_backends():
     return out
 
 
-def main():
-    smoke = args.smoke
-    reps = args.reps or (2 if smoke else 20)
-    warmup = 1 if smoke else 3
-    env = bm.environment(device)
-    ceil = bm.ceilings(device, smoke=smoke)
-    copy = ceil["copy_GBps"]
-    res = 16 if smoke else args.resolution
-    B = args.batch or (8 if smoke else 5632)
-    shape = (B, 3, res, res)
-    N = 3 * res * res
-    n_el = B * N
-    D, key, stream = args.D, 2**33 + 7, R.STREAM_NOISE
-    print(f"[kernels] {env['device']}: copy {copy:.1f} GB/s; shape {shape} ({n_el / 1e6:.1f}M elements)", flush=True)
-
+def make_cases(shape, D, key, stream):
+    """Inputs and the five measured ops: call(backend kwargs, implementation), bytes/element."""
+    B = shape[0]
+    N = math.prod(shape[1:])
     gen = torch.Generator(device=device).manual_seed(0)
     ids = torch.arange(B, device=device, dtype=torch.int64)
     y = torch.randn(shape, device=device, generator=gen)
@@ -92,8 +90,11 @@ def main():
     nan = float("nan")
     x64, base64 = x.double(), base.double()
     d64 = torch.randn(shape, device=device, dtype=torch.float64, generator=gen)
-
-    ops_spec = {
+    return {
+        "philox_normal": dict(  # the RNG alone: perturb's arithmetic ceiling
+            bytes=4, call=lambda be, impl: impl(ids, key, N, stream, **be),
+            op=ops.philox_normal, ref=lambda ids_, key_, n, st: R.normal(key_, ids_, n, st),
+            published=lambda: torch.randn_like(y)),
         "perturb": dict(
             bytes=6, call=lambda be, impl: impl(y, scale, c_in, ids, key, stream, torch.bfloat16, True, False, **be),
             op=ops.perturb_op, ref=R.ref_perturb,
@@ -114,45 +115,95 @@ def main():
             published=lambda: baselines.published_sampler_stage2(base64, x64, d64, F, t_hat, t_next, cs2, co2, ci2)),
     }
 
-    def timed(fn):
+
+class Timer:
+    """time_stats with this run's settings; a baseline that cannot run here is reported, not fatal."""
+
+    def __init__(self, smoke):
+        self.reps = args.reps or (2 if smoke else 20)
+        self.warmup = 1 if smoke else 3
+        self.inner = args.inner or (1 if smoke else 10)
+
+    def __call__(self, fn, graph=False, max_time_s=None):
         try:
-            return bm.time_ms(fn, device, warmup=warmup, reps=reps)
-        except Exception as exc:  # a baseline that cannot run here is reported, not fatal
-            print(f"    failed: {type(exc).__name__}: {str(exc)[:200]}", flush=True)
+            return bm.time_stats(fn, device, warmup=self.warmup, reps=self.reps, inner=self.inner,
+                                 graph=graph, max_time_s=max_time_s)
+        except Exception as exc:
+            print(f"    failed{' (CUDA graph)' if graph else ''}: {type(exc).__name__}: {str(exc)[:200]}", flush=True)
             return None
 
-    compile_ok = not args.no_compile and not (smoke and device.type == "cpu")
-    rows, summary = [], []
-    for name, spec in ops_spec.items():
-        nbytes = spec["bytes"] * n_el
-        print(f"  {name}: published / reference / compiled reference ...", flush=True)
-        t_pub = timed(spec["published"])
-        t_ref = timed(lambda: spec["call"]({}, spec["ref"]))
-        t_comp = None
-        if compile_ok:
-            compiled = torch.compile(spec["ref"], dynamic=False)
-            t_comp = timed(lambda: spec["call"]({}, compiled))
-            torch._dynamo.reset()
-        for label, t in (("published", t_pub), ("reference", t_ref), ("compiled_reference", t_comp)):
-            rows.append(dict(op=name, backend=label, ms=t, GBps=None if t is None else nbytes / t / 1e6,
-                             pct_copy=None if t is None else 100 * nbytes / t / 1e6 / copy))
-        for be in fast_backends():
-            t = timed(lambda: spec["call"]({"backend": be}, spec["op"]))
-            if t is None:
-                continue
-            gbps = nbytes / t / 1e6
-            row = dict(op=name, backend=be, ms=t, GBps=gbps, pct_copy=100 * gbps / copy,
-                       speedup_vs_published=None if t_pub is None else t_pub / t,
-                       speedup_vs_reference=None if t_ref is None else t_ref / t,
-                       speedup_vs_compiled_reference=None if t_comp is None else t_comp / t)
-            rows.append(row)
-            summary.append(row)
-            print(f"    {be}: {t:.3f} ms, {gbps:.1f} GB/s ({row['pct_copy']:.0f}% of copy)", flush=True)
 
+def measure_op(name, spec, n_el, copy, timer, compile_ok, rng_ms):
+    """Rows of one op: the three baselines, then each fast backend (with its CUDA-graph time)."""
+    nbytes = spec["bytes"] * n_el
+    print(f"  {name}: published / reference / compiled reference ...", flush=True)
+    slow = None if args.smoke else 3.0   # seconds of samples per baseline (>= 2 samples): the phase is short
+    base = {"published": timer(spec["published"], max_time_s=slow),
+            "reference": timer(lambda: spec["call"]({}, spec["ref"]), max_time_s=slow), "compiled_reference": None}
+    if compile_ok:
+        compiled = torch.compile(spec["ref"], dynamic=False)
+        base["compiled_reference"] = timer(lambda: spec["call"]({}, compiled), max_time_s=slow)
+        torch._dynamo.reset()
+    rows, summary = [], []
+    for label, st in base.items():
+        rows.append(_row(name, label, st, nbytes, copy))
+    for be in fast_backends():
+        st = timer(lambda: spec["call"]({"backend": be}, spec["op"]))
+        if st is None:
+            continue
+        row = _row(name, be, st, nbytes, copy)
+        if device.type == "cuda":
+            g = timer(lambda: spec["call"]({"backend": be}, spec["op"]), graph=True)
+            row["graph_ms"] = None if g is None else g["ms"]
+        for label, ref in base.items():
+            row[f"speedup_vs_{label}"] = None if ref is None else ref["ms"] / st["ms"]
+        if name == "philox_normal":
+            rng_ms[be] = st["ms"]
+        elif name == "perturb" and be in rng_ms:  # floor: max(moving the bytes, drawing the normals)
+            row["floor_ms"] = max(nbytes / copy / 1e6, rng_ms[be])
+            row["x_floor"] = st["ms"] / row["floor_ms"]
+        rows.append(row)
+        summary.append(row)
+        print(f"    {be}: {st['ms']:.4f} ms (IQR {st['iqr_pct']:.0f}%), {row['GBps']:.1f} GB/s "
+              f"({row['pct_copy']:.0f}% of copy)" + (f", {row['x_floor']:.2f}x floor" if "x_floor" in row else ""),
+              flush=True)
+    return rows, summary
+
+
+def _row(op, backend, st, nbytes, copy):
+    if st is None:
+        return dict(op=op, backend=backend, ms=None, GBps=None, pct_copy=None)
+    gbps = nbytes / st["ms"] / 1e6
+    return dict(op=op, backend=backend, ms=st["ms"], min_ms=st["min_ms"], iqr_pct=st["iqr_pct"],
+                inner=st["inner"], GBps=gbps, pct_copy=100 * gbps / copy)
+
+
+def main():
+    smoke = args.smoke
+    env = bm.environment(device)
+    ceil = bm.ceilings(device, smoke=smoke)
+    copy = ceil["copy_GBps"]
+    res = 16 if smoke else args.resolution
+    B = args.batch or (8 if smoke else 5632)
+    shape = (B, 3, res, res)
+    n_el = B * math.prod(shape[1:])
+    print(f"[kernels] {env['device']}: copy {copy:.1f} GB/s; shape {shape} ({n_el / 1e6:.1f}M elements)", flush=True)
+    cases = make_cases(shape, args.D, 2**33 + 7, R.STREAM_NOISE)
+    timer = Timer(smoke)
+    compile_ok = not args.no_compile and not (smoke and device.type == "cpu")
     payload = dict(suite="kernels", environment=env, smoke=smoke, ceilings=ceil, shape=list(shape),
-                   elements=n_el, D=D, bytes_per_element={k: v["bytes"] for k, v in ops_spec.items()},
-                   rows=rows, summary=summary)
-    print(bm.markdown_table(summary or rows))
+                   elements=n_el, D=args.D, bytes_per_element={k: v["bytes"] for k, v in cases.items()},
+                   timing=dict(inner=timer.inner, reps=timer.reps, graph=device.type == "cuda"),
+                   rows=[], summary=[], complete=False)
+    rng_ms = {}
+    for name, spec in cases.items():
+        rows, summary = measure_op(name, spec, n_el, copy, timer, compile_ok, rng_ms)
+        payload["rows"] += rows
+        payload["summary"] += summary
+        if args.out:  # after every op: a kill keeps what finished
+            bm.write_json(args.out, payload)
+    payload["complete"] = True
+    print(bm.markdown_table(payload["summary"] or payload["rows"]))
     if args.out:
         bm.write_json(args.out, payload)
     return 0

@@ -23,6 +23,9 @@ the one-off Fréchet distance of 2048-d statistics, measured). The result says s
 
 --smoke: a tiny 8×8 one-channel DDPM++, 3 steps, tiny batch, no compile, digits features
 instead of Inception — checks the script end to end, numbers mean nothing.
+
+Order: ours and the FID-50k projection first, then the baselines; the JSON is rewritten
+after each measurement, so a run killed part-way keeps what it finished.
 """
 from __future__ import annotations
 
@@ -105,7 +108,7 @@ class HandCompiled(torch.nn.Module):
 
 # ----------------------------------------------------------------------------------------
 
-def main(argv=None) -> int:
+def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--smoke", action="store_true")
@@ -116,7 +119,51 @@ def main(argv=None) -> int:
     p.add_argument("--inception-weights", default=None,
                    help="real torch-fidelity weights (default: random weights of the same architecture)")
     p.add_argument("--skip-published", action="store_true")
-    args = p.parse_args(argv)
+    return p.parse_args(argv)
+
+
+def fid_estimate(fast, device, smoke, steps, batch, fid_slice, inception_weights):
+    """FID-50k wall time at this NFE: a measured slice (generation + features + statistics),
+    extrapolated linearly, plus the measured Fréchet distance. (row, feature note) or (None, note)."""
+    from pfgmpp_fast.evaluation import calc, features, metrics
+    with tempfile.TemporaryDirectory() as tmp:
+        if smoke:
+            extractor = features.get_feature_extractor("digits", device)      # trained once, cached
+            feature_note = "digits features (smoke)"
+        else:
+            try:
+                if inception_weights:
+                    extractor = features.InceptionFeatures(inception_weights, device=device)
+                    feature_note = "Inception-v3 (torch-fidelity weights)"
+                else:
+                    path = os.path.join(tmp, "inception-random.pth")
+                    digest = features.make_random_inception_weights(path)
+                    extractor = features.InceptionFeatures(path, sha256=digest, device=device)
+                    feature_note = "Inception-v3 architecture with random weights (timing only)"
+            except ImportError as exc:
+                return None, f"skipped: torch-fidelity not installed ({exc})"
+        slice_seeds = np.arange(10_000, 10_000 + fid_slice, dtype=np.int64)
+        warm = calc.generator_source(fast, slice_seeds[:batch], device=device, num_steps=steps)
+        calc.calc_stats(warm, extractor, batch_size=batch, device=device)           # warm-up (compile)
+        B.sync(device)
+        t0 = time.perf_counter()
+        src = calc.generator_source(fast, slice_seeds, device=device, num_steps=steps)
+        stats = calc.calc_stats(src, extractor, batch_size=batch, device=device)
+        mu, sigma = stats.mean_cov()
+        B.sync(device)
+        slice_s = time.perf_counter() - t0
+        t1 = time.perf_counter()
+        metrics.frechet_distance(mu, sigma, mu, sigma + np.eye(len(mu)) * 1e-3)
+        fd_s = time.perf_counter() - t1
+    est = slice_s * 50_000 / fid_slice + fd_s
+    print(f"FID-50k estimate: {est:.1f} s (extrapolated from {fid_slice} images in {slice_s:.2f} s; "
+          f"{feature_note})", flush=True)
+    return {"method": "FID-50k estimate", "batch": batch, "nfe": 2 * steps - 1, "measured_images": fid_slice,
+            "measured_s": slice_s, "frechet_s": fd_s, "fid50k_s_EXTRAPOLATED": est, "features": feature_note}, None
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
     device = torch.device(args.device)
     on_gpu = device.type == "cuda"
     smoke = args.smoke
@@ -136,6 +183,13 @@ def main(argv=None) -> int:
     compile_ok = on_gpu and not smoke
     seeds = np.arange(batch, dtype=np.int64)
     rows, notes = [], []
+    config = {"network": "DDPM++ CIFAR-10 (random weights)" if not smoke else "tiny DDPM++ 8x8 (smoke)",
+              "D": net.D, "steps": steps, "nfe": nfe, "batch": batch, "compile": compile_ok}
+
+    def checkpoint():  # after each measurement: a run killed later keeps the rows it finished
+        if args.out:
+            B.write_json(args.out, {"suite": "sampling", "smoke": smoke, "config": config, "rows": rows,
+                                    "complete": False})
 
     def measure(name, fn, warmup):
         if on_gpu:
@@ -147,13 +201,10 @@ def main(argv=None) -> int:
             row["peak_MiB_per_image"] = torch.cuda.max_memory_allocated(device) / batch / 2**20
         rows.append(row)
         print(f"{name:>16}: {row['img_per_s']:.1f} img/s ({ms:.1f} ms per batch of {batch})", flush=True)
-        return row
+        checkpoint()
 
+    # Ours and the FID-50k projection first (the numbers a short GPU session is for), then the baselines.
     ceil = B.ceilings(device, smoke=smoke or not on_gpu)
-    if not args.skip_published:
-        measure("published", lambda: published_sample(net, seeds, shape, net.D, steps), warmup=1)
-        hand = HandCompiled(build_network_like(net, device), torch.bfloat16 if on_gpu else None, compile=compile_ok)
-        measure("hand-compiled", lambda: published_sample(hand, seeds, shape, net.D, steps), warmup=2)
     fast = make_fast(net, dtype=torch.bfloat16 if on_gpu else None, channels_last=on_gpu, compile=compile_ok,
                      cuda_graphs=compile_ok)
 
@@ -161,6 +212,20 @@ def main(argv=None) -> int:
         for _ in G.generate_images(fast, seeds, batch, num_steps=steps, device=device):
             pass
     measure("ours", ours, warmup=2)
+    fid_row, fid_note = fid_estimate(fast, device, smoke, steps, batch, fid_slice, args.inception_weights)
+    if fid_row is not None:
+        rows.append(fid_row)
+        checkpoint()
+    else:
+        notes.append(fid_note)
+    if not args.skip_published:
+        measure("published", lambda: published_sample(net, seeds, shape, net.D, steps), warmup=1)
+        hand = HandCompiled(build_network_like(net, device), torch.bfloat16 if on_gpu else None, compile=compile_ok)
+        measure("hand-compiled", lambda: published_sample(hand, seeds, shape, net.D, steps), warmup=2)
+    return write_results(args, device, ceil, config, rows, notes)
+
+
+def write_results(args, device, ceil, config, rows, notes) -> int:
     by = {r["method"]: r for r in rows}
     summary = []
     if "published" in by:
@@ -168,59 +233,18 @@ def main(argv=None) -> int:
                         "target": ">= 8 (H100/H200)"})
         summary.append({"metric": "sampling speed-up vs hand-compiled published sampler",
                         "value": by["ours"]["img_per_s"] / by["hand-compiled"]["img_per_s"], "target": ">= 1.3 (H100/H200)"})
-    summary.append({"metric": f"ours img/s at {nfe} NFE", "value": by["ours"]["img_per_s"], "target": ""})
-
-    # --- FID-50k at 35 NFE: measured slice, extrapolated --------------------------------
-    from pfgmpp_fast.evaluation import calc, features, metrics
-    with tempfile.TemporaryDirectory() as tmp:
-        if smoke:
-            extractor = features.get_feature_extractor("digits", device)      # trained once, cached
-            feature_note = "digits features (smoke)"
-        else:
-            try:
-                if args.inception_weights:
-                    extractor = features.InceptionFeatures(args.inception_weights, device=device)
-                    feature_note = "Inception-v3 (torch-fidelity weights)"
-                else:
-                    path = os.path.join(tmp, "inception-random.pth")
-                    digest = features.make_random_inception_weights(path)
-                    extractor = features.InceptionFeatures(path, sha256=digest, device=device)
-                    feature_note = "Inception-v3 architecture with random weights (timing only)"
-            except ImportError as exc:
-                extractor, feature_note = None, f"skipped: torch-fidelity not installed ({exc})"
-        if extractor is not None:
-            slice_seeds = np.arange(10_000, 10_000 + fid_slice, dtype=np.int64)
-            warm = calc.generator_source(fast, slice_seeds[:batch], device=device, num_steps=steps)
-            calc.calc_stats(warm, extractor, batch_size=batch, device=device)           # warm-up (compile)
-            B.sync(device)
-            t0 = time.perf_counter()
-            src = calc.generator_source(fast, slice_seeds, device=device, num_steps=steps)
-            stats = calc.calc_stats(src, extractor, batch_size=batch, device=device)
-            mu, sigma = stats.mean_cov()
-            B.sync(device)
-            slice_s = time.perf_counter() - t0
-            t1 = time.perf_counter()
-            metrics.frechet_distance(mu, sigma, mu, sigma + np.eye(len(mu)) * 1e-3)
-            fd_s = time.perf_counter() - t1
-            est = slice_s * 50_000 / fid_slice + fd_s
-            rows.append({"method": "FID-50k estimate", "batch": batch, "nfe": nfe,
-                         "measured_images": fid_slice, "measured_s": slice_s, "frechet_s": fd_s,
-                         "fid50k_s_EXTRAPOLATED": est, "features": feature_note})
-            summary.append({"metric": f"FID-50k wall time at {nfe} NFE (EXTRAPOLATED from {fid_slice} images)",
-                            "value": est, "target": "< 180 s (H100/H200)"})
-            print(f"FID-50k estimate: {est:.1f} s (extrapolated from {fid_slice} images in {slice_s:.2f} s; "
-                  f"{feature_note})", flush=True)
-        else:
-            notes.append(feature_note)
-
-    payload = {"suite": "sampling", "smoke": smoke, "environment": B.environment(device), "ceilings": ceil,
-               "config": {"network": "DDPM++ CIFAR-10 (random weights)" if not smoke else "tiny DDPM++ 8x8 (smoke)",
-                          "D": net.D, "steps": steps, "nfe": nfe, "batch": batch, "compile": compile_ok},
-               "rows": rows, "summary": summary, "notes": notes}
+    summary.append({"metric": f"ours img/s at {config['nfe']} NFE", "value": by["ours"]["img_per_s"], "target": ""})
+    if "FID-50k estimate" in by:
+        fid = by["FID-50k estimate"]
+        summary.append({"metric": f"FID-50k wall time at {config['nfe']} NFE (EXTRAPOLATED from "
+                                  f"{fid['measured_images']} images)",
+                        "value": fid["fid50k_s_EXTRAPOLATED"], "target": "< 180 s (H100/H200)"})
+    payload = {"suite": "sampling", "smoke": args.smoke, "environment": B.environment(device), "ceilings": ceil,
+               "config": config, "rows": rows, "summary": summary, "notes": notes}
     if args.out:
         B.write_json(args.out, payload)
         md = os.path.splitext(args.out)[0] + ".md"
-        text = (f"# Sampling at {nfe} NFE — {payload['environment']['device']}\n\n"
+        text = (f"# Sampling at {config['nfe']} NFE — {payload['environment']['device']}\n\n"
                 + B.markdown_table(summary) + "\n" + B.markdown_table(rows)
                 + "\nFID-50k time is an extrapolation from the measured slice (linear in images).\n")
         B.write_text(md, text)

@@ -17,7 +17,8 @@ Adam lr 1e-3, EMA) on synthetic data of that shape, timed three ways in one proc
 
 No augmentation in any variant (the same network, augment_dim = 0). Reported: img/s,
 peak memory per image (peak allocated during the step minus what was allocated before it,
-divided by the batch), ratios ours/published and ours/hand-compiled.
+divided by the batch), ratios ours/published and ours/hand-compiled. Ours is measured first
+and the JSON is rewritten after each variant, so a run killed part-way keeps what it finished.
 
     python benchmarks/bench_training.py --device cuda --out results.json
     python benchmarks/bench_training.py --smoke --out /tmp/t.json      # CPU, seconds
@@ -141,6 +142,30 @@ def free(device):
         torch.cuda.empty_cache()
 
 
+def measure_ours(template, data, net_kw, D, batch, device, compile_ok, warmup, reps, rows):
+    """The real training step of pfgmpp_fast.training.loop on the same synthetic data."""
+    on_gpu = device.type == "cuda"
+    set_tf32(True)
+    from pfgmpp_fast import ops
+    from pfgmpp_fast.training.loop import TrainingRun
+    from pfgmpp_fast.training.options import resolve_options
+    from pfgmpp_fast.utils import distributed
+    with tempfile.TemporaryDirectory() as tmp:
+        data_path = os.path.join(tmp, "synthetic.npy")
+        np.save(data_path, data.numpy())
+        o = resolve_options(run_dir=tmp, data=data_path, arch="ddpmpp", D=D, batch=batch, dropout=0.13, augment=0.0,
+                            network=dict(net_kw), precision="bf16" if on_gpu else "fp32", compile=compile_ok,
+                            channels_last=on_gpu, backend="auto", device=str(device), seed=0, progress=False)
+        run = TrainingRun(o, distributed.init(o["device"]))
+        run.rank0 = False                      # no log file chatter from the benchmark
+        run.setup()
+        run.net.load_state_dict(template.state_dict())
+        measure("ours", run.step, device, batch, warmup + (2 if compile_ok else 0), reps, rows)
+        del run
+        free(device)
+    return ops.resolve_backend("auto", device)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -174,10 +199,19 @@ def main(argv=None) -> int:
     rows, notes = [], []
     ceil = B.ceilings(device, smoke=smoke or not on_gpu)
 
+    def checkpoint():  # after each variant: a run killed later keeps the rows it finished
+        if args.out:
+            B.write_json(args.out, {"suite": "training", "smoke": smoke, "ceilings": ceil, "rows": rows,
+                                    "complete": False})
+
+    # Ours first (the number a short GPU session is for), then the baselines.
+    backend = measure_ours(template, data, net_kw, D, batch, device, compile_ok, warmup, reps, rows)
+    checkpoint()
     if "published" not in skip:
         set_tf32(False)
         step = PublishedStep(copy.deepcopy(template).to(device), images, batch, D=D)
         measure("published", step, device, batch, warmup, reps, rows)
+        checkpoint()
         del step
         free(device)
     if "hand-compiled" not in skip:
@@ -185,30 +219,10 @@ def main(argv=None) -> int:
         step = PublishedStep(copy.deepcopy(template).to(device), images, batch, D=D, autocast_dtype=fast_dtype,
                              compile=compile_ok, channels_last=on_gpu)
         measure("hand-compiled", step, device, batch, warmup + (2 if compile_ok else 0), reps, rows)
+        checkpoint()
         del step
         free(device)
 
-    # Ours: the real training step of pfgmpp_fast.training.loop on the same synthetic data.
-    set_tf32(True)
-    from pfgmpp_fast.training.loop import TrainingRun
-    from pfgmpp_fast.training.options import resolve_options
-    from pfgmpp_fast.utils import distributed
-    with tempfile.TemporaryDirectory() as tmp:
-        data_path = os.path.join(tmp, "synthetic.npy")
-        np.save(data_path, data.numpy())
-        network = {k: v for k, v in net_kw.items()}
-        o = resolve_options(run_dir=tmp, data=data_path, arch="ddpmpp", D=D, batch=batch, dropout=0.13, augment=0.0,
-                            network=network, precision="bf16" if on_gpu else "fp32", compile=compile_ok,
-                            channels_last=on_gpu, backend="auto", device=str(device), seed=0, progress=False)
-        run = TrainingRun(o, distributed.init(o["device"]))
-        run.rank0 = False                      # no log file chatter from the benchmark
-        run.setup()
-        run.net.load_state_dict(template.state_dict())
-        from pfgmpp_fast import ops
-        backend = ops.resolve_backend("auto", device)
-        measure("ours", run.step, device, batch, warmup + (2 if compile_ok else 0), reps, rows)
-        del run
-        free(device)
     notes.append(f"ours: loss kernel backend '{backend}', fused Adam, make_fast("
                  f"{'bf16' if on_gpu else 'fp32'}, channels_last={on_gpu}, compile={compile_ok})")
     notes.append("published: torch.optim.Adam defaults of this torch version (foreach on CUDA)")

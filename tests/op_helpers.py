@@ -7,7 +7,9 @@ import torch
 from pfgmpp_fast import ops
 
 BACKENDS = [
-    pytest.param("triton", id="triton"),
+    # `triton` mark: the device script selects `-m "gpu or triton"` so the Triton params run on the GPU
+    # too (on the CPU they run under the interpreter, never skipped).
+    pytest.param("triton", id="triton", marks=pytest.mark.triton),
     pytest.param("cpu", id="cpu", marks=pytest.mark.skipif(not ops.has_extension(), reason="pfgmpp_fast._C not built")),
     pytest.param("cuda", id="cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(not ops.has_cuda_kernels(), reason="no CUDA kernels")]),
 ]

@@ -169,6 +169,82 @@ def test_global_batch_sampler_is_rank_independent():
         sampler.batch(0, 10, rank=0, world_size=3)
 
 
+@pytest.fixture
+def host_copies(monkeypatch):
+    """Every host-to-device copy, with whether its source was pinned ('meta' stands in for
+    the GPU; pinning is recorded instead of done, as this machine may have no accelerator)."""
+    from pfgmpp_fast.training import data
+
+    pinned, copies = [], []
+
+    def fake_pinned_empty(shape, dtype):
+        pinned.append(torch.empty(shape, dtype=dtype))
+        return pinned[-1]
+
+    def fake_pin_memory(self):
+        pinned.append(self.clone())
+        return pinned[-1]
+
+    real_to = torch.Tensor.to
+
+    def spy_to(self, *args, **kwargs):
+        out = real_to(self, *args, **kwargs)
+        if self.device.type == "cpu" and out.device.type != "cpu":
+            copies.append(dict(pinned=any(self.data_ptr() == p.data_ptr() for p in pinned),
+                               non_blocking=kwargs.get("non_blocking", False), dtype=self.dtype))
+        return out
+
+    monkeypatch.setattr(data, "pinned_empty", fake_pinned_empty)
+    monkeypatch.setattr(torch.Tensor, "pin_memory", fake_pin_memory)
+    monkeypatch.setattr(torch.Tensor, "to", spy_to)
+    return copies
+
+
+def test_sampler_indices_stay_on_the_data_set_device(host_copies, monkeypatch):
+    """The permutation is drawn once per epoch and kept on the device: a step slices it
+    there, with no host-to-device copy (and no host sync)."""
+    draws = []
+    real_randperm = torch.randperm
+    monkeypatch.setattr(torch, "randperm", lambda *a, **k: draws.append(1) or real_randperm(*a, **k))
+    ds = load_dataset("digits", xflip=True, use_labels=True).to("meta")
+    sampler = GlobalBatchSampler(len(ds), seed=3, device=ds.images.device)
+    host_copies.clear()                                           # the data set's own move
+    epoch_steps = len(ds) // 64
+    for step in range(epoch_steps):
+        indices = sampler.batch(step, 64)
+        assert indices.device.type == "meta" and indices.dtype == torch.int64 and indices.shape == (64,)
+        x, labels = ds.get_batch(indices)
+        assert x.device.type == "meta" and x.shape == (64, 1, 8, 8) and labels.device.type == "meta"
+    assert len(draws) == 1 and len(host_copies) == 1          # one permutation, moved once
+    sampler.batch(epoch_steps + 1, 64)                            # the next epoch: one more
+    assert len(draws) == 2 and len(host_copies) == 2
+    assert all(c["pinned"] and c["non_blocking"] for c in host_copies)
+
+
+def test_cpu_data_set_feeds_an_accelerator_through_pinned_memory(host_copies):
+    ds = load_dataset("digits", xflip=True, use_labels=True)
+    sampler = GlobalBatchSampler(len(ds), seed=0)
+    for step in range(3):
+        x, labels = ds.get_batch(sampler.batch(step, 16), device="meta")
+        assert x.device.type == "meta" and x.dtype == torch.float32 and labels.device.type == "meta"
+    assert host_copies and all(c["pinned"] and c["non_blocking"] for c in host_copies), host_copies
+    assert ds.images.dtype in {c["dtype"] for c in host_copies}  # images travel as stored (uint8: 1 B/pixel)
+    # A CPU index tensor for a data set on the accelerator is staged through pinned memory too.
+    on_device = ds.to("meta")
+    host_copies.clear()
+    on_device.get_batch(torch.tensor([0, 1800]))
+    assert host_copies and all(c["pinned"] for c in host_copies)
+
+
+def test_get_batch_same_values_on_host_and_device_paths():
+    ds = load_dataset("digits", xflip=True, use_labels=True)
+    idx = torch.tensor([0, 5, 1797, 1797 + 5, 3000])
+    x, labels = ds.get_batch(idx)
+    x2, labels2 = ds.get_batch(idx, device="cpu")
+    assert torch.equal(x, x2) and torch.equal(labels, labels2)
+    assert torch.equal(x[2], x[0].flip(-1)) and x.min() >= -1 and x.max() <= 1
+
+
 # ----------------------------------------------------------------------------------------
 # Augmentation
 

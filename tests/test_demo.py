@@ -63,6 +63,45 @@ def test_short_demo_trained_beats_untrained(short_demo):
     assert m["network"]["parameters"] > 0 and "torch" in m["versions"]
 
 
+def test_short_demo_reports_kid_and_precision_recall(short_demo):
+    """metrics.json and the summary hold KID and precision/recall (digits feature space) of the
+    trained and untrained samples and the held-out digits, computed by compute_metrics."""
+    outdir, stdout = short_demo
+    m = json.loads((outdir / "metrics.json").read_text())
+    ms = m["metric_set"]
+    for key in ("trained", "untrained", "heldout_real"):
+        assert set(ms[key]) == {"FDD", "KID", "KID_std", "precision", "recall"}, key
+        assert all(np.isfinite(v) for v in ms[key].values()), ms[key]
+        assert 0 <= ms[key]["precision"] <= 1 and 0 <= ms[key]["recall"] <= 1
+    assert len(ms["trained_sets"]) == len(ms["untrained_sets"]) == 1 and ms["images_per_set"] == 360
+    # The same FDD as the FDD section (one code path), and the metrics agree on the ordering.
+    assert ms["trained"]["FDD"] == pytest.approx(m["fdd"]["trained"], rel=1e-9)
+    assert ms["heldout_real"]["FDD"] == pytest.approx(m["fdd"]["heldout_real"], rel=1e-9)
+    assert ms["trained"]["KID"] < ms["untrained"]["KID"] / 3
+    assert ms["trained"]["precision"] > ms["untrained"]["precision"]
+    assert ms["heldout_real"]["precision"] > 0.5 and ms["heldout_real"]["recall"] > 0.5
+    line = [line for line in stdout.splitlines() if line.startswith("KID/PR:")]
+    assert len(line) == 1 and f"trained KID {ms['trained']['KID']:.3f}" in line[0], stdout[-2000:]
+
+
+def test_scorer_metrics_match_torch_fidelity():
+    """DigitsScorer.metrics is torch-fidelity's KID and precision/recall on the digits features."""
+    from torch_fidelity.metric_kid import kid_features_to_metric
+    from torch_fidelity.metric_prc import prc_features_to_metric
+    from pfgmpp_fast.apps.digits import DigitsScorer, digits_uint8_split
+    scorer = DigitsScorer()
+    train, heldout = digits_uint8_split()
+    images = heldout[:200]
+    got = scorer.metrics(images)
+    gen, real = scorer.extractor(images).float(), scorer.extractor(train).float()
+    kid = kid_features_to_metric(gen, real, kid_subsets=100, kid_subset_size=200, rng_seed=2020, verbose=False)
+    prc = prc_features_to_metric(gen, real, verbose=False)
+    assert got["KID"] == pytest.approx(kid["kernel_inception_distance_mean"], rel=1e-4, abs=1e-6)
+    assert got["precision"] == pytest.approx(prc["precision"]) and got["recall"] == pytest.approx(prc["recall"])
+    assert got["FDD"] == pytest.approx(scorer.fdd(images), rel=1e-9)
+    assert [s["FDD"] for s in scorer.metric_sets(heldout)] == [pytest.approx(scorer.floor, rel=1e-9)]
+
+
 def test_demo_rejects_bad_arguments(tmp_path):
     from pfgmpp_fast import cli
     for argv in (["demo", "--D", "-1"], ["demo", "--D", "abc"], ["demo", "--duration", "0"],

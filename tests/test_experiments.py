@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SWEEPS = ("alpha", "bits", "nfe")
+SWEEPS = ("alpha", "bits", "nfe", "ema")
 
 
 def _env():
@@ -73,6 +73,37 @@ def test_tiny_writes_every_documented_file(tiny_run):
     assert base("alpha", "alpha", "0.0") == base("bits", "bits", "32") == base("nfe", "nfe", "9")
 
 
+def test_tiny_ema_sweep(tiny_run):
+    """Each D tracks power-function EMAs; the 'ema' sweep scores the network reconstructed for
+    every configured EMA length (post-hoc EMA) by FDD, KID and precision/recall."""
+    from PIL import Image
+    from pfgmpp_fast.training.phema import available_stds
+    outdir, stdout = tiny_run
+    rows = _read_csv(outdir / "robustness-ema.csv")
+    assert [(r["D"], r["ema"]) for r in rows] == [(D, v) for D in ("128", "inf") for v in ("0.05", "0.1")]
+    for r in rows:
+        for key in ("fdd", "kid", "precision", "recall"):
+            assert np.isfinite(float(r[f"{key}_mean"])) and float(r[f"{key}_spread"]) >= 0, (key, r)
+        assert float(r["fdd_mean"]) > 0 and 0 <= float(r["precision_mean"]) <= 1 and r["sets"] == "2"
+        assert np.isfinite(float(r["degradation_mean"]))          # paired with the base point
+    for D in ("128", "inf"):
+        assert available_stds(str(outdir / "train" / f"D{D}")) == [0.05, 0.1]
+    table = (outdir / "robustness-ema.md").read_text()
+    assert "| D \\ ema | 0.05 | 0.1 |" in table and "| inf |" in table and "KID" in table and "recall" in table
+    for name in ("robustness-ema.png", "robustness-ema-kid.png", "robustness-ema-precision.png",
+                 "robustness-ema-recall.png"):
+        assert Image.open(outdir / name).format == "PNG" and str(outdir / name) in stdout
+    assert "## Sweep: ema" in (outdir / "summary.md").read_text()
+    results = json.loads((outdir / "results.json").read_text())
+    ema = results["ema_points"]
+    assert sorted((r["D"], r["ema"], r["set"]) for r in ema) == [
+        (D, e, k) for D in ("128", "inf") for e in (0.05, 0.1) for k in (0, 1)]
+    assert all(r["images"] == 100 and r["steps"] == 5 and np.isfinite(r["kid"]) for r in ema)
+    # Other weights than the training EMA: the scores differ from the base point's.
+    base = {(r["D"], r["set"]): r["fdd"] for r in results["points"] if r["point"] == "alpha0-bits32-steps5"}
+    assert all(r["fdd"] != base[(r["D"], r["set"])] for r in ema)
+
+
 def test_resume_after_kill_skips_finished_points(tiny_run, tmp_path):
     reference_dir, _ = tiny_run
     outdir = tmp_path / "killed"
@@ -117,7 +148,8 @@ def test_other_configuration_in_same_folder_is_refused(tiny_run):
 
 
 def test_config_validation():
-    from pfgmpp_fast.apps.experiments import FULL_CONFIG, make_config, _points, _sweep_points
+    from pfgmpp_fast.apps.experiments import FULL_CONFIG, make_config, _points
+    from pfgmpp_fast.apps.robustness_report import sweep_points as _sweep_points
     full = make_config()
     assert [2 * s - 1 for s in full["steps"]] == [5, 9, 13, 21, 35]
     assert len(_points(full)) == 13                      # 5 + 5 + 5 sweep values, base point once
@@ -129,3 +161,13 @@ def test_config_validation():
             make_config(**bad)
     with pytest.raises(TypeError, match="unknown"):
         make_config(colour="red")
+
+
+def test_config_ema_lengths():
+    from pfgmpp_fast.apps.experiments import make_config
+    from pfgmpp_fast.apps.robustness_report import sweep_points
+    assert [x for x, _ in sweep_points(make_config(), "ema")] == [0.05, 0.1, 0.15]
+    assert sweep_points(make_config(tiny=True), "ema") == [(0.05, "ema0.05"), (0.1, "ema0.1")]
+    for bad in ([0.0], [-0.1], [0.5], [0.05, 0.05], ["0.1"], [True]):
+        with pytest.raises(ValueError, match="ema values"):
+            make_config(ema=bad)

@@ -15,13 +15,15 @@ well under a minute of training on a GPU):
    count, so every number below has the same small-sample bias), for the trained network,
    the same network before training (same seeds), and the 360 held-out real digits (the
    reference level of fresh real data; a generator that reproduces its training images
-   can score below it, so it is a yardstick, not a hard floor).
+   can score below it, so it is a yardstick, not a hard floor). KID and precision/recall
+   of the same sets in the same feature space (`fid calc --metrics fid,kid,prc`'s code) too.
 
 Outputs in `--outdir` (default demo-out): samples.png (a 10×10 grid, 6× upscaled, 1-px grey gaps),
-loss.png (training loss vs kimg), metrics.json (throughputs, FDDs, versions, command) and
+loss.png (training loss vs kimg), metrics.json (throughputs, FDDs, 'metric_set': FDD, KID and
+precision/recall, versions, command) and
 run/ (the training run: snapshots, stats.jsonl, log.txt). With --phema the run also tracks
 power-function EMAs, and phema.png + metrics.json 'phema' hold the FDD of networks
-reconstructed for a range of EMA lengths from them (post-hoc EMA, training/phema.py).
+reconstructed for a range of EMA lengths from them (post-hoc EMA, pfgmpp_fast/phema.py).
 
 Shared pieces (the digits split, the scorer, generation, snapshot loading, the small-network
 recipe) are reused by `pfgmpp_fast.apps.experiments`.
@@ -36,9 +38,9 @@ import sys
 import time
 
 from pfgmpp_fast import checks
-from pfgmpp_fast.apps.digits import (NUM_HELDOUT, NUM_STEPS, NUM_TRAIN, RECIPE, SMALL_NETWORK, D_label, DigitsScorer,
-                                     generate_uint8, latest_snapshot, load_snapshot, mean_spread, read_stats,
-                                     sampling_network, train_small, untrained_network, versions)
+from pfgmpp_fast.apps.digits import (NUM_HELDOUT, NUM_STEPS, NUM_TRAIN, PHEMA_TRACKED, RECIPE, SMALL_NETWORK, D_label,
+                                     DigitsScorer, generate_uint8, latest_snapshot, load_snapshot, mean_spread,
+                                     read_stats, sampling_network, train_small, untrained_network, versions)
 from pfgmpp_fast.utils import distributed
 from pfgmpp_fast.utils.cli_errors import add_threads_argument
 
@@ -46,7 +48,6 @@ __all__ = ["DEFAULT_DURATION_KIMG", "SHORT_DURATION_KIMG", "add_arguments", "mai
 
 DEFAULT_DURATION_KIMG = 200.0
 SHORT_DURATION_KIMG = 12.0
-PHEMA_TRACKED = (0.05, 0.10)                          # EDM2's pair, snapshotted every 1/20 of the run
 PHEMA_SWEEP = (0.03, 0.05, 0.07, 0.10, 0.15, 0.20)    # EMA lengths of the sweep (all within 5 % profile error)
 
 
@@ -115,6 +116,7 @@ def main(args) -> int:
     untrained_images = generate_uint8(untrained, seeds, device=device, batch_size=batch, progress=progress,
                                       desc="sampling (untrained)", backend=args.backend)
     fdd_untrained = scorer.fdd_sets(untrained_images)
+    sets_untrained = scorer.metric_sets(untrained_images)
     del untrained
 
     # 2. Train (fresh run directory each time: the demo measures its own throughput).
@@ -133,7 +135,8 @@ def main(args) -> int:
     run = dict(D=D, device=device, duration=duration, args=args, net=net, stats=stats, scorer=scorer,
                num_samples=num_samples, train_seconds=train_seconds, sample_seconds=sample_seconds,
                seeds=seeds, batch=batch, outdir=outdir, run_dir=run_dir, progress=progress,
-               fdd_trained=scorer.fdd_sets(images), fdd_untrained=fdd_untrained)
+               fdd_trained=scorer.fdd_sets(images), fdd_untrained=fdd_untrained,
+               metric_sets={"trained": scorer.metric_sets(images), "untrained": sets_untrained})
     paths = {"samples": os.path.join(outdir, "samples.png"), "loss": os.path.join(outdir, "loss.png"),
              "metrics": os.path.join(outdir, "metrics.json"), "run": run_dir, "snapshot": snapshot}
     metrics = _write_outputs(run, images, paths, t_start, cpu_start)
@@ -211,8 +214,25 @@ def _metrics(run, paths) -> dict:
                 "reference": f"training split (first {NUM_TRAIN} digits)",
                 "heldout": f"last {NUM_HELDOUT} digits (never trained on)",
                 "features": "digits_features.py (64-d)", "features_sha256": scorer.sha256},
+        "metric_set": _metric_set(run),
         "wall_seconds": None, "cpu_seconds": None, "versions": versions(), "files": paths,
     }
+
+
+def _metric_set(run) -> dict:
+    """FDD, KID and precision/recall per set and their mean ± spread over the sets, for the
+    trained and untrained samples and the held-out real digits (`fid calc --metrics fid,kid,prc`'s
+    code in the digits feature space)."""
+    scorer, out = run["scorer"], {}
+    for key, sets in run["metric_sets"].items():
+        out[key] = {c: mean_spread([s[c] for s in sets])[0] for c in sets[0]}
+        out[f"{key}_spread"] = {c: mean_spread([s[c] for s in sets])[1] for c in sets[0]}
+        out[f"{key}_sets"] = sets
+    out["heldout_real"] = scorer.metrics(scorer.heldout)
+    out.update(images_per_set=NUM_HELDOUT, reference=f"training split (first {NUM_TRAIN} digits)",
+               code="evaluation.metrics.compute_metrics: torch-fidelity's KID (100 subsets of min(1000, n) "
+                    "images) and precision/recall (k = 3) on digits_features.py features")
+    return out
 
 
 def _print_summary(run, metrics, paths) -> None:
@@ -225,6 +245,11 @@ def _print_summary(run, metrics, paths) -> None:
           f"= {metrics['sample']['img_per_sec']:.0f} img/s")
     print(f"FDD   : trained {fdd['trained']:.2f} ± {fdd['trained_spread']:.2f} | untrained {fdd['untrained']:.2f} | "
           f"held-out real digits {fdd['heldout_real']:.2f} (lower is better; {metrics['wall_seconds']:.0f} s in all)")
+    ms = metrics["metric_set"]
+    print("KID/PR: " + " | ".join(f"{label} KID {m['KID']:.3f}, precision {m['precision']:.2f}, recall {m['recall']:.2f}"
+                                  for label, m in (("trained", ms["trained"]), ("untrained", ms["untrained"]),
+                                                   ("held-out real", ms["heldout_real"])))
+          + " (KID lower, precision/recall higher is better)")
 
 
 def phema_sweep(run_dir, outdir, scorer, seeds, device, batch, backend, progress, D, stds=PHEMA_SWEEP,

@@ -1,7 +1,7 @@
 """The digits toolkit shared by the demo and the robustness experiment: the small-network
-recipe, the train/held-out split of scikit-learn's 8×8 digits, the Fréchet Digit Distance
-scorer (evaluation.metrics in the evaluation.digits_features space), training, loading and
-sampling of the small network.
+recipe, the train/held-out split of scikit-learn's 8×8 digits, the scorer (Fréchet Digit
+Distance, KID and precision/recall: evaluation.metrics in the evaluation.digits_features
+space), training, loading and sampling of the small network.
 """
 from __future__ import annotations
 
@@ -11,7 +11,8 @@ import platform
 import sys
 from typing import Dict, List, Optional, Sequence
 
-__all__ = ["SMALL_NETWORK", "RECIPE", "NUM_DIGITS", "NUM_TRAIN", "NUM_HELDOUT", "NUM_STEPS", "D_label", "mean_spread",
+__all__ = ["SMALL_NETWORK", "RECIPE", "NUM_DIGITS", "NUM_TRAIN", "NUM_HELDOUT", "NUM_STEPS", "PHEMA_TRACKED", "D_label",
+           "mean_spread",
            "digits_uint8_split", "DigitsScorer", "train_small", "load_snapshot", "latest_snapshot",
            "untrained_network", "generate_uint8", "sampling_network", "read_stats", "versions"]
 
@@ -23,6 +24,7 @@ NUM_DIGITS = 1797
 NUM_HELDOUT = 360                     # = the size of one FDD set
 NUM_TRAIN = NUM_DIGITS - NUM_HELDOUT  # the first 1437 digits
 NUM_STEPS = 18                        # Heun: 35 NFE
+PHEMA_TRACKED = (0.05, 0.10)          # power-function EMAs tracked for post-hoc EMA (EDM2's pair)
 
 
 def D_label(D: float) -> str:
@@ -51,17 +53,25 @@ def digits_uint8_split():
 
 
 class DigitsScorer:
-    """Fréchet Digit Distance to the training split (evaluation.metrics statistics and distance,
-    digits_features.py features). `floor` = the FDD of the 360 held-out real digits."""
+    """Fréchet Digit Distance, KID and precision/recall to the training split in the
+    digits_features.py space, with the code of `fid calc --metrics fid,kid,prc`
+    (features.Detectors, calc.reference_stats, metrics.compute_metrics). `floor` = the FDD of
+    the 360 held-out real digits; `detectors` and `reference` feed the sweep engine."""
+
+    METRICS = "fid,kid,prc"
 
     def __init__(self, device="cpu"):
-        from pfgmpp_fast.evaluation.features import get_feature_extractor
+        from pfgmpp_fast.evaluation.calc import reference_stats
+        from pfgmpp_fast.evaluation.features import Detectors, get_feature_extractor
         self.device = device
         self.extractor = get_feature_extractor("digits", device=device)
         self.sha256 = getattr(self.extractor, "sha256", None)
-        train, heldout = digits_uint8_split()
-        self.mu, self.sigma = self._stats(train).mean_cov()
-        self.floor = self.fdd(heldout)
+        self.detectors = Detectors(self.extractor, self.METRICS)
+        train, self.heldout = digits_uint8_split()
+        stats = reference_stats(train, self.detectors, batch_size=1024, device=device)["features"]
+        self.mu, self.sigma = stats.mean_cov()
+        self.reference = {"mu": self.mu, "sigma": self.sigma, "features": stats.rows.numpy()}
+        self.floor = self.fdd(self.heldout)
 
     def _stats(self, images):
         from pfgmpp_fast.evaluation.metrics import FeatureStats
@@ -76,12 +86,28 @@ class DigitsScorer:
         mu, sigma = self._stats(images).mean_cov()
         return frechet_distance(mu, sigma, self.mu, self.sigma)
 
+    def metrics(self, images) -> Dict[str, float]:
+        """{FDD, KID, KID_std, precision, recall} of uint8 images [B, 1, 8, 8] to the training
+        split (KID's subsets hold min(1000, B) images; precision/recall with k = 3)."""
+        from pfgmpp_fast.evaluation.calc import reference_stats
+        from pfgmpp_fast.evaluation.metrics import compute_metrics
+        stats = reference_stats(images, self.detectors, batch_size=1024, device=self.device)
+        return compute_metrics(stats, self.reference, self.detectors.metrics, self.detectors.name)
+
+    def metric_sets(self, images, set_size: int = NUM_HELDOUT) -> List[Dict[str, float]]:
+        """`metrics` of consecutive sets of `set_size` images (a trailing partial set is dropped)."""
+        return [self.metrics(images[i * set_size:(i + 1) * set_size]) for i in range(self._count(images, set_size))]
+
     def fdd_sets(self, images, set_size: int = NUM_HELDOUT) -> List[float]:
         """FDD of consecutive sets of `set_size` images (a trailing partial set is dropped)."""
+        return [self.fdd(images[i * set_size:(i + 1) * set_size]) for i in range(self._count(images, set_size))]
+
+    @staticmethod
+    def _count(images, set_size: int) -> int:
         count = images.shape[0] // set_size
         if count < 1:
             raise ValueError(f"need at least {set_size} images for one FDD set, got {images.shape[0]}")
-        return [self.fdd(images[i * set_size:(i + 1) * set_size]) for i in range(count)]
+        return count
 
 
 # ----------------------------------------------------------------------------------------

@@ -94,27 +94,50 @@ class ImageDataset:
     def get_batch(self, indices: torch.Tensor, device=None):
         """Images float32 in [-1, 1], [B, C, H, W], and labels (or None) for item indices.
 
-        ``indices`` index the (possibly x-flipped, 2N-long) data set; they may live on the
-        CPU while the data set is on the GPU (a small host-to-device copy, no sync).
+        ``indices`` index the (possibly x-flipped, 2N-long) data set and should live on its
+        device (GlobalBatchSampler keeps its permutation there). Nothing here waits for the
+        host: a CPU tensor bound for an accelerator goes through pinned memory (a pageable
+        ``non_blocking`` copy blocks the host every step), and a CPU data set feeding an
+        accelerator is gathered as stored (uint8: a quarter of the bytes) and converted there.
         """
-        indices = torch.as_tensor(indices, dtype=torch.int64)
+        device = self.images.device if device is None else torch.device(device)
+        indices = to_device(torch.as_tensor(indices, dtype=torch.int64), self.images.device)
         n = self.num_images
-        if self.xflip:
-            flip = indices >= n
-            base = indices - flip.to(torch.int64) * n
-        else:
-            flip, base = None, indices
-        base = base.to(self.images.device, non_blocking=True)
-        images = self.images.index_select(0, base)
-        images = images.to(torch.float32) / 127.5 - 1 if images.dtype == torch.uint8 else images.clone()
+        flip = indices >= n if self.xflip else None
+        base = indices - flip.to(torch.int64) * n if self.xflip else indices
+        images = gather(self.images, base, device)
+        images = images.to(torch.float32) / 127.5 - 1 if images.dtype == torch.uint8 else images
         if flip is not None:
-            flip = flip.to(images.device, non_blocking=True).view(-1, 1, 1, 1)
+            flip = to_device(flip, device).view(-1, 1, 1, 1)
             images = torch.where(flip, images.flip(3), images)
-        labels = None if self.labels is None else self.labels.index_select(0, base)
-        if device is not None:
-            images = images.to(device, non_blocking=True)
-            labels = None if labels is None else labels.to(device, non_blocking=True)
+        labels = None if self.labels is None else gather(self.labels, base, device)
         return images, labels
+
+
+def pinned_empty(shape, dtype) -> torch.Tensor:
+    return torch.empty(shape, dtype=dtype, pin_memory=True)
+
+
+def _needs_pinning(t: torch.Tensor, device: torch.device) -> bool:
+    return t.device.type == "cpu" and device.type != "cpu"
+
+
+def to_device(t: torch.Tensor, device) -> torch.Tensor:
+    """``t`` on ``device`` without a pageable host-to-device copy (pinned staging)."""
+    device = torch.device(device)
+    if _needs_pinning(t, device):
+        t = t.pin_memory()
+    return t.to(device, non_blocking=device.type != "cpu")  # a non_blocking copy to the host may not have landed
+
+
+def gather(source: torch.Tensor, index: torch.Tensor, device) -> torch.Tensor:
+    """source[index] on ``device``: gathered where ``source`` lives, straight into pinned
+    memory when that is the host and ``device`` an accelerator."""
+    device = torch.device(device)
+    if _needs_pinning(source, device):
+        out = pinned_empty((index.numel(), *source.shape[1:]), source.dtype)
+        return torch.index_select(source, 0, index, out=out).to(device, non_blocking=True)
+    return source.index_select(0, index).to(device, non_blocking=device.type != "cpu")
 
 
 # ----------------------------------------------------------------------------------------
@@ -321,7 +344,9 @@ class GlobalBatchSampler:
     Global position p (p = step · global_batch + j) maps to item perm_e[p mod n] of epoch
     e = p // n, with perm_e a permutation drawn from (seed, e). Rank ``r`` of ``W`` takes
     items [r·B/W, (r+1)·B/W) of each global batch, so the union over ranks — and the
-    training run — does not depend on W. Indices are computed on the CPU (no device sync).
+    training run — does not depend on W. Each epoch's permutation is drawn on the CPU (the
+    same order on every device) and moved once to ``device`` (the data set's), so a step
+    only slices it there: no host-to-device copy and no host sync per step.
     """
 
     def __init__(self, size: int, seed: int = 0, shuffle: bool = True, device=None):
@@ -340,7 +365,7 @@ class GlobalBatchSampler:
                 perm = torch.randperm(self.size, generator=gen)
             else:
                 perm = torch.arange(self.size)
-            self._perms[epoch] = perm.to(self.device)
+            self._perms[epoch] = to_device(perm, self.device)
         return self._perms[epoch]
 
     def positions(self, start: int, count: int) -> torch.Tensor:

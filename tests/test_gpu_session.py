@@ -1,0 +1,72 @@
+"""The device script's plumbing on every commit: `scripts/gpu_session.sh --dry-run` runs the
+same phases on the CPU (tiny sizes) and must bring back the same files a GPU run does."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+SCRIPT = ROOT / "scripts" / "gpu_session.sh"
+SET1_PHASES = ("probe", "build", "tests", "kernels", "memcheck", "training")
+
+
+def _run(*argv, out, timeout=600):
+    env = dict(os.environ, OUT=str(out), PYTHON=sys.executable, OMP_NUM_THREADS="1")
+    return subprocess.run(["bash", str(SCRIPT), *argv], capture_output=True, text=True, env=env,
+                          timeout=timeout, cwd=ROOT)
+
+
+@pytest.mark.slow
+def test_dry_run_brings_back_every_phase(tmp_path):
+    out = tmp_path / "out"
+    proc = _run("--dry-run", out=out)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
+    files = sorted(p.name for p in out.iterdir())
+    assert len(files) <= 8, files                                   # the device returns at most 8
+    logs = {"session.txt", "build.log", "tests.log", "kernels.log", "memcheck.log", "training.log"}
+    assert logs <= set(files), files
+    (results,) = out.glob("*-smoke.json")
+    assert results.with_suffix(".md").name in files
+
+    session = (out / "session.txt").read_text()
+    for phase in SET1_PHASES:
+        assert f"phase {phase}: ok" in session, session
+    assert "cmake" in session and "torch" in session                 # the probe's versions
+    assert "kernels registered for 6 ops" in (out / "build.log").read_text()
+    tests_log = (out / "tests.log").read_text()
+    counts = tests_log.split("op tests selected:")[1].split("\n")[0]
+    n_triton, n_cuda = (int(counts.split(" triton")[0].split()[-1]), int(counts.split(" cuda")[0].split()[-1]))
+    assert n_triton > 100 and n_cuda > 100, counts                     # both backends are selected
+    assert " passed" in tests_log
+
+    payload = json.loads(results.read_text())
+    assert set(payload["suites"]) == {"kernels", "training"}          # two bench calls, one file
+    for name, suite in payload["suites"].items():
+        assert "error" not in suite, (name, suite.get("stderr_tail"))
+    rows = payload["suites"]["kernels"]["rows"]
+    assert {"philox_normal", "perturb"} <= {r["op"] for r in rows}
+    assert any(r["op"] == "perturb" and r.get("x_floor") for r in rows)     # perturb vs max(copy, RNG)
+    assert "[training] done" in (out / "training.log").read_text()
+
+
+@pytest.mark.parametrize("argv", [["--set", "3"], ["--bogus"]])
+def test_bad_options_are_usage_errors(argv, tmp_path):
+    proc = _run(*argv, out=tmp_path, timeout=60)
+    assert proc.returncode == 2 and "usage:" in proc.stderr
+    assert not any(tmp_path.iterdir())                               # nothing ran
+
+
+def test_old_cmake_stops_the_session_after_the_probe(tmp_path):
+    env_min = "999.0"                                                # every cmake is older than this
+    out = tmp_path / "out"
+    env = dict(os.environ, OUT=str(out), PYTHON=sys.executable, OMP_NUM_THREADS="1", CMAKE_MIN=env_min)
+    proc = subprocess.run(["bash", str(SCRIPT), "--dry-run"], capture_output=True, text=True, env=env,
+                          timeout=300, cwd=ROOT)
+    assert proc.returncode == 1
+    session = (out / "session.txt").read_text()
+    assert f"is older than {env_min}, which the build needs" in session
+    assert "phase probe: FAILED" in session and "STOP: phase probe" in session
+    assert sorted(p.name for p in out.iterdir()) == ["session.txt"]      # nothing after the probe ran
