@@ -30,8 +30,8 @@ LOCK_NAME = ".pfgmpp_fast.lock"
 _held: dict = {}          # realpath -> [fd, depth]: re-entrant within one process
 
 
-class RunDirectoryBusy(ValueError):
-    """Another live job owns the directory."""
+class RunDirectoryBusy(RuntimeError):
+    """Another live job owns the directory (a runtime condition: exit code 1 on the command line)."""
 
 
 def read_holder(directory: str) -> Optional[dict]:
