@@ -2,7 +2,12 @@
 tests marked `gpu` are skipped without CUDA."""
 import os
 
-import torch
+# One intra-op thread in this process and every process a test starts (they inherit it):
+# tests compare results across processes bit for bit, and float reductions depend on the
+# thread count. Set before torch starts its thread pool.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import torch  # noqa: E402
 
 if not torch.cuda.is_available():
     # Must happen before triton is imported anywhere.
@@ -34,3 +39,11 @@ def poison_uninitialized_memory():
     torch.utils.deterministic.fill_uninitialized_memory = True
     yield
     torch.use_deterministic_algorithms(prev)
+
+
+@pytest.fixture(autouse=True)
+def restore_thread_count():
+    """A test that changes torch's thread count (e.g. a command's --threads) leaves it as it was."""
+    before = torch.get_num_threads()
+    yield
+    torch.set_num_threads(before)
