@@ -47,3 +47,20 @@ def restore_thread_count():
     before = torch.get_num_threads()
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="session")
+def digits_cache(tmp_path_factory):
+    """The digits feature network, trained once per session into a cache file that
+    subprocesses started by tests read too."""
+    from pfgmpp_fast.evaluation import features
+    path = str(tmp_path_factory.mktemp("digits") / "digits-features.safetensors")
+    features.get_feature_extractor("digits", digits_cache=path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def digits(digits_cache):
+    """The digits feature extractor (64-d features of uint8 [B, 1, 8, 8] images)."""
+    from pfgmpp_fast.evaluation import features
+    return features.get_feature_extractor("digits", digits_cache=digits_cache)

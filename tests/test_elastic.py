@@ -109,14 +109,6 @@ def uninterrupted(tmp_path_factory):
     return run_dir
 
 
-@pytest.fixture(scope="module")
-def digits_cache(tmp_path_factory):
-    from pfgmpp_fast.evaluation import features
-    path = str(tmp_path_factory.mktemp("digits") / "digits-features.safetensors")
-    features.get_feature_extractor("digits", digits_cache=path)
-    return path
-
-
 def read_final(run_dir):
     return io_utils.load_torch_state(os.path.join(run_dir, "training-state-000000.pt"))
 

@@ -18,16 +18,6 @@ from pfgmpp_fast import reference as R
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-@pytest.fixture(scope="module")
-def digits_cache(tmp_path_factory):
-    return str(tmp_path_factory.mktemp("digits") / "digits-features.safetensors")
-
-
-@pytest.fixture(scope="module")
-def digits(digits_cache):
-    return features.get_feature_extractor("digits", digits_cache=digits_cache)
-
-
 class DenoiserNet(torch.nn.Module):
     def __init__(self, data, D):
         super().__init__()

@@ -21,16 +21,6 @@ DIGITS_METRICS = "fid,kid,prc"
 
 
 @pytest.fixture(scope="module")
-def digits_cache(tmp_path_factory):
-    return str(tmp_path_factory.mktemp("digits") / "digits-features.safetensors")
-
-
-@pytest.fixture(scope="module")
-def digits(digits_cache):
-    return features.get_feature_extractor("digits", digits_cache=digits_cache)
-
-
-@pytest.fixture(scope="module")
 def digits_images():
     from pfgmpp_fast.evaluation.digits_features import digits_uint8
     return digits_uint8()[0]

@@ -56,11 +56,6 @@ def payload(tmp_path_factory):
     return path, marker
 
 
-@pytest.fixture(scope="module")
-def digits_cache(tmp_path_factory):
-    return str(tmp_path_factory.mktemp("digits") / "digits-features.safetensors")
-
-
 def _refused(rc, capsys, marker):
     err = capsys.readouterr().err
     assert rc != 0 and "TorchScript" in err and "Traceback" not in err, err
