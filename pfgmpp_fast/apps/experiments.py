@@ -59,7 +59,6 @@ from pfgmpp_fast.apps.robustness_report import point_name as _point_name
 from pfgmpp_fast.apps.robustness_report import write_outputs as _write_outputs
 from pfgmpp_fast.evaluation.sweep import Point, PointNetwork, score_point
 from pfgmpp_fast.phema import STD_MAX
-from pfgmpp_fast.training.options import TrainingError
 from pfgmpp_fast.utils import distributed
 from pfgmpp_fast.utils.cli_errors import add_threads_argument
 from pfgmpp_fast.utils.io_utils import append_line, atomic_save_json
@@ -338,13 +337,10 @@ def main(args) -> int:
     outdir = args.outdir or ("results/robustness-tiny" if args.tiny else "results/robustness")
     command = "python -m pfgmpp_fast experiment " + " ".join(sys.argv[2:] if sys.argv[1:2] == ["experiment"]
                                                                 else sys.argv[1:])
-    try:
-        distributed.set_cpu_threads(distributed.pick_device(args.device), args.threads)
-        D_values = None if args.D_values is None else [d.strip() for d in args.D_values.split(",") if d.strip()]
-        run_robustness(outdir, tiny=args.tiny, device=args.device, progress=args.progress, command=command,
-                       backend=args.backend, report_only=args.report_only,
-                       duration_kimg=args.duration, sets=args.sets, D_values=D_values, seed=args.seed)
-    except (ValueError, TypeError, FileNotFoundError, TrainingError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    # Errors become one message in cli_errors.command: bad options exit 2, a failed training 1.
+    distributed.set_cpu_threads(distributed.pick_device(args.device), args.threads)
+    D_values = None if args.D_values is None else [d.strip() for d in args.D_values.split(",") if d.strip()]
+    run_robustness(outdir, tiny=args.tiny, device=args.device, progress=args.progress, command=command,
+                   backend=args.backend, report_only=args.report_only,
+                   duration_kimg=args.duration, sets=args.sets, D_values=D_values, seed=args.seed)
     return 0
