@@ -23,6 +23,7 @@ import pickle
 import re
 import struct
 import sys
+import warnings
 import zipfile
 import _compat_pickle
 
@@ -199,11 +200,10 @@ class _ZipUnpickler(RestrictedUnpickler):
         if not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] in ('storage', b'storage')):
             raise pickle.UnpicklingError(f'unsupported persistent id {str(pid)[:80]}')
         _, storage_type, key, _location, numel = pid
-        if storage_type is torch.UntypedStorage:
-            dtype = torch.uint8
-        elif isinstance(storage_type, type) and isinstance(getattr(storage_type, 'dtype', None), torch.dtype):
-            dtype = storage_type.dtype
-        else:
+        with warnings.catch_warnings():     # published pickles name the legacy typed storage classes
+            warnings.filterwarnings('ignore', message='TypedStorage is deprecated')
+            dtype = torch.uint8 if storage_type is torch.UntypedStorage else getattr(storage_type, 'dtype', None)
+        if not (isinstance(storage_type, type) and isinstance(dtype, torch.dtype)):
             raise pickle.UnpicklingError(f'unsupported storage type {storage_type!r}')
         key = str(key.decode() if isinstance(key, bytes) else key)
         if key not in self.storages:
