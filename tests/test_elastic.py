@@ -24,6 +24,7 @@ import torch
 
 from pfgmpp_fast.utils import distributed, io_utils
 from pfgmpp_fast.utils.run_lock import LOCK_NAME, RunDirectoryBusy, acquire_run_dir, read_holder
+from multirank import run_ranks
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY_NET = '{"model_channels": 8, "channel_mult": [1, 2], "num_blocks": 1, "attn_resolutions": []}'
@@ -275,7 +276,7 @@ def test_setup_retries_with_backoff_until_every_rank_is_there(monkeypatch):
 
 
 def test_ddp_uses_the_current_buffer_sync_api():
-    torch.distributed.init_process_group("gloo", store=torch.distributed.HashStore(), rank=0, world_size=1)
+    distributed.join_group(torch.distributed.HashStore(), 0, 1)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", FutureWarning)
@@ -283,4 +284,53 @@ def test_ddp_uses_the_current_buffer_sync_api():
         assert model.module.weight.shape == (3,)
         assert not getattr(model, "forward_sync_buffers", getattr(model, "broadcast_buffers", True))
     finally:
-        torch.distributed.destroy_process_group()
+        distributed.close()
+    assert not torch.distributed.is_initialized()
+
+
+def _record_leaving(rank, log_dir):
+    """Worker: note, in a file per rank, when this rank starts and ends destroying its group
+    (which takes at least 0.2 s, so that ranks leaving together would overlap)."""
+    destroy = torch.distributed.destroy_process_group
+
+    def noted(*args, **kwargs):
+        start = time.monotonic()
+        time.sleep(0.2)
+        destroy(*args, **kwargs)
+        with open(os.path.join(log_dir, f"left-{rank}"), "w") as f:
+            f.write(f"{start} {time.monotonic()}")
+    torch.distributed.destroy_process_group = noted
+
+
+def test_gloo_ranks_leave_one_after_another_rank_0_last(tmp_path):
+    run_ranks(_record_leaving, 3, tmp_path / "ranks", str(tmp_path))
+    start, end = zip(*[map(float, (tmp_path / f"left-{r}").read_text().split()) for r in range(3)])
+    assert end[2] <= start[1] and end[1] <= start[0], (start, end)
+
+
+def _leave_after_failure(rank, flag):
+    """Worker: rank 0 fails and leaves at once while rank 1 is busy (is not at any barrier)."""
+    if rank == 0:
+        distributed.close(failed=True)
+        open(flag, "w").close()
+    else:
+        deadline = time.monotonic() + 120
+        while not os.path.exists(flag):           # would wait forever if rank 0 waited for this rank
+            assert time.monotonic() < deadline, "rank 0 did not leave: close(failed=True) waited for its peer"
+            time.sleep(0.05)
+        distributed.close(failed=True)
+    assert not torch.distributed.is_initialized()
+
+
+def test_a_failed_rank_leaves_the_group_without_waiting_for_its_peers(tmp_path):
+    run_ranks(_leave_after_failure, 2, tmp_path / "ranks", str(tmp_path / "rank0-left"))
+
+
+def _rank_1_raises(rank):
+    if rank == 1:
+        raise RuntimeError("rank 1 fails on purpose")
+
+
+def test_a_rank_that_fails_its_work_fails_the_multirank_test(tmp_path):
+    with pytest.raises(pytest.fail.Exception, match=r"rank 1 failed during its work \(exit code 1\)"):
+        run_ranks(_rank_1_raises, 2, tmp_path / "ranks")

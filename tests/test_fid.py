@@ -14,6 +14,7 @@ from pfgmpp_fast import checkpoint
 from pfgmpp_fast.evaluation import calc, features, metrics
 from pfgmpp_fast.evaluation import sweep as sweep_engine
 from pfgmpp_fast import reference as R
+from multirank import run_ranks
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -336,25 +337,20 @@ def test_cli_calc_and_sweep_from_checkpoint(tmp_path, digits_cache, digits, digi
     assert len(rows) == 3 and rows[1].startswith("bits,4,")
 
 
-def _fid_rank_worker(rank, world, init_file, cache, outdir, result):
-    torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
-    try:
-        from pfgmpp_fast.evaluation.digits_features import digits_uint8
-        ex = features.get_feature_extractor("digits", digits_cache=cache)
-        stats = calc.calc_stats(calc.images_source(digits_uint8()[0][:61]), ex, batch_size=8, outdir=outdir,
-                             shard_size=25)
-        if rank == 0:
-            np.savez(result, **stats.to_arrays())
-    finally:
-        torch.distributed.destroy_process_group()
+def _fid_rank_worker(rank, cache, outdir, result):
+    from pfgmpp_fast.evaluation.digits_features import digits_uint8
+    ex = features.get_feature_extractor("digits", digits_cache=cache)
+    stats = calc.calc_stats(calc.images_source(digits_uint8()[0][:61]), ex, batch_size=8, outdir=outdir,
+                            shard_size=25)
+    if rank == 0:
+        np.savez(result, **stats.to_arrays())
 
 
 def test_two_gloo_ranks_reduce_to_single_process_statistics(tmp_path, digits, digits_cache):
-    import torch.multiprocessing as mp
     from pfgmpp_fast.evaluation.digits_features import digits_uint8
     single = calc.calc_stats(calc.images_source(digits_uint8()[0][:61]), digits, batch_size=8)
     outdir, result = str(tmp_path / "shards"), str(tmp_path / "two.npz")
-    mp.spawn(_fid_rank_worker, args=(2, str(tmp_path / "init"), digits_cache, outdir, result), nprocs=2, join=True)
+    run_ranks(_fid_rank_worker, 2, tmp_path / "ranks", digits_cache, outdir, result)
     assert sorted(os.listdir(outdir)) == ["stats-0-24.npz", "stats-25-49.npz", "stats-50-60.npz"]
     with np.load(result) as f:
         two = metrics.FeatureStats.from_arrays(f["n"], f["sum"], f["sum_outer"])

@@ -1,6 +1,5 @@
 """Generation (pfgmpp_fast/generate.py): seeds, determinism per seed, ranks, outputs, errors."""
 import os
-import tempfile
 
 import numpy as np
 import pytest
@@ -10,6 +9,7 @@ from pfgmpp_fast.evaluation import generate as G
 from pfgmpp_fast.utils import distributed
 from pfgmpp_fast import reference as R
 from pfgmpp_fast.networks import build_network
+from multirank import run_ranks
 
 
 class DenoiserNet(torch.nn.Module):
@@ -142,24 +142,17 @@ def test_write_png_layout_and_npz(tmp_path):
     assert list(s) == sorted(seeds) and np.array_equal(arr, images.permute(0, 2, 3, 1).numpy())
 
 
-def _rank_worker(rank, world, init_file, out):
-    torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
-    try:
-        net = stand_in()
-        seeds = G.check_seeds("0-10")
-        mine = G.rank_seeds(seeds, *(distributed.get_rank(), distributed.get_world_size()))
-        G.write_images(G.generate_images(net, mine, 3, num_steps=4), npz=out)
-    finally:
-        torch.distributed.destroy_process_group()
+def _rank_worker(rank, out):
+    seeds = G.check_seeds("0-10")
+    mine = G.rank_seeds(seeds, *(distributed.get_rank(), distributed.get_world_size()))
+    G.write_images(G.generate_images(stand_in(), mine, 3, num_steps=4), npz=out)
 
 
 def test_one_vs_two_gloo_ranks_identical(tmp_path):
-    import torch.multiprocessing as mp
     one = str(tmp_path / "one.npz")
     G.write_images(G.generate_images(stand_in(), G.check_seeds("0-10"), 5, num_steps=4), npz=one)
     two = str(tmp_path / "two.npz")
-    init_file = os.path.join(tempfile.mkdtemp(dir=tmp_path), "init")
-    mp.spawn(_rank_worker, args=(2, init_file, two), nprocs=2, join=True)
+    run_ranks(_rank_worker, 2, tmp_path / "ranks", two)
     a, sa = G.load_npz_images(one)
     b, sb = G.load_npz_images(two)
     assert list(sa) == list(range(11)) and np.array_equal(sa, sb)

@@ -16,6 +16,7 @@ from pfgmpp_fast.evaluation import sweep as sweep_engine
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "tests"))
 from test_fid import digits_net, tiny_net  # noqa: E402
+from multirank import run_ranks  # noqa: E402
 
 DIGITS_METRICS = "fid,kid,prc"
 
@@ -162,27 +163,22 @@ def test_kill_and_resume_gives_identical_metrics(tmp_path, digits, digits_cache,
     assert resumed == fresh                                             # identical, every metric
 
 
-def _rank_worker(rank, world, init_file, cache, outdir, result):
-    torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
-    try:
-        from pfgmpp_fast.evaluation.digits_features import digits_uint8
-        det = features.Detectors(features.get_feature_extractor("digits", digits_cache=cache), DIGITS_METRICS)
-        stats = calc.calc_stats(calc.images_source(digits_uint8()[0][:61]), det, batch_size=8, outdir=outdir,
-                                shard_size=25)
-        if rank == 0:
-            np.savez(result, **stats["features"].to_arrays())
-    finally:
-        torch.distributed.destroy_process_group()
+def _rank_worker(rank, cache, outdir, result):
+    from pfgmpp_fast.evaluation.digits_features import digits_uint8
+    det = features.Detectors(features.get_feature_extractor("digits", digits_cache=cache), DIGITS_METRICS)
+    stats = calc.calc_stats(calc.images_source(digits_uint8()[0][:61]), det, batch_size=8, outdir=outdir,
+                            shard_size=25)
+    if rank == 0:
+        np.savez(result, **stats["features"].to_arrays())
 
 
 def test_two_gloo_ranks_equal_one_process_for_every_metric(tmp_path, digits, digits_cache, digits_images):
-    import torch.multiprocessing as mp
     det = features.Detectors(digits, DIGITS_METRICS)
     ref_stats = calc.reference_stats(digits_images[100:400], det)
     ref = {"features": ref_stats["features"].rows.numpy(), **dict(zip(("mu", "sigma"), ref_stats["features"].mean_cov()))}
     single = calc.calc_stats(calc.images_source(digits_images[:61]), det, batch_size=8)
     outdir, result = str(tmp_path / "shards"), str(tmp_path / "two.npz")
-    mp.spawn(_rank_worker, args=(2, str(tmp_path / "init"), digits_cache, outdir, result), nprocs=2, join=True)
+    run_ranks(_rank_worker, 2, tmp_path / "ranks", digits_cache, outdir, result)
     with np.load(result) as f:
         two = metrics.FeatureStats.from_arrays(f["n"], f["sum"], f["sum_outer"], f["rows"])
     assert torch.equal(two.rows, single["features"].rows)              # id order restored across ranks

@@ -359,5 +359,4 @@ def main(args) -> int:
     if rank == 0:
         where = " and ".join(x for x in (args.outdir, args.npz) if x)
         print(f"wrote {len(seeds)} images to {where}")
-    distributed.close()
     return 0

@@ -7,14 +7,13 @@ from __future__ import annotations
 
 import argparse
 import copy
-import math
 import os
-import sys
 from typing import List, Optional, Sequence
 
 import torch
 
 from pfgmpp_fast.checkpoint import save_network
+from pfgmpp_fast.utils.cli_errors import check_output_path, command, number
 from pfgmpp_fast.phema import (MAX_ERROR, SUBDIR, available_stds, list_snapshots, parse_stds, reconstruct,
                                reconstruct_network, snapshot_name, std_to_exp)
 
@@ -85,29 +84,24 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--run-dir", required=True, help="training run trained with --phema")
     p.add_argument("--std", required=True, help="EMA lengths to reconstruct (relative standard deviations), "
                                                 "e.g. 0.03,0.05,0.07")
-    p.add_argument("--at-kimg", type=float, default=None, help="training point (default: the newest phema snapshot)")
+    p.add_argument("--at-kimg", type=number(positive=True), default=None,
+                   help="training point (default: the newest phema snapshot)")
     p.add_argument("--outdir", required=True, help="where the networks go (phema-<std>-<kimg>.safetensors)")
-    p.add_argument("--max-error", type=float, default=MAX_ERROR,
+    p.add_argument("--max-error", type=number(positive=True), default=MAX_ERROR,
                    help=f"largest relative L2 error of a reconstructed EMA profile (default {MAX_ERROR:g})")
 
 
+@command
 def main(args) -> int:
-    try:
-        stds = parse_stds(args.std, "--std")
-        if not (args.max_error > 0 and math.isfinite(args.max_error)):
-            raise ValueError(f"--max-error must be a positive number, got {args.max_error}")
-        if args.at_kimg is not None and not (args.at_kimg > 0 and math.isfinite(args.at_kimg)):
-            raise ValueError(f"--at-kimg must be a positive number of kimg, got {args.at_kimg}")
-    except ValueError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    stds = parse_stds(args.std, "--std")
+    check_output_path("--outdir", args.outdir, is_dir=True)
     try:
         snaps = list_snapshots(args.run_dir)
         at_nimg = None if args.at_kimg is None else int(round(args.at_kimg * 1000))
         results = reconstruct(snaps, stds, at_nimg, max_error=args.max_error)
     except (ValueError, FileNotFoundError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
+        # the run holds no snapshots that give these EMA lengths here: a runtime condition (exit 1)
+        raise RuntimeError(str(exc)) from exc
     print(f"phema: {len(snaps)} snapshots of EMA lengths {sorted({s.std for s in snaps})} in {args.run_dir}")
     for net, info in results:
         path = os.path.join(args.outdir, snapshot_name(info["phema_std"], info["nimg"]))

@@ -47,7 +47,7 @@ def run_training(run_dir=None, **options) -> str:
     o = resolve_options(**options)
     device = distributed.init(o["device"])
     created = not os.path.exists(o["run_dir"])
-    lock = None
+    lock, finished = None, False
     try:
         os.makedirs(o["run_dir"], exist_ok=True)
         lock = acquire_run_dir(o["run_dir"], "training run")      # one job per run directory
@@ -84,11 +84,12 @@ def run_training(run_dir=None, **options) -> str:
                 f"compile {run.compile}, backend {o['backend']}, {o['duration_mimg'] * 1000:g} kimg")
         run.train()
         run.log("done.")
+        finished = True
         return o["run_dir"]
     finally:
         if lock is not None:
             lock.release()
-        distributed.close()
+        distributed.close(failed=not finished)
 
 
 # ----------------------------------------------------------------------------------------

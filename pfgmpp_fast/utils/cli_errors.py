@@ -99,10 +99,10 @@ def add_threads_argument(p) -> None:
                         "0 = torch's default)")
 
 
-def _close_process_group() -> None:
+def _close_process_group(failed: bool) -> None:
     dist = sys.modules.get("pfgmpp_fast.utils.distributed")
     if dist is not None:
-        dist.close()
+        dist.close(failed=failed)
 
 
 def report(exc: BaseException) -> int:
@@ -110,7 +110,7 @@ def report(exc: BaseException) -> int:
     if isinstance(exc, KeyboardInterrupt):
         print("interrupted", file=sys.stderr)
         return 130
-    _close_process_group()
+    _close_process_group(failed=True)
     message = str(exc).strip() or type(exc).__name__
     if not isinstance(exc, (ValueError, TypeError, OSError, RuntimeError, ArithmeticError)):
         message = f"unexpected {type(exc).__name__}: {message} (rerun with {DEBUG_ENV}=1 for the traceback)"
@@ -124,7 +124,9 @@ def command(main_fn):
     @functools.wraps(main_fn)
     def run(args) -> int:
         try:
-            return int(main_fn(args) or 0)
+            code = int(main_fn(args) or 0)
+            _close_process_group(failed=False)         # a command that joined a process group leaves it
+            return code
         except (Exception, KeyboardInterrupt) as exc:   # noqa: BLE001 - the one place errors become messages
             if os.environ.get(DEBUG_ENV) == "1" and not isinstance(exc, KeyboardInterrupt):
                 raise

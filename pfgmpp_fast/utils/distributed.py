@@ -26,11 +26,13 @@ from typing import Optional
 import torch
 
 __all__ = ["pick_device", "set_cpu_threads", "init", "close", "get_rank", "get_world_size", "is_enabled",
-           "barrier", "print0", "ddp", "elastic_info"]
+           "barrier", "print0", "ddp", "elastic_info", "join_group"]
 
 INIT_TRIES_ENV = "PFGMPP_FAST_DIST_INIT_TRIES"
 INIT_TIMEOUT_ENV = "PFGMPP_FAST_DIST_INIT_TIMEOUT"
-_created_group = False
+_group_store = None        # the store of the group join_group made; None when there is none
+LEAVE_TIMEOUT_S = 60.0
+_LEFT_KEY = "pfgmpp_fast/left"        # how many ranks have left the group (close)
 
 
 def pick_device(name: Optional[str] = "auto") -> torch.device:
@@ -68,14 +70,12 @@ def set_cpu_threads(device, threads: int) -> None:
 def init(device: Optional[str] = "auto") -> torch.device:
     """Pick this rank's device and, under torchrun, join the process group (idempotent).
     Returns the device."""
-    global _created_group
     dev = pick_device(device)
     if dev.type == "cuda":
         torch.cuda.set_device(dev)          # before NCCL starts: it uses the current device
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1 and not torch.distributed.is_initialized():
-        _join_group("nccl" if dev.type == "cuda" else "gloo", dev, world)
-        _created_group = True
+        _join_group(dev, world)
     return dev
 
 
@@ -102,8 +102,24 @@ def _warn(msg: str) -> None:
     print(f"pfgmpp_fast.distributed: {msg}", file=sys.stderr, flush=True)
 
 
-def _join_group(backend: str, dev: torch.device, world: int) -> None:
+def join_group(store, rank: int, world: int, device: torch.device = torch.device("cpu"),
+               setup_timeout: datetime.timedelta = datetime.timedelta(seconds=300)) -> None:
+    """Join the default process group on ``store`` (gloo on the CPU, NCCL on CUDA) and wait
+    until every rank is connected; :func:`close` leaves it. ``init`` calls this under
+    torchrun; tests call it with a store of their own."""
+    global _group_store
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    torch.distributed.init_process_group(backend, store=store, rank=rank, world_size=world, timeout=setup_timeout,
+                                         device_id=device if device.type == "cuda" else None)
+    _group_store = store
+    torch.distributed.barrier()                     # every rank is connected
+    _set_timeout(torch.distributed.constants.default_pg_nccl_timeout if backend == "nccl"
+                 else torch.distributed.constants.default_pg_timeout)
+
+
+def _join_group(dev: torch.device, world: int) -> None:
     """init_process_group in a fresh key namespace, retried (with backoff) when a try fails."""
+    global _group_store
     rank = int(os.environ.get("RANK", "-1"))
     if not 0 <= rank < world:
         raise ValueError(f"environment variable RANK must be in [0, {world}) when WORLD_SIZE={world}, "
@@ -115,18 +131,14 @@ def _join_group(backend: str, dev: torch.device, world: int) -> None:
         try:
             if base is None:        # the agent's store, or one that rank 0 serves (kept across tries)
                 base = next(torch.distributed.rendezvous("env://", rank=rank, world_size=world, timeout=per_try))[0]
-            store = _fresh_namespace(base, rank, world, per_try)
-            torch.distributed.init_process_group(backend, store=store, rank=rank, world_size=world, timeout=per_try,
-                                                 device_id=dev if dev.type == "cuda" else None)
-            torch.distributed.barrier()                     # every rank is connected
-            _set_timeout(torch.distributed.constants.default_pg_nccl_timeout if backend == "nccl"
-                         else torch.distributed.constants.default_pg_timeout)
+            join_group(_fresh_namespace(base, rank, world, per_try), rank, world, dev, per_try)
             if attempt > 1:
                 _warn(f"rank {rank}: joined the process group on try {attempt}/{tries}{where}")
             return
         except Exception as exc:        # noqa: BLE001 — any failure of a try is retried, the last one raised
             if torch.distributed.is_initialized():
                 torch.distributed.destroy_process_group()      # a half-made group
+            _group_store = None
             reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
             if attempt == tries:
                 raise RuntimeError(f"rank {rank}: could not join the process group of {world} ranks in {tries} "
@@ -195,12 +207,34 @@ def ddp(module: torch.nn.Module, device: torch.device) -> torch.nn.Module:
     return DDP(module, device_ids=[device] if device.type == "cuda" else None, **no_sync)
 
 
-def close() -> None:
-    """Leave the process group if :func:`init` created it."""
-    global _created_group
-    if _created_group and torch.distributed.is_initialized():
+def close(failed: bool = False) -> None:
+    """Leave the process group that :func:`join_group` made (no-op without one).
+
+    After success (``failed`` False) every rank first waits at a barrier, so that no
+    collective is in flight anywhere; gloo ranks then leave one after another, the highest
+    rank first and rank 0 (which may serve the store) last, because a gloo rank that tears
+    down its connections while a peer closes the other ends can abort the process
+    ('terminate called without an active exception', seen in CI on torch 2.14). NCCL ranks
+    leave together, as NCCL's communicator teardown requires. After a failure the peers may
+    be anywhere, so the rank leaves at once."""
+    global _group_store
+    store = _group_store
+    if store is None or not torch.distributed.is_initialized():
+        _group_store = None
+        return
+    rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
+    in_turn = not failed and world > 1 and torch.distributed.get_backend() == "gloo"
+    try:
+        if not failed:
+            torch.distributed.barrier()
+        deadline = time.monotonic() + LEAVE_TIMEOUT_S       # a peer that died leaving is not waited for
+        while in_turn and store.add(_LEFT_KEY, 0) < world - 1 - rank and time.monotonic() < deadline:
+            time.sleep(0.01)
+    finally:
+        _group_store = None
         torch.distributed.destroy_process_group()
-    _created_group = False
+    if in_turn:
+        store.add(_LEFT_KEY, 1)
 
 
 def is_enabled() -> bool:
