@@ -2,6 +2,7 @@
 imports run one way (utils < core < workflows < apps < cli), no cycles, no module over 500
 lines (networks.py mirrors the published networks), no function over 80 lines."""
 import ast
+import glob
 import os
 
 import pytest
@@ -98,19 +99,31 @@ def test_graph_is_read():
     assert _layer("pfgmpp_fast.apps.demo") > _layer("pfgmpp_fast.evaluation.generate") > _layer("pfgmpp_fast.ops")
 
 
+def _long_functions(source: str) -> list:
+    return [f"{node.name} ({node.end_lineno - node.lineno + 1} lines)" for node in ast.walk(ast.parse(source))
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef))
+            and node.end_lineno - node.lineno + 1 > MAX_FUNCTION_LINES]
+
+
 @pytest.mark.parametrize("module", sorted(MODULES))
 def test_module_and_function_sizes(module):
     source = open(MODULES[module]).read()
     lines = source.count("\n")
     if module not in LONG_MODULES_ALLOWED:
         assert lines <= MAX_MODULE_LINES, f"{module} has {lines} lines (> {MAX_MODULE_LINES}): split it"
-    long = []
-    for node in ast.walk(ast.parse(source)):
-        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
-            n = node.end_lineno - node.lineno + 1
-            if n > MAX_FUNCTION_LINES:
-                long.append(f"{node.name} ({n} lines)")
+    long = _long_functions(source)
     assert not long, f"{module}: functions over {MAX_FUNCTION_LINES} lines: {long}"
+
+
+SCRIPTS = sorted(p for d in ("benchmarks", "scripts") for p in glob.glob(os.path.join(os.path.dirname(ROOT), d, "*.py")))
+
+
+@pytest.mark.parametrize("path", SCRIPTS, ids=os.path.basename)
+def test_benchmark_and_script_sizes(path):
+    """The benchmarks and scripts keep the package's limits too."""
+    source = open(path).read()
+    assert source.count("\n") <= MAX_MODULE_LINES, f"{path}: split it"
+    assert not _long_functions(source), f"{path}: functions over {MAX_FUNCTION_LINES} lines: {_long_functions(source)}"
 
 
 def test_no_repeated_imports_inside_functions():
