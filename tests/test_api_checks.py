@@ -10,16 +10,11 @@ import pfgmpp_fast as pf
 from pfgmpp_fast import checks, ops
 from pfgmpp_fast import reference as R
 from pfgmpp_fast.evaluation import generate as G
-from pfgmpp_fast.networks import build_network
+
+from helpers import tiny_net
 
 BACKENDS = (["reference"] + (["cpu"] if ops.has_extension() else [])
             + (["triton"] if ops.triton_available(torch.device("cpu")) else []))
-
-
-def tiny_net(D=8.0):
-    torch.manual_seed(0)
-    return build_network("ddpmpp", resolution=8, channels=1, D=D, model_channels=8, channel_mult=[1],
-                         num_blocks=1, attn_resolutions=[], dropout=0.0)
 
 
 class Plain(nn.Module):

@@ -24,7 +24,8 @@ import torch
 
 from pfgmpp_fast.utils import distributed, io_utils
 from pfgmpp_fast.utils.run_lock import LOCK_NAME, RunDirectoryBusy, acquire_run_dir, read_holder
-from multirank import run_ranks
+
+from helpers import run_ranks
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY_NET = '{"model_channels": 8, "channel_mult": [1, 2], "num_blocks": 1, "attn_resolutions": []}'
@@ -331,6 +332,6 @@ def _rank_1_raises(rank):
         raise RuntimeError("rank 1 fails on purpose")
 
 
-def test_a_rank_that_fails_its_work_fails_the_multirank_test(tmp_path):
+def test_run_ranks_fails_when_a_rank_fails_its_work(tmp_path):
     with pytest.raises(pytest.fail.Exception, match=r"rank 1 failed during its work \(exit code 1\)"):
         run_ranks(_rank_1_raises, 2, tmp_path / "ranks")

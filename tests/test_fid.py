@@ -13,33 +13,10 @@ import torch
 from pfgmpp_fast import checkpoint
 from pfgmpp_fast.evaluation import calc, features, metrics
 from pfgmpp_fast.evaluation import sweep as sweep_engine
-from pfgmpp_fast import reference as R
-from multirank import run_ranks
+
+from helpers import digits_net, run_ranks, tiny_net
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-class DenoiserNet(torch.nn.Module):
-    def __init__(self, data, D):
-        super().__init__()
-        self.den = R.optimal_denoiser(data, D)
-        self.D, self.img_channels, self.img_resolution, self.label_dim = D, 1, data.shape[-1], 0
-
-    def forward(self, x, sigma, class_labels=None):
-        return self.den(x, sigma)
-
-
-def digits_net(D=8.0, n=64):
-    from pfgmpp_fast.evaluation.digits_features import digits_uint8
-    u, _ = digits_uint8()
-    return DenoiserNet(u[:n].float() / 127.5 - 1, D)
-
-
-def tiny_net(seed=0):
-    from pfgmpp_fast.networks import build_network
-    torch.manual_seed(seed)
-    return build_network("ddpmpp", resolution=8, channels=1, D=8, model_channels=8, channel_mult=[1],
-                         num_blocks=1, attn_resolutions=[], dropout=0.0).eval()
 
 
 # ----------------------------------------------------------------------------------------
@@ -297,12 +274,12 @@ def test_sweep_checkpoints(tmp_path, digits, digits_ref):
     run_dir = tmp_path / "run"
     run_dir.mkdir()
     for kimg, seed in ((0, 1), (200, 2), (100, 3)):
-        sd = {k: v.contiguous() for k, v in tiny_net(seed).state_dict().items()}
+        sd = {k: v.contiguous() for k, v in tiny_net(seed=seed).state_dict().items()}
         save_file(sd, str(run_dir / f"network-snapshot-{kimg:06d}.safetensors"))
     (run_dir / "training-state-000100.pt").write_bytes(b"")          # not a network snapshot
 
     def load(path):
-        net = tiny_net(0)
+        net = tiny_net(seed=0)
         net.load_state_dict(load_file(path))
         return net
 

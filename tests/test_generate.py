@@ -7,36 +7,8 @@ import torch
 
 from pfgmpp_fast.evaluation import generate as G
 from pfgmpp_fast.utils import distributed
-from pfgmpp_fast import reference as R
-from pfgmpp_fast.networks import build_network
-from multirank import run_ranks
 
-
-class DenoiserNet(torch.nn.Module):
-    """The exact denoiser of a small data set, dressed as a network (a stand-in for tests)."""
-
-    def __init__(self, data, D, label_dim=0):
-        super().__init__()
-        self.den = R.optimal_denoiser(data, D)
-        self.D = D
-        self.img_channels, self.img_resolution, self.label_dim = data.shape[1], data.shape[2], label_dim
-        self.seen_labels = []
-
-    def forward(self, x, sigma, class_labels=None):
-        if class_labels is not None:
-            self.seen_labels.append(class_labels)
-        return self.den(x, sigma)
-
-
-def stand_in(D=8.0, label_dim=0):
-    g = torch.Generator().manual_seed(0)
-    return DenoiserNet(torch.rand(16, 1, 8, 8, generator=g) * 2 - 1, D, label_dim)
-
-
-def tiny_net(D=8):
-    torch.manual_seed(0)
-    return build_network("ddpmpp", resolution=8, channels=1, D=D, model_channels=8, channel_mult=[1],
-                         num_blocks=1, attn_resolutions=[], dropout=0.0).eval()
+from helpers import DenoiserNet, run_ranks, stand_in, tiny_net
 
 
 def run(net, seeds, batch, **kw):

@@ -13,10 +13,9 @@ import torch
 from pfgmpp_fast.evaluation import calc, features, metrics
 from pfgmpp_fast.evaluation import sweep as sweep_engine
 
+from helpers import digits_net, run_ranks, tiny_net
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(ROOT, "tests"))
-from test_fid import digits_net, tiny_net  # noqa: E402
-from multirank import run_ranks  # noqa: E402
 
 DIGITS_METRICS = "fid,kid,prc"
 

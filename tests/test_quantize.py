@@ -3,13 +3,8 @@ import pytest
 import torch
 
 from pfgmpp_fast.evaluation import quantize as Q
-from pfgmpp_fast.networks import build_network
 
-
-def tiny_net():
-    torch.manual_seed(0)
-    return build_network("ddpmpp", resolution=8, channels=1, D=8, model_channels=8, channel_mult=[1],
-                         num_blocks=1, attn_resolutions=[], dropout=0.0).eval()
+from helpers import tiny_net
 
 
 def test_bits32_is_identity_and_a_copy():

@@ -1,4 +1,5 @@
-"""Run a test's worker on several ranks: spawned processes joined in one gloo group.
+"""Shared pieces of the tests (the fused-op tests share op_helpers.py): small networks,
+the exact-denoiser stand-in, and ``run_ranks`` for tests on several ranks.
 
 ``run_ranks(worker, world, workdir, *args)`` calls ``worker(rank, *args)`` in ``world``
 fresh processes (``spawn``, as torchrun starts them) that share a process group over a
@@ -18,10 +19,48 @@ import warnings
 import pytest
 import torch
 
+from pfgmpp_fast import reference as R
+from pfgmpp_fast.networks import build_network
 from pfgmpp_fast.utils import distributed
 
 TIMEOUT_S = 300
 GRACE_S = 30         # how long the other ranks may go on once one has failed
+
+
+class DenoiserNet(torch.nn.Module):
+    """The exact denoiser of a small data set, dressed as a network (a stand-in for tests)."""
+
+    def __init__(self, data, D, label_dim=0):
+        super().__init__()
+        self.den = R.optimal_denoiser(data, D)
+        self.D = D
+        self.img_channels, self.img_resolution, self.label_dim = data.shape[1], data.shape[2], label_dim
+        self.seen_labels = []
+
+    def forward(self, x, sigma, class_labels=None):
+        if class_labels is not None:
+            self.seen_labels.append(class_labels)
+        return self.den(x, sigma)
+
+
+def stand_in(D=8.0, label_dim=0):
+    """The exact denoiser of 16 random 1x8x8 images."""
+    g = torch.Generator().manual_seed(0)
+    return DenoiserNet(torch.rand(16, 1, 8, 8, generator=g) * 2 - 1, D, label_dim)
+
+
+def digits_net(D=8.0, n=64):
+    """The exact denoiser of the first n digits."""
+    from pfgmpp_fast.evaluation.digits_features import digits_uint8
+    u, _ = digits_uint8()
+    return DenoiserNet(u[:n].float() / 127.5 - 1, D)
+
+
+def tiny_net(D=8, seed=0):
+    """A 1x8x8 DDPM++ with 8 channels, in eval mode."""
+    torch.manual_seed(seed)
+    return build_network("ddpmpp", resolution=8, channels=1, D=D, model_channels=8, channel_mult=[1],
+                         num_blocks=1, attn_resolutions=[], dropout=0.0).eval()
 
 
 def _rank_main(rank, world, workdir, worker, args):
