@@ -70,3 +70,20 @@ def test_old_cmake_stops_the_session_after_the_probe(tmp_path):
     assert f"is older than {env_min}, which the build needs" in session
     assert "phase probe: FAILED" in session and "STOP: phase probe" in session
     assert sorted(p.name for p in out.iterdir()) == ["session.txt"]      # nothing after the probe ran
+
+
+@pytest.mark.parametrize("said, code, verdict", [
+    ("========= Error: Device not supported", 3, "memcheck NOT RUN: compute-sanitizer does not support this device"),
+    ("========= Invalid __global__ write of size 4 bytes", 9, "compute-sanitizer FOUND MEMORY ERRORS"),
+])
+def test_memcheck_phase_tells_an_unsupported_device_from_memory_errors(tmp_path, said, code, verdict):
+    """A stand-in compute-sanitizer on PATH: the phase's exit code and last line say which it was."""
+    fake = tmp_path / "bin" / "compute-sanitizer"
+    fake.parent.mkdir()
+    fake.write_text(f"#!/bin/sh\necho '{said}'\nexit {9 if code == 9 else 1}\n")
+    fake.chmod(0o755)
+    env = dict(os.environ, PATH=f"{fake.parent}:{os.environ['PATH']}", DRY="0", PY=sys.executable, OUT=str(tmp_path))
+    proc = subprocess.run(["bash", str(SCRIPT), "--phase-body", "memcheck"], capture_output=True, text=True,
+                          env=env, timeout=60, cwd=ROOT)
+    assert proc.returncode == code, proc.stdout + proc.stderr
+    assert said in proc.stdout and verdict in proc.stdout.strip().splitlines()[-1]
