@@ -164,8 +164,8 @@ body_memcheck() {
         PYTORCH_NO_CUDA_MEMORY_CACHING=1 compute-sanitizer --tool memcheck --error-exitcode 9 \
             --print-limit 50 "${run[@]}" 2>&1 | tee "$said"
         rc=${PIPESTATUS[0]}
-        # The lent machines run under gVisor, where compute-sanitizer has refused the device
-        # (device README, KINDS.md): say so plainly instead of a bare failure.
+        # On lent machines of the gVisor runtime compute-sanitizer has refused the device (the
+        # device tool's KINDS.md; Firecracker ones ran it): say so plainly, not a bare failure.
         if grep -q "Device not supported" "$said"; then
             echo "memcheck NOT RUN: compute-sanitizer does not support this device; the CUDA op tests ran in phase tests"
             return 3
