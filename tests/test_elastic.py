@@ -335,3 +335,19 @@ def _rank_1_raises(rank):
 def test_run_ranks_fails_when_a_rank_fails_its_work(tmp_path):
     with pytest.raises(pytest.fail.Exception, match=r"rank 1 failed during its work \(exit code 1\)"):
         run_ranks(_rank_1_raises, 2, tmp_path / "ranks")
+
+
+def test_join_group_rejects_bad_rank_world_and_a_second_group():
+    store = torch.distributed.HashStore()
+    for rank, world, match in ((0, 0, "world must be an int >= 1"), (2, 2, r"rank must be an int in \[0, 2\)"),
+                               (-1, 2, "rank must be"), (True, 2, "rank must be"), (0, 1.0, "world must be")):
+        with pytest.raises(ValueError, match=match):
+            distributed.join_group(store, rank, world)
+    assert not torch.distributed.is_initialized()
+    distributed.join_group(store, 0, 1)
+    try:
+        with pytest.raises(RuntimeError, match="already in a process group"):
+            distributed.join_group(torch.distributed.HashStore(), 0, 1)
+    finally:
+        distributed.close()
+    assert not torch.distributed.is_initialized()

@@ -108,6 +108,13 @@ def join_group(store, rank: int, world: int, device: torch.device = torch.device
     until every rank is connected; :func:`close` leaves it. ``init`` calls this under
     torchrun; tests call it with a store of their own."""
     global _group_store
+    if isinstance(world, bool) or not isinstance(world, int) or world < 1:
+        raise ValueError(f"world must be an int >= 1 (the number of ranks), got {world!r}")
+    if isinstance(rank, bool) or not isinstance(rank, int) or not 0 <= rank < world:
+        raise ValueError(f"rank must be an int in [0, {world}) for world={world}, got {rank!r}")
+    if torch.distributed.is_initialized():
+        raise RuntimeError("join_group: this process is already in a process group (call close() first)")
+    device = torch.device(device)
     backend = "nccl" if device.type == "cuda" else "gloo"
     torch.distributed.init_process_group(backend, store=store, rank=rank, world_size=world, timeout=setup_timeout,
                                          device_id=device if device.type == "cuda" else None)
