@@ -4,12 +4,12 @@ published code path, the reference in eager and torch.compile(reference), in one
     python benchmarks/bench_kernels.py --device cuda --out results.json
     python benchmarks/bench_kernels.py --smoke          # CPU, tiny sizes, seconds
 
-Bytes per element are the floor each op must move (DESIGN §4): perturb reads y (fp32) and
+Bytes per element are the floor each op must move (docs/DESIGN.md §4): perturb reads y (fp32) and
 writes the bf16 network input (6 B); loss reads F (bf16) and y (fp32) and writes dL/dF (bf16)
 (8 B); sampler stage 1 reads x (fp32) and F (bf16) and writes x', the Heun base and the bf16
 next input (16 B); stage 2 reads x', base and F' and writes x_{i+1} and the next input (16 B). philox_normal alone (writes fp32 normals, 4 B) is the arithmetic
 ceiling: perturb draws one normal per element, so its floor is max(copy time, RNG time) and
-each perturb row reports `x_floor` = its time over that floor (DESIGN §7; target <= 1.1).
+each perturb row reports `x_floor` = its time over that floor (docs/DESIGN.md §5; target <= 1.1).
 
 Timing (utils/benchmarking.time_stats): `--inner` back-to-back calls between the CUDA events
 per sample, so one call's Python dispatch overlaps the previous kernel instead of being

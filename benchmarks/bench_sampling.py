@@ -1,4 +1,4 @@
-"""Sampling throughput at 35 NFE and the wall time of a 50k-image FID (DESIGN §7).
+"""Sampling throughput at 35 NFE and the wall time of a 50k-image FID (docs/DESIGN.md §5).
 
 Three ways to sample the same network (CIFAR-10 DDPM++ config, random weights — throughput
 does not depend on the weights), same batch, 18 Heun steps = 35 NFE, ending in uint8 images:

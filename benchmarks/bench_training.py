@@ -1,4 +1,4 @@
-"""Training throughput and memory: published style vs hand-compiled vs ours (DESIGN §7).
+"""Training throughput and memory: published style vs hand-compiled vs ours (docs/DESIGN.md §5).
 
 One training step of the CIFAR-10 DDPM++ configuration (32×32×3, D=128, dropout 0.13,
 Adam lr 1e-3, EMA) on synthetic data of that shape, timed three ways in one process:

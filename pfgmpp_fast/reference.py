@@ -1,6 +1,6 @@
 """Pure-PyTorch reference of PFGM++: the spec every fast path is tested against.
 
-Readable first, float64 capable, no fused tricks. The mathematics is DESIGN.md §1, the
+Readable first, float64 capable, no fused tricks. The mathematics is docs/DESIGN.md §1, the
 random numbers §2, the fused-op contract docs/KERNEL_OPS.md.
 
 Random numbers

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# One call on a lent GPU machine (README "GPU session"), in phases, most valuable first.
+# Builds, tests and benchmarks pfgmpp_fast on a fresh GPU machine in one command of under ten
+# minutes (docs/gpu_session.md), in phases, most valuable first.
 #
 #   scripts/gpu_session.sh            # set 1: probe, build, GPU tests, kernel benchmark,
 #                                     #        compute-sanitizer memcheck, training benchmark
@@ -12,7 +13,7 @@
 # whole call stays under GPU_SESSION_BUDGET seconds (default 540). $OUT (default
 # ./gpu-session-out) gets at most 8 files: session.txt (probe + one line per phase), one log
 # per phase, and the benchmark results <device>-<date>.json/.md (commit those two under
-# benchmarks/results/). Missing Python packages travel as wheels in .whl/ (device README).
+# benchmarks/results/). Python packages the machine lacks can be put as wheels in .whl/.
 set -uo pipefail
 SELF=$(realpath "$0")
 cd "$(dirname "$SELF")/.."
@@ -26,7 +27,7 @@ if [[ ${1:-} != --phase-body ]]; then
             --set) [[ ${2:-} == 1 || ${2:-} == 2 ]] || { echo "--set: expected 1 or 2, got '${2:-}'" >&2; usage; }
                    SET=$2; shift 2 ;;
             --dry-run) DRY=1; shift ;;
-            -h|--help) sed -n 2,15p "$SELF"; exit 0 ;;
+            -h|--help) sed -n 2,16p "$SELF"; exit 0 ;;
             *) echo "unknown option '$1'" >&2; usage ;;
         esac
     done
@@ -75,7 +76,7 @@ EOF
     echo "cmake $v ($cm)"
     if [[ $(printf '%s\n' "$CMAKE_MIN" "$v" | sort -V | head -1) != "$CMAKE_MIN" ]]; then
         echo "FATAL: cmake $v is older than $CMAKE_MIN, which the build needs (torch's C++20 headers" \
-             "need CUDA20; DESIGN.md §8). Carry a cmake>=$CMAKE_MIN wheel in .whl/ (README, GPU session)."
+             "need CUDA20; docs/DESIGN.md §8). Put a cmake>=$CMAKE_MIN wheel in .whl/ (docs/gpu_session.md)."
         return 3
     fi
 }
@@ -164,8 +165,8 @@ body_memcheck() {
         PYTORCH_NO_CUDA_MEMORY_CACHING=1 compute-sanitizer --tool memcheck --error-exitcode 9 \
             --print-limit 50 "${run[@]}" 2>&1 | tee "$said"
         rc=${PIPESTATUS[0]}
-        # On lent machines of the gVisor runtime compute-sanitizer has refused the device (the
-        # device tool's KINDS.md; Firecracker ones ran it): say so plainly, not a bare failure.
+        # Some container runtimes hide the device from compute-sanitizer ("Device not
+        # supported"): say so plainly, not as a bare failure.
         if grep -q "Device not supported" "$said"; then
             echo "memcheck NOT RUN: compute-sanitizer does not support this device; the CUDA op tests ran in phase tests"
             return 3

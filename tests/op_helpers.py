@@ -51,7 +51,7 @@ def rel_err(out, ref):
 
 
 # ------------------------------------------------------- direct C++ op calls (torch.ops.pfgmpp_fast)
-# Tolerances (DESIGN §6, KERNEL_OPS.md): Philox words bit-exact; normals within 1e-6 abs +
+# Tolerances (docs/DESIGN.md §6, KERNEL_OPS.md): Philox words bit-exact; normals within 1e-6 abs +
 # 1e-6 rel (the C++ SIMD log/sin/cos, CUDA's sinf/cosf/sincosf and torch's are each within
 # ~2 ulp of the exact value, so z differs by a few ulp: |z| < 6 keeps that under 1e-6 + 6e-6);
 # χ² within 1e-5 relative (V inherits the float32 rounding of z: |dV/V| ≈ 3c|dz|, measured

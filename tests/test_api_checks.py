@@ -1,4 +1,4 @@
-"""The public API checks its arguments once at the boundary and reports NaN/Inf (DESIGN §10):
+"""The public API checks its arguments once at the boundary and reports NaN/Inf (docs/DESIGN.md §7):
 perturb, training_loss, sample and generate_images; sampling keeps no autograd graph."""
 import warnings
 

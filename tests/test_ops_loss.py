@@ -182,7 +182,7 @@ def test_compiled_objective_fullgraph_cpu_ops():
 @pytest.mark.gpu
 def test_compiled_objective_fullgraph_gpu():
     """The same with inductor on the GPU, through the Triton ops (and the CUDA ops when built);
-    compile over triton_op needs CUDA (DESIGN §8)."""
+    compile over triton_op needs CUDA (docs/DESIGN.md §8)."""
     for backend in ["triton"] + (["cuda"] if ops.has_cuda_kernels() else []):
         _check_compiled_loss(backend, torch.device("cuda"), "inductor")
 

@@ -1,4 +1,4 @@
-"""The reference is the spec: check it against the mathematics (DESIGN §1, §2, §6)."""
+"""The reference is the spec: check it against the mathematics (docs/DESIGN.md §1, §2, §6)."""
 import math
 
 import numpy as np
@@ -66,7 +66,7 @@ def test_chi2_matches_the_chi2_law(D):
 
 @pytest.mark.parametrize("N,D", [(16, 1), (16, 2), (64, 128), (12, 2048), (48, 3072000)])
 def test_radius_follows_the_betaprime_law(N, D):
-    """‖x − y‖² / r² ~ BetaPrime(N/2, D/2) with r = σ√D (DESIGN §1)."""
+    """‖x − y‖² / r² ~ BetaPrime(N/2, D/2) with r = σ√D (docs/DESIGN.md §1)."""
     B, sigma = 5000, 0.7
     y = torch.randn(B, N, dtype=torch.float64)
     x = R.perturb(y, sigma, D, 99, torch.arange(B))

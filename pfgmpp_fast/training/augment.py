@@ -39,7 +39,7 @@ from pfgmpp_fast import checks, ops, reference
 
 __all__ = ["AugmentPipe", "STREAM_AUGMENT", "augment_dim"]
 
-STREAM_AUGMENT = reference.STREAM_AUGMENT   # the spec's stream for augmentation draws (DESIGN §2)
+STREAM_AUGMENT = reference.STREAM_AUGMENT   # the spec's stream for augmentation draws (docs/DESIGN.md §2)
 _NUM_DRAWS = 24                    # fixed draw slots per sample (6 Philox blocks)
 
 # Slot of each draw (normals; uniforms are Φ(normal)).

@@ -1,4 +1,4 @@
-"""Shared measurement tools for benchmarks/ (DESIGN §7): timing, ceilings, result files.
+"""Shared measurement tools for benchmarks/ (docs/DESIGN.md §5): timing, ceilings, result files.
 
 Ratios in one run on one device, never a lone absolute time: every suite measures the
 device-to-device copy ceiling (bytes read + written) and a large bf16 matmul in the same
