@@ -7,6 +7,9 @@ Per step i (t̂ = t_i(1+γ)), the kernel calls are
 with d = A·x + Bf·F (A = (1 − c_skip)/t, Bf = −c_out/t).  Euler steps (the last one, or
 solver='euler') are one call.  All schedule scalars are Python floats computed once; nothing
 goes back to the host inside the loop.
+
+The settings are one frozen `SamplerOptions`, checked when built; `sample` and `Sampler` take
+it as `options=` and/or its fields as keywords (`sampler_options`).
 """
 from __future__ import annotations
 
