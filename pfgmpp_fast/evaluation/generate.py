@@ -34,7 +34,8 @@ from pfgmpp_fast.utils.io_utils import atomic_save_npz, atomic_write_bytes
 
 __all__ = ["SAMPLING_KEY", "STREAM_CLASS", "parse_int_list", "check_seeds", "rank_seeds",
            "to_uint8", "class_labels_for", "generate_images", "write_images", "load_generator_network",
-           "make_generator_fast", "generator_numerics", "add_sampler_arguments", "sampler_kwargs_from_args",
+           "make_generator_fast", "generator_numerics", "add_sampler_arguments", "sampler_options_from_args",
+           "sampler_kwargs_from_args",
            "device_from_args", "network_from_args", "add_arguments", "main"]
 
 SAMPLING_KEY = 0x5EED_0F_1A6E       # the fixed Philox key of sampling: image = f(seed)
@@ -94,14 +95,15 @@ def resolve_D(net, D=None) -> float:
     return net_D
 
 
-def generate_images(net, seeds, batch_size: int = 64, num_steps: int = 18, sigma_min: float = 0.002,
-                    sigma_max: float = 80.0, rho: float = 7.0, solver: str = "heun", S_churn: float = 0.0,
-                    S_min: float = 0.0, S_max: float = float("inf"), S_noise: float = 1.0,
-                    alpha: float = 0.0, class_idx: Optional[int] = None, D=None, key: int = SAMPLING_KEY,
-                    dtype=torch.float32, net_dtype=None, backend: str = "auto", device=None,
-                    image_shape: Optional[Sequence[int]] = None, fixed_shape: Optional[bool] = None,
-                    progress: bool = False) -> Iterator[Tuple[np.ndarray, torch.Tensor]]:
+def generate_images(net, seeds, batch_size: int = 64, options=None, class_idx: Optional[int] = None, D=None,
+                    key: int = SAMPLING_KEY, device=None, image_shape: Optional[Sequence[int]] = None,
+                    fixed_shape: Optional[bool] = None, progress: bool = False,
+                    **settings) -> Iterator[Tuple[np.ndarray, torch.Tensor]]:
     """Yield (seeds int64 [b], uint8 images [b, C, H, W] on `device`) batch by batch.
+
+    `options`: a sampler.SamplerOptions; keyword `settings` (its fields: num_steps=, solver=,
+    alpha=, backend=, ...) build one or replace its fields, as in `sample`. `progress`: a bar
+    over the batches.
 
     `seeds` are generated in sorted order, `batch_size` at a time (this process only: split
     across ranks first with `rank_seeds`). `net` is an EDMPrecond-like network (attributes
@@ -118,8 +120,7 @@ def generate_images(net, seeds, batch_size: int = 64, num_steps: int = 18, sigma
         raise ValueError(f"seeds: seed {int(seeds[0])} is out of range; seeds must be in [0, 2^63)")
     if D is None and _network_D(net) is None:
         raise ValueError("the network has no attribute D; pass D explicitly")
-    sampler = Sampler(_network_D(net) if D is None else D, key, num_steps, sigma_min, sigma_max, rho, solver,
-                      S_churn, S_min, S_max, S_noise, alpha, dtype, net_dtype, backend)  # D, options: checked once
+    sampler = Sampler(_network_D(net) if D is None else D, key, options, **settings)  # D, options: checked once
     checks.check_net_D(net, sampler.D)
     if image_shape is None:
         if not all(hasattr(net, a) for a in ("img_channels", "img_resolution")):
@@ -286,18 +287,27 @@ def add_sampler_arguments(p: argparse.ArgumentParser) -> None:
     add_threads_argument(g)
 
 
-def sampler_kwargs_from_args(args) -> dict:
-    """generate_images keyword arguments of the command line, checked (UsageError naming the option)."""
+def sampler_options_from_args(args):
+    """The SamplerOptions of the command line (each option checked by its argparse type; the
+    options that bound each other here, UsageError naming them)."""
+    from pfgmpp_fast.sampler import SamplerOptions
     if args.sigma_min > args.sigma_max:
         raise UsageError("--sigma-min", f"must be <= --sigma-max ({args.sigma_max:g}), got {args.sigma_min:g}")
     if args.S_max < args.S_min:
         raise UsageError("--S-max", f"must be >= --S-min ({args.S_min:g}), got {args.S_max:g}")
+    return SamplerOptions(num_steps=args.steps, sigma_min=args.sigma_min, sigma_max=args.sigma_max, rho=args.rho,
+                          solver=args.solver, S_churn=args.S_churn, S_min=args.S_min, S_max=args.S_max,
+                          S_noise=args.S_noise, alpha=args.alpha,
+                          dtype=torch.float64 if args.dtype == "fp64" else torch.float32, backend=args.backend)
+
+
+def sampler_kwargs_from_args(args) -> dict:
+    """generate_images keyword arguments of the command line (options, class_idx, D), checked
+    (UsageError naming the option)."""
+    options = sampler_options_from_args(args)
     with blame("--D"):
         D = None if args.D is None else checks.parse_D(args.D)
-    return dict(num_steps=args.steps, sigma_min=args.sigma_min, sigma_max=args.sigma_max, rho=args.rho,
-                solver=args.solver, S_churn=args.S_churn, S_min=args.S_min, S_max=args.S_max,
-                S_noise=args.S_noise, alpha=args.alpha, class_idx=args.class_idx, D=D,
-                dtype=torch.float64 if args.dtype == "fp64" else torch.float32, backend=args.backend)
+    return dict(options=options, class_idx=args.class_idx, D=D)
 
 
 def device_from_args(args) -> torch.device:

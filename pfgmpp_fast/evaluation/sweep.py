@@ -39,10 +39,6 @@ XLABELS = {"checkpoints": "kimg", "steps": "NFE", "alpha": "alpha", "bits": "wei
            "ema": "EMA length (relative std)"}
 
 
-def _nfe(steps: int, solver: str) -> int:
-    return 2 * steps - 1 if solver == "heun" else steps
-
-
 @dataclass
 class Point:
     """One measurement: `kind` = `value`, sampler overrides `gen`, weights from `path`."""
@@ -142,8 +138,7 @@ def score_point(fast, base, point: Point, seeds, detectors: Detectors, ref: Dict
     t0 = time.perf_counter()
     stats = calc_stats(source, detectors, batch_size=batch_size, outdir=outdir, shard_size=shard_size, device=device)
     scores = compute_metrics(stats, ref, detectors.metrics, detectors.name)
-    steps = int(kw.get("num_steps", 18))
-    nfe = _nfe(steps, kw.get("solver", "heun"))
+    steps, nfe = source.options.num_steps, source.options.nfe
     return {"kind": point.kind, "value": point.value, "x": nfe if point.kind == "steps" else point.value,
             "images": stats["features"].count, "steps": steps, "nfe": nfe, **scores,
             "seconds": round(time.perf_counter() - t0, 3)}
