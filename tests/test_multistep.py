@@ -180,3 +180,47 @@ def test_dpmpp2m_equals_k_diffusion():
         assert rel_err(ours, theirs) < 1e-5
         euler = sample(den, latents, D, 5, seeds, num_steps=n, sigma_min=sigma_min, solver="euler")
         assert rel_err(euler, theirs) > 1e-3                     # the comparison can tell solvers apart
+
+
+def test_generate_command_with_a_multistep_solver(tmp_path, capsys):
+    """`generate --solver dpmpp2m` end to end: the images of generate_images with that solver (not
+    Heun's); --S-churn with a multistep solver is a usage error naming the option."""
+    from pfgmpp_fast import checkpoint, cli
+    from pfgmpp_fast.evaluation import generate as G
+    from helpers import tiny_net
+    path, out = str(tmp_path / "net.safetensors"), str(tmp_path / "g.npz")
+    net = tiny_net(D=8)
+    checkpoint.save_network(path, net)
+    argv = ["generate", "--network", path, "--seeds", "0-2", "--steps", "4", "--no-progress", "--backend", "cpu"]
+    assert cli.main(argv + ["--solver", "dpmpp2m", "--npz", out]) == 0
+    images, seeds = G.load_npz_images(out)
+    assert list(seeds) == [0, 1, 2]
+    loaded = checkpoint.load_network(path)
+    for solver, same in (("dpmpp2m", True), ("heun", False)):
+        batches = G.generate_images(loaded, [0, 1, 2], 3, num_steps=4, solver=solver, backend="cpu")
+        direct = torch.cat([im for _, im in batches]).permute(0, 2, 3, 1).numpy()        # NHWC, as in the .npz
+        assert np.array_equal(direct, images) == same
+    assert cli.main(argv + ["--solver", "ipndm", "--S-churn", "1", "--npz", out]) == 2
+    err = capsys.readouterr().err
+    assert "--S-churn" in err and "ipndm" in err and "Traceback" not in err
+
+
+def test_fid_sweep_over_steps_honours_the_solver(tmp_path, digits_cache, digits):
+    """`fid sweep --kind steps --solver dpmpp2m`: NFE = steps, other images than Heun's."""
+    import csv
+    from pfgmpp_fast import checkpoint, cli
+    from pfgmpp_fast.evaluation import calc, metrics
+    from helpers import tiny_net
+    net_path, ref = str(tmp_path / "net.safetensors"), str(tmp_path / "ref.npz")
+    checkpoint.save_network(net_path, tiny_net())
+    metrics.save_stats(ref, *calc.reference_stats("digits", digits, batch_size=500))
+    rows = {}
+    for solver in ("dpmpp2m", "heun"):
+        assert cli.main(["fid", "sweep", "--kind", "steps", "--values", "2,3", "--solver", solver, "--network", net_path,
+                         "--batch", "8", "--features", "digits", "--digits-cache", digits_cache, "--ref", ref,
+                         "--seeds", "0-7", "--backend", "cpu", "--outdir", str(tmp_path / solver)]) == 0
+        with open(tmp_path / solver / "sweep-steps.csv") as f:
+            rows[solver] = list(csv.DictReader(f))
+    assert [(r["steps"], r["nfe"]) for r in rows["dpmpp2m"]] == [("2", "2"), ("3", "3")]
+    assert [r["nfe"] for r in rows["heun"]] == ["3", "5"]
+    assert [r["FDD"] for r in rows["dpmpp2m"]] != [r["FDD"] for r in rows["heun"]]

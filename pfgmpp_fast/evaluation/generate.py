@@ -262,8 +262,11 @@ def add_sampler_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--D", default=None,
                    help="check that the network was trained with this D (default: the network's)")
     g.add_argument("--batch", type=int_at_least(1), default=64, help="images per batch and rank (default 64)")
-    g.add_argument("--steps", type=int_at_least(1), default=18, help="sampling steps n (Heun: 2n-1 NFE; default 18)")
-    g.add_argument("--solver", choices=["heun", "euler"], default="heun")
+    g.add_argument("--steps", type=int_at_least(1), default=18,
+                   help="sampling steps n (Heun: 2n-1 NFE, the other solvers n; default 18)")
+    g.add_argument("--solver", choices=checks.SOLVERS, default="heun",
+                   help="heun (EDM) | euler | dpmpp2m (DPM-Solver++(2M)) | ipndm | ipndm_v (variable-step iPNDM); "
+                        "the multistep solvers take no --S-churn")
     g.add_argument("--sigma-min", type=number(positive=True), default=0.002)
     g.add_argument("--sigma-max", type=number(positive=True), default=80.0)
     g.add_argument("--rho", type=number(positive=True), default=7.0)
@@ -295,6 +298,8 @@ def sampler_options_from_args(args):
         raise UsageError("--sigma-min", f"must be <= --sigma-max ({args.sigma_max:g}), got {args.sigma_min:g}")
     if args.S_max < args.S_min:
         raise UsageError("--S-max", f"must be >= --S-min ({args.S_min:g}), got {args.S_max:g}")
+    if args.solver in checks.MULTISTEP_SOLVERS and args.S_churn > 0:
+        raise UsageError("--S-churn", f"must be 0 with --solver {args.solver} (a multistep solver), got {args.S_churn:g}")
     return SamplerOptions(num_steps=args.steps, sigma_min=args.sigma_min, sigma_max=args.sigma_max, rho=args.rho,
                           solver=args.solver, S_churn=args.S_churn, S_min=args.S_min, S_max=args.S_max,
                           S_noise=args.S_noise, alpha=args.alpha,
