@@ -304,6 +304,7 @@ class _MultistepStepper(_Stepper):
         nz = self.step_noise(0)
         x, _, net_in = self.update(x, None, None, 0.0, 0.0, 0.0, None, nz, self.c_in_of(nz))
         step = self.dpmpp2m_step if self.options.solver == "dpmpp2m" else self.ipndm_step
+        self.zeros = None if self.options.solver == "dpmpp2m" else torch.zeros_like(x)   # iPNDM's base for d_i
         history = []
         steps = range(self.num_steps)
         if progress:
@@ -339,11 +340,9 @@ class _MultistepStepper(_Stepper):
 
     def ipndm_step(self, i, x, F, A, Bf, history, nz):
         """x_{i+1} = x + h·(c_0·d_i + G), G = Σ_{k>=1} c_k·d_{i−k}: d_i from one call (base 0), G
-        from the history in one call (order >= 3), then x + h·(c_0·d_i + g·G') in one call."""
+        (as G' = G/g) from the history in one call (order >= 3), then x + h·(c_0·d_i + g·G')."""
         h, c = self.t[i + 1] - self.t[i], RM.ipndm_coefficients(self.options.solver, self.t, i)
         c_in = self.c_in_of(nz)
-        if getattr(self, "zeros", None) is None:
-            self.zeros = torch.zeros_like(x)
         slope = self.update(x, F, self.zeros, A, Bf, 1.0, None, None, None)[0]     # d_i = A·x + Bf·F
         if len(c) == 1:
             x_next, _, net_in = self.update(x, F, None, A, Bf, h, None, nz, c_in)
@@ -351,10 +350,10 @@ class _MultistepStepper(_Stepper):
             older, scale = history[-1], 1.0                                       # G' = G / scale
             if len(c) == 3:
                 older = self.update(history[-1], history[-2], None, c[1] - 1.0, c[2], 1.0, None, None, None)[0]
-            elif len(c) == 4:
-                older = self.update(history[-1], history[-2], history[-3], c[1] / c[3], c[2] / c[3], 1.0, None,
+            elif len(c) == 4:   # d_{i−1} (the largest weight) in the base slot, whose weight is 1
+                older = self.update(history[-2], history[-3], history[-1], c[2] / c[1], c[3] / c[1], 1.0, None,
                                     None, None)[0]
-                scale = c[3]
+                scale = c[1]
             x_next, _, net_in = self.update(slope, older, x, c[0], c[1] if len(c) == 2 else scale, h, None, nz, c_in)
         history.append(slope)
         del history[:-3]
