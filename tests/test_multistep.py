@@ -5,12 +5,12 @@ import math
 import numpy as np
 import pytest
 import torch
+from op_helpers import BACKENDS, device_for, rel_err
 
 from pfgmpp_fast import checks
 from pfgmpp_fast import reference as R
 from pfgmpp_fast import reference_multistep as RM
 from pfgmpp_fast.sampler import SamplerOptions, sample
-from op_helpers import BACKENDS, device_for, rel_err
 
 pytestmark = pytest.mark.usefixtures("poison_uninitialized_memory")
 
@@ -185,9 +185,10 @@ def test_dpmpp2m_equals_k_diffusion():
 def test_generate_command_with_a_multistep_solver(tmp_path, capsys):
     """`generate --solver dpmpp2m` end to end: the images of generate_images with that solver (not
     Heun's); --S-churn with a multistep solver is a usage error naming the option."""
+    from helpers import tiny_net
+
     from pfgmpp_fast import checkpoint, cli
     from pfgmpp_fast.evaluation import generate as G
-    from helpers import tiny_net
     path, out = str(tmp_path / "net.safetensors"), str(tmp_path / "g.npz")
     net = tiny_net(D=8)
     checkpoint.save_network(path, net)
@@ -208,9 +209,11 @@ def test_generate_command_with_a_multistep_solver(tmp_path, capsys):
 def test_fid_sweep_over_steps_honours_the_solver(tmp_path, digits_cache, digits):
     """`fid sweep --kind steps --solver dpmpp2m`: NFE = steps, other images than Heun's."""
     import csv
+
+    from helpers import tiny_net
+
     from pfgmpp_fast import checkpoint, cli
     from pfgmpp_fast.evaluation import calc, metrics
-    from helpers import tiny_net
     net_path, ref = str(tmp_path / "net.safetensors"), str(tmp_path / "ref.npz")
     checkpoint.save_network(net_path, tiny_net())
     metrics.save_stats(ref, *calc.reference_stats("digits", digits, batch_size=500))
