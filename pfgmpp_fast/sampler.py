@@ -304,7 +304,9 @@ class _MultistepStepper(_Stepper):
         nz = self.step_noise(0)
         x, _, net_in = self.update(x, None, None, 0.0, 0.0, 0.0, None, nz, self.c_in_of(nz))
         step = self.dpmpp2m_step if self.options.solver == "dpmpp2m" else self.ipndm_step
-        self.zeros = None if self.options.solver == "dpmpp2m" else torch.zeros_like(x)   # iPNDM's base for d_i
+        if self.options.solver != "dpmpp2m":       # iPNDM: the base of d_i, and every step's weights, once
+            self.zeros = torch.zeros_like(x)
+            self.weights = [RM.ipndm_coefficients(self.options.solver, t, i) for i in range(self.num_steps)]
         history = []
         steps = range(self.num_steps)
         if progress:
@@ -341,7 +343,7 @@ class _MultistepStepper(_Stepper):
     def ipndm_step(self, i, x, F, A, Bf, history, nz):
         """x_{i+1} = x + h·(c_0·d_i + G), G = Σ_{k>=1} c_k·d_{i−k}: d_i from one call (base 0), G
         (as G' = G/g) from the history in one call (order >= 3), then x + h·(c_0·d_i + g·G')."""
-        h, c = self.t[i + 1] - self.t[i], RM.ipndm_coefficients(self.options.solver, self.t, i)
+        h, c = self.t[i + 1] - self.t[i], self.weights[i]
         c_in = self.c_in_of(nz)
         slope = self.update(x, F, self.zeros, A, Bf, 1.0, None, None, None)[0]     # d_i = A·x + Bf·F
         if len(c) == 1:
