@@ -9,7 +9,8 @@ Two measurements, each for every solver of checks.SOLVERS on the same latents an
 2. `network`: the same with the digits demo's small DDPM++ (apps.digits.SMALL_NETWORK, 1×8×8,
    untrained weights — the time does not depend on them), where the network dominates.
 
-Per solver: ms per step (total / num_steps), ms per NFE, and the ratio of a step to Heun's.
+Per solver: ms per step (total / num_steps), ms per NFE, and the ratio of a step to Heun's; the
+solvers take turns, round after round, and each number is the median over the rounds.
 
     python benchmarks/bench_solver_step.py [--threads 1] [--steps 18] [--batch 64] [--out r.json]
 """
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import statistics
 import sys
 
 import torch
@@ -46,15 +48,23 @@ def small_network(D):
 
 
 def measure(net, shape, steps: int, backend: str, reps: int):
-    """{solver: (ms per step, ms per NFE)} on the same latents."""
-    out = {}
+    """{solver: (ms per step, ms per NFE)} on the same latents: the solvers take turns (one run
+    each per round, `reps` rounds after one warm-up round) so a busy machine slows them alike;
+    the median over the rounds."""
     seeds = torch.arange(shape[0])
+    runs = {}
     for solver in checks.SOLVERS:
         sampler = Sampler(128.0, 0, SamplerOptions(num_steps=steps, solver=solver, backend=backend))
         latents = sampler.prior(shape, seeds)
-        ms = B.time_ms(lambda: sampler(net, latents, seeds), "cpu", warmup=2, reps=reps)
-        out[solver] = (ms / steps, ms / sampler.options.nfe)
-    return out
+        runs[solver] = (lambda s=sampler, z=latents: s(net, z, seeds), sampler.options.nfe)
+    times = {solver: [] for solver in runs}
+    for round_ in range(reps + 1):
+        for solver, (run, _) in runs.items():
+            ms = B.time_ms(run, "cpu", warmup=0, reps=1)
+            if round_:
+                times[solver].append(ms)
+    return {solver: (statistics.median(times[solver]) / steps, statistics.median(times[solver]) / nfe)
+            for solver, (_, nfe) in runs.items()}
 
 
 def main():
@@ -63,7 +73,7 @@ def main():
     p.add_argument("--steps", type=int, default=18)
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--backend", default="cpu")
-    p.add_argument("--reps", type=int, default=5)
+    p.add_argument("--reps", type=int, default=9, help="rounds (each solver once per round)")
     p.add_argument("--out", default=None, help="write the rows as JSON here")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
