@@ -5,8 +5,9 @@ Per step i (t̂ = t_i(1+γ)), the kernel calls are
     stage 2: x_{i+1} = base + (h/2)·d'  (+ step i+1's α and churn noise, giving x̂_{i+1}),
              net input c_in(t̂_{i+1})·x̂_{i+1}
 with d = A·x + Bf·F (A = (1 − c_skip)/t, Bf = −c_out/t).  Euler steps (the last one, or
-solver='euler') are one call.  All schedule scalars are Python floats computed once; nothing
-goes back to the host inside the loop.
+solver='euler') are one call.  The multistep solvers (DPM-Solver++(2M), iPNDM, iPNDM-v:
+one network evaluation per step) are `_MultistepStepper`, on the same op.  All schedule
+scalars are Python floats computed once; nothing goes back to the host inside the loop.
 
 The settings are one frozen `SamplerOptions`, checked when built; `sample` and `Sampler` take
 it as `options=` and/or its fields as keywords (`sampler_options`).
@@ -155,7 +156,8 @@ class _StepFlags:
 
 def sample(net, latents: torch.Tensor, D, key, seeds, options: Optional[SamplerOptions] = None, *,
            class_labels=None, requires_grad: bool = False, **settings) -> torch.Tensor:
-    """Heun / Euler sampling from latents at σ_max (reference.sample, fused steps).
+    """Heun / Euler / multistep (dpmpp2m, ipndm, ipndm_v) sampling from latents at σ_max
+    (reference.sample, fused steps).
 
     `options`: a SamplerOptions; keyword `settings` (its fields: num_steps=, solver=, S_churn=,
     dtype=, backend=, ...) build one or replace its fields.
