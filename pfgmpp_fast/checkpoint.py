@@ -3,16 +3,20 @@
 Our format is one safetensors file: the ``state_dict`` (keys ``model.*``, as published) plus,
 in the safetensors metadata, the network config as JSON. Loading it never executes code.
 
-Published EDM / PFGM++ checkpoints (``network-snapshot-*.pkl``: a plain pickle of a dict with
-an ``'ema'`` network; ``training-state-*.pt``: a ``torch.save`` zip with a ``'net'`` network)
-are pickles whose classes come from ``torch_utils.persistence``: unpickling them with the
-published code executes the Python source embedded in the file. We refuse them unless the
-caller passes ``trust_pickle=True``, and even then we never execute that source: a restricted
-unpickler maps the persistent classes to inert records (class name + state), every unknown
-global to an inert placeholder, and tensors to plain tensors (safe_pickle.py; a zip is read
-entry by entry, never by torch.load). TorchScript archives and any other kind of file are
-refused before anything reads them. We then build our own network from the recorded
-constructor arguments and copy the weights in, strictly.
+Published EDM / PFGM++ checkpoints are pickles of a dict holding the network: EDM's
+``network-snapshot-*.pkl`` (``'ema'``, ``'loss_fn'``, ...) and ``training-state-*.pt``
+(``'net'``); PFGM++'s ``training-state-*.pt`` (a ``torch.save`` zip) or, in its earlier
+versions, ``training-state-*.pkl`` (a plain pickle), with ``'ema'`` (and ``'net'``,
+``'optimizer_state'``, ``'step'``). We take ``'ema'``, else ``'net'``. Their classes come from
+``torch_utils.persistence``: unpickling them with the published code executes the Python
+source embedded in the file. We refuse them unless the caller passes ``trust_pickle=True``, and
+even then we never execute that source: a restricted unpickler maps the persistent classes to
+inert records (class name + state), every unknown global to an inert placeholder, and tensors
+to plain tensors (safe_pickle.py; a zip is read entry by entry, never by torch.load).
+TorchScript archives and any other kind of file are refused before anything reads them. We then
+build our own network from the recorded constructor arguments, with the D the network was
+trained with (the recorded ``D`` when its PFGM++ switch ``pfgmpp`` / ``pfgmv2`` is on, else
+inf), and copy the weights in, strictly.
 """
 from __future__ import annotations
 

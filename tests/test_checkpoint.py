@@ -9,6 +9,7 @@ import pickle
 import sys
 import types
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
@@ -227,6 +228,47 @@ def test_convert_command_names_the_recorded_D(tmp_path, capsys):
     assert 'pfgmpp=False: D=inf' in capsys.readouterr().err
     assert cli.main(['convert', edm, dst, '--trust-pickle', '--D', 'x']) == 2
     assert 'error: --D:' in capsys.readouterr().err
+
+
+# Two README rows at the digits' size (1x8x8), in the newest .pt and the historical .pkl layout.
+ENTRY_CASES = [('pfgmpp-training-state-pt', 'ffhq-ddpm-D-128'), ('pfgmv2-training-state-pkl', 'ffhq-ddpm-D-inf')]
+
+
+@pytest.mark.parametrize('layout, row', ENTRY_CASES)
+def test_published_checkpoint_through_every_entry_point(tmp_path, capsys, digits_cache, layout, row):
+    """generate / fid --network and train --transfer read a published checkpoint with
+    --trust-pickle as the network it is, with the D it was trained with."""
+    from pfgmpp_fast import cli
+    from pfgmpp_fast.utils.io_utils import load_torch_state
+    src = str(tmp_path / F.LAYOUTS[layout][1])
+    expected, D, _ = F.write_layout(src, layout, F.README_ROWS[row], tmp_path / 'EXECUTED', resolution=8, channels=1)
+    ours = str(tmp_path / 'ours.safetensors')
+    ck.save_network(ours, expected)                 # the same network and D in our format
+    sample = ['--seeds', '0-3', '--steps', '2', '--device', 'cpu']
+    for net, out in ((src, 'pickle'), (ours, 'ours')):
+        trust = ['--trust-pickle'] if net == src else []
+        assert cli.main(['generate', '--network', net, *trust, *sample, '--npz', str(tmp_path / f'{out}.npz'),
+                         '--no-progress']) == 0
+        assert cli.main(['fid', 'calc', '--network', net, *trust, *sample[2:], '--num', '8', '--batch', '8',
+                         '--features', 'digits', '--digits-cache', digits_cache,
+                         '--dest', str(tmp_path / f'{out}-stats.npz')]) == 0
+    for name in ('{}.npz', '{}-stats.npz'):
+        a, b = np.load(tmp_path / name.format('pickle')), np.load(tmp_path / name.format('ours'))
+        assert sorted(a.files) == sorted(b.files) and all(np.array_equal(a[k], b[k]) for k in a.files), name
+    capsys.readouterr()
+    assert cli.main(['generate', '--network', src, '--trust-pickle', '--D', '64', *sample,
+                     '--npz', str(tmp_path / 'x.npz')]) == 2
+    assert 'error: --D:' in capsys.readouterr().err
+    run = tmp_path / 'run'
+    assert cli.main(['train', '--outdir', str(run), '--data', 'digits', '--transfer', src, '--trust-pickle',
+                     '--D', 'inf' if math.isinf(D) else str(D), '--batch', '16', '--duration', '0.000016',
+                     '--tick', '0.016', '--dump', '1', '--augment', '0.15', '--dropout', '0.05', '--network',
+                     json.dumps(dict(model_channels=16, channel_mult=[1, 2], num_blocks=1)), '--device', 'cpu',
+                     '--no-progress']) == 0
+    state = load_torch_state(str(run / 'training-state-000000.pt'))   # one step at lr 0 (ramp-up)
+    assert all(torch.equal(state['net'][k], v) for k, v in expected.state_dict().items())
+    assert f'trained with D={D:g}' in capsys.readouterr().out
+    assert not (tmp_path / 'EXECUTED').exists()
 
 
 def test_pickles_refused_without_flag(tmp_path):
