@@ -6,6 +6,7 @@ import json
 import math
 import os
 import pickle
+import struct
 import sys
 import types
 
@@ -80,6 +81,56 @@ def test_save_fast_network_and_channels_last_weights(tmp_path):
     assert list(sd) == list(sd2) and all(torch.equal(sd[k], sd2[k]) for k in sd)
     # net's conv weights are channels-last now (other conv algorithm): equal to fp32 rounding
     torch.testing.assert_close(_outputs(net), _outputs(loaded), rtol=1e-5, atol=1e-5)
+
+
+PICKLE_LOOKING = {0x80: 'both', ord('('): '.pkl', ord('}'): '.pkl', ord(']'): '.pkl'}   # first bytes
+
+
+def _header_length(path):
+    with open(path, 'rb') as f:
+        return struct.unpack('<Q', f.read(8))[0]
+
+
+def test_every_header_length_saves_and_loads(tmp_path):
+    """The file kind is read from the whole structure: a header length whose low byte looks
+    like a pickle opcode (0x80, and '(' '}' ']' for a .pkl name) is still our format."""
+    from helpers import tiny_net
+    from pfgmpp_fast.safe_pickle import archive_kind
+    net = tiny_net(D=8)
+    ref = _outputs(net)
+    path, pkl = tmp_path / 'net.safetensors', tmp_path / 'net.pkl'
+    lengths, traps = set(), []
+    for k in range(0, 1200, 8):      # header lengths are multiples of 8 (safetensors' alignment): each once
+        ck.save_network(path, net, extra_metadata={'pad': 'x' * k})
+        n = _header_length(path)
+        lengths.add(n)
+        loaded = ck.load_network(path)
+        assert torch.equal(_outputs(loaded), ref) and ck.read_metadata(path)['extra']['pad'] == 'x' * k
+        if (n & 0xFF) in PICKLE_LOOKING:
+            pkl.write_bytes(path.read_bytes())
+            assert archive_kind(str(pkl)) == 'safetensors' and torch.equal(_outputs(ck.load_network(pkl)), ref)
+            traps.append(n & 0xFF)
+    low = min(lengths)
+    assert sorted(lengths) == list(range(low, low + 8 * len(lengths), 8)) and len(lengths) == 150
+    assert max(lengths) - low >= 1000
+    assert traps.count(0x80) >= 4 and traps.count(ord('(')) >= 4 and len(traps) == 9   # '}' ']': not multiples of 8
+
+    # Every integer header length (other writers need not align): the header padded with spaces.
+    data = path.read_bytes()
+    header = data[8:8 + _header_length(path)].rstrip(b' ')
+    seen, loads = set(), 0
+    for extra in range(1024 + 8):
+        padded = header + b' ' * extra
+        blob = struct.pack('<Q', len(padded)) + padded + data[8 + _header_length(path):]
+        for target in (tmp_path / 'raw.safetensors', tmp_path / 'raw.pkl'):
+            target.write_bytes(blob)
+            assert archive_kind(str(target)) == 'safetensors'
+        if (len(padded) & 0xFF) in PICKLE_LOOKING or extra % 64 == 0:
+            seen.add(len(padded) & 0xFF)
+            for target in (tmp_path / 'raw.safetensors', tmp_path / 'raw.pkl'):
+                assert torch.equal(_outputs(ck.load_network(target)), ref)
+                loads += 1
+    assert set(PICKLE_LOOKING) <= seen and loads == 2 * (4 * 4 + 17)
 
 
 @pytest.mark.parametrize('cut', [0, 5, 8, 40, -1000, -1])
