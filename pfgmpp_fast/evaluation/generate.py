@@ -214,8 +214,8 @@ def write_images(batches, outdir: Optional[str] = None, npz: Optional[str] = Non
 # Networks and distributed setup
 
 def load_generator_network(path: str, device, trust_pickle: bool = False, D=None):
-    """Load a checkpoint (ours: safetensors, whose recorded D a given D must equal; a published
-    pickle only with trust_pickle, where a given D sets the imported network's D)."""
+    """Load a checkpoint (ours: safetensors; a published pickle only with trust_pickle), with
+    the D it was trained with, which a given D must equal."""
     from pfgmpp_fast.checkpoint import load_network
     if not os.path.exists(path):
         raise FileNotFoundError(f"network checkpoint not found: {path}")

@@ -127,7 +127,7 @@ class TrainingRun:
                 net.load_state_dict(src.state_dict(), strict=True)
             except RuntimeError as exc:
                 raise ValueError(f"transfer: {o['transfer']} does not match the network of this run: {exc}") from None
-            self.log(f"transfer: initialised the network from {o['transfer']}")
+            self.log(f"transfer: initialised the network from {o['transfer']} (trained with D={float(src.D):g})")
         self.net = net.to(dev).train().requires_grad_(True)
         if self.channels_last:
             self.net.to(memory_format=torch.channels_last)
