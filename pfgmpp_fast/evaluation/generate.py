@@ -7,7 +7,8 @@ prior latents → fused sampler steps (network made fast: bf16 + channels-last +
 CUDA graphs on a GPU) → uint8 exactly as the published pipeline, (x·127.5 + 128).clip(0, 255).
 
 Outputs: PNGs in the published layout (`outdir/000000/000123.png`, folders of 1000 seeds)
-or one `.npz` (`images` uint8 NHWC, `seeds` int64, sorted by seed), written atomically.
+or one `.npz` (`images` uint8 NHWC, `seeds` int64, sorted by seed, and the same images again
+as `arr_0`, the key ADM's evaluation suite and EDM-era scripts read), written atomically.
 Under torchrun the sorted seeds are split across ranks (rank r takes seeds[r::world]).
 
 Python entry points: `parse_int_list`, `check_seeds`, `rank_seeds`, `generate_images`
@@ -203,7 +204,9 @@ def write_images(batches, outdir: Optional[str] = None, npz: Optional[str] = Non
                 seeds = np.concatenate([g[1] for g in gathered])
         if rank == 0:
             order = np.argsort(seeds, kind="stable")
-            atomic_save_npz(npz, images=images[order], seeds=seeds[order])
+            images = images[order]
+            # arr_0: ADM's evaluator reads that key (NHWC uint8); one copy more in the file
+            atomic_save_npz(npz, arr_0=images, images=images, seeds=seeds[order])
     if world > 1:
         torch.distributed.barrier()
     return count
@@ -334,7 +337,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_sampler_arguments(p)
     p.add_argument("--seeds", default="0-63", help="seeds, e.g. '0-49999' or '1,5,7-9' (default 0-63)")
     p.add_argument("--outdir", default=None, help="write PNGs here (outdir/000000/000123.png)")
-    p.add_argument("--npz", default=None, help="write one .npz (images uint8 NHWC, seeds)")
+    p.add_argument("--npz", default=None, help="write one .npz (images uint8 NHWC, seeds; arr_0 = images, ADM's key)")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
 
 
