@@ -248,10 +248,11 @@ def _print_summary(run, metrics, paths) -> None:
     print(f"FDD   : trained {fdd['trained']:.2f} ± {fdd['trained_spread']:.2f} | untrained {fdd['untrained']:.2f} | "
           f"held-out real digits {fdd['heldout_real']:.2f} (lower is better; {metrics['wall_seconds']:.0f} s in all)")
     ms = metrics["metric_set"]
-    print("KID/PR: " + " | ".join(f"{label} KID {m['KID']:.3f}, precision {m['precision']:.2f}, recall {m['recall']:.2f}"
+    print("KID/PR: " + " | ".join(f"{label} KID {m['KID']:.3f}, precision_digits {m['precision_digits']:.2f}, "
+                                  f"recall_digits {m['recall_digits']:.2f}"
                                   for label, m in (("trained", ms["trained"]), ("untrained", ms["untrained"]),
                                                    ("held-out real", ms["heldout_real"])))
-          + " (KID lower, precision/recall higher is better)")
+          + " (digits features; KID lower, precision/recall higher is better)")
 
 
 def phema_sweep(run_dir, outdir, scorer, seeds, device, batch, backend, progress, D, stds=PHEMA_SWEEP,

@@ -255,12 +255,12 @@ def _score_points(config: dict, D: float, done: dict, outdir: str, space, device
                           backend=backend)
         record = {"D": D_label(D), "point": name, **p, "nfe": 2 * p["steps"] - 1, "set": k,
                   "seeds": f"{seeds[0]}-{seeds[-1]}", "images": row["images"], "fdd": row["FDD"],
-                  "kid": row["KID"], "kid_std": row["KID_std"], "precision": row["precision"],
-                  "recall": row["recall"], "seconds": row["seconds"]}
+                  "kid": row["KID"], "kid_std": row["KID_std"], "precision": row["precision_digits"],
+                  "recall": row["recall_digits"], "seconds": row["seconds"]}   # a digits-only experiment
         atomic_save_json(path, record)
         results[name].append(record)
-        log(f"D={D_label(D)} {name} set {k}: FDD {record['fdd']:.3f}, KID {record['kid']:.4f}, precision "
-            f"{record['precision']:.2f}, recall {record['recall']:.2f} ({record['seconds']:.1f} s)")
+        log(f"D={D_label(D)} {name} set {k}: FDD {record['fdd']:.3f}, KID {record['kid']:.4f}, precision_digits "
+            f"{record['precision']:.2f}, recall_digits {record['recall']:.2f} ({record['seconds']:.1f} s)")
     return results
 
 
