@@ -2,12 +2,15 @@
 
 Each image depends only on its seed (and the sampler settings): latents come from the
 counter-based RNG keyed by (SAMPLING_KEY, seed), so batch size, rank count, padding and
-backend do not change any image. Pipeline per batch, all on the device:
+backend do not change any image. `--rng published` draws the latents (and random classes) per
+seed as the published PFGM++ generate.py does instead (published_rng.py), so the same network
+and seeds give the published sampler's images. Pipeline per batch, all on the device:
 prior latents → fused sampler steps (network made fast: bf16 + channels-last + compile +
 CUDA graphs on a GPU) → uint8 exactly as the published pipeline, (x·127.5 + 128).clip(0, 255).
 
 Outputs: PNGs in the published layout (`outdir/000000/000123.png`, folders of 1000 seeds)
-or one `.npz` (`images` uint8 NHWC, `seeds` int64, sorted by seed), written atomically.
+or one `.npz` (`images` uint8 NHWC, `seeds` int64, sorted by seed, and the same images again
+as `arr_0`, the key ADM's evaluation suite and EDM-era scripts read), written atomically.
 Under torchrun the sorted seeds are split across ranks (rank r takes seeds[r::world]).
 
 Python entry points: `parse_int_list`, `check_seeds`, `rank_seeds`, `generate_images`
@@ -27,6 +30,7 @@ import torch
 from pfgmpp_fast import checks
 from pfgmpp_fast import reference as R
 from pfgmpp_fast.checks import check_seeds, parse_int_list  # noqa: F401  (part of this module's API)
+from pfgmpp_fast.published_rng import PublishedRNG, check_published_sampling
 from pfgmpp_fast.utils import distributed
 from pfgmpp_fast.utils.cli_errors import (UsageError, add_threads_argument, blame, check_output_path, command,
                                           int_at_least, number)
@@ -40,6 +44,7 @@ __all__ = ["SAMPLING_KEY", "STREAM_CLASS", "parse_int_list", "check_seeds", "ran
 
 SAMPLING_KEY = 0x5EED_0F_1A6E       # the fixed Philox key of sampling: image = f(seed)
 STREAM_CLASS = R.STREAM_CLASS      # Philox stream of the random class label of a seed
+RNGS = ("philox", "published")     # where latents come from: our Philox streams, or as published
 
 
 # ----------------------------------------------------------------------------------------
@@ -97,7 +102,7 @@ def resolve_D(net, D=None) -> float:
 
 def generate_images(net, seeds, batch_size: int = 64, options=None, class_idx: Optional[int] = None, D=None,
                     key: int = SAMPLING_KEY, device=None, image_shape: Optional[Sequence[int]] = None,
-                    fixed_shape: Optional[bool] = None, progress: bool = False,
+                    fixed_shape: Optional[bool] = None, progress: bool = False, rng: str = "philox",
                     **settings) -> Iterator[Tuple[np.ndarray, torch.Tensor]]:
     """Yield (seeds int64 [b], uint8 images [b, C, H, W] on `device`) batch by batch.
 
@@ -111,6 +116,9 @@ def generate_images(net, seeds, batch_size: int = 64, options=None, class_idx: O
     and `D` given. fixed_shape (default: when the network is compiled / CUDA-graphed) pads
     the last batch with repeats of its last seed so every call has the same shape; padded
     images are dropped (an image depends only on its seed, so this changes nothing).
+    rng: 'philox' (ours: latents and random classes from the Philox streams keyed by `key`) or
+    'published' (latents and random classes drawn per seed as the published PFGM++
+    generate.py draws them, published_rng.py; settings that add churn noise are refused).
     """
     from pfgmpp_fast.sampler import Sampler
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
@@ -122,6 +130,10 @@ def generate_images(net, seeds, batch_size: int = 64, options=None, class_idx: O
         raise ValueError("the network has no attribute D; pass D explicitly")
     sampler = Sampler(_network_D(net) if D is None else D, key, options, **settings)  # D, options: checked once
     checks.check_net_D(net, sampler.D)
+    if rng not in RNGS:
+        raise ValueError(f"rng must be one of {', '.join(RNGS)}, got {rng!r}")
+    if rng == "published":
+        check_published_sampling(sampler.options)
     if image_shape is None:
         if not all(hasattr(net, a) for a in ("img_channels", "img_resolution")):
             raise ValueError("image_shape is needed for a network without img_channels/img_resolution")
@@ -145,10 +157,24 @@ def generate_images(net, seeds, batch_size: int = 64, options=None, class_idx: O
         if fixed_shape and real < batch_size:
             chunk = np.concatenate([chunk, np.full(batch_size - real, chunk[-1], dtype=np.int64)])
         ids = torch.from_numpy(chunk).to(device)
-        latents = sampler.prior((len(chunk), *image_shape), ids)
-        labels = class_labels_for(ids, label_dim, class_idx, key)
+        if rng == "published":
+            latents, labels = _published_latents(chunk, image_shape, sampler.D, sampler.options.sigma_max, label_dim, class_idx,
+                                                  device)
+        else:
+            latents = sampler.prior((len(chunk), *image_shape), ids)
+            labels = class_labels_for(ids, label_dim, class_idx, key)
         x = sampler(net, latents, ids, labels)     # NaN/Inf raises FloatingPointError naming the seeds
         yield chunk[:real], to_uint8(x[:real])
+
+
+def _published_latents(seeds: np.ndarray, image_shape, D: float, sigma_max: float, label_dim: int,
+                       class_idx: Optional[int], device):
+    """(latents, one-hot labels or None) of a batch as the published generate.py draws them."""
+    draw = PublishedRNG(seeds.tolist(), device)
+    latents = draw.prior((len(seeds), *image_shape), D, sigma_max)
+    if label_dim == 0 or class_idx is not None:         # no labels, or the one class asked for (checked)
+        return latents, class_labels_for(torch.from_numpy(seeds).to(device), label_dim, class_idx)
+    return latents, torch.nn.functional.one_hot(draw.class_indices(label_dim), label_dim).to(torch.float32)
 
 
 # ----------------------------------------------------------------------------------------
@@ -204,7 +230,9 @@ def write_images(batches, outdir: Optional[str] = None, npz: Optional[str] = Non
                 seeds = np.concatenate([g[1] for g in gathered])
         if rank == 0:
             order = np.argsort(seeds, kind="stable")
-            atomic_save_npz(npz, images=images[order], seeds=seeds[order])
+            images = images[order]
+            # arr_0: ADM's evaluator reads that key (NHWC uint8); one copy more in the file
+            atomic_save_npz(npz, arr_0=images, images=images, seeds=seeds[order])
     if world > 1:
         torch.distributed.barrier()
     return count
@@ -344,8 +372,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_sampler_arguments(p)
     p.add_argument("--seeds", default="0-63", help="seeds, e.g. '0-49999' or '1,5,7-9' (default 0-63)")
     p.add_argument("--outdir", default=None, help="write PNGs here (outdir/000000/000123.png)")
-    p.add_argument("--npz", default=None, help="write one .npz (images uint8 NHWC, seeds)")
+    p.add_argument("--npz", default=None, help="write one .npz (images uint8 NHWC, seeds; arr_0 = images, ADM's key)")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+    p.add_argument("--rng", choices=RNGS, default="philox",
+                   help="latents and random classes: philox (default; an image depends only on its seed, on every "
+                        "backend) or published (drawn per seed as the published PFGM++ generate.py does, so the same "
+                        "network and seeds give its images; refused with churn noise)")
 
 
 @command
@@ -359,12 +391,16 @@ def main(args) -> int:
     with blame("--seeds"):
         seeds = check_seeds(args.seeds)
     kwargs = sampler_kwargs_from_args(args)
+    if args.rng == "published":
+        with blame("--rng"):
+            check_published_sampling(kwargs["options"])
     device = device_from_args(args)
     net = network_from_args(args, device, D=kwargs["D"])
     fast = make_generator_fast(net, device, args.net_dtype, args.compile, args.cuda_graphs)
     rank, world = distributed.get_rank(), distributed.get_world_size()
     mine = rank_seeds(seeds, rank, world)
-    batches = generate_images(fast, mine, args.batch, device=device, progress=args.progress and rank == 0, **kwargs)
+    batches = generate_images(fast, mine, args.batch, device=device, progress=args.progress and rank == 0,
+                              rng=args.rng, **kwargs)
     write_images(batches, outdir=args.outdir, npz=args.npz)
     if rank == 0:
         where = " and ".join(x for x in (args.outdir, args.npz) if x)

@@ -8,6 +8,7 @@ import os
 import re
 from typing import Optional
 
+from pfgmpp_fast.training.report import stat_value
 from pfgmpp_fast.utils.io_utils import atomic_write_text, is_temp_file, load_torch_state
 
 __all__ = ["find_latest_state", "remove_temp_files", "drop_stats_after"]
@@ -51,7 +52,7 @@ def drop_stats_after(stats_path: str, next_tick: int) -> None:
     kept = []
     for line in lines:
         try:
-            if int(json.loads(line)["Progress/tick"]) < next_tick:
+            if int(stat_value(json.loads(line), "Progress/tick")) < next_tick:
                 kept.append(line)
         except (ValueError, KeyError, TypeError):
             pass
