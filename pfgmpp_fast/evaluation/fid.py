@@ -74,6 +74,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                      help="use the first N images (default all)")
     ref.add_argument("--batch", type=int_at_least(1), default=256)
     ref.add_argument("--device", default=None)
+    ref.add_argument("--dry-run", action="store_true", help="print the resolved options (JSON) and exit")
     add_threads_argument(ref)
     _add_feature_arguments(ref)
     sw = sub.add_parser("sweep", help="metrics over checkpoints, steps/NFE, alpha, weight bits or EMA length")
@@ -170,6 +171,10 @@ def _check_calc_args(args):
     check_output_path("--dest", args.dest)
     check_output_path("--outdir", args.outdir, is_dir=True)
     from pfgmpp_fast.evaluation.generate import DEFAULT_STEPS
+    from pfgmpp_fast.evaluation.published import ckpt_folders
+    if args.dest and args.images and ckpt_folders(args.images, args.gen_seed, args.ckpt, args.end_ckpt):
+        raise UsageError("--dest", f"{args.images} holds ckpt_<kimg> image folders (the published layout), one set "
+                         "of statistics each: use --outdir (a sub-folder each) instead")
     for name, default in (("steps", DEFAULT_STEPS), ("alpha", 0.0)):
         if args.images is not None and getattr(args, name) is not None:
             raise UsageError(f"--{name}", f"with --images no images are generated; the published fid.py's --{name}=1 "
@@ -178,14 +183,17 @@ def _check_calc_args(args):
             setattr(args, name, default)
 
 
-def _print_calc_dry_run(args) -> None:
+def _print_dry_run(args) -> None:
+    """--dry-run of calc and ref: the resolved options as JSON."""
     from pfgmpp_fast.evaluation.generate import resolved_sampler_kwargs
     from pfgmpp_fast.evaluation.published import ckpt_folders
-    folders = ckpt_folders(args.images, args.gen_seed, args.ckpt, args.end_ckpt) if args.images else []
-    resolved = {k: getattr(args, k) for k in ("images", "network", "seeds", "num", "seed", "ref", "outdir", "dest",
-                                              "batch", "shard_size", "features", "metrics", "trust_pickle")}
-    resolved["ckpt_folders"] = [p for _, p in folders]
-    if args.network:
+    names = (("data", "dest", "num", "batch") if args.fid_command == "ref" else
+             ("images", "network", "seeds", "num", "seed", "ref", "outdir", "dest", "batch", "shard_size", "trust_pickle"))
+    resolved = {k: getattr(args, k) for k in names + ("features", "metrics")}
+    if args.fid_command == "calc":
+        folders = ckpt_folders(args.images, args.gen_seed, args.ckpt, args.end_ckpt) if args.images else []
+        resolved["ckpt_folders"] = [p for _, p in folders]
+    if args.fid_command == "calc" and args.network:
         resolved.update(resolved_sampler_kwargs(args))
     print(json.dumps(resolved, indent=2, sort_keys=True))
 
@@ -196,9 +204,6 @@ def _calc(args, device, say) -> int:
     from pfgmpp_fast.evaluation.published import ckpt_folders
     folders = ckpt_folders(args.images, args.gen_seed, args.ckpt, args.end_ckpt) if args.images else []
     if folders:                         # the published fid.py: the FID of each RUN/ckpt_<kimg> folder
-        if args.dest:
-            raise UsageError("--dest", f"{args.images} holds {len(folders)} ckpt_<kimg> image folders, one "
-                             "statistics file each: use --outdir (one sub-folder each) instead")
         extractor = _extractor(args, device)
         ref = _reference(args, extractor)
         for _, path in folders:
@@ -293,9 +298,14 @@ def main(args) -> int:
         parse_metrics(args.metrics)
     if cmd == "calc":
         _check_calc_args(args)
-        if args.dry_run:
-            _print_calc_dry_run(args)
-            return 0
+    if cmd == "ref":
+        check_output_path("--dest", args.dest)
+        if args.data != "digits" and not os.path.exists(args.data):
+            raise UsageError("--data", f"no such data set {args.data!r}: give 'digits', a folder or .zip of images, "
+                                       "or a .npy/.npz file")
+    if getattr(args, "dry_run", False):
+        _print_dry_run(args)
+        return 0
     from pfgmpp_fast.evaluation.generate import device_from_args
     device = device_from_args(args)
     rank = distributed.get_rank()
@@ -304,10 +314,6 @@ def main(args) -> int:
         return _calc(args, device, say)
     if cmd == "sweep":
         return _sweep(args, device, say)
-    check_output_path("--dest", args.dest)
-    if args.data != "digits" and not os.path.exists(args.data):
-        raise UsageError("--data", f"no such data set {args.data!r}: give 'digits', a folder or .zip of images, "
-                                   "or a .npy/.npz file")
     extractor = _extractor(args, device)
     with blame("--data"):
         stats = reference_stats(args.data, extractor, batch_size=args.batch, num=args.num, device=device)
