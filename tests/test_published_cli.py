@@ -161,13 +161,18 @@ def _write_pngs(folder, count, seed=0):
 @pytest.fixture
 def published_tree(tmp_path, monkeypatch):
     """A working directory with the files the published command lines name."""
-    monkeypatch.chdir(tmp_path)
+    return _published_tree(tmp_path, monkeypatch)
+
+
+def _published_tree(path, monkeypatch):
+    os.makedirs(path, exist_ok=True)
+    monkeypatch.chdir(path)
     os.makedirs("datasets")
     for name in ("cifar10-32x32", "ffhq-64x64", "afhqv2-64x64", "imagenet-64x64", "my-dataset"):
         with zipfile.ZipFile(f"datasets/{name}.zip", "w") as z:
             for i in range(4):
                 z.writestr(f"00000/img{i:08d}.png", _png(np.full((8, 8), 60 * i)))
-    return tmp_path
+    return path
 
 
 def _run_tree():
@@ -192,23 +197,34 @@ def _dry_run(command, arguments, capsys):
     return code, (json.loads(out) if code == 0 else None), err
 
 
-@pytest.mark.parametrize("where,command,arguments,expected", PUBLISHED, ids=[p[0] for p in PUBLISHED])
-def test_published_command_line_is_accepted_with_its_meaning(published_tree, capsys, where, command, arguments,
-                                                             expected):
+def _with_published_meaning(command, arguments, expected, capsys) -> bool:
+    """Run one published command line (dry run) in the current directory: accepted, and its
+    resolved options are ``expected``?"""
     if command != "train":
         _run_tree()
     elif "--resume" in arguments:        # the state the README's --resume resume_path names
         os.makedirs(RUN)
         open(f"{RUN}/training-state-000100.pt", "wb").close()
     code, resolved, err = _dry_run(command, arguments, capsys)
-    assert code == 0, f"{where}: refused: {err}"
-    assert {k: resolved[k] for k in expected} == expected, where
+    return code == 0 and {k: resolved[k] for k in expected} == expected
 
 
-def test_published_command_lines_count(capsys):
-    accepted, total = len(PUBLISHED), len(PUBLISHED) + len(PUBLISHED_REFUSED)
-    print(f"published command lines accepted with the published meaning: {accepted}/{total}")
-    assert (accepted, total) == (23, 24)
+@pytest.mark.parametrize("where,command,arguments,expected", PUBLISHED, ids=[p[0] for p in PUBLISHED])
+def test_published_command_line_is_accepted_with_its_meaning(published_tree, capsys, where, command, arguments,
+                                                             expected):
+    assert _with_published_meaning(command, arguments, expected, capsys), where
+
+
+def test_published_command_lines_count(tmp_path, monkeypatch, capsys):
+    """k/N over every published command line (the accepted and the refused-on-purpose ones),
+    each in a fresh directory."""
+    lines = [(c, a, e) for _, c, a, e in PUBLISHED] + [(c, a, {}) for _, c, a, _ in PUBLISHED_REFUSED]
+    accepted = 0
+    for i, (command, arguments, expected) in enumerate(lines):
+        _published_tree(tmp_path / str(i), monkeypatch)
+        accepted += _with_published_meaning(command, arguments, expected, capsys)
+    print(f"published command lines accepted with the published meaning: {accepted}/{len(lines)}")
+    assert (accepted, len(lines)) == (23, 24)
 
 
 @pytest.mark.parametrize("where,command,arguments,message", PUBLISHED_REFUSED, ids=[p[0] for p in PUBLISHED_REFUSED])
@@ -221,6 +237,28 @@ def test_published_command_line_refused_on_purpose(published_tree, capsys, where
 @pytest.mark.parametrize("command,arguments,message", REFUSED, ids=[f"{c} {a}" for c, a, _ in REFUSED])
 def test_unsupported_published_option_is_refused_naming_it(published_tree, capsys, command, arguments, message):
     code, _, err = _dry_run(command, arguments, capsys)
+    assert code == 2 and message in err, err
+
+
+# options that contradict each other: one message naming one of them
+CONFLICTS = [
+    ("train", "--pfgmpp=0 --D 64", "error: --pfgmpp=0 means D = inf (EDM diffusion), but --D 64 was given"),
+    ("train", "--aug_dim 64 --D 128", "error: --aug_dim 64 and --D 128 disagree; give one of them"),
+    ("train", "--fp16=1 --precision bf16", "error: --fp16=1 means --precision fp16, but --precision bf16"),
+    ("train", """--cbase 64 --network '{"model_channels": 32}'""", "error: --cbase: gives model_channels 64, but --network"),
+    ("train", "--cres=1,0", "error: --cres: must be comma-separated integers >= 1"),
+    ("train", "--transfer datasets/ffhq-64x64.zip --resume datasets/ffhq-64x64.zip",
+     "error: --transfer: cannot be given with --resume STATE"),
+    ("train", "--cond=maybe", "argument --cond: must be a boolean (1/0, true/false, yes/no, on/off), got 'maybe'"),
+    ("generate", "--network=n.safetensors --outdir=o --pfgmpp=0 --D 64", "error: --pfgmpp=0 means D = inf"),
+    ("generate", "--network=n.safetensors --outdir=o --aug_dim=1x", "argument --aug_dim/--aug-dim: D must be"),
+    ("generate", "--outdir=o --npz=x.npz --use_pickle=1", "error: --network: is required"),
+]
+
+
+@pytest.mark.parametrize("command,arguments,message", CONFLICTS, ids=[f"{c} {a}" for c, a, _ in CONFLICTS])
+def test_contradicting_options_name_one_of_them(published_tree, capsys, command, arguments, message):
+    code, _, err = _dry_run(command, f"--data=digits {arguments}" if command == "train" else arguments, capsys)
     assert code == 2 and message in err, err
 
 
