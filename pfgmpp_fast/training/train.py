@@ -25,6 +25,7 @@ import math
 import os
 import shutil
 
+from pfgmpp_fast.checks import parse_D, parse_int_list
 from pfgmpp_fast.training.loop import TrainingRun
 from pfgmpp_fast.training.options import (ARCHES, BACKENDS, DEFAULTS, TrainingOptions, jsonable, option_diffs,
                                           resolve_options)
@@ -32,7 +33,6 @@ from pfgmpp_fast.training.run_files import (check_fresh_run_dir, drop_stats_afte
                                             latest_numbered_run_dir, next_numbered_run_dir, remove_temp_files,
                                             run_files_in)
 from pfgmpp_fast.utils import distributed
-from pfgmpp_fast.checks import parse_D, parse_int_list
 from pfgmpp_fast.utils.cli_errors import (BoolOption, UsageError, D_from_published, add_threads_argument, blame,
                                           check_output_path, checked, command, int_at_least, supported_choice)
 from pfgmpp_fast.utils.io_utils import atomic_save_json
