@@ -39,7 +39,7 @@ import torch
 
 from pfgmpp_fast.training.data_cache import Decoder, decode_to_array, load_cached
 
-__all__ = ["ImageDataset", "load_dataset", "dataset_to_uint8", "GlobalBatchSampler", "IMAGE_EXTENSIONS",
+__all__ = ["ImageDataset", "load_dataset", "load_array", "dataset_to_uint8", "GlobalBatchSampler", "IMAGE_EXTENSIONS",
            "decode_image", "default_cache_dir"]
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
@@ -191,7 +191,8 @@ def _array_to_nchw(array: np.ndarray, source: str) -> torch.Tensor:
     return torch.from_numpy(array)
 
 
-def _load_array(path: str):
+def load_array(path: str):
+    """A ``.npy``/``.npz`` file -> (images uint8 or float32 [N, C, H, W] tensor, labels or None)."""
     try:
         loaded = np.load(path, allow_pickle=False)
     except Exception as exc:
@@ -214,7 +215,7 @@ def _load_array(path: str):
 
 
 def _array_decoder(path: str) -> Decoder:
-    images, labels = _load_array(path)
+    images, labels = load_array(path)
     array = images.numpy()
     chunk = 4096
     return Decoder(array.shape[0], lambda: ((f"{path}[{i}]", array[i:i + chunk])
