@@ -138,20 +138,22 @@ def test_arrays(tmp_path, kind, transform, size):
     check_against_published(out, list(images), labels, transform, size)
 
 
-def _cifar_archive(path, per_batch=3, protocol=2):
+def _cifar_archive(path, per_batch=3, protocol=2, key=bytes):
     """A tiny archive shaped like cifar-10-python.tar.gz (five training batches, a test batch,
-    the meta file): pickled dicts with bytes keys, data uint8 [n, 3072] of R, G, B planes."""
+    the meta file): pickled dicts with bytes keys (the real Python 2 str keys, read as bytes;
+    ``key=str``: as Python 3 str), data uint8 [n, 3072] of R, G, B planes."""
+    k = (lambda text: text.encode()) if key is bytes else str
     rng = np.random.default_rng(7)
     images, labels = [], []
     with tarfile.open(path, "w:gz") as tar:
         for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch", "batches.meta"]:
             if name == "batches.meta":
-                obj = {b"label_names": [b"airplane"] * 10, b"num_cases_per_batch": per_batch}
+                obj = {k("label_names"): [b"airplane"] * 10, k("num_cases_per_batch"): per_batch}
             else:
                 data = rng.integers(0, 256, (per_batch, 3072), dtype=np.uint8)
                 lab = rng.integers(0, 10, per_batch).tolist()
-                obj = {b"batch_label": name.encode(), b"labels": lab, b"data": data,
-                       b"filenames": [b"x.png"] * per_batch}
+                obj = {k("batch_label"): name.encode(), k("labels"): lab, k("data"): data,
+                       k("filenames"): [b"x.png"] * per_batch}
                 if name != "test_batch":
                     images += list(data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1))
                     labels += lab
@@ -162,11 +164,11 @@ def _cifar_archive(path, per_batch=3, protocol=2):
     return images, labels
 
 
-@pytest.mark.parametrize("protocol", [2, 5])
+@pytest.mark.parametrize("protocol,key", [(2, bytes), (5, bytes), (2, str)])
 @pytest.mark.parametrize("transform,size", [(None, None), (None, (16, 16)), ("center-crop", (8, 8))])
-def test_cifar10_python_archive(tmp_path, protocol, transform, size):
+def test_cifar10_python_archive(tmp_path, protocol, key, transform, size):
     path = str(tmp_path / "cifar-10-python.tar.gz")
-    images, labels = _cifar_archive(path, protocol=protocol)
+    images, labels = _cifar_archive(path, protocol=protocol, key=key)
     out = str(tmp_path / "out.zip")
     assert build_dataset(path, out, transform, size) == 15
     check_against_published(out, images, labels, transform, size)

@@ -60,6 +60,7 @@ class TrainingOptions:
     deterministic: bool = False           # torch.use_deterministic_algorithms
     progress: object = "auto"             # progress bar: auto (a TTY) | True | False
     max_size: Optional[int] = None        # use only the first max_size images
+    cache_dir: Optional[str] = None       # where the decoded data set is cached (data_cache.py); None: next to it
 
     def __getitem__(self, name):          # o["batch"] reads like the published options dict
         return getattr(self, name)

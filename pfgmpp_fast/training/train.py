@@ -19,6 +19,7 @@ import json
 import os
 import shutil
 
+from pfgmpp_fast.training.data import default_cache_dir
 from pfgmpp_fast.training.loop import TrainingRun
 from pfgmpp_fast.training.options import ARCHES, BACKENDS, DEFAULTS, TrainingOptions, jsonable, resolve_options
 from pfgmpp_fast.training.run_files import drop_stats_after, find_latest_state, remove_temp_files
@@ -60,7 +61,8 @@ def run_training(run_dir=None, **options) -> str:
         elif o["resume"]:
             resume_path = o["resume"]
         try:
-            run.setup()
+            with default_cache_dir(o["cache_dir"]):       # where loop.py's load_dataset caches the data
+                run.setup()
         except BaseException:      # bad data/options: leave no empty run directory behind
             if created and run.rank0:
                 shutil.rmtree(o["run_dir"], ignore_errors=True)
@@ -141,6 +143,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     a("--deterministic", action="store_true")
     a("--no-progress", dest="progress", action="store_false", default="auto")
     a("--max-size", type=int, default=None, help="use only the first N images")
+    a("--cache-dir", default=None, metavar="DIR",
+      help="folder of the decoded data set, decoded once per node and memory-mapped by every rank "
+           "(default: next to --data, or ~/.cache/pfgmpp_fast/data where that is read-only)")
     a("--dry-run", action="store_true", help="print the resolved options and exit")
     add_threads_argument(parser)
 
@@ -196,6 +201,7 @@ def main(args) -> int:
         raise UsageError("--data", f"no such data set {o['data']!r}: give 'digits', a folder or .zip of images, "
                                    "or a .npy/.npz file")
     check_output_path("--outdir", o["run_dir"], is_dir=True)
+    check_output_path("--cache-dir", o["cache_dir"], is_dir=True)
     with blame("--device"):
         device = distributed.pick_device(o["device"])
     if args.dry_run:
