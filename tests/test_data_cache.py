@@ -4,6 +4,8 @@ several ranks, and a builder's error reaching every rank."""
 import io
 import json
 import os
+import threading
+import time
 import zipfile
 
 import numpy as np
@@ -167,52 +169,87 @@ def test_decode_errors_still_name_the_file(tmp_path):
 # ----------------------------------------------------------------------------------------
 # Several ranks
 
-def _rank_loads(rank, spec, cache_dir, out_dir, local_rank):
-    if local_rank:
-        os.environ["LOCAL_RANK"] = str(rank)
+def _rank_loads(rank, spec, cache_dir, out_dir, starts=("first", "second")):
+    """Load ``spec`` once per start; a start after the first forgets what this process holds
+    (as a restarted rank would) and must find the cache the first start built."""
     real = data._decoder
+    for start in starts:
+        def counting(spec_, start=start):
+            open(os.path.join(out_dir, f"decoded-{start}-{rank}"), "w").close()
+            return real(spec_)
+        data._decoder = counting
+        data._CACHE.clear()
+        try:
+            ds = load_dataset(spec, cache_dir=cache_dir, use_labels=True)
+            np.save(os.path.join(out_dir, f"images-{start}-{rank}.npy"), ds.images.numpy())
+        except Exception as exc:         # noqa: BLE001 - the test reads what each rank saw
+            with open(os.path.join(out_dir, f"error-{rank}"), "w") as f:
+                f.write(f"{type(exc).__name__}: {exc}")
+            return
 
-    def counting(spec_):
-        open(os.path.join(out_dir, f"decoded-{rank}"), "w").close()
-        return real(spec_)
-    data._decoder = counting
-    try:
-        ds = load_dataset(spec, cache_dir=cache_dir, use_labels=True)
-        np.save(os.path.join(out_dir, f"images-{rank}.npy"), ds.images.numpy())
-    except Exception as exc:         # noqa: BLE001 - the test reads what each rank saw
-        with open(os.path.join(out_dir, f"error-{rank}"), "w") as f:
-            f.write(f"{type(exc).__name__}: {exc}")
 
-
-@pytest.mark.parametrize("local_rank", [True, False], ids=["LOCAL_RANK", "no-LOCAL_RANK"])
-def test_two_ranks_build_the_cache_once(tmp_path, local_rank):
+def test_two_ranks_build_the_cache_once(tmp_path):
+    """Two ranks start together: one decodes (the other waits on the lock, then maps its
+    file); at the second start neither decodes."""
     images, labels = _images(40), np.arange(40) % 3
     _write_zip(tmp_path / "r.zip", images, labels)
     out = tmp_path / "out"
     out.mkdir()
-    for start in ("first", "second"):
-        for f in os.listdir(out):
-            os.unlink(out / f)
-        run_ranks(_rank_loads, 2, tmp_path / f"ranks-{start}", str(tmp_path / "r.zip"), str(tmp_path / "cache"),
-                  str(out), local_rank)
-        assert not [f for f in os.listdir(out) if f.startswith("error")]
-        decoded = [f for f in os.listdir(out) if f.startswith("decoded")]
-        assert len(decoded) == (1 if start == "first" else 0), decoded
-        for rank in range(2):
-            assert np.array_equal(np.load(out / f"images-{rank}.npy"), images.transpose(0, 3, 1, 2))
+    run_ranks(_rank_loads, 2, tmp_path / "ranks", str(tmp_path / "r.zip"), str(tmp_path / "cache"), str(out))
+    assert not [f for f in os.listdir(out) if f.startswith("error")]
+    decoded = sorted(f for f in os.listdir(out) if f.startswith("decoded"))
+    assert len(decoded) == 1 and decoded[0].startswith("decoded-first-"), decoded
+    for name in ("first-0", "first-1", "second-0", "second-1"):
+        assert np.array_equal(np.load(out / f"images-{name}.npy"), images.transpose(0, 3, 1, 2))
     assert len(_cache_files(tmp_path / "cache")) == 1
 
 
-def test_a_builders_error_reaches_every_rank(tmp_path):
-    _write_zip(tmp_path / "r.zip", _images(4))
-    with zipfile.ZipFile(tmp_path / "r.zip", "a") as zf:
+def _corrupt_zip(path):
+    _write_zip(path, _images(4))
+    with zipfile.ZipFile(path, "a") as zf:
         zf.writestr("00000/img00000009.png", b"not a png")
+
+
+def test_a_builders_error_reaches_every_rank(tmp_path):
+    _corrupt_zip(tmp_path / "r.zip")
     out = tmp_path / "out"
     out.mkdir()
-    run_ranks(_rank_loads, 2, tmp_path / "ranks", str(tmp_path / "r.zip"), str(tmp_path / "cache"), str(out), True)
-    errors = {r: (out / f"error-{r}").read_text() for r in range(2)}
-    assert errors[0].startswith("ValueError") and "img00000009.png" in errors[0]
-    assert errors[1].startswith("RuntimeError") and "rank 0" in errors[1] and "img00000009.png" in errors[1]
+    run_ranks(_rank_loads, 2, tmp_path / "ranks", str(tmp_path / "r.zip"), str(tmp_path / "cache"), str(out),
+              ("first",))
+    errors = [(out / f"error-{r}").read_text() for r in range(2)]
+    assert all("img00000009.png" in e for e in errors) and any(e.startswith("ValueError") for e in errors), errors
+    assert not _cache_files(tmp_path / "cache")
+
+
+def test_a_waiting_process_raises_the_builders_error_without_decoding(tmp_path, monkeypatch):
+    """A process that waited on the lock while the builder failed reports that failure (it
+    does not decode the data set again)."""
+    _corrupt_zip(tmp_path / "r.zip")
+    spec, cache_dir = str(tmp_path / "r.zip"), str(tmp_path / "cache")
+    key = data_cache._key(data_cache.source_fingerprint(spec))
+    path = data_cache.cache_file(spec, key, cache_dir)
+    os.makedirs(cache_dir)
+    result = {}
+
+    def waiter():
+        try:
+            data_cache.load_cached(spec, lambda: result.setdefault("decoded", True) and None, cache_dir)
+        except Exception as exc:     # noqa: BLE001
+            result["error"] = exc
+    with data_cache._build_lock(path) as waited:          # the "builder" holds the lock ...
+        assert not waited
+        thread = threading.Thread(target=waiter)
+        thread.start()
+        time.sleep(0.5)
+        assert thread.is_alive()                           # ... the other process waits for it
+        with pytest.raises(ValueError, match="img00000009.png"):
+            data_cache._build(path, spec, key, lambda: data._decoder(spec))
+    thread.join(30)
+    assert "decoded" not in result and isinstance(result["error"], RuntimeError)
+    assert "another process" in str(result["error"]) and "img00000009.png" in str(result["error"])
+    # the next start decodes again (a failure is not remembered beyond the processes that waited)
+    with pytest.raises(ValueError, match="img00000009.png"):
+        load_dataset(spec, cache_dir=cache_dir)
 
 
 def test_train_cache_dir(tmp_path):

@@ -336,9 +336,8 @@ def load_dataset(spec: str, resolution: Optional[int] = None, use_labels: bool =
     resolution: expected image size (ValueError if the data differ); use_labels: return
     one-hot class labels (ValueError if the data set has none); xflip: double the data set
     with mirrored copies; cache: decode a data set on disk once per node into a cache file
-    that every rank memory-maps (data_cache.py; under a process group, every rank must call
-    this together) and keep the data for later calls in this process — False decodes it
-    here, keeping nothing; cache_dir: where the cache file lives (default: next to the
+    that every rank memory-maps (data_cache.py) and keep the data for later calls in this
+    process — False decodes it here, keeping nothing; cache_dir: where the cache file lives (default: next to the
     data); max_size: use only the first ``max_size`` images.
     """
     if not isinstance(spec, (str, os.PathLike)) or not os.fspath(spec):

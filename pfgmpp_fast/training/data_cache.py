@@ -9,18 +9,19 @@ elastic job, ``--resume``) reads the cache instead of decoding again.
 The cache file is named after the source and its key, ``<source name>.<key>.pfgmpp-cache``,
 in ``cache_dir`` (default: the source's folder, or ``$PFGMPP_FAST_CACHE/data`` —
 ``~/.cache/pfgmpp_fast/data`` — where that folder is not writable). The key is a digest of
-the cache format, the source's size, modification time and a content digest: a zip's table
-of CRC-32s of every member and their sizes, the SHA-256 of a ``.npy`` file, for a folder the
+the cache format, the source's size, modification time and a content digest: a zip's central
+directory (every member's name, CRC-32 and sizes), the SHA-256 of a ``.npy`` file, for a folder the
 list of its files with their sizes and modification times (a folder's files are not read to
 check a cache: that is the decode the cache saves). A changed source has a new key: the cache
 is rebuilt and the caches of the source's older versions are deleted.
 
 Concurrency: the cache is written to a temporary file and renamed into place (utils/io_utils),
-so a reader never sees half of one; the builder holds a lock file (``flock``) so two
-processes — the local rank 0 of two nodes sharing a file system, or ranks started without
-``LOCAL_RANK`` — never build it twice; under a process group the ranks that do not build
-(``LOCAL_RANK`` > 0) wait for the builders in one collective, which also carries a builder's
-error to every rank.
+so a reader never sees half of one, and the builder holds a lock file (``flock``): of the
+ranks that start together (on one node, or on several nodes sharing the file system) one
+decodes and the others wait for it and then map its file; if the builder fails, the ranks
+that waited raise its error (recorded next to the cache) instead of decoding again. No
+collective is involved, so it works the same for one process, a process group, or any subset
+of its ranks.
 """
 from __future__ import annotations
 
@@ -38,8 +39,7 @@ from typing import Callable, Iterator, Optional
 import numpy as np
 import torch
 
-from pfgmpp_fast.utils import distributed
-from pfgmpp_fast.utils.io_utils import atomic_write
+from pfgmpp_fast.utils.io_utils import atomic_write, atomic_write_text
 
 __all__ = ["Decoder", "CachedData", "CACHE_VERSION", "CACHE_SUFFIX", "CACHE_ENV", "source_fingerprint",
            "default_cache_dir", "cache_file", "decode_to_array", "load_cached"]
@@ -141,14 +141,44 @@ def source_fingerprint(spec: str) -> dict:
         return {"size": size, "mtime_ns": mtime, "digest": h.hexdigest()}
     st = os.stat(spec)
     if zipfile.is_zipfile(spec):
-        with zipfile.ZipFile(spec) as zf:
-            for info in zf.infolist():
-                h.update(f"{info.filename}\0{info.CRC:08x}\0{info.file_size}\n".encode())
+        directory = _zip_central_directory(spec)
+        if directory is not None:
+            h.update(directory)
+        else:
+            with zipfile.ZipFile(spec) as zf:
+                for info in zf.infolist():
+                    h.update(f"{info.filename}\0{info.CRC:08x}\0{info.file_size}\n".encode())
     else:
         with open(spec, "rb") as f:
             for block in iter(lambda: f.read(1 << 22), b""):
                 h.update(block)
     return {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "digest": h.hexdigest()}
+
+
+def _zip_central_directory(path: str) -> Optional[bytes]:
+    """The raw central directory of a zip (every member's name, CRC-32 and sizes), read with
+    two seeks instead of parsing an entry object per member; None where the layout is unusual
+    (the caller then lists the members with zipfile)."""
+    with open(path, "rb") as f:
+        size = f.seek(0, os.SEEK_END)
+        f.seek(max(0, size - (22 + 65535 + 20)))           # end record, its comment, zip64 locator
+        tail = f.read()
+        end = tail.rfind(b"PK\x05\x06")
+        if end < 0 or len(tail) < end + 22:
+            return None
+        entries, cd_size, cd_offset = struct.unpack("<HII", tail[end + 10:end + 20])
+        if 0xFFFFFFFF in (cd_size, cd_offset) or entries == 0xFFFF:     # zip64: the locator precedes the end record
+            locator = tail.rfind(b"PK\x06\x07", 0, end)
+            if locator < 0:
+                return None
+            f.seek(struct.unpack("<Q", tail[locator + 8:locator + 16])[0])
+            record = f.read(56)
+            if record[:4] != b"PK\x06\x06":
+                return None
+            cd_size, cd_offset = struct.unpack("<QQ", record[40:56])
+        f.seek(cd_offset)
+        directory = f.read(cd_size)
+    return directory if len(directory) == cd_size and directory[:4] == b"PK\x01\x02" else None
 
 
 def _key(fingerprint: dict) -> str:
@@ -239,15 +269,28 @@ def _open_cache(path: str, key: str) -> Optional[tuple]:
 
 @contextlib.contextmanager
 def _build_lock(path: str):
-    """An exclusive flock on a hidden lock file next to ``path`` (held while building)."""
+    """An exclusive flock on a hidden lock file next to ``path``; yields whether another
+    process held it first (we waited). Where the file system has no flock (e.g. Lustre
+    mounted without it) nothing is locked: the atomic rename still keeps readers safe."""
     import fcntl
     lock = os.path.join(os.path.dirname(path), "." + os.path.basename(path) + ".lock")
     fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o666)
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        yield
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            waited = False
+        except BlockingIOError:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            waited = True
+        except OSError:
+            waited = False
+        yield waited
     finally:
         os.close(fd)
+
+
+def _failure_file(path: str) -> str:
+    return os.path.join(os.path.dirname(path), "." + os.path.basename(path) + ".failed")
 
 
 def _remove_stale(path: str, spec: str) -> None:
@@ -262,62 +305,57 @@ def _remove_stale(path: str, spec: str) -> None:
                     os.unlink(other)
 
 
-def _ensure(spec: str, decode: Callable[[], Decoder], cache_dir, key: Optional[str] = None,
-            path: Optional[str] = None) -> CachedData:
-    """Open the cache of ``spec``, building it first (under the lock) if it is missing."""
-    key = key or _key(source_fingerprint(spec))
-    path = path or cache_file(spec, key, cache_dir)
+def _build(path: str, spec: str, key: str, decode: Callable[[], Decoder]) -> CachedData:
+    """Decode ``spec`` into the cache file (the caller holds the lock); a failure is recorded
+    next to it for the processes waiting on the lock, then raised."""
+    start = time.monotonic()
+    try:
+        decoder = decode()
+        _write_cache(path, spec, key, decoder, progress=sys.stderr.isatty() and decoder.count >= 10_000)
+    except Exception as exc:
+        with contextlib.suppress(OSError):
+            atomic_write_text(_failure_file(path), json.dumps({"key": key, "error": f"{type(exc).__name__}: {exc}"}))
+        raise
+    with contextlib.suppress(OSError):
+        os.unlink(_failure_file(path))
+    _remove_stale(path, spec)
+    opened = _open_cache(path, key)
+    if opened is None:
+        raise RuntimeError(f"the data cache {path} was written but cannot be read back")
+    print(f"data cache: decoded {decoder.count} images of {spec} into {path} in "
+          f"{time.monotonic() - start:.1f} s", file=sys.stderr, flush=True)
+    return CachedData(*opened, path, built=True)
+
+
+def load_cached(spec: str, decode: Callable[[], Decoder], cache_dir: Optional[str] = None) -> CachedData:
+    """The decoded data of ``spec``, decoded at most once per cache file (module docstring).
+
+    Opens the cache if it is complete; otherwise takes the lock and builds it with
+    ``decode()`` (which opens the source), unless another process built it meanwhile. A
+    process that waited on the lock for a builder that failed raises the builder's error
+    instead of decoding again (so N ranks fail once, not one after the other).
+    """
+    key = _key(source_fingerprint(spec))
+    path = cache_file(spec, key, cache_dir)
     opened = _open_cache(path, key)
     if opened is not None:
         return CachedData(*opened, path, built=False)
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    with _build_lock(path):
+    with _build_lock(path) as waited:
         opened = _open_cache(path, key)          # another process built it while we waited
         if opened is not None:
             return CachedData(*opened, path, built=False)
-        start = time.monotonic()
-        decoder = decode()
-        _write_cache(path, spec, key, decoder, progress=sys.stderr.isatty() and decoder.count >= 10_000)
-        _remove_stale(path, spec)
-        opened = _open_cache(path, key)
-        if opened is None:
-            raise RuntimeError(f"the data cache {path} was written but cannot be read back")
-        print(f"data cache: decoded {decoder.count} images of {spec} into {path} in "
-              f"{time.monotonic() - start:.1f} s", file=sys.stderr, flush=True)
-        return CachedData(*opened, path, built=True)
+        if waited:
+            failure = _read_failure(path, key)
+            if failure:
+                raise RuntimeError(f"another process could not decode the data set {spec}: {failure}")
+        return _build(path, spec, key, decode)
 
 
-def load_cached(spec: str, decode: Callable[[], Decoder], cache_dir: Optional[str] = None) -> CachedData:
-    """The decoded data of ``spec``, decoded at most once per node (module docstring).
-
-    ``decode()`` opens the source (called only by the process that builds the cache). Under a
-    process group every rank must call this together: the local rank 0 of each node (every
-    rank, where ``LOCAL_RANK`` is not set) opens or builds the cache, then all ranks meet in
-    one collective; the others open the file rank 0 names.
-    """
-    builder = os.environ.get("LOCAL_RANK", "0") == "0"
-    result, error, status = None, None, None
-    if builder:
-        try:
-            result = _ensure(spec, decode, cache_dir)
-            status = {"path": result.path, "key": _header_key(result.path)}
-        except Exception as exc:         # noqa: BLE001 - every rank learns of it below
-            error, status = exc, {"error": f"{type(exc).__name__}: {exc}"}
-    if distributed.get_world_size() > 1:
-        statuses = [None] * distributed.get_world_size()
-        torch.distributed.all_gather_object(statuses, status)
-        if error is not None:
-            raise error
-        failed = next(((r, s) for r, s in enumerate(statuses) if s and "error" in s), None)
-        if failed:
-            raise RuntimeError(f"rank {failed[0]} could not prepare the data set {spec}: {failed[1]['error']}")
-        if result is None:
-            leader = next(s for s in statuses if s)
-            result = _ensure(spec, decode, cache_dir, key=leader["key"], path=leader["path"])
-    if error is not None:
-        raise error
-    return result
-
-
-def _header_key(path: str) -> str:
-    return (_read_header(path) or {}).get("key", "")
+def _read_failure(path: str, key: str) -> Optional[str]:
+    try:
+        with open(_failure_file(path)) as f:
+            record = json.load(f)
+    except (OSError, ValueError):
+        return None
+    return record.get("error") if isinstance(record, dict) and record.get("key") == key else None
