@@ -260,3 +260,26 @@ def test_train_cache_dir(tmp_path):
                  network=dict(model_channels=8, channel_mult=[1], num_blocks=1, attn_resolutions=[]),
                  precision="fp32", compile=False, channels_last=False, progress=False, device="cpu")
     assert len(_cache_files(tmp_path / "cache")) == 1 and not _cache_files(tmp_path)
+
+
+def test_zip64_fingerprint_reads_the_central_directory(tmp_path):
+    """A zip of more than 65 535 members (zip64 end records, like a 200k-image data set): the
+    fingerprint reads its central directory directly and sees a same-size content change."""
+    path = str(tmp_path / "many.zip")
+
+    def write(last: bytes):
+        with zipfile.ZipFile(path, "w") as zf:
+            for i in range(0x10000):
+                zf.writestr(f"{i:05x}", b"")
+            zf.writestr("last", last)
+    write(b"a")
+    directory = data_cache._zip_central_directory(path)
+    with zipfile.ZipFile(path) as zf:
+        assert directory is not None and directory.count(b"PK\x01\x02") == len(zf.infolist())
+    before = data_cache.source_fingerprint(path)
+    st = os.stat(path)
+    write(b"b")
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+    after = data_cache.source_fingerprint(path)
+    assert (after["size"], after["mtime_ns"]) == (before["size"], before["mtime_ns"])
+    assert after["digest"] != before["digest"]
