@@ -14,6 +14,7 @@ import torch
 from PIL import Image
 
 from helpers import run_ranks
+from pfgmpp_fast import cli
 from pfgmpp_fast.training import data, data_cache
 from pfgmpp_fast.training.data import load_dataset
 from pfgmpp_fast.training.train import run_training
@@ -283,3 +284,14 @@ def test_zip64_fingerprint_reads_the_central_directory(tmp_path):
     after = data_cache.source_fingerprint(path)
     assert (after["size"], after["mtime_ns"]) == (before["size"], before["mtime_ns"])
     assert after["digest"] != before["digest"]
+
+
+def test_train_cli_checks_cache_dir(tmp_path, capsys):
+    (tmp_path / "file").write_text("")
+    rc = cli.main(["train", "--data", "digits", "--outdir", str(tmp_path / "run"), "--cache-dir",
+                   str(tmp_path / "file"), "--dry-run"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "--cache-dir" in err and "Traceback" not in err
+    rc = cli.main(["train", "--data", "digits", "--outdir", str(tmp_path / "run"), "--cache-dir",
+                   str(tmp_path / "cache"), "--dry-run"])
+    assert rc == 0 and '"cache_dir"' in capsys.readouterr().out
