@@ -295,3 +295,15 @@ def test_train_cli_checks_cache_dir(tmp_path, capsys):
     rc = cli.main(["train", "--data", "digits", "--outdir", str(tmp_path / "run"), "--cache-dir",
                    str(tmp_path / "cache"), "--dry-run"])
     assert rc == 0 and '"cache_dir"' in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("cache", [True, False])
+def test_labels_that_are_not_classes_load_but_not_for_conditioning(tmp_path, cache):
+    """Vector or float labels (EDM allows them) do not stop an unconditional run; --cond refuses them."""
+    np.savez(tmp_path / "v.npz", images=_images(), labels=np.ones((12, 3), np.float32))
+    assert load_dataset(str(tmp_path / "v.npz"), cache=cache, cache_dir=str(tmp_path / "c")).num_images == 12
+    with pytest.raises(ValueError, match="non-negative integer classes"):
+        load_dataset(str(tmp_path / "v.npz"), cache=cache, cache_dir=str(tmp_path / "c"), use_labels=True)
+    np.savez(tmp_path / "w.npz", images=_images(), labels=np.arange(11))
+    with pytest.raises(ValueError, match="11 labels for 12 images"):
+        load_dataset(str(tmp_path / "w.npz"), cache=cache, cache_dir=str(tmp_path / "c"))

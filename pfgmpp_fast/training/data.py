@@ -238,12 +238,15 @@ def decode_image(data: bytes, name: str) -> np.ndarray:
 
 
 def _checked_labels(labels, count: int, source: str) -> Optional[np.ndarray]:
+    """int64 class labels, one per image. Labels of another kind (vectors, floats, negative)
+    become -1, which _one_hot refuses: a data set with them loads, but not with use_labels."""
     if labels is None:
         return None
     labels = np.asarray(labels)
-    if labels.shape != (count,) or not np.issubdtype(labels.dtype, np.integer) or labels.min(initial=0) < 0:
-        raise ValueError(f"labels in {source} must be non-negative integer classes, one per image "
-                         f"({count} images), got {labels.dtype} of shape {labels.shape}")
+    if labels.shape[:1] != (count,):
+        raise ValueError(f"{source}: {labels.shape[0] if labels.ndim else 1} labels for {count} images")
+    if labels.ndim != 1 or not np.issubdtype(labels.dtype, np.integer) or labels.min(initial=0) < 0:
+        return np.full(count, -1, dtype=np.int64)
     return labels.astype(np.int64)
 
 
