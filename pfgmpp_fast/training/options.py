@@ -61,6 +61,7 @@ class TrainingOptions:
     cudnn_benchmark: bool = True          # torch.backends.cudnn.benchmark on CUDA (EDM --bench; off when deterministic)
     progress: object = "auto"             # progress bar: auto (a TTY) | True | False
     max_size: Optional[int] = None        # use only the first max_size images
+    cache_dir: Optional[str] = None       # where the decoded data set is cached (data_cache.py); None: next to it
 
     def __getitem__(self, name):          # o["batch"] reads like the published options dict
         return getattr(self, name)

@@ -26,6 +26,7 @@ import os
 import shutil
 
 from pfgmpp_fast.checks import parse_D, parse_int_list
+from pfgmpp_fast.training.data import default_cache_dir
 from pfgmpp_fast.training.loop import TrainingRun
 from pfgmpp_fast.training.options import (ARCHES, BACKENDS, DEFAULTS, TrainingOptions, jsonable, option_diffs,
                                           resolve_options)
@@ -76,7 +77,8 @@ def run_training(run_dir=None, **options) -> str:
         elif o["resume"]:
             resume_path = o["resume"]
         try:
-            run.setup()
+            with default_cache_dir(o["cache_dir"]):       # where loop.py's load_dataset caches the data
+                run.setup()
         except BaseException:      # bad data/options: leave no empty run directory behind
             if created and run.rank0:
                 shutil.rmtree(o["run_dir"], ignore_errors=True)
@@ -187,6 +189,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     a("--deterministic", action="store_true")
     a("--no-progress", dest="progress", action="store_false", default="auto")
     a("--max-size", type=int, default=None, help="use only the first N images")
+    a("--cache-dir", default=None, metavar="DIR",
+      help="folder of the decoded data set, decoded once per node and memory-mapped by every rank "
+           "(default: next to --data, or ~/.cache/pfgmpp_fast/data where that is read-only)")
     a("-n", "--dry-run", action="store_true", help="print the resolved options (JSON) and exit")
     add_threads_argument(parser)
     _add_published_arguments(parser.add_argument_group(
@@ -318,6 +323,7 @@ def main(args) -> int:
         device = distributed.pick_device(o["device"])
     o = dataclasses.replace(o, run_dir=_run_dir_of(args, o, device))
     check_output_path("--outdir", o["run_dir"], is_dir=True)
+    check_output_path("--cache-dir", o["cache_dir"], is_dir=True)
     with blame("--resume" if o["resume"] else "--outdir"):
         check_run_dir_use(o)
     if args.dry_run:
