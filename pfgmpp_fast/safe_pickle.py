@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import collections
 import io
+import json
+import os
 import pickle
 import re
 import struct
@@ -27,10 +29,11 @@ import warnings
 import zipfile
 import _compat_pickle
 
+import numpy as np
 import torch
 
 __all__ = ["PersistentRecord", "OpaqueObject", "RestrictedUnpickler", "archive_kind", "read_published",
-           "UnsupportedArchiveError"]
+           "UnsupportedArchiveError", "load_array_pickle"]
 
 
 class UnsupportedArchiveError(ValueError):
@@ -167,11 +170,40 @@ def _zip_layout(path: str, zf: zipfile.ZipFile) -> str:
     return prefixes.pop()
 
 
+_SAFETENSORS_MAX_HEADER = 100_000_000     # the safetensors library's limit
+
+
+def _safetensors_header(path: str, size: int, head: bytes) -> str:
+    """'complete': an 8-byte little-endian header length that fits the file, followed by a JSON
+    object that parses (a safetensors file); 'damaged': a plausible length followed by the start
+    of a JSON object ('{"'), but the rest does not fit or parse; '' otherwise."""
+    if len(head) < 10:
+        return ''
+    (n,) = struct.unpack('<Q', head[:8])
+    if not 2 <= n <= _SAFETENSORS_MAX_HEADER or head[8:9] != b'{':
+        return ''
+    if 8 + n <= size:
+        with open(path, 'rb') as f:
+            f.seek(8)
+            try:
+                if isinstance(json.loads(f.read(n)), dict):
+                    return 'complete'
+            except ValueError:          # not UTF-8 or not JSON
+                pass
+    return 'damaged' if head[8:10] == b'{"' else ''
+
+
 def archive_kind(path: str) -> str:
-    """'pickle', 'zip' (a torch.save zip of pickled data) or 'safetensors' by content;
-    UnsupportedArchiveError for TorchScript and other zips; 'unknown' otherwise."""
+    """What a file is, by its whole structure (never by one byte): 'safetensors' (a header that
+    parses and fits the file, or a damaged one, which the loader reports as truncated or
+    corrupt), 'zip' (a torch.save zip of pickled data), 'pickle'; UnsupportedArchiveError for
+    TorchScript and other zips; 'unknown' otherwise."""
+    size = os.path.getsize(path)
     with open(path, 'rb') as f:
         head = f.read(16)
+    header = _safetensors_header(path, size, head)
+    if header == 'complete':
+        return 'safetensors'
     if head[:4] == b'PK\x03\x04':
         try:
             with zipfile.ZipFile(path) as zf:
@@ -179,10 +211,10 @@ def archive_kind(path: str) -> str:
         except zipfile.BadZipFile as e:
             raise UnsupportedArchiveError(f'{path}: a corrupt or truncated zip archive ({e})') from None
         return 'zip'
+    if header == 'damaged':
+        return 'safetensors'
     if head[:1] == b'\x80' or (head[:1] in (b'(', b'}', b']') and path.endswith('.pkl')):
         return 'pickle'
-    if len(head) >= 9 and head[8:9] == b'{':
-        return 'safetensors'
     return 'unknown'
 
 
@@ -245,3 +277,72 @@ def read_published(path: str, kind: str):
             AttributeError, IndexError, KeyError, TypeError, struct.error) as e:
         raise ValueError(f'{path}: cannot read the pickle (truncated, corrupt or not a published '
                          f'EDM/PFGM++ checkpoint): {type(e).__name__}: {e}') from None
+
+
+# ----------------------------------------------------------------------------------------
+# Pickled numpy arrays (e.g. the CIFAR-10 python batches)
+
+def _numeric_dtype(*args):
+    dtype = np.dtype(*[a.decode('latin1') if isinstance(a, bytes) else a for a in args])
+    if dtype.kind not in 'biuf':
+        raise pickle.UnpicklingError(f'only numeric numpy arrays can be read, not dtype {dtype}')
+    return dtype
+
+
+def _latin1_bytes(text, encoding='latin1'):
+    # How Python 3 writes bytes at pickle protocol 2: _codecs.encode(str, 'latin1').
+    if not isinstance(text, str) or encoding not in ('latin1', 'latin-1'):
+        raise pickle.UnpicklingError('_codecs.encode is only allowed for latin-1 bytes')
+    return text.encode('latin1')
+
+
+def _array_globals():
+    allowed = {('numpy', 'ndarray'): np.ndarray, ('numpy', 'dtype'): _numeric_dtype,
+               ('_codecs', 'encode'): _latin1_bytes}
+    for core in ('numpy.core', 'numpy._core'):
+        allowed[(f'{core}.multiarray', '_reconstruct')] = _reconstruct_array
+        allowed[(f'{core}.numeric', '_frombuffer')] = _array_from_buffer
+    return allowed
+
+
+def _reconstruct_array(cls, shape, typecode):
+    if cls is not np.ndarray:
+        raise pickle.UnpicklingError('only plain numpy arrays can be read')
+    return np.ndarray.__new__(np.ndarray, shape, np.dtype(typecode.decode('latin1') if isinstance(typecode, bytes)
+                                                          else typecode))
+
+
+def _array_from_buffer(buffer, dtype, shape, order):
+    return np.frombuffer(buffer, dtype=_numeric_dtype(dtype)).reshape(shape, order=order)
+
+
+class _ArrayUnpickler(pickle.Unpickler):
+    """Plain containers, numbers, strings, bytes and numeric numpy arrays; any other global is refused."""
+
+    def find_class(self, module, name):
+        if (module, name) in _compat_pickle.NAME_MAPPING:
+            module, name = _compat_pickle.NAME_MAPPING[(module, name)]
+        fn = _array_globals().get((_compat_pickle.IMPORT_MAPPING.get(module, module), name))
+        if fn is None:
+            raise pickle.UnpicklingError(f'global {module}.{name} is not allowed (only numeric numpy arrays '
+                                         'and plain containers are read)')
+        return fn
+
+    def persistent_load(self, pid):
+        raise pickle.UnpicklingError('persistent ids are not allowed')
+
+
+def load_array_pickle(f, name: str):
+    """Unpickle dicts/lists of numbers, strings, bytes and numeric numpy arrays (Python 2 str
+    as bytes, like ``pickle.load(encoding='bytes')``) without running code from ``f``;
+    ValueError naming ``name`` for anything else or a corrupt stream."""
+    try:
+        obj = _ArrayUnpickler(f, encoding='bytes').load()
+    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, IndexError, KeyError,
+            struct.error) as e:
+        raise ValueError(f'{name}: cannot read the pickled arrays (corrupt, truncated or holding objects '
+                         f'other than numeric arrays): {type(e).__name__}: {e}') from None
+    for value in (obj.values() if isinstance(obj, dict) else [obj]):
+        if isinstance(value, np.ndarray) and value.dtype.kind not in 'biuf':
+            raise ValueError(f'{name}: holds a non-numeric array ({value.dtype})')
+    return obj

@@ -25,7 +25,7 @@ from pfgmpp_fast.evaluation import quantize as Q
 from pfgmpp_fast.evaluation.calc import calc_stats, generator_source, weights_fingerprint
 from pfgmpp_fast.evaluation.features import Detectors
 from pfgmpp_fast.evaluation.generate import load_generator_network, resolve_D
-from pfgmpp_fast.evaluation.metrics import LOWER_IS_BETTER, compute_metrics, load_reference, metric_columns
+from pfgmpp_fast.evaluation.metrics import compute_metrics, load_reference, lower_is_better, metric_columns
 from pfgmpp_fast.utils import distributed
 from pfgmpp_fast.utils.io_utils import atomic_save_csv, atomic_write_text
 from pfgmpp_fast.utils.plots import new_figure, save_figure
@@ -145,7 +145,7 @@ def score_point(fast, base, point: Point, seeds, detectors: Detectors, ref: Dict
 
 
 def best_row(rows: List[dict], column: str) -> dict:
-    return (min if LOWER_IS_BETTER.get(column, True) else max)(rows, key=lambda r: r[column])
+    return (min if lower_is_better(column) else max)(rows, key=lambda r: r[column])
 
 
 def _metric_figure(rows: List[dict], columns: Sequence[str], kind: str, path: str) -> None:
