@@ -1,14 +1,18 @@
 """`python -m pfgmpp_fast generate`: images from a network, one image per seed.
 
-Each image depends only on its seed (and the sampler settings): latents come from the
-counter-based RNG keyed by (SAMPLING_KEY, seed), so batch size, rank count, padding and
-backend do not change any image. Pipeline per batch, all on the device:
+Each image depends only on its seed, the sampler settings and its batch: latents come from
+the counter-based RNG keyed by (SAMPLING_KEY, seed), and the sorted seeds are cut into batches
+of `batch_size` on one grid in every mode, so the rank count, padding, FID shards and resumes
+never change an image (by construction, whatever the machine's BLAS). Another batch size or
+backend gives the same images up to float rounding: batched network kernels (GEMMs,
+convolutions) may sum in another order for another batch shape, which can move a pixel by one
+uint8 level. Pipeline per batch, all on the device:
 prior latents → fused sampler steps (network made fast: bf16 + channels-last + compile +
 CUDA graphs on a GPU) → uint8 exactly as the published pipeline, (x·127.5 + 128).clip(0, 255).
 
 Outputs: PNGs in the published layout (`outdir/000000/000123.png`, folders of 1000 seeds)
 or one `.npz` (`images` uint8 NHWC, `seeds` int64, sorted by seed), written atomically.
-Under torchrun the sorted seeds are split across ranks (rank r takes seeds[r::world]).
+Under torchrun rank r generates every world-th batch of that grid (`rank_seeds`).
 
 Python entry points: `parse_int_list`, `check_seeds`, `rank_seeds`, `generate_images`
 (iterator of (seeds, uint8 NCHW images)), `write_images`, `load_generator_network`.
@@ -44,11 +48,17 @@ STREAM_CLASS = R.STREAM_CLASS      # Philox stream of the random class label of 
 # ----------------------------------------------------------------------------------------
 # Seeds
 
-def rank_seeds(seeds: np.ndarray, rank: int, world: int) -> np.ndarray:
-    """The seeds rank `rank` of `world` generates: sorted seeds[rank::world]."""
+def rank_seeds(seeds: np.ndarray, rank: int, world: int, batch_size: int) -> np.ndarray:
+    """The seeds rank `rank` of `world` generates: the sorted seeds cut into batches of
+    `batch_size`, every world-th batch from batch `rank` on. generate_images cuts them into
+    the same batches again, so each image is computed in the batch it has in one process."""
     if not (isinstance(world, int) and world >= 1 and isinstance(rank, int) and 0 <= rank < world):
         raise ValueError(f"rank must be in [0, world) with world >= 1, got rank={rank}, world={world}")
-    return np.sort(np.asarray(seeds, dtype=np.int64))[rank::world]
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
+    ordered = np.sort(np.asarray(seeds, dtype=np.int64))
+    mine = [ordered[b:b + batch_size] for b in range(rank * batch_size, len(ordered), world * batch_size)]
+    return np.concatenate(mine) if mine else ordered[:0]
 
 
 # ----------------------------------------------------------------------------------------
@@ -104,11 +114,12 @@ def generate_images(net, seeds, batch_size: int = 64, num_steps: int = 18, sigma
     """Yield (seeds int64 [b], uint8 images [b, C, H, W] on `device`) batch by batch.
 
     `seeds` are generated in sorted order, `batch_size` at a time (this process only: split
-    across ranks first with `rank_seeds`). `net` is an EDMPrecond-like network (attributes
-    D, img_channels, img_resolution, label_dim) or a denoiser callable with `image_shape`
-    and `D` given. fixed_shape (default: when the network is compiled / CUDA-graphed) pads
-    the last batch with repeats of its last seed so every call has the same shape; padded
-    images are dropped (an image depends only on its seed, so this changes nothing).
+    across ranks first with `rank_seeds`, which keeps these batches). `net` is an
+    EDMPrecond-like network (attributes D, img_channels, img_resolution, label_dim) or a
+    denoiser callable with `image_shape` and `D` given. fixed_shape (default: when the
+    network is compiled / CUDA-graphed) pads the last batch with repeats of its last seed so
+    every call has the same shape; padded images are dropped (only the grid's last batch is
+    short, so it is padded the same way in every mode).
     """
     from pfgmpp_fast.sampler import Sampler
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
@@ -353,7 +364,7 @@ def main(args) -> int:
     net = network_from_args(args, device, D=kwargs["D"])
     fast = make_generator_fast(net, device, args.net_dtype, args.compile, args.cuda_graphs)
     rank, world = distributed.get_rank(), distributed.get_world_size()
-    mine = rank_seeds(seeds, rank, world)
+    mine = rank_seeds(seeds, rank, world, args.batch)
     batches = generate_images(fast, mine, args.batch, device=device, progress=args.progress and rank == 0, **kwargs)
     write_images(batches, outdir=args.outdir, npz=args.npz)
     if rank == 0:
