@@ -162,11 +162,11 @@ def _stats_of(source: Source, detectors: Detectors, ids: np.ndarray, lo: int, hi
                     else torch.zeros(batch_size, sum(dims), dtype=torch.float64, device=device))
             ready.update(zip(turn, distributed.all_gather(rows)))
         for cell in sorted(ready):
-            rows = ready.pop(cell)
-            first, last = max(lo, cell * batch_size), min(hi, (cell + 1) * batch_size)
-            for st, part in zip(stats.values(), rows[first - cell * batch_size:last - cell * batch_size].split(dims, 1)):
+            rows, start = ready.pop(cell), cell * batch_size
+            first, last = max(lo, start), min(hi, start + batch_size)
+            for st, part in zip(stats.values(), rows[first - start:last - start].split(dims, 1)):
                 st.update(part)
-            if last < min((cell + 1) * batch_size, len(ids)):      # the next shard goes on in this batch
+            if last < min(start + batch_size, len(ids)):      # the next shard goes on in this batch
                 carry[cell] = rows
     return stats
 
