@@ -1,17 +1,21 @@
 """`python -m pfgmpp_fast generate`: images from a network, one image per seed.
 
-Each image depends only on its seed (and the sampler settings): latents come from the
-counter-based RNG keyed by (SAMPLING_KEY, seed), so batch size, rank count, padding and
-backend do not change any image. `--rng published` draws the latents (and random classes) per
-seed as the published PFGM++ generate.py does instead (published_rng.py), so the same network
-and seeds give the published sampler's images. Pipeline per batch, all on the device:
+Each image depends only on its seed, the sampler settings and its batch: latents come from
+the counter-based RNG keyed by (SAMPLING_KEY, seed), and the sorted seeds are cut into batches
+of `batch_size` on one grid in every mode, so the rank count, padding, FID shards and resumes
+never change an image (by construction, whatever the machine's BLAS). Another batch size or
+backend gives the same images up to float rounding: batched network kernels (GEMMs,
+convolutions) may sum in another order for another batch shape, which can move a pixel by one
+uint8 level. `--rng published` draws the latents (and random classes) per seed as the
+published PFGM++ generate.py does instead (published_rng.py), so the same network and seeds
+give the published sampler's images. Pipeline per batch, all on the device:
 prior latents → fused sampler steps (network made fast: bf16 + channels-last + compile +
 CUDA graphs on a GPU) → uint8 exactly as the published pipeline, (x·127.5 + 128).clip(0, 255).
 
 Outputs: PNGs in the published layout (`outdir/000000/000123.png`, folders of 1000 seeds)
 or one `.npz` (`images` uint8 NHWC, `seeds` int64, sorted by seed, and the same images again
 as `arr_0`, the key ADM's evaluation suite and EDM-era scripts read), written atomically.
-Under torchrun the sorted seeds are split across ranks (rank r takes seeds[r::world]).
+Under torchrun rank r generates every world-th batch of that grid (`rank_seeds`).
 
 Python entry points: `parse_int_list`, `check_seeds`, `rank_seeds`, `generate_images`
 (iterator of (seeds, uint8 NCHW images)), `write_images`, `load_generator_network`.
@@ -54,11 +58,17 @@ RNGS = ("philox", "published")     # where latents come from: our Philox streams
 # ----------------------------------------------------------------------------------------
 # Seeds
 
-def rank_seeds(seeds: np.ndarray, rank: int, world: int) -> np.ndarray:
-    """The seeds rank `rank` of `world` generates: sorted seeds[rank::world]."""
+def rank_seeds(seeds: np.ndarray, rank: int, world: int, batch_size: int) -> np.ndarray:
+    """The seeds rank `rank` of `world` generates: the sorted seeds cut into batches of
+    `batch_size`, every world-th batch from batch `rank` on. generate_images cuts them into
+    the same batches again, so each image is computed in the batch it has in one process."""
     if not (isinstance(world, int) and world >= 1 and isinstance(rank, int) and 0 <= rank < world):
         raise ValueError(f"rank must be in [0, world) with world >= 1, got rank={rank}, world={world}")
-    return np.sort(np.asarray(seeds, dtype=np.int64))[rank::world]
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
+    ordered = np.sort(np.asarray(seeds, dtype=np.int64))
+    mine = [ordered[b:b + batch_size] for b in range(rank * batch_size, len(ordered), world * batch_size)]
+    return np.concatenate(mine) if mine else ordered[:0]
 
 
 # ----------------------------------------------------------------------------------------
@@ -115,11 +125,12 @@ def generate_images(net, seeds, batch_size: int = 64, options=None, class_idx: O
     over the batches.
 
     `seeds` are generated in sorted order, `batch_size` at a time (this process only: split
-    across ranks first with `rank_seeds`). `net` is an EDMPrecond-like network (attributes
-    D, img_channels, img_resolution, label_dim) or a denoiser callable with `image_shape`
-    and `D` given. fixed_shape (default: when the network is compiled / CUDA-graphed) pads
-    the last batch with repeats of its last seed so every call has the same shape; padded
-    images are dropped (an image depends only on its seed, so this changes nothing).
+    across ranks first with `rank_seeds`, which keeps these batches). `net` is an
+    EDMPrecond-like network (attributes D, img_channels, img_resolution, label_dim) or a
+    denoiser callable with `image_shape` and `D` given. fixed_shape (default: when the
+    network is compiled / CUDA-graphed) pads the last batch with repeats of its last seed so
+    every call has the same shape; padded images are dropped (only the grid's last batch is
+    short, so it is padded the same way in every mode).
     rng: 'philox' (ours: latents and random classes from the Philox streams keyed by `key`) or
     'published' (latents and random classes drawn per seed as the published PFGM++
     generate.py draws them, published_rng.py; settings that add churn noise are refused).
@@ -460,7 +471,7 @@ def main(args) -> int:
         return 0
     device = device_from_args(args)
     rank, world = distributed.get_rank(), distributed.get_world_size()
-    mine = rank_seeds(seeds, rank, world)
+    mine = rank_seeds(seeds, rank, world, args.batch)
     for path, outdir in jobs:
         if not args.network and all(os.path.exists(png_path(outdir, int(s))) for s in seeds):
             if rank == 0:       # a checkpoint done earlier (the published generate.py skips it too)
