@@ -75,12 +75,12 @@ def run_training(run_dir=None, **options) -> str:
         if run.rank0:
             resolved = {**jsonable(o.as_dict()), "world_size": run.world_size, "device": str(device),
                         "resolved_precision": run.precision, "resolved_compile": run.compile,
-                        "resolved_channels_last": run.channels_last, "batch_gpu_resolved": run.batch_gpu,
+                        "resolved_channels_last": run.channels_last, "batch_gpu_resolved": run.geometry.batch_gpu,
                         "fused_adam": run.fused, "network_config": jsonable(run.net.config()),
                         "augment_pipe": None if run.augment_pipe is None else run.augment_pipe.options()}
             atomic_save_json(os.path.join(o["run_dir"], "training_options.json"), resolved)
         run.log(f"training {o['arch']} D={o['D']} on {device} x{run.world_size}: batch {o['batch']} "
-                f"(batch_gpu {run.batch_gpu}, {run.rounds} rounds), precision {run.precision}, "
+                f"(batch_gpu {run.geometry.batch_gpu}, {run.geometry.rounds} rounds), precision {run.precision}, "
                 f"compile {run.compile}, backend {o['backend']}, {o['duration_mimg'] * 1000:g} kimg")
         run.train()
         run.log("done.")
