@@ -27,7 +27,7 @@ import torch
 
 from pfgmpp_fast.networks import EDMPrecond, FastNetwork
 from pfgmpp_fast.safe_pickle import OpaqueObject, PersistentRecord, UnsupportedArchiveError, archive_kind, read_published
-from pfgmpp_fast.utils.cli_errors import blame, check_output_path, command
+from pfgmpp_fast.utils.cli_errors import InvalidValue, blame, check_output_path, command
 from pfgmpp_fast.utils.io_utils import atomic_write_bytes, content_digest
 
 __all__ = ['save_network', 'load_network', 'convert_published', 'network_config', 'network_from_config',
@@ -224,8 +224,9 @@ def load_network(path, device='cpu', trust_pickle: bool = False, D=None) -> EDMP
     except (TypeError, ValueError) as e:
         raise ValueError(f'{path}: invalid network config in checkpoint: {e}') from None
     if D is not None and float(D) != float(net.D):
-        raise ValueError(f'{path}: D={float(D):g} was given but the network was trained with D={float(net.D):g} '
-                         f'(a network/D mismatch; omit D to use the network\'s)')
+        detail = (f'{float(D):g} was given but the network was trained with D={float(net.D):g} '
+                  f'(a network/D mismatch; omit D to use the network\'s)')
+        raise InvalidValue('D', detail, message=f'{path}: D={detail}')
     _load_weights_strict(path, net, tensors)
     return net.to(device)
 

@@ -22,8 +22,8 @@ from pfgmpp_fast.evaluation.metrics import (METRICS, compute_metrics, load_refer
                                             save_reference)
 from pfgmpp_fast.evaluation.sweep import SWEEP_KINDS, sweep
 from pfgmpp_fast.utils import distributed
-from pfgmpp_fast.utils.cli_errors import (UsageError, add_threads_argument, blame, check_output_path, command,
-                                          int_at_least)
+from pfgmpp_fast.utils.cli_errors import (InvalidArgument, UsageError, add_threads_argument, blame, check_output_path,
+                                          command, int_at_least)
 from pfgmpp_fast.utils.io_utils import atomic_write_bytes
 
 __all__ = ["add_arguments", "main"]
@@ -110,8 +110,8 @@ def _main_extractor(args, device):
         return get_feature_extractor(args.features, device, args.inception_weights, args.inception_sha256,
                                      args.digits_cache)
     except (ValueError, FileNotFoundError) as exc:
-        raise UsageError("--inception-sha256" if "sha256" in str(exc) and args.inception_sha256 else option,
-                         str(exc)) from None
+        named = isinstance(exc, InvalidArgument) and exc.name == "inception_sha256"   # the given digest is wrong
+        raise UsageError("--inception-sha256" if named else option, str(exc)) from None
     except OSError as exc:           # e.g. URLError: no network
         if args.features == "inception" and args.inception_weights is None:
             raise RuntimeError(f"--inception-weights: cannot download the Inception weights ({exc}); offline, pass "
@@ -138,7 +138,8 @@ def _values(text: Optional[str], kind: str):
     try:
         return [conv(t) for t in parts]
     except ValueError:
-        raise ValueError(f"--values must be comma-separated {conv.__name__}s for kind={kind}, got {text!r}") from None
+        raise UsageError("--values", f"must be comma-separated {conv.__name__}s for kind={kind}, "
+                                     f"got {text!r}") from None
 
 
 def _check_calc_args(args):

@@ -28,8 +28,8 @@ from pfgmpp_fast import checks
 from pfgmpp_fast import reference as R
 from pfgmpp_fast.checks import check_seeds, parse_int_list  # noqa: F401  (part of this module's API)
 from pfgmpp_fast.utils import distributed
-from pfgmpp_fast.utils.cli_errors import (UsageError, add_threads_argument, blame, check_output_path, command,
-                                          int_at_least, number)
+from pfgmpp_fast.utils.cli_errors import (InvalidArgument, InvalidValue, UsageError, add_threads_argument, blame,
+                                          check_output_path, command, int_at_least, number)
 from pfgmpp_fast.utils.io_utils import atomic_save_npz, atomic_write_bytes
 
 __all__ = ["SAMPLING_KEY", "STREAM_CLASS", "parse_int_list", "check_seeds", "rank_seeds",
@@ -115,7 +115,7 @@ def generate_images(net, seeds, batch_size: int = 64, num_steps: int = 18, sigma
         raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
     seeds = np.sort(np.asarray(seeds, dtype=np.int64)) if len(seeds) else np.zeros(0, np.int64)
     if seeds.size and (seeds[0] < 0):
-        raise ValueError(f"seeds: seed {int(seeds[0])} is out of range; seeds must be in [0, 2^63)")
+        raise InvalidValue("seeds", f"seed {int(seeds[0])} is out of range; seeds must be in [0, 2^63)", sep=": ")
     if D is None and _network_D(net) is None:
         raise ValueError("the network has no attribute D; pass D explicitly")
     sampler = Sampler(_network_D(net) if D is None else D, key, num_steps, sigma_min, sigma_max, rho, solver,
@@ -320,7 +320,8 @@ def network_from_args(args, device, path: Optional[str] = None, D=None):
     try:
         net = load_generator_network(path or args.network, device, trust_pickle=args.trust_pickle, D=D)
     except (ValueError, TypeError, FileNotFoundError) as exc:
-        raise UsageError("--D" if "network/D mismatch" in str(exc) else "--network", str(exc)) from None
+        named_D = isinstance(exc, InvalidArgument) and exc.name == "D"     # a network/D mismatch
+        raise UsageError("--D" if named_D else "--network", str(exc)) from None
     with blame("--D"):
         resolve_D(net, D)
     label_dim = int(getattr(net, "label_dim", 0) or 0)

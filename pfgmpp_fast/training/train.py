@@ -23,7 +23,8 @@ from pfgmpp_fast.training.loop import TrainingRun
 from pfgmpp_fast.training.options import ARCHES, BACKENDS, DEFAULTS, TrainingOptions, jsonable, resolve_options
 from pfgmpp_fast.training.run_files import drop_stats_after, find_latest_state, remove_temp_files
 from pfgmpp_fast.utils import distributed
-from pfgmpp_fast.utils.cli_errors import UsageError, add_threads_argument, blame, check_output_path, command
+from pfgmpp_fast.utils.cli_errors import (InvalidArgument, UsageError, add_threads_argument, blame, check_output_path,
+                                          command)
 from pfgmpp_fast.utils.io_utils import atomic_save_json
 from pfgmpp_fast.utils.run_lock import acquire_run_dir
 
@@ -174,19 +175,17 @@ def options_from_args(args) -> dict:
 _OPTION_OF = {"run_dir": "--outdir", "D": "--D", "batch_gpu": "--batch-gpu", "lr_rampup_kimg": "--lr-rampup",
               "ema_halflife_kimg": "--ema", "ema_rampup_ratio": "--ema-rampup", "duration_mimg": "--duration",
               "tick_kimg": "--tick", "snap_ticks": "--snap", "dump_ticks": "--dump", "loss_scaling": "--ls",
-              "max_nonfinite": "--max-nonfinite", "max_size": "--max-size", "trust_pickle": "--trust-pickle"}
+              "max_nonfinite": "--max-nonfinite", "max_size": "--max-size", "trust_pickle": "--trust-pickle",
+              "phema_snap_kimg": "--phema-snap"}
 
 
 def _resolve_from_args(args) -> TrainingOptions:
+    """The options of the command line, validated; a bad one names its option (from the field
+    the error carries, never from its text)."""
     try:
         return resolve_options(**options_from_args(args))
-    except UsageError:
-        raise
-    except (ValueError, TypeError, FileNotFoundError) as exc:
-        text = str(exc)
-        field = next((f for f in sorted(DEFAULTS, key=len, reverse=True) if text.startswith(f)), None)
-        option = _OPTION_OF.get(field, "--" + field.replace("_", "-")) if field else "train"
-        raise UsageError(option, text) from None
+    except InvalidArgument as exc:
+        raise UsageError.about(_OPTION_OF.get(exc.name, "--" + exc.name.replace("_", "-")), exc) from None
 
 
 @command

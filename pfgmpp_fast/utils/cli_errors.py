@@ -1,11 +1,15 @@
-"""The one error path of every command, and the argparse pieces the commands share.
+"""The one error path of every command, the named argument errors, and the argparse pieces
+the commands share.
 
 Each command's ``main`` is wrapped by :func:`command`: it raises, and one message is printed,
 ``error: <option>: <what is wrong and what is allowed>``, never a traceback (argparse reports
 malformed values the same way). Exit codes: 0 success; 2 a usage error (a bad option value, or
 a file an option names that is missing or of the wrong kind); 1 a failure while running (I/O,
 non-finite training, ...); 130 interrupted. ``PFGMPP_FAST_DEBUG=1`` re-raises errors, with
-their traceback. Below every layer (no package import), so every command module can use it.
+their traceback. The checkers raise :class:`InvalidArgument` errors (ValueError/TypeError/
+FileNotFoundError that carry the argument's ``name`` and ``detail``), so a command maps them to
+its own option spelling without reading messages. Below every layer (no package import), so
+every module can use it.
 """
 from __future__ import annotations
 
@@ -15,23 +19,54 @@ import functools
 import math
 import os
 import sys
+from typing import Optional
 
-__all__ = ["UsageError", "blame", "check_output_path", "int_at_least", "number", "add_threads_argument",
+__all__ = ["InvalidArgument", "InvalidValue", "InvalidType", "MissingFile",
+           "UsageError", "blame", "check_output_path", "int_at_least", "number", "add_threads_argument",
            "command", "report", "DEBUG_ENV"]
 
 DEBUG_ENV = "PFGMPP_FAST_DEBUG"
 
 
+class InvalidArgument(Exception):
+    """An error about one named argument, raised by the checkers (pfgmpp_fast.checks, the training
+    options): ``name`` is the argument as the API calls it and ``detail`` what is wrong and allowed,
+    so a command names its own option for it without reading the message. The message is
+    ``name + sep + detail``, or ``message`` where given. Use the concrete kinds below."""
+
+    def __init__(self, name: str, detail: str, sep: str = " ", message: Optional[str] = None):
+        super().__init__(name + sep + detail if message is None else message)
+        self.name, self.detail = name, detail
+
+    def __reduce__(self):           # picklable (exceptions cross process boundaries)
+        return type(self), (self.name, self.detail, "", str(self))
+
+
+class InvalidValue(InvalidArgument, ValueError):
+    """A named argument with a value outside its allowed range."""
+
+
+class InvalidType(InvalidArgument, TypeError):
+    """A named argument of the wrong type."""
+
+
+class MissingFile(InvalidArgument, FileNotFoundError):
+    """A named argument naming a file that does not exist."""
+
+
 class UsageError(ValueError):
-    """A bad command-line input: ``option`` names it, the message says what is wrong and allowed."""
+    """A bad command-line input: ``option`` names it, ``message`` says what is wrong and allowed
+    (the error reads ``<option>: <message>``)."""
 
     def __init__(self, option: str, message: str):
-        message = str(message)
-        bare = option.lstrip("-").replace("-", "_") + ": "
-        if message.startswith(bare):            # "seeds: ..." from a checker → "--seeds: ..."
-            message = message[len(bare):]
-        super().__init__(f"{option}: {message}" if option and not message.startswith(option) else message)
+        super().__init__(f"{option}: {message}")
         self.option = option
+
+    @classmethod
+    def about(cls, option: str, exc: BaseException) -> "UsageError":
+        """The input error ``exc`` as a UsageError naming ``option`` (an :class:`InvalidArgument`
+        gives its ``detail``, as the checker's name for the argument is not the option's)."""
+        return cls(option, exc.detail if isinstance(exc, InvalidArgument) else str(exc))
 
 
 @contextlib.contextmanager
@@ -42,7 +77,7 @@ def blame(option: str):
     except UsageError:
         raise
     except (ValueError, TypeError, FileNotFoundError) as exc:
-        raise UsageError(option, str(exc)) from exc
+        raise UsageError.about(option, exc) from exc
 
 
 def check_output_path(option: str, path, is_dir: bool = False):
