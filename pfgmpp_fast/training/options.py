@@ -13,7 +13,7 @@ from typing import Optional
 import torch
 
 from pfgmpp_fast import checks
-from pfgmpp_fast.utils.cli_errors import InvalidType, InvalidValue, MissingFile
+from pfgmpp_fast.utils.cli_errors import InvalidArgument, InvalidType, InvalidValue, MissingFile
 
 __all__ = ["TrainingOptions", "DEFAULTS", "ARCHES", "PRECISIONS", "BACKENDS", "RESUME_KEYS", "TrainingError",
            "resolve_options", "jsonable"]
@@ -111,7 +111,9 @@ def resolve_options(**options) -> TrainingOptions:
         from pfgmpp_fast.phema import parse_stds
         try:
             o["phema"] = parse_stds(o["phema"])
-        except ValueError as exc:       # its message already starts with "phema"
+        except InvalidArgument:
+            raise
+        except ValueError as exc:       # a plain ValueError: its whole message is the detail
             raise InvalidValue("phema", str(exc), message=str(exc)) from None
     o["phema_snap_kimg"] = checks.check_number("phema_snap_kimg", o["phema_snap_kimg"])
     for name in ("lr_rampup_kimg", "ema_rampup_ratio"):
