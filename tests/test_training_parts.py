@@ -6,7 +6,6 @@ import torch
 from pfgmpp_fast.training.ema import EMA, HalfLifeEMA, PowerFunctionEMA
 from pfgmpp_fast.training.schedule import BatchGeometry, LearningRateSchedule
 
-
 # ----------------------------------------------------------------------------------------
 # Learning-rate schedule
 

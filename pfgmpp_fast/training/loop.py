@@ -233,10 +233,7 @@ class TrainingRun:
         self._update(step_loss)
         for average in self.averages:
             average.update(self.params, self.cur_nimg + batch, batch)
-        self.nonfinite += self.found_inf.to(torch.int64)
-        finite = self.found_inf == 0
-        self.loss_acc += torch.where(finite, step_loss, torch.zeros_like(step_loss)).double()
-        self.loss_count += finite.double() * self.geometry.per_rank          # images of finite steps only
+        self._count(step_loss)
         self.cur_nimg += batch
 
     def _accumulate_gradients(self, step_index: int) -> torch.Tensor:
@@ -283,6 +280,13 @@ class TrainingRun:
         else:                       # no found_inf support: one host sync, only on this path
             if not bool(self.found_inf):
                 self.optimizer.step()
+
+    def _count(self, step_loss: torch.Tensor):
+        """The tick's sums on the device: non-finite steps, the loss and images of finite ones."""
+        self.nonfinite += self.found_inf.to(torch.int64)
+        finite = self.found_inf == 0
+        self.loss_acc += torch.where(finite, step_loss, torch.zeros_like(step_loss)).double()
+        self.loss_count += finite.double() * self.geometry.per_rank          # images of finite steps only
 
     # -- the loop ---------------------------------------------------------------------------
     def train(self):
