@@ -178,13 +178,14 @@ def test_cli_imports_only_the_command_that_runs():
 
 def test_train_options_name_their_command_line_spelling(files, capsys):
     """The field is mapped to the option the user typed (--phema-snap, not the field
-    phema_snap_kimg), and the message does not repeat the field's name."""
+    phema_snap_kimg); a field name that only labels the message is replaced by the option."""
     train = ["train", "--outdir", str(files / "run"), "--batch", "8", "--device", "cpu", "--dry-run"]
-    cases = [(["--phema-snap", "0"], "--phema-snap: must be in (0, inf), got 0.0"),
-             (["--ema", "0"], "--ema: must be in (0, inf), got 0.0"),
-             (["--lr-rampup", "-1"], "--lr-rampup: must be in [0, inf), got -1.0"),
-             (["--augment", "1.5"], "--augment: must be in [0, 1], got 1.5"),
-             (["--seed", "-3"], "--seed: must be in [0, inf), got -3"),
+    cases = [(["--phema-snap", "0"], "--phema-snap: phema_snap_kimg must be in (0, inf), got 0.0"),
+             (["--ema", "0"], "--ema: ema_halflife_kimg must be in (0, inf), got 0.0"),
+             (["--lr-rampup", "-1"], "--lr-rampup: lr_rampup_kimg must be in [0, inf), got -1.0"),
+             (["--augment", "1.5"], "--augment: augment must be in [0, 1], got 1.5"),
+             (["--seed", "-3"], "--seed: seed must be in [0, inf), got -3"),
+             (["--D", "0"], "--D: D must be in (0, inf]"),
              (["--resume", str(files / "missing.pt")], f"--resume: no such training state {files / 'missing.pt'}"),
              (["--phema", "0.5"], "--phema: ")]
     for extra, expected in cases:
@@ -200,7 +201,7 @@ def test_usage_error_never_rewrites_its_message():
     assert str(named) == "seeds: range '5-1' is empty (end < start)"
     assert str(UsageError.about("--seeds", named)) == "--seeds: range '5-1' is empty (end < start)"
     assert str(UsageError.about("--data", ValueError("data: as written"))) == "--data: data: as written"
-    with pytest.raises(UsageError, match=r"^--D: must be in \(0, inf\]") as info:
+    with pytest.raises(UsageError, match=r"^--D: D must be in \(0, inf\]") as info:
         with blame("--D"):
             from pfgmpp_fast.checks import parse_D
             parse_D("0")

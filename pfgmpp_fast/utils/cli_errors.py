@@ -32,14 +32,22 @@ class InvalidArgument(Exception):
     """An error about one named argument, raised by the checkers (pfgmpp_fast.checks, the training
     options): ``name`` is the argument as the API calls it and ``detail`` what is wrong and allowed,
     so a command names its own option for it without reading the message. The message is
-    ``name + sep + detail``, or ``message`` where given. Use the concrete kinds below."""
+    ``name + sep + detail`` ("D must be in ...", or with ``sep=": "`` the name as a label:
+    "seeds: range ..."), or ``message`` where given. Use the concrete kinds below."""
 
     def __init__(self, name: str, detail: str, sep: str = " ", message: Optional[str] = None):
         super().__init__(name + sep + detail if message is None else message)
         self.name, self.detail = name, detail
+        self.labelled = message is None and sep == ": "     # the name only labels the detail
 
     def __reduce__(self):           # picklable (exceptions cross process boundaries)
-        return type(self), (self.name, self.detail, "", str(self))
+        return _rebuild, (type(self), self.name, self.detail, str(self), self.labelled)
+
+
+def _rebuild(kind, name, detail, message, labelled):
+    exc = kind(name, detail, message=message)
+    exc.labelled = labelled
+    return exc
 
 
 class InvalidValue(InvalidArgument, ValueError):
@@ -64,9 +72,11 @@ class UsageError(ValueError):
 
     @classmethod
     def about(cls, option: str, exc: BaseException) -> "UsageError":
-        """The input error ``exc`` as a UsageError naming ``option`` (an :class:`InvalidArgument`
-        gives its ``detail``, as the checker's name for the argument is not the option's)."""
-        return cls(option, exc.detail if isinstance(exc, InvalidArgument) else str(exc))
+        """The input error ``exc`` as a UsageError naming ``option``: ``<option>: <message>``, where
+        the option replaces a name that only labels the message (``seeds: range ...`` →
+        ``--seeds: range ...``; ``D must be ...`` → ``--D: D must be ...``)."""
+        labelled = isinstance(exc, InvalidArgument) and exc.labelled
+        return cls(option, exc.detail if labelled else str(exc))
 
 
 @contextlib.contextmanager
