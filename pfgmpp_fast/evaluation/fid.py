@@ -90,8 +90,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _extractor(args, device) -> Detectors:
     """The detectors `--metrics` needs (the main --features space, Inception logits, DINOv2)."""
-    with blame("--metrics"):
-        metrics = parse_metrics(args.metrics)
+    metrics = parse_metrics(args.metrics)         # its error names --metrics itself
     main = _main_extractor(args, device)
     dinov2 = None
     if "fd_dinov2" in metrics:
@@ -225,8 +224,7 @@ def main(args) -> int:
     cmd = getattr(args, "fid_command", None)
     if cmd is None:
         raise UsageError("fid", "give a subcommand: python -m pfgmpp_fast fid {calc,ref,sweep} ... (see --help)")
-    with blame("--metrics"):              # before any network is loaded
-        parse_metrics(args.metrics)
+    parse_metrics(args.metrics)           # before any network is loaded; its error names --metrics
     if cmd == "calc":
         _check_calc_args(args)
     from pfgmpp_fast.evaluation.generate import device_from_args
