@@ -87,7 +87,6 @@ def make_cases(shape, D, key, stream):
     cs2, co2 = sd2 / (t_next ** 2 + sd2), t_next * 0.5 / math.sqrt(t_next ** 2 + sd2)
     A1, B1, h = (1 - cs1) / t_hat, -co1 / t_hat, t_next - t_hat
     A2, B2 = (1 - cs2) / t_next, -co2 / t_next
-    nan = float("nan")
     x64, base64 = x.double(), base.double()
     d64 = torch.randn(shape, device=device, dtype=torch.float64, generator=gen)
     return {
@@ -109,7 +108,7 @@ def make_cases(shape, D, key, stream):
             op=ops.sampler_update, ref=R.ref_sampler_update,
             published=lambda: baselines.published_sampler_stage1(x64, F, t_hat, t_next, cs1, co1, ci2)),
         "sampler_stage2_churn": dict(
-            bytes=16, call=lambda be, impl: impl(x, F, base, A2, B2, 0.5 * h, nan, ids, key, 0.0, R.stream_alpha(4), 0.3,
+            bytes=16, call=lambda be, impl: impl(x, F, base, A2, B2, 0.5 * h, None, ids, key, 0.0, R.stream_alpha(4), 0.3,
                                                  R.stream_churn(4), ci2, torch.bfloat16, True, **be),
             op=ops.sampler_update, ref=R.ref_sampler_update,
             published=lambda: baselines.published_sampler_stage2(base64, x64, d64, F, t_hat, t_next, cs2, co2, ci2)),

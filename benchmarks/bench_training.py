@@ -183,6 +183,9 @@ def speedup_summary(rows, on_gpu: bool) -> list:
     return summary
 
 
+BASELINES = {"published", "hand-compiled"}   # the variants --skip may leave out (ours always runs)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -197,6 +200,8 @@ def main(argv=None) -> int:
     on_gpu = device.type == "cuda"
     smoke = args.smoke
     skip = set(filter(None, args.skip.split(",")))
+    if skip - BASELINES:
+        p.error(f"--skip: unknown method(s) {sorted(skip - BASELINES)}; choose from {sorted(BASELINES)}")
 
     if smoke:
         res, ch, net_kw = 8, 1, dict(model_channels=16, channel_mult=[1, 2], num_blocks=1, attn_resolutions=[4])
@@ -216,10 +221,10 @@ def main(argv=None) -> int:
     rows, notes = [], []
     ceil = B.ceilings(device, smoke=smoke or not on_gpu)
 
-    def checkpoint():  # after each variant: a run killed later keeps the rows it finished
+    def checkpoint():  # after each variant: a run killed later keeps its rows and their ratios
         if args.out:
             B.write_json(args.out, {"suite": "training", "smoke": smoke, "ceilings": ceil, "rows": rows,
-                                    "complete": False})
+                                    "summary": speedup_summary(rows, on_gpu), "complete": False})
 
     # Ours first (the number a short GPU session is for), then the baselines.
     backend = measure_ours(template, data, net_kw, D, batch, device, compile_ok, warmup, reps, rows)

@@ -361,9 +361,9 @@ std::tuple<Tensor, Tensor> loss_fwd_bwd_op(const Tensor& F, const Tensor& y, con
 
 std::tuple<Tensor, Tensor, Tensor> sampler_update_op(
     const Tensor& x, const std::optional<Tensor>& F, const std::optional<Tensor>& base, double A,
-    double Bf, double h1, double h2, const Tensor& sample_ids, int64_t key, double alpha_scale,
-    int64_t alpha_stream, double churn_scale, int64_t churn_stream, double c_in_next,
-    ScalarType net_dtype, bool channels_last) {
+    double Bf, double h1, std::optional<double> h2, const Tensor& sample_ids, int64_t key,
+    double alpha_scale, int64_t alpha_stream, double churn_scale, int64_t churn_stream,
+    std::optional<double> c_in_next, ScalarType net_dtype, bool channels_last) {
   const char* op = "sampler_update";
   check_image_dims(op, "x", x);
   check_backend_device(op, "x", x);
@@ -375,8 +375,8 @@ std::tuple<Tensor, Tensor, Tensor> sampler_update_op(
   const ScalarType state = x.scalar_type();
   const at::Device dev = x.device();
   const Geometry g = geometry(x);
-  const bool has_F = F.has_value() && F->numel() > 0;
-  const bool has_base = base.has_value() && base->numel() > 0;
+  const bool has_F = F.has_value();
+  const bool has_base = base.has_value();
   std::optional<Image> Fi, bi;
   if (has_F) {
     check_device(op, "F", *F, dev);
@@ -394,9 +394,11 @@ std::tuple<Tensor, Tensor, Tensor> sampler_update_op(
                          {"alpha_scale", alpha_scale}, {"churn_scale", churn_scale}}) {
     TORCH_CHECK_VALUE(std::isfinite(v), op, ": ", name, " must be finite, got ", v);
   }
-  TORCH_CHECK_VALUE(!std::isinf(h2), op, ": h2 must be finite or NaN (no y2), got ", h2);
-  TORCH_CHECK_VALUE(!std::isinf(c_in_next), op,
-                    ": c_in_next must be finite or NaN (no net input), got ", c_in_next);
+  TORCH_CHECK_VALUE(!h2 || std::isfinite(*h2), op, ": h2 must be finite or None (no y2), got ",
+                    h2.value_or(0.0));
+  TORCH_CHECK_VALUE(!c_in_next || std::isfinite(*c_in_next), op,
+                    ": c_in_next must be finite or None (no net input), got ",
+                    c_in_next.value_or(0.0));
   const Tensor ids = checked_ids(op, sample_ids, g.B, dev);
   const Tensor xc = x.contiguous();
 
@@ -404,8 +406,8 @@ std::tuple<Tensor, Tensor, Tensor> sampler_update_op(
   p.key = checked_key(op, key);
   p.alpha_stream = checked_stream(op, "alpha_stream", alpha_stream);
   p.churn_stream = checked_stream(op, "churn_stream", churn_stream);
-  const bool want_y2 = !std::isnan(h2);
-  const bool want_net = !std::isnan(c_in_next);
+  const bool want_y2 = h2.has_value();
+  const bool want_net = c_in_next.has_value();
   channels_last = effective_channels_last(channels_last, x);
   const at::MemoryFormat fmt = net_format(channels_last);
   Tensor y1 = at::empty(x.sizes(), x.options());
@@ -425,10 +427,10 @@ std::tuple<Tensor, Tensor, Tensor> sampler_update_op(
   p.A = A;
   p.Bf = Bf;
   p.h1 = h1;
-  p.h2 = h2;
+  p.h2 = h2.value_or(0.0);  // unused without y2
   p.alpha_scale = alpha_scale;
   p.churn_scale = churn_scale;
-  p.c_in_next = c_in_next;
+  p.c_in_next = c_in_next.value_or(0.0);  // unused without net_in
   p.sample_ids = ids.data_ptr<int64_t>();
   p.use_double = state == ScalarType::Double;
   run_kernel(x, [&] { cpu::sampler_update(p); }, PFG_CUDA_CALL(cuda::sampler_update(p, stream)));
@@ -449,9 +451,9 @@ TORCH_LIBRARY(pfgmpp_fast, m) {
       "loss_fwd_bwd(Tensor F, Tensor y, Tensor scale, Tensor c_skip, Tensor c_out, "
       "Tensor sample_ids, int key, int stream, float grad_scale) -> (Tensor, Tensor)");
   m.def(
-      "sampler_update(Tensor x, Tensor? F, Tensor? base, float A, float Bf, float h1, float h2, "
+      "sampler_update(Tensor x, Tensor? F, Tensor? base, float A, float Bf, float h1, float? h2, "
       "Tensor sample_ids, int key, float alpha_scale, int alpha_stream, float churn_scale, "
-      "int churn_stream, float c_in_next, ScalarType net_dtype, bool channels_last) "
+      "int churn_stream, float? c_in_next, ScalarType net_dtype, bool channels_last) "
       "-> (Tensor, Tensor, Tensor)");
 }
 

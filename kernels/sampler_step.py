@@ -82,19 +82,18 @@ def _sampler_kernel(x_ptr, F_ptr, base_ptr, sid_ptr, y1_ptr, y2_ptr, net_ptr,
         tl.store(net_ptr + n_off, cast_for_store(net, net_ptr), mask=mask)
 
 
-def _empty(t):
-    return t is None or t.numel() == 0
-
-
 def sampler_update(x: Tensor, F: Optional[Tensor], base: Optional[Tensor], A: float, Bf: float, h1: float,
-                   h2: float, sample_ids: Tensor, key: int, alpha_scale: float, alpha_stream: int,
-                   churn_scale: float, churn_stream: int, c_in_next: float, net_dtype: torch.dtype,
+                   h2: Optional[float], sample_ids: Tensor, key: int, alpha_scale: float, alpha_stream: int,
+                   churn_scale: float, churn_stream: int, c_in_next: Optional[float], net_dtype: torch.dtype,
                    channels_last: bool) -> Tuple[Tensor, Tensor, Tensor]:
     sd = x.dtype
     if sd not in (torch.float32, torch.float64):
         raise TypeError(f"x (sampler state) must be float32 or float64, got {sd}")
-    has_f, has_base = not _empty(F), not _empty(base)
-    has_y2, has_net = not math.isnan(h2), not math.isnan(c_in_next)
+    has_f, has_base = F is not None, base is not None
+    has_y2, has_net = h2 is not None, c_in_next is not None
+    for name, v in (("h2", h2), ("c_in_next", c_in_next)):
+        if v is not None and not math.isfinite(v):
+            raise ValueError(f"sampler_update: {name} must be finite or None, got {v}")
     x = x.contiguous()
     if has_base:
         if base.shape != x.shape or base.dtype != sd:
@@ -124,7 +123,7 @@ def sampler_update(x: Tensor, F: Optional[Tensor], base: Optional[Tensor], A: fl
     plan = BlockPlan(N, lx.C, lx.HW, wants_tiling(lf if has_f else None, ln if has_net else None))
     nblk = plan.nblk
     k0, k1 = split_key(key)
-    scalars = [split_f64(v if not math.isnan(v) else 0.0)
+    scalars = [split_f64(0.0 if v is None else v)  # None: the kernel does not read it
                for v in (A, Bf, h1, h2, alpha_scale, churn_scale, c_in_next)]
     flat = [p for pair in scalars for p in pair]
     launch(_sampler_kernel)[grid(B, nblk)](

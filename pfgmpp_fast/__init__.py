@@ -3,8 +3,10 @@
 The public API (imported lazily, so `import pfgmpp_fast` stays cheap):
 
     perturb, perturb_net_input, prior          the Student-t perturbation and the prior
+    published_prior                            latents drawn per seed as the published generate.py draws them
     training_loss, PFGMPPLoss                  the fused EDM/PFGM++ objective
-    sample, Sampler                            Heun/Euler sampling on fused steps (Sampler: options checked once)
+    sample, Sampler, SamplerOptions            Heun/Euler sampling on fused steps; SamplerOptions: the
+                                               sampler settings, checked once (sample/Sampler/generate/FID)
     build_network, make_fast, EDMPrecond       DDPM++ / NCSN++ / ADM networks
     save_network, load_network                 safe checkpoints (published pickles need trust_pickle=True)
     reference                                  the pure-PyTorch spec everything is tested against
@@ -19,7 +21,7 @@ _EXPORTS = {
     "perturb": "ops", "perturb_net_input": "ops", "prior": "ops", "noise_scale": "ops",
     "training_scalars": "ops", "resolve_backend": "ops", "BACKENDS": "ops",
     "training_loss": "loss", "PFGMPPLoss": "loss",
-    "sample": "sampler", "Sampler": "sampler",
+    "sample": "sampler", "Sampler": "sampler", "SamplerOptions": "sampler", "published_prior": "published_rng",
     "build_network": "networks", "make_fast": "networks", "EDMPrecond": "networks",
     "save_network": "checkpoint", "load_network": "checkpoint", "convert_published": "checkpoint",
 }

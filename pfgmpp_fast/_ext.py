@@ -8,7 +8,6 @@ Importing this module raises ImportError (with build instructions) when `_C` is 
 """
 from __future__ import annotations
 
-import math
 from typing import Optional
 
 import torch
@@ -76,14 +75,15 @@ def _register_fakes() -> None:
         return loss, grad
 
     @torch.library.register_fake(lib + "sampler_update")
-    def _(x, F: Optional[torch.Tensor], base: Optional[torch.Tensor], A, Bf, h1, h2, sample_ids, key,
-          alpha_scale, alpha_stream, churn_scale, churn_stream, c_in_next, net_dtype, channels_last):
+    def _(x, F: Optional[torch.Tensor], base: Optional[torch.Tensor], A, Bf, h1, h2: Optional[float], sample_ids,
+          key, alpha_scale, alpha_stream, churn_scale, churn_stream, c_in_next: Optional[float], net_dtype,
+          channels_last):
         y1 = torch.empty(x.shape, dtype=x.dtype, device=x.device)
-        y2 = (torch.empty(x.shape, dtype=x.dtype, device=x.device) if not math.isnan(h2)
+        y2 = (torch.empty(x.shape, dtype=x.dtype, device=x.device) if h2 is not None
               else torch.empty(0, dtype=x.dtype, device=x.device))
         net_in = (torch.empty(x.shape, dtype=net_dtype, device=x.device,
                               memory_format=_format(channels_last, x))
-                  if not math.isnan(c_in_next) else torch.empty(0, dtype=net_dtype, device=x.device))
+                  if c_in_next is not None else torch.empty(0, dtype=net_dtype, device=x.device))
         return y1, y2, net_in
 
 

@@ -3,16 +3,20 @@
 Our format is one safetensors file: the ``state_dict`` (keys ``model.*``, as published) plus,
 in the safetensors metadata, the network config as JSON. Loading it never executes code.
 
-Published EDM / PFGM++ checkpoints (``network-snapshot-*.pkl``: a plain pickle of a dict with
-an ``'ema'`` network; ``training-state-*.pt``: a ``torch.save`` zip with a ``'net'`` network)
-are pickles whose classes come from ``torch_utils.persistence``: unpickling them with the
-published code executes the Python source embedded in the file. We refuse them unless the
-caller passes ``trust_pickle=True``, and even then we never execute that source: a restricted
-unpickler maps the persistent classes to inert records (class name + state), every unknown
-global to an inert placeholder, and tensors to plain tensors (safe_pickle.py; a zip is read
-entry by entry, never by torch.load). TorchScript archives and any other kind of file are
-refused before anything reads them. We then build our own network from the recorded
-constructor arguments and copy the weights in, strictly.
+Published EDM / PFGM++ checkpoints are pickles of a dict holding the network: EDM's
+``network-snapshot-*.pkl`` (``'ema'``, ``'loss_fn'``, ...) and ``training-state-*.pt``
+(``'net'``); PFGM++'s ``training-state-*.pt`` (a ``torch.save`` zip) or, in its earlier
+versions, ``training-state-*.pkl`` (a plain pickle), with ``'ema'`` (and ``'net'``,
+``'optimizer_state'``, ``'step'``). We take ``'ema'``, else ``'net'``. Their classes come from
+``torch_utils.persistence``: unpickling them with the published code executes the Python
+source embedded in the file. We refuse them unless the caller passes ``trust_pickle=True``, and
+even then we never execute that source: a restricted unpickler maps the persistent classes to
+inert records (class name + state), every unknown global to an inert placeholder, and tensors
+to plain tensors (safe_pickle.py; a zip is read entry by entry, never by torch.load).
+TorchScript archives and any other kind of file are refused before anything reads them. We then
+build our own network from the recorded constructor arguments, with the D the network was
+trained with (the recorded ``D`` when its PFGM++ switch ``pfgmpp`` / ``pfgmv2`` is on, else
+inf), and copy the weights in, strictly.
 """
 from __future__ import annotations
 
@@ -25,9 +29,10 @@ import struct
 
 import torch
 
+from pfgmpp_fast import checks
 from pfgmpp_fast.networks import EDMPrecond, FastNetwork
 from pfgmpp_fast.safe_pickle import OpaqueObject, PersistentRecord, UnsupportedArchiveError, archive_kind, read_published
-from pfgmpp_fast.utils.cli_errors import InvalidValue, blame, check_output_path, command
+from pfgmpp_fast.utils.cli_errors import InvalidArgument, InvalidValue, UsageError, blame, check_output_path, command
 from pfgmpp_fast.utils.io_utils import atomic_write_bytes, content_digest
 
 __all__ = ['save_network', 'load_network', 'convert_published', 'network_config', 'network_from_config',
@@ -204,11 +209,14 @@ def _load_weights_strict(path: str, net: EDMPrecond, state: dict) -> None:
 
 
 def load_network(path, device='cpu', trust_pickle: bool = False, D=None) -> EDMPrecond:
-    """Load a network. Our safetensors format loads without executing code (a given ``D`` must
-    equal the recorded one). Published pickles (``.pkl`` snapshots / ``training-state-*.pt``)
-    are refused unless ``trust_pickle=True``; ``D`` then sets the PFGM++ D of the imported
-    network (default: found in the pickle's loss options, else float('inf'), i.e. EDM)."""
+    """Load a network with the D it was trained with. Our safetensors format loads without
+    executing code. Published EDM / PFGM++ pickles (``network-snapshot-*.pkl``,
+    ``training-state-*.pt`` / ``.pkl``) are refused unless ``trust_pickle=True``; their D is the
+    recorded one when the PFGM++ switch (``pfgmpp``, earlier ``pfgmv2``) is on, else
+    float('inf') (EDM). A given ``D`` ('inf' or a number) must equal the network's: a mismatch
+    is an error naming both."""
     path = os.fspath(path)
+    D = None if D is None else checks.parse_D(D)
     if not os.path.isfile(path):
         raise FileNotFoundError(f'{path}: no such checkpoint file')
     kind = archive_kind(path)  # refuses TorchScript and other archive kinds before any loader
@@ -223,8 +231,8 @@ def load_network(path, device='cpu', trust_pickle: bool = False, D=None) -> EDMP
         net = network_from_config(config)
     except (TypeError, ValueError) as e:
         raise ValueError(f'{path}: invalid network config in checkpoint: {e}') from None
-    if D is not None and float(D) != float(net.D):
-        detail = (f'{float(D):g} was given but the network was trained with D={float(net.D):g} '
+    if D is not None and D != float(net.D):
+        detail = (f'{D:g} was given but the network was trained with D={float(net.D):g} '
                   f'(a network/D mismatch; omit D to use the network\'s)')
         raise InvalidValue('D', detail, message=f'{path}: D={detail}')
     _load_weights_strict(path, net, tensors)
@@ -263,10 +271,34 @@ def _collect_state(obj, prefix, out: dict) -> None:
             _collect_state(m, prefix + name + '.', out)
 
 
-_IGNORED_PUBLISHED_KWARGS = {'pfgm': False, 'small': False}
+# The published EDMPrecond constructors record, beside our arguments: the PFGM++ switch (named
+# pfgmv2 until February 2023) and D, which means something only when the switch is on (the
+# published default D=128 is recorded for EDM runs too); pfgm, PFGM's other network head; small,
+# stored and used nowhere (PFGM++ January/February 2023).
+_PFGMPP_SWITCHES = ('pfgmpp', 'pfgmv2')
+_PUBLISHED_ONLY = _PFGMPP_SWITCHES + ('D', 'pfgm', 'small', 'class_name')
+
+
+def _recorded_D(path: str, rec: PersistentRecord, kwargs: dict) -> tuple:
+    """(D, what the file says): the recorded D when the PFGM++ switch is on, else inf (EDM)."""
+    def recorded(key):
+        return kwargs[key] if key in kwargs else rec.state.get(key)
+    switch = next((k for k in _PFGMPP_SWITCHES if recorded(k) is not None), None)
+    if switch is None:
+        return float('inf'), 'an EDM network (no PFGM++ switch): D=inf'
+    if not bool(recorded(switch)):
+        return float('inf'), f'{switch}=False: D=inf (EDM; its recorded D={recorded("D")!r} is unused)'
+    D = recorded('D')
+    try:
+        D = checks.check_D(D)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f'{path}: the network records {switch}=True but no valid D ({e})') from None
+    return D, f'{switch}=True, D={D:g}'
 
 
 def _published_config(path: str, rec: PersistentRecord, D) -> dict:
+    """Our EDMPrecond arguments for a published network record; a given ``D`` (a float) must
+    equal the D the network was trained with."""
     if rec.class_name != 'EDMPrecond':
         raise ValueError(f'{path}: network class {rec.class_name!r} is not supported (only EDMPrecond; '
                          f'VP/VE/iDDPM preconditionings are different models)')
@@ -274,28 +306,18 @@ def _published_config(path: str, rec: PersistentRecord, D) -> dict:
     kwargs = rec.state.get('_init_kwargs')
     if init_args or not isinstance(kwargs, dict):
         raise ValueError(f'{path}: the pickle does not record the EDMPrecond constructor keyword arguments')
-    kwargs = dict(kwargs)
-    for key, neutral in _IGNORED_PUBLISHED_KWARGS.items():
-        if key in kwargs:
-            value = kwargs.pop(key)
-            if bool(value) != neutral:
-                raise ValueError(f'{path}: published option {key}={value!r} (a different model head / preconditioning) '
-                                 f'is not supported')
-    kwargs.pop('class_name', None)
-    kwargs.setdefault('model_type', 'DhariwalUNet')  # the published EDMPrecond default
-    kwargs = {k: (list(v) if isinstance(v, tuple) else v) for k, v in kwargs.items()}
-    kwargs['D'] = float('inf') if D is None else D
-    return kwargs
-
-
-def _find_D(snapshot) -> float | None:
-    loss = snapshot.get('loss_fn') if isinstance(snapshot, dict) else None
-    if isinstance(loss, PersistentRecord):
-        for src in (loss.state.get('_init_kwargs') or {}, loss.state):
-            if isinstance(src, dict) and src.get('pfgmpp', True) and isinstance(src.get('D'), (int, float)) \
-                    and not isinstance(src.get('D'), bool):
-                return src['D']
-    return None
+    if kwargs.get('pfgm'):
+        raise ValueError(f'{path}: published option pfgm={kwargs["pfgm"]!r} (PFGM, a different network head) '
+                         f'is not supported')
+    trained_D, said = _recorded_D(path, rec, kwargs)
+    if D is not None and D != trained_D:
+        detail = (f'{D:g} was given but the network was trained with D={trained_D:g} ({said}): '
+                  'a network/D mismatch; omit D to use the recorded one')
+        raise InvalidValue('D', detail, message=f'{path}: D={detail}')
+    config = {k: (list(v) if isinstance(v, tuple) else v) for k, v in kwargs.items() if k not in _PUBLISHED_ONLY}
+    config.setdefault('model_type', 'DhariwalUNet')  # the published EDMPrecond default
+    config['D'] = trained_D
+    return config
 
 
 def _import_published(path: str, kind: str, device, D) -> EDMPrecond:
@@ -307,8 +329,6 @@ def _import_published(path: str, kind: str, device, D) -> EDMPrecond:
     if not isinstance(rec, PersistentRecord):
         raise ValueError(f'{path}: no published network ("ema" or "net" entry of the persistence format) found; '
                          f'keys: {sorted(map(str, snapshot))}')
-    if D is None:
-        D = _find_D(snapshot)
     config = _published_config(path, rec, D)
     try:
         net = network_from_config(config)
@@ -328,14 +348,20 @@ def add_arguments(p) -> None:
     p.add_argument('dst', help='output .safetensors (our format: weights + JSON config, loads without code)')
     p.add_argument('--trust-pickle', action='store_true',
                    help='confirm you trust SRC: pickles can run code (we read only arguments and weights)')
-    p.add_argument('--D', type=float, default=None, help='PFGM++ D of the network (default: from the pickle, else inf = EDM)')
+    p.add_argument('--D', default=None, help="check that SRC was trained with this D ('inf' = EDM; default: "
+                                             "what SRC records: its D with pfgmpp=1, inf otherwise)")
 
 
 @command
 def main(args) -> int:
     check_output_path('DST', args.dst)
-    with blame('SRC'):
-        net = load_network(args.src, trust_pickle=args.trust_pickle, D=args.D)
+    with blame('--D'):
+        D = None if args.D is None else checks.parse_D(args.D)
+    try:
+        net = load_network(args.src, trust_pickle=args.trust_pickle, D=D)
+    except (ValueError, TypeError, FileNotFoundError) as exc:
+        named_D = isinstance(exc, InvalidArgument) and exc.name == 'D'     # a network/D mismatch
+        raise UsageError('--D' if named_D else 'SRC', str(exc)) from None
     save_network(args.dst, net, extra_metadata={'converted_from': os.path.basename(os.fspath(args.src))})
     n = sum(p.numel() for p in net.parameters())
     print(f'wrote {args.dst}: {net.model_type}, {n:,} parameters, D={net.D}, label_dim={net.label_dim}')

@@ -17,7 +17,7 @@ from pfgmpp_fast.utils.cli_errors import InvalidType, InvalidValue
 __all__ = ["check_key", "check_D", "parse_D", "check_sample_ids", "check_positive", "check_images",
            "check_sampler_options", "check_training_options", "check_sigma", "as_bool", "check_number",
            "parse_int_list", "check_seeds", "check_net_D", "check_sigma_max", "check_common", "format_ids",
-           "DeviceReport", "MAX_SEED", "MAX_SEEDS", "MAX_SIGMA"]
+           "DeviceReport", "MAX_SEED", "MAX_SEEDS", "MAX_SIGMA", "SOLVERS"]
 
 MAX_SEED = 2 ** 63
 MAX_SEEDS = 10 ** 9
@@ -107,10 +107,13 @@ def check_training_options(P_mean, P_std) -> None:
     check_positive("P_std", P_std)
 
 
+SOLVERS = ("heun", "euler")   # the sampler's solvers (a new one: its step loop in sampler._Stepper)
+
+
 def check_sampler_options(solver, S_churn, S_min, S_max, S_noise, alpha, dtype) -> None:
-    """The sampler's options (shared by reference.sample and the fused sampler)."""
-    if solver not in ("heun", "euler"):
-        raise ValueError(f"solver must be 'heun' or 'euler', got {solver!r}")
+    """The sampler's options (shared by reference.sample and sampler.SamplerOptions)."""
+    if solver not in SOLVERS:
+        raise ValueError(f"solver must be one of {SOLVERS}, got {solver!r}")
     for name, value in (("S_churn", S_churn), ("S_min", S_min), ("S_noise", S_noise), ("alpha", alpha)):
         if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
             raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")

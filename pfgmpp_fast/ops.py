@@ -136,12 +136,18 @@ def loss_fwd_bwd(F, y, scale, c_skip, c_out, sample_ids, key, stream, grad_scale
                                   float(grad_scale))
 
 
+def _optional_float(v):
+    return None if v is None else float(v)
+
+
 def sampler_update(x, F, base, A, Bf, h1, h2, sample_ids, key, alpha_scale, alpha_stream,
                    churn_scale, churn_stream, c_in_next, net_dtype, channels_last, backend="auto"):
+    """One sampler update (docs/KERNEL_OPS.md): F/base None = no drift / base x; h2 None = no y2,
+    c_in_next None = no network input (those outputs are then empty tensors)."""
     b = resolve_backend(backend, x.device)
-    args = (x, F, base, float(A), float(Bf), float(h1), float(h2), sample_ids, int(key),
+    args = (x, F, base, float(A), float(Bf), float(h1), _optional_float(h2), sample_ids, int(key),
             float(alpha_scale), int(alpha_stream), float(churn_scale), int(churn_stream),
-            float(c_in_next), net_dtype, bool(channels_last))
+            _optional_float(c_in_next), net_dtype, bool(channels_last))
     if b == "reference":
         return R.ref_sampler_update(*args)
     return _op("sampler_update", b)(*args)

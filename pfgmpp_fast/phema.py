@@ -11,9 +11,11 @@ deviation of p divided by T), which decreases from STD_MAX (γ = (√5−3)/2) t
 
 Reconstruction: the profile q wanted (std, T) is approximated in L2 by a combination Σ x_i p_i
 of the stored snapshot profiles; their inner products have a closed form, so x solves the
-normal equations ``A x = b`` (A_ij = <p_i, p_j>, b_i = <p_i, q>) and the network is Σ x_i θ_i.
-A requested profile that the snapshots cannot express (relative L2 error of the fit above
-``max_error``) is refused instead of returning a silently different EMA.
+normal equations ``A x = b`` (A_ij = <p_i, p_j>, b_i = <p_i, q>), scaled to Σ x_i = 1 as in
+EDM2, and the network is Σ x_i θ_i: a weighted average of the snapshots, so weights that never
+changed come back unchanged (the raw Σ x_i is recorded). A requested profile that the snapshots
+cannot express (relative L2 error of the scaled fit above ``max_error``) is refused instead of
+returning a silently different EMA.
 
 Snapshots live in ``RUN/phema/phema-<std>-<kimg>.safetensors`` (our network format; the std,
 γ, nimg, kimg and step are in the metadata), outside the folder's network snapshots so nothing
@@ -77,7 +79,11 @@ def profile_inner(t_a, g_a, t_b, g_b):
 
 
 def solve_coefficients(in_t, in_g, out_t, out_g):
-    """(x [n_in, n_out], relative L2 error [n_out]) of the least-squares fits Σ_i x_io p_i ≈ q_o."""
+    """(x [n_in, n_out], relative L2 error [n_out], raw sum [n_out]) of the fits Σ_i x_io p_i ≈ q_o:
+    the least-squares coefficients scaled to sum to 1, as EDM2 does (its Algorithm 3), so the
+    result is a weighted average of the snapshots (a parameter that never changed is
+    reconstructed exactly); the error is that of the scaled fit, the raw sum that of the
+    least-squares one."""
     rv = lambda v: np.asarray(v, dtype=np.float64).reshape(-1, 1)      # noqa: E731
     cv = lambda v: np.asarray(v, dtype=np.float64).reshape(1, -1)      # noqa: E731
     A = profile_inner(rv(in_t), rv(in_g), cv(in_t), cv(in_g))
@@ -86,9 +92,11 @@ def solve_coefficients(in_t, in_g, out_t, out_g):
         X = np.linalg.solve(A, B)
     except np.linalg.LinAlgError:          # singular: duplicate profiles; least squares still works
         X = np.linalg.lstsq(A, B, rcond=None)[0]
+    raw_sum = X.sum(axis=0)
+    X = X / raw_sum
     qq = profile_inner(out_t, out_g, out_t, out_g).reshape(-1)
     residual = qq - 2 * np.sum(X * B, axis=0) + np.einsum("io,ij,jo->o", X, A, X)
-    return X, np.sqrt(np.maximum(residual, 0.0) / qq)
+    return X, np.sqrt(np.maximum(residual, 0.0) / qq), raw_sum
 
 
 def parse_stds(value, name: str = "phema") -> tuple:
@@ -195,7 +203,8 @@ def reconstruct(snapshots: Sequence[Snapshot], stds: Sequence[float], at_nimg: O
         raise ValueError(f"the phema snapshots come from different runs (network configs or options differ, e.g. "
                          f"{runs[:2]}): a fresh run must not write into the run directory of another")
     out_g = [std_to_exp(s) for s in stds]
-    X, error = solve_coefficients([s.nimg for s in snaps], [s.gamma for s in snaps], [at_nimg] * len(stds), out_g)
+    X, error, raw_sum = solve_coefficients([s.nimg for s in snaps], [s.gamma for s in snaps], [at_nimg] * len(stds),
+                                           out_g)
     bad = [(s, e) for s, e in zip(stds, error) if not e <= max_error]
     if bad:
         tracked = sorted({s.std for s in snaps})
@@ -218,7 +227,8 @@ def reconstruct(snapshots: Sequence[Snapshot], stds: Sequence[float], at_nimg: O
         state.update({n: acc[o][n].to(state[n].dtype) for n in names})
         net.load_state_dict(state, strict=True)
         info = dict(phema_std=std, phema_gamma=out_g[o], nimg=at_nimg, kimg=at_nimg / 1000,
-                    phema_error=float(error[o]), phema_sources=len(snaps), phema_coefficient_sum=float(X[:, o].sum()))
+                    phema_error=float(error[o]), phema_sources=len(snaps),
+                    phema_raw_coefficient_sum=float(raw_sum[o]))
         results.append((net.to(device).eval().requires_grad_(False), info))
     return results
 

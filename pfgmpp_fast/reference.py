@@ -462,10 +462,12 @@ def ref_loss_fwd_bwd(F, y, scale, c_skip, c_out, sample_ids, key, stream, grad_s
     return per_sample, grad
 
 
-def ref_sampler_update(x, F, base, A, Bf, h1, h2, sample_ids, key, alpha_scale, alpha_stream,
-                       churn_scale, churn_stream, c_in_next, net_dtype, channels_last):
-    """(y1, y2, net_in): d = A·x + Bf·F; y1 = base + h1·d + α-noise + churn-noise;
-    y2 = base + h2·d; net_in = c_in_next·y1 in net_dtype. Arithmetic in x's dtype."""
+def ref_sampler_update(x, F: Optional[torch.Tensor], base: Optional[torch.Tensor], A: float, Bf: float,
+                       h1: float, h2: Optional[float], sample_ids, key, alpha_scale, alpha_stream,
+                       churn_scale, churn_stream, c_in_next: Optional[float], net_dtype, channels_last):
+    """(y1, y2, net_in): d = A·x + Bf·F (0 when F is None); y1 = base + h1·d + α-noise + churn-noise
+    (base None: x); y2 = base + h2·d (h2 None: empty); net_in = c_in_next·y1 in net_dtype
+    (c_in_next None: empty). Arithmetic in x's dtype."""
     sd = x.dtype
     d = A * x + Bf * F.to(sd) if F is not None else torch.zeros_like(x)
     b0 = base if base is not None else x
@@ -474,8 +476,8 @@ def ref_sampler_update(x, F, base, A, Bf, h1, h2, sample_ids, key, alpha_scale, 
         y1 = y1 + alpha_scale * _logical_noise(key, sample_ids, x, alpha_stream, sd)
     if churn_scale != 0:
         y1 = y1 + churn_scale * _logical_noise(key, sample_ids, x, churn_stream, sd)
-    y2 = (b0 + h2 * d) if not math.isnan(h2) else torch.empty(0, dtype=sd, device=x.device)
-    if math.isnan(c_in_next):
+    y2 = (b0 + h2 * d) if h2 is not None else torch.empty(0, dtype=sd, device=x.device)
+    if c_in_next is None:
         net_in = torch.empty(0, dtype=net_dtype, device=x.device)
     else:
         fmt = torch.channels_last if channels_last and x.dim() == 4 else torch.contiguous_format

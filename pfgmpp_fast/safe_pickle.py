@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import collections
 import io
+import json
+import os
 import pickle
 import re
 import struct
@@ -167,11 +169,40 @@ def _zip_layout(path: str, zf: zipfile.ZipFile) -> str:
     return prefixes.pop()
 
 
+_SAFETENSORS_MAX_HEADER = 100_000_000     # the safetensors library's limit
+
+
+def _safetensors_header(path: str, size: int, head: bytes) -> str:
+    """'complete': an 8-byte little-endian header length that fits the file, followed by a JSON
+    object that parses (a safetensors file); 'damaged': a plausible length followed by the start
+    of a JSON object ('{"'), but the rest does not fit or parse; '' otherwise."""
+    if len(head) < 10:
+        return ''
+    (n,) = struct.unpack('<Q', head[:8])
+    if not 2 <= n <= _SAFETENSORS_MAX_HEADER or head[8:9] != b'{':
+        return ''
+    if 8 + n <= size:
+        with open(path, 'rb') as f:
+            f.seek(8)
+            try:
+                if isinstance(json.loads(f.read(n)), dict):
+                    return 'complete'
+            except ValueError:          # not UTF-8 or not JSON
+                pass
+    return 'damaged' if head[8:10] == b'{"' else ''
+
+
 def archive_kind(path: str) -> str:
-    """'pickle', 'zip' (a torch.save zip of pickled data) or 'safetensors' by content;
-    UnsupportedArchiveError for TorchScript and other zips; 'unknown' otherwise."""
+    """What a file is, by its whole structure (never by one byte): 'safetensors' (a header that
+    parses and fits the file, or a damaged one, which the loader reports as truncated or
+    corrupt), 'zip' (a torch.save zip of pickled data), 'pickle'; UnsupportedArchiveError for
+    TorchScript and other zips; 'unknown' otherwise."""
+    size = os.path.getsize(path)
     with open(path, 'rb') as f:
         head = f.read(16)
+    header = _safetensors_header(path, size, head)
+    if header == 'complete':
+        return 'safetensors'
     if head[:4] == b'PK\x03\x04':
         try:
             with zipfile.ZipFile(path) as zf:
@@ -179,10 +210,10 @@ def archive_kind(path: str) -> str:
         except zipfile.BadZipFile as e:
             raise UnsupportedArchiveError(f'{path}: a corrupt or truncated zip archive ({e})') from None
         return 'zip'
+    if header == 'damaged':
+        return 'safetensors'
     if head[:1] == b'\x80' or (head[:1] in (b'(', b'}', b']') and path.endswith('.pkl')):
         return 'pickle'
-    if len(head) >= 9 and head[8:9] == b'{':
-        return 'safetensors'
     return 'unknown'
 
 

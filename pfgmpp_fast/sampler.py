@@ -7,10 +7,15 @@ Per step i (t̂ = t_i(1+γ)), the kernel calls are
 with d = A·x + Bf·F (A = (1 − c_skip)/t, Bf = −c_out/t).  Euler steps (the last one, or
 solver='euler') are one call.  All schedule scalars are Python floats computed once; nothing
 goes back to the host inside the loop.
+
+The settings are one frozen `SamplerOptions`, checked when built; `sample` and `Sampler` take
+it as `options=` and/or its fields as keywords (`sampler_options`).
 """
 from __future__ import annotations
 
+import dataclasses
 import math
+from typing import Optional
 
 import torch
 
@@ -18,23 +23,115 @@ from pfgmpp_fast import ops
 from pfgmpp_fast import checks
 from pfgmpp_fast import reference as R
 
-NAN = float("nan")
+__all__ = ["SamplerOptions", "SOLVERS", "sampler_options", "split_sampler_options", "sample", "Sampler"]
+
+# A new solver: its name in checks.SOLVERS, its network evaluations in SamplerOptions.nfe, its step
+# loop next to _Stepper.
+SOLVERS = checks.SOLVERS
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplerOptions:
+    """How to sample (EDM's Algorithm 2 settings, named as there): the schedule, the solver, the
+    stochasticity and the numerics. Shared by `sample`, `Sampler`, `generate`, FID and sweeps.
+    Checked once, here (every error names the field, the value and the allowed range);
+    `replace(...)` gives a changed copy, checked again."""
+    num_steps: int = 18                       # n steps: t_0 = sigma_max > ... > t_{n-1} = sigma_min, t_n = 0
+    sigma_min: float = 0.002                  # the last noise level, in (0, sigma_max]
+    sigma_max: float = 80.0                   # the first noise level (the prior's σ), in (0, 1e30]
+    rho: float = 7.0                          # schedule exponent ρ (EDM eq. 5), > 0
+    solver: str = "heun"                      # one of SOLVERS: 'heun' (2nd order, Euler on the last step) | 'euler'
+    S_churn: float = 0.0                      # churn γ = min(S_churn / n, √2 − 1) for t_i in [S_min, S_max]; >= 0
+    S_min: float = 0.0                        # lowest noise level that gets churn, >= 0
+    S_max: float = float("inf")               # highest noise level that gets churn, >= S_min
+    S_noise: float = 1.0                      # scale of the churn noise, >= 0
+    alpha: float = 0.0                        # robustness noise x += α·t_i·ε before each step, >= 0 (0: off)
+    dtype: torch.dtype = torch.float32        # sampler state precision: float32 | float64
+    net_dtype: Optional[torch.dtype] = None   # network input dtype (None: float32 for an EDMPrecond-like
+                                              # network, else `dtype`)
+    channels_last: Optional[bool] = None      # channels-last network input (None: the network's channels_last)
+    backend: str = "auto"                     # fused-op backend, one of ops.BACKENDS
+    progress: bool = False                    # a progress bar over the steps
+
+    def __post_init__(self):
+        fix = lambda name, value: object.__setattr__(self, name, value)  # noqa: E731  (frozen: normalise once)
+        fix("num_steps", int(checks.check_number("num_steps", self.num_steps, integer=True)))
+        fix("sigma_min", checks.check_positive("sigma_min", self.sigma_min))
+        fix("sigma_max", checks.check_sigma_max("sigma_max", self.sigma_max))
+        if self.sigma_min > self.sigma_max:
+            raise ValueError(f"sigma_min must be in (0, sigma_max = {self.sigma_max:g}], got {self.sigma_min:g}")
+        fix("rho", checks.check_positive("rho", self.rho))
+        checks.check_sampler_options(self.solver, self.S_churn, self.S_min, self.S_max, self.S_noise, self.alpha,
+                                     self.dtype)
+        for name in ("S_churn", "S_min", "S_max", "S_noise", "alpha"):
+            fix(name, float(getattr(self, name)))
+        if self.net_dtype is not None and self.net_dtype not in ops.NET_DTYPES:
+            raise TypeError(f"net_dtype must be None or one of {ops.NET_DTYPES}, got {self.net_dtype}")
+        if self.channels_last is not None:
+            fix("channels_last", checks.as_bool("channels_last", self.channels_last))
+        if self.backend not in ops.BACKENDS:
+            raise ValueError(f"backend must be one of {ops.BACKENDS}, got {self.backend!r}")
+        fix("progress", checks.as_bool("progress", self.progress))
+
+    @property
+    def nfe(self) -> int:
+        """Network evaluations per image."""
+        return 2 * self.num_steps - 1 if self.solver == "heun" else self.num_steps
+
+    def replace(self, **changes) -> "SamplerOptions":
+        return sampler_options(self, **changes)
+
+    def describe(self) -> dict:
+        """The settings that can change an image, JSON-able (dtypes as text, inf as 'inf'), e.g. for
+        the configuration of FID shards. Left out: progress, and what is None (then resolved from
+        the network, which the caller describes)."""
+        out = {}
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if f.name == "progress" or value is None:
+                continue
+            out[f.name] = (str(value) if isinstance(value, torch.dtype)
+                           else repr(value) if isinstance(value, float) and not math.isfinite(value) else value)
+        return out
+
+
+OPTION_NAMES = tuple(f.name for f in dataclasses.fields(SamplerOptions))
+
+
+def sampler_options(options: Optional[SamplerOptions] = None, **settings) -> SamplerOptions:
+    """`options` (default: SamplerOptions()) with `settings` (SamplerOptions fields) replaced, checked."""
+    unknown = sorted(set(settings) - set(OPTION_NAMES))
+    if unknown:
+        raise TypeError(f"unknown sampler option(s): {', '.join(unknown)}; known: {', '.join(OPTION_NAMES)}")
+    if options is None:
+        return SamplerOptions(**settings)
+    if not isinstance(options, SamplerOptions):
+        raise TypeError(f"options must be a SamplerOptions, got {type(options).__name__}")
+    return dataclasses.replace(options, **settings) if settings else options
+
+
+def split_sampler_options(kwargs: dict):
+    """(SamplerOptions of kwargs' `options` and sampler settings, the other kwargs)."""
+    rest = dict(kwargs)
+    settings = {name: rest.pop(name) for name in OPTION_NAMES if name in rest}
+    return sampler_options(rest.pop("options", None), **settings), rest
 
 
 class _NetAdapter:
     """F from either an EDMPrecond-like net (.raw, .sigma_data) or a plain denoiser D(x, σ)."""
 
     def __init__(self, net, B, device, class_labels):
-        self.fused = hasattr(net, "raw") and hasattr(net, "sigma_data")
+        # EDMPrecond-like: the sampler calls net.raw and applies c_skip / c_out / c_in in the update kernels.
+        self.precond_in_kernels = hasattr(net, "raw") and hasattr(net, "sigma_data")
         self.net, self.B, self.device, self.labels = net, B, device, class_labels
-        self.sd = float(net.sigma_data) if self.fused else None
+        self.sd = float(net.sigma_data) if self.precond_in_kernels else None
 
     def coeffs(self, t: float):
         """(c_skip, c_out, c_in) at noise level t as Python floats."""
-        return R.coefficients(t, self.sd)[:3] if self.fused else (0.0, 1.0, 1.0)
+        return R.coefficients(t, self.sd)[:3] if self.precond_in_kernels else (0.0, 1.0, 1.0)
 
     def __call__(self, net_in, t: float):
-        if self.fused:
+        if self.precond_in_kernels:
             c_noise = torch.full((self.B,), R.coefficients(t, self.sd)[3], dtype=torch.float32, device=self.device)
             return self.net.raw(net_in, c_noise, self.labels)
         sigma = torch.full((self.B,), t, dtype=net_in.dtype, device=self.device)
@@ -53,50 +150,41 @@ class _StepFlags:
         self.first = torch.where((self.first < 0) & bad, step, self.first)
 
 
-def sample(net, latents: torch.Tensor, D, key, seeds, num_steps: int = 18, sigma_min: float = 0.002,
-           sigma_max: float = 80.0, rho: float = 7.0, solver: str = "heun", S_churn: float = 0.0,
-           S_min: float = 0.0, S_max: float = float("inf"), S_noise: float = 1.0, alpha: float = 0.0,
-           class_labels=None, dtype=torch.float32, net_dtype=None, backend: str = "auto",
-           progress: bool = False, channels_last=None, requires_grad: bool = False) -> torch.Tensor:
+def sample(net, latents: torch.Tensor, D, key, seeds, options: Optional[SamplerOptions] = None, *,
+           class_labels=None, requires_grad: bool = False, **settings) -> torch.Tensor:
     """Heun / Euler sampling from latents at σ_max (reference.sample, fused steps).
 
-    `net` is an EDMPrecond-like network (uses `.raw`: F from c_in·x, fused preconditioning)
-    or any denoiser callable `net(x, sigma[B], class_labels) -> D(x)`.  dtype: state
-    precision (float32 or float64); net_dtype: network input dtype (default float32 for
-    an EDMPrecond-like net, the state dtype for a plain callable).  Runs under
-    torch.no_grad() unless requires_grad=True (then on the differentiable reference updates).  NaN/Inf in the latents, in the network's
-    output at any step or in the result raises FloatingPointError naming the seeds and the
-    step (flags kept on the device, read once at the end).  D must be the network's own D.
+    `options`: a SamplerOptions; keyword `settings` (its fields: num_steps=, solver=, S_churn=,
+    dtype=, backend=, ...) build one or replace its fields.
+    `net` is an EDMPrecond-like network (uses `.raw`: F from c_in·x, the preconditioning in the
+    update kernels) or any denoiser callable `net(x, sigma[B], class_labels) -> D(x)`. Runs
+    under torch.no_grad() unless requires_grad=True (then on the differentiable reference
+    updates). NaN/Inf in the latents, in the network's output at any step or in the result
+    raises FloatingPointError naming the seeds and the step (flags kept on the device, read
+    once at the end). D must be the network's own D.
     """
-    sampler = Sampler(D, key, num_steps, sigma_min, sigma_max, rho, solver, S_churn, S_min, S_max, S_noise,
-                      alpha, dtype, net_dtype, backend, progress, channels_last)
-    return sampler(net, latents, seeds, class_labels, requires_grad)
+    return Sampler(D, key, options, **settings)(net, latents, seeds, class_labels, requires_grad)
 
 
 class Sampler:
-    """The sampler's options, checked once at construction; then called once per batch
-    (generate.py builds one per run). `prior` draws the matching latents."""
+    """D, key and the SamplerOptions, checked once at construction (options= and/or keyword
+    settings, as `sample`); then called once per batch (generate.py builds one per run).
+    `prior` draws the matching latents."""
 
-    def __init__(self, D, key, num_steps: int = 18, sigma_min: float = 0.002, sigma_max: float = 80.0,
-                 rho: float = 7.0, solver: str = "heun", S_churn: float = 0.0, S_min: float = 0.0,
-                 S_max: float = float("inf"), S_noise: float = 1.0, alpha: float = 0.0, dtype=torch.float32,
-                 net_dtype=None, backend: str = "auto", progress: bool = False, channels_last=None):
+    def __init__(self, D, key, options: Optional[SamplerOptions] = None, **settings):
         self.D, self.key = checks.parse_D(D), checks.check_key(key)
-        checks.check_sampler_options(solver, S_churn, S_min, S_max, S_noise, alpha, dtype)
-        if net_dtype is not None and net_dtype not in ops.NET_DTYPES:
-            raise TypeError(f"net_dtype must be one of {ops.NET_DTYPES}, got {net_dtype}")
-        if backend not in ops.BACKENDS:
-            raise ValueError(f"backend must be one of {ops.BACKENDS}, got {backend!r}")
-        self.t = R.time_steps(num_steps, sigma_min, sigma_max, rho, dtype=torch.float64).tolist()  # host, once
-        self.sigma_max = float(sigma_max)
-        self.options = dict(solver=solver, S_churn=S_churn, S_min=S_min, S_max=S_max, S_noise=S_noise,
-                            alpha=alpha, dtype=dtype, net_dtype=net_dtype, backend=backend, progress=progress,
-                            channels_last=channels_last)
+        self.options = sampler_options(options, **settings)
+        o = self.options
+        self.t = R.time_steps(o.num_steps, o.sigma_min, o.sigma_max, o.rho, dtype=torch.float64).tolist()  # once
+
+    @property
+    def sigma_max(self) -> float:
+        return self.options.sigma_max
 
     def prior(self, shape, seeds: torch.Tensor) -> torch.Tensor:
         """Latents at σ_max for `seeds` (checked int64 ids on the target device)."""
-        return ops._prior(tuple(shape), self.D, self.sigma_max, self.key, seeds, self.options["dtype"],
-                          self.options["backend"])
+        o = self.options
+        return ops._prior(tuple(shape), self.D, o.sigma_max, self.key, seeds, o.dtype, o.backend)
 
     def __call__(self, net, latents, seeds, class_labels=None, requires_grad: bool = False) -> torch.Tensor:
         checks.check_images("latents", latents)
@@ -104,31 +192,30 @@ class Sampler:
         checks.check_images("latents", latents, batch=seeds.shape[0])
         checks.check_net_D(net, self.D)
         # The fused update kernels have no backward: a differentiable run takes the reference ops.
-        options = dict(self.options, backend="reference") if requires_grad else self.options
+        options = dataclasses.replace(self.options, backend="reference") if requires_grad else self.options
         with torch.set_grad_enabled(bool(requires_grad)):
-            return _sample(net, latents, self.key, seeds, self.t, class_labels=class_labels, **options)
+            return _sample(net, latents, self.key, seeds, self.t, options, class_labels)
 
 
-def _sample(net, latents, key: int, seeds, t, solver="heun", S_churn=0.0, S_min=0.0, S_max=float("inf"),
-            S_noise=1.0, alpha=0.0, class_labels=None, dtype=torch.float32, net_dtype=None, backend="auto",
-            progress=False, channels_last=None) -> torch.Tensor:
+def _sample(net, latents, key: int, seeds, t, options: SamplerOptions, class_labels=None) -> torch.Tensor:
     """`sample` on checked arguments and the schedule t (n + 1 Python floats); reports NaN/Inf."""
     adapter = _NetAdapter(net, latents.shape[0], latents.device, class_labels)
+    net_dtype = options.net_dtype
     if net_dtype is None:
-        net_dtype = torch.float32 if adapter.fused else dtype
+        net_dtype = torch.float32 if adapter.precond_in_kernels else options.dtype
+    channels_last = options.channels_last
     if channels_last is None:
         channels_last = bool(getattr(net, "channels_last", False))
-    channels_last = bool(channels_last) and latents.dim() == 4
+    channels_last = channels_last and latents.dim() == 4
     report = checks.DeviceReport()
     report.ids(seeds, "seeds")
     report.nonfinite("latents", latents, seeds, "seeds")
-    x = latents.to(dtype).contiguous()
+    x = latents.to(options.dtype).contiguous()
     if latents.shape[0] == 0:  # nothing to sample; do not call the network with an empty batch
         return x.clone()
     flags = _StepFlags(latents.shape[0], latents.device)
-    stepper = _Stepper(adapter, seeds, key, t, solver, S_churn, S_min, S_max, S_noise, alpha, dtype, net_dtype,
-                       backend, channels_last)
-    x = stepper.run(x, flags, progress)
+    stepper = _Stepper(adapter, seeds, key, t, options, net_dtype, channels_last)
+    x = stepper.run(x, flags, options.progress)
     n = len(t) - 1
     report.add(flags.first, lambda rows, steps: f"the network returned NaN/Inf for seeds "
                f"{checks.format_ids(seeds, rows)} (first at step {sorted(set(steps))[:8]} of steps 0..{n - 1})")
@@ -141,43 +228,42 @@ def _sample(net, latents, key: int, seeds, t, solver="heun", S_churn=0.0, S_min=
 class _Stepper:
     """The step loop on the fused sampler-update kernel (two calls per Heun step, one per Euler)."""
 
-    def __init__(self, adapter, seeds, key, t, solver, S_churn, S_min, S_max, S_noise, alpha, dtype, net_dtype,
-                 backend, channels_last):
-        self.adapter, self.seeds, self.key, self.t, self.solver = adapter, seeds, key, t, solver
-        self.churn = (S_churn, S_min, S_max, S_noise)
-        self.alpha, self.dtype, self.net_dtype, self.backend = alpha, dtype, net_dtype, backend
-        self.channels_last = channels_last
+    def __init__(self, adapter, seeds, key, t, options: SamplerOptions, net_dtype, channels_last: bool):
+        self.adapter, self.seeds, self.key, self.t, self.options = adapter, seeds, key, t, options
+        self.net_dtype, self.channels_last = net_dtype, channels_last
         # A plain denoiser whose input is the state itself (c_in = 1, same dtype, contiguous) reads
         # y1 directly: no separate network-input copy is written.
-        self.state_is_net_input = not adapter.fused and net_dtype == dtype and not channels_last
+        self.state_is_net_input = (not adapter.precond_in_kernels and net_dtype == options.dtype
+                                   and not channels_last)
         self.num_steps = len(t) - 1
 
     def step_noise(self, i):
         """(t̂_i, α scale, churn scale, i) of step i, or None past the last step."""
         if i >= self.num_steps:
             return None
-        S_churn, S_min, S_max, S_noise = self.churn
-        t_cur = self.t[i]
-        gamma = min(S_churn / self.num_steps, math.sqrt(2) - 1) if S_min <= t_cur <= S_max else 0.0
+        o, t_cur = self.options, self.t[i]
+        gamma = min(o.S_churn / self.num_steps, math.sqrt(2) - 1) if o.S_min <= t_cur <= o.S_max else 0.0
         t_hat = t_cur + gamma * t_cur
-        churn = math.sqrt(t_hat ** 2 - t_cur ** 2) * S_noise if gamma > 0 else 0.0
-        return t_hat, (self.alpha * t_cur if self.alpha > 0 else 0.0), churn, i
+        churn = math.sqrt(t_hat ** 2 - t_cur ** 2) * o.S_noise if gamma > 0 else 0.0
+        return t_hat, (o.alpha * t_cur if o.alpha > 0 else 0.0), churn, i
 
     def c_in_of(self, noise):
-        return NAN if noise is None else self.adapter.coeffs(noise[0])[2]
+        """c_in of the next network input, or None after the last step (no network input)."""
+        return None if noise is None else self.adapter.coeffs(noise[0])[2]
 
     def update(self, x, F, base, A, Bf, h1, h2, noise, c_in_next):
+        """One sampler_update; h2 / c_in_next None: no y2 / no network input."""
         a_s, c_s, i = (0.0, 0.0, 0) if noise is None else noise[1:4]
-        direct = self.state_is_net_input and not math.isnan(c_in_next)
+        direct = self.state_is_net_input and c_in_next is not None
         y1, y2, net_in = ops.sampler_update(x, F, base, A, Bf, h1, h2, self.seeds, self.key, a_s, R.stream_alpha(i),
-                                            c_s, R.stream_churn(i), NAN if direct else c_in_next,
-                                            self.net_dtype, self.channels_last, backend=self.backend)
+                                            c_s, R.stream_churn(i), None if direct else c_in_next,
+                                            self.net_dtype, self.channels_last, backend=self.options.backend)
         return y1, y2, (y1 if direct else net_in)
 
     def run(self, x, flags: _StepFlags, progress: bool):
         adapter, t = self.adapter, self.t
         nz = self.step_noise(0)
-        x_hat, _, net_in = self.update(x, None, None, 0.0, 0.0, 0.0, NAN, nz, self.c_in_of(nz))
+        x_hat, _, net_in = self.update(x, None, None, 0.0, 0.0, 0.0, None, nz, self.c_in_of(nz))
         steps = range(self.num_steps)
         if progress:
             from tqdm import tqdm
@@ -189,16 +275,16 @@ class _Stepper:
             F = adapter(net_in, t_hat)
             flags.update(F, i)
             nz_next = self.step_noise(i + 1)
-            if self.solver == "heun" and i < self.num_steps - 1:
+            if self.options.solver == "heun" and i < self.num_steps - 1:
                 c_skip2, c_out2, c_in_t = adapter.coeffs(t_next)
                 x_prime, base, net_in = self.update(x_hat, F, None, (1.0 - c_skip) / t_hat, -c_out / t_hat, h,
                                                     0.5 * h, None, c_in_t)
                 F2 = adapter(net_in, t_next)
                 flags.update(F2, i)
                 x_hat, _, net_in = self.update(x_prime, F2, base, (1.0 - c_skip2) / t_next, -c_out2 / t_next,
-                                               0.5 * h, NAN, nz_next, self.c_in_of(nz_next))
+                                               0.5 * h, None, nz_next, self.c_in_of(nz_next))
             else:
-                x_hat, _, net_in = self.update(x_hat, F, None, (1.0 - c_skip) / t_hat, -c_out / t_hat, h, NAN,
+                x_hat, _, net_in = self.update(x_hat, F, None, (1.0 - c_skip) / t_hat, -c_out / t_hat, h, None,
                                                nz_next, self.c_in_of(nz_next))
             nz = nz_next
         return x_hat

@@ -55,8 +55,8 @@ def test_schemas_match_kernel_ops_contract():
         "int stream, ScalarType out_dtype, bool channels_last, bool write_x) -> (Tensor, Tensor)")
     assert schema["sampler_update"].startswith(
         "pfgmpp_fast::sampler_update(Tensor x, Tensor? F, Tensor? base, float A, float Bf, float h1, "
-        "float h2, Tensor sample_ids, int key, float alpha_scale, int alpha_stream, "
-        "float churn_scale, int churn_stream, float c_in_next, ScalarType net_dtype, "
+        "float? h2, Tensor sample_ids, int key, float alpha_scale, int alpha_stream, "
+        "float churn_scale, int churn_stream, float? c_in_next, ScalarType net_dtype, "
         "bool channels_last)")
 
 

@@ -1,19 +1,23 @@
 """Checkpoints: our safe format round trip, refusal of pickles, trusted import of the published
-persistence format (made here by a stand-in of torch_utils.persistence), corrupt files."""
+persistence format (every layout the published EDM / PFGM++ code writes, made by
+tests/published_fixtures.py), corrupt files."""
 import io
 import json
 import math
 import os
 import pickle
+import struct
 import sys
 import types
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
 from pfgmpp_fast import checkpoint as ck
 from pfgmpp_fast.networks import EDMPrecond, build_network, make_fast
+import published_fixtures as F
 
 
 def _net(arch='ncsnpp', label_dim=3, D=128, **kw):
@@ -77,6 +81,56 @@ def test_save_fast_network_and_channels_last_weights(tmp_path):
     assert list(sd) == list(sd2) and all(torch.equal(sd[k], sd2[k]) for k in sd)
     # net's conv weights are channels-last now (other conv algorithm): equal to fp32 rounding
     torch.testing.assert_close(_outputs(net), _outputs(loaded), rtol=1e-5, atol=1e-5)
+
+
+PICKLE_LOOKING = {0x80: 'both', ord('('): '.pkl', ord('}'): '.pkl', ord(']'): '.pkl'}   # first bytes
+
+
+def _header_length(path):
+    with open(path, 'rb') as f:
+        return struct.unpack('<Q', f.read(8))[0]
+
+
+def test_every_header_length_saves_and_loads(tmp_path):
+    """The file kind is read from the whole structure: a header length whose low byte looks
+    like a pickle opcode (0x80, and '(' '}' ']' for a .pkl name) is still our format."""
+    from helpers import tiny_net
+    from pfgmpp_fast.safe_pickle import archive_kind
+    net = tiny_net(D=8)
+    ref = _outputs(net)
+    path, pkl = tmp_path / 'net.safetensors', tmp_path / 'net.pkl'
+    lengths, traps = set(), []
+    for k in range(0, 1200, 8):      # header lengths are multiples of 8 (safetensors' alignment): each once
+        ck.save_network(path, net, extra_metadata={'pad': 'x' * k})
+        n = _header_length(path)
+        lengths.add(n)
+        loaded = ck.load_network(path)
+        assert torch.equal(_outputs(loaded), ref) and ck.read_metadata(path)['extra']['pad'] == 'x' * k
+        if (n & 0xFF) in PICKLE_LOOKING:
+            pkl.write_bytes(path.read_bytes())
+            assert archive_kind(str(pkl)) == 'safetensors' and torch.equal(_outputs(ck.load_network(pkl)), ref)
+            traps.append(n & 0xFF)
+    low = min(lengths)
+    assert sorted(lengths) == list(range(low, low + 8 * len(lengths), 8)) and len(lengths) == 150
+    assert max(lengths) - low >= 1000
+    assert traps.count(0x80) >= 4 and traps.count(ord('(')) >= 4 and len(traps) == 9   # '}' ']': not multiples of 8
+
+    # Every integer header length (other writers need not align): the header padded with spaces.
+    data = path.read_bytes()
+    header = data[8:8 + _header_length(path)].rstrip(b' ')
+    seen, loads = set(), 0
+    for extra in range(1024 + 8):
+        padded = header + b' ' * extra
+        blob = struct.pack('<Q', len(padded)) + padded + data[8 + _header_length(path):]
+        for target in (tmp_path / 'raw.safetensors', tmp_path / 'raw.pkl'):
+            target.write_bytes(blob)
+            assert archive_kind(str(target)) == 'safetensors'
+        if (len(padded) & 0xFF) in PICKLE_LOOKING or extra % 64 == 0:
+            seen.add(len(padded) & 0xFF)
+            for target in (tmp_path / 'raw.safetensors', tmp_path / 'raw.pkl'):
+                assert torch.equal(_outputs(ck.load_network(target)), ref)
+                loads += 1
+    assert set(PICKLE_LOOKING) <= seen and loads == 2 * (4 * 4 + 17)
 
 
 @pytest.mark.parametrize('cut', [0, 5, 8, 40, -1000, -1])
@@ -150,103 +204,151 @@ def test_config_mismatch_clear_error(tmp_path):
 
 
 # ----------------------------------------------------------------------------------------
-# Published pickles, made here in the published persistence format by a stand-in of
-# torch_utils.persistence (the real one embeds module source and executes it on load).
+# Published pickles: every layout the published EDM / PFGM++ training code writes, for every
+# row of the PFGM++ README's checkpoint table, made by tests/published_fixtures.py (our own
+# generator of the published persistence format; it embeds no published source).
 
-EMBEDDED_SOURCE = 'open(__marker__, "w").write("executed")  # must never run'
+PUBLISHED_CASES = ([(layout, row) for layout in F.PFGMPP_LAYOUTS for row in F.README_ROWS]
+                   + [(layout, row) for layout in F.EDM_LAYOUTS for row in F.EDM_ROWS])
 
 
-@pytest.fixture
-def published_format(monkeypatch, tmp_path):
-    persistence = types.ModuleType('torch_utils.persistence')
+def _rows(row):
+    return {**F.README_ROWS, **F.EDM_ROWS}[row]
 
-    def _reconstruct_persistent_obj(meta):
-        raise AssertionError('the published reconstruct hook must never be called by our loader')
-    _reconstruct_persistent_obj.__module__ = 'torch_utils.persistence'
-    _reconstruct_persistent_obj.__qualname__ = '_reconstruct_persistent_obj'
-    persistence._reconstruct_persistent_obj = _reconstruct_persistent_obj
-    torch_utils = types.ModuleType('torch_utils')
-    torch_utils.persistence = persistence
-    util = types.ModuleType('dnnlib.util')
 
-    class EasyDict(dict):
-        pass
-    EasyDict.__module__, EasyDict.__qualname__ = 'dnnlib.util', 'EasyDict'
-    util.EasyDict = EasyDict
-    dnnlib = types.ModuleType('dnnlib')
-    dnnlib.util = util
-    for name, mod in [('torch_utils', torch_utils), ('torch_utils.persistence', persistence),
-                      ('dnnlib', dnnlib), ('dnnlib.util', util)]:
-        monkeypatch.setitem(sys.modules, name, mod)
+def test_every_published_layout_and_row_is_covered():
+    assert len(F.README_ROWS) == 6 and len(F.LAYOUTS) == 9
+    assert len(PUBLISHED_CASES) == 7 * 6 + 2 * 2
+    finite = [r for r in F.README_ROWS if F.trained_D(F.parse_options(F.README_ROWS[r])) < math.inf]
+    assert finite == ['cifar10-ncsnpp-D-128', 'cifar10-ncsnpp-D-2048', 'cifar10-ncsnpp-D-2048-conditional',
+                      'ffhq-ddpm-D-128']
+
+
+@pytest.mark.parametrize('layout, row', PUBLISHED_CASES)
+def test_published_checkpoint_converts_with_its_recorded_D(tmp_path, layout, row):
+    """Converts with the D it was trained with (--aug_dim with pfgmpp on, else inf, although
+    D=128 is recorded then), outputs equal to those of the network that was written."""
+    src = tmp_path / F.LAYOUTS[layout][1]
     marker = tmp_path / 'EXECUTED'
-
-    class PublishedPickler(pickle.Pickler):
-        """Pickles our modules the way persistent_class.__reduce__ does."""
-
-        def reducer_override(self, obj):
-            if isinstance(obj, torch.nn.Module) and type(obj).__module__ == 'pfgmpp_fast.networks':
-                state = dict(obj.__dict__)
-                if isinstance(obj, EDMPrecond):
-                    kwargs = obj.config()
-                    del kwargs['D'], kwargs['N']
-                    state['_init_args'], state['_init_kwargs'] = (), kwargs
-                meta = dict(type='class', version=6, class_name=type(obj).__name__, state=state,
-                            module_src=EMBEDDED_SOURCE.replace('__marker__', repr(str(marker))))
-                return _reconstruct_persistent_obj, (meta,)
-            return NotImplemented
-
-    class PickleModule:
-        Pickler = PublishedPickler
-        Unpickler = pickle.Unpickler
-
-    def write_snapshot(path, net, loss_kwargs=None):
-        loss = types.SimpleNamespace()  # stands for the persistent EDMLoss; pickled as an opaque global
-        snapshot = dict(ema=net, loss_fn=loss, augment_pipe=None, dataset_kwargs=EasyDict(path='cifar10.zip'))
-        buf = io.BytesIO()
-        PublishedPickler(buf, protocol=4).dump(snapshot)
-        path.write_bytes(buf.getvalue())
-
-    def write_training_state(path, net):
-        torch.save(dict(net=net, optimizer_state={}), path, pickle_module=PickleModule)
-
-    return types.SimpleNamespace(write_snapshot=write_snapshot, write_training_state=write_training_state, marker=marker)
+    expected, D, kwargs = F.write_layout(src, layout, _rows(row), marker)
+    if not layout.startswith('edm'):
+        assert kwargs['D'] == F.parse_options(_rows(row))['aug_dim']        # recorded even for D = inf rows
+    ref = _outputs(expected)
+    dst = tmp_path / 'converted.safetensors'
+    imported = ck.convert_published(src, dst, trust_pickle=True)
+    assert imported.D == D and torch.equal(_outputs(imported), ref)
+    converted = ck.load_network(dst)
+    assert converted.D == D and torch.equal(_outputs(converted), ref)
+    assert not marker.exists()                                          # embedded source never executed
 
 
-def test_pickles_refused_without_flag(tmp_path, published_format):
-    net = _net()
+@pytest.mark.parametrize('layout', ['edm-training-state', 'pfgmv2-training-state-pkl', 'pfgmpp-feb-training-state-pt',
+                                    'pfgmpp-training-state-pt'])
+def test_a_given_D_is_checked_against_the_recorded_one(tmp_path, layout):
+    rows = [F.EDM_ROWS['edm-cifar10-32x32-cond-vp']] if layout.startswith('edm') else \
+        [F.README_ROWS['cifar10-ncsnpp-D-2048-conditional'], F.README_ROWS['ffhq-ddpm-D-inf']]
+    for i, row in enumerate(rows):
+        src = tmp_path / f'{i}-{F.LAYOUTS[layout][1]}'
+        _, D, _ = F.write_layout(src, layout, row, tmp_path / 'EXECUTED')
+        assert ck.load_network(src, trust_pickle=True, D='inf' if math.isinf(D) else D).D == D
+        wrong = 64.0 if math.isinf(D) else float('inf')
+        with pytest.raises(ValueError, match=f'D={wrong:g} was given but the network was trained with D={D:g}.*'
+                                             'network/D mismatch'):
+            ck.load_network(src, trust_pickle=True, D=wrong)
+        with pytest.raises(ValueError, match='network/D mismatch'):
+            ck.convert_published(src, tmp_path / 'out.safetensors', trust_pickle=True, D=wrong)
+    assert not (tmp_path / 'out.safetensors').exists()
+
+
+def test_convert_command_names_the_recorded_D(tmp_path, capsys):
+    from pfgmpp_fast import cli
+    src = str(tmp_path / 'training-state-000100.pt')
+    F.write_layout(src, 'pfgmpp-training-state-pt', F.README_ROWS['cifar10-ncsnpp-D-2048-conditional'],
+                   tmp_path / 'EXECUTED')
+    dst = str(tmp_path / 'out.safetensors')
+    assert cli.main(['convert', src, dst, '--trust-pickle']) == 0
+    assert 'D=2048' in capsys.readouterr().out and ck.load_network(dst).D == 2048
+    assert cli.main(['convert', src, dst, '--trust-pickle', '--D', '2048']) == 0
+    capsys.readouterr()
+    assert cli.main(['convert', src, dst, '--trust-pickle', '--D', '128']) == 2
+    err = capsys.readouterr().err
+    assert 'error: --D:' in err and 'pfgmpp=True, D=2048' in err and 'Traceback' not in err
+    edm = str(tmp_path / 'training-state-000200.pt')
+    F.write_layout(edm, 'pfgmpp-training-state-pt', F.README_ROWS['cifar10-ncsnpp-D-inf'], tmp_path / 'EXECUTED')
+    assert cli.main(['convert', edm, dst, '--trust-pickle', '--D', '128']) == 2
+    assert 'pfgmpp=False: D=inf' in capsys.readouterr().err
+    assert cli.main(['convert', edm, dst, '--trust-pickle', '--D', 'x']) == 2
+    assert 'error: --D:' in capsys.readouterr().err
+
+
+# Two README rows at the digits' size (1x8x8), in the newest .pt and the historical .pkl layout.
+ENTRY_CASES = [('pfgmpp-training-state-pt', 'ffhq-ddpm-D-128'), ('pfgmv2-training-state-pkl', 'ffhq-ddpm-D-inf')]
+
+
+@pytest.mark.parametrize('layout, row', ENTRY_CASES)
+def test_published_checkpoint_through_every_entry_point(tmp_path, capsys, digits_cache, layout, row):
+    """generate / fid --network and train --transfer read a published checkpoint with
+    --trust-pickle as the network it is, with the D it was trained with."""
+    from pfgmpp_fast import cli
+    from pfgmpp_fast.utils.io_utils import load_torch_state
+    src = str(tmp_path / F.LAYOUTS[layout][1])
+    expected, D, _ = F.write_layout(src, layout, F.README_ROWS[row], tmp_path / 'EXECUTED', resolution=8, channels=1)
+    ours = str(tmp_path / 'ours.safetensors')
+    ck.save_network(ours, expected)                 # the same network and D in our format
+    sample = ['--seeds', '0-3', '--steps', '2', '--device', 'cpu']
+    for net, out in ((src, 'pickle'), (ours, 'ours')):
+        trust = ['--trust-pickle'] if net == src else []
+        assert cli.main(['generate', '--network', net, *trust, *sample, '--npz', str(tmp_path / f'{out}.npz'),
+                         '--no-progress']) == 0
+        assert cli.main(['fid', 'calc', '--network', net, *trust, *sample[2:], '--num', '8', '--batch', '8',
+                         '--features', 'digits', '--digits-cache', digits_cache,
+                         '--dest', str(tmp_path / f'{out}-stats.npz')]) == 0
+    for name in ('{}.npz', '{}-stats.npz'):
+        a, b = np.load(tmp_path / name.format('pickle')), np.load(tmp_path / name.format('ours'))
+        assert sorted(a.files) == sorted(b.files) and all(np.array_equal(a[k], b[k]) for k in a.files), name
+    capsys.readouterr()
+    assert cli.main(['generate', '--network', src, '--trust-pickle', '--D', '64', *sample,
+                     '--npz', str(tmp_path / 'x.npz')]) == 2
+    assert 'error: --D:' in capsys.readouterr().err
+    run = tmp_path / 'run'
+    assert cli.main(['train', '--outdir', str(run), '--data', 'digits', '--transfer', src, '--trust-pickle',
+                     '--D', 'inf' if math.isinf(D) else str(D), '--batch', '16', '--duration', '0.000016',
+                     '--tick', '0.016', '--dump', '1', '--augment', '0.15', '--dropout', '0.05', '--network',
+                     json.dumps(dict(model_channels=16, channel_mult=[1, 2], num_blocks=1)), '--device', 'cpu',
+                     '--no-progress']) == 0
+    state = load_torch_state(str(run / 'training-state-000000.pt'))   # one step at lr 0 (ramp-up)
+    assert all(torch.equal(state['net'][k], v) for k, v in expected.state_dict().items())
+    assert f'trained with D={D:g}' in capsys.readouterr().out
+    assert not (tmp_path / 'EXECUTED').exists()
+
+
+def test_pickles_refused_without_flag(tmp_path):
+    marker = tmp_path / 'EXECUTED'
     snap = tmp_path / 'network-snapshot-000100.pkl'
     state = tmp_path / 'training-state-000100.pt'
-    published_format.write_snapshot(snap, net)
-    published_format.write_training_state(state, net)
+    F.write_layout(snap, 'pfgmpp-network-snapshot', F.README_ROWS['cifar10-ncsnpp-D-128'], marker)
+    F.write_layout(state, 'pfgmpp-training-state-pt', F.README_ROWS['cifar10-ncsnpp-D-128'], marker)
     plain = tmp_path / 'weights.pt'
-    torch.save(net.state_dict(), plain)
+    torch.save(_net().state_dict(), plain)
     for path in (snap, state, plain):
         with pytest.raises(ck.UntrustedCheckpointError, match='trust_pickle=True') as err:
             ck.load_network(path)
         assert 'runs code' in str(err.value) and str(path) in str(err.value)
         with pytest.raises(ck.UntrustedCheckpointError):
             ck.convert_published(path, tmp_path / 'out.safetensors')
-    assert not (tmp_path / 'out.safetensors').exists()
+    assert not (tmp_path / 'out.safetensors').exists() and not marker.exists()
 
 
-@pytest.mark.parametrize('arch, label_dim', [('ncsnpp', 3), ('adm', 0)])
-def test_trusted_import_identical_outputs(tmp_path, published_format, arch, label_dim):
-    net = _net(arch, label_dim=label_dim, augment_dim=9)
-    ref = _outputs(net)
-    snap = tmp_path / 'network-snapshot-000100.pkl'
-    published_format.write_snapshot(snap, net)
-    imported = ck.load_network(snap, trust_pickle=True)
-    assert torch.equal(_outputs(imported), ref)
-    assert math.isinf(imported.D)  # EDM unless told otherwise
-    assert ck.load_network(snap, trust_pickle=True, D=128).D == 128
-    state = tmp_path / 'training-state-000100.pt'
-    published_format.write_training_state(state, net)
-    assert torch.equal(_outputs(ck.load_network(state, trust_pickle=True)), ref)
-    dst = tmp_path / 'converted.safetensors'
-    ck.convert_published(snap, dst, trust_pickle=True, D=128)
-    converted = ck.load_network(dst)
-    assert torch.equal(_outputs(converted), ref) and converted.D == 128
-    assert not published_format.marker.exists()  # embedded source never executed
+def test_published_switches_that_change_the_model_are_refused(tmp_path):
+    """pfgm=True (PFGM's other network head) is refused; pfgmpp=True without a usable D too."""
+    from pfgmpp_fast.safe_pickle import PersistentRecord
+    rec = PersistentRecord('EDMPrecond', dict(_init_args=(), _init_kwargs=dict(img_resolution=8, img_channels=3,
+                                                                                 pfgm=True, pfgmv2=False, D=128)))
+    with pytest.raises(ValueError, match='pfgm=True'):
+        ck._published_config('x.pkl', rec, None)
+    rec.state['_init_kwargs'] = dict(img_resolution=8, img_channels=3, pfgmpp=True, D='many')
+    with pytest.raises(ValueError, match='records pfgmpp=True but no valid D'):
+        ck._published_config('x.pkl', rec, None)
 
 
 def test_trusted_flag_still_runs_no_code(tmp_path):
@@ -263,9 +365,9 @@ def test_trusted_flag_still_runs_no_code(tmp_path):
     assert not marker.exists()
 
 
-def test_truncated_pickle_with_flag(tmp_path, published_format):
+def test_truncated_pickle_with_flag(tmp_path):
     snap = tmp_path / 'network-snapshot-000100.pkl'
-    published_format.write_snapshot(snap, _net())
+    F.write_layout(snap, 'edm-network-snapshot', F.EDM_ROWS['edm-cifar10-32x32-cond-vp'], tmp_path / 'EXECUTED')
     cut = tmp_path / 'network-snapshot-cut.pkl'
     cut.write_bytes(snap.read_bytes()[:5000])
     with pytest.raises(ValueError, match='cannot read the pickle') as err:

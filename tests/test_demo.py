@@ -70,16 +70,16 @@ def test_short_demo_reports_kid_and_precision_recall(short_demo):
     m = json.loads((outdir / "metrics.json").read_text())
     ms = m["metric_set"]
     for key in ("trained", "untrained", "heldout_real"):
-        assert set(ms[key]) == {"FDD", "KID", "KID_std", "precision", "recall"}, key
+        assert set(ms[key]) == {"FDD", "KID", "KID_std", "precision_digits", "recall_digits"}, key
         assert all(np.isfinite(v) for v in ms[key].values()), ms[key]
-        assert 0 <= ms[key]["precision"] <= 1 and 0 <= ms[key]["recall"] <= 1
+        assert 0 <= ms[key]["precision_digits"] <= 1 and 0 <= ms[key]["recall_digits"] <= 1
     assert len(ms["trained_sets"]) == len(ms["untrained_sets"]) == 1 and ms["images_per_set"] == 360
     # The same FDD as the FDD section (one code path), and the metrics agree on the ordering.
     assert ms["trained"]["FDD"] == pytest.approx(m["fdd"]["trained"], rel=1e-9)
     assert ms["heldout_real"]["FDD"] == pytest.approx(m["fdd"]["heldout_real"], rel=1e-9)
     assert ms["trained"]["KID"] < ms["untrained"]["KID"] / 3
-    assert ms["trained"]["precision"] > ms["untrained"]["precision"]
-    assert ms["heldout_real"]["precision"] > 0.5 and ms["heldout_real"]["recall"] > 0.5
+    assert ms["trained"]["precision_digits"] > ms["untrained"]["precision_digits"]
+    assert ms["heldout_real"]["precision_digits"] > 0.5 and ms["heldout_real"]["recall_digits"] > 0.5
     line = [line for line in stdout.splitlines() if line.startswith("KID/PR:")]
     assert len(line) == 1 and f"trained KID {ms['trained']['KID']:.3f}" in line[0], stdout[-2000:]
 
@@ -97,7 +97,7 @@ def test_scorer_metrics_match_torch_fidelity():
     kid = kid_features_to_metric(gen, real, kid_subsets=100, kid_subset_size=200, rng_seed=2020, verbose=False)
     prc = prc_features_to_metric(gen, real, verbose=False)
     assert got["KID"] == pytest.approx(kid["kernel_inception_distance_mean"], rel=1e-4, abs=1e-6)
-    assert got["precision"] == pytest.approx(prc["precision"]) and got["recall"] == pytest.approx(prc["recall"])
+    assert got["precision_digits"] == pytest.approx(prc["precision"]) and got["recall_digits"] == pytest.approx(prc["recall"])
     assert got["FDD"] == pytest.approx(scorer.fdd(images), rel=1e-9)
     assert [s["FDD"] for s in scorer.metric_sets(heldout)] == [pytest.approx(scorer.floor, rel=1e-9)]
 

@@ -1,5 +1,6 @@
 """Generation (pfgmpp_fast/generate.py): seeds, determinism per seed, ranks, outputs, errors."""
 import os
+import zipfile
 
 import numpy as np
 import pytest
@@ -112,6 +113,10 @@ def test_write_png_layout_and_npz(tmp_path):
     arr, s = G.load_npz_images(str(tmp_path / "out.npz"))
     assert arr.dtype == np.uint8 and arr.shape == (3, 8, 8, 1)
     assert list(s) == sorted(seeds) and np.array_equal(arr, images.permute(0, 2, 3, 1).numpy())
+    # ADM's evaluator opens the zip member arr_0.npy itself (evaluations/evaluator.py: open_npz_array)
+    with zipfile.ZipFile(tmp_path / "out.npz") as z, z.open("arr_0.npy") as member:
+        adm = np.lib.format.read_array(member, allow_pickle=False)
+    assert adm.dtype == np.uint8 and adm.shape == (3, 8, 8, 1) and np.array_equal(adm, arr)
 
 
 def _rank_worker(rank, out):

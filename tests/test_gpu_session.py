@@ -50,6 +50,45 @@ def test_dry_run_brings_back_every_phase(tmp_path):
     assert {"philox_normal", "perturb"} <= {r["op"] for r in rows}
     assert any(r["op"] == "perturb" and r.get("x_floor") for r in rows)     # perturb vs max(copy, RNG)
     assert "[training] done" in (out / "training.log").read_text()
+    methods = [r["method"] for r in payload["suites"]["training"]["rows"]]
+    assert methods == ["ours", "published"], methods                  # hand-compiled is set 2's
+    assert not [f for f in files if "tmp" in f], files                 # no writer's temporary in $OUT
+
+
+def test_phase_caps_leave_training_its_share():
+    """Set 1's fixed caps, read from the script, leave the training phase >= 150 s of 540."""
+    import re
+    text = SCRIPT.read_text()
+    set1 = text.split('if [[ $SET == 1 ]]; then')[-1].split("else")[0]
+    fixed = [int(c) for c in re.findall(r"run_phase (?:probe|build) (\d+)", text)]
+    fixed += [int(c) for c in re.findall(r"run_phase \w+ (\d+)", set1)]
+    assert 540 - sum(fixed) >= 150, fixed
+
+
+def test_training_bench_killed_after_a_variant_keeps_rows_and_ratios(tmp_path):
+    """SIGTERM once the first variant is written: the JSON holds its rows and the summary."""
+    import signal
+    import time
+    out = tmp_path / "training.json"
+    proc = subprocess.Popen([sys.executable, str(ROOT / "benchmarks" / "bench_training.py"), "--smoke",
+                             "--device", "cpu", "--out", str(out)], cwd=ROOT,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 240
+        while not out.exists() and proc.poll() is None and time.time() < deadline:
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGTERM)
+    finally:
+        proc.wait(timeout=60)
+    payload = json.loads(out.read_text())
+    assert payload["rows"][0]["method"] == "ours"
+    assert any(s["metric"] == "ours training img/s" for s in payload["summary"])
+    assert payload["complete"] is False and proc.returncode != 0      # killed part-way, as meant
+
+
+def test_bench_results_name_takes_the_session_date(tmp_path):
+    from pfgmpp_fast.apps.bench import results_stem
+    assert results_stem({"device": "NVIDIA H100"}, False, "2026-01-02").endswith("-2026-01-02")
 
 
 @pytest.mark.parametrize("argv", [["--set", "3"], ["--bogus"]])

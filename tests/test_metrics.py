@@ -26,13 +26,13 @@ def digits_images():
     return digits_uint8()[0]
 
 
-def _tf_kid_prc(gen, real, subset):
+def _tf_kid_prc(gen, real, subset, space="digits"):
     from torch_fidelity.metric_kid import kid_features_to_metric
     from torch_fidelity.metric_prc import prc_features_to_metric
     kid = kid_features_to_metric(gen, real, kid_subset_size=subset, verbose=False)
     prc = prc_features_to_metric(gen, real, verbose=False)
     return {"KID": kid["kernel_inception_distance_mean"], "KID_std": kid["kernel_inception_distance_std"],
-            "precision": prc["precision"], "recall": prc["recall"]}
+            f"precision_{space}": prc["precision"], f"recall_{space}": prc["recall"]}
 
 
 # ----------------------------------------------------------------------------------------
@@ -72,11 +72,17 @@ def test_digits_metrics_match_torch_fidelity_on_the_same_features(tmp_path, digi
     # real vs real is close to zero / precision high; generated (mirrored) is worse on every metric
     same = metrics.compute_metrics(calc.calc_stats(calc.images_source(digits_images[300:420]), det), ref,
                                    DIGITS_METRICS, "digits")
-    assert same["FDD"] < got["FDD"] and same["KID"] < got["KID"] and same["precision"] > got["precision"]
+    assert same["FDD"] < got["FDD"] and same["KID"] < got["KID"] and same["precision_digits"] > got["precision_digits"]
 
 
 def test_metric_names_and_reference_errors(tmp_path, digits, digits_images):
     assert metrics.parse_metrics("prc,fid") == ("fid", "prc")
+    # precision/recall always name their feature space (torch-fidelity's default for prc is VGG-16)
+    assert metrics.metric_columns("fid,kid,prc", "inception") == ["FID", "KID", "KID_std", "precision_inception",
+                                                                   "recall_inception"]
+    assert metrics.metric_columns("prc,fid", "digits") == ["FDD", "precision_digits", "recall_digits"]
+    assert [metrics.lower_is_better(c) for c in ("FDD", "KID", "precision_inception", "recall_digits", "IS")] == \
+        [True, True, False, False, False]
     for bad in ("", "fid,bogus", "FID"):
         with pytest.raises(ValueError, match="--metrics must be"):
             metrics.parse_metrics(bad)
@@ -107,7 +113,8 @@ def test_cli_ref_and_calc_report_every_digits_metric(tmp_path, digits_cache, cap
     assert cli.main(["fid", "calc", "--network", net_path, "--steps", "2", "--batch", "8", "--num", "16",
                      "--ref", ref, "--outdir", str(tmp_path / "calc"), "--shard-size", "8", *common]) == 0
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert {"FDD", "KID", "KID_std", "precision", "recall"} <= set(result) and result["images"] == 16
+    assert {"FDD", "KID", "KID_std", "precision_digits", "recall_digits"} <= set(result) and result["images"] == 16
+    assert "precision" not in result and result["features"] == "digits"
     assert json.loads((tmp_path / "calc" / "result.json").read_text())["KID"] == result["KID"]
     # a shard directory of FID alone is not resumed into KID (it lacks the features)
     assert cli.main(["fid", "calc", "--network", net_path, "--steps", "2", "--batch", "8", "--num", "16",
@@ -158,7 +165,7 @@ def test_kill_and_resume_gives_identical_metrics(tmp_path, digits, digits_cache,
     stats = calc.calc_stats(src, features.Detectors(digits, DIGITS_METRICS), batch_size=6,
                             outdir=str(tmp_path / "fresh"), shard_size=10)
     fresh = metrics.compute_metrics(stats, metrics.load_reference(ref, 64, DIGITS_METRICS), DIGITS_METRICS, "digits")
-    assert set(resumed) == {"FDD", "KID", "KID_std", "precision", "recall"}
+    assert set(resumed) == {"FDD", "KID", "KID_std", "precision_digits", "recall_digits"}
     assert resumed == fresh                                             # identical, every metric
 
 
@@ -212,7 +219,7 @@ def test_inception_metrics_match_torch_fidelity_on_the_same_features(tmp_path):
     assert stats["logits"].rows.shape == (8, 1008) and np.isfinite(ours["FID"])
     isc = isc_features_to_metric(stats["logits"].rows, splits=2, shuffle=True, rng_seed=2020)
     want = {"IS": isc["inception_score_mean"], "IS_std": isc["inception_score_std"],
-            **_tf_kid_prc(stats["features"].rows, torch.from_numpy(ref["features"]), subset=8)}
+            **_tf_kid_prc(stats["features"].rows, torch.from_numpy(ref["features"]), subset=8, space="inception")}
     for k, v in want.items():
         assert ours[k] == pytest.approx(v, rel=1e-6, abs=1e-12), k
     assert not torch.equal(stats["logits"].rows[0], stats["logits"].rows[1])
@@ -321,16 +328,16 @@ def test_sweep_ema_reports_every_metric_with_one_figure_each(tmp_path, digits, d
     assert calls[0][:3] == (str(tmp_path / "run"), 0.05, 3.0) and [c[1] for c in calls][-2:] == [0.05, 0.1]
     assert [r["value"] for r in rows] == [0.05, 0.1] and rows[0]["FDD"] != rows[1]["FDD"]
     for r in rows:
-        assert all(np.isfinite(r[c]) for c in ("FDD", "KID", "precision", "recall"))
+        assert all(np.isfinite(r[c]) for c in ("FDD", "KID", "precision_digits", "recall_digits"))
     # the EMA points are the reconstructed networks: point 0.1 equals its network sampled directly
     direct = calc.calc_stats(calc.generator_source(_ema_net(0.1), "0-15", num_steps=2), det, batch_size=16)
     assert metrics.compute_metrics(direct, ref, DIGITS_METRICS, "digits")["KID"] == pytest.approx(rows[1]["KID"])
     out = tmp_path / "sw"
     header = (out / "sweep-ema.csv").read_text().splitlines()[0].split(",")
-    assert header[:2] == ["kind", "value"] and {"FDD", "KID", "precision", "recall"} <= set(header)
+    assert header[:2] == ["kind", "value"] and {"FDD", "KID", "precision_digits", "recall_digits"} <= set(header)
     md = (out / "sweep-ema.md").read_text()
-    assert "Best: ema = " in md and "with KID =" in md and "with precision =" in md
-    for png in ("sweep-ema.png", "sweep-ema-KID.png", "sweep-ema-precision.png"):
+    assert "Best: ema = " in md and "with KID =" in md and "with precision_digits =" in md
+    for png in ("sweep-ema.png", "sweep-ema-KID.png", "sweep-ema-precision_digits.png"):
         assert Image.open(out / png).format == "PNG"
     with pytest.raises(ValueError, match=r"in \(0, 1\)"):
         sweep_engine.sweep("ema", [1.5], run_dir="x", ref=ref, extractor=det, log=lambda s: None)

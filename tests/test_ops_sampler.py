@@ -15,16 +15,13 @@ from pfgmpp_fast.sampler import sample
 
 pytestmark = pytest.mark.usefixtures("poison_uninitialized_memory")
 
-NAN = float("nan")
-
-
 # (has F, F dtype, F layout, has base, h2, alpha, churn, c_in_next, net dtype, channels-last net input)
 CASES = {
-    "prepare_noise_only": (False, None, None, False, NAN, 0.3, 0.7, 0.2, torch.float32, False),
+    "prepare_noise_only": (False, None, None, False, None, 0.3, 0.7, 0.2, torch.float32, False),
     "stage1_heun": (True, torch.bfloat16, "channels_last", False, 0.25, 0.0, 0.0, 0.9, torch.bfloat16, True),
-    "stage2_heun_next_noise": (True, torch.float32, "strided", True, NAN, 0.1, 0.05, 0.4, torch.float16, False),
-    "euler_last_step": (True, torch.float16, "contiguous", False, NAN, 0.0, 0.0, NAN, torch.float32, False),
-    "euler_churn_only": (True, torch.float32, "channels_last", False, NAN, 0.0, 1.3, 0.6, torch.float32, True),
+    "stage2_heun_next_noise": (True, torch.float32, "strided", True, None, 0.1, 0.05, 0.4, torch.float16, False),
+    "euler_last_step": (True, torch.float16, "contiguous", False, None, 0.0, 0.0, None, torch.float32, False),
+    "euler_churn_only": (True, torch.float32, "channels_last", False, None, 0.0, 1.3, 0.6, torch.float32, True),
     "everything": (True, torch.float32, "contiguous", True, 0.3, 0.2, 0.4, 0.5, torch.bfloat16, True),
 }
 
@@ -61,10 +58,10 @@ def test_sampler_update_matches_reference(backend, B, state_dtype, case):
     assert y1.dtype == state_dtype and y1.shape == x.shape and y1.is_contiguous()
     assert torch.isfinite(y1).all() and rel_err(y1, r1) < tol
     assert y2.shape == r2.shape and y2.dtype == state_dtype
-    if not math.isnan(h2):
+    if h2 is not None:
         assert torch.isfinite(y2).all() and rel_err(y2, r2) < tol
     assert net_in.shape == rn.shape and net_in.dtype == net_dtype
-    if not math.isnan(c_in_next):
+    if c_in_next is not None:
         assert same_format(net_in, rn)
         assert torch.isfinite(net_in).all()
         assert rel_err(net_in, rn) < (1e-2 if net_dtype in (torch.bfloat16, torch.float16) else 1e-5)
@@ -258,8 +255,8 @@ def _sampler_case(device, shape, state, F_dtype, net_dtype, F_layout, channels_l
     base = torch.randn(shape, generator=g, dtype=torch.float64).to(state).to(device) if has_base else None
     t_hat, t_next, c_skip, c_out = 2.5, 1.7, 0.04, 0.48
     A, Bf, h1 = (1 - c_skip) / t_hat, -c_out / t_hat, t_next - t_hat
-    h2 = 0.5 * h1 if has_y2 else math.nan
-    c_in_next = 1 / math.sqrt(t_next**2 + 0.25) if has_net else math.nan
+    h2 = 0.5 * h1 if has_y2 else None
+    c_in_next = 1 / math.sqrt(t_next**2 + 0.25) if has_net else None
     alpha_scale = 0.1 * t_hat if alpha else 0.0
     churn_scale = 0.7 if churn else 0.0
     ids = random_ids(B, seed + 2, device)
@@ -286,16 +283,33 @@ def test_sampler_update_cpu(case):
 
 
 @needs_ext
-def test_sampler_empty_F_means_no_drift():
+def test_sampler_absent_F_means_no_drift():
     OPS = cpp_ops()
     x = torch.randn(2, 3, 4, 4, generator=seeded(12))
     ids = random_ids(2, 13)
-    none = OPS.sampler_update(x, None, None, 1.0, 1.0, 1.0, math.nan, ids, 1, 0.0, 0, 0.0, 0,
-                              math.nan, torch.float32, False)
-    empty = OPS.sampler_update(x, torch.empty(0), torch.empty(0), 1.0, 1.0, 1.0, math.nan, ids, 1,
-                               0.0, 0, 0.0, 0, math.nan, torch.float32, False)
-    assert torch.equal(none[0], x) and torch.equal(empty[0], x)
+    none = OPS.sampler_update(x, None, None, 1.0, 1.0, 1.0, None, ids, 1, 0.0, 0, 0.0, 0,
+                              None, torch.float32, False)
+    assert torch.equal(none[0], x)
     assert none[1].numel() == 0 and none[2].numel() == 0
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("change,exc,needle", [
+    (dict(F=torch.empty(0)), ValueError, "F"),          # an empty tensor is not "no F"
+    (dict(base=torch.empty(0)), ValueError, "base"),
+    (dict(h2=math.nan), ValueError, "h2"),              # NaN is not "no y2"
+    (dict(c_in_next=math.nan), ValueError, "c_in_next"),
+    (dict(h2=math.inf), ValueError, "h2"),
+], ids=["empty_F", "empty_base", "nan_h2", "nan_c_in_next", "inf_h2"])
+def test_sampler_update_has_no_sentinels(backend, change, exc, needle):
+    """Absent inputs are None (`Tensor?`, `float?`): the old sentinels are errors on every backend."""
+    dev = device_for(backend)
+    kw = dict(x=torch.randn(2, 3, 4, 4, device=dev), F=None, base=None, A=1.0, Bf=1.0, h1=1.0, h2=None,
+              sample_ids=torch.arange(2, device=dev), key=1, alpha_scale=0.0, alpha_stream=0, churn_scale=0.0,
+              churn_stream=0, c_in_next=None, net_dtype=torch.float32, channels_last=False)
+    kw.update({k: v.to(dev) if torch.is_tensor(v) else v for k, v in change.items()})
+    with pytest.raises(exc, match=needle):
+        ops.sampler_update(*kw.values(), backend=backend)
 
 
 @needs_ext
@@ -309,7 +323,7 @@ def test_sampler_empty_F_means_no_drift():
 ])
 def test_sampler_bad_input(change, exc, needle):
     kw = dict(x=torch.randn(2, 3, 4, 4), F=torch.randn(2, 3, 4, 4), base=None, A=1.0, Bf=1.0, h1=1.0,
-              h2=math.nan, sample_ids=torch.arange(2), key=1, alpha_scale=0.0, alpha_stream=0,
+              h2=None, sample_ids=torch.arange(2), key=1, alpha_scale=0.0, alpha_stream=0,
               churn_scale=0.0, churn_stream=0, c_in_next=1.0, net_dtype=torch.bfloat16, channels_last=False)
     kw.update(change)
     with pytest.raises(exc, match=needle):
@@ -324,7 +338,7 @@ def test_fake_impls_match_real_kernels_sampler():
     F = torch.randn(3, 3, 4, 5, dtype=torch.bfloat16).contiguous(memory_format=torch.channels_last)
     x = torch.randn(3, 3, 4, 5)
     for args in [(x, F, None, 1.0, 2.0, 0.5, 0.25, ids, 3, 0.1, 5, 0.2, 6, 0.3, torch.bfloat16, True),
-                 (x, None, x, 1.0, 2.0, 0.5, math.nan, ids, 3, 0.0, 5, 0.0, 6, math.nan, torch.float16, False)]:
+                 (x, None, x, 1.0, 2.0, 0.5, None, ids, 3, 0.0, 5, 0.0, 6, None, torch.float16, False)]:
         torch.library.opcheck(OPS.sampler_update, args, test_utils=("test_schema", "test_faketensor"))
 
 

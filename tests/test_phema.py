@@ -90,11 +90,73 @@ def test_tracked_ema_weighs_each_step_by_its_profile_mass():
 def test_coefficients_do_not_depend_on_the_order_of_the_snapshots():
     t = np.tile(np.arange(1, 9) * 512.0, 2)
     g = np.repeat([P.std_to_exp(0.05), P.std_to_exp(0.1)], 8)
-    X, err = P.solve_coefficients(t, g, [4096.0], [P.std_to_exp(0.07)])
+    X, err, raw = P.solve_coefficients(t, g, [4096.0], [P.std_to_exp(0.07)])
     perm = np.random.default_rng(0).permutation(len(t))
-    Xp, errp = P.solve_coefficients(t[perm], g[perm], [4096.0], [P.std_to_exp(0.07)])
+    Xp, errp, rawp = P.solve_coefficients(t[perm], g[perm], [4096.0], [P.std_to_exp(0.07)])
     np.testing.assert_allclose(Xp, X[perm], rtol=1e-7, atol=1e-9)
-    assert errp == pytest.approx(err) and err[0] < 0.02 and X.sum() == pytest.approx(1, abs=1e-2)
+    assert errp == pytest.approx(err) and rawp == pytest.approx(raw) and err[0] < 0.02
+    assert X.sum() == pytest.approx(1, abs=1e-12) and raw[0] == pytest.approx(1, abs=1e-2)
+
+
+def edm2_coefficients(t_in, std_in, t_out, std_out):
+    """The EDM2 paper's post-hoc EMA solve (Karras et al. 2024, appendix: Algorithm 3), written
+    here from the paper's equations: γ from std (the real root of its cubic), the inner product
+    of two power-function profiles ∫ p_a p_b = (γa+1)(γb+1) min(ta,tb)^(γa+γb+1) /
+    ((γa+γb+1) ta^(γa+1) tb^(γb+1)), the normal equations, the columns scaled to sum to 1."""
+    def gamma(std):
+        s2 = float(std) ** -2
+        return max(r.real for r in np.roots([1, 7, 16 - s2, 12 - s2]) if abs(r.imag) < 1e-9)
+
+    def inner(ta, ga, tb, gb):
+        lo = min(ta, tb)
+        return (ga + 1) * (gb + 1) / (ga + gb + 1) * lo ** (ga + gb + 1) / (ta ** (ga + 1) * tb ** (gb + 1))
+
+    g_in, g_out = [gamma(s) for s in std_in], [gamma(s) for s in std_out]
+    A = np.array([[inner(ta, ga, tb, gb) for tb, gb in zip(t_in, g_in)] for ta, ga in zip(t_in, g_in)])
+    B = np.array([[inner(ta, ga, tb, gb) for tb, gb in zip(t_out, g_out)] for ta, ga in zip(t_in, g_in)])
+    X = np.linalg.solve(A, B)
+    return X / X.sum(axis=0, keepdims=True)
+
+
+def test_constant_weights_are_reconstructed_exactly(tmp_path):
+    """Snapshots of weights that never change (as after training at lr 1e-30) give those weights
+    back bit for bit at every length, although the raw least-squares sums are not 1."""
+    from helpers import tiny_net
+    net = tiny_net(D=128)
+    params = [p.detach() for p in net.parameters()]
+    tracker = PowerFunctionEMA((0.05, 0.1), params, template=net, snap_kimg=0.256)
+    batch = 128
+    for step in range(1, 33):                              # 16 snapshots per length, as the digits run
+        tracker.update(params, step * batch, batch)
+        if step % 2 == 0:
+            tracker.save(str(tmp_path), step * batch, batch, extra=dict(run={"lr": 1e-30}))
+    snaps = P.list_snapshots(str(tmp_path))
+    assert len(snaps) == 32
+    results = P.reconstruct(snaps, [0.03, 0.07, 0.08, 0.13])
+    for (rec, info), std in zip(results, (0.03, 0.07, 0.08, 0.13)):
+        error = (vec(rec) - vec(net)).abs().max().item()
+        assert error == 0, (std, error)
+        print(f"std {std}: raw coefficient sum {info['phema_raw_coefficient_sum']:.6f}, max |error| {error:.2e}")
+        assert info["phema_error"] <= P.MAX_ERROR
+    raw = [info["phema_raw_coefficient_sum"] for _, info in results]
+    assert max(abs(r - 1) for r in raw) > 5e-4                 # the scaling mattered (0.9992 for 0.03)
+
+
+def test_coefficients_equal_the_edm2_algorithm(digits_run):
+    """Our coefficients, and the network Σ x_i θ_i, equal those of an independent implementation
+    of EDM2's algorithm on the same snapshot set (the 0.05 and 0.1 snapshots of the digits run)."""
+    snaps = [s for s in P.list_snapshots(digits_run) if s.std != 0.07]
+    t, stds = [s.nimg for s in snaps], [s.std for s in snaps]
+    wanted = [0.03, 0.07, 0.08, 0.12]
+    ours, error, raw = P.solve_coefficients(t, [s.gamma for s in snaps], [t[-1]] * 4, [P.std_to_exp(s) for s in wanted])
+    expected = edm2_coefficients(t, stds, [t[-1]] * 4, wanted)
+    np.testing.assert_allclose(ours, expected, rtol=1e-6, atol=1e-9 * np.abs(expected).max())
+    np.testing.assert_allclose(ours.sum(axis=0), 1, rtol=0, atol=1e-12)
+    thetas = torch.stack([vec(load_network(s.path)) for s in snaps])
+    for (rec, info), x, e, r in zip(P.reconstruct(snaps, wanted), expected.T, error, raw):
+        direct = (torch.from_numpy(x)[:, None] * thetas).sum(0)
+        assert (vec(rec) - direct).abs().max() <= 1e-6 * direct.abs().max()
+        assert info["phema_error"] == pytest.approx(e) and info["phema_raw_coefficient_sum"] == pytest.approx(r)
 
 
 # ----------------------------------------------------------------------------------------

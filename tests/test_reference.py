@@ -236,8 +236,8 @@ def test_ref_sampler_update_reproduces_a_heun_step():
     xp, stash, net_in = R.ref_sampler_update(x, F, None, 1 / t, -1 / t, h, h / 2, seeds, 1, 0.0, 0,
                                              0.0, 0, 1.0, torch.float64, False)
     F2 = den(net_in, sig(t_next))
-    x_next, _, _ = R.ref_sampler_update(xp, F2, stash, 1 / t_next, -1 / t_next, h / 2, math.nan, seeds,
-                                        1, 0.0, 0, 0.0, 0, math.nan, torch.float64, False)
+    x_next, _, _ = R.ref_sampler_update(xp, F2, stash, 1 / t_next, -1 / t_next, h / 2, None, seeds,
+                                        1, 0.0, 0, 0.0, 0, None, torch.float64, False)
     d = (x - den(x, sig(t))) / t
     x1 = x + h * d
     d2 = (x1 - den(x1, sig(t_next))) / t_next

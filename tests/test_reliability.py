@@ -147,10 +147,10 @@ def test_resume_removes_temp_files_and_duplicate_stats_rows(tmp_path):
     (tmp_path / ".training-state-000000.pt.x1.tmp").write_bytes(b"half")
     (tmp_path / ".network-snapshot-000000.safetensors.x2.tmp").write_bytes(b"")
     with open(tmp_path / "stats.jsonl", "a") as f:
-        f.write('{"Progress/tick": 6, "torn')                  # a torn last line
+        f.write('{"Progress/tick": {"num": 1, "mean": 6, "torn')   # a torn last line
     run_training(**tiny(tmp_path, steps=6, dump_ticks=1, resume="auto"))
     assert not [f for f in os.listdir(tmp_path) if io_utils.is_temp_file(f)]
-    ticks = [json.loads(line)["Progress/tick"] for line in open(tmp_path / "stats.jsonl")]
+    ticks = [json.loads(line)["Progress/tick"]["mean"] for line in open(tmp_path / "stats.jsonl")]
     assert ticks == [0, 1, 2, 3, 4, 5]
 
 

@@ -1,11 +1,13 @@
 """The training loop: convergence, fast vs reference path, ranks, kill/resume, bad inputs."""
 import argparse
 import json
+import math
 import os
 import socket
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 
@@ -13,7 +15,7 @@ from pfgmpp_fast import ops
 from pfgmpp_fast.utils import io_utils
 from pfgmpp_fast.checkpoint import find_latest_snapshot
 from pfgmpp_fast.training.options import TrainingError
-from pfgmpp_fast.training.run_files import find_latest_state
+from pfgmpp_fast.training.run_files import drop_stats_after, find_latest_state
 from pfgmpp_fast.training.train import add_arguments, main, run_training
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -87,14 +89,14 @@ def test_loss_falls_on_digits(tmp_path):
     run = run_training(**tiny(tmp_path, steps=60, batch=32, snap_ticks=60, dump_ticks=60, backend="auto"))
     stats = read_stats(run)
     assert len(stats) == 60
-    losses = torch.tensor([s["Loss/loss"] for s in stats])
+    losses = torch.tensor([s["Loss/loss"]["mean"] for s in stats])
     assert torch.isfinite(losses).all()
     first, last = losses[:8].mean(), losses[-12:].mean()
     assert last < 0.75 * first, f"loss did not fall: {first:.3f} -> {last:.3f}"
-    assert stats[-1]["Progress/kimg"] == pytest.approx(60 * 32 / 1000)
+    assert stats[-1]["Progress/kimg"]["mean"] == pytest.approx(60 * 32 / 1000)
     for key in ("Timing/sec_per_kimg", "Timing/sec_per_tick", "Timing/total_sec", "Resources/peak_gpu_mem_gb",
                 "Perf/img_per_sec", "Progress/tick"):
-        assert key in stats[-1]
+        assert set(stats[-1][key]) == {"num", "mean", "std"}
     files = os.listdir(run)
     assert {"training_options.json", "log.txt", "stats.jsonl", "training-state-000001.pt",
             "network-snapshot-000001.safetensors"} <= set(files), files
@@ -110,6 +112,49 @@ def test_loss_falls_on_digits(tmp_path):
         assert torch.equal(snap[k], state["ema"][k])
 
 
+EDM_STATS = ("Loss/loss", "Progress/tick", "Progress/kimg", "Timing/total_sec", "Timing/sec_per_tick",
+             "Timing/sec_per_kimg", "Timing/maintenance_sec", "Resources/cpu_mem_gb", "Resources/peak_gpu_mem_gb",
+             "Resources/peak_gpu_mem_reserved_gb")
+
+
+def test_stats_rows_have_edms_form_and_summarise_the_step_losses(tmp_path):
+    """Each stats.jsonl row is EDM's training_stats row ({name: {num, mean, std}} + timestamp, read
+    with EDM's key path row["Loss/loss"]["mean"]); a tick's Loss/loss is num/mean/std of the
+    per-element losses of its steps, as the same run with one step per tick reports them."""
+    per_step = read_stats(run_training(**tiny(tmp_path / "steps", steps=7, batch=8)))
+    ticks = read_stats(run_training(**tiny(tmp_path / "ticks", steps=7, batch=8, tick_kimg=3 * 8 / 1000)))
+    for row in per_step + ticks:
+        assert set(row) >= set(EDM_STATS) | {"timestamp"} and isinstance(row["timestamp"], float)
+        for name, stat in row.items():
+            if name != "timestamp":
+                assert set(stat) == {"num", "mean", "std"}, name
+                assert isinstance(stat["num"], int) and isinstance(stat["mean"], float), name
+        assert row["Progress/tick"]["num"] == 1 and row["Progress/tick"]["std"] == 0.0
+        assert row["Loss/loss_per_image"]["mean"] == pytest.approx(row["Loss/loss"]["mean"] * 64, rel=1e-12)
+    step_losses = [row["Loss/loss"]["mean"] for row in per_step]
+    assert [row["Loss/loss"]["num"] for row in per_step] == [1] * 7
+    assert all(row["Loss/loss"]["std"] == 0.0 for row in per_step) and len(set(step_losses)) == 7
+    # tick 0 is the first step, then ticks of 3 steps
+    assert [row["Progress/tick"]["mean"] for row in ticks] == [0, 1, 2]
+    for row, part in zip(ticks, (step_losses[:1], step_losses[1:4], step_losses[4:])):
+        part = np.array(part)
+        assert row["Loss/loss"]["num"] == len(part)
+        assert row["Loss/loss"]["mean"] == pytest.approx(part.mean(), rel=1e-12)
+        assert row["Loss/loss"]["std"] == pytest.approx(part.std(), rel=1e-6, abs=1e-12)   # EDM: population std
+    assert ticks[1]["Loss/loss"]["std"] > 0
+
+
+def test_resume_reads_stats_rows_of_both_forms(tmp_path):
+    """drop_stats_after keeps rows of ticks before the resumed one, in EDM's form and in the
+    plain form of older versions alike, and drops torn lines."""
+    path = tmp_path / "stats.jsonl"
+    rows = [{"Progress/tick": 0}, {"Progress/tick": {"num": 1, "mean": 1, "std": 0.0}},
+            {"Progress/tick": {"num": 1, "mean": 2, "std": 0.0}}]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows) + '{"Progress/tick": {"nu')
+    drop_stats_after(str(path), 2)
+    assert [json.loads(line) for line in path.read_text().splitlines()] == rows[:2]
+
+
 def test_fast_path_matches_reference_path(tmp_path):
     """Fused loss (C++ or Triton kernels) on the fast network (make_fast: channels-last, SDPA
     attention; fp32 so that one seed gives comparable curves) vs reference.training_loss on
@@ -121,8 +166,8 @@ def test_fast_path_matches_reference_path(tmp_path):
                                             channels_last=fast))
     options = json.load(open(os.path.join(runs[FUSED_BACKEND], "training_options.json")))
     assert options["resolved_channels_last"] is True
-    fast = [s["Loss/loss"] for s in read_stats(runs[FUSED_BACKEND])]
-    ref = [s["Loss/loss"] for s in read_stats(runs["reference"])]
+    fast = [s["Loss/loss"]["mean"] for s in read_stats(runs[FUSED_BACKEND])]
+    ref = [s["Loss/loss"]["mean"] for s in read_stats(runs["reference"])]
     assert len(fast) == len(ref) == 6
     torch.testing.assert_close(torch.tensor(fast), torch.tensor(ref), rtol=1e-4, atol=0)
     a = io_utils.load_torch_state(os.path.join(runs[FUSED_BACKEND], "training-state-000000.pt"))
@@ -147,8 +192,8 @@ def test_two_gloo_ranks_equal_one_process(tmp_path):
     a, b = read_state(tmp_path / "single"), read_state(tmp_path / "multi")
     assert a["cur_nimg"] == b["cur_nimg"] == steps * batch
     assert_states_equal(a, b, exact=False, atol=1e-6)
-    la = [s["Loss/loss"] for s in read_stats(tmp_path / "single")]
-    lb = [s["Loss/loss"] for s in read_stats(tmp_path / "multi")]
+    la = [s["Loss/loss"]["mean"] for s in read_stats(tmp_path / "single")]
+    lb = [s["Loss/loss"]["mean"] for s in read_stats(tmp_path / "multi")]
     torch.testing.assert_close(torch.tensor(la), torch.tensor(lb), rtol=1e-5, atol=0)
 
 
@@ -176,7 +221,7 @@ def test_kill_and_resume_is_exact(tmp_path, uninterrupted, where):
     out = finish(run_subprocess({**options, "resume": "auto"}))
     assert "continuing from" in out and "kimg 0.080" in out
     assert_states_equal(read_state(tmp_path), read_state(uninterrupted), exact=True)
-    assert read_stats(tmp_path)[-1]["Progress/kimg"] == pytest.approx(0.128)
+    assert read_stats(tmp_path)[-1]["Progress/kimg"]["mean"] == pytest.approx(0.128)
 
 
 # ----------------------------------------------------------------------------------------
@@ -224,7 +269,9 @@ def test_nonfinite_losses_are_skipped_then_stop(tmp_path):
     with pytest.raises(TrainingError, match="non-finite loss"):
         run_training(**tiny(tmp_path, steps=6, P_mean=1000.0, max_nonfinite=2, dump_ticks=1))
     stats = read_stats(tmp_path)
-    assert [s["Loss/nonfinite_steps"] for s in stats] == [1, 2, 3]
+    assert [s["Loss/nonfinite_steps"]["mean"] for s in stats] == [1, 2, 3]
+    # EDM's empty statistic: no finite step, so num 0 and NaN mean/std
+    assert all(s["Loss/loss"]["num"] == 0 and math.isnan(s["Loss/loss"]["mean"]) for s in stats)
     # No update was applied: the network still equals its initialisation... and is finite.
     state = io_utils.load_torch_state(os.path.join(tmp_path, "training-state-000000.pt"))
     assert all(torch.isfinite(v).all() for v in state["net"].values())
@@ -236,15 +283,17 @@ def test_cli_dry_run_defaults_are_the_published_recipe(capsys):
     add_arguments(parser)
     assert main(parser.parse_args(["--dry-run"])) == 0
     o = json.loads(capsys.readouterr().out)
+    # D: the published train.py's default (--pfgmpp off) is EDM diffusion, D = inf
     expected = dict(batch=512, lr=1e-3, ema_halflife_kimg=500.0, lr_rampup_kimg=10000.0, ema_rampup_ratio=0.05,
-                    dropout=0.13, augment=0.12, duration_mimg=200.0, D=128.0, arch="ddpmpp", tick_kimg=50.0,
+                    dropout=0.13, augment=0.12, duration_mimg=200.0, D=float("inf"), arch="ddpmpp", tick_kimg=50.0,
                     snap_ticks=50, dump_ticks=500, P_mean=-1.2, P_std=1.2, sigma_data=0.5)
     assert {k: o[k] for k in expected} == expected
-    assert main(parser.parse_args(["--dry-run", "--aug_dim", "inf", "--cres", "1,2"])) == 0
+    assert main(parser.parse_args(["--dry-run", "--aug_dim", "128", "--cres", "1,2"])) == 0
     o = json.loads(capsys.readouterr().out)
-    assert o["D"] == float("inf") and o["network"] == {"channel_mult": [1, 2]}
-    assert main(parser.parse_args(["--dry-run", "--D", "0"])) == 2
-    assert "D must be in (0, inf]" in capsys.readouterr().err
+    assert o["D"] == 128.0 and o["network"] == {"channel_mult": [1, 2]}
+    from pfgmpp_fast import cli
+    assert cli.main(["train", "--dry-run", "--D", "0"]) == 2       # refused while parsing, naming the option
+    assert "argument --D: D must be in (0, inf]" in capsys.readouterr().err
 
 
 def test_transfer_from_a_snapshot(tmp_path):

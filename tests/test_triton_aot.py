@@ -91,7 +91,8 @@ def test_grid_beyond_cuda_limit_fails_clearly():
 
 
 def test_each_triton_op_is_registered_with_the_cpp_op_arguments():
-    """Every kernel file registers its op; the argument names are those of the C++ ops."""
+    """Every kernel file registers its op; the argument names and types (optional ones included:
+    `float?`, `Tensor?`) are those of the C++ ops."""
     import pfgmpp_fast.kernels  # noqa: F401
     names = ("philox4x32", "philox_normal", "chi2", "perturb", "loss_fwd_bwd", "sampler_update")
     for name in names:
@@ -99,6 +100,7 @@ def test_each_triton_op_is_registered_with_the_cpp_op_arguments():
         if ops.has_extension():
             cpp = getattr(torch.ops.pfgmpp_fast, name).default._schema
             assert [a.name for a in schema.arguments] == [a.name for a in cpp.arguments], name
+            assert [str(a.type) for a in schema.arguments] == [str(a.type) for a in cpp.arguments], name
 
 
 def test_kernels_ship_inside_the_package(tmp_path):

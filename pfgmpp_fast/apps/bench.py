@@ -39,6 +39,8 @@ SUITES = [
 WEIGHTS = {"kernels": 1.0, "networks": 2.0, "training": 2.0, "sampling": 3.0}
 # How each suite skips its torch.compile variants (--no-compile).
 NO_COMPILE_ARGS = {"kernels": ["--no-compile"], "networks": ["--compile-backend", "none"]}
+# The suites whose measured variants can be left out (--skip-variants), and their option.
+SKIP_VARIANTS_OPTION = {"training": "--skip"}
 MIN_SUITE_S = 5.0   # below this much time left a suite is recorded as skipped, not started
 
 
@@ -68,6 +70,27 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="keep the other suites of today's results file for this device in --outdir "
                         "(several calls build one file)")
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile variants where a suite can")
+    p.add_argument("--skip-variants", type=_variant_names, default=None, metavar="NAMES",
+                   help="comma-separated baselines to leave out where a suite has them (training: "
+                        "published,hand-compiled); ours is always measured")
+    p.add_argument("--date", type=_iso_date, default=None, metavar="YYYY-MM-DD",
+                   help="the date in the results file name (default: today, UTC); several calls of one "
+                        "session that crosses midnight pass the same date to fill one file")
+
+
+def _iso_date(value: str) -> str:
+    try:
+        return _dt.date.fromisoformat(value).isoformat()
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a date YYYY-MM-DD, got {value!r}") from None
+
+
+def _variant_names(value: str) -> str:
+    names = set(filter(None, value.split(",")))
+    known = {"published", "hand-compiled"}
+    if not names or names - known:
+        raise argparse.ArgumentTypeError(f"expected a comma-separated subset of {sorted(known)}, got {value!r}")
+    return ",".join(sorted(names))
 
 
 def _summary_rows(name: str, result: dict) -> list:
@@ -111,6 +134,8 @@ def suite_command(name: str, script: Path, device: str, args, out: str) -> list:
         cmd += CPU_ARGS.get(name, [])
     if args.no_compile:
         cmd += NO_COMPILE_ARGS.get(name, [])
+    if args.skip_variants and name in SKIP_VARIANTS_OPTION:
+        cmd += [SKIP_VARIANTS_OPTION[name], args.skip_variants]
     return cmd
 
 
@@ -159,9 +184,9 @@ def _suite_result(out, returncode, error, tail, command, elapsed) -> dict:
     return result
 
 
-def results_stem(env: dict, smoke: bool) -> str:
+def results_stem(env: dict, smoke: bool, date: str | None = None) -> str:
     from pfgmpp_fast.utils import benchmarking as bm
-    date = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d")
+    date = date or _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d")
     return f"{bm.slug(env['device'])}-{date}" + ("-smoke" if smoke else "")
 
 
@@ -222,7 +247,7 @@ def _run(args, device, selected, t_start) -> int:
     ceil = bm.ceilings(device, smoke=args.smoke)
     print(f"ceilings: copy {ceil['copy_GBps']:.1f} GB/s, bf16 matmul {ceil['bf16_matmul_TFLOPs']:.2f} TFLOP/s", flush=True)
     outdir = Path(args.outdir) if args.outdir else benchmarks_dir() / "results"
-    stem = results_stem(env, args.smoke)
+    stem = results_stem(env, args.smoke, args.date)
     suites = _earlier_suites(outdir, stem, env["device"]) if args.append else {}
     payload = {"environment": env, "smoke": args.smoke, "ceilings": ceil, "suites": suites}
     run_all(selected, args, device, suites, payload, outdir, stem, t_start)

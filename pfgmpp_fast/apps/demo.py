@@ -41,6 +41,7 @@ from pfgmpp_fast import checks
 from pfgmpp_fast.apps.digits import (NUM_HELDOUT, NUM_STEPS, NUM_TRAIN, PHEMA_TRACKED, RECIPE, SMALL_NETWORK, D_label,
                                      DigitsScorer, generate_uint8, latest_snapshot, load_snapshot, mean_spread,
                                      read_stats, sampling_network, train_small, untrained_network, versions)
+from pfgmpp_fast.training.report import stat_value
 from pfgmpp_fast.utils import distributed
 from pfgmpp_fast.utils.cli_errors import add_threads_argument
 
@@ -174,7 +175,8 @@ def _write_outputs(run, images, paths, t_start, cpu_start) -> dict:
     from pfgmpp_fast.utils.plots import save_image_grid, save_loss_curve
     D, stats = run["D"], run["stats"]
     save_image_grid(images[:100].numpy(), paths["samples"], cols=10, scale=6)
-    save_loss_curve([s["Progress/kimg"] for s in stats], [s["Loss/loss"] for s in stats], paths["loss"],
+    save_loss_curve([stat_value(s, "Progress/kimg") for s in stats], [stat_value(s, "Loss/loss") for s in stats],
+                    paths["loss"],
                     title=f"PFGM++ D={D_label(D)} on digits: training loss")
     metrics = _metrics(run, paths)
     if run["args"].phema:
@@ -190,8 +192,8 @@ def _write_outputs(run, images, paths, t_start, cpu_start) -> dict:
 def _metrics(run, paths) -> dict:
     import numpy as np
     args, stats, scorer, duration = run["args"], run["stats"], run["scorer"], run["duration"]
-    kimg = stats[-1]["Progress/kimg"] if stats else duration
-    steady = [s["Perf/img_per_sec"] for s in stats if s.get("Progress/tick", 0) > 0]
+    kimg = stat_value(stats[-1], "Progress/kimg") if stats else duration
+    steady = [stat_value(s, "Perf/img_per_sec") for s in stats if stat_value(s, "Progress/tick", 0) > 0]
     trained_mean, trained_spread = mean_spread(run["fdd_trained"])
     untrained_mean, untrained_spread = mean_spread(run["fdd_untrained"])
     train_seconds, sample_seconds, num_samples = run["train_seconds"], run["sample_seconds"], run["num_samples"]
@@ -204,7 +206,7 @@ def _metrics(run, paths) -> dict:
         "train": {"kimg": kimg, "seconds": round(train_seconds, 2),
                   "img_per_sec": round(kimg * 1000 / train_seconds, 1),
                   "img_per_sec_steady": round(float(np.median(steady)), 1) if steady else None,
-                  "final_loss": stats[-1]["Loss/loss"] if stats else None},
+                  "final_loss": stat_value(stats[-1], "Loss/loss") if stats else None},
         "sample": {"images": num_samples, "num_steps": NUM_STEPS, "nfe": 2 * NUM_STEPS - 1, "solver": "heun",
                    "seconds": round(sample_seconds, 2), "img_per_sec": round(num_samples / sample_seconds, 1)},
         "fdd": {"trained": trained_mean, "trained_spread": trained_spread, "trained_sets": run["fdd_trained"],
@@ -246,10 +248,11 @@ def _print_summary(run, metrics, paths) -> None:
     print(f"FDD   : trained {fdd['trained']:.2f} ± {fdd['trained_spread']:.2f} | untrained {fdd['untrained']:.2f} | "
           f"held-out real digits {fdd['heldout_real']:.2f} (lower is better; {metrics['wall_seconds']:.0f} s in all)")
     ms = metrics["metric_set"]
-    print("KID/PR: " + " | ".join(f"{label} KID {m['KID']:.3f}, precision {m['precision']:.2f}, recall {m['recall']:.2f}"
+    print("KID/PR: " + " | ".join(f"{label} KID {m['KID']:.3f}, precision_digits {m['precision_digits']:.2f}, "
+                                  f"recall_digits {m['recall_digits']:.2f}"
                                   for label, m in (("trained", ms["trained"]), ("untrained", ms["untrained"]),
                                                    ("held-out real", ms["heldout_real"])))
-          + " (KID lower, precision/recall higher is better)")
+          + " (digits features; KID lower, precision/recall higher is better)")
 
 
 def phema_sweep(run_dir, outdir, scorer, seeds, device, batch, backend, progress, D, stds=PHEMA_SWEEP,

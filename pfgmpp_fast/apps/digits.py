@@ -87,8 +87,8 @@ class DigitsScorer:
         return frechet_distance(mu, sigma, self.mu, self.sigma)
 
     def metrics(self, images) -> Dict[str, float]:
-        """{FDD, KID, KID_std, precision, recall} of uint8 images [B, 1, 8, 8] to the training
-        split (KID's subsets hold min(1000, B) images; precision/recall with k = 3)."""
+        """{FDD, KID, KID_std, precision_digits, recall_digits} of uint8 images [B, 1, 8, 8] to
+        the training split (KID's subsets hold min(1000, B) images; precision/recall with k = 3)."""
         from pfgmpp_fast.evaluation.calc import reference_stats
         from pfgmpp_fast.evaluation.metrics import compute_metrics
         stats = reference_stats(images, self.detectors, batch_size=1024, device=self.device)

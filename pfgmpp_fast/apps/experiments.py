@@ -59,6 +59,7 @@ from pfgmpp_fast.apps.robustness_report import point_name as _point_name
 from pfgmpp_fast.apps.robustness_report import write_outputs as _write_outputs
 from pfgmpp_fast.evaluation.sweep import Point, PointNetwork, score_point
 from pfgmpp_fast.phema import STD_MAX
+from pfgmpp_fast.training.report import stat_value
 from pfgmpp_fast.utils import distributed
 from pfgmpp_fast.utils.cli_errors import add_threads_argument
 from pfgmpp_fast.utils.io_utils import append_line, atomic_save_json
@@ -191,12 +192,12 @@ def _train(config: dict, D: float, outdir: str, device, log: _Log, progress, bac
     train_small(run_dir, D, config["duration_kimg"], seed=config["seed"], device=device, progress=progress,
                 resume=True, backend=backend, phema=PHEMA_TRACKED, phema_snap_kimg=config["duration_kimg"] / 20)
     stats = read_stats(run_dir)
-    done = {"D": D_label(D), "kimg": stats[-1]["Progress/kimg"] if stats else config["duration_kimg"],
+    done = {"D": D_label(D), "kimg": stat_value(stats[-1], "Progress/kimg") if stats else config["duration_kimg"],
             "snapshot": os.path.relpath(latest_snapshot(run_dir), outdir),
-            "final_loss": stats[-1]["Loss/loss"] if stats else None,
+            "final_loss": stat_value(stats[-1], "Loss/loss") if stats else None,
             "train_seconds_this_process": round(time.perf_counter() - t0, 2),
-            "train_seconds_total": stats[-1]["Timing/total_sec"] if stats else None,
-            "loss_curve": [[s["Progress/kimg"], s["Loss/loss"]] for s in stats]}
+            "train_seconds_total": stat_value(stats[-1], "Timing/total_sec") if stats else None,
+            "loss_curve": [[stat_value(s, "Progress/kimg"), stat_value(s, "Loss/loss")] for s in stats]}
     atomic_save_json(done_path, done)
     return done
 
@@ -254,12 +255,12 @@ def _score_points(config: dict, D: float, done: dict, outdir: str, space, device
                           backend=backend)
         record = {"D": D_label(D), "point": name, **p, "nfe": 2 * p["steps"] - 1, "set": k,
                   "seeds": f"{seeds[0]}-{seeds[-1]}", "images": row["images"], "fdd": row["FDD"],
-                  "kid": row["KID"], "kid_std": row["KID_std"], "precision": row["precision"],
-                  "recall": row["recall"], "seconds": row["seconds"]}
+                  "kid": row["KID"], "kid_std": row["KID_std"], "precision": row["precision_digits"],
+                  "recall": row["recall_digits"], "seconds": row["seconds"]}   # a digits-only experiment
         atomic_save_json(path, record)
         results[name].append(record)
-        log(f"D={D_label(D)} {name} set {k}: FDD {record['fdd']:.3f}, KID {record['kid']:.4f}, precision "
-            f"{record['precision']:.2f}, recall {record['recall']:.2f} ({record['seconds']:.1f} s)")
+        log(f"D={D_label(D)} {name} set {k}: FDD {record['fdd']:.3f}, KID {record['kid']:.4f}, precision_digits "
+            f"{record['precision']:.2f}, recall_digits {record['recall']:.2f} ({record['seconds']:.1f} s)")
     return results
 
 

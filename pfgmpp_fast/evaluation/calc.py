@@ -53,21 +53,25 @@ class Source:
 
 
 class generator_source(Source):
-    """Images generated from seeds by `net` (generate.generate_images keyword arguments)."""
+    """Images generated from seeds by `net` (generate.generate_images keyword arguments: options=
+    a SamplerOptions and/or its fields as keywords, class_idx, D, key, ...; checked here, once)."""
 
     def __init__(self, net, seeds, device="cpu", describe: Optional[dict] = None, **gen_kwargs):
-        self.net, self.device, self.gen_kwargs = net, torch.device(device), gen_kwargs
+        from pfgmpp_fast.sampler import split_sampler_options
+        self.net, self.device = net, torch.device(device)
+        self.options, self.gen_kwargs = split_sampler_options(gen_kwargs)
         self.ids = checks.check_seeds(seeds)
         self._describe = dict(describe or {})
 
     def describe(self) -> dict:
         kw = {k: (str(v) if isinstance(v, torch.dtype) else v) for k, v in self.gen_kwargs.items()}
         kw = {k: (repr(v) if isinstance(v, float) and not math.isfinite(v) else v) for k, v in kw.items()}
-        return {"source": "generator", **kw, **self._describe}
+        return {"source": "generator", **self.options.describe(), **kw, **self._describe}
 
     def batches(self, ids, batch_size):
         from pfgmpp_fast.evaluation.generate import generate_images
-        for _, images in generate_images(self.net, ids, batch_size, device=self.device, **self.gen_kwargs):
+        for _, images in generate_images(self.net, ids, batch_size, options=self.options, device=self.device,
+                                         **self.gen_kwargs):
             yield images
 
 

@@ -2,12 +2,15 @@
 
 Each image depends only on its seed (and the sampler settings): latents come from the
 counter-based RNG keyed by (SAMPLING_KEY, seed), so batch size, rank count, padding and
-backend do not change any image. Pipeline per batch, all on the device:
+backend do not change any image. `--rng published` draws the latents (and random classes) per
+seed as the published PFGM++ generate.py does instead (published_rng.py), so the same network
+and seeds give the published sampler's images. Pipeline per batch, all on the device:
 prior latents → fused sampler steps (network made fast: bf16 + channels-last + compile +
 CUDA graphs on a GPU) → uint8 exactly as the published pipeline, (x·127.5 + 128).clip(0, 255).
 
 Outputs: PNGs in the published layout (`outdir/000000/000123.png`, folders of 1000 seeds)
-or one `.npz` (`images` uint8 NHWC, `seeds` int64, sorted by seed), written atomically.
+or one `.npz` (`images` uint8 NHWC, `seeds` int64, sorted by seed, and the same images again
+as `arr_0`, the key ADM's evaluation suite and EDM-era scripts read), written atomically.
 Under torchrun the sorted seeds are split across ranks (rank r takes seeds[r::world]).
 
 Python entry points: `parse_int_list`, `check_seeds`, `rank_seeds`, `generate_images`
@@ -27,18 +30,25 @@ import torch
 from pfgmpp_fast import checks
 from pfgmpp_fast import reference as R
 from pfgmpp_fast.checks import check_seeds, parse_int_list  # noqa: F401  (part of this module's API)
+from pfgmpp_fast.published_rng import PublishedRNG, check_published_sampling
+from pfgmpp_fast.evaluation.published import generation_jobs
 from pfgmpp_fast.utils import distributed
-from pfgmpp_fast.utils.cli_errors import (InvalidArgument, InvalidValue, UsageError, add_threads_argument, blame,
-                                          check_output_path, command, int_at_least, number)
+from pfgmpp_fast.utils.cli_errors import (BoolOption, D_from_published, InvalidArgument, InvalidValue, Unsupported,
+                                          UsageError, add_threads_argument, blame, check_output_path, checked, command,
+                                          int_at_least, number, supported_choice)
 from pfgmpp_fast.utils.io_utils import atomic_save_npz, atomic_write_bytes
 
 __all__ = ["SAMPLING_KEY", "STREAM_CLASS", "parse_int_list", "check_seeds", "rank_seeds",
            "to_uint8", "class_labels_for", "generate_images", "write_images", "load_generator_network",
-           "make_generator_fast", "generator_numerics", "add_sampler_arguments", "sampler_kwargs_from_args",
+           "make_generator_fast", "generator_numerics", "add_sampler_arguments", "sampler_options_from_args",
+           "sampler_kwargs_from_args", "resolved_sampler_kwargs", "DEFAULT_STEPS",
            "device_from_args", "network_from_args", "add_arguments", "main"]
 
+D_TYPE = checked(checks.parse_D, "D")
+DEFAULT_STEPS = 18                  # sampling steps (EDM's CIFAR-10 setting: 35 NFE)
 SAMPLING_KEY = 0x5EED_0F_1A6E       # the fixed Philox key of sampling: image = f(seed)
 STREAM_CLASS = R.STREAM_CLASS      # Philox stream of the random class label of a seed
+RNGS = ("philox", "published")     # where latents come from: our Philox streams, or as published
 
 
 # ----------------------------------------------------------------------------------------
@@ -94,14 +104,15 @@ def resolve_D(net, D=None) -> float:
     return net_D
 
 
-def generate_images(net, seeds, batch_size: int = 64, num_steps: int = 18, sigma_min: float = 0.002,
-                    sigma_max: float = 80.0, rho: float = 7.0, solver: str = "heun", S_churn: float = 0.0,
-                    S_min: float = 0.0, S_max: float = float("inf"), S_noise: float = 1.0,
-                    alpha: float = 0.0, class_idx: Optional[int] = None, D=None, key: int = SAMPLING_KEY,
-                    dtype=torch.float32, net_dtype=None, backend: str = "auto", device=None,
-                    image_shape: Optional[Sequence[int]] = None, fixed_shape: Optional[bool] = None,
-                    progress: bool = False) -> Iterator[Tuple[np.ndarray, torch.Tensor]]:
+def generate_images(net, seeds, batch_size: int = 64, options=None, class_idx: Optional[int] = None, D=None,
+                    key: int = SAMPLING_KEY, device=None, image_shape: Optional[Sequence[int]] = None,
+                    fixed_shape: Optional[bool] = None, progress: bool = False, rng: str = "philox",
+                    **settings) -> Iterator[Tuple[np.ndarray, torch.Tensor]]:
     """Yield (seeds int64 [b], uint8 images [b, C, H, W] on `device`) batch by batch.
+
+    `options`: a sampler.SamplerOptions; keyword `settings` (its fields: num_steps=, solver=,
+    alpha=, backend=, ...) build one or replace its fields, as in `sample`. `progress`: a bar
+    over the batches.
 
     `seeds` are generated in sorted order, `batch_size` at a time (this process only: split
     across ranks first with `rank_seeds`). `net` is an EDMPrecond-like network (attributes
@@ -109,6 +120,9 @@ def generate_images(net, seeds, batch_size: int = 64, num_steps: int = 18, sigma
     and `D` given. fixed_shape (default: when the network is compiled / CUDA-graphed) pads
     the last batch with repeats of its last seed so every call has the same shape; padded
     images are dropped (an image depends only on its seed, so this changes nothing).
+    rng: 'philox' (ours: latents and random classes from the Philox streams keyed by `key`) or
+    'published' (latents and random classes drawn per seed as the published PFGM++
+    generate.py draws them, published_rng.py; settings that add churn noise are refused).
     """
     from pfgmpp_fast.sampler import Sampler
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
@@ -118,9 +132,12 @@ def generate_images(net, seeds, batch_size: int = 64, num_steps: int = 18, sigma
         raise InvalidValue("seeds", f"seed {int(seeds[0])} is out of range; seeds must be in [0, 2^63)", sep=": ")
     if D is None and _network_D(net) is None:
         raise ValueError("the network has no attribute D; pass D explicitly")
-    sampler = Sampler(_network_D(net) if D is None else D, key, num_steps, sigma_min, sigma_max, rho, solver,
-                      S_churn, S_min, S_max, S_noise, alpha, dtype, net_dtype, backend)  # D, options: checked once
+    sampler = Sampler(_network_D(net) if D is None else D, key, options, **settings)  # D, options: checked once
     checks.check_net_D(net, sampler.D)
+    if rng not in RNGS:
+        raise ValueError(f"rng must be one of {', '.join(RNGS)}, got {rng!r}")
+    if rng == "published":
+        check_published_sampling(sampler.options)
     if image_shape is None:
         if not all(hasattr(net, a) for a in ("img_channels", "img_resolution")):
             raise ValueError("image_shape is needed for a network without img_channels/img_resolution")
@@ -144,10 +161,24 @@ def generate_images(net, seeds, batch_size: int = 64, num_steps: int = 18, sigma
         if fixed_shape and real < batch_size:
             chunk = np.concatenate([chunk, np.full(batch_size - real, chunk[-1], dtype=np.int64)])
         ids = torch.from_numpy(chunk).to(device)
-        latents = sampler.prior((len(chunk), *image_shape), ids)
-        labels = class_labels_for(ids, label_dim, class_idx, key)
+        if rng == "published":
+            latents, labels = _published_latents(chunk, image_shape, sampler.D, sampler.options.sigma_max, label_dim, class_idx,
+                                                  device)
+        else:
+            latents = sampler.prior((len(chunk), *image_shape), ids)
+            labels = class_labels_for(ids, label_dim, class_idx, key)
         x = sampler(net, latents, ids, labels)     # NaN/Inf raises FloatingPointError naming the seeds
         yield chunk[:real], to_uint8(x[:real])
+
+
+def _published_latents(seeds: np.ndarray, image_shape, D: float, sigma_max: float, label_dim: int,
+                       class_idx: Optional[int], device):
+    """(latents, one-hot labels or None) of a batch as the published generate.py draws them."""
+    draw = PublishedRNG(seeds.tolist(), device)
+    latents = draw.prior((len(seeds), *image_shape), D, sigma_max)
+    if label_dim == 0 or class_idx is not None:         # no labels, or the one class asked for (checked)
+        return latents, class_labels_for(torch.from_numpy(seeds).to(device), label_dim, class_idx)
+    return latents, torch.nn.functional.one_hot(draw.class_indices(label_dim), label_dim).to(torch.float32)
 
 
 # ----------------------------------------------------------------------------------------
@@ -203,7 +234,9 @@ def write_images(batches, outdir: Optional[str] = None, npz: Optional[str] = Non
                 seeds = np.concatenate([g[1] for g in gathered])
         if rank == 0:
             order = np.argsort(seeds, kind="stable")
-            atomic_save_npz(npz, images=images[order], seeds=seeds[order])
+            images = images[order]
+            # arr_0: ADM's evaluator reads that key (NHWC uint8); one copy more in the file
+            atomic_save_npz(npz, arr_0=images, images=images, seeds=seeds[order])
     if world > 1:
         torch.distributed.barrier()
     return count
@@ -213,8 +246,8 @@ def write_images(batches, outdir: Optional[str] = None, npz: Optional[str] = Non
 # Networks and distributed setup
 
 def load_generator_network(path: str, device, trust_pickle: bool = False, D=None):
-    """Load a checkpoint (ours: safetensors, whose recorded D a given D must equal; a published
-    pickle only with trust_pickle, where a given D sets the imported network's D)."""
+    """Load a checkpoint (ours: safetensors; a published pickle only with trust_pickle), with
+    the D it was trained with, which a given D must equal."""
     from pfgmpp_fast.checkpoint import load_network
     if not os.path.exists(path):
         raise FileNotFoundError(f"network checkpoint not found: {path}")
@@ -252,24 +285,37 @@ def make_generator_fast(net, device, net_dtype: str = "auto", compile: Optional[
 # CLI
 
 def add_sampler_arguments(p: argparse.ArgumentParser) -> None:
-    """Network + sampler options shared by `generate` and `fid`."""
+    """Network + sampler options shared by `generate` and `fid` (with the published spellings:
+    --sigma_min, --S_churn, ..., --pfgmpp/--aug_dim, and --disc/--schedule/--scaling as far as
+    their EDM choice goes)."""
     g = p.add_argument_group("network and sampler")
     g.add_argument("--network", metavar="PATH", help="network checkpoint (ours: .safetensors)")
     g.add_argument("--trust-pickle", action="store_true",
                    help="allow importing a published pickle checkpoint (read without running its code; "
                         "TorchScript is always refused)")
-    g.add_argument("--D", default=None,
+    g.add_argument("--D", type=D_TYPE, default=None,
                    help="check that the network was trained with this D (default: the network's)")
+    g.add_argument("--pfgmpp", action=BoolOption, default=None,
+                   help="published: 1 = the network's D is --aug_dim, 0 = D is inf (EDM); checked like --D")
+    g.add_argument("--aug_dim", "--aug-dim", dest="aug_dim", type=D_TYPE, default=None,
+                   help="published: D with --pfgmpp=1 (default 128); without --pfgmpp the same as --D")
     g.add_argument("--batch", type=int_at_least(1), default=64, help="images per batch and rank (default 64)")
-    g.add_argument("--steps", type=int_at_least(1), default=18, help="sampling steps n (Heun: 2n-1 NFE; default 18)")
+    g.add_argument("--steps", type=int_at_least(1), default=DEFAULT_STEPS,
+                   help=f"sampling steps n (Heun: 2n-1 NFE; default {DEFAULT_STEPS})")
     g.add_argument("--solver", choices=["heun", "euler"], default="heun")
-    g.add_argument("--sigma-min", type=number(positive=True), default=0.002)
-    g.add_argument("--sigma-max", type=number(positive=True), default=80.0)
+    g.add_argument("--sigma-min", "--sigma_min", dest="sigma_min", type=number(positive=True), default=0.002)
+    g.add_argument("--sigma-max", "--sigma_max", dest="sigma_max", type=number(positive=True), default=80.0)
     g.add_argument("--rho", type=number(positive=True), default=7.0)
-    g.add_argument("--S-churn", dest="S_churn", type=number(), default=0.0)
-    g.add_argument("--S-min", dest="S_min", type=number(), default=0.0)
-    g.add_argument("--S-max", dest="S_max", type=number(allow_inf=True), default=float("inf"))
-    g.add_argument("--S-noise", dest="S_noise", type=number(), default=1.0)
+    g.add_argument("--S-churn", "--S_churn", dest="S_churn", type=number(), default=0.0)
+    g.add_argument("--S-min", "--S_min", dest="S_min", type=number(), default=0.0)
+    g.add_argument("--S-max", "--S_max", dest="S_max", type=number(allow_inf=True), default=float("inf"))
+    g.add_argument("--S-noise", "--S_noise", dest="S_noise", type=number(), default=1.0)
+    g.add_argument("--disc", type=supported_choice(("edm",), ("vp", "ve", "iddpm"), "the time steps are EDM's "
+                   "(--sigma-min, --sigma-max, --rho); omit --disc or give --disc=edm"), default="edm", metavar="edm")
+    g.add_argument("--schedule", type=supported_choice(("linear",), ("vp", "ve"), "the noise schedule is "
+                   "sigma(t) = t; omit --schedule or give --schedule=linear"), default="linear", metavar="linear")
+    g.add_argument("--scaling", type=supported_choice(("none",), ("vp",), "there is no signal scaling s(t); "
+                   "omit --scaling or give --scaling=none"), default="none", metavar="none")
     g.add_argument("--alpha", type=number(), default=0.0, help="robustness noise x += alpha*t_i*eps per step")
     g.add_argument("--class", dest="class_idx", type=int_at_least(0), default=None,
                    help="class label (default: random per seed)")
@@ -286,18 +332,45 @@ def add_sampler_arguments(p: argparse.ArgumentParser) -> None:
     add_threads_argument(g)
 
 
-def sampler_kwargs_from_args(args) -> dict:
-    """generate_images keyword arguments of the command line, checked (UsageError naming the option)."""
+def _D_option(args) -> str:
+    """The option that asked for D (errors about D name it)."""
+    if args.D is not None:
+        return "--D"
+    if args.aug_dim is not None and args.pfgmpp is not False:
+        return "--aug_dim"
+    return "--pfgmpp" if args.pfgmpp is not None else "--D"
+
+
+def sampler_options_from_args(args):
+    """The SamplerOptions of the command line (each option checked by its argparse type; the
+    options that bound each other here, UsageError naming them)."""
+    from pfgmpp_fast.sampler import SamplerOptions
     if args.sigma_min > args.sigma_max:
         raise UsageError("--sigma-min", f"must be <= --sigma-max ({args.sigma_max:g}), got {args.sigma_min:g}")
     if args.S_max < args.S_min:
         raise UsageError("--S-max", f"must be >= --S-min ({args.S_min:g}), got {args.S_max:g}")
-    with blame("--D"):
-        D = None if args.D is None else checks.parse_D(args.D)
-    return dict(num_steps=args.steps, sigma_min=args.sigma_min, sigma_max=args.sigma_max, rho=args.rho,
-                solver=args.solver, S_churn=args.S_churn, S_min=args.S_min, S_max=args.S_max,
-                S_noise=args.S_noise, alpha=args.alpha, class_idx=args.class_idx, D=D,
-                dtype=torch.float64 if args.dtype == "fp64" else torch.float32, backend=args.backend)
+    return SamplerOptions(num_steps=args.steps, sigma_min=args.sigma_min, sigma_max=args.sigma_max, rho=args.rho,
+                          solver=args.solver, S_churn=args.S_churn, S_min=args.S_min, S_max=args.S_max,
+                          S_noise=args.S_noise, alpha=args.alpha,
+                          dtype=torch.float64 if args.dtype == "fp64" else torch.float32, backend=args.backend)
+
+
+def sampler_kwargs_from_args(args) -> dict:
+    """generate_images keyword arguments of the command line (options, class_idx, D), checked
+    (UsageError naming the option; D from --D or the published --pfgmpp/--aug_dim)."""
+    options = sampler_options_from_args(args)
+    D = D_from_published(args.D, args.aug_dim, args.pfgmpp, None)
+    return dict(options=options, class_idx=args.class_idx, D=D)
+
+
+def resolved_sampler_kwargs(args) -> dict:
+    """sampler_kwargs_from_args as plain JSON-able values (--dry-run): every SamplerOptions field,
+    class_idx and D (None: the network's)."""
+    import dataclasses
+    kw = sampler_kwargs_from_args(args)
+    out = {f.name: getattr(kw["options"], f.name) for f in dataclasses.fields(kw["options"])}
+    out = {k: (str(v).replace("torch.", "") if isinstance(v, torch.dtype) else v) for k, v in out.items()}
+    return {**out, "class_idx": kw["class_idx"], "D": kw["D"]}
 
 
 def device_from_args(args) -> torch.device:
@@ -321,8 +394,8 @@ def network_from_args(args, device, path: Optional[str] = None, D=None):
         net = load_generator_network(path or args.network, device, trust_pickle=args.trust_pickle, D=D)
     except (ValueError, TypeError, FileNotFoundError) as exc:
         named_D = isinstance(exc, InvalidArgument) and exc.name == "D"     # a network/D mismatch
-        raise UsageError("--D" if named_D else "--network", str(exc)) from None
-    with blame("--D"):
+        raise UsageError(_D_option(args) if named_D else "--network", str(exc)) from None
+    with blame(_D_option(args)):
         resolve_D(net, D)
     label_dim = int(getattr(net, "label_dim", 0) or 0)
     if args.class_idx is not None and not args.class_idx < label_dim:
@@ -334,15 +407,40 @@ def network_from_args(args, device, path: Optional[str] = None, D=None):
 def add_arguments(p: argparse.ArgumentParser) -> None:
     add_sampler_arguments(p)
     p.add_argument("--seeds", default="0-63", help="seeds, e.g. '0-49999' or '1,5,7-9' (default 0-63)")
-    p.add_argument("--outdir", default=None, help="write PNGs here (outdir/000000/000123.png)")
-    p.add_argument("--npz", default=None, help="write one .npz (images uint8 NHWC, seeds)")
+    p.add_argument("--outdir", default=None, help="write PNGs here (outdir/000000/000123.png); without --network "
+                   "a run directory: the images of each of its checkpoints go to outdir/ckpt_<kimg>/ (published)")
+    p.add_argument("--npz", default=None, help="write one .npz (images uint8 NHWC, seeds; arr_0 = images, ADM's key)")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+    p.add_argument("--rng", choices=RNGS, default="philox",
+                   help="latents and random classes: philox (default; an image depends only on its seed, on every "
+                        "backend) or published (drawn per seed as the published PFGM++ generate.py does, so the same "
+                        "network and seeds give its images; refused with churn noise)")
+    p.add_argument("--dry-run", action="store_true", help="print the resolved options (JSON) and exit")
+    g = p.add_argument_group("the published PFGM++ generate.py's own options")
+    g.add_argument("--subdirs", action="store_true", help="no effect: images always go to folders of 1000 seeds")
+    g.add_argument("--use_pickle", "--use-pickle", dest="use_pickle", action=BoolOption, default=False,
+                   help="without --network: the run directory's training-state-*.pkl (pickles need --trust-pickle)")
+    g.add_argument("--ckpt", type=int, default=0, help="without --network: the first checkpoint (kimg) to use")
+    g.add_argument("--end_ckpt", "--end-ckpt", dest="end_ckpt", type=int, default=100000000,
+                   help="without --network: the last checkpoint (kimg) to use")
+    g.add_argument("--edm", action=BoolOption, default=False, help="without --network: every checkpoint (no "
+                   "--ckpt/--end_ckpt range)")
+    g.add_argument("--resume", type=int, default=None, help="no effect (unused in the published generate.py)")
+    g.add_argument("--save_images", "--save-images", action=Unsupported,
+                   refuse="the sampling-trajectory GIF is not supported here; omit it (--outdir writes the images)")
+
+
+def _print_dry_run(args, seeds, jobs) -> None:
+    import json
+    resolved = {"jobs": [{"network": n, "outdir": o} for n, o in jobs], "npz": args.npz, "seeds": args.seeds,
+                "num_seeds": len(seeds), "batch": args.batch, "trust_pickle": args.trust_pickle,
+                "net_dtype": args.net_dtype, "device": args.device, "rng": args.rng,
+                **resolved_sampler_kwargs(args)}
+    print(json.dumps(resolved, indent=2, sort_keys=True))
 
 
 @command
 def main(args) -> int:
-    if not args.network:
-        raise UsageError("--network", "is required (a network checkpoint, e.g. network-snapshot-*.safetensors)")
     if args.outdir is None and args.npz is None:
         raise UsageError("--outdir/--npz", "give --outdir (PNG folder) and/or --npz (one .npz file)")
     check_output_path("--outdir", args.outdir, is_dir=True)
@@ -350,14 +448,26 @@ def main(args) -> int:
     with blame("--seeds"):
         seeds = check_seeds(args.seeds)
     kwargs = sampler_kwargs_from_args(args)
+    if args.rng == "published":
+        with blame("--rng"):
+            check_published_sampling(kwargs["options"])
+    jobs = generation_jobs(args, seeds)
+    if args.dry_run:
+        _print_dry_run(args, seeds, jobs)
+        return 0
     device = device_from_args(args)
-    net = network_from_args(args, device, D=kwargs["D"])
-    fast = make_generator_fast(net, device, args.net_dtype, args.compile, args.cuda_graphs)
     rank, world = distributed.get_rank(), distributed.get_world_size()
     mine = rank_seeds(seeds, rank, world)
-    batches = generate_images(fast, mine, args.batch, device=device, progress=args.progress and rank == 0, **kwargs)
-    write_images(batches, outdir=args.outdir, npz=args.npz)
-    if rank == 0:
-        where = " and ".join(x for x in (args.outdir, args.npz) if x)
-        print(f"wrote {len(seeds)} images to {where}")
+    for path, outdir in jobs:
+        if not args.network and all(os.path.exists(png_path(outdir, int(s))) for s in seeds):
+            if rank == 0:       # a checkpoint done earlier (the published generate.py skips it too)
+                print(f"{outdir}: all {len(seeds)} images are there; skipped")
+            continue
+        net = network_from_args(args, device, path=path, D=kwargs["D"])
+        fast = make_generator_fast(net, device, args.net_dtype, args.compile, args.cuda_graphs)
+        batches = generate_images(fast, mine, args.batch, device=device, progress=args.progress and rank == 0,
+                                  rng=args.rng, **kwargs)
+        write_images(batches, outdir=outdir, npz=args.npz)
+        if rank == 0:
+            print(f"wrote {len(seeds)} images to {' and '.join(x for x in (outdir, args.npz) if x)}")
     return 0

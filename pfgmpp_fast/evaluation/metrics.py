@@ -2,7 +2,9 @@
 the feature rows) that merge across shards and ranks, the Fréchet distance (FID / FDD /
 FD-DINOv2), KID, Inception Score and precision/recall (torch-fidelity's metric code on our
 features), and reference statistics in the published `.npz` format (mu, sigma; extra keys
-for the other metrics).
+for the other metrics). Result columns name the feature space where the plain name would
+claim another (column_name): FDD outside Inception's space, precision_<space>/recall_<space>
+always (torch-fidelity's precision/recall default to VGG-16 features).
 """
 from __future__ import annotations
 
@@ -15,9 +17,9 @@ import torch
 
 from pfgmpp_fast.utils.io_utils import atomic_save_npz
 
-__all__ = ["METRICS", "METRIC_COLUMNS", "LOWER_IS_BETTER", "FeatureStats", "frechet_distance",
-           "save_stats", "load_stats", "parse_metrics", "metric_columns", "compute_metrics", "save_reference",
-           "load_reference"]
+__all__ = ["METRICS", "METRIC_COLUMNS", "LOWER_IS_BETTER", "FeatureStats", "frechet_distance", "save_stats",
+           "load_stats", "parse_metrics", "column_name", "metric_columns", "lower_is_better", "compute_metrics",
+           "save_reference", "load_reference"]
 
 METRICS = ("fid", "kid", "isc", "prc", "fd_dinov2")
 
@@ -191,6 +193,10 @@ METRIC_COLUMNS = {"fid": ("FID",), "kid": ("KID", "KID_std"), "isc": ("IS", "IS_
                   "prc": ("precision", "recall"), "fd_dinov2": ("FD_DINOv2",)}
 LOWER_IS_BETTER = {"FID": True, "FDD": True, "KID": True, "FD_DINOv2": True, "IS": False, "precision": False,
                    "recall": False}
+# Columns named with their feature space: torch-fidelity computes precision/recall on VGG-16
+# features (fc2_relu) by default, ours on the main space (Inception pool or digits), so under
+# the plain names the numbers would read as comparable with theirs.
+SPACE_NAMED = ("precision", "recall")
 
 
 def parse_metrics(metrics) -> tuple:
@@ -203,25 +209,38 @@ def parse_metrics(metrics) -> tuple:
     return tuple(m for m in METRICS if m in names)
 
 
+def column_name(column: str, space: str) -> str:
+    """A METRIC_COLUMNS column as results name it in feature space `space`: 'FDD' for 'FID'
+    outside Inception's space, 'precision_<space>' / 'recall_<space>' (SPACE_NAMED) always."""
+    if column == "FID" and space != "inception":
+        return "FDD"
+    return f"{column}_{space}" if column in SPACE_NAMED else column
+
+
 def metric_columns(metrics, space: str) -> list:
-    """The result columns of `metrics` ('FDD' instead of 'FID' outside Inception's space)."""
-    cols = [c for m in parse_metrics(metrics) for c in METRIC_COLUMNS[m]]
-    return ["FDD" if c == "FID" and space != "inception" else c for c in cols]
+    """The result columns of `metrics` in feature space `space` (column_name)."""
+    return [column_name(c, space) for m in parse_metrics(metrics) for c in METRIC_COLUMNS[m]]
+
+
+def lower_is_better(column: str) -> bool:
+    """Whether a smaller value of result column `column` (any space's name) is better."""
+    base = column.rsplit("_", 1)[0] if column.startswith(tuple(c + "_" for c in SPACE_NAMED)) else column
+    return LOWER_IS_BETTER.get(base, True)
 
 
 def compute_metrics(stats: Dict[str, FeatureStats], ref: Dict[str, np.ndarray], metrics, space: str,
                     kid_subset_size: int = 1000, isc_splits: int = 10, seed: int = 2020) -> Dict[str, float]:
     """{column: value} of `metrics` for the statistics of one calc (calc.calc_stats with
-    Detectors) against a reference (load_reference). KID (polynomial kernel, unbiased MMD²
-    over subsets), IS and precision/recall (k = 3) are torch-fidelity's functions."""
+    Detectors) against a reference (load_reference), named by column_name. KID (polynomial
+    kernel, unbiased MMD² over subsets), IS and precision/recall (k = 3) are torch-fidelity's
+    functions, on the features of `space`."""
     from torch_fidelity.metric_isc import isc_features_to_metric
     from torch_fidelity.metric_kid import kid_features_to_metric
     from torch_fidelity.metric_prc import prc_features_to_metric
     out = {}
     for m in parse_metrics(metrics):
         if m == "fid":
-            out["FID" if space == "inception" else "FDD"] = frechet_distance(*stats["features"].mean_cov(),
-                                                                             ref["mu"], ref["sigma"])
+            out[column_name("FID", space)] = frechet_distance(*stats["features"].mean_cov(), ref["mu"], ref["sigma"])
         elif m == "fd_dinov2":
             out["FD_DINOv2"] = frechet_distance(*stats["dinov2"].mean_cov(), ref["dinov2_mu"], ref["dinov2_sigma"])
         elif m == "kid":
@@ -235,7 +254,7 @@ def compute_metrics(stats: Dict[str, FeatureStats], ref: Dict[str, np.ndarray], 
             out["IS"], out["IS_std"] = r["inception_score_mean"], r["inception_score_std"]
         elif m == "prc":
             r = prc_features_to_metric(stats["features"].rows, torch.from_numpy(ref["features"]), verbose=False)
-            out["precision"], out["recall"] = r["precision"], r["recall"]
+            out[column_name("precision", space)], out[column_name("recall", space)] = r["precision"], r["recall"]
     bad = {k: v for k, v in out.items() if not np.isfinite(v)}
     if bad:
         raise ValueError(f"metrics are not finite: {bad} (check the images, the features and the reference)")

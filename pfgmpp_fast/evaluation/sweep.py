@@ -25,7 +25,7 @@ from pfgmpp_fast.evaluation import quantize as Q
 from pfgmpp_fast.evaluation.calc import calc_stats, generator_source, weights_fingerprint
 from pfgmpp_fast.evaluation.features import Detectors
 from pfgmpp_fast.evaluation.generate import load_generator_network, resolve_D
-from pfgmpp_fast.evaluation.metrics import LOWER_IS_BETTER, compute_metrics, load_reference, metric_columns
+from pfgmpp_fast.evaluation.metrics import compute_metrics, load_reference, lower_is_better, metric_columns
 from pfgmpp_fast.utils import distributed
 from pfgmpp_fast.utils.io_utils import atomic_save_csv, atomic_write_text
 from pfgmpp_fast.utils.plots import new_figure, save_figure
@@ -37,10 +37,6 @@ __all__ = ["SWEEP_KINDS", "Point", "make_points", "point_weights", "PointNetwork
 SWEEP_KINDS = ("checkpoints", "steps", "alpha", "bits", "ema")
 XLABELS = {"checkpoints": "kimg", "steps": "NFE", "alpha": "alpha", "bits": "weight bits",
            "ema": "EMA length (relative std)"}
-
-
-def _nfe(steps: int, solver: str) -> int:
-    return 2 * steps - 1 if solver == "heun" else steps
 
 
 @dataclass
@@ -142,15 +138,14 @@ def score_point(fast, base, point: Point, seeds, detectors: Detectors, ref: Dict
     t0 = time.perf_counter()
     stats = calc_stats(source, detectors, batch_size=batch_size, outdir=outdir, shard_size=shard_size, device=device)
     scores = compute_metrics(stats, ref, detectors.metrics, detectors.name)
-    steps = int(kw.get("num_steps", 18))
-    nfe = _nfe(steps, kw.get("solver", "heun"))
+    steps, nfe = source.options.num_steps, source.options.nfe
     return {"kind": point.kind, "value": point.value, "x": nfe if point.kind == "steps" else point.value,
             "images": stats["features"].count, "steps": steps, "nfe": nfe, **scores,
             "seconds": round(time.perf_counter() - t0, 3)}
 
 
 def best_row(rows: List[dict], column: str) -> dict:
-    return (min if LOWER_IS_BETTER.get(column, True) else max)(rows, key=lambda r: r[column])
+    return (min if lower_is_better(column) else max)(rows, key=lambda r: r[column])
 
 
 def _metric_figure(rows: List[dict], columns: Sequence[str], kind: str, path: str) -> None:

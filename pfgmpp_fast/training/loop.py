@@ -26,7 +26,8 @@ import torch
 
 from pfgmpp_fast import reference as R
 from pfgmpp_fast.checkpoint import load_network, save_network
-from pfgmpp_fast.training.options import PRECISIONS, RESUME_KEYS, TrainingError, TrainingOptions, jsonable
+from pfgmpp_fast.training.options import (PRECISIONS, RESUME_KEYS, TrainingError, TrainingOptions, jsonable,
+                                          option_diffs)
 from pfgmpp_fast.training.ema import HalfLifeEMA, PowerFunctionEMA
 from pfgmpp_fast.training.report import TickReporter
 from pfgmpp_fast.training.schedule import BatchGeometry, LearningRateSchedule
@@ -53,8 +54,7 @@ class TrainingRun:
     # -- setup ------------------------------------------------------------------------------
     def setup(self):
         """Everything a step needs, validated before the first step: backends, batch geometry,
-        data, network + EMA (+ power-function EMAs), optimizer and learning-rate schedule, loss,
-        counters."""
+        data, network + EMA (+ power-function EMAs), optimizer, loss, counters."""
         o = self.o
         self._configure_backends()
         self.geometry = BatchGeometry.resolve(o["batch"], o["batch_gpu"], self.world_size)
@@ -75,7 +75,7 @@ class TrainingRun:
             if dev.type == "cuda":
                 torch.backends.cudnn.benchmark = False
         elif dev.type == "cuda":
-            torch.backends.cudnn.benchmark = True
+            torch.backends.cudnn.benchmark = o["cudnn_benchmark"]
         if dev.type == "cuda":
             torch.backends.cuda.matmul.allow_tf32 = True
             torch.backends.cudnn.allow_tf32 = True
@@ -121,7 +121,7 @@ class TrainingRun:
                 net.load_state_dict(src.state_dict(), strict=True)
             except RuntimeError as exc:
                 raise ValueError(f"transfer: {o['transfer']} does not match the network of this run: {exc}") from None
-            self.log(f"transfer: initialised the network from {o['transfer']}")
+            self.log(f"transfer: initialised the network from {o['transfer']} (trained with D={float(src.D):g})")
         self.net = net.to(dev).train().requires_grad_(True)
         if self.channels_last:
             self.net.to(memory_format=torch.channels_last)
@@ -156,8 +156,8 @@ class TrainingRun:
         """Device-side accumulators, read once per tick."""
         o, dev = self.o, self.device
         self.cur_nimg, self.cur_tick = 0, 0
-        self.loss_acc = torch.zeros((), dtype=torch.float64, device=dev)
-        self.loss_count = torch.zeros((), dtype=torch.float64, device=dev)
+        # (finite steps, Σ step loss per image, Σ its square): identical on every rank
+        self.loss_moments = torch.zeros(3, dtype=torch.float64, device=dev)
         self.nonfinite = torch.zeros((), dtype=torch.int64, device=dev)
         self.nonfinite_total = 0
         self.total_time_before = 0.0
@@ -197,8 +197,7 @@ class TrainingRun:
         if missing:
             raise ValueError(f"resume: {path} is not a training state (missing {missing})")
         saved = state["options"]
-        diffs = [f"{k}: state has {saved.get(k)!r}, this run has {jsonable(self.o[k])!r}"
-                 for k in RESUME_KEYS if k in saved and saved.get(k) != jsonable(self.o[k])]
+        diffs = option_diffs(saved, self.o)
         if diffs:
             raise ValueError(f"resume: {path} was written by an incompatible configuration:\n  " + "\n  ".join(diffs))
         try:
@@ -230,10 +229,10 @@ class TrainingRun:
         """One optimizer step of the global batch: gradients, update, averages, counters."""
         batch = self.o["batch"]
         step_loss = self._accumulate_gradients(self.cur_nimg // batch)
-        self._update(step_loss)
+        global_loss = self._update(step_loss)
         for average in self.averages:
             average.update(self.params, self.cur_nimg + batch, batch)
-        self._count(step_loss)
+        self._count(global_loss)
         self.cur_nimg += batch
 
     def _accumulate_gradients(self, step_index: int) -> torch.Tensor:
@@ -262,13 +261,18 @@ class TrainingRun:
                     faults.kill()
         return step_loss
 
-    def _update(self, step_loss: torch.Tensor):
+    def _update(self, step_loss: torch.Tensor) -> torch.Tensor:
         """Unscale and sanitise the gradients, then Adam at the scheduled rate; the update is
-        skipped on the device when the loss is not finite on any rank."""
+        skipped on the device when the loss is not finite. Returns the step's loss summed over
+        the global batch (float64, on the device)."""
         o = self.o
-        self.found_inf.copy_((~torch.isfinite(step_loss)).float())
+        # The step's loss summed over the global batch, in the one collective of the step's
+        # bookkeeping: it is non-finite exactly when some rank's part is (a float64 sum of
+        # finite float32 parts cannot overflow), so the update is skipped on every rank alike.
+        global_loss = step_loss.double()
         if distributed.is_enabled():
-            torch.distributed.all_reduce(self.found_inf, op=torch.distributed.ReduceOp.MAX)
+            torch.distributed.all_reduce(global_loss)
+        self.found_inf.copy_((~torch.isfinite(global_loss)).float())
         grads = [p.grad for p in self.params]
         if o["loss_scaling"] != 1:
             torch._foreach_mul_(grads, 1.0 / o["loss_scaling"])
@@ -280,13 +284,14 @@ class TrainingRun:
         else:                       # no found_inf support: one host sync, only on this path
             if not bool(self.found_inf):
                 self.optimizer.step()
+        return global_loss
 
-    def _count(self, step_loss: torch.Tensor):
-        """The tick's sums on the device: non-finite steps, the loss and images of finite ones."""
+    def _count(self, global_loss: torch.Tensor):
+        """The tick's sums on the device: non-finite steps, the loss moments of finite ones."""
         self.nonfinite += self.found_inf.to(torch.int64)
         finite = self.found_inf == 0
-        self.loss_acc += torch.where(finite, step_loss, torch.zeros_like(step_loss)).double()
-        self.loss_count += finite.double() * self.geometry.per_rank          # images of finite steps only
+        per_image = torch.where(finite, global_loss / self.o["batch"], torch.zeros_like(global_loss))
+        self.loss_moments += torch.stack([finite.double(), per_image, per_image.square()])   # finite steps only
 
     # -- the loop ---------------------------------------------------------------------------
     def train(self):
@@ -309,10 +314,10 @@ class TrainingRun:
                     continue
 
             # ---- end of a tick: the one host sync of the tick --------------------------
-            loss_sum, loss_count, nonfinite, last_step_bad, weights_bad = self._reduce_tick()
+            loss_moments, nonfinite, last_step_bad, weights_bad = self._reduce_tick()
             tick_sec = time.time() - tick_start_time
             self.nonfinite_total += nonfinite
-            reporter.report(tick=self.cur_tick, cur_nimg=self.cur_nimg, loss_sum=loss_sum, loss_count=loss_count,
+            reporter.report(tick=self.cur_tick, cur_nimg=self.cur_nimg, loss_moments=loss_moments,
                             pixels=self.dataset.channels * self.dataset.resolution ** 2,
                             nonfinite_total=self.nonfinite_total, total_sec=self.total_time(), tick_sec=tick_sec,
                             tick_imgs=self.cur_nimg - tick_start_nimg, maintenance_sec=maintenance)
@@ -385,19 +390,18 @@ class TrainingRun:
         return False
 
     def _reduce_tick(self):
-        """(Σ loss, images with a finite loss, non-finite steps, last step non-finite, weights
-        non-finite) of the tick over all ranks: checked on the device, read in this one sync."""
-        weights_bad = torch.stack([~torch.isfinite(p).all() for p in self.params + self.ema.params]).any()
-        packed = torch.stack([self.loss_acc, self.loss_count, self.nonfinite.double(), self.found_inf.double(),
-                              weights_bad.double()])
+        """(loss moments of the tick's finite steps, non-finite steps, last step non-finite,
+        weights non-finite on any rank): checked on the device, read in this one sync. The loss
+        moments and the step flags come from the global step losses, identical on all ranks."""
+        weights_bad = torch.stack([~torch.isfinite(p).all() for p in self.params + self.ema.params]).any().double()
         if distributed.is_enabled():
-            torch.distributed.all_reduce(packed)
-            packed[2] /= self.world_size       # found_inf is identical on all ranks
-        loss_sum, loss_count, nonfinite, last_bad, weights_bad = packed.tolist()
-        self.loss_acc.zero_()
-        self.loss_count.zero_()
+            torch.distributed.all_reduce(weights_bad)
+        packed = torch.cat([self.loss_moments, torch.stack([self.nonfinite.double(), self.found_inf.double(),
+                                                            weights_bad])])
+        *moments, nonfinite, last_bad, weights_bad = packed.tolist()
+        self.loss_moments.zero_()
         self.nonfinite.zero_()
-        return loss_sum, loss_count, int(round(nonfinite)), last_bad > 0, weights_bad > 0
+        return moments, int(round(nonfinite)), last_bad > 0, weights_bad > 0
 
 
 class _LossModule(torch.nn.Module):

@@ -1,8 +1,25 @@
-"""What a training tick reports: one row of stats.jsonl (EDM's keys), one log line, the progress
-bar. Rank 0 writes; the numbers come from the tick's one host sync (TrainingRun.train)."""
+"""What a training tick reports: one row of stats.jsonl, one log line, the progress bar. Rank 0
+writes; the numbers come from the tick's one host sync (TrainingRun.train).
+
+A row has EDM's form (torch_utils/training_stats: ``Collector.as_dict()`` plus ``timestamp``):
+every statistic is ``{"num": n, "mean": m, "std": s}`` under EDM's name where we record the
+same quantity (Loss/loss, Progress/tick, Progress/kimg, Timing/total_sec, Timing/sec_per_tick,
+Timing/sec_per_kimg, Timing/maintenance_sec, Resources/cpu_mem_gb, Resources/peak_gpu_mem_gb,
+Resources/peak_gpu_mem_reserved_gb), so scripts written for EDM read ``row["Loss/loss"]["mean"]``.
+Ours beside them, in the same form: Loss/loss_per_image, Loss/nonfinite_steps, Perf/img_per_sec.
+
+Loss/loss: EDM reports every element of the per-element loss λ·(D_θ − y)²; the fused loss kernel
+sums over an image's elements on the device, so our scalars are the steps' losses per element
+(one per training step of the tick with a finite loss: the mean over the step's global batch
+and the image's C·H·W elements). ``mean`` is therefore EDM's mean exactly (every step has the
+same number of elements); ``num`` counts steps (EDM's counts elements) and ``std`` is the
+spread between steps (EDM's is between elements). Single values (the tick, the timings, ...)
+are EDM's ``report0`` statistics: num 1, std 0.
+"""
 from __future__ import annotations
 
 import json
+import math
 import os
 import sys
 import time
@@ -11,7 +28,35 @@ import torch
 
 from pfgmpp_fast.utils.io_utils import append_line
 
-__all__ = ["TickReporter"]
+__all__ = ["TickReporter", "moments_stat", "single_stat", "stat_value"]
+
+
+def moments_stat(num: float, total: float, total_sq: float) -> dict:
+    """EDM's Collector statistic of `num` scalars with sum `total` and sum of squares `total_sq`:
+    NaN mean/std when num is 0, std NaN when the sum is not finite, 0 when num is 1."""
+    num = int(round(num))
+    if num == 0:
+        return {"num": 0, "mean": float("nan"), "std": float("nan")}
+    mean = total / num
+    if not math.isfinite(total):
+        std = float("nan")
+    elif num == 1:
+        std = 0.0
+    else:
+        std = math.sqrt(max(total_sq / num - mean * mean, 0.0))
+    return {"num": num, "mean": mean, "std": std}
+
+
+def single_stat(value: float) -> dict:
+    """EDM's report0 statistic of one value."""
+    return moments_stat(1, float(value), float(value) ** 2)
+
+
+def stat_value(row: dict, name: str, default=None):
+    """The mean of statistic `name` in a stats.jsonl row (EDM's form; a plain number, as older
+    versions of this package wrote, is taken as it is)."""
+    value = row.get(name, default)
+    return value["mean"] if isinstance(value, dict) else value
 
 
 class TickReporter:
@@ -38,30 +83,35 @@ class TickReporter:
         if self.bar is not None:
             self.bar.update(nimg / 1000)
 
-    def report(self, *, tick: int, cur_nimg: int, loss_sum: float, loss_count: float, pixels: int,
-               nonfinite_total: int, total_sec: float, tick_sec: float, tick_imgs: int, maintenance_sec: float) -> dict:
-        """The tick's stats (loss per pixel and per image over the images of finite steps)."""
-        peak = torch.cuda.max_memory_allocated(self.device) / 2**30 if self.device.type == "cuda" else 0.0
+    def report(self, *, tick: int, cur_nimg: int, loss_moments, pixels: int, nonfinite_total: int,
+               total_sec: float, tick_sec: float, tick_imgs: int, maintenance_sec: float) -> dict:
+        """The tick's row. loss_moments: (finite steps, Σ step loss per image, Σ its square)."""
+        steps, total, total_sq = loss_moments
+        on_gpu = self.device.type == "cuda"
+        peak = torch.cuda.max_memory_allocated(self.device) / 2**30 if on_gpu else 0.0
+        reserved = torch.cuda.max_memory_reserved(self.device) / 2**30 if on_gpu else 0.0
         stats = {
-            "Loss/loss": loss_sum / loss_count / pixels if loss_count else float("nan"),
-            "Loss/loss_per_image": loss_sum / loss_count if loss_count else float("nan"),
-            "Loss/nonfinite_steps": nonfinite_total,
-            "Progress/tick": tick,
-            "Progress/kimg": cur_nimg / 1000,
-            "Timing/total_sec": total_sec,
-            "Timing/sec_per_tick": tick_sec,
-            "Timing/sec_per_kimg": tick_sec / max(tick_imgs, 1) * 1000,
-            "Timing/maintenance_sec": maintenance_sec,
-            "Resources/peak_gpu_mem_gb": peak,
-            "Resources/cpu_mem_gb": _cpu_mem_gb(),
-            "Perf/img_per_sec": tick_imgs / max(tick_sec, 1e-9),
+            "Loss/loss": moments_stat(steps, total / pixels, total_sq / pixels ** 2),
+            "Loss/loss_per_image": moments_stat(steps, total, total_sq),
+            "Loss/nonfinite_steps": single_stat(nonfinite_total),
+            "Progress/tick": single_stat(tick),
+            "Progress/kimg": single_stat(cur_nimg / 1000),
+            "Timing/total_sec": single_stat(total_sec),
+            "Timing/sec_per_tick": single_stat(tick_sec),
+            "Timing/sec_per_kimg": single_stat(tick_sec / max(tick_imgs, 1) * 1000),
+            "Timing/maintenance_sec": single_stat(maintenance_sec),
+            "Resources/cpu_mem_gb": single_stat(_cpu_mem_gb()),
+            "Resources/peak_gpu_mem_gb": single_stat(peak),
+            "Resources/peak_gpu_mem_reserved_gb": single_stat(reserved),
+            "Perf/img_per_sec": single_stat(tick_imgs / max(tick_sec, 1e-9)),
             "timestamp": time.time(),
         }
         if self.rank0:
             append_line(self.stats_path, json.dumps(stats, sort_keys=True))
-            line = (f"tick {tick:<5d} kimg {cur_nimg / 1000:<9.3f} loss {stats['Loss/loss']:<8.4f} "
+            v = {name: stat_value(stats, name) for name in stats}
+            line = (f"tick {tick:<5d} kimg {cur_nimg / 1000:<9.3f} loss {v['Loss/loss']:<8.4f} "
                     f"time {total_sec:<8.1f} sec/tick {tick_sec:<7.2f} "
-                    f"sec/kimg {stats['Timing/sec_per_kimg']:<7.3f} img/s {stats['Perf/img_per_sec']:<8.1f} "
+                    f"sec/kimg {v['Timing/sec_per_kimg']:<7.3f} img/s {v['Perf/img_per_sec']:<8.1f} "
                     f"gpumem {peak:<6.2f} nonfinite {nonfinite_total}")
             if self.bar is not None:       # above the bar, and into log.txt
                 self.bar.write(line)
@@ -76,7 +126,13 @@ class TickReporter:
 
 
 def _cpu_mem_gb() -> float:
-    """Peak resident memory of this process (GiB)."""
+    """Resident memory of this process now (GiB), EDM's Resources/cpu_mem_gb (psutil's rss);
+    the peak where /proc is not there."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**30
+    except (OSError, ValueError, IndexError):
+        pass
     try:
         import resource
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20      # KiB on Linux
