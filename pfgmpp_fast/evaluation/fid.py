@@ -119,8 +119,7 @@ def _extractor(args, device) -> Detectors:
         with blame("--dinov2-sha256" if args.dinov2_sha256 else "--dinov2-weights"):
             dinov2 = DINOv2Features(args.dinov2_weights, args.dinov2_sha256, device=device,
                                     image_size=args.dinov2_size)
-    with blame("--metrics"):
-        return Detectors(main, metrics, dinov2)
+    return Detectors(main, metrics, dinov2)        # its errors name --metrics themselves
 
 
 def _main_extractor(args, device):

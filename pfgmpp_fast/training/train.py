@@ -251,7 +251,7 @@ def _precision(args) -> str:
     wanted = "fp16" if args.fp16 else "fp32"
     if args.precision not in ("auto", wanted):
         raise UsageError("--fp16", f"--fp16={int(args.fp16)} means --precision {wanted}, but --precision "
-                                   f"{args.precision} was given; give one of them")
+                                   f"{args.precision} was given; give one of them", worded=True)
     return wanted
 
 

@@ -65,10 +65,11 @@ class MissingFile(InvalidArgument, FileNotFoundError):
 
 class UsageError(ValueError):
     """A bad command-line input: ``option`` names it, ``message`` says what is wrong and allowed
-    (the error reads ``<option>: <message>``)."""
+    (the error reads ``<option>: <message>``; with ``worded=True`` the message is a sentence that
+    already starts with the option, e.g. ``--fp16=1 means ...``, and reads as written)."""
 
-    def __init__(self, option: str, message: str):
-        super().__init__(f"{option}: {message}")
+    def __init__(self, option: str, message: str, *, worded: bool = False):
+        super().__init__(message if worded else f"{option}: {message}")
         self.option = option
 
     @classmethod
@@ -218,7 +219,8 @@ def D_from_published(D, aug_dim, pfgmpp, default):
     ``--pfgmpp=1`` means D = --aug_dim (published default 128), ``--pfgmpp=0`` means D = inf
     (--aug_dim is then unused, as published); without --pfgmpp, --D or --aug_dim give D, else ``default``."""
     if D is not None and aug_dim is not None and D != aug_dim:
-        raise UsageError("--aug_dim", f"--aug_dim {aug_dim:g} and --D {D:g} disagree; give one of them")
+        raise UsageError("--aug_dim", f"--aug_dim {aug_dim:g} and --D {D:g} disagree; give one of them",
+                         worded=True)
     given = D if D is not None else aug_dim
     if pfgmpp is None:
         return default if given is None else given
@@ -226,7 +228,7 @@ def D_from_published(D, aug_dim, pfgmpp, default):
         return 128.0 if given is None else given
     if D is not None and not math.isinf(D):
         raise UsageError("--pfgmpp", f"--pfgmpp=0 means D = inf (EDM diffusion), but --D {D:g} was given; "
-                                     "drop --D, or use --pfgmpp=1 for a finite D")
+                                     "drop --D, or use --pfgmpp=1 for a finite D", worded=True)
     return math.inf
 
 
