@@ -22,8 +22,8 @@ from pfgmpp_fast.evaluation.metrics import (METRICS, compute_metrics, load_refer
                                             save_reference)
 from pfgmpp_fast.evaluation.sweep import SWEEP_KINDS, sweep
 from pfgmpp_fast.utils import distributed
-from pfgmpp_fast.utils.cli_errors import (BoolOption, UsageError, add_threads_argument, blame, check_output_path,
-                                          command, int_at_least)
+from pfgmpp_fast.utils.cli_errors import (BoolOption, InvalidArgument, UsageError, add_threads_argument, blame,
+                                          check_output_path, command, int_at_least)
 from pfgmpp_fast.utils.io_utils import atomic_write_bytes
 
 __all__ = ["add_arguments", "main"]
@@ -111,8 +111,7 @@ def _add_published_calc_arguments(calc) -> None:
 
 def _extractor(args, device) -> Detectors:
     """The detectors `--metrics` needs (the main --features space, Inception logits, DINOv2)."""
-    with blame("--metrics"):
-        metrics = parse_metrics(args.metrics)
+    metrics = parse_metrics(args.metrics)         # its error names --metrics itself
     main = _main_extractor(args, device)
     dinov2 = None
     if "fd_dinov2" in metrics:
@@ -120,8 +119,7 @@ def _extractor(args, device) -> Detectors:
         with blame("--dinov2-sha256" if args.dinov2_sha256 else "--dinov2-weights"):
             dinov2 = DINOv2Features(args.dinov2_weights, args.dinov2_sha256, device=device,
                                     image_size=args.dinov2_size)
-    with blame("--metrics"):
-        return Detectors(main, metrics, dinov2)
+    return Detectors(main, metrics, dinov2)        # its errors name --metrics themselves
 
 
 def _main_extractor(args, device):
@@ -131,8 +129,8 @@ def _main_extractor(args, device):
         return get_feature_extractor(args.features, device, args.inception_weights, args.inception_sha256,
                                      args.digits_cache)
     except (ValueError, FileNotFoundError) as exc:
-        raise UsageError("--inception-sha256" if "sha256" in str(exc) and args.inception_sha256 else option,
-                         str(exc)) from None
+        named = isinstance(exc, InvalidArgument) and exc.name == "inception_sha256"   # the given digest is wrong
+        raise UsageError("--inception-sha256" if named else option, str(exc)) from None
     except OSError as exc:           # e.g. URLError: no network
         if args.features == "inception" and args.inception_weights is None:
             raise RuntimeError(f"--inception-weights: cannot download the Inception weights ({exc}); offline, pass "
@@ -159,7 +157,8 @@ def _values(text: Optional[str], kind: str):
     try:
         return [conv(t) for t in parts]
     except ValueError:
-        raise ValueError(f"--values must be comma-separated {conv.__name__}s for kind={kind}, got {text!r}") from None
+        raise UsageError("--values", f"must be comma-separated {conv.__name__}s for kind={kind}, "
+                                     f"got {text!r}") from None
 
 
 def _check_calc_args(args):
@@ -294,8 +293,7 @@ def main(args) -> int:
     cmd = getattr(args, "fid_command", None)
     if cmd is None:
         raise UsageError("fid", "give a subcommand: python -m pfgmpp_fast fid {calc,ref,sweep} ... (see --help)")
-    with blame("--metrics"):              # before any network is loaded
-        parse_metrics(args.metrics)
+    parse_metrics(args.metrics)           # before any network is loaded; its error names --metrics
     if cmd == "calc":
         _check_calc_args(args)
     if cmd == "ref":

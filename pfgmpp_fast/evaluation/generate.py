@@ -37,9 +37,9 @@ from pfgmpp_fast.checks import check_seeds, parse_int_list  # noqa: F401  (part 
 from pfgmpp_fast.published_rng import PublishedRNG, check_published_sampling
 from pfgmpp_fast.evaluation.published import generation_jobs
 from pfgmpp_fast.utils import distributed
-from pfgmpp_fast.utils.cli_errors import (BoolOption, D_from_published, Unsupported, UsageError, add_threads_argument,
-                                          blame, check_output_path, checked, command, int_at_least, number,
-                                          supported_choice)
+from pfgmpp_fast.utils.cli_errors import (BoolOption, D_from_published, InvalidArgument, InvalidValue, Unsupported,
+                                          UsageError, add_threads_argument, blame, check_output_path, checked, command,
+                                          int_at_least, number, supported_choice)
 from pfgmpp_fast.utils.io_utils import atomic_save_npz, atomic_write_bytes
 
 __all__ = ["SAMPLING_KEY", "STREAM_CLASS", "parse_int_list", "check_seeds", "rank_seeds",
@@ -140,7 +140,7 @@ def generate_images(net, seeds, batch_size: int = 64, options=None, class_idx: O
         raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
     seeds = np.sort(np.asarray(seeds, dtype=np.int64)) if len(seeds) else np.zeros(0, np.int64)
     if seeds.size and (seeds[0] < 0):
-        raise ValueError(f"seeds: seed {int(seeds[0])} is out of range; seeds must be in [0, 2^63)")
+        raise InvalidValue("seeds", f"seed {int(seeds[0])} is out of range; seeds must be in [0, 2^63)", sep=": ")
     if D is None and _network_D(net) is None:
         raise ValueError("the network has no attribute D; pass D explicitly")
     sampler = Sampler(_network_D(net) if D is None else D, key, options, **settings)  # D, options: checked once
@@ -408,7 +408,8 @@ def network_from_args(args, device, path: Optional[str] = None, D=None):
     try:
         net = load_generator_network(path or args.network, device, trust_pickle=args.trust_pickle, D=D)
     except (ValueError, TypeError, FileNotFoundError) as exc:
-        raise UsageError(_D_option(args) if "network/D mismatch" in str(exc) else "--network", str(exc)) from None
+        named_D = isinstance(exc, InvalidArgument) and exc.name == "D"     # a network/D mismatch
+        raise UsageError(_D_option(args) if named_D else "--network", str(exc)) from None
     with blame(_D_option(args)):
         resolve_D(net, D)
     label_dim = int(getattr(net, "label_dim", 0) or 0)
