@@ -57,7 +57,7 @@ def test_philox_normal_matches_reference(backend, n):
     ids = torch.cat([torch.tensor([0, 2**32 - 1, 2**32, 2**62 + 7]),
                      torch.randint(0, 2**62, (3,), generator=gen)])
     for key, stream in [(0, R.STREAM_NOISE), (2**40 + 3, R.stream_churn(5)), (12345, R.stream_alpha(17))]:
-        out = ops.philox_normal(ids.to(dev), key, n, stream, backend=backend).cpu()
+        out = ops.philox_normal(key, ids.to(dev), n, stream, backend=backend).cpu()
         ref = R.normal(key, ids, n, stream)
         assert out.dtype == torch.float32 and out.shape == ref.shape
         assert torch.isfinite(out).all()
@@ -66,7 +66,7 @@ def test_philox_normal_matches_reference(backend, n):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_philox_normal_empty_batch(backend):
-    out = ops.philox_normal(torch.zeros(0, dtype=torch.int64, device=device_for(backend)), 1, 5, 0,
+    out = ops.philox_normal(1, torch.zeros(0, dtype=torch.int64, device=device_for(backend)), 5, 0,
                             backend=backend)
     assert out.shape == (0, 5)
 
@@ -77,7 +77,7 @@ def test_chi2_matches_reference(backend, D):
     dev = device_for(backend)
     gen = torch.Generator().manual_seed(int(D * 10))
     ids = torch.cat([torch.tensor([0, 1, 2**33 + 5]), torch.randint(0, 2**62, (61,), generator=gen)])
-    out = ops.chi2(ids.to(dev), 2**35 + 11, D, R.STREAM_CHI2, backend=backend).cpu()
+    out = ops.chi2(2**35 + 11, ids.to(dev), D, R.STREAM_CHI2, backend=backend).cpu()
     ref = R.chi2(2**35 + 11, ids, D)
     assert out.dtype == torch.float64 and out.shape == (64,)
     assert torch.isfinite(out).all() and (out > 0).all()
@@ -90,7 +90,7 @@ def test_chi2_moments(backend):
     n = 1000
     ids = torch.arange(n, device=device_for(backend))
     for D in (2.0, 128.0):
-        v = ops.chi2(ids, 3, D, backend=backend).cpu()
+        v = ops.chi2(3, ids, D, backend=backend).cpu()
         assert abs(v.mean().item() - D) < 4 * (2 * D / n) ** 0.5  # 4 standard errors
         assert abs(v.var().item() / (2 * D) - 1) < 4 * (8 / n) ** 0.5  # sd of the ratio <= sqrt(8/n)
 
@@ -98,19 +98,19 @@ def test_chi2_moments(backend):
 def test_bad_inputs_fail_clearly():
     ids = torch.arange(3)
     with pytest.raises(ValueError, match="backend"):
-        ops.philox_normal(ids, 1, 4, 0, backend="gpu")
+        ops.philox_normal(1, ids, 4, 0, backend="gpu")
     with pytest.raises(ValueError, match="key"):
-        ops.philox_normal(ids, -1, 4, 0, backend="triton")
+        ops.philox_normal(-1, ids, 4, 0, backend="triton")
     with pytest.raises(ValueError, match="D"):
-        ops.chi2(ids, 1, float("inf"), backend="triton")
+        ops.chi2(1, ids, float("inf"), backend="triton")
     with pytest.raises(ValueError, match="D"):
-        ops.chi2(ids, 1, -2.0, backend="triton")
+        ops.chi2(1, ids, -2.0, backend="triton")
     if not ops.has_extension():
         with pytest.raises(RuntimeError, match="not built"):
-            ops.philox_normal(ids, 1, 4, 0, backend="cpu")
+            ops.philox_normal(1, ids, 4, 0, backend="cpu")
     if not ops.has_cuda_kernels():
         with pytest.raises(RuntimeError, match="CUDA"):
-            ops.philox_normal(ids, 1, 4, 0, backend="cuda")
+            ops.philox_normal(1, ids, 4, 0, backend="cuda")
 
 
 

@@ -16,7 +16,7 @@ import os
 import time
 from typing import Optional
 
-from pfgmpp_fast.evaluation.calc import calc_stats, generator_source, images_source, reference_stats, weights_fingerprint
+from pfgmpp_fast.evaluation.calc import calc_stats, GeneratorSource, ImagesSource, reference_stats, weights_fingerprint
 from pfgmpp_fast.evaluation.features import FEATURES, Detectors, get_feature_extractor
 from pfgmpp_fast.evaluation.metrics import (METRICS, compute_metrics, load_reference, parse_metrics,
                                             save_reference)
@@ -157,14 +157,14 @@ def _calc(args, device, say) -> int:
     rank = distributed.get_rank()
     if args.images is not None:
         with blame("--images"):
-            source = images_source(args.images, device=device)
+            source = ImagesSource(args.images, device=device)
     else:
         seeds = args.seeds if args.seeds is not None else f"0-{args.num - 1}"
         kw = sampler_kwargs_from_args(args)
         net = network_from_args(args, device, D=kw["D"])
         fast = make_generator_fast(net, device, args.net_dtype, args.compile, args.cuda_graphs)
         with blame("--seeds"):
-            source = generator_source(fast, seeds, device=device, describe={
+            source = GeneratorSource(fast, seeds, device=device, describe={
                 "network": os.path.abspath(args.network), "weights": weights_fingerprint(net),
                 **generator_numerics(device, args.net_dtype, args.compile, args.cuda_graphs)}, **kw)
     extractor = _extractor(args, device)

@@ -10,7 +10,7 @@ Outputs: PNGs in the published layout (`outdir/000000/000123.png`, folders of 10
 or one `.npz` (`images` uint8 NHWC, `seeds` int64, sorted by seed), written atomically.
 Under torchrun the sorted seeds are split across ranks (rank r takes seeds[r::world]).
 
-Python entry points: `parse_int_list`, `check_seeds`, `rank_seeds`, `generate_images`
+Python entry points: `rank_seeds`, `generate_images`
 (iterator of (seeds, uint8 NCHW images)), `write_images`, `load_generator_network`.
 """
 from __future__ import annotations
@@ -26,20 +26,19 @@ import torch
 
 from pfgmpp_fast import checks
 from pfgmpp_fast import reference as R
-from pfgmpp_fast.checks import check_seeds, parse_int_list  # noqa: F401  (part of this module's API)
+from pfgmpp_fast.checks import check_seeds
 from pfgmpp_fast.utils import distributed
 from pfgmpp_fast.utils.cli_errors import (UsageError, add_threads_argument, blame, check_output_path, command,
                                           int_at_least, number)
 from pfgmpp_fast.utils.io_utils import atomic_save_npz, atomic_write_bytes
 
-__all__ = ["SAMPLING_KEY", "STREAM_CLASS", "parse_int_list", "check_seeds", "rank_seeds",
+__all__ = ["SAMPLING_KEY", "rank_seeds",
            "to_uint8", "class_labels_for", "generate_images", "write_images", "load_generator_network",
            "make_generator_fast", "generator_numerics", "add_sampler_arguments", "sampler_options_from_args",
            "sampler_kwargs_from_args",
            "device_from_args", "network_from_args", "add_arguments", "main"]
 
 SAMPLING_KEY = 0x5EED_0F_1A6E       # the fixed Philox key of sampling: image = f(seed)
-STREAM_CLASS = R.STREAM_CLASS      # Philox stream of the random class label of a seed
 
 
 # ----------------------------------------------------------------------------------------
@@ -62,7 +61,7 @@ def to_uint8(x: torch.Tensor) -> torch.Tensor:
 
 def class_labels_for(seeds: torch.Tensor, label_dim: int, class_idx: Optional[int], key: int = SAMPLING_KEY):
     """One-hot labels [B, label_dim]: `class_idx` for all, else a class drawn from the seed
-    (Philox stream STREAM_CLASS, block 0, lane 0, modulo label_dim), or None if unconditional."""
+    (Philox stream reference.STREAM_CLASS, block 0, lane 0, modulo label_dim), or None if unconditional."""
     if label_dim == 0:
         if class_idx is not None:
             raise ValueError(f"class {class_idx} was requested but the network is unconditional (label_dim=0)")
@@ -73,7 +72,7 @@ def class_labels_for(seeds: torch.Tensor, label_dim: int, class_idx: Optional[in
         idx = torch.full_like(seeds, int(class_idx))
     else:
         counters = torch.stack([torch.zeros_like(seeds), seeds & R.MASK32, (seeds >> 32) & R.MASK32,
-                                torch.full_like(seeds, STREAM_CLASS)], dim=-1)
+                                torch.full_like(seeds, R.STREAM_CLASS)], dim=-1)
         idx = R.philox4x32(counters, key)[:, 0] % label_dim
     return torch.nn.functional.one_hot(idx, label_dim).to(torch.float32)
 
@@ -165,14 +164,6 @@ def png_bytes(image_hwc: np.ndarray) -> bytes:
 def png_path(outdir: str, seed: int) -> str:
     """The published layout: outdir/<seed − seed % 1000:06d>/<seed:06d>.png."""
     return os.path.join(outdir, f"{seed - seed % 1000:06d}", f"{seed:06d}.png")
-
-
-def load_npz_images(path: str):
-    """(images uint8 NHWC, seeds int64) from a generate .npz (no pickle)."""
-    with np.load(path, allow_pickle=False) as f:
-        if "images" not in f or "seeds" not in f:
-            raise ValueError(f"{path}: expected arrays 'images' and 'seeds', got {sorted(f.keys())}")
-        return f["images"], f["seeds"]
 
 
 def write_images(batches, outdir: Optional[str] = None, npz: Optional[str] = None) -> int:

@@ -26,7 +26,7 @@ from typing import Optional
 import torch
 
 __all__ = ["pick_device", "set_cpu_threads", "init", "close", "get_rank", "get_world_size", "is_enabled",
-           "barrier", "print0", "ddp", "elastic_info", "join_group"]
+           "barrier", "ddp", "elastic_info", "join_group"]
 
 INIT_TRIES_ENV = "PFGMPP_FAST_DIST_INIT_TRIES"
 INIT_TIMEOUT_ENV = "PFGMPP_FAST_DIST_INIT_TIMEOUT"
@@ -262,7 +262,3 @@ def barrier() -> None:
         torch.distributed.barrier()
 
 
-def print0(*args, **kwargs) -> None:
-    """print on rank 0 only (flushed)."""
-    if get_rank() == 0:
-        print(*args, **kwargs, flush=True)
