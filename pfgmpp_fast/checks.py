@@ -13,11 +13,18 @@ import torch
 __all__ = ["check_key", "check_D", "parse_D", "check_sample_ids", "check_positive", "check_images",
            "check_sampler_options", "check_training_options", "check_sigma", "as_bool", "check_number",
            "parse_int_list", "check_seeds", "check_net_D", "check_sigma_max", "check_common", "format_ids",
-           "DeviceReport", "MAX_SEED", "MAX_SEEDS", "MAX_SIGMA", "SOLVERS"]
+           "check_backend", "DeviceReport", "BACKENDS", "MAX_SEED", "MAX_SEEDS", "MAX_SIGMA", "SOLVERS"]
 
 MAX_SEED = 2 ** 63
 MAX_SEEDS = 10 ** 9
 MAX_SIGMA = 1e30    # = reference.MAX_SCALE: the largest noise scale every backend represents unclamped
+BACKENDS = ("auto", "reference", "triton", "cuda", "cpu")   # what every op's `backend` may be (ops.py)
+
+
+def check_backend(backend) -> str:
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    return backend
 
 
 def check_key(key) -> int:

@@ -15,10 +15,7 @@ from torch import nn
 from pfgmpp_fast import ops
 from pfgmpp_fast import checks
 from pfgmpp_fast import reference as R
-
-
-def _is_precond_net(net) -> bool:
-    return hasattr(net, "raw") and hasattr(net, "sigma_data")
+from pfgmpp_fast.networks import is_precond_net
 
 
 class FusedLoss(torch.autograd.Function):
@@ -78,7 +75,7 @@ def _training_loss(net, y, D: float, key: int, sample_ids, P_mean, P_std, sigma_
     cd = R.compute_dtype(y)
     kwargs = {} if augment_labels is None else {"augment_labels": augment_labels}
 
-    if not _is_precond_net(net):
+    if not is_precond_net(net):
         ones = torch.ones_like(s, dtype=cd)
         x, _ = ops.perturb_op(y, s.to(cd), ones, sample_ids, key, R.STREAM_NOISE, y.dtype,
                               ops.is_channels_last(y), False, backend=backend)
@@ -135,9 +132,7 @@ class PFGMPPLoss(nn.Module):
         checks.check_training_options(P_mean, P_std)
         self.P_mean, self.P_std = float(P_mean), float(P_std)
         self.sigma_data = checks.check_positive("sigma_data", sigma_data)
-        if backend not in ops.BACKENDS:
-            raise ValueError(f"backend must be one of {ops.BACKENDS}, got {backend!r}")
-        self.backend = backend
+        self.backend = checks.check_backend(backend)
 
     def forward(self, net, y, key, sample_ids, labels=None, augment_labels=None, net_dtype=None):
         """The loss of one batch; D and the options were checked once, at construction."""

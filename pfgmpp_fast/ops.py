@@ -16,8 +16,7 @@ from torch import Tensor
 
 from pfgmpp_fast import checks
 from pfgmpp_fast import reference as R
-
-BACKENDS = ("auto", "reference", "triton", "cuda", "cpu")
+from pfgmpp_fast.checks import BACKENDS  # noqa: F401  (sampler.py reads ops.BACKENDS)
 NET_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 
 
@@ -63,8 +62,7 @@ def triton_available(device: torch.device) -> bool:
 
 def resolve_backend(backend: str, device) -> str:
     """The concrete backend for tensors on `device` (raises with a clear reason)."""
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    checks.check_backend(backend)
     device = torch.device(device)
     if backend == "auto":
         if device.type == "cuda":
