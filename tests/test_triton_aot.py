@@ -65,9 +65,8 @@ def test_aligned_sizes_get_128_bit_accesses(aot_report):
 
 
 def test_register_counts_of_the_chosen_launches(aot_report):
-    """Warps per launch keep the fused fp32 kernels near half occupancy on sm_90 (<= 61 registers
-    measured; 4-warp launches needed 80-110) and every kernel <= 128 (fp64 sampler and chi2
-    needed 168-244).  The counts are in docs/KERNEL_OPS.md."""
+    """Warps per launch keep the fused fp32 kernels near half occupancy on sm_90 and every
+    kernel within 128 registers.  `python -m pfgmpp_fast.kernels.aot_check` prints the counts."""
     _, report, _ = aot_report
     for name, r in report.items():
         limit = 72 if name.startswith(("perturb", "loss", "sampler")) and "fp64" not in name else 128
