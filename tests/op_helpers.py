@@ -22,6 +22,14 @@ D_VALUES = [1.0, 2.0, 8.0, 128.0, 2048.0, 3072000.0, math.inf]
 FINITE_D_VALUES = [D for D in D_VALUES if math.isfinite(D)]
 LAYOUTS = ("contiguous", "channels_last", "strided", "transposed", "offset", "channels_last_offset")
 
+# Random123's published known-answer vectors for philox4x32_10 (counter, key=(k0, k1), output)
+KAT = [
+    ((0, 0, 0, 0), (0, 0), (0x6627E8D5, 0xE169C58D, 0xBC57AC4C, 0x9B00DBD8)),
+    ((0xFFFFFFFF,) * 4, (0xFFFFFFFF, 0xFFFFFFFF), (0x408F276D, 0x41C83B0E, 0xA20BC7C6, 0x6D5451FD)),
+    ((0x243F6A88, 0x85A308D3, 0x13198A2E, 0x03707344), (0xA4093822, 0x299F31D0),
+     (0xD16CFE09, 0x94FDCCEB, 0x5001E420, 0x24126EA1)),
+]
+
 # Tolerances (docs/DESIGN.md §6, KERNEL_OPS.md): Philox words bit-exact; normals within 1e-6 abs +
 # 1e-6 rel (the C++ SIMD log/sin/cos, CUDA's sinf/cosf/sincosf and torch's are each within
 # ~2 ulp of the exact value, so z differs by a few ulp: |z| < 6 keeps that under 1e-6 + 6e-6);

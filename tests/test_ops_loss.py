@@ -106,6 +106,13 @@ def test_loss_op_matches_reference(backend, case):
         assert rel_err(grad, cpu_grad) < tol_for(grad.dtype)
 
 
+def _net_and_batch(seed, shape, device):
+    """A seeded TinyPrecond, images y of `shape` and sample ids 0..B-1, on `device`."""
+    torch.manual_seed(seed)
+    net = TinyPrecond().to(device)
+    return net, torch.randn(*shape, device=device), torch.arange(shape[0], device=device)
+
+
 def _param_grads(net):
     return torch.cat([p.grad.reshape(-1) for p in net.parameters()])
 
@@ -135,10 +142,8 @@ def test_training_loss_and_grad_match_reference(backend, D, B):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_training_loss_bf16_net_input_and_module(backend):
     dev = device_for(backend)
-    torch.manual_seed(0)
-    net = TinyPrecond().to(dev)
-    y = torch.randn(4, 3, 4, 4, device=dev).contiguous(memory_format=torch.channels_last)
-    ids = torch.arange(4, device=dev)
+    net, y, ids = _net_and_batch(0, (4, 3, 4, 4), dev)
+    y = y.contiguous(memory_format=torch.channels_last)
     module = PFGMPPLoss(D=128, backend=backend)
     loss = module(net, y, 5, ids, net_dtype=torch.bfloat16)
     loss.backward()
@@ -150,10 +155,7 @@ def test_training_loss_bf16_net_input_and_module(backend):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_training_loss_plain_denoiser_and_empty_batch(backend):
     dev = device_for(backend)
-    torch.manual_seed(1)
-    net = TinyPrecond().to(dev)
-    y = torch.randn(3, 3, 4, 4, device=dev)
-    ids = torch.arange(3, device=dev)
+    net, y, ids = _net_and_batch(1, (3, 3, 4, 4), dev)
     plain = lambda x, sigma, labels=None: net(x, sigma, labels)  # noqa: E731  (no .raw: unfused path)
     loss = training_loss(plain, y, 2048, 9, ids, backend=backend)
     assert rel_err(loss, R.training_loss(net.cpu(), y.cpu(), 2048, 9, ids.cpu())) < 1e-5
@@ -166,10 +168,7 @@ def test_training_loss_plain_denoiser_and_empty_batch(backend):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_loss_grad_scales_with_upstream_gradient(backend):
     dev = device_for(backend)
-    torch.manual_seed(2)
-    net = TinyPrecond().to(dev)
-    y = torch.randn(2, 3, 3, 3, device=dev)
-    ids = torch.arange(2, device=dev)
+    net, y, ids = _net_and_batch(2, (2, 3, 3, 3), dev)
     (3.0 * training_loss(net, y, 8, 4, ids, backend=backend)).backward()
     g3 = _param_grads(net).clone()
     net.zero_grad()
@@ -193,10 +192,8 @@ def test_training_loss_validation():
 
 
 def _check_compiled_loss(backend, device, compile_backend):
-    torch.manual_seed(0)
-    net = TinyPrecond().to(device)
-    y = torch.randn(8, 3, 8, 8, device=device).contiguous(memory_format=torch.channels_last)
-    ids = torch.arange(8, device=device)
+    net, y, ids = _net_and_batch(0, (8, 3, 8, 8), device)
+    y = y.contiguous(memory_format=torch.channels_last)
 
     def objective(y, ids):
         return training_loss(net, y, 128, 3, ids, backend=backend, net_dtype=torch.bfloat16)
@@ -247,10 +244,7 @@ def test_triton_and_cuda_agree():
 
 def test_reference_backend_through_public_api():
     """backend='reference' runs the same fused autograd path on reference.ref_loss_fwd_bwd."""
-    torch.manual_seed(3)
-    net = TinyPrecond()
-    y = torch.randn(3, 3, 4, 4)
-    ids = torch.arange(3)
+    net, y, ids = _net_and_batch(3, (3, 3, 4, 4), "cpu")
     loss = training_loss(net, y, 2.0, 6, ids, backend="reference")
     loss.backward()
     g = _param_grads(net).clone()

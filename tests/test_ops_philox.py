@@ -11,18 +11,9 @@ import pytest
 
 from pfgmpp_fast import ops
 from pfgmpp_fast import reference as R
-from op_helpers import BACKENDS, FINITE_D_VALUES, cpp_ops, device_for, needs_ext, random_ids, seeded
+from op_helpers import BACKENDS, FINITE_D_VALUES, KAT, cpp_ops, device_for, needs_ext, random_ids, seeded
 
 pytestmark = pytest.mark.usefixtures("poison_uninitialized_memory")
-
-
-# Random123 known answers for philox4x32_10 (counter, key=(k0, k1), output)
-KAT = [
-    ((0, 0, 0, 0), (0, 0), (0x6627E8D5, 0xE169C58D, 0xBC57AC4C, 0x9B00DBD8)),
-    ((0xFFFFFFFF,) * 4, (0xFFFFFFFF, 0xFFFFFFFF), (0x408F276D, 0x41C83B0E, 0xA20BC7C6, 0x6D5451FD)),
-    ((0x243F6A88, 0x85A308D3, 0x13198A2E, 0x03707344), (0xA4093822, 0x299F31D0),
-     (0xD16CFE09, 0x94FDCCEB, 0x5001E420, 0x24126EA1)),
-]
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
