@@ -232,14 +232,9 @@ def perturb_net_input(y: Tensor, sigma, D, key, sample_ids, sigma_data: float = 
 
 def prior(shape, D, sigma_max, key, seeds, dtype=torch.float32, device=None, backend: str = "auto"):
     """Latents σ_max·√(D/V)·g (reference.prior), generated on the device."""
-    shape = tuple(int(s) for s in shape)
-    seeds = checks.check_sample_ids(seeds, name="seeds", device=device)
-    if len(shape) < 2 or shape[0] != seeds.shape[0]:
-        raise ValueError(f"shape must be [B, ...] with B = len(seeds) = {seeds.shape[0]}, got {shape}")
+    shape, D, sigma_max, key, seeds = checks.check_prior(shape, D, sigma_max, key, seeds, device)
     if dtype not in (torch.float32, torch.float64):
         raise TypeError(f"dtype must be torch.float32 or torch.float64, got {dtype}")
-    sigma_max = checks.check_sigma_max("sigma_max", sigma_max)
-    key, D = checks.check_key(key), checks.check_D(D)
     latents = _prior(shape, D, sigma_max, key, seeds, dtype, backend)
     report = checks.DeviceReport()
     report.ids(seeds, "seeds")          # on a GPU: read once (on the CPU check_sample_ids did it)

@@ -275,12 +275,7 @@ def prior(shape: Sequence[int], D, sigma_max: float, key, seeds, dtype=torch.flo
 
     The same kernel as `perturb` at σ_max with y = 0: an image depends only on its seed.
     """
-    shape = tuple(int(s) for s in shape)
-    seeds = checks.check_sample_ids(seeds, name="seeds", device=device)
-    if len(shape) < 2 or shape[0] != seeds.shape[0]:
-        raise ValueError(f"shape must be [B, ...] with B = len(seeds) = {seeds.shape[0]}, got {shape}")
-    sigma_max = checks.check_sigma_max("sigma_max", sigma_max)
-    key, D = checks.check_key(key), checks.check_D(D)
+    shape, D, sigma_max, key, seeds = checks.check_prior(shape, D, sigma_max, key, seeds, device)
     sigma = torch.full((shape[0],), sigma_max, dtype=torch.float64, device=seeds.device)
     s = _noise_scale(sigma, D, key, seeds).to(dtype)
     g = normal_unchecked(key, seeds, math.prod(shape[1:]), STREAM_NOISE).to(dtype)
