@@ -66,14 +66,14 @@ def random_ids(B, seed, device="cpu"):
 def in_layout(t, layout):
     """The same values in another memory layout (one of LAYOUTS): contiguous; channels-last;
     strided (every second element of the last dim of a NaN-filled buffer); transposed (the
-    last two dims column-major); offset / channels_last_offset (at storage offset 1, so not
-    16-byte aligned)."""
+    same with the last two dims swapped: column-major with gaps); offset / channels_last_offset
+    (at storage offset 1, so not 16-byte aligned)."""
     if layout == "contiguous":
         return t.contiguous()
     if layout == "channels_last":
         return t.contiguous(memory_format=torch.channels_last) if t.dim() == 4 else t
     if layout == "transposed":
-        return t.transpose(-1, -2).contiguous().transpose(-1, -2)
+        return in_layout(t.transpose(-1, -2), "strided").transpose(-1, -2)
     if layout in ("offset", "channels_last_offset"):
         flat = torch.full((1 + t.numel(),), float("nan"), dtype=t.dtype, device=t.device)
         if layout == "offset" or t.dim() != 4:
