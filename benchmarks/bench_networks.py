@@ -117,9 +117,6 @@ def bench_variant(variant, arch, cfg, args, device):
         (model(x, sigma, None, augment_labels=aug) * weight).sum().backward()
     _measure(result, 'fwd_bwd', fwd_bwd, args, device)
     _set_tf32(False)
-    del model, net
-    if device.type == 'cuda':
-        torch.cuda.empty_cache()
     return result
 
 
@@ -160,6 +157,8 @@ def main(argv=None):
         row = {}
         for variant in args.variants.split(','):
             row[variant] = bench_variant(variant, arch, cfg, args, device)
+            if device.type == 'cuda':
+                torch.cuda.empty_cache()  # the variant's network and buffers are gone with its frame
             print(f'{arch:7s} {variant:9s} fwd {row[variant]["forward_img_per_s"]:10.1f} img/s   '
                   f'fwd+bwd {row[variant]["fwd_bwd_img_per_s"]:10.1f} img/s', flush=True)
         ratios = {}

@@ -17,6 +17,7 @@ from torch import Tensor
 from pfgmpp_fast import checks
 from pfgmpp_fast import reference as R
 from pfgmpp_fast.checks import BACKENDS  # noqa: F401  (sampler.py reads ops.BACKENDS)
+
 NET_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 
 
