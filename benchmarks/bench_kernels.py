@@ -91,8 +91,8 @@ def make_cases(shape, D, key, stream):
     d64 = torch.randn(shape, device=device, dtype=torch.float64, generator=gen)
     return {
         "philox_normal": dict(  # the RNG alone: perturb's arithmetic ceiling
-            bytes=4, call=lambda be, impl: impl(ids, key, N, stream, **be),
-            op=ops.philox_normal, ref=lambda ids_, key_, n, st: R.normal(key_, ids_, n, st),
+            bytes=4, call=lambda be, impl: impl(key, ids, N, stream, **be),
+            op=ops.philox_normal, ref=R.normal,
             published=lambda: torch.randn_like(y)),
         "perturb": dict(
             bytes=6, call=lambda be, impl: impl(y, scale, c_in, ids, key, stream, torch.bfloat16, True, False, **be),

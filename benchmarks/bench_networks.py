@@ -13,14 +13,13 @@ Variants (same architecture, same weights):
              resampling as avg-pool / nearest, other FIR resampling as fused shifted
              slices, torch.compile).
 Forward = inference (eval, no_grad); fwd+bwd = training mode (dropout on), backward of a
-weighted sum of the output. Also measured in the same run: a bf16 matmul ceiling.
+weighted sum of the output. Also measured in the same run: the device-copy and bf16 matmul
+ceilings (timing and ceilings: pfgmpp_fast/utils/benchmarking.py).
 """
 from __future__ import annotations
 
 import argparse
 import os
-import platform
-import statistics
 import sys
 import time
 
@@ -28,31 +27,7 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), '..'))
 from pfgmpp_fast.networks import Conv2d, build_network, make_fast, set_attention  # noqa: E402
-
-
-def _sync(device):
-    if device.type == 'cuda':
-        torch.cuda.synchronize()
-
-
-def _time(fn, device, warmup, iters):
-    for _ in range(warmup):
-        fn()
-    _sync(device)
-    times = []
-    for _ in range(iters):
-        if device.type == 'cuda':
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            torch.cuda.synchronize()
-            times.append(start.elapsed_time(end) / 1e3)
-        else:
-            t = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - t)
-    return statistics.median(times)
+from pfgmpp_fast.utils import benchmarking as bm  # noqa: E402
 
 
 def _set_tf32(on: bool):
@@ -91,6 +66,21 @@ def _make_inputs(net, batch, device, gen):
     return x, sigma, aug
 
 
+def _measure(result, what, fn, args, device):
+    """result[first_<what>_s] (compile + first call), <what>_img_per_s (median of args.iters
+    calls after args.warmup) and, on a GPU, <what>_peak_bytes_per_img."""
+    t0 = time.perf_counter()
+    fn()
+    bm.sync(device)
+    result[f'first_{what}_s'] = time.perf_counter() - t0
+    if device.type == 'cuda':
+        torch.cuda.reset_peak_memory_stats()
+    ms = bm.time_ms(fn, device, warmup=args.warmup, reps=args.iters)
+    result[f'{what}_img_per_s'] = args.batch / (ms * 1e-3)
+    if device.type == 'cuda':
+        result[f'{what}_peak_bytes_per_img'] = torch.cuda.max_memory_allocated() / args.batch
+
+
 def bench_variant(variant, arch, cfg, args, device):
     torch.manual_seed(0)
     net = build_network(arch, **cfg).to(device)
@@ -116,16 +106,7 @@ def bench_variant(variant, arch, cfg, args, device):
     def fwd():
         with torch.no_grad():
             model(x, sigma, None, augment_labels=aug)
-    t0 = time.perf_counter()
-    fwd()
-    _sync(device)
-    result['first_forward_s'] = time.perf_counter() - t0
-    if device.type == 'cuda':
-        torch.cuda.reset_peak_memory_stats()
-    t = _time(fwd, device, args.warmup, args.iters)
-    result['forward_img_per_s'] = args.batch / t
-    if device.type == 'cuda':
-        result['forward_peak_bytes_per_img'] = torch.cuda.max_memory_allocated() / args.batch
+    _measure(result, 'forward', fwd, args, device)
 
     model.train()
     params = list(net.parameters())
@@ -134,28 +115,9 @@ def bench_variant(variant, arch, cfg, args, device):
         for p in params:
             p.grad = None
         (model(x, sigma, None, augment_labels=aug) * weight).sum().backward()
-    t0 = time.perf_counter()
-    fwd_bwd()
-    _sync(device)
-    result['first_fwd_bwd_s'] = time.perf_counter() - t0
-    if device.type == 'cuda':
-        torch.cuda.reset_peak_memory_stats()
-    t = _time(fwd_bwd, device, args.warmup, args.iters)
-    result['fwd_bwd_img_per_s'] = args.batch / t
-    if device.type == 'cuda':
-        result['fwd_bwd_peak_bytes_per_img'] = torch.cuda.max_memory_allocated() / args.batch
+    _measure(result, 'fwd_bwd', fwd_bwd, args, device)
     _set_tf32(False)
-    del model, net
-    if device.type == 'cuda':
-        torch.cuda.empty_cache()
     return result
-
-
-def matmul_ceiling(device, n, iters):
-    a = torch.randn(n, n, device=device, dtype=torch.bfloat16)
-    b = torch.randn(n, n, device=device, dtype=torch.bfloat16)
-    t = _time(lambda: a @ b, device, 3, iters)
-    return 2 * n ** 3 / t / 1e12
 
 
 def main(argv=None):
@@ -187,17 +149,16 @@ def main(argv=None):
         cfg = dict(resolution=8, channels=3, augment_dim=9, model_channels=16, channel_mult=[1, 2], num_blocks=1,
                    attn_resolutions=[4])
 
-    results = dict(command=' '.join([os.path.basename(sys.argv[0])] + (argv if argv is not None else sys.argv[1:])),
-                   device=torch.cuda.get_device_name(device) if device.type == 'cuda' else platform.processor() or 'cpu',
-                   torch=torch.__version__, python=platform.python_version(), batch=args.batch, iters=args.iters,
-                   smoke=args.smoke, compile_backend=args.compile_backend, compile_mode=args.compile_mode,
-                   config=cfg, archs={})
-    if device.type == 'cuda':
-        results['bf16_matmul_tflops'] = matmul_ceiling(device, 8192, 10)
+    # The ceilings of this run (device copy, bf16 matmul) and its environment, as every suite has them.
+    results = dict(suite='networks', environment=bm.environment(device), ceilings=bm.ceilings(device, smoke=args.smoke),
+                   batch=args.batch, iters=args.iters, smoke=args.smoke, compile_backend=args.compile_backend,
+                   compile_mode=args.compile_mode, config=cfg, archs={})
     for arch in args.archs.split(','):
         row = {}
         for variant in args.variants.split(','):
             row[variant] = bench_variant(variant, arch, cfg, args, device)
+            if device.type == 'cuda':
+                torch.cuda.empty_cache()  # the variant's network and buffers are gone with its frame
             print(f'{arch:7s} {variant:9s} fwd {row[variant]["forward_img_per_s"]:10.1f} img/s   '
                   f'fwd+bwd {row[variant]["fwd_bwd_img_per_s"]:10.1f} img/s', flush=True)
         ratios = {}
@@ -209,10 +170,7 @@ def main(argv=None):
         print(f'{arch:7s} ratios ' + ', '.join(f'{k}={v:.2f}' for k, v in ratios.items()), flush=True)
         results['archs'][arch] = row
 
-    # Rows for the suite driver (pfgmpp_fast.apps.bench) and the README table, plus both ceilings.
-    from pfgmpp_fast.utils import benchmarking as bm
-    results['environment'] = bm.environment(device)
-    results['ceilings'] = bm.ceilings(device, smoke=args.smoke)
+    # Rows for the suite driver (pfgmpp_fast.apps.bench) and the README table.
     results['rows'] = [dict(arch=arch, variant=v, forward_img_per_s=r['forward_img_per_s'],
                             fwd_bwd_img_per_s=r['fwd_bwd_img_per_s'])
                        for arch, row in results['archs'].items() for v, r in row.items() if v != 'ratios']
@@ -223,16 +181,12 @@ def main(argv=None):
                           if k.endswith('fwd_bwd')]
     if args.out:
         bm.write_json(args.out, results)
-        lines = [f'# Network throughput ({results["device"]}, torch {results["torch"]}, batch {args.batch})', '',
-                 '| arch | variant | forward img/s | fwd+bwd img/s |', '|---|---|---|---|']
-        for arch, row in results['archs'].items():
-            for v, r in row.items():
-                if v != 'ratios':
-                    lines.append(f'| {arch} | {v} | {r["forward_img_per_s"]:.1f} | {r["fwd_bwd_img_per_s"]:.1f} |')
-            for k, val in row['ratios'].items():
-                lines.append(f'| {arch} | {k} | {val:.2f} | |')
-        md = os.path.splitext(args.out)[0] + '.md'
-        bm.write_text(md, '\n'.join(lines) + '\n')
+        env = results['environment']
+        ratios = [dict(arch=arch, ratio=k, value=val) for arch, row in results['archs'].items()
+                  for k, val in row['ratios'].items()]
+        text = (f'# Network throughput ({env["device"]}, torch {env["torch"]}, batch {args.batch})\n\n'
+                + bm.markdown_table(results['rows']) + '\n' + bm.markdown_table(ratios))
+        bm.write_text(os.path.splitext(args.out)[0] + '.md', text)
     return results
 
 

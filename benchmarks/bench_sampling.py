@@ -143,11 +143,11 @@ def fid_estimate(fast, device, smoke, steps, batch, fid_slice, inception_weights
             except ImportError as exc:
                 return None, f"skipped: torch-fidelity not installed ({exc})"
         slice_seeds = np.arange(10_000, 10_000 + fid_slice, dtype=np.int64)
-        warm = calc.generator_source(fast, slice_seeds[:batch], device=device, num_steps=steps)
+        warm = calc.GeneratorSource(fast, slice_seeds[:batch], device=device, num_steps=steps)
         calc.calc_stats(warm, extractor, batch_size=batch, device=device)           # warm-up (compile)
         B.sync(device)
         t0 = time.perf_counter()
-        src = calc.generator_source(fast, slice_seeds, device=device, num_steps=steps)
+        src = calc.GeneratorSource(fast, slice_seeds, device=device, num_steps=steps)
         stats = calc.calc_stats(src, extractor, batch_size=batch, device=device)
         mu, sigma = stats.mean_cov()
         B.sync(device)

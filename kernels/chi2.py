@@ -60,7 +60,7 @@ def chi2(sample_ids: Tensor, key: int, D: float, stream: int) -> Tensor:
         return out
     k0, k1 = split_key(key)
     D_hi, D_lo = split_f64(D)
-    BLOCK = max(16, min(256, triton.next_power_of_2(B)))  # one sample per thread: 96 registers (244 with two)
+    BLOCK = max(16, min(256, triton.next_power_of_2(B)))  # one sample per thread (two: over twice the registers)
     launch(_chi2_kernel)[grid(1, triton.cdiv(B, BLOCK))](sample_ids.contiguous(), out, B, k0, k1, stream,
                                                          D_hi, D_lo, BLOCK=BLOCK, ATTEMPTS=CHI2_MAX_ATTEMPTS,
                                                          num_warps=warps_for(BLOCK, 1))

@@ -34,10 +34,10 @@ def launch(kernel):
         return kernel
 
 
-# Warps per launch, from the registers the sm_90 compile needs (aot_check; docs/KERNEL_OPS.md,
-# "Triton launch configuration"): four elements per thread keep one 128-bit access per fp32
-# operand and thread, and cut the sampler step with both noises from 107 registers (fp32,
-# 8 elements per thread) to 61, the fp64 one from 168 to 97; perturb and loss reach 27-32.
+# Warps per launch (docs/KERNEL_OPS.md, "Triton launch configuration"): four elements per
+# thread keep one 128-bit access per fp32 operand and thread and far fewer registers than
+# eight.  `python -m pfgmpp_fast.kernels.aot_check` prints each launch's registers;
+# tests/test_triton_aot.py bounds them.
 ELEMENTS_PER_THREAD = 4
 
 

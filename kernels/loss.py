@@ -12,8 +12,8 @@ import triton.language as tl
 from torch import Tensor
 
 from .layout import (TL_DTYPE, BlockPlan, Layout, cast_for_store, check_image, check_per_sample, check_sample_size,
-                     element_offsets, grid, launch, register, split_key, tile_elements, tile_sum, wants_tiling)
-from .philox import key_words, sample_counter, tile_normals
+                     element_offsets, grid, launch, register, split_key, tile_sum, wants_tiling)
+from .philox import sample_tile_noise
 
 
 @triton.jit(do_not_specialize=["nblk", "k0", "k1", "stream", "grad_scale"])
@@ -26,12 +26,8 @@ def _loss_kernel(F_ptr, y_ptr, scale_ptr, cskip_ptr, cout_ptr, sid_ptr, grad_ptr
                  COMPUTE: tl.constexpr, TILED: tl.constexpr, BLOCK: tl.constexpr,
                  C_PAD: tl.constexpr, BLOCK_HW: tl.constexpr):
     pid = tl.program_id(0)
-    b = pid // nblk
-    blk = pid - b * nblk
-    e, c, hw, mask = tile_elements(blk, N, yHW, TILED, BLOCK, C_PAD, BLOCK_HW)
-    sid_lo, sid_hi = sample_counter(tl.load(sid_ptr + b))
-    kk0, kk1 = key_words(k0, k1)
-    g = tile_normals(blk, yHW, sid_lo, sid_hi, stream.to(tl.uint32), kk0, kk1, TILED, BLOCK, C_PAD, BLOCK_HW)
+    b, e, c, hw, mask, g = sample_tile_noise(pid, nblk, sid_ptr, N, yHW, k0, k1, stream, TILED, BLOCK, C_PAD,
+                                             BLOCK_HW)
     y = tl.load(y_ptr + element_offsets(b, e, c, hw, N, yC, yHW, yW, y_sb, y_sc, y_sh, y_sw, Y_MODE, TILED),
                 mask=mask, other=0.0).to(COMPUTE)
     F = tl.load(F_ptr + element_offsets(b, e, c, hw, N, fC, fHW, fW, f_sb, f_sc, f_sh, f_sw, F_MODE, TILED),

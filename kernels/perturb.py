@@ -15,8 +15,8 @@ from pfgmpp_fast.reference import compute_dtype
 
 from .layout import (TL_DTYPE, BlockPlan, Layout, cast_for_store, check_image, check_out_dtype, check_per_sample,
                      check_sample_size, element_offsets, empty_image, grid, launch, register, split_key,
-                     tile_elements, wants_tiling)
-from .philox import key_words, sample_counter, tile_normals
+                     wants_tiling)
+from .philox import sample_tile_noise
 
 
 # N is specialised (N % 16 == 0 proves 16-byte alignment, so loads and stores vectorise); keys,
@@ -29,13 +29,8 @@ def _perturb_kernel(y_ptr, scale_ptr, cin_ptr, sid_ptr, net_ptr, x_ptr,
                     Y_MODE: tl.constexpr, NET_MODE: tl.constexpr, WRITE_X: tl.constexpr,
                     COMPUTE: tl.constexpr, TILED: tl.constexpr, BLOCK: tl.constexpr,
                     C_PAD: tl.constexpr, BLOCK_HW: tl.constexpr):
-    pid = tl.program_id(0)
-    b = pid // nblk
-    blk = pid - b * nblk
-    e, c, hw, mask = tile_elements(blk, N, yHW, TILED, BLOCK, C_PAD, BLOCK_HW)
-    sid_lo, sid_hi = sample_counter(tl.load(sid_ptr + b))
-    kk0, kk1 = key_words(k0, k1)
-    g = tile_normals(blk, yHW, sid_lo, sid_hi, stream.to(tl.uint32), kk0, kk1, TILED, BLOCK, C_PAD, BLOCK_HW)
+    b, e, c, hw, mask, g = sample_tile_noise(tl.program_id(0), nblk, sid_ptr, N, yHW, k0, k1, stream, TILED, BLOCK,
+                                             C_PAD, BLOCK_HW)
     y_off = element_offsets(b, e, c, hw, N, yC, yHW, yW, y_sb, y_sc, y_sh, y_sw, Y_MODE, TILED)
     y = tl.load(y_ptr + y_off, mask=mask, other=0.0).to(COMPUTE)
     s = tl.load(scale_ptr + b).to(COMPUTE)

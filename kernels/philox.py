@@ -10,7 +10,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .layout import grid, launch, register, split_key, warps_for
+from .layout import grid, launch, register, split_key, tile_elements, warps_for
 
 MAX_NORMALS_PER_SAMPLE = 2**34  # block index e // 4 is a 32-bit counter word (the C++ op's bound)
 
@@ -90,6 +90,20 @@ def tile_normals(blk, HW, sid_lo, sid_hi, stream, k0, k1, TILED: tl.constexpr, B
 @triton.jit
 def key_words(k0, k1):
     return k0.to(tl.uint32), k1.to(tl.uint32)
+
+
+@triton.jit
+def sample_tile_noise(pid, nblk, sid_ptr, N, HW, k0, k1, stream, TILED: tl.constexpr, BLOCK: tl.constexpr,
+                      C_PAD: tl.constexpr, BLOCK_HW: tl.constexpr):
+    """The prologue of the per-sample elementwise kernels: program pid's sample b, the logical
+    elements of its block (e, c, hw, mask as tile_elements) and their noise g of `stream`."""
+    b = pid // nblk
+    blk = pid - b * nblk
+    e, c, hw, mask = tile_elements(blk, N, HW, TILED, BLOCK, C_PAD, BLOCK_HW)
+    sid_lo, sid_hi = sample_counter(tl.load(sid_ptr + b))
+    kk0, kk1 = key_words(k0, k1)
+    g = tile_normals(blk, HW, sid_lo, sid_hi, stream.to(tl.uint32), kk0, kk1, TILED, BLOCK, C_PAD, BLOCK_HW)
+    return b, e, c, hw, mask, g
 
 
 @triton.jit(do_not_specialize=["M", "k0", "k1"])

@@ -19,7 +19,7 @@ __version__ = "0.1.0"
 
 _EXPORTS = {
     "perturb": "ops", "perturb_net_input": "ops", "prior": "ops", "noise_scale": "ops",
-    "training_scalars": "ops", "resolve_backend": "ops", "BACKENDS": "ops",
+    "training_scalars": "ops", "resolve_backend": "ops", "BACKENDS": "checks",
     "training_loss": "loss", "PFGMPPLoss": "loss",
     "sample": "sampler", "Sampler": "sampler", "SamplerOptions": "sampler", "published_prior": "published_rng",
     "build_network": "networks", "make_fast": "networks", "EDMPrecond": "networks",

@@ -16,12 +16,20 @@ from pfgmpp_fast.utils.cli_errors import InvalidType, InvalidValue
 
 __all__ = ["check_key", "check_D", "parse_D", "check_sample_ids", "check_positive", "check_images",
            "check_sampler_options", "check_training_options", "check_sigma", "as_bool", "check_number",
-           "parse_int_list", "check_seeds", "check_net_D", "check_sigma_max", "check_common", "format_ids",
-           "DeviceReport", "MAX_SEED", "MAX_SEEDS", "MAX_SIGMA", "SOLVERS", "MULTISTEP_SOLVERS"]
+           "parse_int_list", "check_seeds", "check_net_D", "check_sigma_max", "check_common", "check_prior",
+           "format_ids", "check_backend", "DeviceReport", "BACKENDS", "MAX_SEED", "MAX_SEEDS", "MAX_SIGMA", "SOLVERS",
+           "MULTISTEP_SOLVERS"]
 
 MAX_SEED = 2 ** 63
 MAX_SEEDS = 10 ** 9
 MAX_SIGMA = 1e30    # = reference.MAX_SCALE: the largest noise scale every backend represents unclamped
+BACKENDS = ("auto", "reference", "triton", "cuda", "cpu")   # what every op's `backend` may be (ops.py)
+
+
+def check_backend(backend) -> str:
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    return backend
 
 
 def check_key(key) -> int:
@@ -67,6 +75,15 @@ def check_common(name, images, key, D, sample_ids, ids_name="sample_ids"):
     sample_ids = check_sample_ids(sample_ids, name=ids_name, device=images.device)
     check_images(name, images, batch=sample_ids.shape[0])
     return check_key(key), check_D(D), sample_ids
+
+
+def check_prior(shape, D, sigma_max, key, seeds, device=None):
+    """(shape, D, sigma_max, key, seeds) of latents [B, ...] with one seed per image, each checked once."""
+    shape = tuple(int(s) for s in shape)
+    seeds = check_sample_ids(seeds, name="seeds", device=device)
+    if len(shape) < 2 or shape[0] != seeds.shape[0]:
+        raise ValueError(f"shape must be [B, ...] with B = len(seeds) = {seeds.shape[0]}, got {shape}")
+    return shape, check_D(D), check_sigma_max("sigma_max", sigma_max), check_key(key), seeds
 
 
 def check_net_D(net, D: float) -> None:

@@ -15,10 +15,7 @@ from torch import nn
 from pfgmpp_fast import ops
 from pfgmpp_fast import checks
 from pfgmpp_fast import reference as R
-
-
-def _is_precond_net(net) -> bool:
-    return hasattr(net, "raw") and hasattr(net, "sigma_data")
+from pfgmpp_fast.networks import is_precond_net
 
 
 class FusedLoss(torch.autograd.Function):
@@ -74,14 +71,14 @@ def _checked_call(net, y, D: float, key: int, sample_ids, P_mean, P_std, sigma_d
 def _training_loss(net, y, D: float, key: int, sample_ids, P_mean, P_std, sigma_data, labels, augment_labels,
                    backend, net_dtype, channels_last):
     """(loss, network output, noise scale s) on checked arguments."""
-    sigma, s = ops._training_scalars(key, sample_ids, D, P_mean, P_std, backend)
+    sigma, s = ops.training_scalars_unchecked(key, sample_ids, D, P_mean, P_std, backend)
     cd = R.compute_dtype(y)
     kwargs = {} if augment_labels is None else {"augment_labels": augment_labels}
 
-    if not _is_precond_net(net):
+    if not is_precond_net(net):
         ones = torch.ones_like(s, dtype=cd)
         x, _ = ops.perturb_op(y, s.to(cd), ones, sample_ids, key, R.STREAM_NOISE, y.dtype,
-                              ops._is_channels_last(y), False, backend=backend)
+                              ops.is_channels_last(y), False, backend=backend)
         sigma_net = sigma.to(y.dtype)
         denoised = net(x, sigma_net, labels, **kwargs)
         weight = (sigma_net ** 2 + sigma_data ** 2) / (sigma_net * sigma_data) ** 2
@@ -91,7 +88,7 @@ def _training_loss(net, y, D: float, key: int, sample_ids, P_mean, P_std, sigma_
 
     c_skip, c_out, c_in, c_noise = R.coefficients(sigma, float(net.sigma_data))
     if channels_last is None:
-        channels_last = bool(getattr(net, "channels_last", False)) or ops._is_channels_last(y)
+        channels_last = bool(getattr(net, "channels_last", False)) or ops.is_channels_last(y)
     net_in, _ = ops.perturb_op(y, s.to(cd), c_in.to(cd), sample_ids, key, R.STREAM_NOISE,
                                net_dtype or torch.float32, channels_last, False, backend=backend)
     F = net.raw(net_in, c_noise.to(torch.float32), labels, **kwargs)
@@ -129,9 +126,7 @@ class PFGMPPLoss(nn.Module):
         checks.check_training_options(P_mean, P_std)
         self.P_mean, self.P_std = float(P_mean), float(P_std)
         self.sigma_data = checks.check_positive("sigma_data", sigma_data)
-        if backend not in ops.BACKENDS:
-            raise ValueError(f"backend must be one of {ops.BACKENDS}, got {backend!r}")
-        self.backend = backend
+        self.backend = checks.check_backend(backend)
 
     def forward(self, net, y, key, sample_ids, labels=None, augment_labels=None, net_dtype=None):
         """The loss of one batch; D and the options were checked once, at construction."""

@@ -26,11 +26,12 @@ import torch
 import torch.nn.functional as F
 from torch.nn.functional import silu
 
+from pfgmpp_fast import checks
 from pfgmpp_fast.reference import coefficients
 
 __all__ = [
     'Linear', 'Conv2d', 'GroupNorm', 'UNetBlock', 'PositionalEmbedding', 'FourierEmbedding',
-    'SongUNet', 'DhariwalUNet', 'EDMPrecond', 'build_network', 'make_fast', 'FastNetwork',
+    'SongUNet', 'DhariwalUNet', 'EDMPrecond', 'is_precond_net', 'build_network', 'make_fast', 'FastNetwork',
     'ARCH_DEFAULTS', 'set_attention', 'set_resample',
 ]
 
@@ -59,6 +60,14 @@ def _check_prob(name: str, value: Any) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 1:
         raise ValueError(f'{name} must be a probability in [0, 1], got {value!r}')
     return float(value)
+
+
+def _check_D(D: Any):
+    """D as given (an int stays an int in the config), a number that checks.check_D accepts."""
+    if isinstance(D, bool) or not isinstance(D, (int, float)):
+        raise ValueError(f'D must be a number in (0, inf] (float("inf") for EDM), got {D!r}')
+    checks.check_D(D)
+    return D
 
 
 def _check_int_list(name: str, value: Any, minimum: int = 1, allow_empty: bool = False) -> list:
@@ -573,6 +582,12 @@ MODEL_TYPES = {'SongUNet': SongUNet, 'DhariwalUNet': DhariwalUNet}
 # ----------------------------------------------------------------------------------------
 # Preconditioning.
 
+def is_precond_net(net) -> bool:
+    """EDMPrecond-like (`.raw` gives F from c_in·x, `.sigma_data`): the loss and the sampler
+    take the fused preconditioning path for such a net, else call it as a plain denoiser."""
+    return hasattr(net, 'raw') and hasattr(net, 'sigma_data')
+
+
 class EDMPrecond(torch.nn.Module):
     """EDM preconditioning D(x, sigma) = c_skip x + c_out F(c_in x, c_noise), carrying the
     PFGM++ augmented dimension ``D`` (float('inf') = EDM) and data dimension ``N``.
@@ -587,8 +602,7 @@ class EDMPrecond(torch.nn.Module):
         _check_choice('model_type', model_type, MODEL_TYPES)
         _check_int('img_channels', img_channels, 1)
         _check_int('label_dim', label_dim, 0)
-        if isinstance(D, bool) or not isinstance(D, (int, float)) or not D > 0:
-            raise ValueError(f'D must be a number in (0, inf] (float("inf") for EDM), got {D!r}')
+        _check_D(D)
         if not isinstance(sigma_data, (int, float)) or not 0 < sigma_data < math.inf:
             raise ValueError(f'sigma_data must be a finite number > 0, got {sigma_data!r}')
         default_N = img_channels * img_resolution * img_resolution if isinstance(img_resolution, int) else None
@@ -670,8 +684,7 @@ def build_network(arch='ddpmpp', resolution=32, channels=3, label_dim=0, D=128, 
         raise ValueError(f'resolution must be a positive int, got {resolution!r}')
     _check_int('channels', channels, 1)
     _check_int('label_dim', label_dim, 0)
-    if isinstance(D, bool) or not isinstance(D, (int, float)) or not D > 0:
-        raise ValueError(f'D must be a number in (0, inf] (float("inf") for EDM), got {D!r}')
+    _check_D(D)
     kwargs = {**ARCH_DEFAULTS[arch], **overrides}
     mult = kwargs.get('channel_mult')
     if isinstance(mult, (list, tuple)) and mult and resolution % (1 << (len(mult) - 1)):

@@ -16,8 +16,8 @@ from torch import Tensor
 
 from pfgmpp_fast import checks
 from pfgmpp_fast import reference as R
+from pfgmpp_fast.checks import BACKENDS  # noqa: F401  (sampler.py reads ops.BACKENDS)
 
-BACKENDS = ("auto", "reference", "triton", "cuda", "cpu")
 NET_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 
 
@@ -63,8 +63,7 @@ def triton_available(device: torch.device) -> bool:
 
 def resolve_backend(backend: str, device) -> str:
     """The concrete backend for tensors on `device` (raises with a clear reason)."""
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    checks.check_backend(backend)
     device = torch.device(device)
     if backend == "auto":
         if device.type == "cuda":
@@ -106,17 +105,19 @@ def philox4x32(counter: Tensor, key: int, backend: str = "auto") -> Tensor:
     return _op("philox4x32", b)(counter, int(key))
 
 
-def philox_normal(sample_ids: Tensor, key: int, n: int, stream: int, backend: str = "auto") -> Tensor:
+def philox_normal(key: int, sample_ids: Tensor, n: int, stream: int, backend: str = "auto") -> Tensor:
+    """reference.normal on checked arguments; the compiled op's schema lists sample_ids first."""
     b = resolve_backend(backend, sample_ids.device)
     if b == "reference":
-        return R._normal(int(key), sample_ids, int(n), int(stream))
+        return R.normal_unchecked(int(key), sample_ids, int(n), int(stream))
     return _op("philox_normal", b)(sample_ids, int(key), int(n), int(stream))
 
 
-def chi2(sample_ids: Tensor, key: int, D: float, stream: int = R.STREAM_CHI2, backend: str = "auto") -> Tensor:
+def chi2(key: int, sample_ids: Tensor, D: float, stream: int = R.STREAM_CHI2, backend: str = "auto") -> Tensor:
+    """reference.chi2 on checked arguments; the compiled op's schema lists sample_ids first."""
     b = resolve_backend(backend, sample_ids.device)
     if b == "reference":
-        return R._chi2(int(key), sample_ids, float(D), int(stream))
+        return R.chi2_unchecked(int(key), sample_ids, float(D), int(stream))
     return _op("chi2", b)(sample_ids, int(key), float(D), int(stream))
 
 
@@ -155,9 +156,11 @@ def sampler_update(x, F, base, A, Bf, h1, h2, sample_ids, key, alpha_scale, alph
 
 # ----------------------------------------------------------------------------------------
 # Public fast API (same semantics as reference.perturb / reference.prior). The public functions
-# check their arguments once; the private _noise_scale, _training_scalars, _prior take checked ones.
+# check their arguments once; training_scalars_unchecked (the loss's) and the private
+# _noise_scale, _prior take checked ones.
 
-def _is_channels_last(t: Tensor) -> bool:
+def is_channels_last(t: Tensor) -> bool:
+    """A 4-D tensor laid out channels-last (and not also contiguous, as when C == 1)."""
     return t.dim() == 4 and not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last)
 
 
@@ -171,7 +174,7 @@ def _noise_scale(sigma: Tensor, D: float, key: int, sample_ids: Tensor, backend:
     sigma = sigma.to(torch.float64)
     if math.isinf(D):
         return sigma.clone()
-    V = chi2(sample_ids, key, D, R.STREAM_CHI2, backend=backend)
+    V = chi2(key, sample_ids, D, R.STREAM_CHI2, backend=backend)
     return (sigma * torch.sqrt(D / V)).clamp(max=R.MAX_SCALE)
 
 
@@ -179,11 +182,11 @@ def training_scalars(key, sample_ids, D, P_mean: float = -1.2, P_std: float = 1.
     """(σ, s) float64 [B] of the training step, drawn on the device (reference.training_scalars)."""
     sample_ids, key, D = checks.check_sample_ids(sample_ids), checks.check_key(key), checks.check_D(D)
     checks.check_training_options(P_mean, P_std)
-    return _training_scalars(key, sample_ids, D, P_mean, P_std, backend)
+    return training_scalars_unchecked(key, sample_ids, D, P_mean, P_std, backend)
 
 
-def _training_scalars(key: int, sample_ids: Tensor, D: float, P_mean: float, P_std: float, backend: str):
-    z = philox_normal(sample_ids, key, 1, R.STREAM_SIGMA, backend=backend)[:, 0].to(torch.float64)
+def training_scalars_unchecked(key: int, sample_ids: Tensor, D: float, P_mean: float, P_std: float, backend: str):
+    z = philox_normal(key, sample_ids, 1, R.STREAM_SIGMA, backend=backend)[:, 0].to(torch.float64)
     sigma = torch.exp(P_mean + P_std * z)
     return sigma, _noise_scale(sigma, D, key, sample_ids, backend)
 
@@ -205,7 +208,7 @@ def perturb(y: Tensor, sigma, D, key, sample_ids, backend: str = "auto") -> Tens
     sigma = checks.check_sigma(sigma, y.shape[0], y.device, torch.float64)
     cd = R.compute_dtype(y)
     s = _noise_scale(sigma, D, key, sample_ids, backend).to(cd)
-    x, _ = perturb_op(y, s, torch.ones_like(s), sample_ids, key, R.STREAM_NOISE, y.dtype, _is_channels_last(y),
+    x, _ = perturb_op(y, s, torch.ones_like(s), sample_ids, key, R.STREAM_NOISE, y.dtype, is_channels_last(y),
                       False, backend=backend)
     _report_input(y, sample_ids)
     return x
@@ -230,14 +233,9 @@ def perturb_net_input(y: Tensor, sigma, D, key, sample_ids, sigma_data: float = 
 
 def prior(shape, D, sigma_max, key, seeds, dtype=torch.float32, device=None, backend: str = "auto"):
     """Latents σ_max·√(D/V)·g (reference.prior), generated on the device."""
-    shape = tuple(int(s) for s in shape)
-    seeds = checks.check_sample_ids(seeds, name="seeds", device=device)
-    if len(shape) < 2 or shape[0] != seeds.shape[0]:
-        raise ValueError(f"shape must be [B, ...] with B = len(seeds) = {seeds.shape[0]}, got {shape}")
+    shape, D, sigma_max, key, seeds = checks.check_prior(shape, D, sigma_max, key, seeds, device)
     if dtype not in (torch.float32, torch.float64):
         raise TypeError(f"dtype must be torch.float32 or torch.float64, got {dtype}")
-    sigma_max = checks.check_sigma_max("sigma_max", sigma_max)
-    key, D = checks.check_key(key), checks.check_D(D)
     latents = _prior(shape, D, sigma_max, key, seeds, dtype, backend)
     report = checks.DeviceReport()
     report.ids(seeds, "seeds")          # on a GPU: read once (on the CPU check_sample_ids did it)
@@ -248,5 +246,5 @@ def prior(shape, D, sigma_max, key, seeds, dtype=torch.float32, device=None, bac
 def _prior(shape, D: float, sigma_max: float, key: int, seeds: Tensor, dtype, backend: str) -> Tensor:
     sigma = torch.full((shape[0],), sigma_max, dtype=torch.float64, device=seeds.device)
     s = _noise_scale(sigma, D, key, seeds, backend).to(dtype)
-    g = philox_normal(seeds, key, math.prod(shape[1:]), R.STREAM_NOISE, backend=backend).to(dtype)
+    g = philox_normal(key, seeds, math.prod(shape[1:]), R.STREAM_NOISE, backend=backend).to(dtype)
     return (s.view(-1, 1) * g).view(shape)

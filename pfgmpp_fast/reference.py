@@ -32,7 +32,7 @@ import torch
 __all__ = [
     "STREAM_NOISE", "STREAM_SIGMA", "STREAM_CHI2", "STREAM_CLASS", "STREAM_AUGMENT", "stream_churn", "stream_alpha",
     "CHI2_MAX_ATTEMPTS", "MAX_SCALE",
-    "philox4x32", "uniform", "normal", "chi2", "noise_scale", "training_scalars",
+    "philox4x32", "uniform", "normal", "normal_unchecked", "chi2", "chi2_unchecked", "noise_scale", "training_scalars",
     "perturb", "perturb_published", "published_displacement", "prior", "precond", "coefficients",
     "time_steps", "compute_dtype",
     "training_loss", "sample", "optimal_denoiser",
@@ -65,8 +65,9 @@ def stream_alpha(step: int) -> int:
     return 0x20000 + int(step)
 
 
-# Argument checks live in checks.py: the public functions below call them once at entry; the
-# private _normal, _chi2, _noise_scale, _training_scalars take checked arguments.
+# Argument checks live in checks.py: the public functions below call them once at entry;
+# normal_unchecked and chi2_unchecked (also the reference backend of ops.philox_normal /
+# ops.chi2) and the private _noise_scale, _training_scalars take checked arguments.
 from pfgmpp_fast import checks  # noqa: E402
 from pfgmpp_fast.reference_multistep import dpmpp2m_step, ipndm_step, multistep_step  # noqa: E402,F401
 
@@ -147,10 +148,10 @@ def normal(key, sample_ids, n: int, stream: int = STREAM_NOISE) -> torch.Tensor:
     n = int(n)
     if n < 0:
         raise ValueError(f"n must be >= 0, got {n}")
-    return _normal(key, sample_ids, n, stream)
+    return normal_unchecked(key, sample_ids, n, stream)
 
 
-def _normal(key: int, sample_ids: torch.Tensor, n: int, stream: int) -> torch.Tensor:
+def normal_unchecked(key: int, sample_ids: torch.Tensor, n: int, stream: int) -> torch.Tensor:
     num_blocks = (n + 3) // 4
     z = _box_muller(uniform(_blocks(key, sample_ids, num_blocks, stream)))
     return z.reshape(sample_ids.shape[0], num_blocks * 4)[:, :n]
@@ -168,10 +169,10 @@ def chi2(key, sample_ids, D, stream: int = STREAM_CHI2) -> torch.Tensor:
     sample_ids, key, D = checks.check_sample_ids(sample_ids), checks.check_key(key), checks.check_D(D)
     if math.isinf(D):
         raise ValueError("chi2 needs a finite D (D = inf means no χ² draw: s = σ)")
-    return _chi2(key, sample_ids, D, stream)
+    return chi2_unchecked(key, sample_ids, D, stream)
 
 
-def _chi2(key: int, sample_ids: torch.Tensor, D: float, stream: int) -> torch.Tensor:
+def chi2_unchecked(key: int, sample_ids: torch.Tensor, D: float, stream: int) -> torch.Tensor:
     k = D / 2.0
     boost = k < 1.0
     kk = k + 1.0 if boost else k
@@ -206,7 +207,7 @@ def _noise_scale(sigma: torch.Tensor, D: float, key: int, sample_ids: torch.Tens
     sigma = sigma.to(torch.float64)
     if math.isinf(D):
         return sigma.clone()
-    V = _chi2(key, sample_ids, D, STREAM_CHI2)
+    V = chi2_unchecked(key, sample_ids, D, STREAM_CHI2)
     return (sigma * torch.sqrt(D / V)).clamp(max=MAX_SCALE)
 
 
@@ -218,7 +219,7 @@ def training_scalars(key, sample_ids, D, P_mean: float = -1.2, P_std: float = 1.
 
 
 def _training_scalars(key: int, sample_ids: torch.Tensor, D: float, P_mean: float, P_std: float):
-    z = _normal(key, sample_ids, 1, STREAM_SIGMA)[:, 0].to(torch.float64)
+    z = normal_unchecked(key, sample_ids, 1, STREAM_SIGMA)[:, 0].to(torch.float64)
     sigma = torch.exp(P_mean + P_std * z)
     return sigma, _noise_scale(sigma, D, key, sample_ids)
 
@@ -234,7 +235,7 @@ def perturb(y: torch.Tensor, sigma, D, key, sample_ids) -> torch.Tensor:
     key, D, sample_ids = checks.check_common("y", y, key, D, sample_ids)
     sigma = checks.check_sigma(sigma, y.shape[0], y.device, torch.float64)
     s = _noise_scale(sigma, D, key, sample_ids).to(y.dtype)
-    g = _normal(key, sample_ids, y[0].numel() if y.shape[0] else 0, STREAM_NOISE).to(y.dtype)
+    g = normal_unchecked(key, sample_ids, y[0].numel() if y.shape[0] else 0, STREAM_NOISE).to(y.dtype)
     return y + s.view(-1, *[1] * (y.dim() - 1)) * g.view(y.shape)
 
 
@@ -275,15 +276,10 @@ def prior(shape: Sequence[int], D, sigma_max: float, key, seeds, dtype=torch.flo
 
     The same kernel as `perturb` at σ_max with y = 0: an image depends only on its seed.
     """
-    shape = tuple(int(s) for s in shape)
-    seeds = checks.check_sample_ids(seeds, name="seeds", device=device)
-    if len(shape) < 2 or shape[0] != seeds.shape[0]:
-        raise ValueError(f"shape must be [B, ...] with B = len(seeds) = {seeds.shape[0]}, got {shape}")
-    sigma_max = checks.check_sigma_max("sigma_max", sigma_max)
-    key, D = checks.check_key(key), checks.check_D(D)
+    shape, D, sigma_max, key, seeds = checks.check_prior(shape, D, sigma_max, key, seeds, device)
     sigma = torch.full((shape[0],), sigma_max, dtype=torch.float64, device=seeds.device)
     s = _noise_scale(sigma, D, key, seeds).to(dtype)
-    g = _normal(key, seeds, math.prod(shape[1:]), STREAM_NOISE).to(dtype)
+    g = normal_unchecked(key, seeds, math.prod(shape[1:]), STREAM_NOISE).to(dtype)
     return (s.view(-1, 1) * g).view(shape)
 
 
@@ -338,7 +334,7 @@ def training_loss(net: Callable, y: torch.Tensor, D, key, sample_ids, P_mean: fl
     checks.check_training_options(P_mean, P_std)
     checks.check_positive("sigma_data", sigma_data)
     sigma, s = _training_scalars(key, sample_ids, D, P_mean, P_std)
-    g = _normal(key, sample_ids, y[0].numel() if y.shape[0] else 0, STREAM_NOISE)
+    g = normal_unchecked(key, sample_ids, y[0].numel() if y.shape[0] else 0, STREAM_NOISE)
     shape = (-1, *[1] * (y.dim() - 1))
     x = y + s.to(y.dtype).view(shape) * g.to(y.dtype).view(y.shape)
     sigma_net = sigma.to(y.dtype)
@@ -376,12 +372,12 @@ def sample(denoiser: Callable, latents: torch.Tensor, D, key, seeds, num_steps: 
         t_cur, t_next = float(t_steps[i]), float(t_steps[i + 1])
         x_cur = x_next
         if alpha > 0:
-            eps = _normal(key, seeds, N, stream_alpha(i)).to(dtype).view(latents.shape)
+            eps = normal_unchecked(key, seeds, N, stream_alpha(i)).to(dtype).view(latents.shape)
             x_cur = x_cur + alpha * t_cur * eps
         gamma = min(S_churn / num_steps, math.sqrt(2) - 1) if S_min <= t_cur <= S_max else 0.0
         t_hat = t_cur + gamma * t_cur
         if gamma > 0:
-            eps = _normal(key, seeds, N, stream_churn(i)).to(dtype).view(latents.shape)
+            eps = normal_unchecked(key, seeds, N, stream_churn(i)).to(dtype).view(latents.shape)
             x_hat = x_cur + math.sqrt(t_hat ** 2 - t_cur ** 2) * S_noise * eps
         else:
             x_hat = x_cur
@@ -432,7 +428,7 @@ def optimal_denoiser(data: torch.Tensor, D) -> Callable:
 def _logical_noise(key, sample_ids, like: torch.Tensor, stream: int, dtype) -> torch.Tensor:
     """Noise shaped like `like`, element e = logical NCHW index (layout independent)."""
     n = like[0].numel() if like.shape[0] else 0
-    return _normal(key, sample_ids, n, stream).to(dtype).view(like.shape)
+    return normal_unchecked(key, sample_ids, n, stream).to(dtype).view(like.shape)
 
 
 def compute_dtype(t: torch.Tensor) -> torch.dtype:

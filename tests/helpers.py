@@ -1,5 +1,5 @@
 """Shared pieces of the tests (the fused-op tests share op_helpers.py): small networks,
-the exact-denoiser stand-in, and ``run_ranks`` for tests on several ranks.
+the exact-denoiser stand-in, ``load_npz_images`` and ``run_ranks`` for tests on several ranks.
 
 ``run_ranks(worker, world, workdir, *args)`` calls ``worker(rank, *args)`` in ``world``
 fresh processes (``spawn``, as torchrun starts them) that share a process group over a
@@ -16,6 +16,7 @@ import signal
 import time
 import warnings
 
+import numpy as np
 import pytest
 import torch
 
@@ -88,6 +89,12 @@ def tiny_net(D=8, seed=0):
     torch.manual_seed(seed)
     return build_network("ddpmpp", resolution=8, channels=1, D=D, model_channels=8, channel_mult=[1],
                          num_blocks=1, attn_resolutions=[], dropout=0.0).eval()
+
+
+def load_npz_images(path):
+    """(images uint8 NHWC, seeds int64) of a `generate --npz` file."""
+    with np.load(path, allow_pickle=False) as f:
+        return f["images"], f["seeds"]
 
 
 def _rank_main(rank, world, workdir, worker, args):

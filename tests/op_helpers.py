@@ -1,4 +1,9 @@
-"""Shared pieces of the fused-op tests: backends, inputs in every layout, comparisons."""
+"""Shared pieces of the fused-op tests: backends, inputs in every layout, comparisons.
+
+Each op has one harness, parametrised over BACKENDS and a table of cases: it calls the op
+through `pfgmpp_fast.ops` (for 'cpu' / 'cuda' that is the C++ op torch.ops.pfgmpp_fast.<op>
+itself, for 'triton' the Triton op) and compares it with the op's reference in reference.py.
+"""
 import math
 
 import pytest
@@ -13,44 +18,18 @@ BACKENDS = [
     pytest.param("cpu", id="cpu", marks=pytest.mark.skipif(not ops.has_extension(), reason="pfgmpp_fast._C not built")),
     pytest.param("cuda", id="cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(not ops.has_cuda_kernels(), reason="no CUDA kernels")]),
 ]
-D_VALUES = [1.0, 2.0, 128.0, 2048.0, 3072000.0, math.inf]
+D_VALUES = [1.0, 2.0, 8.0, 128.0, 2048.0, 3072000.0, math.inf]
+FINITE_D_VALUES = [D for D in D_VALUES if math.isfinite(D)]
+LAYOUTS = ("contiguous", "channels_last", "strided", "transposed", "offset", "channels_last_offset")
 
+# Random123's published known-answer vectors for philox4x32_10 (counter, key=(k0, k1), output)
+KAT = [
+    ((0, 0, 0, 0), (0, 0), (0x6627E8D5, 0xE169C58D, 0xBC57AC4C, 0x9B00DBD8)),
+    ((0xFFFFFFFF,) * 4, (0xFFFFFFFF, 0xFFFFFFFF), (0x408F276D, 0x41C83B0E, 0xA20BC7C6, 0x6D5451FD)),
+    ((0x243F6A88, 0x85A308D3, 0x13198A2E, 0x03707344), (0xA4093822, 0x299F31D0),
+     (0xD16CFE09, 0x94FDCCEB, 0x5001E420, 0x24126EA1)),
+]
 
-def device_for(backend):
-    if backend == "cuda" or (backend == "triton" and torch.cuda.is_available()):
-        return torch.device("cuda")
-    return torch.device("cpu")
-
-
-def make_images(B, layout, dtype, device, gen, shape=(3, 5, 7)):
-    """Random images [B, 3, 5, 7] (odd N = 105) that are contiguous, channels-last or strided."""
-    if layout == "strided":  # every other column of a wider tensor, then H and W swapped
-        big = torch.randn(B, shape[0], shape[2], 2 * shape[1] + 1, generator=gen)
-        y = big[..., 1::2].transpose(2, 3)
-        assert not y.is_contiguous() and not y.is_contiguous(memory_format=torch.channels_last) or B == 0
-    else:
-        y = torch.randn(B, *shape, generator=gen)
-        if layout == "channels_last":
-            y = y.contiguous(memory_format=torch.channels_last)
-    return y.to(device=device, dtype=dtype)
-
-
-def same_format(out, ref):
-    """Same memory format (exact strides may differ where both formats coincide, e.g. C == 1)."""
-    if out.dim() != 4:
-        return out.is_contiguous() == ref.is_contiguous()
-    return all(out.is_contiguous(memory_format=f) == ref.is_contiguous(memory_format=f)
-               for f in (torch.contiguous_format, torch.channels_last))
-
-
-def rel_err(out, ref):
-    out, ref = out.detach().double().cpu(), ref.detach().double().cpu()
-    if ref.numel() == 0:
-        return 0.0
-    return ((out - ref).norm() / ref.norm().clamp_min(1e-30)).item()
-
-
-# ------------------------------------------------------- direct C++ op calls (torch.ops.pfgmpp_fast)
 # Tolerances (docs/DESIGN.md §6, KERNEL_OPS.md): Philox words bit-exact; normals within 1e-6 abs +
 # 1e-6 rel (the C++ SIMD log/sin/cos, CUDA's sinf/cosf/sincosf and torch's are each within
 # ~2 ulp of the exact value, so z differs by a few ulp: |z| < 6 keeps that under 1e-6 + 6e-6);
@@ -58,9 +37,14 @@ def rel_err(out, ref):
 # < 1e-6); fused ops: relative error ‖out − ref‖/‖ref‖ < 1e-5 for float32/float64 outputs,
 # < 1e-2 for bf16/fp16 outputs.
 HALF = (torch.bfloat16, torch.float16)
-CPP_D_VALUES = (1.0, 2.0, 8.0, 128.0, 2048.0, 3072000.0)
 needs_ext = pytest.mark.skipif(not ops.has_extension(), reason="pfgmpp_fast._C is not built")
 needs_cuda_kernels = [pytest.mark.gpu, pytest.mark.skipif(not ops.has_cuda_kernels(), reason="no CUDA kernels")]
+
+
+def device_for(backend):
+    if backend == "cuda" or (backend == "triton" and torch.cuda.is_available()):
+        return torch.device("cuda")
+    return torch.device("cpu")
 
 
 def cpp_ops():
@@ -79,11 +63,48 @@ def random_ids(B, seed, device="cpu"):
     return torch.randint(0, 2**62, (B,), generator=seeded(seed)).to(device)
 
 
-def rel_err_or_abs(out, ref):
-    """‖out − ref‖/‖ref‖, or ‖out − ref‖ when ref is all zeros."""
-    out, ref = out.double().cpu(), ref.double().cpu()
-    den = ref.norm().item()
-    return (out - ref).norm().item() / den if den > 0 else (out - ref).norm().item()
+def in_layout(t, layout):
+    """The same values in another memory layout (one of LAYOUTS): contiguous; channels-last;
+    strided (every second element of the last dim of a NaN-filled buffer); transposed (the
+    same with the last two dims swapped: column-major with gaps); offset / channels_last_offset
+    (at storage offset 1, so not 16-byte aligned)."""
+    if layout == "contiguous":
+        return t.contiguous()
+    if layout == "channels_last":
+        return t.contiguous(memory_format=torch.channels_last) if t.dim() == 4 else t
+    if layout == "transposed":
+        return in_layout(t.transpose(-1, -2), "strided").transpose(-1, -2)
+    if layout in ("offset", "channels_last_offset"):
+        flat = torch.full((1 + t.numel(),), float("nan"), dtype=t.dtype, device=t.device)
+        if layout == "offset" or t.dim() != 4:
+            view = flat[1:].view(t.shape)
+        else:
+            B, C, H, W = t.shape
+            view = flat[1:].view(B, H, W, C).permute(0, 3, 1, 2)
+        view.copy_(t)
+        return view
+    # Non-contiguous: a strided view into a larger buffer (every second element of the last dim).
+    big = torch.empty(*t.shape[:-1], 2 * t.shape[-1], dtype=t.dtype, device=t.device)
+    big.fill_(float("nan"))
+    view = big[..., ::2]
+    view.copy_(t)
+    return view
+
+
+def same_format(out, ref):
+    """Same memory format (exact strides may differ where both formats coincide, e.g. C == 1)."""
+    if out.dim() != 4:
+        return out.is_contiguous() == ref.is_contiguous()
+    return all(out.is_contiguous(memory_format=f) == ref.is_contiguous(memory_format=f)
+               for f in (torch.contiguous_format, torch.channels_last))
+
+
+def rel_err(out, ref):
+    """‖out − ref‖/‖ref‖ (0 for empty tensors; an all-zero ref must be matched exactly)."""
+    out, ref = out.detach().double().cpu(), ref.detach().double().cpu()
+    if ref.numel() == 0:
+        return 0.0
+    return ((out - ref).norm() / ref.norm().clamp_min(1e-30)).item()
 
 
 def tol_for(dtype):
@@ -96,23 +117,10 @@ def assert_close_rel(out, ref, name):
     if out.numel() == 0:
         return
     assert torch.isfinite(out.double()).all(), f"{name}: non-finite values"
-    err = rel_err_or_abs(out, ref)
+    err = rel_err(out, ref)
     assert err < tol_for(out.dtype), f"{name}: relative error {err:.3g}"
 
 
-def in_layout(t, layout):
-    """The same values in another memory layout: contiguous, channels-last, or strided."""
-    if layout == "contiguous":
-        return t.contiguous()
-    if layout == "channels_last":
-        return t.contiguous(memory_format=torch.channels_last) if t.dim() == 4 else t
-    # Non-contiguous: a strided view into a larger buffer (every second element of the last dim).
-    big = torch.empty(*t.shape[:-1], 2 * t.shape[-1], dtype=t.dtype, device=t.device)
-    big.fill_(float("nan"))
-    view = big[..., ::2]
-    view.copy_(t)
-    return view
-
-
-def is_channels_last(t):
-    return t.dim() == 4 and t.is_contiguous(memory_format=torch.channels_last)
+def case_id(case):
+    """A short test id for a case tuple."""
+    return "-".join(str(v).replace("torch.", "").replace(" ", "") for v in case)

@@ -224,7 +224,7 @@ def test_fid_calc_refuses_a_busy_shard_directory(tmp_path):
     from pfgmpp_fast.evaluation import calc
     fd = os.open(os.path.join(tmp_path, LOCK_NAME), os.O_RDWR | os.O_CREAT)
     fcntl.flock(fd, fcntl.LOCK_EX)
-    source = calc.images_source(torch.zeros(4, 1, 8, 8, dtype=torch.uint8))
+    source = calc.ImagesSource(torch.zeros(4, 1, 8, 8, dtype=torch.uint8))
     extractor = type("Ex", (), {"dim": 1, "name": "mean", "__call__": lambda self, x: x.float().mean((2, 3))})()
     with pytest.raises(RunDirectoryBusy, match="in use by another job"):
         calc.calc_stats(source, extractor, outdir=str(tmp_path), shard_size=2)

@@ -153,12 +153,12 @@ def test_other_configuration_in_same_folder_is_refused(tiny_run):
 
 
 def test_config_validation():
-    from pfgmpp_fast.apps.experiments import FULL_CONFIG, make_config, _points
-    from pfgmpp_fast.apps.robustness_report import sweep_points as _sweep_points
+    from pfgmpp_fast.apps.experiments import FULL_CONFIG, distinct_points, make_config
+    from pfgmpp_fast.apps.robustness_report import sweep_points
     full = make_config()
     assert [2 * s - 1 for s in full["steps"]] == [5, 9, 13, 21, 35]
-    assert len(_points(full)) == 33                      # 5 + 5 + 5 sweep values, base point once, 4 x 5 solvers
-    assert [x for x, _ in _sweep_points(full, "nfe")] == [5, 9, 13, 21, 35]
+    assert len(distinct_points(full)) == 33                      # 5 + 5 + 5 sweep values, base point once, 4 x 5 solvers
+    assert [x for x, _ in sweep_points(full, "nfe")] == [5, 9, 13, 21, 35]
     assert full["D_values"][-1] == float("inf") and FULL_CONFIG["sets"] >= 2
     for bad in (dict(D_values=["0"]), dict(D_values=[8, 8]), dict(alpha=[-0.1]), dict(bits=[1]),
                 dict(steps=[0]), dict(nfe_solvers=["heun"]), dict(nfe_solvers=["rk4"]),

@@ -10,7 +10,7 @@ import pytest
 import scipy.linalg
 import torch
 
-from pfgmpp_fast import checkpoint
+from pfgmpp_fast import checkpoint, checks
 from pfgmpp_fast.evaluation import calc, features, metrics
 from pfgmpp_fast.evaluation import sweep as sweep_engine
 
@@ -68,7 +68,7 @@ def test_streaming_statistics_equal_whole_batch():
 def test_sharded_stats_equal_unsharded_and_resume_skips(tmp_path, digits):
     from pfgmpp_fast.evaluation.digits_features import digits_uint8
     images = digits_uint8()[0][:97]
-    src = calc.images_source(images)
+    src = calc.ImagesSource(images)
     whole = calc.calc_stats(src, digits, batch_size=97)
     sharded = calc.calc_stats(src, digits, batch_size=8, outdir=str(tmp_path), shard_size=30)
     assert sorted(os.listdir(tmp_path)) == ["stats-0-29.npz", "stats-30-59.npz", "stats-60-89.npz", "stats-90-96.npz"]
@@ -85,7 +85,7 @@ def test_sharded_stats_equal_unsharded_and_resume_skips(tmp_path, digits):
     with pytest.raises(ValueError, match="another run"):          # other shard boundaries
         calc.calc_stats(src, digits, batch_size=8, outdir=str(tmp_path), shard_size=20)
     with pytest.raises(ValueError, match="another configuration"):
-        calc.calc_stats(calc.images_source(images.flip(0)), digits, outdir=str(tmp_path), shard_size=30)
+        calc.calc_stats(calc.ImagesSource(images.flip(0)), digits, outdir=str(tmp_path), shard_size=30)
 
 
 KILL_SCRIPT = textwrap.dedent("""
@@ -95,7 +95,7 @@ KILL_SCRIPT = textwrap.dedent("""
     from test_fid import digits_net
     from pfgmpp_fast.evaluation import calc, features
     ex = features.get_feature_extractor("digits", digits_cache={cache!r})
-    src = calc.generator_source(digits_net(), "0-39", num_steps=4, backend="reference")
+    src = calc.GeneratorSource(digits_net(), "0-39", num_steps=4, backend="reference")
     calc.calc_stats(src, ex, batch_size=6, outdir={outdir!r}, shard_size=10)
     print("done")
 """)
@@ -119,9 +119,9 @@ def test_kill_and_rerun_gives_the_same_statistics(tmp_path, digits, digits_cache
     assert second.returncode == 0 and "done" in second.stdout, second.stderr
     assert {f: os.stat(os.path.join(outdir, f)).st_mtime_ns for f in done} == mtimes   # not recomputed
     assert sorted(os.listdir(outdir)) == ["stats-0-9.npz", "stats-10-19.npz", "stats-20-29.npz", "stats-30-39.npz"]
-    resumed = calc.calc_stats(calc.generator_source(digits_net(), "0-39", num_steps=4, backend="reference"),
+    resumed = calc.calc_stats(calc.GeneratorSource(digits_net(), "0-39", num_steps=4, backend="reference"),
                            digits, batch_size=6, outdir=outdir, shard_size=10)
-    fresh = calc.calc_stats(calc.generator_source(digits_net(), "0-39", num_steps=4, backend="reference"),
+    fresh = calc.calc_stats(calc.GeneratorSource(digits_net(), "0-39", num_steps=4, backend="reference"),
                          digits, batch_size=6, shard_size=10)          # uninterrupted, no files
     assert resumed.count == 40
     assert torch.equal(resumed.sum, fresh.sum) and torch.equal(resumed.sum_outer, fresh.sum_outer)
@@ -160,7 +160,7 @@ def test_fewer_images_than_requested(tmp_path, digits, digits_cache, capsys):
     from pfgmpp_fast import cli
     from pfgmpp_fast.evaluation.digits_features import digits_uint8
     with pytest.raises(ValueError, match="fewer images than requested: 20 .* only 10"):
-        calc.calc_stats(calc.images_source(digits_uint8()[0][:10]), digits, num=20)
+        calc.calc_stats(calc.ImagesSource(digits_uint8()[0][:10]), digits, num=20)
     np.savez(tmp_path / "imgs.npz", images=digits_uint8()[0][:10].permute(0, 2, 3, 1).numpy())
     rc = cli.main(["fid", "calc", "--images", str(tmp_path / "imgs.npz"), "--num", "20", "--features", "digits",
                    "--digits-cache", digits_cache, "--dest", str(tmp_path / "s.npz")])
@@ -269,7 +269,7 @@ def test_sweep_bits_restores_weights(tmp_path, digits, digits_ref):
         sweep_engine.sweep("bits", [2], net=tiny_net(seed=5), ref=digits_ref, extractor=digits, seeds="0-15",
                 outdir=str(tmp_path), batch_size=16, num_steps=2, log=lambda s: None)
     # 32 bits reproduces the unquantised network exactly
-    plain = calc.calc_stats(calc.generator_source(net, "0-15", num_steps=2), digits, batch_size=16)
+    plain = calc.calc_stats(calc.GeneratorSource(net, "0-15", num_steps=2), digits, batch_size=16)
     unq = metrics.frechet_distance(*plain.mean_cov(), *digits_ref)
     assert abs(unq - rows[2]["FDD"]) < 1e-9
 
@@ -322,7 +322,7 @@ def test_cli_calc_and_sweep_from_checkpoint(tmp_path, digits_cache, digits, digi
 def _fid_rank_worker(rank, cache, outdir, result):
     from pfgmpp_fast.evaluation.digits_features import digits_uint8
     ex = features.get_feature_extractor("digits", digits_cache=cache)
-    stats = calc.calc_stats(calc.images_source(digits_uint8()[0][:61]), ex, batch_size=8, outdir=outdir,
+    stats = calc.calc_stats(calc.ImagesSource(digits_uint8()[0][:61]), ex, batch_size=8, outdir=outdir,
                             shard_size=25)
     if rank == 0:
         np.savez(result, **stats.to_arrays())
@@ -331,7 +331,7 @@ def _fid_rank_worker(rank, cache, outdir, result):
 @pytest.mark.bitidentity
 def test_two_gloo_ranks_reduce_to_single_process_statistics(tmp_path, digits, digits_cache):
     from pfgmpp_fast.evaluation.digits_features import digits_uint8
-    single = calc.calc_stats(calc.images_source(digits_uint8()[0][:61]), digits, batch_size=8, shard_size=25)
+    single = calc.calc_stats(calc.ImagesSource(digits_uint8()[0][:61]), digits, batch_size=8, shard_size=25)
     outdir, result = str(tmp_path / "shards"), str(tmp_path / "two.npz")
     run_ranks(_fid_rank_worker, 2, tmp_path / "ranks", digits_cache, outdir, result)
     assert sorted(os.listdir(outdir)) == ["stats-0-24.npz", "stats-25-49.npz", "stats-50-60.npz"]
@@ -347,11 +347,11 @@ def test_streaming_equals_the_png_round_trip(tmp_path, digits):
     PNG-folder pipeline on the same seeds (PNG is lossless)."""
     from pfgmpp_fast.evaluation import generate as G
     net = digits_net()
-    seeds = G.check_seeds("0-9,1000-1004")
+    seeds = checks.check_seeds("0-9,1000-1004")
     G.write_images(G.generate_images(net, seeds, 8, num_steps=3, backend="reference"), outdir=str(tmp_path / "png"))
     assert (tmp_path / "png" / "001000" / "001004.png").exists()
-    png = calc.calc_stats(calc.images_source(str(tmp_path / "png")), digits, batch_size=15)
-    streamed = calc.calc_stats(calc.generator_source(net, seeds, num_steps=3, backend="reference"), digits, batch_size=15)
+    png = calc.calc_stats(calc.ImagesSource(str(tmp_path / "png")), digits, batch_size=15)
+    streamed = calc.calc_stats(calc.GeneratorSource(net, seeds, num_steps=3, backend="reference"), digits, batch_size=15)
     assert png.count == streamed.count == 15
     assert torch.equal(png.sum, streamed.sum) and torch.equal(png.sum_outer, streamed.sum_outer)
 
@@ -361,7 +361,7 @@ def test_streaming_equals_the_png_round_trip(tmp_path, digits):
 
 def _batch_sensitive_source():
     """Images whose every pixel depends on their whole generation batch (a worst-case network)."""
-    return calc.generator_source(stand_in(batch_coupling=0.05), "0-22", num_steps=2, backend="reference")
+    return calc.GeneratorSource(stand_in(batch_coupling=0.05), "0-22", num_steps=2, backend="reference")
 
 
 def _batch_sensitive_rank_worker(rank, outdir, result):

@@ -6,10 +6,11 @@ import numpy as np
 import pytest
 import torch
 
+from pfgmpp_fast import checks
 from pfgmpp_fast.evaluation import generate as G
 from pfgmpp_fast.utils import distributed
 
-from helpers import DenoiserNet, run_ranks, stand_in, tiny_net
+from helpers import DenoiserNet, load_npz_images, run_ranks, stand_in, tiny_net
 
 
 def run(net, seeds, batch, **kw):
@@ -19,22 +20,22 @@ def run(net, seeds, batch, **kw):
 
 
 def test_parse_int_list_and_check_seeds():
-    assert G.parse_int_list("1,5,7-9") == [1, 5, 7, 8, 9]
-    assert G.parse_int_list("0-3") == [0, 1, 2, 3]
-    assert list(G.check_seeds("9,2-3")) == [2, 3, 9]
-    assert G.check_seeds(str(2**63 - 1))[0] == 2**63 - 1
+    assert checks.parse_int_list("1,5,7-9") == [1, 5, 7, 8, 9]
+    assert checks.parse_int_list("0-3") == [0, 1, 2, 3]
+    assert list(checks.check_seeds("9,2-3")) == [2, 3, 9]
+    assert checks.check_seeds(str(2**63 - 1))[0] == 2**63 - 1
     with pytest.raises(ValueError, match=r"out of range.*\[0, 2\^63\)"):
-        G.check_seeds(str(2**63))
+        checks.check_seeds(str(2**63))
     with pytest.raises(ValueError, match=r"out of range"):
-        G.check_seeds([-1])
+        checks.check_seeds([-1])
     with pytest.raises(ValueError, match="cannot parse"):
-        G.parse_int_list("-5")
+        checks.parse_int_list("-5")
     with pytest.raises(ValueError, match="cannot parse"):
-        G.parse_int_list("1,a")
+        checks.parse_int_list("1,a")
     with pytest.raises(ValueError, match="empty"):
-        G.parse_int_list("5-2")
+        checks.parse_int_list("5-2")
     with pytest.raises(ValueError, match="more than once"):
-        G.check_seeds("1-3,2")
+        checks.check_seeds("1-3,2")
     assert list(G.rank_seeds(np.array([5, 1, 3, 2]), 1, 2, 1)) == [2, 5]
 
 
@@ -138,7 +139,7 @@ def test_write_png_layout_and_npz(tmp_path):
         assert path.exists(), path
         assert np.array_equal(np.asarray(Image.open(path)), img[0].numpy())
     assert not [f for f in os.listdir(tmp_path / "png" / "000000") if f.startswith(".")]   # no temp files
-    arr, s = G.load_npz_images(str(tmp_path / "out.npz"))
+    arr, s = load_npz_images(str(tmp_path / "out.npz"))
     assert arr.dtype == np.uint8 and arr.shape == (3, 8, 8, 1)
     assert list(s) == sorted(seeds) and np.array_equal(arr, images.permute(0, 2, 3, 1).numpy())
     # ADM's evaluator opens the zip member arr_0.npy itself (evaluations/evaluator.py: open_npz_array)
@@ -151,7 +152,7 @@ COUPLING = 0.05     # the batch-coupled stand-in: a seed's image depends on its 
 
 
 def _rank_worker(rank, out):
-    seeds = G.check_seeds("0-10")
+    seeds = checks.check_seeds("0-10")
     mine = G.rank_seeds(seeds, distributed.get_rank(), distributed.get_world_size(), 3)
     G.write_images(G.generate_images(stand_in(batch_coupling=COUPLING), mine, 3, num_steps=4), npz=out)
 
@@ -162,17 +163,17 @@ def test_one_vs_two_gloo_ranks_identical(tmp_path):
     depend on their batch (the worst a BLAS could do): each rank computes whole batches of
     the one-process grid."""
     one, other = str(tmp_path / "one.npz"), str(tmp_path / "other.npz")
-    G.write_images(G.generate_images(stand_in(batch_coupling=COUPLING), G.check_seeds("0-10"), 3, num_steps=4),
+    G.write_images(G.generate_images(stand_in(batch_coupling=COUPLING), checks.check_seeds("0-10"), 3, num_steps=4),
                    npz=one)
-    G.write_images(G.generate_images(stand_in(batch_coupling=COUPLING), G.check_seeds("0-10"), 5, num_steps=4),
+    G.write_images(G.generate_images(stand_in(batch_coupling=COUPLING), checks.check_seeds("0-10"), 5, num_steps=4),
                    npz=other)
     two = str(tmp_path / "two.npz")
     run_ranks(_rank_worker, 2, tmp_path / "ranks", two)
-    a, sa = G.load_npz_images(one)
-    b, sb = G.load_npz_images(two)
+    a, sa = load_npz_images(one)
+    b, sb = load_npz_images(two)
     assert list(sa) == list(range(11)) and np.array_equal(sa, sb)
     assert np.array_equal(a, b)
-    assert not np.array_equal(a, G.load_npz_images(other)[0])     # the coupling is felt: other batches differ
+    assert not np.array_equal(a, load_npz_images(other)[0])     # the coupling is felt: other batches differ
 
 
 def test_cli_generate_and_D_mismatch(tmp_path, capsys):
@@ -183,7 +184,7 @@ def test_cli_generate_and_D_mismatch(tmp_path, capsys):
     out = str(tmp_path / "g.npz")
     assert cli.main(["generate", "--network", path, "--seeds", "0-2", "--steps", "2", "--npz", out,
                      "--no-progress"]) == 0
-    arr, seeds = G.load_npz_images(out)
+    arr, seeds = load_npz_images(out)
     assert arr.shape == (3, 8, 8, 1) and list(seeds) == [0, 1, 2]
     assert cli.main(["generate", "--network", path, "--D", "16", "--npz", out]) == 2
     assert "network was trained with D=8" in capsys.readouterr().err

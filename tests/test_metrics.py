@@ -44,7 +44,7 @@ def test_digits_metrics_match_torch_fidelity_on_the_same_features(tmp_path, digi
     ref_stats = calc.reference_stats(real, det, batch_size=64)
     metrics.save_reference(str(tmp_path / "ref.npz"), ref_stats)
     ref = metrics.load_reference(str(tmp_path / "ref.npz"), dim=64, metrics=DIGITS_METRICS)
-    stats = calc.calc_stats(calc.images_source(gen), det, batch_size=7, outdir=str(tmp_path / "o"), shard_size=50)
+    stats = calc.calc_stats(calc.ImagesSource(gen), det, batch_size=7, outdir=str(tmp_path / "o"), shard_size=50)
     got = metrics.compute_metrics(stats, ref, DIGITS_METRICS, "digits")
     # the kept rows are the features (one batch straight through the extractor; float32
     # batching moves the last bits), in id order; torch-fidelity's numbers on those rows
@@ -70,7 +70,7 @@ def test_digits_metrics_match_torch_fidelity_on_the_same_features(tmp_path, digi
     one = kid_features_to_metric(f_gen, f_real, kid_subsets=1, kid_subset_size=120, verbose=False)
     assert one["kernel_inception_distance_mean"] == pytest.approx(mmd, rel=1e-4)
     # real vs real is close to zero / precision high; generated (mirrored) is worse on every metric
-    same = metrics.compute_metrics(calc.calc_stats(calc.images_source(digits_images[300:420]), det), ref,
+    same = metrics.compute_metrics(calc.calc_stats(calc.ImagesSource(digits_images[300:420]), det), ref,
                                    DIGITS_METRICS, "digits")
     assert same["FDD"] < got["FDD"] and same["KID"] < got["KID"] and same["precision_digits"] > got["precision_digits"]
 
@@ -137,7 +137,7 @@ KILL_SCRIPT = textwrap.dedent("""
     from pfgmpp_fast.evaluation import calc, features, metrics
     ex = features.Detectors(features.get_feature_extractor("digits", digits_cache={cache!r}), {metrics!r})
     ref = metrics.load_reference({ref!r}, dim=64, metrics={metrics!r})
-    src = calc.generator_source(digits_net(), "0-39", num_steps=4, backend="reference")
+    src = calc.GeneratorSource(digits_net(), "0-39", num_steps=4, backend="reference")
     stats = calc.calc_stats(src, ex, batch_size=6, outdir={outdir!r}, shard_size=10)
     print(json.dumps(metrics.compute_metrics(stats, ref, {metrics!r}, "digits")))
 """)
@@ -162,7 +162,7 @@ def test_kill_and_resume_gives_identical_metrics(tmp_path, digits, digits_cache,
     assert second.returncode == 0, second.stderr
     resumed = json.loads(second.stdout.strip().splitlines()[-1])
     # uninterrupted, in this process, same batches and shards
-    src = calc.generator_source(digits_net(), "0-39", num_steps=4, backend="reference")
+    src = calc.GeneratorSource(digits_net(), "0-39", num_steps=4, backend="reference")
     stats = calc.calc_stats(src, features.Detectors(digits, DIGITS_METRICS), batch_size=6,
                             outdir=str(tmp_path / "fresh"), shard_size=10)
     fresh = metrics.compute_metrics(stats, metrics.load_reference(ref, 64, DIGITS_METRICS), DIGITS_METRICS, "digits")
@@ -173,7 +173,7 @@ def test_kill_and_resume_gives_identical_metrics(tmp_path, digits, digits_cache,
 def _rank_worker(rank, cache, outdir, result):
     from pfgmpp_fast.evaluation.digits_features import digits_uint8
     det = features.Detectors(features.get_feature_extractor("digits", digits_cache=cache), DIGITS_METRICS)
-    stats = calc.calc_stats(calc.images_source(digits_uint8()[0][:61]), det, batch_size=8, outdir=outdir,
+    stats = calc.calc_stats(calc.ImagesSource(digits_uint8()[0][:61]), det, batch_size=8, outdir=outdir,
                             shard_size=25)
     if rank == 0:
         np.savez(result, **stats["features"].to_arrays())
@@ -187,7 +187,7 @@ def test_two_gloo_ranks_equal_one_process_for_every_metric(tmp_path, digits, dig
     det = features.Detectors(digits, DIGITS_METRICS)
     ref_stats = calc.reference_stats(digits_images[100:400], det)
     ref = {"features": ref_stats["features"].rows.numpy(), **dict(zip(("mu", "sigma"), ref_stats["features"].mean_cov()))}
-    single = calc.calc_stats(calc.images_source(digits_images[:61]), det, batch_size=8, shard_size=25)
+    single = calc.calc_stats(calc.ImagesSource(digits_images[:61]), det, batch_size=8, shard_size=25)
     outdir, result = str(tmp_path / "shards"), str(tmp_path / "two.npz")
     run_ranks(_rank_worker, 2, tmp_path / "ranks", digits_cache, outdir, result)
     with np.load(result) as f:
@@ -219,7 +219,7 @@ def test_inception_metrics_match_torch_fidelity_on_the_same_features(tmp_path):
     ref_stats = calc.reference_stats(real, det, batch_size=8)
     ref = {"features": ref_stats["features"].rows.numpy(), **dict(zip(("mu", "sigma"), ref_stats["features"].mean_cov()))}
     outdir = str(tmp_path / "shards")
-    stats = calc.calc_stats(calc.images_source(gen), det, batch_size=3, outdir=outdir, shard_size=4)
+    stats = calc.calc_stats(calc.ImagesSource(gen), det, batch_size=3, outdir=outdir, shard_size=4)
     ours = metrics.compute_metrics(stats, ref, det.metrics, "inception", kid_subset_size=8, isc_splits=2)
     assert stats["logits"].rows.shape == (8, 1008) and np.isfinite(ours["FID"])
     isc = isc_features_to_metric(stats["logits"].rows, splits=2, shuffle=True, rng_seed=2020)
@@ -230,7 +230,7 @@ def test_inception_metrics_match_torch_fidelity_on_the_same_features(tmp_path):
     assert not torch.equal(stats["logits"].rows[0], stats["logits"].rows[1])
     # resume: a lost shard is recomputed, the logits rows come back identical
     os.unlink(os.path.join(outdir, "stats-4-7.npz"))
-    again = calc.calc_stats(calc.images_source(gen), det, batch_size=3, outdir=outdir, shard_size=4)
+    again = calc.calc_stats(calc.ImagesSource(gen), det, batch_size=3, outdir=outdir, shard_size=4)
     assert torch.equal(again["logits"].rows, stats["logits"].rows)
     assert metrics.compute_metrics(again, ref, det.metrics, "inception", kid_subset_size=8, isc_splits=2) == ours
 
@@ -335,7 +335,7 @@ def test_sweep_ema_reports_every_metric_with_one_figure_each(tmp_path, digits, d
     for r in rows:
         assert all(np.isfinite(r[c]) for c in ("FDD", "KID", "precision_digits", "recall_digits"))
     # the EMA points are the reconstructed networks: point 0.1 equals its network sampled directly
-    direct = calc.calc_stats(calc.generator_source(_ema_net(0.1), "0-15", num_steps=2), det, batch_size=16)
+    direct = calc.calc_stats(calc.GeneratorSource(_ema_net(0.1), "0-15", num_steps=2), det, batch_size=16)
     assert metrics.compute_metrics(direct, ref, DIGITS_METRICS, "digits")["KID"] == pytest.approx(rows[1]["KID"])
     out = tmp_path / "sw"
     header = (out / "sweep-ema.csv").read_text().splitlines()[0].split(",")

@@ -11,6 +11,7 @@ from pfgmpp_fast import checks
 from pfgmpp_fast import reference as R
 from pfgmpp_fast import reference_multistep as RM
 from pfgmpp_fast.sampler import SamplerOptions, sample
+from helpers import load_npz_images
 
 pytestmark = pytest.mark.usefixtures("poison_uninitialized_memory")
 
@@ -194,7 +195,7 @@ def test_generate_command_with_a_multistep_solver(tmp_path, capsys):
     checkpoint.save_network(path, net)
     argv = ["generate", "--network", path, "--seeds", "0-2", "--steps", "4", "--no-progress", "--backend", "cpu"]
     assert cli.main(argv + ["--solver", "dpmpp2m", "--npz", out]) == 0
-    images, seeds = G.load_npz_images(out)
+    images, seeds = load_npz_images(out)
     assert list(seeds) == [0, 1, 2]
     loaded = checkpoint.load_network(path)
     for solver, same in (("dpmpp2m", True), ("heun", False)):

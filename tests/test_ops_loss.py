@@ -1,5 +1,6 @@
 """Fused loss forward+backward (op level), the autograd path and training_loss vs reference."""
 import math
+import zlib
 
 import pytest
 import torch
@@ -7,9 +8,8 @@ from torch import nn
 
 from pfgmpp_fast import ops
 from pfgmpp_fast import reference as R
-from op_helpers import (BACKENDS, D_VALUES, assert_close_rel, cpp_ops, device_for, in_layout, is_channels_last,
-                        make_images, needs_cuda_kernels, needs_ext, random_ids, rel_err, rel_err_or_abs, same_format,
-                        seeded, tol_for)
+from op_helpers import (BACKENDS, D_VALUES, assert_close_rel, case_id, cpp_ops, device_for, in_layout, needs_ext,
+                        random_ids, rel_err, seeded, tol_for)
 
 from pfgmpp_fast.loss import PFGMPPLoss, training_loss
 
@@ -36,33 +36,81 @@ class TinyPrecond(nn.Module):
         return c_skip * x.to(torch.float32) + c_out * F
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("B", [0, 1, 7])
-@pytest.mark.parametrize("F_layout", ["contiguous", "channels_last", "strided"])
-@pytest.mark.parametrize("F_dtype,y_dtype", [(torch.float32, torch.float32), (torch.bfloat16, torch.float32),
-                                              (torch.float16, torch.float32), (torch.float64, torch.float64)])
-def test_loss_op_matches_reference(backend, B, F_layout, F_dtype, y_dtype):
+# shape, F dtype, F layout, y dtype, y layout, D (None: scale = σ·(1 + uniform)), grad_scale
+LOSS_CASES = [
+    # every batch size (B = 0 included), F layout and dtype pair on [B, 3, 5, 7] (odd N = 105)
+    *[((B, 3, 5, 7), F_dtype, F_layout, y_dtype, y_layout, None, 0.3)
+      for B in (0, 1, 7)
+      for F_layout, y_layout in (("contiguous", "transposed"), ("channels_last", "contiguous"),
+                                 ("transposed", "channels_last"))
+      for F_dtype, y_dtype in ((torch.float32, torch.float32), (torch.bfloat16, torch.float32),
+                               (torch.float16, torch.float32), (torch.float64, torch.float64))],
+    # per-sample scales σ·√(D/V) of every D, other ranks, several blocks / chunks per sample
+    ((0, 3, 4, 4), torch.bfloat16, "contiguous", torch.float32, "contiguous", 8.0, 1.0),
+    ((1, 3, 5, 7), torch.float32, "contiguous", torch.float32, "contiguous", 1.0, 0.5),
+    ((7, 3, 5, 7), torch.bfloat16, "channels_last", torch.float32, "contiguous", 2.0, 1 / 7),
+    ((7, 3, 5, 7), torch.float16, "channels_last", torch.float32, "channels_last", 128.0, 3.0),
+    ((7, 3, 8, 8), torch.float32, "strided", torch.float32, "strided", 2048.0, 1.0),
+    ((7, 3, 8, 8), torch.float64, "contiguous", torch.float64, "channels_last", 3072000.0, 1.0),
+    ((7, 3, 6, 6), torch.bfloat16, "contiguous", torch.float64, "contiguous", math.inf, 2.0),
+    ((5, 37), torch.float32, "contiguous", torch.float32, "contiguous", 8.0, 1.0),
+    ((3, 7, 4100), torch.float32, "contiguous", torch.float32, "contiguous", 8.0, 1.0),  # > 1 chunk
+    ((2, 3, 64, 64), torch.bfloat16, "channels_last", torch.float32, "contiguous", 8.0, 1.0),  # many chunks
+    ((3, 1, 8, 12), torch.float32, "channels_last", torch.float32, "channels_last", 2.0, 1.0),  # C = 1
+    ((3, 3, 0, 4), torch.float32, "contiguous", torch.float32, "contiguous", 2.0, 1.0),  # N = 0: loss 0
+    # H·W % 4 == 0 with a channels-last F: the [channels, pixels] tiled path
+    *[((7, C, H, W), F_dtype, "channels_last", torch.float32, "contiguous", None, 0.5)
+      for C, H, W in ((3, 4, 6), (5, 2, 2)) for F_dtype in (torch.float32, torch.bfloat16)],
+]
+
+
+def _loss(backend, shape, F_dtype, F_layout, y_dtype, y_layout, D, grad_scale):
+    """(per-sample loss, grad_F) of the op and of reference.ref_loss_fwd_bwd on one case's inputs."""
     dev = device_for(backend)
-    gen = torch.Generator().manual_seed(hash((B, F_layout, str(F_dtype))) % 2**31)
-    y_layout = {"contiguous": "strided", "channels_last": "contiguous", "strided": "channels_last"}[F_layout]
-    y = make_images(B, y_layout, y_dtype, dev, gen)
-    F = make_images(B, F_layout, F_dtype, dev, gen)
-    cd = torch.float64 if y_dtype == torch.float64 else torch.float32
-    sigma = torch.exp(torch.randn(B, generator=gen, dtype=torch.float64) * 1.2 - 1.2)
+    gen = seeded(zlib.crc32(repr((shape, F_dtype, F_layout, y_dtype, y_layout, D, grad_scale)).encode()))
+    B = shape[0]
+    cd = torch.float64 if torch.float64 in (F_dtype, y_dtype) else torch.float32
+    F = in_layout(torch.randn(shape, generator=gen, dtype=torch.float64).to(F_dtype).to(dev), F_layout)
+    y = in_layout(torch.randn(shape, generator=gen, dtype=torch.float64).to(y_dtype).to(dev), y_layout)
+    sigma = torch.exp(-1.2 + 1.2 * torch.randn(B, generator=gen, dtype=torch.float64))
+    if D is None:
+        scale = sigma * (1 + torch.rand(B, generator=gen, dtype=torch.float64))
+    else:
+        scale = R.noise_scale(sigma, D, 7, torch.randint(0, 2**62, (B,), generator=gen))
     c_skip, c_out, _, _ = R.precond(sigma)
-    scale = sigma * (1 + torch.rand(B, generator=gen, dtype=torch.float64))
-    ids = torch.randint(0, 2**62, (B,), generator=gen)
     args = [t.to(dev, cd) for t in (scale, c_skip, c_out)]
-    per_sample, grad = ops.loss_fwd_bwd(F, y, *args, ids.to(dev), 17, R.STREAM_NOISE, 0.3, backend=backend)
-    ref_ps, ref_grad = R.ref_loss_fwd_bwd(F.cpu(), y.cpu(), *[a.cpu() for a in args], ids, 17,
-                                          R.STREAM_NOISE, 0.3)
-    assert per_sample.dtype == torch.float32 and per_sample.shape == (B,)
-    assert grad.dtype == F.dtype and grad.shape == F.shape
-    if B > 0 and F_layout != "strided":  # dense F: grad keeps its memory format exactly
-        assert same_format(grad, ref_grad)
-    assert torch.isfinite(per_sample).all() and torch.isfinite(grad).all()
-    assert rel_err(per_sample, ref_ps) < 1e-5
-    assert rel_err(grad, ref_grad) < (1e-2 if F_dtype in (torch.bfloat16, torch.float16) else 1e-5)
+    ids = torch.randint(0, 2**62, (B,), generator=gen).to(dev)
+    key = int(torch.randint(0, 2**62, (1,), generator=gen))
+    out = ops.loss_fwd_bwd(F, y, *args, ids, key, R.STREAM_NOISE, grad_scale, backend=backend)
+    ref = R.ref_loss_fwd_bwd(F.cpu(), y.cpu(), *[a.cpu() for a in args], ids.cpu(), key, R.STREAM_NOISE,
+                             grad_scale)
+    return F, out, ref
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("case", LOSS_CASES, ids=case_id)
+def test_loss_op_matches_reference(backend, case):
+    """Every backend's loss op (the C++ op itself for cpu / cuda) against the reference: the
+    per-sample losses elementwise, grad_F (dtype, shape and, for a dense non-empty F, F's exact strides);
+    outputs start NaN-poisoned, so an element a kernel skips fails."""
+    B = case[0][0]
+    F, (loss, grad), (ref_loss, ref_grad) = _loss(backend, *case)
+    assert loss.dtype == torch.float32 and loss.shape == (B,) and loss.device.type == device_for(backend).type
+    assert torch.isfinite(loss).all()
+    torch.testing.assert_close(loss.cpu(), ref_loss, rtol=1e-5, atol=0)
+    assert_close_rel(grad.cpu(), ref_grad, "grad_F")
+    if B > 0 and (F.is_contiguous() or (F.dim() == 4 and F.is_contiguous(memory_format=torch.channels_last))):
+        assert grad.stride() == ref_grad.stride()  # grad_F keeps F's memory format
+    if backend == "cuda" and ops.has_extension():  # and the C++ CPU op agrees with the CUDA one
+        _, (_, cpu_grad), _ = _loss("cpu", *case)
+        assert rel_err(grad, cpu_grad) < tol_for(grad.dtype)
+
+
+def _net_and_batch(seed, shape, device):
+    """A seeded TinyPrecond, images y of `shape` and sample ids 0..B-1, on `device`."""
+    torch.manual_seed(seed)
+    net = TinyPrecond().to(device)
+    return net, torch.randn(*shape, device=device), torch.arange(shape[0], device=device)
 
 
 def _param_grads(net):
@@ -94,10 +142,8 @@ def test_training_loss_and_grad_match_reference(backend, D, B):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_training_loss_bf16_net_input_and_module(backend):
     dev = device_for(backend)
-    torch.manual_seed(0)
-    net = TinyPrecond().to(dev)
-    y = torch.randn(4, 3, 4, 4, device=dev).contiguous(memory_format=torch.channels_last)
-    ids = torch.arange(4, device=dev)
+    net, y, ids = _net_and_batch(0, (4, 3, 4, 4), dev)
+    y = y.contiguous(memory_format=torch.channels_last)
     module = PFGMPPLoss(D=128, backend=backend)
     loss = module(net, y, 5, ids, net_dtype=torch.bfloat16)
     loss.backward()
@@ -109,10 +155,7 @@ def test_training_loss_bf16_net_input_and_module(backend):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_training_loss_plain_denoiser_and_empty_batch(backend):
     dev = device_for(backend)
-    torch.manual_seed(1)
-    net = TinyPrecond().to(dev)
-    y = torch.randn(3, 3, 4, 4, device=dev)
-    ids = torch.arange(3, device=dev)
+    net, y, ids = _net_and_batch(1, (3, 3, 4, 4), dev)
     plain = lambda x, sigma, labels=None: net(x, sigma, labels)  # noqa: E731  (no .raw: unfused path)
     loss = training_loss(plain, y, 2048, 9, ids, backend=backend)
     assert rel_err(loss, R.training_loss(net.cpu(), y.cpu(), 2048, 9, ids.cpu())) < 1e-5
@@ -125,10 +168,7 @@ def test_training_loss_plain_denoiser_and_empty_batch(backend):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_loss_grad_scales_with_upstream_gradient(backend):
     dev = device_for(backend)
-    torch.manual_seed(2)
-    net = TinyPrecond().to(dev)
-    y = torch.randn(2, 3, 3, 3, device=dev)
-    ids = torch.arange(2, device=dev)
+    net, y, ids = _net_and_batch(2, (2, 3, 3, 3), dev)
     (3.0 * training_loss(net, y, 8, 4, ids, backend=backend)).backward()
     g3 = _param_grads(net).clone()
     net.zero_grad()
@@ -152,10 +192,8 @@ def test_training_loss_validation():
 
 
 def _check_compiled_loss(backend, device, compile_backend):
-    torch.manual_seed(0)
-    net = TinyPrecond().to(device)
-    y = torch.randn(8, 3, 8, 8, device=device).contiguous(memory_format=torch.channels_last)
-    ids = torch.arange(8, device=device)
+    net, y, ids = _net_and_batch(0, (8, 3, 8, 8), device)
+    y = y.contiguous(memory_format=torch.channels_last)
 
     def objective(y, ids):
         return training_loss(net, y, 128, 3, ids, backend=backend, net_dtype=torch.bfloat16)
@@ -204,29 +242,9 @@ def test_triton_and_cuda_agree():
     assert rel_err(p[0], q[0]) < 1e-2 and rel_err(p[1], q[1]) < 1e-5
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("C,H,W", [(3, 4, 6), (5, 2, 2)])
-@pytest.mark.parametrize("F_dtype", [torch.float32, torch.bfloat16])
-def test_loss_op_tiled_channels_last(backend, C, H, W, F_dtype):
-    dev = device_for(backend)
-    gen = torch.Generator().manual_seed(C + H + W)
-    y = torch.randn(7, C, H, W, generator=gen)
-    F = torch.randn(7, C, H, W, generator=gen).to(F_dtype).contiguous(memory_format=torch.channels_last)
-    v = [torch.rand(7, generator=gen) + 0.1 for _ in range(3)]
-    ids = torch.randint(0, 2**62, (7,), generator=gen)
-    ps, grad = ops.loss_fwd_bwd(F.to(dev), y.to(dev), *[t.to(dev) for t in v], ids.to(dev), 5, 0, 0.5, backend=backend)
-    ref_ps, ref_grad = R.ref_loss_fwd_bwd(F, y, *v, ids, 5, 0, 0.5)
-    assert same_format(grad, ref_grad) and torch.isfinite(grad).all()
-    assert rel_err(ps, ref_ps) < 1e-5
-    assert rel_err(grad, ref_grad) < (1e-2 if F_dtype == torch.bfloat16 else 1e-5)
-
-
 def test_reference_backend_through_public_api():
     """backend='reference' runs the same fused autograd path on reference.ref_loss_fwd_bwd."""
-    torch.manual_seed(3)
-    net = TinyPrecond()
-    y = torch.randn(3, 3, 4, 4)
-    ids = torch.arange(3)
+    net, y, ids = _net_and_batch(3, (3, 3, 4, 4), "cpu")
     loss = training_loss(net, y, 2.0, 6, ids, backend="reference")
     loss.backward()
     g = _param_grads(net).clone()
@@ -236,57 +254,7 @@ def test_reference_backend_through_public_api():
     assert rel_err(loss, ref) < 1e-5 and rel_err(g, _param_grads(net)) < 1e-5
 
 
-# ------------------------------------------------------------ C++ op called directly (CPU, CUDA)
-
-LOSS_CASES = [
-    # shape, F dtype, F layout, y dtype, y layout, D, grad_scale
-    ((0, 3, 4, 4), torch.bfloat16, "contiguous", torch.float32, "contiguous", 8.0, 1.0),
-    ((1, 3, 5, 7), torch.float32, "contiguous", torch.float32, "contiguous", 1.0, 0.5),
-    ((7, 3, 5, 7), torch.bfloat16, "channels_last", torch.float32, "contiguous", 2.0, 1 / 7),
-    ((7, 3, 5, 7), torch.float16, "channels_last", torch.float32, "channels_last", 128.0, 3.0),
-    ((7, 3, 8, 8), torch.float32, "strided", torch.float32, "strided", 2048.0, 1.0),
-    ((7, 3, 8, 8), torch.float64, "contiguous", torch.float64, "channels_last", 3072000.0, 1.0),
-    ((7, 3, 6, 6), torch.bfloat16, "contiguous", torch.float64, "contiguous", math.inf, 2.0),
-    ((5, 37), torch.float32, "contiguous", torch.float32, "contiguous", 8.0, 1.0),
-    ((3, 7, 4100), torch.float32, "contiguous", torch.float32, "contiguous", 8.0, 1.0),  # > 1 chunk
-    ((2, 3, 64, 64), torch.bfloat16, "channels_last", torch.float32, "contiguous", 8.0, 1.0),  # many chunks
-    ((3, 1, 8, 12), torch.float32, "channels_last", torch.float32, "channels_last", 2.0, 1.0),  # C = 1
-    ((3, 3, 0, 4), torch.float32, "contiguous", torch.float32, "contiguous", 2.0, 1.0),  # N = 0: loss 0
-]
-
-
-def _loss_case(device, shape, F_dtype, F_layout, y_dtype, y_layout, D, grad_scale, seed=0):
-    B = shape[0]
-    g = seeded(seed)
-    cd = torch.float64 if torch.float64 in (F_dtype, y_dtype) else torch.float32
-    F = in_layout(torch.randn(shape, generator=g, dtype=torch.float64).to(F_dtype).to(device), F_layout)
-    y = in_layout(torch.randn(shape, generator=g, dtype=torch.float64).to(y_dtype).to(device), y_layout)
-    sigma = torch.exp(-1.2 + 1.2 * torch.randn(B, generator=g, dtype=torch.float64))
-    s = R.noise_scale(sigma, D, 7, random_ids(B, seed))
-    c_skip, c_out, _, _ = R.precond(sigma)
-    args = [t.to(cd).to(device) for t in (s, c_skip, c_out)]
-    ids = random_ids(B, seed + 5, device)
-    loss, grad = cpp_ops().loss_fwd_bwd(F, y, *args, ids, 4242, R.STREAM_NOISE, grad_scale)
-    ref_loss, ref_grad = R.ref_loss_fwd_bwd(F.cpu(), y.cpu(), *(a.cpu() for a in args), ids.cpu(),
-                                            4242, R.STREAM_NOISE, grad_scale)
-    assert loss.dtype == torch.float32 and loss.shape == (B,)
-    if B:
-        torch.testing.assert_close(loss.cpu(), ref_loss, rtol=1e-5, atol=0)
-    assert_close_rel(grad.cpu(), ref_grad, "grad_F")
-    if F.is_contiguous() or is_channels_last(F):  # grad_F keeps F's memory format
-        assert grad.stride() == ref_grad.stride()
-    return loss, grad
-
-
-def _case_id(c):
-    return f"{c[0]}-F{c[1]}-{c[2]}-y{c[3]}-{c[4]}-D{c[5]}"
-
-
-@needs_ext
-@pytest.mark.parametrize("case", LOSS_CASES, ids=_case_id)
-def test_loss_fwd_bwd_cpu(case):
-    _loss_case("cpu", *case)
-
+# ------------------------------------------- C++ op called directly: autograd check, its own checks, fake impl
 
 @needs_ext
 def test_loss_matches_autograd_of_reference_loss():
@@ -330,9 +298,3 @@ def test_fake_impls_match_real_kernels_loss():
                           test_utils=("test_schema", "test_faketensor"))
 
 
-@pytest.mark.parametrize("case", [pytest.param(c, marks=needs_cuda_kernels) for c in LOSS_CASES],
-                         ids=lambda c: f"{c[0]}-F{c[1]}-{c[2]}")
-def test_loss_fwd_bwd_cuda(case):
-    loss, grad = _loss_case("cuda", *case)
-    cpu_loss, cpu_grad = _loss_case("cpu", *case)
-    assert rel_err_or_abs(grad, cpu_grad) < tol_for(grad.dtype)

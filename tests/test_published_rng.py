@@ -15,6 +15,7 @@ from pfgmpp_fast.networks import build_network
 from pfgmpp_fast.sampler import SamplerOptions
 from pfgmpp_fast.published_rng import PublishedRNG, check_published_sampling, published_prior
 from pfgmpp_fast.sampler import Sampler
+from helpers import load_npz_images
 
 SEEDS = [0, 1, 7, 4242, 2**32 + 5, 2**40 + 3]
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
@@ -123,7 +124,7 @@ def test_cli_rng_published_and_churn_refusal(tmp_path, capsys):
     save_network(path, net)
     base = ["generate", "--network", path, "--seeds", "4-6", "--steps", "4", "--npz", out, "--no-progress"]
     assert cli.main(base + ["--rng", "published"]) == 0
-    arr, seeds = G.load_npz_images(out)
+    arr, seeds = load_npz_images(out)
     x_T, _ = restated_latents([4, 5, 6], (3, 8, 8), 128.0, "cpu")
     with torch.no_grad():
         want = G.to_uint8(published_heun(net, x_T, None, num_steps=4)).permute(0, 2, 3, 1).numpy()

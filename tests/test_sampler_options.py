@@ -120,15 +120,15 @@ def test_command_line_builds_the_options():
 def test_fid_shard_configuration_of_the_command_line_is_unchanged():
     """The shards' configuration (calc_stats refuses to resume under another one) of a
     command-line source is the one written before SamplerOptions, so those shards still resume."""
-    source = calc.generator_source(stand_in(), "0-3", **G.sampler_kwargs_from_args(_cli_args("--steps", "4")))
+    source = calc.GeneratorSource(stand_in(), "0-3", **G.sampler_kwargs_from_args(_cli_args("--steps", "4")))
     assert json.dumps(source.describe(), sort_keys=True) == (
         '{"D": null, "S_churn": 0.0, "S_max": "inf", "S_min": 0.0, "S_noise": 1.0, "alpha": 0.0, '
         '"backend": "auto", "class_idx": null, "dtype": "torch.float32", "num_steps": 4, "rho": 7.0, '
         '"sigma_max": 80.0, "sigma_min": 0.002, "solver": "heun", "source": "generator"}')
     # keywords and options= describe the same source; progress changes no image and is left out
-    by_keywords = calc.generator_source(stand_in(), "0-3", num_steps=4, progress=True, class_idx=None)
-    assert by_keywords.describe() == calc.generator_source(
+    by_keywords = calc.GeneratorSource(stand_in(), "0-3", num_steps=4, progress=True, class_idx=None)
+    assert by_keywords.describe() == calc.GeneratorSource(
         stand_in(), "0-3", options=SamplerOptions(num_steps=4), class_idx=None).describe()
     assert "progress" not in by_keywords.describe()
     with pytest.raises(ValueError, match="num_steps"):      # checked when the source is built
-        calc.generator_source(stand_in(), "0-3", num_steps=0)
+        calc.GeneratorSource(stand_in(), "0-3", num_steps=0)

@@ -54,11 +54,7 @@ from typing import Dict, List, Optional
 from pfgmpp_fast import checks
 from pfgmpp_fast.apps.digits import (PHEMA_TRACKED, D_label, DigitsScorer, digits_uint8_split, latest_snapshot,
                                      load_snapshot, read_stats, sampling_network, train_small, versions)
-from pfgmpp_fast.apps.robustness_report import ema_name
-from pfgmpp_fast.apps.robustness_report import config_json as _config_json
-from pfgmpp_fast.apps.robustness_report import nfe_steps as _nfe_steps
-from pfgmpp_fast.apps.robustness_report import point_name as _point_name
-from pfgmpp_fast.apps.robustness_report import write_outputs as _write_outputs
+from pfgmpp_fast.apps.robustness_report import config_json, ema_name, nfe_steps, point_name, write_outputs
 from pfgmpp_fast.evaluation.sweep import Point, PointNetwork, score_point
 from pfgmpp_fast.phema import STD_MAX
 from pfgmpp_fast.training.report import stat_value
@@ -66,7 +62,8 @@ from pfgmpp_fast.utils import distributed
 from pfgmpp_fast.utils.cli_errors import add_threads_argument
 from pfgmpp_fast.utils.io_utils import append_line, atomic_save_json
 
-__all__ = ["FULL_CONFIG", "TINY_CONFIG", "EXPERIMENTS", "run_robustness", "make_config", "add_arguments", "main"]
+__all__ = ["FULL_CONFIG", "TINY_CONFIG", "EXPERIMENTS", "run_robustness", "make_config", "distinct_points",
+           "add_arguments", "main"]
 
 FULL_CONFIG = dict(
     D_values=[8.0, 64.0, 128.0, 2048.0, float("inf")],
@@ -141,20 +138,20 @@ def make_config(tiny: bool = False, **overrides) -> dict:
     return config
 
 
-def _points(config: dict) -> Dict[str, dict]:
+def distinct_points(config: dict) -> Dict[str, dict]:
     """{name: {alpha, bits, steps[, solver]}} of every distinct point (the base point once; no
     solver: Heun)."""
     base = dict(alpha=0.0, bits=32, steps=config["base_steps"])
     points = {}
     for a in config["alpha"]:
-        points.setdefault(_point_name(a, 32, base["steps"]), dict(base, alpha=a))
+        points.setdefault(point_name(a, 32, base["steps"]), dict(base, alpha=a))
     for b in config["bits"]:
-        points.setdefault(_point_name(0.0, b, base["steps"]), dict(base, bits=b))
+        points.setdefault(point_name(0.0, b, base["steps"]), dict(base, bits=b))
     for s in config["steps"]:
-        points.setdefault(_point_name(0.0, 32, s), dict(base, steps=s))
+        points.setdefault(point_name(0.0, 32, s), dict(base, steps=s))
     for solver in config["nfe_solvers"]:
-        for n in _nfe_steps(config):
-            points.setdefault(_point_name(0.0, 32, n, solver), dict(base, steps=n, solver=solver))
+        for n in nfe_steps(config):
+            points.setdefault(point_name(0.0, 32, n, solver), dict(base, steps=n, solver=solver))
     return points
 
 
@@ -225,7 +222,7 @@ def _jobs(config: dict, D: float, outdir: str, run_dir: str) -> List[tuple]:
     """[(name, record fields, engine Point, weights key, folder)] of one D: every point, then
     the network reconstructed for each EMA length (post-hoc EMA) at the base point."""
     jobs = [(name, p, _engine_point(p), p["bits"], os.path.join(outdir, "points", f"D{D_label(D)}", name))
-            for name, p in _points(config).items()]
+            for name, p in distinct_points(config).items()]
     base = dict(alpha=0.0, bits=32, steps=config["base_steps"])
     for std in config["ema"]:
         point = Point("ema", std, gen={"num_steps": base["steps"], "alpha": 0.0}, path=run_dir)
@@ -288,16 +285,16 @@ def run_robustness(outdir: str = "results/robustness", tiny: bool = False, devic
     os.makedirs(outdir, exist_ok=True)
     config_path = os.path.join(outdir, "config.json")
     stored = _read_json(config_path)
-    if stored is not None and stored != _config_json(config):
+    if stored is not None and stored != config_json(config):
         raise ValueError(f"{outdir} holds a run of another configuration ({config_path}); use a fresh --outdir.\n"
-                         f"  stored: {json.dumps(stored)}\n  now:    {json.dumps(_config_json(config))}")
+                         f"  stored: {json.dumps(stored)}\n  now:    {json.dumps(config_json(config))}")
     if stored is None:
-        atomic_save_json(config_path, _config_json(config))
+        atomic_save_json(config_path, config_json(config))
     log = _Log(os.path.join(outdir, "log.txt"))
     bars = sys.stderr.isatty() if progress == "auto" else bool(progress)
     t0 = time.perf_counter()
     log(f"robustness experiment -> {outdir} on {device}: D {[D_label(d) for d in config['D_values']]}, "
-        f"{len(_points(config))} points x {config['sets']} sets of {config['set_size']} samples per D")
+        f"{len(distinct_points(config))} points x {config['sets']} sets of {config['set_size']} samples per D")
     scorer = DigitsScorer(device=device)
     floor = scorer.fdd(digits_uint8_split()[1][:config["set_size"]])
     # Train every D first, then score seed set by seed set: a run stopped early has every
@@ -317,7 +314,7 @@ def run_robustness(outdir: str = "results/robustness", tiny: bool = False, devic
             "report_only": bool(report_only),
             "versions": versions(), "features_sha256": scorer.sha256,
             "seconds_this_process": round(time.perf_counter() - t0, 1)}
-    paths = _write_outputs(config, all_results, trainings, floor, outdir, meta)
+    paths = write_outputs(config, all_results, trainings, floor, outdir, meta)
     log(f"done in {time.perf_counter() - t0:.0f} s; results:")
     for key in sorted(paths):
         log(f"  {paths[key]}")

@@ -40,7 +40,7 @@ from pfgmpp_fast.utils import distributed
 from pfgmpp_fast.utils.io_utils import atomic_save_npz, is_temp_file
 from pfgmpp_fast.utils.run_lock import acquire_run_dir
 
-__all__ = ["Source", "generator_source", "images_source", "calc_stats", "reference_stats", "weights_fingerprint",
+__all__ = ["Source", "GeneratorSource", "ImagesSource", "calc_stats", "reference_stats", "weights_fingerprint",
            "SHARD_RE"]
 
 SHARD_RE = re.compile(r"^stats-(\d+)-(\d+)\.npz$")
@@ -61,7 +61,7 @@ class Source:
         raise NotImplementedError
 
 
-class generator_source(Source):
+class GeneratorSource(Source):
     """Images generated from seeds by `net` (generate.generate_images keyword arguments: options=
     a SamplerOptions and/or its fields as keywords, class_idx, D, key, ...; checked here, once)."""
 
@@ -84,7 +84,7 @@ class generator_source(Source):
             yield images
 
 
-class images_source(Source):
+class ImagesSource(Source):
     """Images of a data set / folder / zip / npz (data.load_dataset), ids = indices."""
 
     def __init__(self, spec: str, device="cpu"):
@@ -297,7 +297,7 @@ def _sharded_stats(source, extractor: Detectors, ids, batch_size, outdir, shard_
 def reference_stats(data, extractor, batch_size: int = 256, num: Optional[int] = None, device="cpu"):
     """(mu, sigma) of a data set ('digits', folder, zip, npz or a uint8 tensor); for a
     features.Detectors, {output: FeatureStats} (metrics.save_reference writes them)."""
-    source = images_source(data, device=device)
+    source = ImagesSource(data, device=device)
     stats = calc_stats(source, extractor, num=num, batch_size=batch_size, device=device)
     return stats if isinstance(extractor, Detectors) else stats.mean_cov()
 

@@ -16,7 +16,7 @@ import os
 import time
 from typing import Optional
 
-from pfgmpp_fast.evaluation.calc import calc_stats, generator_source, images_source, reference_stats, weights_fingerprint
+from pfgmpp_fast.evaluation.calc import calc_stats, GeneratorSource, ImagesSource, reference_stats, weights_fingerprint
 from pfgmpp_fast.evaluation.features import FEATURES, Detectors, get_feature_extractor
 from pfgmpp_fast.evaluation.metrics import (METRICS, compute_metrics, load_reference, parse_metrics,
                                             save_reference)
@@ -218,7 +218,7 @@ def _calc(args, device, say) -> int:
         net = network_from_args(args, device, D=kw["D"])
         fast = make_generator_fast(net, device, args.net_dtype, args.compile, args.cuda_graphs)
         with blame("--seeds"):
-            source = generator_source(fast, seeds, device=device, describe={
+            source = GeneratorSource(fast, seeds, device=device, describe={
                 "network": os.path.abspath(args.network), "weights": weights_fingerprint(net),
                 **generator_numerics(device, args.net_dtype, args.compile, args.cuda_graphs)}, **kw)
     extractor = _extractor(args, device)
@@ -230,7 +230,7 @@ def _images(args, path, device):
     """The images of a folder/zip/npz; more than --num: the published random subset chosen by --seed."""
     from pfgmpp_fast.evaluation.published import random_subset
     with blame("--images"):
-        source = images_source(path, device=device)
+        source = ImagesSource(path, device=device)
     source.ids = random_subset(len(source.ids), args.num, args.seed)
     return source
 

@@ -17,7 +17,7 @@ or one `.npz` (`images` uint8 NHWC, `seeds` int64, sorted by seed, and the same 
 as `arr_0`, the key ADM's evaluation suite and EDM-era scripts read), written atomically.
 Under torchrun rank r generates every world-th batch of that grid (`rank_seeds`).
 
-Python entry points: `parse_int_list`, `check_seeds`, `rank_seeds`, `generate_images`
+Python entry points: `rank_seeds`, `generate_images`
 (iterator of (seeds, uint8 NCHW images)), `write_images`, `load_generator_network`.
 """
 from __future__ import annotations
@@ -33,7 +33,7 @@ import torch
 
 from pfgmpp_fast import checks
 from pfgmpp_fast import reference as R
-from pfgmpp_fast.checks import check_seeds, parse_int_list  # noqa: F401  (part of this module's API)
+from pfgmpp_fast.checks import check_seeds
 from pfgmpp_fast.published_rng import PublishedRNG, check_published_sampling
 from pfgmpp_fast.evaluation.published import generation_jobs
 from pfgmpp_fast.utils import distributed
@@ -42,7 +42,7 @@ from pfgmpp_fast.utils.cli_errors import (BoolOption, D_from_published, InvalidA
                                           int_at_least, number, supported_choice)
 from pfgmpp_fast.utils.io_utils import atomic_save_npz, atomic_write_bytes
 
-__all__ = ["SAMPLING_KEY", "STREAM_CLASS", "parse_int_list", "check_seeds", "rank_seeds",
+__all__ = ["SAMPLING_KEY", "rank_seeds",
            "to_uint8", "class_labels_for", "generate_images", "write_images", "load_generator_network",
            "make_generator_fast", "generator_numerics", "add_sampler_arguments", "sampler_options_from_args",
            "sampler_kwargs_from_args", "resolved_sampler_kwargs", "DEFAULT_STEPS",
@@ -51,7 +51,6 @@ __all__ = ["SAMPLING_KEY", "STREAM_CLASS", "parse_int_list", "check_seeds", "ran
 D_TYPE = checked(checks.parse_D, "D")
 DEFAULT_STEPS = 18                  # sampling steps (EDM's CIFAR-10 setting: 35 NFE)
 SAMPLING_KEY = 0x5EED_0F_1A6E       # the fixed Philox key of sampling: image = f(seed)
-STREAM_CLASS = R.STREAM_CLASS      # Philox stream of the random class label of a seed
 RNGS = ("philox", "published")     # where latents come from: our Philox streams, or as published
 
 
@@ -81,7 +80,7 @@ def to_uint8(x: torch.Tensor) -> torch.Tensor:
 
 def class_labels_for(seeds: torch.Tensor, label_dim: int, class_idx: Optional[int], key: int = SAMPLING_KEY):
     """One-hot labels [B, label_dim]: `class_idx` for all, else a class drawn from the seed
-    (Philox stream STREAM_CLASS, block 0, lane 0, modulo label_dim), or None if unconditional."""
+    (Philox stream reference.STREAM_CLASS, block 0, lane 0, modulo label_dim), or None if unconditional."""
     if label_dim == 0:
         if class_idx is not None:
             raise ValueError(f"class {class_idx} was requested but the network is unconditional (label_dim=0)")
@@ -92,7 +91,7 @@ def class_labels_for(seeds: torch.Tensor, label_dim: int, class_idx: Optional[in
         idx = torch.full_like(seeds, int(class_idx))
     else:
         counters = torch.stack([torch.zeros_like(seeds), seeds & R.MASK32, (seeds >> 32) & R.MASK32,
-                                torch.full_like(seeds, STREAM_CLASS)], dim=-1)
+                                torch.full_like(seeds, R.STREAM_CLASS)], dim=-1)
         idx = R.philox4x32(counters, key)[:, 0] % label_dim
     return torch.nn.functional.one_hot(idx, label_dim).to(torch.float32)
 
@@ -206,14 +205,6 @@ def png_bytes(image_hwc: np.ndarray) -> bytes:
 def png_path(outdir: str, seed: int) -> str:
     """The published layout: outdir/<seed − seed % 1000:06d>/<seed:06d>.png."""
     return os.path.join(outdir, f"{seed - seed % 1000:06d}", f"{seed:06d}.png")
-
-
-def load_npz_images(path: str):
-    """(images uint8 NHWC, seeds int64) from a generate .npz (no pickle)."""
-    with np.load(path, allow_pickle=False) as f:
-        if "images" not in f or "seeds" not in f:
-            raise ValueError(f"{path}: expected arrays 'images' and 'seeds', got {sorted(f.keys())}")
-        return f["images"], f["seeds"]
 
 
 def write_images(batches, outdir: Optional[str] = None, npz: Optional[str] = None) -> int:

@@ -22,7 +22,7 @@ import torch
 from pfgmpp_fast import phema
 from pfgmpp_fast.checkpoint import find_checkpoints
 from pfgmpp_fast.evaluation import quantize as Q
-from pfgmpp_fast.evaluation.calc import calc_stats, generator_source, weights_fingerprint
+from pfgmpp_fast.evaluation.calc import calc_stats, GeneratorSource, weights_fingerprint
 from pfgmpp_fast.evaluation.features import Detectors
 from pfgmpp_fast.evaluation.generate import load_generator_network, resolve_D
 from pfgmpp_fast.evaluation.metrics import compute_metrics, load_reference, lower_is_better, metric_columns
@@ -132,7 +132,7 @@ def score_point(fast, base, point: Point, seeds, detectors: Detectors, ref: Dict
     settings that change the images (e.g. generate.generator_numerics) to the shards'
     configuration, so a resume under other settings is refused."""
     kw = {**gen_kwargs, **point.gen}
-    source = generator_source(fast, seeds, device=device, describe={
+    source = GeneratorSource(fast, seeds, device=device, describe={
         **(describe or {}), "sweep": point.kind, "value": point.value, "checkpoint": point.path, "weights": weights_fingerprint(base)},
         **kw)
     t0 = time.perf_counter()

@@ -21,7 +21,7 @@ eligible, probability 1/2 of a flip), yflip, scale, rotate_frac, aniso and trans
 1+1+1+2+2+2 = 9 label entries. A transform whose gate is closed contributes zeros.
 
 Randomness is counter-based: draw k of sample i comes from the Philox stream
-``STREAM_AUGMENT`` keyed by (key, sample id), so the augmentation of a training sample
+``reference.STREAM_AUGMENT`` keyed by (key, sample id), so the augmentation of a training sample
 depends only on the run seed and its global index — never on batch size or rank count.
 Geometric transforms resample with bicubic interpolation and reflection at the borders
 (our choice; EDM uses a wavelet-filtered 2× upsampling). Untouched images are passed
@@ -37,9 +37,8 @@ import torch.nn.functional as Fn
 
 from pfgmpp_fast import checks, ops, reference
 
-__all__ = ["AugmentPipe", "STREAM_AUGMENT", "augment_dim"]
+__all__ = ["AugmentPipe", "augment_dim"]
 
-STREAM_AUGMENT = reference.STREAM_AUGMENT   # the spec's stream for augmentation draws (docs/DESIGN.md §2)
 _NUM_DRAWS = 24                    # fixed draw slots per sample (6 Philox blocks)
 
 # Slot of each draw (normals; uniforms are Φ(normal)).
@@ -131,10 +130,7 @@ class AugmentPipe:
         if sample_ids.shape[0] != B:
             raise ValueError(f"{sample_ids.shape[0]} sample ids for {B} images")
         key = checks.check_key(key)
-        if backend == "reference":
-            z = reference.normal(key, sample_ids, _NUM_DRAWS, STREAM_AUGMENT)
-        else:
-            z = ops.philox_normal(sample_ids, key, _NUM_DRAWS, STREAM_AUGMENT, backend=backend)
+        z = ops.philox_normal(key, sample_ids, _NUM_DRAWS, reference.STREAM_AUGMENT, backend=backend)
         z = z.to(device=device, dtype=torch.float32)                                    # [B, 24]
         u = _uniform(z)
         col = lambda name: z[:, _S[name]]                                               # noqa: E731

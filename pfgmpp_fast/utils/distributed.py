@@ -26,7 +26,7 @@ from typing import Optional
 import torch
 
 __all__ = ["pick_device", "set_cpu_threads", "init", "close", "get_rank", "get_world_size", "is_enabled",
-           "barrier", "all_gather", "print0", "ddp", "elastic_info", "join_group"]
+           "barrier", "all_gather", "ddp", "elastic_info", "join_group"]
 
 INIT_TRIES_ENV = "PFGMPP_FAST_DIST_INIT_TRIES"
 INIT_TIMEOUT_ENV = "PFGMPP_FAST_DIST_INIT_TIMEOUT"
@@ -273,8 +273,3 @@ def all_gather(t: torch.Tensor) -> list:
     torch.distributed.all_gather(parts, t.to(comm).contiguous())
     return [p.to(t.device) for p in parts]
 
-
-def print0(*args, **kwargs) -> None:
-    """print on rank 0 only (flushed)."""
-    if get_rank() == 0:
-        print(*args, **kwargs, flush=True)
