@@ -6,7 +6,7 @@ extractor (features.py) → float64 running sums reduced across ranks (calc.py) 
 (unbiased, as the published fid.py) → Fréchet distance with scipy's sqrtm (metrics.py).
 Reference statistics are `.npz` files with `mu` [d] and `sigma` [d, d] (the published
 format; `--metrics` adds the feature rows and DINOv2 moments other metrics need). Sweeps
-(sweep.py) over checkpoints, steps/NFE, alpha, weight bit widths or post-hoc EMA lengths.
+(sweep.py) over checkpoints, steps/NFE, alpha, weight bit widths, post-hoc EMA lengths or guidance weights.
 """
 from __future__ import annotations
 
@@ -74,10 +74,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     ref.add_argument("--device", default=None)
     add_threads_argument(ref)
     _add_feature_arguments(ref)
-    sw = sub.add_parser("sweep", help="metrics over checkpoints, steps/NFE, alpha, weight bits or EMA length")
+    sw = sub.add_parser("sweep", help="metrics over checkpoints, steps/NFE, alpha, weight bits, EMA length or "
+                                      "guidance weight")
     add_sampler_arguments(sw)
     sw.add_argument("--kind", choices=SWEEP_KINDS, required=True)
-    sw.add_argument("--values", default=None, help="comma-separated values (steps, alphas, bits, kimgs, EMA stds)")
+    sw.add_argument("--values", default=None, help="comma-separated values (steps, alphas, bits, kimgs, EMA stds, guidance weights)")
     sw.add_argument("--run-dir", default=None,
                     help="run directory with network snapshots (kind=checkpoints) or phema snapshots (kind=ema)")
     sw.add_argument("--at-kimg", type=float, default=None, help="kind=ema: reconstruct at this training point")
@@ -134,7 +135,7 @@ def _values(text: Optional[str], kind: str):
     if text is None:
         return None
     parts = [t.strip() for t in text.split(",") if t.strip()]
-    conv = float if kind in ("alpha", "ema") else int
+    conv = float if kind in ("alpha", "ema", "guidance") else int
     try:
         return [conv(t) for t in parts]
     except ValueError:
@@ -152,8 +153,8 @@ def _check_calc_args(args):
 
 
 def _calc(args, device, say) -> int:
-    from pfgmpp_fast.evaluation.generate import (generator_numerics, make_generator_fast, network_from_args,
-                                                 sampler_kwargs_from_args)
+    from pfgmpp_fast.evaluation.generate import (generator_numerics, guide_from_args, make_generator_fast,
+                                                 network_from_args, sampler_kwargs_from_args)
     rank = distributed.get_rank()
     if args.images is not None:
         with blame("--images"):
@@ -163,6 +164,7 @@ def _calc(args, device, say) -> int:
         kw = sampler_kwargs_from_args(args)
         net = network_from_args(args, device, D=kw["D"])
         fast = make_generator_fast(net, device, args.net_dtype, args.compile, args.cuda_graphs)
+        kw["gnet"] = guide_from_args(args, device, net)
         with blame("--seeds"):
             source = generator_source(fast, seeds, device=device, describe={
                 "network": os.path.abspath(args.network), "weights": weights_fingerprint(net),
@@ -192,8 +194,8 @@ def _calc(args, device, say) -> int:
 
 
 def _sweep(args, device, say) -> int:
-    from pfgmpp_fast.evaluation.generate import (generator_numerics, make_generator_fast, network_from_args,
-                                                 sampler_kwargs_from_args)
+    from pfgmpp_fast.evaluation.generate import (generator_numerics, guide_from_args, make_generator_fast,
+                                                 network_from_args, sampler_kwargs_from_args)
     check_output_path("--outdir", args.outdir, is_dir=True)
     kw = sampler_kwargs_from_args(args)
     with blame("--values"):
@@ -206,6 +208,10 @@ def _sweep(args, device, say) -> int:
         raise UsageError("--network", f"is required for --kind {args.kind}")
     else:
         net = network_from_args(args, device, D=kw["D"])
+    if args.gnet is not None or args.guidance != 1.0 or args.kind == "guidance":
+        if net is None:
+            raise UsageError("--gnet", f"guidance needs --network (not --kind {args.kind})")
+        kw["gnet"] = guide_from_args(args, device, net, required=args.kind == "guidance")
     extractor = _extractor(args, device)
     ref = _reference(args, extractor)
     fast = lambda n: make_generator_fast(n, device, args.net_dtype, args.compile, args.cuda_graphs)

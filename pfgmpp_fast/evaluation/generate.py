@@ -39,7 +39,7 @@ from pfgmpp_fast.utils.io_utils import atomic_save_npz, atomic_write_bytes
 __all__ = ["SAMPLING_KEY", "STREAM_CLASS", "parse_int_list", "check_seeds", "rank_seeds",
            "to_uint8", "class_labels_for", "generate_images", "write_images", "load_generator_network",
            "make_generator_fast", "generator_numerics", "add_sampler_arguments", "sampler_options_from_args",
-           "sampler_kwargs_from_args",
+           "sampler_kwargs_from_args", "guide_from_args",
            "device_from_args", "network_from_args", "add_arguments", "main"]
 
 SAMPLING_KEY = 0x5EED_0F_1A6E       # the fixed Philox key of sampling: image = f(seed)
@@ -103,7 +103,7 @@ def resolve_D(net, D=None) -> float:
 def generate_images(net, seeds, batch_size: int = 64, options=None, class_idx: Optional[int] = None, D=None,
                     key: int = SAMPLING_KEY, device=None, image_shape: Optional[Sequence[int]] = None,
                     fixed_shape: Optional[bool] = None, progress: bool = False, rng: str = "philox",
-                    **settings) -> Iterator[Tuple[np.ndarray, torch.Tensor]]:
+                    gnet=None, **settings) -> Iterator[Tuple[np.ndarray, torch.Tensor]]:
     """Yield (seeds int64 [b], uint8 images [b, C, H, W] on `device`) batch by batch.
 
     `options`: a sampler.SamplerOptions; keyword `settings` (its fields: num_steps=, solver=,
@@ -119,6 +119,7 @@ def generate_images(net, seeds, batch_size: int = 64, options=None, class_idx: O
     rng: 'philox' (ours: latents and random classes from the Philox streams keyed by `key`) or
     'published' (latents and random classes drawn per seed as the published PFGM++
     generate.py draws them, published_rng.py; settings that add churn noise are refused).
+    gnet: the guide of `guidance=W` (sampler.sample): another network, or 'uncond' (classifier-free).
     """
     from pfgmpp_fast.sampler import Sampler
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
@@ -163,7 +164,7 @@ def generate_images(net, seeds, batch_size: int = 64, options=None, class_idx: O
         else:
             latents = sampler.prior((len(chunk), *image_shape), ids)
             labels = class_labels_for(ids, label_dim, class_idx, key)
-        x = sampler(net, latents, ids, labels)     # NaN/Inf raises FloatingPointError naming the seeds
+        x = sampler(net, latents, ids, labels, gnet=gnet)     # NaN/Inf raises FloatingPointError naming the seeds
         yield chunk[:real], to_uint8(x[:real])
 
 
@@ -302,6 +303,11 @@ def add_sampler_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--alpha", type=number(), default=0.0, help="robustness noise x += alpha*t_i*eps per step")
     g.add_argument("--class", dest="class_idx", type=int_at_least(0), default=None,
                    help="class label (default: random per seed)")
+    g.add_argument("--guidance", type=number(), default=1.0, metavar="W",
+                   help="guidance weight: D_G + W*(D - D_G) with the guide --gnet (default 1: no guidance)")
+    g.add_argument("--gnet", metavar="PATH|uncond", default=None,
+                   help="guide network (autoguidance: a smaller or less-trained network of the same task, loaded "
+                        "as --network) or 'uncond' (classifier-free guidance: --network without labels)")
     g.add_argument("--dtype", choices=["fp32", "fp64"], default="fp32", help="sampler state precision")
     g.add_argument("--net-dtype", choices=["auto", "fp32", "bf16", "fp16"], default="auto",
                    help="network precision (auto: bf16 on a GPU, fp32 on the CPU)")
@@ -325,7 +331,7 @@ def sampler_options_from_args(args):
         raise UsageError("--S-max", f"must be >= --S-min ({args.S_min:g}), got {args.S_max:g}")
     return SamplerOptions(num_steps=args.steps, sigma_min=args.sigma_min, sigma_max=args.sigma_max, rho=args.rho,
                           solver=args.solver, S_churn=args.S_churn, S_min=args.S_min, S_max=args.S_max,
-                          S_noise=args.S_noise, alpha=args.alpha,
+                          S_noise=args.S_noise, alpha=args.alpha, guidance=args.guidance,
                           dtype=torch.float64 if args.dtype == "fp64" else torch.float32, backend=args.backend)
 
 
@@ -368,6 +374,31 @@ def network_from_args(args, device, path: Optional[str] = None, D=None):
     return net
 
 
+def guide_from_args(args, device, net, required: bool = False):
+    """The guide of --gnet for `net` (loaded as --network is, same D and image shape, made fast as
+    it is), 'uncond', or None; --guidance W != 1 (or `required`) without --gnet is an error naming --gnet."""
+    from pfgmpp_fast.guidance import UNCOND
+    if args.gnet is None:
+        if args.guidance != 1.0 or required:
+            raise UsageError("--gnet", f"is required with --guidance {args.guidance:g}" if not required else
+                             "is required for --kind guidance")
+        return None
+    if args.gnet == UNCOND:
+        if not int(getattr(net, "label_dim", 0) or 0):
+            raise UsageError("--gnet", "uncond (classifier-free guidance) needs a class-conditional --network "
+                                       "(trained with --label-dropout), but it is unconditional (label_dim=0)")
+        return UNCOND
+    try:
+        gnet = load_generator_network(args.gnet, device, trust_pickle=args.trust_pickle, D=resolve_D(net))
+    except (ValueError, TypeError, FileNotFoundError) as exc:
+        raise UsageError("--gnet", str(exc)) from None
+    shape = lambda n: (getattr(n, "img_channels", None), getattr(n, "img_resolution", None))  # noqa: E731
+    if shape(gnet) != shape(net):
+        raise UsageError("--gnet", f"makes {shape(gnet)} (channels, resolution) images but --network makes "
+                                   f"{shape(net)}")
+    return make_generator_fast(gnet, device, args.net_dtype, args.compile, args.cuda_graphs)
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     add_sampler_arguments(p)
     p.add_argument("--seeds", default="0-63", help="seeds, e.g. '0-49999' or '1,5,7-9' (default 0-63)")
@@ -397,10 +428,11 @@ def main(args) -> int:
     device = device_from_args(args)
     net = network_from_args(args, device, D=kwargs["D"])
     fast = make_generator_fast(net, device, args.net_dtype, args.compile, args.cuda_graphs)
+    gnet = guide_from_args(args, device, net)
     rank, world = distributed.get_rank(), distributed.get_world_size()
     mine = rank_seeds(seeds, rank, world)
     batches = generate_images(fast, mine, args.batch, device=device, progress=args.progress and rank == 0,
-                              rng=args.rng, **kwargs)
+                              rng=args.rng, gnet=gnet, **kwargs)
     write_images(batches, outdir=args.outdir, npz=args.npz)
     if rank == 0:
         where = " and ".join(x for x in (args.outdir, args.npz) if x)

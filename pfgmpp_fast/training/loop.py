@@ -27,6 +27,7 @@ import torch
 
 from pfgmpp_fast import reference as R
 from pfgmpp_fast.checkpoint import load_network, save_network
+from pfgmpp_fast.training.augment import drop_labels
 from pfgmpp_fast.training.options import PRECISIONS, RESUME_KEYS, TrainingError, TrainingOptions, jsonable
 from pfgmpp_fast.training.phema import PowerFunctionEMA
 from pfgmpp_fast.training.report import TickReporter
@@ -248,6 +249,8 @@ class TrainingRun:
                 y, labels = self.dataset.get_batch(chunk, device=dev)
                 ids = torch.arange(first_id + r * self.batch_gpu, first_id + (r + 1) * self.batch_gpu,
                                    dtype=torch.int64, device=dev)
+                if o["label_dropout"] > 0:
+                    labels = drop_labels(labels, o["seed"], ids, o["label_dropout"])
                 augment_labels = None
                 if self.augment_pipe is not None:
                     y, augment_labels = self.augment_pipe(y, o["seed"], ids, backend=_aug_backend(o["backend"]))
