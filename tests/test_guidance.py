@@ -296,3 +296,13 @@ def test_guidance_sweep_on_a_tiny_network(tmp_path, saved, digits, digits_cache,
     assert (tmp_path / "cli" / "sweep-guidance.png").stat().st_size > 0
     assert cli.main([*common, "--values", "1,3", "--outdir", str(tmp_path / "cli2")]) == 2
     assert "--gnet: is required for --kind guidance" in capsys.readouterr().err
+
+
+def test_fid_shards_record_the_guide():
+    from pfgmpp_fast.evaluation import calc
+    net = _net(0, 4)
+    describe = lambda **kw: calc.generator_source(net, "0-3", num_steps=2, **kw).describe()  # noqa: E731
+    assert "gnet" not in describe() and describe(guidance=1.0, gnet=_net(1)) == describe()   # W = 1: no guide
+    cfg, auto = describe(guidance=2.0, gnet=UNCOND), describe(guidance=2.0, gnet=_net(1))
+    assert cfg["gnet"] == "uncond" and cfg["guidance"] == 2.0
+    assert auto["gnet"] == calc.weights_fingerprint(_net(1)) != describe(guidance=2.0, gnet=_net(2))["gnet"]
