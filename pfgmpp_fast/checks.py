@@ -13,7 +13,7 @@ import torch
 __all__ = ["check_key", "check_D", "parse_D", "check_sample_ids", "check_positive", "check_images",
            "check_sampler_options", "check_training_options", "check_sigma", "as_bool", "check_number",
            "parse_int_list", "check_seeds", "check_net_D", "check_sigma_max", "check_common", "format_ids",
-           "DeviceReport", "MAX_SEED", "MAX_SEEDS", "MAX_SIGMA", "SOLVERS"]
+           "DeviceReport", "MAX_SEED", "MAX_SEEDS", "MAX_SIGMA", "SOLVERS", "MULTISTEP_SOLVERS"]
 
 MAX_SEED = 2 ** 63
 MAX_SEEDS = 10 ** 9
@@ -102,7 +102,8 @@ def check_training_options(P_mean, P_std) -> None:
     check_positive("P_std", P_std)
 
 
-SOLVERS = ("heun", "euler")   # the sampler's solvers (a new one: its step loop in sampler._Stepper)
+SOLVERS = ("heun", "euler", "dpmpp2m", "ipndm", "ipndm_v")  # the sampler's solvers (step loops: sampler.py)
+MULTISTEP_SOLVERS = ("dpmpp2m", "ipndm", "ipndm_v")       # reuse earlier steps' evaluations; deterministic (no churn)
 
 
 def check_sampler_options(solver, S_churn, S_min, S_max, S_noise, alpha, dtype) -> None:
@@ -112,6 +113,8 @@ def check_sampler_options(solver, S_churn, S_min, S_max, S_noise, alpha, dtype) 
     for name, value in (("S_churn", S_churn), ("S_min", S_min), ("S_noise", S_noise), ("alpha", alpha)):
         if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
             raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+    if solver in MULTISTEP_SOLVERS and S_churn > 0:
+        raise ValueError(f"S_churn must be 0 with solver={solver!r} (a multistep solver has no churn), got {S_churn!r}")
     if not (S_max >= S_min):
         raise ValueError(f"S_max must be >= S_min, got S_max={S_max}, S_min={S_min}")
     if dtype not in (torch.float32, torch.float64):

@@ -18,7 +18,7 @@ import torch
 
 from pfgmpp_fast import checks
 
-__all__ = ["UNCOND", "has_precond", "check_guide", "Guide"]
+__all__ = ["UNCOND", "has_precond", "check_guide", "check_guide_network", "Guide"]
 
 UNCOND = "uncond"   # gnet: the network itself with the "no label" input (zero one-hot): classifier-free guidance
 
@@ -41,11 +41,17 @@ def check_guide(net, gnet, guidance: float, D: float):
         raise ValueError(f"guidance={guidance:g} needs a guide network gnet: another network of the same task "
                          f"(autoguidance) or {UNCOND!r} (the same class-conditional network without labels: "
                          "classifier-free guidance); guidance=1 samples unguided")
+    return check_guide_network(net, gnet, D)
+
+
+def check_guide_network(net, gnet, D: float):
+    """`gnet` as a guide of `net`: UNCOND for a class-conditional net, or a network/denoiser of
+    the same D and image shape (ValueError/TypeError naming gnet)."""
     if isinstance(gnet, str):
         if gnet != UNCOND:
             raise ValueError(f"gnet must be a network, a denoiser callable or {UNCOND!r}, got {gnet!r}")
         if _label_dim(net) == 0:
-            raise ValueError(f"gnet={UNCOND!r} (classifier-free guidance) needs a class-conditional network "
+            raise ValueError(f"gnet: {UNCOND!r} (classifier-free guidance) needs a class-conditional network "
                              "(label_dim > 0, trained with label dropout), but the network is unconditional")
         return gnet
     if not callable(gnet):
@@ -54,6 +60,9 @@ def check_guide(net, gnet, guidance: float, D: float):
         checks.check_net_D(gnet, D)
     except ValueError as exc:
         raise ValueError(f"gnet: {exc}") from None
+    shape = lambda n: tuple(getattr(n, a, None) for a in ("img_channels", "img_resolution"))  # noqa: E731
+    if None not in shape(gnet) + shape(net) and shape(gnet) != shape(net):
+        raise ValueError(f"gnet: makes {shape(gnet)} (channels, resolution) images but the network makes {shape(net)}")
     return gnet
 
 

@@ -70,6 +70,7 @@ def stream_alpha(step: int) -> int:
 # Argument checks live in checks.py: the public functions below call them once at entry; the
 # private _normal, _chi2, _noise_scale, _training_scalars take checked arguments.
 from pfgmpp_fast import checks  # noqa: E402
+from pfgmpp_fast.reference_multistep import dpmpp2m_step, ipndm_step, multistep_step  # noqa: E402,F401
 
 
 # ----------------------------------------------------------------------------------------
@@ -358,11 +359,13 @@ def sample(denoiser: Callable, latents: torch.Tensor, D, key, seeds, num_steps: 
            solver: str = "heun", S_churn: float = 0.0, S_min: float = 0.0,
            S_max: float = float("inf"), S_noise: float = 1.0, alpha: float = 0.0,
            class_labels=None, dtype=torch.float64) -> torch.Tensor:
-    """Heun (or Euler) sampling from latents x_T (already at σ_max, e.g. from `prior`).
+    """Heun, Euler, DPM-Solver++(2M) or iPNDM sampling from latents x_T (already at σ_max,
+    e.g. from `prior`).
 
     Per step i: x += α·t_i·ε_α (stream_alpha(i)); churn t̂ = t_i(1+γ),
     x̂ = x + √(t̂² − t_i²)·S_noise·ε_c (stream_churn(i)); Euler step; Heun correction
-    when i < n − 1. `denoiser(x, sigma[B], class_labels)` returns D(x).
+    when i < n − 1; the multistep solvers (no churn) step as in `reference_multistep`.
+    `denoiser(x, sigma[B], class_labels)` returns D(x).
     """
     key, D, seeds = checks.check_common("latents", latents, key, D, seeds, ids_name="seeds")
     checks.check_sampler_options(solver, S_churn, S_min, S_max, S_noise, alpha, dtype)
@@ -370,6 +373,7 @@ def sample(denoiser: Callable, latents: torch.Tensor, D, key, seeds, num_steps: 
     B, N = latents.shape[0], latents[0].numel() if latents.shape[0] else 0
     t_steps = time_steps(num_steps, sigma_min, sigma_max, rho, dtype=torch.float64)
     x_next = latents.to(dtype)
+    history = []                                   # the multistep solvers' earlier evaluations
     for i in range(num_steps):
         t_cur, t_next = float(t_steps[i]), float(t_steps[i + 1])
         x_cur = x_next
@@ -385,6 +389,9 @@ def sample(denoiser: Callable, latents: torch.Tensor, D, key, seeds, num_steps: 
             x_hat = x_cur
         sig = torch.full((B,), t_hat, dtype=dtype, device=latents.device)
         denoised = denoiser(x_hat, sig, class_labels).to(dtype)
+        if solver in checks.MULTISTEP_SOLVERS:
+            x_next = multistep_step(solver, x_hat, denoised, t_steps.tolist(), i, history)
+            continue
         d_cur = (x_hat - denoised) / t_hat
         x_next = x_hat + (t_next - t_hat) * d_cur
         if solver == "heun" and i < num_steps - 1:

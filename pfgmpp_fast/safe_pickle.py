@@ -29,10 +29,11 @@ import warnings
 import zipfile
 import _compat_pickle
 
+import numpy as np
 import torch
 
 __all__ = ["PersistentRecord", "OpaqueObject", "RestrictedUnpickler", "archive_kind", "read_published",
-           "UnsupportedArchiveError"]
+           "UnsupportedArchiveError", "load_array_pickle"]
 
 
 class UnsupportedArchiveError(ValueError):
@@ -276,3 +277,72 @@ def read_published(path: str, kind: str):
             AttributeError, IndexError, KeyError, TypeError, struct.error) as e:
         raise ValueError(f'{path}: cannot read the pickle (truncated, corrupt or not a published '
                          f'EDM/PFGM++ checkpoint): {type(e).__name__}: {e}') from None
+
+
+# ----------------------------------------------------------------------------------------
+# Pickled numpy arrays (e.g. the CIFAR-10 python batches)
+
+def _numeric_dtype(*args):
+    dtype = np.dtype(*[a.decode('latin1') if isinstance(a, bytes) else a for a in args])
+    if dtype.kind not in 'biuf':
+        raise pickle.UnpicklingError(f'only numeric numpy arrays can be read, not dtype {dtype}')
+    return dtype
+
+
+def _latin1_bytes(text, encoding='latin1'):
+    # How Python 3 writes bytes at pickle protocol 2: _codecs.encode(str, 'latin1').
+    if not isinstance(text, str) or encoding not in ('latin1', 'latin-1'):
+        raise pickle.UnpicklingError('_codecs.encode is only allowed for latin-1 bytes')
+    return text.encode('latin1')
+
+
+def _array_globals():
+    allowed = {('numpy', 'ndarray'): np.ndarray, ('numpy', 'dtype'): _numeric_dtype,
+               ('_codecs', 'encode'): _latin1_bytes}
+    for core in ('numpy.core', 'numpy._core'):
+        allowed[(f'{core}.multiarray', '_reconstruct')] = _reconstruct_array
+        allowed[(f'{core}.numeric', '_frombuffer')] = _array_from_buffer
+    return allowed
+
+
+def _reconstruct_array(cls, shape, typecode):
+    if cls is not np.ndarray:
+        raise pickle.UnpicklingError('only plain numpy arrays can be read')
+    return np.ndarray.__new__(np.ndarray, shape, np.dtype(typecode.decode('latin1') if isinstance(typecode, bytes)
+                                                          else typecode))
+
+
+def _array_from_buffer(buffer, dtype, shape, order):
+    return np.frombuffer(buffer, dtype=_numeric_dtype(dtype)).reshape(shape, order=order)
+
+
+class _ArrayUnpickler(pickle.Unpickler):
+    """Plain containers, numbers, strings, bytes and numeric numpy arrays; any other global is refused."""
+
+    def find_class(self, module, name):
+        if (module, name) in _compat_pickle.NAME_MAPPING:
+            module, name = _compat_pickle.NAME_MAPPING[(module, name)]
+        fn = _array_globals().get((_compat_pickle.IMPORT_MAPPING.get(module, module), name))
+        if fn is None:
+            raise pickle.UnpicklingError(f'global {module}.{name} is not allowed (only numeric numpy arrays '
+                                         'and plain containers are read)')
+        return fn
+
+    def persistent_load(self, pid):
+        raise pickle.UnpicklingError('persistent ids are not allowed')
+
+
+def load_array_pickle(f, name: str):
+    """Unpickle dicts/lists of numbers, strings, bytes and numeric numpy arrays (Python 2 str
+    as bytes, like ``pickle.load(encoding='bytes')``) without running code from ``f``;
+    ValueError naming ``name`` for anything else or a corrupt stream."""
+    try:
+        obj = _ArrayUnpickler(f, encoding='bytes').load()
+    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, IndexError, KeyError,
+            struct.error) as e:
+        raise ValueError(f'{name}: cannot read the pickled arrays (corrupt, truncated or holding objects '
+                         f'other than numeric arrays): {type(e).__name__}: {e}') from None
+    for value in (obj.values() if isinstance(obj, dict) else [obj]):
+        if isinstance(value, np.ndarray) and value.dtype.kind not in 'biuf':
+            raise ValueError(f'{name}: holds a non-numeric array ({value.dtype})')
+    return obj

@@ -5,8 +5,9 @@ Per step i (t̂ = t_i(1+γ)), the kernel calls are
     stage 2: x_{i+1} = base + (h/2)·d'  (+ step i+1's α and churn noise, giving x̂_{i+1}),
              net input c_in(t̂_{i+1})·x̂_{i+1}
 with d = A·x + Bf·F (A = (1 − c_skip)/t, Bf = −c_out/t).  Euler steps (the last one, or
-solver='euler') are one call.  All schedule scalars are Python floats computed once; nothing
-goes back to the host inside the loop.
+solver='euler') are one call.  The multistep solvers (DPM-Solver++(2M), iPNDM, iPNDM-v:
+one network evaluation per step) are `_MultistepStepper`, on the same op.  All schedule
+scalars are Python floats computed once; nothing goes back to the host inside the loop.
 
 The settings are one frozen `SamplerOptions`, checked when built; `sample` and `Sampler` take
 it as `options=` and/or its fields as keywords (`sampler_options`).
@@ -22,6 +23,7 @@ import torch
 from pfgmpp_fast import ops
 from pfgmpp_fast import checks
 from pfgmpp_fast import reference as R
+from pfgmpp_fast import reference_multistep as RM
 from pfgmpp_fast.guidance import UNCOND, Guide, check_guide, has_precond
 
 __all__ = ["SamplerOptions", "SOLVERS", "UNCOND", "sampler_options", "split_sampler_options", "sample", "Sampler"]
@@ -41,7 +43,9 @@ class SamplerOptions:
     sigma_min: float = 0.002                  # the last noise level, in (0, sigma_max]
     sigma_max: float = 80.0                   # the first noise level (the prior's σ), in (0, 1e30]
     rho: float = 7.0                          # schedule exponent ρ (EDM eq. 5), > 0
-    solver: str = "heun"                      # one of SOLVERS: 'heun' (2nd order, Euler on the last step) | 'euler'
+    solver: str = "heun"                      # one of SOLVERS: 'heun' (2nd order, Euler on the last step) | 'euler' |
+                                              # multistep, 1 NFE per step: 'dpmpp2m' (DPM-Solver++(2M)) | 'ipndm' |
+                                              # 'ipndm_v' (iPNDM, variable-step iPNDM; see reference_multistep)
     S_churn: float = 0.0                      # churn γ = min(S_churn / n, √2 − 1) for t_i in [S_min, S_max]; >= 0
     S_min: float = 0.0                        # lowest noise level that gets churn, >= 0
     S_max: float = float("inf")               # highest noise level that gets churn, >= S_min
@@ -161,7 +165,8 @@ class _StepFlags:
 
 def sample(net, latents: torch.Tensor, D, key, seeds, options: Optional[SamplerOptions] = None, *,
            class_labels=None, requires_grad: bool = False, gnet=None, **settings) -> torch.Tensor:
-    """Heun / Euler sampling from latents at σ_max (reference.sample, fused steps).
+    """Heun / Euler / multistep (dpmpp2m, ipndm, ipndm_v) sampling from latents at σ_max
+    (reference.sample, fused steps).
 
     `options`: a SamplerOptions; keyword `settings` (its fields: num_steps=, solver=, S_churn=,
     dtype=, backend=, ...) build one or replace its fields.
@@ -231,7 +236,8 @@ def _sample(net, latents, key: int, seeds, t, options: SamplerOptions, class_lab
     if latents.shape[0] == 0:  # nothing to sample; do not call the network with an empty batch
         return x.clone()
     flags = _StepFlags(latents.shape[0], latents.device)
-    stepper = _Stepper(adapter, seeds, key, t, options, net_dtype, channels_last)
+    stepper_class = _MultistepStepper if options.solver in checks.MULTISTEP_SOLVERS else _Stepper
+    stepper = stepper_class(adapter, seeds, key, t, options, net_dtype, channels_last)
     x = stepper.run(x, flags, options.progress)
     n = len(t) - 1
     report.add(flags.first, lambda rows, steps: f"the network returned NaN/Inf for seeds "
@@ -305,3 +311,71 @@ class _Stepper:
                                                nz_next, self.c_in_of(nz_next))
             nz = nz_next
         return x_hat
+
+
+class _MultistepStepper(_Stepper):
+    """DPM-Solver++(2M) / iPNDM / iPNDM-v (reference_multistep) on the fused sampler_update op,
+    one network evaluation per step (no churn: t̂_i = t_i). The history — D_{i−1}, or the slopes
+    d_j — stays on the device as op outputs; all coefficients are Python floats."""
+
+    def run(self, x, flags: _StepFlags, progress: bool):
+        adapter, t = self.adapter, self.t
+        nz = self.step_noise(0)
+        x, _, net_in = self.update(x, None, None, 0.0, 0.0, 0.0, None, nz, self.c_in_of(nz))
+        step = self.dpmpp2m_step if self.options.solver == "dpmpp2m" else self.ipndm_step
+        if self.options.solver != "dpmpp2m":       # iPNDM: the base of d_i, and every step's weights, once
+            self.zeros = torch.zeros_like(x)
+            self.weights = [RM.ipndm_coefficients(self.options.solver, t, i) for i in range(self.num_steps)]
+        history = []
+        steps = range(self.num_steps)
+        if progress:
+            from tqdm import tqdm
+            steps = tqdm(steps, desc="sampling", unit="step")
+        for i in steps:
+            c_skip, c_out, _ = adapter.coeffs(t[i])
+            F = adapter(net_in, t[i])
+            flags.update(F, i)
+            x, net_in = step(i, x, F, (1.0 - c_skip) / t[i], -c_out / t[i], history, self.step_noise(i + 1))
+        return x
+
+    def dpmpp2m_step(self, i, x, F, A, Bf, history, nz):
+        """x_{i+1} = ρ·x + (1 − ρ)·(a·D_i − b·D_{i−1}), ρ = t_{i+1}/t_i, a = 1 + b, b = 1/(2r).
+        First order (an Euler step) on the first and the last step. Otherwise two calls: the
+        first gives D_i (y2) and P = (ρ·x + (1 − ρ)·a·D_i)/Λ, Λ = ρ + (1 − ρ)·a (y1: its x and
+        D_i weights are tied, hence the scale), the second Λ·P − (1 − ρ)·b·D_{i−1} with D_{i−1}
+        in the F slot."""
+        t_cur, t_next = self.t[i], self.t[i + 1]
+        c_in = self.c_in_of(nz)
+        keep = None if t_next == 0 else -t_cur        # y2 = x − t·d = D_i, for the next step
+        if not history or t_next == 0:
+            x, denoised, net_in = self.update(x, F, None, A, Bf, t_next - t_cur, keep, nz, c_in)
+        else:
+            rho = t_next / t_cur
+            b = 0.5 * math.log(t_cur / t_next) / math.log(self.t[i - 1] / t_cur)
+            a = 1.0 + b
+            lam = rho + (1.0 - rho) * a
+            partial, denoised, _ = self.update(x, F, None, A, Bf, -t_cur * (1.0 - rho) * a / lam, keep, None, None)
+            x, _, net_in = self.update(partial, history[0], None, lam - 1.0, -(1.0 - rho) * b, 1.0, None, nz, c_in)
+        history[:] = [denoised]
+        return x, net_in
+
+    def ipndm_step(self, i, x, F, A, Bf, history, nz):
+        """x_{i+1} = x + h·(c_0·d_i + G), G = Σ_{k>=1} c_k·d_{i−k}: d_i from one call (base 0), G
+        (as G' = G/g) from the history in one call (order >= 3), then x + h·(c_0·d_i + g·G')."""
+        h, c = self.t[i + 1] - self.t[i], self.weights[i]
+        c_in = self.c_in_of(nz)
+        slope = self.update(x, F, self.zeros, A, Bf, 1.0, None, None, None)[0]     # d_i = A·x + Bf·F
+        if len(c) == 1:
+            x_next, _, net_in = self.update(x, F, None, A, Bf, h, None, nz, c_in)
+        else:
+            older, scale = history[-1], 1.0                                       # G' = G / scale
+            if len(c) == 3:
+                older = self.update(history[-1], history[-2], None, c[1] - 1.0, c[2], 1.0, None, None, None)[0]
+            elif len(c) == 4:   # d_{i−1} (the largest weight) in the base slot, whose weight is 1
+                older = self.update(history[-2], history[-3], history[-1], c[2] / c[1], c[3] / c[1], 1.0, None,
+                                    None, None)[0]
+                scale = c[1]
+            x_next, _, net_in = self.update(slope, older, x, c[0], c[1] if len(c) == 2 else scale, h, None, nz, c_in)
+        history.append(slope)
+        del history[:-3]
+        return x_next, net_in

@@ -28,25 +28,52 @@ GRACE_S = 30         # how long the other ranks may go on once one has failed
 
 
 class DenoiserNet(torch.nn.Module):
-    """The exact denoiser of a small data set, dressed as a network (a stand-in for tests)."""
+    """The exact denoiser of a small data set, dressed as a network (a stand-in for tests).
 
-    def __init__(self, data, D, label_dim=0):
+    It denoises each sample on its own (a batch of one), so a sample's output does not depend
+    on its batch by construction: tests of the pipeline's batch independence (generation,
+    padding, ranks) then test the pipeline, not how a BLAS blocks a batch shape.
+    `batch_coupling` > 0 instead adds that multiple of the batch mean to every output: a
+    worst-case network whose samples depend on their batch (size, position, the other
+    samples), for tests that every mode computes every seed in the same batch."""
+
+    def __init__(self, data, D, label_dim=0, batch_coupling=0.0):
         super().__init__()
         self.den = R.optimal_denoiser(data, D)
-        self.D = D
+        self.D, self.batch_coupling = D, batch_coupling
         self.img_channels, self.img_resolution, self.label_dim = data.shape[1], data.shape[2], label_dim
         self.seen_labels = []
 
     def forward(self, x, sigma, class_labels=None):
         if class_labels is not None:
             self.seen_labels.append(class_labels)
-        return self.den(x, sigma)
+        sigma = torch.as_tensor(sigma, dtype=x.dtype, device=x.device).reshape(-1).expand(x.shape[0])
+        out = torch.cat([self.den(x[i:i + 1].clone(), sigma[i:i + 1].clone()) for i in range(x.shape[0])])
+        if self.batch_coupling:
+            out = out + self.batch_coupling * x.mean(0, keepdim=True)
+        return out
 
 
-def stand_in(D=8.0, label_dim=0):
+class BatchSensitiveFeatures(torch.nn.Module):
+    """A worst-case feature extractor for 1x8x8 uint8 images: each 4-d row depends on its whole
+    batch (the batch size, the row's position and the batch mean), as a BLAS whose blocking
+    follows the batch shape would, only far more. Rows (and sums) agree across modes only if
+    every row is computed in the same batch."""
+
+    name, dim, image_shape, sha256 = "batch-sensitive", 4, (1, 8, 8), None
+
+    @torch.no_grad()
+    def forward(self, images):
+        x = images.reshape(images.shape[0], -1).to(torch.float64) / 255
+        rows = torch.stack([x[:, :32].mean(1), x[:, 32:].mean(1), x.std(1), x[:, ::7].mean(1)], dim=1)
+        position = torch.arange(x.shape[0], dtype=torch.float64)[:, None]
+        return rows + 1e-3 * (x.mean() + x.shape[0] + position)
+
+
+def stand_in(D=8.0, label_dim=0, batch_coupling=0.0):
     """The exact denoiser of 16 random 1x8x8 images."""
     g = torch.Generator().manual_seed(0)
-    return DenoiserNet(torch.rand(16, 1, 8, 8, generator=g) * 2 - 1, D, label_dim)
+    return DenoiserNet(torch.rand(16, 1, 8, 8, generator=g) * 2 - 1, D, label_dim, batch_coupling)
 
 
 def digits_net(D=8.0, n=64):

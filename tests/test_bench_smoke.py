@@ -29,6 +29,20 @@ def test_suite_smoke_writes_json_and_markdown(tmp_path):
     assert "kernels:" in proc.stdout and "sampling:" in proc.stdout
 
 
+def test_solver_step_benchmark_runs(tmp_path):
+    """benchmarks/bench_solver_step.py: a row per case and solver, Heun's ratio 1."""
+    from pfgmpp_fast import checks, ops
+    out = tmp_path / "steps.json"
+    backend = "cpu" if ops.has_extension() else "reference"
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_solver_step.py"), "--steps", "3",
+                           "--batch", "2", "--reps", "1", "--backend", backend, "--out", str(out)],
+                          capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = json.loads(out.read_text())["rows"]
+    assert sorted({r["solver"] for r in rows}) == sorted(checks.SOLVERS) and len(rows) == 2 * len(checks.SOLVERS)
+    assert all(r["ms_per_step"] > 0 for r in rows) and {r["step_vs_heun"] for r in rows if r["solver"] == "heun"} == {1}
+
+
 def test_cpp_kernel_benchmark_runs(tmp_path):
     out = tmp_path / "cpp.json"
     proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_kernels_cpp.py"),

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SWEEPS = ("alpha", "bits", "nfe", "ema")
+SWEEPS = ("alpha", "bits", "nfe", "nfe-dpmpp2m", "ema")
 
 
 def _env():
@@ -46,7 +46,7 @@ def test_tiny_writes_every_documented_file(tiny_run):
     from PIL import Image
     outdir, stdout = tiny_run
     for sweep, column, values in (("alpha", "alpha", ["0.0", "0.3"]), ("bits", "bits", ["32", "4"]),
-                                  ("nfe", "nfe", ["5", "9"])):
+                                  ("nfe", "nfe", ["5", "9"]), ("nfe-dpmpp2m", "nfe", ["5", "9"])):
         rows = _read_csv(outdir / f"robustness-{sweep}.csv")
         assert [(r["D"], r[column]) for r in rows] == [(D, v) for D in ("128", "inf") for v in values]
         for r in rows:
@@ -62,8 +62,8 @@ def test_tiny_writes_every_documented_file(tiny_run):
     summary = (outdir / "summary.md").read_text()
     assert "## Sweep: alpha" in summary and "## Training" in summary and "Versions:" in summary
     results = json.loads((outdir / "results.json").read_text())
-    # 4 distinct points (base, alpha 0.3, 4 bits, 3 steps) x 2 sets x 2 D values.
-    assert len(results["points"]) == 16 and results["floor_heldout"] > 0
+    # 6 distinct points (base, alpha 0.3, 4 bits, 3 steps, DPM-Solver++ at 5 and 9 NFE) x 2 sets x 2 D values.
+    assert len(results["points"]) == 24 and results["floor_heldout"] > 0
     assert json.loads((outdir / "config.json").read_text())["D_values"] == ["128", "inf"]
     for D in ("128", "inf"):
         done = json.loads((outdir / "train" / f"D{D}" / "done.json").read_text())
@@ -71,6 +71,11 @@ def test_tiny_writes_every_documented_file(tiny_run):
     # The base point is shared: the same numbers in the alpha=0, bits=32 and NFE=9 columns.
     base = lambda sweep, col, v: [r["fdd_sets"] for r in _read_csv(outdir / f"robustness-{sweep}.csv") if r[col] == v]
     assert base("alpha", "alpha", "0.0") == base("bits", "bits", "32") == base("nfe", "nfe", "9")
+    # the multistep solver's points: NFE = steps, sampled with it (other numbers than Heun's at the same NFE)
+    solver_points = [r for r in results["points"] if r.get("solver") == "dpmpp2m"]
+    assert sorted({(r["steps"], r["nfe"]) for r in solver_points}) == [(5, 5), (9, 9)]
+    assert base("nfe-dpmpp2m", "nfe", "9") != base("nfe", "nfe", "9")
+    assert "## Sweep: nfe-dpmpp2m" in summary
 
 
 def test_tiny_ema_sweep(tiny_run):
@@ -120,7 +125,7 @@ def test_resume_after_kill_skips_finished_points(tiny_run, tmp_path):
         if proc.poll() is None:
             proc.kill()
     finished = _point_files(outdir)
-    assert 1 <= len(finished) < 16 and not (outdir / "summary.md").exists()
+    assert 1 <= len(finished) < 24 and not (outdir / "summary.md").exists()
     before = {p: p.read_text() for p in finished}
 
     rerun = subprocess.run(_cmd(outdir), cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=600)
@@ -128,13 +133,13 @@ def test_resume_after_kill_skips_finished_points(tiny_run, tmp_path):
     assert rerun.stdout.count("(finished earlier -> skipped)") >= len(finished)
     assert "D=128: training finished earlier" in rerun.stdout
     assert all(p.read_text() == text for p, text in before.items())    # untouched
-    assert len(_point_files(outdir)) == 16
+    assert len(_point_files(outdir)) == 24
     for sweep in SWEEPS:
         got, want = _read_csv(outdir / f"robustness-{sweep}.csv"), _read_csv(reference_dir / f"robustness-{sweep}.csv")
         assert [r["D"] for r in got] == [r["D"] for r in want]
         np.testing.assert_allclose([float(r["fdd_mean"]) for r in got], [float(r["fdd_mean"]) for r in want],
                                    rtol=1e-6)
-    # Everything is on disk now: a report-only pass (in process) reads all 16 points back.
+    # Everything is on disk now: a report-only pass (in process) reads all 24 points back.
     from pfgmpp_fast.apps.experiments import run_robustness
     paths = run_robustness(str(outdir), tiny=True, report_only=True, progress=False)
     assert _read_csv(paths["alpha_csv"]) == _read_csv(outdir / "robustness-alpha.csv")
@@ -152,11 +157,12 @@ def test_config_validation():
     from pfgmpp_fast.apps.robustness_report import sweep_points as _sweep_points
     full = make_config()
     assert [2 * s - 1 for s in full["steps"]] == [5, 9, 13, 21, 35]
-    assert len(_points(full)) == 13                      # 5 + 5 + 5 sweep values, base point once
+    assert len(_points(full)) == 33                      # 5 + 5 + 5 sweep values, base point once, 4 x 5 solvers
     assert [x for x, _ in _sweep_points(full, "nfe")] == [5, 9, 13, 21, 35]
     assert full["D_values"][-1] == float("inf") and FULL_CONFIG["sets"] >= 2
     for bad in (dict(D_values=["0"]), dict(D_values=[8, 8]), dict(alpha=[-0.1]), dict(bits=[1]),
-                dict(steps=[0]), dict(sets=0), dict(set_size=1), dict(duration_kimg=0), dict(seed=-1)):
+                dict(steps=[0]), dict(nfe_solvers=["heun"]), dict(nfe_solvers=["rk4"]),
+                dict(nfe_solvers=["ipndm", "ipndm"]), dict(sets=0), dict(set_size=1), dict(duration_kimg=0), dict(seed=-1)):
         with pytest.raises((ValueError, TypeError)):
             make_config(**bad)
     with pytest.raises(TypeError, match="unknown"):

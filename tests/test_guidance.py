@@ -258,8 +258,8 @@ def test_cli_generate_with_guidance_equals_the_api(tmp_path, saved):
     (["--guidance", "nan"], "--guidance"),
     (["--guidance", "2"], "--gnet: is required with --guidance 2"),
     (["--guidance", "2", "--gnet", "missing.safetensors"], "--gnet"),
-    (["--guidance", "2", "--gnet", "uncond", "--network", "plain"], "--gnet: uncond (classifier-free guidance) "
-                                                                      "needs a class-conditional --network"),
+    (["--guidance", "2", "--gnet", "uncond", "--network", "plain"], "--gnet: 'uncond' (classifier-free guidance) "
+                                                                      "needs a class-conditional network"),
     (["--guidance", "2", "--gnet", "d128"], "--gnet"),
 ])
 def test_cli_guidance_errors_name_the_option(tmp_path, saved, capsys, args, message):

@@ -37,7 +37,7 @@ def test_defaults_are_edms_and_the_options_are_frozen():
     (dict(sigma_max=1e31), ValueError, r"sigma_max must be in \(0, 1e\+30\], got 1e\+31"),
     (dict(sigma_min=100.0), ValueError, r"sigma_min must be in \(0, sigma_max = 80\], got 100"),
     (dict(rho=0.0), ValueError, r"rho must be in \(0, inf\), got 0"),
-    (dict(solver="rk4"), ValueError, r"solver must be one of \('heun', 'euler'\), got 'rk4'"),
+    (dict(solver="rk4"), ValueError, r"solver must be one of \('heun', 'euler', 'dpmpp2m', 'ipndm', 'ipndm_v'\), got 'rk4'"),
     (dict(S_churn=-1.0), ValueError, r"S_churn must be a finite number >= 0, got -1"),
     (dict(S_noise=math.nan), ValueError, r"S_noise must be a finite number >= 0, got nan"),
     (dict(alpha=INF), ValueError, r"alpha must be a finite number >= 0, got inf"),

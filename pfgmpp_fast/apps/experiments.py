@@ -10,7 +10,8 @@ a user check that with the package's own tools on data that ships with it:
    budget, same seed) on the digits' training split for every D in `D_values`, also tracking
    the power-function EMAs digits.PHEMA_TRACKED (snapshots every 1/20 of the run);
 2. sweep each trained (EMA) network over α (robustness noise), weight bit widths
-   (quantize.py, per-channel symmetric fake quantisation) and NFE (Heun: NFE = 2·steps − 1);
+   (quantize.py, per-channel symmetric fake quantisation) and NFE (Heun: NFE = 2·steps − 1;
+   the same NFE values for each solver of `nfe_solvers`, whose steps are their NFE);
    the base point of every sweep is α = 0, 32 bits, 18 steps (35 NFE), computed once; and
    sweep the EMA length (`ema`): the network reconstructed post hoc for each length
    (pfgmpp_fast/phema.py, EDM2) at the base point's sampler settings;
@@ -29,7 +30,7 @@ training state. The run's configuration is kept in `config.json`; a rerun with a
 configuration in the same folder is refused.
 
 Outputs (results folder, default `results/robustness`; apps/robustness_report.py writes
-them): per sweep (alpha, bits, nfe, ema) `robustness-<sweep>.csv` (long format: one row per
+them): per sweep (alpha, bits, nfe, nfe-<solver>, ema) `robustness-<sweep>.csv` (long format: one row per
 D and value), `robustness-<sweep>.md` (tables: rows D, columns the sweep values, cells
 mean ± spread of the FDD, and of the degradation = FDD minus the same D's base-point FDD on
 the same seed set) and `robustness-<sweep>.png` (FDD vs the swept value, one line per D; the
@@ -55,6 +56,7 @@ from pfgmpp_fast.apps.digits import (PHEMA_TRACKED, D_label, DigitsScorer, digit
                                      load_snapshot, read_stats, sampling_network, train_small, versions)
 from pfgmpp_fast.apps.robustness_report import ema_name
 from pfgmpp_fast.apps.robustness_report import config_json as _config_json
+from pfgmpp_fast.apps.robustness_report import nfe_steps as _nfe_steps
 from pfgmpp_fast.apps.robustness_report import point_name as _point_name
 from pfgmpp_fast.apps.robustness_report import write_outputs as _write_outputs
 from pfgmpp_fast.evaluation.sweep import Point, PointNetwork, score_point
@@ -71,6 +73,7 @@ FULL_CONFIG = dict(
     alpha=[0.0, 0.05, 0.1, 0.2, 0.3],
     bits=[32, 8, 6, 5, 4],
     steps=[3, 5, 7, 11, 18],          # NFE 5, 9, 13, 21, 35 (Heun)
+    nfe_solvers=["euler", "dpmpp2m", "ipndm", "ipndm_v"],   # swept at the same NFE as Heun
     ema=[0.05, 0.1, 0.15],            # post-hoc EMA lengths (relative std), from the tracked PHEMA_TRACKED
     base_steps=18,
     duration_kimg=64.0,
@@ -84,6 +87,7 @@ TINY_CONFIG = dict(
     alpha=[0.0, 0.3],
     bits=[32, 4],
     steps=[3, 5],                     # NFE 5, 9
+    nfe_solvers=["dpmpp2m"],
     ema=[0.05, 0.1],
     base_steps=5,
     duration_kimg=1.0,
@@ -120,6 +124,9 @@ def make_config(tiny: bool = False, **overrides) -> dict:
     for s in config["steps"] + [config["base_steps"]]:
         if isinstance(s, bool) or not isinstance(s, int) or s < 1:
             raise ValueError(f"steps values must be ints >= 1, got {s!r}")
+    solvers = config["nfe_solvers"]
+    if any(s not in checks.SOLVERS or s == "heun" for s in solvers) or len(set(solvers)) != len(solvers):
+        raise ValueError(f"nfe_solvers must be distinct solvers other than 'heun' of {checks.SOLVERS}, got {solvers!r}")
     if not (isinstance(config["sets"], int) and config["sets"] >= 1):
         raise ValueError(f"sets must be an int >= 1, got {config['sets']!r}")
     if not (isinstance(config["set_size"], int) and 2 <= config["set_size"]):
@@ -135,7 +142,8 @@ def make_config(tiny: bool = False, **overrides) -> dict:
 
 
 def _points(config: dict) -> Dict[str, dict]:
-    """{name: {alpha, bits, steps}} of every distinct point (the base point once)."""
+    """{name: {alpha, bits, steps[, solver]}} of every distinct point (the base point once; no
+    solver: Heun)."""
     base = dict(alpha=0.0, bits=32, steps=config["base_steps"])
     points = {}
     for a in config["alpha"]:
@@ -144,6 +152,9 @@ def _points(config: dict) -> Dict[str, dict]:
         points.setdefault(_point_name(0.0, b, base["steps"]), dict(base, bits=b))
     for s in config["steps"]:
         points.setdefault(_point_name(0.0, 32, s), dict(base, steps=s))
+    for solver in config["nfe_solvers"]:
+        for n in _nfe_steps(config):
+            points.setdefault(_point_name(0.0, 32, n, solver), dict(base, steps=n, solver=solver))
     return points
 
 
@@ -206,7 +217,8 @@ def _engine_point(p: dict):
     """The sweep engine's Point for one experiment point (the weights depend on `bits` only)."""
     kind = "bits" if p["bits"] < 32 else ("alpha" if p["alpha"] else "steps")
     value = {"bits": p["bits"], "alpha": p["alpha"], "steps": p["steps"]}[kind]
-    return Point(kind, value, gen={"num_steps": p["steps"], "alpha": p["alpha"]})
+    solver = {"solver": p["solver"]} if "solver" in p else {}
+    return Point(kind, value, gen={"num_steps": p["steps"], "alpha": p["alpha"], **solver})
 
 
 def _jobs(config: dict, D: float, outdir: str, run_dir: str) -> List[tuple]:
@@ -253,7 +265,7 @@ def _score_points(config: dict, D: float, done: dict, outdir: str, space, device
         row = score_point(fast, shared.net, point, seeds, space.detectors, space.reference, None,
                           batch_size=config["set_size"] if device.type == "cuda" else 120, device=device,
                           backend=backend)
-        record = {"D": D_label(D), "point": name, **p, "nfe": 2 * p["steps"] - 1, "set": k,
+        record = {"D": D_label(D), "point": name, **p, "nfe": row["nfe"], "set": k,
                   "seeds": f"{seeds[0]}-{seeds[-1]}", "images": row["images"], "fdd": row["FDD"],
                   "kid": row["KID"], "kid_std": row["KID_std"], "precision": row["precision_digits"],
                   "recall": row["recall_digits"], "seconds": row["seconds"]}   # a digits-only experiment

@@ -13,14 +13,31 @@ from pfgmpp_fast.apps.digits import D_label, mean_spread
 from pfgmpp_fast.utils.io_utils import atomic_save_csv, atomic_save_json, atomic_write_text
 from pfgmpp_fast.utils.plots import save_sweep_figure
 
-__all__ = ["SWEEPS", "SWEEP_LABELS", "EXTRA_METRICS", "point_name", "ema_name", "config_json", "sweep_points",
-           "write_outputs"]
+__all__ = ["SWEEPS", "SWEEP_LABELS", "EXTRA_METRICS", "point_name", "ema_name", "config_json", "sweeps",
+           "sweep_label", "nfe_steps", "sweep_points", "write_outputs"]
 
-SWEEPS = ("alpha", "bits", "nfe", "ema")
+SWEEPS = ("alpha", "bits", "nfe", "ema")   # plus "nfe-<solver>" for each of config["nfe_solvers"]
 
 
-def point_name(alpha: float, bits: int, steps: int) -> str:
-    return f"alpha{alpha:g}-bits{bits}-steps{steps}"
+def point_name(alpha: float, bits: int, steps: int, solver: str = "heun") -> str:
+    return f"alpha{alpha:g}-bits{bits}-steps{steps}" + ("" if solver == "heun" else f"-{solver}")
+
+
+def sweeps(config: dict) -> List[str]:
+    """The sweeps of a configuration: SWEEPS, with one NFE sweep per extra solver after Heun's."""
+    return ["alpha", "bits", "nfe", *[f"nfe-{s}" for s in config["nfe_solvers"]], "ema"]
+
+
+def sweep_label(sweep: str):
+    """(CSV column, axis label) of a sweep."""
+    if sweep.startswith("nfe-"):
+        return "nfe", f"NFE ({sweep[4:]}, = steps)"
+    return SWEEP_LABELS[sweep]
+
+
+def nfe_steps(config: dict) -> List[int]:
+    """The NFE values of every NFE sweep: Heun's, 2·steps − 1 (a multistep solver's steps = NFE)."""
+    return [2 * s - 1 for s in config["steps"]]
 
 
 def ema_name(std: float) -> str:
@@ -41,6 +58,8 @@ def sweep_points(config: dict, sweep: str) -> List[tuple]:
         return [(b, point_name(0.0, b, base_steps)) for b in config["bits"]]
     if sweep == "ema":
         return [(e, ema_name(e)) for e in config["ema"]]
+    if sweep.startswith("nfe-"):
+        return [(n, point_name(0.0, 32, n, sweep[4:])) for n in nfe_steps(config)]
     return [(2 * s - 1, point_name(0.0, 32, s)) for s in config["steps"]]
 
 
@@ -54,7 +73,7 @@ EXTRA_METRICS = (("kid", "KID", True), ("precision", "precision", False), ("reca
 
 def _sweep_rows(config: dict, all_results, sweep: str):
     """Long-format rows of one sweep (one per D and value) and the FDD curves per D."""
-    column = SWEEP_LABELS[sweep][0]
+    column = sweep_label(sweep)[0]
     base_name = point_name(0.0, 32, config["base_steps"])
     rows, curves = [], {}
     for D, results in all_results.items():
@@ -82,7 +101,7 @@ def _sweep_rows(config: dict, all_results, sweep: str):
 
 def _table(config: dict, all_results, rows: List[dict], sweep: str, key: str, fmt: str) -> List[str]:
     """Markdown table: rows D, columns the sweep values, cells `fmt` of mean and spread of `key`."""
-    column = SWEEP_LABELS[sweep][0]
+    column = sweep_label(sweep)[0]
     sp = sweep_points(config, sweep)
     head = [f"{x:g}" for x, _ in sp]
     lines = [f"| D \\ {column} | " + " | ".join(head) + " |", "|---" * (len(head) + 1) + "|"]
@@ -96,7 +115,7 @@ def _table(config: dict, all_results, rows: List[dict], sweep: str, key: str, fm
 
 
 def _sweep_report(config: dict, all_results, rows: List[dict], sweep: str, floor: float) -> str:
-    xlabel = SWEEP_LABELS[sweep][1]
+    xlabel = sweep_label(sweep)[1]
     lines = [f"FDD (mean ± spread over {config['sets']} sets of {config['set_size']} samples; lower is better) "
              f"vs {xlabel}", ""] + _table(config, all_results, rows, sweep, "fdd", "{:.2f} ± {:.2f}")
     lines += ["", f"Reference: {config['set_size']} held-out real digits score {floor:.2f}.", "",
@@ -112,7 +131,7 @@ def _sweep_report(config: dict, all_results, rows: List[dict], sweep: str, floor
 
 def _sweep_figures(config: dict, rows: List[dict], curves, sweep: str, floor: float, base: str) -> Dict[str, str]:
     """One figure per metric: FDD (robustness-<sweep>.png) and robustness-<sweep>-<metric>.png."""
-    column, xlabel = SWEEP_LABELS[sweep]
+    column, xlabel = sweep_label(sweep)
     xticks = [x for x, _ in sweep_points(config, sweep)]
     title = "FDD vs EMA length" if sweep == "ema" else f"robustness to {sweep}"
     paths = {f"{sweep}_png": save_sweep_figure(
@@ -150,7 +169,7 @@ def _summary(config: dict, trainings, tables, meta: dict, loss_png: bool) -> str
 def write_outputs(config: dict, all_results: Dict[float, Dict[str, List[dict]]], trainings: Dict[float, dict],
                   floor: float, outdir: str, meta: dict) -> Dict[str, str]:
     paths, tables = {}, []
-    for sweep in SWEEPS:
+    for sweep in sweeps(config):
         rows, curves = _sweep_rows(config, all_results, sweep)
         if not rows:            # report_only before any point of this sweep finished
             continue

@@ -1,15 +1,24 @@
 """Streaming, sharded, resumable feature statistics of image sources (no PNG round trip).
 
 Pipeline: ids (seeds or image indices) → a Source's uint8 batches (generate_images, or a
-data set) → feature extractor → float64 running sums, reduced across ranks.
+data set) → feature extractor → float64 running sums, the same on every rank.
 
-Resume (`fid calc --outdir DIR`): the sorted ids are cut into shards of `shard_size`;
-each finished shard is written atomically as `DIR/stats-<first>-<last>.npz` (n, sums, the
-ids it holds and the configuration it was computed with; with several detectors
-(features.Detectors) also the feature rows KID / precision-recall need, Inception's logits
-for IS and `<output>.n/.sum/.sum_outer` of the others, e.g. DINOv2). A rerun loads finished shards
-and computes only the missing ones; shards of another configuration or other boundaries
-are an error, never silently mixed; the combine checks every id is counted exactly once.
+Identical by construction: the sorted ids are cut into grid batches of `batch_size`
+(batch c = positions [c·batch_size, (c+1)·batch_size) of the whole list), and every image and
+every feature row is computed in its grid batch, whatever the mode: one process or many ranks
+(rank r computes every world-th batch), one pass or shards, fresh or resumed. So a row never
+depends on how a BLAS or convolution kernel treats another batch shape or row position. The
+float64 sums are added batch by batch in grid order on every rank (the rows are gathered, not
+the sums reduced), per shard of `shard_size` positions, and the shards in order: the same
+reduction order for any number of ranks, with or without shard files. A grid batch that two
+shards share is computed once and carried over (recomputed, identically, after a resume).
+
+Resume (`fid calc --outdir DIR`): each finished shard is written atomically as
+`DIR/stats-<first>-<last>.npz` (n, sums, the ids it holds and the configuration it was
+computed with; with several detectors (features.Detectors) also the feature rows KID /
+precision-recall need, Inception's logits for IS and `<output>.n/.sum/.sum_outer` of the
+others, e.g. DINOv2). A rerun loads finished shards and computes only the missing ones;
+shards of another configuration or other boundaries are an error, never silently mixed.
 """
 from __future__ import annotations
 
@@ -126,14 +135,48 @@ def _empty_stats(detectors: Detectors, device) -> Dict[str, FeatureStats]:
     return {k: FeatureStats(dim, device=device, keep=keep) for k, (dim, keep) in detectors.layout.items()}
 
 
-def _stats_of(source: Source, detectors: Detectors, ids: np.ndarray, batch_size: int,
-              device) -> Dict[str, FeatureStats]:
+def _grid_cells(lo: int, hi: int, batch_size: int) -> range:
+    """The grid batches that positions [lo, hi) of the id list touch (module docstring)."""
+    return range(lo // batch_size, -(-hi // batch_size))
+
+
+def _cell_rows(source: Source, detectors: Detectors, ids: np.ndarray, cell: int, batch_size: int,
+               device) -> torch.Tensor:
+    """Every detector output of grid batch `cell`, float64 [batch_size, Σ dims] on `device` (the
+    rows of a short last batch padded with zeros, so every rank gathers one shape)."""
+    images = torch.cat(list(source.batches(ids[cell * batch_size:(cell + 1) * batch_size], batch_size)))
+    out = detectors(images)
+    rows = torch.cat([out[k].to(device, torch.float64) for k in detectors.layout], dim=1)
+    return torch.nn.functional.pad(rows, (0, 0, 0, batch_size - rows.shape[0]))
+
+
+def _stats_of(source: Source, detectors: Detectors, ids: np.ndarray, lo: int, hi: int, batch_size: int,
+              device, carry: Dict[int, torch.Tensor]) -> Dict[str, FeatureStats]:
+    """Statistics of positions [lo, hi) of `ids`, on the batch grid (module docstring).
+
+    Rank r computes every world-th grid batch; each turn's rows are gathered, so every rank
+    adds every batch, in grid order. `carry` holds the rows of a grid batch the previous
+    shard computed and this one continues (and receives this shard's last batch if the
+    next shard continues it)."""
     rank, world = distributed.get_rank(), distributed.get_world_size()
     stats = _empty_stats(detectors, device)
-    for images in source.batches(ids[rank::world], batch_size):
-        for k, out in detectors(images).items():
-            stats[k].update(out)
-    return {k: st.all_reduce() for k, st in stats.items()}
+    dims = [dim for dim, _ in detectors.layout.values()]
+    ready = {c: rows for c, rows in carry.items() if c in _grid_cells(lo, hi, batch_size)}
+    carry.clear()
+    todo = [c for c in _grid_cells(lo, hi, batch_size) if c not in ready]
+    for turn in [todo[i:i + world] for i in range(0, len(todo), world)] or [[]]:
+        if turn:
+            rows = (_cell_rows(source, detectors, ids, turn[rank], batch_size, device) if rank < len(turn)
+                    else torch.zeros(batch_size, sum(dims), dtype=torch.float64, device=device))
+            ready.update(zip(turn, distributed.all_gather(rows)))
+        for cell in sorted(ready):
+            rows, start = ready.pop(cell), cell * batch_size
+            first, last = max(lo, start), min(hi, start + batch_size)
+            for st, part in zip(stats.values(), rows[first - start:last - start].split(dims, 1)):
+                st.update(part)
+            if last < min(start + batch_size, len(ids)):      # the next shard goes on in this batch
+                carry[cell] = rows
+    return stats
 
 
 def _shard_arrays(stats: Dict[str, FeatureStats]) -> Dict[str, np.ndarray]:
@@ -169,9 +212,11 @@ def calc_stats(source: Source, extractor, num: Optional[int] = None, batch_size:
     """Feature statistics of the first `num` ids of `source` (all when None): a FeatureStats
     for one extractor, {output: FeatureStats} for a features.Detectors (one pass for all).
 
-    With `outdir`, progress is kept there in shards (module docstring) and a rerun resumes.
-    Under torch.distributed every rank must call this; each rank takes ids[rank::world] of
-    every shard and the sums are all-reduced; rank 0 writes the shard files.
+    The ids are computed in the grid batches and summed per shard of `shard_size` (module
+    docstring), so the result is the same bits with or without `outdir`, for any number of
+    ranks and after any resume. With `outdir`, progress is kept there in shard files and a
+    rerun resumes. Under torch.distributed every rank must call this; every rank gets the
+    totals, rank 0 writes the shard files.
     """
     single = not isinstance(extractor, Detectors)
     extractor = Detectors(extractor) if single else extractor
@@ -181,25 +226,17 @@ def calc_stats(source: Source, extractor, num: Optional[int] = None, batch_size:
         raise ValueError(f"shard_size must be an int >= 1, got {shard_size!r}")
     ids = _first_ids(source, num)
     if outdir is None:
-        stats = _stats_of(source, extractor, ids, batch_size, device)
-        if stats["features"].count != len(ids):
-            raise RuntimeError(f"counted {stats['features'].count} images, expected {len(ids)}")
-        return stats["features"] if single else stats
-
-    with acquire_run_dir(outdir, "fid calc"):         # one job per shard directory
-        total = _sharded_stats(source, extractor, ids, batch_size, outdir, shard_size, device, progress, log)
+        total = _sharded_stats(source, extractor, ids, batch_size, None, shard_size, device, progress, log)
+    else:
+        with acquire_run_dir(outdir, "fid calc"):         # one job per shard directory
+            total = _sharded_stats(source, extractor, ids, batch_size, outdir, shard_size, device, progress, log)
     return total["features"] if single else total
 
 
-def _sharded_stats(source, extractor: Detectors, ids, batch_size, outdir, shard_size, device, progress,
-                   log) -> Dict[str, FeatureStats]:
-    """calc_stats with an output directory (the caller owns it)."""
-    rank = distributed.get_rank()
-    config = _config_string(source, extractor, device)
-    shards = [ids[i:i + shard_size] for i in range(0, len(ids), shard_size)]
-    expected = {_shard_name(s) for s in shards}
+def _prepare_outdir(outdir: str, expected: set) -> None:
+    """Remove what a killed write left behind; refuse shard files of another run."""
     os.makedirs(outdir, exist_ok=True)
-    if rank == 0:                        # leftovers of a write that was killed half-way
+    if distributed.get_rank() == 0:      # leftovers of a write that was killed half-way
         for name in os.listdir(outdir):
             if is_temp_file(name):      # shards, stats.npz, result.json
                 os.unlink(os.path.join(outdir, name))
@@ -208,37 +245,53 @@ def _sharded_stats(source, extractor: Detectors, ids, batch_size, outdir, shard_
     if foreign:
         raise ValueError(f"{outdir} holds shard files of another run ({foreign[:3]}...): other seeds or "
                          "another --shard-size; use a fresh --outdir (or delete them)")
+
+
+def _read_shard(path: str, config: str, shard: np.ndarray, extractor: Detectors) -> Dict[str, FeatureStats]:
+    with np.load(path, allow_pickle=False) as f:
+        if str(f["config"]) != config:
+            raise ValueError(f"{path} was computed with another configuration; use a fresh --outdir.\n"
+                             f"  file: {f['config']}\n  now:  {config}")
+        if not np.array_equal(f["seeds"], shard):
+            raise ValueError(f"{path} holds other seeds than expected; use a fresh --outdir")
+        return _load_shard(f, extractor)
+
+
+def _sharded_stats(source, extractor: Detectors, ids, batch_size, outdir, shard_size, device, progress,
+                   log) -> Dict[str, FeatureStats]:
+    """calc_stats shard by shard, with shard files in `outdir` (the caller owns it) or none."""
+    rank = distributed.get_rank()
+    config = _config_string(source, extractor, device) if outdir else None
+    bounds = [(lo, min(lo + shard_size, len(ids))) for lo in range(0, len(ids), shard_size)]
+    if outdir:
+        _prepare_outdir(outdir, {_shard_name(ids[lo:hi]) for lo, hi in bounds})
     total = _empty_stats(extractor, "cpu")
-    counted = []
-    iterator = shards
+    carry: Dict[int, torch.Tensor] = {}          # a grid batch two shards share is computed once
+    iterator = bounds
     if progress and rank == 0:
         from tqdm import tqdm
-        iterator = tqdm(shards, desc="shards", unit="shard", file=sys.stderr)
-    for shard in iterator:
-        path = os.path.join(outdir, _shard_name(shard))
-        if os.path.exists(path):
-            with np.load(path, allow_pickle=False) as f:
-                if str(f["config"]) != config:
-                    raise ValueError(f"{path} was computed with another configuration; use a fresh --outdir.\n"
-                                     f"  file: {f['config']}\n  now:  {config}")
-                if not np.array_equal(f["seeds"], shard):
-                    raise ValueError(f"{path} holds other seeds than expected; use a fresh --outdir")
-                part = _load_shard(f, extractor)
+        iterator = tqdm(bounds, desc="shards", unit="shard", file=sys.stderr)
+    for lo, hi in iterator:
+        shard = ids[lo:hi]
+        path = os.path.join(outdir, _shard_name(shard)) if outdir else None
+        if path and os.path.exists(path):
+            part = _read_shard(path, config, shard, extractor)
+            carry.clear()
             log(f"shard {_shard_name(shard)}: resumed from disk")
         else:
-            part = _stats_of(source, extractor, shard, batch_size, device)
-            if rank == 0:
-                atomic_save_npz(path, config=np.asarray(config), seeds=shard, **_shard_arrays(part))
-            distributed.barrier()
-            log(f"shard {_shard_name(shard)}: computed")
+            part = _stats_of(source, extractor, ids, lo, hi, batch_size, device, carry)
+            if path:
+                if rank == 0:
+                    atomic_save_npz(path, config=np.asarray(config), seeds=shard, **_shard_arrays(part))
+                distributed.barrier()
+                log(f"shard {_shard_name(shard)}: computed")
         if any(st.count != len(shard) for st in part.values()):
-            raise RuntimeError(f"shard {path}: counted {part['features'].count} images for {len(shard)} seeds")
+            raise RuntimeError(f"shard {_shard_name(shard)}: counted {part['features'].count} images for "
+                               f"{len(shard)} seeds")
         for k, st in part.items():
             total[k].merge(st)
-        counted.append(shard)
-    all_ids = np.concatenate(counted)
-    if total["features"].count != len(ids) or not np.array_equal(np.sort(all_ids), ids):
-        raise RuntimeError("combined shards do not cover every seed exactly once")
+    if total["features"].count != len(ids):
+        raise RuntimeError(f"counted {total['features'].count} images, expected {len(ids)}")
     return total
 
 

@@ -22,8 +22,8 @@ from pfgmpp_fast.evaluation.metrics import (METRICS, compute_metrics, load_refer
                                             save_reference)
 from pfgmpp_fast.evaluation.sweep import SWEEP_KINDS, sweep
 from pfgmpp_fast.utils import distributed
-from pfgmpp_fast.utils.cli_errors import (UsageError, add_threads_argument, blame, check_output_path, command,
-                                          int_at_least)
+from pfgmpp_fast.utils.cli_errors import (BoolOption, UsageError, add_threads_argument, blame, check_output_path,
+                                          command, int_at_least)
 from pfgmpp_fast.utils.io_utils import atomic_write_bytes
 
 __all__ = ["add_arguments", "main"]
@@ -64,7 +64,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     calc.add_argument("--outdir", default=None, help="keep resumable shards here (and stats.npz, result.json)")
     calc.add_argument("--shard-size", type=int_at_least(1), default=5000)
     calc.add_argument("--dest", default=None, help="also write the statistics (as fid ref does) here")
+    calc.add_argument("--dry-run", action="store_true", help="print the resolved options (JSON) and exit")
     _add_feature_arguments(calc)
+    _add_published_calc_arguments(calc)
     ref = sub.add_parser("ref", help="reference statistics (published .npz format) of a data set")
     ref.add_argument("--data", required=True, help="'digits', an image folder/zip, or .npy/.npz")
     ref.add_argument("--dest", required=True, help="output .npz (mu, sigma; extra arrays for --metrics)")
@@ -72,6 +74,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                      help="use the first N images (default all)")
     ref.add_argument("--batch", type=int_at_least(1), default=256)
     ref.add_argument("--device", default=None)
+    ref.add_argument("--dry-run", action="store_true", help="print the resolved options (JSON) and exit")
     add_threads_argument(ref)
     _add_feature_arguments(ref)
     sw = sub.add_parser("sweep", help="metrics over checkpoints, steps/NFE, alpha, weight bits, EMA length or "
@@ -87,6 +90,24 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     sw.add_argument("--outdir", default="fid-sweep")
     sw.add_argument("--shard-size", type=int_at_least(1), default=5000)
     _add_feature_arguments(sw)
+
+
+def _add_published_calc_arguments(calc) -> None:
+    g = calc.add_argument_group("the published PFGM++ fid.py calc's own options")
+    g.add_argument("--seed", type=int, default=0,
+                   help="--images with more than --num images: the random subset (as published; default 0)")
+    g.add_argument("--gen_seed", "--gen-seed", dest="gen_seed", type=int, choices=(1, 2, 3), default=1,
+                   help="--images RUN: the FID of its ckpt_<kimg> (1), ckpt_2_<kimg> (2) or ckpt_3_<kimg> (3) folders")
+    g.add_argument("--ckpt", type=int, default=0, help="--images RUN: the first checkpoint folder (kimg)")
+    g.add_argument("--end_ckpt", "--end-ckpt", dest="end_ckpt", type=int, default=1000000,
+                   help="--images RUN: the last checkpoint folder (kimg)")
+    g.add_argument("--prune", action=BoolOption, default=False, refuse="the folders of pruned networks are not "
+                   "supported here; omit --prune (or give --prune=0)")
+    g.add_argument("--quant", action=BoolOption, default=False, refuse="the folders of generate_quant.py are not "
+                   "read here; use fid sweep --kind bits (or give --quant=0)")
+    # --steps / --alpha are sampler options here; with --images the published fid.py reads them as
+    # BOOLs selecting generate_steps.py / generate_alpha.py folders, so there they are refused
+    calc.set_defaults(steps=None, alpha=None)
 
 
 def _extractor(args, device) -> Detectors:
@@ -150,15 +171,49 @@ def _check_calc_args(args):
                          "statistics) or --outdir (resumable shards + stats.npz + result.json)")
     check_output_path("--dest", args.dest)
     check_output_path("--outdir", args.outdir, is_dir=True)
+    from pfgmpp_fast.evaluation.generate import DEFAULT_STEPS
+    from pfgmpp_fast.evaluation.published import ckpt_folders
+    if args.dest and args.images and ckpt_folders(args.images, args.gen_seed, args.ckpt, args.end_ckpt):
+        raise UsageError("--dest", f"{args.images} holds ckpt_<kimg> image folders (the published layout), one set "
+                         "of statistics each: use --outdir (a sub-folder each) instead")
+    for name, default in (("steps", DEFAULT_STEPS), ("alpha", 0.0)):
+        if args.images is not None and getattr(args, name) is not None:
+            raise UsageError(f"--{name}", f"with --images no images are generated; the published fid.py's --{name}=1 "
+                             f"(the folders of its generate_{name}.py) is not supported here: use fid sweep --kind {name}")
+        if getattr(args, name) is None:
+            setattr(args, name, default)
+
+
+def _print_dry_run(args) -> None:
+    """--dry-run of calc and ref: the resolved options as JSON."""
+    from pfgmpp_fast.evaluation.generate import resolved_sampler_kwargs
+    from pfgmpp_fast.evaluation.published import ckpt_folders
+    names = (("data", "dest", "num", "batch") if args.fid_command == "ref" else
+             ("images", "network", "seeds", "num", "seed", "ref", "outdir", "dest", "batch", "shard_size", "trust_pickle"))
+    resolved = {k: getattr(args, k) for k in names + ("features", "metrics")}
+    if args.fid_command == "calc":
+        folders = ckpt_folders(args.images, args.gen_seed, args.ckpt, args.end_ckpt) if args.images else []
+        resolved["ckpt_folders"] = [p for _, p in folders]
+    if args.fid_command == "calc" and args.network:
+        resolved.update(resolved_sampler_kwargs(args))
+    print(json.dumps(resolved, indent=2, sort_keys=True))
 
 
 def _calc(args, device, say) -> int:
     from pfgmpp_fast.evaluation.generate import (generator_numerics, guide_from_args, make_generator_fast,
                                                  network_from_args, sampler_kwargs_from_args)
-    rank = distributed.get_rank()
+    from pfgmpp_fast.evaluation.published import ckpt_folders
+    folders = ckpt_folders(args.images, args.gen_seed, args.ckpt, args.end_ckpt) if args.images else []
+    if folders:                         # the published fid.py: the FID of each RUN/ckpt_<kimg> folder
+        extractor = _extractor(args, device)
+        ref = _reference(args, extractor)
+        for _, path in folders:
+            source = _images(args, path, device)
+            outdir = os.path.join(args.outdir, os.path.basename(path)) if args.outdir else None
+            _score(args, source, extractor, ref, device, say, outdir, None, {"path": path})
+        return 0
     if args.images is not None:
-        with blame("--images"):
-            source = images_source(args.images, device=device)
+        source = _images(args, args.images, device)
     else:
         seeds = args.seeds if args.seeds is not None else f"0-{args.num - 1}"
         kw = sampler_kwargs_from_args(args)
@@ -170,27 +225,42 @@ def _calc(args, device, say) -> int:
                 "network": os.path.abspath(args.network), "weights": weights_fingerprint(net),
                 **generator_numerics(device, args.net_dtype, args.compile, args.cuda_graphs)}, **kw)
     extractor = _extractor(args, device)
-    ref = _reference(args, extractor)
+    _score(args, source, extractor, _reference(args, extractor), device, say, args.outdir, args.dest, {})
+    return 0
+
+
+def _images(args, path, device):
+    """The images of a folder/zip/npz; more than --num: the published random subset chosen by --seed."""
+    from pfgmpp_fast.evaluation.published import random_subset
+    with blame("--images"):
+        source = images_source(path, device=device)
+    source.ids = random_subset(len(source.ids), args.num, args.seed)
+    return source
+
+
+def _score(args, source, extractor, ref, device, say, outdir, dest, label: dict) -> dict:
+    """Statistics of --num images of ``source`` and the --metrics; written to ``outdir`` / ``dest``, printed."""
+    rank = distributed.get_rank()
     if len(source.ids) < args.num:
         raise UsageError("--num-images", f"fewer images than requested: {args.num} images requested but only "
                          f"{len(source.ids)} are available (--seeds / --images)")
     t0 = time.perf_counter()
-    stats = calc_stats(source, extractor, num=args.num, batch_size=getattr(args, "batch", 64), outdir=args.outdir,
+    stats = calc_stats(source, extractor, num=args.num, batch_size=getattr(args, "batch", 64), outdir=outdir,
                        shard_size=args.shard_size, device=device, progress=rank == 0, log=say)
-    result = {"images": stats["features"].count, "features": extractor.name}
+    result = {**label, "images": stats["features"].count, "features": extractor.name}
     # without --ref only the Inception Score (it needs no reference)
     wanted = extractor.metrics if ref is not None else tuple(m for m in extractor.metrics if m == "isc")
     if wanted:
         result.update(compute_metrics(stats, ref, wanted, extractor.name))
     result["seconds"] = time.perf_counter() - t0
     if rank == 0:
-        if args.dest:
-            save_reference(args.dest, stats)
-        if args.outdir:
-            save_reference(os.path.join(args.outdir, "stats.npz"), stats)
-            atomic_write_bytes(os.path.join(args.outdir, "result.json"), (json.dumps(result, indent=2) + "\n").encode())
+        if dest:
+            save_reference(dest, stats)
+        if outdir:
+            save_reference(os.path.join(outdir, "stats.npz"), stats)
+            atomic_write_bytes(os.path.join(outdir, "result.json"), (json.dumps(result, indent=2) + "\n").encode())
     say(json.dumps(result))
-    return 0
+    return result
 
 
 def _sweep(args, device, say) -> int:
@@ -234,6 +304,14 @@ def main(args) -> int:
         parse_metrics(args.metrics)
     if cmd == "calc":
         _check_calc_args(args)
+    if cmd == "ref":
+        check_output_path("--dest", args.dest)
+        if args.data != "digits" and not os.path.exists(args.data):
+            raise UsageError("--data", f"no such data set {args.data!r}: give 'digits', a folder or .zip of images, "
+                                       "or a .npy/.npz file")
+    if getattr(args, "dry_run", False):
+        _print_dry_run(args)
+        return 0
     from pfgmpp_fast.evaluation.generate import device_from_args
     device = device_from_args(args)
     rank = distributed.get_rank()
@@ -242,10 +320,6 @@ def main(args) -> int:
         return _calc(args, device, say)
     if cmd == "sweep":
         return _sweep(args, device, say)
-    check_output_path("--dest", args.dest)
-    if args.data != "digits" and not os.path.exists(args.data):
-        raise UsageError("--data", f"no such data set {args.data!r}: give 'digits', a folder or .zip of images, "
-                                   "or a .npy/.npz file")
     extractor = _extractor(args, device)
     with blame("--data"):
         stats = reference_stats(args.data, extractor, batch_size=args.batch, num=args.num, device=device)

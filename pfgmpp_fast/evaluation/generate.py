@@ -1,17 +1,21 @@
 """`python -m pfgmpp_fast generate`: images from a network, one image per seed.
 
-Each image depends only on its seed (and the sampler settings): latents come from the
-counter-based RNG keyed by (SAMPLING_KEY, seed), so batch size, rank count, padding and
-backend do not change any image. `--rng published` draws the latents (and random classes) per
-seed as the published PFGM++ generate.py does instead (published_rng.py), so the same network
-and seeds give the published sampler's images. Pipeline per batch, all on the device:
+Each image depends only on its seed, the sampler settings and its batch: latents come from
+the counter-based RNG keyed by (SAMPLING_KEY, seed), and the sorted seeds are cut into batches
+of `batch_size` on one grid in every mode, so the rank count, padding, FID shards and resumes
+never change an image (by construction, whatever the machine's BLAS). Another batch size or
+backend gives the same images up to float rounding: batched network kernels (GEMMs,
+convolutions) may sum in another order for another batch shape, which can move a pixel by one
+uint8 level. `--rng published` draws the latents (and random classes) per seed as the
+published PFGM++ generate.py does instead (published_rng.py), so the same network and seeds
+give the published sampler's images. Pipeline per batch, all on the device:
 prior latents → fused sampler steps (network made fast: bf16 + channels-last + compile +
 CUDA graphs on a GPU) → uint8 exactly as the published pipeline, (x·127.5 + 128).clip(0, 255).
 
 Outputs: PNGs in the published layout (`outdir/000000/000123.png`, folders of 1000 seeds)
 or one `.npz` (`images` uint8 NHWC, `seeds` int64, sorted by seed, and the same images again
 as `arr_0`, the key ADM's evaluation suite and EDM-era scripts read), written atomically.
-Under torchrun the sorted seeds are split across ranks (rank r takes seeds[r::world]).
+Under torchrun rank r generates every world-th batch of that grid (`rank_seeds`).
 
 Python entry points: `parse_int_list`, `check_seeds`, `rank_seeds`, `generate_images`
 (iterator of (seeds, uint8 NCHW images)), `write_images`, `load_generator_network`.
@@ -31,17 +35,21 @@ from pfgmpp_fast import checks
 from pfgmpp_fast import reference as R
 from pfgmpp_fast.checks import check_seeds, parse_int_list  # noqa: F401  (part of this module's API)
 from pfgmpp_fast.published_rng import PublishedRNG, check_published_sampling
+from pfgmpp_fast.evaluation.published import generation_jobs
 from pfgmpp_fast.utils import distributed
-from pfgmpp_fast.utils.cli_errors import (UsageError, add_threads_argument, blame, check_output_path, command,
-                                          int_at_least, number)
+from pfgmpp_fast.utils.cli_errors import (BoolOption, D_from_published, Unsupported, UsageError, add_threads_argument,
+                                          blame, check_output_path, checked, command, int_at_least, number,
+                                          supported_choice)
 from pfgmpp_fast.utils.io_utils import atomic_save_npz, atomic_write_bytes
 
 __all__ = ["SAMPLING_KEY", "STREAM_CLASS", "parse_int_list", "check_seeds", "rank_seeds",
            "to_uint8", "class_labels_for", "generate_images", "write_images", "load_generator_network",
            "make_generator_fast", "generator_numerics", "add_sampler_arguments", "sampler_options_from_args",
-           "sampler_kwargs_from_args", "guide_from_args",
+           "sampler_kwargs_from_args", "resolved_sampler_kwargs", "DEFAULT_STEPS", "guide_from_args",
            "device_from_args", "network_from_args", "add_arguments", "main"]
 
+D_TYPE = checked(checks.parse_D, "D")
+DEFAULT_STEPS = 18                  # sampling steps (EDM's CIFAR-10 setting: 35 NFE)
 SAMPLING_KEY = 0x5EED_0F_1A6E       # the fixed Philox key of sampling: image = f(seed)
 STREAM_CLASS = R.STREAM_CLASS      # Philox stream of the random class label of a seed
 RNGS = ("philox", "published")     # where latents come from: our Philox streams, or as published
@@ -50,11 +58,17 @@ RNGS = ("philox", "published")     # where latents come from: our Philox streams
 # ----------------------------------------------------------------------------------------
 # Seeds
 
-def rank_seeds(seeds: np.ndarray, rank: int, world: int) -> np.ndarray:
-    """The seeds rank `rank` of `world` generates: sorted seeds[rank::world]."""
+def rank_seeds(seeds: np.ndarray, rank: int, world: int, batch_size: int) -> np.ndarray:
+    """The seeds rank `rank` of `world` generates: the sorted seeds cut into batches of
+    `batch_size`, every world-th batch from batch `rank` on. generate_images cuts them into
+    the same batches again, so each image is computed in the batch it has in one process."""
     if not (isinstance(world, int) and world >= 1 and isinstance(rank, int) and 0 <= rank < world):
         raise ValueError(f"rank must be in [0, world) with world >= 1, got rank={rank}, world={world}")
-    return np.sort(np.asarray(seeds, dtype=np.int64))[rank::world]
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
+    ordered = np.sort(np.asarray(seeds, dtype=np.int64))
+    mine = [ordered[b:b + batch_size] for b in range(rank * batch_size, len(ordered), world * batch_size)]
+    return np.concatenate(mine) if mine else ordered[:0]
 
 
 # ----------------------------------------------------------------------------------------
@@ -111,11 +125,12 @@ def generate_images(net, seeds, batch_size: int = 64, options=None, class_idx: O
     over the batches.
 
     `seeds` are generated in sorted order, `batch_size` at a time (this process only: split
-    across ranks first with `rank_seeds`). `net` is an EDMPrecond-like network (attributes
-    D, img_channels, img_resolution, label_dim) or a denoiser callable with `image_shape`
-    and `D` given. fixed_shape (default: when the network is compiled / CUDA-graphed) pads
-    the last batch with repeats of its last seed so every call has the same shape; padded
-    images are dropped (an image depends only on its seed, so this changes nothing).
+    across ranks first with `rank_seeds`, which keeps these batches). `net` is an
+    EDMPrecond-like network (attributes D, img_channels, img_resolution, label_dim) or a
+    denoiser callable with `image_shape` and `D` given. fixed_shape (default: when the
+    network is compiled / CUDA-graphed) pads the last batch with repeats of its last seed so
+    every call has the same shape; padded images are dropped (only the grid's last batch is
+    short, so it is padded the same way in every mode).
     rng: 'philox' (ours: latents and random classes from the Philox streams keyed by `key`) or
     'published' (latents and random classes drawn per seed as the published PFGM++
     generate.py draws them, published_rng.py; settings that add churn noise are refused).
@@ -282,24 +297,39 @@ def make_generator_fast(net, device, net_dtype: str = "auto", compile: Optional[
 # CLI
 
 def add_sampler_arguments(p: argparse.ArgumentParser) -> None:
-    """Network + sampler options shared by `generate` and `fid`."""
+    """Network + sampler options shared by `generate` and `fid` (with the published spellings:
+    --sigma_min, --S_churn, ..., --pfgmpp/--aug_dim, and --disc/--schedule/--scaling as far as
+    their EDM choice goes)."""
     g = p.add_argument_group("network and sampler")
     g.add_argument("--network", metavar="PATH", help="network checkpoint (ours: .safetensors)")
     g.add_argument("--trust-pickle", action="store_true",
                    help="allow importing a published pickle checkpoint (read without running its code; "
                         "TorchScript is always refused)")
-    g.add_argument("--D", default=None,
+    g.add_argument("--D", type=D_TYPE, default=None,
                    help="check that the network was trained with this D (default: the network's)")
+    g.add_argument("--pfgmpp", action=BoolOption, default=None,
+                   help="published: 1 = the network's D is --aug_dim, 0 = D is inf (EDM); checked like --D")
+    g.add_argument("--aug_dim", "--aug-dim", dest="aug_dim", type=D_TYPE, default=None,
+                   help="published: D with --pfgmpp=1 (default 128); without --pfgmpp the same as --D")
     g.add_argument("--batch", type=int_at_least(1), default=64, help="images per batch and rank (default 64)")
-    g.add_argument("--steps", type=int_at_least(1), default=18, help="sampling steps n (Heun: 2n-1 NFE; default 18)")
-    g.add_argument("--solver", choices=["heun", "euler"], default="heun")
-    g.add_argument("--sigma-min", type=number(positive=True), default=0.002)
-    g.add_argument("--sigma-max", type=number(positive=True), default=80.0)
+    g.add_argument("--steps", type=int_at_least(1), default=DEFAULT_STEPS,
+                   help=f"sampling steps n (Heun: 2n-1 NFE, the other solvers n; default {DEFAULT_STEPS})")
+    g.add_argument("--solver", choices=checks.SOLVERS, default="heun",
+                   help="heun (EDM) | euler | dpmpp2m (DPM-Solver++(2M)) | ipndm | ipndm_v (variable-step iPNDM); "
+                        "the multistep solvers take no --S-churn")
+    g.add_argument("--sigma-min", "--sigma_min", dest="sigma_min", type=number(positive=True), default=0.002)
+    g.add_argument("--sigma-max", "--sigma_max", dest="sigma_max", type=number(positive=True), default=80.0)
     g.add_argument("--rho", type=number(positive=True), default=7.0)
-    g.add_argument("--S-churn", dest="S_churn", type=number(), default=0.0)
-    g.add_argument("--S-min", dest="S_min", type=number(), default=0.0)
-    g.add_argument("--S-max", dest="S_max", type=number(allow_inf=True), default=float("inf"))
-    g.add_argument("--S-noise", dest="S_noise", type=number(), default=1.0)
+    g.add_argument("--S-churn", "--S_churn", dest="S_churn", type=number(), default=0.0)
+    g.add_argument("--S-min", "--S_min", dest="S_min", type=number(), default=0.0)
+    g.add_argument("--S-max", "--S_max", dest="S_max", type=number(allow_inf=True), default=float("inf"))
+    g.add_argument("--S-noise", "--S_noise", dest="S_noise", type=number(), default=1.0)
+    g.add_argument("--disc", type=supported_choice(("edm",), ("vp", "ve", "iddpm"), "the time steps are EDM's "
+                   "(--sigma-min, --sigma-max, --rho); omit --disc or give --disc=edm"), default="edm", metavar="edm")
+    g.add_argument("--schedule", type=supported_choice(("linear",), ("vp", "ve"), "the noise schedule is "
+                   "sigma(t) = t; omit --schedule or give --schedule=linear"), default="linear", metavar="linear")
+    g.add_argument("--scaling", type=supported_choice(("none",), ("vp",), "there is no signal scaling s(t); "
+                   "omit --scaling or give --scaling=none"), default="none", metavar="none")
     g.add_argument("--alpha", type=number(), default=0.0, help="robustness noise x += alpha*t_i*eps per step")
     g.add_argument("--class", dest="class_idx", type=int_at_least(0), default=None,
                    help="class label (default: random per seed)")
@@ -321,6 +351,15 @@ def add_sampler_arguments(p: argparse.ArgumentParser) -> None:
     add_threads_argument(g)
 
 
+def _D_option(args) -> str:
+    """The option that asked for D (errors about D name it)."""
+    if args.D is not None:
+        return "--D"
+    if args.aug_dim is not None and args.pfgmpp is not False:
+        return "--aug_dim"
+    return "--pfgmpp" if args.pfgmpp is not None else "--D"
+
+
 def sampler_options_from_args(args):
     """The SamplerOptions of the command line (each option checked by its argparse type; the
     options that bound each other here, UsageError naming them)."""
@@ -329,6 +368,8 @@ def sampler_options_from_args(args):
         raise UsageError("--sigma-min", f"must be <= --sigma-max ({args.sigma_max:g}), got {args.sigma_min:g}")
     if args.S_max < args.S_min:
         raise UsageError("--S-max", f"must be >= --S-min ({args.S_min:g}), got {args.S_max:g}")
+    if args.solver in checks.MULTISTEP_SOLVERS and args.S_churn > 0:
+        raise UsageError("--S-churn", f"must be 0 with --solver {args.solver} (a multistep solver), got {args.S_churn:g}")
     return SamplerOptions(num_steps=args.steps, sigma_min=args.sigma_min, sigma_max=args.sigma_max, rho=args.rho,
                           solver=args.solver, S_churn=args.S_churn, S_min=args.S_min, S_max=args.S_max,
                           S_noise=args.S_noise, alpha=args.alpha, guidance=args.guidance,
@@ -337,11 +378,20 @@ def sampler_options_from_args(args):
 
 def sampler_kwargs_from_args(args) -> dict:
     """generate_images keyword arguments of the command line (options, class_idx, D), checked
-    (UsageError naming the option)."""
+    (UsageError naming the option; D from --D or the published --pfgmpp/--aug_dim)."""
     options = sampler_options_from_args(args)
-    with blame("--D"):
-        D = None if args.D is None else checks.parse_D(args.D)
+    D = D_from_published(args.D, args.aug_dim, args.pfgmpp, None)
     return dict(options=options, class_idx=args.class_idx, D=D)
+
+
+def resolved_sampler_kwargs(args) -> dict:
+    """sampler_kwargs_from_args as plain JSON-able values (--dry-run): every SamplerOptions field,
+    class_idx and D (None: the network's)."""
+    import dataclasses
+    kw = sampler_kwargs_from_args(args)
+    out = {f.name: getattr(kw["options"], f.name) for f in dataclasses.fields(kw["options"])}
+    out = {k: (str(v).replace("torch.", "") if isinstance(v, torch.dtype) else v) for k, v in out.items()}
+    return {**out, "class_idx": kw["class_idx"], "D": kw["D"]}
 
 
 def device_from_args(args) -> torch.device:
@@ -364,8 +414,8 @@ def network_from_args(args, device, path: Optional[str] = None, D=None):
     try:
         net = load_generator_network(path or args.network, device, trust_pickle=args.trust_pickle, D=D)
     except (ValueError, TypeError, FileNotFoundError) as exc:
-        raise UsageError("--D" if "network/D mismatch" in str(exc) else "--network", str(exc)) from None
-    with blame("--D"):
+        raise UsageError(_D_option(args) if "network/D mismatch" in str(exc) else "--network", str(exc)) from None
+    with blame(_D_option(args)):
         resolve_D(net, D)
     label_dim = int(getattr(net, "label_dim", 0) or 0)
     if args.class_idx is not None and not args.class_idx < label_dim:
@@ -375,46 +425,57 @@ def network_from_args(args, device, path: Optional[str] = None, D=None):
 
 
 def guide_from_args(args, device, net, required: bool = False):
-    """The guide of --gnet for `net` (loaded as --network is, same D and image shape, made fast as
-    it is), 'uncond', or None; --guidance W != 1 (or `required`) without --gnet is an error naming --gnet."""
-    from pfgmpp_fast.guidance import UNCOND
+    """The guide of --gnet for `net`: 'uncond', or a network loaded and made fast as --network is
+    (same D and image shape); None without --gnet, an error naming --gnet with --guidance != 1 or `required`."""
+    from pfgmpp_fast.guidance import UNCOND, check_guide_network
     if args.gnet is None:
         if args.guidance != 1.0 or required:
-            raise UsageError("--gnet", f"is required with --guidance {args.guidance:g}" if not required else
-                             "is required for --kind guidance")
+            raise UsageError("--gnet", "is required for --kind guidance" if required else
+                             f"is required with --guidance {args.guidance:g}")
         return None
-    if args.gnet == UNCOND:
-        if not int(getattr(net, "label_dim", 0) or 0):
-            raise UsageError("--gnet", "uncond (classifier-free guidance) needs a class-conditional --network "
-                                       "(trained with --label-dropout), but it is unconditional (label_dim=0)")
-        return UNCOND
-    try:
-        gnet = load_generator_network(args.gnet, device, trust_pickle=args.trust_pickle, D=resolve_D(net))
-    except (ValueError, TypeError, FileNotFoundError) as exc:
-        raise UsageError("--gnet", str(exc)) from None
-    shape = lambda n: (getattr(n, "img_channels", None), getattr(n, "img_resolution", None))  # noqa: E731
-    if shape(gnet) != shape(net):
-        raise UsageError("--gnet", f"makes {shape(gnet)} (channels, resolution) images but --network makes "
-                                   f"{shape(net)}")
-    return make_generator_fast(gnet, device, args.net_dtype, args.compile, args.cuda_graphs)
+    with blame("--gnet"):
+        gnet = args.gnet if args.gnet == UNCOND else load_generator_network(args.gnet, device, args.trust_pickle)
+        check_guide_network(net, gnet, resolve_D(net))
+    return gnet if gnet == UNCOND else make_generator_fast(gnet, device, args.net_dtype, args.compile, args.cuda_graphs)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     add_sampler_arguments(p)
     p.add_argument("--seeds", default="0-63", help="seeds, e.g. '0-49999' or '1,5,7-9' (default 0-63)")
-    p.add_argument("--outdir", default=None, help="write PNGs here (outdir/000000/000123.png)")
+    p.add_argument("--outdir", default=None, help="write PNGs here (outdir/000000/000123.png); without --network "
+                   "a run directory: the images of each of its checkpoints go to outdir/ckpt_<kimg>/ (published)")
     p.add_argument("--npz", default=None, help="write one .npz (images uint8 NHWC, seeds; arr_0 = images, ADM's key)")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
     p.add_argument("--rng", choices=RNGS, default="philox",
                    help="latents and random classes: philox (default; an image depends only on its seed, on every "
                         "backend) or published (drawn per seed as the published PFGM++ generate.py does, so the same "
                         "network and seeds give its images; refused with churn noise)")
+    p.add_argument("--dry-run", action="store_true", help="print the resolved options (JSON) and exit")
+    g = p.add_argument_group("the published PFGM++ generate.py's own options")
+    g.add_argument("--subdirs", action="store_true", help="no effect: images always go to folders of 1000 seeds")
+    g.add_argument("--use_pickle", "--use-pickle", dest="use_pickle", action=BoolOption, default=False,
+                   help="without --network: the run directory's training-state-*.pkl (pickles need --trust-pickle)")
+    g.add_argument("--ckpt", type=int, default=0, help="without --network: the first checkpoint (kimg) to use")
+    g.add_argument("--end_ckpt", "--end-ckpt", dest="end_ckpt", type=int, default=100000000,
+                   help="without --network: the last checkpoint (kimg) to use")
+    g.add_argument("--edm", action=BoolOption, default=False, help="without --network: every checkpoint (no "
+                   "--ckpt/--end_ckpt range)")
+    g.add_argument("--resume", type=int, default=None, help="no effect (unused in the published generate.py)")
+    g.add_argument("--save_images", "--save-images", action=Unsupported,
+                   refuse="the sampling-trajectory GIF is not supported here; omit it (--outdir writes the images)")
+
+
+def _print_dry_run(args, seeds, jobs) -> None:
+    import json
+    resolved = {"jobs": [{"network": n, "outdir": o} for n, o in jobs], "npz": args.npz, "seeds": args.seeds,
+                "num_seeds": len(seeds), "batch": args.batch, "trust_pickle": args.trust_pickle,
+                "net_dtype": args.net_dtype, "device": args.device, "rng": args.rng,
+                **resolved_sampler_kwargs(args)}
+    print(json.dumps(resolved, indent=2, sort_keys=True))
 
 
 @command
 def main(args) -> int:
-    if not args.network:
-        raise UsageError("--network", "is required (a network checkpoint, e.g. network-snapshot-*.safetensors)")
     if args.outdir is None and args.npz is None:
         raise UsageError("--outdir/--npz", "give --outdir (PNG folder) and/or --npz (one .npz file)")
     check_output_path("--outdir", args.outdir, is_dir=True)
@@ -425,16 +486,24 @@ def main(args) -> int:
     if args.rng == "published":
         with blame("--rng"):
             check_published_sampling(kwargs["options"])
+    jobs = generation_jobs(args, seeds)
+    if args.dry_run:
+        _print_dry_run(args, seeds, jobs)
+        return 0
     device = device_from_args(args)
-    net = network_from_args(args, device, D=kwargs["D"])
-    fast = make_generator_fast(net, device, args.net_dtype, args.compile, args.cuda_graphs)
-    gnet = guide_from_args(args, device, net)
     rank, world = distributed.get_rank(), distributed.get_world_size()
-    mine = rank_seeds(seeds, rank, world)
-    batches = generate_images(fast, mine, args.batch, device=device, progress=args.progress and rank == 0,
-                              rng=args.rng, gnet=gnet, **kwargs)
-    write_images(batches, outdir=args.outdir, npz=args.npz)
-    if rank == 0:
-        where = " and ".join(x for x in (args.outdir, args.npz) if x)
-        print(f"wrote {len(seeds)} images to {where}")
+    mine = rank_seeds(seeds, rank, world, args.batch)
+    for path, outdir in jobs:
+        if not args.network and all(os.path.exists(png_path(outdir, int(s))) for s in seeds):
+            if rank == 0:       # a checkpoint done earlier (the published generate.py skips it too)
+                print(f"{outdir}: all {len(seeds)} images are there; skipped")
+            continue
+        net = network_from_args(args, device, path=path, D=kwargs["D"])
+        fast = make_generator_fast(net, device, args.net_dtype, args.compile, args.cuda_graphs)
+        gnet = guide_from_args(args, device, net)
+        batches = generate_images(fast, mine, args.batch, device=device, progress=args.progress and rank == 0,
+                                  rng=args.rng, gnet=gnet, **kwargs)
+        write_images(batches, outdir=outdir, npz=args.npz)
+        if rank == 0:
+            print(f"wrote {len(seeds)} images to {' and '.join(x for x in (outdir, args.npz) if x)}")
     return 0

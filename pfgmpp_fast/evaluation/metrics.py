@@ -1,5 +1,5 @@
 """Metrics over image features: float64 running moments (FeatureStats, optionally keeping
-the feature rows) that merge across shards and ranks, the Fréchet distance (FID / FDD /
+the feature rows) that merge across shards, the Fréchet distance (FID / FDD /
 FD-DINOv2), KID, Inception Score and precision/recall (torch-fidelity's metric code on our
 features), and reference statistics in the published `.npz` format (mu, sigma; extra keys
 for the other metrics). Result columns name the feature space where the plain name would
@@ -71,19 +71,6 @@ class FeatureStats:
             self._rows.append(other.rows)
         return self
 
-    def all_reduce(self) -> "FeatureStats":
-        """Sum over the ranks of the running torch.distributed group (no-op without one)."""
-        if torch.distributed.is_available() and torch.distributed.is_initialized() \
-                and torch.distributed.get_world_size() > 1:
-            flat = torch.cat([self.n.view(1), self.sum, self.sum_outer.view(-1)])
-            torch.distributed.all_reduce(flat)
-            self.n = flat[0].clone()
-            self.sum = flat[1:1 + self.dim].clone()
-            self.sum_outer = flat[1 + self.dim:].view(self.dim, self.dim).clone()
-            if self.keep:
-                self._rows = [_gather_strided(self.rows)]
-        return self
-
     @property
     def count(self) -> int:
         return int(round(float(self.n)))
@@ -115,24 +102,6 @@ class FeatureStats:
         if rows is not None:
             st._rows = [torch.from_numpy(np.asarray(rows, dtype=np.float32)).clone()]
         return st
-
-
-def _gather_strided(rows: torch.Tensor) -> torch.Tensor:
-    """The rows of all ranks in id order, when rank r held ids[r::world] (calc.py's split)."""
-    world = torch.distributed.get_world_size()
-    backend_device = "cuda" if torch.distributed.get_backend() == "nccl" else "cpu"
-    count = torch.tensor([rows.shape[0]], device=backend_device)
-    counts = [torch.zeros_like(count) for _ in range(world)]
-    torch.distributed.all_gather(counts, count)
-    counts = [int(c) for c in counts]
-    padded = torch.zeros(max(counts), rows.shape[1], device=backend_device)
-    padded[:rows.shape[0]] = rows.to(backend_device)
-    parts = [torch.empty_like(padded) for _ in range(world)]
-    torch.distributed.all_gather(parts, padded)
-    out = torch.empty(sum(counts), rows.shape[1])
-    for r, (part, c) in enumerate(zip(parts, counts)):
-        out[r::world] = part[:c].cpu()
-    return out
 
 
 def frechet_distance(mu1, sigma1, mu2, sigma2) -> float:

@@ -13,10 +13,12 @@
   ``uint8`` arrays are pixel values 0..255 (mapped to [-1, 1] as x / 127.5 − 1);
   floating-point arrays must already lie in [-1, 1].
 
-The whole data set lives in memory as one tensor (uint8 when the source is 8-bit,
-float32 otherwise) and batches are gathered by index — fast for the small data sets we
-train on CPUs and cheap to keep on the GPU for CIFAR-sized ones. Everything is validated
-when loading, so a missing, corrupt or wrong-size data set stops before any training step.
+The whole data set is one tensor (uint8 when the source is 8-bit, float32 otherwise) and
+batches are gathered by index — fast for the small data sets we train on CPUs and cheap to
+keep on the GPU for CIFAR-sized ones. A data set on disk is decoded once per node into a
+cache file that every rank memory-maps (data_cache.py), so another rank or a restart costs
+neither a decode nor a copy. Everything is validated when decoding, so a missing, corrupt
+or wrong-size data set stops before any training step.
 
 Batches come from :class:`GlobalBatchSampler`: the order of samples is a function of the
 seed and the global position only (one permutation per epoch), so rank ``r`` of ``W`` takes
@@ -24,6 +26,7 @@ its slice of the same global batch, whatever ``W`` is.
 """
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
@@ -34,7 +37,10 @@ from typing import Optional
 import numpy as np
 import torch
 
-__all__ = ["ImageDataset", "load_dataset", "dataset_to_uint8", "GlobalBatchSampler", "IMAGE_EXTENSIONS"]
+from pfgmpp_fast.training.data_cache import Decoder, decode_to_array, load_cached
+
+__all__ = ["ImageDataset", "load_dataset", "load_array", "dataset_to_uint8", "GlobalBatchSampler", "IMAGE_EXTENSIONS",
+           "decode_image", "default_cache_dir"]
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
 _CACHE: dict = {}
@@ -185,7 +191,8 @@ def _array_to_nchw(array: np.ndarray, source: str) -> torch.Tensor:
     return torch.from_numpy(array)
 
 
-def _load_array(path: str):
+def load_array(path: str):
+    """A ``.npy``/``.npz`` file -> (images uint8 or float32 [N, C, H, W] tensor, labels or None)."""
     try:
         loaded = np.load(path, allow_pickle=False)
     except Exception as exc:
@@ -207,7 +214,18 @@ def _load_array(path: str):
     return _array_to_nchw(images, path), labels
 
 
-def _decode_image(data: bytes, name: str) -> np.ndarray:
+def _array_decoder(path: str) -> Decoder:
+    images, labels = load_array(path)
+    array = images.numpy()
+    chunk = 4096
+    return Decoder(array.shape[0], lambda: ((f"{path}[{i}]", array[i:i + chunk])
+                                            for i in range(0, array.shape[0], chunk)),
+                   _checked_labels(labels, array.shape[0], path))
+
+
+def decode_image(data: bytes, name: str) -> np.ndarray:
+    """PNG/JPEG/... bytes -> uint8 [H, W] (grey) or [H, W, 3]; other modes are converted to
+    RGB. ValueError naming ``name`` if the bytes are not a readable image."""
     from PIL import Image
     try:
         with Image.open(io.BytesIO(data)) as img:
@@ -219,62 +237,111 @@ def _decode_image(data: bytes, name: str) -> np.ndarray:
         raise ValueError(f"corrupt or unreadable image {name}: {exc}") from exc
 
 
-def _load_images(path: str):
-    """A folder or zip of images (published layout) -> (uint8 NCHW, labels or None)."""
+def _checked_labels(labels, count: int, source: str) -> Optional[np.ndarray]:
+    """int64 class labels, one per image. Labels of another kind (vectors, floats, negative)
+    become -1, which _one_hot refuses: a data set with them loads, but not with use_labels."""
+    if labels is None:
+        return None
+    labels = np.asarray(labels)
+    if labels.shape[:1] != (count,):
+        raise ValueError(f"{source}: {labels.shape[0] if labels.ndim else 1} labels for {count} images")
+    if labels.ndim != 1 or not np.issubdtype(labels.dtype, np.integer) or labels.min(initial=0) < 0:
+        return np.full(count, -1, dtype=np.int64)
+    return labels.astype(np.int64)
+
+
+def _image_names_and_reader(path: str):
+    """(sorted member names, read(name) -> bytes, close()) of a folder or zip."""
     if os.path.isdir(path):
         names = sorted(os.path.relpath(os.path.join(root, f), path).replace(os.sep, "/")
                        for root, _, files in os.walk(path) for f in files)
-        read = lambda name: open(os.path.join(path, name), "rb").read()  # noqa: E731
-        zf = None
-    else:
-        try:
-            zf = zipfile.ZipFile(path)
-        except (zipfile.BadZipFile, OSError) as exc:
-            raise ValueError(f"{path} is not a readable zip file: {exc}") from exc
-        names = sorted(zf.namelist())
-        read = zf.read
+
+        def read(name):
+            with open(os.path.join(path, name), "rb") as f:
+                return f.read()
+        return names, read, lambda: None
+    try:
+        zf = zipfile.ZipFile(path)
+    except (zipfile.BadZipFile, OSError) as exc:
+        raise ValueError(f"{path} is not a readable zip file: {exc}") from exc
+    return sorted(zf.namelist()), zf.read, zf.close
+
+
+def _dataset_json_labels(read, path: str, image_names: list) -> Optional[np.ndarray]:
+    try:
+        meta = json.loads(read("dataset.json"))
+        table = meta.get("labels") if isinstance(meta, dict) else None
+        lookup = None if table is None else {str(k).replace("\\", "/"): v for k, v in table}
+    except Exception as exc:
+        raise ValueError(f"corrupt dataset.json in {path}: {exc}") from exc
+    if lookup is None:
+        return None
+    missing = [n for n in image_names if n not in lookup]
+    if missing:
+        raise ValueError(f"dataset.json in {path} has no label for {missing[0]} (and {len(missing) - 1} more)")
+    return _checked_labels(np.asarray([lookup[n] for n in image_names]), len(image_names), f"{path}/dataset.json")
+
+
+def _image_decoder(path: str) -> Decoder:
+    """A folder or zip of images (published layout): names, labels, and the decode of each image."""
+    names, read, close = _image_names_and_reader(path)
     try:
         image_names = [n for n in names if n.lower().endswith(IMAGE_EXTENSIONS)]
         if not image_names:
             raise ValueError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) found in {path}")
-        arrays = []
-        for name in image_names:
-            try:
-                data = read(name)
-            except Exception as exc:
-                raise ValueError(f"cannot read {name} in {path}: {exc}") from exc
-            arrays.append(_decode_image(data, f"{path}:{name}"))
-        shapes = {a.shape for a in arrays}
-        if len(shapes) != 1:
-            raise ValueError(f"images in {path} differ in shape: {sorted(shapes)[:4]}")
-        labels = None
-        if "dataset.json" in names:
-            try:
-                meta = json.loads(read("dataset.json"))
-                table = meta.get("labels") if isinstance(meta, dict) else None
-            except Exception as exc:
-                raise ValueError(f"corrupt dataset.json in {path}: {exc}") from exc
-            if table is not None:
-                lookup = {str(k).replace("\\", "/"): v for k, v in table}
-                missing = [n for n in image_names if n not in lookup]
-                if missing:
-                    raise ValueError(f"dataset.json in {path} has no label for {missing[0]} (and {len(missing) - 1} more)")
-                labels = np.asarray([lookup[n] for n in image_names])
-    finally:
-        if zf is not None:
-            zf.close()
-    stacked = np.stack(arrays)
-    return _array_to_nchw(stacked, path), labels
+        labels = _dataset_json_labels(read, path, image_names) if "dataset.json" in names else None
+    except BaseException:
+        close()
+        raise
+
+    def chunks():
+        try:
+            for name in image_names:
+                try:
+                    data = read(name)
+                except Exception as exc:
+                    raise ValueError(f"cannot read {name} in {path}: {exc}") from exc
+                image = decode_image(data, f"{path}:{name}")
+                image = image[None] if image.ndim == 2 else image.transpose(2, 0, 1)
+                yield f"{path}:{name}", image[None]
+        finally:
+            close()
+    return Decoder(len(image_names), chunks, labels)
+
+
+def _decoder(spec: str) -> Decoder:
+    if os.path.isdir(spec) or spec.lower().endswith(".zip"):
+        return _image_decoder(spec)
+    if spec.lower().endswith((".npy", ".npz")):
+        return _array_decoder(spec)
+    raise ValueError(f"unsupported data set {spec}: expected 'digits', a folder, .zip, .npy or .npz")
+
+
+def _decode(spec: str, cache: bool, cache_dir: Optional[str]):
+    """(images uint8/float32 [N, C, H, W], labels or None) of ``spec``: decoded here, or
+    (``cache``) through the per-node cache file (data_cache.py)."""
+    if spec == "digits":
+        return _load_digits()
+    if not os.path.isdir(spec) and not spec.lower().endswith((".zip", ".npy", ".npz")):
+        raise ValueError(f"unsupported data set {spec}: expected 'digits', a folder, .zip, .npy or .npz")
+    if cache:
+        cached = load_cached(spec, lambda: _decoder(spec), cache_dir)
+        return cached.images, cached.labels
+    decoder = _decoder(spec)
+    return torch.from_numpy(decode_to_array(decoder, spec)), decoder.labels
 
 
 def load_dataset(spec: str, resolution: Optional[int] = None, use_labels: bool = False,
-                 xflip: bool = False, cache: bool = True, max_size: Optional[int] = None) -> ImageDataset:
+                 xflip: bool = False, cache: bool = True, max_size: Optional[int] = None,
+                 cache_dir: Optional[str] = None) -> ImageDataset:
     """Load a data set (see the module docstring for the formats).
 
     resolution: expected image size (ValueError if the data differ); use_labels: return
     one-hot class labels (ValueError if the data set has none); xflip: double the data set
-    with mirrored copies; cache: keep the decoded data in memory for later calls in this
-    process; max_size: use only the first ``max_size`` images.
+    with mirrored copies; cache: decode a data set on disk once per node into a cache file
+    that every rank memory-maps (data_cache.py) and keep the data for later calls in this
+    process — False decodes it here, keeping nothing; cache_dir: where the cache file lives (default: next to the
+    data); max_size: use only the first ``max_size`` images.
     """
     if not isinstance(spec, (str, os.PathLike)) or not os.fspath(spec):
         raise TypeError(f"data must be 'digits' or a path to a folder/.zip/.npy/.npz, got {spec!r}")
@@ -283,6 +350,7 @@ def load_dataset(spec: str, resolution: Optional[int] = None, use_labels: bool =
         raise ValueError(f"resolution must be a positive int or None, got {resolution!r}")
     if max_size is not None and (not isinstance(max_size, int) or max_size < 1):
         raise ValueError(f"max_size must be a positive int or None, got {max_size!r}")
+    cache_dir = _default_cache_dir if cache_dir is None else os.fspath(cache_dir)
 
     if spec == "digits":
         key = ("digits",)
@@ -290,18 +358,11 @@ def load_dataset(spec: str, resolution: Optional[int] = None, use_labels: bool =
         if not os.path.exists(spec):
             raise FileNotFoundError(f"data set not found: {spec} (expected 'digits', a folder, .zip, .npy or .npz)")
         st = os.stat(spec)
-        key = (os.path.abspath(spec), st.st_mtime_ns, st.st_size)
+        key = (os.path.abspath(spec), st.st_mtime_ns, st.st_size, cache_dir)
     if cache and key in _CACHE:
         images, labels = _CACHE[key]
     else:
-        if spec == "digits":
-            images, labels = _load_digits()
-        elif os.path.isdir(spec) or spec.lower().endswith(".zip"):
-            images, labels = _load_images(spec)
-        elif spec.lower().endswith((".npy", ".npz")):
-            images, labels = _load_array(spec)
-        else:
-            raise ValueError(f"unsupported data set {spec}: expected 'digits', a folder, .zip, .npy or .npz")
+        images, labels = _decode(spec, cache, cache_dir)
         if images.shape[0] == 0:
             raise ValueError(f"data set {spec} holds no images")
         if images.shape[-1] != images.shape[-2]:
@@ -324,6 +385,21 @@ def load_dataset(spec: str, resolution: Optional[int] = None, use_labels: bool =
         label_tensor = _one_hot(np.asarray(labels), spec)
     name = "digits" if spec == "digits" else os.path.splitext(os.path.basename(spec.rstrip("/\\")))[0]
     return ImageDataset(images, label_tensor, name=name, xflip=bool(xflip), source=spec)
+
+
+_default_cache_dir: Optional[str] = None
+
+
+@contextlib.contextmanager
+def default_cache_dir(cache_dir: Optional[str]):
+    """Within the block, load_dataset's cache files go to ``cache_dir`` unless a call names
+    one (the train command's --cache-dir; None: next to the data)."""
+    global _default_cache_dir
+    previous, _default_cache_dir = _default_cache_dir, (None if cache_dir is None else os.fspath(cache_dir))
+    try:
+        yield
+    finally:
+        _default_cache_dir = previous
 
 
 def dataset_to_uint8(dataset: ImageDataset, max_images: Optional[int] = None) -> torch.Tensor:

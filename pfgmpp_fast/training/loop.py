@@ -28,7 +28,8 @@ import torch
 from pfgmpp_fast import reference as R
 from pfgmpp_fast.checkpoint import load_network, save_network
 from pfgmpp_fast.training.augment import drop_labels
-from pfgmpp_fast.training.options import PRECISIONS, RESUME_KEYS, TrainingError, TrainingOptions, jsonable
+from pfgmpp_fast.training.options import (PRECISIONS, RESUME_KEYS, TrainingError, TrainingOptions, jsonable,
+                                          option_diffs)
 from pfgmpp_fast.training.phema import PowerFunctionEMA
 from pfgmpp_fast.training.report import TickReporter
 from pfgmpp_fast.utils import distributed, faults
@@ -71,7 +72,7 @@ class TrainingRun:
             if dev.type == "cuda":
                 torch.backends.cudnn.benchmark = False
         elif dev.type == "cuda":
-            torch.backends.cudnn.benchmark = True
+            torch.backends.cudnn.benchmark = o["cudnn_benchmark"]
         if dev.type == "cuda":
             torch.backends.cuda.matmul.allow_tf32 = True
             torch.backends.cudnn.allow_tf32 = True
@@ -205,8 +206,7 @@ class TrainingRun:
         if missing:
             raise ValueError(f"resume: {path} is not a training state (missing {missing})")
         saved = state["options"]
-        diffs = [f"{k}: state has {saved.get(k)!r}, this run has {jsonable(self.o[k])!r}"
-                 for k in RESUME_KEYS if k in saved and saved.get(k) != jsonable(self.o[k])]
+        diffs = option_diffs(saved, self.o)
         if diffs:
             raise ValueError(f"resume: {path} was written by an incompatible configuration:\n  " + "\n  ".join(diffs))
         try:

@@ -15,7 +15,7 @@ import torch
 from pfgmpp_fast import checks
 
 __all__ = ["TrainingOptions", "DEFAULTS", "ARCHES", "PRECISIONS", "BACKENDS", "RESUME_KEYS", "TrainingError",
-           "resolve_options", "jsonable"]
+           "resolve_options", "jsonable", "option_diffs"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -25,7 +25,7 @@ class TrainingOptions:
     data: str = "digits"                  # 'digits' | folder | .zip | .npy | .npz
     cond: bool = False                    # class-conditional (needs labels)
     arch: str = "ddpmpp"                  # ddpmpp | ncsnpp | adm
-    D: float = 128.0                      # augmented dimension (PFGM++), inf = EDM
+    D: float = math.inf                   # augmented dimension (PFGM++); inf = EDM, the published train.py's default
     resolution: Optional[int] = None      # expected data resolution (checked); default: the data's
     batch: int = 512                      # global batch size
     batch_gpu: Optional[int] = None       # per-rank chunk (gradient accumulation); default batch / ranks
@@ -60,8 +60,10 @@ class TrainingOptions:
     trust_pickle: bool = False            # allow a published pickle for transfer (restricted unpickler)
     max_nonfinite: int = 10               # stop once more steps than this had a non-finite loss
     deterministic: bool = False           # torch.use_deterministic_algorithms
+    cudnn_benchmark: bool = True          # torch.backends.cudnn.benchmark on CUDA (EDM --bench; off when deterministic)
     progress: object = "auto"             # progress bar: auto (a TTY) | True | False
     max_size: Optional[int] = None        # use only the first max_size images
+    cache_dir: Optional[str] = None       # where the decoded data set is cached (data_cache.py); None: next to it
 
     def __getitem__(self, name):          # o["batch"] reads like the published options dict
         return getattr(self, name)
@@ -131,7 +133,7 @@ def resolve_options(**options) -> TrainingOptions:
         o["resolution"] = int(checks.check_number("resolution", o["resolution"], integer=True))
     if o["max_size"] is not None:
         o["max_size"] = int(checks.check_number("max_size", o["max_size"], integer=True))
-    for name in ("cond", "xflip", "deterministic", "trust_pickle"):
+    for name in ("cond", "xflip", "deterministic", "trust_pickle", "cudnn_benchmark"):
         o[name] = checks.as_bool(name, o[name])
     if o["label_dropout"] > 0 and not o["cond"]:
         raise ValueError(f"label_dropout = {o['label_dropout']:g} needs cond (a class-conditional network: --cond)")
@@ -156,6 +158,13 @@ def resolve_options(**options) -> TrainingOptions:
     if o["transfer"] is not None and not os.path.isfile(o["transfer"]):
         raise FileNotFoundError(f"transfer: no such network file {o['transfer']}")
     return TrainingOptions(**o)
+
+
+def option_diffs(saved: dict, o: TrainingOptions) -> list:
+    """The RESUME_KEYS on which options ``saved`` by a run (a training state's or its
+    training_options.json) differ from ``o``: ['key: state has ..., this run has ...']."""
+    return [f"{k}: state has {saved.get(k)!r}, this run has {jsonable(o[k])!r}"
+            for k in RESUME_KEYS if k in saved and saved.get(k) != jsonable(o[k])]
 
 
 def jsonable(value):

@@ -2,10 +2,14 @@
 
 A drop-in for the published PFGM++ / EDM train.py: the defaults are the published
 CIFAR-10 recipe (batch 512, lr 1e-3 with a 10 Mimg ramp-up, EMA half-life 0.5 Mimg with
-ramp-up ratio 0.05, dropout 0.13, augmentation probability 0.12, 200 Mimg, DDPM++, D=128),
-the run directory holds the published files (training_options.json, log.txt, stats.jsonl,
+ramp-up ratio 0.05, dropout 0.13, augmentation probability 0.12, 200 Mimg, DDPM++) and D = inf
+(EDM diffusion) unless ``--D N`` or ``--pfgmpp=1 --aug_dim N``, as the published train.py; its
+other options are accepted with their published meaning, or refused naming what to use instead.
+The run directory holds the published files (training_options.json, log.txt, stats.jsonl,
 network snapshots, training states) and several GPUs/nodes work through ``torchrun``.
-One job per run directory (a lock); ``--resume auto`` continues from the newest intact
+One run per directory: a fresh run refuses a directory that holds another run's files
+(``--name`` / ``--desc`` make a new folder inside ``--outdir``, ``--desc`` as EDM's numbered
+``NNNNN-<desc>``), one job at a time (a lock); ``--resume auto`` continues from the newest intact
 training state; bad data / checkpoints / options fail before any step (the command: one
 message naming the option, utils/cli_errors.py). The step and the ticks are loop.py.
 
@@ -15,19 +19,29 @@ fp32; ``--precision fp32`` reproduces that exactly).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
+import math
 import os
 import shutil
 
+from pfgmpp_fast.checks import parse_D, parse_int_list
+from pfgmpp_fast.training.data import default_cache_dir
 from pfgmpp_fast.training.loop import TrainingRun
-from pfgmpp_fast.training.options import ARCHES, BACKENDS, DEFAULTS, TrainingOptions, jsonable, resolve_options
-from pfgmpp_fast.training.run_files import drop_stats_after, find_latest_state, remove_temp_files
+from pfgmpp_fast.training.options import (ARCHES, BACKENDS, DEFAULTS, TrainingOptions, jsonable, option_diffs,
+                                          resolve_options)
+from pfgmpp_fast.training.run_files import (check_fresh_run_dir, drop_stats_after, find_latest_state,
+                                            latest_numbered_run_dir, next_numbered_run_dir, remove_temp_files,
+                                            run_files_in)
 from pfgmpp_fast.utils import distributed
-from pfgmpp_fast.utils.cli_errors import UsageError, add_threads_argument, blame, check_output_path, command
+from pfgmpp_fast.utils.cli_errors import (BoolOption, UsageError, D_from_published, add_threads_argument, blame,
+                                          check_output_path, checked, command, int_at_least, supported_choice)
 from pfgmpp_fast.utils.io_utils import atomic_save_json
 from pfgmpp_fast.utils.run_lock import acquire_run_dir
 
-__all__ = ["run_training", "add_arguments", "options_from_args", "main"]
+__all__ = ["run_training", "check_run_dir_use", "add_arguments", "options_from_args", "main"]
+
+D_TYPE = checked(parse_D, "D")
 
 
 def run_training(run_dir=None, **options) -> str:
@@ -45,6 +59,7 @@ def run_training(run_dir=None, **options) -> str:
     if run_dir is not None:
         options["run_dir"] = run_dir
     o = resolve_options(**options)
+    check_run_dir_use(o)            # every rank, before any joins the group (so before any writes)
     device = distributed.init(o["device"])
     created = not os.path.exists(o["run_dir"])
     lock, finished = None, False
@@ -57,10 +72,13 @@ def run_training(run_dir=None, **options) -> str:
             remove_temp_files(o["run_dir"], run.log)
         if o["resume"] == "auto":
             resume_path = find_latest_state(o["run_dir"], log=run.log)
+            if resume_path is None:
+                _restart_without_state(o, run)
         elif o["resume"]:
             resume_path = o["resume"]
         try:
-            run.setup()
+            with default_cache_dir(o["cache_dir"]):       # where loop.py's load_dataset caches the data
+                run.setup()
         except BaseException:      # bad data/options: leave no empty run directory behind
             if created and run.rank0:
                 shutil.rmtree(o["run_dir"], ignore_errors=True)
@@ -92,6 +110,32 @@ def run_training(run_dir=None, **options) -> str:
         distributed.close(failed=not finished)
 
 
+def check_run_dir_use(o: TrainingOptions) -> None:
+    """Never two runs in one directory: a fresh run needs a directory without a run's files; an
+    explicit --resume state from another directory may not continue into one that holds a run."""
+    if not o["resume"]:
+        check_fresh_run_dir(o["run_dir"])
+    elif o["resume"] != "auto" and run_files_in(o["run_dir"]):
+        state_dir = os.path.dirname(os.path.abspath(o["resume"]))
+        if not os.path.samefile(state_dir, o["run_dir"]):
+            raise ValueError(f"resume: {o['resume']} is a state of the run in {state_dir}, but {o['run_dir']} holds "
+                             "another run's files; resume into the state's own directory, or into a new one")
+
+
+def _restart_without_state(o: TrainingOptions, run: TrainingRun) -> None:
+    """--resume auto without an intact state: the run starts again from tick 0 in its directory
+    (an attempt killed before its first state); it must be this run's, whose stats rows are redone."""
+    saved = os.path.join(o["run_dir"], "training_options.json")
+    if os.path.exists(saved):
+        with open(saved, encoding="utf-8") as f:
+            diffs = option_diffs(json.load(f), o)
+        if diffs:
+            raise ValueError(f"resume: {o['run_dir']} holds a run with other options and no training state to "
+                             "resume from:\n  " + "\n  ".join(diffs) + "\nuse a new run directory")
+    if run.rank0:
+        drop_stats_after(os.path.join(o["run_dir"], "stats.jsonl"), 0)
+
+
 # ----------------------------------------------------------------------------------------
 # Command line
 
@@ -99,18 +143,22 @@ def run_training(run_dir=None, **options) -> str:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     d = DEFAULTS
     a = parser.add_argument
-    a("--outdir", "--run-dir", dest="run_dir", default=d["run_dir"], help="run directory (created; resumable)")
+    a("--outdir", "--run-dir", dest="run_dir", default=d["run_dir"],
+      help="the run directory (as EDM's --outdir with --nosubdir); a fresh run needs one without another run's "
+           "files, --resume auto continues the run in it; --name / --desc make a new folder inside it")
     a("--data", default=d["data"], help="'digits' (embedded), a folder/.zip of PNGs, or .npy/.npz (default: digits)")
-    a("--cond", action="store_true", help="class-conditional training (needs labels)")
+    a("--cond", action=BoolOption, default=False, help="class-conditional training (needs labels); --cond=0/1 too")
     a("--arch", choices=ARCHES, default=d["arch"])
-    a("--D", "--aug_dim", "--aug-dim", dest="D", default="128", help="augmented dimension D (inf = EDM)")
+    a("--D", type=D_TYPE, default=None,
+      help="augmented dimension D (default inf = EDM diffusion, as the published train.py without --pfgmpp=1)")
     a("--resolution", type=int, default=None, help="expected data resolution (checked)")
     a("--batch", type=int, default=d["batch"], help="global batch size")
     a("--batch-gpu", "--batch_gpu", dest="batch_gpu", type=int, default=None, help="per-rank chunk (gradient accumulation)")
     a("--lr", type=float, default=d["lr"])
     a("--lr-rampup", dest="lr_rampup_kimg", type=float, default=d["lr_rampup_kimg"], help="lr ramp-up (kimg)")
     a("--ema", dest="ema_halflife_mimg", type=float, default=d["ema_halflife_kimg"] / 1000, help="EMA half-life (Mimg)")
-    a("--ema-rampup", dest="ema_rampup_ratio", type=float, default=d["ema_rampup_ratio"])
+    a("--ema-rampup", dest="ema_rampup_ratio", type=float, default=None,
+      help=f"EMA half-life ramp-up ratio (default {d['ema_rampup_ratio']:g}; none with --transfer, as published)")
     a("--phema", nargs="?", const="0.05,0.1", default=None, metavar="STD,...",
       help="also track power-function EMAs of these lengths for post-hoc EMA (default pair: 0.05,0.1)")
     a("--phema-snap", dest="phema_snap_kimg", type=float, default=d["phema_snap_kimg"],
@@ -120,7 +168,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     a("--label-dropout", dest="label_dropout", type=float, default=d["label_dropout"], metavar="P",
       help="with --cond: replace a sample's label by 'no label' with probability P, for classifier-free guidance "
            "(generate --guidance W --gnet uncond)")
-    a("--xflip", action="store_true", help="dataset x-flips")
+    a("--xflip", action=BoolOption, default=False, help="dataset x-flips; --xflip=0/1 too")
     a("--duration", dest="duration_mimg", type=float, default=d["duration_mimg"], help="training duration (Mimg)")
     a("--tick", dest="tick_kimg", type=float, default=d["tick_kimg"], help="kimg per tick")
     a("--snap", dest="snap_ticks", type=int, default=d["snap_ticks"], help="ticks between network snapshots")
@@ -128,7 +176,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     a("--seed", type=int, default=d["seed"])
     a("--ls", dest="loss_scaling", type=float, default=d["loss_scaling"], help="loss scaling")
     a("--network", default=None, help='JSON network overrides, e.g. \'{"model_channels": 64}\'')
-    a("--cres", default=None, help="channel multipliers, e.g. 1,2,2,2")
+    a("--cres", default=None, help="channel multipliers per resolution, e.g. 1,2,2,2 (network channel_mult)")
     a("--precision", choices=["auto", "bf16", "fp16", "fp32"], default=d["precision"])
     a("--compile", dest="compile", action="store_true", default=None)
     a("--no-compile", dest="compile", action="store_false")
@@ -144,17 +192,42 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     a("--deterministic", action="store_true")
     a("--no-progress", dest="progress", action="store_false", default="auto")
     a("--max-size", type=int, default=None, help="use only the first N images")
-    a("--dry-run", action="store_true", help="print the resolved options and exit")
+    a("--cache-dir", default=None, metavar="DIR",
+      help="folder of the decoded data set, decoded once per node and memory-mapped by every rank "
+           "(default: next to --data, or ~/.cache/pfgmpp_fast/data where that is read-only)")
+    a("-n", "--dry-run", action="store_true", help="print the resolved options (JSON) and exit")
     add_threads_argument(parser)
+    _add_published_arguments(parser.add_argument_group(
+        "the published PFGM++ / EDM train.py's own options (mapped onto the options above)"))
 
 
-def options_from_args(args) -> dict:
-    o = {k: getattr(args, k) for k in DEFAULTS if hasattr(args, k)}
-    o["ema_halflife_kimg"] = args.ema_halflife_mimg * 1000
-    if o.get("compile") is None:
-        o["compile"] = "auto"
-    if o.get("channels_last") is None:
-        o["channels_last"] = "auto"
+def _add_published_arguments(g) -> None:
+    a = g.add_argument
+    a("--pfgmpp", action=BoolOption, default=None,
+      help="1: PFGM++ with D = --aug_dim; 0: EDM diffusion, D = inf (the published default)")
+    a("--aug_dim", "--aug-dim", dest="aug_dim", type=D_TYPE, default=None,
+      help="D with --pfgmpp=1 (default 128); unused with --pfgmpp=0; without --pfgmpp the same as --D")
+    a("--precond", type=supported_choice(("edm",), ("vp", "ve"), "only the EDM preconditioning and loss "
+      "exist (PFGM++ for finite D); omit --precond or give --precond=edm"), default="edm", metavar="edm")
+    a("--stf", action=BoolOption, default=False,
+      refuse="stable target field (STF) training is not supported here; omit --stf (or give --stf=0)")
+    a("--rbatch", type=int_at_least(1), default=4096, help="the reference batch of --stf (no effect without it)")
+    a("--cbase", type=int_at_least(1), default=None, help="channel multiplier (network model_channels)")
+    a("--nblock", type=int_at_least(1), default=None, help="residual blocks per resolution (network num_blocks)")
+    a("--fp16", action=BoolOption, default=None, help="1: --precision fp16; 0: --precision fp32 (as published)")
+    a("--bench", action=BoolOption, default=True, help="cuDNN benchmarking on CUDA (default on; off when --deterministic)")
+    a("--cache", action=BoolOption, default=True, help="no effect: the data set is always held in memory here")
+    a("--workers", type=int_at_least(1), default=1, help="no effect: batches are gathered from memory, no DataLoader")
+    a("--lsun", action=BoolOption, default=False,
+      help="the published LSUN noise levels: sigma x 380/80 in training (P_mean + ln 4.75)")
+    a("--name", default=None, help="run directory --outdir/NAME")
+    a("--desc", default=None, help="EDM's numbered run folder --outdir/NNNNN-<data>-<cond|uncond>-<arch>-edm-"
+                                   "gpus<N>-batch<B>-<precision>-DESC (--resume auto: the newest such folder)")
+    a("--nosubdir", action="store_true", help="the run directory is --outdir itself (already the default here)")
+
+
+def _network_overrides(args) -> dict:
+    """--network (JSON), then --cres, --cbase, --nblock (UsageError when one contradicts --network)."""
     try:
         network = json.loads(args.network) if args.network else {}
     except json.JSONDecodeError as exc:
@@ -162,15 +235,66 @@ def options_from_args(args) -> dict:
                                       f"'{{\"model_channels\": 64}}', got {args.network!r} ({exc})") from None
     if not isinstance(network, dict):
         raise UsageError("--network", f"must be a JSON object of network overrides, got {args.network!r}")
+    cres = None
     if args.cres:
-        try:
-            network["channel_mult"] = [int(x) for x in str(args.cres).split(",")]
-        except ValueError:
-            raise UsageError("--cres", f"must be comma-separated integers >= 1, e.g. 1,2,2,2, got {args.cres!r}") from None
-        if any(c < 1 for c in network["channel_mult"]):
+        with blame("--cres"):
+            cres = parse_int_list(args.cres, name="cres")
+        if not cres or any(c < 1 for c in cres):
             raise UsageError("--cres", f"must be comma-separated integers >= 1, e.g. 1,2,2,2, got {args.cres!r}")
-    o["network"] = network
+    for option, key, value in (("--cres", "channel_mult", cres), ("--cbase", "model_channels", args.cbase),
+                               ("--nblock", "num_blocks", args.nblock)):
+        if value is None:
+            continue
+        if key in network and network[key] != value:
+            raise UsageError(option, f"gives {key} {value}, but --network gives {network[key]}; give one of them")
+        network[key] = value
+    return network
+
+
+def _precision(args) -> str:
+    if args.fp16 is None:
+        return args.precision
+    wanted = "fp16" if args.fp16 else "fp32"
+    if args.precision not in ("auto", wanted):
+        raise UsageError("--fp16", f"--fp16={int(args.fp16)} means --precision {wanted}, but --precision "
+                                   f"{args.precision} was given; give one of them")
+    return wanted
+
+
+def options_from_args(args) -> dict:
+    o = {k: getattr(args, k) for k in DEFAULTS if hasattr(args, k)}
+    o["D"] = D_from_published(args.D, args.aug_dim, args.pfgmpp, DEFAULTS["D"])
+    o["ema_halflife_kimg"] = args.ema_halflife_mimg * 1000
+    if args.ema_rampup_ratio is None:          # the published --transfer starts without EMA ramp-up
+        o["ema_rampup_ratio"] = None if args.transfer else DEFAULTS["ema_rampup_ratio"]
+    if args.transfer and args.resume not in (None, "auto"):
+        raise UsageError("--transfer", "cannot be given with --resume STATE (the state holds the network); "
+                                       "--resume auto is fine")
+    if o.get("compile") is None:
+        o["compile"] = "auto"
+    if o.get("channels_last") is None:
+        o["channels_last"] = "auto"
+    o["network"] = _network_overrides(args)
+    o["precision"] = _precision(args)
+    o["cudnn_benchmark"] = args.bench
+    if args.lsun:                              # published: sigma *= 380/80, i.e. ln sigma shifted by ln 4.75
+        o["P_mean"] = DEFAULTS["P_mean"] + math.log(380 / 80)
     return o
+
+
+def _run_dir_of(args, o: TrainingOptions, device) -> str:
+    """--outdir itself; --outdir/NAME with --name; with --desc EDM's numbered folder (a new one, or
+    with --resume auto the newest of the same description)."""
+    if args.name:
+        return os.path.join(args.run_dir, args.name)
+    if args.desc is None or args.nosubdir:
+        return args.run_dir
+    precision = o["precision"] if o["precision"] != "auto" else ("bf16" if device.type == "cuda" else "fp32")
+    data = os.path.splitext(os.path.basename(os.path.normpath(o["data"])))[0]
+    desc = (f"{data}-{'cond' if o['cond'] else 'uncond'}-{o['arch']}-edm-gpus{int(os.environ.get('WORLD_SIZE', '1'))}"
+            f"-batch{o['batch']}-{precision}-{args.desc}")
+    found = latest_numbered_run_dir(args.run_dir, desc) if o["resume"] == "auto" else None
+    return found or next_numbered_run_dir(args.run_dir, desc)
 
 
 # CLI option of each TrainingOptions field (resolve_options names the field; the CLI names the option).
@@ -198,9 +322,13 @@ def main(args) -> int:
     if o["data"] != "digits" and not os.path.exists(o["data"]):
         raise UsageError("--data", f"no such data set {o['data']!r}: give 'digits', a folder or .zip of images, "
                                    "or a .npy/.npz file")
-    check_output_path("--outdir", o["run_dir"], is_dir=True)
     with blame("--device"):
         device = distributed.pick_device(o["device"])
+    o = dataclasses.replace(o, run_dir=_run_dir_of(args, o, device))
+    check_output_path("--outdir", o["run_dir"], is_dir=True)
+    check_output_path("--cache-dir", o["cache_dir"], is_dir=True)
+    with blame("--resume" if o["resume"] else "--outdir"):
+        check_run_dir_use(o)
     if args.dry_run:
         print(json.dumps(jsonable(o.as_dict()), indent=2, sort_keys=True))
         return 0

@@ -16,7 +16,8 @@ import math
 import os
 import sys
 
-__all__ = ["UsageError", "blame", "check_output_path", "int_at_least", "number", "add_threads_argument",
+__all__ = ["UsageError", "blame", "check_output_path", "int_at_least", "number", "boolean", "BoolOption",
+           "Unsupported", "checked", "supported_choice", "D_from_published", "add_threads_argument",
            "command", "report", "DEBUG_ENV"]
 
 DEBUG_ENV = "PFGMPP_FAST_DEBUG"
@@ -91,6 +92,92 @@ def number(positive: bool = False, allow_inf: bool = False):
         return value
     parse.__name__ = "number"
     return parse
+
+
+_TRUE_WORDS = ("1", "true", "t", "yes", "y", "on")
+_FALSE_WORDS = ("0", "false", "f", "no", "n", "off")
+
+
+def boolean(text) -> bool:
+    """An argparse ``type``: a boolean as click's BOOL reads it (the published scripts' ``--cond=1``):
+    1/0, true/false, t/f, yes/no, y/n, on/off, in any case."""
+    word = str(text).strip().lower()
+    if word in _TRUE_WORDS or word in _FALSE_WORDS:
+        return word in _TRUE_WORDS
+    raise argparse.ArgumentTypeError(f"must be a boolean (1/0, true/false, yes/no, on/off), got {text!r}")
+
+
+class BoolOption(argparse.Action):
+    """A published BOOL option: ``--cond`` alone is true; ``--cond=0``, ``--cond 1``, ``--cond=true``
+    as click reads them. With ``refuse`` (the message: it is not supported, what to use instead)
+    the feature does not exist here: false (the published default) is accepted, true is refused
+    while parsing."""
+
+    def __init__(self, option_strings, dest, refuse=None, **kwargs):
+        self.refuse = refuse
+        super().__init__(option_strings, dest, nargs="?", metavar="BOOL", **kwargs)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        try:
+            value = True if values is None else boolean(values)
+        except argparse.ArgumentTypeError as exc:
+            raise argparse.ArgumentError(self, str(exc)) from None
+        if value and self.refuse:
+            raise argparse.ArgumentError(self, self.refuse)
+        setattr(namespace, self.dest, value)
+
+
+class Unsupported(argparse.Action):
+    """A published flag whose feature does not exist here: refused while parsing with ``refuse``
+    (it is not supported, what to use instead)."""
+
+    def __init__(self, option_strings, dest, refuse="", help=None, **kwargs):
+        self.refuse = refuse
+        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS, help=help or refuse)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        raise argparse.ArgumentError(self, self.refuse)
+
+
+def checked(check, name: str):
+    """An argparse ``type`` from a checker that raises ValueError/TypeError (argparse names the option)."""
+    def parse(text):
+        try:
+            return check(text)
+        except (ValueError, TypeError) as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+    parse.__name__ = name
+    return parse
+
+
+def supported_choice(supported, unsupported, instead: str):
+    """An argparse ``type`` for a published choice of which only ``supported`` exists here: the
+    ``unsupported`` values are refused, saying so and what to use ``instead``."""
+    def parse(text):
+        if text in supported:
+            return text
+        if text in unsupported:
+            raise argparse.ArgumentTypeError(f"{text} is not supported here; {instead}")
+        raise argparse.ArgumentTypeError(f"must be one of {', '.join(supported + unsupported)}, got {text!r}")
+    parse.__name__ = "choice"
+    return parse
+
+
+def D_from_published(D, aug_dim, pfgmpp, default):
+    """D from our ``--D`` and the published pair ``--pfgmpp BOOL --aug_dim N`` (already parsed):
+    ``--pfgmpp=1`` means D = --aug_dim (published default 128), ``--pfgmpp=0`` means D = inf
+    (--aug_dim is then unused, as published); without --pfgmpp, --D or --aug_dim give D, else ``default``."""
+    if D is not None and aug_dim is not None and D != aug_dim:
+        raise UsageError("--aug_dim", f"--aug_dim {aug_dim:g} and --D {D:g} disagree; give one of them")
+    given = D if D is not None else aug_dim
+    if pfgmpp is None:
+        return default if given is None else given
+    if pfgmpp:
+        return 128.0 if given is None else given
+    if D is not None and not math.isinf(D):
+        raise UsageError("--pfgmpp", f"--pfgmpp=0 means D = inf (EDM diffusion), but --D {D:g} was given; "
+                                     "drop --D, or use --pfgmpp=1 for a finite D")
+    return math.inf
 
 
 def add_threads_argument(p) -> None:

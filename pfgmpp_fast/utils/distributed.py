@@ -26,7 +26,7 @@ from typing import Optional
 import torch
 
 __all__ = ["pick_device", "set_cpu_threads", "init", "close", "get_rank", "get_world_size", "is_enabled",
-           "barrier", "print0", "ddp", "elastic_info", "join_group"]
+           "barrier", "all_gather", "print0", "ddp", "elastic_info", "join_group"]
 
 INIT_TRIES_ENV = "PFGMPP_FAST_DIST_INIT_TRIES"
 INIT_TIMEOUT_ENV = "PFGMPP_FAST_DIST_INIT_TIMEOUT"
@@ -260,6 +260,18 @@ def get_world_size() -> int:
 def barrier() -> None:
     if is_enabled():
         torch.distributed.barrier()
+
+
+def all_gather(t: torch.Tensor) -> list:
+    """Every rank's `t` (the same shape and dtype on every rank), in rank order, on `t`'s
+    device; [t] without a process group. NCCL gathers on the GPU, gloo on the CPU."""
+    if not is_enabled():
+        return [t]
+    comm = torch.device("cuda", torch.cuda.current_device()) if torch.distributed.get_backend() == "nccl" \
+        else torch.device("cpu")
+    parts = [torch.empty_like(t, device=comm) for _ in range(get_world_size())]
+    torch.distributed.all_gather(parts, t.to(comm).contiguous())
+    return [p.to(t.device) for p in parts]
 
 
 def print0(*args, **kwargs) -> None:
