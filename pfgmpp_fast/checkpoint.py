@@ -32,7 +32,7 @@ import torch
 from pfgmpp_fast import checks
 from pfgmpp_fast.networks import EDMPrecond, FastNetwork
 from pfgmpp_fast.safe_pickle import OpaqueObject, PersistentRecord, UnsupportedArchiveError, archive_kind, read_published
-from pfgmpp_fast.utils.cli_errors import UsageError, blame, check_output_path, command
+from pfgmpp_fast.utils.cli_errors import InvalidArgument, InvalidValue, UsageError, blame, check_output_path, command
 from pfgmpp_fast.utils.io_utils import atomic_write_bytes, content_digest
 
 __all__ = ['save_network', 'load_network', 'convert_published', 'network_config', 'network_from_config',
@@ -232,8 +232,9 @@ def load_network(path, device='cpu', trust_pickle: bool = False, D=None) -> EDMP
     except (TypeError, ValueError) as e:
         raise ValueError(f'{path}: invalid network config in checkpoint: {e}') from None
     if D is not None and D != float(net.D):
-        raise ValueError(f'{path}: D={D:g} was given but the network was trained with D={float(net.D):g} '
-                         f'(a network/D mismatch; omit D to use the network\'s)')
+        detail = (f'{D:g} was given but the network was trained with D={float(net.D):g} '
+                  f'(a network/D mismatch; omit D to use the network\'s)')
+        raise InvalidValue('D', detail, message=f'{path}: D={detail}')
     _load_weights_strict(path, net, tensors)
     return net.to(device)
 
@@ -310,8 +311,9 @@ def _published_config(path: str, rec: PersistentRecord, D) -> dict:
                          f'is not supported')
     trained_D, said = _recorded_D(path, rec, kwargs)
     if D is not None and D != trained_D:
-        raise ValueError(f'{path}: D={D:g} was given but the network was trained with '
-                         f'D={trained_D:g} ({said}): a network/D mismatch; omit D to use the recorded one')
+        detail = (f'{D:g} was given but the network was trained with D={trained_D:g} ({said}): '
+                  'a network/D mismatch; omit D to use the recorded one')
+        raise InvalidValue('D', detail, message=f'{path}: D={detail}')
     config = {k: (list(v) if isinstance(v, tuple) else v) for k, v in kwargs.items() if k not in _PUBLISHED_ONLY}
     config.setdefault('model_type', 'DhariwalUNet')  # the published EDMPrecond default
     config['D'] = trained_D
@@ -358,7 +360,8 @@ def main(args) -> int:
     try:
         net = load_network(args.src, trust_pickle=args.trust_pickle, D=D)
     except (ValueError, TypeError, FileNotFoundError) as exc:
-        raise UsageError('--D' if 'network/D mismatch' in str(exc) else 'SRC', str(exc)) from None
+        named_D = isinstance(exc, InvalidArgument) and exc.name == 'D'     # a network/D mismatch
+        raise UsageError('--D' if named_D else 'SRC', str(exc)) from None
     save_network(args.dst, net, extra_metadata={'converted_from': os.path.basename(os.fspath(args.src))})
     n = sum(p.numel() for p in net.parameters())
     print(f'wrote {args.dst}: {net.model_type}, {n:,} parameters, D={net.D}, label_dim={net.label_dim}')

@@ -1,6 +1,8 @@
 """Argument validation for the public API, in one place: each check names the argument, the
 value and the allowed range. Public entry points call these once, at the boundary; what
-they pass on inside the package is trusted.
+they pass on inside the package is trusted. The errors are ValueError/TypeError that also carry
+the argument's name (utils/cli_errors.py: InvalidValue, InvalidType), so a command names its
+option without reading the message.
 """
 from __future__ import annotations
 
@@ -9,6 +11,8 @@ import re
 
 import numpy as np
 import torch
+
+from pfgmpp_fast.utils.cli_errors import InvalidType, InvalidValue
 
 __all__ = ["check_key", "check_D", "parse_D", "check_sample_ids", "check_positive", "check_images",
            "check_sampler_options", "check_training_options", "check_sigma", "as_bool", "check_number",
@@ -22,22 +26,22 @@ MAX_SIGMA = 1e30    # = reference.MAX_SCALE: the largest noise scale every backe
 
 def check_key(key) -> int:
     if isinstance(key, bool) or not isinstance(key, (int, np.integer)):
-        raise TypeError(f"key must be an int in [0, 2^63), got {type(key).__name__}")
+        raise InvalidType("key", f"must be an int in [0, 2^63), got {type(key).__name__}")
     key = int(key)
     if not 0 <= key < 2**63:
-        raise ValueError(f"key must be in [0, 2^63), got {key}")
+        raise InvalidValue("key", f"must be in [0, 2^63), got {key}")
     return key
 
 
 def check_D(D) -> float:
     if isinstance(D, bool):
-        raise TypeError(f"D must be a number in (0, inf], got the bool {D!r}")
+        raise InvalidType("D", f"must be a number in (0, inf], got the bool {D!r}")
     try:
         D = float(D)
     except (TypeError, ValueError):
-        raise TypeError(f"D must be a number in (0, inf], got {D!r}") from None
+        raise InvalidType("D", f"must be a number in (0, inf], got {D!r}") from None
     if math.isnan(D) or D <= 0:
-        raise ValueError(f"D must be in (0, inf] (float('inf') = EDM diffusion), got {D}")
+        raise InvalidValue("D", f"must be in (0, inf] (float('inf') = EDM diffusion), got {D}")
     return D
 
 
@@ -69,18 +73,19 @@ def check_net_D(net, D: float) -> None:
     """A D that disagrees with the network's own D (the one it was trained with) is an error."""
     net_D = getattr(net, "D", None)
     if isinstance(net_D, (int, float)) and not isinstance(net_D, bool) and float(net_D) != D:
-        raise ValueError(f"D={D:g} was given but the network was trained with D={float(net_D):g} "
-                         "(a network/D mismatch; omit D / --D to use the network's)")
+        detail = (f"{D:g} was given but the network was trained with D={float(net_D):g} "
+                  "(a network/D mismatch; omit D / --D to use the network's)")
+        raise InvalidValue("D", detail, sep="=")
 
 
 def check_positive(name, value, allow_inf=False) -> float:
     try:
         value = float(value)
     except (TypeError, ValueError):
-        raise TypeError(f"{name} must be a number, got {value!r}") from None
+        raise InvalidType(name, f"must be a number, got {value!r}") from None
     if math.isnan(value) or value <= 0 or (math.isinf(value) and not allow_inf):
         rng = "(0, inf]" if allow_inf else "(0, inf)"
-        raise ValueError(f"{name} must be in {rng}, got {value}")
+        raise InvalidValue(name, f"must be in {rng}, got {value}")
     return value
 
 
@@ -98,7 +103,7 @@ def check_images(name, y, batch=None) -> None:
 def check_training_options(P_mean, P_std) -> None:
     """The training noise-level distribution ln σ ~ N(P_mean, P_std²)."""
     if isinstance(P_mean, bool) or not math.isfinite(P_mean):
-        raise ValueError(f"P_mean must be a finite number, got {P_mean!r}")
+        raise InvalidValue("P_mean", f"must be a finite number, got {P_mean!r}")
     check_positive("P_std", P_std)
 
 
@@ -157,10 +162,12 @@ class DeviceReport:
         self._items.append((bad.reshape(-1), explain, error))
 
     def nonfinite(self, name: str, t: torch.Tensor, ids: torch.Tensor, ids_name: str = "sample_ids",
-                  hint: str = "") -> None:
-        """Report the rows of `t` [B, ...] holding NaN/Inf, by their sample ids."""
+                  hint="") -> None:
+        """Report the rows of `t` [B, ...] holding NaN/Inf, by their sample ids; `hint` is appended
+        (a string, or a function of the bad rows that returns one)."""
         bad = ~torch.isfinite(t).flatten(1).all(dim=1) if t.dim() > 1 else ~torch.isfinite(t)
-        self.add(bad, lambda rows, _: f"{name} contains NaN/Inf for {ids_name} {format_ids(ids, rows)}{hint}")
+        self.add(bad, lambda rows, _: f"{name} contains NaN/Inf for {ids_name} {format_ids(ids, rows)}"
+                                      f"{hint(rows) if callable(hint) else hint}")
 
     def ids(self, ids: torch.Tensor, name: str = "sample_ids") -> None:
         """Negative ids on a GPU, checked with the call's one host read (on the CPU check_sample_ids did it)."""
@@ -190,7 +197,7 @@ def parse_D(text) -> float:
         try:
             text = float(text)
         except ValueError:
-            raise ValueError(f"D must be a number in (0, inf] or 'inf', got {text!r}") from None
+            raise InvalidValue("D", f"must be a number in (0, inf] or 'inf', got {text!r}") from None
     return check_D(text)
 
 
@@ -202,7 +209,7 @@ def as_bool(name, value) -> bool:
         return True
     if isinstance(value, str) and value.lower() in ("0", "false", "no", "off"):
         return False
-    raise ValueError(f"{name} must be a boolean, got {value!r}")
+    raise InvalidValue(name, f"must be a boolean, got {value!r}")
 
 
 def check_number(name, value, allow_zero=False, integer=False, allow_inf=False):
@@ -215,11 +222,11 @@ def check_number(name, value, allow_zero=False, integer=False, allow_inf=False):
         if out is None:
             raise TypeError
     except (TypeError, ValueError, OverflowError):
-        raise TypeError(f"{name} must be {'an integer' if integer else 'a number'}, got {value!r}") from None
+        raise InvalidType(name, f"must be {'an integer' if integer else 'a number'}, got {value!r}") from None
     bad = math.isnan(out) or (out < 0 if allow_zero else out <= 0) or (math.isinf(out) and not allow_inf)
     if bad:
         rng = ("[0, " if allow_zero else "(0, ") + ("inf]" if allow_inf else "inf)")
-        raise ValueError(f"{name} must be in {rng}, got {value!r}")
+        raise InvalidValue(name, f"must be in {rng}, got {value!r}")
     return out
 
 
@@ -230,7 +237,7 @@ def parse_int_list(text, name: str = "seeds") -> list:
     if isinstance(text, (int, np.integer)) and not isinstance(text, bool):
         return [int(text)]
     if not isinstance(text, str):
-        raise TypeError(f"{name} must be a string like '0-49999' or '1,5,7-9', got {text!r}")
+        raise InvalidType(name, f"must be a string like '0-49999' or '1,5,7-9', got {text!r}")
     out = []
     for part in text.split(","):
         part = part.strip()
@@ -238,15 +245,15 @@ def parse_int_list(text, name: str = "seeds") -> list:
         if m:
             lo, hi = int(m.group(1)), int(m.group(2))
             if hi < lo:
-                raise ValueError(f"{name}: range {part!r} is empty (end < start)")
+                raise InvalidValue(name, f"range {part!r} is empty (end < start)", sep=": ")
             if hi - lo + 1 + len(out) > MAX_SEEDS:
-                raise ValueError(f"{name}: {part!r} holds more than {MAX_SEEDS} seeds")
+                raise InvalidValue(name, f"{part!r} holds more than {MAX_SEEDS} seeds", sep=": ")
             out.extend(range(lo, hi + 1))
         elif re.fullmatch(r"\d+", part):
             out.append(int(part))
         else:
-            raise ValueError(f"{name}: cannot parse {part!r} in {text!r}; expected non-negative integers "
-                             "and inclusive ranges like '0-49999' or '1,5,7-9'")
+            raise InvalidValue(name, f"cannot parse {part!r} in {text!r}; expected non-negative integers "
+                                     "and inclusive ranges like '0-49999' or '1,5,7-9'", sep=": ")
     return out
 
 
@@ -254,14 +261,14 @@ def check_seeds(seeds, name: str = "seeds") -> np.ndarray:
     """Seeds as a sorted int64 array; each in [0, 2^63), no duplicates."""
     values = parse_int_list(seeds, name)
     if not values:
-        raise ValueError(f"{name} is empty")
+        raise InvalidValue(name, "is empty")
     for v in (min(values), max(values)):
         if not 0 <= v < MAX_SEED:
-            raise ValueError(f"{name}: seed {v} is out of range; seeds must be in [0, 2^63)")
+            raise InvalidValue(name, f"seed {v} is out of range; seeds must be in [0, 2^63)", sep=": ")
     arr = np.sort(np.asarray(values, dtype=np.int64))
     dup = arr[1:][arr[1:] == arr[:-1]]
     if dup.size:
-        raise ValueError(f"{name}: seed {int(dup[0])} appears more than once (each seed is one image)")
+        raise InvalidValue(name, f"seed {int(dup[0])} appears more than once (each seed is one image)", sep=": ")
     return arr
 
 

@@ -17,6 +17,7 @@ from typing import Optional
 import torch
 
 from pfgmpp_fast import checks
+from pfgmpp_fast.utils.cli_errors import InvalidType, InvalidValue
 
 __all__ = ["UNCOND", "has_precond", "check_guide", "check_guide_network", "Guide"]
 
@@ -38,9 +39,9 @@ def check_guide(net, gnet, guidance: float, D: float):
     if guidance == 1.0:
         return None
     if gnet is None:
-        raise ValueError(f"guidance={guidance:g} needs a guide network gnet: another network of the same task "
-                         f"(autoguidance) or {UNCOND!r} (the same class-conditional network without labels: "
-                         "classifier-free guidance); guidance=1 samples unguided")
+        raise InvalidValue("gnet", f"is needed with guidance={guidance:g}: another network of the same task "
+                           f"(autoguidance) or {UNCOND!r} (the same class-conditional network without labels: "
+                           "classifier-free guidance); guidance=1 samples unguided", sep=": ")
     return check_guide_network(net, gnet, D)
 
 
@@ -49,20 +50,21 @@ def check_guide_network(net, gnet, D: float):
     the same D and image shape (ValueError/TypeError naming gnet)."""
     if isinstance(gnet, str):
         if gnet != UNCOND:
-            raise ValueError(f"gnet must be a network, a denoiser callable or {UNCOND!r}, got {gnet!r}")
+            raise InvalidValue("gnet", f"must be a network, a denoiser callable or {UNCOND!r}, got {gnet!r}")
         if _label_dim(net) == 0:
-            raise ValueError(f"gnet: {UNCOND!r} (classifier-free guidance) needs a class-conditional network "
-                             "(label_dim > 0, trained with label dropout), but the network is unconditional")
+            raise InvalidValue("gnet", f"{UNCOND!r} (classifier-free guidance) needs a class-conditional network "
+                               "(label_dim > 0, trained with label dropout), but the network is unconditional", sep=": ")
         return gnet
     if not callable(gnet):
-        raise TypeError(f"gnet must be a network, a denoiser callable or {UNCOND!r}, got {type(gnet).__name__}")
+        raise InvalidType("gnet", f"must be a network, a denoiser callable or {UNCOND!r}, got {type(gnet).__name__}")
     try:
         checks.check_net_D(gnet, D)
     except ValueError as exc:
-        raise ValueError(f"gnet: {exc}") from None
+        raise InvalidValue("gnet", str(exc), sep=": ") from None
     shape = lambda n: tuple(getattr(n, a, None) for a in ("img_channels", "img_resolution"))  # noqa: E731
     if None not in shape(gnet) + shape(net) and shape(gnet) != shape(net):
-        raise ValueError(f"gnet: makes {shape(gnet)} (channels, resolution) images but the network makes {shape(net)}")
+        raise InvalidValue("gnet", f"makes {shape(gnet)} (channels, resolution) images but the network makes "
+                                   f"{shape(net)}", sep=": ")
     return gnet
 
 

@@ -113,16 +113,10 @@ def _report_nonfinite(y, F, loss, s, sample_ids, D: float) -> None:
     report = checks.DeviceReport()
     report.ids(sample_ids)
     report.nonfinite("y", y, sample_ids)
-    report.nonfinite("the network output", F.detach(), sample_ids)
+    report.nonfinite("the network output", F.detach(), sample_ids, hint=scale_hint)    # σ of the bad rows
     report.add(~torch.isfinite(loss.detach()).reshape(1),
                lambda rows, _: f"the training loss is not finite ({float(loss):g}){scale_hint()}")
-    try:
-        report.raise_if_any()
-    except FloatingPointError as exc:
-        if "network output" in str(exc):
-            bad = (~torch.isfinite(F.detach().flatten(1)).all(dim=1)).nonzero().flatten()
-            raise FloatingPointError(f"{exc}{scale_hint(bad)}") from None
-        raise
+    report.raise_if_any()
 
 
 class PFGMPPLoss(nn.Module):

@@ -171,3 +171,78 @@ def test_cli_imports_only_the_command_that_runs():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT,
                          env={**os.environ, "PYTHONPATH": ROOT}, timeout=120)
     assert out.returncode == 0 and out.stdout.strip() == "[]", out.stdout + out.stderr
+
+
+# ----------------------------------------------------------------------------------------
+# Named errors: a command names its option from the field an error carries, never from its text
+
+def test_train_options_name_their_command_line_spelling(files, capsys):
+    """The field is mapped to the option the user typed (--phema-snap, not the field
+    phema_snap_kimg); a field name that only labels the message is replaced by the option."""
+    train = ["train", "--outdir", str(files / "run"), "--batch", "8", "--device", "cpu", "--dry-run"]
+    cases = [(["--phema-snap", "0"], "--phema-snap: phema_snap_kimg must be in (0, inf), got 0.0"),
+             (["--ema", "0"], "--ema: ema_halflife_kimg must be in (0, inf), got 0.0"),
+             (["--lr-rampup", "-1"], "--lr-rampup: lr_rampup_kimg must be in [0, inf), got -1.0"),
+             (["--augment", "1.5"], "--augment: augment must be in [0, 1], got 1.5"),
+             (["--seed", "-3"], "--seed: seed must be in [0, inf), got -3"),
+             (["--D", "0"], "--D: D must be in (0, inf]"),
+             (["--resume", str(files / "missing.pt")], f"--resume: no such training state {files / 'missing.pt'}"),
+             (["--phema", "0.5"], "--phema: ")]
+    for extra, expected in cases:
+        assert cli.main(train + extra) == 2, extra
+        err = capsys.readouterr().err
+        assert expected in err and "Traceback" not in err, (extra, err)     # argparse says "argument --D: ..."
+
+
+def test_usage_error_never_rewrites_its_message():
+    from pfgmpp_fast.utils.cli_errors import InvalidValue, UsageError, blame
+    assert str(UsageError("--seeds", "seeds: 5-1")) == "--seeds: seeds: 5-1"
+    named = InvalidValue("seeds", "range '5-1' is empty (end < start)", sep=": ")
+    assert str(named) == "seeds: range '5-1' is empty (end < start)"
+    assert str(UsageError.about("--seeds", named)) == "--seeds: range '5-1' is empty (end < start)"
+    assert str(UsageError.about("--data", ValueError("data: as written"))) == "--data: data: as written"
+    with pytest.raises(UsageError, match=r"^--D: D must be in \(0, inf\]") as info:
+        with blame("--D"):
+            from pfgmpp_fast.checks import parse_D
+            parse_D("0")
+    assert info.value.option == "--D"
+
+
+def test_checkers_raise_errors_that_name_the_argument(files):
+    from pfgmpp_fast import checks
+    from pfgmpp_fast.checkpoint import load_network
+    from pfgmpp_fast.training.options import resolve_options
+    from pfgmpp_fast.utils.cli_errors import InvalidArgument, InvalidType, InvalidValue, MissingFile
+    cases = [(lambda: checks.check_number("lr", float("nan")), InvalidValue, "lr", "must be in (0, inf), got nan"),
+             (lambda: checks.check_number("batch", "x", integer=True), InvalidType, "batch", "must be an integer, got 'x'"),
+             (lambda: checks.check_D(0), InvalidValue, "D", None),
+             (lambda: checks.parse_D("many"), InvalidValue, "D", None),
+             (lambda: checks.as_bool("cond", "maybe"), InvalidValue, "cond", "must be a boolean, got 'maybe'"),
+             (lambda: checks.parse_int_list("5-1", "seeds"), InvalidValue, "seeds", "range '5-1' is empty (end < start)"),
+             (lambda: checks.check_seeds([1, 1]), InvalidValue, "seeds", None),
+             (lambda: checks.check_key(-1), InvalidValue, "key", None),
+             (lambda: resolve_options(arch="unet9"), InvalidValue, "arch", None),
+             (lambda: resolve_options(dropout=2), InvalidValue, "dropout", "must be in [0, 1], got 2.0"),
+             (lambda: resolve_options(network="[1"), InvalidValue, "network", None),
+             (lambda: resolve_options(phema="0.5"), InvalidValue, "phema", None),
+             (lambda: resolve_options(resume=str(files / "missing.pt")), MissingFile, "resume", None),
+             (lambda: load_network(files / "net.safetensors", D=64), InvalidValue, "D", None)]
+    for call, kind, name, detail in cases:
+        with pytest.raises(kind) as info:
+            call()
+        exc = info.value
+        assert isinstance(exc, InvalidArgument) and exc.name == name, (name, exc)
+        assert exc.detail and exc.detail in str(exc) and (detail is None or exc.detail == detail), (name, exc)
+    # they stay the built-in kinds the API documents
+    assert issubclass(InvalidValue, ValueError) and issubclass(InvalidType, TypeError)
+    assert issubclass(MissingFile, FileNotFoundError)
+
+
+def test_device_report_hint_can_depend_on_the_bad_rows():
+    from pfgmpp_fast.checks import DeviceReport
+    report = DeviceReport()
+    t = torch.zeros(4, 2)
+    t[1, 0] = t[3, 1] = float("nan")
+    report.nonfinite("x", t, torch.arange(10, 14), hint=lambda rows: f" (rows {rows})")
+    with pytest.raises(FloatingPointError, match=r"^x contains NaN/Inf for sample_ids \[11, 13\] \(rows \[1, 3\]\)$"):
+        report.raise_if_any()

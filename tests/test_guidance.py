@@ -150,8 +150,8 @@ def test_a_guide_with_other_preconditioning_guides_through_the_denoisers():
 
 
 @pytest.mark.parametrize("net_kw,gnet,message", [
-    ({}, None, r"guidance=2 needs a guide network gnet"),
-    ({}, UNCOND, r"gnet='uncond' \(classifier-free guidance\) needs a class-conditional network"),
+    ({}, None, r"gnet: is needed with guidance=2"),
+    ({}, UNCOND, r"gnet: 'uncond' \(classifier-free guidance\) needs a class-conditional network"),
     ({"label_dim": 4}, "unconditional", r"gnet must be a network, a denoiser callable or 'uncond', got 'unconditional'"),
     ({}, "other-D", r"gnet: D=8 was given but the network was trained with D=128"),
 ])

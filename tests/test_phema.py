@@ -15,7 +15,7 @@ from pfgmpp_fast.checkpoint import load_network, read_metadata, save_network
 from pfgmpp_fast.cli import main as cli_main
 from pfgmpp_fast import phema as P
 from pfgmpp_fast.training.options import resolve_options
-from pfgmpp_fast.training.phema import PowerFunctionEMA
+from pfgmpp_fast.training.ema import PowerFunctionEMA
 from pfgmpp_fast.training.train import run_training
 from pfgmpp_fast.utils.io_utils import load_torch_state
 

@@ -29,6 +29,7 @@ from typing import Optional
 
 import torch
 
+from pfgmpp_fast.utils.cli_errors import InvalidValue
 from pfgmpp_fast.utils.io_utils import atomic_write_bytes
 
 __all__ = ["INCEPTION_SHA256", "INCEPTION_URL", "FEATURES", "DINOV2_ARCH", "sha256_of_file", "InceptionFeatures",
@@ -89,7 +90,7 @@ def _verified_inception_path(weights: Optional[str], sha256: Optional[str]) -> s
     file into torch hub's cache when no path is given)."""
     expected = (sha256 or INCEPTION_SHA256).lower()
     if not re.fullmatch(r"[0-9a-f]{64}", expected):
-        raise ValueError(f"inception_sha256 must be 64 hex digits, got {sha256!r}")
+        raise InvalidValue("inception_sha256", f"must be 64 hex digits, got {sha256!r}")
     if weights is None:
         cached = os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(INCEPTION_URL))
         if not os.path.exists(cached):
@@ -100,11 +101,12 @@ def _verified_inception_path(weights: Optional[str], sha256: Optional[str]) -> s
         raise FileNotFoundError(f"Inception weights not found: {weights}")
     actual = sha256_of_file(weights)
     if actual != expected:
-        raise ValueError(
-            f"refusing to load Inception weights {weights}: SHA-256 {actual} does not match the expected "
-            f"{expected} ({'torch-fidelity pt_inception-2015-12-05' if sha256 is None else 'given'}). "
-            "torch-fidelity unpickles this file (it could run code); pass --inception-sha256 with the file's "
-            "digest only if you trust it.")
+        message = (f"refusing to load Inception weights {weights}: SHA-256 {actual} does not match the expected "
+                   f"{expected} ({'torch-fidelity pt_inception-2015-12-05' if sha256 is None else 'given'}). "
+                   "torch-fidelity unpickles this file (it could run code); pass --inception-sha256 with the "
+                   "file's digest only if you trust it.")
+        # the given digest is what is wrong, or else the file
+        raise InvalidValue("inception_weights" if sha256 is None else "inception_sha256", message, message=message)
     return weights
 
 

@@ -18,12 +18,13 @@ from typing import Optional
 
 from pfgmpp_fast.evaluation.calc import calc_stats, generator_source, images_source, reference_stats, weights_fingerprint
 from pfgmpp_fast.evaluation.features import FEATURES, Detectors, get_feature_extractor
+from pfgmpp_fast.evaluation.guide_cli import guide_from_args
 from pfgmpp_fast.evaluation.metrics import (METRICS, compute_metrics, load_reference, parse_metrics,
                                             save_reference)
 from pfgmpp_fast.evaluation.sweep import SWEEP_KINDS, sweep
 from pfgmpp_fast.utils import distributed
-from pfgmpp_fast.utils.cli_errors import (BoolOption, UsageError, add_threads_argument, blame, check_output_path,
-                                          command, int_at_least)
+from pfgmpp_fast.utils.cli_errors import (BoolOption, InvalidArgument, UsageError, add_threads_argument, blame,
+                                          check_output_path, command, int_at_least)
 from pfgmpp_fast.utils.io_utils import atomic_write_bytes
 
 __all__ = ["add_arguments", "main"]
@@ -112,8 +113,7 @@ def _add_published_calc_arguments(calc) -> None:
 
 def _extractor(args, device) -> Detectors:
     """The detectors `--metrics` needs (the main --features space, Inception logits, DINOv2)."""
-    with blame("--metrics"):
-        metrics = parse_metrics(args.metrics)
+    metrics = parse_metrics(args.metrics)         # its error names --metrics itself
     main = _main_extractor(args, device)
     dinov2 = None
     if "fd_dinov2" in metrics:
@@ -121,8 +121,7 @@ def _extractor(args, device) -> Detectors:
         with blame("--dinov2-sha256" if args.dinov2_sha256 else "--dinov2-weights"):
             dinov2 = DINOv2Features(args.dinov2_weights, args.dinov2_sha256, device=device,
                                     image_size=args.dinov2_size)
-    with blame("--metrics"):
-        return Detectors(main, metrics, dinov2)
+    return Detectors(main, metrics, dinov2)        # its errors name --metrics themselves
 
 
 def _main_extractor(args, device):
@@ -132,8 +131,8 @@ def _main_extractor(args, device):
         return get_feature_extractor(args.features, device, args.inception_weights, args.inception_sha256,
                                      args.digits_cache)
     except (ValueError, FileNotFoundError) as exc:
-        raise UsageError("--inception-sha256" if "sha256" in str(exc) and args.inception_sha256 else option,
-                         str(exc)) from None
+        named = isinstance(exc, InvalidArgument) and exc.name == "inception_sha256"   # the given digest is wrong
+        raise UsageError("--inception-sha256" if named else option, str(exc)) from None
     except OSError as exc:           # e.g. URLError: no network
         if args.features == "inception" and args.inception_weights is None:
             raise RuntimeError(f"--inception-weights: cannot download the Inception weights ({exc}); offline, pass "
@@ -160,7 +159,8 @@ def _values(text: Optional[str], kind: str):
     try:
         return [conv(t) for t in parts]
     except ValueError:
-        raise ValueError(f"--values must be comma-separated {conv.__name__}s for kind={kind}, got {text!r}") from None
+        raise UsageError("--values", f"must be comma-separated {conv.__name__}s for kind={kind}, "
+                                     f"got {text!r}") from None
 
 
 def _check_calc_args(args):
@@ -200,8 +200,8 @@ def _print_dry_run(args) -> None:
 
 
 def _calc(args, device, say) -> int:
-    from pfgmpp_fast.evaluation.generate import (generator_numerics, guide_from_args, make_generator_fast,
-                                                 network_from_args, sampler_kwargs_from_args)
+    from pfgmpp_fast.evaluation.generate import (generator_numerics, make_generator_fast, network_from_args,
+                                                 sampler_kwargs_from_args)
     from pfgmpp_fast.evaluation.published import ckpt_folders
     folders = ckpt_folders(args.images, args.gen_seed, args.ckpt, args.end_ckpt) if args.images else []
     if folders:                         # the published fid.py: the FID of each RUN/ckpt_<kimg> folder
@@ -219,7 +219,7 @@ def _calc(args, device, say) -> int:
         kw = sampler_kwargs_from_args(args)
         net = network_from_args(args, device, D=kw["D"])
         fast = make_generator_fast(net, device, args.net_dtype, args.compile, args.cuda_graphs)
-        kw["gnet"] = guide_from_args(args, device, net)
+        kw["gnet"] = _guide(args, device, net)
         with blame("--seeds"):
             source = generator_source(fast, seeds, device=device, describe={
                 "network": os.path.abspath(args.network), "weights": weights_fingerprint(net),
@@ -227,6 +227,13 @@ def _calc(args, device, say) -> int:
     extractor = _extractor(args, device)
     _score(args, source, extractor, _reference(args, extractor), device, say, args.outdir, args.dest, {})
     return 0
+
+
+def _guide(args, device, net, required: bool = False):
+    """--gnet: 'uncond', a network loaded and made fast as --network is, or None (guide_cli)."""
+    from pfgmpp_fast.evaluation.generate import load_generator_network, make_generator_fast
+    return guide_from_args(args, net, lambda p: make_generator_fast(load_generator_network(
+        p, device, args.trust_pickle), device, args.net_dtype, args.compile, args.cuda_graphs), required)
 
 
 def _images(args, path, device):
@@ -264,8 +271,8 @@ def _score(args, source, extractor, ref, device, say, outdir, dest, label: dict)
 
 
 def _sweep(args, device, say) -> int:
-    from pfgmpp_fast.evaluation.generate import (generator_numerics, guide_from_args, make_generator_fast,
-                                                 network_from_args, sampler_kwargs_from_args)
+    from pfgmpp_fast.evaluation.generate import (generator_numerics, make_generator_fast, network_from_args,
+                                                 sampler_kwargs_from_args)
     check_output_path("--outdir", args.outdir, is_dir=True)
     kw = sampler_kwargs_from_args(args)
     with blame("--values"):
@@ -281,7 +288,7 @@ def _sweep(args, device, say) -> int:
     if args.gnet is not None or args.guidance != 1.0 or args.kind == "guidance":
         if net is None:
             raise UsageError("--gnet", f"guidance needs --network (not --kind {args.kind})")
-        kw["gnet"] = guide_from_args(args, device, net, required=args.kind == "guidance")
+        kw["gnet"] = _guide(args, device, net, required=args.kind == "guidance")
     extractor = _extractor(args, device)
     ref = _reference(args, extractor)
     fast = lambda n: make_generator_fast(n, device, args.net_dtype, args.compile, args.cuda_graphs)
@@ -300,8 +307,7 @@ def main(args) -> int:
     cmd = getattr(args, "fid_command", None)
     if cmd is None:
         raise UsageError("fid", "give a subcommand: python -m pfgmpp_fast fid {calc,ref,sweep} ... (see --help)")
-    with blame("--metrics"):              # before any network is loaded
-        parse_metrics(args.metrics)
+    parse_metrics(args.metrics)           # before any network is loaded; its error names --metrics
     if cmd == "calc":
         _check_calc_args(args)
     if cmd == "ref":

@@ -35,17 +35,18 @@ from pfgmpp_fast import checks
 from pfgmpp_fast import reference as R
 from pfgmpp_fast.checks import check_seeds, parse_int_list  # noqa: F401  (part of this module's API)
 from pfgmpp_fast.published_rng import PublishedRNG, check_published_sampling
+from pfgmpp_fast.evaluation.guide_cli import guide_from_args
 from pfgmpp_fast.evaluation.published import generation_jobs
 from pfgmpp_fast.utils import distributed
-from pfgmpp_fast.utils.cli_errors import (BoolOption, D_from_published, Unsupported, UsageError, add_threads_argument,
-                                          blame, check_output_path, checked, command, int_at_least, number,
-                                          supported_choice)
+from pfgmpp_fast.utils.cli_errors import (BoolOption, D_from_published, InvalidArgument, InvalidValue, Unsupported,
+                                          UsageError, add_threads_argument, blame, check_output_path, checked, command,
+                                          int_at_least, number, supported_choice)
 from pfgmpp_fast.utils.io_utils import atomic_save_npz, atomic_write_bytes
 
 __all__ = ["SAMPLING_KEY", "STREAM_CLASS", "parse_int_list", "check_seeds", "rank_seeds",
            "to_uint8", "class_labels_for", "generate_images", "write_images", "load_generator_network",
            "make_generator_fast", "generator_numerics", "add_sampler_arguments", "sampler_options_from_args",
-           "sampler_kwargs_from_args", "resolved_sampler_kwargs", "DEFAULT_STEPS", "guide_from_args",
+           "sampler_kwargs_from_args", "resolved_sampler_kwargs", "DEFAULT_STEPS",
            "device_from_args", "network_from_args", "add_arguments", "main"]
 
 D_TYPE = checked(checks.parse_D, "D")
@@ -141,7 +142,7 @@ def generate_images(net, seeds, batch_size: int = 64, options=None, class_idx: O
         raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
     seeds = np.sort(np.asarray(seeds, dtype=np.int64)) if len(seeds) else np.zeros(0, np.int64)
     if seeds.size and (seeds[0] < 0):
-        raise ValueError(f"seeds: seed {int(seeds[0])} is out of range; seeds must be in [0, 2^63)")
+        raise InvalidValue("seeds", f"seed {int(seeds[0])} is out of range; seeds must be in [0, 2^63)", sep=": ")
     if D is None and _network_D(net) is None:
         raise ValueError("the network has no attribute D; pass D explicitly")
     sampler = Sampler(_network_D(net) if D is None else D, key, options, **settings)  # D, options: checked once
@@ -414,7 +415,8 @@ def network_from_args(args, device, path: Optional[str] = None, D=None):
     try:
         net = load_generator_network(path or args.network, device, trust_pickle=args.trust_pickle, D=D)
     except (ValueError, TypeError, FileNotFoundError) as exc:
-        raise UsageError(_D_option(args) if "network/D mismatch" in str(exc) else "--network", str(exc)) from None
+        named_D = isinstance(exc, InvalidArgument) and exc.name == "D"     # a network/D mismatch
+        raise UsageError(_D_option(args) if named_D else "--network", str(exc)) from None
     with blame(_D_option(args)):
         resolve_D(net, D)
     label_dim = int(getattr(net, "label_dim", 0) or 0)
@@ -422,21 +424,6 @@ def network_from_args(args, device, path: Optional[str] = None, D=None):
         raise UsageError("--class", f"must be in [0, {label_dim}) for this network, got {args.class_idx}" if label_dim
                          else f"{args.class_idx} was given but the network is unconditional (label_dim=0): omit --class")
     return net
-
-
-def guide_from_args(args, device, net, required: bool = False):
-    """The guide of --gnet for `net`: 'uncond', or a network loaded and made fast as --network is
-    (same D and image shape); None without --gnet, an error naming --gnet with --guidance != 1 or `required`."""
-    from pfgmpp_fast.guidance import UNCOND, check_guide_network
-    if args.gnet is None:
-        if args.guidance != 1.0 or required:
-            raise UsageError("--gnet", "is required for --kind guidance" if required else
-                             f"is required with --guidance {args.guidance:g}")
-        return None
-    with blame("--gnet"):
-        gnet = args.gnet if args.gnet == UNCOND else load_generator_network(args.gnet, device, args.trust_pickle)
-        check_guide_network(net, gnet, resolve_D(net))
-    return gnet if gnet == UNCOND else make_generator_fast(gnet, device, args.net_dtype, args.compile, args.cuda_graphs)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -500,7 +487,8 @@ def main(args) -> int:
             continue
         net = network_from_args(args, device, path=path, D=kwargs["D"])
         fast = make_generator_fast(net, device, args.net_dtype, args.compile, args.cuda_graphs)
-        gnet = guide_from_args(args, device, net)
+        gnet = guide_from_args(args, net, lambda p: make_generator_fast(load_generator_network(
+            p, device, args.trust_pickle), device, args.net_dtype, args.compile, args.cuda_graphs))
         batches = generate_images(fast, mine, args.batch, device=device, progress=args.progress and rank == 0,
                                   rng=args.rng, gnet=gnet, **kwargs)
         write_images(batches, outdir=outdir, npz=args.npz)

@@ -19,7 +19,6 @@ What is different from the published EDM loop (and why it is fast and safe):
 from __future__ import annotations
 
 import contextlib
-import copy
 import os
 import time
 
@@ -30,8 +29,9 @@ from pfgmpp_fast.checkpoint import load_network, save_network
 from pfgmpp_fast.training.augment import drop_labels
 from pfgmpp_fast.training.options import (PRECISIONS, RESUME_KEYS, TrainingError, TrainingOptions, jsonable,
                                           option_diffs)
-from pfgmpp_fast.training.phema import PowerFunctionEMA
+from pfgmpp_fast.training.ema import HalfLifeEMA, PowerFunctionEMA
 from pfgmpp_fast.training.report import TickReporter
+from pfgmpp_fast.training.schedule import BatchGeometry, LearningRateSchedule
 from pfgmpp_fast.utils import distributed, faults
 from pfgmpp_fast.utils.io_utils import append_line, atomic_torch_save_state, load_torch_state
 
@@ -58,10 +58,14 @@ class TrainingRun:
         data, network + EMA (+ power-function EMAs), optimizer, loss, counters."""
         o = self.o
         self._configure_backends()
+        self.geometry = BatchGeometry.resolve(o["batch"], o["batch_gpu"], self.world_size)
         self._build_data()
         self._build_network()
-        self.phema = PowerFunctionEMA(o["phema"], self.params, self.ema, o["phema_snap_kimg"]) if o["phema"] else None
+        self.phema = (PowerFunctionEMA(o["phema"], self.params, self.ema.net, o["phema_snap_kimg"])
+                      if o["phema"] else None)
+        self.averages = [self.ema] + ([self.phema] if self.phema is not None else [])
         self._build_optimizer()
+        self.lr_schedule = LearningRateSchedule(o["lr"], o["lr_rampup_kimg"])
         self._reset_counters()
 
     def _configure_backends(self):
@@ -80,17 +84,6 @@ class TrainingRun:
         self.net_dtype = PRECISIONS[self.precision]
         self.compile = (dev.type == "cuda") if o["compile"] == "auto" else o["compile"]
         self.channels_last = (dev.type == "cuda") if o["channels_last"] == "auto" else o["channels_last"]
-
-        # Batch geometry.
-        W = self.world_size
-        if o["batch"] % W:
-            raise ValueError(f"batch ({o['batch']}) must be divisible by the number of ranks ({W})")
-        self.per_rank = o["batch"] // W
-        self.batch_gpu = o["batch_gpu"] or self.per_rank
-        if self.per_rank % self.batch_gpu:
-            raise ValueError(f"batch per rank ({self.per_rank} = batch {o['batch']} / {W} ranks) must be a "
-                             f"multiple of batch_gpu ({self.batch_gpu})")
-        self.rounds = self.per_rank // self.batch_gpu
 
     def _build_data(self):
         """The data set (validated completely before anything else happens) and augmentation."""
@@ -111,7 +104,7 @@ class TrainingRun:
             self.augment_pipe = AugmentPipe.edm_default(o["augment"])
 
     def _build_network(self):
-        """The network (seeded, or transferred), its EMA copy and the fast training view."""
+        """The network (seeded, or transferred), its half-life EMA and the fast training view."""
         from pfgmpp_fast.networks import build_network, make_fast
         o, dev = self.o, self.device
         overrides = dict(dropout=o["dropout"])
@@ -133,9 +126,8 @@ class TrainingRun:
         self.net = net.to(dev).train().requires_grad_(True)
         if self.channels_last:
             self.net.to(memory_format=torch.channels_last)
-        self.ema = copy.deepcopy(self.net).eval().requires_grad_(False)
+        self.ema = HalfLifeEMA(self.net, o["ema_halflife_kimg"], o["ema_rampup_ratio"])
         self.params = [p for p in self.net.parameters()]
-        self.ema_params = [p for p in self.ema.parameters()]
         for p in self.params:      # grads exist from the start: a fixed list for foreach ops
             p.grad = torch.zeros_like(p)
         if self.net_dtype is not None or self.compile or self.channels_last:
@@ -177,7 +169,7 @@ class TrainingRun:
         state = dict(
             format="pfgmpp_fast.training_state/1",
             net={k: v.detach().cpu() for k, v in self.net.state_dict().items()},
-            ema={k: v.detach().cpu() for k, v in self.ema.state_dict().items()},
+            ema=self.ema.state_dict(),
             optimizer=_to_cpu(self.optimizer.state_dict()),
             cur_nimg=int(self.cur_nimg), cur_tick=int(self.cur_tick),
             nonfinite_total=int(self.nonfinite_total), total_time=float(self.total_time()),
@@ -211,7 +203,7 @@ class TrainingRun:
             raise ValueError(f"resume: {path} was written by an incompatible configuration:\n  " + "\n  ".join(diffs))
         try:
             self.net.load_state_dict(state["net"], strict=True)
-            self.ema.load_state_dict(state["ema"], strict=True)
+            self.ema.load_state_dict(state["ema"], path)
             self.optimizer.load_state_dict(state["optimizer"])
         except (RuntimeError, ValueError, KeyError) as exc:
             raise ValueError(f"resume: {path} does not fit the network/optimizer of this run: {exc}") from None
@@ -235,19 +227,30 @@ class TrainingRun:
 
     # -- one step ---------------------------------------------------------------------------
     def step(self):
-        o, dev = self.o, self.device
-        step_index = self.cur_nimg // o["batch"]
+        """One optimizer step of the global batch: gradients, update, averages, counters."""
+        batch = self.o["batch"]
+        step_loss = self._accumulate_gradients(self.cur_nimg // batch)
+        global_loss = self._update(step_loss)
+        for average in self.averages:
+            average.update(self.params, self.cur_nimg + batch, batch)
+        self._count(global_loss)
+        self.cur_nimg += batch
+
+    def _accumulate_gradients(self, step_index: int) -> torch.Tensor:
+        """This rank's share of the step in rounds of batch_gpu: data, augmentation, loss and
+        backward (scaled by loss_scaling); returns the summed loss of its images (on the device)."""
+        o, dev, g = self.o, self.device, self.geometry
         indices = self.sampler.batch(step_index, o["batch"], self.rank, self.world_size)
-        first_id = self.cur_nimg + self.rank * self.per_rank
+        first_id = self.cur_nimg + self.rank * g.per_rank
         self.optimizer.zero_grad(set_to_none=False)
         step_loss = torch.zeros((), dtype=torch.float32, device=dev)
         module = self.ddp if self.ddp is not None else self.loss_module
-        for r in range(self.rounds):
-            sync = self.ddp is None or r == self.rounds - 1
+        for r in range(g.rounds):
+            sync = self.ddp is None or r == g.rounds - 1
             with (contextlib.nullcontext() if sync else self.ddp.no_sync()):
-                chunk = indices[r * self.batch_gpu:(r + 1) * self.batch_gpu]
+                chunk = indices[r * g.batch_gpu:(r + 1) * g.batch_gpu]
                 y, labels = self.dataset.get_batch(chunk, device=dev)
-                ids = torch.arange(first_id + r * self.batch_gpu, first_id + (r + 1) * self.batch_gpu,
+                ids = torch.arange(first_id + r * g.batch_gpu, first_id + (r + 1) * g.batch_gpu,
                                    dtype=torch.int64, device=dev)
                 if o["label_dropout"] > 0:
                     labels = drop_labels(labels, o["seed"], ids, o["label_dropout"])
@@ -255,11 +258,17 @@ class TrainingRun:
                 if self.augment_pipe is not None:
                     y, augment_labels = self.augment_pipe(y, o["seed"], ids, backend=_aug_backend(o["backend"]))
                 loss = module(y, ids, labels, augment_labels)          # mean over the chunk
-                (loss * (o["loss_scaling"] * self.batch_gpu / self.per_rank)).backward()
-                step_loss += loss.detach().float() * self.batch_gpu
+                (loss * (o["loss_scaling"] * g.batch_gpu / g.per_rank)).backward()
+                step_loss += loss.detach().float() * g.batch_gpu
                 if faults.should_kill("AT_STEP", str(step_index), exact=True):   # kill-and-resume tests
                     faults.kill()
+        return step_loss
 
+    def _update(self, step_loss: torch.Tensor) -> torch.Tensor:
+        """Unscale and sanitise the gradients, then Adam at the scheduled rate; the update is
+        skipped on the device when the loss is not finite. Returns the step's loss summed over
+        the global batch (float64, on the device)."""
+        o = self.o
         # The step's loss summed over the global batch, in the one collective of the step's
         # bookkeeping: it is non-finite exactly when some rank's part is (a float64 sum of
         # finite float32 parts cannot overflow), so the update is skipped on every rank alike.
@@ -271,31 +280,21 @@ class TrainingRun:
         if o["loss_scaling"] != 1:
             torch._foreach_mul_(grads, 1.0 / o["loss_scaling"])
         _sanitize_(grads)
-        lr_scale = 1.0 if not o["lr_rampup_kimg"] else min(self.cur_nimg / (o["lr_rampup_kimg"] * 1000), 1.0)
-        for g in self.optimizer.param_groups:
-            g["lr"] = o["lr"] * lr_scale
+        self.lr_schedule.apply(self.optimizer, self.cur_nimg)
         if self.fused:
             self.optimizer.found_inf = self.found_inf
             self.optimizer.step()
         else:                       # no found_inf support: one host sync, only on this path
             if not bool(self.found_inf):
                 self.optimizer.step()
+        return global_loss
 
-        # EMA (foreach lerp; EDM's half-life with ramp-up).
-        halflife = o["ema_halflife_kimg"] * 1000
-        if o["ema_rampup_ratio"] is not None:
-            halflife = min(halflife, self.cur_nimg * o["ema_rampup_ratio"])
-        beta = 0.5 ** (o["batch"] / max(halflife, 1e-8))
-        with torch.no_grad():
-            torch._foreach_lerp_(self.ema_params, self.params, 1.0 - beta)
-        if self.phema is not None:
-            self.phema.update(self.params, self.cur_nimg + o["batch"], o["batch"])
-
+    def _count(self, global_loss: torch.Tensor):
+        """The tick's sums on the device: non-finite steps, the loss moments of finite ones."""
         self.nonfinite += self.found_inf.to(torch.int64)
         finite = self.found_inf == 0
-        per_image = torch.where(finite, global_loss / o["batch"], torch.zeros_like(global_loss))
+        per_image = torch.where(finite, global_loss / self.o["batch"], torch.zeros_like(global_loss))
         self.loss_moments += torch.stack([finite.double(), per_image, per_image.square()])   # finite steps only
-        self.cur_nimg += o["batch"]
 
     # -- the loop ---------------------------------------------------------------------------
     def train(self):
@@ -345,7 +344,7 @@ class TrainingRun:
         snap_due = o["snap_ticks"] is not None and (done or self.cur_tick % o["snap_ticks"] == 0)
         # every rank probes (identical EMA weights), so all of them stop together on divergence
         if snap_due and not last_step_bad and self._ema_is_sane(done) and self.rank0:
-            save_network(os.path.join(o["run_dir"], f"network-snapshot-{kimg_tag}.safetensors"), self.ema,
+            save_network(os.path.join(o["run_dir"], f"network-snapshot-{kimg_tag}.safetensors"), self.ema.net,
                          extra_metadata={"kimg": self.cur_nimg / 1000, "seed": o["seed"], "D": jsonable(o["D"])})
         if self.phema is not None and self.rank0 and self.phema.due(tick_start_nimg, self.cur_nimg, done):
             self.phema.save(o["run_dir"], self.cur_nimg, o["batch"], {"seed": o["seed"], "D": jsonable(o["D"]),
@@ -380,10 +379,10 @@ class TrainingRun:
         """Whether the EMA network's denoising error on a fixed data batch is finite in float32
         (a network that diverged within the tick's last update is not written as a snapshot)."""
         y, labels = self.dataset.get_batch(torch.arange(min(8, len(self.dataset))), device=self.device)
-        map_augment = getattr(self.ema.model, "map_augment", None)
+        map_augment = getattr(self.ema.net.model, "map_augment", None)
         aug = None if map_augment is None else torch.zeros(y.shape[0], map_augment.in_features, device=self.device)
         sigma = torch.full((y.shape[0],), float(self.o["sigma_data"]), device=self.device)
-        error = (self.ema(y, sigma, labels, augment_labels=aug).float() - y).square().mean()
+        error = (self.ema.net(y, sigma, labels, augment_labels=aug).float() - y).square().mean()
         if bool(torch.isfinite(error)):
             return True
         message = (f"the network diverged at kimg {self.cur_nimg / 1000:.3f} (its denoising error is not finite): "
@@ -397,7 +396,7 @@ class TrainingRun:
         """(loss moments of the tick's finite steps, non-finite steps, last step non-finite,
         weights non-finite on any rank): checked on the device, read in this one sync. The loss
         moments and the step flags come from the global step losses, identical on all ranks."""
-        weights_bad = torch.stack([~torch.isfinite(p).all() for p in self.params + self.ema_params]).any().double()
+        weights_bad = torch.stack([~torch.isfinite(p).all() for p in self.params + self.ema.params]).any().double()
         if distributed.is_enabled():
             torch.distributed.all_reduce(weights_bad)
         packed = torch.cat([self.loss_moments, torch.stack([self.nonfinite.double(), self.found_inf.double(),

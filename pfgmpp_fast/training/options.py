@@ -13,6 +13,7 @@ from typing import Optional
 import torch
 
 from pfgmpp_fast import checks
+from pfgmpp_fast.utils.cli_errors import InvalidArgument, InvalidType, InvalidValue, MissingFile
 
 __all__ = ["TrainingOptions", "DEFAULTS", "ARCHES", "PRECISIONS", "BACKENDS", "RESUME_KEYS", "TrainingError",
            "resolve_options", "jsonable", "option_diffs"]
@@ -78,8 +79,8 @@ PRECISIONS = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}
 BACKENDS = ("auto", "triton", "cuda", "cpu", "reference")
 # Options a resumed run must share with the run that wrote the state.
 RESUME_KEYS = ("data", "cond", "arch", "D", "batch", "seed", "P_mean", "P_std", "sigma_data", "augment",
-               "xflip", "network", "lr", "label_dropout", "lr_rampup_kimg", "ema_halflife_kimg", "ema_rampup_ratio", "dropout",
-               "max_size")
+               "xflip", "network", "lr", "lr_rampup_kimg", "ema_halflife_kimg", "ema_rampup_ratio", "dropout",
+               "max_size", "label_dropout")
 
 
 class TrainingError(RuntimeError):
@@ -87,7 +88,8 @@ class TrainingError(RuntimeError):
 
 
 def resolve_options(**options) -> TrainingOptions:
-    """Defaults + ``options``, validated (ValueError/TypeError naming the option)."""
+    """Defaults + ``options``, validated: a bad option raises an InvalidValue/InvalidType/MissingFile
+    (ValueError/TypeError/FileNotFoundError) that names it in its message and in ``.name``."""
     if "duration_kimg" in options:
         options["duration_mimg"] = checks.check_number("duration_kimg", options.pop("duration_kimg")) / 1000.0
     if "aug_dim" in options:
@@ -100,7 +102,7 @@ def resolve_options(**options) -> TrainingOptions:
     o = {**DEFAULTS, **options}
     o["run_dir"] = os.fspath(o["run_dir"])
     if o["arch"] not in ARCHES:
-        raise ValueError(f"arch must be one of {ARCHES}, got {o['arch']!r}")
+        raise InvalidValue("arch", f"must be one of {ARCHES}, got {o['arch']!r}")
     o["D"] = checks.parse_D(o["D"])
     if math.isfinite(o["D"]) and float(o["D"]).is_integer():
         o["D"] = float(o["D"])
@@ -111,7 +113,12 @@ def resolve_options(**options) -> TrainingOptions:
         o[name] = checks.check_number(name, o[name])
     if o["phema"] is not None:
         from pfgmpp_fast.phema import parse_stds
-        o["phema"] = parse_stds(o["phema"])
+        try:
+            o["phema"] = parse_stds(o["phema"])
+        except InvalidArgument:
+            raise
+        except ValueError as exc:       # a plain ValueError: its whole message is the detail
+            raise InvalidValue("phema", str(exc), message=str(exc)) from None
     o["phema_snap_kimg"] = checks.check_number("phema_snap_kimg", o["phema_snap_kimg"])
     for name in ("lr_rampup_kimg", "ema_rampup_ratio"):
         o[name] = None if o[name] is None else checks.check_number(name, o[name], allow_zero=True)
@@ -120,14 +127,14 @@ def resolve_options(**options) -> TrainingOptions:
     for name in ("dropout", "augment", "label_dropout"):
         v = checks.check_number(name, o[name], allow_zero=True)
         if v > 1:
-            raise ValueError(f"{name} must be in [0, 1], got {v}")
+            raise InvalidValue(name, f"must be in [0, 1], got {v}")
         o[name] = v
     if not isinstance(o["P_mean"], (int, float)) or not math.isfinite(o["P_mean"]):
-        raise ValueError(f"P_mean must be a finite number, got {o['P_mean']!r}")
+        raise InvalidValue("P_mean", f"must be a finite number, got {o['P_mean']!r}")
     o["P_mean"] = float(o["P_mean"])
     o["seed"] = int(checks.check_number("seed", o["seed"], allow_zero=True, integer=True))
     if o["seed"] >= 2**63:
-        raise ValueError(f"seed must be in [0, 2^63), got {o['seed']}")
+        raise InvalidValue("seed", f"must be in [0, 2^63), got {o['seed']}")
     o["max_nonfinite"] = int(checks.check_number("max_nonfinite", o["max_nonfinite"], allow_zero=True, integer=True))
     if o["resolution"] is not None:
         o["resolution"] = int(checks.check_number("resolution", o["resolution"], integer=True))
@@ -136,27 +143,28 @@ def resolve_options(**options) -> TrainingOptions:
     for name in ("cond", "xflip", "deterministic", "trust_pickle", "cudnn_benchmark"):
         o[name] = checks.as_bool(name, o[name])
     if o["label_dropout"] > 0 and not o["cond"]:
-        raise ValueError(f"label_dropout = {o['label_dropout']:g} needs cond (a class-conditional network: --cond)")
+        raise InvalidValue("label_dropout", f"= {o['label_dropout']:g} needs cond (a class-conditional network: --cond)")
     for name in ("compile", "channels_last", "progress"):
         if o[name] != "auto":
             o[name] = checks.as_bool(name, o[name])
     if o["precision"] not in ("auto", *PRECISIONS):
-        raise ValueError(f"precision must be one of auto, bf16, fp16, fp32, got {o['precision']!r}")
+        raise InvalidValue("precision", f"must be one of auto, bf16, fp16, fp32, got {o['precision']!r}")
     if o["backend"] not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {o['backend']!r}")
+        raise InvalidValue("backend", f"must be one of {BACKENDS}, got {o['backend']!r}")
     if o["network"] is None:
         o["network"] = {}
     if isinstance(o["network"], str):
         try:
             o["network"] = json.loads(o["network"])
         except json.JSONDecodeError as exc:
-            raise ValueError(f"network must be a JSON object of network overrides, got {o['network']!r}: {exc}") from None
+            raise InvalidValue("network", f"must be a JSON object of network overrides, "
+                                          f"got {o['network']!r}: {exc}") from None
     if not isinstance(o["network"], dict):
-        raise TypeError(f"network must be a dict of network overrides, got {type(o['network']).__name__}")
+        raise InvalidType("network", f"must be a dict of network overrides, got {type(o['network']).__name__}")
     if o["resume"] is not None and o["resume"] != "auto" and not os.path.isfile(o["resume"]):
-        raise FileNotFoundError(f"resume: no such training state {o['resume']}")
+        raise MissingFile("resume", f"no such training state {o['resume']}", sep=": ")
     if o["transfer"] is not None and not os.path.isfile(o["transfer"]):
-        raise FileNotFoundError(f"transfer: no such network file {o['transfer']}")
+        raise MissingFile("transfer", f"no such network file {o['transfer']}", sep=": ")
     return TrainingOptions(**o)
 
 

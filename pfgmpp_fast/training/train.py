@@ -34,8 +34,9 @@ from pfgmpp_fast.training.run_files import (check_fresh_run_dir, drop_stats_afte
                                             latest_numbered_run_dir, next_numbered_run_dir, remove_temp_files,
                                             run_files_in)
 from pfgmpp_fast.utils import distributed
-from pfgmpp_fast.utils.cli_errors import (BoolOption, UsageError, D_from_published, add_threads_argument, blame,
-                                          check_output_path, checked, command, int_at_least, supported_choice)
+from pfgmpp_fast.utils.cli_errors import (BoolOption, D_from_published, InvalidArgument, InvalidValue, UsageError,
+                                          add_threads_argument, blame, check_output_path, checked, command,
+                                          int_at_least, supported_choice)
 from pfgmpp_fast.utils.io_utils import atomic_save_json
 from pfgmpp_fast.utils.run_lock import acquire_run_dir
 
@@ -93,12 +94,12 @@ def run_training(run_dir=None, **options) -> str:
         if run.rank0:
             resolved = {**jsonable(o.as_dict()), "world_size": run.world_size, "device": str(device),
                         "resolved_precision": run.precision, "resolved_compile": run.compile,
-                        "resolved_channels_last": run.channels_last, "batch_gpu_resolved": run.batch_gpu,
+                        "resolved_channels_last": run.channels_last, "batch_gpu_resolved": run.geometry.batch_gpu,
                         "fused_adam": run.fused, "network_config": jsonable(run.net.config()),
                         "augment_pipe": None if run.augment_pipe is None else run.augment_pipe.options()}
             atomic_save_json(os.path.join(o["run_dir"], "training_options.json"), resolved)
         run.log(f"training {o['arch']} D={o['D']} on {device} x{run.world_size}: batch {o['batch']} "
-                f"(batch_gpu {run.batch_gpu}, {run.rounds} rounds), precision {run.precision}, "
+                f"(batch_gpu {run.geometry.batch_gpu}, {run.geometry.rounds} rounds), precision {run.precision}, "
                 f"compile {run.compile}, backend {o['backend']}, {o['duration_mimg'] * 1000:g} kimg")
         run.train()
         run.log("done.")
@@ -118,8 +119,9 @@ def check_run_dir_use(o: TrainingOptions) -> None:
     elif o["resume"] != "auto" and run_files_in(o["run_dir"]):
         state_dir = os.path.dirname(os.path.abspath(o["resume"]))
         if not os.path.samefile(state_dir, o["run_dir"]):
-            raise ValueError(f"resume: {o['resume']} is a state of the run in {state_dir}, but {o['run_dir']} holds "
-                             "another run's files; resume into the state's own directory, or into a new one")
+            raise InvalidValue("resume", f"{o['resume']} is a state of the run in {state_dir}, but {o['run_dir']} "
+                               "holds another run's files; resume into the state's own directory, or into a new one",
+                               sep=": ")
 
 
 def _restart_without_state(o: TrainingOptions, run: TrainingRun) -> None:
@@ -257,7 +259,7 @@ def _precision(args) -> str:
     wanted = "fp16" if args.fp16 else "fp32"
     if args.precision not in ("auto", wanted):
         raise UsageError("--fp16", f"--fp16={int(args.fp16)} means --precision {wanted}, but --precision "
-                                   f"{args.precision} was given; give one of them")
+                                   f"{args.precision} was given; give one of them", worded=True)
     return wanted
 
 
@@ -301,19 +303,17 @@ def _run_dir_of(args, o: TrainingOptions, device) -> str:
 _OPTION_OF = {"run_dir": "--outdir", "D": "--D", "batch_gpu": "--batch-gpu", "lr_rampup_kimg": "--lr-rampup",
               "ema_halflife_kimg": "--ema", "ema_rampup_ratio": "--ema-rampup", "duration_mimg": "--duration",
               "tick_kimg": "--tick", "snap_ticks": "--snap", "dump_ticks": "--dump", "loss_scaling": "--ls",
-              "max_nonfinite": "--max-nonfinite", "max_size": "--max-size", "trust_pickle": "--trust-pickle"}
+              "max_nonfinite": "--max-nonfinite", "max_size": "--max-size", "trust_pickle": "--trust-pickle",
+              "phema_snap_kimg": "--phema-snap", "cudnn_benchmark": "--bench"}
 
 
 def _resolve_from_args(args) -> TrainingOptions:
+    """The options of the command line, validated; a bad one names its option (from the field
+    the error carries, never from its text)."""
     try:
         return resolve_options(**options_from_args(args))
-    except UsageError:
-        raise
-    except (ValueError, TypeError, FileNotFoundError) as exc:
-        text = str(exc)
-        field = next((f for f in sorted(DEFAULTS, key=len, reverse=True) if text.startswith(f)), None)
-        option = _OPTION_OF.get(field, "--" + field.replace("_", "-")) if field else "train"
-        raise UsageError(option, text) from None
+    except InvalidArgument as exc:
+        raise UsageError.about(_OPTION_OF.get(exc.name, "--" + exc.name.replace("_", "-")), exc) from None
 
 
 @command

@@ -1,11 +1,15 @@
-"""The one error path of every command, and the argparse pieces the commands share.
+"""The one error path of every command, the named argument errors, and the argparse pieces
+the commands share.
 
 Each command's ``main`` is wrapped by :func:`command`: it raises, and one message is printed,
 ``error: <option>: <what is wrong and what is allowed>``, never a traceback (argparse reports
 malformed values the same way). Exit codes: 0 success; 2 a usage error (a bad option value, or
 a file an option names that is missing or of the wrong kind); 1 a failure while running (I/O,
 non-finite training, ...); 130 interrupted. ``PFGMPP_FAST_DEBUG=1`` re-raises errors, with
-their traceback. Below every layer (no package import), so every command module can use it.
+their traceback. The checkers raise :class:`InvalidArgument` errors (ValueError/TypeError/
+FileNotFoundError that carry the argument's ``name`` and ``detail``), so a command maps them to
+its own option spelling without reading messages. Below every layer (no package import), so
+every module can use it.
 """
 from __future__ import annotations
 
@@ -15,24 +19,71 @@ import functools
 import math
 import os
 import sys
+from typing import Optional
 
-__all__ = ["UsageError", "blame", "check_output_path", "int_at_least", "number", "boolean", "BoolOption",
+__all__ = ["InvalidArgument", "InvalidValue", "InvalidType", "MissingFile",
+           "UsageError", "blame", "check_output_path", "int_at_least", "number", "boolean", "BoolOption",
            "Unsupported", "checked", "supported_choice", "D_from_published", "add_threads_argument",
            "command", "report", "DEBUG_ENV"]
 
 DEBUG_ENV = "PFGMPP_FAST_DEBUG"
 
 
-class UsageError(ValueError):
-    """A bad command-line input: ``option`` names it, the message says what is wrong and allowed."""
+class InvalidArgument(Exception):
+    """An error about one named argument, raised by the checkers (pfgmpp_fast.checks, the training
+    options): ``name`` is the argument as the API calls it and ``detail`` what is wrong and allowed,
+    so a command names its own option for it without reading the message. The message is
+    ``name + sep + detail`` ("D must be in ...", or with ``sep=": "`` the name as a label:
+    "seeds: range ..."), or ``message`` where given. Use the concrete kinds below."""
 
-    def __init__(self, option: str, message: str):
-        message = str(message)
-        bare = option.lstrip("-").replace("-", "_") + ": "
-        if message.startswith(bare):            # "seeds: ..." from a checker → "--seeds: ..."
-            message = message[len(bare):]
-        super().__init__(f"{option}: {message}" if option and not message.startswith(option) else message)
+    def __init__(self, name: str, detail: str, sep: str = " ", message: Optional[str] = None):
+        super().__init__(name + sep + detail if message is None else message)
+        self.name, self.detail = name, detail
+        self.labelled = message is None and sep == ": "     # the name only labels the detail
+
+    def __reduce__(self):           # picklable (exceptions cross process boundaries)
+        return _rebuild, (type(self), self.name, self.detail, str(self), self.labelled)
+
+
+def _rebuild(kind, name, detail, message, labelled):
+    exc = kind(name, detail, message=message)
+    exc.labelled = labelled
+    return exc
+
+
+class InvalidValue(InvalidArgument, ValueError):
+    """A named argument with a value outside its allowed range."""
+
+
+class InvalidType(InvalidArgument, TypeError):
+    """A named argument of the wrong type."""
+
+
+class MissingFile(InvalidArgument, FileNotFoundError):
+    """A named argument naming a file that does not exist."""
+
+
+class UsageError(ValueError):
+    """A bad command-line input: ``option`` names it, ``message`` says what is wrong and allowed
+    (the error reads ``<option>: <message>``; with ``worded=True`` the message is a sentence that
+    already starts with the option, e.g. ``--fp16=1 means ...``, and reads as written)."""
+
+    def __init__(self, option: str, message: str, *, worded: bool = False):
+        super().__init__(message if worded else f"{option}: {message}")
         self.option = option
+
+    @classmethod
+    def about(cls, option: str, exc: BaseException) -> "UsageError":
+        """The input error ``exc`` as a UsageError naming ``option``: ``<option>: <message>``, where
+        the option replaces a name that only labels the message (``seeds: range ...`` →
+        ``--seeds: range ...``; ``D must be ...`` → ``--D: D must be ...``)."""
+        return cls(option, _after_option(exc))
+
+
+def _after_option(exc: BaseException) -> str:
+    """What follows ``<option>: `` for the input error ``exc``: its message, less the argument's
+    name where that only labels it (an :class:`InvalidArgument` says so)."""
+    return exc.detail if isinstance(exc, InvalidArgument) and exc.labelled else str(exc)
 
 
 @contextlib.contextmanager
@@ -43,7 +94,7 @@ def blame(option: str):
     except UsageError:
         raise
     except (ValueError, TypeError, FileNotFoundError) as exc:
-        raise UsageError(option, str(exc)) from exc
+        raise UsageError.about(option, exc) from exc
 
 
 def check_output_path(option: str, path, is_dir: bool = False):
@@ -145,7 +196,7 @@ def checked(check, name: str):
         try:
             return check(text)
         except (ValueError, TypeError) as exc:
-            raise argparse.ArgumentTypeError(str(exc)) from None
+            raise argparse.ArgumentTypeError(_after_option(exc)) from None
     parse.__name__ = name
     return parse
 
@@ -168,7 +219,8 @@ def D_from_published(D, aug_dim, pfgmpp, default):
     ``--pfgmpp=1`` means D = --aug_dim (published default 128), ``--pfgmpp=0`` means D = inf
     (--aug_dim is then unused, as published); without --pfgmpp, --D or --aug_dim give D, else ``default``."""
     if D is not None and aug_dim is not None and D != aug_dim:
-        raise UsageError("--aug_dim", f"--aug_dim {aug_dim:g} and --D {D:g} disagree; give one of them")
+        raise UsageError("--aug_dim", f"--aug_dim {aug_dim:g} and --D {D:g} disagree; give one of them",
+                         worded=True)
     given = D if D is not None else aug_dim
     if pfgmpp is None:
         return default if given is None else given
@@ -176,7 +228,7 @@ def D_from_published(D, aug_dim, pfgmpp, default):
         return 128.0 if given is None else given
     if D is not None and not math.isinf(D):
         raise UsageError("--pfgmpp", f"--pfgmpp=0 means D = inf (EDM diffusion), but --D {D:g} was given; "
-                                     "drop --D, or use --pfgmpp=1 for a finite D")
+                                     "drop --D, or use --pfgmpp=1 for a finite D", worded=True)
     return math.inf
 
 
