@@ -114,6 +114,16 @@ def test_autoguidance_equals_the_combined_denoiser(W, backend):
     assert rel_err(guided, _sample(net)) > 1e-3 or W == 1.0          # guidance changed the images
 
 
+@pytest.mark.parametrize("solver", ["dpmpp2m", "ipndm", "euler"])
+def test_every_solver_samples_the_guided_denoiser(solver):
+    net, gnet = _net(0, 4), _net(1, 4)
+    for guide, uncond in ((gnet, False), (UNCOND, True)):
+        guided = _sample(net, class_labels=_labels(), guidance=2.0, gnet=guide, solver=solver, num_steps=5)
+        combined = _combined(net, net if uncond else gnet, 2.0, uncond=uncond)
+        as_callable = _sample(combined, class_labels=_labels(), solver=solver, num_steps=5)
+        assert rel_err(guided, as_callable) < 1e-5
+
+
 @pytest.mark.parametrize("W", [0.0, 2.5])
 def test_classifier_free_guidance_equals_the_combined_denoiser(W):
     net = _net(0, 4)
