@@ -7,6 +7,7 @@ The public API (imported lazily, so `import pfgmpp_fast` stays cheap):
     training_loss, PFGMPPLoss                  the fused EDM/PFGM++ objective
     sample, Sampler, SamplerOptions            Heun/Euler sampling on fused steps; SamplerOptions: the
                                                sampler settings, checked once (sample/Sampler/generate/FID)
+    UNCOND                                     gnet='uncond': classifier-free guidance (sample(guidance=W, gnet=))
     build_network, make_fast, EDMPrecond       DDPM++ / NCSN++ / ADM networks
     save_network, load_network                 safe checkpoints (published pickles need trust_pickle=True)
     reference                                  the pure-PyTorch spec everything is tested against
@@ -21,7 +22,8 @@ _EXPORTS = {
     "perturb": "ops", "perturb_net_input": "ops", "prior": "ops", "noise_scale": "ops",
     "training_scalars": "ops", "resolve_backend": "ops", "BACKENDS": "checks",
     "training_loss": "loss", "PFGMPPLoss": "loss",
-    "sample": "sampler", "Sampler": "sampler", "SamplerOptions": "sampler", "published_prior": "published_rng",
+    "sample": "sampler", "Sampler": "sampler", "SamplerOptions": "sampler", "UNCOND": "sampler",
+    "published_prior": "published_rng",
     "build_network": "networks", "make_fast": "networks", "EDMPrecond": "networks",
     "save_network": "checkpoint", "load_network": "checkpoint", "convert_published": "checkpoint",
 }

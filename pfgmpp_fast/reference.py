@@ -18,6 +18,7 @@ logical NCHW flat index) uses block e // 4, lane e % 4. Streams name the purpose
     stream_churn(i) = 0x10000 + i   sampler churn noise at step i
     stream_alpha(i) = 0x20000 + i   sampler robustness noise (α) at step i
     STREAM_AUGMENT = 0x30000  augmentation draws of a training sample (augment.py)
+    STREAM_LABEL_DROPOUT = 4  label dropout of a training sample: u0 of block 0 <= p drops it
 
 Normals are float32 on every backend; float64 computations use them cast to float64.
 """
@@ -30,7 +31,7 @@ import numpy as np
 import torch
 
 __all__ = [
-    "STREAM_NOISE", "STREAM_SIGMA", "STREAM_CHI2", "STREAM_CLASS", "STREAM_AUGMENT", "stream_churn", "stream_alpha",
+    "STREAM_NOISE", "STREAM_SIGMA", "STREAM_CHI2", "STREAM_CLASS", "STREAM_AUGMENT", "STREAM_LABEL_DROPOUT", "stream_churn", "stream_alpha",
     "CHI2_MAX_ATTEMPTS", "MAX_SCALE",
     "philox4x32", "uniform", "normal", "normal_unchecked", "chi2", "chi2_unchecked", "noise_scale", "training_scalars",
     "perturb", "perturb_published", "published_displacement", "prior", "precond", "coefficients",
@@ -52,6 +53,7 @@ STREAM_SIGMA = 1
 STREAM_CHI2 = 2
 STREAM_CLASS = 3
 STREAM_AUGMENT = 0x30000
+STREAM_LABEL_DROPOUT = 4
 CHI2_MAX_ATTEMPTS = 16     # P(all rejected) < 0.05^16: a fixed bound every backend shares
 MAX_SCALE = 1e30           # the per-sample scale is clamped so D << 1 stays finite
 TWO_PI_F32 = 6.2831855     # float32(2π), used in float32 arithmetic

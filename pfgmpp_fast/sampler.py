@@ -24,8 +24,9 @@ from pfgmpp_fast import ops
 from pfgmpp_fast import checks
 from pfgmpp_fast import reference as R
 from pfgmpp_fast import reference_multistep as RM
+from pfgmpp_fast.guidance import UNCOND, Guide, check_guide, has_precond
 
-__all__ = ["SamplerOptions", "SOLVERS", "sampler_options", "split_sampler_options", "sample", "Sampler"]
+__all__ = ["SamplerOptions", "SOLVERS", "UNCOND", "sampler_options", "split_sampler_options", "sample", "Sampler"]
 
 # A new solver: its name in checks.SOLVERS, its network evaluations in SamplerOptions.nfe, its step
 # loop next to _Stepper.
@@ -50,6 +51,8 @@ class SamplerOptions:
     S_max: float = float("inf")               # highest noise level that gets churn, >= S_min
     S_noise: float = 1.0                      # scale of the churn noise, >= 0
     alpha: float = 0.0                        # robustness noise x += α·t_i·ε before each step, >= 0 (0: off)
+    guidance: float = 1.0                     # guidance weight W: D_G + W·(D − D_G) with the guide `gnet`, finite,
+                                              # >= 0 (1: no guidance, the guide is not called)
     dtype: torch.dtype = torch.float32        # sampler state precision: float32 | float64
     net_dtype: Optional[torch.dtype] = None   # network input dtype (None: float32 for an EDMPrecond-like
                                               # network, else `dtype`)
@@ -69,6 +72,7 @@ class SamplerOptions:
                                      self.dtype)
         for name in ("S_churn", "S_min", "S_max", "S_noise", "alpha"):
             fix(name, float(getattr(self, name)))
+        fix("guidance", float(checks.check_number("guidance", self.guidance, allow_zero=True)))
         if self.net_dtype is not None and self.net_dtype not in ops.NET_DTYPES:
             raise TypeError(f"net_dtype must be None or one of {ops.NET_DTYPES}, got {self.net_dtype}")
         if self.channels_last is not None:
@@ -87,12 +91,12 @@ class SamplerOptions:
 
     def describe(self) -> dict:
         """The settings that can change an image, JSON-able (dtypes as text, inf as 'inf'), e.g. for
-        the configuration of FID shards. Left out: progress, and what is None (then resolved from
-        the network, which the caller describes)."""
+        the configuration of FID shards. Left out: progress, guidance 1 (no guidance), and what is
+        None (then resolved from the network, which the caller describes)."""
         out = {}
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
-            if f.name == "progress" or value is None:
+            if f.name == "progress" or value is None or (f.name == "guidance" and value == 1.0):
                 continue
             out[f.name] = (str(value) if isinstance(value, torch.dtype)
                            else repr(value) if isinstance(value, float) and not math.isfinite(value) else value)
@@ -122,12 +126,13 @@ def split_sampler_options(kwargs: dict):
 
 
 class _NetAdapter:
-    """F from either an EDMPrecond-like net (.raw, .sigma_data) or a plain denoiser D(x, σ)."""
+    """F from either an EDMPrecond-like net (.raw, .sigma_data) or a plain denoiser D(x, σ);
+    with a guide (guidance.Guide), the guided F_G + W·(F − F_G) or D_G + W·(D − D_G)."""
 
-    def __init__(self, net, B, device, class_labels):
+    def __init__(self, net, B, device, class_labels, guide: Optional[Guide] = None):
         # EDMPrecond-like: the sampler calls net.raw and applies c_skip / c_out / c_in in the update kernels.
-        self.precond_in_kernels = hasattr(net, "raw") and hasattr(net, "sigma_data")
-        self.net, self.B, self.device, self.labels = net, B, device, class_labels
+        self.precond_in_kernels = has_precond(net) and (guide is None or guide.raw_compatible)
+        self.net, self.B, self.device, self.labels, self.guide = net, B, device, class_labels, guide
         self.sd = float(net.sigma_data) if self.precond_in_kernels else None
 
     def coeffs(self, t: float):
@@ -137,8 +142,12 @@ class _NetAdapter:
     def __call__(self, net_in, t: float):
         if self.precond_in_kernels:
             c_noise = torch.full((self.B,), R.coefficients(t, self.sd)[3], dtype=torch.float32, device=self.device)
+            if self.guide is not None:
+                return self.guide.raw(net_in, c_noise)
             return self.net.raw(net_in, c_noise, self.labels)
         sigma = torch.full((self.B,), t, dtype=net_in.dtype, device=self.device)
+        if self.guide is not None:
+            return self.guide.denoise(net_in, sigma)
         return self.net(net_in, sigma, self.labels)
 
 
@@ -155,7 +164,7 @@ class _StepFlags:
 
 
 def sample(net, latents: torch.Tensor, D, key, seeds, options: Optional[SamplerOptions] = None, *,
-           class_labels=None, requires_grad: bool = False, **settings) -> torch.Tensor:
+           class_labels=None, requires_grad: bool = False, gnet=None, **settings) -> torch.Tensor:
     """Heun / Euler / multistep (dpmpp2m, ipndm, ipndm_v) sampling from latents at σ_max
     (reference.sample, fused steps).
 
@@ -167,8 +176,11 @@ def sample(net, latents: torch.Tensor, D, key, seeds, options: Optional[SamplerO
     updates). NaN/Inf in the latents, in the network's output at any step or in the result
     raises FloatingPointError naming the seeds and the step (flags kept on the device, read
     once at the end). D must be the network's own D.
+    `guidance=W` (a setting) with `gnet`: the guided denoiser D_G + W·(D − D_G) (guidance.py);
+    gnet is another network or denoiser of the same D (autoguidance) or UNCOND ('uncond': `net`
+    without labels, classifier-free guidance, one batched call). W = 1 ignores gnet.
     """
-    return Sampler(D, key, options, **settings)(net, latents, seeds, class_labels, requires_grad)
+    return Sampler(D, key, options, **settings)(net, latents, seeds, class_labels, requires_grad, gnet=gnet)
 
 
 class Sampler:
@@ -191,20 +203,25 @@ class Sampler:
         o = self.options
         return ops._prior(tuple(shape), self.D, o.sigma_max, self.key, seeds, o.dtype, o.backend)
 
-    def __call__(self, net, latents, seeds, class_labels=None, requires_grad: bool = False) -> torch.Tensor:
+    def __call__(self, net, latents, seeds, class_labels=None, requires_grad: bool = False, *,
+                 gnet=None) -> torch.Tensor:
         checks.check_images("latents", latents)
         seeds = checks.check_sample_ids(seeds, name="seeds", device=latents.device)
         checks.check_images("latents", latents, batch=seeds.shape[0])
         checks.check_net_D(net, self.D)
+        gnet = check_guide(net, gnet, self.options.guidance, self.D)     # None: unguided
         # The fused update kernels have no backward: a differentiable run takes the reference ops.
         options = dataclasses.replace(self.options, backend="reference") if requires_grad else self.options
         with torch.set_grad_enabled(bool(requires_grad)):
-            return _sample(net, latents, self.key, seeds, self.t, options, class_labels)
+            return _sample(net, latents, self.key, seeds, self.t, options, class_labels, gnet)
 
 
-def _sample(net, latents, key: int, seeds, t, options: SamplerOptions, class_labels=None) -> torch.Tensor:
-    """`sample` on checked arguments and the schedule t (n + 1 Python floats); reports NaN/Inf."""
-    adapter = _NetAdapter(net, latents.shape[0], latents.device, class_labels)
+def _sample(net, latents, key: int, seeds, t, options: SamplerOptions, class_labels=None, gnet=None) -> torch.Tensor:
+    """`sample` on checked arguments and the schedule t (n + 1 Python floats), guided by the
+    checked `gnet` (None: unguided); reports NaN/Inf."""
+    B = latents.shape[0]
+    guide = None if gnet is None else Guide(net, gnet, options.guidance, class_labels, B, latents.device)
+    adapter = _NetAdapter(net, B, latents.device, class_labels, guide)
     net_dtype = options.net_dtype
     if net_dtype is None:
         net_dtype = torch.float32 if adapter.precond_in_kernels else options.dtype

@@ -73,7 +73,11 @@ class GeneratorSource(Source):
         self._describe = dict(describe or {})
 
     def describe(self) -> dict:
-        kw = {k: (str(v) if isinstance(v, torch.dtype) else v) for k, v in self.gen_kwargs.items()}
+        kw = {k: (str(v) if isinstance(v, torch.dtype) else v) for k, v in self.gen_kwargs.items() if k != "gnet"}
+        gnet = self.gen_kwargs.get("gnet")
+        if self.options.guidance != 1.0 and gnet is not None:   # the guide changes the images: its weights
+            kw["gnet"] = (weights_fingerprint(gnet) if isinstance(gnet, torch.nn.Module)
+                          else gnet if isinstance(gnet, str) else type(gnet).__name__)
         kw = {k: (repr(v) if isinstance(v, float) and not math.isfinite(v) else v) for k, v in kw.items()}
         return {"source": "generator", **self.options.describe(), **kw, **self._describe}
 

@@ -6,7 +6,7 @@ extractor (features.py) → float64 running sums reduced across ranks (calc.py) 
 (unbiased, as the published fid.py) → Fréchet distance with scipy's sqrtm (metrics.py).
 Reference statistics are `.npz` files with `mu` [d] and `sigma` [d, d] (the published
 format; `--metrics` adds the feature rows and DINOv2 moments other metrics need). Sweeps
-(sweep.py) over checkpoints, steps/NFE, alpha, weight bit widths or post-hoc EMA lengths.
+(sweep.py) over checkpoints, steps/NFE, alpha, weight bit widths, post-hoc EMA lengths or guidance weights.
 """
 from __future__ import annotations
 
@@ -18,6 +18,7 @@ from typing import Optional
 
 from pfgmpp_fast.evaluation.calc import calc_stats, GeneratorSource, ImagesSource, reference_stats, weights_fingerprint
 from pfgmpp_fast.evaluation.features import FEATURES, Detectors, get_feature_extractor
+from pfgmpp_fast.evaluation.guide_cli import guide_from_args
 from pfgmpp_fast.evaluation.metrics import (METRICS, compute_metrics, load_reference, parse_metrics,
                                             save_reference)
 from pfgmpp_fast.evaluation.sweep import SWEEP_KINDS, sweep
@@ -77,10 +78,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     ref.add_argument("--dry-run", action="store_true", help="print the resolved options (JSON) and exit")
     add_threads_argument(ref)
     _add_feature_arguments(ref)
-    sw = sub.add_parser("sweep", help="metrics over checkpoints, steps/NFE, alpha, weight bits or EMA length")
+    sw = sub.add_parser("sweep", help="metrics over checkpoints, steps/NFE, alpha, weight bits, EMA length or "
+                                      "guidance weight")
     add_sampler_arguments(sw)
     sw.add_argument("--kind", choices=SWEEP_KINDS, required=True)
-    sw.add_argument("--values", default=None, help="comma-separated values (steps, alphas, bits, kimgs, EMA stds)")
+    sw.add_argument("--values", default=None, help="comma-separated values (steps, alphas, bits, kimgs, EMA stds, guidance weights)")
     sw.add_argument("--run-dir", default=None,
                     help="run directory with network snapshots (kind=checkpoints) or phema snapshots (kind=ema)")
     sw.add_argument("--at-kimg", type=float, default=None, help="kind=ema: reconstruct at this training point")
@@ -153,7 +155,7 @@ def _values(text: Optional[str], kind: str):
     if text is None:
         return None
     parts = [t.strip() for t in text.split(",") if t.strip()]
-    conv = float if kind in ("alpha", "ema") else int
+    conv = float if kind in ("alpha", "ema", "guidance") else int
     try:
         return [conv(t) for t in parts]
     except ValueError:
@@ -217,6 +219,7 @@ def _calc(args, device, say) -> int:
         kw = sampler_kwargs_from_args(args)
         net = network_from_args(args, device, D=kw["D"])
         fast = make_generator_fast(net, device, args.net_dtype, args.compile, args.cuda_graphs)
+        kw["gnet"] = _guide(args, device, net)
         with blame("--seeds"):
             source = GeneratorSource(fast, seeds, device=device, describe={
                 "network": os.path.abspath(args.network), "weights": weights_fingerprint(net),
@@ -224,6 +227,13 @@ def _calc(args, device, say) -> int:
     extractor = _extractor(args, device)
     _score(args, source, extractor, _reference(args, extractor), device, say, args.outdir, args.dest, {})
     return 0
+
+
+def _guide(args, device, net, required: bool = False):
+    """--gnet: 'uncond', a network loaded and made fast as --network is, or None (guide_cli)."""
+    from pfgmpp_fast.evaluation.generate import load_generator_network, make_generator_fast
+    return guide_from_args(args, net, lambda p: make_generator_fast(load_generator_network(
+        p, device, args.trust_pickle), device, args.net_dtype, args.compile, args.cuda_graphs), required)
 
 
 def _images(args, path, device):
@@ -275,6 +285,10 @@ def _sweep(args, device, say) -> int:
         raise UsageError("--network", f"is required for --kind {args.kind}")
     else:
         net = network_from_args(args, device, D=kw["D"])
+    if args.gnet is not None or args.guidance != 1.0 or args.kind == "guidance":
+        if net is None:
+            raise UsageError("--gnet", f"guidance needs --network (not --kind {args.kind})")
+        kw["gnet"] = _guide(args, device, net, required=args.kind == "guidance")
     extractor = _extractor(args, device)
     ref = _reference(args, extractor)
     fast = lambda n: make_generator_fast(n, device, args.net_dtype, args.compile, args.cuda_graphs)

@@ -35,6 +35,7 @@ from pfgmpp_fast import checks
 from pfgmpp_fast import reference as R
 from pfgmpp_fast.checks import check_seeds
 from pfgmpp_fast.published_rng import PublishedRNG, check_published_sampling
+from pfgmpp_fast.evaluation.guide_cli import guide_from_args
 from pfgmpp_fast.evaluation.published import generation_jobs
 from pfgmpp_fast.utils import distributed
 from pfgmpp_fast.utils.cli_errors import (BoolOption, D_from_published, InvalidArgument, InvalidValue, Unsupported,
@@ -116,7 +117,7 @@ def resolve_D(net, D=None) -> float:
 def generate_images(net, seeds, batch_size: int = 64, options=None, class_idx: Optional[int] = None, D=None,
                     key: int = SAMPLING_KEY, device=None, image_shape: Optional[Sequence[int]] = None,
                     fixed_shape: Optional[bool] = None, progress: bool = False, rng: str = "philox",
-                    **settings) -> Iterator[Tuple[np.ndarray, torch.Tensor]]:
+                    gnet=None, **settings) -> Iterator[Tuple[np.ndarray, torch.Tensor]]:
     """Yield (seeds int64 [b], uint8 images [b, C, H, W] on `device`) batch by batch.
 
     `options`: a sampler.SamplerOptions; keyword `settings` (its fields: num_steps=, solver=,
@@ -133,6 +134,7 @@ def generate_images(net, seeds, batch_size: int = 64, options=None, class_idx: O
     rng: 'philox' (ours: latents and random classes from the Philox streams keyed by `key`) or
     'published' (latents and random classes drawn per seed as the published PFGM++
     generate.py draws them, published_rng.py; settings that add churn noise are refused).
+    gnet: the guide of `guidance=W` (sampler.sample): another network, or 'uncond' (classifier-free).
     """
     from pfgmpp_fast.sampler import Sampler
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
@@ -177,7 +179,7 @@ def generate_images(net, seeds, batch_size: int = 64, options=None, class_idx: O
         else:
             latents = sampler.prior((len(chunk), *image_shape), ids)
             labels = class_labels_for(ids, label_dim, class_idx, key)
-        x = sampler(net, latents, ids, labels)     # NaN/Inf raises FloatingPointError naming the seeds
+        x = sampler(net, latents, ids, labels, gnet=gnet)     # NaN/Inf raises FloatingPointError naming the seeds
         yield chunk[:real], to_uint8(x[:real])
 
 
@@ -323,6 +325,11 @@ def add_sampler_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--alpha", type=number(), default=0.0, help="robustness noise x += alpha*t_i*eps per step")
     g.add_argument("--class", dest="class_idx", type=int_at_least(0), default=None,
                    help="class label (default: random per seed)")
+    g.add_argument("--guidance", type=number(), default=1.0, metavar="W",
+                   help="guidance weight: D_G + W*(D - D_G) with the guide --gnet (default 1: no guidance)")
+    g.add_argument("--gnet", metavar="PATH|uncond", default=None,
+                   help="guide network (autoguidance: a smaller or less-trained network of the same task, loaded "
+                        "as --network) or 'uncond' (classifier-free guidance: --network without labels)")
     g.add_argument("--dtype", choices=["fp32", "fp64"], default="fp32", help="sampler state precision")
     g.add_argument("--net-dtype", choices=["auto", "fp32", "bf16", "fp16"], default="auto",
                    help="network precision (auto: bf16 on a GPU, fp32 on the CPU)")
@@ -357,7 +364,7 @@ def sampler_options_from_args(args):
         raise UsageError("--S-churn", f"must be 0 with --solver {args.solver} (a multistep solver), got {args.S_churn:g}")
     return SamplerOptions(num_steps=args.steps, sigma_min=args.sigma_min, sigma_max=args.sigma_max, rho=args.rho,
                           solver=args.solver, S_churn=args.S_churn, S_min=args.S_min, S_max=args.S_max,
-                          S_noise=args.S_noise, alpha=args.alpha,
+                          S_noise=args.S_noise, alpha=args.alpha, guidance=args.guidance,
                           dtype=torch.float64 if args.dtype == "fp64" else torch.float32, backend=args.backend)
 
 
@@ -471,8 +478,10 @@ def main(args) -> int:
             continue
         net = network_from_args(args, device, path=path, D=kwargs["D"])
         fast = make_generator_fast(net, device, args.net_dtype, args.compile, args.cuda_graphs)
+        gnet = guide_from_args(args, net, lambda p: make_generator_fast(load_generator_network(
+            p, device, args.trust_pickle), device, args.net_dtype, args.compile, args.cuda_graphs))
         batches = generate_images(fast, mine, args.batch, device=device, progress=args.progress and rank == 0,
-                                  rng=args.rng, **kwargs)
+                                  rng=args.rng, gnet=gnet, **kwargs)
         write_images(batches, outdir=outdir, npz=args.npz)
         if rank == 0:
             print(f"wrote {len(seeds)} images to {' and '.join(x for x in (outdir, args.npz) if x)}")

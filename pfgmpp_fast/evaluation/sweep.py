@@ -1,5 +1,5 @@
 """The sweep engine: the metric set over a list of points — checkpoints of a run directory,
-sampling steps (NFE), robustness noise α, weight bit widths or post-hoc EMA lengths —
+sampling steps (NFE), robustness noise α, weight bit widths, post-hoc EMA lengths or guidance weights —
 reusing one (compiled) network whose weights are swapped per point. Each point keeps
 resumable shards in its own subdirectory; results are written as `sweep-<kind>.csv`, `.md`
 (table) and one figure per metric (`sweep-<kind>.png` for the first metric,
@@ -34,9 +34,9 @@ __all__ = ["SWEEP_KINDS", "Point", "make_points", "point_weights", "PointNetwork
            "write_sweep_outputs", "sweep"]
 
 
-SWEEP_KINDS = ("checkpoints", "steps", "alpha", "bits", "ema")
+SWEEP_KINDS = ("checkpoints", "steps", "alpha", "bits", "ema", "guidance")
 XLABELS = {"checkpoints": "kimg", "steps": "NFE", "alpha": "alpha", "bits": "weight bits",
-           "ema": "EMA length (relative std)"}
+           "ema": "EMA length (relative std)", "guidance": "guidance weight W"}
 
 
 @dataclass
@@ -76,6 +76,8 @@ def make_points(kind: str, values: Optional[Sequence], run_dir: Optional[str] = 
         return [Point(kind, int(v), gen={"num_steps": int(v)}) for v in values]
     if kind == "alpha":
         return [Point(kind, float(v), gen={"alpha": float(v)}) for v in values]
+    if kind == "guidance":
+        return [Point(kind, float(v), gen={"guidance": float(v)}) for v in values]
     return [Point(kind, int(v)) for v in values]
 
 
@@ -211,6 +213,8 @@ def sweep(kind: str, values: Optional[Sequence] = None, net=None, run_dir: Optio
     - 'bits': values = weight bit widths (quantize.py; 32 = unquantised).
     - 'ema': values = EMA lengths (relative std); each network is reconstructed post hoc
       from the phema snapshots of `run_dir` (training.phema.reconstruct_network, at `at_kimg`).
+    - 'guidance': values = guidance weights W, with the guide `gnet` (a keyword: another
+      network, or 'uncond'); W = 1 is the unguided point.
     `extractor`: a features.Detectors, or one feature extractor (then `metrics`, default
     'fid'); `ref`: a reference .npz path, its load_reference dict, or (mu, sigma). Each point
     keeps its shards in outdir/<kind>-<value>/ (resumable). Returns the rows (also written by
@@ -224,6 +228,8 @@ def sweep(kind: str, values: Optional[Sequence] = None, net=None, run_dir: Optio
     load_network = load_network or (lambda p: load_generator_network(p, device))
     if net is None and kind not in ("checkpoints", "ema"):
         raise ValueError(f"kind={kind!r} needs net")
+    if kind == "guidance" and gen_kwargs.get("gnet") is None:
+        raise ValueError("kind='guidance' needs gnet (a guide network, or 'uncond' for classifier-free guidance)")
     base = net if net is not None else point_weights(points[0], load_network, device, at_kimg)
     resolve_D(base, gen_kwargs.get("D"))
     fast = (make_fast or (lambda n: n))(base)

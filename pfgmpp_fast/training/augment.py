@@ -26,6 +26,11 @@ depends only on the run seed and its global index — never on batch size or ran
 Geometric transforms resample with bicubic interpolation and reflection at the borders
 (our choice; EDM uses a wavelet-filtered 2× upsampling). Untouched images are passed
 through bit-exactly.
+
+Label dropout (`drop_labels`, for classifier-free guidance) replaces a sample's one-hot label
+by the "no label" input, a zero vector (what an EDM network is given for class_labels=None),
+when u0 of block 0 of the Philox stream ``STREAM_LABEL_DROPOUT`` keyed by (key, sample id) is
+<= p: the same samples of a run drop their labels at any batch size or rank count.
 """
 from __future__ import annotations
 
@@ -37,7 +42,21 @@ import torch.nn.functional as Fn
 
 from pfgmpp_fast import checks, ops, reference
 
-__all__ = ["AugmentPipe", "augment_dim"]
+__all__ = ["AugmentPipe", "augment_dim", "label_dropout_mask", "drop_labels"]
+
+def label_dropout_mask(key: int, sample_ids: torch.Tensor, p: float) -> torch.Tensor:
+    """bool [B]: which samples drop their label (u0 of block 0 of STREAM_LABEL_DROPOUT <= p)."""
+    zero = torch.zeros_like(sample_ids)
+    counters = torch.stack([zero, sample_ids & reference.MASK32, (sample_ids >> 32) & reference.MASK32,
+                            torch.full_like(sample_ids, reference.STREAM_LABEL_DROPOUT)], dim=-1)
+    return reference.uniform(reference.philox4x32(counters, key)[:, 0]) <= p
+
+
+def drop_labels(labels: torch.Tensor, key: int, sample_ids: torch.Tensor, p: float) -> torch.Tensor:
+    """labels [B, label_dim] with the dropped samples' rows set to zero (the "no label" input)."""
+    keep = ~label_dropout_mask(key, sample_ids, p)
+    return labels * keep.to(labels.dtype).unsqueeze(1)
+
 
 _NUM_DRAWS = 24                    # fixed draw slots per sample (6 Philox blocks)
 

@@ -26,6 +26,7 @@ import torch
 
 from pfgmpp_fast import reference as R
 from pfgmpp_fast.checkpoint import load_network, save_network
+from pfgmpp_fast.training.augment import drop_labels
 from pfgmpp_fast.training.options import (PRECISIONS, RESUME_KEYS, TrainingError, TrainingOptions, jsonable,
                                           option_diffs)
 from pfgmpp_fast.training.ema import HalfLifeEMA, PowerFunctionEMA
@@ -251,6 +252,8 @@ class TrainingRun:
                 y, labels = self.dataset.get_batch(chunk, device=dev)
                 ids = torch.arange(first_id + r * g.batch_gpu, first_id + (r + 1) * g.batch_gpu,
                                    dtype=torch.int64, device=dev)
+                if o["label_dropout"] > 0:
+                    labels = drop_labels(labels, o["seed"], ids, o["label_dropout"])
                 augment_labels = None
                 if self.augment_pipe is not None:
                     y, augment_labels = self.augment_pipe(y, o["seed"], ids, backend=_aug_backend(o["backend"]))

@@ -38,6 +38,8 @@ class TrainingOptions:
     phema_snap_kimg: float = 5000.0       # kimg between power-function EMA snapshots
     dropout: float = 0.13                 # dropout probability of the network
     augment: float = 0.12                 # augmentation probability (0 = off; the network then has no augment input)
+    label_dropout: float = 0.0            # probability that a sample's label becomes "no label" (zeros), for
+                                          # classifier-free guidance; needs cond
     xflip: bool = False                   # dataset x-flips (doubles the data set)
     duration_mimg: float = 200.0          # training length (Mimg)
     tick_kimg: float = 50.0               # images per tick (one host sync, one log line per tick)
@@ -78,7 +80,7 @@ BACKENDS = ("auto", "triton", "cuda", "cpu", "reference")
 # Options a resumed run must share with the run that wrote the state.
 RESUME_KEYS = ("data", "cond", "arch", "D", "batch", "seed", "P_mean", "P_std", "sigma_data", "augment",
                "xflip", "network", "lr", "lr_rampup_kimg", "ema_halflife_kimg", "ema_rampup_ratio", "dropout",
-               "max_size")
+               "max_size", "label_dropout")
 
 
 class TrainingError(RuntimeError):
@@ -122,7 +124,7 @@ def resolve_options(**options) -> TrainingOptions:
         o[name] = None if o[name] is None else checks.check_number(name, o[name], allow_zero=True)
     for name in ("snap_ticks", "dump_ticks"):
         o[name] = None if o[name] is None else int(checks.check_number(name, o[name], integer=True))
-    for name in ("dropout", "augment"):
+    for name in ("dropout", "augment", "label_dropout"):
         v = checks.check_number(name, o[name], allow_zero=True)
         if v > 1:
             raise InvalidValue(name, f"must be in [0, 1], got {v}")
@@ -140,6 +142,8 @@ def resolve_options(**options) -> TrainingOptions:
         o["max_size"] = int(checks.check_number("max_size", o["max_size"], integer=True))
     for name in ("cond", "xflip", "deterministic", "trust_pickle", "cudnn_benchmark"):
         o[name] = checks.as_bool(name, o[name])
+    if o["label_dropout"] > 0 and not o["cond"]:
+        raise InvalidValue("label_dropout", f"= {o['label_dropout']:g} needs cond (a class-conditional network: --cond)")
     for name in ("compile", "channels_last", "progress"):
         if o[name] != "auto":
             o[name] = checks.as_bool(name, o[name])

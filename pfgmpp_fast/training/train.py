@@ -167,6 +167,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
       help="kimg between power-function EMA snapshots (written at the first tick end after each multiple)")
     a("--dropout", type=float, default=d["dropout"])
     a("--augment", type=float, default=d["augment"], help="augmentation probability (0 = off)")
+    a("--label-dropout", dest="label_dropout", type=float, default=d["label_dropout"], metavar="P",
+      help="with --cond: replace a sample's label by 'no label' with probability P, for classifier-free guidance "
+           "(generate --guidance W --gnet uncond)")
     a("--xflip", action=BoolOption, default=False, help="dataset x-flips; --xflip=0/1 too")
     a("--duration", dest="duration_mimg", type=float, default=d["duration_mimg"], help="training duration (Mimg)")
     a("--tick", dest="tick_kimg", type=float, default=d["tick_kimg"], help="kimg per tick")
