@@ -17,16 +17,12 @@ from typing import Optional
 import torch
 
 from pfgmpp_fast import checks
+from pfgmpp_fast.networks import is_precond_net
 from pfgmpp_fast.utils.cli_errors import InvalidType, InvalidValue
 
-__all__ = ["UNCOND", "has_precond", "check_guide", "check_guide_network", "Guide"]
+__all__ = ["UNCOND", "check_guide", "check_guide_network", "Guide"]
 
 UNCOND = "uncond"   # gnet: the network itself with the "no label" input (zero one-hot): classifier-free guidance
-
-
-def has_precond(net) -> bool:
-    """An EDMPrecond-like network: the sampler calls `.raw` and applies the preconditioning itself."""
-    return hasattr(net, "raw") and hasattr(net, "sigma_data")
 
 
 def _label_dim(net) -> int:
@@ -92,8 +88,8 @@ class Guide:
             self.both_labels = None if cond is None else torch.cat([cond, guide_labels.to(cond.dtype)])
         self.guide_labels = guide_labels
         # Combine raw outputs only where both networks' D = c_skip·x + c_out·F share c_skip, c_out.
-        self.raw_compatible = has_precond(net) and (self.batched or (
-            has_precond(gnet) and float(gnet.sigma_data) == float(net.sigma_data)))
+        self.raw_compatible = is_precond_net(net) and (self.batched or (
+            is_precond_net(gnet) and float(gnet.sigma_data) == float(net.sigma_data)))
 
     def combine(self, F_guide: torch.Tensor, F: torch.Tensor) -> torch.Tensor:
         """F_G + W·(F − F_G) in at least fp32: one fused elementwise op (EDM2's lerp)."""

@@ -16,7 +16,6 @@ from torch import Tensor
 
 from pfgmpp_fast import checks
 from pfgmpp_fast import reference as R
-from pfgmpp_fast.checks import BACKENDS  # noqa: F401  (sampler.py reads ops.BACKENDS)
 
 NET_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 
@@ -236,14 +235,14 @@ def prior(shape, D, sigma_max, key, seeds, dtype=torch.float32, device=None, bac
     shape, D, sigma_max, key, seeds = checks.check_prior(shape, D, sigma_max, key, seeds, device)
     if dtype not in (torch.float32, torch.float64):
         raise TypeError(f"dtype must be torch.float32 or torch.float64, got {dtype}")
-    latents = _prior(shape, D, sigma_max, key, seeds, dtype, backend)
+    latents = prior_unchecked(shape, D, sigma_max, key, seeds, dtype, backend)
     report = checks.DeviceReport()
     report.ids(seeds, "seeds")          # on a GPU: read once (on the CPU check_sample_ids did it)
     report.raise_if_any()
     return latents
 
 
-def _prior(shape, D: float, sigma_max: float, key: int, seeds: Tensor, dtype, backend: str) -> Tensor:
+def prior_unchecked(shape, D: float, sigma_max: float, key: int, seeds: Tensor, dtype, backend: str) -> Tensor:
     sigma = torch.full((shape[0],), sigma_max, dtype=torch.float64, device=seeds.device)
     s = _noise_scale(sigma, D, key, seeds, backend).to(dtype)
     g = philox_normal(key, seeds, math.prod(shape[1:]), R.STREAM_NOISE, backend=backend).to(dtype)

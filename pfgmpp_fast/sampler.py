@@ -24,7 +24,8 @@ from pfgmpp_fast import ops
 from pfgmpp_fast import checks
 from pfgmpp_fast import reference as R
 from pfgmpp_fast import reference_multistep as RM
-from pfgmpp_fast.guidance import UNCOND, Guide, check_guide, has_precond
+from pfgmpp_fast.guidance import UNCOND, Guide, check_guide
+from pfgmpp_fast.networks import is_precond_net
 
 __all__ = ["SamplerOptions", "SOLVERS", "UNCOND", "sampler_options", "split_sampler_options", "sample", "Sampler"]
 
@@ -57,7 +58,7 @@ class SamplerOptions:
     net_dtype: Optional[torch.dtype] = None   # network input dtype (None: float32 for an EDMPrecond-like
                                               # network, else `dtype`)
     channels_last: Optional[bool] = None      # channels-last network input (None: the network's channels_last)
-    backend: str = "auto"                     # fused-op backend, one of ops.BACKENDS
+    backend: str = "auto"                     # fused-op backend, one of checks.BACKENDS
     progress: bool = False                    # a progress bar over the steps
 
     def __post_init__(self):
@@ -77,8 +78,7 @@ class SamplerOptions:
             raise TypeError(f"net_dtype must be None or one of {ops.NET_DTYPES}, got {self.net_dtype}")
         if self.channels_last is not None:
             fix("channels_last", checks.as_bool("channels_last", self.channels_last))
-        if self.backend not in ops.BACKENDS:
-            raise ValueError(f"backend must be one of {ops.BACKENDS}, got {self.backend!r}")
+        checks.check_backend(self.backend)
         fix("progress", checks.as_bool("progress", self.progress))
 
     @property
@@ -131,7 +131,7 @@ class _NetAdapter:
 
     def __init__(self, net, B, device, class_labels, guide: Optional[Guide] = None):
         # EDMPrecond-like: the sampler calls net.raw and applies c_skip / c_out / c_in in the update kernels.
-        self.precond_in_kernels = has_precond(net) and (guide is None or guide.raw_compatible)
+        self.precond_in_kernels = is_precond_net(net) and (guide is None or guide.raw_compatible)
         self.net, self.B, self.device, self.labels, self.guide = net, B, device, class_labels, guide
         self.sd = float(net.sigma_data) if self.precond_in_kernels else None
 
@@ -201,7 +201,7 @@ class Sampler:
     def prior(self, shape, seeds: torch.Tensor) -> torch.Tensor:
         """Latents at σ_max for `seeds` (checked int64 ids on the target device)."""
         o = self.options
-        return ops._prior(tuple(shape), self.D, o.sigma_max, self.key, seeds, o.dtype, o.backend)
+        return ops.prior_unchecked(tuple(shape), self.D, o.sigma_max, self.key, seeds, o.dtype, o.backend)
 
     def __call__(self, net, latents, seeds, class_labels=None, requires_grad: bool = False, *,
                  gnet=None) -> torch.Tensor:

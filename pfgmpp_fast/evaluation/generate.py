@@ -337,7 +337,7 @@ def add_sampler_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--no-compile", dest="compile", action="store_false")
     g.add_argument("--cuda-graphs", dest="cuda_graphs", action="store_true", default=None)
     g.add_argument("--no-cuda-graphs", dest="cuda_graphs", action="store_false")
-    g.add_argument("--backend", choices=["auto", "reference", "triton", "cuda", "cpu"], default="auto",
+    g.add_argument("--backend", choices=checks.BACKENDS, default="auto",
                    help="fused-op backend (default auto)")
     g.add_argument("--device", default=None, help="default: cuda:LOCAL_RANK if available, else cpu")
     add_threads_argument(g)

@@ -15,7 +15,7 @@ import torch
 from pfgmpp_fast import checks
 from pfgmpp_fast.utils.cli_errors import InvalidArgument, InvalidType, InvalidValue, MissingFile
 
-__all__ = ["TrainingOptions", "DEFAULTS", "ARCHES", "PRECISIONS", "BACKENDS", "RESUME_KEYS", "TrainingError",
+__all__ = ["TrainingOptions", "DEFAULTS", "ARCHES", "PRECISIONS", "RESUME_KEYS", "TrainingError",
            "resolve_options", "jsonable", "option_diffs"]
 
 
@@ -76,7 +76,6 @@ class TrainingOptions:
 DEFAULTS = TrainingOptions().as_dict()
 ARCHES = ("ddpmpp", "ncsnpp", "adm")
 PRECISIONS = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}
-BACKENDS = ("auto", "triton", "cuda", "cpu", "reference")
 # Options a resumed run must share with the run that wrote the state.
 RESUME_KEYS = ("data", "cond", "arch", "D", "batch", "seed", "P_mean", "P_std", "sigma_data", "augment",
                "xflip", "network", "lr", "lr_rampup_kimg", "ema_halflife_kimg", "ema_rampup_ratio", "dropout",
@@ -85,6 +84,18 @@ RESUME_KEYS = ("data", "cond", "arch", "D", "batch", "seed", "P_mean", "P_std", 
 
 class TrainingError(RuntimeError):
     """A training run stopped for a reason the user must act on (non-finite losses, ...)."""
+
+
+def parse_network_overrides(text: str) -> dict:
+    """The network overrides given as JSON text (`--network`): a JSON object, else InvalidValue."""
+    try:
+        network = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise InvalidValue("network", f"must be a JSON object of network overrides, e.g. "
+                                      f"'{{\"model_channels\": 64}}', got {text!r} ({exc})", sep=": ") from None
+    if not isinstance(network, dict):
+        raise InvalidValue("network", f"must be a JSON object of network overrides, got {text!r}", sep=": ")
+    return network
 
 
 def resolve_options(**options) -> TrainingOptions:
@@ -149,16 +160,12 @@ def resolve_options(**options) -> TrainingOptions:
             o[name] = checks.as_bool(name, o[name])
     if o["precision"] not in ("auto", *PRECISIONS):
         raise InvalidValue("precision", f"must be one of auto, bf16, fp16, fp32, got {o['precision']!r}")
-    if o["backend"] not in BACKENDS:
-        raise InvalidValue("backend", f"must be one of {BACKENDS}, got {o['backend']!r}")
+    if o["backend"] not in checks.BACKENDS:
+        raise InvalidValue("backend", f"must be one of {checks.BACKENDS}, got {o['backend']!r}")
     if o["network"] is None:
         o["network"] = {}
     if isinstance(o["network"], str):
-        try:
-            o["network"] = json.loads(o["network"])
-        except json.JSONDecodeError as exc:
-            raise InvalidValue("network", f"must be a JSON object of network overrides, "
-                                          f"got {o['network']!r}: {exc}") from None
+        o["network"] = parse_network_overrides(o["network"])
     if not isinstance(o["network"], dict):
         raise InvalidType("network", f"must be a dict of network overrides, got {type(o['network']).__name__}")
     if o["resume"] is not None and o["resume"] != "auto" and not os.path.isfile(o["resume"]):

@@ -25,11 +25,12 @@ import math
 import os
 import shutil
 
+from pfgmpp_fast import checks
 from pfgmpp_fast.checks import parse_D, parse_int_list
 from pfgmpp_fast.training.data import default_cache_dir
 from pfgmpp_fast.training.loop import TrainingRun
-from pfgmpp_fast.training.options import (ARCHES, BACKENDS, DEFAULTS, TrainingOptions, jsonable, option_diffs,
-                                          resolve_options)
+from pfgmpp_fast.training.options import (ARCHES, DEFAULTS, TrainingOptions, jsonable, option_diffs,
+                                          parse_network_overrides, resolve_options)
 from pfgmpp_fast.training.run_files import (check_fresh_run_dir, drop_stats_after, find_latest_state,
                                             latest_numbered_run_dir, next_numbered_run_dir, remove_temp_files,
                                             run_files_in)
@@ -184,7 +185,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     a("--no-compile", dest="compile", action="store_false")
     a("--channels-last", dest="channels_last", action="store_true", default=None)
     a("--no-channels-last", dest="channels_last", action="store_false")
-    a("--backend", choices=BACKENDS, default=d["backend"], help="kernel backend of the fused loss")
+    a("--backend", choices=checks.BACKENDS, default=d["backend"], help="kernel backend of the fused loss")
     a("--device", default=d["device"])
     a("--resume", default=None, help="'auto' (newest intact state in the run dir) or a training-state file")
     a("--transfer", default=None, help="initialise the network from this file")
@@ -230,13 +231,8 @@ def _add_published_arguments(g) -> None:
 
 def _network_overrides(args) -> dict:
     """--network (JSON), then --cres, --cbase, --nblock (UsageError when one contradicts --network)."""
-    try:
-        network = json.loads(args.network) if args.network else {}
-    except json.JSONDecodeError as exc:
-        raise UsageError("--network", f"must be a JSON object of network overrides, e.g. "
-                                      f"'{{\"model_channels\": 64}}', got {args.network!r} ({exc})") from None
-    if not isinstance(network, dict):
-        raise UsageError("--network", f"must be a JSON object of network overrides, got {args.network!r}")
+    with blame("--network"):
+        network = parse_network_overrides(args.network) if args.network else {}
     cres = None
     if args.cres:
         with blame("--cres"):
