@@ -10,6 +10,7 @@ Environment:
     CUDA_HOME / CUDA_PATH      CUDA toolkit root (default: /usr/local/cuda, else nvcc on PATH)
     MAX_JOBS                   parallel compile jobs (default: 2)
 """
+
 import glob
 import os
 import shutil
@@ -148,22 +149,25 @@ class CMakeBuild(build_ext):
             nvrtc = _nvrtc_library(cuda_home)
             if nvrtc:
                 cmake_args.append(f"-DCUDA_nvrtc_LIBRARY={nvrtc}")
-            print(f"pfgmpp_fast: building CUDA kernels for {env['TORCH_CUDA_ARCH_LIST']} "
-                  f"with {cuda_home}", flush=True)
+            print(f"pfgmpp_fast: building CUDA kernels for {env['TORCH_CUDA_ARCH_LIST']} with {cuda_home}", flush=True)
         else:
             # CMakeLists.txt then reads torch's headers and libraries without its CMake
             # config (which needs a CUDA toolkit whenever torch is a CUDA build).
             cmake_args.append("-DPFGMPP_WITH_CUDA=OFF")
-            why = ("PFGMPP_FAST_NO_CUDA is set" if not want_cuda else
-                   "nvcc not found" if cuda_home is None else "torch is a CPU-only build")
+            why = (
+                "PFGMPP_FAST_NO_CUDA is set"
+                if not want_cuda
+                else "nvcc not found"
+                if cuda_home is None
+                else "torch is a CPU-only build"
+            )
             print(f"pfgmpp_fast: building CPU kernels only ({why})", flush=True)
 
         jobs = os.environ.get("MAX_JOBS", "2")
         cmake = _cmake_executable()
         # A failing CUDA compile fails the build: no silent CPU-only fallback.
         subprocess.run([cmake, str(ROOT), *cmake_args], cwd=build_dir, env=env, check=True)
-        subprocess.run([cmake, "--build", ".", "--config", "Release", "-j", jobs],
-                       cwd=build_dir, env=env, check=True)
+        subprocess.run([cmake, "--build", ".", "--config", "Release", "-j", jobs], cwd=build_dir, env=env, check=True)
 
 
 setup(

@@ -18,6 +18,7 @@ What the published implementation (an EDM fork: training/loss.py, generate.py) d
 These functions reproduce that work per call so benchmarks/bench_kernels.py can time it on
 the same tensors as the fused ops.  They are a comparison baseline, not a spec.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -37,7 +38,7 @@ def published_loss_fwd_bwd(F, x, y, sigma, c_skip, c_out, sigma_data=0.5):
     """weight·(c_skip·x + c_out·F − y)², summed / B, and dL/dF through autograd."""
     F = F.detach().requires_grad_(True)
     shape = (-1,) + (1,) * (y.dim() - 1)
-    weight = (sigma ** 2 + sigma_data ** 2) / (sigma * sigma_data) ** 2
+    weight = (sigma**2 + sigma_data**2) / (sigma * sigma_data) ** 2
     D_x = c_skip.view(shape) * x + c_out.view(shape) * F.to(torch.float32)
     loss = (weight.view(shape) * (D_x - y) ** 2).sum() / y.shape[0]
     loss.backward()

@@ -16,6 +16,7 @@ privately, without the shared pages of a memory-mapped cache), and the seconds s
 load_dataset. ``--pythonpath`` runs the ranks on another checkout (e.g. the code before the
 cache) for comparison.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -42,22 +43,30 @@ def _rss_anon_mib() -> float:
 def worker(spec: str, out: str, launched: float) -> None:
     """One rank: the data part of TrainingRun.setup, timed."""
     import torch
+
     from pfgmpp_fast.training.data import GlobalBatchSampler, load_dataset
     from pfgmpp_fast.utils import distributed
+
     torch.set_num_threads(1)
     device = distributed.init("cpu")
     start = time.time()
     dataset = load_dataset(spec)
     if dataset.images.numel() * dataset.images.element_size() < (2 << 30):
-        dataset = dataset.to(device)           # loop.py: the device-resident path (a no-op on the CPU)
+        dataset = dataset.to(device)  # loop.py: the device-resident path (a no-op on the CPU)
     loaded = time.time()
     sampler = GlobalBatchSampler(len(dataset), seed=0, device=dataset.images.device)
     rank, world = distributed.get_rank(), distributed.get_world_size()
     images, _ = dataset.get_batch(sampler.batch(0, 512, rank, world), device=device)
     ready = time.time()
-    row = {"rank": rank, "ready_s": ready - launched, "load_s": loaded - start,
-           "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "rss_anon_mib": _rss_anon_mib(),
-           "images": dataset.num_images, "batch_mean": float(images.mean())}
+    row = {
+        "rank": rank,
+        "ready_s": ready - launched,
+        "load_s": loaded - start,
+        "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "rss_anon_mib": _rss_anon_mib(),
+        "images": dataset.num_images,
+        "batch_mean": float(images.mean()),
+    }
     with open(os.path.join(out, f"rank-{rank}.json"), "w") as f:
         json.dump(row, f)
     distributed.close()
@@ -65,8 +74,10 @@ def worker(spec: str, out: str, launched: float) -> None:
 
 def make_zip(path: str, count: int) -> None:
     import numpy as np
+
     sys.path.insert(0, ROOT)
     from pfgmpp_fast.training.dataset_tool import build_dataset
+
     with tempfile.TemporaryDirectory() as tmp:
         array = os.path.join(tmp, "images.npy")
         np.save(array, np.random.default_rng(0).integers(0, 256, (count, 32, 32, 3), dtype=np.uint8))
@@ -77,8 +88,22 @@ def start(args, label: str, which: str) -> list:
     out = tempfile.mkdtemp(prefix="bench-data-")
     env = {**os.environ, "PYTHONPATH": args.pythonpath or ROOT, "OMP_NUM_THREADS": "1"}
     launched = time.time()
-    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.ranks}",
-                    os.path.abspath(__file__), "--worker", args.data, out, repr(launched)], env=env, check=True)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            f"--nproc_per_node={args.ranks}",
+            os.path.abspath(__file__),
+            "--worker",
+            args.data,
+            out,
+            repr(launched),
+        ],
+        env=env,
+        check=True,
+    )
     rows = []
     for path in sorted(glob.glob(os.path.join(out, "rank-*.json"))):
         with open(path) as f:
@@ -99,15 +124,18 @@ def main() -> None:
     args = p.parse_args()
     if not os.path.exists(args.data):
         make_zip(args.data, args.images)
-    for old in glob.glob(os.path.join(os.path.dirname(os.path.abspath(args.data)),
-                                      os.path.basename(args.data) + ".*.pfgmpp-cache")):
-        os.unlink(old)                         # the first start finds no cache
+    for old in glob.glob(
+        os.path.join(os.path.dirname(os.path.abspath(args.data)), os.path.basename(args.data) + ".*.pfgmpp-cache")
+    ):
+        os.unlink(old)  # the first start finds no cache
     rows = start(args, args.label, "first") + start(args, args.label, "second")
     print("| code | start | rank | ready (s) | load_dataset (s) | peak RSS (MiB) | RssAnon at ready (MiB) |")
     print("|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['code']} | {r['start']} | {r['rank']} | {r['ready_s']:.1f} | {r['load_s']:.1f} | "
-              f"{r['peak_rss_mib']:.0f} | {r['rss_anon_mib']:.0f} |")
+        print(
+            f"| {r['code']} | {r['start']} | {r['rank']} | {r['ready_s']:.1f} | {r['load_s']:.1f} | "
+            f"{r['peak_rss_mib']:.0f} | {r['rss_anon_mib']:.0f} |"
+        )
 
 
 if __name__ == "__main__":

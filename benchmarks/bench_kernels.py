@@ -17,6 +17,7 @@ counted; on the GPU the fast backends are also timed as a CUDA-graph replay (`gr
 `iqr_pct` is the spread of the samples. The JSON is rewritten after every op, so a run
 killed part-way keeps the ops it finished.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -45,12 +46,12 @@ if device.type == "cpu":
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+import baselines  # noqa: E402
 import numpy as np  # noqa: E402
 
-import baselines  # noqa: E402
-from pfgmpp_fast.utils import benchmarking as bm  # noqa: E402
 from pfgmpp_fast import ops  # noqa: E402
 from pfgmpp_fast import reference as R  # noqa: E402
+from pfgmpp_fast.utils import benchmarking as bm  # noqa: E402
 
 
 def fast_backends():
@@ -76,42 +77,95 @@ def make_cases(shape, D, key, stream):
     sigma = torch.exp(torch.randn(B, device=device, generator=gen, dtype=torch.float64) * 1.2 - 1.2)
     c_skip, c_out, c_in, _ = (t.to(torch.float32) for t in R.precond(sigma))
     scale = R.noise_scale(sigma, D, key, ids).to(torch.float32)
-    F = torch.randn(shape, device=device, generator=gen).to(torch.bfloat16).contiguous(memory_format=torch.channels_last)
+    F = (
+        torch.randn(shape, device=device, generator=gen)
+        .to(torch.bfloat16)
+        .contiguous(memory_format=torch.channels_last)
+    )
     x = torch.randn(shape, device=device, generator=gen) * 5
     base = torch.randn(shape, device=device, generator=gen) * 5
     x_perturbed = y + scale.view(-1, 1, 1, 1) * torch.randn_like(y)
     rng = np.random.default_rng(0)
     t_hat, t_next = 2.5, 1.9
     sd2 = 0.25
-    cs1, co1, ci2 = sd2 / (t_hat ** 2 + sd2), t_hat * 0.5 / math.sqrt(t_hat ** 2 + sd2), 1 / math.sqrt(t_next ** 2 + sd2)
-    cs2, co2 = sd2 / (t_next ** 2 + sd2), t_next * 0.5 / math.sqrt(t_next ** 2 + sd2)
+    cs1, co1, ci2 = sd2 / (t_hat**2 + sd2), t_hat * 0.5 / math.sqrt(t_hat**2 + sd2), 1 / math.sqrt(t_next**2 + sd2)
+    cs2, co2 = sd2 / (t_next**2 + sd2), t_next * 0.5 / math.sqrt(t_next**2 + sd2)
     A1, B1, h = (1 - cs1) / t_hat, -co1 / t_hat, t_next - t_hat
     A2, B2 = (1 - cs2) / t_next, -co2 / t_next
     x64, base64 = x.double(), base.double()
     d64 = torch.randn(shape, device=device, dtype=torch.float64, generator=gen)
     return {
         "philox_normal": dict(  # the RNG alone: perturb's arithmetic ceiling
-            bytes=4, call=lambda be, impl: impl(key, ids, N, stream, **be),
-            op=ops.philox_normal, ref=R.normal,
-            published=lambda: torch.randn_like(y)),
+            bytes=4,
+            call=lambda be, impl: impl(key, ids, N, stream, **be),
+            op=ops.philox_normal,
+            ref=R.normal,
+            published=lambda: torch.randn_like(y),
+        ),
         "perturb": dict(
-            bytes=6, call=lambda be, impl: impl(y, scale, c_in, ids, key, stream, torch.bfloat16, True, False, **be),
-            op=ops.perturb_op, ref=R.ref_perturb,
-            published=lambda: baselines.published_perturb_net_input(y, sigma.float(), D, c_in, rng, torch.bfloat16)),
+            bytes=6,
+            call=lambda be, impl: impl(y, scale, c_in, ids, key, stream, torch.bfloat16, True, False, **be),
+            op=ops.perturb_op,
+            ref=R.ref_perturb,
+            published=lambda: baselines.published_perturb_net_input(y, sigma.float(), D, c_in, rng, torch.bfloat16),
+        ),
         "loss_fwd_bwd": dict(
-            bytes=8, call=lambda be, impl: impl(F, y, scale, c_skip, c_out, ids, key, stream, 1.0 / B, **be),
-            op=ops.loss_fwd_bwd, ref=R.ref_loss_fwd_bwd,
-            published=lambda: baselines.published_loss_fwd_bwd(F, x_perturbed, y, sigma.float(), c_skip, c_out)),
+            bytes=8,
+            call=lambda be, impl: impl(F, y, scale, c_skip, c_out, ids, key, stream, 1.0 / B, **be),
+            op=ops.loss_fwd_bwd,
+            ref=R.ref_loss_fwd_bwd,
+            published=lambda: baselines.published_loss_fwd_bwd(F, x_perturbed, y, sigma.float(), c_skip, c_out),
+        ),
         "sampler_stage1": dict(
-            bytes=16, call=lambda be, impl: impl(x, F, None, A1, B1, h, 0.5 * h, ids, key, 0.0, R.stream_alpha(3), 0.0,
-                                                 R.stream_churn(3), ci2, torch.bfloat16, True, **be),
-            op=ops.sampler_update, ref=R.ref_sampler_update,
-            published=lambda: baselines.published_sampler_stage1(x64, F, t_hat, t_next, cs1, co1, ci2)),
+            bytes=16,
+            call=lambda be, impl: impl(
+                x,
+                F,
+                None,
+                A1,
+                B1,
+                h,
+                0.5 * h,
+                ids,
+                key,
+                0.0,
+                R.stream_alpha(3),
+                0.0,
+                R.stream_churn(3),
+                ci2,
+                torch.bfloat16,
+                True,
+                **be,
+            ),
+            op=ops.sampler_update,
+            ref=R.ref_sampler_update,
+            published=lambda: baselines.published_sampler_stage1(x64, F, t_hat, t_next, cs1, co1, ci2),
+        ),
         "sampler_stage2_churn": dict(
-            bytes=16, call=lambda be, impl: impl(x, F, base, A2, B2, 0.5 * h, None, ids, key, 0.0, R.stream_alpha(4), 0.3,
-                                                 R.stream_churn(4), ci2, torch.bfloat16, True, **be),
-            op=ops.sampler_update, ref=R.ref_sampler_update,
-            published=lambda: baselines.published_sampler_stage2(base64, x64, d64, F, t_hat, t_next, cs2, co2, ci2)),
+            bytes=16,
+            call=lambda be, impl: impl(
+                x,
+                F,
+                base,
+                A2,
+                B2,
+                0.5 * h,
+                None,
+                ids,
+                key,
+                0.0,
+                R.stream_alpha(4),
+                0.3,
+                R.stream_churn(4),
+                ci2,
+                torch.bfloat16,
+                True,
+                **be,
+            ),
+            op=ops.sampler_update,
+            ref=R.ref_sampler_update,
+            published=lambda: baselines.published_sampler_stage2(base64, x64, d64, F, t_hat, t_next, cs2, co2, ci2),
+        ),
     }
 
 
@@ -125,8 +179,9 @@ class Timer:
 
     def __call__(self, fn, graph=False, max_time_s=None):
         try:
-            return bm.time_stats(fn, device, warmup=self.warmup, reps=self.reps, inner=self.inner,
-                                 graph=graph, max_time_s=max_time_s)
+            return bm.time_stats(
+                fn, device, warmup=self.warmup, reps=self.reps, inner=self.inner, graph=graph, max_time_s=max_time_s
+            )
         except Exception as exc:
             print(f"    failed{' (CUDA graph)' if graph else ''}: {type(exc).__name__}: {str(exc)[:200]}", flush=True)
             return None
@@ -136,9 +191,12 @@ def measure_op(name, spec, n_el, copy, timer, compile_ok, rng_ms):
     """Rows of one op: the three baselines, then each fast backend (with its CUDA-graph time)."""
     nbytes = spec["bytes"] * n_el
     print(f"  {name}: published / reference / compiled reference ...", flush=True)
-    slow = None if args.smoke else 3.0   # seconds of samples per baseline (>= 2 samples): the phase is short
-    base = {"published": timer(spec["published"], max_time_s=slow),
-            "reference": timer(lambda: spec["call"]({}, spec["ref"]), max_time_s=slow), "compiled_reference": None}
+    slow = None if args.smoke else 3.0  # seconds of samples per baseline (>= 2 samples): the phase is short
+    base = {
+        "published": timer(spec["published"], max_time_s=slow),
+        "reference": timer(lambda: spec["call"]({}, spec["ref"]), max_time_s=slow),
+        "compiled_reference": None,
+    }
     if compile_ok:
         compiled = torch.compile(spec["ref"], dynamic=False)
         base["compiled_reference"] = timer(lambda: spec["call"]({}, compiled), max_time_s=slow)
@@ -163,9 +221,11 @@ def measure_op(name, spec, n_el, copy, timer, compile_ok, rng_ms):
             row["x_floor"] = st["ms"] / row["floor_ms"]
         rows.append(row)
         summary.append(row)
-        print(f"    {be}: {st['ms']:.4f} ms (IQR {st['iqr_pct']:.0f}%), {row['GBps']:.1f} GB/s "
-              f"({row['pct_copy']:.0f}% of copy)" + (f", {row['x_floor']:.2f}x floor" if "x_floor" in row else ""),
-              flush=True)
+        print(
+            f"    {be}: {st['ms']:.4f} ms (IQR {st['iqr_pct']:.0f}%), {row['GBps']:.1f} GB/s "
+            f"({row['pct_copy']:.0f}% of copy)" + (f", {row['x_floor']:.2f}x floor" if "x_floor" in row else ""),
+            flush=True,
+        )
     return rows, summary
 
 
@@ -173,8 +233,16 @@ def _row(op, backend, st, nbytes, copy):
     if st is None:
         return dict(op=op, backend=backend, ms=None, GBps=None, pct_copy=None)
     gbps = nbytes / st["ms"] / 1e6
-    return dict(op=op, backend=backend, ms=st["ms"], min_ms=st["min_ms"], iqr_pct=st["iqr_pct"],
-                inner=st["inner"], GBps=gbps, pct_copy=100 * gbps / copy)
+    return dict(
+        op=op,
+        backend=backend,
+        ms=st["ms"],
+        min_ms=st["min_ms"],
+        iqr_pct=st["iqr_pct"],
+        inner=st["inner"],
+        GBps=gbps,
+        pct_copy=100 * gbps / copy,
+    )
 
 
 def main():
@@ -190,10 +258,20 @@ def main():
     cases = make_cases(shape, args.D, 2**33 + 7, R.STREAM_NOISE)
     timer = Timer(smoke)
     compile_ok = not args.no_compile and not (smoke and device.type == "cpu")
-    payload = dict(suite="kernels", environment=env, smoke=smoke, ceilings=ceil, shape=list(shape),
-                   elements=n_el, D=args.D, bytes_per_element={k: v["bytes"] for k, v in cases.items()},
-                   timing=dict(inner=timer.inner, reps=timer.reps, graph=device.type == "cuda"),
-                   rows=[], summary=[], complete=False)
+    payload = dict(
+        suite="kernels",
+        environment=env,
+        smoke=smoke,
+        ceilings=ceil,
+        shape=list(shape),
+        elements=n_el,
+        D=args.D,
+        bytes_per_element={k: v["bytes"] for k, v in cases.items()},
+        timing=dict(inner=timer.inner, reps=timer.reps, graph=device.type == "cuda"),
+        rows=[],
+        summary=[],
+        complete=False,
+    )
     rng_ms = {}
     for name, spec in cases.items():
         rows, summary = measure_op(name, spec, n_el, copy, timer, compile_ok, rng_ms)

@@ -8,6 +8,7 @@ addcmul), timed interleaved in one run, for 1 and 2 threads (issue 4's CPU targe
 Reports the minimum and the median per call in ms and the ratios of the minima (the
 machine may be shared: minima are the least disturbed samples).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -34,8 +35,7 @@ def timings(fns: dict, reps: int) -> dict:
             t0 = time.perf_counter()
             fn()
             samples[name].append(time.perf_counter() - t0)
-    return {name: {"min_ms": 1e3 * min(v), "median_ms": 1e3 * statistics.median(v)}
-            for name, v in samples.items()}
+    return {name: {"min_ms": 1e3 * min(v), "median_ms": 1e3 * statistics.median(v)} for name, v in samples.items()}
 
 
 def main():
@@ -62,22 +62,37 @@ def main():
         "cpp_perturb_bf16_cl": lambda: ops.perturb(y, s, c_in, ids, 1, 0, torch.bfloat16, True, False),
         "plain_randn_addcmul": lambda: torch.addcmul(y, s4, torch.randn_like(y)),
     }
-    result = {"device": platform.processor() or platform.machine(), "torch": torch.__version__,
-              "B": B, "N": 3 * 32 * 32, "D": args.D, "cpu_count": os.cpu_count(), "runs": {}}
+    result = {
+        "device": platform.processor() or platform.machine(),
+        "torch": torch.__version__,
+        "B": B,
+        "N": 3 * 32 * 32,
+        "D": args.D,
+        "cpu_count": os.cpu_count(),
+        "runs": {},
+    }
     for threads in (1, 2):
         torch.set_num_threads(threads)
         t = timings(fns, args.reps)
-        t.update(timings({"reference_eager": lambda: R.ref_perturb(
-            y, s, c_in, ids, 1, 0, torch.float32, False, False)}, args.ref_reps))
+        t.update(
+            timings(
+                {"reference_eager": lambda: R.ref_perturb(y, s, c_in, ids, 1, 0, torch.float32, False, False)},
+                args.ref_reps,
+            )
+        )
         cpp = t["cpp_perturb"]["min_ms"]
-        ratios = {"vs_reference": t["reference_eager"]["min_ms"] / cpp,
-                  "vs_plain_pytorch": t["plain_randn_addcmul"]["min_ms"] / cpp}
+        ratios = {
+            "vs_reference": t["reference_eager"]["min_ms"] / cpp,
+            "vs_plain_pytorch": t["plain_randn_addcmul"]["min_ms"] / cpp,
+        }
         result["runs"][str(threads)] = {"timings": t, "speedup": ratios}
         print(f"threads={threads}")
         for name, v in t.items():
             print(f"  {name:22s} min {v['min_ms']:8.3f} ms   median {v['median_ms']:8.3f} ms")
-        print(f"  C++ perturb: {ratios['vs_reference']:.1f}x the reference, "
-              f"{ratios['vs_plain_pytorch']:.2f}x plain PyTorch (randn + addcmul)")
+        print(
+            f"  C++ perturb: {ratios['vs_reference']:.1f}x the reference, "
+            f"{ratios['vs_plain_pytorch']:.2f}x plain PyTorch (randn + addcmul)"
+        )
     if args.out:
         d = os.path.dirname(os.path.abspath(args.out))
         with tempfile.NamedTemporaryFile("w", dir=d, delete=False, suffix=".tmp") as f:

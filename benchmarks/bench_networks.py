@@ -16,6 +16,7 @@ Forward = inference (eval, no_grad); fwd+bwd = training mode (dropout on), backw
 weighted sum of the output. Also measured in the same run: the device-copy and bf16 matmul
 ceilings (timing and ceilings: pfgmpp_fast/utils/benchmarking.py).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -94,8 +95,13 @@ def bench_variant(variant, arch, cfg, args, device):
     else:
         _set_tf32(True)
         compiled = args.compile_backend != 'none'
-        model = make_fast(net, dtype=dtype, compile=compiled, compile_backend=args.compile_backend if compiled else None,
-                          compile_mode=args.compile_mode)
+        model = make_fast(
+            net,
+            dtype=dtype,
+            compile=compiled,
+            compile_backend=args.compile_backend if compiled else None,
+            compile_mode=args.compile_mode,
+        )
     gen = torch.Generator(device=device).manual_seed(1)
     x, sigma, aug = _make_inputs(net, args.batch, device, gen)
     weight = torch.randn(x.shape, device=device, generator=gen)
@@ -106,6 +112,7 @@ def bench_variant(variant, arch, cfg, args, device):
     def fwd():
         with torch.no_grad():
             model(x, sigma, None, augment_labels=aug)
+
     _measure(result, 'forward', fwd, args, device)
 
     model.train()
@@ -115,6 +122,7 @@ def bench_variant(variant, arch, cfg, args, device):
         for p in params:
             p.grad = None
         (model(x, sigma, None, augment_labels=aug) * weight).sum().backward()
+
     _measure(result, 'fwd_bwd', fwd_bwd, args, device)
     _set_tf32(False)
     return result
@@ -128,9 +136,14 @@ def main(argv=None):
     p.add_argument('--warmup', type=int, default=None, help='untimed iterations after the first (default 5, smoke 1)')
     p.add_argument('--archs', default='ddpmpp,ncsnpp')
     p.add_argument('--variants', default='published,hand,fast')
-    p.add_argument('--compile-backend', default=None,
-                   help='torch.compile backend (default inductor; "none" = no compile, the smoke default)')
-    p.add_argument('--compile-mode', default=None, help='compile mode for the fast variant (e.g. max-autotune-no-cudagraphs)')
+    p.add_argument(
+        '--compile-backend',
+        default=None,
+        help='torch.compile backend (default inductor; "none" = no compile, the smoke default)',
+    )
+    p.add_argument(
+        '--compile-mode', default=None, help='compile mode for the fast variant (e.g. max-autotune-no-cudagraphs)'
+    )
     p.add_argument('--device', default=None)
     p.add_argument('--out', default=None, help='write results as JSON here (and a .md table next to it)')
     args = p.parse_args(argv)
@@ -146,21 +159,40 @@ def main(argv=None):
     # CIFAR-10 configs as published (augment_dim=9, dropout 0.13); smoke: the same shape, tiny.
     cfg = dict(resolution=32, channels=3, augment_dim=9)
     if args.smoke:
-        cfg = dict(resolution=8, channels=3, augment_dim=9, model_channels=16, channel_mult=[1, 2], num_blocks=1,
-                   attn_resolutions=[4])
+        cfg = dict(
+            resolution=8,
+            channels=3,
+            augment_dim=9,
+            model_channels=16,
+            channel_mult=[1, 2],
+            num_blocks=1,
+            attn_resolutions=[4],
+        )
 
     # The ceilings of this run (device copy, bf16 matmul) and its environment, as every suite has them.
-    results = dict(suite='networks', environment=bm.environment(device), ceilings=bm.ceilings(device, smoke=args.smoke),
-                   batch=args.batch, iters=args.iters, smoke=args.smoke, compile_backend=args.compile_backend,
-                   compile_mode=args.compile_mode, config=cfg, archs={})
+    results = dict(
+        suite='networks',
+        environment=bm.environment(device),
+        ceilings=bm.ceilings(device, smoke=args.smoke),
+        batch=args.batch,
+        iters=args.iters,
+        smoke=args.smoke,
+        compile_backend=args.compile_backend,
+        compile_mode=args.compile_mode,
+        config=cfg,
+        archs={},
+    )
     for arch in args.archs.split(','):
         row = {}
         for variant in args.variants.split(','):
             row[variant] = bench_variant(variant, arch, cfg, args, device)
             if device.type == 'cuda':
                 torch.cuda.empty_cache()  # the variant's network and buffers are gone with its frame
-            print(f'{arch:7s} {variant:9s} fwd {row[variant]["forward_img_per_s"]:10.1f} img/s   '
-                  f'fwd+bwd {row[variant]["fwd_bwd_img_per_s"]:10.1f} img/s', flush=True)
+            print(
+                f'{arch:7s} {variant:9s} fwd {row[variant]["forward_img_per_s"]:10.1f} img/s   '
+                f'fwd+bwd {row[variant]["fwd_bwd_img_per_s"]:10.1f} img/s',
+                flush=True,
+            )
         ratios = {}
         for base in ('published', 'hand'):
             if base in row and 'fast' in row:
@@ -171,21 +203,37 @@ def main(argv=None):
         results['archs'][arch] = row
 
     # Rows for the suite driver (pfgmpp_fast.apps.bench) and the README table.
-    results['rows'] = [dict(arch=arch, variant=v, forward_img_per_s=r['forward_img_per_s'],
-                            fwd_bwd_img_per_s=r['fwd_bwd_img_per_s'])
-                       for arch, row in results['archs'].items() for v, r in row.items() if v != 'ratios']
+    results['rows'] = [
+        dict(arch=arch, variant=v, forward_img_per_s=r['forward_img_per_s'], fwd_bwd_img_per_s=r['fwd_bwd_img_per_s'])
+        for arch, row in results['archs'].items()
+        for v, r in row.items()
+        if v != 'ratios'
+    ]
     targets = {'published_fwd_bwd': '>= 5 (H100/H200)', 'hand_fwd_bwd': '>= 1.15 (H100/H200)'}
-    results['summary'] = [dict(metric=f'{arch} fast / {k.replace("fast_over_", "")}', value=val,
-                               target=targets.get(k.replace('fast_over_', ''), ''))
-                          for arch, row in results['archs'].items() for k, val in row['ratios'].items()
-                          if k.endswith('fwd_bwd')]
+    results['summary'] = [
+        dict(
+            metric=f'{arch} fast / {k.replace("fast_over_", "")}',
+            value=val,
+            target=targets.get(k.replace('fast_over_', ''), ''),
+        )
+        for arch, row in results['archs'].items()
+        for k, val in row['ratios'].items()
+        if k.endswith('fwd_bwd')
+    ]
     if args.out:
         bm.write_json(args.out, results)
         env = results['environment']
-        ratios = [dict(arch=arch, ratio=k, value=val) for arch, row in results['archs'].items()
-                  for k, val in row['ratios'].items()]
-        text = (f'# Network throughput ({env["device"]}, torch {env["torch"]}, batch {args.batch})\n\n'
-                + bm.markdown_table(results['rows']) + '\n' + bm.markdown_table(ratios))
+        ratios = [
+            dict(arch=arch, ratio=k, value=val)
+            for arch, row in results['archs'].items()
+            for k, val in row['ratios'].items()
+        ]
+        text = (
+            f'# Network throughput ({env["device"]}, torch {env["torch"]}, batch {args.batch})\n\n'
+            + bm.markdown_table(results['rows'])
+            + '\n'
+            + bm.markdown_table(ratios)
+        )
         bm.write_text(os.path.splitext(args.out)[0] + '.md', text)
     return results
 

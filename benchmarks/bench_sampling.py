@@ -27,6 +27,7 @@ instead of Inception — checks the script end to end, numbers mean nothing.
 Order: ours and the FID-50k projection first, then the baselines; the JSON is rewritten
 after each measurement, so a run killed part-way keeps what it finished.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -41,13 +42,13 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from pfgmpp_fast.utils import benchmarking as B  # noqa: E402
 from pfgmpp_fast.evaluation import generate as G  # noqa: E402
 from pfgmpp_fast.networks import build_network, make_fast  # noqa: E402
-
+from pfgmpp_fast.utils import benchmarking as B  # noqa: E402
 
 # ----------------------------------------------------------------------------------------
 # The published sampler's style (our own rewrite for timing; same work per image)
+
 
 def published_latents(seeds, shape, D, sigma_max, device):
     """Per-seed Python loop: torch.Generator Gaussian + numpy Beta radius, float64."""
@@ -108,6 +109,7 @@ class HandCompiled(torch.nn.Module):
 
 # ----------------------------------------------------------------------------------------
 
+
 def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -116,8 +118,11 @@ def parse_args(argv):
     p.add_argument("--batch", type=int, default=None, help="images per batch (default 512 on GPU)")
     p.add_argument("--reps", type=int, default=None)
     p.add_argument("--fid-slice", type=int, default=None, help="images measured for the FID-50k estimate")
-    p.add_argument("--inception-weights", default=None,
-                   help="real torch-fidelity weights (default: random weights of the same architecture)")
+    p.add_argument(
+        "--inception-weights",
+        default=None,
+        help="real torch-fidelity weights (default: random weights of the same architecture)",
+    )
     p.add_argument("--skip-published", action="store_true")
     return p.parse_args(argv)
 
@@ -126,9 +131,10 @@ def fid_estimate(fast, device, smoke, steps, batch, fid_slice, inception_weights
     """FID-50k wall time at this NFE: a measured slice (generation + features + statistics),
     extrapolated linearly, plus the measured Fréchet distance. (row, feature note) or (None, note)."""
     from pfgmpp_fast.evaluation import calc, features, metrics
+
     with tempfile.TemporaryDirectory() as tmp:
         if smoke:
-            extractor = features.get_feature_extractor("digits", device)      # trained once, cached
+            extractor = features.get_feature_extractor("digits", device)  # trained once, cached
             feature_note = "digits features (smoke)"
         else:
             try:
@@ -144,7 +150,7 @@ def fid_estimate(fast, device, smoke, steps, batch, fid_slice, inception_weights
                 return None, f"skipped: torch-fidelity not installed ({exc})"
         slice_seeds = np.arange(10_000, 10_000 + fid_slice, dtype=np.int64)
         warm = calc.GeneratorSource(fast, slice_seeds[:batch], device=device, num_steps=steps)
-        calc.calc_stats(warm, extractor, batch_size=batch, device=device)           # warm-up (compile)
+        calc.calc_stats(warm, extractor, batch_size=batch, device=device)  # warm-up (compile)
         B.sync(device)
         t0 = time.perf_counter()
         src = calc.GeneratorSource(fast, slice_seeds, device=device, num_steps=steps)
@@ -156,10 +162,20 @@ def fid_estimate(fast, device, smoke, steps, batch, fid_slice, inception_weights
         metrics.frechet_distance(mu, sigma, mu, sigma + np.eye(len(mu)) * 1e-3)
         fd_s = time.perf_counter() - t1
     est = slice_s * 50_000 / fid_slice + fd_s
-    print(f"FID-50k estimate: {est:.1f} s (extrapolated from {fid_slice} images in {slice_s:.2f} s; "
-          f"{feature_note})", flush=True)
-    return {"method": "FID-50k estimate", "batch": batch, "nfe": 2 * steps - 1, "measured_images": fid_slice,
-            "measured_s": slice_s, "frechet_s": fd_s, "fid50k_s_EXTRAPOLATED": est, "features": feature_note}, None
+    print(
+        f"FID-50k estimate: {est:.1f} s (extrapolated from {fid_slice} images in {slice_s:.2f} s; {feature_note})",
+        flush=True,
+    )
+    return {
+        "method": "FID-50k estimate",
+        "batch": batch,
+        "nfe": 2 * steps - 1,
+        "measured_images": fid_slice,
+        "measured_s": slice_s,
+        "frechet_s": fd_s,
+        "fid50k_s_EXTRAPOLATED": est,
+        "features": feature_note,
+    }, None
 
 
 def main(argv=None) -> int:
@@ -170,11 +186,20 @@ def main(argv=None) -> int:
     torch.manual_seed(0)
 
     if smoke:
-        net = build_network("ddpmpp", resolution=8, channels=1, D=128, model_channels=16, channel_mult=[1, 2],
-                            num_blocks=1, attn_resolutions=[4], dropout=0.0)
+        net = build_network(
+            "ddpmpp",
+            resolution=8,
+            channels=1,
+            D=128,
+            model_channels=16,
+            channel_mult=[1, 2],
+            num_blocks=1,
+            attn_resolutions=[4],
+            dropout=0.0,
+        )
         steps, batch, reps, fid_slice = 3, args.batch or 4, args.reps or 1, args.fid_slice or 8
     else:
-        net = build_network("ddpmpp", resolution=32, channels=3, D=128, dropout=0.0)   # CIFAR-10 DDPM++
+        net = build_network("ddpmpp", resolution=32, channels=3, D=128, dropout=0.0)  # CIFAR-10 DDPM++
         steps, batch = 18, args.batch or (512 if on_gpu else 8)
         reps, fid_slice = args.reps or 3, args.fid_slice or (8192 if on_gpu else 16)
     net = net.to(device).eval().requires_grad_(False)
@@ -183,13 +208,20 @@ def main(argv=None) -> int:
     compile_ok = on_gpu and not smoke
     seeds = np.arange(batch, dtype=np.int64)
     rows, notes = [], []
-    config = {"network": "DDPM++ CIFAR-10 (random weights)" if not smoke else "tiny DDPM++ 8x8 (smoke)",
-              "D": net.D, "steps": steps, "nfe": nfe, "batch": batch, "compile": compile_ok}
+    config = {
+        "network": "DDPM++ CIFAR-10 (random weights)" if not smoke else "tiny DDPM++ 8x8 (smoke)",
+        "D": net.D,
+        "steps": steps,
+        "nfe": nfe,
+        "batch": batch,
+        "compile": compile_ok,
+    }
 
     def checkpoint():  # after each measurement: a run killed later keeps the rows it finished
         if args.out:
-            B.write_json(args.out, {"suite": "sampling", "smoke": smoke, "config": config, "rows": rows,
-                                    "complete": False})
+            B.write_json(
+                args.out, {"suite": "sampling", "smoke": smoke, "config": config, "rows": rows, "complete": False}
+            )
 
     def measure(name, fn, warmup):
         if on_gpu:
@@ -205,12 +237,14 @@ def main(argv=None) -> int:
 
     # Ours and the FID-50k projection first (the numbers a short GPU session is for), then the baselines.
     ceil = B.ceilings(device, smoke=smoke or not on_gpu)
-    fast = make_fast(net, dtype=torch.bfloat16 if on_gpu else None, channels_last=on_gpu, compile=compile_ok,
-                     cuda_graphs=compile_ok)
+    fast = make_fast(
+        net, dtype=torch.bfloat16 if on_gpu else None, channels_last=on_gpu, compile=compile_ok, cuda_graphs=compile_ok
+    )
 
     def ours():
         for _ in G.generate_images(fast, seeds, batch, num_steps=steps, device=device):
             pass
+
     measure("ours", ours, warmup=2)
     fid_row, fid_note = fid_estimate(fast, device, smoke, steps, batch, fid_slice, args.inception_weights)
     if fid_row is not None:
@@ -229,24 +263,51 @@ def write_results(args, device, ceil, config, rows, notes) -> int:
     by = {r["method"]: r for r in rows}
     summary = []
     if "published" in by:
-        summary.append({"metric": "sampling speed-up vs published style", "value": by["ours"]["img_per_s"] / by["published"]["img_per_s"],
-                        "target": ">= 8 (H100/H200)"})
-        summary.append({"metric": "sampling speed-up vs hand-compiled published sampler",
-                        "value": by["ours"]["img_per_s"] / by["hand-compiled"]["img_per_s"], "target": ">= 1.3 (H100/H200)"})
+        summary.append(
+            {
+                "metric": "sampling speed-up vs published style",
+                "value": by["ours"]["img_per_s"] / by["published"]["img_per_s"],
+                "target": ">= 8 (H100/H200)",
+            }
+        )
+        summary.append(
+            {
+                "metric": "sampling speed-up vs hand-compiled published sampler",
+                "value": by["ours"]["img_per_s"] / by["hand-compiled"]["img_per_s"],
+                "target": ">= 1.3 (H100/H200)",
+            }
+        )
     summary.append({"metric": f"ours img/s at {config['nfe']} NFE", "value": by["ours"]["img_per_s"], "target": ""})
     if "FID-50k estimate" in by:
         fid = by["FID-50k estimate"]
-        summary.append({"metric": f"FID-50k wall time at {config['nfe']} NFE (EXTRAPOLATED from "
-                                  f"{fid['measured_images']} images)",
-                        "value": fid["fid50k_s_EXTRAPOLATED"], "target": "< 180 s (H100/H200)"})
-    payload = {"suite": "sampling", "smoke": args.smoke, "environment": B.environment(device), "ceilings": ceil,
-               "config": config, "rows": rows, "summary": summary, "notes": notes}
+        summary.append(
+            {
+                "metric": f"FID-50k wall time at {config['nfe']} NFE (EXTRAPOLATED from "
+                f"{fid['measured_images']} images)",
+                "value": fid["fid50k_s_EXTRAPOLATED"],
+                "target": "< 180 s (H100/H200)",
+            }
+        )
+    payload = {
+        "suite": "sampling",
+        "smoke": args.smoke,
+        "environment": B.environment(device),
+        "ceilings": ceil,
+        "config": config,
+        "rows": rows,
+        "summary": summary,
+        "notes": notes,
+    }
     if args.out:
         B.write_json(args.out, payload)
         md = os.path.splitext(args.out)[0] + ".md"
-        text = (f"# Sampling at {config['nfe']} NFE — {payload['environment']['device']}\n\n"
-                + B.markdown_table(summary) + "\n" + B.markdown_table(rows)
-                + "\nFID-50k time is an extrapolation from the measured slice (linear in images).\n")
+        text = (
+            f"# Sampling at {config['nfe']} NFE — {payload['environment']['device']}\n\n"
+            + B.markdown_table(summary)
+            + "\n"
+            + B.markdown_table(rows)
+            + "\nFID-50k time is an extrapolation from the measured slice (linear in images).\n"
+        )
         B.write_text(md, text)
     print(B.markdown_table(summary))
     return 0
@@ -255,6 +316,7 @@ def write_results(args, device, ceil, config, rows, notes) -> int:
 def build_network_like(net, device):
     """An independent copy of `net` (same weights) for the hand-compiled variant."""
     import copy
+
     return copy.deepcopy(net).to(device)
 
 

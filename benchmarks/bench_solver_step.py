@@ -14,6 +14,7 @@ solvers take turns, round after round, and each number is the median over the ro
 
     python benchmarks/bench_solver_step.py [--threads 1] [--steps 18] [--batch 64] [--out r.json]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -32,6 +33,7 @@ from pfgmpp_fast.utils import benchmarking as B  # noqa: E402
 
 class FixedOutput(torch.nn.Module):
     """EDMPrecond-like (.raw, .sigma_data) with a fixed raw output: the sampler's own cost only."""
+
     sigma_data = 0.5
 
     def __init__(self, shape):
@@ -44,6 +46,7 @@ class FixedOutput(torch.nn.Module):
 
 def small_network(D):
     from pfgmpp_fast.apps.digits import untrained_network
+
     return untrained_network(D)
 
 
@@ -63,8 +66,10 @@ def measure(net, shape, steps: int, backend: str, reps: int):
             ms = B.time_ms(run, "cpu", warmup=0, reps=1)
             if round_:
                 times[solver].append(ms)
-    return {solver: (statistics.median(times[solver]) / steps, statistics.median(times[solver]) / nfe)
-            for solver, (_, nfe) in runs.items()}
+    return {
+        solver: (statistics.median(times[solver]) / steps, statistics.median(times[solver]) / nfe)
+        for solver, (_, nfe) in runs.items()
+    }
 
 
 def main():
@@ -78,15 +83,24 @@ def main():
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     rows = []
-    cases = (("update (3x32x32, no network)", FixedOutput((args.batch, 3, 32, 32)), (args.batch, 3, 32, 32)),
-             ("network (digits small DDPM++, 1x8x8)", small_network(128.0), (args.batch, 1, 8, 8)))
+    cases = (
+        ("update (3x32x32, no network)", FixedOutput((args.batch, 3, 32, 32)), (args.batch, 3, 32, 32)),
+        ("network (digits small DDPM++, 1x8x8)", small_network(128.0), (args.batch, 1, 8, 8)),
+    )
     for name, net, shape in cases:
         with torch.no_grad():
             times = measure(net, shape, args.steps, args.backend, args.reps)
         heun = times["heun"][0]
         for solver, (per_step, per_nfe) in times.items():
-            rows.append({"case": name, "solver": solver, "ms_per_step": round(per_step, 3),
-                         "ms_per_nfe": round(per_nfe, 3), "step_vs_heun": round(per_step / heun, 3)})
+            rows.append(
+                {
+                    "case": name,
+                    "solver": solver,
+                    "ms_per_step": round(per_step, 3),
+                    "ms_per_nfe": round(per_nfe, 3),
+                    "step_vs_heun": round(per_step / heun, 3),
+                }
+            )
     print(f"CPU, {args.threads} thread(s), batch {args.batch}, {args.steps} steps, backend {args.backend}\n")
     print(B.markdown_table(rows))
     if args.out:

@@ -26,6 +26,7 @@ and the JSON is rewritten after each variant, so a run killed part-way keeps wha
 --smoke: a tiny 8×8 one-channel DDPM++, batch 8, fp32, no compile — checks the script end
 to end; the numbers mean nothing.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -40,8 +41,8 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from pfgmpp_fast.utils import benchmarking as B  # noqa: E402
 from pfgmpp_fast.networks import build_network  # noqa: E402
+from pfgmpp_fast.utils import benchmarking as B  # noqa: E402
 
 P_MEAN, P_STD, SIGMA_DATA = -1.2, 1.2, 0.5
 
@@ -49,11 +50,23 @@ P_MEAN, P_STD, SIGMA_DATA = -1.2, 1.2, 0.5
 # ----------------------------------------------------------------------------------------
 # The published step's style (our rewrite for timing; the same work per image)
 
+
 class PublishedStep:
     """EDM training_loop + PFGM++ loss, as published: one step per call."""
 
-    def __init__(self, net, images, batch, lr=1e-3, ema_halflife_kimg=500, ema_rampup_ratio=0.05, D=128.0,
-                 autocast_dtype=None, compile=False, channels_last=False):
+    def __init__(
+        self,
+        net,
+        images,
+        batch,
+        lr=1e-3,
+        ema_halflife_kimg=500,
+        ema_rampup_ratio=0.05,
+        D=128.0,
+        autocast_dtype=None,
+        compile=False,
+        channels_last=False,
+    ):
         self.net = net.train().requires_grad_(True)
         self.ema = copy.deepcopy(net).eval().requires_grad_(False)
         self.images, self.batch, self.lr, self.D = images, batch, lr, D
@@ -70,20 +83,21 @@ class PublishedStep:
     def _forward(self, x, sigma):
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
-        with torch.autocast(x.device.type, dtype=self.autocast_dtype or torch.float32,
-                            enabled=self.autocast_dtype is not None):
+        with torch.autocast(
+            x.device.type, dtype=self.autocast_dtype or torch.float32, enabled=self.autocast_dtype is not None
+        ):
             return self.net(x, sigma, None)
 
     def loss(self, images):
         B_, device = images.shape[0], images.device
         rnd_normal = torch.randn([B_, 1, 1, 1], device=device)
         sigma = (rnd_normal * P_STD + P_MEAN).exp()
-        weight = (sigma ** 2 + SIGMA_DATA ** 2) / (sigma * SIGMA_DATA) ** 2
+        weight = (sigma**2 + SIGMA_DATA**2) / (sigma * SIGMA_DATA) ** 2
         r = sigma.double() * np.sqrt(self.D).astype(np.float64)
         beta = np.clip(self.rng.beta(self.N / 2.0, self.D / 2.0, size=B_).astype(np.double), 1e-3, 1 - 1e-3)
         inverse_beta = torch.from_numpy(beta / (1 - beta + 1e-8)).to(device).double()
         radius = (r.view(-1) * torch.sqrt(inverse_beta + 1e-8)).view(B_, -1)
-        gaussian = torch.randn(B_, self.N).to(device)                    # drawn on the host, copied
+        gaussian = torch.randn(B_, self.N).to(device)  # drawn on the host, copied
         unit = gaussian / torch.norm(gaussian, p=2, dim=1, keepdim=True)
         n = (unit * radius).float().view_as(images)
         denoised = self.forward(images + n, sigma.view(-1)).float()
@@ -108,6 +122,7 @@ class PublishedStep:
 
 
 # ----------------------------------------------------------------------------------------
+
 
 def set_tf32(on: bool):
     torch.backends.cuda.matmul.allow_tf32 = on
@@ -150,14 +165,29 @@ def measure_ours(template, data, net_kw, D, batch, device, compile_ok, warmup, r
     from pfgmpp_fast.training.loop import TrainingRun
     from pfgmpp_fast.training.options import resolve_options
     from pfgmpp_fast.utils import distributed
+
     with tempfile.TemporaryDirectory() as tmp:
         data_path = os.path.join(tmp, "synthetic.npy")
         np.save(data_path, data.numpy())
-        o = resolve_options(run_dir=tmp, data=data_path, arch="ddpmpp", D=D, batch=batch, dropout=0.13, augment=0.0,
-                            network=dict(net_kw), precision="bf16" if on_gpu else "fp32", compile=compile_ok,
-                            channels_last=on_gpu, backend="auto", device=str(device), seed=0, progress=False)
+        o = resolve_options(
+            run_dir=tmp,
+            data=data_path,
+            arch="ddpmpp",
+            D=D,
+            batch=batch,
+            dropout=0.13,
+            augment=0.0,
+            network=dict(net_kw),
+            precision="bf16" if on_gpu else "fp32",
+            compile=compile_ok,
+            channels_last=on_gpu,
+            backend="auto",
+            device=str(device),
+            seed=0,
+            progress=False,
+        )
         run = TrainingRun(o, distributed.init(o["device"]))
-        run.rank0 = False                      # no log file chatter from the benchmark
+        run.rank0 = False  # no log file chatter from the benchmark
         run.setup()
         run.net.load_state_dict(template.state_dict())
         measure("ours", run.step, device, batch, warmup + (2 if compile_ok else 0), reps, rows)
@@ -171,19 +201,34 @@ def speedup_summary(rows, on_gpu: bool) -> list:
     by = {r["method"]: r for r in rows}
     summary = []
     if "published" in by:
-        summary.append({"metric": "training speed-up vs published style", "value":
-                        by["ours"]["img_per_s"] / by["published"]["img_per_s"], "target": ">= 5 (H100/H200)"})
+        summary.append(
+            {
+                "metric": "training speed-up vs published style",
+                "value": by["ours"]["img_per_s"] / by["published"]["img_per_s"],
+                "target": ">= 5 (H100/H200)",
+            }
+        )
     if "hand-compiled" in by:
-        summary.append({"metric": "training speed-up vs hand-compiled published step", "value":
-                        by["ours"]["img_per_s"] / by["hand-compiled"]["img_per_s"], "target": ">= 1.2 (H100/H200)"})
+        summary.append(
+            {
+                "metric": "training speed-up vs hand-compiled published step",
+                "value": by["ours"]["img_per_s"] / by["hand-compiled"]["img_per_s"],
+                "target": ">= 1.2 (H100/H200)",
+            }
+        )
     if on_gpu and "published" in by:
-        summary.append({"metric": "peak memory per image, ours / published", "value":
-                        by["ours"]["peak_mem_per_img_MB"] / by["published"]["peak_mem_per_img_MB"], "target": "< 1"})
+        summary.append(
+            {
+                "metric": "peak memory per image, ours / published",
+                "value": by["ours"]["peak_mem_per_img_MB"] / by["published"]["peak_mem_per_img_MB"],
+                "target": "< 1",
+            }
+        )
     summary.append({"metric": "ours training img/s", "value": by["ours"]["img_per_s"], "target": ""})
     return summary
 
 
-BASELINES = {"published", "hand-compiled"}   # the variants --skip may leave out (ours always runs)
+BASELINES = {"published", "hand-compiled"}  # the variants --skip may leave out (ours always runs)
 
 
 def main(argv=None) -> int:
@@ -191,8 +236,12 @@ def main(argv=None) -> int:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--smoke", action="store_true")
     p.add_argument("--out", default=None, help="JSON results (and a .md next to it)")
-    p.add_argument("--batch", type=int, default=None, help="images per step (default 128 on GPU: one rank's "
-                   "share of the published batch 512 over 4 GPUs)")
+    p.add_argument(
+        "--batch",
+        type=int,
+        default=None,
+        help="images per step (default 128 on GPU: one rank's share of the published batch 512 over 4 GPUs)",
+    )
     p.add_argument("--reps", type=int, default=None)
     p.add_argument("--skip", default="", help="comma-separated methods to skip (published,hand-compiled)")
     args = p.parse_args(argv)
@@ -223,8 +272,17 @@ def main(argv=None) -> int:
 
     def checkpoint():  # after each variant: a run killed later keeps its rows and their ratios
         if args.out:
-            B.write_json(args.out, {"suite": "training", "smoke": smoke, "ceilings": ceil, "rows": rows,
-                                    "summary": speedup_summary(rows, on_gpu), "complete": False})
+            B.write_json(
+                args.out,
+                {
+                    "suite": "training",
+                    "smoke": smoke,
+                    "ceilings": ceil,
+                    "rows": rows,
+                    "summary": speedup_summary(rows, on_gpu),
+                    "complete": False,
+                },
+            )
 
     # Ours first (the number a short GPU session is for), then the baselines.
     backend = measure_ours(template, data, net_kw, D, batch, device, compile_ok, warmup, reps, rows)
@@ -238,29 +296,59 @@ def main(argv=None) -> int:
         free(device)
     if "hand-compiled" not in skip:
         set_tf32(True)
-        step = PublishedStep(copy.deepcopy(template).to(device), images, batch, D=D, autocast_dtype=fast_dtype,
-                             compile=compile_ok, channels_last=on_gpu)
+        step = PublishedStep(
+            copy.deepcopy(template).to(device),
+            images,
+            batch,
+            D=D,
+            autocast_dtype=fast_dtype,
+            compile=compile_ok,
+            channels_last=on_gpu,
+        )
         measure("hand-compiled", step, device, batch, warmup + (2 if compile_ok else 0), reps, rows)
         checkpoint()
         del step
         free(device)
 
-    notes.append(f"ours: loss kernel backend '{backend}', fused Adam, make_fast("
-                 f"{'bf16' if on_gpu else 'fp32'}, channels_last={on_gpu}, compile={compile_ok})")
+    notes.append(
+        f"ours: loss kernel backend '{backend}', fused Adam, make_fast("
+        f"{'bf16' if on_gpu else 'fp32'}, channels_last={on_gpu}, compile={compile_ok})"
+    )
     notes.append("published: torch.optim.Adam defaults of this torch version (foreach on CUDA)")
 
     summary = speedup_summary(rows, on_gpu)
 
-    payload = {"suite": "training", "smoke": smoke, "environment": B.environment(device), "ceilings": ceil,
-               "config": {"network": "DDPM++ CIFAR-10 (synthetic data)" if not smoke else "tiny DDPM++ 8x8 (smoke)",
-                          "params": num_params, "D": D, "batch": batch, "dropout": 0.13, "augment": 0.0,
-                          "compile": compile_ok, "reps": reps},
-               "rows": rows, "summary": summary, "notes": notes}
+    payload = {
+        "suite": "training",
+        "smoke": smoke,
+        "environment": B.environment(device),
+        "ceilings": ceil,
+        "config": {
+            "network": "DDPM++ CIFAR-10 (synthetic data)" if not smoke else "tiny DDPM++ 8x8 (smoke)",
+            "params": num_params,
+            "D": D,
+            "batch": batch,
+            "dropout": 0.13,
+            "augment": 0.0,
+            "compile": compile_ok,
+            "reps": reps,
+        },
+        "rows": rows,
+        "summary": summary,
+        "notes": notes,
+    }
     if args.out:
         B.write_json(args.out, payload)
         md = os.path.splitext(args.out)[0] + ".md"
-        text = (f"# Training step — {payload['environment']['device']}\n\n" + B.markdown_table(summary) + "\n"
-                + B.markdown_table(rows) + "\n" + "\n".join(f"- {n}" for n in notes) + "\n")
+        text = (
+            f"# Training step — {payload['environment']['device']}\n\n"
+            + B.markdown_table(summary)
+            + "\n"
+            + B.markdown_table(rows)
+            + "\n"
+            + "\n".join(f"- {n}" for n in notes)
+            + "\n"
+        )
         B.write_text(md, text)
     print(B.markdown_table(summary))
     return 0

@@ -6,6 +6,7 @@
 Each suite (bench_kernels, bench_networks, bench_training, bench_sampling) also runs on
 its own with --device/--smoke/--out.
 """
+
 import argparse
 import sys
 

@@ -6,6 +6,7 @@
 The table is never typed by hand: it is the 'summary' rows of every suite of the newest
 full (non-smoke) results file per device under benchmarks/results/, CPU and GPU.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -41,10 +42,12 @@ def render(results_dir: Path) -> str:
     parts = []
     for path, data in found:
         env, ceil = data["environment"], data["ceilings"]
-        parts.append(f"**{env['device']}** — {env['date'][:10]}, torch {env['torch']}, triton {env['triton']}; "
-                     f"ceilings measured in the same run: copy {ceil['copy_GBps']:.1f} GB/s, "
-                     f"bf16 matmul {ceil['bf16_matmul_TFLOPs']:.2f} TFLOP/s "
-                     f"([full results]({path.relative_to(ROOT).with_suffix('.md')}))\n")
+        parts.append(
+            f"**{env['device']}** — {env['date'][:10]}, torch {env['torch']}, triton {env['triton']}; "
+            f"ceilings measured in the same run: copy {ceil['copy_GBps']:.1f} GB/s, "
+            f"bf16 matmul {ceil['bf16_matmul_TFLOPs']:.2f} TFLOP/s "
+            f"([full results]({path.relative_to(ROOT).with_suffix('.md')}))\n"
+        )
         rows = []
         for name, res in data["suites"].items():
             if "error" in res:

@@ -8,6 +8,7 @@ and the plain-PyTorch Student-t a user would write by hand) on the same inputs; 
 comparison table pytest-benchmark prints is the ratio measurement. Each case also checks
 its result against the reference, so the suite cannot rot silently.
 """
+
 import math
 
 import pytest
@@ -71,8 +72,24 @@ def test_loss_fwd_bwd(benchmark, backend):
 def test_sampler_update_heun_stage1(benchmark, backend):
     y, ids, _ = _inputs()
     x, F = y.clone(), torch.randn_like(y)
-    args = (x, F, None, 0.3, -0.2, -0.1, -0.05, ids, 7, 0.0, R.stream_alpha(1), 0.0,
-            R.stream_churn(1), 0.7, torch.bfloat16, True)
+    args = (
+        x,
+        F,
+        None,
+        0.3,
+        -0.2,
+        -0.1,
+        -0.05,
+        ids,
+        7,
+        0.0,
+        R.stream_alpha(1),
+        0.0,
+        R.stream_churn(1),
+        0.7,
+        torch.bfloat16,
+        True,
+    )
     y1, y2, net_in = benchmark(ops.sampler_update, *args, backend=backend)
     r1, r2, rn = R.ref_sampler_update(*args)
     torch.testing.assert_close(y1, r1)

@@ -6,4 +6,5 @@ registration as torch.ops.pfgmpp_fast_triton.<op>.  layout.py holds what they sh
 aot_check.py compiles them for a GPU target without one.  Importing this package registers
 every op (pfgmpp_fast.ops imports it once, at its own import).
 """
+
 from . import chi2, loss, perturb, philox, sampler_step  # noqa: F401  (registers the ops)

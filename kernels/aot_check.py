@@ -13,6 +13,7 @@ the registers / spills / stack of the cubin.  Run it *without* TRITON_INTERPRET:
 Exit status 0 when every variant compiles with accurate math and no spills, 1 on a failure,
 3 when this Triton's ahead-of-time API is not the one this check drives (nothing checked).
 """
+
 import argparse
 import contextlib
 import json
@@ -32,6 +33,7 @@ class AotUnavailable(Exception):
 @contextlib.contextmanager
 def _recording(modules, calls):
     """`launch(kernel)[grid](*args, **kw)` in `modules` records instead of launching."""
+
     class launch:
         def __init__(self, kernel):
             self.kernel = kernel
@@ -58,27 +60,57 @@ def _variants():
     B, shape = 2, (3, 32, 32)
     ids = torch.arange(B)
     img = lambda dtype, cl=False: torch.zeros(B, *shape, dtype=dtype).contiguous(  # noqa: E731
-        memory_format=torch.channels_last if cl else torch.contiguous_format)
+        memory_format=torch.channels_last if cl else torch.contiguous_format
+    )
     vec = lambda dtype=torch.float32: torch.ones(B, dtype=dtype)  # noqa: E731
     strided = torch.zeros(B, 3, 32, 65, dtype=torch.float64)[..., 1::2].transpose(2, 3)
 
     def sampler(state, F_cl, net_dtype, net_cl, base, h2, noise):
         x = img(state)
         return lambda: sampler_step.sampler_update(
-            x, img(torch.bfloat16, F_cl), x.clone() if base else None, 0.5, -0.5, 0.1, 0.05 if h2 else None, ids,
-            7, 0.3 * noise, 0x20001, 0.2 * noise, 0x10001, 1.5, net_dtype, net_cl)
+            x,
+            img(torch.bfloat16, F_cl),
+            x.clone() if base else None,
+            0.5,
+            -0.5,
+            0.1,
+            0.05 if h2 else None,
+            ids,
+            7,
+            0.3 * noise,
+            0x20001,
+            0.2 * noise,
+            0x10001,
+            1.5,
+            net_dtype,
+            net_cl,
+        )
 
     return [
-        ("perturb flat fp32", lambda: perturb.perturb(img(torch.float32), vec(), vec(), ids, 7, 0, torch.bfloat16,
-                                                      False, True)),
-        ("perturb tiled fp32", lambda: perturb.perturb(img(torch.float32), vec(), vec(), ids, 7, 0, torch.bfloat16,
-                                                       True, False)),
-        ("perturb strided fp64", lambda: perturb.perturb(strided, vec(torch.float64), vec(torch.float64), ids, 7, 0,
-                                                         torch.bfloat16, True, True)),
-        ("loss flat", lambda: loss.loss_fwd_bwd(img(torch.bfloat16), img(torch.float32), vec(), vec(), vec(), ids, 7,
-                                                0, 1.0)),
-        ("loss tiled", lambda: loss.loss_fwd_bwd(img(torch.bfloat16, True), img(torch.float32), vec(), vec(), vec(),
-                                                 ids, 7, 0, 1.0)),
+        (
+            "perturb flat fp32",
+            lambda: perturb.perturb(img(torch.float32), vec(), vec(), ids, 7, 0, torch.bfloat16, False, True),
+        ),
+        (
+            "perturb tiled fp32",
+            lambda: perturb.perturb(img(torch.float32), vec(), vec(), ids, 7, 0, torch.bfloat16, True, False),
+        ),
+        (
+            "perturb strided fp64",
+            lambda: perturb.perturb(
+                strided, vec(torch.float64), vec(torch.float64), ids, 7, 0, torch.bfloat16, True, True
+            ),
+        ),
+        (
+            "loss flat",
+            lambda: loss.loss_fwd_bwd(img(torch.bfloat16), img(torch.float32), vec(), vec(), vec(), ids, 7, 0, 1.0),
+        ),
+        (
+            "loss tiled",
+            lambda: loss.loss_fwd_bwd(
+                img(torch.bfloat16, True), img(torch.float32), vec(), vec(), vec(), ids, 7, 0, 1.0
+            ),
+        ),
         ("sampler heun-1 flat fp32", sampler(torch.float32, False, torch.float32, False, False, True, 0)),
         ("sampler heun-2+noise flat fp32", sampler(torch.float32, False, torch.float32, False, True, False, 1)),
         ("sampler heun-2+noise tiled fp32", sampler(torch.float32, True, torch.bfloat16, True, True, False, 1)),
@@ -93,9 +125,11 @@ def compile_call(kernel, args, kwargs, target):
     """Compile one recorded launch through the JIT's own binder (its specialisation of the
     arguments: integers == 1 / % 16, pointers 16-byte aligned, unless do_not_specialize)."""
     import triton
+
     try:
         from triton.compiler import ASTSource, make_backend
         from triton.runtime.jit import create_function_from_signature
+
         backend = make_backend(target)
         binder = create_function_from_signature(kernel.signature, kernel.params, backend)
         bound, specialization, options = binder(*args, **kwargs)
@@ -117,11 +151,13 @@ def vector_bits(ptx: str, op: str) -> int:
 def resource_usage(cubin: bytes) -> dict:
     """Registers, spill bytes and stack frame of the cubin's kernel (cuobjdump -res-usage)."""
     from triton import knobs
+
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(cubin)
         f.flush()
-        out = subprocess.run([knobs.nvidia.cuobjdump.path, "-res-usage", f.name], capture_output=True,
-                             text=True, check=True).stdout
+        out = subprocess.run(
+            [knobs.nvidia.cuobjdump.path, "-res-usage", f.name], capture_output=True, text=True, check=True
+        ).stdout
     field = lambda name: int(re.search(name + r":(\d+)", out).group(1))  # noqa: E731
     return dict(regs=field("REG"), stack=field("STACK"), local=field("LOCAL"))
 
@@ -129,6 +165,7 @@ def resource_usage(cubin: bytes) -> dict:
 def check_all(arch: int):
     """One result dict per variant (raises AotUnavailable if this Triton cannot be driven)."""
     from triton.backends.compiler import GPUTarget
+
     target = GPUTarget("cuda", arch, 32)
     variants, modules = _variants()
     results = []
@@ -137,8 +174,12 @@ def check_all(arch: int):
         with _recording(modules, calls):
             run()
         for kernel, grid, args, kwargs in calls:
-            res = dict(name=name, kernel=kernel.__name__, num_warps=kwargs.get("num_warps", 4),
-                       meta={k: v for k, v in kwargs.items() if k in ("BLOCK", "C_PAD", "BLOCK_HW", "TILED")})
+            res = dict(
+                name=name,
+                kernel=kernel.__name__,
+                num_warps=kwargs.get("num_warps", 4),
+                meta={k: v for k, v in kwargs.items() if k in ("BLOCK", "C_PAD", "BLOCK_HW", "TILED")},
+            )
             try:
                 compiled = compile_call(kernel, args, kwargs, target)
             except AotUnavailable:
@@ -148,8 +189,12 @@ def check_all(arch: int):
                 results.append(res)
                 continue
             ptx = compiled.asm["ptx"]
-            res.update(approx=[i for i in APPROX if i in ptx], ld_bits=vector_bits(ptx, r"ld\.global"),
-                       st_bits=vector_bits(ptx, r"st\.global"), **resource_usage(compiled.asm["cubin"]))
+            res.update(
+                approx=[i for i in APPROX if i in ptx],
+                ld_bits=vector_bits(ptx, r"ld\.global"),
+                st_bits=vector_bits(ptx, r"st\.global"),
+                **resource_usage(compiled.asm["cubin"]),
+            )
             results.append(res)
     return results
 
@@ -183,10 +228,15 @@ def main(argv=None) -> int:
         bad = failures(res)
         failed += bool(bad)
         if not args.json:
-            usage = ("" if "error" in res else
-                     f"regs {res['regs']:3d} stack {res['stack']:3d} ld {res['ld_bits']:3d}b st {res['st_bits']:3d}b")
-            print(f"{'FAIL' if bad else 'OK  '} {res['name']:34s} warps {res['num_warps']} {usage}"
-                  + "".join(f"\n     {b}" for b in bad))
+            usage = (
+                ""
+                if "error" in res
+                else f"regs {res['regs']:3d} stack {res['stack']:3d} ld {res['ld_bits']:3d}b st {res['st_bits']:3d}b"
+            )
+            print(
+                f"{'FAIL' if bad else 'OK  '} {res['name']:34s} warps {res['num_warps']} {usage}"
+                + "".join(f"\n     {b}" for b in bad)
+            )
     if args.json:
         print(json.dumps(results))
     return 1 if failed else 0

@@ -3,6 +3,7 @@
 Attempt a (0..15) uses Philox block a of the sample's counter on the given stream: z = z0 of
 the block, acceptance uniform u2; u3 of block 0 boosts shape k < 1 (docs/KERNEL_OPS.md).
 """
+
 import math
 
 import torch
@@ -17,8 +18,7 @@ from .philox import box_muller, key_words, philox4x32_10, sample_counter, uint_t
 
 
 @triton.jit(do_not_specialize=["B", "k0", "k1", "stream", "D_hi", "D_lo"])
-def _chi2_kernel(sid_ptr, out_ptr, B, k0, k1, stream, D_hi, D_lo, BLOCK: tl.constexpr,
-                 ATTEMPTS: tl.constexpr):
+def _chi2_kernel(sid_ptr, out_ptr, B, k0, k1, stream, D_hi, D_lo, BLOCK: tl.constexpr, ATTEMPTS: tl.constexpr):
     i = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = i < B
     sid_lo, sid_hi = sample_counter(tl.load(sid_ptr + i, mask=mask, other=0))
@@ -61,9 +61,19 @@ def chi2(sample_ids: Tensor, key: int, D: float, stream: int) -> Tensor:
     k0, k1 = split_key(key)
     D_hi, D_lo = split_f64(D)
     BLOCK = max(16, min(256, triton.next_power_of_2(B)))  # one sample per thread (two: over twice the registers)
-    launch(_chi2_kernel)[grid(1, triton.cdiv(B, BLOCK))](sample_ids.contiguous(), out, B, k0, k1, stream,
-                                                         D_hi, D_lo, BLOCK=BLOCK, ATTEMPTS=CHI2_MAX_ATTEMPTS,
-                                                         num_warps=warps_for(BLOCK, 1))
+    launch(_chi2_kernel)[grid(1, triton.cdiv(B, BLOCK))](
+        sample_ids.contiguous(),
+        out,
+        B,
+        k0,
+        k1,
+        stream,
+        D_hi,
+        D_lo,
+        BLOCK=BLOCK,
+        ATTEMPTS=CHI2_MAX_ATTEMPTS,
+        num_warps=warps_for(BLOCK, 1),
+    )
     return out
 
 

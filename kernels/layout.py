@@ -6,6 +6,7 @@ image tensor's memory layout (Layout), how a program walks one sample (BlockPlan
 tensor checks of the launchers.  Device side: the memory offsets of logical NCHW elements in
 each layout, the element indices of a flat or tiled block, and casts for stores.
 """
+
 import numpy as np
 import torch
 import triton
@@ -29,6 +30,7 @@ def launch(kernel):
     """The kernel wrapped for torch.library.triton_op tracing (plain kernel in eager)."""
     try:
         from torch.library import wrap_triton
+
         return wrap_triton(kernel)
     except (ImportError, RuntimeError, TypeError):
         return kernel
@@ -50,8 +52,9 @@ def grid(B: int, nblk: int):
     """B · nblk programs (one per sample and block) in grid dimension x."""
     n = int(B) * int(nblk)
     if n > MAX_PROGRAMS:
-        raise ValueError(f"B * blocks per sample = {B} * {nblk} = {n} programs exceeds the grid limit "
-                         f"2**31 - 1; split the batch")
+        raise ValueError(
+            f"B * blocks per sample = {B} * {nblk} = {n} programs exceeds the grid limit 2**31 - 1; split the batch"
+        )
     return (n,)
 
 
@@ -122,8 +125,9 @@ class BlockPlan:
         self.num_warps = warps_for(self.BLOCK)
 
     def meta(self):
-        return dict(TILED=self.tiled, BLOCK=self.BLOCK, C_PAD=self.C_PAD, BLOCK_HW=self.BLOCK_HW,
-                    num_warps=self.num_warps)
+        return dict(
+            TILED=self.tiled, BLOCK=self.BLOCK, C_PAD=self.C_PAD, BLOCK_HW=self.BLOCK_HW, num_warps=self.num_warps
+        )
 
 
 def wants_tiling(*layouts) -> bool:
@@ -141,6 +145,7 @@ def empty_image(like: torch.Tensor, dtype, channels_last: bool):
 
 # ---------------------------------------------------------------------------------------
 # Launcher argument checks (the ops are public: torch.ops.pfgmpp_fast_triton.*)
+
 
 def check_sample_size(N: int):
     if N > MAX_ELEMENTS_PER_SAMPLE:
@@ -163,8 +168,9 @@ def check_per_sample(name: str, t, B: int, device, int_ids: bool = False):
 
 def check_image(name: str, t):
     if not torch.is_tensor(t) or t.dtype not in FLOAT_DTYPES:
-        raise TypeError(f"{name} must be a float32/float64/bfloat16/float16 tensor, got "
-                        f"{getattr(t, 'dtype', type(t).__name__)}")
+        raise TypeError(
+            f"{name} must be a float32/float64/bfloat16/float16 tensor, got {getattr(t, 'dtype', type(t).__name__)}"
+        )
     if t.dim() < 1:
         raise ValueError(f"{name} must have a batch dimension, got shape {tuple(t.shape)}")
 
@@ -176,6 +182,7 @@ def check_out_dtype(name: str, dtype):
 
 # ---------------------------------------------------------------------------------------
 # Device helpers
+
 
 @triton.jit
 def element_offsets(b, e, c, hw, N, C, HW, W, sb, sc, sh, sw, MODE: tl.constexpr, TILED: tl.constexpr):
@@ -199,8 +206,7 @@ def element_offsets(b, e, c, hw, N, C, HW, W, sb, sc, sh, sw, MODE: tl.constexpr
 
 
 @triton.jit
-def tile_elements(blk, N, HW, TILED: tl.constexpr, BLOCK: tl.constexpr, C_PAD: tl.constexpr,
-                  BLOCK_HW: tl.constexpr):
+def tile_elements(blk, N, HW, TILED: tl.constexpr, BLOCK: tl.constexpr, C_PAD: tl.constexpr, BLOCK_HW: tl.constexpr):
     """Logical element indices e, their channel c and pixel hw (tiled only; flat returns e for
     both, unused), and the mask, for program block blk of a sample."""
     if TILED:

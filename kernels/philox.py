@@ -5,6 +5,7 @@ Counter layout (docs/KERNEL_OPS.md): (block j, sample_id low 32, sample_id high 
 key (k0, k1) = (key low 32, key high 32).  Element e of a sample uses block e // 4, lane e % 4,
 so one Philox call feeds four consecutive elements: `normal_block` interleaves them.
 """
+
 import torch
 import triton
 import triton.language as tl
@@ -74,8 +75,19 @@ def normal_block(j_start, sid_lo, sid_hi, stream, k0, k1, BLOCK: tl.constexpr):
 
 
 @triton.jit
-def tile_normals(blk, HW, sid_lo, sid_hi, stream, k0, k1, TILED: tl.constexpr, BLOCK: tl.constexpr,
-                 C_PAD: tl.constexpr, BLOCK_HW: tl.constexpr):
+def tile_normals(
+    blk,
+    HW,
+    sid_lo,
+    sid_hi,
+    stream,
+    k0,
+    k1,
+    TILED: tl.constexpr,
+    BLOCK: tl.constexpr,
+    C_PAD: tl.constexpr,
+    BLOCK_HW: tl.constexpr,
+):
     """The normals of the elements tile_elements returns (same shape, same order)."""
     if TILED:
         c = tl.arange(0, C_PAD)[:, None]
@@ -93,8 +105,20 @@ def key_words(k0, k1):
 
 
 @triton.jit
-def sample_tile_noise(pid, nblk, sid_ptr, N, HW, k0, k1, stream, TILED: tl.constexpr, BLOCK: tl.constexpr,
-                      C_PAD: tl.constexpr, BLOCK_HW: tl.constexpr):
+def sample_tile_noise(
+    pid,
+    nblk,
+    sid_ptr,
+    N,
+    HW,
+    k0,
+    k1,
+    stream,
+    TILED: tl.constexpr,
+    BLOCK: tl.constexpr,
+    C_PAD: tl.constexpr,
+    BLOCK_HW: tl.constexpr,
+):
     """The prologue of the per-sample elementwise kernels: program pid's sample b, the logical
     elements of its block (e, c, hw, mask as tile_elements) and their noise g of `stream`."""
     b = pid // nblk
@@ -147,8 +171,9 @@ def philox4x32(counter: Tensor, key: int) -> Tensor:
     ctr = counter.to(torch.int64).contiguous()
     k0, k1 = split_key(key)
     BLOCK = block_for(M, 256)
-    launch(_philox_raw_kernel)[grid(1, triton.cdiv(M, BLOCK))](ctr, out, M, k0, k1, BLOCK=BLOCK,
-                                                               num_warps=warps_for(BLOCK))
+    launch(_philox_raw_kernel)[grid(1, triton.cdiv(M, BLOCK))](
+        ctr, out, M, k0, k1, BLOCK=BLOCK, num_warps=warps_for(BLOCK)
+    )
     return out
 
 
@@ -162,8 +187,9 @@ def philox_normal(sample_ids: Tensor, key: int, n: int, stream: int) -> Tensor:
     k0, k1 = split_key(key)
     BLOCK = block_for(n)
     nblk = triton.cdiv(n, BLOCK)
-    launch(_philox_normal_kernel)[grid(B, nblk)](sample_ids.contiguous(), out, n, nblk, k0, k1, stream,
-                                                 BLOCK=BLOCK, num_warps=warps_for(BLOCK))
+    launch(_philox_normal_kernel)[grid(B, nblk)](
+        sample_ids.contiguous(), out, n, nblk, k0, k1, stream, BLOCK=BLOCK, num_warps=warps_for(BLOCK)
+    )
     return out
 
 

@@ -14,18 +14,32 @@ The public API (imported lazily, so `import pfgmpp_fast` stays cheap):
 
 Every op takes backend='auto'|'reference'|'triton'|'cuda'|'cpu'.
 """
+
 import importlib
 
 __version__ = "0.1.0"
 
 _EXPORTS = {
-    "perturb": "ops", "perturb_net_input": "ops", "prior": "ops", "noise_scale": "ops",
-    "training_scalars": "ops", "resolve_backend": "ops", "BACKENDS": "checks",
-    "training_loss": "loss", "PFGMPPLoss": "loss",
-    "sample": "sampler", "Sampler": "sampler", "SamplerOptions": "sampler", "UNCOND": "sampler",
+    "perturb": "ops",
+    "perturb_net_input": "ops",
+    "prior": "ops",
+    "noise_scale": "ops",
+    "training_scalars": "ops",
+    "resolve_backend": "ops",
+    "BACKENDS": "checks",
+    "training_loss": "loss",
+    "PFGMPPLoss": "loss",
+    "sample": "sampler",
+    "Sampler": "sampler",
+    "SamplerOptions": "sampler",
+    "UNCOND": "sampler",
     "published_prior": "published_rng",
-    "build_network": "networks", "make_fast": "networks", "EDMPrecond": "networks",
-    "save_network": "checkpoint", "load_network": "checkpoint", "convert_published": "checkpoint",
+    "build_network": "networks",
+    "make_fast": "networks",
+    "EDMPrecond": "networks",
+    "save_network": "checkpoint",
+    "load_network": "checkpoint",
+    "convert_published": "checkpoint",
 }
 
 __all__ = sorted(_EXPORTS) + ["reference", "__version__"]

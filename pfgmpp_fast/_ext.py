@@ -6,6 +6,7 @@ implementations of its ops, so torch.compile traces through `torch.ops.pfgmpp_fa
 
 Importing this module raises ImportError (with build instructions) when `_C` is missing.
 """
+
 from __future__ import annotations
 
 from typing import Optional
@@ -17,7 +18,8 @@ from pfgmpp_fast.reference import compute_dtype
 _BUILD_HINT = (
     "pfgmpp_fast._C (the C++/CUDA kernels) is not built. Build it from the repository root "
     "with `pip install --no-build-isolation -e .` (needs cmake>=3.30, ninja, pybind11 and a "
-    "C++20 compiler; nvcc adds the CUDA kernels, PFGMPP_FAST_NO_CUDA=1 skips them).")
+    "C++20 compiler; nvcc adds the CUDA kernels, PFGMPP_FAST_NO_CUDA=1 skips them)."
+)
 
 try:
     from pfgmpp_fast import _C  # noqa: F401  (registers torch.ops.pfgmpp_fast.* as a side effect)
@@ -27,8 +29,7 @@ except ImportError as exc:  # pragma: no cover - depends on the build
 OP_NAMES = ("philox4x32", "philox_normal", "chi2", "perturb", "loss_fwd_bwd", "sampler_update")
 
 HAS_EXTENSION = True
-HAS_CUDA_KERNELS = bool(
-    torch._C._dispatch_has_kernel_for_dispatch_key("pfgmpp_fast::philox_normal", "CUDA"))
+HAS_CUDA_KERNELS = bool(torch._C._dispatch_has_kernel_for_dispatch_key("pfgmpp_fast::philox_normal", "CUDA"))
 
 
 def _format(channels_last: bool, like: torch.Tensor) -> torch.memory_format:
@@ -62,10 +63,8 @@ def _register_fakes() -> None:
     @torch.library.register_fake(lib + "perturb")
     def _(y, scale, c_in, sample_ids, key, stream, out_dtype, channels_last, write_x):
         cd = compute_dtype(y)
-        net_in = torch.empty(y.shape, dtype=out_dtype, device=y.device,
-                             memory_format=_format(channels_last, y))
-        x = (torch.empty(y.shape, dtype=cd, device=y.device) if write_x
-             else torch.empty(0, dtype=cd, device=y.device))
+        net_in = torch.empty(y.shape, dtype=out_dtype, device=y.device, memory_format=_format(channels_last, y))
+        x = torch.empty(y.shape, dtype=cd, device=y.device) if write_x else torch.empty(0, dtype=cd, device=y.device)
         return net_in, x
 
     @torch.library.register_fake(lib + "loss_fwd_bwd")
@@ -75,15 +74,35 @@ def _register_fakes() -> None:
         return loss, grad
 
     @torch.library.register_fake(lib + "sampler_update")
-    def _(x, F: Optional[torch.Tensor], base: Optional[torch.Tensor], A, Bf, h1, h2: Optional[float], sample_ids,
-          key, alpha_scale, alpha_stream, churn_scale, churn_stream, c_in_next: Optional[float], net_dtype,
-          channels_last):
+    def _(
+        x,
+        F: Optional[torch.Tensor],
+        base: Optional[torch.Tensor],
+        A,
+        Bf,
+        h1,
+        h2: Optional[float],
+        sample_ids,
+        key,
+        alpha_scale,
+        alpha_stream,
+        churn_scale,
+        churn_stream,
+        c_in_next: Optional[float],
+        net_dtype,
+        channels_last,
+    ):
         y1 = torch.empty(x.shape, dtype=x.dtype, device=x.device)
-        y2 = (torch.empty(x.shape, dtype=x.dtype, device=x.device) if h2 is not None
-              else torch.empty(0, dtype=x.dtype, device=x.device))
-        net_in = (torch.empty(x.shape, dtype=net_dtype, device=x.device,
-                              memory_format=_format(channels_last, x))
-                  if c_in_next is not None else torch.empty(0, dtype=net_dtype, device=x.device))
+        y2 = (
+            torch.empty(x.shape, dtype=x.dtype, device=x.device)
+            if h2 is not None
+            else torch.empty(0, dtype=x.dtype, device=x.device)
+        )
+        net_in = (
+            torch.empty(x.shape, dtype=net_dtype, device=x.device, memory_format=_format(channels_last, x))
+            if c_in_next is not None
+            else torch.empty(0, dtype=net_dtype, device=x.device)
+        )
         return y1, y2, net_in
 
 

@@ -18,6 +18,7 @@ build our own network from the recorded constructor arguments, with the D the ne
 trained with (the recorded ``D`` when its PFGM++ switch ``pfgmpp`` / ``pfgmv2`` is on, else
 inf), and copy the weights in, strictly.
 """
+
 from __future__ import annotations
 
 import glob
@@ -31,20 +32,36 @@ import torch
 
 from pfgmpp_fast import checks
 from pfgmpp_fast.networks import EDMPrecond, FastNetwork
-from pfgmpp_fast.safe_pickle import OpaqueObject, PersistentRecord, UnsupportedArchiveError, archive_kind, read_published
+from pfgmpp_fast.safe_pickle import (
+    OpaqueObject,
+    PersistentRecord,
+    UnsupportedArchiveError,
+    archive_kind,
+    read_published,
+)
 from pfgmpp_fast.utils.cli_errors import InvalidArgument, InvalidValue, UsageError, blame, check_output_path, command
 from pfgmpp_fast.utils.io_utils import atomic_write_bytes, content_digest
 
-__all__ = ['save_network', 'load_network', 'convert_published', 'network_config', 'network_from_config',
-           'UntrustedCheckpointError', 'UnsupportedArchiveError', 'FORMAT']
+__all__ = [
+    'save_network',
+    'load_network',
+    'convert_published',
+    'network_config',
+    'network_from_config',
+    'UntrustedCheckpointError',
+    'UnsupportedArchiveError',
+    'FORMAT',
+]
 
 FORMAT = 'pfgmpp_fast.network.v1'
-PICKLE_REFUSAL = ('{path}: this is a pickle ({kind}). Unpickling runs code stored in the file '
-                  '(published EDM/PFGM++ checkpoints embed Python source that the published loader '
-                  'executes), so it is refused by default. If you trust where the file comes from, pass '
-                  'trust_pickle=True (CLI: --trust-pickle) to import it; we then read only the constructor '
-                  'arguments and weights (without executing the embedded source) and you can convert it to '
-                  'our safe format with convert_published().')
+PICKLE_REFUSAL = (
+    '{path}: this is a pickle ({kind}). Unpickling runs code stored in the file '
+    '(published EDM/PFGM++ checkpoints embed Python source that the published loader '
+    'executes), so it is refused by default. If you trust where the file comes from, pass '
+    'trust_pickle=True (CLI: --trust-pickle) to import it; we then read only the constructor '
+    'arguments and weights (without executing the embedded source) and you can convert it to '
+    'our safe format with convert_published().'
+)
 
 
 class UntrustedCheckpointError(ValueError):
@@ -53,6 +70,7 @@ class UntrustedCheckpointError(ValueError):
 
 # ----------------------------------------------------------------------------------------
 # Config <-> JSON.
+
 
 def _to_json_value(v):
     if isinstance(v, float) and math.isinf(v):
@@ -124,15 +142,17 @@ def find_latest_snapshot(run_dir: str):
 # ----------------------------------------------------------------------------------------
 # Our format.
 
+
 def _safetensors_bytes(tensors: dict, metadata: dict) -> bytes:
     """safetensors bytes with a deterministic header (sorted keys; safetensors itself writes
     the metadata in hash-map order), so identical networks give identical files."""
     from safetensors.torch import save as st_save
+
     data = st_save(tensors, metadata=metadata)
     (n,) = struct.unpack('<Q', data[:8])
-    header = json.dumps(json.loads(data[8:8 + n]), sort_keys=True, separators=(',', ':')).encode()
-    header += b' ' * (-len(header) % 8)          # safetensors' alignment of the data section
-    return struct.pack('<Q', len(header)) + header + data[8 + n:]
+    header = json.dumps(json.loads(data[8 : 8 + n]), sort_keys=True, separators=(',', ':')).encode()
+    header += b' ' * (-len(header) % 8)  # safetensors' alignment of the data section
+    return struct.pack('<Q', len(header)) + header + data[8 + n :]
 
 
 def save_network(path, net, extra_metadata: dict | None = None) -> None:
@@ -144,16 +164,23 @@ def save_network(path, net, extra_metadata: dict | None = None) -> None:
     tensors = {k: v.detach().to('cpu').contiguous() for k, v in net.state_dict().items()}
     bad = [k for k, v in tensors.items() if v.is_floating_point() and not torch.isfinite(v).all()]
     if bad:
-        raise ValueError(f'{path}: refusing to write a network with non-finite values (NaN/Inf) in '
-                         f'{len(bad)} tensors, e.g. {bad[:3]}')
-    metadata = {'format': FORMAT, 'config': json.dumps(config, sort_keys=True),
-                'extra': json.dumps(_to_json_value(extra_metadata or {}), sort_keys=True),
-                'torch_version': torch.__version__, 'sha256': content_digest(tensors)}
+        raise ValueError(
+            f'{path}: refusing to write a network with non-finite values (NaN/Inf) in '
+            f'{len(bad)} tensors, e.g. {bad[:3]}'
+        )
+    metadata = {
+        'format': FORMAT,
+        'config': json.dumps(config, sort_keys=True),
+        'extra': json.dumps(_to_json_value(extra_metadata or {}), sort_keys=True),
+        'torch_version': torch.__version__,
+        'sha256': content_digest(tensors),
+    }
     atomic_write_bytes(path, _safetensors_bytes(tensors, metadata))
 
 
 def _read_safetensors(path: str):
     from safetensors.torch import load as st_load
+
     size = os.path.getsize(path)
     with open(path, 'rb') as f:
         data = f.read()
@@ -161,24 +188,29 @@ def _read_safetensors(path: str):
         raise ValueError(f'{path}: truncated file ({size} bytes): not a pfgmpp_fast checkpoint')
     (header_len,) = struct.unpack('<Q', data[:8])
     if 8 + header_len > size:
-        raise ValueError(f'{path}: truncated or corrupt checkpoint: header says {header_len} header bytes, '
-                         f'file has {size - 8}')
+        raise ValueError(
+            f'{path}: truncated or corrupt checkpoint: header says {header_len} header bytes, file has {size - 8}'
+        )
     try:
-        header = json.loads(data[8:8 + header_len])
+        header = json.loads(data[8 : 8 + header_len])
     except ValueError as e:
         raise ValueError(f'{path}: corrupt checkpoint header ({e})') from None
     metadata = header.get('__metadata__') or {}
     if metadata.get('format') != FORMAT:
-        raise ValueError(f'{path}: not a pfgmpp_fast network checkpoint (metadata format='
-                         f'{metadata.get("format")!r}, expected {FORMAT!r})')
+        raise ValueError(
+            f'{path}: not a pfgmpp_fast network checkpoint (metadata format='
+            f'{metadata.get("format")!r}, expected {FORMAT!r})'
+        )
     try:
         tensors = st_load(data)
     except Exception as e:  # safetensors raises its own error type
         raise ValueError(f'{path}: truncated or corrupt checkpoint ({type(e).__name__}: {e})') from None
-    digest = metadata.get('sha256')       # absent in files written before digests existed
+    digest = metadata.get('sha256')  # absent in files written before digests existed
     if digest is not None and digest != content_digest(tensors):
-        raise ValueError(f'{path}: corrupt checkpoint: the weights do not match the SHA-256 digest stored in the '
-                         f'file (changed on disk after it was written)')
+        raise ValueError(
+            f'{path}: corrupt checkpoint: the weights do not match the SHA-256 digest stored in the '
+            f'file (changed on disk after it was written)'
+        )
     try:
         config = json.loads(metadata['config'])
         extra = json.loads(metadata.get('extra', '{}'))
@@ -191,14 +223,21 @@ def _load_weights_strict(path: str, net: EDMPrecond, state: dict) -> None:
     expected = net.state_dict()
     missing = [k for k in expected if k not in state]
     unexpected = [k for k in state if k not in expected]
-    wrong = [f'{k}: file {tuple(state[k].shape)} vs config {tuple(v.shape)}'
-             for k, v in expected.items() if k in state and tuple(state[k].shape) != tuple(v.shape)]
+    wrong = [
+        f'{k}: file {tuple(state[k].shape)} vs config {tuple(v.shape)}'
+        for k, v in expected.items()
+        if k in state and tuple(state[k].shape) != tuple(v.shape)
+    ]
     if missing or unexpected or wrong:
+
         def short(items):
             return ', '.join(items[:5]) + (f' ... (+{len(items) - 5})' if len(items) > 5 else '')
-        parts = [f'{len(missing)} missing ({short(missing)})' if missing else '',
-                 f'{len(unexpected)} unexpected ({short(unexpected)})' if unexpected else '',
-                 f'{len(wrong)} with wrong shape ({short(wrong)})' if wrong else '']
+
+        parts = [
+            f'{len(missing)} missing ({short(missing)})' if missing else '',
+            f'{len(unexpected)} unexpected ({short(unexpected)})' if unexpected else '',
+            f'{len(wrong)} with wrong shape ({short(wrong)})' if wrong else '',
+        ]
         raise ValueError(f'{path}: weights do not match the network config: ' + '; '.join(p for p in parts if p))
     bad = [k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()]
     if bad:
@@ -222,7 +261,9 @@ def load_network(path, device='cpu', trust_pickle: bool = False, D=None) -> EDMP
     kind = archive_kind(path)  # refuses TorchScript and other archive kinds before any loader
     if kind in ('pickle', 'zip'):
         if not trust_pickle:
-            raise UntrustedCheckpointError(PICKLE_REFUSAL.format(path=path, kind='torch.save zip' if kind == 'zip' else 'pickle'))
+            raise UntrustedCheckpointError(
+                PICKLE_REFUSAL.format(path=path, kind='torch.save zip' if kind == 'zip' else 'pickle')
+            )
         return _import_published(path, kind, device, D)
     if kind != 'safetensors':
         raise ValueError(f'{path}: unrecognised or truncated checkpoint (neither our safetensors format nor a pickle)')
@@ -232,8 +273,10 @@ def load_network(path, device='cpu', trust_pickle: bool = False, D=None) -> EDMP
     except (TypeError, ValueError) as e:
         raise ValueError(f'{path}: invalid network config in checkpoint: {e}') from None
     if D is not None and D != float(net.D):
-        detail = (f'{D:g} was given but the network was trained with D={float(net.D):g} '
-                  f'(a network/D mismatch; omit D to use the network\'s)')
+        detail = (
+            f'{D:g} was given but the network was trained with D={float(net.D):g} '
+            f'(a network/D mismatch; omit D to use the network\'s)'
+        )
         raise InvalidValue('D', detail, message=f'{path}: D={detail}')
     _load_weights_strict(path, net, tensors)
     return net.to(device)
@@ -254,6 +297,7 @@ def convert_published(src, dst, trust_pickle: bool = False, D=None) -> EDMPrecon
 
 # ----------------------------------------------------------------------------------------
 # Import of the published persistence format (read by safe_pickle, never executed).
+
 
 def _collect_state(obj, prefix, out: dict) -> None:
     state = obj.state if isinstance(obj, (PersistentRecord, OpaqueObject)) else None
@@ -281,8 +325,10 @@ _PUBLISHED_ONLY = _PFGMPP_SWITCHES + ('D', 'pfgm', 'small', 'class_name')
 
 def _recorded_D(path: str, rec: PersistentRecord, kwargs: dict) -> tuple:
     """(D, what the file says): the recorded D when the PFGM++ switch is on, else inf (EDM)."""
+
     def recorded(key):
         return kwargs[key] if key in kwargs else rec.state.get(key)
+
     switch = next((k for k in _PFGMPP_SWITCHES if recorded(k) is not None), None)
     if switch is None:
         return float('inf'), 'an EDM network (no PFGM++ switch): D=inf'
@@ -300,19 +346,24 @@ def _published_config(path: str, rec: PersistentRecord, D) -> dict:
     """Our EDMPrecond arguments for a published network record; a given ``D`` (a float) must
     equal the D the network was trained with."""
     if rec.class_name != 'EDMPrecond':
-        raise ValueError(f'{path}: network class {rec.class_name!r} is not supported (only EDMPrecond; '
-                         f'VP/VE/iDDPM preconditionings are different models)')
+        raise ValueError(
+            f'{path}: network class {rec.class_name!r} is not supported (only EDMPrecond; '
+            f'VP/VE/iDDPM preconditionings are different models)'
+        )
     init_args = rec.state.get('_init_args') or ()
     kwargs = rec.state.get('_init_kwargs')
     if init_args or not isinstance(kwargs, dict):
         raise ValueError(f'{path}: the pickle does not record the EDMPrecond constructor keyword arguments')
     if kwargs.get('pfgm'):
-        raise ValueError(f'{path}: published option pfgm={kwargs["pfgm"]!r} (PFGM, a different network head) '
-                         f'is not supported')
+        raise ValueError(
+            f'{path}: published option pfgm={kwargs["pfgm"]!r} (PFGM, a different network head) is not supported'
+        )
     trained_D, said = _recorded_D(path, rec, kwargs)
     if D is not None and D != trained_D:
-        detail = (f'{D:g} was given but the network was trained with D={trained_D:g} ({said}): '
-                  'a network/D mismatch; omit D to use the recorded one')
+        detail = (
+            f'{D:g} was given but the network was trained with D={trained_D:g} ({said}): '
+            'a network/D mismatch; omit D to use the recorded one'
+        )
         raise InvalidValue('D', detail, message=f'{path}: D={detail}')
     config = {k: (list(v) if isinstance(v, tuple) else v) for k, v in kwargs.items() if k not in _PUBLISHED_ONLY}
     config.setdefault('model_type', 'DhariwalUNet')  # the published EDMPrecond default
@@ -323,12 +374,16 @@ def _published_config(path: str, rec: PersistentRecord, D) -> dict:
 def _import_published(path: str, kind: str, device, D) -> EDMPrecond:
     snapshot = read_published(path, kind)
     if not isinstance(snapshot, dict):
-        raise ValueError(f'{path}: expected a dict with an "ema" (network snapshot) or "net" (training state) '
-                         f'entry, got {type(snapshot).__name__}')
+        raise ValueError(
+            f'{path}: expected a dict with an "ema" (network snapshot) or "net" (training state) '
+            f'entry, got {type(snapshot).__name__}'
+        )
     rec = snapshot.get('ema', snapshot.get('net'))
     if not isinstance(rec, PersistentRecord):
-        raise ValueError(f'{path}: no published network ("ema" or "net" entry of the persistence format) found; '
-                         f'keys: {sorted(map(str, snapshot))}')
+        raise ValueError(
+            f'{path}: no published network ("ema" or "net" entry of the persistence format) found; '
+            f'keys: {sorted(map(str, snapshot))}'
+        )
     config = _published_config(path, rec, D)
     try:
         net = network_from_config(config)
@@ -343,13 +398,21 @@ def _import_published(path: str, kind: str, device, D) -> EDMPrecond:
 # ----------------------------------------------------------------------------------------
 # CLI: `python -m pfgmpp_fast convert SRC DST --trust-pickle` (cli.py COMMANDS entry).
 
+
 def add_arguments(p) -> None:
     p.add_argument('src', help='published network-snapshot-*.pkl or training-state-*.pt')
     p.add_argument('dst', help='output .safetensors (our format: weights + JSON config, loads without code)')
-    p.add_argument('--trust-pickle', action='store_true',
-                   help='confirm you trust SRC: pickles can run code (we read only arguments and weights)')
-    p.add_argument('--D', default=None, help="check that SRC was trained with this D ('inf' = EDM; default: "
-                                             "what SRC records: its D with pfgmpp=1, inf otherwise)")
+    p.add_argument(
+        '--trust-pickle',
+        action='store_true',
+        help='confirm you trust SRC: pickles can run code (we read only arguments and weights)',
+    )
+    p.add_argument(
+        '--D',
+        default=None,
+        help="check that SRC was trained with this D ('inf' = EDM; default: "
+        "what SRC records: its D with pfgmpp=1, inf otherwise)",
+    )
 
 
 @command
@@ -360,7 +423,7 @@ def main(args) -> int:
     try:
         net = load_network(args.src, trust_pickle=args.trust_pickle, D=D)
     except (ValueError, TypeError, FileNotFoundError) as exc:
-        named_D = isinstance(exc, InvalidArgument) and exc.name == 'D'     # a network/D mismatch
+        named_D = isinstance(exc, InvalidArgument) and exc.name == 'D'  # a network/D mismatch
         raise UsageError('--D' if named_D else 'SRC', str(exc)) from None
     save_network(args.dst, net, extra_metadata={'converted_from': os.path.basename(os.fspath(args.src))})
     n = sum(p.numel() for p in net.parameters())

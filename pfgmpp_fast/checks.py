@@ -4,6 +4,7 @@ they pass on inside the package is trusted. The errors are ValueError/TypeError 
 the argument's name (utils/cli_errors.py: InvalidValue, InvalidType), so a command names its
 option without reading the message.
 """
+
 from __future__ import annotations
 
 import math
@@ -14,16 +15,39 @@ import torch
 
 from pfgmpp_fast.utils.cli_errors import InvalidType, InvalidValue
 
-__all__ = ["check_key", "check_D", "parse_D", "check_sample_ids", "check_positive", "check_images",
-           "check_sampler_options", "check_training_options", "check_sigma", "as_bool", "check_number",
-           "parse_int_list", "check_seeds", "check_net_D", "check_sigma_max", "check_common", "check_prior",
-           "format_ids", "check_backend", "DeviceReport", "BACKENDS", "MAX_SEED", "MAX_SEEDS", "MAX_SIGMA", "SOLVERS",
-           "MULTISTEP_SOLVERS"]
+__all__ = [
+    "check_key",
+    "check_D",
+    "parse_D",
+    "check_sample_ids",
+    "check_positive",
+    "check_images",
+    "check_sampler_options",
+    "check_training_options",
+    "check_sigma",
+    "as_bool",
+    "check_number",
+    "parse_int_list",
+    "check_seeds",
+    "check_net_D",
+    "check_sigma_max",
+    "check_common",
+    "check_prior",
+    "format_ids",
+    "check_backend",
+    "DeviceReport",
+    "BACKENDS",
+    "MAX_SEED",
+    "MAX_SEEDS",
+    "MAX_SIGMA",
+    "SOLVERS",
+    "MULTISTEP_SOLVERS",
+]
 
-MAX_SEED = 2 ** 63
-MAX_SEEDS = 10 ** 9
-MAX_SIGMA = 1e30    # = reference.MAX_SCALE: the largest noise scale every backend represents unclamped
-BACKENDS = ("auto", "reference", "triton", "cuda", "cpu")   # what every op's `backend` may be (ops.py)
+MAX_SEED = 2**63
+MAX_SEEDS = 10**9
+MAX_SIGMA = 1e30  # = reference.MAX_SCALE: the largest noise scale every backend represents unclamped
+BACKENDS = ("auto", "reference", "triton", "cuda", "cpu")  # what every op's `backend` may be (ops.py)
 
 
 def check_backend(backend) -> str:
@@ -63,8 +87,12 @@ def check_sample_ids(sample_ids, name="sample_ids", device=None) -> torch.Tensor
     sample_ids = sample_ids.to(torch.int64)
     if device is not None:
         sample_ids = sample_ids.to(device)
-    if (sample_ids.device.type == "cpu" and sample_ids.numel() and not torch.compiler.is_compiling()
-            and int(sample_ids.min()) < 0):   # free on the host; on a GPU see DeviceReport.ids
+    if (
+        sample_ids.device.type == "cpu"
+        and sample_ids.numel()
+        and not torch.compiler.is_compiling()
+        and int(sample_ids.min()) < 0
+    ):  # free on the host; on a GPU see DeviceReport.ids
         raise ValueError(f"{name} must be in [0, 2^63), got {int(sample_ids.min())}")
     return sample_ids
 
@@ -90,8 +118,10 @@ def check_net_D(net, D: float) -> None:
     """A D that disagrees with the network's own D (the one it was trained with) is an error."""
     net_D = getattr(net, "D", None)
     if isinstance(net_D, (int, float)) and not isinstance(net_D, bool) and float(net_D) != D:
-        detail = (f"{D:g} was given but the network was trained with D={float(net_D):g} "
-                  "(a network/D mismatch; omit D / --D to use the network's)")
+        detail = (
+            f"{D:g} was given but the network was trained with D={float(net_D):g} "
+            "(a network/D mismatch; omit D / --D to use the network's)"
+        )
         raise InvalidValue("D", detail, sep="=")
 
 
@@ -125,7 +155,7 @@ def check_training_options(P_mean, P_std) -> None:
 
 
 SOLVERS = ("heun", "euler", "dpmpp2m", "ipndm", "ipndm_v")  # the sampler's solvers (step loops: sampler.py)
-MULTISTEP_SOLVERS = ("dpmpp2m", "ipndm", "ipndm_v")       # reuse earlier steps' evaluations; deterministic (no churn)
+MULTISTEP_SOLVERS = ("dpmpp2m", "ipndm", "ipndm_v")  # reuse earlier steps' evaluations; deterministic (no churn)
 
 
 def check_sampler_options(solver, S_churn, S_min, S_max, S_noise, alpha, dtype) -> None:
@@ -151,7 +181,7 @@ def check_sigma(sigma, batch, device, dtype) -> torch.Tensor:
     sigma = sigma.reshape(-1)
     if sigma.shape[0] != batch:
         raise ValueError(f"sigma must be a scalar or have shape [{batch}], got {tuple(sigma.shape)}")
-    if sigma.numel() and not bool(((sigma > 0) & (sigma <= MAX_SIGMA)).all()):   # NaN fails too
+    if sigma.numel() and not bool(((sigma > 0) & (sigma <= MAX_SIGMA)).all()):  # NaN fails too
         bad = sigma[~((sigma > 0) & (sigma <= MAX_SIGMA))][0].item()
         raise ValueError(f"sigma must be in (0, {MAX_SIGMA:g}], got {bad}")
     return sigma
@@ -178,13 +208,17 @@ class DeviceReport:
     def add(self, bad: torch.Tensor, explain, error=FloatingPointError) -> None:
         self._items.append((bad.reshape(-1), explain, error))
 
-    def nonfinite(self, name: str, t: torch.Tensor, ids: torch.Tensor, ids_name: str = "sample_ids",
-                  hint="") -> None:
+    def nonfinite(self, name: str, t: torch.Tensor, ids: torch.Tensor, ids_name: str = "sample_ids", hint="") -> None:
         """Report the rows of `t` [B, ...] holding NaN/Inf, by their sample ids; `hint` is appended
         (a string, or a function of the bad rows that returns one)."""
         bad = ~torch.isfinite(t).flatten(1).all(dim=1) if t.dim() > 1 else ~torch.isfinite(t)
-        self.add(bad, lambda rows, _: f"{name} contains NaN/Inf for {ids_name} {format_ids(ids, rows)}"
-                                      f"{hint(rows) if callable(hint) else hint}")
+        self.add(
+            bad,
+            lambda rows, _: (
+                f"{name} contains NaN/Inf for {ids_name} {format_ids(ids, rows)}"
+                f"{hint(rows) if callable(hint) else hint}"
+            ),
+        )
 
     def ids(self, ids: torch.Tensor, name: str = "sample_ids") -> None:
         """Negative ids on a GPU, checked with the call's one host read (on the CPU check_sample_ids did it)."""
@@ -194,11 +228,12 @@ class DeviceReport:
     def raise_if_any(self) -> None:
         if not self._items:
             return
-        flags = torch.cat([b.to(torch.int64) if b.dtype == torch.bool else b.to(torch.int64) + 1
-                           for b, _, _ in self._items]).cpu()            # the one host read
+        flags = torch.cat(
+            [b.to(torch.int64) if b.dtype == torch.bool else b.to(torch.int64) + 1 for b, _, _ in self._items]
+        ).cpu()  # the one host read
         start = 0
         for bad, explain, error in self._items:
-            part = flags[start:start + bad.numel()]
+            part = flags[start : start + bad.numel()]
             start += bad.numel()
             rows = part.nonzero().flatten()
             if rows.numel():
@@ -269,8 +304,12 @@ def parse_int_list(text, name: str = "seeds") -> list:
         elif re.fullmatch(r"\d+", part):
             out.append(int(part))
         else:
-            raise InvalidValue(name, f"cannot parse {part!r} in {text!r}; expected non-negative integers "
-                                     "and inclusive ranges like '0-49999' or '1,5,7-9'", sep=": ")
+            raise InvalidValue(
+                name,
+                f"cannot parse {part!r} in {text!r}; expected non-negative integers "
+                "and inclusive ranges like '0-49999' or '1,5,7-9'",
+                sep=": ",
+            )
     return out
 
 

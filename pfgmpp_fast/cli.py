@@ -6,6 +6,7 @@ fast and a missing optional dependency only affects its own command. Every comma
 runs through the one error path of utils/cli_errors.py (one message, exit 2 for usage errors,
 1 for failures, never a traceback).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -19,12 +20,18 @@ __all__ = ["COMMANDS", "build_parser", "main"]
 COMMANDS = {
     "demo": ("pfgmpp_fast.apps.demo", "train a small PFGM++ on the embedded digits data and sample it (the main job)"),
     "train": ("pfgmpp_fast.training.train", "train a network (torchrun for several GPUs/nodes)"),
-    "dataset": ("pfgmpp_fast.training.dataset_tool", "build a data set zip in the published format (images + dataset.json)"),
+    "dataset": (
+        "pfgmpp_fast.training.dataset_tool",
+        "build a data set zip in the published format (images + dataset.json)",
+    ),
     "phema": ("pfgmpp_fast.training.phema", "post-hoc EMA: networks of any EMA length from a run trained with --phema"),
     "generate": ("pfgmpp_fast.evaluation.generate", "generate images from a network checkpoint"),
     "fid": ("pfgmpp_fast.evaluation.fid", "FID: reference statistics, streaming evaluation and sweeps"),
     "bench": ("pfgmpp_fast.apps.bench", "run the benchmark suite on this device"),
-    "convert": ("pfgmpp_fast.checkpoint", "convert a published EDM/PFGM++ pickle to our safe format (needs --trust-pickle)"),
+    "convert": (
+        "pfgmpp_fast.checkpoint",
+        "convert a published EDM/PFGM++ pickle to our safe format (needs --trust-pickle)",
+    ),
     "experiment": ("pfgmpp_fast.apps.experiments", "reproduce the paper's robustness findings on digits"),
 }
 
@@ -59,7 +66,7 @@ def main(argv=None) -> int:
     parser = build_parser(_command_of(argv))
     try:
         args = parser.parse_args(argv)
-    except SystemExit as exc:               # argparse has printed the usage error (or --help)
+    except SystemExit as exc:  # argparse has printed the usage error (or --help)
         return exc.code if isinstance(exc.code, int) else 2
     if args.command is None:
         parser.print_help()

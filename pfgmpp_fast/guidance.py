@@ -10,6 +10,7 @@ elementwise `lerp`) and keeps the preconditioning in its update kernels. Where t
 the network itself (`UNCOND`, or `gnet is net`) the two evaluations are one network call on
 the doubled batch. W = 1 never reaches this module (the sampler skips the guide).
 """
+
 from __future__ import annotations
 
 from typing import Optional
@@ -22,7 +23,7 @@ from pfgmpp_fast.utils.cli_errors import InvalidType, InvalidValue
 
 __all__ = ["UNCOND", "check_guide", "check_guide_network", "Guide"]
 
-UNCOND = "uncond"   # gnet: the network itself with the "no label" input (zero one-hot): classifier-free guidance
+UNCOND = "uncond"  # gnet: the network itself with the "no label" input (zero one-hot): classifier-free guidance
 
 
 def _label_dim(net) -> int:
@@ -35,9 +36,13 @@ def check_guide(net, gnet, guidance: float, D: float):
     if guidance == 1.0:
         return None
     if gnet is None:
-        raise InvalidValue("gnet", f"is needed with guidance={guidance:g}: another network of the same task "
-                           f"(autoguidance) or {UNCOND!r} (the same class-conditional network without labels: "
-                           "classifier-free guidance); guidance=1 samples unguided", sep=": ")
+        raise InvalidValue(
+            "gnet",
+            f"is needed with guidance={guidance:g}: another network of the same task "
+            f"(autoguidance) or {UNCOND!r} (the same class-conditional network without labels: "
+            "classifier-free guidance); guidance=1 samples unguided",
+            sep=": ",
+        )
     return check_guide_network(net, gnet, D)
 
 
@@ -48,8 +53,12 @@ def check_guide_network(net, gnet, D: float):
         if gnet != UNCOND:
             raise InvalidValue("gnet", f"must be a network, a denoiser callable or {UNCOND!r}, got {gnet!r}")
         if _label_dim(net) == 0:
-            raise InvalidValue("gnet", f"{UNCOND!r} (classifier-free guidance) needs a class-conditional network "
-                               "(label_dim > 0, trained with label dropout), but the network is unconditional", sep=": ")
+            raise InvalidValue(
+                "gnet",
+                f"{UNCOND!r} (classifier-free guidance) needs a class-conditional network "
+                "(label_dim > 0, trained with label dropout), but the network is unconditional",
+                sep=": ",
+            )
         return gnet
     if not callable(gnet):
         raise InvalidType("gnet", f"must be a network, a denoiser callable or {UNCOND!r}, got {type(gnet).__name__}")
@@ -59,8 +68,9 @@ def check_guide_network(net, gnet, D: float):
         raise InvalidValue("gnet", str(exc), sep=": ") from None
     shape = lambda n: tuple(getattr(n, a, None) for a in ("img_channels", "img_resolution"))  # noqa: E731
     if None not in shape(gnet) + shape(net) and shape(gnet) != shape(net):
-        raise InvalidValue("gnet", f"makes {shape(gnet)} (channels, resolution) images but the network makes "
-                                   f"{shape(net)}", sep=": ")
+        raise InvalidValue(
+            "gnet", f"makes {shape(gnet)} (channels, resolution) images but the network makes {shape(net)}", sep=": "
+        )
     return gnet
 
 
@@ -76,10 +86,10 @@ class Guide:
 
     def __init__(self, net, gnet, guidance: float, class_labels: Optional[torch.Tensor], B: int, device):
         self.net, self.gnet, self.W = net, gnet, float(guidance)
-        self.batched = isinstance(gnet, str) or gnet is net    # one network call on the doubled batch
+        self.batched = isinstance(gnet, str) or gnet is net  # one network call on the doubled batch
         self.labels = class_labels
         guide_labels = class_labels
-        if isinstance(gnet, str):                               # UNCOND: the "no label" input, zero one-hots
+        if isinstance(gnet, str):  # UNCOND: the "no label" input, zero one-hots
             guide_labels = torch.zeros(B, _label_dim(net), dtype=torch.float32, device=device)
         if self.batched:
             dim = _label_dim(net)
@@ -88,8 +98,9 @@ class Guide:
             self.both_labels = None if cond is None else torch.cat([cond, guide_labels.to(cond.dtype)])
         self.guide_labels = guide_labels
         # Combine raw outputs only where both networks' D = c_skip·x + c_out·F share c_skip, c_out.
-        self.raw_compatible = is_precond_net(net) and (self.batched or (
-            is_precond_net(gnet) and float(gnet.sigma_data) == float(net.sigma_data)))
+        self.raw_compatible = is_precond_net(net) and (
+            self.batched or (is_precond_net(gnet) and float(gnet.sigma_data) == float(net.sigma_data))
+        )
 
     def combine(self, F_guide: torch.Tensor, F: torch.Tensor) -> torch.Tensor:
         """F_G + W·(F − F_G) in at least fp32: one fused elementwise op (EDM2's lerp)."""

@@ -15,6 +15,7 @@ outputs agree to fp32 rounding, so published weights load unchanged (see
 ``make_fast`` turns a network into a drop-in that runs channels-last under bf16 autocast,
 compiled; see its docstring.
 """
+
 from __future__ import annotations
 
 import copy
@@ -30,9 +31,22 @@ from pfgmpp_fast import checks
 from pfgmpp_fast.reference import coefficients
 
 __all__ = [
-    'Linear', 'Conv2d', 'GroupNorm', 'UNetBlock', 'PositionalEmbedding', 'FourierEmbedding',
-    'SongUNet', 'DhariwalUNet', 'EDMPrecond', 'is_precond_net', 'build_network', 'make_fast', 'FastNetwork',
-    'ARCH_DEFAULTS', 'set_attention', 'set_resample',
+    'Linear',
+    'Conv2d',
+    'GroupNorm',
+    'UNetBlock',
+    'PositionalEmbedding',
+    'FourierEmbedding',
+    'SongUNet',
+    'DhariwalUNet',
+    'EDMPrecond',
+    'is_precond_net',
+    'build_network',
+    'make_fast',
+    'FastNetwork',
+    'ARCH_DEFAULTS',
+    'set_attention',
+    'set_resample',
 ]
 
 ATTENTION_IMPLS = ('einsum', 'sdpa')
@@ -40,6 +54,7 @@ ATTENTION_IMPLS = ('einsum', 'sdpa')
 
 # ----------------------------------------------------------------------------------------
 # Argument checks (fail early, name the argument, the value and what is allowed).
+
 
 def _check_int(name: str, value: Any, minimum: int = 0) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
@@ -72,13 +87,16 @@ def _check_D(D: Any):
 
 def _check_int_list(name: str, value: Any, minimum: int = 1, allow_empty: bool = False) -> list:
     if not isinstance(value, (list, tuple)) or (not value and not allow_empty):
-        raise ValueError(f'{name} must be a {"" if allow_empty else "non-empty "}list of ints >= {minimum}, got {value!r}')
+        raise ValueError(
+            f'{name} must be a {"" if allow_empty else "non-empty "}list of ints >= {minimum}, got {value!r}'
+        )
     return [_check_int(f'{name}[{i}]', v, minimum) for i, v in enumerate(value)]
 
 
 # ----------------------------------------------------------------------------------------
 # Weight initialisation (same distributions as the published code, so training from
 # scratch starts from the same statistics). Works on the meta device.
+
 
 def _init_tensor(shape, mode: str, fan_in: int, fan_out: int) -> torch.Tensor:
     if mode == 'xavier_uniform':
@@ -89,11 +107,14 @@ def _init_tensor(shape, mode: str, fan_in: int, fan_out: int) -> torch.Tensor:
         return torch.empty(shape).uniform_(-1, 1) * math.sqrt(3 / fan_in)
     if mode == 'kaiming_normal':
         return torch.empty(shape).normal_() * math.sqrt(1 / fan_in)
-    raise ValueError(f'init_mode must be one of xavier_uniform, xavier_normal, kaiming_uniform, kaiming_normal; got {mode!r}')
+    raise ValueError(
+        f'init_mode must be one of xavier_uniform, xavier_normal, kaiming_uniform, kaiming_normal; got {mode!r}'
+    )
 
 
 # ----------------------------------------------------------------------------------------
 # Layers.
+
 
 class Linear(torch.nn.Module):
     """Fully connected layer; parameters ``weight`` [out, in] and optional ``bias``."""
@@ -118,8 +139,20 @@ class Conv2d(torch.nn.Module):
     ``resample_filter`` buffer (only when resampling) so state dicts match.
     """
 
-    def __init__(self, in_channels, out_channels, kernel, bias=True, up=False, down=False,
-                 resample_filter=(1, 1), fused_resample=False, init_mode='kaiming_normal', init_weight=1, init_bias=0):
+    def __init__(
+        self,
+        in_channels,
+        out_channels,
+        kernel,
+        bias=True,
+        up=False,
+        down=False,
+        resample_filter=(1, 1),
+        fused_resample=False,
+        init_mode='kaiming_normal',
+        init_weight=1,
+        init_bias=0,
+    ):
         if up and down:
             raise ValueError('Conv2d: up and down cannot both be True')
         super().__init__()
@@ -129,7 +162,11 @@ class Conv2d(torch.nn.Module):
         self.down = down
         self.fused_resample = fused_resample
         fans = dict(mode=init_mode, fan_in=in_channels * kernel * kernel, fan_out=out_channels * kernel * kernel)
-        self.weight = torch.nn.Parameter(_init_tensor([out_channels, in_channels, kernel, kernel], **fans) * init_weight) if kernel else None
+        self.weight = (
+            torch.nn.Parameter(_init_tensor([out_channels, in_channels, kernel, kernel], **fans) * init_weight)
+            if kernel
+            else None
+        )
         self.bias = torch.nn.Parameter(_init_tensor([out_channels], **fans) * init_bias) if kernel and bias else None
         taps = [float(t) for t in resample_filter]
         # A [1,1] filter is exactly 2x2 average pooling / nearest upsampling.
@@ -186,9 +223,11 @@ def _shifted(x, shift: int, dim: int):
     if abs(shift) >= n:
         return torch.zeros_like(x)
     if shift > 0:
-        pad_shape = list(x.shape); pad_shape[dim] = shift
+        pad_shape = list(x.shape)
+        pad_shape[dim] = shift
         return torch.cat([x.new_zeros(pad_shape), x.narrow(dim, 0, n - shift)], dim=dim)
-    pad_shape = list(x.shape); pad_shape[dim] = -shift
+    pad_shape = list(x.shape)
+    pad_shape[dim] = -shift
     return torch.cat([x.narrow(dim, -shift, n + shift), x.new_zeros(pad_shape)], dim=dim)
 
 
@@ -228,8 +267,10 @@ class GroupNorm(torch.nn.Module):
         super().__init__()
         self.num_groups = min(num_groups, num_channels // min_channels_per_group)
         if self.num_groups < 1 or num_channels % self.num_groups:
-            raise ValueError(f'GroupNorm: num_channels={num_channels} needs >= {min_channels_per_group} channels '
-                             f'and a multiple of the group count {self.num_groups}')
+            raise ValueError(
+                f'GroupNorm: num_channels={num_channels} needs >= {min_channels_per_group} channels '
+                f'and a multiple of the group count {self.num_groups}'
+            )
         self.eps = eps
         self.weight = torch.nn.Parameter(torch.ones(num_channels))
         self.bias = torch.nn.Parameter(torch.zeros(num_channels))
@@ -264,36 +305,60 @@ class UNetBlock(torch.nn.Module):
     """Residual block (GroupNorm-SiLU-conv, embedding injection, dropout) with optional
     resampling and single/multi-head self-attention: the union of DDPM++, NCSN++ and ADM."""
 
-    def __init__(self, in_channels, out_channels, emb_channels, up=False, down=False, attention=False,
-                 num_heads=None, channels_per_head=64, dropout=0, skip_scale=1, eps=1e-5,
-                 resample_filter=(1, 1), resample_proj=False, adaptive_scale=True,
-                 init=None, init_zero=None, init_attn=None):
+    def __init__(
+        self,
+        in_channels,
+        out_channels,
+        emb_channels,
+        up=False,
+        down=False,
+        attention=False,
+        num_heads=None,
+        channels_per_head=64,
+        dropout=0,
+        skip_scale=1,
+        eps=1e-5,
+        resample_filter=(1, 1),
+        resample_proj=False,
+        adaptive_scale=True,
+        init=None,
+        init_zero=None,
+        init_attn=None,
+    ):
         super().__init__()
         init = dict(init or {})
         init_zero = dict(init_zero if init_zero is not None else dict(init_weight=0))
         self.in_channels = in_channels
         self.out_channels = out_channels
         self.emb_channels = emb_channels
-        self.num_heads = 0 if not attention else num_heads if num_heads is not None else out_channels // channels_per_head
+        self.num_heads = (
+            0 if not attention else num_heads if num_heads is not None else out_channels // channels_per_head
+        )
         self.dropout = dropout
         self.skip_scale = skip_scale
         self.adaptive_scale = adaptive_scale
         self.attention_impl = 'einsum'
 
         self.norm0 = GroupNorm(num_channels=in_channels, eps=eps)
-        self.conv0 = Conv2d(in_channels, out_channels, kernel=3, up=up, down=down, resample_filter=resample_filter, **init)
+        self.conv0 = Conv2d(
+            in_channels, out_channels, kernel=3, up=up, down=down, resample_filter=resample_filter, **init
+        )
         self.affine = Linear(emb_channels, out_channels * (2 if adaptive_scale else 1), **init)
         self.norm1 = GroupNorm(num_channels=out_channels, eps=eps)
         self.conv1 = Conv2d(out_channels, out_channels, kernel=3, **init_zero)
         self.skip = None
         if out_channels != in_channels or up or down:
             kernel = 1 if resample_proj or out_channels != in_channels else 0
-            self.skip = Conv2d(in_channels, out_channels, kernel=kernel, up=up, down=down, resample_filter=resample_filter, **init)
+            self.skip = Conv2d(
+                in_channels, out_channels, kernel=kernel, up=up, down=down, resample_filter=resample_filter, **init
+            )
         if self.num_heads:
             if out_channels % self.num_heads:
                 raise ValueError(f'UNetBlock: out_channels={out_channels} not divisible by num_heads={self.num_heads}')
             self.norm2 = GroupNorm(num_channels=out_channels, eps=eps)
-            self.qkv = Conv2d(out_channels, out_channels * 3, kernel=1, **(init_attn if init_attn is not None else init))
+            self.qkv = Conv2d(
+                out_channels, out_channels * 3, kernel=1, **(init_attn if init_attn is not None else init)
+            )
             self.proj = Conv2d(out_channels, out_channels, kernel=1, **init_zero)
 
     def _attend(self, x):
@@ -359,10 +424,16 @@ class FourierEmbedding(torch.nn.Module):
 
 def _check_resolution(img_resolution, channel_mult):
     levels = len(channel_mult)
-    if isinstance(img_resolution, bool) or not isinstance(img_resolution, int) or img_resolution < 1 \
-            or img_resolution % (1 << (levels - 1)):
-        raise ValueError(f'resolution (img_resolution) must be a positive int divisible by 2^(len(channel_mult)-1) = '
-                         f'{1 << (levels - 1)}, got {img_resolution!r}')
+    if (
+        isinstance(img_resolution, bool)
+        or not isinstance(img_resolution, int)
+        or img_resolution < 1
+        or img_resolution % (1 << (levels - 1))
+    ):
+        raise ValueError(
+            f'resolution (img_resolution) must be a positive int divisible by 2^(len(channel_mult)-1) = '
+            f'{1 << (levels - 1)}, got {img_resolution!r}'
+        )
 
 
 def _label_dropout_mask(tmp, x, p):
@@ -372,25 +443,49 @@ def _label_dropout_mask(tmp, x, p):
 # ----------------------------------------------------------------------------------------
 # DDPM++ / NCSN++.
 
+
 class SongUNet(torch.nn.Module):
     """The DDPM++ / NCSN++ U-Net (Song et al. 2021) as configured by EDM; published argument names."""
 
-    def __init__(self, img_resolution, in_channels, out_channels, label_dim=0, augment_dim=0,
-                 model_channels=128, channel_mult=(1, 2, 2, 2), channel_mult_emb=4, num_blocks=4,
-                 attn_resolutions=(16,), dropout=0.10, label_dropout=0,
-                 embedding_type='positional', channel_mult_noise=1, encoder_type='standard',
-                 decoder_type='standard', resample_filter=(1, 1)):
+    def __init__(
+        self,
+        img_resolution,
+        in_channels,
+        out_channels,
+        label_dim=0,
+        augment_dim=0,
+        model_channels=128,
+        channel_mult=(1, 2, 2, 2),
+        channel_mult_emb=4,
+        num_blocks=4,
+        attn_resolutions=(16,),
+        dropout=0.10,
+        label_dropout=0,
+        embedding_type='positional',
+        channel_mult_noise=1,
+        encoder_type='standard',
+        decoder_type='standard',
+        resample_filter=(1, 1),
+    ):
         _check_choice('embedding_type', embedding_type, ['fourier', 'positional'])
         _check_choice('encoder_type', encoder_type, ['standard', 'skip', 'residual'])
         _check_choice('decoder_type', decoder_type, ['standard', 'skip'])
         channel_mult = _check_int_list('channel_mult', channel_mult)
         attn_resolutions = _check_int_list('attn_resolutions', attn_resolutions, allow_empty=True)
         _check_resolution(img_resolution, channel_mult)
-        for name, v in [('in_channels', in_channels), ('out_channels', out_channels), ('model_channels', model_channels),
-                        ('channel_mult_emb', channel_mult_emb), ('channel_mult_noise', channel_mult_noise)]:
+        for name, v in [
+            ('in_channels', in_channels),
+            ('out_channels', out_channels),
+            ('model_channels', model_channels),
+            ('channel_mult_emb', channel_mult_emb),
+            ('channel_mult_noise', channel_mult_noise),
+        ]:
             _check_int(name, v, 1)
-        _check_int('label_dim', label_dim, 0); _check_int('augment_dim', augment_dim, 0); _check_int('num_blocks', num_blocks, 0)
-        _check_prob('dropout', dropout); _check_prob('label_dropout', label_dropout)
+        _check_int('label_dim', label_dim, 0)
+        _check_int('augment_dim', augment_dim, 0)
+        _check_int('num_blocks', num_blocks, 0)
+        _check_prob('dropout', dropout)
+        _check_prob('label_dropout', label_dropout)
         super().__init__()
         self.img_resolution = img_resolution
         self.label_dropout = label_dropout
@@ -399,12 +494,25 @@ class SongUNet(torch.nn.Module):
         init = dict(init_mode='xavier_uniform')
         init_zero = dict(init_mode='xavier_uniform', init_weight=1e-5)
         init_attn = dict(init_mode='xavier_uniform', init_weight=math.sqrt(0.2))
-        block_kwargs = dict(emb_channels=emb_channels, num_heads=1, dropout=dropout, skip_scale=math.sqrt(0.5), eps=1e-6,
-                            resample_filter=resample_filter, resample_proj=True, adaptive_scale=False,
-                            init=init, init_zero=init_zero, init_attn=init_attn)
+        block_kwargs = dict(
+            emb_channels=emb_channels,
+            num_heads=1,
+            dropout=dropout,
+            skip_scale=math.sqrt(0.5),
+            eps=1e-6,
+            resample_filter=resample_filter,
+            resample_proj=True,
+            adaptive_scale=False,
+            init=init,
+            init_zero=init_zero,
+            init_attn=init_attn,
+        )
 
-        self.map_noise = (PositionalEmbedding(noise_channels, endpoint=True) if embedding_type == 'positional'
-                          else FourierEmbedding(noise_channels))
+        self.map_noise = (
+            PositionalEmbedding(noise_channels, endpoint=True)
+            if embedding_type == 'positional'
+            else FourierEmbedding(noise_channels)
+        )
         self.map_label = Linear(label_dim, noise_channels, **init) if label_dim else None
         self.map_augment = Linear(augment_dim, noise_channels, bias=False, **init) if augment_dim else None
         self.map_layer0 = Linear(noise_channels, emb_channels, **init)
@@ -421,15 +529,20 @@ class SongUNet(torch.nn.Module):
             else:
                 self.enc[f'{res}x{res}_down'] = UNetBlock(cout, cout, down=True, **block_kwargs)
                 if encoder_type == 'skip':
-                    self.enc[f'{res}x{res}_aux_down'] = Conv2d(caux, caux, kernel=0, down=True, resample_filter=resample_filter)
+                    self.enc[f'{res}x{res}_aux_down'] = Conv2d(
+                        caux, caux, kernel=0, down=True, resample_filter=resample_filter
+                    )
                     self.enc[f'{res}x{res}_aux_skip'] = Conv2d(caux, cout, kernel=1, **init)
                 if encoder_type == 'residual':
-                    self.enc[f'{res}x{res}_aux_residual'] = Conv2d(caux, cout, kernel=3, down=True, resample_filter=resample_filter,
-                                                                  fused_resample=True, **init)
+                    self.enc[f'{res}x{res}_aux_residual'] = Conv2d(
+                        caux, cout, kernel=3, down=True, resample_filter=resample_filter, fused_resample=True, **init
+                    )
                     caux = cout
             for idx in range(num_blocks):
                 cin, cout = cout, model_channels * mult
-                self.enc[f'{res}x{res}_block{idx}'] = UNetBlock(cin, cout, attention=res in attn_resolutions, **block_kwargs)
+                self.enc[f'{res}x{res}_block{idx}'] = UNetBlock(
+                    cin, cout, attention=res in attn_resolutions, **block_kwargs
+                )
         skips = [block.out_channels for name, block in self.enc.items() if 'aux' not in name]
 
         # Decoder.
@@ -447,7 +560,9 @@ class SongUNet(torch.nn.Module):
                 self.dec[f'{res}x{res}_block{idx}'] = UNetBlock(cin, cout, attention=attn, **block_kwargs)
             if decoder_type == 'skip' or level == 0:
                 if decoder_type == 'skip' and level < len(channel_mult) - 1:
-                    self.dec[f'{res}x{res}_aux_up'] = Conv2d(out_channels, out_channels, kernel=0, up=True, resample_filter=resample_filter)
+                    self.dec[f'{res}x{res}_aux_up'] = Conv2d(
+                        out_channels, out_channels, kernel=0, up=True, resample_filter=resample_filter
+                    )
                 self.dec[f'{res}x{res}_aux_norm'] = GroupNorm(cout, eps=1e-6)
                 self.dec[f'{res}x{res}_aux_conv'] = Conv2d(cout, out_channels, kernel=3, **init_zero)
 
@@ -496,34 +611,59 @@ class SongUNet(torch.nn.Module):
 # ----------------------------------------------------------------------------------------
 # ADM.
 
+
 class DhariwalUNet(torch.nn.Module):
     """The ADM U-Net (Dhariwal & Nichol 2021) as configured by EDM; published argument names."""
 
-    def __init__(self, img_resolution, in_channels, out_channels, label_dim=0, augment_dim=0,
-                 model_channels=192, channel_mult=(1, 2, 3, 4), channel_mult_emb=4, num_blocks=3,
-                 attn_resolutions=(32, 16, 8), dropout=0.10, label_dropout=0):
+    def __init__(
+        self,
+        img_resolution,
+        in_channels,
+        out_channels,
+        label_dim=0,
+        augment_dim=0,
+        model_channels=192,
+        channel_mult=(1, 2, 3, 4),
+        channel_mult_emb=4,
+        num_blocks=3,
+        attn_resolutions=(32, 16, 8),
+        dropout=0.10,
+        label_dropout=0,
+    ):
         channel_mult = _check_int_list('channel_mult', channel_mult)
         attn_resolutions = _check_int_list('attn_resolutions', attn_resolutions, allow_empty=True)
         _check_resolution(img_resolution, channel_mult)
-        for name, v in [('in_channels', in_channels), ('out_channels', out_channels), ('model_channels', model_channels),
-                        ('channel_mult_emb', channel_mult_emb)]:
+        for name, v in [
+            ('in_channels', in_channels),
+            ('out_channels', out_channels),
+            ('model_channels', model_channels),
+            ('channel_mult_emb', channel_mult_emb),
+        ]:
             _check_int(name, v, 1)
-        _check_int('label_dim', label_dim, 0); _check_int('augment_dim', augment_dim, 0); _check_int('num_blocks', num_blocks, 0)
-        _check_prob('dropout', dropout); _check_prob('label_dropout', label_dropout)
+        _check_int('label_dim', label_dim, 0)
+        _check_int('augment_dim', augment_dim, 0)
+        _check_int('num_blocks', num_blocks, 0)
+        _check_prob('dropout', dropout)
+        _check_prob('label_dropout', label_dropout)
         super().__init__()
         self.img_resolution = img_resolution
         self.label_dropout = label_dropout
         emb_channels = model_channels * channel_mult_emb
         init = dict(init_mode='kaiming_uniform', init_weight=math.sqrt(1 / 3), init_bias=math.sqrt(1 / 3))
         init_zero = dict(init_mode='kaiming_uniform', init_weight=0, init_bias=0)
-        block_kwargs = dict(emb_channels=emb_channels, channels_per_head=64, dropout=dropout, init=init, init_zero=init_zero)
+        block_kwargs = dict(
+            emb_channels=emb_channels, channels_per_head=64, dropout=dropout, init=init, init_zero=init_zero
+        )
 
         self.map_noise = PositionalEmbedding(model_channels)
         self.map_augment = Linear(augment_dim, model_channels, bias=False, **init_zero) if augment_dim else None
         self.map_layer0 = Linear(model_channels, emb_channels, **init)
         self.map_layer1 = Linear(emb_channels, emb_channels, **init)
-        self.map_label = (Linear(label_dim, emb_channels, bias=False, init_mode='kaiming_normal', init_weight=math.sqrt(label_dim))
-                          if label_dim else None)
+        self.map_label = (
+            Linear(label_dim, emb_channels, bias=False, init_mode='kaiming_normal', init_weight=math.sqrt(label_dim))
+            if label_dim
+            else None
+        )
 
         self.enc = torch.nn.ModuleDict()
         cout = in_channels
@@ -536,7 +676,9 @@ class DhariwalUNet(torch.nn.Module):
                 self.enc[f'{res}x{res}_down'] = UNetBlock(cout, cout, down=True, **block_kwargs)
             for idx in range(num_blocks):
                 cin, cout = cout, model_channels * mult
-                self.enc[f'{res}x{res}_block{idx}'] = UNetBlock(cin, cout, attention=res in attn_resolutions, **block_kwargs)
+                self.enc[f'{res}x{res}_block{idx}'] = UNetBlock(
+                    cin, cout, attention=res in attn_resolutions, **block_kwargs
+                )
         skips = [block.out_channels for block in self.enc.values()]
 
         self.dec = torch.nn.ModuleDict()
@@ -549,7 +691,9 @@ class DhariwalUNet(torch.nn.Module):
                 self.dec[f'{res}x{res}_up'] = UNetBlock(cout, cout, up=True, **block_kwargs)
             for idx in range(num_blocks + 1):
                 cin, cout = cout + skips.pop(), model_channels * mult
-                self.dec[f'{res}x{res}_block{idx}'] = UNetBlock(cin, cout, attention=res in attn_resolutions, **block_kwargs)
+                self.dec[f'{res}x{res}_block{idx}'] = UNetBlock(
+                    cin, cout, attention=res in attn_resolutions, **block_kwargs
+                )
         self.out_norm = GroupNorm(cout)
         self.out_conv = Conv2d(cout, out_channels, kernel=3, **init_zero)
 
@@ -582,6 +726,7 @@ MODEL_TYPES = {'SongUNet': SongUNet, 'DhariwalUNet': DhariwalUNet}
 # ----------------------------------------------------------------------------------------
 # Preconditioning.
 
+
 def is_precond_net(net) -> bool:
     """EDMPrecond-like (`.raw` gives F from c_in·x, `.sigma_data`): the loss and the sampler
     take the fused preconditioning path for such a net, else call it as a plain denoiser."""
@@ -597,8 +742,20 @@ class EDMPrecond(torch.nn.Module):
     network was trained. State-dict keys are the published ``model.*``.
     """
 
-    def __init__(self, img_resolution, img_channels, label_dim=0, use_fp16=False, sigma_min=0,
-                 sigma_max=float('inf'), sigma_data=0.5, model_type='SongUNet', D=128, N=None, **model_kwargs):
+    def __init__(
+        self,
+        img_resolution,
+        img_channels,
+        label_dim=0,
+        use_fp16=False,
+        sigma_min=0,
+        sigma_max=float('inf'),
+        sigma_data=0.5,
+        model_type='SongUNet',
+        D=128,
+        N=None,
+        **model_kwargs,
+    ):
         _check_choice('model_type', model_type, MODEL_TYPES)
         _check_int('img_channels', img_channels, 1)
         _check_int('label_dim', label_dim, 0)
@@ -619,15 +776,29 @@ class EDMPrecond(torch.nn.Module):
         self.D = float(D) if math.isinf(D) else D
         self.N = N
         self.model_kwargs = copy.deepcopy(model_kwargs)
-        self.model = MODEL_TYPES[model_type](img_resolution=img_resolution, in_channels=img_channels,
-                                             out_channels=img_channels, label_dim=label_dim, **model_kwargs)
+        self.model = MODEL_TYPES[model_type](
+            img_resolution=img_resolution,
+            in_channels=img_channels,
+            out_channels=img_channels,
+            label_dim=label_dim,
+            **model_kwargs,
+        )
 
     def config(self) -> dict:
         """Constructor arguments (enough to rebuild the network)."""
-        return dict(img_resolution=self.img_resolution, img_channels=self.img_channels, label_dim=self.label_dim,
-                    use_fp16=self.use_fp16, sigma_min=self.sigma_min, sigma_max=self.sigma_max,
-                    sigma_data=self.sigma_data, model_type=self.model_type, D=self.D, N=self.N,
-                    **copy.deepcopy(self.model_kwargs))
+        return dict(
+            img_resolution=self.img_resolution,
+            img_channels=self.img_channels,
+            label_dim=self.label_dim,
+            use_fp16=self.use_fp16,
+            sigma_min=self.sigma_min,
+            sigma_max=self.sigma_max,
+            sigma_data=self.sigma_data,
+            model_type=self.model_type,
+            D=self.D,
+            N=self.N,
+            **copy.deepcopy(self.model_kwargs),
+        )
 
     def _labels(self, class_labels, x):
         if self.label_dim == 0:
@@ -646,14 +817,20 @@ class EDMPrecond(torch.nn.Module):
         class_labels = self._labels(class_labels, x)
         dtype = torch.float16 if (self.use_fp16 and not force_fp32 and x.device.type == 'cuda') else torch.float32
         c_skip, c_out, c_in, c_noise = self.coefficients(sigma)
-        F_x = self.model((c_in * x).to(dtype), c_noise.flatten(), class_labels=class_labels,
-                         augment_labels=augment_labels, **model_kwargs)
+        F_x = self.model(
+            (c_in * x).to(dtype),
+            c_noise.flatten(),
+            class_labels=class_labels,
+            augment_labels=augment_labels,
+            **model_kwargs,
+        )
         return c_skip * x + c_out * F_x.to(torch.float32)
 
     def raw(self, x_in, c_noise, class_labels=None, augment_labels=None):
         """F = model(x_in, c_noise, labels) for an input already scaled by c_in."""
-        return self.model(x_in, c_noise.reshape(-1), class_labels=self._labels(class_labels, x_in),
-                          augment_labels=augment_labels)
+        return self.model(
+            x_in, c_noise.reshape(-1), class_labels=self._labels(class_labels, x_in), augment_labels=augment_labels
+        )
 
     def round_sigma(self, sigma):
         return torch.as_tensor(sigma)
@@ -664,10 +841,28 @@ class EDMPrecond(torch.nn.Module):
 
 ARCH_DEFAULTS = {
     # NVlabs/edm train.py (--arch) plus its CLI default --dropout=0.13.
-    'ddpmpp': dict(model_type='SongUNet', embedding_type='positional', encoder_type='standard', decoder_type='standard',
-                   channel_mult_noise=1, resample_filter=[1, 1], model_channels=128, channel_mult=[2, 2, 2], dropout=0.13),
-    'ncsnpp': dict(model_type='SongUNet', embedding_type='fourier', encoder_type='residual', decoder_type='standard',
-                   channel_mult_noise=2, resample_filter=[1, 3, 3, 1], model_channels=128, channel_mult=[2, 2, 2], dropout=0.13),
+    'ddpmpp': dict(
+        model_type='SongUNet',
+        embedding_type='positional',
+        encoder_type='standard',
+        decoder_type='standard',
+        channel_mult_noise=1,
+        resample_filter=[1, 1],
+        model_channels=128,
+        channel_mult=[2, 2, 2],
+        dropout=0.13,
+    ),
+    'ncsnpp': dict(
+        model_type='SongUNet',
+        embedding_type='fourier',
+        encoder_type='residual',
+        decoder_type='standard',
+        channel_mult_noise=2,
+        resample_filter=[1, 3, 3, 1],
+        model_channels=128,
+        channel_mult=[2, 2, 2],
+        dropout=0.13,
+    ),
     'adm': dict(model_type='DhariwalUNet', model_channels=192, channel_mult=[1, 2, 3, 4], dropout=0.13),
 }
 
@@ -688,8 +883,10 @@ def build_network(arch='ddpmpp', resolution=32, channels=3, label_dim=0, D=128, 
     kwargs = {**ARCH_DEFAULTS[arch], **overrides}
     mult = kwargs.get('channel_mult')
     if isinstance(mult, (list, tuple)) and mult and resolution % (1 << (len(mult) - 1)):
-        raise ValueError(f'resolution must be divisible by 2^(len(channel_mult)-1) = {1 << (len(mult) - 1)} '
-                         f'for channel_mult={list(mult)}, got {resolution}')
+        raise ValueError(
+            f'resolution must be divisible by 2^(len(channel_mult)-1) = {1 << (len(mult) - 1)} '
+            f'for channel_mult={list(mult)}, got {resolution}'
+        )
     return EDMPrecond(img_resolution=resolution, img_channels=channels, label_dim=label_dim, D=D, **kwargs)
 
 
@@ -715,6 +912,7 @@ def set_attention(net: torch.nn.Module, impl: str) -> torch.nn.Module:
 # ----------------------------------------------------------------------------------------
 # Fast path.
 
+
 def _twin(net: torch.nn.Module) -> torch.nn.Module:
     """A copy of the module tree that shares every parameter and buffer with ``net``."""
     memo = {id(t): t for t in itertools.chain(net.parameters(), net.buffers())}
@@ -738,7 +936,9 @@ class FastNetwork(torch.nn.Module):
         if dtype not in (None, torch.float32, torch.bfloat16, torch.float16):
             raise ValueError(f'dtype must be None, torch.float32, torch.bfloat16 or torch.float16, got {dtype!r}')
         if cuda_graphs and not compile:
-            raise ValueError('cuda_graphs=True needs compile=True (CUDA graphs come from compile mode "reduce-overhead")')
+            raise ValueError(
+                'cuda_graphs=True needs compile=True (CUDA graphs come from compile mode "reduce-overhead")'
+            )
         self.net = set_resample(set_attention(_twin(net), 'sdpa'), 'polyphase')
         object.__setattr__(self, '_source', net)  # not a submodule: its tensors are already ours
         self.autocast_dtype = None if dtype in (None, torch.float32) else dtype
@@ -808,8 +1008,15 @@ class FastNetwork(torch.nn.Module):
         return self.net.load_state_dict(state_dict, strict=strict, assign=assign)
 
 
-def make_fast(net, dtype=torch.bfloat16, channels_last=True, compile=True, cuda_graphs=False, compile_mode=None,
-              compile_backend=None):
+def make_fast(
+    net,
+    dtype=torch.bfloat16,
+    channels_last=True,
+    compile=True,
+    cuda_graphs=False,
+    compile_mode=None,
+    compile_backend=None,
+):
     """Make ``net`` fast: channels-last, autocast in ``dtype`` (None / float32 = off), attention
     through ``scaled_dot_product_attention``, ``torch.compile`` (``cuda_graphs=True`` compiles
     with mode 'reduce-overhead' for fixed-shape inference; outputs are cloned out of the

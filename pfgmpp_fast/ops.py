@@ -6,6 +6,7 @@ registered by the kernel files in pfgmpp_fast/kernels), 'cuda' / 'cpu' (the C++ 
 `pfgmpp_fast::*`, loaded by pfgmpp_fast._ext), 'auto': on CUDA tensors the CUDA kernels when
 built else Triton; on CPU tensors the C++ CPU op when built else the reference.
 """
+
 from __future__ import annotations
 
 import math
@@ -70,19 +71,25 @@ def resolve_backend(backend: str, device) -> str:
         return "cpu" if has_extension() else "reference"
     if backend == "cpu":
         if not has_extension():
-            raise RuntimeError("backend='cpu' needs the C++ extension pfgmpp_fast._C, which is not "
-                               "built (pip install -e . / python setup.py build_ext --inplace)")
+            raise RuntimeError(
+                "backend='cpu' needs the C++ extension pfgmpp_fast._C, which is not "
+                "built (pip install -e . / python setup.py build_ext --inplace)"
+            )
         if device.type != "cpu":
             raise ValueError(f"backend='cpu' needs CPU tensors, got device {device}")
     if backend == "cuda":
         if not has_cuda_kernels():
-            raise RuntimeError("backend='cuda' needs pfgmpp_fast._C built with its CUDA kernels; "
-                               "it is not built or was built without CUDA")
+            raise RuntimeError(
+                "backend='cuda' needs pfgmpp_fast._C built with its CUDA kernels; "
+                "it is not built or was built without CUDA"
+            )
         if device.type != "cuda":
             raise ValueError(f"backend='cuda' needs CUDA tensors, got device {device}")
     if backend == "triton" and not triton_available(device):
-        raise RuntimeError(f"backend='triton' on device {device} needs CUDA tensors, or "
-                           "TRITON_INTERPRET=1 set before triton is imported (CPU interpreter)")
+        raise RuntimeError(
+            f"backend='triton' on device {device} needs CUDA tensors, or "
+            "TRITON_INTERPRET=1 set before triton is imported (CPU interpreter)"
+        )
     return backend
 
 
@@ -96,6 +103,7 @@ def _op(name: str, backend: str):
 
 # ----------------------------------------------------------------------------------------
 # Kernel-level ops (argument lists of docs/KERNEL_OPS.md plus `backend`)
+
 
 def philox4x32(counter: Tensor, key: int, backend: str = "auto") -> Tensor:
     b = resolve_backend(backend, counter.device)
@@ -124,30 +132,62 @@ def perturb_op(y, scale, c_in, sample_ids, key, stream, out_dtype, channels_last
     b = resolve_backend(backend, y.device)
     if b == "reference":
         return R.ref_perturb(y, scale, c_in, sample_ids, key, stream, out_dtype, channels_last, write_x)
-    return _op("perturb", b)(y, scale, c_in, sample_ids, int(key), int(stream), out_dtype,
-                             bool(channels_last), bool(write_x))
+    return _op("perturb", b)(
+        y, scale, c_in, sample_ids, int(key), int(stream), out_dtype, bool(channels_last), bool(write_x)
+    )
 
 
 def loss_fwd_bwd(F, y, scale, c_skip, c_out, sample_ids, key, stream, grad_scale, backend="auto"):
     b = resolve_backend(backend, y.device)
     if b == "reference":
         return R.ref_loss_fwd_bwd(F, y, scale, c_skip, c_out, sample_ids, key, stream, grad_scale)
-    return _op("loss_fwd_bwd", b)(F, y, scale, c_skip, c_out, sample_ids, int(key), int(stream),
-                                  float(grad_scale))
+    return _op("loss_fwd_bwd", b)(F, y, scale, c_skip, c_out, sample_ids, int(key), int(stream), float(grad_scale))
 
 
 def _optional_float(v):
     return None if v is None else float(v)
 
 
-def sampler_update(x, F, base, A, Bf, h1, h2, sample_ids, key, alpha_scale, alpha_stream,
-                   churn_scale, churn_stream, c_in_next, net_dtype, channels_last, backend="auto"):
+def sampler_update(
+    x,
+    F,
+    base,
+    A,
+    Bf,
+    h1,
+    h2,
+    sample_ids,
+    key,
+    alpha_scale,
+    alpha_stream,
+    churn_scale,
+    churn_stream,
+    c_in_next,
+    net_dtype,
+    channels_last,
+    backend="auto",
+):
     """One sampler update (docs/KERNEL_OPS.md): F/base None = no drift / base x; h2 None = no y2,
     c_in_next None = no network input (those outputs are then empty tensors)."""
     b = resolve_backend(backend, x.device)
-    args = (x, F, base, float(A), float(Bf), float(h1), _optional_float(h2), sample_ids, int(key),
-            float(alpha_scale), int(alpha_stream), float(churn_scale), int(churn_stream),
-            _optional_float(c_in_next), net_dtype, bool(channels_last))
+    args = (
+        x,
+        F,
+        base,
+        float(A),
+        float(Bf),
+        float(h1),
+        _optional_float(h2),
+        sample_ids,
+        int(key),
+        float(alpha_scale),
+        int(alpha_stream),
+        float(churn_scale),
+        int(churn_stream),
+        _optional_float(c_in_next),
+        net_dtype,
+        bool(channels_last),
+    )
     if b == "reference":
         return R.ref_sampler_update(*args)
     return _op("sampler_update", b)(*args)
@@ -157,6 +197,7 @@ def sampler_update(x, F, base, A, Bf, h1, h2, sample_ids, key, alpha_scale, alph
 # Public fast API (same semantics as reference.perturb / reference.prior). The public functions
 # check their arguments once; training_scalars_unchecked (the loss's) and the private
 # _noise_scale, _prior take checked ones.
+
 
 def is_channels_last(t: Tensor) -> bool:
     """A 4-D tensor laid out channels-last (and not also contiguous, as when C == 1)."""
@@ -207,15 +248,25 @@ def perturb(y: Tensor, sigma, D, key, sample_ids, backend: str = "auto") -> Tens
     sigma = checks.check_sigma(sigma, y.shape[0], y.device, torch.float64)
     cd = R.compute_dtype(y)
     s = _noise_scale(sigma, D, key, sample_ids, backend).to(cd)
-    x, _ = perturb_op(y, s, torch.ones_like(s), sample_ids, key, R.STREAM_NOISE, y.dtype, is_channels_last(y),
-                      False, backend=backend)
+    x, _ = perturb_op(
+        y, s, torch.ones_like(s), sample_ids, key, R.STREAM_NOISE, y.dtype, is_channels_last(y), False, backend=backend
+    )
     _report_input(y, sample_ids)
     return x
 
 
-def perturb_net_input(y: Tensor, sigma, D, key, sample_ids, sigma_data: float = 0.5,
-                      out_dtype=torch.float32, channels_last: bool = False, write_x: bool = False,
-                      backend: str = "auto"):
+def perturb_net_input(
+    y: Tensor,
+    sigma,
+    D,
+    key,
+    sample_ids,
+    sigma_data: float = 0.5,
+    out_dtype=torch.float32,
+    channels_last: bool = False,
+    write_x: bool = False,
+    backend: str = "auto",
+):
     """The fused network input c_in(σ)·x (and x in fp32/fp64 when write_x) in one pass."""
     key, D, sample_ids = checks.check_common("y", y, key, D, sample_ids)
     if out_dtype not in NET_DTYPES:
@@ -224,8 +275,9 @@ def perturb_net_input(y: Tensor, sigma, D, key, sample_ids, sigma_data: float = 
     c_in = R.precond(sigma, sigma_data)[2]
     cd = R.compute_dtype(y)
     s = _noise_scale(sigma, D, key, sample_ids, backend).to(cd)
-    out = perturb_op(y, s, c_in.to(cd), sample_ids, key, R.STREAM_NOISE, out_dtype, channels_last,
-                     write_x, backend=backend)
+    out = perturb_op(
+        y, s, c_in.to(cd), sample_ids, key, R.STREAM_NOISE, out_dtype, channels_last, write_x, backend=backend
+    )
     _report_input(y, sample_ids)
     return out
 
@@ -237,7 +289,7 @@ def prior(shape, D, sigma_max, key, seeds, dtype=torch.float32, device=None, bac
         raise TypeError(f"dtype must be torch.float32 or torch.float64, got {dtype}")
     latents = prior_unchecked(shape, D, sigma_max, key, seeds, dtype, backend)
     report = checks.DeviceReport()
-    report.ids(seeds, "seeds")          # on a GPU: read once (on the CPU check_sample_ids did it)
+    report.ids(seeds, "seeds")  # on a GPU: read once (on the CPU check_sample_ids did it)
     report.raise_if_any()
     return latents
 

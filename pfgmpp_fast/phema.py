@@ -24,6 +24,7 @@ that looks for ``network-snapshot-*`` picks them up.
 This module holds the maths and the snapshots' reading and reconstruction (core: evaluation and
 the apps use it); the tracking during training and the `phema` command are training/phema.py.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -39,18 +40,32 @@ import torch
 from pfgmpp_fast.checkpoint import FORMAT, load_network, network_from_config
 from pfgmpp_fast.utils.io_utils import is_temp_file
 
-__all__ = ["STD_MAX", "DEFAULT_STDS", "MAX_ERROR", "std_to_exp", "exp_to_std", "profile_inner", "solve_coefficients",
-           "parse_stds", "snapshot_name", "Snapshot", "list_snapshots", "available_stds", "reconstruct",
-           "reconstruct_network"]
+__all__ = [
+    "STD_MAX",
+    "DEFAULT_STDS",
+    "MAX_ERROR",
+    "std_to_exp",
+    "exp_to_std",
+    "profile_inner",
+    "solve_coefficients",
+    "parse_stds",
+    "snapshot_name",
+    "Snapshot",
+    "list_snapshots",
+    "available_stds",
+    "reconstruct",
+    "reconstruct_network",
+]
 
 STD_MAX = math.sqrt(((math.sqrt(5) - 3) / 2 + 1) / (((math.sqrt(5) - 3) / 2 + 2) ** 2 * ((math.sqrt(5) - 3) / 2 + 3)))
-DEFAULT_STDS = (0.05, 0.10)           # EDM2's pair
-MAX_ERROR = 0.1                       # largest relative L2 error of a reconstructed profile
+DEFAULT_STDS = (0.05, 0.10)  # EDM2's pair
+MAX_ERROR = 0.1  # largest relative L2 error of a reconstructed profile
 SUBDIR = "phema"
 
 
 # ----------------------------------------------------------------------------------------
 # The maths (float64 numpy; EDM2 §3.2 and its appendix)
+
 
 def exp_to_std(gamma):
     """Relative standard deviation of the power-function profile with exponent ``gamma``."""
@@ -63,9 +78,10 @@ def std_to_exp(std: float) -> float:
     the largest real root of γ³ + 7γ² + (16 − s⁻²)γ + (12 − s⁻²) = 0 (the branch γ > (√5−3)/2)."""
     std = float(std)
     if not (0 < std < STD_MAX):
-        raise ValueError(f"std must be in (0, {STD_MAX:.4f}) (a power-function EMA's relative standard "
-                         f"deviation), got {std!r}")
-    t = std ** -2
+        raise ValueError(
+            f"std must be in (0, {STD_MAX:.4f}) (a power-function EMA's relative standard deviation), got {std!r}"
+        )
+    t = std**-2
     roots = np.roots([1.0, 7.0, 16.0 - t, 12.0 - t])
     return float(roots[np.abs(roots.imag) < 1e-7 * np.abs(roots).max()].real.max())
 
@@ -74,8 +90,7 @@ def profile_inner(t_a, g_a, t_b, g_b):
     """<p_a, p_b> = ∫ p_a p_b of the profiles p(τ) = (γ+1) τ^γ / t^(γ+1) on [0, t] (broadcasts)."""
     t_a, g_a, t_b, g_b = (np.asarray(v, dtype=np.float64) for v in (t_a, g_a, t_b, g_b))
     lo = np.minimum(t_a, t_b)
-    return ((g_a + 1) * (g_b + 1) / (g_a + g_b + 1)
-            * (lo / t_a) ** (g_a + 1) * (lo / t_b) ** (g_b + 1) / lo)
+    return (g_a + 1) * (g_b + 1) / (g_a + g_b + 1) * (lo / t_a) ** (g_a + 1) * (lo / t_b) ** (g_b + 1) / lo
 
 
 def solve_coefficients(in_t, in_g, out_t, out_g):
@@ -84,13 +99,13 @@ def solve_coefficients(in_t, in_g, out_t, out_g):
     result is a weighted average of the snapshots (a parameter that never changed is
     reconstructed exactly); the error is that of the scaled fit, the raw sum that of the
     least-squares one."""
-    rv = lambda v: np.asarray(v, dtype=np.float64).reshape(-1, 1)      # noqa: E731
-    cv = lambda v: np.asarray(v, dtype=np.float64).reshape(1, -1)      # noqa: E731
+    rv = lambda v: np.asarray(v, dtype=np.float64).reshape(-1, 1)  # noqa: E731
+    cv = lambda v: np.asarray(v, dtype=np.float64).reshape(1, -1)  # noqa: E731
     A = profile_inner(rv(in_t), rv(in_g), cv(in_t), cv(in_g))
     B = profile_inner(rv(in_t), rv(in_g), cv(out_t), cv(out_g))
     try:
         X = np.linalg.solve(A, B)
-    except np.linalg.LinAlgError:          # singular: duplicate profiles; least squares still works
+    except np.linalg.LinAlgError:  # singular: duplicate profiles; least squares still works
         X = np.linalg.lstsq(A, B, rcond=None)[0]
     raw_sum = X.sum(axis=0)
     X = X / raw_sum
@@ -102,11 +117,15 @@ def solve_coefficients(in_t, in_g, out_t, out_g):
 def parse_stds(value, name: str = "phema") -> tuple:
     """'0.05,0.1' | [0.05, 0.1] → (0.05, 0.1): distinct, each in (0, STD_MAX)."""
     try:
-        items = value.split(",") if isinstance(value, str) else [value] if isinstance(value, (int, float)) else list(value)
+        items = (
+            value.split(",") if isinstance(value, str) else [value] if isinstance(value, (int, float)) else list(value)
+        )
         stds = tuple(float(v) for v in items if str(v).strip() != "")
     except (TypeError, ValueError):
-        raise ValueError(f"{name} must be a comma-separated list of EMA lengths (relative standard "
-                         f"deviations), e.g. 0.05,0.1; got {value!r}") from None
+        raise ValueError(
+            f"{name} must be a comma-separated list of EMA lengths (relative standard "
+            f"deviations), e.g. 0.05,0.1; got {value!r}"
+        ) from None
     if not stds:
         raise ValueError(f"{name} must name at least one EMA length, got {value!r}")
     for s in stds:
@@ -126,27 +145,35 @@ def snapshot_name(std: float, nimg: int) -> str:
 # ----------------------------------------------------------------------------------------
 # Snapshots and reconstruction
 
+
 @dataclasses.dataclass(frozen=True)
 class Snapshot:
     path: str
     std: float
     gamma: float
     nimg: int
-    config: str           # the network config (JSON), identical for the snapshots of one run
-    run: str              # the options that define the run (JSON), identical too
+    config: str  # the network config (JSON), identical for the snapshots of one run
+    run: str  # the options that define the run (JSON), identical too
 
 
 def _read_snapshot(path: str) -> Snapshot:
     from safetensors import safe_open
+
     try:
         with safe_open(path, framework="pt") as f:
             meta = f.metadata() or {}
         if meta.get("format") != FORMAT:
             raise ValueError(f"metadata format {meta.get('format')!r}, expected {FORMAT!r}")
         extra, config = json.loads(meta.get("extra", "{}")), meta["config"]
-        return Snapshot(path, float(extra["phema_std"]), float(extra["phema_gamma"]), int(extra["nimg"]), config,
-                        json.dumps(extra.get("run"), sort_keys=True))
-    except Exception as exc:       # safetensors raises its own types
+        return Snapshot(
+            path,
+            float(extra["phema_std"]),
+            float(extra["phema_gamma"]),
+            int(extra["nimg"]),
+            config,
+            json.dumps(extra.get("run"), sort_keys=True),
+        )
+    except Exception as exc:  # safetensors raises its own types
         raise ValueError(f"{path}: not a phema snapshot ({type(exc).__name__}: {exc})") from None
 
 
@@ -154,9 +181,10 @@ def _load_parameters(path: str, like: torch.nn.Module) -> dict:
     """The parameters of one snapshot, checked against ``like`` (names, shapes, finite values);
     reading the tensors alone, without building a network per snapshot."""
     from safetensors.torch import load_file
+
     try:
         tensors = load_file(path)
-    except Exception as exc:       # safetensors raises its own types
+    except Exception as exc:  # safetensors raises its own types
         raise ValueError(f"{path}: truncated or corrupt phema snapshot ({type(exc).__name__}: {exc})") from None
     for name, p in like.named_parameters():
         t = tensors.get(name)
@@ -173,8 +201,10 @@ def list_snapshots(run_dir: str) -> List[Snapshot]:
         raise FileNotFoundError(f"run-dir: no such run directory {run_dir}")
     paths = [p for p in glob.glob(os.path.join(glob.escape(run_dir), SUBDIR, "*.safetensors")) if not is_temp_file(p)]
     if not paths:
-        raise ValueError(f"run-dir: {run_dir} has no power-function EMA snapshots ({SUBDIR}/phema-*.safetensors); "
-                         "train it with --phema STD,... (e.g. --phema 0.05,0.1) to make them")
+        raise ValueError(
+            f"run-dir: {run_dir} has no power-function EMA snapshots ({SUBDIR}/phema-*.safetensors); "
+            "train it with --phema STD,... (e.g. --phema 0.05,0.1) to make them"
+        )
     return sorted((_read_snapshot(p) for p in paths), key=lambda s: (s.nimg, s.std, s.path))
 
 
@@ -183,8 +213,13 @@ def available_stds(run_dir: str) -> List[float]:
     return sorted({s.std for s in list_snapshots(run_dir)})
 
 
-def reconstruct(snapshots: Sequence[Snapshot], stds: Sequence[float], at_nimg: Optional[int] = None,
-                max_error: float = MAX_ERROR, device="cpu") -> list:
+def reconstruct(
+    snapshots: Sequence[Snapshot],
+    stds: Sequence[float],
+    at_nimg: Optional[int] = None,
+    max_error: float = MAX_ERROR,
+    device="cpu",
+) -> list:
     """[(EDMPrecond, info)] for each std: Σ x_i θ_i over the snapshots taken at or before at_nimg
     (default: the newest). Parameters are combined in float64; buffers come from the newest
     snapshot. Independent of the order of ``snapshots``."""
@@ -195,24 +230,34 @@ def reconstruct(snapshots: Sequence[Snapshot], stds: Sequence[float], at_nimg: O
     last = snaps[-1].nimg
     at_nimg = last if at_nimg is None else int(at_nimg)
     if not snaps[0].nimg <= at_nimg <= last:
-        raise ValueError(f"at-kimg must be within the phema snapshots, [{snaps[0].nimg / 1000:g}, "
-                         f"{last / 1000:g}] kimg, got {at_nimg / 1000:g}")
+        raise ValueError(
+            f"at-kimg must be within the phema snapshots, [{snaps[0].nimg / 1000:g}, "
+            f"{last / 1000:g}] kimg, got {at_nimg / 1000:g}"
+        )
     snaps = [s for s in snaps if s.nimg <= at_nimg]
     if len({s.config for s in snaps}) != 1 or len({s.run for s in snaps}) != 1:
         runs = sorted({s.run for s in snaps})
-        raise ValueError(f"the phema snapshots come from different runs (network configs or options differ, e.g. "
-                         f"{runs[:2]}): a fresh run must not write into the run directory of another")
+        raise ValueError(
+            f"the phema snapshots come from different runs (network configs or options differ, e.g. "
+            f"{runs[:2]}): a fresh run must not write into the run directory of another"
+        )
     out_g = [std_to_exp(s) for s in stds]
-    X, error, raw_sum = solve_coefficients([s.nimg for s in snaps], [s.gamma for s in snaps], [at_nimg] * len(stds),
-                                           out_g)
+    X, error, raw_sum = solve_coefficients(
+        [s.nimg for s in snaps], [s.gamma for s in snaps], [at_nimg] * len(stds), out_g
+    )
     bad = [(s, e) for s, e in zip(stds, error) if not e <= max_error]
     if bad:
         tracked = sorted({s.std for s in snaps})
-        raise ValueError("std: " + "; ".join(f"{s:g} cannot be expressed by the stored profiles (relative error "
-                                             f"{e:.3f} > {max_error:g})" for s, e in bad)
-                         + f". The run tracks {tracked} with {len(snaps)} snapshots up to {at_nimg / 1000:g} kimg; "
-                         "ask for a length between them or close to them, or snapshot more often (--phema-snap)")
-    newest = load_network(snaps[-1].path, device="cpu")        # validated: format, shapes, finite values
+        raise ValueError(
+            "std: "
+            + "; ".join(
+                f"{s:g} cannot be expressed by the stored profiles (relative error {e:.3f} > {max_error:g})"
+                for s, e in bad
+            )
+            + f". The run tracks {tracked} with {len(snaps)} snapshots up to {at_nimg / 1000:g} kimg; "
+            "ask for a length between them or close to them, or snapshot more often (--phema-snap)"
+        )
+    newest = load_network(snaps[-1].path, device="cpu")  # validated: format, shapes, finite values
     names = [n for n, _ in newest.named_parameters()]
     acc = [{n: torch.zeros_like(p, dtype=torch.float64) for n, p in newest.named_parameters()} for _ in stds]
     for i, snap in enumerate(snaps):
@@ -226,15 +271,22 @@ def reconstruct(snapshots: Sequence[Snapshot], stds: Sequence[float], at_nimg: O
         state = newest.state_dict()
         state.update({n: acc[o][n].to(state[n].dtype) for n in names})
         net.load_state_dict(state, strict=True)
-        info = dict(phema_std=std, phema_gamma=out_g[o], nimg=at_nimg, kimg=at_nimg / 1000,
-                    phema_error=float(error[o]), phema_sources=len(snaps),
-                    phema_raw_coefficient_sum=float(raw_sum[o]))
+        info = dict(
+            phema_std=std,
+            phema_gamma=out_g[o],
+            nimg=at_nimg,
+            kimg=at_nimg / 1000,
+            phema_error=float(error[o]),
+            phema_sources=len(snaps),
+            phema_raw_coefficient_sum=float(raw_sum[o]),
+        )
         results.append((net.to(device).eval().requires_grad_(False), info))
     return results
 
 
-def reconstruct_network(run_dir: str, std: float, at_kimg: Optional[float] = None, device="cpu",
-                        max_error: float = MAX_ERROR):
+def reconstruct_network(
+    run_dir: str, std: float, at_kimg: Optional[float] = None, device="cpu", max_error: float = MAX_ERROR
+):
     """The network of EMA length ``std`` at ``at_kimg`` (default: the newest phema snapshot),
     reconstructed from the power-function EMA snapshots of ``run_dir``: an ordinary EDMPrecond
     in eval mode without gradients."""

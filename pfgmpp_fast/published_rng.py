@@ -26,6 +26,7 @@ batched call. They run once per batch, before sampling; the sampling loop itself
 Our own generators stand in for the published global one, so the caller's RNG state is never
 touched.
 """
+
 from __future__ import annotations
 
 import math
@@ -36,11 +37,10 @@ import torch
 from pfgmpp_fast import checks
 from pfgmpp_fast import reference as R
 
-__all__ = ["PUBLISHED_RADIUS_SIGMA", "PUBLISHED_LARGE_N", "PublishedRNG", "published_prior",
-           "check_published_sampling"]
+__all__ = ["PUBLISHED_RADIUS_SIGMA", "PUBLISHED_LARGE_N", "PublishedRNG", "published_prior", "check_published_sampling"]
 
-PUBLISHED_RADIUS_SIGMA = 80.0       # the published finite-D prior radius σ_r ...
-PUBLISHED_LARGE_N = 256 * 256 * 3   # ... unless N exceeds this (then the sampler's σ_max)
+PUBLISHED_RADIUS_SIGMA = 80.0  # the published finite-D prior radius σ_r ...
+PUBLISHED_LARGE_N = 256 * 256 * 3  # ... unless N exceeds this (then the sampler's σ_max)
 
 
 class PublishedRNG:
@@ -59,8 +59,9 @@ class PublishedRNG:
         """x_T, float64 [B, C, H, W] on the device, as the published generate.py draws it."""
         shape = tuple(int(s) for s in shape)
         if len(shape) < 2 or shape[0] != len(self.seeds) or min(shape) < 1:
-            raise ValueError(f"shape must be [B, ...] with B = {len(self.seeds)} seeds and every size >= 1, "
-                             f"got {list(shape)}")
+            raise ValueError(
+                f"shape must be [B, ...] with B = {len(self.seeds)} seeds and every size >= 1, got {list(shape)}"
+            )
         D = checks.parse_D(D)
         sigma_max = checks.check_positive("sigma_max", sigma_max)
         if math.isinf(D):
@@ -68,22 +69,24 @@ class PublishedRNG:
             return g.double() * sigma_max
         N = math.prod(shape[1:])
         radius_sigma = sigma_max if N > PUBLISHED_LARGE_N else PUBLISHED_RADIUS_SIGMA
-        return torch.stack([_finite_D_latent(seed, N, D, radius_sigma, self.device).reshape(shape[1:])
-                            for seed in self.seeds])
+        return torch.stack(
+            [_finite_D_latent(seed, N, D, radius_sigma, self.device).reshape(shape[1:]) for seed in self.seeds]
+        )
 
     def class_indices(self, label_dim: int) -> torch.Tensor:
         """The random class of each seed, int64 [B] on the device (after `prior`, as published)."""
         if isinstance(label_dim, bool) or not isinstance(label_dim, int) or label_dim < 1:
             raise ValueError(f"label_dim must be an int >= 1, got {label_dim!r}")
-        return torch.stack([torch.randint(label_dim, size=[], generator=gen, device=self.device)
-                            for gen in self.generators]).to(torch.int64)
+        return torch.stack(
+            [torch.randint(label_dim, size=[], generator=gen, device=self.device) for gen in self.generators]
+        ).to(torch.int64)
 
 
 def _finite_D_latent(seed: int, N: int, D: float, radius_sigma: float, device) -> torch.Tensor:
     """One seed's finite-D latent, flat float64 [N]: the published operations in their order."""
-    cpu = torch.Generator().manual_seed(seed)          # the published torch.manual_seed(seed)
+    cpu = torch.Generator().manual_seed(seed)  # the published torch.manual_seed(seed)
     concentration = torch.tensor([[N / 2.0, D / 2.0]], dtype=torch.float32)
-    beta = torch._sample_dirichlet(concentration, generator=cpu)[..., 0]   # Beta(N/2, D/2).sample()
+    beta = torch._sample_dirichlet(concentration, generator=cpu)[..., 0]  # Beta(N/2, D/2).sample()
     beta = beta.to(device).double()
     radius = torch.sqrt(beta / (1 - beta)) * radius_sigma * math.sqrt(D)
     g = torch.randn(N, generator=cpu).to(device)
@@ -101,9 +104,12 @@ def check_published_sampling(options) -> None:
     S_churn, S_noise = options.S_churn, options.S_noise
     if not (S_churn > 0 and S_noise != 0):
         return
-    t = R.time_steps(options.num_steps, options.sigma_min, options.sigma_max, options.rho,
-                     dtype=torch.float64).tolist()[:-1]
+    t = R.time_steps(
+        options.num_steps, options.sigma_min, options.sigma_max, options.rho, dtype=torch.float64
+    ).tolist()[:-1]
     if any(options.S_min <= t_i <= options.S_max for t_i in t):
-        raise ValueError(f"rng 'published' reproduces the published sampler's latents, not its churn noise "
-                         f"(S_churn={S_churn:g}, S_noise={S_noise:g} add noise at some step); use S_noise 0 "
-                         "(the published default: S_churn then only raises t̂, as published) or rng 'philox'")
+        raise ValueError(
+            f"rng 'published' reproduces the published sampler's latents, not its churn noise "
+            f"(S_churn={S_churn:g}, S_noise={S_noise:g} add noise at some step); use S_noise 0 "
+            "(the published default: S_churn then only raises t̂, as published) or rng 'philox'"
+        )

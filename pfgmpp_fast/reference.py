@@ -22,6 +22,7 @@ logical NCHW flat index) uses block e // 4, lane e % 4. Streams name the purpose
 
 Normals are float32 on every backend; float64 computations use them cast to float64.
 """
+
 from __future__ import annotations
 
 import math
@@ -31,13 +32,38 @@ import numpy as np
 import torch
 
 __all__ = [
-    "STREAM_NOISE", "STREAM_SIGMA", "STREAM_CHI2", "STREAM_CLASS", "STREAM_AUGMENT", "STREAM_LABEL_DROPOUT", "stream_churn", "stream_alpha",
-    "CHI2_MAX_ATTEMPTS", "MAX_SCALE",
-    "philox4x32", "uniform", "normal", "normal_unchecked", "chi2", "chi2_unchecked", "noise_scale", "training_scalars",
-    "perturb", "perturb_published", "published_displacement", "prior", "precond", "coefficients",
-    "time_steps", "compute_dtype",
-    "training_loss", "sample", "optimal_denoiser",
-    "ref_perturb", "ref_loss_fwd_bwd", "ref_sampler_update",
+    "STREAM_NOISE",
+    "STREAM_SIGMA",
+    "STREAM_CHI2",
+    "STREAM_CLASS",
+    "STREAM_AUGMENT",
+    "STREAM_LABEL_DROPOUT",
+    "stream_churn",
+    "stream_alpha",
+    "CHI2_MAX_ATTEMPTS",
+    "MAX_SCALE",
+    "philox4x32",
+    "uniform",
+    "normal",
+    "normal_unchecked",
+    "chi2",
+    "chi2_unchecked",
+    "noise_scale",
+    "training_scalars",
+    "perturb",
+    "perturb_published",
+    "published_displacement",
+    "prior",
+    "precond",
+    "coefficients",
+    "time_steps",
+    "compute_dtype",
+    "training_loss",
+    "sample",
+    "optimal_denoiser",
+    "ref_perturb",
+    "ref_loss_fwd_bwd",
+    "ref_sampler_update",
 ]
 
 # ----------------------------------------------------------------------------------------
@@ -54,9 +80,9 @@ STREAM_CHI2 = 2
 STREAM_CLASS = 3
 STREAM_AUGMENT = 0x30000
 STREAM_LABEL_DROPOUT = 4
-CHI2_MAX_ATTEMPTS = 16     # P(all rejected) < 0.05^16: a fixed bound every backend shares
-MAX_SCALE = 1e30           # the per-sample scale is clamped so D << 1 stays finite
-TWO_PI_F32 = 6.2831855     # float32(2π), used in float32 arithmetic
+CHI2_MAX_ATTEMPTS = 16  # P(all rejected) < 0.05^16: a fixed bound every backend shares
+MAX_SCALE = 1e30  # the per-sample scale is clamped so D << 1 stays finite
+TWO_PI_F32 = 6.2831855  # float32(2π), used in float32 arithmetic
 
 
 def stream_churn(step: int) -> int:
@@ -73,15 +99,15 @@ def stream_alpha(step: int) -> int:
 from pfgmpp_fast import checks  # noqa: E402
 from pfgmpp_fast.reference_multistep import dpmpp2m_step, ipndm_step, multistep_step  # noqa: E402,F401
 
-
 # ----------------------------------------------------------------------------------------
 # Philox4x32-10 in integer tensor ops (uint32 values held in int64)
+
 
 def _mulhilo(a: torch.Tensor, m: int):
     """(hi, lo) 32-bit halves of a*m for a < 2^32, exactly, without int64 overflow."""
     m_lo, m_hi = m & 0xFFFF, m >> 16
-    p_lo = a * m_lo                        # < 2^48
-    p_hi = a * m_hi                        # < 2^48;  a*m = p_hi * 2^16 + p_lo
+    p_lo = a * m_lo  # < 2^48
+    p_hi = a * m_hi  # < 2^48;  a*m = p_hi * 2^16 + p_lo
     lo = (((p_hi & 0xFFFF) << 16) + p_lo) & MASK32
     hi = (p_hi + (p_lo >> 16)) >> 16
     return hi, lo
@@ -115,17 +141,20 @@ def _counters(sample_ids: torch.Tensor, blocks: torch.Tensor, stream: int) -> to
     """Counters [B, J, 4] = (block, id low, id high, stream)."""
     B, J = sample_ids.shape[0], blocks.shape[0]
     ids = sample_ids.view(B, 1).expand(B, J)
-    return torch.stack([
-        blocks.view(1, J).expand(B, J),
-        ids & MASK32,
-        (ids >> 32) & MASK32,
-        torch.full((B, J), int(stream) & MASK32, dtype=torch.int64, device=sample_ids.device),
-    ], dim=-1)
+    return torch.stack(
+        [
+            blocks.view(1, J).expand(B, J),
+            ids & MASK32,
+            (ids >> 32) & MASK32,
+            torch.full((B, J), int(stream) & MASK32, dtype=torch.int64, device=sample_ids.device),
+        ],
+        dim=-1,
+    )
 
 
 def uniform(bits: torch.Tensor) -> torch.Tensor:
     """uint32 values -> float32 uniforms in (0, 1] with the spec's float32 rounding."""
-    return ((bits >> 8).to(torch.float32) + 0.5) * (2.0 ** -24)
+    return ((bits >> 8).to(torch.float32) + 0.5) * (2.0**-24)
 
 
 def _box_muller(u: torch.Tensor) -> torch.Tensor:
@@ -134,8 +163,7 @@ def _box_muller(u: torch.Tensor) -> torch.Tensor:
     r23 = torch.sqrt(-2.0 * torch.log(u[..., 2]))
     t01 = u[..., 1] * TWO_PI_F32
     t23 = u[..., 3] * TWO_PI_F32
-    return torch.stack([r01 * torch.cos(t01), r01 * torch.sin(t01),
-                        r23 * torch.cos(t23), r23 * torch.sin(t23)], dim=-1)
+    return torch.stack([r01 * torch.cos(t01), r01 * torch.sin(t01), r23 * torch.cos(t23), r23 * torch.sin(t23)], dim=-1)
 
 
 def _blocks(key, sample_ids, num_blocks, stream) -> torch.Tensor:
@@ -162,6 +190,7 @@ def normal_unchecked(key: int, sample_ids: torch.Tensor, n: int, stream: int) ->
 # ----------------------------------------------------------------------------------------
 # χ²_D per sample: 2·Gamma(D/2) by Marsaglia–Tsang (exact; no clipping)
 
+
 def chi2(key, sample_ids, D, stream: int = STREAM_CHI2) -> torch.Tensor:
     """Exact χ²_D draws, float64 [B], for any real D > 0 (finite).
 
@@ -181,16 +210,15 @@ def chi2_unchecked(key: int, sample_ids: torch.Tensor, D: float, stream: int) ->
     d = kk - 1.0 / 3.0
     c = 1.0 / math.sqrt(9.0 * d)
 
-    bits = _blocks(key, sample_ids, CHI2_MAX_ATTEMPTS, stream)      # [B, A, 4]
+    bits = _blocks(key, sample_ids, CHI2_MAX_ATTEMPTS, stream)  # [B, A, 4]
     u = uniform(bits)
-    z = _box_muller(u)[..., 0].to(torch.float64)                     # [B, A]
+    z = _box_muller(u)[..., 0].to(torch.float64)  # [B, A]
     u_accept = u[..., 2].to(torch.float64)
     v = (1.0 + c * z) ** 3
     v_safe = torch.where(v > 0, v, torch.ones_like(v))
     accept = (v > 0) & (torch.log(u_accept) < 0.5 * z * z + d - d * v_safe + d * torch.log(v_safe))
     # First accepted attempt; if none (p < 1e-20) fall back to gamma = d.
-    first = torch.where(accept.any(dim=1), accept.to(torch.int64).argmax(dim=1),
-                        torch.full_like(sample_ids, -1))
+    first = torch.where(accept.any(dim=1), accept.to(torch.int64).argmax(dim=1), torch.full_like(sample_ids, -1))
     v_first = v_safe.gather(1, first.clamp(min=0).view(-1, 1)).view(-1)
     gamma = torch.where(first >= 0, d * v_first, torch.full_like(v_first, d))
     log_gamma = torch.log(gamma)
@@ -229,6 +257,7 @@ def _training_scalars(key: int, sample_ids: torch.Tensor, D: float, P_mean: floa
 # ----------------------------------------------------------------------------------------
 # Perturbation kernel and prior
 
+
 def perturb(y: torch.Tensor, sigma, D, key, sample_ids) -> torch.Tensor:
     """x = y + σ·√(D/V)·g, g ~ N(0, I) (STREAM_NOISE), V ~ χ²_D; D = inf is EDM's Gaussian.
 
@@ -256,8 +285,9 @@ def perturb_published(y: torch.Tensor, sigma, D, generator: Optional[np.random.G
     return published_displacement(y, sigma, D, rng, torch_gen, torch.float64)
 
 
-def published_displacement(y: torch.Tensor, sigma: torch.Tensor, D: float, rng: np.random.Generator,
-                           torch_gen=None, noise_dtype=torch.float32) -> torch.Tensor:
+def published_displacement(
+    y: torch.Tensor, sigma: torch.Tensor, D: float, rng: np.random.Generator, torch_gen=None, noise_dtype=torch.float32
+) -> torch.Tensor:
     """y + R·u of `perturb_published` on checked arguments (benchmarks/baselines.py times this).
     The published code draws its Gaussian in float32; the reference uses float64."""
     B, N = y.shape[0], y[0].numel() if y.shape[0] else 0
@@ -266,7 +296,7 @@ def published_displacement(y: torch.Tensor, sigma: torch.Tensor, D: float, rng: 
         return y + sigma.to(y.dtype).view(-1, *[1] * (y.dim() - 1)) * n
     r = sigma.to(torch.float64) * math.sqrt(D)
     beta = np.clip(rng.beta(N / 2.0, D / 2.0, size=B), 1e-3, 1 - 1e-3)
-    inverse_beta = torch.from_numpy(beta / (1 - beta + 1e-8)).to(y.device)     # host -> device
+    inverse_beta = torch.from_numpy(beta / (1 - beta + 1e-8)).to(y.device)  # host -> device
     radius = (r * torch.sqrt(inverse_beta + 1e-8)).view(B, 1)
     gaussian = torch.randn(B, N, generator=torch_gen, device=y.device, dtype=noise_dtype)
     unit = gaussian / torch.norm(gaussian, p=2, dim=1, keepdim=True)
@@ -288,6 +318,7 @@ def prior(shape: Sequence[int], D, sigma_max: float, key, seeds, dtype=torch.flo
 # ----------------------------------------------------------------------------------------
 # EDM preconditioning, schedule, loss
 
+
 def precond(sigma, sigma_data: float = 0.5):
     """(c_skip, c_out, c_in, c_noise) of EDM; unchanged by D."""
     return coefficients(sigma, checks.check_positive("sigma_data", sigma_data))
@@ -301,16 +332,22 @@ def coefficients(sigma, sigma_data: float):
         sqrt, log = torch.sqrt, torch.log
     else:
         sigma, sqrt, log = float(sigma), math.sqrt, math.log
-    sd2 = sigma_data ** 2
-    c_skip = sd2 / (sigma ** 2 + sd2)
-    c_out = sigma * sigma_data / sqrt(sigma ** 2 + sd2)
-    c_in = 1.0 / sqrt(sigma ** 2 + sd2)
+    sd2 = sigma_data**2
+    c_skip = sd2 / (sigma**2 + sd2)
+    c_out = sigma * sigma_data / sqrt(sigma**2 + sd2)
+    c_in = 1.0 / sqrt(sigma**2 + sd2)
     c_noise = log(sigma) / 4.0
     return c_skip, c_out, c_in, c_noise
 
 
-def time_steps(num_steps: int = 18, sigma_min: float = 0.002, sigma_max: float = 80.0,
-               rho: float = 7.0, dtype=torch.float64, device=None) -> torch.Tensor:
+def time_steps(
+    num_steps: int = 18,
+    sigma_min: float = 0.002,
+    sigma_max: float = 80.0,
+    rho: float = 7.0,
+    dtype=torch.float64,
+    device=None,
+) -> torch.Tensor:
     """EDM's schedule t_0 = σ_max > ... > t_{n-1} = σ_min, plus t_n = 0: [n + 1]."""
     if isinstance(num_steps, bool) or not isinstance(num_steps, (int, np.integer)) or num_steps < 1:
         raise ValueError(f"num_steps must be an int >= 1, got {num_steps!r}")
@@ -325,8 +362,18 @@ def time_steps(num_steps: int = 18, sigma_min: float = 0.002, sigma_max: float =
     return torch.cat([t, torch.zeros(1, dtype=torch.float64, device=device)]).to(dtype)
 
 
-def training_loss(net: Callable, y: torch.Tensor, D, key, sample_ids, P_mean: float = -1.2,
-                  P_std: float = 1.2, sigma_data: float = 0.5, labels=None, augment_labels=None):
+def training_loss(
+    net: Callable,
+    y: torch.Tensor,
+    D,
+    key,
+    sample_ids,
+    P_mean: float = -1.2,
+    P_std: float = 1.2,
+    sigma_data: float = 0.5,
+    labels=None,
+    augment_labels=None,
+):
     """EDM/PFGM++ objective: Σ_pixels λ(σ)·(D_θ(x, σ) − y)², averaged over the batch.
 
     σ ~ exp(N(P_mean, P_std²)) and x = perturb(y, σ) both come from the RNG keyed by
@@ -342,7 +389,7 @@ def training_loss(net: Callable, y: torch.Tensor, D, key, sample_ids, P_mean: fl
     sigma_net = sigma.to(y.dtype)
     kwargs = {} if augment_labels is None else {"augment_labels": augment_labels}
     denoised = net(x, sigma_net, labels, **kwargs)
-    weight = (sigma_net ** 2 + sigma_data ** 2) / (sigma_net * sigma_data) ** 2
+    weight = (sigma_net**2 + sigma_data**2) / (sigma_net * sigma_data) ** 2
     per_element = weight.view(shape) * (denoised.to(y.dtype) - y) ** 2
     return per_element.sum() / max(y.shape[0], 1)
 
@@ -350,11 +397,26 @@ def training_loss(net: Callable, y: torch.Tensor, D, key, sample_ids, P_mean: fl
 # ----------------------------------------------------------------------------------------
 # Sampler: EDM Algorithm 2 with the PFGM++ prior
 
-def sample(denoiser: Callable, latents: torch.Tensor, D, key, seeds, num_steps: int = 18,
-           sigma_min: float = 0.002, sigma_max: float = 80.0, rho: float = 7.0,
-           solver: str = "heun", S_churn: float = 0.0, S_min: float = 0.0,
-           S_max: float = float("inf"), S_noise: float = 1.0, alpha: float = 0.0,
-           class_labels=None, dtype=torch.float64) -> torch.Tensor:
+
+def sample(
+    denoiser: Callable,
+    latents: torch.Tensor,
+    D,
+    key,
+    seeds,
+    num_steps: int = 18,
+    sigma_min: float = 0.002,
+    sigma_max: float = 80.0,
+    rho: float = 7.0,
+    solver: str = "heun",
+    S_churn: float = 0.0,
+    S_min: float = 0.0,
+    S_max: float = float("inf"),
+    S_noise: float = 1.0,
+    alpha: float = 0.0,
+    class_labels=None,
+    dtype=torch.float64,
+) -> torch.Tensor:
     """Heun, Euler, DPM-Solver++(2M) or iPNDM sampling from latents x_T (already at σ_max,
     e.g. from `prior`).
 
@@ -369,7 +431,7 @@ def sample(denoiser: Callable, latents: torch.Tensor, D, key, seeds, num_steps: 
     B, N = latents.shape[0], latents[0].numel() if latents.shape[0] else 0
     t_steps = time_steps(num_steps, sigma_min, sigma_max, rho, dtype=torch.float64)
     x_next = latents.to(dtype)
-    history = []                                   # the multistep solvers' earlier evaluations
+    history = []  # the multistep solvers' earlier evaluations
     for i in range(num_steps):
         t_cur, t_next = float(t_steps[i]), float(t_steps[i + 1])
         x_cur = x_next
@@ -380,7 +442,7 @@ def sample(denoiser: Callable, latents: torch.Tensor, D, key, seeds, num_steps: 
         t_hat = t_cur + gamma * t_cur
         if gamma > 0:
             eps = normal_unchecked(key, seeds, N, stream_churn(i)).to(dtype).view(latents.shape)
-            x_hat = x_cur + math.sqrt(t_hat ** 2 - t_cur ** 2) * S_noise * eps
+            x_hat = x_cur + math.sqrt(t_hat**2 - t_cur**2) * S_noise * eps
         else:
             x_hat = x_cur
         sig = torch.full((B,), t_hat, dtype=dtype, device=latents.device)
@@ -412,12 +474,12 @@ def optimal_denoiser(data: torch.Tensor, D) -> Callable:
     def denoiser(x: torch.Tensor, sigma: torch.Tensor, class_labels=None) -> torch.Tensor:
         xf = x.reshape(x.shape[0], N)
         yd = flat_data.to(device=x.device, dtype=x.dtype)
-        dist2 = torch.cdist(xf, yd).square()                          # [B, M]
+        dist2 = torch.cdist(xf, yd).square()  # [B, M]
         sig = torch.as_tensor(sigma, dtype=x.dtype, device=x.device).reshape(-1, 1)
         if math.isinf(D):
-            logw = -dist2 / (2 * sig ** 2)
+            logw = -dist2 / (2 * sig**2)
         else:
-            logw = -0.5 * (N + D) * torch.log(dist2 + sig ** 2 * D)
+            logw = -0.5 * (N + D) * torch.log(dist2 + sig**2 * D)
         w = torch.softmax(logw, dim=1)
         return (w @ yd).view(x.shape)
 
@@ -426,6 +488,7 @@ def optimal_denoiser(data: torch.Tensor, D) -> Callable:
 
 # ----------------------------------------------------------------------------------------
 # Kernel-level references: what each fused op computes (docs/KERNEL_OPS.md)
+
 
 def _logical_noise(key, sample_ids, like: torch.Tensor, stream: int, dtype) -> torch.Tensor:
     """Noise shaped like `like`, element e = logical NCHW index (layout independent)."""
@@ -462,14 +525,29 @@ def ref_loss_fwd_bwd(F, y, scale, c_skip, c_out, sample_ids, key, stream, grad_s
     target = ((1 - cs) * y.to(cd) - cs * s * g) / co
     diff = F.to(cd) - target
     per_sample = diff.square().flatten(1).sum(dim=1).to(torch.float32)  # flatten: B = 0 safe
-    grad = torch.empty_like(F)                 # keeps F's memory format
+    grad = torch.empty_like(F)  # keeps F's memory format
     grad.copy_(grad_scale * 2 * diff)
     return per_sample, grad
 
 
-def ref_sampler_update(x, F: Optional[torch.Tensor], base: Optional[torch.Tensor], A: float, Bf: float,
-                       h1: float, h2: Optional[float], sample_ids, key, alpha_scale, alpha_stream,
-                       churn_scale, churn_stream, c_in_next: Optional[float], net_dtype, channels_last):
+def ref_sampler_update(
+    x,
+    F: Optional[torch.Tensor],
+    base: Optional[torch.Tensor],
+    A: float,
+    Bf: float,
+    h1: float,
+    h2: Optional[float],
+    sample_ids,
+    key,
+    alpha_scale,
+    alpha_stream,
+    churn_scale,
+    churn_stream,
+    c_in_next: Optional[float],
+    net_dtype,
+    channels_last,
+):
     """(y1, y2, net_in): d = A·x + Bf·F (0 when F is None); y1 = base + h1·d + α-noise + churn-noise
     (base None: x); y2 = base + h2·d (h2 None: empty); net_in = c_in_next·y1 in net_dtype
     (c_in_next None: empty). Arithmetic in x's dtype."""

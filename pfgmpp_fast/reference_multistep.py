@@ -20,6 +20,7 @@ t_0 = σ_max > ... > t_{n-1} = σ_min > t_n = 0, one network evaluation D_i = D(
   nodes t_i, t_{i−1}, ... (the exact Adams–Bashforth weights on this grid; equal steps give
   the fixed ones).
 """
+
 from __future__ import annotations
 
 import math
@@ -28,20 +29,27 @@ from typing import List, Sequence, Tuple
 import numpy as np
 import torch
 
-__all__ = ["IPNDM_COEFFICIENTS", "adams_bashforth_coefficients", "dpmpp2m_step", "ipndm_coefficients",
-           "ipndm_step", "multistep_step"]
+__all__ = [
+    "IPNDM_COEFFICIENTS",
+    "adams_bashforth_coefficients",
+    "dpmpp2m_step",
+    "ipndm_coefficients",
+    "ipndm_step",
+    "multistep_step",
+]
 
 # Adams–Bashforth coefficients (newest slope first) of orders 1 to 4.
 IPNDM_COEFFICIENTS = ((1.0,), (3 / 2, -1 / 2), (23 / 12, -16 / 12, 5 / 12), (55 / 24, -59 / 24, 37 / 24, -9 / 24))
 
 
-def dpmpp2m_step(x: torch.Tensor, denoised: torch.Tensor, t: Sequence[float], i: int,
-                 history: List[torch.Tensor]) -> torch.Tensor:
+def dpmpp2m_step(
+    x: torch.Tensor, denoised: torch.Tensor, t: Sequence[float], i: int, history: List[torch.Tensor]
+) -> torch.Tensor:
     """x_{i+1} of DPM-Solver++(2M); `history` holds D_{i−1} (empty on the first step) and is
     replaced by [D_i]."""
     t_cur, t_next = t[i], t[i + 1]
     if t_next == 0:
-        x_next = denoised                   # h = ∞: e^{−h} = 0, first order
+        x_next = denoised  # h = ∞: e^{−h} = 0, first order
     else:
         h = math.log(t_cur / t_next)
         if history:
@@ -77,8 +85,14 @@ def ipndm_coefficients(solver: str, t: Sequence[float], i: int) -> Tuple[float, 
     return adams_bashforth_coefficients([t[i - k] for k in range(order)], t[i], t[i + 1])
 
 
-def ipndm_step(x: torch.Tensor, denoised: torch.Tensor, t: Sequence[float], i: int,
-               history: List[torch.Tensor], solver: str = "ipndm") -> torch.Tensor:
+def ipndm_step(
+    x: torch.Tensor,
+    denoised: torch.Tensor,
+    t: Sequence[float],
+    i: int,
+    history: List[torch.Tensor],
+    solver: str = "ipndm",
+) -> torch.Tensor:
     """x_{i+1} of iPNDM (solver 'ipndm') or iPNDM-v ('ipndm_v'); `history` holds the earlier
     slopes d_j (oldest first, at most 3) and gets d_i."""
     history.append((x - denoised) / t[i])

@@ -15,8 +15,10 @@ The restricted unpickler maps ``torch_utils.persistence`` objects to inert recor
 name + state; the embedded module source is dropped unread), every global outside a short
 allow-list to an inert placeholder, and tensors to plain tensors.
 """
+
 from __future__ import annotations
 
+import _compat_pickle
 import collections
 import io
 import json
@@ -27,13 +29,19 @@ import struct
 import sys
 import warnings
 import zipfile
-import _compat_pickle
 
 import numpy as np
 import torch
 
-__all__ = ["PersistentRecord", "OpaqueObject", "RestrictedUnpickler", "archive_kind", "read_published",
-           "UnsupportedArchiveError", "load_array_pickle"]
+__all__ = [
+    "PersistentRecord",
+    "OpaqueObject",
+    "RestrictedUnpickler",
+    "archive_kind",
+    "read_published",
+    "UnsupportedArchiveError",
+    "load_array_pickle",
+]
 
 
 class UnsupportedArchiveError(ValueError):
@@ -55,6 +63,7 @@ class PersistentRecord:
 
 class OpaqueObject:
     """Inert stand-in for any other global: records its name, call arguments and state."""
+
     qualname = '?'
 
     def __init__(self, *args, **kwargs):
@@ -75,7 +84,9 @@ def _reconstruct_persistent(meta):
     if not isinstance(meta, dict) or 'class_name' not in meta:
         raise ValueError('malformed torch_utils.persistence record')
     state = meta.get('state')
-    return PersistentRecord(str(meta['class_name']), dict(state) if isinstance(state, dict) else {}, meta.get('version'))
+    return PersistentRecord(
+        str(meta['class_name']), dict(state) if isinstance(state, dict) else {}, meta.get('version')
+    )
 
 
 def _load_storage_from_bytes(b):
@@ -121,8 +132,11 @@ _ALLOWED = {
     ('torch', 'Tensor'): torch.Tensor,
     ('torch.nn.parameter', 'Parameter'): torch.nn.Parameter,
     ('copyreg', '_reconstructor'): _safe_reconstructor,
-    ('builtins', 'set'): set, ('builtins', 'frozenset'): frozenset, ('builtins', 'slice'): slice,
-    ('builtins', 'complex'): complex, ('builtins', 'object'): object,
+    ('builtins', 'set'): set,
+    ('builtins', 'frozenset'): frozenset,
+    ('builtins', 'slice'): slice,
+    ('builtins', 'complex'): complex,
+    ('builtins', 'object'): object,
 }
 
 
@@ -148,8 +162,10 @@ class RestrictedUnpickler(pickle.Unpickler):
 # Archive kinds
 
 # What torch.save writes into its zip (under one top-level folder); nothing else is accepted.
-_TORCH_SAVE_ENTRY = re.compile(r'(data\.pkl|byteorder|version|\.data/version|\.data/serialization_id|'
-                               r'\.format_version|\.storage_alignment|data/\d+)')
+_TORCH_SAVE_ENTRY = re.compile(
+    r'(data\.pkl|byteorder|version|\.data/version|\.data/serialization_id|'
+    r'\.format_version|\.storage_alignment|data/\d+)'
+)
 
 
 def _zip_layout(path: str, zf: zipfile.ZipFile) -> str:
@@ -161,16 +177,18 @@ def _zip_layout(path: str, zf: zipfile.ZipFile) -> str:
         raise UnsupportedArchiveError(
             f'{path}: this is a TorchScript archive (it holds code: {", ".join(code)[:200]}). '
             'Loading it would run that code (torch.jit.load), so it is refused even with trust_pickle; '
-            'only published EDM/PFGM++ pickles (network-snapshot-*.pkl, training-state-*.pt) can be imported.')
+            'only published EDM/PFGM++ pickles (network-snapshot-*.pkl, training-state-*.pt) can be imported.'
+        )
     strange = [n for n in names if '/' not in n or not _TORCH_SAVE_ENTRY.fullmatch(n.split('/', 1)[1])]
     if len(prefixes) != 1 or strange or not any(n.endswith('/data.pkl') for n in names):
         raise UnsupportedArchiveError(
             f'{path}: a zip archive that is not a torch.save file of pickled data (unexpected entries: '
-            f'{", ".join(strange[:5]) or "no data.pkl"}); refused (only published EDM/PFGM++ pickles can be imported)')
+            f'{", ".join(strange[:5]) or "no data.pkl"}); refused (only published EDM/PFGM++ pickles can be imported)'
+        )
     return prefixes.pop()
 
 
-_SAFETENSORS_MAX_HEADER = 100_000_000     # the safetensors library's limit
+_SAFETENSORS_MAX_HEADER = 100_000_000  # the safetensors library's limit
 
 
 def _safetensors_header(path: str, size: int, head: bytes) -> str:
@@ -188,7 +206,7 @@ def _safetensors_header(path: str, size: int, head: bytes) -> str:
             try:
                 if isinstance(json.loads(f.read(n)), dict):
                     return 'complete'
-            except ValueError:          # not UTF-8 or not JSON
+            except ValueError:  # not UTF-8 or not JSON
                 pass
     return 'damaged' if head[8:10] == b'{"' else ''
 
@@ -221,6 +239,7 @@ def archive_kind(path: str) -> str:
 # ----------------------------------------------------------------------------------------
 # Reading
 
+
 class _ZipUnpickler(RestrictedUnpickler):
     """data.pkl of a torch.save zip: storages come from the zip's data/<key> entries."""
 
@@ -232,7 +251,7 @@ class _ZipUnpickler(RestrictedUnpickler):
         if not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] in ('storage', b'storage')):
             raise pickle.UnpicklingError(f'unsupported persistent id {str(pid)[:80]}')
         _, storage_type, key, _location, numel = pid
-        with warnings.catch_warnings():     # published pickles name the legacy typed storage classes
+        with warnings.catch_warnings():  # published pickles name the legacy typed storage classes
             warnings.filterwarnings('ignore', message='TypedStorage is deprecated')
             dtype = torch.uint8 if storage_type is torch.UntypedStorage else getattr(storage_type, 'dtype', None)
         if not (isinstance(storage_type, type) and isinstance(dtype, torch.dtype)):
@@ -245,8 +264,11 @@ class _ZipUnpickler(RestrictedUnpickler):
             nbytes = int(numel) * torch.empty((), dtype=dtype).element_size()
             if len(raw) != nbytes:
                 raise pickle.UnpicklingError(f'storage {key}: {len(raw)} bytes, expected {nbytes}')
-            untyped = torch.frombuffer(bytearray(raw), dtype=torch.uint8).untyped_storage() if raw \
+            untyped = (
+                torch.frombuffer(bytearray(raw), dtype=torch.uint8).untyped_storage()
+                if raw
                 else torch.UntypedStorage(0)
+            )
             self.storages[key] = torch.storage.TypedStorage(wrap_storage=untyped, dtype=dtype, _internal=True)
         return self.storages[key]
 
@@ -273,14 +295,27 @@ def read_published(path: str, kind: str):
             return RestrictedUnpickler(f).load()
     except UnsupportedArchiveError:
         raise
-    except (pickle.UnpicklingError, EOFError, zipfile.BadZipFile, RuntimeError, ValueError,
-            AttributeError, IndexError, KeyError, TypeError, struct.error) as e:
-        raise ValueError(f'{path}: cannot read the pickle (truncated, corrupt or not a published '
-                         f'EDM/PFGM++ checkpoint): {type(e).__name__}: {e}') from None
+    except (
+        pickle.UnpicklingError,
+        EOFError,
+        zipfile.BadZipFile,
+        RuntimeError,
+        ValueError,
+        AttributeError,
+        IndexError,
+        KeyError,
+        TypeError,
+        struct.error,
+    ) as e:
+        raise ValueError(
+            f'{path}: cannot read the pickle (truncated, corrupt or not a published '
+            f'EDM/PFGM++ checkpoint): {type(e).__name__}: {e}'
+        ) from None
 
 
 # ----------------------------------------------------------------------------------------
 # Pickled numpy arrays (e.g. the CIFAR-10 python batches)
+
 
 def _numeric_dtype(*args):
     dtype = np.dtype(*[a.decode('latin1') if isinstance(a, bytes) else a for a in args])
@@ -297,8 +332,11 @@ def _latin1_bytes(text, encoding='latin1'):
 
 
 def _array_globals():
-    allowed = {('numpy', 'ndarray'): np.ndarray, ('numpy', 'dtype'): _numeric_dtype,
-               ('_codecs', 'encode'): _latin1_bytes}
+    allowed = {
+        ('numpy', 'ndarray'): np.ndarray,
+        ('numpy', 'dtype'): _numeric_dtype,
+        ('_codecs', 'encode'): _latin1_bytes,
+    }
     for core in ('numpy.core', 'numpy._core'):
         allowed[(f'{core}.multiarray', '_reconstruct')] = _reconstruct_array
         allowed[(f'{core}.numeric', '_frombuffer')] = _array_from_buffer
@@ -308,8 +346,9 @@ def _array_globals():
 def _reconstruct_array(cls, shape, typecode):
     if cls is not np.ndarray:
         raise pickle.UnpicklingError('only plain numpy arrays can be read')
-    return np.ndarray.__new__(np.ndarray, shape, np.dtype(typecode.decode('latin1') if isinstance(typecode, bytes)
-                                                          else typecode))
+    return np.ndarray.__new__(
+        np.ndarray, shape, np.dtype(typecode.decode('latin1') if isinstance(typecode, bytes) else typecode)
+    )
 
 
 def _array_from_buffer(buffer, dtype, shape, order):
@@ -324,8 +363,9 @@ class _ArrayUnpickler(pickle.Unpickler):
             module, name = _compat_pickle.NAME_MAPPING[(module, name)]
         fn = _array_globals().get((_compat_pickle.IMPORT_MAPPING.get(module, module), name))
         if fn is None:
-            raise pickle.UnpicklingError(f'global {module}.{name} is not allowed (only numeric numpy arrays '
-                                         'and plain containers are read)')
+            raise pickle.UnpicklingError(
+                f'global {module}.{name} is not allowed (only numeric numpy arrays and plain containers are read)'
+            )
         return fn
 
     def persistent_load(self, pid):
@@ -338,11 +378,21 @@ def load_array_pickle(f, name: str):
     ValueError naming ``name`` for anything else or a corrupt stream."""
     try:
         obj = _ArrayUnpickler(f, encoding='bytes').load()
-    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, IndexError, KeyError,
-            struct.error) as e:
-        raise ValueError(f'{name}: cannot read the pickled arrays (corrupt, truncated or holding objects '
-                         f'other than numeric arrays): {type(e).__name__}: {e}') from None
-    for value in (obj.values() if isinstance(obj, dict) else [obj]):
+    except (
+        pickle.UnpicklingError,
+        EOFError,
+        ValueError,
+        TypeError,
+        AttributeError,
+        IndexError,
+        KeyError,
+        struct.error,
+    ) as e:
+        raise ValueError(
+            f'{name}: cannot read the pickled arrays (corrupt, truncated or holding objects '
+            f'other than numeric arrays): {type(e).__name__}: {e}'
+        ) from None
+    for value in obj.values() if isinstance(obj, dict) else [obj]:
         if isinstance(value, np.ndarray) and value.dtype.kind not in 'biuf':
             raise ValueError(f'{name}: holds a non-numeric array ({value.dtype})')
     return obj

@@ -12,6 +12,7 @@ scalars are Python floats computed once; nothing goes back to the host inside th
 The settings are one frozen `SamplerOptions`, checked when built; `sample` and `Sampler` take
 it as `options=` and/or its fields as keywords (`sampler_options`).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -20,8 +21,7 @@ from typing import Optional
 
 import torch
 
-from pfgmpp_fast import ops
-from pfgmpp_fast import checks
+from pfgmpp_fast import checks, ops
 from pfgmpp_fast import reference as R
 from pfgmpp_fast import reference_multistep as RM
 from pfgmpp_fast.guidance import UNCOND, Guide, check_guide
@@ -40,26 +40,27 @@ class SamplerOptions:
     stochasticity and the numerics. Shared by `sample`, `Sampler`, `generate`, FID and sweeps.
     Checked once, here (every error names the field, the value and the allowed range);
     `replace(...)` gives a changed copy, checked again."""
-    num_steps: int = 18                       # n steps: t_0 = sigma_max > ... > t_{n-1} = sigma_min, t_n = 0
-    sigma_min: float = 0.002                  # the last noise level, in (0, sigma_max]
-    sigma_max: float = 80.0                   # the first noise level (the prior's σ), in (0, 1e30]
-    rho: float = 7.0                          # schedule exponent ρ (EDM eq. 5), > 0
-    solver: str = "heun"                      # one of SOLVERS: 'heun' (2nd order, Euler on the last step) | 'euler' |
-                                              # multistep, 1 NFE per step: 'dpmpp2m' (DPM-Solver++(2M)) | 'ipndm' |
-                                              # 'ipndm_v' (iPNDM, variable-step iPNDM; see reference_multistep)
-    S_churn: float = 0.0                      # churn γ = min(S_churn / n, √2 − 1) for t_i in [S_min, S_max]; >= 0
-    S_min: float = 0.0                        # lowest noise level that gets churn, >= 0
-    S_max: float = float("inf")               # highest noise level that gets churn, >= S_min
-    S_noise: float = 1.0                      # scale of the churn noise, >= 0
-    alpha: float = 0.0                        # robustness noise x += α·t_i·ε before each step, >= 0 (0: off)
-    guidance: float = 1.0                     # guidance weight W: D_G + W·(D − D_G) with the guide `gnet`, finite,
-                                              # >= 0 (1: no guidance, the guide is not called)
-    dtype: torch.dtype = torch.float32        # sampler state precision: float32 | float64
-    net_dtype: Optional[torch.dtype] = None   # network input dtype (None: float32 for an EDMPrecond-like
-                                              # network, else `dtype`)
-    channels_last: Optional[bool] = None      # channels-last network input (None: the network's channels_last)
-    backend: str = "auto"                     # fused-op backend, one of checks.BACKENDS
-    progress: bool = False                    # a progress bar over the steps
+
+    num_steps: int = 18  # n steps: t_0 = sigma_max > ... > t_{n-1} = sigma_min, t_n = 0
+    sigma_min: float = 0.002  # the last noise level, in (0, sigma_max]
+    sigma_max: float = 80.0  # the first noise level (the prior's σ), in (0, 1e30]
+    rho: float = 7.0  # schedule exponent ρ (EDM eq. 5), > 0
+    solver: str = "heun"  # one of SOLVERS: 'heun' (2nd order, Euler on the last step) | 'euler' |
+    # multistep, 1 NFE per step: 'dpmpp2m' (DPM-Solver++(2M)) | 'ipndm' |
+    # 'ipndm_v' (iPNDM, variable-step iPNDM; see reference_multistep)
+    S_churn: float = 0.0  # churn γ = min(S_churn / n, √2 − 1) for t_i in [S_min, S_max]; >= 0
+    S_min: float = 0.0  # lowest noise level that gets churn, >= 0
+    S_max: float = float("inf")  # highest noise level that gets churn, >= S_min
+    S_noise: float = 1.0  # scale of the churn noise, >= 0
+    alpha: float = 0.0  # robustness noise x += α·t_i·ε before each step, >= 0 (0: off)
+    guidance: float = 1.0  # guidance weight W: D_G + W·(D − D_G) with the guide `gnet`, finite,
+    # >= 0 (1: no guidance, the guide is not called)
+    dtype: torch.dtype = torch.float32  # sampler state precision: float32 | float64
+    net_dtype: Optional[torch.dtype] = None  # network input dtype (None: float32 for an EDMPrecond-like
+    # network, else `dtype`)
+    channels_last: Optional[bool] = None  # channels-last network input (None: the network's channels_last)
+    backend: str = "auto"  # fused-op backend, one of checks.BACKENDS
+    progress: bool = False  # a progress bar over the steps
 
     def __post_init__(self):
         fix = lambda name, value: object.__setattr__(self, name, value)  # noqa: E731  (frozen: normalise once)
@@ -69,8 +70,9 @@ class SamplerOptions:
         if self.sigma_min > self.sigma_max:
             raise ValueError(f"sigma_min must be in (0, sigma_max = {self.sigma_max:g}], got {self.sigma_min:g}")
         fix("rho", checks.check_positive("rho", self.rho))
-        checks.check_sampler_options(self.solver, self.S_churn, self.S_min, self.S_max, self.S_noise, self.alpha,
-                                     self.dtype)
+        checks.check_sampler_options(
+            self.solver, self.S_churn, self.S_min, self.S_max, self.S_noise, self.alpha, self.dtype
+        )
         for name in ("S_churn", "S_min", "S_max", "S_noise", "alpha"):
             fix(name, float(getattr(self, name)))
         fix("guidance", float(checks.check_number("guidance", self.guidance, allow_zero=True)))
@@ -98,8 +100,13 @@ class SamplerOptions:
             value = getattr(self, f.name)
             if f.name == "progress" or value is None or (f.name == "guidance" and value == 1.0):
                 continue
-            out[f.name] = (str(value) if isinstance(value, torch.dtype)
-                           else repr(value) if isinstance(value, float) and not math.isfinite(value) else value)
+            out[f.name] = (
+                str(value)
+                if isinstance(value, torch.dtype)
+                else repr(value)
+                if isinstance(value, float) and not math.isfinite(value)
+                else value
+            )
         return out
 
 
@@ -163,8 +170,19 @@ class _StepFlags:
         self.first = torch.where((self.first < 0) & bad, step, self.first)
 
 
-def sample(net, latents: torch.Tensor, D, key, seeds, options: Optional[SamplerOptions] = None, *,
-           class_labels=None, requires_grad: bool = False, gnet=None, **settings) -> torch.Tensor:
+def sample(
+    net,
+    latents: torch.Tensor,
+    D,
+    key,
+    seeds,
+    options: Optional[SamplerOptions] = None,
+    *,
+    class_labels=None,
+    requires_grad: bool = False,
+    gnet=None,
+    **settings,
+) -> torch.Tensor:
     """Heun / Euler / multistep (dpmpp2m, ipndm, ipndm_v) sampling from latents at σ_max
     (reference.sample, fused steps).
 
@@ -203,13 +221,14 @@ class Sampler:
         o = self.options
         return ops.prior_unchecked(tuple(shape), self.D, o.sigma_max, self.key, seeds, o.dtype, o.backend)
 
-    def __call__(self, net, latents, seeds, class_labels=None, requires_grad: bool = False, *,
-                 gnet=None) -> torch.Tensor:
+    def __call__(
+        self, net, latents, seeds, class_labels=None, requires_grad: bool = False, *, gnet=None
+    ) -> torch.Tensor:
         checks.check_images("latents", latents)
         seeds = checks.check_sample_ids(seeds, name="seeds", device=latents.device)
         checks.check_images("latents", latents, batch=seeds.shape[0])
         checks.check_net_D(net, self.D)
-        gnet = check_guide(net, gnet, self.options.guidance, self.D)     # None: unguided
+        gnet = check_guide(net, gnet, self.options.guidance, self.D)  # None: unguided
         # The fused update kernels have no backward: a differentiable run takes the reference ops.
         options = dataclasses.replace(self.options, backend="reference") if requires_grad else self.options
         with torch.set_grad_enabled(bool(requires_grad)):
@@ -240,10 +259,20 @@ def _sample(net, latents, key: int, seeds, t, options: SamplerOptions, class_lab
     stepper = stepper_class(adapter, seeds, key, t, options, net_dtype, channels_last)
     x = stepper.run(x, flags, options.progress)
     n = len(t) - 1
-    report.add(flags.first, lambda rows, steps: f"the network returned NaN/Inf for seeds "
-               f"{checks.format_ids(seeds, rows)} (first at step {sorted(set(steps))[:8]} of steps 0..{n - 1})")
-    report.nonfinite("the sampled images", x, seeds, "seeds",
-                     hint=" (the sampler update overflowed; check the schedule and the network's scale)")
+    report.add(
+        flags.first,
+        lambda rows, steps: (
+            f"the network returned NaN/Inf for seeds "
+            f"{checks.format_ids(seeds, rows)} (first at step {sorted(set(steps))[:8]} of steps 0..{n - 1})"
+        ),
+    )
+    report.nonfinite(
+        "the sampled images",
+        x,
+        seeds,
+        "seeds",
+        hint=" (the sampler update overflowed; check the schedule and the network's scale)",
+    )
     report.raise_if_any()
     return x
 
@@ -256,8 +285,7 @@ class _Stepper:
         self.net_dtype, self.channels_last = net_dtype, channels_last
         # A plain denoiser whose input is the state itself (c_in = 1, same dtype, contiguous) reads
         # y1 directly: no separate network-input copy is written.
-        self.state_is_net_input = (not adapter.precond_in_kernels and net_dtype == options.dtype
-                                   and not channels_last)
+        self.state_is_net_input = not adapter.precond_in_kernels and net_dtype == options.dtype and not channels_last
         self.num_steps = len(t) - 1
 
     def step_noise(self, i):
@@ -267,7 +295,7 @@ class _Stepper:
         o, t_cur = self.options, self.t[i]
         gamma = min(o.S_churn / self.num_steps, math.sqrt(2) - 1) if o.S_min <= t_cur <= o.S_max else 0.0
         t_hat = t_cur + gamma * t_cur
-        churn = math.sqrt(t_hat ** 2 - t_cur ** 2) * o.S_noise if gamma > 0 else 0.0
+        churn = math.sqrt(t_hat**2 - t_cur**2) * o.S_noise if gamma > 0 else 0.0
         return t_hat, (o.alpha * t_cur if o.alpha > 0 else 0.0), churn, i
 
     def c_in_of(self, noise):
@@ -278,9 +306,25 @@ class _Stepper:
         """One sampler_update; h2 / c_in_next None: no y2 / no network input."""
         a_s, c_s, i = (0.0, 0.0, 0) if noise is None else noise[1:4]
         direct = self.state_is_net_input and c_in_next is not None
-        y1, y2, net_in = ops.sampler_update(x, F, base, A, Bf, h1, h2, self.seeds, self.key, a_s, R.stream_alpha(i),
-                                            c_s, R.stream_churn(i), None if direct else c_in_next,
-                                            self.net_dtype, self.channels_last, backend=self.options.backend)
+        y1, y2, net_in = ops.sampler_update(
+            x,
+            F,
+            base,
+            A,
+            Bf,
+            h1,
+            h2,
+            self.seeds,
+            self.key,
+            a_s,
+            R.stream_alpha(i),
+            c_s,
+            R.stream_churn(i),
+            None if direct else c_in_next,
+            self.net_dtype,
+            self.channels_last,
+            backend=self.options.backend,
+        )
         return y1, y2, (y1 if direct else net_in)
 
     def run(self, x, flags: _StepFlags, progress: bool):
@@ -290,6 +334,7 @@ class _Stepper:
         steps = range(self.num_steps)
         if progress:
             from tqdm import tqdm
+
             steps = tqdm(steps, desc="sampling", unit="step")
         for i in steps:
             t_hat, t_next = nz[0], t[i + 1]
@@ -300,15 +345,26 @@ class _Stepper:
             nz_next = self.step_noise(i + 1)
             if self.options.solver == "heun" and i < self.num_steps - 1:
                 c_skip2, c_out2, c_in_t = adapter.coeffs(t_next)
-                x_prime, base, net_in = self.update(x_hat, F, None, (1.0 - c_skip) / t_hat, -c_out / t_hat, h,
-                                                    0.5 * h, None, c_in_t)
+                x_prime, base, net_in = self.update(
+                    x_hat, F, None, (1.0 - c_skip) / t_hat, -c_out / t_hat, h, 0.5 * h, None, c_in_t
+                )
                 F2 = adapter(net_in, t_next)
                 flags.update(F2, i)
-                x_hat, _, net_in = self.update(x_prime, F2, base, (1.0 - c_skip2) / t_next, -c_out2 / t_next,
-                                               0.5 * h, None, nz_next, self.c_in_of(nz_next))
+                x_hat, _, net_in = self.update(
+                    x_prime,
+                    F2,
+                    base,
+                    (1.0 - c_skip2) / t_next,
+                    -c_out2 / t_next,
+                    0.5 * h,
+                    None,
+                    nz_next,
+                    self.c_in_of(nz_next),
+                )
             else:
-                x_hat, _, net_in = self.update(x_hat, F, None, (1.0 - c_skip) / t_hat, -c_out / t_hat, h, None,
-                                               nz_next, self.c_in_of(nz_next))
+                x_hat, _, net_in = self.update(
+                    x_hat, F, None, (1.0 - c_skip) / t_hat, -c_out / t_hat, h, None, nz_next, self.c_in_of(nz_next)
+                )
             nz = nz_next
         return x_hat
 
@@ -323,13 +379,14 @@ class _MultistepStepper(_Stepper):
         nz = self.step_noise(0)
         x, _, net_in = self.update(x, None, None, 0.0, 0.0, 0.0, None, nz, self.c_in_of(nz))
         step = self.dpmpp2m_step if self.options.solver == "dpmpp2m" else self.ipndm_step
-        if self.options.solver != "dpmpp2m":       # iPNDM: the base of d_i, and every step's weights, once
+        if self.options.solver != "dpmpp2m":  # iPNDM: the base of d_i, and every step's weights, once
             self.zeros = torch.zeros_like(x)
             self.weights = [RM.ipndm_coefficients(self.options.solver, t, i) for i in range(self.num_steps)]
         history = []
         steps = range(self.num_steps)
         if progress:
             from tqdm import tqdm
+
             steps = tqdm(steps, desc="sampling", unit="step")
         for i in steps:
             c_skip, c_out, _ = adapter.coeffs(t[i])
@@ -346,7 +403,7 @@ class _MultistepStepper(_Stepper):
         in the F slot."""
         t_cur, t_next = self.t[i], self.t[i + 1]
         c_in = self.c_in_of(nz)
-        keep = None if t_next == 0 else -t_cur        # y2 = x − t·d = D_i, for the next step
+        keep = None if t_next == 0 else -t_cur  # y2 = x − t·d = D_i, for the next step
         if not history or t_next == 0:
             x, denoised, net_in = self.update(x, F, None, A, Bf, t_next - t_cur, keep, nz, c_in)
         else:
@@ -364,16 +421,17 @@ class _MultistepStepper(_Stepper):
         (as G' = G/g) from the history in one call (order >= 3), then x + h·(c_0·d_i + g·G')."""
         h, c = self.t[i + 1] - self.t[i], self.weights[i]
         c_in = self.c_in_of(nz)
-        slope = self.update(x, F, self.zeros, A, Bf, 1.0, None, None, None)[0]     # d_i = A·x + Bf·F
+        slope = self.update(x, F, self.zeros, A, Bf, 1.0, None, None, None)[0]  # d_i = A·x + Bf·F
         if len(c) == 1:
             x_next, _, net_in = self.update(x, F, None, A, Bf, h, None, nz, c_in)
         else:
-            older, scale = history[-1], 1.0                                       # G' = G / scale
+            older, scale = history[-1], 1.0  # G' = G / scale
             if len(c) == 3:
                 older = self.update(history[-1], history[-2], None, c[1] - 1.0, c[2], 1.0, None, None, None)[0]
-            elif len(c) == 4:   # d_{i−1} (the largest weight) in the base slot, whose weight is 1
-                older = self.update(history[-2], history[-3], history[-1], c[2] / c[1], c[3] / c[1], 1.0, None,
-                                    None, None)[0]
+            elif len(c) == 4:  # d_{i−1} (the largest weight) in the base slot, whose weight is 1
+                older = self.update(
+                    history[-2], history[-3], history[-1], c[2] / c[1], c[3] / c[1], 1.0, None, None, None
+                )[0]
                 scale = c[1]
             x_next, _, net_in = self.update(slope, older, x, c[0], c[1] if len(c) == 2 else scale, h, None, nz, c_in)
         history.append(slope)

@@ -1,5 +1,6 @@
 """Test conventions: Triton runs under its CPU interpreter unless a GPU is present;
 tests marked `gpu` are skipped without CUDA."""
+
 import os
 
 # One intra-op thread in this process and every process a test starts (they inherit it):
@@ -54,6 +55,7 @@ def digits_cache(tmp_path_factory):
     """The digits feature network, trained once per session into a cache file that
     subprocesses started by tests read too."""
     from pfgmpp_fast.evaluation import features
+
     path = str(tmp_path_factory.mktemp("digits") / "digits-features.safetensors")
     features.get_feature_extractor("digits", digits_cache=path)
     return path
@@ -63,4 +65,5 @@ def digits_cache(tmp_path_factory):
 def digits(digits_cache):
     """The digits feature extractor (64-d features of uint8 [B, 1, 8, 8] images)."""
     from pfgmpp_fast.evaluation import features
+
     return features.get_feature_extractor("digits", digits_cache=digits_cache)

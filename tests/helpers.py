@@ -10,6 +10,7 @@ leaving the group, after its work is done, is a warning (torch 2.14's gloo teard
 so once in CI; `distributed.close` orders the teardown to avoid it), and the test goes on
 to check the results. The worker must be a module-level function (it is pickled).
 """
+
 import multiprocessing
 import os
 import signal
@@ -25,7 +26,7 @@ from pfgmpp_fast.networks import build_network
 from pfgmpp_fast.utils import distributed
 
 TIMEOUT_S = 300
-GRACE_S = 30         # how long the other ranks may go on once one has failed
+GRACE_S = 30  # how long the other ranks may go on once one has failed
 
 
 class DenoiserNet(torch.nn.Module):
@@ -49,7 +50,7 @@ class DenoiserNet(torch.nn.Module):
         if class_labels is not None:
             self.seen_labels.append(class_labels)
         sigma = torch.as_tensor(sigma, dtype=x.dtype, device=x.device).reshape(-1).expand(x.shape[0])
-        out = torch.cat([self.den(x[i:i + 1].clone(), sigma[i:i + 1].clone()) for i in range(x.shape[0])])
+        out = torch.cat([self.den(x[i : i + 1].clone(), sigma[i : i + 1].clone()) for i in range(x.shape[0])])
         if self.batch_coupling:
             out = out + self.batch_coupling * x.mean(0, keepdim=True)
         return out
@@ -80,6 +81,7 @@ def stand_in(D=8.0, label_dim=0, batch_coupling=0.0):
 def digits_net(D=8.0, n=64):
     """The exact denoiser of the first n digits."""
     from pfgmpp_fast.evaluation.digits_features import digits_uint8
+
     u, _ = digits_uint8()
     return DenoiserNet(u[:n].float() / 127.5 - 1, D)
 
@@ -87,8 +89,17 @@ def digits_net(D=8.0, n=64):
 def tiny_net(D=8, seed=0):
     """A 1x8x8 DDPM++ with 8 channels, in eval mode."""
     torch.manual_seed(seed)
-    return build_network("ddpmpp", resolution=8, channels=1, D=D, model_channels=8, channel_mult=[1],
-                         num_blocks=1, attn_resolutions=[], dropout=0.0).eval()
+    return build_network(
+        "ddpmpp",
+        resolution=8,
+        channels=1,
+        D=D,
+        model_channels=8,
+        channel_mult=[1],
+        num_blocks=1,
+        attn_resolutions=[],
+        dropout=0.0,
+    ).eval()
 
 
 def load_npz_images(path):
@@ -111,13 +122,12 @@ def run_ranks(worker, world, workdir, *args, timeout=TIMEOUT_S):
     workdir = str(workdir)
     os.makedirs(workdir, exist_ok=True)
     ctx = multiprocessing.get_context("spawn")
-    procs = [ctx.Process(target=_rank_main, args=(r, world, workdir, worker, args), daemon=True)
-             for r in range(world)]
+    procs = [ctx.Process(target=_rank_main, args=(r, world, workdir, worker, args), daemon=True) for r in range(world)]
     for p in procs:
         p.start()
     deadline = time.monotonic() + timeout
     while any(p.is_alive() for p in procs) and time.monotonic() < deadline:
-        if any(p.exitcode not in (None, 0) for p in procs):     # its peers may wait for it forever
+        if any(p.exitcode not in (None, 0) for p in procs):  # its peers may wait for it forever
             deadline = min(deadline, time.monotonic() + GRACE_S)
         time.sleep(0.05)
     hung = [p.is_alive() for p in procs]

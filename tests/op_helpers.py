@@ -4,6 +4,7 @@ Each op has one harness, parametrised over BACKENDS and a table of cases: it cal
 through `pfgmpp_fast.ops` (for 'cpu' / 'cuda' that is the C++ op torch.ops.pfgmpp_fast.<op>
 itself, for 'triton' the Triton op) and compares it with the op's reference in reference.py.
 """
+
 import math
 
 import pytest
@@ -16,7 +17,11 @@ BACKENDS = [
     # too (on the CPU they run under the interpreter, never skipped).
     pytest.param("triton", id="triton", marks=pytest.mark.triton),
     pytest.param("cpu", id="cpu", marks=pytest.mark.skipif(not ops.has_extension(), reason="pfgmpp_fast._C not built")),
-    pytest.param("cuda", id="cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(not ops.has_cuda_kernels(), reason="no CUDA kernels")]),
+    pytest.param(
+        "cuda",
+        id="cuda",
+        marks=[pytest.mark.gpu, pytest.mark.skipif(not ops.has_cuda_kernels(), reason="no CUDA kernels")],
+    ),
 ]
 D_VALUES = [1.0, 2.0, 8.0, 128.0, 2048.0, 3072000.0, math.inf]
 FINITE_D_VALUES = [D for D in D_VALUES if math.isfinite(D)]
@@ -26,8 +31,11 @@ LAYOUTS = ("contiguous", "channels_last", "strided", "transposed", "offset", "ch
 KAT = [
     ((0, 0, 0, 0), (0, 0), (0x6627E8D5, 0xE169C58D, 0xBC57AC4C, 0x9B00DBD8)),
     ((0xFFFFFFFF,) * 4, (0xFFFFFFFF, 0xFFFFFFFF), (0x408F276D, 0x41C83B0E, 0xA20BC7C6, 0x6D5451FD)),
-    ((0x243F6A88, 0x85A308D3, 0x13198A2E, 0x03707344), (0xA4093822, 0x299F31D0),
-     (0xD16CFE09, 0x94FDCCEB, 0x5001E420, 0x24126EA1)),
+    (
+        (0x243F6A88, 0x85A308D3, 0x13198A2E, 0x03707344),
+        (0xA4093822, 0x299F31D0),
+        (0xD16CFE09, 0x94FDCCEB, 0x5001E420, 0x24126EA1),
+    ),
 ]
 
 # Tolerances (docs/DESIGN.md §6, KERNEL_OPS.md): Philox words bit-exact; normals within 1e-6 abs +
@@ -95,8 +103,10 @@ def same_format(out, ref):
     """Same memory format (exact strides may differ where both formats coincide, e.g. C == 1)."""
     if out.dim() != 4:
         return out.is_contiguous() == ref.is_contiguous()
-    return all(out.is_contiguous(memory_format=f) == ref.is_contiguous(memory_format=f)
-               for f in (torch.contiguous_format, torch.channels_last))
+    return all(
+        out.is_contiguous(memory_format=f) == ref.is_contiguous(memory_format=f)
+        for f in (torch.contiguous_format, torch.channels_last)
+    )
 
 
 def rel_err(out, ref):

@@ -25,6 +25,7 @@ attributes and constructor arguments; nested records carry our modules' own attr
 loader reads only their parameters, buffers and children). ``module_src`` is a placeholder that
 creates ``marker`` if anything ever executes it.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -46,27 +47,62 @@ README_ROWS = {
     "cifar10-ncsnpp-D-2048-conditional": "--cond=1 --arch=ncsnpp --pfgmpp=1 --aug_dim=2048",
     "cifar10-ncsnpp-D-inf": "--cond=0 --arch=ncsnpp",
     "ffhq-ddpm-D-128": "--cond=0 --arch=ddpmpp --batch=256 --cres=1,2,2,2 --lr=2e-4 --dropout=0.05 "
-                       "--augment=0.15 --pfgmpp=1 --aug_dim=128",
+    "--augment=0.15 --pfgmpp=1 --aug_dim=128",
     "ffhq-ddpm-D-inf": "--cond=0 --arch=ddpmpp --batch=256 --cres=1,2,2,2 --lr=2e-4 --dropout=0.05 --augment=0.15",
 }
 # NVlabs/edm README: the training commands of two of its pre-trained models (EDM's own train.py).
 EDM_ROWS = {
     "edm-cifar10-32x32-cond-vp": "--cond=1 --arch=ddpmpp",
     "edm-imagenet-64x64-cond-adm": "--cond=1 --arch=adm --duration=2500 --batch=4096 --lr=1e-4 --ema=50 "
-                                   "--dropout=0.10 --augment=0 --fp16=1 --ls=100 --tick=200",
+    "--dropout=0.10 --augment=0 --fp16=1 --ls=100 --tick=200",
 }
 # The same networks, small: appended to a row's options (the later value wins, as in click).
-SMALL = {"ddpmpp": "--cbase=16 --cres=1,2 --nblock=1", "ncsnpp": "--cbase=16 --cres=1,2 --nblock=1",
-         "adm": "--cbase=64 --cres=1 --nblock=1"}
+SMALL = {
+    "ddpmpp": "--cbase=16 --cres=1,2 --nblock=1",
+    "ncsnpp": "--cbase=16 --cres=1,2 --nblock=1",
+    "adm": "--cbase=64 --cres=1 --nblock=1",
+}
 
 # train.py's options and defaults, in declaration order (the order click passes them): the
 # opts EasyDict that PFGM++ stores in its EDMLoss. EDM's train.py has no pfgmpp/aug_dim/...
 TRAIN_DEFAULTS = dict(
-    outdir="training-runs", data="datasets/cifar10-32x32.zip", name=None, cond=False, stf=False, pfgmpp=False,
-    arch="ddpmpp", precond="edm", duration=200.0, rbatch=4096, batch=512, aug_dim=128, batch_gpu=None, cbase=None,
-    cres=None, nblock=None, lr=10e-4, ema=0.5, dropout=0.13, augment=0.12, xflip=False, lsun=False, fp16=False,
-    ls=1.0, bench=True, cache=True, workers=1, desc=None, nosubdir=False, tick=50, snap=50, dump=50, seed=None,
-    transfer=None, resume=None, dry_run=False)
+    outdir="training-runs",
+    data="datasets/cifar10-32x32.zip",
+    name=None,
+    cond=False,
+    stf=False,
+    pfgmpp=False,
+    arch="ddpmpp",
+    precond="edm",
+    duration=200.0,
+    rbatch=4096,
+    batch=512,
+    aug_dim=128,
+    batch_gpu=None,
+    cbase=None,
+    cres=None,
+    nblock=None,
+    lr=10e-4,
+    ema=0.5,
+    dropout=0.13,
+    augment=0.12,
+    xflip=False,
+    lsun=False,
+    fp16=False,
+    ls=1.0,
+    bench=True,
+    cache=True,
+    workers=1,
+    desc=None,
+    nosubdir=False,
+    tick=50,
+    snap=50,
+    dump=50,
+    seed=None,
+    transfer=None,
+    resume=None,
+    dry_run=False,
+)
 
 # Per era of training_loop.py / networks.py: the interface arguments added to network_kwargs and
 # the attributes EDMPrecond.__init__ sets, in order.
@@ -75,11 +111,15 @@ _TAIL = ("sigma_min", "sigma_max", "sigma_data")
 ERAS = {
     "edm": dict(flags=(), attrs=_BASE + ("label_dim", "use_fp16") + _TAIL),
     # PFGM++ 2022-12-31 .. 2023-01-19 (PFGM++ was called pfgmv2)
-    "pfgmv2": dict(flags=("pfgm", "pfgmv2", "D"),
-                   attrs=_BASE + ("D", "N", "label_dim", "pfgm", "pfgmv2", "use_fp16", "small") + _TAIL),
+    "pfgmv2": dict(
+        flags=("pfgm", "pfgmv2", "D"),
+        attrs=_BASE + ("D", "N", "label_dim", "pfgm", "pfgmv2", "use_fp16", "small") + _TAIL,
+    ),
     # PFGM++ 2023-02-07
-    "pfgmpp-feb": dict(flags=("pfgm", "pfgmpp", "D"),
-                       attrs=_BASE + ("D", "N", "label_dim", "pfgm", "pfgmpp", "use_fp16", "small") + _TAIL),
+    "pfgmpp-feb": dict(
+        flags=("pfgm", "pfgmpp", "D"),
+        attrs=_BASE + ("D", "N", "label_dim", "pfgm", "pfgmpp", "use_fp16", "small") + _TAIL,
+    ),
     # PFGM++ 2023-02-13 .. today
     "pfgmpp": dict(flags=("pfgmpp", "D"), attrs=_BASE + ("D", "N", "label_dim", "pfgmpp", "use_fp16") + _TAIL),
 }
@@ -87,37 +127,110 @@ ERAS = {
 # layout -> (era, file name, writer, keys of the saved dict in order). 'pickle': pickle.dump of
 # eval-mode CPU copies of the modules; 'torch': torch.save of the live modules (net in training mode).
 LAYOUTS = {
-    "edm-network-snapshot": ("edm", "network-snapshot-000100.pkl", "pickle", ("ema", "loss_fn", "augment_pipe", "dataset_kwargs")),
+    "edm-network-snapshot": (
+        "edm",
+        "network-snapshot-000100.pkl",
+        "pickle",
+        ("ema", "loss_fn", "augment_pipe", "dataset_kwargs"),
+    ),
     "edm-training-state": ("edm", "training-state-000100.pt", "torch", ("net", "optimizer_state")),
-    "pfgmv2-training-state-pt": ("pfgmv2", "training-state-000100.pt", "torch", ("net", "optimizer_state", "step", "ema")),
-    "pfgmv2-training-state-pkl": ("pfgmv2", "training-state-000100.pkl", "pickle", ("optimizer_state", "step", "ema", "net")),
-    "pfgmpp-feb-training-state-pkl": ("pfgmpp-feb", "training-state-000100.pkl", "pickle", ("optimizer_state", "step", "ema", "net")),
-    "pfgmpp-feb-training-state-pt": ("pfgmpp-feb", "training-state-000100.pt", "torch", ("optimizer_state", "step", "ema")),
+    "pfgmv2-training-state-pt": (
+        "pfgmv2",
+        "training-state-000100.pt",
+        "torch",
+        ("net", "optimizer_state", "step", "ema"),
+    ),
+    "pfgmv2-training-state-pkl": (
+        "pfgmv2",
+        "training-state-000100.pkl",
+        "pickle",
+        ("optimizer_state", "step", "ema", "net"),
+    ),
+    "pfgmpp-feb-training-state-pkl": (
+        "pfgmpp-feb",
+        "training-state-000100.pkl",
+        "pickle",
+        ("optimizer_state", "step", "ema", "net"),
+    ),
+    "pfgmpp-feb-training-state-pt": (
+        "pfgmpp-feb",
+        "training-state-000100.pt",
+        "torch",
+        ("optimizer_state", "step", "ema"),
+    ),
     "pfgmpp-training-state-ema-pt": ("pfgmpp", "training-state-000100.pt", "torch", ("optimizer_state", "step", "ema")),
-    "pfgmpp-training-state-pt": ("pfgmpp", "training-state-000100.pt", "torch", ("optimizer_state", "step", "ema", "net")),
+    "pfgmpp-training-state-pt": (
+        "pfgmpp",
+        "training-state-000100.pt",
+        "torch",
+        ("optimizer_state", "step", "ema", "net"),
+    ),
     # EDM's snapshot writer, kept (commented out) in PFGM++'s training_loop.py
-    "pfgmpp-network-snapshot": ("pfgmpp", "network-snapshot-000100.pkl", "pickle", ("ema", "loss_fn", "augment_pipe", "dataset_kwargs")),
+    "pfgmpp-network-snapshot": (
+        "pfgmpp",
+        "network-snapshot-000100.pkl",
+        "pickle",
+        ("ema", "loss_fn", "augment_pipe", "dataset_kwargs"),
+    ),
 }
 PFGMPP_LAYOUTS = [name for name, (era, *_) in LAYOUTS.items() if era != "edm"]
 EDM_LAYOUTS = [name for name, (era, *_) in LAYOUTS.items() if era == "edm"]
 
-_ARCH = {   # train.py --arch
-    "ddpmpp": dict(model_type="SongUNet", embedding_type="positional", encoder_type="standard", decoder_type="standard",
-                   channel_mult_noise=1, resample_filter=[1, 1], model_channels=128, channel_mult=[2, 2, 2]),
-    "ncsnpp": dict(model_type="SongUNet", embedding_type="fourier", encoder_type="residual", decoder_type="standard",
-                   channel_mult_noise=2, resample_filter=[1, 3, 3, 1], model_channels=128, channel_mult=[2, 2, 2]),
+_ARCH = {  # train.py --arch
+    "ddpmpp": dict(
+        model_type="SongUNet",
+        embedding_type="positional",
+        encoder_type="standard",
+        decoder_type="standard",
+        channel_mult_noise=1,
+        resample_filter=[1, 1],
+        model_channels=128,
+        channel_mult=[2, 2, 2],
+    ),
+    "ncsnpp": dict(
+        model_type="SongUNet",
+        embedding_type="fourier",
+        encoder_type="residual",
+        decoder_type="standard",
+        channel_mult_noise=2,
+        resample_filter=[1, 3, 3, 1],
+        model_channels=128,
+        channel_mult=[2, 2, 2],
+    ),
     "adm": dict(model_type="DhariwalUNet", model_channels=192, channel_mult=[1, 2, 3, 4]),
 }
-_AUGMENT_DEFAULTS = dict(   # training/augment.py AugmentPipe.__init__, in order
-    p=1, xflip=0, yflip=0, rotate_int=0, translate_int=0, translate_int_max=0.125, scale=0, rotate_frac=0, aniso=0,
-    translate_frac=0, scale_std=0.2, rotate_frac_max=1, aniso_std=0.2, aniso_rotate_prob=0.5, translate_frac_std=0.125,
-    brightness=0, contrast=0, lumaflip=0, hue=0, saturation=0, brightness_std=0.2, contrast_std=0.5, hue_max=1,
-    saturation_std=1)
-_MODULE_KEYS = tuple(torch.nn.Module().__dict__)    # what torch.nn.Module.__init__ puts in __dict__
+_AUGMENT_DEFAULTS = dict(  # training/augment.py AugmentPipe.__init__, in order
+    p=1,
+    xflip=0,
+    yflip=0,
+    rotate_int=0,
+    translate_int=0,
+    translate_int_max=0.125,
+    scale=0,
+    rotate_frac=0,
+    aniso=0,
+    translate_frac=0,
+    scale_std=0.2,
+    rotate_frac_max=1,
+    aniso_std=0.2,
+    aniso_rotate_prob=0.5,
+    translate_frac_std=0.125,
+    brightness=0,
+    contrast=0,
+    lumaflip=0,
+    hue=0,
+    saturation=0,
+    brightness_std=0.2,
+    contrast_std=0.5,
+    hue_max=1,
+    saturation_std=1,
+)
+_MODULE_KEYS = tuple(torch.nn.Module().__dict__)  # what torch.nn.Module.__init__ puts in __dict__
 
 
 # ----------------------------------------------------------------------------------------
 # Options -> constructor arguments (what train.py and training_loop.py record)
+
 
 def parse_options(command_line: str) -> dict:
     """train.py's opts for a command line like '--cond=1 --arch=ncsnpp' (defaults filled in)."""
@@ -183,6 +296,7 @@ def build_row(row_options: str, resolution=16, channels=3, label_dim=10, seed=0,
 # ----------------------------------------------------------------------------------------
 # The persistence format
 
+
 class Record:
     """An object of a published persistent class (written in its reduced form)."""
 
@@ -191,16 +305,26 @@ class Record:
 
 
 def _placeholder_source(module: str, marker) -> str:
-    return (f"# placeholder for the source of {module}, which the published pickles embed\n"
-            f"import pathlib; pathlib.Path({str(marker)!r}).write_text('executed')\n")
+    return (
+        f"# placeholder for the source of {module}, which the published pickles embed\n"
+        f"import pathlib; pathlib.Path({str(marker)!r}).write_text('executed')\n"
+    )
 
 
 def precond_record(net: EDMPrecond, kwargs: dict, era: str) -> Record:
     """The published EDMPrecond of ``era`` built with ``kwargs``, holding ``net``'s modules."""
-    values = dict(img_resolution=kwargs["img_resolution"], img_channels=kwargs["img_channels"],
-                  label_dim=kwargs["label_dim"], use_fp16=kwargs["use_fp16"], sigma_min=0, sigma_max=float("inf"),
-                  sigma_data=0.5, small=False, N=kwargs["img_channels"] * kwargs["img_resolution"] ** 2,
-                  **{k: kwargs[k] for k in ("pfgm", "pfgmv2", "pfgmpp", "D") if k in kwargs})
+    values = dict(
+        img_resolution=kwargs["img_resolution"],
+        img_channels=kwargs["img_channels"],
+        label_dim=kwargs["label_dim"],
+        use_fp16=kwargs["use_fp16"],
+        sigma_min=0,
+        sigma_max=float("inf"),
+        sigma_data=0.5,
+        small=False,
+        N=kwargs["img_channels"] * kwargs["img_resolution"] ** 2,
+        **{k: kwargs[k] for k in ("pfgm", "pfgmv2", "pfgmpp", "D") if k in kwargs},
+    )
     state = {k: net.__dict__[k] for k in _MODULE_KEYS}
     state.update({k: values[k] for k in ERAS[era]["attrs"]})
     state.update(_init_args=(), _init_kwargs=copy.deepcopy(kwargs))
@@ -247,13 +371,19 @@ def _published_globals():
     persistence._reconstruct_persistent_obj = _reconstruct_persistent_obj
     util = types.ModuleType("dnnlib.util")
     util.EasyDict = EasyDict
-    modules = {"torch_utils": types.ModuleType("torch_utils"), "torch_utils.persistence": persistence,
-               "dnnlib": types.ModuleType("dnnlib"), "dnnlib.util": util}
+    modules = {
+        "torch_utils": types.ModuleType("torch_utils"),
+        "torch_utils.persistence": persistence,
+        "dnnlib": types.ModuleType("dnnlib"),
+        "dnnlib.util": util,
+    }
     modules["torch_utils"].persistence, modules["dnnlib"].util = persistence, util
     saved = {name: sys.modules.get(name) for name in modules}
     names = [(f, f.__module__, f.__qualname__) for f in (_reconstruct_persistent_obj, EasyDict)]
-    _reconstruct_persistent_obj.__module__, _reconstruct_persistent_obj.__qualname__ = ("torch_utils.persistence",
-                                                                                        "_reconstruct_persistent_obj")
+    _reconstruct_persistent_obj.__module__, _reconstruct_persistent_obj.__qualname__ = (
+        "torch_utils.persistence",
+        "_reconstruct_persistent_obj",
+    )
     EasyDict.__module__, EasyDict.__qualname__ = "dnnlib.util", "EasyDict"
     sys.modules.update(modules)
     try:
@@ -279,14 +409,17 @@ def _pickler_class(marker):
                 name, module, state = type(obj).__name__, "training.networks", dict(obj.__dict__)
             else:
                 return NotImplemented
-            meta = dict(type="class", version=6, module_src=_placeholder_source(module, marker), class_name=name,
-                        state=state)
+            meta = dict(
+                type="class", version=6, module_src=_placeholder_source(module, marker), class_name=name, state=state
+            )
             return _reconstruct_persistent_obj, (meta,), None
+
     return PublishedPickler
 
 
 # ----------------------------------------------------------------------------------------
 # Files
+
 
 def _training_copy(ema: EDMPrecond) -> EDMPrecond:
     """The training network beside an EMA: other weights (a loader must pick the EMA), training mode."""
@@ -314,13 +447,27 @@ def write_layout(path, layout: str, row_options: str, marker, **size):
     era, _, writer, keys = LAYOUTS[layout]
     opts, kwargs, ema = build_row(row_options, era=era, **size)
     net = _training_copy(ema)
-    if writer == "pickle":       # training_loop.py: eval-mode CPU copies of the modules
+    if writer == "pickle":  # training_loop.py: eval-mode CPU copies of the modules
         net = copy.deepcopy(net).eval().requires_grad_(False)
     ema_rec, net_rec = precond_record(ema, kwargs, era), precond_record(net, kwargs, era)
-    dataset_kwargs = dict(class_name="training.dataset.ImageFolderDataset", path=opts["data"], use_labels=opts["cond"],
-                          xflip=opts["xflip"], cache=opts["cache"], resolution=kwargs["img_resolution"], max_size=50000)
-    items = dict(ema=ema_rec, net=net_rec, loss_fn=loss_record(opts, kwargs, era), augment_pipe=augment_record(opts),
-                 dataset_kwargs=dataset_kwargs, optimizer_state=_optimizer_state(net), step=100_000)
+    dataset_kwargs = dict(
+        class_name="training.dataset.ImageFolderDataset",
+        path=opts["data"],
+        use_labels=opts["cond"],
+        xflip=opts["xflip"],
+        cache=opts["cache"],
+        resolution=kwargs["img_resolution"],
+        max_size=50000,
+    )
+    items = dict(
+        ema=ema_rec,
+        net=net_rec,
+        loss_fn=loss_record(opts, kwargs, era),
+        augment_pipe=augment_record(opts),
+        dataset_kwargs=dataset_kwargs,
+        optimizer_state=_optimizer_state(net),
+        step=100_000,
+    )
     data = {k: items[k] for k in keys}
     Pickler = _pickler_class(marker)
     with _published_globals():

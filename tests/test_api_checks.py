@@ -1,9 +1,11 @@
 """The public API checks its arguments once at the boundary and reports NaN/Inf (docs/DESIGN.md §7):
 perturb, training_loss, sample and generate_images; sampling keeps no autograd graph."""
+
 import warnings
 
 import pytest
 import torch
+from helpers import tiny_net
 from torch import nn
 
 import pfgmpp_fast as pf
@@ -11,10 +13,11 @@ from pfgmpp_fast import checks, ops
 from pfgmpp_fast import reference as R
 from pfgmpp_fast.evaluation import generate as G
 
-from helpers import tiny_net
-
-BACKENDS = (["reference"] + (["cpu"] if ops.has_extension() else [])
-            + (["triton"] if ops.triton_available(torch.device("cpu")) else []))
+BACKENDS = (
+    ["reference"]
+    + (["cpu"] if ops.has_extension() else [])
+    + (["triton"] if ops.triton_available(torch.device("cpu")) else [])
+)
 
 
 class Plain(nn.Module):
@@ -51,6 +54,7 @@ class PoisonedPrecond(nn.Module):
 
 
 # ------------------------------------------------------------------------------------ checks once
+
 
 def _count_check_D(monkeypatch):
     calls = []
@@ -101,6 +105,7 @@ def test_public_functions_check_D_once(monkeypatch, api):
 
 # ------------------------------------------------------------------------------------ bad arguments
 
+
 def test_D_true_and_mismatch_and_negative_ids_and_huge_sigma():
     y, ids = torch.randn(2, 1, 4, 4), torch.arange(2)
     with pytest.raises(TypeError, match="D must be a number.*bool"):
@@ -129,10 +134,11 @@ def test_device_report_reads_negative_ids_once():
     report.add(torch.tensor([-1, -1, 3]), lambda rows, values: f"rows {rows} steps {values}")
     with pytest.raises(FloatingPointError, match=r"rows \[2\] steps \[3\]"):
         report.raise_if_any()
-    checks.DeviceReport().raise_if_any()          # nothing to read: no error
+    checks.DeviceReport().raise_if_any()  # nothing to read: no error
 
 
 # ------------------------------------------------------------------------------------ NaN / Inf
+
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])
@@ -187,12 +193,14 @@ def test_sample_reports_nonfinite_latents(bad):
 
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
-@pytest.mark.parametrize("call,step", [(0, 0), (3, 1), (4, 2)])     # Heun, 3 steps: calls 0,1 | 2,3 | 4
+@pytest.mark.parametrize("call,step", [(0, 0), (3, 1), (4, 2)])  # Heun, 3 steps: calls 0,1 | 2,3 | 4
 @pytest.mark.parametrize("net_kind", ["precond", "plain"])
 def test_sample_reports_a_network_returning_nonfinite_at_its_step(bad, call, step, net_kind):
     net = PoisonedPrecond((call, bad)) if net_kind == "precond" else Plain((call, bad))
     latents = torch.randn(3, 1, 4, 4) * 80
-    with pytest.raises(FloatingPointError, match=rf"network returned NaN/Inf for seeds \[31\] \(first at step \[{step}\]"):
+    with pytest.raises(
+        FloatingPointError, match=rf"network returned NaN/Inf for seeds \[31\] \(first at step \[{step}\]"
+    ):
         pf.sample(net, latents, 8, 0, torch.tensor([30, 31, 32]), num_steps=3)
 
 
@@ -207,6 +215,7 @@ def test_sample_reads_the_flags_once_not_per_step(monkeypatch):
 
 # ------------------------------------------------------------------------------------ no graph
 
+
 def test_sample_keeps_no_autograd_graph_unless_asked():
     net = tiny_net()
     assert all(p.requires_grad for p in net.parameters())
@@ -214,7 +223,7 @@ def test_sample_keeps_no_autograd_graph_unless_asked():
     x = pf.sample(net, latents, 8.0, 0, torch.arange(2), num_steps=3)
     assert not x.requires_grad and x.grad_fn is None
     with warnings.catch_warnings():
-        warnings.simplefilter("error")       # no "autograd kernel was not registered" on the way back
+        warnings.simplefilter("error")  # no "autograd kernel was not registered" on the way back
         x_grad = pf.sample(net, latents, 8.0, 0, torch.arange(2), num_steps=3, requires_grad=True)
         assert x_grad.requires_grad
         x_grad.sum().backward()
@@ -223,6 +232,7 @@ def test_sample_keeps_no_autograd_graph_unless_asked():
 
 
 # ------------------------------------------------------------------------------------ on a GPU
+
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("backend", ["cuda", "triton"])
@@ -244,6 +254,13 @@ def test_gpu_reports_from_one_device_read(backend, monkeypatch):
     original = checks.DeviceReport.raise_if_any
     monkeypatch.setattr(checks.DeviceReport, "raise_if_any", lambda self: (reads.append(1), original(self))[1])
     with pytest.raises(FloatingPointError, match=r"seeds \[31\] \(first at step \[1\]"):
-        pf.sample(net, torch.randn(3, 1, 4, 4, device=dev) * 80, 8, 0, torch.tensor([30, 31, 32], device=dev),
-                  num_steps=3, backend=backend)
+        pf.sample(
+            net,
+            torch.randn(3, 1, 4, 4, device=dev) * 80,
+            8,
+            0,
+            torch.tensor([30, 31, 32], device=dev),
+            num_steps=3,
+            backend=backend,
+        )
     assert len(reads) == 1

@@ -5,6 +5,7 @@ logical lines (networks.py mirrors the published networks), no function over 75 
 Sizes count logical lines (Python's NEWLINE tokens: one per statement, however the formatter
 breaks it over physical lines; blank lines and comments do not count), so `ruff format` can
 never push a module over its limit and a limit cannot be met by cramming lines together."""
+
 import ast
 import glob
 import io
@@ -14,7 +15,7 @@ import tokenize
 import pytest
 
 ROOT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "pfgmpp_fast")
-MAX_MODULE_LINES, MAX_FUNCTION_LINES = 350, 75      # logical lines
+MAX_MODULE_LINES, MAX_FUNCTION_LINES = 350, 75  # logical lines
 LONG_MODULES_ALLOWED = {"pfgmpp_fast.networks"}
 LAYERS = {"utils": 0, "core": 1, "training": 2, "evaluation": 2, "apps": 3, "cli": 4}
 
@@ -26,7 +27,7 @@ def _modules():
         for f in files:
             if f.endswith(".py"):
                 rel = os.path.relpath(os.path.join(dirpath, f), os.path.dirname(ROOT))[:-3].replace(os.sep, ".")
-                out[rel[:-len(".__init__")] if rel.endswith(".__init__") else rel] = os.path.join(dirpath, f)
+                out[rel[: -len(".__init__")] if rel.endswith(".__init__") else rel] = os.path.join(dirpath, f)
     return out
 
 
@@ -39,7 +40,7 @@ def _layer(module: str) -> int:
         return LAYERS["cli"] if len(parts) > 1 else LAYERS["core"]
     if parts[1] in ("utils", "training", "evaluation", "apps"):
         return LAYERS[parts[1]]
-    return LAYERS["core"]                 # root modules and the kernels
+    return LAYERS["core"]  # root modules and the kernels
 
 
 def _imports(module: str, path: str):
@@ -53,7 +54,9 @@ def _imports(module: str, path: str):
         elif isinstance(node, ast.ImportFrom):
             base = node.module or ""
             if node.level:
-                base = ".".join(package.split(".")[:len(package.split(".")) - node.level + 1] + ([base] if base else []))
+                base = ".".join(
+                    package.split(".")[: len(package.split(".")) - node.level + 1] + ([base] if base else [])
+                )
             names = [f"{base}.{a.name}" for a in node.names] + [base]
         else:
             continue
@@ -69,14 +72,17 @@ GRAPH = {m: _imports(m, p) for m, p in MODULES.items()}
 
 
 def test_no_upward_imports():
-    upward = [f"{m} -> {d}" for m, deps in GRAPH.items() for d in deps
-              if _layer(d) > _layer(m)]
+    upward = [f"{m} -> {d}" for m, deps in GRAPH.items() for d in deps if _layer(d) > _layer(m)]
     assert not upward, "imports must run apps → workflows → core → utils:\n" + "\n".join(sorted(upward))
 
 
 def test_workflows_do_not_import_each_other_except_training_data():
-    cross = [f"{m} -> {d}" for m, deps in GRAPH.items() for d in deps
-             if _layer(m) == _layer(d) == 2 and m.split(".")[1] != d.split(".")[1] and d != "pfgmpp_fast.training.data"]
+    cross = [
+        f"{m} -> {d}"
+        for m, deps in GRAPH.items()
+        for d in deps
+        if _layer(m) == _layer(d) == 2 and m.split(".")[1] != d.split(".")[1] and d != "pfgmpp_fast.training.data"
+    ]
     assert not cross, "\n".join(sorted(cross))
 
 
@@ -88,7 +94,7 @@ def test_no_import_cycles():
         stack.append(m)
         for d in sorted(GRAPH[m]):
             if state.get(d) == "open":
-                raise AssertionError("import cycle: " + " -> ".join(stack[stack.index(d):] + [d]))
+                raise AssertionError("import cycle: " + " -> ".join(stack[stack.index(d) :] + [d]))
             if d not in state:
                 visit(d)
         stack.pop()
@@ -107,8 +113,9 @@ def test_graph_is_read():
 
 def _logical_line_starts(source: str) -> list:
     """The physical line of each logical line's end (one NEWLINE token per statement)."""
-    return [tok.start[0] for tok in tokenize.generate_tokens(io.StringIO(source).readline)
-            if tok.type == tokenize.NEWLINE]
+    return [
+        tok.start[0] for tok in tokenize.generate_tokens(io.StringIO(source).readline) if tok.type == tokenize.NEWLINE
+    ]
 
 
 def _logical_lines(source: str, first: int = 1, last: float = float("inf")) -> int:
@@ -116,8 +123,11 @@ def _logical_lines(source: str, first: int = 1, last: float = float("inf")) -> i
 
 
 def _long_functions(source: str) -> list:
-    sizes = [(node.name, _logical_lines(source, node.lineno, node.end_lineno)) for node in ast.walk(ast.parse(source))
-             if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef))]
+    sizes = [
+        (node.name, _logical_lines(source, node.lineno, node.end_lineno))
+        for node in ast.walk(ast.parse(source))
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef))
+    ]
     return [f"{name} ({n} logical lines)" for name, n in sizes if n > MAX_FUNCTION_LINES]
 
 
@@ -135,7 +145,9 @@ def test_module_and_function_sizes(module):
     assert not long, f"{module}: functions over {MAX_FUNCTION_LINES} lines: {long}"
 
 
-SCRIPTS = sorted(p for d in ("benchmarks", "scripts") for p in glob.glob(os.path.join(os.path.dirname(ROOT), d, "*.py")))
+SCRIPTS = sorted(
+    p for d in ("benchmarks", "scripts") for p in glob.glob(os.path.join(os.path.dirname(ROOT), d, "*.py"))
+)
 
 
 @pytest.mark.parametrize("path", SCRIPTS, ids=os.path.basename)
@@ -151,8 +163,12 @@ def test_no_repeated_imports_inside_functions():
     repeated = []
     for module, path in MODULES.items():
         tree = ast.parse(open(path).read())
-        top = {(n.module, a.name) if isinstance(n, ast.ImportFrom) else (None, a.name)
-               for n in tree.body if isinstance(n, (ast.Import, ast.ImportFrom)) for a in n.names}
+        top = {
+            (n.module, a.name) if isinstance(n, ast.ImportFrom) else (None, a.name)
+            for n in tree.body
+            if isinstance(n, (ast.Import, ast.ImportFrom))
+            for a in n.names
+        }
         for fn in ast.walk(tree):
             if isinstance(fn, (ast.FunctionDef, ast.AsyncFunctionDef)):
                 for n in ast.walk(fn):

@@ -1,4 +1,5 @@
 """The benchmark suites must not rot: run each in its CPU smoke mode, end to end."""
+
 import json
 import os
 import subprocess
@@ -11,9 +12,13 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def test_suite_smoke_writes_json_and_markdown(tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "pfgmpp_fast", "bench", "--smoke", "--device", "cpu",
-                           "--outdir", str(tmp_path)], capture_output=True, text=True, timeout=900,
-                          cwd=ROOT)
+    proc = subprocess.run(
+        [sys.executable, "-m", "pfgmpp_fast", "bench", "--smoke", "--device", "cpu", "--outdir", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=900,
+        cwd=ROOT,
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     (json_path,) = tmp_path.glob("*-smoke.json")
     payload = json.loads(json_path.read_text())
@@ -32,11 +37,29 @@ def test_suite_smoke_writes_json_and_markdown(tmp_path):
 def test_solver_step_benchmark_runs(tmp_path):
     """benchmarks/bench_solver_step.py: a row per case and solver, Heun's ratio 1."""
     from pfgmpp_fast import checks, ops
+
     out = tmp_path / "steps.json"
     backend = "cpu" if ops.has_extension() else "reference"
-    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_solver_step.py"), "--steps", "3",
-                           "--batch", "2", "--reps", "1", "--backend", backend, "--out", str(out)],
-                          capture_output=True, text=True, timeout=600, cwd=ROOT)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "benchmarks" / "bench_solver_step.py"),
+            "--steps",
+            "3",
+            "--batch",
+            "2",
+            "--reps",
+            "1",
+            "--backend",
+            backend,
+            "--out",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=ROOT,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = json.loads(out.read_text())["rows"]
     assert sorted({r["solver"] for r in rows}) == sorted(checks.SOLVERS) and len(rows) == 2 * len(checks.SOLVERS)
@@ -45,9 +68,24 @@ def test_solver_step_benchmark_runs(tmp_path):
 
 def test_cpp_kernel_benchmark_runs(tmp_path):
     out = tmp_path / "cpp.json"
-    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_kernels_cpp.py"),
-                           "--batch", "4", "--reps", "2", "--ref-reps", "1", "--out", str(out)],
-                          capture_output=True, text=True, timeout=600, cwd=ROOT)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "benchmarks" / "bench_kernels_cpp.py"),
+            "--batch",
+            "4",
+            "--reps",
+            "2",
+            "--ref-reps",
+            "1",
+            "--out",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=ROOT,
+    )
     if proc.returncode != 0 and "extension" in proc.stderr:
         pytest.skip("C++ extension not built")
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -56,14 +94,25 @@ def test_cpp_kernel_benchmark_runs(tmp_path):
 
 def test_readme_table_is_generated_from_committed_results(tmp_path):
     """README's table equals what make_table renders from benchmarks/results/."""
-    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "make_table.py"), "--check"],
-                          capture_output=True, text=True, timeout=120, cwd=ROOT)
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "make_table.py"), "--check"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=ROOT,
+    )
     assert proc.returncode == 0, "README.md benchmark table is stale: run python benchmarks/make_table.py"
 
 
 def test_unknown_suite_is_a_clear_error():
-    proc = subprocess.run([sys.executable, "-m", "pfgmpp_fast", "bench", "--smoke", "--only", "nope"],
-                          capture_output=True, text=True, timeout=300, cwd=ROOT, env=dict(os.environ))
+    proc = subprocess.run(
+        [sys.executable, "-m", "pfgmpp_fast", "bench", "--smoke", "--only", "nope"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=ROOT,
+        env=dict(os.environ),
+    )
     assert proc.returncode != 0 and "unknown suite" in proc.stderr
 
 
@@ -134,7 +183,7 @@ def test_bench_keeps_finished_suites_when_a_suite_times_out(fake_suites, tmp_pat
     assert "error" not in payload["suites"]["fast"] and payload["suites"]["fast"]["rows"]
     slow = payload["suites"]["slow"]
     assert slow["error"].startswith("timeout after 4s") and slow["partial"] is True
-    assert slow["rows"] == [{"metric": "first half", "value": 2.0}]       # what it wrote before the kill
+    assert slow["rows"] == [{"metric": "first half", "value": 2.0}]  # what it wrote before the kill
     assert "slow suite: first half written" in slow["stderr_tail"]
     assert "## fast" in md and "## slow" in md and "first half" in md
     assert _pid_gone(fake_suites / "slow.pid"), "the timed-out suite's process must be killed"
@@ -145,7 +194,7 @@ def test_bench_budget_shares_the_time_left():
 
     assert bench.suite_timeout("kernels", ["kernels", "training"], 300, 1800) == pytest.approx(100)
     assert bench.suite_timeout("training", ["training"], 120, 1800) == pytest.approx(120)
-    assert bench.suite_timeout("training", ["training"], 120, 60) == 60           # --timeout caps it
+    assert bench.suite_timeout("training", ["training"], 120, 60) == 60  # --timeout caps it
 
 
 def test_bench_budget_kills_the_slow_suite_and_appends(fake_suites, tmp_path):
@@ -156,7 +205,7 @@ def test_bench_budget_kills_the_slow_suite_and_appends(fake_suites, tmp_path):
     rc = bench.main(_bench_args("--outdir", str(outdir), "--only", "slow", "--budget", "8", "--append"))
     assert rc == 1
     payload, _ = _results(outdir)
-    assert set(payload["suites"]) == {"fast", "slow"}                       # --append kept the first call's
+    assert set(payload["suites"]) == {"fast", "slow"}  # --append kept the first call's
     assert "timeout" in payload["suites"]["slow"]["error"]
 
 
@@ -179,7 +228,7 @@ def test_bench_sigterm_keeps_finished_suites(fake_suites, tmp_path):
     threading.Thread(target=terminate_when_slow_runs, daemon=True).start()
     before = signal.getsignal(signal.SIGTERM)
     assert bench.main(_bench_args("--outdir", str(outdir), "--timeout", "60")) == 1
-    assert signal.getsignal(signal.SIGTERM) == before                       # handler restored
+    assert signal.getsignal(signal.SIGTERM) == before  # handler restored
     payload, _ = _results(outdir)
     assert "error" not in payload["suites"]["fast"]
     assert payload["suites"]["slow"]["error"].startswith("terminated")
@@ -203,9 +252,9 @@ def test_time_stats_times_back_to_back_calls_and_reports_spread():
 
     calls = []
     st = bm.time_stats(lambda: calls.append(1), "cpu", warmup=2, reps=3, inner=5)
-    assert len(calls) == 2 + 3 * 5                                   # k calls per sample
+    assert len(calls) == 2 + 3 * 5  # k calls per sample
     assert st["inner"] == 5 and st["samples"] == 3 and st["method"] == "back_to_back"
     assert 0 < st["min_ms"] <= st["ms"] and st["iqr_pct"] >= 0
     st = bm.time_stats(lambda: time.sleep(0.02), "cpu", warmup=0, reps=1000, max_time_s=0.1)
-    assert 2 <= st["samples"] < 20 and st["ms"] >= 20                 # slow baselines stop early
+    assert 2 <= st["samples"] < 20 and st["ms"] >= 20  # slow baselines stop early
     assert bm.time_ms(lambda: time.sleep(0.01), "cpu", warmup=0, reps=2) >= 10

@@ -1,23 +1,21 @@
 """Checkpoints: our safe format round trip, refusal of pickles, trusted import of the published
 persistence format (every layout the published EDM / PFGM++ code writes, made by
 tests/published_fixtures.py), corrupt files."""
-import io
+
 import json
 import math
 import os
 import pickle
 import struct
-import sys
-import types
 
 import numpy as np
+import published_fixtures as F
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
 from pfgmpp_fast import checkpoint as ck
 from pfgmpp_fast.networks import EDMPrecond, build_network, make_fast
-import published_fixtures as F
 
 
 def _net(arch='ncsnpp', label_dim=3, D=128, **kw):
@@ -25,8 +23,9 @@ def _net(arch='ncsnpp', label_dim=3, D=128, **kw):
     small = dict(model_channels=16, channel_mult=[1, 2], attn_resolutions=[4])
     if arch == 'adm':  # ADM attention needs 64 channels per head: keep it to one level
         small = dict(model_channels=64, channel_mult=[1], attn_resolutions=[8])
-    net = build_network(arch, resolution=8, channels=2, label_dim=label_dim, D=D, num_blocks=1, dropout=0.0,
-                        **{**small, **kw})
+    net = build_network(
+        arch, resolution=8, channels=2, label_dim=label_dim, D=D, num_blocks=1, dropout=0.0, **{**small, **kw}
+    )
     g = torch.Generator().manual_seed(1)
     with torch.no_grad():
         for p in net.parameters():
@@ -45,6 +44,7 @@ def _outputs(net):
 
 # ----------------------------------------------------------------------------------------
 # Our format.
+
 
 @pytest.mark.parametrize('arch, D', [('ncsnpp', 128), ('adm', float('inf')), ('ddpmpp', 2048)])
 def test_round_trip_bit_exact(tmp_path, arch, D):
@@ -83,7 +83,7 @@ def test_save_fast_network_and_channels_last_weights(tmp_path):
     torch.testing.assert_close(_outputs(net), _outputs(loaded), rtol=1e-5, atol=1e-5)
 
 
-PICKLE_LOOKING = {0x80: 'both', ord('('): '.pkl', ord('}'): '.pkl', ord(']'): '.pkl'}   # first bytes
+PICKLE_LOOKING = {0x80: 'both', ord('('): '.pkl', ord('}'): '.pkl', ord(']'): '.pkl'}  # first bytes
 
 
 def _header_length(path):
@@ -95,12 +95,14 @@ def test_every_header_length_saves_and_loads(tmp_path):
     """The file kind is read from the whole structure: a header length whose low byte looks
     like a pickle opcode (0x80, and '(' '}' ']' for a .pkl name) is still our format."""
     from helpers import tiny_net
+
     from pfgmpp_fast.safe_pickle import archive_kind
+
     net = tiny_net(D=8)
     ref = _outputs(net)
     path, pkl = tmp_path / 'net.safetensors', tmp_path / 'net.pkl'
     lengths, traps = set(), []
-    for k in range(0, 1200, 8):      # header lengths are multiples of 8 (safetensors' alignment): each once
+    for k in range(0, 1200, 8):  # header lengths are multiples of 8 (safetensors' alignment): each once
         ck.save_network(path, net, extra_metadata={'pad': 'x' * k})
         n = _header_length(path)
         lengths.add(n)
@@ -113,15 +115,15 @@ def test_every_header_length_saves_and_loads(tmp_path):
     low = min(lengths)
     assert sorted(lengths) == list(range(low, low + 8 * len(lengths), 8)) and len(lengths) == 150
     assert max(lengths) - low >= 1000
-    assert traps.count(0x80) >= 4 and traps.count(ord('(')) >= 4 and len(traps) == 9   # '}' ']': not multiples of 8
+    assert traps.count(0x80) >= 4 and traps.count(ord('(')) >= 4 and len(traps) == 9  # '}' ']': not multiples of 8
 
     # Every integer header length (other writers need not align): the header padded with spaces.
     data = path.read_bytes()
-    header = data[8:8 + _header_length(path)].rstrip(b' ')
+    header = data[8 : 8 + _header_length(path)].rstrip(b' ')
     seen, loads = set(), 0
     for extra in range(1024 + 8):
         padded = header + b' ' * extra
-        blob = struct.pack('<Q', len(padded)) + padded + data[8 + _header_length(path):]
+        blob = struct.pack('<Q', len(padded)) + padded + data[8 + _header_length(path) :]
         for target in (tmp_path / 'raw.safetensors', tmp_path / 'raw.pkl'):
             target.write_bytes(blob)
             assert archive_kind(str(target)) == 'safetensors'
@@ -164,6 +166,7 @@ def test_corrupt_header_and_foreign_safetensors(tmp_path):
 
 def _rewrite(path, dst, config=None, tensors=None):
     from safetensors import safe_open
+
     with safe_open(path, 'pt') as f:
         meta = f.metadata()
     t = load_file(path) if tensors is None else tensors
@@ -171,6 +174,7 @@ def _rewrite(path, dst, config=None, tensors=None):
         meta['config'] = json.dumps(config)
     if tensors is not None:  # a consistent digest, so the check under test is the one that fires
         from pfgmpp_fast.utils.io_utils import content_digest
+
         meta['sha256'] = content_digest(t)
     save_file(t, dst, metadata=meta)
 
@@ -208,8 +212,9 @@ def test_config_mismatch_clear_error(tmp_path):
 # row of the PFGM++ README's checkpoint table, made by tests/published_fixtures.py (our own
 # generator of the published persistence format; it embeds no published source).
 
-PUBLISHED_CASES = ([(layout, row) for layout in F.PFGMPP_LAYOUTS for row in F.README_ROWS]
-                   + [(layout, row) for layout in F.EDM_LAYOUTS for row in F.EDM_ROWS])
+PUBLISHED_CASES = [(layout, row) for layout in F.PFGMPP_LAYOUTS for row in F.README_ROWS] + [
+    (layout, row) for layout in F.EDM_LAYOUTS for row in F.EDM_ROWS
+]
 
 
 def _rows(row):
@@ -220,8 +225,12 @@ def test_every_published_layout_and_row_is_covered():
     assert len(F.README_ROWS) == 6 and len(F.LAYOUTS) == 9
     assert len(PUBLISHED_CASES) == 7 * 6 + 2 * 2
     finite = [r for r in F.README_ROWS if F.trained_D(F.parse_options(F.README_ROWS[r])) < math.inf]
-    assert finite == ['cifar10-ncsnpp-D-128', 'cifar10-ncsnpp-D-2048', 'cifar10-ncsnpp-D-2048-conditional',
-                      'ffhq-ddpm-D-128']
+    assert finite == [
+        'cifar10-ncsnpp-D-128',
+        'cifar10-ncsnpp-D-2048',
+        'cifar10-ncsnpp-D-2048-conditional',
+        'ffhq-ddpm-D-128',
+    ]
 
 
 @pytest.mark.parametrize('layout, row', PUBLISHED_CASES)
@@ -232,28 +241,34 @@ def test_published_checkpoint_converts_with_its_recorded_D(tmp_path, layout, row
     marker = tmp_path / 'EXECUTED'
     expected, D, kwargs = F.write_layout(src, layout, _rows(row), marker)
     if not layout.startswith('edm'):
-        assert kwargs['D'] == F.parse_options(_rows(row))['aug_dim']        # recorded even for D = inf rows
+        assert kwargs['D'] == F.parse_options(_rows(row))['aug_dim']  # recorded even for D = inf rows
     ref = _outputs(expected)
     dst = tmp_path / 'converted.safetensors'
     imported = ck.convert_published(src, dst, trust_pickle=True)
     assert imported.D == D and torch.equal(_outputs(imported), ref)
     converted = ck.load_network(dst)
     assert converted.D == D and torch.equal(_outputs(converted), ref)
-    assert not marker.exists()                                          # embedded source never executed
+    assert not marker.exists()  # embedded source never executed
 
 
-@pytest.mark.parametrize('layout', ['edm-training-state', 'pfgmv2-training-state-pkl', 'pfgmpp-feb-training-state-pt',
-                                    'pfgmpp-training-state-pt'])
+@pytest.mark.parametrize(
+    'layout',
+    ['edm-training-state', 'pfgmv2-training-state-pkl', 'pfgmpp-feb-training-state-pt', 'pfgmpp-training-state-pt'],
+)
 def test_a_given_D_is_checked_against_the_recorded_one(tmp_path, layout):
-    rows = [F.EDM_ROWS['edm-cifar10-32x32-cond-vp']] if layout.startswith('edm') else \
-        [F.README_ROWS['cifar10-ncsnpp-D-2048-conditional'], F.README_ROWS['ffhq-ddpm-D-inf']]
+    rows = (
+        [F.EDM_ROWS['edm-cifar10-32x32-cond-vp']]
+        if layout.startswith('edm')
+        else [F.README_ROWS['cifar10-ncsnpp-D-2048-conditional'], F.README_ROWS['ffhq-ddpm-D-inf']]
+    )
     for i, row in enumerate(rows):
         src = tmp_path / f'{i}-{F.LAYOUTS[layout][1]}'
         _, D, _ = F.write_layout(src, layout, row, tmp_path / 'EXECUTED')
         assert ck.load_network(src, trust_pickle=True, D='inf' if math.isinf(D) else D).D == D
         wrong = 64.0 if math.isinf(D) else float('inf')
-        with pytest.raises(ValueError, match=f'D={wrong:g} was given but the network was trained with D={D:g}.*'
-                                             'network/D mismatch'):
+        with pytest.raises(
+            ValueError, match=f'D={wrong:g} was given but the network was trained with D={D:g}.*network/D mismatch'
+        ):
             ck.load_network(src, trust_pickle=True, D=wrong)
         with pytest.raises(ValueError, match='network/D mismatch'):
             ck.convert_published(src, tmp_path / 'out.safetensors', trust_pickle=True, D=wrong)
@@ -262,9 +277,11 @@ def test_a_given_D_is_checked_against_the_recorded_one(tmp_path, layout):
 
 def test_convert_command_names_the_recorded_D(tmp_path, capsys):
     from pfgmpp_fast import cli
+
     src = str(tmp_path / 'training-state-000100.pt')
-    F.write_layout(src, 'pfgmpp-training-state-pt', F.README_ROWS['cifar10-ncsnpp-D-2048-conditional'],
-                   tmp_path / 'EXECUTED')
+    F.write_layout(
+        src, 'pfgmpp-training-state-pt', F.README_ROWS['cifar10-ncsnpp-D-2048-conditional'], tmp_path / 'EXECUTED'
+    )
     dst = str(tmp_path / 'out.safetensors')
     assert cli.main(['convert', src, dst, '--trust-pickle']) == 0
     assert 'D=2048' in capsys.readouterr().out and ck.load_network(dst).D == 2048
@@ -291,32 +308,90 @@ def test_published_checkpoint_through_every_entry_point(tmp_path, capsys, digits
     --trust-pickle as the network it is, with the D it was trained with."""
     from pfgmpp_fast import cli
     from pfgmpp_fast.utils.io_utils import load_torch_state
+
     src = str(tmp_path / F.LAYOUTS[layout][1])
     expected, D, _ = F.write_layout(src, layout, F.README_ROWS[row], tmp_path / 'EXECUTED', resolution=8, channels=1)
     ours = str(tmp_path / 'ours.safetensors')
-    ck.save_network(ours, expected)                 # the same network and D in our format
+    ck.save_network(ours, expected)  # the same network and D in our format
     sample = ['--seeds', '0-3', '--steps', '2', '--device', 'cpu']
     for net, out in ((src, 'pickle'), (ours, 'ours')):
         trust = ['--trust-pickle'] if net == src else []
-        assert cli.main(['generate', '--network', net, *trust, *sample, '--npz', str(tmp_path / f'{out}.npz'),
-                         '--no-progress']) == 0
-        assert cli.main(['fid', 'calc', '--network', net, *trust, *sample[2:], '--num', '8', '--batch', '8',
-                         '--features', 'digits', '--digits-cache', digits_cache,
-                         '--dest', str(tmp_path / f'{out}-stats.npz')]) == 0
+        assert (
+            cli.main(
+                ['generate', '--network', net, *trust, *sample, '--npz', str(tmp_path / f'{out}.npz'), '--no-progress']
+            )
+            == 0
+        )
+        assert (
+            cli.main(
+                [
+                    'fid',
+                    'calc',
+                    '--network',
+                    net,
+                    *trust,
+                    *sample[2:],
+                    '--num',
+                    '8',
+                    '--batch',
+                    '8',
+                    '--features',
+                    'digits',
+                    '--digits-cache',
+                    digits_cache,
+                    '--dest',
+                    str(tmp_path / f'{out}-stats.npz'),
+                ]
+            )
+            == 0
+        )
     for name in ('{}.npz', '{}-stats.npz'):
         a, b = np.load(tmp_path / name.format('pickle')), np.load(tmp_path / name.format('ours'))
         assert sorted(a.files) == sorted(b.files) and all(np.array_equal(a[k], b[k]) for k in a.files), name
     capsys.readouterr()
-    assert cli.main(['generate', '--network', src, '--trust-pickle', '--D', '64', *sample,
-                     '--npz', str(tmp_path / 'x.npz')]) == 2
+    assert (
+        cli.main(
+            ['generate', '--network', src, '--trust-pickle', '--D', '64', *sample, '--npz', str(tmp_path / 'x.npz')]
+        )
+        == 2
+    )
     assert 'error: --D:' in capsys.readouterr().err
     run = tmp_path / 'run'
-    assert cli.main(['train', '--outdir', str(run), '--data', 'digits', '--transfer', src, '--trust-pickle',
-                     '--D', 'inf' if math.isinf(D) else str(D), '--batch', '16', '--duration', '0.000016',
-                     '--tick', '0.016', '--dump', '1', '--augment', '0.15', '--dropout', '0.05', '--network',
-                     json.dumps(dict(model_channels=16, channel_mult=[1, 2], num_blocks=1)), '--device', 'cpu',
-                     '--no-progress']) == 0
-    state = load_torch_state(str(run / 'training-state-000000.pt'))   # one step at lr 0 (ramp-up)
+    assert (
+        cli.main(
+            [
+                'train',
+                '--outdir',
+                str(run),
+                '--data',
+                'digits',
+                '--transfer',
+                src,
+                '--trust-pickle',
+                '--D',
+                'inf' if math.isinf(D) else str(D),
+                '--batch',
+                '16',
+                '--duration',
+                '0.000016',
+                '--tick',
+                '0.016',
+                '--dump',
+                '1',
+                '--augment',
+                '0.15',
+                '--dropout',
+                '0.05',
+                '--network',
+                json.dumps(dict(model_channels=16, channel_mult=[1, 2], num_blocks=1)),
+                '--device',
+                'cpu',
+                '--no-progress',
+            ]
+        )
+        == 0
+    )
+    state = load_torch_state(str(run / 'training-state-000000.pt'))  # one step at lr 0 (ramp-up)
     assert all(torch.equal(state['net'][k], v) for k, v in expected.state_dict().items())
     assert f'trained with D={D:g}' in capsys.readouterr().out
     assert not (tmp_path / 'EXECUTED').exists()
@@ -342,8 +417,11 @@ def test_pickles_refused_without_flag(tmp_path):
 def test_published_switches_that_change_the_model_are_refused(tmp_path):
     """pfgm=True (PFGM's other network head) is refused; pfgmpp=True without a usable D too."""
     from pfgmpp_fast.safe_pickle import PersistentRecord
-    rec = PersistentRecord('EDMPrecond', dict(_init_args=(), _init_kwargs=dict(img_resolution=8, img_channels=3,
-                                                                                 pfgm=True, pfgmv2=False, D=128)))
+
+    rec = PersistentRecord(
+        'EDMPrecond',
+        dict(_init_args=(), _init_kwargs=dict(img_resolution=8, img_channels=3, pfgm=True, pfgmv2=False, D=128)),
+    )
     with pytest.raises(ValueError, match='pfgm=True'):
         ck._published_config('x.pkl', rec, None)
     rec.state['_init_kwargs'] = dict(img_resolution=8, img_channels=3, pfgmpp=True, D='many')
@@ -358,6 +436,7 @@ def test_trusted_flag_still_runs_no_code(tmp_path):
     class Evil:
         def __reduce__(self):
             return os.system, (f'touch {marker}',)
+
     bad = tmp_path / 'network-snapshot-evil.pkl'
     bad.write_bytes(pickle.dumps(dict(ema=Evil())))
     with pytest.raises(ValueError, match='no published network'):

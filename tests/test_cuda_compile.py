@@ -6,6 +6,7 @@ scratch that the accurate sinf/cosf argument reduction needs (a register array i
 run time lands in local memory and shows up here as a larger frame). Skipped only when nvcc
 is absent.
 """
+
 import os
 import re
 import shutil
@@ -42,8 +43,21 @@ def compile_command(nvcc, source):
     from torch.utils.cpp_extension import include_paths
 
     includes = [f"-I{ROOT / 'csrc'}"] + [f"-isystem={p}" for p in include_paths()]
-    return [nvcc, "-std=c++20", "-O3", "--expt-relaxed-constexpr", "-DPFGMPP_WITH_CUDA=1",
-            f"-arch={ARCH}", "--cubin", "-Xptxas", "-v", *includes, "-o", os.devnull, str(source)]
+    return [
+        nvcc,
+        "-std=c++20",
+        "-O3",
+        "--expt-relaxed-constexpr",
+        "-DPFGMPP_WITH_CUDA=1",
+        f"-arch={ARCH}",
+        "--cubin",
+        "-Xptxas",
+        "-v",
+        *includes,
+        "-o",
+        os.devnull,
+        str(source),
+    ]
 
 
 def parse_ptxas(log):
@@ -119,8 +133,10 @@ def test_cuda_kernels_have_no_spills_and_small_frames():
         for kernel in EXPECTED_KERNELS.get(source.name, []):
             assert any(kernel in name for name in funcs), f"{source.name}: no ptxas report for {kernel}"
         for name, f in funcs.items():
-            report.append(f"{source.name}: {short_name(name)}: {f.get('registers')} registers, "
-                          f"{f.get('stack')} B stack, {f.get('spill_stores')}/{f.get('spill_loads')} B spills")
+            report.append(
+                f"{source.name}: {short_name(name)}: {f.get('registers')} registers, "
+                f"{f.get('stack')} B stack, {f.get('spill_stores')}/{f.get('spill_loads')} B spills"
+            )
         bad += [f"{source.name}: {v}" for v in violations(funcs)]
     print("\n".join(report))
     assert not bad, "\n".join(bad + ["", *report])
@@ -132,8 +148,12 @@ def test_cpu_and_cuda_kernels_share_the_elementwise_maths():
     csrc = ROOT / "csrc"
     header = (csrc / "elementwise.h").read_text()
     assert "PFG_HD" in header  # __host__ __device__ under nvcc
-    uses = {"cpu/kernels_cpu.cpp": ["PerturbMath", "LossMath", "SamplerMath"], "cuda/perturb.cu": ["PerturbMath"],
-            "cuda/loss.cu": ["LossMath"], "cuda/sampler.cu": ["SamplerMath"]}
+    uses = {
+        "cpu/kernels_cpu.cpp": ["PerturbMath", "LossMath", "SamplerMath"],
+        "cuda/perturb.cu": ["PerturbMath"],
+        "cuda/loss.cu": ["LossMath"],
+        "cuda/sampler.cu": ["SamplerMath"],
+    }
     for path, structs in uses.items():
         text = (csrc / path).read_text()
         assert "elementwise.h" in text or "common.cuh" in text, path

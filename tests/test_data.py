@@ -1,4 +1,5 @@
 """Datasets, the global batch sampler, the augmentation pipe and the atomic writers."""
+
 import json
 import os
 import subprocess
@@ -10,9 +11,9 @@ import pytest
 import torch
 from PIL import Image
 
-from pfgmpp_fast.utils import io_utils
 from pfgmpp_fast.training.augment import AugmentPipe
 from pfgmpp_fast.training.data import GlobalBatchSampler, dataset_to_uint8, load_dataset
+from pfgmpp_fast.utils import io_utils
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -45,12 +46,14 @@ def _zip_folder(root, zip_path):
 # ----------------------------------------------------------------------------------------
 # Loading
 
+
 def test_digits_embedded():
     ds = load_dataset("digits", use_labels=True)
     assert ds.images.shape == (1797, 1, 8, 8) and ds.images.dtype == torch.float32
     assert ds.images.min() == -1 and ds.images.max() == 1
     assert ds.labels.shape == (1797, 10) and torch.all(ds.labels.sum(1) == 1)
     from sklearn.datasets import load_digits
+
     raw = load_digits()
     torch.testing.assert_close(ds.images[5, 0], torch.from_numpy(raw.images[5] / 8.0 - 1).float())
     assert int(ds.labels[5].argmax()) == raw.target[5]
@@ -154,6 +157,7 @@ def test_bad_data_is_a_clear_error(tmp_path):
 # ----------------------------------------------------------------------------------------
 # Order of samples
 
+
 def test_global_batch_sampler_is_rank_independent():
     sampler = GlobalBatchSampler(37, seed=5)
     for step in (0, 1, 4):
@@ -190,8 +194,13 @@ def host_copies(monkeypatch):
     def spy_to(self, *args, **kwargs):
         out = real_to(self, *args, **kwargs)
         if self.device.type == "cpu" and out.device.type != "cpu":
-            copies.append(dict(pinned=any(self.data_ptr() == p.data_ptr() for p in pinned),
-                               non_blocking=kwargs.get("non_blocking", False), dtype=self.dtype))
+            copies.append(
+                dict(
+                    pinned=any(self.data_ptr() == p.data_ptr() for p in pinned),
+                    non_blocking=kwargs.get("non_blocking", False),
+                    dtype=self.dtype,
+                )
+            )
         return out
 
     monkeypatch.setattr(data, "pinned_empty", fake_pinned_empty)
@@ -208,15 +217,15 @@ def test_sampler_indices_stay_on_the_data_set_device(host_copies, monkeypatch):
     monkeypatch.setattr(torch, "randperm", lambda *a, **k: draws.append(1) or real_randperm(*a, **k))
     ds = load_dataset("digits", xflip=True, use_labels=True).to("meta")
     sampler = GlobalBatchSampler(len(ds), seed=3, device=ds.images.device)
-    host_copies.clear()                                           # the data set's own move
+    host_copies.clear()  # the data set's own move
     epoch_steps = len(ds) // 64
     for step in range(epoch_steps):
         indices = sampler.batch(step, 64)
         assert indices.device.type == "meta" and indices.dtype == torch.int64 and indices.shape == (64,)
         x, labels = ds.get_batch(indices)
         assert x.device.type == "meta" and x.shape == (64, 1, 8, 8) and labels.device.type == "meta"
-    assert len(draws) == 1 and len(host_copies) == 1          # one permutation, moved once
-    sampler.batch(epoch_steps + 1, 64)                            # the next epoch: one more
+    assert len(draws) == 1 and len(host_copies) == 1  # one permutation, moved once
+    sampler.batch(epoch_steps + 1, 64)  # the next epoch: one more
     assert len(draws) == 2 and len(host_copies) == 2
     assert all(c["pinned"] and c["non_blocking"] for c in host_copies)
 
@@ -247,6 +256,7 @@ def test_get_batch_same_values_on_host_and_device_paths():
 
 # ----------------------------------------------------------------------------------------
 # Augmentation
+
 
 def test_augment_labels_and_determinism():
     images = torch.rand(16, 3, 8, 8) * 2 - 1
@@ -308,12 +318,14 @@ def test_augment_geometric_transform_matches_its_label():
     assert angle.abs().max() <= torch.pi + 1e-6 and angle.std() > 1
     # Recompute one sample's warp independently: the transform is a rotation of the grid.
     i = int(angle.abs().argmax())
-    G = torch.tensor([[torch.cos(angle[i]), -torch.sin(angle[i]), 0], [torch.sin(angle[i]), torch.cos(angle[i]), 0],
-                      [0, 0, 1]]).view(1, 3, 3)
-    torch.testing.assert_close(out[i:i + 1], AugmentPipe._warp(images[i:i + 1], G))
+    G = torch.tensor(
+        [[torch.cos(angle[i]), -torch.sin(angle[i]), 0], [torch.sin(angle[i]), torch.cos(angle[i]), 0], [0, 0, 1]]
+    ).view(1, 3, 3)
+    torch.testing.assert_close(out[i : i + 1], AugmentPipe._warp(images[i : i + 1], G))
     G_pi = torch.tensor([[-1.0, 0, 0], [0, -1.0, 0], [0, 0, 1]]).view(1, 3, 3)
-    torch.testing.assert_close(AugmentPipe._warp(images[:2], G_pi.expand(2, 3, 3)), images[:2].flip(-1).flip(-2),
-                               atol=1e-5, rtol=0)
+    torch.testing.assert_close(
+        AugmentPipe._warp(images[:2], G_pi.expand(2, 3, 3)), images[:2].flip(-1).flip(-2), atol=1e-5, rtol=0
+    )
 
 
 def test_augment_bad_arguments():
@@ -327,6 +339,7 @@ def test_augment_bad_arguments():
 
 # ----------------------------------------------------------------------------------------
 # Atomic writers
+
 
 def test_atomic_writers_roundtrip(tmp_path):
     path = tmp_path / "sub" / "x.json"
@@ -347,8 +360,10 @@ def test_atomic_writers_roundtrip(tmp_path):
 def test_kill_during_atomic_write_keeps_old_file(tmp_path):
     target = tmp_path / "state.bin"
     io_utils.atomic_write_bytes(target, b"old contents")
-    code = ("import sys; from pfgmpp_fast.utils import io_utils; "
-            "io_utils.atomic_write_bytes(sys.argv[1], b'new contents' * 1000)")
+    code = (
+        "import sys; from pfgmpp_fast.utils import io_utils; "
+        "io_utils.atomic_write_bytes(sys.argv[1], b'new contents' * 1000)"
+    )
     env = {**os.environ, "PFGMPP_FAST_KILL_DURING_WRITE": "state.bin", "PYTHONPATH": REPO}
     proc = subprocess.run([sys.executable, "-c", code, str(target)], env=env)
     assert proc.returncode == -9

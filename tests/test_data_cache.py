@@ -1,6 +1,7 @@
 """The per-node data cache (training/data_cache.py): decoded once, memory-mapped, reused by a
 restart, rebuilt when the source changes, identical to the direct decode, one build for
 several ranks, and a builder's error reaching every rank."""
+
 import io
 import json
 import os
@@ -11,9 +12,9 @@ import zipfile
 import numpy as np
 import pytest
 import torch
+from helpers import run_ranks
 from PIL import Image
 
-from helpers import run_ranks
 from pfgmpp_fast import cli
 from pfgmpp_fast.training import data, data_cache
 from pfgmpp_fast.training.data import load_dataset
@@ -31,8 +32,10 @@ def _write_zip(path, images, labels=None):
             Image.fromarray(img if img.shape[-1] == 3 else img[..., 0]).save(buf, format="png")
             zf.writestr(f"00000/img{i:08d}.png", buf.getvalue())
         if labels is not None:
-            zf.writestr("dataset.json", json.dumps({"labels": [[f"00000/img{i:08d}.png", int(l)]
-                                                               for i, l in enumerate(labels)]}))
+            zf.writestr(
+                "dataset.json",
+                json.dumps({"labels": [[f"00000/img{i:08d}.png", int(l)] for i, l in enumerate(labels)]}),
+            )
 
 
 def _sources(tmp_path):
@@ -71,7 +74,9 @@ def test_cache_equals_direct_decode_and_is_reused(tmp_path, monkeypatch, kind):
     assert cached.images.dtype == direct.images.dtype and torch.equal(cached.images, direct.images)
     assert torch.equal(direct.images, torch.from_numpy(expected))
     if labels is not None:
-        assert torch.equal(cached.labels, direct.labels) and torch.equal(cached.labels.argmax(1), torch.from_numpy(labels))
+        assert torch.equal(cached.labels, direct.labels) and torch.equal(
+            cached.labels.argmax(1), torch.from_numpy(labels)
+        )
     (name,) = _cache_files(cache_dir)
     assert name.startswith(os.path.basename(str(path)) + ".")
     st = os.stat(cache_dir / name)
@@ -119,7 +124,9 @@ def test_cache_is_rebuilt_when_the_source_changes(tmp_path, monkeypatch, change)
     cache_dir = tmp_path / "cache"
     path = tmp_path / ("s.npy" if change.endswith("npy") else "s.zip")
     old, new = _images(seed=4), _images(seed=5)
-    write = (lambda images: np.save(path, images)) if path.suffix == ".npy" else (lambda images: _write_zip(path, images))
+    write = (
+        (lambda images: np.save(path, images)) if path.suffix == ".npy" else (lambda images: _write_zip(path, images))
+    )
     write(old)
     first = load_dataset(str(path), cache_dir=str(cache_dir)).images.clone()
     (old_name,) = _cache_files(cache_dir)
@@ -128,7 +135,7 @@ def test_cache_is_rebuilt_when_the_source_changes(tmp_path, monkeypatch, change)
     if change == "touch":
         os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
         expected = first
-    else:                          # new content of the same size, the old modification time: only the digest differs
+    else:  # new content of the same size, the old modification time: only the digest differs
         write(new)
         assert os.stat(path).st_size == st.st_size
         os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
@@ -138,7 +145,7 @@ def test_cache_is_rebuilt_when_the_source_changes(tmp_path, monkeypatch, change)
     monkeypatch.setattr(data, "_decoder", lambda spec: decoded.append(spec) or real(spec))
     again = load_dataset(str(path), cache_dir=str(cache_dir))
     assert decoded == [str(path)] and torch.equal(again.images, expected)
-    assert len(_cache_files(cache_dir)) == 1 and _cache_files(cache_dir) != [old_name]   # the stale one is gone
+    assert len(_cache_files(cache_dir)) == 1 and _cache_files(cache_dir) != [old_name]  # the stale one is gone
 
 
 def test_a_damaged_cache_file_is_rebuilt_not_read(tmp_path):
@@ -146,7 +153,7 @@ def test_a_damaged_cache_file_is_rebuilt_not_read(tmp_path):
     cache_dir = tmp_path / "cache"
     good = load_dataset(str(tmp_path / "e.npy"), cache_dir=str(cache_dir)).images.clone()
     (name,) = _cache_files(cache_dir)
-    with open(cache_dir / name, "r+b") as f:           # truncated by a full disk, say
+    with open(cache_dir / name, "r+b") as f:  # truncated by a full disk, say
         f.truncate(os.path.getsize(cache_dir / name) - 100)
     data._CACHE.clear()
     assert torch.equal(load_dataset(str(tmp_path / "e.npy"), cache_dir=str(cache_dir)).images, good)
@@ -163,27 +170,30 @@ def test_decode_errors_still_name_the_file(tmp_path):
     (folder / "2.png").write_bytes(b"garbage")
     with pytest.raises(ValueError, match=r"corrupt or unreadable image .*2\.png"):
         load_dataset(str(folder), cache_dir=str(tmp_path / "c"))
-    assert not _cache_files(tmp_path / "c")                 # nothing half-written stays
+    assert not _cache_files(tmp_path / "c")  # nothing half-written stays
     assert not [f for f in os.listdir(tmp_path / "c") if f.endswith(".tmp")]
 
 
 # ----------------------------------------------------------------------------------------
 # Several ranks
 
+
 def _rank_loads(rank, spec, cache_dir, out_dir, starts=("first", "second")):
     """Load ``spec`` once per start; a start after the first forgets what this process holds
     (as a restarted rank would) and must find the cache the first start built."""
     real = data._decoder
     for start in starts:
+
         def counting(spec_, start=start):
             open(os.path.join(out_dir, f"decoded-{start}-{rank}"), "w").close()
             return real(spec_)
+
         data._decoder = counting
         data._CACHE.clear()
         try:
             ds = load_dataset(spec, cache_dir=cache_dir, use_labels=True)
             np.save(os.path.join(out_dir, f"images-{start}-{rank}.npy"), ds.images.numpy())
-        except Exception as exc:         # noqa: BLE001 - the test reads what each rank saw
+        except Exception as exc:  # noqa: BLE001 - the test reads what each rank saw
             with open(os.path.join(out_dir, f"error-{rank}"), "w") as f:
                 f.write(f"{type(exc).__name__}: {exc}")
             return
@@ -215,8 +225,9 @@ def test_a_builders_error_reaches_every_rank(tmp_path):
     _corrupt_zip(tmp_path / "r.zip")
     out = tmp_path / "out"
     out.mkdir()
-    run_ranks(_rank_loads, 2, tmp_path / "ranks", str(tmp_path / "r.zip"), str(tmp_path / "cache"), str(out),
-              ("first",))
+    run_ranks(
+        _rank_loads, 2, tmp_path / "ranks", str(tmp_path / "r.zip"), str(tmp_path / "cache"), str(out), ("first",)
+    )
     errors = [(out / f"error-{r}").read_text() for r in range(2)]
     assert all("img00000009.png" in e for e in errors) and any(e.startswith("ValueError") for e in errors), errors
     assert not _cache_files(tmp_path / "cache")
@@ -235,14 +246,15 @@ def test_a_waiting_process_raises_the_builders_error_without_decoding(tmp_path, 
     def waiter():
         try:
             data_cache.load_cached(spec, lambda: result.setdefault("decoded", True) and None, cache_dir)
-        except Exception as exc:     # noqa: BLE001
+        except Exception as exc:  # noqa: BLE001
             result["error"] = exc
-    with data_cache._build_lock(path) as waited:          # the "builder" holds the lock ...
+
+    with data_cache._build_lock(path) as waited:  # the "builder" holds the lock ...
         assert not waited
         thread = threading.Thread(target=waiter)
         thread.start()
         time.sleep(0.5)
-        assert thread.is_alive()                           # ... the other process waits for it
+        assert thread.is_alive()  # ... the other process waits for it
         with pytest.raises(ValueError, match="img00000009.png"):
             data_cache._build(path, spec, key, lambda: data._decoder(spec))
     thread.join(30)
@@ -256,10 +268,23 @@ def test_a_waiting_process_raises_the_builders_error_without_decoding(tmp_path, 
 def test_train_cache_dir(tmp_path):
     """`train --cache-dir DIR` puts the decoded data set in DIR (loop.py's load goes through it)."""
     _write_zip(tmp_path / "t.zip", (_images(16, res=8, c=1)))
-    run_training(run_dir=str(tmp_path / "run"), data=str(tmp_path / "t.zip"), cache_dir=str(tmp_path / "cache"),
-                 batch=8, duration_kimg=0.008, tick_kimg=0.008, snap_ticks=None, dump_ticks=None, augment=0,
-                 network=dict(model_channels=8, channel_mult=[1], num_blocks=1, attn_resolutions=[]),
-                 precision="fp32", compile=False, channels_last=False, progress=False, device="cpu")
+    run_training(
+        run_dir=str(tmp_path / "run"),
+        data=str(tmp_path / "t.zip"),
+        cache_dir=str(tmp_path / "cache"),
+        batch=8,
+        duration_kimg=0.008,
+        tick_kimg=0.008,
+        snap_ticks=None,
+        dump_ticks=None,
+        augment=0,
+        network=dict(model_channels=8, channel_mult=[1], num_blocks=1, attn_resolutions=[]),
+        precision="fp32",
+        compile=False,
+        channels_last=False,
+        progress=False,
+        device="cpu",
+    )
     assert len(_cache_files(tmp_path / "cache")) == 1 and not _cache_files(tmp_path)
 
 
@@ -273,6 +298,7 @@ def test_zip64_fingerprint_reads_the_central_directory(tmp_path):
             for i in range(0x10000):
                 zf.writestr(f"{i:05x}", b"")
             zf.writestr("last", last)
+
     write(b"a")
     directory = data_cache._zip_central_directory(path)
     with zipfile.ZipFile(path) as zf:
@@ -288,12 +314,32 @@ def test_zip64_fingerprint_reads_the_central_directory(tmp_path):
 
 def test_train_cli_checks_cache_dir(tmp_path, capsys):
     (tmp_path / "file").write_text("")
-    rc = cli.main(["train", "--data", "digits", "--outdir", str(tmp_path / "run"), "--cache-dir",
-                   str(tmp_path / "file"), "--dry-run"])
+    rc = cli.main(
+        [
+            "train",
+            "--data",
+            "digits",
+            "--outdir",
+            str(tmp_path / "run"),
+            "--cache-dir",
+            str(tmp_path / "file"),
+            "--dry-run",
+        ]
+    )
     err = capsys.readouterr().err
     assert rc == 2 and "--cache-dir" in err and "Traceback" not in err
-    rc = cli.main(["train", "--data", "digits", "--outdir", str(tmp_path / "run"), "--cache-dir",
-                   str(tmp_path / "cache"), "--dry-run"])
+    rc = cli.main(
+        [
+            "train",
+            "--data",
+            "digits",
+            "--outdir",
+            str(tmp_path / "run"),
+            "--cache-dir",
+            str(tmp_path / "cache"),
+            "--dry-run",
+        ]
+    )
     assert rc == 0 and '"cache_dir"' in capsys.readouterr().out
 
 

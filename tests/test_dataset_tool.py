@@ -1,6 +1,7 @@
 """The `dataset` command: the published zip format, from every source kind, images equal to
 what the published dataset_tool computes (stated below with Pillow operations of our own),
 checked inputs and atomic output."""
+
 import io
 import json
 import os
@@ -48,8 +49,11 @@ def read_zip(path):
     """{name: decoded array}, the labels table, and the zip's entries."""
     with zipfile.ZipFile(path) as zf:
         infos = zf.infolist()
-        images = {i.filename: np.array(Image.open(io.BytesIO(zf.read(i.filename))))
-                  for i in infos if i.filename.endswith(".png")}
+        images = {
+            i.filename: np.array(Image.open(io.BytesIO(zf.read(i.filename))))
+            for i in infos
+            if i.filename.endswith(".png")
+        }
         meta = json.loads(zf.read("dataset.json"))
     return images, meta["labels"], infos
 
@@ -81,8 +85,13 @@ def rgb_images(n, h, w, seed=0):
 
 # Source sizes below have odd margins and a width:height that rounds at .5, so each offset and
 # rounding of the published transform matters.
-TRANSFORMS = [(None, None), (None, (16, 16)), ("center-crop", (16, 16)), ("center-crop-wide", (16, 8)),
-              ("center-crop-wide", (16, 9))]
+TRANSFORMS = [
+    (None, None),
+    (None, (16, 16)),
+    ("center-crop", (16, 16)),
+    ("center-crop-wide", (16, 8)),
+    ("center-crop-wide", (16, 9)),
+]
 
 
 @pytest.mark.parametrize("transform,size", TRANSFORMS)
@@ -97,7 +106,7 @@ def test_folder_with_class_folders(tmp_path, transform, size):
         path.parent.mkdir(parents=True, exist_ok=True)
         Image.fromarray(images[i]).save(path, **({"quality": 100} if name.endswith(".jpg") else {}))
     (src / "notes.txt").write_text("not an image")
-    decoded = [np.array(Image.open(src / placement[i][0] / placement[i][1])) for i in order]   # JPEG: as decoded
+    decoded = [np.array(Image.open(src / placement[i][0] / placement[i][1])) for i in order]  # JPEG: as decoded
     labels = [{"ant": 0, "cat": 1, "dog": 2}[placement[i][0]] for i in order]
     out = str(tmp_path / "out.zip")
     build_dataset(str(src), out, transform, size)
@@ -106,8 +115,10 @@ def test_folder_with_class_folders(tmp_path, transform, size):
 
 @pytest.mark.parametrize("transform,size", TRANSFORMS)
 def test_zip_with_dataset_json_and_grey_images(tmp_path, transform, size):
-    images = [np.random.default_rng(i).integers(0, 256, (32, 32) if size is None else (25, 20), dtype=np.uint8)
-              for i in range(4)]
+    images = [
+        np.random.default_rng(i).integers(0, 256, (32, 32) if size is None else (25, 20), dtype=np.uint8)
+        for i in range(4)
+    ]
     names = ["b/1.png", "a/2.png", "a/10.png", "c.png"]
     src = str(tmp_path / "in.zip")
     with zipfile.ZipFile(src, "w", compression=zipfile.ZIP_DEFLATED) as zf:
@@ -116,7 +127,7 @@ def test_zip_with_dataset_json_and_grey_images(tmp_path, transform, size):
             Image.fromarray(image).save(buf, format="png")
             zf.writestr(name, buf.getvalue())
         zf.writestr("dataset.json", json.dumps({"labels": [[n, i + 3] for i, n in enumerate(names)]}))
-    order = sorted(range(4), key=lambda i: names[i])            # published: sorted member names
+    order = sorted(range(4), key=lambda i: names[i])  # published: sorted member names
     out = str(tmp_path / "out.zip")
     build_dataset(src, out, transform, size)
     check_against_published(out, [images[i] for i in order], [i + 3 for i in order], transform, size)
@@ -132,7 +143,7 @@ def test_arrays(tmp_path, kind, transform, size):
     if kind == "npy-nhwc":
         np.save(path, images)
     elif kind == "npy-nchw-float":
-        np.save(path, images.transpose(0, 3, 1, 2).astype(np.float32) / 127.5 - 1)   # round trips to the bytes
+        np.save(path, images.transpose(0, 3, 1, 2).astype(np.float32) / 127.5 - 1)  # round trips to the bytes
     else:
         labels = [5, 0, 2, 2, 1, 9]
         np.savez(path, images=images, labels=np.array(labels))
@@ -155,8 +166,12 @@ def _cifar_archive(path, per_batch=3, protocol=2, key=bytes):
             else:
                 data = rng.integers(0, 256, (per_batch, 3072), dtype=np.uint8)
                 lab = rng.integers(0, 10, per_batch).tolist()
-                obj = {k("batch_label"): name.encode(), k("labels"): lab, k("data"): data,
-                       k("filenames"): [b"x.png"] * per_batch}
+                obj = {
+                    k("batch_label"): name.encode(),
+                    k("labels"): lab,
+                    k("data"): data,
+                    k("filenames"): [b"x.png"] * per_batch,
+                }
                 if name != "test_batch":
                     images += list(data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1))
                     labels += lab
@@ -181,6 +196,7 @@ def test_cifar10_archive_runs_no_code(tmp_path):
     class Evil:
         def __reduce__(self):
             return (os.system, (f"touch {tmp_path / 'pwned'}",))
+
     path = str(tmp_path / "cifar-10-python.tar.gz")
     with tarfile.open(path, "w:gz") as tar:
         payload = pickle.dumps({b"data": Evil(), b"labels": [0]}, protocol=2)
@@ -244,18 +260,21 @@ def test_bad_inputs_name_the_file_and_leave_nothing(tmp_path, capsys):
     assert cli.main(["dataset", "--source", str(mixed), "--dest", str(out), "--resolution", "8x8"]) == 2
     err = capsys.readouterr().err
     assert "3.png" in err and "corrupt" in err and not out.exists()
-    assert sorted(os.listdir(tmp_path)) == ["src"]                        # no temporary file left
+    assert sorted(os.listdir(tmp_path)) == ["src"]  # no temporary file left
 
 
-@pytest.mark.parametrize("argv,option", [
-    (["--source", "nowhere.zip"], "--source"),
-    (["--source", "digits", "--transform", "center-crop"], "--transform"),
-    (["--source", "digits", "--resolution", "8y8"], "--resolution"),
-    (["--source", "digits", "--resolution", "8x16", "--transform", "center-crop-wide"], "--resolution"),
-    (["--source", "digits", "--max-images", "0"], "--max-images"),
-    (["--source", "digits", "--resolution", "12x12"], "--source"),            # not a power of two
-    (["--source", "digits", "--dest", "{tmp}/full"], "--dest"),
-])
+@pytest.mark.parametrize(
+    "argv,option",
+    [
+        (["--source", "nowhere.zip"], "--source"),
+        (["--source", "digits", "--transform", "center-crop"], "--transform"),
+        (["--source", "digits", "--resolution", "8y8"], "--resolution"),
+        (["--source", "digits", "--resolution", "8x16", "--transform", "center-crop-wide"], "--resolution"),
+        (["--source", "digits", "--max-images", "0"], "--max-images"),
+        (["--source", "digits", "--resolution", "12x12"], "--source"),  # not a power of two
+        (["--source", "digits", "--dest", "{tmp}/full"], "--dest"),
+    ],
+)
 def test_bad_options(tmp_path, capsys, argv, option):
     (tmp_path / "full").mkdir()
     (tmp_path / "full" / "x").write_text("")

@@ -1,4 +1,5 @@
 """The demo: end to end in --short mode (the CI mode), and its pieces."""
+
 import json
 import os
 import subprocess
@@ -20,17 +21,30 @@ def _env():
 @pytest.fixture(scope="module")
 def short_demo(tmp_path_factory):
     outdir = tmp_path_factory.mktemp("demo") / "out"
-    proc = subprocess.run([sys.executable, "-m", "pfgmpp_fast", "demo", "--short", "--outdir", str(outdir)],
-                          cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        [sys.executable, "-m", "pfgmpp_fast", "demo", "--short", "--outdir", str(outdir)],
+        cwd=ROOT,
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return outdir, proc.stdout
 
 
 def test_short_demo_writes_every_documented_file(short_demo):
     from PIL import Image
+
     outdir, stdout = short_demo
-    for name in ("samples.png", "loss.png", "metrics.json", os.path.join("run", "stats.jsonl"),
-                 os.path.join("run", "log.txt"), os.path.join("run", "training_options.json")):
+    for name in (
+        "samples.png",
+        "loss.png",
+        "metrics.json",
+        os.path.join("run", "stats.jsonl"),
+        os.path.join("run", "log.txt"),
+        os.path.join("run", "training_options.json"),
+    ):
         assert (outdir / name).is_file(), name
     for name in ("samples.png", "loss.png", "metrics.json", "run"):
         assert str(outdir / name) in stdout, f"the demo does not say where {name} went"
@@ -39,8 +53,8 @@ def test_short_demo_writes_every_documented_file(short_demo):
     # 10x10 digits, 6x upscaled, each framed by 12 px of black in a 72-px cell; 6-px light gaps and border
     assert grid.shape == (2 * 6 + 10 * (72 + 6) - 6, 2 * 6 + 10 * (72 + 6) - 6)
     assert (grid[78:84, :] == 210).all() and (grid[:, 78:84] == 210).all() and (grid[:6] == 210).all()
-    assert (grid[6:18, 6:78] == 0).all()                        # the frame above the first digit
-    assert grid.std() > 10                                      # not a blank image
+    assert (grid[6:18, 6:78] == 0).all()  # the frame above the first digit
+    assert grid.std() > 10  # not a blank image
     assert Image.open(outdir / "loss.png").size[0] > 100
     # Three summary lines.
     assert any(line.startswith("train :") for line in stdout.splitlines())
@@ -88,7 +102,9 @@ def test_scorer_metrics_match_torch_fidelity():
     """DigitsScorer.metrics is torch-fidelity's KID and precision/recall on the digits features."""
     from torch_fidelity.metric_kid import kid_features_to_metric
     from torch_fidelity.metric_prc import prc_features_to_metric
+
     from pfgmpp_fast.apps.digits import DigitsScorer, digits_uint8_split
+
     scorer = DigitsScorer()
     train, heldout = digits_uint8_split()
     images = heldout[:200]
@@ -97,21 +113,30 @@ def test_scorer_metrics_match_torch_fidelity():
     kid = kid_features_to_metric(gen, real, kid_subsets=100, kid_subset_size=200, rng_seed=2020, verbose=False)
     prc = prc_features_to_metric(gen, real, verbose=False)
     assert got["KID"] == pytest.approx(kid["kernel_inception_distance_mean"], rel=1e-4, abs=1e-6)
-    assert got["precision_digits"] == pytest.approx(prc["precision"]) and got["recall_digits"] == pytest.approx(prc["recall"])
+    assert got["precision_digits"] == pytest.approx(prc["precision"]) and got["recall_digits"] == pytest.approx(
+        prc["recall"]
+    )
     assert got["FDD"] == pytest.approx(scorer.fdd(images), rel=1e-9)
     assert [s["FDD"] for s in scorer.metric_sets(heldout)] == [pytest.approx(scorer.floor, rel=1e-9)]
 
 
 def test_demo_rejects_bad_arguments(tmp_path):
     from pfgmpp_fast import cli
-    for argv in (["demo", "--D", "-1"], ["demo", "--D", "abc"], ["demo", "--duration", "0"],
-                 ["demo", "--sets", "0"], ["demo", "--threads", "-2"]):
+
+    for argv in (
+        ["demo", "--D", "-1"],
+        ["demo", "--D", "abc"],
+        ["demo", "--duration", "0"],
+        ["demo", "--sets", "0"],
+        ["demo", "--threads", "-2"],
+    ):
         assert cli.main(argv + ["--outdir", str(tmp_path / "x")]) == 2, argv
     assert not (tmp_path / "x" / "metrics.json").exists()
 
 
 def test_parse_D():
     from pfgmpp_fast.checks import parse_D
+
     assert parse_D("128") == 128.0 and parse_D("inf") == float("inf") and parse_D("EDM") == float("inf")
     for bad in ("0", "-3", "nan", "x"):
         with pytest.raises(ValueError, match="D must"):
@@ -120,6 +145,7 @@ def test_parse_D():
 
 def test_image_grid_layout():
     from pfgmpp_fast.utils.plots import image_grid
+
     rng = np.random.default_rng(0)
     images = rng.integers(0, 256, size=(7, 1, 8, 8), dtype=np.uint8)
     grid = image_grid(images, cols=3, scale=2, gap=1, gap_value=77)
@@ -127,8 +153,8 @@ def test_image_grid_layout():
     # Image 4 sits at row 1, column 1, each pixel a 2x2 block.
     np.testing.assert_array_equal(grid[17:33:2, 17:33:2], images[4, 0])
     np.testing.assert_array_equal(grid[18:34:2, 18:34:2], images[4, 0])
-    assert (grid[16, :] == 77).all() and (grid[:, 16] == 77).all()     # gaps
-    assert (grid[34:, 17:] == 77).all()                                 # the empty cells after image 6
+    assert (grid[16, :] == 77).all() and (grid[:, 16] == 77).all()  # gaps
+    assert (grid[34:, 17:] == 77).all()  # the empty cells after image 6
     with pytest.raises(TypeError):
         image_grid(images.astype(np.float32))
     with pytest.raises(ValueError):
@@ -137,6 +163,7 @@ def test_image_grid_layout():
 
 def test_scorer_floor_and_separation():
     from pfgmpp_fast.apps.digits import DigitsScorer, digits_uint8_split
+
     scorer = DigitsScorer()
     train, heldout = digits_uint8_split()
     assert train.shape == (1437, 1, 8, 8) and heldout.shape == (360, 1, 8, 8)

@@ -4,6 +4,7 @@ The kill tests run `torchrun --standalone --nproc_per_node=2 --max-restarts=3 ..
 on the CPU (gloo), SIGKILL one worker of each rank at moments drawn with a fixed seed, and
 compare the result bit for bit with an uninterrupted 2-process run.
 """
+
 import datetime
 import fcntl
 import json
@@ -21,11 +22,10 @@ import warnings
 import numpy as np
 import pytest
 import torch
+from helpers import run_ranks
 
 from pfgmpp_fast.utils import distributed, io_utils
 from pfgmpp_fast.utils.run_lock import LOCK_NAME, RunDirectoryBusy, acquire_run_dir, read_holder
-
-from helpers import run_ranks
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY_NET = '{"model_channels": 8, "channel_mult": [1, 2], "num_blocks": 1, "attn_resolutions": []}'
@@ -35,20 +35,57 @@ SEEDS = [int(x) for x in os.environ.get("PFGMPP_FAST_TEST_SEEDS", "16").split(",
 
 
 def train_args(run_dir, steps=STEPS):
-    return ["train", "--data", "digits", "--outdir", str(run_dir), "--batch", str(BATCH),
-            "--duration", f"{steps * BATCH / 1e6:g}", "--tick", f"{BATCH / 1000:g}", "--dump", "2", "--snap", "1000",
-            "--lr-rampup", "0.032", "--ema", "0.0001", "--dropout", "0", "--augment", "0.12", "--precision", "fp32",
-            "--no-compile", "--seed", "3", "--deterministic", "--no-progress", "--device", "cpu",
-            "--network", TINY_NET, "--resume", "auto"]
+    return [
+        "train",
+        "--data",
+        "digits",
+        "--outdir",
+        str(run_dir),
+        "--batch",
+        str(BATCH),
+        "--duration",
+        f"{steps * BATCH / 1e6:g}",
+        "--tick",
+        f"{BATCH / 1000:g}",
+        "--dump",
+        "2",
+        "--snap",
+        "1000",
+        "--lr-rampup",
+        "0.032",
+        "--ema",
+        "0.0001",
+        "--dropout",
+        "0",
+        "--augment",
+        "0.12",
+        "--precision",
+        "fp32",
+        "--no-compile",
+        "--seed",
+        "3",
+        "--deterministic",
+        "--no-progress",
+        "--device",
+        "cpu",
+        "--network",
+        TINY_NET,
+        "--resume",
+        "auto",
+    ]
 
 
 def launch(args, marker, torchrun=True):
     """A job in the background; `marker` tags its processes (and the workers torchrun starts)."""
     env = {**os.environ, "PYTHONPATH": REPO, "OMP_NUM_THREADS": "1", "PFGMPP_FAST_TEST_JOB": marker}
-    head = ([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "--max-restarts=3"]
-            if torchrun else [sys.executable])
-    return subprocess.Popen([*head, "-m", "pfgmpp_fast", *args], env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
+    head = (
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "--max-restarts=3"]
+        if torchrun
+        else [sys.executable]
+    )
+    return subprocess.Popen(
+        [*head, "-m", "pfgmpp_fast", *args], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
 
 
 def finish(proc, expect=0):
@@ -107,7 +144,7 @@ def lines(path):
 def uninterrupted(tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("uninterrupted")
     out = finish(launch(train_args(run_dir), uuid.uuid4().hex))
-    assert "broadcast_buffers" not in out            # the deprecated DDP argument is gone
+    assert "broadcast_buffers" not in out  # the deprecated DDP argument is gone
     return run_dir
 
 
@@ -118,11 +155,12 @@ def read_final(run_dir):
 # ----------------------------------------------------------------------------------------
 # Killed workers: torchrun restarts, --resume auto continues, the result is bit-identical
 
+
 @pytest.mark.slow
 @pytest.mark.parametrize("seed", SEEDS)
 def test_killed_workers_restart_and_finish_bit_identical(tmp_path, uninterrupted, seed):
     marker, rng = uuid.uuid4().hex, random.Random(seed)
-    ranks = rng.sample([0, 1], 2)                     # one worker of each rank, in attempts 0 and 1
+    ranks = rng.sample([0, 1], 2)  # one worker of each rank, in attempts 0 and 1
     proc = launch(train_args(tmp_path), marker)
     kill_workers_during(proc, marker, lambda: lines(tmp_path / "stats.jsonl"), rng, ranks)
     out = finish(proc)
@@ -139,9 +177,30 @@ def test_killed_workers_restart_and_finish_bit_identical(tmp_path, uninterrupted
 
 
 def fid_args(outdir, network, cache):
-    return ["fid", "calc", "--network", str(network), "--features", "digits", "--digits-cache", cache,
-            "--num-images", "48", "--seeds", "0-47", "--shard-size", "4", "--batch", "2", "--steps", "3",
-            "--device", "cpu", "--outdir", str(outdir)]
+    return [
+        "fid",
+        "calc",
+        "--network",
+        str(network),
+        "--features",
+        "digits",
+        "--digits-cache",
+        cache,
+        "--num-images",
+        "48",
+        "--seeds",
+        "0-47",
+        "--shard-size",
+        "4",
+        "--batch",
+        "2",
+        "--steps",
+        "3",
+        "--device",
+        "cpu",
+        "--outdir",
+        str(outdir),
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -174,54 +233,67 @@ def test_killed_fid_workers_restart_and_finish_bit_identical(tmp_path, fid_unint
 # ----------------------------------------------------------------------------------------
 # One writer per run directory
 
+
 @pytest.mark.slow
 def test_second_job_is_refused_until_the_holder_is_gone(tmp_path):
     """The torchrun agent is killed, its workers keep training: a new job is refused (naming
     the holder); once the workers are killed too, the rerun proceeds (resumes)."""
     marker = uuid.uuid4().hex
     proc = launch(train_args(tmp_path, steps=100000), marker)
-    wait_for(lambda: lines(tmp_path / "stats.jsonl") >= 3 and (read_holder(str(tmp_path)) or {}).get("pid"),
-             proc, "the first job to train")
-    os.kill(proc.pid, signal.SIGKILL)                  # the agent; the workers live on
+    wait_for(
+        lambda: lines(tmp_path / "stats.jsonl") >= 3 and (read_holder(str(tmp_path)) or {}).get("pid"),
+        proc,
+        "the first job to train",
+    )
+    os.kill(proc.pid, signal.SIGKILL)  # the agent; the workers live on
     proc.wait()
     holder = read_holder(str(tmp_path))
     assert holder["pid"] == workers(marker)[(0, 0)] and "train" in holder["command"]
     second = finish(launch(train_args(tmp_path, steps=1), uuid.uuid4().hex, torchrun=False), expect=1)
     assert "in use by another job" in second and f"pid {holder['pid']}" in second and "--outdir" in second
-    assert second.count("\n") <= 2, second             # one message, no traceback
+    assert second.count("\n") <= 2, second  # one message, no traceback
     for pid in workers(marker).values():
         os.kill(pid, signal.SIGKILL)
     wait_for(lambda: not workers(marker), None, "the workers to die")
     third = finish(launch(train_args(tmp_path, steps=1), uuid.uuid4().hex, torchrun=False))
     assert "resume: continuing from" in third and "done." in third
-    assert not os.path.exists(tmp_path / LOCK_NAME)     # a finished job leaves only its results
+    assert not os.path.exists(tmp_path / LOCK_NAME)  # a finished job leaves only its results
 
 
 def test_lock_refuses_a_live_holder_and_recovers_from_a_dead_one(tmp_path):
     run_dir = str(tmp_path)
-    fake = {"host": "node7", "pid": 424242, "started": "2026-01-01T00:00:00+00:00",
-            "command": "python -m pfgmpp_fast train --outdir x", "torchelastic": None}
+    fake = {
+        "host": "node7",
+        "pid": 424242,
+        "started": "2026-01-01T00:00:00+00:00",
+        "command": "python -m pfgmpp_fast train --outdir x",
+        "torchelastic": None,
+    }
     fd = os.open(os.path.join(run_dir, LOCK_NAME), os.O_RDWR | os.O_CREAT)
-    fcntl.flock(fd, fcntl.LOCK_EX)                     # another open file: another job, as far as flock knows
+    fcntl.flock(fd, fcntl.LOCK_EX)  # another open file: another job, as far as flock knows
     os.write(fd, json.dumps(fake).encode())
-    with pytest.raises(RunDirectoryBusy, match=r"in use by another job \(pid 424242 on host node7, started "
-                                               r"2026-01-01T00:00:00\+00:00, command: python -m pfgmpp_fast train"):
+    with pytest.raises(
+        RunDirectoryBusy,
+        match=r"in use by another job \(pid 424242 on host node7, started "
+        r"2026-01-01T00:00:00\+00:00, command: python -m pfgmpp_fast train",
+    ):
         acquire_run_dir(run_dir, "training run")
-    os.close(fd)                                       # the holder is gone (its info stays in the file)
+    os.close(fd)  # the holder is gone (its info stays in the file)
     with acquire_run_dir(run_dir, "training run"):
         assert read_holder(run_dir)["pid"] == os.getpid()
-        with acquire_run_dir(run_dir):                  # re-entrant within one process
+        with acquire_run_dir(run_dir):  # re-entrant within one process
             pass
         fd = os.open(os.path.join(run_dir, LOCK_NAME), os.O_RDWR)
-        with pytest.raises(BlockingIOError):             # still held after the inner release
+        with pytest.raises(BlockingIOError):  # still held after the inner release
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)     # released at the end of the job
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # released at the end of the job
     os.close(fd)
     assert not os.path.exists(os.path.join(run_dir, LOCK_NAME))
 
 
 def test_fid_calc_refuses_a_busy_shard_directory(tmp_path):
     from pfgmpp_fast.evaluation import calc
+
     fd = os.open(os.path.join(tmp_path, LOCK_NAME), os.O_RDWR | os.O_CREAT)
     fcntl.flock(fd, fcntl.LOCK_EX)
     source = calc.ImagesSource(torch.zeros(4, 1, 8, 8, dtype=torch.uint8))
@@ -236,15 +308,22 @@ def test_fid_calc_refuses_a_busy_shard_directory(tmp_path):
 # ----------------------------------------------------------------------------------------
 # Process-group setup
 
+
 def test_namespace_ignores_the_keys_of_a_killed_attempt():
     store = torch.distributed.HashStore()
-    store.set("pfgmpp_fast/leader", "old")            # what a killed attempt left behind
+    store.set("pfgmpp_fast/leader", "old")  # what a killed attempt left behind
     store.set("pfgmpp_fast/go", "old x y")
     store.set("pfgmpp_fast/ack/1", "old y")
     store.set("pfgmpp_fast/pg/old/rank_1", "127.0.0.1:9")
     got = {}
-    threads = [threading.Thread(target=lambda r=r: got.__setitem__(r, distributed._fresh_namespace(
-        store, r, 3, datetime.timedelta(seconds=30)))) for r in (2, 1, 0)]
+    threads = [
+        threading.Thread(
+            target=lambda r=r: got.__setitem__(
+                r, distributed._fresh_namespace(store, r, 3, datetime.timedelta(seconds=30))
+            )
+        )
+        for r in (2, 1, 0)
+    ]
     for t in threads:
         t.start()
     for t in threads:
@@ -252,20 +331,37 @@ def test_namespace_ignores_the_keys_of_a_killed_attempt():
     assert sorted(got) == [0, 1, 2]
     got[0].set("rank_0", "fresh")
     assert got[1].get("rank_0") == got[2].get("rank_0") == b"fresh"
-    assert not got[1].check(["rank_1"])               # the stale address is not visible
+    assert not got[1].check(["rank_1"])  # the stale address is not visible
 
 
 def test_setup_retries_with_backoff_until_every_rank_is_there(monkeypatch):
-    code = ("import os, sys, time, torch; from pfgmpp_fast.utils import distributed\n"
-            "time.sleep(4 if os.environ['RANK'] == '1' else 0); distributed.init('cpu')\n"
-            "x = torch.ones(1); torch.distributed.all_reduce(x); print('sum', x.item()); distributed.close()")
+    code = (
+        "import os, sys, time, torch; from pfgmpp_fast.utils import distributed\n"
+        "time.sleep(4 if os.environ['RANK'] == '1' else 0); distributed.init('cpu')\n"
+        "x = torch.ones(1); torch.distributed.all_reduce(x); print('sum', x.item()); distributed.close()"
+    )
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    env = {**os.environ, "PYTHONPATH": REPO, "OMP_NUM_THREADS": "1", "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1",
-           "MASTER_PORT": str(port), "PFGMPP_FAST_DIST_INIT_TIMEOUT": "2"}
-    procs = [subprocess.Popen([sys.executable, "-c", code], env={**env, "RANK": str(r), "LOCAL_RANK": str(r)},
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for r in range(2)]
+    env = {
+        **os.environ,
+        "PYTHONPATH": REPO,
+        "OMP_NUM_THREADS": "1",
+        "WORLD_SIZE": "2",
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": str(port),
+        "PFGMPP_FAST_DIST_INIT_TIMEOUT": "2",
+    }
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", code],
+            env={**env, "RANK": str(r), "LOCAL_RANK": str(r)},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for r in range(2)
+    ]
     outs = [finish(p) for p in procs]
     assert all("sum 2.0" in o for o in outs)
     assert "rank 0: process-group setup failed (try 1/3)" in outs[0] and "retrying in 2 s" in outs[0]
@@ -300,6 +396,7 @@ def _record_leaving(rank, log_dir):
         destroy(*args, **kwargs)
         with open(os.path.join(log_dir, f"left-{rank}"), "w") as f:
             f.write(f"{start} {time.monotonic()}")
+
     torch.distributed.destroy_process_group = noted
 
 
@@ -316,7 +413,7 @@ def _leave_after_failure(rank, flag):
         open(flag, "w").close()
     else:
         deadline = time.monotonic() + 120
-        while not os.path.exists(flag):           # would wait forever if rank 0 waited for this rank
+        while not os.path.exists(flag):  # would wait forever if rank 0 waited for this rank
             assert time.monotonic() < deadline, "rank 0 did not leave: close(failed=True) waited for its peer"
             time.sleep(0.05)
         distributed.close(failed=True)
@@ -339,8 +436,13 @@ def test_run_ranks_fails_when_a_rank_fails_its_work(tmp_path):
 
 def test_join_group_rejects_bad_rank_world_and_a_second_group():
     store = torch.distributed.HashStore()
-    for rank, world, match in ((0, 0, "world must be an int >= 1"), (2, 2, r"rank must be an int in \[0, 2\)"),
-                               (-1, 2, "rank must be"), (True, 2, "rank must be"), (0, 1.0, "world must be")):
+    for rank, world, match in (
+        (0, 0, "world must be an int >= 1"),
+        (2, 2, r"rank must be an int in \[0, 2\)"),
+        (-1, 2, "rank must be"),
+        (True, 2, "rank must be"),
+        (0, 1.0, "world must be"),
+    ):
         with pytest.raises(ValueError, match=match):
             distributed.join_group(store, rank, world)
     assert not torch.distributed.is_initialized()

@@ -1,4 +1,5 @@
 """The robustness experiment in its tiny (CI) configuration: end to end, files, resume."""
+
 import csv
 import json
 import os
@@ -21,8 +22,17 @@ def _env():
 
 
 def _cmd(outdir):
-    return [sys.executable, "-m", "pfgmpp_fast", "experiment", "robustness", "--tiny", "--outdir", str(outdir),
-            "--no-progress"]
+    return [
+        sys.executable,
+        "-m",
+        "pfgmpp_fast",
+        "experiment",
+        "robustness",
+        "--tiny",
+        "--outdir",
+        str(outdir),
+        "--no-progress",
+    ]
 
 
 def _read_csv(path):
@@ -44,9 +54,14 @@ def tiny_run(tmp_path_factory):
 
 def test_tiny_writes_every_documented_file(tiny_run):
     from PIL import Image
+
     outdir, stdout = tiny_run
-    for sweep, column, values in (("alpha", "alpha", ["0.0", "0.3"]), ("bits", "bits", ["32", "4"]),
-                                  ("nfe", "nfe", ["5", "9"]), ("nfe-dpmpp2m", "nfe", ["5", "9"])):
+    for sweep, column, values in (
+        ("alpha", "alpha", ["0.0", "0.3"]),
+        ("bits", "bits", ["32", "4"]),
+        ("nfe", "nfe", ["5", "9"]),
+        ("nfe-dpmpp2m", "nfe", ["5", "9"]),
+    ):
         rows = _read_csv(outdir / f"robustness-{sweep}.csv")
         assert [(r["D"], r[column]) for r in rows] == [(D, v) for D in ("128", "inf") for v in values]
         for r in rows:
@@ -82,7 +97,9 @@ def test_tiny_ema_sweep(tiny_run):
     """Each D tracks power-function EMAs; the 'ema' sweep scores the network reconstructed for
     every configured EMA length (post-hoc EMA) by FDD, KID and precision/recall."""
     from PIL import Image
+
     from pfgmpp_fast.training.phema import available_stds
+
     outdir, stdout = tiny_run
     rows = _read_csv(outdir / "robustness-ema.csv")
     assert [(r["D"], r["ema"]) for r in rows] == [(D, v) for D in ("128", "inf") for v in ("0.05", "0.1")]
@@ -90,19 +107,24 @@ def test_tiny_ema_sweep(tiny_run):
         for key in ("fdd", "kid", "precision", "recall"):
             assert np.isfinite(float(r[f"{key}_mean"])) and float(r[f"{key}_spread"]) >= 0, (key, r)
         assert float(r["fdd_mean"]) > 0 and 0 <= float(r["precision_mean"]) <= 1 and r["sets"] == "2"
-        assert np.isfinite(float(r["degradation_mean"]))          # paired with the base point
+        assert np.isfinite(float(r["degradation_mean"]))  # paired with the base point
     for D in ("128", "inf"):
         assert available_stds(str(outdir / "train" / f"D{D}")) == [0.05, 0.1]
     table = (outdir / "robustness-ema.md").read_text()
     assert "| D \\ ema | 0.05 | 0.1 |" in table and "| inf |" in table and "KID" in table and "recall" in table
-    for name in ("robustness-ema.png", "robustness-ema-kid.png", "robustness-ema-precision.png",
-                 "robustness-ema-recall.png"):
+    for name in (
+        "robustness-ema.png",
+        "robustness-ema-kid.png",
+        "robustness-ema-precision.png",
+        "robustness-ema-recall.png",
+    ):
         assert Image.open(outdir / name).format == "PNG" and str(outdir / name) in stdout
     assert "## Sweep: ema" in (outdir / "summary.md").read_text()
     results = json.loads((outdir / "results.json").read_text())
     ema = results["ema_points"]
     assert sorted((r["D"], r["ema"], r["set"]) for r in ema) == [
-        (D, e, k) for D in ("128", "inf") for e in (0.05, 0.1) for k in (0, 1)]
+        (D, e, k) for D in ("128", "inf") for e in (0.05, 0.1) for k in (0, 1)
+    ]
     assert all(r["images"] == 100 and r["steps"] == 5 and np.isfinite(r["kid"]) for r in ema)
     # Other weights than the training EMA: the scores differ from the base point's.
     base = {(r["D"], r["set"]): r["fdd"] for r in results["points"] if r["point"] == "alpha0-bits32-steps5"}
@@ -112,8 +134,7 @@ def test_tiny_ema_sweep(tiny_run):
 def test_resume_after_kill_skips_finished_points(tiny_run, tmp_path):
     reference_dir, _ = tiny_run
     outdir = tmp_path / "killed"
-    proc = subprocess.Popen(_cmd(outdir), cwd=ROOT, env=_env(), stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(_cmd(outdir), cwd=ROOT, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         deadline = time.time() + 300
         while not _point_files(outdir) and proc.poll() is None and time.time() < deadline:
@@ -132,21 +153,22 @@ def test_resume_after_kill_skips_finished_points(tiny_run, tmp_path):
     assert rerun.returncode == 0, rerun.stdout[-3000:] + rerun.stderr[-3000:]
     assert rerun.stdout.count("(finished earlier -> skipped)") >= len(finished)
     assert "D=128: training finished earlier" in rerun.stdout
-    assert all(p.read_text() == text for p, text in before.items())    # untouched
+    assert all(p.read_text() == text for p, text in before.items())  # untouched
     assert len(_point_files(outdir)) == 24
     for sweep in SWEEPS:
         got, want = _read_csv(outdir / f"robustness-{sweep}.csv"), _read_csv(reference_dir / f"robustness-{sweep}.csv")
         assert [r["D"] for r in got] == [r["D"] for r in want]
-        np.testing.assert_allclose([float(r["fdd_mean"]) for r in got], [float(r["fdd_mean"]) for r in want],
-                                   rtol=1e-6)
+        np.testing.assert_allclose([float(r["fdd_mean"]) for r in got], [float(r["fdd_mean"]) for r in want], rtol=1e-6)
     # Everything is on disk now: a report-only pass (in process) reads all 24 points back.
     from pfgmpp_fast.apps.experiments import run_robustness
+
     paths = run_robustness(str(outdir), tiny=True, report_only=True, progress=False)
     assert _read_csv(paths["alpha_csv"]) == _read_csv(outdir / "robustness-alpha.csv")
 
 
 def test_other_configuration_in_same_folder_is_refused(tiny_run):
     from pfgmpp_fast.apps.experiments import run_robustness
+
     outdir, _ = tiny_run
     with pytest.raises(ValueError, match="another configuration"):
         run_robustness(str(outdir), tiny=True, duration_kimg=2.0)
@@ -155,14 +177,26 @@ def test_other_configuration_in_same_folder_is_refused(tiny_run):
 def test_config_validation():
     from pfgmpp_fast.apps.experiments import FULL_CONFIG, distinct_points, make_config
     from pfgmpp_fast.apps.robustness_report import sweep_points
+
     full = make_config()
     assert [2 * s - 1 for s in full["steps"]] == [5, 9, 13, 21, 35]
-    assert len(distinct_points(full)) == 33                      # 5 + 5 + 5 sweep values, base point once, 4 x 5 solvers
+    assert len(distinct_points(full)) == 33  # 5 + 5 + 5 sweep values, base point once, 4 x 5 solvers
     assert [x for x, _ in sweep_points(full, "nfe")] == [5, 9, 13, 21, 35]
     assert full["D_values"][-1] == float("inf") and FULL_CONFIG["sets"] >= 2
-    for bad in (dict(D_values=["0"]), dict(D_values=[8, 8]), dict(alpha=[-0.1]), dict(bits=[1]),
-                dict(steps=[0]), dict(nfe_solvers=["heun"]), dict(nfe_solvers=["rk4"]),
-                dict(nfe_solvers=["ipndm", "ipndm"]), dict(sets=0), dict(set_size=1), dict(duration_kimg=0), dict(seed=-1)):
+    for bad in (
+        dict(D_values=["0"]),
+        dict(D_values=[8, 8]),
+        dict(alpha=[-0.1]),
+        dict(bits=[1]),
+        dict(steps=[0]),
+        dict(nfe_solvers=["heun"]),
+        dict(nfe_solvers=["rk4"]),
+        dict(nfe_solvers=["ipndm", "ipndm"]),
+        dict(sets=0),
+        dict(set_size=1),
+        dict(duration_kimg=0),
+        dict(seed=-1),
+    ):
         with pytest.raises((ValueError, TypeError)):
             make_config(**bad)
     with pytest.raises(TypeError, match="unknown"):
@@ -172,6 +206,7 @@ def test_config_validation():
 def test_config_ema_lengths():
     from pfgmpp_fast.apps.experiments import make_config
     from pfgmpp_fast.apps.robustness_report import sweep_points
+
     assert [x for x, _ in sweep_points(make_config(), "ema")] == [0.05, 0.1, 0.15]
     assert sweep_points(make_config(tiny=True), "ema") == [(0.05, "ema0.05"), (0.1, "ema0.1")]
     for bad in ([0.0], [-0.1], [0.5], [0.05, 0.05], ["0.1"], [True]):

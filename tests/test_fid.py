@@ -1,4 +1,5 @@
 """FID (pfgmpp_fast/fid.py): statistics, Fréchet distance, resume, sweeps, Inception loading, errors."""
+
 import os
 import signal
 import subprocess
@@ -9,18 +10,18 @@ import numpy as np
 import pytest
 import scipy.linalg
 import torch
+from helpers import BatchSensitiveFeatures, digits_net, run_ranks, stand_in, tiny_net
 
 from pfgmpp_fast import checkpoint, checks
 from pfgmpp_fast.evaluation import calc, features, metrics
 from pfgmpp_fast.evaluation import sweep as sweep_engine
-
-from helpers import BatchSensitiveFeatures, digits_net, run_ranks, stand_in, tiny_net
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 # ----------------------------------------------------------------------------------------
 # Fréchet distance and statistics
+
 
 def test_frechet_matches_independent_float64():
     rng = np.random.default_rng(0)
@@ -47,12 +48,13 @@ def test_streaming_statistics_equal_whole_batch():
     whole = feats.numpy()
     shard_a, shard_b = metrics.FeatureStats(9), metrics.FeatureStats(9)
     for start in range(0, 150, 7):
-        shard_a.update(feats[start:min(start + 7, 150)])
+        shard_a.update(feats[start : min(start + 7, 150)])
     for start in range(150, 301, 11):
-        shard_b.update(feats[start:start + 11])
+        shard_b.update(feats[start : start + 11])
     # round trip of one shard through its arrays (as in shard files)
-    shard_b = metrics.FeatureStats.from_arrays(**{"n": shard_b.to_arrays()["n"], "s": shard_b.to_arrays()["sum"],
-                                            "so": shard_b.to_arrays()["sum_outer"]})
+    shard_b = metrics.FeatureStats.from_arrays(
+        **{"n": shard_b.to_arrays()["n"], "s": shard_b.to_arrays()["sum"], "so": shard_b.to_arrays()["sum_outer"]}
+    )
     total = metrics.FeatureStats(9).merge(shard_a).merge(shard_b)
     assert total.count == 301
     mu, sigma = total.mean_cov()
@@ -67,6 +69,7 @@ def test_streaming_statistics_equal_whole_batch():
 @pytest.mark.bitidentity
 def test_sharded_stats_equal_unsharded_and_resume_skips(tmp_path, digits):
     from pfgmpp_fast.evaluation.digits_features import digits_uint8
+
     images = digits_uint8()[0][:97]
     src = calc.ImagesSource(images)
     whole = calc.calc_stats(src, digits, batch_size=97)
@@ -82,7 +85,7 @@ def test_sharded_stats_equal_unsharded_and_resume_skips(tmp_path, digits):
     again = calc.calc_stats(src, digits, batch_size=8, outdir=str(tmp_path), shard_size=30, log=log.append)
     assert all("resumed" in line for line in log) and len(log) == 4
     assert torch.equal(again.sum_outer, sharded.sum_outer)
-    with pytest.raises(ValueError, match="another run"):          # other shard boundaries
+    with pytest.raises(ValueError, match="another run"):  # other shard boundaries
         calc.calc_stats(src, digits, batch_size=8, outdir=str(tmp_path), shard_size=20)
     with pytest.raises(ValueError, match="another configuration"):
         calc.calc_stats(calc.ImagesSource(images.flip(0)), digits, outdir=str(tmp_path), shard_size=30)
@@ -105,30 +108,41 @@ KILL_SCRIPT = textwrap.dedent("""
 def test_kill_and_rerun_gives_the_same_statistics(tmp_path, digits, digits_cache):
     outdir = str(tmp_path / "resume")
     script = tmp_path / "child.py"
-    script.write_text(KILL_SCRIPT.format(root=ROOT, tests=os.path.join(ROOT, "tests"), cache=digits_cache,
-                                         outdir=outdir))
-    env = dict(os.environ, PFGMPP_FAST_KILL_DURING_WRITE="stats-20-29")   # SIGKILL mid-write of shard 3
+    script.write_text(
+        KILL_SCRIPT.format(root=ROOT, tests=os.path.join(ROOT, "tests"), cache=digits_cache, outdir=outdir)
+    )
+    env = dict(os.environ, PFGMPP_FAST_KILL_DURING_WRITE="stats-20-29")  # SIGKILL mid-write of shard 3
     first = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=300)
     assert first.returncode == -signal.SIGKILL, first.stderr
     done = sorted(f for f in os.listdir(outdir) if f.startswith("stats-"))
     assert done == ["stats-0-9.npz", "stats-10-19.npz"]
-    assert [f for f in os.listdir(outdir) if f.startswith(".stats-20-29")]      # the half-written temp file
+    assert [f for f in os.listdir(outdir) if f.startswith(".stats-20-29")]  # the half-written temp file
     mtimes = {f: os.stat(os.path.join(outdir, f)).st_mtime_ns for f in done}
     env.pop("PFGMPP_FAST_KILL_DURING_WRITE")
     second = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=300)
     assert second.returncode == 0 and "done" in second.stdout, second.stderr
-    assert {f: os.stat(os.path.join(outdir, f)).st_mtime_ns for f in done} == mtimes   # not recomputed
+    assert {f: os.stat(os.path.join(outdir, f)).st_mtime_ns for f in done} == mtimes  # not recomputed
     assert sorted(os.listdir(outdir)) == ["stats-0-9.npz", "stats-10-19.npz", "stats-20-29.npz", "stats-30-39.npz"]
-    resumed = calc.calc_stats(calc.GeneratorSource(digits_net(), "0-39", num_steps=4, backend="reference"),
-                           digits, batch_size=6, outdir=outdir, shard_size=10)
-    fresh = calc.calc_stats(calc.GeneratorSource(digits_net(), "0-39", num_steps=4, backend="reference"),
-                         digits, batch_size=6, shard_size=10)          # uninterrupted, no files
+    resumed = calc.calc_stats(
+        calc.GeneratorSource(digits_net(), "0-39", num_steps=4, backend="reference"),
+        digits,
+        batch_size=6,
+        outdir=outdir,
+        shard_size=10,
+    )
+    fresh = calc.calc_stats(
+        calc.GeneratorSource(digits_net(), "0-39", num_steps=4, backend="reference"),
+        digits,
+        batch_size=6,
+        shard_size=10,
+    )  # uninterrupted, no files
     assert resumed.count == 40
     assert torch.equal(resumed.sum, fresh.sum) and torch.equal(resumed.sum_outer, fresh.sum_outer)
 
 
 # ----------------------------------------------------------------------------------------
 # Reference files and clear errors
+
 
 def test_reference_stats_roundtrip_and_wrong_files(tmp_path, digits):
     mu, sigma = calc.reference_stats("digits", digits, batch_size=500)
@@ -159,35 +173,106 @@ def test_reference_stats_roundtrip_and_wrong_files(tmp_path, digits):
 def test_fewer_images_than_requested(tmp_path, digits, digits_cache, capsys):
     from pfgmpp_fast import cli
     from pfgmpp_fast.evaluation.digits_features import digits_uint8
+
     with pytest.raises(ValueError, match="fewer images than requested: 20 .* only 10"):
         calc.calc_stats(calc.ImagesSource(digits_uint8()[0][:10]), digits, num=20)
     np.savez(tmp_path / "imgs.npz", images=digits_uint8()[0][:10].permute(0, 2, 3, 1).numpy())
-    rc = cli.main(["fid", "calc", "--images", str(tmp_path / "imgs.npz"), "--num", "20", "--features", "digits",
-                   "--digits-cache", digits_cache, "--dest", str(tmp_path / "s.npz")])
+    rc = cli.main(
+        [
+            "fid",
+            "calc",
+            "--images",
+            str(tmp_path / "imgs.npz"),
+            "--num",
+            "20",
+            "--features",
+            "digits",
+            "--digits-cache",
+            digits_cache,
+            "--dest",
+            str(tmp_path / "s.npz"),
+        ]
+    )
     assert rc == 2 and "fewer images than requested" in capsys.readouterr().err
-    rc = cli.main(["fid", "calc", "--images", str(tmp_path / "imgs.npz"), "--num", "10", "--features", "digits",
-                   "--digits-cache", digits_cache, "--outdir", str(tmp_path / "o")])
+    rc = cli.main(
+        [
+            "fid",
+            "calc",
+            "--images",
+            str(tmp_path / "imgs.npz"),
+            "--num",
+            "10",
+            "--features",
+            "digits",
+            "--digits-cache",
+            digits_cache,
+            "--outdir",
+            str(tmp_path / "o"),
+        ]
+    )
     assert rc == 0 and (tmp_path / "o" / "stats.npz").exists()
 
 
 def test_cli_ref_and_calc_with_reference(tmp_path, digits_cache, capsys):
     from pfgmpp_fast import cli
+
     ref = str(tmp_path / "digits-ref.npz")
-    assert cli.main(["fid", "ref", "--data", "digits", "--dest", ref, "--features", "digits",
-                     "--digits-cache", digits_cache]) == 0
-    np.savez(tmp_path / "imgs.npz", images=(np.arange(5).reshape(5, 1, 1, 1) * 40 + np.zeros((5, 8, 8, 1))).astype(np.uint8))
-    assert cli.main(["fid", "calc", "--images", str(tmp_path / "imgs.npz"), "--num", "5", "--features", "digits",
-                     "--digits-cache", digits_cache, "--ref", ref]) == 0
+    assert (
+        cli.main(
+            ["fid", "ref", "--data", "digits", "--dest", ref, "--features", "digits", "--digits-cache", digits_cache]
+        )
+        == 0
+    )
+    np.savez(
+        tmp_path / "imgs.npz", images=(np.arange(5).reshape(5, 1, 1, 1) * 40 + np.zeros((5, 8, 8, 1))).astype(np.uint8)
+    )
+    assert (
+        cli.main(
+            [
+                "fid",
+                "calc",
+                "--images",
+                str(tmp_path / "imgs.npz"),
+                "--num",
+                "5",
+                "--features",
+                "digits",
+                "--digits-cache",
+                digits_cache,
+                "--ref",
+                ref,
+            ]
+        )
+        == 0
+    )
     assert '"FDD"' in capsys.readouterr().out
     bad = tmp_path / "bad.npz"
     np.savez(bad, mu=np.zeros(2048), sigma=np.eye(2048, dtype=np.float32)[:2048])
-    assert cli.main(["fid", "calc", "--images", str(tmp_path / "imgs.npz"), "--num", "5", "--features", "digits",
-                     "--digits-cache", digits_cache, "--ref", str(bad)]) == 2
+    assert (
+        cli.main(
+            [
+                "fid",
+                "calc",
+                "--images",
+                str(tmp_path / "imgs.npz"),
+                "--num",
+                "5",
+                "--features",
+                "digits",
+                "--digits-cache",
+                digits_cache,
+                "--ref",
+                str(bad),
+            ]
+        )
+        == 2
+    )
     assert "2048-d statistics" in capsys.readouterr().err
 
 
 # ----------------------------------------------------------------------------------------
 # Inception weights: local file through torch-fidelity's loader, SHA-256 check both ways
+
 
 def test_inception_weights_local_file_and_sha256_refusal(tmp_path, monkeypatch):
     path = str(tmp_path / "inception-test.pth")
@@ -198,7 +283,7 @@ def test_inception_weights_local_file_and_sha256_refusal(tmp_path, monkeypatch):
     monkeypatch.setattr(torch, "load", lambda *a, **k: loads.append(a) or real_load(*a, **k))
     with pytest.raises(ValueError, match="refusing to load Inception weights"):
         features.get_feature_extractor("inception", inception_weights=path)
-    assert loads == []                                   # refused before anything was unpickled
+    assert loads == []  # refused before anything was unpickled
     with pytest.raises(ValueError, match="refusing"):
         features.InceptionFeatures(path, sha256="0" * 64)
     ex = features.get_feature_extractor("inception", inception_weights=path, inception_sha256=digest)
@@ -211,7 +296,7 @@ def test_inception_weights_local_file_and_sha256_refusal(tmp_path, monkeypatch):
     feats = ex(rgb)
     assert feats.shape == (2, 2048) and feats.dtype == torch.float64 and torch.isfinite(feats).all()
     assert not torch.allclose(feats[0], feats[1])
-    assert torch.allclose(ex(grey)[0], feats[1], rtol=1e-5, atol=1e-6)   # grey images are repeated to RGB
+    assert torch.allclose(ex(grey)[0], feats[1], rtol=1e-5, atol=1e-6)  # grey images are repeated to RGB
     with pytest.raises(ValueError, match="64 hex digits"):
         features.InceptionFeatures(path, sha256="abc")
     with pytest.raises(FileNotFoundError):
@@ -220,6 +305,7 @@ def test_inception_weights_local_file_and_sha256_refusal(tmp_path, monkeypatch):
 
 # ----------------------------------------------------------------------------------------
 # Sweeps: each kind writes the documented files
+
 
 def _check_sweep_files(outdir, kind, rows, metric="FDD"):
     for ext in ("csv", "md", "png"):
@@ -241,13 +327,35 @@ def digits_ref(digits):
 
 def test_sweep_steps_and_alpha(tmp_path, digits, digits_ref):
     net = digits_net()
-    rows = sweep_engine.sweep("steps", [2, 5], net=net, ref=digits_ref, extractor=digits, seeds="0-23",
-                   outdir=str(tmp_path), batch_size=24, shard_size=12, backend="reference", log=lambda s: None)
+    rows = sweep_engine.sweep(
+        "steps",
+        [2, 5],
+        net=net,
+        ref=digits_ref,
+        extractor=digits,
+        seeds="0-23",
+        outdir=str(tmp_path),
+        batch_size=24,
+        shard_size=12,
+        backend="reference",
+        log=lambda s: None,
+    )
     assert [r["nfe"] for r in rows] == [3, 9] and [r["images"] for r in rows] == [24, 24]
     _check_sweep_files(str(tmp_path), "steps", rows)
     assert sorted(os.listdir(tmp_path / "steps-2")) == ["stats-0-11.npz", "stats-12-23.npz"]
-    rows = sweep_engine.sweep("alpha", [0.0, 1.0], net=net, ref=digits_ref, extractor=digits, seeds="0-23",
-                   outdir=str(tmp_path), batch_size=24, num_steps=4, backend="reference", log=lambda s: None)
+    rows = sweep_engine.sweep(
+        "alpha",
+        [0.0, 1.0],
+        net=net,
+        ref=digits_ref,
+        extractor=digits,
+        seeds="0-23",
+        outdir=str(tmp_path),
+        batch_size=24,
+        num_steps=4,
+        backend="reference",
+        log=lambda s: None,
+    )
     _check_sweep_files(str(tmp_path), "alpha", rows)
     assert rows[0]["FDD"] != rows[1]["FDD"]
 
@@ -255,19 +363,49 @@ def test_sweep_steps_and_alpha(tmp_path, digits, digits_ref):
 def test_sweep_bits_restores_weights(tmp_path, digits, digits_ref):
     net = tiny_net()
     before = {k: v.clone() for k, v in net.state_dict().items()}
-    rows = sweep_engine.sweep("bits", [2, 8, 32], net=net, ref=digits_ref, extractor=digits, seeds="0-15",
-                   outdir=str(tmp_path), batch_size=16, num_steps=2, log=lambda s: None)
+    rows = sweep_engine.sweep(
+        "bits",
+        [2, 8, 32],
+        net=net,
+        ref=digits_ref,
+        extractor=digits,
+        seeds="0-15",
+        outdir=str(tmp_path),
+        batch_size=16,
+        num_steps=2,
+        log=lambda s: None,
+    )
     _check_sweep_files(str(tmp_path), "bits", rows)
     assert rows[0]["FDD"] != rows[2]["FDD"]
     for k, v in net.state_dict().items():
         assert torch.equal(v, before[k])
     # a rerun in the same outdir resumes; other weights never resume from these shards
-    again = sweep_engine.sweep("bits", [2, 8, 32], net=net, ref=digits_ref, extractor=digits, seeds="0-15",
-                    outdir=str(tmp_path), batch_size=16, num_steps=2, log=lambda s: None)
+    again = sweep_engine.sweep(
+        "bits",
+        [2, 8, 32],
+        net=net,
+        ref=digits_ref,
+        extractor=digits,
+        seeds="0-15",
+        outdir=str(tmp_path),
+        batch_size=16,
+        num_steps=2,
+        log=lambda s: None,
+    )
     assert [r["FDD"] for r in again] == [r["FDD"] for r in rows]
     with pytest.raises(ValueError, match="another configuration"):
-        sweep_engine.sweep("bits", [2], net=tiny_net(seed=5), ref=digits_ref, extractor=digits, seeds="0-15",
-                outdir=str(tmp_path), batch_size=16, num_steps=2, log=lambda s: None)
+        sweep_engine.sweep(
+            "bits",
+            [2],
+            net=tiny_net(seed=5),
+            ref=digits_ref,
+            extractor=digits,
+            seeds="0-15",
+            outdir=str(tmp_path),
+            batch_size=16,
+            num_steps=2,
+            log=lambda s: None,
+        )
     # 32 bits reproduces the unquantised network exactly
     plain = calc.calc_stats(calc.GeneratorSource(net, "0-15", num_steps=2), digits, batch_size=16)
     unq = metrics.frechet_distance(*plain.mean_cov(), *digits_ref)
@@ -276,12 +414,13 @@ def test_sweep_bits_restores_weights(tmp_path, digits, digits_ref):
 
 def test_sweep_checkpoints(tmp_path, digits, digits_ref):
     from safetensors.torch import load_file, save_file
+
     run_dir = tmp_path / "run"
     run_dir.mkdir()
     for kimg, seed in ((0, 1), (200, 2), (100, 3)):
         sd = {k: v.contiguous() for k, v in tiny_net(seed=seed).state_dict().items()}
         save_file(sd, str(run_dir / f"network-snapshot-{kimg:06d}.safetensors"))
-    (run_dir / "training-state-000100.pt").write_bytes(b"")          # not a network snapshot
+    (run_dir / "training-state-000100.pt").write_bytes(b"")  # not a network snapshot
 
     def load(path):
         net = tiny_net(seed=0)
@@ -289,8 +428,19 @@ def test_sweep_checkpoints(tmp_path, digits, digits_ref):
         return net
 
     assert [k for k, _ in checkpoint.find_checkpoints(str(run_dir))] == [0, 100, 200]
-    rows = sweep_engine.sweep("checkpoints", None, run_dir=str(run_dir), ref=digits_ref, extractor=digits, seeds="0-11",
-                   outdir=str(tmp_path / "out"), batch_size=12, num_steps=2, load_network=load, log=lambda s: None)
+    rows = sweep_engine.sweep(
+        "checkpoints",
+        None,
+        run_dir=str(run_dir),
+        ref=digits_ref,
+        extractor=digits,
+        seeds="0-11",
+        outdir=str(tmp_path / "out"),
+        batch_size=12,
+        num_steps=2,
+        load_network=load,
+        log=lambda s: None,
+    )
     assert [r["value"] for r in rows] == [0, 100, 200]
     assert len({r["FDD"] for r in rows}) == 3
     _check_sweep_files(str(tmp_path / "out"), "checkpoints", rows)
@@ -301,29 +451,59 @@ def test_sweep_checkpoints(tmp_path, digits, digits_ref):
 def test_cli_calc_and_sweep_from_checkpoint(tmp_path, digits_cache, digits, digits_ref, capsys):
     from pfgmpp_fast import cli
     from pfgmpp_fast.checkpoint import save_network
+
     net_path = str(tmp_path / "net.safetensors")
     save_network(net_path, tiny_net())
     ref = str(tmp_path / "ref.npz")
     metrics.save_stats(ref, *digits_ref)
-    common = ["--network", net_path, "--steps", "2", "--batch", "8", "--features", "digits",
-              "--digits-cache", digits_cache, "--ref", ref]
-    assert cli.main(["fid", "calc", *common, "--num", "16", "--outdir", str(tmp_path / "calc"),
-                     "--shard-size", "8"]) == 0
+    common = [
+        "--network",
+        net_path,
+        "--steps",
+        "2",
+        "--batch",
+        "8",
+        "--features",
+        "digits",
+        "--digits-cache",
+        digits_cache,
+        "--ref",
+        ref,
+    ]
+    assert (
+        cli.main(["fid", "calc", *common, "--num", "16", "--outdir", str(tmp_path / "calc"), "--shard-size", "8"]) == 0
+    )
     out = capsys.readouterr().out
     assert '"FDD"' in out and (tmp_path / "calc" / "stats-8-15.npz").exists()
     assert cli.main(["fid", "calc", *common, "--num", "16", "--D", "64"]) == 2
     assert "network/D mismatch" in capsys.readouterr().err
-    assert cli.main(["fid", "sweep", "--kind", "bits", "--values", "4,32", *common, "--seeds", "0-7",
-                     "--outdir", str(tmp_path / "sw")]) == 0
+    assert (
+        cli.main(
+            [
+                "fid",
+                "sweep",
+                "--kind",
+                "bits",
+                "--values",
+                "4,32",
+                *common,
+                "--seeds",
+                "0-7",
+                "--outdir",
+                str(tmp_path / "sw"),
+            ]
+        )
+        == 0
+    )
     rows = open(tmp_path / "sw" / "sweep-bits.csv").read().splitlines()
     assert len(rows) == 3 and rows[1].startswith("bits,4,")
 
 
 def _fid_rank_worker(rank, cache, outdir, result):
     from pfgmpp_fast.evaluation.digits_features import digits_uint8
+
     ex = features.get_feature_extractor("digits", digits_cache=cache)
-    stats = calc.calc_stats(calc.ImagesSource(digits_uint8()[0][:61]), ex, batch_size=8, outdir=outdir,
-                            shard_size=25)
+    stats = calc.calc_stats(calc.ImagesSource(digits_uint8()[0][:61]), ex, batch_size=8, outdir=outdir, shard_size=25)
     if rank == 0:
         np.savez(result, **stats.to_arrays())
 
@@ -331,6 +511,7 @@ def _fid_rank_worker(rank, cache, outdir, result):
 @pytest.mark.bitidentity
 def test_two_gloo_ranks_reduce_to_single_process_statistics(tmp_path, digits, digits_cache):
     from pfgmpp_fast.evaluation.digits_features import digits_uint8
+
     single = calc.calc_stats(calc.ImagesSource(digits_uint8()[0][:61]), digits, batch_size=8, shard_size=25)
     outdir, result = str(tmp_path / "shards"), str(tmp_path / "two.npz")
     run_ranks(_fid_rank_worker, 2, tmp_path / "ranks", digits_cache, outdir, result)
@@ -346,18 +527,22 @@ def test_streaming_equals_the_png_round_trip(tmp_path, digits):
     """Generation → uint8 → features in memory gives the statistics of the published
     PNG-folder pipeline on the same seeds (PNG is lossless)."""
     from pfgmpp_fast.evaluation import generate as G
+
     net = digits_net()
     seeds = checks.check_seeds("0-9,1000-1004")
     G.write_images(G.generate_images(net, seeds, 8, num_steps=3, backend="reference"), outdir=str(tmp_path / "png"))
     assert (tmp_path / "png" / "001000" / "001004.png").exists()
     png = calc.calc_stats(calc.ImagesSource(str(tmp_path / "png")), digits, batch_size=15)
-    streamed = calc.calc_stats(calc.GeneratorSource(net, seeds, num_steps=3, backend="reference"), digits, batch_size=15)
+    streamed = calc.calc_stats(
+        calc.GeneratorSource(net, seeds, num_steps=3, backend="reference"), digits, batch_size=15
+    )
     assert png.count == streamed.count == 15
     assert torch.equal(png.sum, streamed.sum) and torch.equal(png.sum_outer, streamed.sum_outer)
 
 
 # ----------------------------------------------------------------------------------------
 # Every mode computes every row in the same batch (by construction, not by a BLAS property)
+
 
 def _batch_sensitive_source():
     """Images whose every pixel depends on their whole generation batch (a worst-case network)."""
@@ -382,7 +567,7 @@ def test_one_pass_shards_resume_and_ranks_give_the_same_bits_with_batch_sensitiv
     one = calc.calc_stats(_batch_sensitive_source(), det, batch_size=4, shard_size=7)["features"]
     outdir = str(tmp_path / "shards")
     sharded = calc.calc_stats(_batch_sensitive_source(), det, batch_size=4, outdir=outdir, shard_size=7)["features"]
-    os.unlink(os.path.join(outdir, "stats-7-13.npz"))                  # lost: recomputed without the carry
+    os.unlink(os.path.join(outdir, "stats-7-13.npz"))  # lost: recomputed without the carry
     resumed = calc.calc_stats(_batch_sensitive_source(), det, batch_size=4, outdir=outdir, shard_size=7)["features"]
     result = str(tmp_path / "two.npz")
     run_ranks(_batch_sensitive_rank_worker, 2, tmp_path / "ranks", str(tmp_path / "two"), result)
@@ -393,4 +578,4 @@ def test_one_pass_shards_resume_and_ranks_give_the_same_bits_with_batch_sensitiv
         assert torch.equal(other.rows, one.rows)
         assert torch.equal(other.sum, one.sum) and torch.equal(other.sum_outer, one.sum_outer)
     other_batches = calc.calc_stats(_batch_sensitive_source(), det, batch_size=5, shard_size=7)["features"]
-    assert not torch.equal(other_batches.rows, one.rows)                # the batch is felt
+    assert not torch.equal(other_batches.rows, one.rows)  # the batch is felt

@@ -1,16 +1,16 @@
 """Generation (pfgmpp_fast/generate.py): seeds, determinism per seed, ranks, outputs, errors."""
+
 import os
 import zipfile
 
 import numpy as np
 import pytest
 import torch
+from helpers import DenoiserNet, load_npz_images, run_ranks, stand_in, tiny_net
 
 from pfgmpp_fast import checks
 from pfgmpp_fast.evaluation import generate as G
 from pfgmpp_fast.utils import distributed
-
-from helpers import DenoiserNet, load_npz_images, run_ranks, stand_in, tiny_net
 
 
 def run(net, seeds, batch, **kw):
@@ -44,7 +44,7 @@ def test_rank_seeds_keep_the_one_process_batches():
     """Each rank gets whole batches of the one-process grid, so generate_images cuts them
     into the same batches: every seed is computed in the same batch on any number of ranks."""
     seeds = np.array([10, 0, 9, 1, 8, 2, 7, 3, 6, 4, 5])
-    grid = [list(range(b, min(b + 3, 11))) for b in range(0, 11, 3)]       # [0,1,2] [3,4,5] [6,7,8] [9,10]
+    grid = [list(range(b, min(b + 3, 11))) for b in range(0, 11, 3)]  # [0,1,2] [3,4,5] [6,7,8] [9,10]
     for world in (1, 2, 3, 5):
         batches = []
         for rank in range(world):
@@ -72,11 +72,11 @@ def test_batch_1_vs_13_identical_stand_in():
     seeds = np.array([0, 3, 7, 11, 12, 40, 41, 99, 1000, 2**40, 5, 6, 2**63 - 1])
     s1, a = run(net, seeds, 1)
     s13, b = run(net, seeds, 13)
-    s4, c = run(net, seeds[::-1].copy(), 4, fixed_shape=True)     # padded last batch, other order
+    s4, c = run(net, seeds[::-1].copy(), 4, fixed_shape=True)  # padded last batch, other order
     assert np.array_equal(s1, np.sort(seeds)) and np.array_equal(s1, s13) and np.array_equal(s1, s4)
     assert a.dtype == torch.uint8 and a.shape == (13, 1, 8, 8)
     assert torch.equal(a, b) and torch.equal(a, c)
-    assert a.float().std() > 10                                     # real images, not a constant
+    assert a.float().std() > 10  # real images, not a constant
 
 
 def test_batch_1_vs_3_same_images_up_to_rounding_network():
@@ -122,23 +122,27 @@ def test_network_D_mismatch_is_an_error():
     net = stand_in(D=8.0)
     with pytest.raises(ValueError, match=r"D=16 was given but the network was trained with D=8"):
         run(net, [0], 1, D=16)
-    run(net, [0], 1, D=8)                                            # equal D is fine
+    run(net, [0], 1, D=8)  # equal D is fine
     with pytest.raises(ValueError, match="mismatch"):
         G.resolve_D(tiny_net(D=128), float("inf"))
 
 
 def test_write_png_layout_and_npz(tmp_path):
     from PIL import Image
+
     net = stand_in()
     seeds = [5, 1234, 999]
     _, images = run(net, seeds, 2)
-    G.write_images(G.generate_images(net, np.array(seeds), 2, num_steps=4),
-                   outdir=str(tmp_path / "png"), npz=str(tmp_path / "out.npz"))
+    G.write_images(
+        G.generate_images(net, np.array(seeds), 2, num_steps=4),
+        outdir=str(tmp_path / "png"),
+        npz=str(tmp_path / "out.npz"),
+    )
     for seed, img in zip(sorted(seeds), images):
         path = tmp_path / "png" / f"{seed - seed % 1000:06d}" / f"{seed:06d}.png"
         assert path.exists(), path
         assert np.array_equal(np.asarray(Image.open(path)), img[0].numpy())
-    assert not [f for f in os.listdir(tmp_path / "png" / "000000") if f.startswith(".")]   # no temp files
+    assert not [f for f in os.listdir(tmp_path / "png" / "000000") if f.startswith(".")]  # no temp files
     arr, s = load_npz_images(str(tmp_path / "out.npz"))
     assert arr.dtype == np.uint8 and arr.shape == (3, 8, 8, 1)
     assert list(s) == sorted(seeds) and np.array_equal(arr, images.permute(0, 2, 3, 1).numpy())
@@ -148,7 +152,7 @@ def test_write_png_layout_and_npz(tmp_path):
     assert adm.dtype == np.uint8 and adm.shape == (3, 8, 8, 1) and np.array_equal(adm, arr)
 
 
-COUPLING = 0.05     # the batch-coupled stand-in: a seed's image depends on its whole batch
+COUPLING = 0.05  # the batch-coupled stand-in: a seed's image depends on its whole batch
 
 
 def _rank_worker(rank, out):
@@ -163,27 +167,31 @@ def test_one_vs_two_gloo_ranks_identical(tmp_path):
     depend on their batch (the worst a BLAS could do): each rank computes whole batches of
     the one-process grid."""
     one, other = str(tmp_path / "one.npz"), str(tmp_path / "other.npz")
-    G.write_images(G.generate_images(stand_in(batch_coupling=COUPLING), checks.check_seeds("0-10"), 3, num_steps=4),
-                   npz=one)
-    G.write_images(G.generate_images(stand_in(batch_coupling=COUPLING), checks.check_seeds("0-10"), 5, num_steps=4),
-                   npz=other)
+    G.write_images(
+        G.generate_images(stand_in(batch_coupling=COUPLING), checks.check_seeds("0-10"), 3, num_steps=4), npz=one
+    )
+    G.write_images(
+        G.generate_images(stand_in(batch_coupling=COUPLING), checks.check_seeds("0-10"), 5, num_steps=4), npz=other
+    )
     two = str(tmp_path / "two.npz")
     run_ranks(_rank_worker, 2, tmp_path / "ranks", two)
     a, sa = load_npz_images(one)
     b, sb = load_npz_images(two)
     assert list(sa) == list(range(11)) and np.array_equal(sa, sb)
     assert np.array_equal(a, b)
-    assert not np.array_equal(a, load_npz_images(other)[0])     # the coupling is felt: other batches differ
+    assert not np.array_equal(a, load_npz_images(other)[0])  # the coupling is felt: other batches differ
 
 
 def test_cli_generate_and_D_mismatch(tmp_path, capsys):
     ckpt = pytest.importorskip("pfgmpp_fast.checkpoint")
     from pfgmpp_fast import cli
+
     path = str(tmp_path / "net.safetensors")
     ckpt.save_network(path, tiny_net(D=8))
     out = str(tmp_path / "g.npz")
-    assert cli.main(["generate", "--network", path, "--seeds", "0-2", "--steps", "2", "--npz", out,
-                     "--no-progress"]) == 0
+    assert (
+        cli.main(["generate", "--network", path, "--seeds", "0-2", "--steps", "2", "--npz", out, "--no-progress"]) == 0
+    )
     arr, seeds = load_npz_images(out)
     assert arr.shape == (3, 8, 8, 1) and list(seeds) == [0, 1, 2]
     assert cli.main(["generate", "--network", path, "--D", "16", "--npz", out]) == 2
@@ -210,6 +218,7 @@ def test_backends_give_the_same_images(backend):
     """Same seeds, other backend: the same images up to float rounding (the RNG is bit-exact;
     transcendentals and fp32 arithmetic may move a pixel across a uint8 boundary)."""
     from pfgmpp_fast import ops
+
     try:
         ops.resolve_backend(backend, "cpu")
     except (RuntimeError, ValueError) as exc:
@@ -220,5 +229,5 @@ def test_backends_give_the_same_images(backend):
     _, out = run(net, [2, 7], 2, backend=backend, **kw)
     diff = (out.int() - ref.int()).abs()
     assert int(diff.max()) <= 1 and float((diff > 0).float().mean()) < 0.05
-    _, other = run(net, [2, 8], 2, backend=backend, **kw)           # a different seed differs
+    _, other = run(net, [2, 8], 2, backend=backend, **kw)  # a different seed differs
     assert torch.equal(other[0], out[0]) and (other[1].int() - out[1].int()).abs().sum() > 64

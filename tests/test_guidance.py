@@ -2,19 +2,18 @@
 another network (autoguidance) or the same network without labels (classifier-free guidance,
 one batched call), against the combined denoiser sampled as a plain callable and against
 reference.sample."""
+
 import math
 
 import numpy as np
-
 import pytest
 import torch
+from op_helpers import rel_err
 
 import pfgmpp_fast as pf
 from pfgmpp_fast import reference as R
 from pfgmpp_fast.networks import build_network
 from pfgmpp_fast.sampler import UNCOND, SamplerOptions
-
-from op_helpers import rel_err
 
 D = 8.0
 SEEDS = torch.tensor([0, 1, 5, 2**40])
@@ -24,9 +23,19 @@ KEY = 3
 def _net(seed, label_dim=0, sigma_data=0.5, D=D):
     """A 1x8x8 DDPM++ with random (not zero-initialised) weights, so every input matters."""
     torch.manual_seed(seed)
-    net = build_network("ddpmpp", resolution=8, channels=1, label_dim=label_dim, D=D, model_channels=8,
-                        channel_mult=[1], num_blocks=1, attn_resolutions=[], dropout=0.0,
-                        sigma_data=sigma_data).eval()
+    net = build_network(
+        "ddpmpp",
+        resolution=8,
+        channels=1,
+        label_dim=label_dim,
+        D=D,
+        model_channels=8,
+        channel_mult=[1],
+        num_blocks=1,
+        attn_resolutions=[],
+        dropout=0.0,
+        sigma_data=sigma_data,
+    ).eval()
     with torch.no_grad():
         for p in net.parameters():
             p.add_(torch.randn_like(p) * 0.1)
@@ -48,14 +57,17 @@ def _sample(net, **kw):
 
 def _combined(net, gnet, W, uncond=False):
     """The guided denoiser as a plain callable (D = EDMPrecond.forward)."""
+
     def denoiser(x, sigma, labels):
         guide_labels = torch.zeros_like(labels) if uncond else labels
         return torch.lerp(gnet(x, sigma, guide_labels).float(), net(x, sigma, labels).float(), W)
+
     return denoiser
 
 
 class Bomb(torch.nn.Module):
     """A guide that must never be called."""
+
     D = D
 
     def forward(self, *args):
@@ -77,7 +89,7 @@ class Counting(torch.nn.Module):
 
 def test_guidance_is_a_checked_sampler_option():
     assert SamplerOptions().guidance == 1.0 and SamplerOptions(guidance=2).guidance == 2.0
-    assert "guidance" not in SamplerOptions().describe()              # old shard configurations stay valid
+    assert "guidance" not in SamplerOptions().describe()  # old shard configurations stay valid
     assert SamplerOptions(guidance=1.5).describe()["guidance"] == 1.5
     for bad in (-0.5, math.nan, math.inf):
         with pytest.raises(ValueError, match=r"guidance must be in \[0, inf\), got"):
@@ -111,7 +123,7 @@ def test_autoguidance_equals_the_combined_denoiser(W, backend):
     as_callable = _sample(_combined(net, gnet, W), backend=backend)
     ref = R.sample(_combined(net, gnet, W), _latents(), D, KEY, SEEDS, num_steps=4, dtype=torch.float32)
     assert rel_err(guided, as_callable) < 1e-5 and rel_err(guided, ref) < 1e-5
-    assert rel_err(guided, _sample(net)) > 1e-3 or W == 1.0          # guidance changed the images
+    assert rel_err(guided, _sample(net)) > 1e-3 or W == 1.0  # guidance changed the images
 
 
 @pytest.mark.parametrize("solver", ["dpmpp2m", "ipndm", "euler"])
@@ -128,22 +140,31 @@ def test_every_solver_samples_the_guided_denoiser(solver):
 def test_classifier_free_guidance_equals_the_combined_denoiser(W):
     net = _net(0, 4)
     guided = _sample(net, class_labels=_labels(), guidance=W, gnet=UNCOND, S_churn=2.0)
-    ref = R.sample(_combined(net, net, W, uncond=True), _latents(), D, KEY, SEEDS, num_steps=4, S_churn=2.0,
-                   class_labels=_labels(), dtype=torch.float32)
+    ref = R.sample(
+        _combined(net, net, W, uncond=True),
+        _latents(),
+        D,
+        KEY,
+        SEEDS,
+        num_steps=4,
+        S_churn=2.0,
+        class_labels=_labels(),
+        dtype=torch.float32,
+    )
     assert rel_err(guided, ref) < 1e-5
     assert rel_err(guided, _sample(net, class_labels=_labels(), S_churn=2.0)) > 1e-3
-    if W == 0.0:   # W = 0 is the guide alone: the network without labels
+    if W == 0.0:  # W = 0 is the guide alone: the network without labels
         assert rel_err(guided, _sample(net, class_labels=torch.zeros(4, 4), S_churn=2.0)) < 1e-5
 
 
 def test_classifier_free_guidance_is_one_network_call_on_the_doubled_batch():
     counting = Counting(_net(0, 4))
-    _sample(counting, class_labels=_labels(), guidance=2.0, gnet=UNCOND, num_steps=3)   # Heun: 5 evaluations
+    _sample(counting, class_labels=_labels(), guidance=2.0, gnet=UNCOND, num_steps=3)  # Heun: 5 evaluations
     assert [b for b, _ in counting.calls] == [8] * 5
     labels = counting.calls[0][1]
     assert torch.equal(labels[:4], _labels()) and torch.equal(labels[4:], torch.zeros(4, 4))
     counting.calls.clear()
-    _sample(counting, class_labels=_labels(), num_steps=3)                               # unguided: B per call
+    _sample(counting, class_labels=_labels(), num_steps=3)  # unguided: B per call
     assert [b for b, _ in counting.calls] == [4] * 5
 
 
@@ -154,17 +175,24 @@ def test_autoguidance_calls_each_network_once_per_evaluation():
 
 
 def test_a_guide_with_other_preconditioning_guides_through_the_denoisers():
-    net, gnet = _net(0), _net(1, sigma_data=0.7)      # c_skip/c_out differ: the combination is of D, not F
+    net, gnet = _net(0), _net(1, sigma_data=0.7)  # c_skip/c_out differ: the combination is of D, not F
     guided = _sample(net, guidance=2.0, gnet=gnet)
     assert rel_err(guided, _sample(_combined(net, gnet, 2.0))) < 1e-5
 
 
-@pytest.mark.parametrize("net_kw,gnet,message", [
-    ({}, None, r"gnet: is needed with guidance=2"),
-    ({}, UNCOND, r"gnet: 'uncond' \(classifier-free guidance\) needs a class-conditional network"),
-    ({"label_dim": 4}, "unconditional", r"gnet must be a network, a denoiser callable or 'uncond', got 'unconditional'"),
-    ({}, "other-D", r"gnet: D=8 was given but the network was trained with D=128"),
-])
+@pytest.mark.parametrize(
+    "net_kw,gnet,message",
+    [
+        ({}, None, r"gnet: is needed with guidance=2"),
+        ({}, UNCOND, r"gnet: 'uncond' \(classifier-free guidance\) needs a class-conditional network"),
+        (
+            {"label_dim": 4},
+            "unconditional",
+            r"gnet must be a network, a denoiser callable or 'uncond', got 'unconditional'",
+        ),
+        ({}, "other-D", r"gnet: D=8 was given but the network was trained with D=128"),
+    ],
+)
 def test_bad_guides_are_named(net_kw, gnet, message):
     gnet = _net(1, D=128.0) if gnet == "other-D" else gnet
     with pytest.raises(ValueError, match=message):
@@ -176,13 +204,15 @@ def test_bad_guides_are_named(net_kw, gnet, message):
 # ----------------------------------------------------------------------------------------
 # Label dropout in training (train --label-dropout P): Philox stream STREAM_LABEL_DROPOUT
 
+
 def test_label_dropout_mask_is_a_function_of_key_and_sample_id():
     from pfgmpp_fast.training.augment import drop_labels, label_dropout_mask
+
     ids = torch.arange(200_000, dtype=torch.int64) * 7 + 2**33
     mask = label_dropout_mask(11, ids, 0.2)
-    assert abs(mask.float().mean().item() - 0.2) < 0.005                 # rate ≈ P (σ ≈ 0.0009)
+    assert abs(mask.float().mean().item() - 0.2) < 0.005  # rate ≈ P (σ ≈ 0.0009)
     assert torch.equal(label_dropout_mask(11, ids[5::13].flip(0), 0.2), mask[5::13].flip(0))  # any batch, order
-    assert not torch.equal(label_dropout_mask(12, ids, 0.2), mask)       # the key matters
+    assert not torch.equal(label_dropout_mask(12, ids, 0.2), mask)  # the key matters
     assert torch.equal(label_dropout_mask(11, ids, 0.1) & mask, label_dropout_mask(11, ids, 0.1))  # nested in P
     assert not label_dropout_mask(11, ids, 0.0).any() and label_dropout_mask(11, ids, 1.0).all()
     # the spec: u0 of block 0 of the stream, counter (0, id low, id high, STREAM_LABEL_DROPOUT)
@@ -198,6 +228,7 @@ def test_training_drops_the_labels_of_the_masked_samples(tmp_path, monkeypatch):
     from pfgmpp_fast.training import loop
     from pfgmpp_fast.training.augment import label_dropout_mask
     from pfgmpp_fast.training.train import run_training
+
     seen = []
     forward = loop._LossModule.forward
 
@@ -206,10 +237,26 @@ def test_training_drops_the_labels_of_the_masked_samples(tmp_path, monkeypatch):
         return forward(self, y, sample_ids, labels, augment_labels)
 
     monkeypatch.setattr(loop._LossModule, "forward", spy)
-    o = dict(data="digits", cond=True, arch="ddpmpp", D=128, batch=32, duration_kimg=0.064, tick_kimg=0.032,
-             network=dict(model_channels=8, channel_mult=[1], num_blocks=1, attn_resolutions=[]), snap_ticks=None,
-             dump_ticks=None, dropout=0.0, augment=0.0, precision="fp32", compile=False, channels_last=False,
-             progress=False, seed=3, device="cpu")
+    o = dict(
+        data="digits",
+        cond=True,
+        arch="ddpmpp",
+        D=128,
+        batch=32,
+        duration_kimg=0.064,
+        tick_kimg=0.032,
+        network=dict(model_channels=8, channel_mult=[1], num_blocks=1, attn_resolutions=[]),
+        snap_ticks=None,
+        dump_ticks=None,
+        dropout=0.0,
+        augment=0.0,
+        precision="fp32",
+        compile=False,
+        channels_last=False,
+        progress=False,
+        seed=3,
+        device="cpu",
+    )
     run_training(run_dir=str(tmp_path / "p"), label_dropout=0.5, **o)
     ids = torch.cat([i for i, _ in seen])
     labels = torch.cat([lab for _, lab in seen])
@@ -217,13 +264,14 @@ def test_training_drops_the_labels_of_the_masked_samples(tmp_path, monkeypatch):
     assert len(ids) == 64 and 10 < int(dropped.sum()) < 54
     assert not labels[dropped].any() and torch.equal(labels[~dropped].sum(1), torch.ones(int((~dropped).sum())))
     seen.clear()
-    run_training(run_dir=str(tmp_path / "none"), **o)                    # default 0: every label kept
+    run_training(run_dir=str(tmp_path / "none"), **o)  # default 0: every label kept
     assert all(torch.equal(lab.sum(1), torch.ones(len(lab))) for _, lab in seen)
 
 
 def test_label_dropout_option_errors(capsys):
     from pfgmpp_fast import cli
     from pfgmpp_fast.training.options import resolve_options
+
     with pytest.raises(ValueError, match=r"label_dropout must be in \[0, 1\], got 1.5"):
         resolve_options(cond=True, label_dropout=1.5)
     with pytest.raises(ValueError, match=r"label_dropout = 0.2 needs cond"):
@@ -236,9 +284,11 @@ def test_label_dropout_option_errors(capsys):
 # ----------------------------------------------------------------------------------------
 # Command line (generate / fid --guidance W --gnet PATH|uncond) and the guidance sweep
 
+
 @pytest.fixture()
 def saved(tmp_path):
     from pfgmpp_fast.checkpoint import save_network
+
     paths = {}
     for name, net in (("cond", _net(0, 4)), ("small", _net(1)), ("plain", _net(0)), ("d128", _net(2, D=128.0))):
         paths[name] = str(tmp_path / f"{name}.safetensors")
@@ -250,30 +300,38 @@ def test_cli_generate_with_guidance_equals_the_api(tmp_path, saved):
     from pfgmpp_fast import cli
     from pfgmpp_fast.checkpoint import load_network
     from pfgmpp_fast.evaluation.generate import generate_images
+
     common = ["generate", "--seeds", "0-5", "--steps", "3", "--batch", "6", "--no-progress"]
     for gnet, path in (("uncond", saved["cond"]), (saved["small"], saved["plain"])):
         npz = str(tmp_path / "g.npz")
         assert cli.main([*common, "--network", path, "--guidance", "2.5", "--gnet", gnet, "--npz", npz]) == 0
         net = load_network(path)
         guide = UNCOND if gnet == "uncond" else load_network(gnet)
-        api = torch.cat([im for _, im in generate_images(net, list(range(6)), 6, num_steps=3, guidance=2.5,
-                                                         gnet=guide)])
+        api = torch.cat(
+            [im for _, im in generate_images(net, list(range(6)), 6, num_steps=3, guidance=2.5, gnet=guide)]
+        )
         assert np.array_equal(np.load(npz)["images"], api.permute(0, 2, 3, 1).numpy())
         unguided = torch.cat([im for _, im in generate_images(net, list(range(6)), 6, num_steps=3)])
         assert not torch.equal(api, unguided)
 
 
-@pytest.mark.parametrize("args,message", [
-    (["--guidance", "-1"], "--guidance"),
-    (["--guidance", "nan"], "--guidance"),
-    (["--guidance", "2"], "--gnet: is required with --guidance 2"),
-    (["--guidance", "2", "--gnet", "missing.safetensors"], "--gnet"),
-    (["--guidance", "2", "--gnet", "uncond", "--network", "plain"], "--gnet: 'uncond' (classifier-free guidance) "
-                                                                      "needs a class-conditional network"),
-    (["--guidance", "2", "--gnet", "d128"], "--gnet"),
-])
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["--guidance", "-1"], "--guidance"),
+        (["--guidance", "nan"], "--guidance"),
+        (["--guidance", "2"], "--gnet: is required with --guidance 2"),
+        (["--guidance", "2", "--gnet", "missing.safetensors"], "--gnet"),
+        (
+            ["--guidance", "2", "--gnet", "uncond", "--network", "plain"],
+            "--gnet: 'uncond' (classifier-free guidance) needs a class-conditional network",
+        ),
+        (["--guidance", "2", "--gnet", "d128"], "--gnet"),
+    ],
+)
 def test_cli_guidance_errors_name_the_option(tmp_path, saved, capsys, args, message):
     from pfgmpp_fast import cli
+
     args = [saved.get(a, a) for a in args]
     network = [] if "--network" in args else ["--network", saved["cond"]]
     rc = cli.main(["generate", *network, *args, "--seeds", "0-1", "--steps", "2", "--npz", str(tmp_path / "x.npz")])
@@ -286,10 +344,22 @@ def test_guidance_sweep_on_a_tiny_network(tmp_path, saved, digits, digits_cache,
     from pfgmpp_fast import cli
     from pfgmpp_fast.evaluation import calc, metrics
     from pfgmpp_fast.evaluation import sweep as sweep_engine
+
     ref = calc.reference_stats("digits", digits, batch_size=500)
     net = _net(0, 4)
-    rows = sweep_engine.sweep("guidance", [1.0, 3.0], net=net, gnet=UNCOND, ref=ref, extractor=digits, seeds="0-15",
-                              outdir=str(tmp_path / "api"), batch_size=16, num_steps=2, log=lambda s: None)
+    rows = sweep_engine.sweep(
+        "guidance",
+        [1.0, 3.0],
+        net=net,
+        gnet=UNCOND,
+        ref=ref,
+        extractor=digits,
+        seeds="0-15",
+        outdir=str(tmp_path / "api"),
+        batch_size=16,
+        num_steps=2,
+        log=lambda s: None,
+    )
     assert [r["value"] for r in rows] == [1.0, 3.0] and rows[0]["FDD"] != rows[1]["FDD"]
     # W = 1 is the unguided point
     plain = calc.calc_stats(calc.GeneratorSource(net, "0-15", num_steps=2), digits, batch_size=16)
@@ -298,8 +368,26 @@ def test_guidance_sweep_on_a_tiny_network(tmp_path, saved, digits, digits_cache,
         sweep_engine.sweep("guidance", [2.0], net=net, ref=ref, extractor=digits, seeds="0-3", log=lambda s: None)
     ref_path = str(tmp_path / "ref.npz")
     metrics.save_stats(ref_path, *ref)
-    common = ["fid", "sweep", "--kind", "guidance", "--network", saved["cond"], "--steps", "2", "--batch", "16",
-              "--features", "digits", "--digits-cache", digits_cache, "--ref", ref_path, "--seeds", "0-15"]
+    common = [
+        "fid",
+        "sweep",
+        "--kind",
+        "guidance",
+        "--network",
+        saved["cond"],
+        "--steps",
+        "2",
+        "--batch",
+        "16",
+        "--features",
+        "digits",
+        "--digits-cache",
+        digits_cache,
+        "--ref",
+        ref_path,
+        "--seeds",
+        "0-15",
+    ]
     assert cli.main([*common, "--values", "1,3", "--gnet", "uncond", "--outdir", str(tmp_path / "cli")]) == 0
     csv = open(tmp_path / "cli" / "sweep-guidance.csv").read().splitlines()
     assert len(csv) == 3 and csv[1].startswith("guidance,1.0,") and csv[2].startswith("guidance,3.0,")
@@ -310,9 +398,10 @@ def test_guidance_sweep_on_a_tiny_network(tmp_path, saved, digits, digits_cache,
 
 def test_fid_shards_record_the_guide():
     from pfgmpp_fast.evaluation import calc
+
     net = _net(0, 4)
     describe = lambda **kw: calc.GeneratorSource(net, "0-3", num_steps=2, **kw).describe()  # noqa: E731
-    assert "gnet" not in describe() and describe(guidance=1.0, gnet=_net(1)) == describe()   # W = 1: no guide
+    assert "gnet" not in describe() and describe(guidance=1.0, gnet=_net(1)) == describe()  # W = 1: no guide
     cfg, auto = describe(guidance=2.0, gnet=UNCOND), describe(guidance=2.0, gnet=_net(1))
     assert cfg["gnet"] == "uncond" and cfg["guidance"] == 2.0
     assert auto["gnet"] == calc.weights_fingerprint(_net(1)) != describe(guidance=2.0, gnet=_net(2))["gnet"]

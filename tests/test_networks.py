@@ -1,4 +1,5 @@
 """Networks: published state-dict compatibility, eager semantics, fast path vs eager fp32."""
+
 import glob
 import json
 import math
@@ -7,8 +8,7 @@ import os
 import pytest
 import torch
 
-from pfgmpp_fast.networks import (EDMPrecond, FastNetwork, UNetBlock, build_network, make_fast,
-                                  set_attention)
+from pfgmpp_fast.networks import EDMPrecond, FastNetwork, UNetBlock, build_network, make_fast, set_attention
 
 GOLDEN_DIR = os.path.join(os.path.dirname(__file__), 'golden')
 GOLDENS = sorted(glob.glob(os.path.join(GOLDEN_DIR, '*.json')))
@@ -18,7 +18,9 @@ BUILD_CALLS = {
     'cifar10_ddpmpp': dict(arch='ddpmpp', resolution=32, channels=3, augment_dim=9),
     'cifar10_ddpmpp_cond': dict(arch='ddpmpp', resolution=32, channels=3, label_dim=10, augment_dim=9),
     'cifar10_ncsnpp': dict(arch='ncsnpp', resolution=32, channels=3, augment_dim=9),
-    'ffhq64_ddpmpp': dict(arch='ddpmpp', resolution=64, channels=3, channel_mult=[1, 2, 2, 2], augment_dim=9, dropout=0.05),
+    'ffhq64_ddpmpp': dict(
+        arch='ddpmpp', resolution=64, channels=3, channel_mult=[1, 2, 2, 2], augment_dim=9, dropout=0.05
+    ),
     'imagenet64_adm': dict(arch='adm', resolution=64, channels=3, label_dim=1000, dropout=0.10),
 }
 
@@ -45,20 +47,23 @@ def test_published_state_dict_golden(path):
     assert built.D == 128 and built.N == 3 * golden['published_kwargs']['img_resolution'] ** 2
 
 
-@pytest.mark.parametrize('kwargs, word', [
-    (dict(arch='unet'), 'arch'),
-    (dict(arch='ddpmpp', resolution=12, channel_mult=[1, 2, 2, 2]), 'resolution'),
-    (dict(arch='adm', resolution=0), 'resolution'),
-    (dict(arch='ddpmpp', resolution=32.0), 'resolution'),
-    (dict(arch='ddpmpp', D=0), 'D'),
-    (dict(arch='ddpmpp', D=-3), 'D'),
-    (dict(arch='ddpmpp', D=float('nan')), 'D'),
-    (dict(arch='ddpmpp', channels=0), 'channels'),
-    (dict(arch='ddpmpp', label_dim=-1), 'label_dim'),
-    (dict(arch='ncsnpp', embedding_type='sinus'), 'embedding_type'),
-    (dict(arch='ddpmpp', dropout=1.5), 'dropout'),
-    (dict(arch='ddpmpp', channel_mult=[]), 'channel_mult'),
-])
+@pytest.mark.parametrize(
+    'kwargs, word',
+    [
+        (dict(arch='unet'), 'arch'),
+        (dict(arch='ddpmpp', resolution=12, channel_mult=[1, 2, 2, 2]), 'resolution'),
+        (dict(arch='adm', resolution=0), 'resolution'),
+        (dict(arch='ddpmpp', resolution=32.0), 'resolution'),
+        (dict(arch='ddpmpp', D=0), 'D'),
+        (dict(arch='ddpmpp', D=-3), 'D'),
+        (dict(arch='ddpmpp', D=float('nan')), 'D'),
+        (dict(arch='ddpmpp', channels=0), 'channels'),
+        (dict(arch='ddpmpp', label_dim=-1), 'label_dim'),
+        (dict(arch='ncsnpp', embedding_type='sinus'), 'embedding_type'),
+        (dict(arch='ddpmpp', dropout=1.5), 'dropout'),
+        (dict(arch='ddpmpp', channel_mult=[]), 'channel_mult'),
+    ],
+)
 def test_build_network_bad_inputs(kwargs, word):
     with pytest.raises((ValueError, TypeError), match=word):
         with torch.device('meta'):
@@ -86,12 +91,15 @@ def _rel(a, b):
     return ((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-30)).item()
 
 
-@pytest.mark.parametrize('arch, res, ch, labels, extra', [
-    ('ddpmpp', 8, 1, 0, {}),
-    ('ddpmpp', 12, 3, 4, dict(encoder_type='skip', decoder_type='skip')),
-    ('ncsnpp', 16, 2, 0, dict(augment_dim=9)),
-    ('adm', 8, 3, 5, dict(augment_dim=9)),
-])
+@pytest.mark.parametrize(
+    'arch, res, ch, labels, extra',
+    [
+        ('ddpmpp', 8, 1, 0, {}),
+        ('ddpmpp', 12, 3, 4, dict(encoder_type='skip', decoder_type='skip')),
+        ('ncsnpp', 16, 2, 0, dict(augment_dim=9)),
+        ('adm', 8, 3, 5, dict(augment_dim=9)),
+    ],
+)
 def test_eager_semantics(arch, res, ch, labels, extra):
     torch.manual_seed(1)
     net = _randomise(_tiny(arch, res, ch, labels, **extra)).eval()
@@ -120,7 +128,7 @@ def test_unconditional_labels_and_scalar_sigma():
     net = _randomise(_tiny('ddpmpp', label_dim=3)).eval()
     x = torch.randn(2, 1, 8, 8)
     with torch.no_grad():
-        a = net(x, torch.tensor(0.7))                 # scalar sigma, labels default to zeros
+        a = net(x, torch.tensor(0.7))  # scalar sigma, labels default to zeros
         b = net(x, torch.full([2], 0.7), torch.zeros(2, 3))
     torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
     with pytest.raises(ValueError, match='D'):
@@ -165,7 +173,9 @@ def test_dropout_and_label_dropout_in_training_mode():
 
 
 def _fast_check(net, fast, B=3, tol=2e-2):
-    x = torch.randn(B, net.img_channels, net.img_resolution, net.img_resolution).contiguous(memory_format=torch.channels_last)
+    x = torch.randn(B, net.img_channels, net.img_resolution, net.img_resolution).contiguous(
+        memory_format=torch.channels_last
+    )
     sigma = torch.exp(torch.randn(B) * 1.2 - 0.5)
     # forward, no grad: bf16 vs fp32
     with torch.no_grad():
@@ -237,10 +247,13 @@ def test_make_fast_eager_and_fp32_modes():
     assert _rel(f32, ref) < 1e-5 and _rel(bf, ref) < 2e-2 and _rel(forced, ref) < 1e-5
 
 
-@pytest.mark.parametrize('kwargs, word', [
-    (dict(dtype=torch.int8), 'dtype'),
-    (dict(compile=False, cuda_graphs=True), 'cuda_graphs'),
-])
+@pytest.mark.parametrize(
+    'kwargs, word',
+    [
+        (dict(dtype=torch.int8), 'dtype'),
+        (dict(compile=False, cuda_graphs=True), 'cuda_graphs'),
+    ],
+)
 def test_make_fast_bad_arguments(kwargs, word):
     net = _tiny()
     with pytest.raises(ValueError, match=word):
@@ -252,8 +265,18 @@ def test_make_fast_bad_arguments(kwargs, word):
 def test_make_fast_inductor_cpu_minimal():
     """Real inductor codegen on the CPU, minimal net, inference only (keeps CI time small)."""
     torch.manual_seed(7)
-    net = _randomise(build_network('ddpmpp', resolution=4, channels=1, model_channels=16, channel_mult=[1],
-                                   num_blocks=0, attn_resolutions=[4], dropout=0.0)).eval()
+    net = _randomise(
+        build_network(
+            'ddpmpp',
+            resolution=4,
+            channels=1,
+            model_channels=16,
+            channel_mult=[1],
+            num_blocks=0,
+            attn_resolutions=[4],
+            dropout=0.0,
+        )
+    ).eval()
     fast = make_fast(net)
     x = torch.randn(2, 1, 4, 4)
     sigma = torch.tensor([0.2, 2.0])
@@ -268,10 +291,17 @@ def test_polyphase_resampling_matches_depthwise_conv(taps):
     """make_fast's FIR resampling (shifted strided slices) == the published depthwise conv,
     values and input gradients, for every up/down/fused variant and odd sizes."""
     from pfgmpp_fast.networks import Conv2d
+
     torch.manual_seed(8)
-    variants = [dict(kernel=3, down=True), dict(kernel=3, up=True), dict(kernel=1, down=True), dict(kernel=0, up=True),
-                dict(kernel=0, down=True), dict(kernel=3, down=True, fused_resample=True),
-                dict(kernel=3, up=True, fused_resample=True)]
+    variants = [
+        dict(kernel=3, down=True),
+        dict(kernel=3, up=True),
+        dict(kernel=1, down=True),
+        dict(kernel=0, up=True),
+        dict(kernel=0, down=True),
+        dict(kernel=3, down=True, fused_resample=True),
+        dict(kernel=3, up=True, fused_resample=True),
+    ]
     for kw in variants:
         conv = Conv2d(3, 5 if kw['kernel'] else 3, resample_filter=taps, init_bias=1, **kw)
         for H in (8, 5):
@@ -280,7 +310,7 @@ def test_polyphase_resampling_matches_depthwise_conv(taps):
             for impl in ('conv', 'polyphase'):
                 conv.resample_impl = impl
                 y = conv(x)
-                g, = torch.autograd.grad((y * torch.cos(torch.arange(y.numel()).reshape(y.shape))).sum(), x)
+                (g,) = torch.autograd.grad((y * torch.cos(torch.arange(y.numel()).reshape(y.shape))).sum(), x)
                 outs.append((y, g))
             (y1, g1), (y2, g2) = outs
             assert y1.shape == y2.shape, (kw, H)

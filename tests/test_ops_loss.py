@@ -1,16 +1,28 @@
 """Fused loss forward+backward (op level), the autograd path and training_loss vs reference."""
+
 import math
 import zlib
 
 import pytest
 import torch
+from op_helpers import (
+    BACKENDS,
+    D_VALUES,
+    assert_close_rel,
+    case_id,
+    cpp_ops,
+    device_for,
+    in_layout,
+    needs_ext,
+    random_ids,
+    rel_err,
+    seeded,
+    tol_for,
+)
 from torch import nn
 
 from pfgmpp_fast import ops
 from pfgmpp_fast import reference as R
-from op_helpers import (BACKENDS, D_VALUES, assert_close_rel, case_id, cpp_ops, device_for, in_layout, needs_ext,
-                        random_ids, rel_err, seeded, tol_for)
-
 from pfgmpp_fast.loss import PFGMPPLoss, training_loss
 
 pytestmark = pytest.mark.usefixtures("poison_uninitialized_memory")
@@ -39,12 +51,21 @@ class TinyPrecond(nn.Module):
 # shape, F dtype, F layout, y dtype, y layout, D (None: scale = σ·(1 + uniform)), grad_scale
 LOSS_CASES = [
     # every batch size (B = 0 included), F layout and dtype pair on [B, 3, 5, 7] (odd N = 105)
-    *[((B, 3, 5, 7), F_dtype, F_layout, y_dtype, y_layout, None, 0.3)
-      for B in (0, 1, 7)
-      for F_layout, y_layout in (("contiguous", "transposed"), ("channels_last", "contiguous"),
-                                 ("transposed", "channels_last"))
-      for F_dtype, y_dtype in ((torch.float32, torch.float32), (torch.bfloat16, torch.float32),
-                               (torch.float16, torch.float32), (torch.float64, torch.float64))],
+    *[
+        ((B, 3, 5, 7), F_dtype, F_layout, y_dtype, y_layout, None, 0.3)
+        for B in (0, 1, 7)
+        for F_layout, y_layout in (
+            ("contiguous", "transposed"),
+            ("channels_last", "contiguous"),
+            ("transposed", "channels_last"),
+        )
+        for F_dtype, y_dtype in (
+            (torch.float32, torch.float32),
+            (torch.bfloat16, torch.float32),
+            (torch.float16, torch.float32),
+            (torch.float64, torch.float64),
+        )
+    ],
     # per-sample scales σ·√(D/V) of every D, other ranks, several blocks / chunks per sample
     ((0, 3, 4, 4), torch.bfloat16, "contiguous", torch.float32, "contiguous", 8.0, 1.0),
     ((1, 3, 5, 7), torch.float32, "contiguous", torch.float32, "contiguous", 1.0, 0.5),
@@ -59,8 +80,11 @@ LOSS_CASES = [
     ((3, 1, 8, 12), torch.float32, "channels_last", torch.float32, "channels_last", 2.0, 1.0),  # C = 1
     ((3, 3, 0, 4), torch.float32, "contiguous", torch.float32, "contiguous", 2.0, 1.0),  # N = 0: loss 0
     # H·W % 4 == 0 with a channels-last F: the [channels, pixels] tiled path
-    *[((7, C, H, W), F_dtype, "channels_last", torch.float32, "contiguous", None, 0.5)
-      for C, H, W in ((3, 4, 6), (5, 2, 2)) for F_dtype in (torch.float32, torch.bfloat16)],
+    *[
+        ((7, C, H, W), F_dtype, "channels_last", torch.float32, "contiguous", None, 0.5)
+        for C, H, W in ((3, 4, 6), (5, 2, 2))
+        for F_dtype in (torch.float32, torch.bfloat16)
+    ],
 ]
 
 
@@ -82,8 +106,7 @@ def _loss(backend, shape, F_dtype, F_layout, y_dtype, y_layout, D, grad_scale):
     ids = torch.randint(0, 2**62, (B,), generator=gen).to(dev)
     key = int(torch.randint(0, 2**62, (1,), generator=gen))
     out = ops.loss_fwd_bwd(F, y, *args, ids, key, R.STREAM_NOISE, grad_scale, backend=backend)
-    ref = R.ref_loss_fwd_bwd(F.cpu(), y.cpu(), *[a.cpu() for a in args], ids.cpu(), key, R.STREAM_NOISE,
-                             grad_scale)
+    ref = R.ref_loss_fwd_bwd(F.cpu(), y.cpu(), *[a.cpu() for a in args], ids.cpu(), key, R.STREAM_NOISE, grad_scale)
     return F, out, ref
 
 
@@ -256,13 +279,18 @@ def test_reference_backend_through_public_api():
 
 # ------------------------------------------- C++ op called directly: autograd check, its own checks, fake impl
 
+
 @needs_ext
 def test_loss_matches_autograd_of_reference_loss():
     """grad_F is d/dF of grad_scale·Σ(F − T)²: check against torch.autograd on the reference."""
     shape, B = (3, 2, 5, 5), 3
     F = torch.randn(shape, generator=seeded(8), dtype=torch.float64, requires_grad=True)
     y = torch.randn(shape, generator=seeded(9), dtype=torch.float64)
-    s, cs, co = torch.rand(B, dtype=torch.float64) + 0.5, torch.rand(B, dtype=torch.float64), torch.rand(B, dtype=torch.float64) + 0.5
+    s, cs, co = (
+        torch.rand(B, dtype=torch.float64) + 0.5,
+        torch.rand(B, dtype=torch.float64),
+        torch.rand(B, dtype=torch.float64) + 0.5,
+    )
     ids = random_ids(B, 10)
     g = R.normal(11, ids, 50, 0).double().view(shape)
     T = ((1 - cs.view(-1, 1, 1, 1)) * y - cs.view(-1, 1, 1, 1) * s.view(-1, 1, 1, 1) * g) / co.view(-1, 1, 1, 1)
@@ -273,16 +301,27 @@ def test_loss_matches_autograd_of_reference_loss():
 
 
 @needs_ext
-@pytest.mark.parametrize("change,exc,needle", [
-    (dict(y=torch.randn(2, 3, 4, 5)), ValueError, "y"),
-    (dict(c_out=torch.ones(2, 1)), ValueError, "c_out"),
-    (dict(grad_scale=math.inf), ValueError, "grad_scale"),
-    (dict(F=torch.ones(2, 3, 4, 4, dtype=torch.int32)), TypeError, "F"),
-])
+@pytest.mark.parametrize(
+    "change,exc,needle",
+    [
+        (dict(y=torch.randn(2, 3, 4, 5)), ValueError, "y"),
+        (dict(c_out=torch.ones(2, 1)), ValueError, "c_out"),
+        (dict(grad_scale=math.inf), ValueError, "grad_scale"),
+        (dict(F=torch.ones(2, 3, 4, 4, dtype=torch.int32)), TypeError, "F"),
+    ],
+)
 def test_loss_bad_input(change, exc, needle):
-    kw = dict(F=torch.randn(2, 3, 4, 4), y=torch.randn(2, 3, 4, 4), scale=torch.ones(2),
-              c_skip=torch.ones(2), c_out=torch.ones(2), sample_ids=torch.arange(2), key=1,
-              stream=0, grad_scale=1.0)
+    kw = dict(
+        F=torch.randn(2, 3, 4, 4),
+        y=torch.randn(2, 3, 4, 4),
+        scale=torch.ones(2),
+        c_skip=torch.ones(2),
+        c_out=torch.ones(2),
+        sample_ids=torch.arange(2),
+        key=1,
+        stream=0,
+        grad_scale=1.0,
+    )
     kw.update(change)
     with pytest.raises(exc, match=needle):
         cpp_ops().loss_fwd_bwd(*kw.values())
@@ -294,7 +333,6 @@ def test_fake_impls_match_real_kernels_loss():
     s, ids = torch.rand(3) + 0.5, random_ids(3, 1)
     F = torch.randn(3, 3, 4, 5, dtype=torch.bfloat16).contiguous(memory_format=torch.channels_last)
     x = torch.randn(3, 3, 4, 5)
-    torch.library.opcheck(cpp_ops().loss_fwd_bwd, (F, x, s, s, s, ids, 3, 0, 1.0),
-                          test_utils=("test_schema", "test_faketensor"))
-
-
+    torch.library.opcheck(
+        cpp_ops().loss_fwd_bwd, (F, x, s, s, s, ids, 3, 0, 1.0), test_utils=("test_schema", "test_faketensor")
+    )

@@ -1,29 +1,51 @@
 """Fused perturbation (op level and public perturb / perturb_net_input / prior) vs reference."""
+
 import math
 import zlib
 
 import pytest
 import torch
+from op_helpers import (
+    BACKENDS,
+    D_VALUES,
+    LAYOUTS,
+    assert_close_rel,
+    case_id,
+    cpp_ops,
+    device_for,
+    in_layout,
+    needs_ext,
+    random_ids,
+    rel_err,
+    same_format,
+    seeded,
+    tol_for,
+)
 
 from pfgmpp_fast import ops
 from pfgmpp_fast import reference as R
-from op_helpers import (BACKENDS, D_VALUES, LAYOUTS, assert_close_rel, case_id, cpp_ops, device_for, in_layout,
-                        needs_ext, random_ids, rel_err, same_format, seeded, tol_for)
 
 pytestmark = pytest.mark.usefixtures("poison_uninitialized_memory")
 
 
 DTYPE_PAIRS = [  # (y dtype, net-input dtype)
-    (torch.float32, torch.float32), (torch.float32, torch.bfloat16), (torch.float32, torch.float16),
-    (torch.bfloat16, torch.bfloat16), (torch.float64, torch.float64), (torch.float64, torch.bfloat16),
+    (torch.float32, torch.float32),
+    (torch.float32, torch.bfloat16),
+    (torch.float32, torch.float16),
+    (torch.bfloat16, torch.bfloat16),
+    (torch.float64, torch.float64),
+    (torch.float64, torch.bfloat16),
 ]
 
 # shape, y dtype, y layout, out dtype, channels_last, write_x, D (None: scale uniform in [0.01, 3.01))
 PERTURB_CASES = [
     # every batch size (B = 0 included), layout and dtype pair on [B, 3, 5, 7] (odd N = 105)
-    *[((B, 3, 5, 7), y_dtype, layout, out_dtype, layout != "contiguous", layout != "transposed", None)
-      for B in (0, 1, 7) for layout in ("contiguous", "channels_last", "transposed")
-      for y_dtype, out_dtype in DTYPE_PAIRS],
+    *[
+        ((B, 3, 5, 7), y_dtype, layout, out_dtype, layout != "contiguous", layout != "transposed", None)
+        for B in (0, 1, 7)
+        for layout in ("contiguous", "channels_last", "transposed")
+        for y_dtype, out_dtype in DTYPE_PAIRS
+    ],
     # per-sample scales σ·√(D/V) of every D, half-precision inputs, other ranks and strides
     ((0, 3, 4, 4), torch.float32, "contiguous", torch.bfloat16, True, True, 8.0),
     ((1, 3, 5, 7), torch.float32, "contiguous", torch.float32, False, True, 1.0),
@@ -40,14 +62,23 @@ PERTURB_CASES = [
     ((2, 3, 5), torch.float32, "strided", torch.float32, False, True, None),
     ((5, 1, 4, 6), torch.float32, "channels_last", torch.bfloat16, True, True, 8.0),  # C = 1 pixel units
     # H·W % 4 == 0 with a channels-last operand: the [channels, pixels] tiled path
-    *[((7, C, H, W), torch.float32, "channels_last" if in_cl else "contiguous", out_dtype, out_cl, True, None)
-      for C, H, W, in_cl, out_cl in ((3, 4, 6, False, True), (5, 2, 2, True, True), (3, 8, 4, True, False),
-                                     (1, 4, 4, False, True))
-      for out_dtype in (torch.float32, torch.bfloat16)],
+    *[
+        ((7, C, H, W), torch.float32, "channels_last" if in_cl else "contiguous", out_dtype, out_cl, True, None)
+        for C, H, W, in_cl, out_cl in (
+            (3, 4, 6, False, True),
+            (5, 2, 2, True, True),
+            (3, 8, 4, True, False),
+            (1, 4, 4, False, True),
+        )
+        for out_dtype in (torch.float32, torch.bfloat16)
+    ],
     # channels-last whole pixels (C = 1, 3: the CUDA pixel units), aligned and at storage offset 1
-    *[((5, C, 16, 16), torch.float32, layout, out_dtype, out_cl, True, None)
-      for C in (1, 3) for layout in ("channels_last", "channels_last_offset")
-      for out_dtype, out_cl in ((torch.bfloat16, True), (torch.float32, True), (torch.float16, False))],
+    *[
+        ((5, C, 16, 16), torch.float32, layout, out_dtype, out_cl, True, None)
+        for C in (1, 3)
+        for layout in ("channels_last", "channels_last_offset")
+        for out_dtype, out_cl in ((torch.bfloat16, True), (torch.float32, True), (torch.float16, False))
+    ],
     ((5, 3, 33, 33), torch.float32, "offset", torch.bfloat16, False, True, None),  # misaligned: scalar path
 ]
 
@@ -73,10 +104,10 @@ def _perturb(backend, shape, y_dtype, layout, out_dtype, channels_last, write_x,
     scale, c_in = _scales(shape[0], D, gen, R.compute_dtype(y), dev)
     ids = torch.randint(0, 2**62, (shape[0],), generator=gen).to(dev)
     key = int(torch.randint(0, 2**62, (1,), generator=gen))
-    out = ops.perturb_op(y, scale, c_in, ids, key, R.STREAM_NOISE, out_dtype, channels_last, write_x,
-                         backend=backend)
-    ref = R.ref_perturb(y.cpu(), scale.cpu(), c_in.cpu(), ids.cpu(), key, R.STREAM_NOISE, out_dtype,
-                        channels_last, write_x)
+    out = ops.perturb_op(y, scale, c_in, ids, key, R.STREAM_NOISE, out_dtype, channels_last, write_x, backend=backend)
+    ref = R.ref_perturb(
+        y.cpu(), scale.cpu(), c_in.cpu(), ids.cpu(), key, R.STREAM_NOISE, out_dtype, channels_last, write_x
+    )
     return out, ref
 
 
@@ -92,8 +123,9 @@ def test_perturb_op_matches_reference(backend, case):
     assert_close_rel(net_in.cpu(), ref_net, "net_in")
     assert_close_rel(x.cpu(), ref_x, "x")
     assert same_format(net_in, ref_net)
-    assert net_in.is_contiguous(memory_format=torch.channels_last if channels_last and len(shape) == 4
-                                else torch.contiguous_format)
+    assert net_in.is_contiguous(
+        memory_format=torch.channels_last if channels_last and len(shape) == 4 else torch.contiguous_format
+    )
     assert x.is_contiguous()
     if backend == "cuda" and ops.has_extension():  # and the C++ CPU op agrees with the CUDA one
         (cpu_net, _), _ = _perturb("cpu", *case)
@@ -106,8 +138,10 @@ def test_perturb_noise_independent_of_layout(backend):
     dev = device_for(backend)
     y = torch.randn(3, 5, 4, 6, generator=seeded(3)).to(dev)
     ones, ids = torch.ones(3, device=dev), random_ids(3, 4, dev)
-    outs = [ops.perturb_op(in_layout(y, lay), ones, ones, ids, 5, 0, torch.float32, False, True, backend=backend)[1]
-            for lay in LAYOUTS]
+    outs = [
+        ops.perturb_op(in_layout(y, lay), ones, ones, ids, 5, 0, torch.float32, False, True, backend=backend)[1]
+        for lay in LAYOUTS
+    ]
     assert all(torch.equal(outs[0], o) for o in outs[1:])
 
 
@@ -142,9 +176,18 @@ def test_perturb_net_input(backend, D):
     y = torch.randn(5, 3, 4, 4)
     ids = torch.arange(10, 15)
     sigma = torch.linspace(0.01, 50, 5, dtype=torch.float64)
-    net_in, x = ops.perturb_net_input(y.to(dev), sigma.to(dev), D, 7, ids.to(dev), sigma_data=0.5,
-                                      out_dtype=torch.bfloat16, channels_last=True, write_x=True,
-                                      backend=backend)
+    net_in, x = ops.perturb_net_input(
+        y.to(dev),
+        sigma.to(dev),
+        D,
+        7,
+        ids.to(dev),
+        sigma_data=0.5,
+        out_dtype=torch.bfloat16,
+        channels_last=True,
+        write_x=True,
+        backend=backend,
+    )
     ref_x = R.perturb(y, sigma, D, 7, ids)
     c_in = R.precond(sigma, 0.5)[2].view(-1, 1, 1, 1)
     assert net_in.dtype == torch.bfloat16 and net_in.is_contiguous(memory_format=torch.channels_last)
@@ -193,8 +236,10 @@ def test_perturb_validation():
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("backend", ["triton", pytest.param("cuda", marks=pytest.mark.skipif(
-    not ops.has_cuda_kernels(), reason="no CUDA kernels"))])
+@pytest.mark.parametrize(
+    "backend",
+    ["triton", pytest.param("cuda", marks=pytest.mark.skipif(not ops.has_cuda_kernels(), reason="no CUDA kernels"))],
+)
 def test_perturb_64bit_indexing(backend):
     """B·N > 2^31: the last samples (whose offsets overflow int32) still match the reference."""
     dev = torch.device("cuda")
@@ -207,8 +252,9 @@ def test_perturb_64bit_indexing(backend):
     c_in = torch.full((B,), 0.5, device=dev)
     net_in, _ = ops.perturb_op(y, scale, c_in, ids, 5, 0, torch.bfloat16, False, False, backend=backend)
     tail = slice(B - 3, B)
-    ref, _ = R.ref_perturb(y[tail].cpu(), scale[tail].cpu(), c_in[tail].cpu(), ids[tail].cpu(), 5, 0,
-                           torch.bfloat16, False, False)
+    ref, _ = R.ref_perturb(
+        y[tail].cpu(), scale[tail].cpu(), c_in[tail].cpu(), ids[tail].cpu(), 5, 0, torch.bfloat16, False, False
+    )
     assert rel_err(net_in[tail], ref) < 1e-2
     del net_in
     torch.cuda.empty_cache()
@@ -227,30 +273,44 @@ def test_kernel_ops_reject_mismatched_per_sample_vectors():
     with pytest.raises(ValueError, match=r"c_out must have shape \[3\]"):
         ops.loss_fwd_bwd(y, y, v, v, torch.ones(3, 1), ids, 1, 0, 1.0, backend="triton")
     with pytest.raises(TypeError, match="net_dtype"):
-        ops.sampler_update(y, None, None, 0., 0., 0., 0., ids, 1, 0., 0, 0., 0, 1.0, torch.int32, False,
-                           backend="triton")
+        ops.sampler_update(
+            y, None, None, 0.0, 0.0, 0.0, 0.0, ids, 1, 0.0, 0, 0.0, 0, 1.0, torch.int32, False, backend="triton"
+        )
 
 
 # ------------------------------------------------------------ C++ op called directly: its own checks, fake impl
 
+
 def _good_perturb_args():
     y = torch.randn(2, 3, 4, 4)
-    return dict(y=y, scale=torch.ones(2), c_in=torch.ones(2), sample_ids=torch.arange(2), key=1,
-                stream=0, out_dtype=torch.bfloat16, channels_last=True, write_x=False)
+    return dict(
+        y=y,
+        scale=torch.ones(2),
+        c_in=torch.ones(2),
+        sample_ids=torch.arange(2),
+        key=1,
+        stream=0,
+        out_dtype=torch.bfloat16,
+        channels_last=True,
+        write_x=False,
+    )
 
 
 @needs_ext
-@pytest.mark.parametrize("change,exc,needle", [
-    (dict(sample_ids=torch.arange(2, dtype=torch.int32)), TypeError, "sample_ids"),
-    (dict(sample_ids=torch.arange(3)), ValueError, "sample_ids"),
-    (dict(y=torch.ones(2, 3, 4, 4, dtype=torch.int64)), TypeError, "y"),
-    (dict(y=torch.tensor(1.0)), ValueError, "y"),
-    (dict(scale=torch.ones(3)), ValueError, "scale"),
-    (dict(c_in=torch.ones(2, dtype=torch.int32)), TypeError, "c_in"),
-    (dict(key=-1), ValueError, "key"),
-    (dict(stream=2**32), ValueError, "stream"),
-    (dict(out_dtype=torch.int8), TypeError, "out_dtype"),
-])
+@pytest.mark.parametrize(
+    "change,exc,needle",
+    [
+        (dict(sample_ids=torch.arange(2, dtype=torch.int32)), TypeError, "sample_ids"),
+        (dict(sample_ids=torch.arange(3)), ValueError, "sample_ids"),
+        (dict(y=torch.ones(2, 3, 4, 4, dtype=torch.int64)), TypeError, "y"),
+        (dict(y=torch.tensor(1.0)), ValueError, "y"),
+        (dict(scale=torch.ones(3)), ValueError, "scale"),
+        (dict(c_in=torch.ones(2, dtype=torch.int32)), TypeError, "c_in"),
+        (dict(key=-1), ValueError, "key"),
+        (dict(stream=2**32), ValueError, "stream"),
+        (dict(out_dtype=torch.int8), TypeError, "out_dtype"),
+    ],
+)
 def test_perturb_bad_input(change, exc, needle):
     kw = {**_good_perturb_args(), **change}
     with pytest.raises(exc, match=needle):
@@ -274,8 +334,7 @@ def test_torch_compile_through_cpp_op():
 
     def step(y, sigma, ids):
         c_in = 1 / torch.sqrt(sigma * sigma + 0.25)
-        net_in, x = torch.ops.pfgmpp_fast.perturb(y * 2 - 1, sigma, c_in, ids, 77, 0, torch.float32,
-                                                  True, True)
+        net_in, x = torch.ops.pfgmpp_fast.perturb(y * 2 - 1, sigma, c_in, ids, 77, 0, torch.float32, True, True)
         return net_in * 3 + 1, x.sum()
 
     y = torch.rand(4, 3, 8, 8)
@@ -290,7 +349,14 @@ def test_torch_compile_through_cpp_op():
 def test_cuda_device_mismatch_is_reported():
     y = torch.randn(2, 3, 4, 4, device="cuda")
     with pytest.raises(ValueError, match="scale"):
-        cpp_ops().perturb(y, torch.ones(2), torch.ones(2, device="cuda"), torch.arange(2, device="cuda"), 1, 0,
-                          torch.float32, False, False)
-
-
+        cpp_ops().perturb(
+            y,
+            torch.ones(2),
+            torch.ones(2, device="cuda"),
+            torch.arange(2, device="cuda"),
+            1,
+            0,
+            torch.float32,
+            False,
+            False,
+        )

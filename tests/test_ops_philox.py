@@ -5,13 +5,12 @@ is in test_triton_aot.py, of the CUDA kernels in test_cuda_compile.py)."""
 
 import math
 
-import torch
-
 import pytest
+import torch
+from op_helpers import BACKENDS, FINITE_D_VALUES, KAT, cpp_ops, device_for, needs_ext, random_ids, seeded
 
 from pfgmpp_fast import ops
 from pfgmpp_fast import reference as R
-from op_helpers import BACKENDS, FINITE_D_VALUES, KAT, cpp_ops, device_for, needs_ext, random_ids, seeded
 
 pytestmark = pytest.mark.usefixtures("poison_uninitialized_memory")
 
@@ -44,8 +43,13 @@ def test_philox4x32_matches_reference(backend, M):
 # ids at the edges of the counter's two 32-bit words, then random ones
 EDGE_IDS = torch.tensor([0, 2**32 - 1, 2**32, 2**62 + 7])
 NORMAL_CASES = [(7, 0), (7, 1), (7, 3), (7, 37), (7, 260), (7, 1027), (0, 5), (1, 1), (33, 6)]  # (B, n)
-NORMAL_KEYS = [(0, R.STREAM_NOISE), (2**40 + 3, R.stream_churn(5)), (12345, R.stream_alpha(17)),
-               (987654321, R.STREAM_SIGMA), (987654321, R.stream_churn(3))]
+NORMAL_KEYS = [
+    (0, R.STREAM_NOISE),
+    (2**40 + 3, R.stream_churn(5)),
+    (12345, R.stream_alpha(17)),
+    (987654321, R.STREAM_SIGMA),
+    (987654321, R.stream_churn(3)),
+]
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -103,7 +107,6 @@ def test_bad_inputs_fail_clearly():
             ops.philox_normal(1, ids, 4, 0, backend="cuda")
 
 
-
 # ------------------------------------------------ C++ ops called directly: full-key KAT, checks, fake impls
 
 
@@ -146,8 +149,6 @@ def test_uninitialized_memory_is_poisoned(backend):
     """The fixture's poisoning reaches the device of each backend (at::empty of the C++ ops
     goes through the same empty_cpu / empty_cuda), so an output element a kernel skips is NaN."""
     assert torch.isnan(torch.empty(1000, device=device_for(backend))).all()
-
-
 
 
 @needs_ext

@@ -1,16 +1,27 @@
 """Fused sampler update (op level) and the fused sample() vs reference.sample."""
+
 import itertools
 import math
 
 import pytest
 import torch
+from op_helpers import (
+    BACKENDS,
+    assert_close_rel,
+    cpp_ops,
+    device_for,
+    in_layout,
+    needs_cuda_kernels,
+    needs_ext,
+    random_ids,
+    rel_err,
+    same_format,
+    seeded,
+)
 from torch import nn
 
 from pfgmpp_fast import ops
 from pfgmpp_fast import reference as R
-from op_helpers import (BACKENDS, assert_close_rel, cpp_ops, device_for, in_layout, needs_cuda_kernels, needs_ext,
-                        random_ids, rel_err, same_format, seeded)
-
 from pfgmpp_fast.sampler import sample
 
 pytestmark = pytest.mark.usefixtures("poison_uninitialized_memory")
@@ -49,8 +60,7 @@ def test_sampler_update_matches_reference(backend, B, state_dtype, case):
     base = torch.randn(B, 3, 5, 7, generator=gen, dtype=torch.float64).to(dev, state_dtype) if has_base else None
     ids = torch.randint(0, 2**62, (B,), generator=gen).to(dev)
     A, Bf, h1 = 0.37, -1.9, -0.61
-    args = (A, Bf, h1, h2, ids, 2**50 + 3, alpha, R.stream_alpha(4), churn, R.stream_churn(4),
-            c_in_next, net_dtype, cl)
+    args = (A, Bf, h1, h2, ids, 2**50 + 3, alpha, R.stream_alpha(4), churn, R.stream_churn(4), c_in_next, net_dtype, cl)
     y1, y2, net_in = ops.sampler_update(x, F, base, *args, backend=backend)
     cpu = lambda t: None if t is None else t.cpu()  # noqa: E731
     r1, r2, rn = R.ref_sampler_update(x.cpu(), cpu(F), cpu(base), A, Bf, h1, h2, ids.cpu(), *args[5:])
@@ -111,11 +121,15 @@ def test_sample_with_exact_denoiser_matches_reference(backend, D):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("kwargs", [
-    dict(S_churn=20.0, S_min=0.01, S_max=50.0, alpha=0.05),
-    dict(solver="euler", num_steps=12),
-    dict(dtype=torch.float64),
-], ids=["churn_alpha", "euler", "float64"])
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        dict(S_churn=20.0, S_min=0.01, S_max=50.0, alpha=0.05),
+        dict(solver="euler", num_steps=12),
+        dict(dtype=torch.float64),
+    ],
+    ids=["churn_alpha", "euler", "float64"],
+)
 def test_sample_variants_match_reference(backend, kwargs):
     dev = device_for(backend)
     data, D = _data(), 128.0
@@ -141,8 +155,17 @@ def test_sample_precond_net_uses_fused_raw_path(backend):
     x = sample(net, latents.to(dev), D, 2, seeds.to(dev), num_steps=10, backend=backend)
     ref = R.sample(R.optimal_denoiser(data, D), latents, D, 2, seeds, num_steps=10, dtype=torch.float32)
     assert rel_err(x, ref) < 1e-4
-    x16 = sample(net, latents.to(dev), D, 2, seeds.to(dev), num_steps=10, net_dtype=torch.bfloat16,
-                 channels_last=True, backend=backend)
+    x16 = sample(
+        net,
+        latents.to(dev),
+        D,
+        2,
+        seeds.to(dev),
+        num_steps=10,
+        net_dtype=torch.bfloat16,
+        channels_last=True,
+        backend=backend,
+    )
     assert torch.isfinite(x16).all() and rel_err(x16, ref) < 5e-2
 
 
@@ -150,8 +173,15 @@ def test_sample_precond_net_uses_fused_raw_path(backend):
 def test_sample_empty_batch(backend):
     dev = device_for(backend)
     den = R.optimal_denoiser(_data().to(dev), 128.0)
-    x = sample(den, torch.zeros(0, 2, 3, 3, device=dev), 128.0, 1, torch.zeros(0, dtype=torch.int64, device=dev),
-               num_steps=3, backend=backend)
+    x = sample(
+        den,
+        torch.zeros(0, 2, 3, 3, device=dev),
+        128.0,
+        1,
+        torch.zeros(0, dtype=torch.int64, device=dev),
+        num_steps=3,
+        backend=backend,
+    )
     assert x.shape == (0, 2, 3, 3)
 
 
@@ -200,8 +230,9 @@ def test_sampler_update_tiled_channels_last(backend, C, H, W, state_dtype):
     ids = torch.randint(0, 2**62, (7,), generator=gen)
     args = (0.4, -1.1, 0.3, 0.15, ids, 77, 0.2, R.stream_alpha(0), 0.5, R.stream_churn(0), 0.8)
     for net_dtype, cl in ((torch.bfloat16, True), (torch.float32, True), (torch.float32, False)):
-        out = ops.sampler_update(x.to(dev), F.to(dev), base.to(dev), *args[:4], ids.to(dev), *args[5:],
-                                 net_dtype, cl, backend=backend)
+        out = ops.sampler_update(
+            x.to(dev), F.to(dev), base.to(dev), *args[:4], ids.to(dev), *args[5:], net_dtype, cl, backend=backend
+        )
         ref = R.ref_sampler_update(x, F, base, *args, net_dtype, cl)
         assert same_format(out[2], ref[2])
         assert rel_err(out[0], ref[0]) < 1e-5 and rel_err(out[1], ref[1]) < 1e-5
@@ -239,19 +270,24 @@ def _sampler_cases():
         F_layout = ("contiguous", "channels_last", "strided")[i % 3]
         cases.append((shape, *dt, F_layout, bool(i % 2), *fl))
     # C = 3 and C = 1 with H*W % 4 == 0 and channels-last operands: CUDA's whole-pixel units
-    for shape, dt, fl in itertools.product([(3, 3, 4, 8), (2, 1, 4, 4)], SAMPLER_DTYPES,
-                                           [(True,) * 5, (False, False, True, False, True)]):
+    for shape, dt, fl in itertools.product(
+        [(3, 3, 4, 8), (2, 1, 4, 4)], SAMPLER_DTYPES, [(True,) * 5, (False, False, True, False, True)]
+    ):
         cases.append((shape, *dt, "channels_last", True, *fl))
     return cases
 
 
-def _sampler_case(device, shape, state, F_dtype, net_dtype, F_layout, channels_last,
-                  has_base, has_y2, has_net, alpha, churn, seed=0):
+def _sampler_case(
+    device, shape, state, F_dtype, net_dtype, F_layout, channels_last, has_base, has_y2, has_net, alpha, churn, seed=0
+):
     g = seeded(seed)
     B = shape[0]
     x = torch.randn(shape, generator=g, dtype=torch.float64).mul(10).to(state).to(device)
-    F = (in_layout(torch.randn(shape, generator=g, dtype=torch.float64).to(F_dtype).to(device), F_layout)
-         if F_dtype is not None else None)
+    F = (
+        in_layout(torch.randn(shape, generator=g, dtype=torch.float64).to(F_dtype).to(device), F_layout)
+        if F_dtype is not None
+        else None
+    )
     base = torch.randn(shape, generator=g, dtype=torch.float64).to(state).to(device) if has_base else None
     t_hat, t_next, c_skip, c_out = 2.5, 1.7, 0.04, 0.48
     A, Bf, h1 = (1 - c_skip) / t_hat, -c_out / t_hat, t_next - t_hat
@@ -261,8 +297,7 @@ def _sampler_case(device, shape, state, F_dtype, net_dtype, F_layout, channels_l
     churn_scale = 0.7 if churn else 0.0
     ids = random_ids(B, seed + 2, device)
     args = (A, Bf, h1, h2)
-    tail = (4321, alpha_scale, R.stream_alpha(3), churn_scale, R.stream_churn(3), c_in_next, net_dtype,
-            channels_last)
+    tail = (4321, alpha_scale, R.stream_alpha(3), churn_scale, R.stream_churn(3), c_in_next, net_dtype, channels_last)
     y1, y2, net_in = cpp_ops().sampler_update(x, F, base, *args, ids, *tail)
     cpu = lambda t: t.cpu() if t is not None else None  # noqa: E731
     r1, r2, rn = R.ref_sampler_update(x.cpu(), cpu(F), cpu(base), *args, ids.cpu(), *tail)
@@ -287,44 +322,80 @@ def test_sampler_absent_F_means_no_drift():
     OPS = cpp_ops()
     x = torch.randn(2, 3, 4, 4, generator=seeded(12))
     ids = random_ids(2, 13)
-    none = OPS.sampler_update(x, None, None, 1.0, 1.0, 1.0, None, ids, 1, 0.0, 0, 0.0, 0,
-                              None, torch.float32, False)
+    none = OPS.sampler_update(x, None, None, 1.0, 1.0, 1.0, None, ids, 1, 0.0, 0, 0.0, 0, None, torch.float32, False)
     assert torch.equal(none[0], x)
     assert none[1].numel() == 0 and none[2].numel() == 0
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("change,exc,needle", [
-    (dict(F=torch.empty(0)), ValueError, "F"),          # an empty tensor is not "no F"
-    (dict(base=torch.empty(0)), ValueError, "base"),
-    (dict(h2=math.nan), ValueError, "h2"),              # NaN is not "no y2"
-    (dict(c_in_next=math.nan), ValueError, "c_in_next"),
-    (dict(h2=math.inf), ValueError, "h2"),
-], ids=["empty_F", "empty_base", "nan_h2", "nan_c_in_next", "inf_h2"])
+@pytest.mark.parametrize(
+    "change,exc,needle",
+    [
+        (dict(F=torch.empty(0)), ValueError, "F"),  # an empty tensor is not "no F"
+        (dict(base=torch.empty(0)), ValueError, "base"),
+        (dict(h2=math.nan), ValueError, "h2"),  # NaN is not "no y2"
+        (dict(c_in_next=math.nan), ValueError, "c_in_next"),
+        (dict(h2=math.inf), ValueError, "h2"),
+    ],
+    ids=["empty_F", "empty_base", "nan_h2", "nan_c_in_next", "inf_h2"],
+)
 def test_sampler_update_has_no_sentinels(backend, change, exc, needle):
     """Absent inputs are None (`Tensor?`, `float?`): the old sentinels are errors on every backend."""
     dev = device_for(backend)
-    kw = dict(x=torch.randn(2, 3, 4, 4, device=dev), F=None, base=None, A=1.0, Bf=1.0, h1=1.0, h2=None,
-              sample_ids=torch.arange(2, device=dev), key=1, alpha_scale=0.0, alpha_stream=0, churn_scale=0.0,
-              churn_stream=0, c_in_next=None, net_dtype=torch.float32, channels_last=False)
+    kw = dict(
+        x=torch.randn(2, 3, 4, 4, device=dev),
+        F=None,
+        base=None,
+        A=1.0,
+        Bf=1.0,
+        h1=1.0,
+        h2=None,
+        sample_ids=torch.arange(2, device=dev),
+        key=1,
+        alpha_scale=0.0,
+        alpha_stream=0,
+        churn_scale=0.0,
+        churn_stream=0,
+        c_in_next=None,
+        net_dtype=torch.float32,
+        channels_last=False,
+    )
     kw.update({k: v.to(dev) if torch.is_tensor(v) else v for k, v in change.items()})
     with pytest.raises(exc, match=needle):
         ops.sampler_update(*kw.values(), backend=backend)
 
 
 @needs_ext
-@pytest.mark.parametrize("change,exc,needle", [
-    (dict(x=torch.randn(2, 3, 4, 4).half()), TypeError, "x"),
-    (dict(F=torch.randn(2, 3, 4, 5)), ValueError, "F"),
-    (dict(base=torch.randn(2, 3, 4, 4).double()), TypeError, "base"),
-    (dict(h1=math.nan), ValueError, "h1"),
-    (dict(churn_stream=-1), ValueError, "churn_stream"),
-    (dict(net_dtype=torch.int32), TypeError, "net_dtype"),
-])
+@pytest.mark.parametrize(
+    "change,exc,needle",
+    [
+        (dict(x=torch.randn(2, 3, 4, 4).half()), TypeError, "x"),
+        (dict(F=torch.randn(2, 3, 4, 5)), ValueError, "F"),
+        (dict(base=torch.randn(2, 3, 4, 4).double()), TypeError, "base"),
+        (dict(h1=math.nan), ValueError, "h1"),
+        (dict(churn_stream=-1), ValueError, "churn_stream"),
+        (dict(net_dtype=torch.int32), TypeError, "net_dtype"),
+    ],
+)
 def test_sampler_bad_input(change, exc, needle):
-    kw = dict(x=torch.randn(2, 3, 4, 4), F=torch.randn(2, 3, 4, 4), base=None, A=1.0, Bf=1.0, h1=1.0,
-              h2=None, sample_ids=torch.arange(2), key=1, alpha_scale=0.0, alpha_stream=0,
-              churn_scale=0.0, churn_stream=0, c_in_next=1.0, net_dtype=torch.bfloat16, channels_last=False)
+    kw = dict(
+        x=torch.randn(2, 3, 4, 4),
+        F=torch.randn(2, 3, 4, 4),
+        base=None,
+        A=1.0,
+        Bf=1.0,
+        h1=1.0,
+        h2=None,
+        sample_ids=torch.arange(2),
+        key=1,
+        alpha_scale=0.0,
+        alpha_stream=0,
+        churn_scale=0.0,
+        churn_stream=0,
+        c_in_next=1.0,
+        net_dtype=torch.bfloat16,
+        channels_last=False,
+    )
     kw.update(change)
     with pytest.raises(exc, match=needle):
         cpp_ops().sampler_update(*kw.values())
@@ -337,12 +408,13 @@ def test_fake_impls_match_real_kernels_sampler():
     ids = random_ids(3, 1)
     F = torch.randn(3, 3, 4, 5, dtype=torch.bfloat16).contiguous(memory_format=torch.channels_last)
     x = torch.randn(3, 3, 4, 5)
-    for args in [(x, F, None, 1.0, 2.0, 0.5, 0.25, ids, 3, 0.1, 5, 0.2, 6, 0.3, torch.bfloat16, True),
-                 (x, None, x, 1.0, 2.0, 0.5, None, ids, 3, 0.0, 5, 0.0, 6, None, torch.float16, False)]:
+    for args in [
+        (x, F, None, 1.0, 2.0, 0.5, 0.25, ids, 3, 0.1, 5, 0.2, 6, 0.3, torch.bfloat16, True),
+        (x, None, x, 1.0, 2.0, 0.5, None, ids, 3, 0.0, 5, 0.0, 6, None, torch.float16, False),
+    ]:
         torch.library.opcheck(OPS.sampler_update, args, test_utils=("test_schema", "test_faketensor"))
 
 
-@pytest.mark.parametrize("case", [pytest.param(c, marks=needs_cuda_kernels) for c in _sampler_cases()[::2]],
-                         ids=str)
+@pytest.mark.parametrize("case", [pytest.param(c, marks=needs_cuda_kernels) for c in _sampler_cases()[::2]], ids=str)
 def test_sampler_update_cuda(case):
     _sampler_case("cuda", *case)

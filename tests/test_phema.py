@@ -1,6 +1,7 @@
 """Post-hoc EMA (phema.py, training/phema.py): the power-function EMA maths, tracking during training,
 reconstruction (tracked lengths exactly, an untracked length from the others), snapshot-order
 independence, bad input, exact resume, and the `phema` command."""
+
 import json
 import math
 import os
@@ -11,19 +12,19 @@ import numpy as np
 import pytest
 import torch
 
+from pfgmpp_fast import phema as P
 from pfgmpp_fast.checkpoint import load_network, read_metadata, save_network
 from pfgmpp_fast.cli import main as cli_main
-from pfgmpp_fast import phema as P
-from pfgmpp_fast.training.options import resolve_options
 from pfgmpp_fast.training.ema import PowerFunctionEMA
+from pfgmpp_fast.training.options import resolve_options
 from pfgmpp_fast.training.train import run_training
 from pfgmpp_fast.utils.io_utils import load_torch_state
 
-TRACKED = (0.05, 0.1, 0.07)       # the third is tracked only to check its reconstruction from the other two
+TRACKED = (0.05, 0.1, 0.07)  # the third is tracked only to check its reconstruction from the other two
 # Measured on this run (4 kimg, a snapshot every 0.256 kimg): parameter error 0.016 of the
 # distance between the 0.05 and 0.10 EMAs, FDD 42.61 vs 42.62 (0.02 %).
-PARAM_TOL = 0.05                  # ‖θ_rec − θ_0.07‖ / ‖θ_0.05 − θ_0.10‖
-FDD_TOL = 0.01                    # |FDD_rec − FDD_0.07| / FDD_0.07
+PARAM_TOL = 0.05  # ‖θ_rec − θ_0.07‖ / ‖θ_0.05 − θ_0.10‖
+FDD_TOL = 0.01  # |FDD_rec − FDD_0.07| / FDD_0.07
 
 
 def vec(net):
@@ -34,15 +35,27 @@ def vec(net):
 def digits_run(tmp_path_factory):
     """A few kimg of the digits recipe, tracking three profiles, one snapshot every other step."""
     from pfgmpp_fast.apps.digits import train_small
+
     run_dir = str(tmp_path_factory.mktemp("phema") / "run")
-    train_small(run_dir, 128.0, 4.0, device="cpu", progress=False, backend="auto", tick_kimg=0.128,
-                phema=TRACKED, phema_snap_kimg=0.256, dump_ticks=None)
+    train_small(
+        run_dir,
+        128.0,
+        4.0,
+        device="cpu",
+        progress=False,
+        backend="auto",
+        tick_kimg=0.128,
+        phema=TRACKED,
+        phema_snap_kimg=0.256,
+        dump_ticks=None,
+    )
     return run_dir
 
 
 @pytest.fixture(scope="module")
 def scorer():
     from pfgmpp_fast.apps.digits import DigitsScorer
+
     return DigitsScorer()
 
 
@@ -53,6 +66,7 @@ def newest(run_dir):
 
 # ----------------------------------------------------------------------------------------
 # Maths
+
 
 def test_std_exp_roundtrip_and_range():
     for std in (0.001, 0.01, 0.05, 0.1, 0.2, 0.29, 0.3):
@@ -67,8 +81,8 @@ def test_std_exp_roundtrip_and_range():
 def test_profile_inner_products_match_numerical_integration():
     tau = np.linspace(0, 5, 2_000_001)[1:]
     for t_a, g_a, t_b, g_b in [(3.0, 2.0, 5.0, 7.0), (5.0, 0.5, 2.0, 16.9), (4.0, 3.0, 4.0, 3.0)]:
-        p_a = np.where(tau <= t_a, (g_a + 1) * tau ** g_a / t_a ** (g_a + 1), 0)
-        p_b = np.where(tau <= t_b, (g_b + 1) * tau ** g_b / t_b ** (g_b + 1), 0)
+        p_a = np.where(tau <= t_a, (g_a + 1) * tau**g_a / t_a ** (g_a + 1), 0)
+        p_b = np.where(tau <= t_b, (g_b + 1) * tau**g_b / t_b ** (g_b + 1), 0)
         assert P.profile_inner(t_a, g_a, t_b, g_b) == pytest.approx(np.trapezoid(p_a * p_b, tau), rel=1e-4)
 
 
@@ -103,6 +117,7 @@ def edm2_coefficients(t_in, std_in, t_out, std_out):
     here from the paper's equations: γ from std (the real root of its cubic), the inner product
     of two power-function profiles ∫ p_a p_b = (γa+1)(γb+1) min(ta,tb)^(γa+γb+1) /
     ((γa+γb+1) ta^(γa+1) tb^(γb+1)), the normal equations, the columns scaled to sum to 1."""
+
     def gamma(std):
         s2 = float(std) ** -2
         return max(r.real for r in np.roots([1, 7, 16 - s2, 12 - s2]) if abs(r.imag) < 1e-9)
@@ -122,11 +137,12 @@ def test_constant_weights_are_reconstructed_exactly(tmp_path):
     """Snapshots of weights that never change (as after training at lr 1e-30) give those weights
     back bit for bit at every length, although the raw least-squares sums are not 1."""
     from helpers import tiny_net
+
     net = tiny_net(D=128)
     params = [p.detach() for p in net.parameters()]
     tracker = PowerFunctionEMA((0.05, 0.1), params, template=net, snap_kimg=0.256)
     batch = 128
-    for step in range(1, 33):                              # 16 snapshots per length, as the digits run
+    for step in range(1, 33):  # 16 snapshots per length, as the digits run
         tracker.update(params, step * batch, batch)
         if step % 2 == 0:
             tracker.save(str(tmp_path), step * batch, batch, extra=dict(run={"lr": 1e-30}))
@@ -139,7 +155,7 @@ def test_constant_weights_are_reconstructed_exactly(tmp_path):
         print(f"std {std}: raw coefficient sum {info['phema_raw_coefficient_sum']:.6f}, max |error| {error:.2e}")
         assert info["phema_error"] <= P.MAX_ERROR
     raw = [info["phema_raw_coefficient_sum"] for _, info in results]
-    assert max(abs(r - 1) for r in raw) > 5e-4                 # the scaling mattered (0.9992 for 0.03)
+    assert max(abs(r - 1) for r in raw) > 5e-4  # the scaling mattered (0.9992 for 0.03)
 
 
 def test_coefficients_equal_the_edm2_algorithm(digits_run):
@@ -162,17 +178,21 @@ def test_coefficients_equal_the_edm2_algorithm(digits_run):
 # ----------------------------------------------------------------------------------------
 # Training and reconstruction on a digits run
 
+
 def test_snapshots_are_written_with_their_metadata(digits_run):
     assert P.available_stds(digits_run) == sorted(TRACKED)
     snaps = P.list_snapshots(digits_run)
-    assert len(snaps) == 3 * 16 and snaps[-1].nimg == 4096           # every 0.256 kimg, and the end
+    assert len(snaps) == 3 * 16 and snaps[-1].nimg == 4096  # every 0.256 kimg, and the end
     extra = read_metadata(snaps[-1].path)["extra"]
     assert extra["nimg"] == 4096 and extra["step"] == 32 and extra["batch"] == 128
     assert extra["run"]["lr"] == 2e-3 and extra["run"]["seed"] == 0 and extra["D"] == 128
     assert extra["phema_gamma"] == pytest.approx(P.std_to_exp(extra["phema_std"]))
     from pfgmpp_fast.checkpoint import find_checkpoints
-    assert all(os.path.basename(path).startswith("network-snapshot-")                # not network snapshots
-               for _, path in find_checkpoints(digits_run))
+
+    assert all(
+        os.path.basename(path).startswith("network-snapshot-")  # not network snapshots
+        for _, path in find_checkpoints(digits_run)
+    )
 
 
 def test_a_tracked_length_reconstructs_to_its_snapshot(digits_run):
@@ -183,7 +203,7 @@ def test_a_tracked_length_reconstructs_to_its_snapshot(digits_run):
         assert isinstance(rec, torch.nn.Module) and not rec.training
         assert not any(p.requires_grad for p in rec.parameters())
         assert (vec(rec) - tracked).abs().max() <= 1e-6 * tracked.abs().max()
-    middle = snaps[len(snaps) // 2]                                    # an earlier training point
+    middle = snaps[len(snaps) // 2]  # an earlier training point
     rec = P.reconstruct_network(digits_run, middle.std, at_kimg=middle.nimg / 1000)
     ref = vec(load_network(middle.path))
     assert (vec(rec) - ref).abs().max() <= 1e-6 * ref.abs().max()
@@ -191,8 +211,9 @@ def test_a_tracked_length_reconstructs_to_its_snapshot(digits_run):
 
 def test_an_untracked_length_reconstructs_from_the_other_two(digits_run, scorer):
     from pfgmpp_fast.apps.digits import generate_uint8
+
     last, snaps = newest(digits_run)
-    (rec, info), = P.reconstruct([s for s in snaps if s.std != 0.07], [0.07])
+    ((rec, info),) = P.reconstruct([s for s in snaps if s.std != 0.07], [0.07])
     assert info["phema_sources"] == 32 and info["phema_error"] < 0.01
     t = {std: vec(load_network(s.path)) for std, s in last.items()}
     param_err = ((vec(rec) - t[0.07]).norm() / (t[0.05] - t[0.1]).norm()).item()
@@ -200,8 +221,9 @@ def test_an_untracked_length_reconstructs_from_the_other_two(digits_run, scorer)
     seeds = list(range(200))
     with torch.no_grad():
         fdd_rec = scorer.fdd(generate_uint8(rec, seeds, num_steps=6, batch_size=200))
-        fdd_tracked = scorer.fdd(generate_uint8(load_network(last[0.07].path).eval(), seeds, num_steps=6,
-                                                batch_size=200))
+        fdd_tracked = scorer.fdd(
+            generate_uint8(load_network(last[0.07].path).eval(), seeds, num_steps=6, batch_size=200)
+        )
     print(f"third profile: parameter error {param_err:.4f}, FDD {fdd_rec:.3f} vs {fdd_tracked:.3f}")
     assert abs(fdd_rec - fdd_tracked) <= FDD_TOL * fdd_tracked, (fdd_rec, fdd_tracked)
 
@@ -211,9 +233,21 @@ def test_demo_phema_sweep(digits_run, scorer, tmp_path):
     that of its own snapshot (same seeds)."""
     from pfgmpp_fast.apps.demo import phema_sweep
     from pfgmpp_fast.apps.digits import generate_uint8
+
     seeds = list(range(360))
-    out = phema_sweep(digits_run, str(tmp_path), scorer, seeds, torch.device("cpu"), 360, "auto", False, 128.0,
-                      stds=(0.05, 0.08), num_steps=3)
+    out = phema_sweep(
+        digits_run,
+        str(tmp_path),
+        scorer,
+        seeds,
+        torch.device("cpu"),
+        360,
+        "auto",
+        False,
+        128.0,
+        stds=(0.05, 0.08),
+        num_steps=3,
+    )
     assert os.path.isfile(out["plot"]) and out["plot"].endswith("phema.png")
     assert [r["std"] for r in out["table"]] == [0.05, 0.08] and out["tracked"] == sorted(TRACKED)
     assert all(math.isfinite(r["fdd"]) and r["profile_error"] < 0.05 for r in out["table"])
@@ -254,7 +288,7 @@ def test_bad_input_gets_a_clear_error(digits_run, tmp_path):
             fn(str(plain))
     mixed = tmp_path / "mixed"
     shutil.copytree(os.path.join(digits_run, "phema"), mixed / "phema")
-    stale = P.list_snapshots(str(mixed))[-1].path                  # as if another run had written it
+    stale = P.list_snapshots(str(mixed))[-1].path  # as if another run had written it
     meta = read_metadata(stale)["extra"]
     save_network(stale, load_network(stale), extra_metadata={**meta, "run": {**meta["run"], "lr": 1e-3}})
     with pytest.raises(ValueError, match="come from different runs"):
@@ -271,8 +305,10 @@ def test_bad_input_gets_a_clear_error(digits_run, tmp_path):
 
 def test_phema_command(digits_run, tmp_path, capsys):
     out = tmp_path / "out"
-    assert cli_main(["phema", "--run-dir", digits_run, "--std", "0.05,0.08", "--at-kimg", "4.096",
-                     "--outdir", str(out)]) == 0
+    assert (
+        cli_main(["phema", "--run-dir", digits_run, "--std", "0.05,0.08", "--at-kimg", "4.096", "--outdir", str(out)])
+        == 0
+    )
     files = sorted(os.listdir(out))
     assert files == ["phema-0.050-000004.096.safetensors", "phema-0.080-000004.096.safetensors"]
     last, _ = newest(digits_run)
@@ -290,8 +326,12 @@ def test_phema_command(digits_run, tmp_path, capsys):
 
 def test_train_cli_flags(capsys):
     from pfgmpp_fast.cli import build_parser
-    for argv, expected in ((["train", "--dry-run"], None), (["train", "--phema", "--dry-run"], [0.05, 0.1]),
-                           (["train", "--phema", "0.03,0.2", "--phema-snap", "100", "--dry-run"], [0.03, 0.2])):
+
+    for argv, expected in (
+        (["train", "--dry-run"], None),
+        (["train", "--phema", "--dry-run"], [0.05, 0.1]),
+        (["train", "--phema", "0.03,0.2", "--phema-snap", "100", "--dry-run"], [0.03, 0.2]),
+    ):
         assert cli_main(argv) == 0
         resolved = json.loads(capsys.readouterr().out)
         assert resolved["phema"] == expected
@@ -301,18 +341,41 @@ def test_train_cli_flags(capsys):
 # ----------------------------------------------------------------------------------------
 # Resume
 
+
 def tiny(run_dir, kimg, **extra):
-    return dict(run_dir=str(run_dir), data="digits", arch="ddpmpp", D=128, batch=128, duration_kimg=kimg,
-                network=dict(model_channels=8, channel_mult=[1, 2], num_blocks=1, attn_resolutions=[]),
-                tick_kimg=0.128, snap_ticks=None, dump_ticks=4, lr=2e-3, lr_rampup_kimg=1, ema_halflife_kimg=0.5,
-                dropout=0.1, augment=0.0, precision="fp32", compile=False, channels_last=False, progress=False,
-                seed=5, device="cpu", max_size=512, phema=(0.05, 0.1), phema_snap_kimg=0.3, **extra)
+    return dict(
+        run_dir=str(run_dir),
+        data="digits",
+        arch="ddpmpp",
+        D=128,
+        batch=128,
+        duration_kimg=kimg,
+        network=dict(model_channels=8, channel_mult=[1, 2], num_blocks=1, attn_resolutions=[]),
+        tick_kimg=0.128,
+        snap_ticks=None,
+        dump_ticks=4,
+        lr=2e-3,
+        lr_rampup_kimg=1,
+        ema_halflife_kimg=0.5,
+        dropout=0.1,
+        augment=0.0,
+        precision="fp32",
+        compile=False,
+        channels_last=False,
+        progress=False,
+        seed=5,
+        device="cpu",
+        max_size=512,
+        phema=(0.05, 0.1),
+        phema_snap_kimg=0.3,
+        **extra,
+    )
 
 
 def test_resume_continues_the_power_function_emas_exactly(tmp_path):
     whole, split = tmp_path / "whole", tmp_path / "split"
     run_training(**tiny(whole, 1.536))
-    run_training(**tiny(split, 1.024))                        # stops (and dumps) at 1.024 kimg
+    run_training(**tiny(split, 1.024))  # stops (and dumps) at 1.024 kimg
     run_training(**tiny(split, 1.536, resume="auto"))
     a = load_torch_state(str(whole / "training-state-000001.pt"))
     b = load_torch_state(str(split / "training-state-000001.pt"))
@@ -320,9 +383,11 @@ def test_resume_continues_the_power_function_emas_exactly(tmp_path):
     for ema_a, ema_b in zip(a["phema"]["emas"], b["phema"]["emas"]):
         assert all(torch.equal(x, y) for x, y in zip(ema_a, ema_b))
     names = sorted(os.listdir(whole / "phema"))
-    assert names == sorted(os.listdir(split / "phema")) and len(names) == 2 * 5     # 384, 640, 1024, 1280, 1536
+    assert names == sorted(os.listdir(split / "phema")) and len(names) == 2 * 5  # 384, 640, 1024, 1280, 1536
     for name in names:
-        assert torch.equal(vec(load_network(str(whole / "phema" / name))), vec(load_network(str(split / "phema" / name))))
+        assert torch.equal(
+            vec(load_network(str(whole / "phema" / name))), vec(load_network(str(split / "phema" / name)))
+        )
     # tracking changes nothing else: the network and the half-life EMA are those of a run without it
     plain = tmp_path / "plain"
     run_training(**{**tiny(plain, 1.536), "phema": None})
@@ -346,4 +411,4 @@ def test_update_does_not_sync_the_host():
             tracker.update(params, step * 8, 8)
     finally:
         torch.cuda.set_sync_debug_mode(0)
-    torch.testing.assert_close(tracker.emas[0][0], params[0])      # β = 0 at the first step, θ constant
+    torch.testing.assert_close(tracker.emas[0][0], params[0])  # β = 0 at the first step, θ constant

@@ -2,20 +2,20 @@
 generate.py draws them, and the images of the published sampler (EDM Algorithm 2 in float64)
 from them. The published draw is re-stated plainly below (its global generator reseeded per
 seed, torch.distributions.Beta, torch.norm) and compared bit for bit with published_rng.py."""
+
 import math
 
 import numpy as np
 import pytest
 import torch
+from helpers import load_npz_images
 from torch.distributions import Beta
 
 from pfgmpp_fast import reference as R
 from pfgmpp_fast.evaluation import generate as G
 from pfgmpp_fast.networks import build_network
-from pfgmpp_fast.sampler import SamplerOptions
 from pfgmpp_fast.published_rng import PublishedRNG, check_published_sampling, published_prior
-from pfgmpp_fast.sampler import Sampler
-from helpers import load_npz_images
+from pfgmpp_fast.sampler import Sampler, SamplerOptions
 
 SEEDS = [0, 1, 7, 4242, 2**32 + 5, 2**40 + 3]
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
@@ -30,10 +30,10 @@ def restated_latents(seeds, shape, D, device, sigma_max=80.0, label_dim=0):
         x = x * sigma_max
     else:
         rows = []
-        with torch.random.fork_rng(devices=[]):        # the test leaves the global RNG as it was
+        with torch.random.fork_rng(devices=[]):  # the test leaves the global RNG as it was
             for s in seeds:
                 torch.manual_seed(int(s))
-                b = Beta(torch.FloatTensor([N / 2.]), torch.FloatTensor([D / 2.])).sample().to(device).double()
+                b = Beta(torch.FloatTensor([N / 2.0]), torch.FloatTensor([D / 2.0])).sample().to(device).double()
                 r = torch.sqrt(b / (1 - b)) * (80 if N <= 256 * 256 * 3 else sigma_max) * np.sqrt(D)
                 g = torch.randn(N).to(device)
                 rows.append((g / torch.norm(g, p=2) * r).reshape(1, *shape))
@@ -60,7 +60,7 @@ def test_latents_and_classes_are_the_published_draw_bit_for_bit(D, device):
     assert torch.equal(torch.get_rng_state(), state)
     # a different seed, a different latent; and not our Philox prior
     assert not torch.equal(x[0], x[1])
-    if D != float("inf"):        # the radius is the published √(β/(1−β))·80·√D: ‖x‖ ≈ 80·√(N·D/(D−2))
+    if D != float("inf"):  # the radius is the published √(β/(1−β))·80·√D: ‖x‖ ≈ 80·√(N·D/(D−2))
         ratio = x.flatten(1).norm(dim=1) / (80 * math.sqrt(3 * 64 * D / (D - 2)))
         assert ((ratio > 0.8) & (ratio < 1.25)).all()
 
@@ -71,7 +71,7 @@ def test_large_images_take_the_radius_from_sigma_max():
     big = published_prior((1, 3, 256, 257), 128, [5], sigma_max=40.0)
     assert torch.equal(small, restated_latents([5], (3, 256, 256), 128.0, "cpu", sigma_max=40.0)[0])
     assert torch.equal(big, restated_latents([5], (3, 256, 257), 128.0, "cpu", sigma_max=40.0)[0])
-    assert big.norm() < 0.6 * small.norm()           # 40 instead of 80 (the same β draws almost)
+    assert big.norm() < 0.6 * small.norm()  # 40 instead of 80 (the same β draws almost)
 
 
 def published_heun(net, x, labels, num_steps, sigma_min=0.002, sigma_max=80.0, rho=7.0):
@@ -92,8 +92,18 @@ def published_heun(net, x, labels, num_steps, sigma_min=0.002, sigma_max=80.0, r
 
 def small_net(D, label_dim=0):
     torch.manual_seed(1)
-    return build_network("ddpmpp", resolution=8, channels=3, D=D, label_dim=label_dim, model_channels=8,
-                         channel_mult=[1], num_blocks=1, attn_resolutions=[], dropout=0.0).eval()
+    return build_network(
+        "ddpmpp",
+        resolution=8,
+        channels=3,
+        D=D,
+        label_dim=label_dim,
+        model_channels=8,
+        channel_mult=[1],
+        num_blocks=1,
+        attn_resolutions=[],
+        dropout=0.0,
+    ).eval()
 
 
 @pytest.mark.parametrize("D,label_dim", [(128.0, 0), (float("inf"), 10), (2048.0, 10)])
@@ -105,20 +115,22 @@ def test_sampler_from_published_latents_gives_the_published_images(D, label_dim)
     labels = None if classes is None else torch.nn.functional.one_hot(classes, label_dim).float()
     with torch.no_grad():
         want = published_heun(net, x_T, labels, num_steps=5)
-    ours = Sampler(D, G.SAMPLING_KEY, num_steps=5)(net, PublishedRNG(seeds).prior(x_T.shape, D),
-                                                   torch.tensor(seeds), labels)
+    ours = Sampler(D, G.SAMPLING_KEY, num_steps=5)(
+        net, PublishedRNG(seeds).prior(x_T.shape, D), torch.tensor(seeds), labels
+    )
     assert ours.dtype == torch.float32
     torch.testing.assert_close(ours.double(), want, rtol=1e-4, atol=1e-4 * float(want.abs().max()))
     images = torch.cat([im for _, im in G.generate_images(net, seeds, 2, num_steps=5, rng="published")])
     diff = (images.int() - G.to_uint8(want).int()).abs()
     assert int(diff.max()) <= 1 and float((diff > 0).float().mean()) < 0.01
     philox = torch.cat([im for _, im in G.generate_images(net, seeds, 2, num_steps=5)])
-    assert (philox.int() - images.int()).abs().float().mean() > 5          # the option changes the draw
+    assert (philox.int() - images.int()).abs().float().mean() > 5  # the option changes the draw
 
 
 def test_cli_rng_published_and_churn_refusal(tmp_path, capsys):
     from pfgmpp_fast import cli
     from pfgmpp_fast.checkpoint import save_network
+
     net = small_net(128.0)
     path, out = str(tmp_path / "net.safetensors"), str(tmp_path / "g.npz")
     save_network(path, net)
@@ -135,7 +147,7 @@ def test_cli_rng_published_and_churn_refusal(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "--rng" in err and "churn noise" in err and "S_noise 0" in err
     assert cli.main(base + ["--rng", "published", "--S-churn", "10", "--S-noise", "0"]) == 0
-    assert cli.main(base + ["--rng", "published", "--S-churn", "10", "--S-max", "0.001"]) == 0   # no step in range
+    assert cli.main(base + ["--rng", "published", "--S-churn", "10", "--S-max", "0.001"]) == 0  # no step in range
 
 
 def test_bad_arguments():

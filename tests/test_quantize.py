@@ -1,10 +1,10 @@
 """Post-training weight quantisation (pfgmpp_fast/quantize.py)."""
+
 import pytest
 import torch
+from helpers import tiny_net
 
 from pfgmpp_fast.evaluation import quantize as Q
-
-from helpers import tiny_net
 
 
 def test_bits32_is_identity_and_a_copy():
@@ -20,7 +20,7 @@ def test_bits4_levels_per_channel_and_other_params_untouched():
     net = tiny_net()
     before = {k: v.clone() for k, v in net.state_dict().items()}
     q = Q.quantize_network(net, 4)
-    for k, v in net.state_dict().items():          # the original is not modified
+    for k, v in net.state_dict().items():  # the original is not modified
         assert torch.equal(v, before[k])
     weights = dict(Q.quantizable_weights(q))
     assert len(weights) >= 5
@@ -35,14 +35,14 @@ def test_bits4_levels_per_channel_and_other_params_untouched():
                 assert torch.allclose(row.abs().max(), orow.abs().max(), rtol=1e-6)
             changed += int(not torch.equal(p, orig))
         else:
-            assert torch.equal(p, orig), name       # biases, norms, 1-D params
+            assert torch.equal(p, orig), name  # biases, norms, 1-D params
     assert changed == len(weights)
 
 
 def test_error_shrinks_with_bits_and_grid_is_exact():
     g = torch.Generator().manual_seed(1)
     w = torch.randn(6, 5, 3, 3, generator=g)
-    w[2] = 0.0                                       # an all-zero channel stays zero
+    w[2] = 0.0  # an all-zero channel stays zero
     errors = []
     for bits in (2, 3, 4, 6, 8, 12, 16):
         q = Q.quantize_tensor(w, bits)
@@ -51,7 +51,7 @@ def test_error_shrinks_with_bits_and_grid_is_exact():
         qmax = 2 ** (bits - 1) - 1
         scale = w.reshape(6, -1).abs().amax(1).clamp(min=1e-30) / qmax
         k = q.reshape(6, -1).double() / scale.double().view(-1, 1)
-        assert torch.allclose(k, k.round(), atol=1e-3)      # integer multiples of the scale
+        assert torch.allclose(k, k.round(), atol=1e-3)  # integer multiples of the scale
         assert k.abs().max() <= qmax + 1e-3
         errors.append(float((q - w).norm() / w.norm()))
     assert all(a > b for a, b in zip(errors, errors[1:])), errors

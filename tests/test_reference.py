@@ -1,18 +1,20 @@
 """The reference is the spec: check it against the mathematics (docs/DESIGN.md §1, §2, §6)."""
+
 import math
 
 import numpy as np
 import pytest
 import scipy.stats as st
 import torch
+from op_helpers import KAT
 
 from pfgmpp_fast import reference as R
-from op_helpers import KAT
 
 INF = float("inf")
 
 
 # --- Philox -------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("ctr,key,expected", KAT)
 def test_philox_known_answers(ctr, key, expected):
@@ -40,7 +42,7 @@ def test_normal_layout_and_moments():
 def test_uniform_is_in_the_open_interval_float32_rounding():
     u = R.uniform(torch.tensor([0, 0xFFFFFFFF, 0x80000000], dtype=torch.int64))
     assert u.dtype == torch.float32
-    assert u[0].item() == 2.0 ** -25
+    assert u[0].item() == 2.0**-25
     # float32 rounds ties to even above 2^23: 2^23 + 0.5 -> 2^23 and 2^24 - 0.5 -> 2^24,
     # so u can be exactly 1.0 (log u = 0, a zero radius): every backend rounds the same way.
     assert u[2].item() == 0.5
@@ -48,6 +50,7 @@ def test_uniform_is_in_the_open_interval_float32_rounding():
 
 
 # --- χ² and the perturbation kernel ----------------------------------------------------------
+
 
 @pytest.mark.parametrize("D", [0.5, 1, 2, 8, 128, 2048, 3072000])
 def test_chi2_matches_the_chi2_law(D):
@@ -62,7 +65,7 @@ def test_radius_follows_the_betaprime_law(N, D):
     B, sigma = 5000, 0.7
     y = torch.randn(B, N, dtype=torch.float64)
     x = R.perturb(y, sigma, D, 99, torch.arange(B))
-    ratio = ((x - y).square().sum(1) / (sigma ** 2 * D)).numpy()
+    ratio = ((x - y).square().sum(1) / (sigma**2 * D)).numpy()
     assert st.kstest(ratio, "betaprime", args=(N / 2, D / 2)).pvalue > 1e-3
     # a wrong exponent or a swapped Beta parameter would not pass
     assert st.kstest(ratio, "betaprime", args=(D / 2, N / 2)).pvalue < 1e-6 or N == D
@@ -77,7 +80,7 @@ def test_infinite_D_is_gaussian():
 
 
 def test_t_form_equals_published_construction_in_law():
-    B, D, sigma = 4000, 128, 2.0   # N = 64
+    B, D, sigma = 4000, 128, 2.0  # N = 64
     y = torch.zeros(B, 1, 8, 8, dtype=torch.float64)
     ours = (R.perturb(y, sigma, D, 21, torch.arange(B)) - y).flatten(1).norm(dim=1)
     published = R.perturb_published(y, sigma, D, generator=np.random.default_rng(0))
@@ -106,13 +109,14 @@ def test_small_D_stays_finite():
 
 # --- Preconditioning, schedule, loss -----------------------------------------------------
 
+
 def test_precond_identities():
     sigma = torch.tensor([0.002, 0.5, 80.0], dtype=torch.float64)
     c_skip, c_out, c_in, c_noise = R.precond(sigma, 0.5)
-    lam = (sigma ** 2 + 0.25) / (sigma * 0.5) ** 2
-    torch.testing.assert_close(lam * c_out ** 2, torch.ones(3, dtype=torch.float64))
+    lam = (sigma**2 + 0.25) / (sigma * 0.5) ** 2
+    torch.testing.assert_close(lam * c_out**2, torch.ones(3, dtype=torch.float64))
     torch.testing.assert_close(c_noise, sigma.log() / 4)
-    torch.testing.assert_close(c_skip + (c_out / 0.5) ** 2 , torch.ones(3, dtype=torch.float64))
+    torch.testing.assert_close(c_skip + (c_out / 0.5) ** 2, torch.ones(3, dtype=torch.float64))
 
 
 def test_time_steps():
@@ -135,7 +139,7 @@ def test_training_loss_matches_hand_computation_and_the_F_form():
     loss = R.training_loss(net, y, D, 7, ids)
     sigma, s = R.training_scalars(7, ids, D)
     x = R.perturb(y, sigma, D, 7, ids)
-    lam = (sigma ** 2 + 0.25) / (sigma * 0.5) ** 2
+    lam = (sigma**2 + 0.25) / (sigma * 0.5) ** 2
     expected = (lam.view(-1, 1, 1, 1) * (net(x, sigma) - y) ** 2).sum() / B
     torch.testing.assert_close(loss, expected)
     # the fused-kernel form: λ(D − y)² = (F − T)² with T from y, s, g alone
@@ -150,6 +154,7 @@ def test_training_loss_matches_hand_computation_and_the_F_form():
 
 # --- Sampling with the exact denoiser ------------------------------------------------------
 
+
 def _data(M=24, C=1, H=4, W=4):
     g = torch.Generator().manual_seed(0)
     return torch.rand(M, C, H, W, generator=g, dtype=torch.float64) * 2 - 1
@@ -161,8 +166,7 @@ def test_exact_denoiser_sampling_lands_on_the_data(D, solver, steps, churn):
     data, B = _data(), 96
     seeds = torch.arange(B)
     latents = R.prior((B, *data.shape[1:]), D, 80.0, 3, seeds)
-    out = R.sample(R.optimal_denoiser(data, D), latents, D, 3, seeds, num_steps=steps,
-                   solver=solver, S_churn=churn)
+    out = R.sample(R.optimal_denoiser(data, D), latents, D, 3, seeds, num_steps=steps, solver=solver, S_churn=churn)
     dist = torch.cdist(out.flatten(1), data.flatten(1)).min(dim=1).values
     assert (dist < 0.02).float().mean() >= 0.99
     # and it visits more than one data point
@@ -204,6 +208,7 @@ def test_fp32_state_close_to_fp64():
 
 # --- Kernel-level references agree with the public reference -------------------------------
 
+
 def test_ref_perturb_matches_perturb_in_any_layout():
     y = torch.randn(3, 3, 5, 7).to(memory_format=torch.channels_last)
     ids = torch.tensor([4, 8, 15])
@@ -223,13 +228,15 @@ def test_ref_sampler_update_reproduces_a_heun_step():
     x = R.prior((B, *data.shape[1:]), D, 2.0, 1, seeds)
     t, t_next = 2.0, 1.2
     sig = lambda v: torch.full((B,), v, dtype=torch.float64)
-    F = den(x, sig(t))                      # plain denoiser: c_skip = 0, c_out = c_in = 1
+    F = den(x, sig(t))  # plain denoiser: c_skip = 0, c_out = c_in = 1
     h = t_next - t
-    xp, stash, net_in = R.ref_sampler_update(x, F, None, 1 / t, -1 / t, h, h / 2, seeds, 1, 0.0, 0,
-                                             0.0, 0, 1.0, torch.float64, False)
+    xp, stash, net_in = R.ref_sampler_update(
+        x, F, None, 1 / t, -1 / t, h, h / 2, seeds, 1, 0.0, 0, 0.0, 0, 1.0, torch.float64, False
+    )
     F2 = den(net_in, sig(t_next))
-    x_next, _, _ = R.ref_sampler_update(xp, F2, stash, 1 / t_next, -1 / t_next, h / 2, None, seeds,
-                                        1, 0.0, 0, 0.0, 0, None, torch.float64, False)
+    x_next, _, _ = R.ref_sampler_update(
+        xp, F2, stash, 1 / t_next, -1 / t_next, h / 2, None, seeds, 1, 0.0, 0, 0.0, 0, None, torch.float64, False
+    )
     d = (x - den(x, sig(t))) / t
     x1 = x + h * d
     d2 = (x1 - den(x1, sig(t_next))) / t_next
@@ -237,6 +244,7 @@ def test_ref_sampler_update_reproduces_a_heun_step():
 
 
 # --- Bad input -------------------------------------------------------------------------------
+
 
 def test_bad_inputs_are_named():
     y = torch.randn(2, 4)

@@ -1,6 +1,7 @@
 """Nothing wrong goes unreported (issue 14): digests of snapshots and states, byte-identical
 snapshot files (issue 16.3), non-finite training stops without a bad snapshot, resume cleans
 temp files and duplicate stats rows, FID shards record every setting that changes the images."""
+
 import json
 import os
 import shutil
@@ -24,15 +25,31 @@ TINY_NET = dict(model_channels=8, channel_mult=[1], num_blocks=1, attn_resolutio
 
 def _net(seed=0):
     from pfgmpp_fast.networks import build_network
+
     torch.manual_seed(seed)
     return build_network("ddpmpp", resolution=8, channels=1, D=8, dropout=0.0, **TINY_NET)
 
 
 def tiny(run_dir, steps, batch=8, **extra):
-    o = dict(run_dir=str(run_dir), data="digits", batch=batch, network=TINY_NET, duration_kimg=steps * batch / 1000,
-             tick_kimg=batch / 1000, snap_ticks=None, dump_ticks=None, lr=2e-3, lr_rampup_kimg=batch * 2 / 1000,
-             dropout=0.0, augment=0.0, precision="fp32", compile=False, channels_last=False, progress=False,
-             device="cpu")
+    o = dict(
+        run_dir=str(run_dir),
+        data="digits",
+        batch=batch,
+        network=TINY_NET,
+        duration_kimg=steps * batch / 1000,
+        tick_kimg=batch / 1000,
+        snap_ticks=None,
+        dump_ticks=None,
+        lr=2e-3,
+        lr_rampup_kimg=batch * 2 / 1000,
+        dropout=0.0,
+        augment=0.0,
+        precision="fp32",
+        compile=False,
+        channels_last=False,
+        progress=False,
+        device="cpu",
+    )
     o.update(extra)
     return o
 
@@ -47,18 +64,20 @@ def _flip(path, offset, count):
 # ----------------------------------------------------------------------------------------
 # Digests and byte-identical files
 
+
 def test_snapshot_digest_detects_flipped_weights(tmp_path):
     path = tmp_path / "net.safetensors"
     ck.save_network(path, _net())
     bad = tmp_path / "bad.safetensors"
     shutil.copy(path, bad)
-    _flip(bad, os.path.getsize(bad) - 1200, 1000)          # inside the tensor data
+    _flip(bad, os.path.getsize(bad) - 1200, 1000)  # inside the tensor data
     with pytest.raises(ValueError, match="SHA-256") as err:
         ck.load_network(bad)
     assert str(bad) in str(err.value)
     # a file without a digest (written before digests existed) still loads
     from safetensors import safe_open
     from safetensors.torch import load_file, save_file
+
     with safe_open(str(path), "pt") as f:
         meta = f.metadata()
     assert len(meta.pop("sha256")) == 64
@@ -102,7 +121,7 @@ def test_state_digest_detects_flipped_bytes_and_resume_skips_it(tmp_path):
     logs = []
     assert find_latest_state(str(tmp_path), log=logs.append) == str(good)
     assert any("skipping" in m and "000001" in m for m in logs)
-    plain = tmp_path / "plain.pt"                         # no digest: an older file, loads unchecked
+    plain = tmp_path / "plain.pt"  # no digest: an older file, loads unchecked
     torch.save({"cur_nimg": 1, "net": {}}, plain)
     assert io_utils.load_torch_state(plain)["cur_nimg"] == 1
 
@@ -110,11 +129,12 @@ def test_state_digest_detects_flipped_bytes_and_resume_skips_it(tmp_path):
 # ----------------------------------------------------------------------------------------
 # Non-finite training
 
+
 def test_huge_lr_stops_with_an_error_and_no_bad_snapshot(tmp_path):
     with pytest.raises(TrainingError, match="non-finite"):
         run_training(**tiny(tmp_path, steps=6, lr=1e30, snap_ticks=1, max_nonfinite=100))
     snaps = [f for f in os.listdir(tmp_path) if f.startswith("network-snapshot")]
-    assert snaps                                               # tick 0 (lr 0 during the ramp-up) is fine
+    assert snaps  # tick 0 (lr 0 during the ramp-up) is fine
     for name in snaps:
         net = ck.load_network(tmp_path / name)
         assert max(float(v.abs().max()) for v in net.state_dict().values() if v.is_floating_point()) < 1e3
@@ -137,17 +157,18 @@ def test_nonfinite_weights_stop_at_once_and_are_never_written(tmp_path):
 # ----------------------------------------------------------------------------------------
 # Resume: temp files and duplicate stats rows; a failed start leaves no folder
 
+
 def test_resume_removes_temp_files_and_duplicate_stats_rows(tmp_path):
     run_training(**tiny(tmp_path, steps=3, dump_ticks=1))
     state = tmp_path / "training-state-000000.pt"
     kept = tmp_path.parent / (tmp_path.name + "-tick2.pt")
     shutil.copy(state, kept)
     run_training(**tiny(tmp_path, steps=6, dump_ticks=1, resume="auto"))
-    shutil.copy(kept, state)                                  # as if killed after tick 5's stats row
+    shutil.copy(kept, state)  # as if killed after tick 5's stats row
     (tmp_path / ".training-state-000000.pt.x1.tmp").write_bytes(b"half")
     (tmp_path / ".network-snapshot-000000.safetensors.x2.tmp").write_bytes(b"")
     with open(tmp_path / "stats.jsonl", "a") as f:
-        f.write('{"Progress/tick": {"num": 1, "mean": 6, "torn')   # a torn last line
+        f.write('{"Progress/tick": {"num": 1, "mean": 6, "torn')  # a torn last line
     run_training(**tiny(tmp_path, steps=6, dump_ticks=1, resume="auto"))
     assert not [f for f in os.listdir(tmp_path) if io_utils.is_temp_file(f)]
     ticks = [json.loads(line)["Progress/tick"]["mean"] for line in open(tmp_path / "stats.jsonl")]
@@ -162,23 +183,43 @@ def test_failed_start_leaves_no_run_folder(tmp_path):
     existing.mkdir()
     with pytest.raises(FileNotFoundError):
         run_training(**tiny(existing, steps=1, data=str(tmp_path / "nonexistent")))
-    assert existing.is_dir()                                  # a folder the user made stays
+    assert existing.is_dir()  # a folder the user made stays
 
 
 # ----------------------------------------------------------------------------------------
 # FID shards: settings that change the images are part of the configuration
 
+
 def test_fid_resume_under_another_net_dtype_is_refused(tmp_path, capsys):
     path = str(tmp_path / "net.safetensors")
     ck.save_network(path, _net())
     cache = str(tmp_path / "digits.safetensors")
-    common = ["fid", "calc", "--network", path, "--num-images", "8", "--shard-size", "4", "--steps", "2",
-              "--batch", "4", "--features", "digits", "--digits-cache", cache, "--outdir", str(tmp_path / "o"),
-              "--device", "cpu"]
+    common = [
+        "fid",
+        "calc",
+        "--network",
+        path,
+        "--num-images",
+        "8",
+        "--shard-size",
+        "4",
+        "--steps",
+        "2",
+        "--batch",
+        "4",
+        "--features",
+        "digits",
+        "--digits-cache",
+        cache,
+        "--outdir",
+        str(tmp_path / "o"),
+        "--device",
+        "cpu",
+    ]
     assert cli.main(common + ["--net-dtype", "fp32"]) == 0
     assert cli.main(common + ["--net-dtype", "fp32"]) == 0
     assert "resumed from disk" in capsys.readouterr().out
-    (tmp_path / "o" / "stats-4-7.npz").unlink()              # killed before the last shard
+    (tmp_path / "o" / "stats-4-7.npz").unlink()  # killed before the last shard
     for name in (".stats-4-7.npz.a1.tmp", ".stats.npz.b2.tmp", ".result.json.c3.tmp"):
         (tmp_path / "o" / name).write_bytes(b"half a file")
     assert cli.main(common + ["--net-dtype", "bf16"]) == 2
@@ -193,8 +234,26 @@ def test_threads_option(tmp_path):
     before = torch.get_num_threads()
     try:
         torch.set_num_threads(2)
-        assert cli.main(["generate", "--network", path, "--seeds", "0", "--steps", "1", "--npz",
-                         str(tmp_path / "o.npz"), "--device", "cpu", "--threads", "1"]) == 0
+        assert (
+            cli.main(
+                [
+                    "generate",
+                    "--network",
+                    path,
+                    "--seeds",
+                    "0",
+                    "--steps",
+                    "1",
+                    "--npz",
+                    str(tmp_path / "o.npz"),
+                    "--device",
+                    "cpu",
+                    "--threads",
+                    "1",
+                ]
+            )
+            == 0
+        )
         assert torch.get_num_threads() == 1
     finally:
         torch.set_num_threads(before)

@@ -1,5 +1,6 @@
 """Nothing loaded from a file runs code: a TorchScript archive whose __setstate__ writes a file is
 refused by every entry point that reads networks (issue 14, security 1), even with --trust-pickle."""
+
 import shutil
 import warnings
 from typing import Tuple
@@ -16,6 +17,7 @@ from pfgmpp_fast.evaluation import metrics
 
 def _torchscript_archive(path, marker):
     """A TorchScript module whose __setstate__ (run by torch.jit.load) creates ``marker``."""
+
     class Payload(torch.nn.Module):
         def __init__(self):
             super().__init__()
@@ -48,7 +50,7 @@ def payload(tmp_path_factory):
     root = tmp_path_factory.mktemp("payload")
     marker = root / "EXECUTED"
     path = _torchscript_archive(root / "evil.pt", marker)
-    with warnings.catch_warnings():          # the archive really runs code when torch loads it
+    with warnings.catch_warnings():  # the archive really runs code when torch loads it
         warnings.simplefilter("ignore")
         torch.jit.load(path)
     assert marker.exists()
@@ -80,15 +82,55 @@ def test_convert_refuses_torchscript(payload, tmp_path, capsys):
 
 def test_generate_refuses_torchscript(payload, tmp_path, capsys):
     path, marker = payload
-    _refused(cli.main(["generate", "--network", path, "--trust-pickle", "--seeds", "0-1", "--steps", "2",
-                       "--npz", str(tmp_path / "s.npz"), "--device", "cpu"]), capsys, marker)
+    _refused(
+        cli.main(
+            [
+                "generate",
+                "--network",
+                path,
+                "--trust-pickle",
+                "--seeds",
+                "0-1",
+                "--steps",
+                "2",
+                "--npz",
+                str(tmp_path / "s.npz"),
+                "--device",
+                "cpu",
+            ]
+        ),
+        capsys,
+        marker,
+    )
 
 
 def test_fid_calc_refuses_torchscript(payload, tmp_path, capsys, digits_cache):
     path, marker = payload
-    _refused(cli.main(["fid", "calc", "--network", path, "--trust-pickle", "--num-images", "4", "--steps", "2",
-                       "--features", "digits", "--digits-cache", digits_cache, "--dest", str(tmp_path / "s.npz"),
-                       "--device", "cpu"]), capsys, marker)
+    _refused(
+        cli.main(
+            [
+                "fid",
+                "calc",
+                "--network",
+                path,
+                "--trust-pickle",
+                "--num-images",
+                "4",
+                "--steps",
+                "2",
+                "--features",
+                "digits",
+                "--digits-cache",
+                digits_cache,
+                "--dest",
+                str(tmp_path / "s.npz"),
+                "--device",
+                "cpu",
+            ]
+        ),
+        capsys,
+        marker,
+    )
 
 
 def test_fid_sweep_checkpoints_refuses_torchscript(payload, tmp_path, capsys, digits_cache):
@@ -98,24 +140,73 @@ def test_fid_sweep_checkpoints_refuses_torchscript(payload, tmp_path, capsys, di
     shutil.copy(path, run_dir / "network-snapshot-000100.pkl")
     ref = str(tmp_path / "ref.npz")
     metrics.save_stats(ref, np.zeros(64), np.eye(64))
-    _refused(cli.main(["fid", "sweep", "--kind", "checkpoints", "--run-dir", str(run_dir), "--trust-pickle",
-                       "--ref", ref, "--seeds", "0-3", "--steps", "2", "--features", "digits",
-                       "--digits-cache", digits_cache, "--outdir", str(tmp_path / "sw"), "--device", "cpu"]),
-             capsys, marker)
+    _refused(
+        cli.main(
+            [
+                "fid",
+                "sweep",
+                "--kind",
+                "checkpoints",
+                "--run-dir",
+                str(run_dir),
+                "--trust-pickle",
+                "--ref",
+                ref,
+                "--seeds",
+                "0-3",
+                "--steps",
+                "2",
+                "--features",
+                "digits",
+                "--digits-cache",
+                digits_cache,
+                "--outdir",
+                str(tmp_path / "sw"),
+                "--device",
+                "cpu",
+            ]
+        ),
+        capsys,
+        marker,
+    )
 
 
 def test_train_transfer_refuses_torchscript(payload, tmp_path, capsys):
     path, marker = payload
     run_dir = tmp_path / "run"
-    _refused(cli.main(["train", "--outdir", str(run_dir), "--data", "digits", "--transfer", path, "--trust-pickle",
-                       "--batch", "8", "--duration", "0.00008", "--network",
-                       '{"model_channels": 8, "channel_mult": [1], "num_blocks": 1, "attn_resolutions": []}',
-                       "--augment", "0", "--device", "cpu", "--no-progress"]), capsys, marker)
-    assert not run_dir.exists()        # a run that could not start leaves no folder
+    _refused(
+        cli.main(
+            [
+                "train",
+                "--outdir",
+                str(run_dir),
+                "--data",
+                "digits",
+                "--transfer",
+                path,
+                "--trust-pickle",
+                "--batch",
+                "8",
+                "--duration",
+                "0.00008",
+                "--network",
+                '{"model_channels": 8, "channel_mult": [1], "num_blocks": 1, "attn_resolutions": []}',
+                "--augment",
+                "0",
+                "--device",
+                "cpu",
+                "--no-progress",
+            ]
+        ),
+        capsys,
+        marker,
+    )
+    assert not run_dir.exists()  # a run that could not start leaves no folder
 
 
 def test_other_zip_archives_refused(tmp_path):
     import zipfile
+
     path = tmp_path / "net.pt"
     with zipfile.ZipFile(path, "w") as zf:
         zf.writestr("archive/data.pkl", b"\x80\x02}q\x00.")

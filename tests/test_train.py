@@ -1,4 +1,5 @@
 """The training loop: convergence, fast vs reference path, ranks, kill/resume, bad inputs."""
+
 import argparse
 import json
 import math
@@ -12,11 +13,11 @@ import pytest
 import torch
 
 from pfgmpp_fast import ops
-from pfgmpp_fast.utils import io_utils
 from pfgmpp_fast.checkpoint import find_latest_snapshot
 from pfgmpp_fast.training.options import TrainingError
 from pfgmpp_fast.training.run_files import drop_stats_after, find_latest_state
 from pfgmpp_fast.training.train import add_arguments, main, run_training
+from pfgmpp_fast.utils import io_utils
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY_NET = dict(model_channels=8, channel_mult=[1, 2], num_blocks=1, attn_resolutions=[])
@@ -25,10 +26,29 @@ FUSED_BACKEND = "cpu" if ops.has_extension() else "triton"
 
 def tiny(run_dir, steps, batch=16, **extra):
     """Options of a tiny CPU run: one tick per step, `steps` steps."""
-    o = dict(run_dir=str(run_dir), data="digits", arch="ddpmpp", D=128, batch=batch, network=TINY_NET,
-             duration_kimg=steps * batch / 1000, tick_kimg=batch / 1000, snap_ticks=None, dump_ticks=None,
-             lr=2e-3, lr_rampup_kimg=batch * 2 / 1000, ema_halflife_kimg=0.1, dropout=0.0, augment=0.12,
-             precision="fp32", compile=False, channels_last=False, progress=False, seed=3, device="cpu")
+    o = dict(
+        run_dir=str(run_dir),
+        data="digits",
+        arch="ddpmpp",
+        D=128,
+        batch=batch,
+        network=TINY_NET,
+        duration_kimg=steps * batch / 1000,
+        tick_kimg=batch / 1000,
+        snap_ticks=None,
+        dump_ticks=None,
+        lr=2e-3,
+        lr_rampup_kimg=batch * 2 / 1000,
+        ema_halflife_kimg=0.1,
+        dropout=0.0,
+        augment=0.12,
+        precision="fp32",
+        compile=False,
+        channels_last=False,
+        progress=False,
+        seed=3,
+        device="cpu",
+    )
     o.update(extra)
     return o
 
@@ -58,14 +78,22 @@ def assert_states_equal(a, b, exact=True, atol=0.0):
 
 
 def run_subprocess(options, env_extra=None, rank=None, world=None, port=None):
-    code = "import json, sys; from pfgmpp_fast.training.train import run_training; run_training(**json.loads(sys.argv[1]))"
+    code = (
+        "import json, sys; from pfgmpp_fast.training.train import run_training; run_training(**json.loads(sys.argv[1]))"
+    )
     env = {**os.environ, "PYTHONPATH": REPO, "OMP_NUM_THREADS": "1"}
     if rank is not None:
-        env.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
-                   MASTER_PORT=str(port))
+        env.update(
+            RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)
+        )
     env.update(env_extra or {})
-    return subprocess.Popen([sys.executable, "-c", code, json.dumps(options)], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    return subprocess.Popen(
+        [sys.executable, "-c", code, json.dumps(options)],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
 
 
 def finish(proc, expect=0):
@@ -85,6 +113,7 @@ def one_thread():
 
 # ----------------------------------------------------------------------------------------
 
+
 def test_loss_falls_on_digits(tmp_path):
     run = run_training(**tiny(tmp_path, steps=60, batch=32, snap_ticks=60, dump_ticks=60, backend="auto"))
     stats = read_stats(run)
@@ -94,16 +123,28 @@ def test_loss_falls_on_digits(tmp_path):
     first, last = losses[:8].mean(), losses[-12:].mean()
     assert last < 0.75 * first, f"loss did not fall: {first:.3f} -> {last:.3f}"
     assert stats[-1]["Progress/kimg"]["mean"] == pytest.approx(60 * 32 / 1000)
-    for key in ("Timing/sec_per_kimg", "Timing/sec_per_tick", "Timing/total_sec", "Resources/peak_gpu_mem_gb",
-                "Perf/img_per_sec", "Progress/tick"):
+    for key in (
+        "Timing/sec_per_kimg",
+        "Timing/sec_per_tick",
+        "Timing/total_sec",
+        "Resources/peak_gpu_mem_gb",
+        "Perf/img_per_sec",
+        "Progress/tick",
+    ):
         assert set(stats[-1][key]) == {"num", "mean", "std"}
     files = os.listdir(run)
-    assert {"training_options.json", "log.txt", "stats.jsonl", "training-state-000001.pt",
-            "network-snapshot-000001.safetensors"} <= set(files), files
+    assert {
+        "training_options.json",
+        "log.txt",
+        "stats.jsonl",
+        "training-state-000001.pt",
+        "network-snapshot-000001.safetensors",
+    } <= set(files), files
     options = json.load(open(os.path.join(run, "training_options.json")))
     assert options["batch"] == 32 and options["network_config"]["augment_dim"] == 9
     # The snapshot holds the EMA weights in the safe format.
     from safetensors.torch import load_file
+
     assert find_latest_snapshot(run) == os.path.join(run, "network-snapshot-000001.safetensors")
     snap = load_file(os.path.join(run, "network-snapshot-000001.safetensors"))
     state = io_utils.load_torch_state(os.path.join(run, "training-state-000001.pt"))
@@ -112,9 +153,18 @@ def test_loss_falls_on_digits(tmp_path):
         assert torch.equal(snap[k], state["ema"][k])
 
 
-EDM_STATS = ("Loss/loss", "Progress/tick", "Progress/kimg", "Timing/total_sec", "Timing/sec_per_tick",
-             "Timing/sec_per_kimg", "Timing/maintenance_sec", "Resources/cpu_mem_gb", "Resources/peak_gpu_mem_gb",
-             "Resources/peak_gpu_mem_reserved_gb")
+EDM_STATS = (
+    "Loss/loss",
+    "Progress/tick",
+    "Progress/kimg",
+    "Timing/total_sec",
+    "Timing/sec_per_tick",
+    "Timing/sec_per_kimg",
+    "Timing/maintenance_sec",
+    "Resources/cpu_mem_gb",
+    "Resources/peak_gpu_mem_gb",
+    "Resources/peak_gpu_mem_reserved_gb",
+)
 
 
 def test_stats_rows_have_edms_form_and_summarise_the_step_losses(tmp_path):
@@ -140,7 +190,7 @@ def test_stats_rows_have_edms_form_and_summarise_the_step_losses(tmp_path):
         part = np.array(part)
         assert row["Loss/loss"]["num"] == len(part)
         assert row["Loss/loss"]["mean"] == pytest.approx(part.mean(), rel=1e-12)
-        assert row["Loss/loss"]["std"] == pytest.approx(part.std(), rel=1e-6, abs=1e-12)   # EDM: population std
+        assert row["Loss/loss"]["std"] == pytest.approx(part.std(), rel=1e-6, abs=1e-12)  # EDM: population std
     assert ticks[1]["Loss/loss"]["std"] > 0
 
 
@@ -148,8 +198,11 @@ def test_resume_reads_stats_rows_of_both_forms(tmp_path):
     """drop_stats_after keeps rows of ticks before the resumed one, in EDM's form and in the
     plain form of older versions alike, and drops torn lines."""
     path = tmp_path / "stats.jsonl"
-    rows = [{"Progress/tick": 0}, {"Progress/tick": {"num": 1, "mean": 1, "std": 0.0}},
-            {"Progress/tick": {"num": 1, "mean": 2, "std": 0.0}}]
+    rows = [
+        {"Progress/tick": 0},
+        {"Progress/tick": {"num": 1, "mean": 1, "std": 0.0}},
+        {"Progress/tick": {"num": 1, "mean": 2, "std": 0.0}},
+    ]
     path.write_text("".join(json.dumps(r) + "\n" for r in rows) + '{"Progress/tick": {"nu')
     drop_stats_after(str(path), 2)
     assert [json.loads(line) for line in path.read_text().splitlines()] == rows[:2]
@@ -162,8 +215,9 @@ def test_fast_path_matches_reference_path(tmp_path):
     runs = {}
     for backend in (FUSED_BACKEND, "reference"):
         fast = backend != "reference"
-        runs[backend] = run_training(**tiny(tmp_path / backend, steps=6, backend=backend, dump_ticks=6,
-                                            channels_last=fast))
+        runs[backend] = run_training(
+            **tiny(tmp_path / backend, steps=6, backend=backend, dump_ticks=6, channels_last=fast)
+        )
     options = json.load(open(os.path.join(runs[FUSED_BACKEND], "training_options.json")))
     assert options["resolved_channels_last"] is True
     fast = [s["Loss/loss"]["mean"] for s in read_stats(runs[FUSED_BACKEND])]
@@ -210,12 +264,12 @@ def uninterrupted(tmp_path_factory):
 def test_kill_and_resume_is_exact(tmp_path, uninterrupted, where):
     options = tiny(tmp_path, steps=8, dump_ticks=2, dropout=0.1, deterministic=True)
     if where == "step":
-        env = {"PFGMPP_FAST_KILL_AT_STEP": "5"}               # newest state: after tick 4
-    else:                                                  # the 3rd state write (tick 6) is killed
+        env = {"PFGMPP_FAST_KILL_AT_STEP": "5"}  # newest state: after tick 4
+    else:  # the 3rd state write (tick 6) is killed
         env = {"PFGMPP_FAST_KILL_DURING_WRITE": "training-state-", "PFGMPP_FAST_KILL_DURING_WRITE_SKIP": "2"}
     finish(run_subprocess(options, env), expect=-9)
     state = io_utils.load_torch_state(os.path.join(tmp_path, "training-state-000000.pt"))
-    assert state["cur_nimg"] == 5 * 16                     # the old state survived
+    assert state["cur_nimg"] == 5 * 16  # the old state survived
     if where == "checkpoint_write":
         temps = [f for f in os.listdir(tmp_path) if io_utils.is_temp_file(f)]
         assert len(temps) == 1 and temps[0].startswith(".training-state-")
@@ -228,6 +282,7 @@ def test_kill_and_resume_is_exact(tmp_path, uninterrupted, where):
 
 # ----------------------------------------------------------------------------------------
 # Bad inputs: each a clear error, before any step
+
 
 def test_bad_inputs(tmp_path, uninterrupted):
     base = tiny(tmp_path / "run", steps=2)
@@ -286,15 +341,31 @@ def test_cli_dry_run_defaults_are_the_published_recipe(capsys):
     assert main(parser.parse_args(["--dry-run"])) == 0
     o = json.loads(capsys.readouterr().out)
     # D: the published train.py's default (--pfgmpp off) is EDM diffusion, D = inf
-    expected = dict(batch=512, lr=1e-3, ema_halflife_kimg=500.0, lr_rampup_kimg=10000.0, ema_rampup_ratio=0.05,
-                    dropout=0.13, augment=0.12, duration_mimg=200.0, D=float("inf"), arch="ddpmpp", tick_kimg=50.0,
-                    snap_ticks=50, dump_ticks=500, P_mean=-1.2, P_std=1.2, sigma_data=0.5)
+    expected = dict(
+        batch=512,
+        lr=1e-3,
+        ema_halflife_kimg=500.0,
+        lr_rampup_kimg=10000.0,
+        ema_rampup_ratio=0.05,
+        dropout=0.13,
+        augment=0.12,
+        duration_mimg=200.0,
+        D=float("inf"),
+        arch="ddpmpp",
+        tick_kimg=50.0,
+        snap_ticks=50,
+        dump_ticks=500,
+        P_mean=-1.2,
+        P_std=1.2,
+        sigma_data=0.5,
+    )
     assert {k: o[k] for k in expected} == expected
     assert main(parser.parse_args(["--dry-run", "--aug_dim", "128", "--cres", "1,2"])) == 0
     o = json.loads(capsys.readouterr().out)
     assert o["D"] == 128.0 and o["network"] == {"channel_mult": [1, 2]}
     from pfgmpp_fast import cli
-    assert cli.main(["train", "--dry-run", "--D", "0"]) == 2       # refused while parsing, naming the option
+
+    assert cli.main(["train", "--dry-run", "--D", "0"]) == 2  # refused while parsing, naming the option
     assert "argument --D: D must be in (0, inf]" in capsys.readouterr().err
 
 
@@ -302,17 +373,18 @@ def test_transfer_from_a_snapshot(tmp_path):
     run_training(**tiny(tmp_path / "a", steps=2, snap_ticks=1))
     snap = tmp_path / "a" / "network-snapshot-000000.safetensors"
     from pfgmpp_fast.checkpoint import load_network
-    source = load_network(str(snap))                        # our format loads without code execution
+
+    source = load_network(str(snap))  # our format loads without code execution
     # Step 0 has lr = 0 (ramp-up from 0), so after one step the weights are the transferred ones.
     run_training(**tiny(tmp_path / "b", steps=1, transfer=str(snap), dump_ticks=1))
     state = read_state(tmp_path / "b")
     for k, v in source.state_dict().items():
         assert torch.equal(state["net"][k], v), k
     with pytest.raises(ValueError, match="does not match the network"):
-        run_training(**tiny(tmp_path / "c", steps=1, transfer=str(snap),
-                            network={**TINY_NET, "model_channels": 16}))
+        run_training(**tiny(tmp_path / "c", steps=1, transfer=str(snap), network={**TINY_NET, "model_channels": 16}))
     pickled = tmp_path / "published.pkl"
     import pickle
+
     pickled.write_bytes(pickle.dumps({"ema": None}))
     with pytest.raises(ValueError, match="pickle"):
         run_training(**tiny(tmp_path / "d", steps=1, transfer=str(pickled)))

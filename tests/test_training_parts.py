@@ -1,5 +1,6 @@
 """The loop's parts, tested on their own: the learning-rate schedule and batch geometry
 (training/schedule.py) and the EMAs behind one interface (training/ema.py)."""
+
 import pytest
 import torch
 
@@ -8,6 +9,7 @@ from pfgmpp_fast.training.schedule import BatchGeometry, LearningRateSchedule
 
 # ----------------------------------------------------------------------------------------
 # Learning-rate schedule
+
 
 def test_learning_rate_ramps_up_linearly_then_stays():
     schedule = LearningRateSchedule(lr=1e-3, rampup_kimg=10)
@@ -33,9 +35,11 @@ def test_apply_sets_every_parameter_group():
 # ----------------------------------------------------------------------------------------
 # Batch geometry
 
-@pytest.mark.parametrize("batch,batch_gpu,world,expected", [
-    (512, None, 1, (512, 512, 1)), (512, None, 4, (128, 128, 1)), (512, 32, 2, (256, 32, 8)),
-    (96, 8, 3, (32, 8, 4))])
+
+@pytest.mark.parametrize(
+    "batch,batch_gpu,world,expected",
+    [(512, None, 1, (512, 512, 1)), (512, None, 4, (128, 128, 1)), (512, 32, 2, (256, 32, 8)), (96, 8, 3, (32, 8, 4))],
+)
 def test_batch_geometry_splits_the_global_batch(batch, batch_gpu, world, expected):
     g = BatchGeometry.resolve(batch, batch_gpu, world)
     assert (g.per_rank, g.batch_gpu, g.rounds) == expected
@@ -51,6 +55,7 @@ def test_batch_geometry_refuses_uneven_splits():
 
 # ----------------------------------------------------------------------------------------
 # EMAs
+
 
 def _net():
     torch.manual_seed(0)
@@ -86,7 +91,7 @@ def test_half_life_ema_matches_the_plain_formula(rampup_ratio):
         expected = [beta * e + (1 - beta) * t for e, t in zip(expected, thetas)]
     for got, want in zip(ema.params, expected):
         torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
-    if rampup_ratio is not None:        # the first step has no images before it: the EMA is the network
+    if rampup_ratio is not None:  # the first step has no images before it: the EMA is the network
         assert ema.beta(batch, batch) == 0.0
 
 
@@ -103,6 +108,7 @@ def test_half_life_ema_is_a_separate_frozen_copy():
 def test_every_ema_continues_exactly_from_its_state(kind):
     """Through the shared interface: 12 steps in one go = 6 steps, state_dict, a new EMA that
     loads it, 6 more steps (bit for bit)."""
+
     def make(net):
         if kind == "half-life":
             return HalfLifeEMA(net, 0.05, 0.3)
@@ -116,7 +122,7 @@ def test_every_ema_continues_exactly_from_its_state(kind):
     _train(net_b, [first], steps=6, batch=8, gen=gen)
     state = first.state_dict()
     assert _tensors(state) and all(t.device.type == "cpu" for t in _tensors(state))
-    resumed = make(_net())                      # a fresh EMA of a fresh network: only the state carries over
+    resumed = make(_net())  # a fresh EMA of a fresh network: only the state carries over
     resumed.load_state_dict(state)
     _train(net_b, [resumed], steps=6, batch=8, start=6, gen=gen)
     want, got = _tensors(whole.state_dict()), _tensors(resumed.state_dict())

@@ -4,6 +4,7 @@ kernels/aot_check.py compiles every launcher's real launch for sm_90 through Tri
 argument specialisation; these tests hold its report to the code-quality bounds of issue 12
 (accurate math, no spills, 16-byte accesses on aligned sizes, register counts per launch).
 """
+
 import json
 import os
 import subprocess
@@ -22,8 +23,14 @@ def aot_report():
     """One sm_90 compile of every variant (in a process without TRITON_INTERPRET)."""
     pytest.importorskip("triton.backends.nvidia", reason="this Triton has no NVIDIA backend to compile with")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    proc = subprocess.run([sys.executable, "-m", "pfgmpp_fast.kernels.aot_check", "--arch", "90", "--json"],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        [sys.executable, "-m", "pfgmpp_fast.kernels.aot_check", "--arch", "90", "--json"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     if proc.returncode == 3:
         pytest.skip(proc.stdout.strip())
     assert proc.stdout.strip(), proc.stderr
@@ -35,8 +42,14 @@ def test_kernels_compile_for_sm90_with_accurate_math(aot_report):
     """The interpreter accepts code the Triton compiler rejects: every variant compiles for
     sm_90, log/sin/cos did not lower to approximate PTX, and nothing spills."""
     rc, report, stderr = aot_report
-    assert {r["kernel"] for r in report.values()} == {"_perturb_kernel", "_loss_kernel", "_sampler_kernel",
-                                                      "_chi2_kernel", "_philox_normal_kernel", "_philox_raw_kernel"}
+    assert {r["kernel"] for r in report.values()} == {
+        "_perturb_kernel",
+        "_loss_kernel",
+        "_sampler_kernel",
+        "_chi2_kernel",
+        "_philox_normal_kernel",
+        "_philox_raw_kernel",
+    }
     for name, r in report.items():
         assert "error" not in r, f"{name}: {r.get('error')}"
         assert r["approx"] == [], f"{name}: approximate math {r['approx']}"
@@ -84,6 +97,7 @@ def test_philox_normal_rejects_n_beyond_its_32_bit_block_counter():
 
 def test_grid_beyond_cuda_limit_fails_clearly():
     from pfgmpp_fast.kernels.layout import grid
+
     assert grid(3, 5) == (15,)
     with pytest.raises(ValueError, match=r"2\*\*31 - 1"):
         grid(2**20, 2**11)
@@ -93,6 +107,7 @@ def test_each_triton_op_is_registered_with_the_cpp_op_arguments():
     """Every kernel file registers its op; the argument names and types (optional ones included:
     `float?`, `Tensor?`) are those of the C++ ops."""
     import pfgmpp_fast.kernels  # noqa: F401
+
     names = ("philox4x32", "philox_normal", "chi2", "perturb", "loss_fwd_bwd", "sampler_update")
     for name in names:
         schema = getattr(torch.ops.pfgmpp_fast_triton, name).default._schema
@@ -106,10 +121,16 @@ def test_kernels_ship_inside_the_package(tmp_path):
     """pfgmpp_fast.kernels comes from the symlink alone: a build copies the files under
     pfgmpp_fast/kernels and never installs a top-level `kernels` package."""
     import pfgmpp_fast.kernels as k
+
     assert os.path.realpath(os.path.dirname(k.__file__)) == os.path.join(os.path.realpath(ROOT), "kernels")
     assert "kernels" not in sys.modules
-    proc = subprocess.run([sys.executable, "setup.py", "-q", "build_py", "--build-lib", str(tmp_path)],
-                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "setup.py", "-q", "build_py", "--build-lib", str(tmp_path)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 0, proc.stderr
     built = tmp_path / "pfgmpp_fast" / "kernels"
     assert (built / "layout.py").is_file() and not (built / "layout.py").is_symlink()

@@ -9,6 +9,7 @@ suite; a suite that outlives its timeout is killed and recorded (with the rows i
 written). --budget sizes the timeouts: each suite gets its share of the time left.
 Prints a short table last.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -41,7 +42,7 @@ WEIGHTS = {"kernels": 1.0, "networks": 2.0, "training": 2.0, "sampling": 3.0}
 NO_COMPILE_ARGS = {"kernels": ["--no-compile"], "networks": ["--compile-backend", "none"]}
 # The suites whose measured variants can be left out (--skip-variants), and their option.
 SKIP_VARIANTS_OPTION = {"training": "--skip"}
-MIN_SUITE_S = 5.0   # below this much time left a suite is recorded as skipped, not started
+MIN_SUITE_S = 5.0  # below this much time left a suite is recorded as skipped, not started
 
 
 class Terminated(Exception):
@@ -51,31 +52,45 @@ class Terminated(Exception):
 def benchmarks_dir() -> Path:
     here = Path(__file__).resolve().parents[2] / "benchmarks"
     if not here.is_dir():
-        raise FileNotFoundError(
-            f"benchmarks/ not found next to the package ({here}); run from a source checkout")
+        raise FileNotFoundError(f"benchmarks/ not found next to the package ({here}); run from a source checkout")
     return here
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
     p.add_argument("--smoke", action="store_true", help="tiny sizes, seconds per suite (CI)")
-    p.add_argument("--only", default=None,
-                   help="comma-separated subset of suites: " + ",".join(n for n, _ in SUITES))
+    p.add_argument("--only", default=None, help="comma-separated subset of suites: " + ",".join(n for n, _ in SUITES))
     p.add_argument("--outdir", default=None, help="results folder (default benchmarks/results)")
     p.add_argument("--timeout", type=float, default=1800, help="most seconds allowed per suite")
-    p.add_argument("--budget", type=float, default=None,
-                   help="seconds for the whole call: each suite's timeout is its share of the time left "
-                        f"(shares {', '.join(f'{k} {v:g}' for k, v in WEIGHTS.items())}), at most --timeout")
-    p.add_argument("--append", action="store_true",
-                   help="keep the other suites of today's results file for this device in --outdir "
-                        "(several calls build one file)")
+    p.add_argument(
+        "--budget",
+        type=float,
+        default=None,
+        help="seconds for the whole call: each suite's timeout is its share of the time left "
+        f"(shares {', '.join(f'{k} {v:g}' for k, v in WEIGHTS.items())}), at most --timeout",
+    )
+    p.add_argument(
+        "--append",
+        action="store_true",
+        help="keep the other suites of today's results file for this device in --outdir (several calls build one file)",
+    )
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile variants where a suite can")
-    p.add_argument("--skip-variants", type=_variant_names, default=None, metavar="NAMES",
-                   help="comma-separated baselines to leave out where a suite has them (training: "
-                        "published,hand-compiled); ours is always measured")
-    p.add_argument("--date", type=_iso_date, default=None, metavar="YYYY-MM-DD",
-                   help="the date in the results file name (default: today, UTC); several calls of one "
-                        "session that crosses midnight pass the same date to fill one file")
+    p.add_argument(
+        "--skip-variants",
+        type=_variant_names,
+        default=None,
+        metavar="NAMES",
+        help="comma-separated baselines to leave out where a suite has them (training: "
+        "published,hand-compiled); ours is always measured",
+    )
+    p.add_argument(
+        "--date",
+        type=_iso_date,
+        default=None,
+        metavar="YYYY-MM-DD",
+        help="the date in the results file name (default: today, UTC); several calls of one "
+        "session that crosses midnight pass the same date to fill one file",
+    )
 
 
 def _iso_date(value: str) -> str:
@@ -144,8 +159,14 @@ def run_suite(cmd: list, out: str, timeout: float) -> dict:
     keep the rows it had written. A SIGTERM is marked `terminated` for the caller."""
     tail: collections.deque = collections.deque(maxlen=80)
     t0 = time.time()
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True, env=dict(os.environ, PYTHONUNBUFFERED="1"))
+    proc = subprocess.Popen(
+        cmd,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+        env=dict(os.environ, PYTHONUNBUFFERED="1"),
+    )
     reader = threading.Thread(target=_stream, args=(proc, tail), daemon=True)
     reader.start()
     error = None
@@ -186,12 +207,14 @@ def _suite_result(out, returncode, error, tail, command, elapsed) -> dict:
 
 def results_stem(env: dict, smoke: bool, date: str | None = None) -> str:
     from pfgmpp_fast.utils import benchmarking as bm
+
     date = date or _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d")
     return f"{bm.slug(env['device'])}-{date}" + ("-smoke" if smoke else "")
 
 
 def write_results(outdir: Path, stem: str, payload: dict) -> None:
     from pfgmpp_fast.utils import benchmarking as bm
+
     bm.write_json(str(outdir / f"{stem}.json"), payload)
     bm.write_text(str(outdir / f"{stem}.md"), render_markdown(payload))
 
@@ -245,7 +268,9 @@ def _run(args, device, selected, t_start) -> int:
     env = bm.environment(device)
     print(f"benchmarking on {env['device']} (torch {env['torch']}, triton {env['triton']})", flush=True)
     ceil = bm.ceilings(device, smoke=args.smoke)
-    print(f"ceilings: copy {ceil['copy_GBps']:.1f} GB/s, bf16 matmul {ceil['bf16_matmul_TFLOPs']:.2f} TFLOP/s", flush=True)
+    print(
+        f"ceilings: copy {ceil['copy_GBps']:.1f} GB/s, bf16 matmul {ceil['bf16_matmul_TFLOPs']:.2f} TFLOP/s", flush=True
+    )
     outdir = Path(args.outdir) if args.outdir else benchmarks_dir() / "results"
     stem = results_stem(env, args.smoke, args.date)
     suites = _earlier_suites(outdir, stem, env["device"]) if args.append else {}
@@ -287,6 +312,7 @@ def run_all(selected, args, device, suites, payload, outdir, stem, t_start) -> N
 
 def print_summary(selected, suites) -> None:
     from pfgmpp_fast.utils import benchmarking as bm
+
     print()
     for name, _ in selected:  # the short table last: one block per suite
         res = suites[name]
@@ -300,17 +326,29 @@ def render_markdown(payload: dict) -> str:
     from pfgmpp_fast.utils.benchmarking import markdown_table
 
     env, ceil = payload["environment"], payload["ceilings"]
-    lines = [f"# Benchmarks on {env['device']}", "",
-             f"- date: {env['date']}", f"- torch {env['torch']} (CUDA {env['cuda']}), triton {env['triton']}, "
-             f"python {env['python']}", f"- command: `{env['command']}`",
-             f"- smoke mode: {payload['smoke']}", "",
-             f"Ceilings measured in this run: device copy {ceil['copy_GBps']:.1f} GB/s (read + write), "
-             f"bf16 matmul {ceil['bf16_matmul_TFLOPs']:.2f} TFLOP/s.", ""]
+    lines = [
+        f"# Benchmarks on {env['device']}",
+        "",
+        f"- date: {env['date']}",
+        f"- torch {env['torch']} (CUDA {env['cuda']}), triton {env['triton']}, python {env['python']}",
+        f"- command: `{env['command']}`",
+        f"- smoke mode: {payload['smoke']}",
+        "",
+        f"Ceilings measured in this run: device copy {ceil['copy_GBps']:.1f} GB/s (read + write), "
+        f"bf16 matmul {ceil['bf16_matmul_TFLOPs']:.2f} TFLOP/s.",
+        "",
+    ]
     for name, res in payload["suites"].items():
         lines += [f"## {name}", ""]
         if "error" in res:
-            lines += [f"Failed ({res['error']}): `{res.get('command', '')}`", "", "```", res.get("stderr_tail", ""),
-                      "```", ""]
+            lines += [
+                f"Failed ({res['error']}): `{res.get('command', '')}`",
+                "",
+                "```",
+                res.get("stderr_tail", ""),
+                "```",
+                "",
+            ]
             if not res.get("rows"):
                 continue
             lines += ["Rows written before it stopped:", ""]

@@ -3,6 +3,7 @@ recipe, the train/held-out split of scikit-learn's 8×8 digits, the scorer (Fré
 Distance, KID and precision/recall: evaluation.metrics in the evaluation.digits_features
 space), training, loading and sampling of the small network.
 """
+
 from __future__ import annotations
 
 import json
@@ -11,20 +12,38 @@ import platform
 import sys
 from typing import Dict, List, Optional, Sequence
 
-__all__ = ["SMALL_NETWORK", "RECIPE", "NUM_DIGITS", "NUM_TRAIN", "NUM_HELDOUT", "NUM_STEPS", "PHEMA_TRACKED", "D_label",
-           "mean_spread",
-           "digits_uint8_split", "DigitsScorer", "train_small", "load_snapshot", "latest_snapshot",
-           "untrained_network", "generate_uint8", "sampling_network", "read_stats", "versions"]
+__all__ = [
+    "SMALL_NETWORK",
+    "RECIPE",
+    "NUM_DIGITS",
+    "NUM_TRAIN",
+    "NUM_HELDOUT",
+    "NUM_STEPS",
+    "PHEMA_TRACKED",
+    "D_label",
+    "mean_spread",
+    "digits_uint8_split",
+    "DigitsScorer",
+    "train_small",
+    "load_snapshot",
+    "latest_snapshot",
+    "untrained_network",
+    "generate_uint8",
+    "sampling_network",
+    "read_stats",
+    "versions",
+]
 
 # The one small-network recipe of the demo and the robustness experiment.
 SMALL_NETWORK = dict(model_channels=16, channel_mult=[1, 2], num_blocks=1, attn_resolutions=[])
-RECIPE = dict(batch=128, lr=2e-3, lr_rampup_kimg=10.0, ema_halflife_kimg=50.0, ema_rampup_ratio=0.05,
-              dropout=0.0, augment=0.0)
+RECIPE = dict(
+    batch=128, lr=2e-3, lr_rampup_kimg=10.0, ema_halflife_kimg=50.0, ema_rampup_ratio=0.05, dropout=0.0, augment=0.0
+)
 NUM_DIGITS = 1797
-NUM_HELDOUT = 360                     # = the size of one FDD set
+NUM_HELDOUT = 360  # = the size of one FDD set
 NUM_TRAIN = NUM_DIGITS - NUM_HELDOUT  # the first 1437 digits
-NUM_STEPS = 18                        # Heun: 35 NFE
-PHEMA_TRACKED = (0.05, 0.10)          # power-function EMAs tracked for post-hoc EMA (EDM2's pair)
+NUM_STEPS = 18  # Heun: 35 NFE
+PHEMA_TRACKED = (0.05, 0.10)  # power-function EMAs tracked for post-hoc EMA (EDM2's pair)
 
 
 def D_label(D: float) -> str:
@@ -35,6 +54,7 @@ def D_label(D: float) -> str:
 def mean_spread(values: Sequence[float]):
     """(mean, spread) of per-set scores: the spread is the sample standard deviation (0 for one set)."""
     import numpy as np
+
     v = np.asarray(values, dtype=np.float64)
     return float(v.mean()), float(v.std(ddof=1)) if v.size > 1 else 0.0
 
@@ -42,10 +62,12 @@ def mean_spread(values: Sequence[float]):
 # ----------------------------------------------------------------------------------------
 # Data and scoring
 
+
 def digits_uint8_split():
     """(training split uint8 [1437, 1, 8, 8], held-out uint8 [360, 1, 8, 8]) of the digits,
     quantised exactly as generated images are (digits_features.digits_uint8)."""
     from pfgmpp_fast.evaluation.digits_features import digits_uint8
+
     images, _ = digits_uint8()
     if images.shape[0] != NUM_DIGITS:
         raise RuntimeError(f"expected {NUM_DIGITS} digits from scikit-learn, got {images.shape[0]}")
@@ -63,6 +85,7 @@ class DigitsScorer:
     def __init__(self, device="cpu"):
         from pfgmpp_fast.evaluation.calc import reference_stats
         from pfgmpp_fast.evaluation.features import Detectors, get_feature_extractor
+
         self.device = device
         self.extractor = get_feature_extractor("digits", device=device)
         self.sha256 = getattr(self.extractor, "sha256", None)
@@ -75,14 +98,16 @@ class DigitsScorer:
 
     def _stats(self, images):
         from pfgmpp_fast.evaluation.metrics import FeatureStats
+
         stats = FeatureStats(int(self.extractor.dim), device="cpu")
         for start in range(0, images.shape[0], 1024):
-            stats.update(self.extractor(images[start:start + 1024].to(self.device)).cpu())
+            stats.update(self.extractor(images[start : start + 1024].to(self.device)).cpu())
         return stats
 
     def fdd(self, images) -> float:
         """FDD of uint8 images [B, 1, 8, 8] (B >= 2) to the training split."""
         from pfgmpp_fast.evaluation.metrics import frechet_distance
+
         mu, sigma = self._stats(images).mean_cov()
         return frechet_distance(mu, sigma, self.mu, self.sigma)
 
@@ -91,16 +116,17 @@ class DigitsScorer:
         the training split (KID's subsets hold min(1000, B) images; precision/recall with k = 3)."""
         from pfgmpp_fast.evaluation.calc import reference_stats
         from pfgmpp_fast.evaluation.metrics import compute_metrics
+
         stats = reference_stats(images, self.detectors, batch_size=1024, device=self.device)
         return compute_metrics(stats, self.reference, self.detectors.metrics, self.detectors.name)
 
     def metric_sets(self, images, set_size: int = NUM_HELDOUT) -> List[Dict[str, float]]:
         """`metrics` of consecutive sets of `set_size` images (a trailing partial set is dropped)."""
-        return [self.metrics(images[i * set_size:(i + 1) * set_size]) for i in range(self._count(images, set_size))]
+        return [self.metrics(images[i * set_size : (i + 1) * set_size]) for i in range(self._count(images, set_size))]
 
     def fdd_sets(self, images, set_size: int = NUM_HELDOUT) -> List[float]:
         """FDD of consecutive sets of `set_size` images (a trailing partial set is dropped)."""
-        return [self.fdd(images[i * set_size:(i + 1) * set_size]) for i in range(self._count(images, set_size))]
+        return [self.fdd(images[i * set_size : (i + 1) * set_size]) for i in range(self._count(images, set_size))]
 
     @staticmethod
     def _count(images, set_size: int) -> int:
@@ -113,20 +139,46 @@ class DigitsScorer:
 # ----------------------------------------------------------------------------------------
 # Training and networks
 
-def train_small(run_dir: str, D: float, duration_kimg: float, seed: int = 0, device="auto", progress="auto",
-                backend: str = "auto", resume: bool = False, tick_kimg: Optional[float] = None,
-                **overrides) -> str:
+
+def train_small(
+    run_dir: str,
+    D: float,
+    duration_kimg: float,
+    seed: int = 0,
+    device="auto",
+    progress="auto",
+    backend: str = "auto",
+    resume: bool = False,
+    tick_kimg: Optional[float] = None,
+    **overrides,
+) -> str:
     """Train the small network of the recipe on the training split with `train.run_training`.
 
     Returns the run directory; the final EMA network is its newest network snapshot.
     `resume=True` continues from the newest training state in `run_dir` (if any).
     """
     from pfgmpp_fast.training.train import run_training
-    options = dict(RECIPE, run_dir=run_dir, data="digits", arch="ddpmpp", D=D, duration_kimg=duration_kimg,
-                   seed=seed, max_size=NUM_TRAIN, network=dict(SMALL_NETWORK), device=str(device),
-                   backend=backend, progress=progress, precision="auto", compile=False,
-                   tick_kimg=tick_kimg or max(duration_kimg / 20, 0.1), snap_ticks=10 ** 9, dump_ticks=5,
-                   resume="auto" if resume else None)
+
+    options = dict(
+        RECIPE,
+        run_dir=run_dir,
+        data="digits",
+        arch="ddpmpp",
+        D=D,
+        duration_kimg=duration_kimg,
+        seed=seed,
+        max_size=NUM_TRAIN,
+        network=dict(SMALL_NETWORK),
+        device=str(device),
+        backend=backend,
+        progress=progress,
+        precision="auto",
+        compile=False,
+        tick_kimg=tick_kimg or max(duration_kimg / 20, 0.1),
+        snap_ticks=10**9,
+        dump_ticks=5,
+        resume="auto" if resume else None,
+    )
     options.update(overrides)
     return run_training(**options)
 
@@ -134,19 +186,23 @@ def train_small(run_dir: str, D: float, duration_kimg: float, seed: int = 0, dev
 def latest_snapshot(run_dir: str) -> str:
     """The network snapshot with the largest kimg in `run_dir`."""
     from pfgmpp_fast.checkpoint import find_checkpoints
+
     return find_checkpoints(run_dir)[-1][1]
 
 
 def load_snapshot(path: str, device="cpu"):
     """An EDMPrecond from one of our snapshots (safetensors, never pickle), eval mode."""
     from pfgmpp_fast.checkpoint import load_network
+
     return load_network(path, device="cpu").to(device).eval().requires_grad_(False)
 
 
 def untrained_network(D: float, seed: int = 0, device="cpu"):
     """The recipe's network at initialisation (the same weights training starts from)."""
     import torch
+
     from pfgmpp_fast.networks import build_network
+
     state = torch.random.get_rng_state()
     try:
         torch.manual_seed(seed)
@@ -160,21 +216,35 @@ def sampling_network(net, device, net_dtype: str = "auto"):
     """What sampling runs: eager fp32 on the CPU; channels-last, bf16 by default (not
     compiled: the jobs are short) on a GPU."""
     from pfgmpp_fast.evaluation.generate import make_generator_fast
+
     return make_generator_fast(net, device, net_dtype=net_dtype, compile=False, cuda_graphs=False)
 
 
-def generate_uint8(net, seeds: Sequence[int], num_steps: int = NUM_STEPS, alpha: float = 0.0, batch_size: int = 128,
-                   device="cpu", progress: bool = False, desc: str = "sampling", backend: str = "auto"):
+def generate_uint8(
+    net,
+    seeds: Sequence[int],
+    num_steps: int = NUM_STEPS,
+    alpha: float = 0.0,
+    batch_size: int = 128,
+    device="cpu",
+    progress: bool = False,
+    desc: str = "sampling",
+    backend: str = "auto",
+):
     """uint8 images [len(seeds), 1, 8, 8] (CPU) from the fused sampler, one image per seed."""
     import torch
+
     from pfgmpp_fast.evaluation.generate import generate_images
+
     bar = None
     if progress:
         from tqdm import tqdm
+
         bar = tqdm(total=len(seeds), desc=desc, unit="img", file=sys.stderr, dynamic_ncols=True)
     out = []
-    for chunk, images in generate_images(net, list(seeds), batch_size=batch_size, num_steps=num_steps, alpha=alpha,
-                                         device=device, backend=backend):
+    for chunk, images in generate_images(
+        net, list(seeds), batch_size=batch_size, num_steps=num_steps, alpha=alpha, device=device, backend=backend
+    ):
         out.append(images.cpu())
         if bar is not None:
             bar.update(len(chunk))
@@ -193,7 +263,7 @@ def read_stats(run_dir: str) -> List[dict]:
                 if line:
                     try:
                         rows.append(json.loads(line))
-                    except json.JSONDecodeError:     # a torn last line after a kill
+                    except json.JSONDecodeError:  # a torn last line after a kill
                         pass
     return rows
 
@@ -202,12 +272,21 @@ def versions() -> Dict[str, str]:
     """Versions and build facts recorded with every result of the demo and the experiments."""
     import numpy
     import torch
+
     import pfgmpp_fast
-    out = {"pfgmpp_fast": pfgmpp_fast.__version__, "python": platform.python_version(), "torch": torch.__version__,
-           "numpy": numpy.__version__, "platform": platform.platform(), "cpu_count": str(os.cpu_count()),
-           "torch_threads": str(torch.get_num_threads())}
+
+    out = {
+        "pfgmpp_fast": pfgmpp_fast.__version__,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "numpy": numpy.__version__,
+        "platform": platform.platform(),
+        "cpu_count": str(os.cpu_count()),
+        "torch_threads": str(torch.get_num_threads()),
+    }
     try:
         from pfgmpp_fast import ops
+
         out["extension"] = "built" if ops.has_extension() else "not built (reference kernels)"
     except Exception as exc:  # pragma: no cover - informational only
         out["extension"] = f"unavailable ({exc})"

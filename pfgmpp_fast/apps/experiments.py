@@ -40,6 +40,7 @@ D), `results.json` (every point; the EMA lengths' under `ema_points`) and `log.t
 `--report-only` writes these from the points finished so far without computing anything
 (for a run stopped early).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -52,8 +53,18 @@ import time
 from typing import Dict, List, Optional
 
 from pfgmpp_fast import checks
-from pfgmpp_fast.apps.digits import (PHEMA_TRACKED, D_label, DigitsScorer, digits_uint8_split, latest_snapshot,
-                                     load_snapshot, read_stats, sampling_network, train_small, versions)
+from pfgmpp_fast.apps.digits import (
+    PHEMA_TRACKED,
+    D_label,
+    DigitsScorer,
+    digits_uint8_split,
+    latest_snapshot,
+    load_snapshot,
+    read_stats,
+    sampling_network,
+    train_small,
+    versions,
+)
 from pfgmpp_fast.apps.robustness_report import config_json, ema_name, nfe_steps, point_name, write_outputs
 from pfgmpp_fast.evaluation.sweep import Point, PointNetwork, score_point
 from pfgmpp_fast.phema import STD_MAX
@@ -62,16 +73,24 @@ from pfgmpp_fast.utils import distributed
 from pfgmpp_fast.utils.cli_errors import add_threads_argument
 from pfgmpp_fast.utils.io_utils import append_line, atomic_save_json
 
-__all__ = ["FULL_CONFIG", "TINY_CONFIG", "EXPERIMENTS", "run_robustness", "make_config", "distinct_points",
-           "add_arguments", "main"]
+__all__ = [
+    "FULL_CONFIG",
+    "TINY_CONFIG",
+    "EXPERIMENTS",
+    "run_robustness",
+    "make_config",
+    "distinct_points",
+    "add_arguments",
+    "main",
+]
 
 FULL_CONFIG = dict(
     D_values=[8.0, 64.0, 128.0, 2048.0, float("inf")],
     alpha=[0.0, 0.05, 0.1, 0.2, 0.3],
     bits=[32, 8, 6, 5, 4],
-    steps=[3, 5, 7, 11, 18],          # NFE 5, 9, 13, 21, 35 (Heun)
-    nfe_solvers=["euler", "dpmpp2m", "ipndm", "ipndm_v"],   # swept at the same NFE as Heun
-    ema=[0.05, 0.1, 0.15],            # post-hoc EMA lengths (relative std), from the tracked PHEMA_TRACKED
+    steps=[3, 5, 7, 11, 18],  # NFE 5, 9, 13, 21, 35 (Heun)
+    nfe_solvers=["euler", "dpmpp2m", "ipndm", "ipndm_v"],  # swept at the same NFE as Heun
+    ema=[0.05, 0.1, 0.15],  # post-hoc EMA lengths (relative std), from the tracked PHEMA_TRACKED
     base_steps=18,
     duration_kimg=64.0,
     sets=3,
@@ -83,7 +102,7 @@ TINY_CONFIG = dict(
     D_values=[128.0, float("inf")],
     alpha=[0.0, 0.3],
     bits=[32, 4],
-    steps=[3, 5],                     # NFE 5, 9
+    steps=[3, 5],  # NFE 5, 9
     nfe_solvers=["dpmpp2m"],
     ema=[0.05, 0.1],
     base_steps=5,
@@ -130,7 +149,7 @@ def make_config(tiny: bool = False, **overrides) -> dict:
         raise ValueError(f"set_size must be an int >= 2, got {config['set_size']!r}")
     if not (isinstance(config["duration_kimg"], (int, float)) and 0 < config["duration_kimg"] < math.inf):
         raise ValueError(f"duration_kimg must be a positive number, got {config['duration_kimg']!r}")
-    if isinstance(config["seed"], bool) or not isinstance(config["seed"], int) or not 0 <= config["seed"] < 2 ** 63:
+    if isinstance(config["seed"], bool) or not isinstance(config["seed"], int) or not 0 <= config["seed"] < 2**63:
         raise ValueError(f"seed must be an int in [0, 2^63), got {config['seed']!r}")
     config["alpha"] = [float(a) for a in config["alpha"]]
     config["ema"] = [float(e) for e in config["ema"]]
@@ -158,6 +177,7 @@ def distinct_points(config: dict) -> Dict[str, dict]:
 # ----------------------------------------------------------------------------------------
 # The run
 
+
 class _Log:
     def __init__(self, path: Optional[str]):
         self.path = path
@@ -176,8 +196,9 @@ def _read_json(path: str) -> Optional[dict]:
         return None
 
 
-def _train(config: dict, D: float, outdir: str, device, log: _Log, progress, backend: str = "auto",
-           compute: bool = True) -> Optional[dict]:
+def _train(
+    config: dict, D: float, outdir: str, device, log: _Log, progress, backend: str = "auto", compute: bool = True
+) -> Optional[dict]:
     """Train (or resume, or skip) the network for D; returns its done.json record (None when
     it is not finished and compute=False)."""
     run_dir = os.path.join(outdir, "train", f"D{D_label(D)}")
@@ -190,22 +211,37 @@ def _train(config: dict, D: float, outdir: str, device, log: _Log, progress, bac
         log(f"D={D_label(D)}: training not finished (report only: left out)")
         return None
     states = glob.glob(os.path.join(run_dir, "training-state-*.pt"))
-    if not states and os.path.isdir(run_dir):      # a start that left no state: begin afresh
+    if not states and os.path.isdir(run_dir):  # a start that left no state: begin afresh
         for f in glob.glob(os.path.join(run_dir, "*")):
             if os.path.isfile(f):
                 os.unlink(f)
-    log(f"D={D_label(D)}: training {config['duration_kimg']:g} kimg"
-        + (" (resuming from the newest training state)" if states else ""))
+    log(
+        f"D={D_label(D)}: training {config['duration_kimg']:g} kimg"
+        + (" (resuming from the newest training state)" if states else "")
+    )
     t0 = time.perf_counter()
-    train_small(run_dir, D, config["duration_kimg"], seed=config["seed"], device=device, progress=progress,
-                resume=True, backend=backend, phema=PHEMA_TRACKED, phema_snap_kimg=config["duration_kimg"] / 20)
+    train_small(
+        run_dir,
+        D,
+        config["duration_kimg"],
+        seed=config["seed"],
+        device=device,
+        progress=progress,
+        resume=True,
+        backend=backend,
+        phema=PHEMA_TRACKED,
+        phema_snap_kimg=config["duration_kimg"] / 20,
+    )
     stats = read_stats(run_dir)
-    done = {"D": D_label(D), "kimg": stat_value(stats[-1], "Progress/kimg") if stats else config["duration_kimg"],
-            "snapshot": os.path.relpath(latest_snapshot(run_dir), outdir),
-            "final_loss": stat_value(stats[-1], "Loss/loss") if stats else None,
-            "train_seconds_this_process": round(time.perf_counter() - t0, 2),
-            "train_seconds_total": stat_value(stats[-1], "Timing/total_sec") if stats else None,
-            "loss_curve": [[stat_value(s, "Progress/kimg"), stat_value(s, "Loss/loss")] for s in stats]}
+    done = {
+        "D": D_label(D),
+        "kimg": stat_value(stats[-1], "Progress/kimg") if stats else config["duration_kimg"],
+        "snapshot": os.path.relpath(latest_snapshot(run_dir), outdir),
+        "final_loss": stat_value(stats[-1], "Loss/loss") if stats else None,
+        "train_seconds_this_process": round(time.perf_counter() - t0, 2),
+        "train_seconds_total": stat_value(stats[-1], "Timing/total_sec") if stats else None,
+        "loss_curve": [[stat_value(s, "Progress/kimg"), stat_value(s, "Loss/loss")] for s in stats],
+    }
     atomic_save_json(done_path, done)
     return done
 
@@ -221,19 +257,39 @@ def _engine_point(p: dict):
 def _jobs(config: dict, D: float, outdir: str, run_dir: str) -> List[tuple]:
     """[(name, record fields, engine Point, weights key, folder)] of one D: every point, then
     the network reconstructed for each EMA length (post-hoc EMA) at the base point."""
-    jobs = [(name, p, _engine_point(p), p["bits"], os.path.join(outdir, "points", f"D{D_label(D)}", name))
-            for name, p in distinct_points(config).items()]
+    jobs = [
+        (name, p, _engine_point(p), p["bits"], os.path.join(outdir, "points", f"D{D_label(D)}", name))
+        for name, p in distinct_points(config).items()
+    ]
     base = dict(alpha=0.0, bits=32, steps=config["base_steps"])
     for std in config["ema"]:
         point = Point("ema", std, gen={"num_steps": base["steps"], "alpha": 0.0}, path=run_dir)
-        jobs.append((ema_name(std), dict(base, ema=std), point, ("ema", std),
-                     os.path.join(outdir, "ema", f"D{D_label(D)}", ema_name(std))))
+        jobs.append(
+            (
+                ema_name(std),
+                dict(base, ema=std),
+                point,
+                ("ema", std),
+                os.path.join(outdir, "ema", f"D{D_label(D)}", ema_name(std)),
+            )
+        )
     return jobs
 
 
-def _score_points(config: dict, D: float, done: dict, outdir: str, space, device, log: _Log,
-                  progress: bool, backend: str = "auto", set_index: int = 0, compute: bool = True,
-                  results: Optional[Dict[str, List[dict]]] = None) -> Dict[str, List[dict]]:
+def _score_points(
+    config: dict,
+    D: float,
+    done: dict,
+    outdir: str,
+    space,
+    device,
+    log: _Log,
+    progress: bool,
+    backend: str = "auto",
+    set_index: int = 0,
+    compute: bool = True,
+    results: Optional[Dict[str, List[dict]]] = None,
+) -> Dict[str, List[dict]]:
     """FDD, KID and precision/recall of every point and EMA length on seed set `set_index` for
     one D, through the sweep engine (evaluation.sweep: PointNetwork + score_point) in the space
     of `space` (apps.digits.DigitsScorer: detectors, reference), appended to `results`;
@@ -254,28 +310,57 @@ def _score_points(config: dict, D: float, done: dict, outdir: str, space, device
             continue
         if shared is None:
             shared = PointNetwork(load_snapshot(snapshot, device), None, device)
-        if key != weights:               # fp32 everywhere: the bit width is the only quantisation
+        if key != weights:  # fp32 everywhere: the bit width is the only quantisation
             shared.restore()
             shared.apply(point)
             fast, weights = sampling_network(shared.net, device, net_dtype="fp32"), key
         seeds = list(range(k * config["set_size"], (k + 1) * config["set_size"]))
-        row = score_point(fast, shared.net, point, seeds, space.detectors, space.reference, None,
-                          batch_size=config["set_size"] if device.type == "cuda" else 120, device=device,
-                          backend=backend)
-        record = {"D": D_label(D), "point": name, **p, "nfe": row["nfe"], "set": k,
-                  "seeds": f"{seeds[0]}-{seeds[-1]}", "images": row["images"], "fdd": row["FDD"],
-                  "kid": row["KID"], "kid_std": row["KID_std"], "precision": row["precision_digits"],
-                  "recall": row["recall_digits"], "seconds": row["seconds"]}   # a digits-only experiment
+        row = score_point(
+            fast,
+            shared.net,
+            point,
+            seeds,
+            space.detectors,
+            space.reference,
+            None,
+            batch_size=config["set_size"] if device.type == "cuda" else 120,
+            device=device,
+            backend=backend,
+        )
+        record = {
+            "D": D_label(D),
+            "point": name,
+            **p,
+            "nfe": row["nfe"],
+            "set": k,
+            "seeds": f"{seeds[0]}-{seeds[-1]}",
+            "images": row["images"],
+            "fdd": row["FDD"],
+            "kid": row["KID"],
+            "kid_std": row["KID_std"],
+            "precision": row["precision_digits"],
+            "recall": row["recall_digits"],
+            "seconds": row["seconds"],
+        }  # a digits-only experiment
         atomic_save_json(path, record)
         results[name].append(record)
-        log(f"D={D_label(D)} {name} set {k}: FDD {record['fdd']:.3f}, KID {record['kid']:.4f}, precision_digits "
-            f"{record['precision']:.2f}, recall_digits {record['recall']:.2f} ({record['seconds']:.1f} s)")
+        log(
+            f"D={D_label(D)} {name} set {k}: FDD {record['fdd']:.3f}, KID {record['kid']:.4f}, precision_digits "
+            f"{record['precision']:.2f}, recall_digits {record['recall']:.2f} ({record['seconds']:.1f} s)"
+        )
     return results
 
 
-def run_robustness(outdir: str = "results/robustness", tiny: bool = False, device="auto", progress="auto",
-                   command: Optional[str] = None, backend: str = "auto", report_only: bool = False,
-                   **overrides) -> Dict[str, str]:
+def run_robustness(
+    outdir: str = "results/robustness",
+    tiny: bool = False,
+    device="auto",
+    progress="auto",
+    command: Optional[str] = None,
+    backend: str = "auto",
+    report_only: bool = False,
+    **overrides,
+) -> Dict[str, str]:
     """Run (or resume) the robustness experiment; returns {output: path}. report_only: compute
     nothing, write the outputs from what is on disk (points without a finished set are left
     out of the tables; the set counts say how many sets each number averages)."""
@@ -286,17 +371,21 @@ def run_robustness(outdir: str = "results/robustness", tiny: bool = False, devic
     config_path = os.path.join(outdir, "config.json")
     stored = _read_json(config_path)
     if stored is not None and stored != config_json(config):
-        raise ValueError(f"{outdir} holds a run of another configuration ({config_path}); use a fresh --outdir.\n"
-                         f"  stored: {json.dumps(stored)}\n  now:    {json.dumps(config_json(config))}")
+        raise ValueError(
+            f"{outdir} holds a run of another configuration ({config_path}); use a fresh --outdir.\n"
+            f"  stored: {json.dumps(stored)}\n  now:    {json.dumps(config_json(config))}"
+        )
     if stored is None:
         atomic_save_json(config_path, config_json(config))
     log = _Log(os.path.join(outdir, "log.txt"))
     bars = sys.stderr.isatty() if progress == "auto" else bool(progress)
     t0 = time.perf_counter()
-    log(f"robustness experiment -> {outdir} on {device}: D {[D_label(d) for d in config['D_values']]}, "
-        f"{len(distinct_points(config))} points x {config['sets']} sets of {config['set_size']} samples per D")
+    log(
+        f"robustness experiment -> {outdir} on {device}: D {[D_label(d) for d in config['D_values']]}, "
+        f"{len(distinct_points(config))} points x {config['sets']} sets of {config['set_size']} samples per D"
+    )
     scorer = DigitsScorer(device=device)
-    floor = scorer.fdd(digits_uint8_split()[1][:config["set_size"]])
+    floor = scorer.fdd(digits_uint8_split()[1][: config["set_size"]])
     # Train every D first, then score seed set by seed set: a run stopped early has every
     # point on the first sets (and `report_only` turns that into tables).
     trainings, all_results = {}, {}
@@ -306,14 +395,30 @@ def run_robustness(outdir: str = "results/robustness", tiny: bool = False, devic
             trainings[D] = done
     for k in range(config["sets"]):
         for D, done in trainings.items():
-            all_results[D] = _score_points(config, D, done, outdir, scorer, device, log, bars, backend,
-                                           set_index=k, compute=not report_only, results=all_results.get(D))
+            all_results[D] = _score_points(
+                config,
+                D,
+                done,
+                outdir,
+                scorer,
+                device,
+                log,
+                bars,
+                backend,
+                set_index=k,
+                compute=not report_only,
+                results=all_results.get(D),
+            )
     if not all_results:
         raise ValueError(f"{outdir}: no finished training yet, nothing to report")
-    meta = {"command": command or "python -m pfgmpp_fast experiment robustness", "device": str(device),
-            "report_only": bool(report_only),
-            "versions": versions(), "features_sha256": scorer.sha256,
-            "seconds_this_process": round(time.perf_counter() - t0, 1)}
+    meta = {
+        "command": command or "python -m pfgmpp_fast experiment robustness",
+        "device": str(device),
+        "report_only": bool(report_only),
+        "versions": versions(),
+        "features_sha256": scorer.sha256,
+        "seconds_this_process": round(time.perf_counter() - t0, 1),
+    }
     paths = write_outputs(config, all_results, trainings, floor, outdir, meta)
     log(f"done in {time.perf_counter() - t0:.0f} s; results:")
     for key in sorted(paths):
@@ -324,33 +429,56 @@ def run_robustness(outdir: str = "results/robustness", tiny: bool = False, devic
 # ----------------------------------------------------------------------------------------
 # CLI
 
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("name", choices=EXPERIMENTS, help="which experiment (robustness: the paper's α / PTQ / NFE claim)")
     p.add_argument("--tiny", action="store_true", help="CI size: 2 D values, 2 points per sweep, 1 kimg (< 90 s)")
-    p.add_argument("--outdir", default=None, help="results folder (default: results/robustness, --tiny: "
-                                                  "results/robustness-tiny); a rerun resumes")
+    p.add_argument(
+        "--outdir",
+        default=None,
+        help="results folder (default: results/robustness, --tiny: results/robustness-tiny); a rerun resumes",
+    )
     p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, ...")
-    p.add_argument("--duration", type=float, default=None, metavar="KIMG",
-                   help=f"training length per D in kimg (default {FULL_CONFIG['duration_kimg']:g}; "
-                        f"--tiny {TINY_CONFIG['duration_kimg']:g})")
+    p.add_argument(
+        "--duration",
+        type=float,
+        default=None,
+        metavar="KIMG",
+        help=f"training length per D in kimg (default {FULL_CONFIG['duration_kimg']:g}; "
+        f"--tiny {TINY_CONFIG['duration_kimg']:g})",
+    )
     p.add_argument("--sets", type=int, default=None, help="seed sets per point (default 3; --tiny 2)")
     p.add_argument("--seed", type=int, default=None, help="training seed (default 0), e.g. for a replicate run")
     p.add_argument("--D-values", dest="D_values", default=None, help="comma-separated D values, e.g. 8,128,inf")
     p.add_argument("--backend", default="auto", help="kernel backend: auto, cpu, cuda, triton, reference")
     add_threads_argument(p)
-    p.add_argument("--report-only", action="store_true",
-                   help="compute nothing: write the tables and figures from the points finished so far")
+    p.add_argument(
+        "--report-only",
+        action="store_true",
+        help="compute nothing: write the tables and figures from the points finished so far",
+    )
     p.add_argument("--no-progress", dest="progress", action="store_false", default="auto")
 
 
 def main(args) -> int:
     outdir = args.outdir or ("results/robustness-tiny" if args.tiny else "results/robustness")
-    command = "python -m pfgmpp_fast experiment " + " ".join(sys.argv[2:] if sys.argv[1:2] == ["experiment"]
-                                                                else sys.argv[1:])
+    command = "python -m pfgmpp_fast experiment " + " ".join(
+        sys.argv[2:] if sys.argv[1:2] == ["experiment"] else sys.argv[1:]
+    )
     # Errors become one message in cli_errors.command: bad options exit 2, a failed training 1.
     distributed.set_cpu_threads(distributed.pick_device(args.device), args.threads)
     D_values = None if args.D_values is None else [d.strip() for d in args.D_values.split(",") if d.strip()]
-    run_robustness(outdir, tiny=args.tiny, device=args.device, progress=args.progress, command=command,
-                   backend=args.backend, report_only=args.report_only,
-                   duration_kimg=args.duration, sets=args.sets, D_values=D_values, seed=args.seed)
+    run_robustness(
+        outdir,
+        tiny=args.tiny,
+        device=args.device,
+        progress=args.progress,
+        command=command,
+        backend=args.backend,
+        report_only=args.report_only,
+        duration_kimg=args.duration,
+        sets=args.sets,
+        D_values=D_values,
+        seed=args.seed,
+    )
     return 0

@@ -20,6 +20,7 @@ precision-recall need, Inception's logits for IS and `<output>.n/.sum/.sum_outer
 others, e.g. DINOv2). A rerun loads finished shards and computes only the missing ones;
 shards of another configuration or other boundaries are an error, never silently mixed.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -40,14 +41,22 @@ from pfgmpp_fast.utils import distributed
 from pfgmpp_fast.utils.io_utils import atomic_save_npz, is_temp_file
 from pfgmpp_fast.utils.run_lock import acquire_run_dir
 
-__all__ = ["Source", "GeneratorSource", "ImagesSource", "calc_stats", "reference_stats", "weights_fingerprint",
-           "SHARD_RE"]
+__all__ = [
+    "Source",
+    "GeneratorSource",
+    "ImagesSource",
+    "calc_stats",
+    "reference_stats",
+    "weights_fingerprint",
+    "SHARD_RE",
+]
 
 SHARD_RE = re.compile(r"^stats-(\d+)-(\d+)\.npz$")
 
 
 # ----------------------------------------------------------------------------------------
 # Sources of uint8 images, addressed by integer ids (seeds, or image indices)
+
 
 class Source:
     """ids (sorted int64), describe() (a JSON-able configuration) and batches(ids, batch)."""
@@ -67,6 +76,7 @@ class GeneratorSource(Source):
 
     def __init__(self, net, seeds, device="cpu", describe: Optional[dict] = None, **gen_kwargs):
         from pfgmpp_fast.sampler import split_sampler_options
+
         self.net, self.device = net, torch.device(device)
         self.options, self.gen_kwargs = split_sampler_options(gen_kwargs)
         self.ids = checks.check_seeds(seeds)
@@ -75,16 +85,23 @@ class GeneratorSource(Source):
     def describe(self) -> dict:
         kw = {k: (str(v) if isinstance(v, torch.dtype) else v) for k, v in self.gen_kwargs.items() if k != "gnet"}
         gnet = self.gen_kwargs.get("gnet")
-        if self.options.guidance != 1.0 and gnet is not None:   # the guide changes the images: its weights
-            kw["gnet"] = (weights_fingerprint(gnet) if isinstance(gnet, torch.nn.Module)
-                          else gnet if isinstance(gnet, str) else type(gnet).__name__)
+        if self.options.guidance != 1.0 and gnet is not None:  # the guide changes the images: its weights
+            kw["gnet"] = (
+                weights_fingerprint(gnet)
+                if isinstance(gnet, torch.nn.Module)
+                else gnet
+                if isinstance(gnet, str)
+                else type(gnet).__name__
+            )
         kw = {k: (repr(v) if isinstance(v, float) and not math.isfinite(v) else v) for k, v in kw.items()}
         return {"source": "generator", **self.options.describe(), **kw, **self._describe}
 
     def batches(self, ids, batch_size):
         from pfgmpp_fast.evaluation.generate import generate_images
-        for _, images in generate_images(self.net, ids, batch_size, options=self.options, device=self.device,
-                                         **self.gen_kwargs):
+
+        for _, images in generate_images(
+            self.net, ids, batch_size, options=self.options, device=self.device, **self.gen_kwargs
+        ):
             yield images
 
 
@@ -92,7 +109,8 @@ class ImagesSource(Source):
     """Images of a data set / folder / zip / npz (data.load_dataset), ids = indices."""
 
     def __init__(self, spec: str, device="cpu"):
-        from pfgmpp_fast.training.data import load_dataset, dataset_to_uint8
+        from pfgmpp_fast.training.data import dataset_to_uint8, load_dataset
+
         if isinstance(spec, torch.Tensor):
             self.images, self.spec = spec, "<tensor>"
         else:
@@ -109,20 +127,25 @@ class ImagesSource(Source):
 
     def batches(self, ids, batch_size):
         for start in range(0, len(ids), batch_size):
-            idx = torch.from_numpy(np.asarray(ids[start:start + batch_size]))
+            idx = torch.from_numpy(np.asarray(ids[start : start + batch_size]))
             yield self.images.index_select(0, idx).to(self.device)
 
 
 # ----------------------------------------------------------------------------------------
 # Streaming, sharded, resumable statistics
 
+
 def _config_string(source: Source, extractor, device="cpu") -> str:
     """Everything that changes the images or their features (the source's description holds the
     sampler settings, weights and resolved network numerics; features run on ``device``)."""
-    cfg = {"source": source.describe(), "features": getattr(extractor, "name", type(extractor).__name__),
-           "dim": int(extractor.dim), "features_sha256": getattr(extractor, "sha256", None),
-           "features_device_type": torch.device(device).type}
-    if extractor.extra_config():           # FID alone: the configuration of older shards
+    cfg = {
+        "source": source.describe(),
+        "features": getattr(extractor, "name", type(extractor).__name__),
+        "dim": int(extractor.dim),
+        "features_sha256": getattr(extractor, "sha256", None),
+        "features_device_type": torch.device(device).type,
+    }
+    if extractor.extra_config():  # FID alone: the configuration of older shards
         cfg["detectors"] = extractor.extra_config()
     return json.dumps(cfg, sort_keys=True, default=str)
 
@@ -140,18 +163,27 @@ def _grid_cells(lo: int, hi: int, batch_size: int) -> range:
     return range(lo // batch_size, -(-hi // batch_size))
 
 
-def _cell_rows(source: Source, detectors: Detectors, ids: np.ndarray, cell: int, batch_size: int,
-               device) -> torch.Tensor:
+def _cell_rows(
+    source: Source, detectors: Detectors, ids: np.ndarray, cell: int, batch_size: int, device
+) -> torch.Tensor:
     """Every detector output of grid batch `cell`, float64 [batch_size, Σ dims] on `device` (the
     rows of a short last batch padded with zeros, so every rank gathers one shape)."""
-    images = torch.cat(list(source.batches(ids[cell * batch_size:(cell + 1) * batch_size], batch_size)))
+    images = torch.cat(list(source.batches(ids[cell * batch_size : (cell + 1) * batch_size], batch_size)))
     out = detectors(images)
     rows = torch.cat([out[k].to(device, torch.float64) for k in detectors.layout], dim=1)
     return torch.nn.functional.pad(rows, (0, 0, 0, batch_size - rows.shape[0]))
 
 
-def _stats_of(source: Source, detectors: Detectors, ids: np.ndarray, lo: int, hi: int, batch_size: int,
-              device, carry: Dict[int, torch.Tensor]) -> Dict[str, FeatureStats]:
+def _stats_of(
+    source: Source,
+    detectors: Detectors,
+    ids: np.ndarray,
+    lo: int,
+    hi: int,
+    batch_size: int,
+    device,
+    carry: Dict[int, torch.Tensor],
+) -> Dict[str, FeatureStats]:
     """Statistics of positions [lo, hi) of `ids`, on the batch grid (module docstring).
 
     Rank r computes every world-th grid batch; each turn's rows are gathered, so every rank
@@ -164,17 +196,20 @@ def _stats_of(source: Source, detectors: Detectors, ids: np.ndarray, lo: int, hi
     ready = {c: rows for c, rows in carry.items() if c in _grid_cells(lo, hi, batch_size)}
     carry.clear()
     todo = [c for c in _grid_cells(lo, hi, batch_size) if c not in ready]
-    for turn in [todo[i:i + world] for i in range(0, len(todo), world)] or [[]]:
+    for turn in [todo[i : i + world] for i in range(0, len(todo), world)] or [[]]:
         if turn:
-            rows = (_cell_rows(source, detectors, ids, turn[rank], batch_size, device) if rank < len(turn)
-                    else torch.zeros(batch_size, sum(dims), dtype=torch.float64, device=device))
+            rows = (
+                _cell_rows(source, detectors, ids, turn[rank], batch_size, device)
+                if rank < len(turn)
+                else torch.zeros(batch_size, sum(dims), dtype=torch.float64, device=device)
+            )
             ready.update(zip(turn, distributed.all_gather(rows)))
         for cell in sorted(ready):
             rows, start = ready.pop(cell), cell * batch_size
             first, last = max(lo, start), min(hi, start + batch_size)
-            for st, part in zip(stats.values(), rows[first - start:last - start].split(dims, 1)):
+            for st, part in zip(stats.values(), rows[first - start : last - start].split(dims, 1)):
                 st.update(part)
-            if last < min(start + batch_size, len(ids)):      # the next shard goes on in this batch
+            if last < min(start + batch_size, len(ids)):  # the next shard goes on in this batch
                 carry[cell] = rows
     return stats
 
@@ -188,8 +223,7 @@ def _load_shard(f, detectors: Detectors) -> Dict[str, FeatureStats]:
     out = {}
     for k, (_, keep) in detectors.layout.items():
         p = "" if k == "features" else f"{k}."
-        out[k] = FeatureStats.from_arrays(f[p + "n"], f[p + "sum"], f[p + "sum_outer"],
-                                          f[p + "rows"] if keep else None)
+        out[k] = FeatureStats.from_arrays(f[p + "n"], f[p + "sum"], f[p + "sum_outer"], f[p + "rows"] if keep else None)
     return out
 
 
@@ -199,16 +233,25 @@ def _first_ids(source: Source, num: Optional[int]) -> np.ndarray:
         if isinstance(num, bool) or not isinstance(num, int) or num < 2:
             raise ValueError(f"num (number of images) must be an int >= 2, got {num!r}")
         if len(ids) < num:
-            raise ValueError(f"fewer images than requested: {num} images requested for the statistics but "
-                             f"only {len(ids)} are available ({len(ids)} seeds/images in the source)")
+            raise ValueError(
+                f"fewer images than requested: {num} images requested for the statistics but "
+                f"only {len(ids)} are available ({len(ids)} seeds/images in the source)"
+            )
         ids = ids[:num]
     return ids
 
 
-def calc_stats(source: Source, extractor, num: Optional[int] = None, batch_size: int = 64,
-               outdir: Optional[str] = None, shard_size: int = 5000, device="cpu",
-               progress: bool = False, log: Callable[[str], None] = lambda s: None
-               ) -> Union[FeatureStats, Dict[str, FeatureStats]]:
+def calc_stats(
+    source: Source,
+    extractor,
+    num: Optional[int] = None,
+    batch_size: int = 64,
+    outdir: Optional[str] = None,
+    shard_size: int = 5000,
+    device="cpu",
+    progress: bool = False,
+    log: Callable[[str], None] = lambda s: None,
+) -> Union[FeatureStats, Dict[str, FeatureStats]]:
     """Feature statistics of the first `num` ids of `source` (all when None): a FeatureStats
     for one extractor, {output: FeatureStats} for a features.Detectors (one pass for all).
 
@@ -228,7 +271,7 @@ def calc_stats(source: Source, extractor, num: Optional[int] = None, batch_size:
     if outdir is None:
         total = _sharded_stats(source, extractor, ids, batch_size, None, shard_size, device, progress, log)
     else:
-        with acquire_run_dir(outdir, "fid calc"):         # one job per shard directory
+        with acquire_run_dir(outdir, "fid calc"):  # one job per shard directory
             total = _sharded_stats(source, extractor, ids, batch_size, outdir, shard_size, device, progress, log)
     return total["features"] if single else total
 
@@ -236,29 +279,34 @@ def calc_stats(source: Source, extractor, num: Optional[int] = None, batch_size:
 def _prepare_outdir(outdir: str, expected: set) -> None:
     """Remove what a killed write left behind; refuse shard files of another run."""
     os.makedirs(outdir, exist_ok=True)
-    if distributed.get_rank() == 0:      # leftovers of a write that was killed half-way
+    if distributed.get_rank() == 0:  # leftovers of a write that was killed half-way
         for name in os.listdir(outdir):
-            if is_temp_file(name):      # shards, stats.npz, result.json
+            if is_temp_file(name):  # shards, stats.npz, result.json
                 os.unlink(os.path.join(outdir, name))
     present = {f for f in os.listdir(outdir) if SHARD_RE.match(f)}
     foreign = sorted(present - expected)
     if foreign:
-        raise ValueError(f"{outdir} holds shard files of another run ({foreign[:3]}...): other seeds or "
-                         "another --shard-size; use a fresh --outdir (or delete them)")
+        raise ValueError(
+            f"{outdir} holds shard files of another run ({foreign[:3]}...): other seeds or "
+            "another --shard-size; use a fresh --outdir (or delete them)"
+        )
 
 
 def _read_shard(path: str, config: str, shard: np.ndarray, extractor: Detectors) -> Dict[str, FeatureStats]:
     with np.load(path, allow_pickle=False) as f:
         if str(f["config"]) != config:
-            raise ValueError(f"{path} was computed with another configuration; use a fresh --outdir.\n"
-                             f"  file: {f['config']}\n  now:  {config}")
+            raise ValueError(
+                f"{path} was computed with another configuration; use a fresh --outdir.\n"
+                f"  file: {f['config']}\n  now:  {config}"
+            )
         if not np.array_equal(f["seeds"], shard):
             raise ValueError(f"{path} holds other seeds than expected; use a fresh --outdir")
         return _load_shard(f, extractor)
 
 
-def _sharded_stats(source, extractor: Detectors, ids, batch_size, outdir, shard_size, device, progress,
-                   log) -> Dict[str, FeatureStats]:
+def _sharded_stats(
+    source, extractor: Detectors, ids, batch_size, outdir, shard_size, device, progress, log
+) -> Dict[str, FeatureStats]:
     """calc_stats shard by shard, with shard files in `outdir` (the caller owns it) or none."""
     rank = distributed.get_rank()
     config = _config_string(source, extractor, device) if outdir else None
@@ -266,10 +314,11 @@ def _sharded_stats(source, extractor: Detectors, ids, batch_size, outdir, shard_
     if outdir:
         _prepare_outdir(outdir, {_shard_name(ids[lo:hi]) for lo, hi in bounds})
     total = _empty_stats(extractor, "cpu")
-    carry: Dict[int, torch.Tensor] = {}          # a grid batch two shards share is computed once
+    carry: Dict[int, torch.Tensor] = {}  # a grid batch two shards share is computed once
     iterator = bounds
     if progress and rank == 0:
         from tqdm import tqdm
+
         iterator = tqdm(bounds, desc="shards", unit="shard", file=sys.stderr)
     for lo, hi in iterator:
         shard = ids[lo:hi]
@@ -286,8 +335,9 @@ def _sharded_stats(source, extractor: Detectors, ids, batch_size, outdir, shard_
                 distributed.barrier()
                 log(f"shard {_shard_name(shard)}: computed")
         if any(st.count != len(shard) for st in part.values()):
-            raise RuntimeError(f"shard {_shard_name(shard)}: counted {part['features'].count} images for "
-                               f"{len(shard)} seeds")
+            raise RuntimeError(
+                f"shard {_shard_name(shard)}: counted {part['features'].count} images for {len(shard)} seeds"
+            )
         for k, st in part.items():
             total[k].merge(st)
     if total["features"].count != len(ids):
@@ -297,6 +347,7 @@ def _sharded_stats(source, extractor: Detectors, ids, batch_size, outdir, shard_
 
 # ----------------------------------------------------------------------------------------
 # Reference statistics from a data set
+
 
 def reference_stats(data, extractor, batch_size: int = 256, num: Optional[int] = None, device="cpu"):
     """(mu, sigma) of a data set ('digits', folder, zip, npz or a uint8 tensor); for a

@@ -25,6 +25,7 @@ Exactly what it is
 Interface (shared with the Inception extractor in features.py): `extractor(images)` takes uint8
 images [B, 1, 8, 8] (NCHW) on any device and returns float64 features [B, 64].
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -51,6 +52,7 @@ def default_cache_path() -> str:
 def digits_uint8() -> tuple:
     """(uint8 images [1797, 1, 8, 8], labels int64 [1797]) through the generator's quantisation."""
     from sklearn.datasets import load_digits
+
     d = load_digits()
     x = torch.from_numpy(d.images).to(torch.float32).unsqueeze(1) / 8.0 - 1.0
     u = (x * 127.5 + 128).clip(0, 255).to(torch.uint8)
@@ -80,7 +82,7 @@ def train_digits_features() -> dict:
         net = _Net()
     opt = torch.optim.Adam(net.parameters(), lr=LEARNING_RATE)
     threads = torch.get_num_threads()
-    torch.set_num_threads(1)        # tiny matmuls: one thread is faster and reproducible
+    torch.set_num_threads(1)  # tiny matmuls: one thread is faster and reproducible
     try:
         for _ in range(TRAIN_STEPS):
             opt.zero_grad(set_to_none=True)
@@ -95,6 +97,7 @@ def _atomic_save_safetensors(tensors: dict, path: str) -> None:
     from safetensors.torch import save
 
     from pfgmpp_fast.utils.io_utils import atomic_write_bytes
+
     atomic_write_bytes(path, save(tensors))
 
 
@@ -109,6 +112,7 @@ class DigitsFeatures(torch.nn.Module):
     def __init__(self, cache_path: Optional[str] = None):
         super().__init__()
         from safetensors.torch import load_file
+
         path = cache_path or default_cache_path()
         if not os.path.exists(path):
             _atomic_save_safetensors(train_digits_features(), path)
@@ -135,4 +139,3 @@ class DigitsFeatures(torch.nn.Module):
         with torch.no_grad():
             logits = self.net(images.reshape(images.shape[0], -1).to(torch.float32) / 255.0)
         return float((logits.argmax(1) == labels).to(torch.float64).mean())
-

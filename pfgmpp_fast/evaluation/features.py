@@ -18,6 +18,7 @@ attributes `.name`, `.dim` and `.sha256` (the digest of the weights file it was 
 
 `Detectors` runs the networks that the requested metrics need over one batch, once.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -32,20 +33,32 @@ import torch
 from pfgmpp_fast.utils.cli_errors import InvalidValue
 from pfgmpp_fast.utils.io_utils import atomic_write_bytes
 
-__all__ = ["INCEPTION_SHA256", "INCEPTION_URL", "FEATURES", "DINOV2_ARCH", "sha256_of_file", "InceptionFeatures",
-           "DINOv2Features", "Detectors", "make_random_inception_weights", "get_feature_extractor"]
+__all__ = [
+    "INCEPTION_SHA256",
+    "INCEPTION_URL",
+    "FEATURES",
+    "DINOV2_ARCH",
+    "sha256_of_file",
+    "InceptionFeatures",
+    "DINOv2Features",
+    "Detectors",
+    "make_random_inception_weights",
+    "get_feature_extractor",
+]
 
 FEATURES = ("inception", "digits")
 # torch-fidelity's Inception-v3 weights (feature_extractor_inceptionv3.URL_INCEPTION_V3). The
 # file name carries the first 8 hex digits of its SHA-256 (torch.hub's convention); the full
 # digest below starts with them.
-INCEPTION_URL = ("https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/"
-                 "weights-inception-2015-12-05-6726825d.pth")
+INCEPTION_URL = (
+    "https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/weights-inception-2015-12-05-6726825d.pth"
+)
 INCEPTION_SHA256 = "6726825d0af5f729cebd5821db510b11b1cfad8faad88a03f1befd49fb9129b2"
 
 
 # ----------------------------------------------------------------------------------------
 # Feature extractors
+
 
 def sha256_of_file(path: str) -> str:
     """SHA-256 hex digest of a file, read in 1 MiB blocks."""
@@ -58,8 +71,9 @@ def sha256_of_file(path: str) -> str:
 
 def _unloaded_inception():
     """torch-fidelity's Inception-v3 architecture with its default (random) initialisation."""
-    from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
     import tempfile
+
+    from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
 
     class _Unloaded(FeatureExtractorInceptionV3):
         def load_state_dict(self, state_dict, *args, **kwargs):  # keep the random init
@@ -101,10 +115,12 @@ def _verified_inception_path(weights: Optional[str], sha256: Optional[str]) -> s
         raise FileNotFoundError(f"Inception weights not found: {weights}")
     actual = sha256_of_file(weights)
     if actual != expected:
-        message = (f"refusing to load Inception weights {weights}: SHA-256 {actual} does not match the expected "
-                   f"{expected} ({'torch-fidelity pt_inception-2015-12-05' if sha256 is None else 'given'}). "
-                   "torch-fidelity unpickles this file (it could run code); pass --inception-sha256 with the "
-                   "file's digest only if you trust it.")
+        message = (
+            f"refusing to load Inception weights {weights}: SHA-256 {actual} does not match the expected "
+            f"{expected} ({'torch-fidelity pt_inception-2015-12-05' if sha256 is None else 'given'}). "
+            "torch-fidelity unpickles this file (it could run code); pass --inception-sha256 with the "
+            "file's digest only if you trust it."
+        )
         # the given digest is what is wrong, or else the file
         raise InvalidValue("inception_weights" if sha256 is None else "inception_sha256", message, message=message)
     return weights
@@ -119,11 +135,13 @@ class InceptionFeatures(torch.nn.Module):
     def __init__(self, weights: Optional[str] = None, sha256: Optional[str] = None, device="cpu"):
         super().__init__()
         from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
+
         path = _verified_inception_path(weights, sha256)
         self.sha256 = sha256_of_file(path)
         # the logits ride along for the Inception Score (one fc layer, no extra pass)
-        self.net = FeatureExtractorInceptionV3("inception-v3-compat", ["2048", "logits_unbiased"],
-                                               feature_extractor_weights_path=path).to(device)
+        self.net = FeatureExtractorInceptionV3(
+            "inception-v3-compat", ["2048", "logits_unbiased"], feature_extractor_weights_path=path
+        ).to(device)
 
     @torch.no_grad()
     def forward(self, images: torch.Tensor) -> torch.Tensor:
@@ -146,8 +164,8 @@ class InceptionFeatures(torch.nn.Module):
 # ----------------------------------------------------------------------------------------
 # DINOv2 ViT-L/14 (FD-DINOv2) through timm
 
-DINOV2_ARCH = "vit_large_patch14_dinov2.lvd142m"   # timm's name; its weights live on the HF hub as
-DINOV2_HUB_FILE = "model.safetensors"              # timm/<arch>/model.safetensors
+DINOV2_ARCH = "vit_large_patch14_dinov2.lvd142m"  # timm's name; its weights live on the HF hub as
+DINOV2_HUB_FILE = "model.safetensors"  # timm/<arch>/model.safetensors
 
 
 def _verified_dinov2_path(weights: Optional[str], sha256: Optional[str]):
@@ -157,16 +175,20 @@ def _verified_dinov2_path(weights: Optional[str], sha256: Optional[str]):
         raise ValueError(f"dinov2_sha256 must be 64 hex digits, got {sha256!r}")
     if weights is None:
         from huggingface_hub import hf_hub_download
+
         weights = hf_hub_download("timm/" + DINOV2_ARCH, DINOV2_HUB_FILE)
     if not os.path.isfile(weights):
         raise FileNotFoundError(f"DINOv2 weights not found: {weights}")
     actual = sha256_of_file(weights)
     if sha256 is not None and actual != sha256.lower():
-        raise ValueError(f"refusing to load DINOv2 weights {weights}: SHA-256 {actual} does not match the given "
-                         f"{sha256.lower()}")
+        raise ValueError(
+            f"refusing to load DINOv2 weights {weights}: SHA-256 {actual} does not match the given {sha256.lower()}"
+        )
     if not weights.endswith(".safetensors") and sha256 is None:
-        raise ValueError(f"refusing to unpickle DINOv2 weights {weights} without --dinov2-sha256 (a pickle could run "
-                         "code); prefer the .safetensors file, or pass the digest of a file you trust")
+        raise ValueError(
+            f"refusing to unpickle DINOv2 weights {weights} without --dinov2-sha256 (a pickle could run "
+            "code); prefer the .safetensors file, or pass the digest of a file you trust"
+        )
     return weights, actual
 
 
@@ -179,8 +201,9 @@ def _dinov2_pos_embed(pos_embed: torch.Tensor, grid: int) -> torch.Tensor:
     if M == grid:
         return pos_embed
     scale = (grid + 0.1) / M
-    patch = torch.nn.functional.interpolate(patch.reshape(1, M, M, dim).permute(0, 3, 1, 2), mode="bicubic",
-                                            antialias=False, scale_factor=(scale, scale))
+    patch = torch.nn.functional.interpolate(
+        patch.reshape(1, M, M, dim).permute(0, 3, 1, 2), mode="bicubic", antialias=False, scale_factor=(scale, scale)
+    )
     return torch.cat([cls, patch.permute(0, 2, 3, 1).reshape(1, grid * grid, dim)], dim=1).to(pos_embed.dtype)
 
 
@@ -193,18 +216,21 @@ class DINOv2Features(torch.nn.Module):
     name = "dinov2"
     dim = 1024
 
-    def __init__(self, weights: Optional[str] = None, sha256: Optional[str] = None, device="cpu",
-                 image_size: int = 224):
+    def __init__(
+        self, weights: Optional[str] = None, sha256: Optional[str] = None, device="cpu", image_size: int = 224
+    ):
         super().__init__()
         import timm
         from timm.models.vision_transformer import checkpoint_filter_fn
+
         if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 14 or image_size % 14:
             raise ValueError(f"image_size must be a positive multiple of 14 (the patch size), got {image_size!r}")
         path, self.sha256 = _verified_dinov2_path(weights, sha256)
         if path.endswith(".safetensors"):
             from safetensors.torch import load_file
+
             state = load_file(path)
-        else:                      # digest checked above; weights_only never runs code either
+        else:  # digest checked above; weights_only never runs code either
             state = torch.load(path, map_location="cpu", weights_only=True)
         if "pos_embed" not in state:
             raise ValueError(f"{path} is not a DINOv2 ViT state dict (no 'pos_embed')")
@@ -231,6 +257,7 @@ class DINOv2Features(torch.nn.Module):
 # ----------------------------------------------------------------------------------------
 # Several detectors, one pass
 
+
 class Detectors:
     """The outputs the requested metrics need, from one call per image batch:
     'features' (the main space: Inception pool or digits; rows kept for KID / precision-recall),
@@ -239,6 +266,7 @@ class Detectors:
 
     def __init__(self, main, metrics=("fid",), dinov2=None):
         from pfgmpp_fast.evaluation.metrics import parse_metrics
+
         self.metrics = parse_metrics(metrics)
         if "isc" in self.metrics and not hasattr(main, "features_and_logits"):
             raise ValueError(f"--metrics isc (Inception Score) needs --features inception, not {main.name!r}")
@@ -269,12 +297,18 @@ class Detectors:
         return out
 
 
-def get_feature_extractor(name: str, device="cpu", inception_weights: Optional[str] = None,
-                          inception_sha256: Optional[str] = None, digits_cache: Optional[str] = None):
+def get_feature_extractor(
+    name: str,
+    device="cpu",
+    inception_weights: Optional[str] = None,
+    inception_sha256: Optional[str] = None,
+    digits_cache: Optional[str] = None,
+):
     """'inception' or 'digits' (module docstring); the returned module has .name, .dim, .sha256."""
     if name == "inception":
         return InceptionFeatures(inception_weights, inception_sha256, device=device)
     if name == "digits":
         from pfgmpp_fast.evaluation.digits_features import DigitsFeatures
+
         return DigitsFeatures(digits_cache).to(device)
     raise ValueError(f"features must be 'inception' or 'digits', got {name!r}")

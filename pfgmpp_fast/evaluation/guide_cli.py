@@ -1,5 +1,6 @@
 """`--guidance W --gnet PATH|uncond` of `generate` and `fid`: the guide network of the command line
 (the guidance itself: pfgmpp_fast/guidance.py)."""
+
 from __future__ import annotations
 
 from typing import Callable
@@ -16,8 +17,10 @@ def guide_from_args(args, net, load_network: Callable, required: bool = False):
     --gnet (also when it is missing with --guidance != 1, or `required`)."""
     if args.gnet is None:
         if args.guidance != 1.0 or required:
-            raise UsageError("--gnet", "is required for --kind guidance" if required else
-                             f"is required with --guidance {args.guidance:g}")
+            raise UsageError(
+                "--gnet",
+                "is required for --kind guidance" if required else f"is required with --guidance {args.guidance:g}",
+            )
         return None
     with blame("--gnet"):
         gnet = args.gnet if args.gnet == UNCOND else load_network(args.gnet)

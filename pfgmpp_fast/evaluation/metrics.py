@@ -6,6 +6,7 @@ for the other metrics). Result columns name the feature space where the plain na
 claim another (column_name): FDD outside Inception's space, precision_<space>/recall_<space>
 always (torch-fidelity's precision/recall default to VGG-16 features).
 """
+
 from __future__ import annotations
 
 import os
@@ -17,15 +18,29 @@ import torch
 
 from pfgmpp_fast.utils.io_utils import atomic_save_npz
 
-__all__ = ["METRICS", "METRIC_COLUMNS", "LOWER_IS_BETTER", "FeatureStats", "frechet_distance", "save_stats",
-           "load_stats", "parse_metrics", "column_name", "metric_columns", "lower_is_better", "compute_metrics",
-           "save_reference", "load_reference"]
+__all__ = [
+    "METRICS",
+    "METRIC_COLUMNS",
+    "LOWER_IS_BETTER",
+    "FeatureStats",
+    "frechet_distance",
+    "save_stats",
+    "load_stats",
+    "parse_metrics",
+    "column_name",
+    "metric_columns",
+    "lower_is_better",
+    "compute_metrics",
+    "save_reference",
+    "load_reference",
+]
 
 METRICS = ("fid", "kid", "isc", "prc", "fd_dinov2")
 
 
 # ----------------------------------------------------------------------------------------
 # Statistics
+
 
 class FeatureStats:
     """float64 running sums n, Σf, Σffᵀ of features (on the features' device); keep=True also
@@ -87,8 +102,11 @@ class FeatureStats:
         return mu, sigma
 
     def to_arrays(self) -> Dict[str, np.ndarray]:
-        out = {"n": np.asarray(self.count, dtype=np.int64), "sum": self.sum.cpu().numpy(),
-               "sum_outer": self.sum_outer.cpu().numpy()}
+        out = {
+            "n": np.asarray(self.count, dtype=np.int64),
+            "sum": self.sum.cpu().numpy(),
+            "sum_outer": self.sum_outer.cpu().numpy(),
+        }
         if self.keep:
             out["rows"] = self.rows.numpy()
         return out
@@ -107,19 +125,24 @@ class FeatureStats:
 def frechet_distance(mu1, sigma1, mu2, sigma2) -> float:
     """‖μ1 − μ2‖² + tr(Σ1 + Σ2 − 2 (Σ1 Σ2)^½), with scipy.linalg.sqrtm (float64)."""
     import scipy.linalg
+
     mu1, mu2 = np.asarray(mu1, np.float64), np.asarray(mu2, np.float64)
     sigma1, sigma2 = np.asarray(sigma1, np.float64), np.asarray(sigma2, np.float64)
     d = mu1.shape[0] if mu1.ndim == 1 else -1
-    for name, value, shape in (("mu1", mu1, (d,)), ("mu2", mu2, (d,)), ("sigma1", sigma1, (d, d)),
-                               ("sigma2", sigma2, (d, d))):
+    for name, value, shape in (
+        ("mu1", mu1, (d,)),
+        ("mu2", mu2, (d,)),
+        ("sigma1", sigma1, (d, d)),
+        ("sigma2", sigma2, (d, d)),
+    ):
         if value.shape != shape:
             raise ValueError(f"{name} has shape {value.shape}, expected {shape} (mu [d], sigma [d, d] of one d)")
     m = np.square(mu1 - mu2).sum()
-    with warnings.catch_warnings():      # `disp` (the published call) is deprecated in SciPy >= 1.17
+    with warnings.catch_warnings():  # `disp` (the published call) is deprecated in SciPy >= 1.17
         warnings.simplefilter("ignore", DeprecationWarning)
         try:
             s, _ = scipy.linalg.sqrtm(sigma1 @ sigma2, disp=False)
-        except TypeError:                  # SciPy >= 1.18: no `disp`, same result
+        except TypeError:  # SciPy >= 1.18: no `disp`, same result
             s = scipy.linalg.sqrtm(sigma1 @ sigma2)
     return float(np.real(m + np.trace(sigma1 + sigma2 - 2 * s)))
 
@@ -141,14 +164,17 @@ def load_stats(path: str, dim: Optional[int] = None):
         raise ValueError(f"{path} is not a reference-statistics .npz (arrays mu, sigma), got a plain array")
     with f:
         if "mu" not in f.files or "sigma" not in f.files:
-            raise ValueError(f"{path} is not a reference-statistics file: expected arrays 'mu' and 'sigma', "
-                             f"got {sorted(f.files)}")
+            raise ValueError(
+                f"{path} is not a reference-statistics file: expected arrays 'mu' and 'sigma', got {sorted(f.files)}"
+            )
         mu, sigma = f["mu"].astype(np.float64), f["sigma"].astype(np.float64)
     if mu.ndim != 1 or sigma.shape != (mu.shape[0], mu.shape[0]):
         raise ValueError(f"{path}: mu must be [d] and sigma [d, d], got {mu.shape} and {sigma.shape}")
     if dim is not None and mu.shape[0] != dim:
-        raise ValueError(f"{path} holds {mu.shape[0]}-d statistics but the feature extractor gives "
-                         f"{dim}-d features (wrong reference file for these features?)")
+        raise ValueError(
+            f"{path} holds {mu.shape[0]}-d statistics but the feature extractor gives "
+            f"{dim}-d features (wrong reference file for these features?)"
+        )
     if not (np.isfinite(mu).all() and np.isfinite(sigma).all()):
         raise ValueError(f"{path}: mu/sigma contain NaN or Inf")
     return mu, sigma
@@ -158,10 +184,22 @@ def load_stats(path: str, dim: Optional[int] = None):
 # The metric set (torch-fidelity's metric code on our features)
 
 # Result columns per metric, and whether lower is better (for "best" in sweeps).
-METRIC_COLUMNS = {"fid": ("FID",), "kid": ("KID", "KID_std"), "isc": ("IS", "IS_std"),
-                  "prc": ("precision", "recall"), "fd_dinov2": ("FD_DINOv2",)}
-LOWER_IS_BETTER = {"FID": True, "FDD": True, "KID": True, "FD_DINOv2": True, "IS": False, "precision": False,
-                   "recall": False}
+METRIC_COLUMNS = {
+    "fid": ("FID",),
+    "kid": ("KID", "KID_std"),
+    "isc": ("IS", "IS_std"),
+    "prc": ("precision", "recall"),
+    "fd_dinov2": ("FD_DINOv2",),
+}
+LOWER_IS_BETTER = {
+    "FID": True,
+    "FDD": True,
+    "KID": True,
+    "FD_DINOv2": True,
+    "IS": False,
+    "precision": False,
+    "recall": False,
+}
 # Columns named with their feature space: torch-fidelity computes precision/recall on VGG-16
 # features (fc2_relu) by default, ours on the main space (Inception pool or digits), so under
 # the plain names the numbers would read as comparable with theirs.
@@ -197,8 +235,15 @@ def lower_is_better(column: str) -> bool:
     return LOWER_IS_BETTER.get(base, True)
 
 
-def compute_metrics(stats: Dict[str, FeatureStats], ref: Dict[str, np.ndarray], metrics, space: str,
-                    kid_subset_size: int = 1000, isc_splits: int = 10, seed: int = 2020) -> Dict[str, float]:
+def compute_metrics(
+    stats: Dict[str, FeatureStats],
+    ref: Dict[str, np.ndarray],
+    metrics,
+    space: str,
+    kid_subset_size: int = 1000,
+    isc_splits: int = 10,
+    seed: int = 2020,
+) -> Dict[str, float]:
     """{column: value} of `metrics` for the statistics of one calc (calc.calc_stats with
     Detectors) against a reference (load_reference), named by column_name. KID (polynomial
     kernel, unbiased MMD² over subsets), IS and precision/recall (k = 3) are torch-fidelity's
@@ -206,6 +251,7 @@ def compute_metrics(stats: Dict[str, FeatureStats], ref: Dict[str, np.ndarray], 
     from torch_fidelity.metric_isc import isc_features_to_metric
     from torch_fidelity.metric_kid import kid_features_to_metric
     from torch_fidelity.metric_prc import prc_features_to_metric
+
     out = {}
     for m in parse_metrics(metrics):
         if m == "fid":
@@ -252,8 +298,10 @@ def load_reference(path: str, dim: Optional[int] = None, metrics=("fid",)) -> Di
     with np.load(path, allow_pickle=False) as f:
         missing = sorted(need - set(f.files))
         if missing:
-            raise ValueError(f"{path} has no {missing} for --metrics {','.join(metrics)}: make it with "
-                             f"`fid ref --metrics {','.join(metrics)}`")
+            raise ValueError(
+                f"{path} has no {missing} for --metrics {','.join(metrics)}: make it with "
+                f"`fid ref --metrics {','.join(metrics)}`"
+            )
         for k in need:
             out[k] = f[k].astype(np.float32 if k == "features" else np.float64)
     if "features" in out and (out["features"].ndim != 2 or out["features"].shape[1] != mu.shape[0]):

@@ -8,6 +8,7 @@
 - ``fid calc --images DIR --num N``: more images than N → the published random subset, chosen
   by ``--seed`` exactly as the published ImageFolderDataset chooses it.
 """
+
 from __future__ import annotations
 
 import os
@@ -65,13 +66,19 @@ def generation_jobs(args, seeds) -> list:
         return [(args.network, args.outdir)]
     found = run_checkpoints(args.outdir, args.use_pickle) if args.outdir else []
     if not found:
-        raise UsageError("--network", "is required (a network checkpoint, e.g. network-snapshot-*.safetensors), "
-                         "unless --outdir is a run directory holding checkpoints (network-snapshot-*.safetensors, "
-                         "training-state-*.pt, or with --use_pickle=1 training-state-*.pkl)")
+        raise UsageError(
+            "--network",
+            "is required (a network checkpoint, e.g. network-snapshot-*.safetensors), "
+            "unless --outdir is a run directory holding checkpoints (network-snapshot-*.safetensors, "
+            "training-state-*.pt, or with --use_pickle=1 training-state-*.pkl)",
+        )
     if args.npz:
         raise UsageError("--npz", "needs --network (from a run directory the images go to its ckpt_<kimg> folders)")
-    return [(path, ckpt_folder(args.outdir, kimg, seeds)) for kimg, path in found
-            if args.edm or in_ckpt_range(kimg, args.ckpt, args.end_ckpt)]
+    return [
+        (path, ckpt_folder(args.outdir, kimg, seeds))
+        for kimg, path in found
+        if args.edm or in_ckpt_range(kimg, args.ckpt, args.end_ckpt)
+    ]
 
 
 def ckpt_folders(images_dir: str, gen_seed: int = 1, ckpt: int = 0, end_ckpt: int = 1000000) -> list:
@@ -79,8 +86,11 @@ def ckpt_folders(images_dir: str, gen_seed: int = 1, ckpt: int = 0, end_ckpt: in
     in ``images_dir`` with kimg in [ckpt, end_ckpt]; [] when it holds none (a plain image folder)."""
     if not os.path.isdir(images_dir):
         return []
-    return [(k, p) for k, p in _numbered(images_dir, _FOLDER_RE[gen_seed], want_dir=True)
-            if in_ckpt_range(k, ckpt, end_ckpt)]
+    return [
+        (k, p)
+        for k, p in _numbered(images_dir, _FOLDER_RE[gen_seed], want_dir=True)
+        if in_ckpt_range(k, ckpt, end_ckpt)
+    ]
 
 
 def random_subset(count: int, num: int, seed: int) -> np.ndarray:

@@ -15,6 +15,7 @@ Which tensors count as conv/linear weights: parameters named ``weight`` with >= 
 dimensions (that covers torch.nn.Conv*/Linear and the EDM networks' own Conv2d/Linear
 modules, whose parameters are also called ``weight``; GroupNorm weights are 1-D).
 """
+
 from __future__ import annotations
 
 import copy
@@ -48,7 +49,7 @@ def quantize_tensor(weight: torch.Tensor, bits: int) -> torch.Tensor:
     w = weight.detach().to(torch.float64)
     flat = w.reshape(w.shape[0], -1)
     scale = flat.abs().amax(dim=1) / qmax
-    safe = torch.where(scale > 0, scale, torch.ones_like(scale))    # all-zero channel stays zero
+    safe = torch.where(scale > 0, scale, torch.ones_like(scale))  # all-zero channel stays zero
     q = torch.round(flat / safe.view(-1, 1)).clamp(-qmax, qmax) * safe.view(-1, 1)
     return q.view(w.shape).to(weight.dtype)
 

@@ -9,6 +9,7 @@ Pieces (also used by apps/experiments.py): `make_points` (what to measure), `Poi
 (puts a point's weights into the shared network and restores them), `score_point` (one
 point: sharded calc + metrics), `write_sweep_outputs`.
 """
+
 from __future__ import annotations
 
 import os
@@ -22,7 +23,7 @@ import torch
 from pfgmpp_fast import phema
 from pfgmpp_fast.checkpoint import find_checkpoints
 from pfgmpp_fast.evaluation import quantize as Q
-from pfgmpp_fast.evaluation.calc import calc_stats, GeneratorSource, weights_fingerprint
+from pfgmpp_fast.evaluation.calc import GeneratorSource, calc_stats, weights_fingerprint
 from pfgmpp_fast.evaluation.features import Detectors
 from pfgmpp_fast.evaluation.generate import load_generator_network, resolve_D
 from pfgmpp_fast.evaluation.metrics import compute_metrics, load_reference, lower_is_better, metric_columns
@@ -30,18 +31,34 @@ from pfgmpp_fast.utils import distributed
 from pfgmpp_fast.utils.io_utils import atomic_save_csv, atomic_write_text
 from pfgmpp_fast.utils.plots import new_figure, save_figure
 
-__all__ = ["SWEEP_KINDS", "Point", "make_points", "point_weights", "PointNetwork", "as_reference", "score_point",
-           "write_sweep_outputs", "sweep"]
+__all__ = [
+    "SWEEP_KINDS",
+    "Point",
+    "make_points",
+    "point_weights",
+    "PointNetwork",
+    "as_reference",
+    "score_point",
+    "write_sweep_outputs",
+    "sweep",
+]
 
 
 SWEEP_KINDS = ("checkpoints", "steps", "alpha", "bits", "ema", "guidance")
-XLABELS = {"checkpoints": "kimg", "steps": "NFE", "alpha": "alpha", "bits": "weight bits",
-           "ema": "EMA length (relative std)", "guidance": "guidance weight W"}
+XLABELS = {
+    "checkpoints": "kimg",
+    "steps": "NFE",
+    "alpha": "alpha",
+    "bits": "weight bits",
+    "ema": "EMA length (relative std)",
+    "guidance": "guidance weight W",
+}
 
 
 @dataclass
 class Point:
     """One measurement: `kind` = `value`, sampler overrides `gen`, weights from `path`."""
+
     kind: str
     value: object
     gen: Dict[str, object] = field(default_factory=dict)
@@ -126,24 +143,52 @@ def as_reference(ref, detectors: Detectors) -> Dict[str, np.ndarray]:
     return ref
 
 
-def score_point(fast, base, point: Point, seeds, detectors: Detectors, ref: Dict[str, np.ndarray],
-                outdir: Optional[str], batch_size: int, shard_size: int = 5000, device="cpu",
-                describe: Optional[dict] = None, **gen_kwargs) -> dict:
+def score_point(
+    fast,
+    base,
+    point: Point,
+    seeds,
+    detectors: Detectors,
+    ref: Dict[str, np.ndarray],
+    outdir: Optional[str],
+    batch_size: int,
+    shard_size: int = 5000,
+    device="cpu",
+    describe: Optional[dict] = None,
+    **gen_kwargs,
+) -> dict:
     """The metrics of one point (its weights already applied to `base`, which `fast` runs):
     a row {kind, value, x, images, steps, nfe, <metric columns>, seconds}. `describe` adds
     settings that change the images (e.g. generate.generator_numerics) to the shards'
     configuration, so a resume under other settings is refused."""
     kw = {**gen_kwargs, **point.gen}
-    source = GeneratorSource(fast, seeds, device=device, describe={
-        **(describe or {}), "sweep": point.kind, "value": point.value, "checkpoint": point.path, "weights": weights_fingerprint(base)},
-        **kw)
+    source = GeneratorSource(
+        fast,
+        seeds,
+        device=device,
+        describe={
+            **(describe or {}),
+            "sweep": point.kind,
+            "value": point.value,
+            "checkpoint": point.path,
+            "weights": weights_fingerprint(base),
+        },
+        **kw,
+    )
     t0 = time.perf_counter()
     stats = calc_stats(source, detectors, batch_size=batch_size, outdir=outdir, shard_size=shard_size, device=device)
     scores = compute_metrics(stats, ref, detectors.metrics, detectors.name)
     steps, nfe = source.options.num_steps, source.options.nfe
-    return {"kind": point.kind, "value": point.value, "x": nfe if point.kind == "steps" else point.value,
-            "images": stats["features"].count, "steps": steps, "nfe": nfe, **scores,
-            "seconds": round(time.perf_counter() - t0, 3)}
+    return {
+        "kind": point.kind,
+        "value": point.value,
+        "x": nfe if point.kind == "steps" else point.value,
+        "images": stats["features"].count,
+        "steps": steps,
+        "nfe": nfe,
+        **scores,
+        "seconds": round(time.perf_counter() - t0, 3),
+    }
 
 
 def best_row(rows: List[dict], column: str) -> dict:
@@ -169,8 +214,9 @@ def _metric_figure(rows: List[dict], columns: Sequence[str], kind: str, path: st
     save_figure(fig, path)
 
 
-def write_sweep_outputs(rows: List[dict], kind: str, metric_groups: Sequence[Sequence[str]],
-                        outdir: str) -> Dict[str, str]:
+def write_sweep_outputs(
+    rows: List[dict], kind: str, metric_groups: Sequence[Sequence[str]], outdir: str
+) -> Dict[str, str]:
     """sweep-<kind>.csv, .md (table, best point per metric) and one PNG per metric group."""
     columns = list(rows[0].keys())
     paths = {k: os.path.join(outdir, f"sweep-{kind}.{k}") for k in ("csv", "md")}
@@ -178,8 +224,12 @@ def write_sweep_outputs(rows: List[dict], kind: str, metric_groups: Sequence[Seq
 
     fmt = lambda v: f"{v:.4f}" if isinstance(v, float) else str(v)
     names = [c for group in metric_groups for c in group]
-    lines = [f"# {', '.join(names)} sweep over {kind}", "", "| " + " | ".join(columns) + " |",
-             "|" + "---|" * len(columns)]
+    lines = [
+        f"# {', '.join(names)} sweep over {kind}",
+        "",
+        "| " + " | ".join(columns) + " |",
+        "|" + "---|" * len(columns),
+    ]
     lines += ["| " + " | ".join(fmt(r[c]) for c in columns) + " |" for r in rows]
     lines.append("")
     for c in names:
@@ -198,12 +248,26 @@ def _metric_groups(detectors: Detectors) -> List[List[str]]:
     return [[c for c in metric_columns([m], detectors.name) if not c.endswith("_std")] for m in detectors.metrics]
 
 
-def sweep(kind: str, values: Optional[Sequence] = None, net=None, run_dir: Optional[str] = None,
-          ref=None, extractor=None, seeds="0-49999", outdir: str = "fid-sweep", batch_size: int = 64,
-          shard_size: int = 5000, device="cpu", make_fast: Optional[Callable] = None,
-          load_network: Optional[Callable] = None, log: Callable[[str], None] = print,
-          metrics=None, at_kimg: Optional[float] = None, describe: Optional[dict] = None,
-          **gen_kwargs) -> List[dict]:
+def sweep(
+    kind: str,
+    values: Optional[Sequence] = None,
+    net=None,
+    run_dir: Optional[str] = None,
+    ref=None,
+    extractor=None,
+    seeds="0-49999",
+    outdir: str = "fid-sweep",
+    batch_size: int = 64,
+    shard_size: int = 5000,
+    device="cpu",
+    make_fast: Optional[Callable] = None,
+    load_network: Optional[Callable] = None,
+    log: Callable[[str], None] = print,
+    metrics=None,
+    at_kimg: Optional[float] = None,
+    describe: Optional[dict] = None,
+    **gen_kwargs,
+) -> List[dict]:
     """One sweep in one call, reusing the network: kind in SWEEP_KINDS.
 
     - 'checkpoints': every snapshot in `run_dir` (metrics vs kimg); `values` optionally
@@ -238,8 +302,20 @@ def sweep(kind: str, values: Optional[Sequence] = None, net=None, run_dir: Optio
     try:
         for point in points:
             shared.apply(point)
-            row = score_point(fast, base, point, seeds, detectors, ref, os.path.join(outdir, f"{kind}-{point.value}"),
-                              batch_size, shard_size, device, describe, **gen_kwargs)
+            row = score_point(
+                fast,
+                base,
+                point,
+                seeds,
+                detectors,
+                ref,
+                os.path.join(outdir, f"{kind}-{point.value}"),
+                batch_size,
+                shard_size,
+                device,
+                describe,
+                **gen_kwargs,
+            )
             rows.append(row)
             scores = ", ".join(f"{c} = {row[c]:.4f}" for g in _metric_groups(detectors) for c in g)
             log(f"{kind}={point.value}: {scores} ({row['images']} images)")

@@ -32,6 +32,7 @@ by the "no label" input, a zero vector (what an EDM network is given for class_l
 when u0 of block 0 of the Philox stream ``STREAM_LABEL_DROPOUT`` keyed by (key, sample id) is
 <= p: the same samples of a run drop their labels at any batch size or rank count.
 """
+
 from __future__ import annotations
 
 import math
@@ -44,11 +45,19 @@ from pfgmpp_fast import checks, ops, reference
 
 __all__ = ["AugmentPipe", "augment_dim", "label_dropout_mask", "drop_labels"]
 
+
 def label_dropout_mask(key: int, sample_ids: torch.Tensor, p: float) -> torch.Tensor:
     """bool [B]: which samples drop their label (u0 of block 0 of STREAM_LABEL_DROPOUT <= p)."""
     zero = torch.zeros_like(sample_ids)
-    counters = torch.stack([zero, sample_ids & reference.MASK32, (sample_ids >> 32) & reference.MASK32,
-                            torch.full_like(sample_ids, reference.STREAM_LABEL_DROPOUT)], dim=-1)
+    counters = torch.stack(
+        [
+            zero,
+            sample_ids & reference.MASK32,
+            (sample_ids >> 32) & reference.MASK32,
+            torch.full_like(sample_ids, reference.STREAM_LABEL_DROPOUT),
+        ],
+        dim=-1,
+    )
     return reference.uniform(reference.philox4x32(counters, key)[:, 0]) <= p
 
 
@@ -58,12 +67,31 @@ def drop_labels(labels: torch.Tensor, key: int, sample_ids: torch.Tensor, p: flo
     return labels * keep.to(labels.dtype).unsqueeze(1)
 
 
-_NUM_DRAWS = 24                    # fixed draw slots per sample (6 Philox blocks)
+_NUM_DRAWS = 24  # fixed draw slots per sample (6 Philox blocks)
 
 # Slot of each draw (normals; uniforms are Φ(normal)).
-_S = dict(xflip_w=0, xflip_g=1, yflip_w=2, yflip_g=3, rint_w=4, rint_g=5, tint_x=6, tint_y=7, tint_g=8,
-          scale_w=9, scale_g=10, rot_w=11, rot_g=12, aniso_w=13, aniso_r=14, aniso_g=15, aniso_rg=16,
-          tfrac_x=17, tfrac_y=18, tfrac_g=19)
+_S = dict(
+    xflip_w=0,
+    xflip_g=1,
+    yflip_w=2,
+    yflip_g=3,
+    rint_w=4,
+    rint_g=5,
+    tint_x=6,
+    tint_y=7,
+    tint_g=8,
+    scale_w=9,
+    scale_g=10,
+    rot_w=11,
+    rot_g=12,
+    aniso_w=13,
+    aniso_r=14,
+    aniso_g=15,
+    aniso_rg=16,
+    tfrac_x=17,
+    tfrac_y=18,
+    tfrac_g=19,
+)
 
 _LABEL_SIZES = dict(xflip=1, yflip=1, rotate_int=2, translate_int=2, scale=1, rotate_frac=2, aniso=2, translate_frac=2)
 
@@ -101,15 +129,41 @@ class AugmentPipe:
     Multipliers (xflip, yflip, ...) scale the overall probability ``p`` per transform.
     """
 
-    def __init__(self, p: float = 0.12, xflip: float = 0, yflip: float = 0, rotate_int: float = 0,
-                 translate_int: float = 0, translate_int_max: float = 0.125, scale: float = 0,
-                 rotate_frac: float = 0, aniso: float = 0, translate_frac: float = 0, scale_std: float = 0.2,
-                 rotate_frac_max: float = 1, aniso_std: float = 0.2, aniso_rotate_prob: float = 0.5,
-                 translate_frac_std: float = 0.125):
-        values = dict(p=p, xflip=xflip, yflip=yflip, rotate_int=rotate_int, translate_int=translate_int,
-                      translate_int_max=translate_int_max, scale=scale, rotate_frac=rotate_frac, aniso=aniso,
-                      translate_frac=translate_frac, scale_std=scale_std, rotate_frac_max=rotate_frac_max,
-                      aniso_std=aniso_std, aniso_rotate_prob=aniso_rotate_prob, translate_frac_std=translate_frac_std)
+    def __init__(
+        self,
+        p: float = 0.12,
+        xflip: float = 0,
+        yflip: float = 0,
+        rotate_int: float = 0,
+        translate_int: float = 0,
+        translate_int_max: float = 0.125,
+        scale: float = 0,
+        rotate_frac: float = 0,
+        aniso: float = 0,
+        translate_frac: float = 0,
+        scale_std: float = 0.2,
+        rotate_frac_max: float = 1,
+        aniso_std: float = 0.2,
+        aniso_rotate_prob: float = 0.5,
+        translate_frac_std: float = 0.125,
+    ):
+        values = dict(
+            p=p,
+            xflip=xflip,
+            yflip=yflip,
+            rotate_int=rotate_int,
+            translate_int=translate_int,
+            translate_int_max=translate_int_max,
+            scale=scale,
+            rotate_frac=rotate_frac,
+            aniso=aniso,
+            translate_frac=translate_frac,
+            scale_std=scale_std,
+            rotate_frac_max=rotate_frac_max,
+            aniso_std=aniso_std,
+            aniso_rotate_prob=aniso_rotate_prob,
+            translate_frac_std=translate_frac_std,
+        )
         for name, value in values.items():
             try:
                 value = float(value)
@@ -131,18 +185,37 @@ class AugmentPipe:
         return augment_dim(**{k: getattr(self, k) for k in _LABEL_SIZES})
 
     def options(self) -> dict:
-        return {k: getattr(self, k) for k in ("p", "xflip", "yflip", "rotate_int", "translate_int", "translate_int_max",
-                                              "scale", "rotate_frac", "aniso", "translate_frac", "scale_std",
-                                              "rotate_frac_max", "aniso_std", "aniso_rotate_prob", "translate_frac_std")}
+        return {
+            k: getattr(self, k)
+            for k in (
+                "p",
+                "xflip",
+                "yflip",
+                "rotate_int",
+                "translate_int",
+                "translate_int_max",
+                "scale",
+                "rotate_frac",
+                "aniso",
+                "translate_frac",
+                "scale_std",
+                "rotate_frac_max",
+                "aniso_std",
+                "aniso_rotate_prob",
+                "translate_frac_std",
+            )
+        }
 
     def _gate(self, u, mult):
         return u < min(mult * self.p, 1.0)
 
-    def __call__(self, images: torch.Tensor, key: int, sample_ids: torch.Tensor,
-                 backend: str = "auto") -> Tuple[torch.Tensor, torch.Tensor]:
+    def __call__(
+        self, images: torch.Tensor, key: int, sample_ids: torch.Tensor, backend: str = "auto"
+    ) -> Tuple[torch.Tensor, torch.Tensor]:
         if not torch.is_tensor(images) or images.dim() != 4 or not images.is_floating_point():
-            raise TypeError(f"images must be a float tensor [B, C, H, W], got "
-                            f"{getattr(images, 'shape', type(images).__name__)}")
+            raise TypeError(
+                f"images must be a float tensor [B, C, H, W], got {getattr(images, 'shape', type(images).__name__)}"
+            )
         B, C, H, W = images.shape
         device = images.device
         sample_ids = checks.check_sample_ids(sample_ids, device=device)
@@ -150,10 +223,10 @@ class AugmentPipe:
             raise ValueError(f"{sample_ids.shape[0]} sample ids for {B} images")
         key = checks.check_key(key)
         z = ops.philox_normal(key, sample_ids, _NUM_DRAWS, reference.STREAM_AUGMENT, backend=backend)
-        z = z.to(device=device, dtype=torch.float32)                                    # [B, 24]
+        z = z.to(device=device, dtype=torch.float32)  # [B, 24]
         u = _uniform(z)
-        col = lambda name: z[:, _S[name]]                                               # noqa: E731
-        ucol = lambda name: u[:, _S[name]]                                              # noqa: E731
+        col = lambda name: z[:, _S[name]]  # noqa: E731
+        ucol = lambda name: u[:, _S[name]]  # noqa: E731
         labels = []
         zero = torch.zeros(B, device=device)
 
@@ -175,8 +248,9 @@ class AugmentPipe:
             images = torch.where(w.view(B, 1, 1, 1) > 0, images.flip(2), images)
             labels.append(w[:, None])
         if self.rotate_int > 0:
-            q = torch.where(self._gate(ucol("rint_g"), self.rotate_int),
-                            (ucol("rint_w") * 4).floor().clamp(max=3), zero).view(B, 1, 1, 1)
+            q = torch.where(
+                self._gate(ucol("rint_g"), self.rotate_int), (ucol("rint_w") * 4).floor().clamp(max=3), zero
+            ).view(B, 1, 1, 1)
             images = torch.where((q == 1) | (q == 2), images.flip(3), images)
             images = torch.where((q == 2) | (q == 3), images.flip(2), images)
             if H == W:
@@ -190,7 +264,9 @@ class AugmentPipe:
             tx = (wx * (W * self.translate_int_max)).round().to(torch.int64)
             ty = (wy * (H * self.translate_int_max)).round().to(torch.int64)
             images = self._translate_int(images, tx, ty)
-            labels.append(torch.stack([tx / (W * self.translate_int_max), ty / (H * self.translate_int_max)], 1).float())
+            labels.append(
+                torch.stack([tx / (W * self.translate_int_max), ty / (H * self.translate_int_max)], 1).float()
+            )
         return images
 
     def _geometric(self, images, col, ucol, labels, zero):
@@ -206,9 +282,12 @@ class AugmentPipe:
             labels.append(w[:, None])
             geometric = True
         if self.rotate_frac > 0:
-            w = torch.where(self._gate(ucol("rot_g"), self.rotate_frac),
-                            (ucol("rot_w") * 2 - 1) * (math.pi * self.rotate_frac_max), zero)
-            G_inv = G_inv @ _rot(w)                      # inverse of a rotation by -w
+            w = torch.where(
+                self._gate(ucol("rot_g"), self.rotate_frac),
+                (ucol("rot_w") * 2 - 1) * (math.pi * self.rotate_frac_max),
+                zero,
+            )
+            G_inv = G_inv @ _rot(w)  # inverse of a rotation by -w
             labels.append(torch.stack([torch.cos(w) - 1, torch.sin(w)], 1))
             geometric = True
         if self.aniso > 0:
@@ -245,13 +324,17 @@ class AugmentPipe:
         transforms keep the input exactly."""
         B, C, H, W = images.shape
         cx, cy = (W - 1) / 2, (H - 1) / 2
-        ys, xs = torch.meshgrid(torch.arange(H, device=images.device, dtype=torch.float32) - cy,
-                                torch.arange(W, device=images.device, dtype=torch.float32) - cx, indexing="ij")
+        ys, xs = torch.meshgrid(
+            torch.arange(H, device=images.device, dtype=torch.float32) - cy,
+            torch.arange(W, device=images.device, dtype=torch.float32) - cx,
+            indexing="ij",
+        )
         points = torch.stack([xs, ys, torch.ones_like(xs)], 0).view(1, 3, H * W)
-        src = (G_inv.to(torch.float32) @ points)[:, :2]                 # [B, 2, HW] pixel offsets
+        src = (G_inv.to(torch.float32) @ points)[:, :2]  # [B, 2, HW] pixel offsets
         grid = torch.stack([(src[:, 0] + cx) / max(cx, 0.5) - 1, (src[:, 1] + cy) / max(cy, 0.5) - 1], -1)
         grid = grid.view(B, H, W, 2)
-        warped = Fn.grid_sample(images.to(torch.float32), grid, mode="bicubic", padding_mode="reflection",
-                                align_corners=True).to(images.dtype)
+        warped = Fn.grid_sample(
+            images.to(torch.float32), grid, mode="bicubic", padding_mode="reflection", align_corners=True
+        ).to(images.dtype)
         identity = (G_inv - torch.eye(3, device=images.device)).abs().amax(dim=(1, 2)) < 1e-7
         return torch.where(identity.view(B, 1, 1, 1), images, warped)

@@ -24,6 +24,7 @@ Batches come from :class:`GlobalBatchSampler`: the order of samples is a functio
 seed and the global position only (one permutation per epoch), so rank ``r`` of ``W`` takes
 its slice of the same global batch, whatever ``W`` is.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -39,8 +40,16 @@ import torch
 
 from pfgmpp_fast.training.data_cache import Decoder, decode_to_array, load_cached
 
-__all__ = ["ImageDataset", "load_dataset", "load_array", "dataset_to_uint8", "GlobalBatchSampler", "IMAGE_EXTENSIONS",
-           "decode_image", "default_cache_dir"]
+__all__ = [
+    "ImageDataset",
+    "load_dataset",
+    "load_array",
+    "dataset_to_uint8",
+    "GlobalBatchSampler",
+    "IMAGE_EXTENSIONS",
+    "decode_image",
+    "default_cache_dir",
+]
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
 _CACHE: dict = {}
@@ -94,8 +103,13 @@ class ImageDataset:
     # --- batches -------------------------------------------------------------------------
     def to(self, device) -> "ImageDataset":
         """The same data set with its tensors on ``device`` (indexing then stays there)."""
-        return ImageDataset(self.images.to(device), None if self.labels is None else self.labels.to(device),
-                            self.name, self.xflip, self.source)
+        return ImageDataset(
+            self.images.to(device),
+            None if self.labels is None else self.labels.to(device),
+            self.name,
+            self.xflip,
+            self.source,
+        )
 
     def get_batch(self, indices: torch.Tensor, device=None):
         """Images float32 in [-1, 1], [B, C, H, W], and labels (or None) for item indices.
@@ -149,6 +163,7 @@ def gather(source: torch.Tensor, index: torch.Tensor, device) -> torch.Tensor:
 # ----------------------------------------------------------------------------------------
 # Loading
 
+
 def _one_hot(labels: np.ndarray, source: str) -> torch.Tensor:
     labels = np.asarray(labels)
     if labels.ndim != 1 or not np.issubdtype(labels.dtype, np.integer) or labels.size == 0 or labels.min() < 0:
@@ -165,7 +180,7 @@ def _load_digits():
     except ImportError as exc:
         raise ImportError("the embedded 'digits' data set needs scikit-learn (pip install scikit-learn)") from exc
     bunch = load_digits()
-    images = torch.from_numpy(bunch.images.astype(np.float32) / 8.0 - 1.0).unsqueeze(1)   # 0..16 -> [-1, 1]
+    images = torch.from_numpy(bunch.images.astype(np.float32) / 8.0 - 1.0).unsqueeze(1)  # 0..16 -> [-1, 1]
     return images.contiguous(), np.asarray(bunch.target, dtype=np.int64)
 
 
@@ -218,15 +233,18 @@ def _array_decoder(path: str) -> Decoder:
     images, labels = load_array(path)
     array = images.numpy()
     chunk = 4096
-    return Decoder(array.shape[0], lambda: ((f"{path}[{i}]", array[i:i + chunk])
-                                            for i in range(0, array.shape[0], chunk)),
-                   _checked_labels(labels, array.shape[0], path))
+    return Decoder(
+        array.shape[0],
+        lambda: ((f"{path}[{i}]", array[i : i + chunk]) for i in range(0, array.shape[0], chunk)),
+        _checked_labels(labels, array.shape[0], path),
+    )
 
 
 def decode_image(data: bytes, name: str) -> np.ndarray:
     """PNG/JPEG/... bytes -> uint8 [H, W] (grey) or [H, W, 3]; other modes are converted to
     RGB. ValueError naming ``name`` if the bytes are not a readable image."""
     from PIL import Image
+
     try:
         with Image.open(io.BytesIO(data)) as img:
             img.load()
@@ -253,12 +271,16 @@ def _checked_labels(labels, count: int, source: str) -> Optional[np.ndarray]:
 def _image_names_and_reader(path: str):
     """(sorted member names, read(name) -> bytes, close()) of a folder or zip."""
     if os.path.isdir(path):
-        names = sorted(os.path.relpath(os.path.join(root, f), path).replace(os.sep, "/")
-                       for root, _, files in os.walk(path) for f in files)
+        names = sorted(
+            os.path.relpath(os.path.join(root, f), path).replace(os.sep, "/")
+            for root, _, files in os.walk(path)
+            for f in files
+        )
 
         def read(name):
             with open(os.path.join(path, name), "rb") as f:
                 return f.read()
+
         return names, read, lambda: None
     try:
         zf = zipfile.ZipFile(path)
@@ -306,6 +328,7 @@ def _image_decoder(path: str) -> Decoder:
                 yield f"{path}:{name}", image[None]
         finally:
             close()
+
     return Decoder(len(image_names), chunks, labels)
 
 
@@ -331,9 +354,15 @@ def _decode(spec: str, cache: bool, cache_dir: Optional[str]):
     return torch.from_numpy(decode_to_array(decoder, spec)), decoder.labels
 
 
-def load_dataset(spec: str, resolution: Optional[int] = None, use_labels: bool = False,
-                 xflip: bool = False, cache: bool = True, max_size: Optional[int] = None,
-                 cache_dir: Optional[str] = None) -> ImageDataset:
+def load_dataset(
+    spec: str,
+    resolution: Optional[int] = None,
+    use_labels: bool = False,
+    xflip: bool = False,
+    cache: bool = True,
+    max_size: Optional[int] = None,
+    cache_dir: Optional[str] = None,
+) -> ImageDataset:
     """Load a data set (see the module docstring for the formats).
 
     resolution: expected image size (ValueError if the data differ); use_labels: return
@@ -373,15 +402,18 @@ def load_dataset(spec: str, resolution: Optional[int] = None, use_labels: bool =
             _CACHE[key] = (images, labels)
 
     if resolution is not None and images.shape[-1] != resolution:
-        raise ValueError(f"data set {spec} has resolution {images.shape[-1]}, but resolution={resolution} was requested")
+        raise ValueError(
+            f"data set {spec} has resolution {images.shape[-1]}, but resolution={resolution} was requested"
+        )
     if max_size is not None:
         images = images[:max_size]
         labels = None if labels is None else labels[:max_size]
     label_tensor = None
     if use_labels:
         if labels is None:
-            raise ValueError(f"use_labels (--cond) was requested but data set {spec} has no labels "
-                             "(dataset.json / 'labels' array)")
+            raise ValueError(
+                f"use_labels (--cond) was requested but data set {spec} has no labels (dataset.json / 'labels' array)"
+            )
         label_tensor = _one_hot(np.asarray(labels), spec)
     name = "digits" if spec == "digits" else os.path.splitext(os.path.basename(spec.rstrip("/\\")))[0]
     return ImageDataset(images, label_tensor, name=name, xflip=bool(xflip), source=spec)
@@ -414,6 +446,7 @@ def dataset_to_uint8(dataset: ImageDataset, max_images: Optional[int] = None) ->
 # ----------------------------------------------------------------------------------------
 # Order of samples
 
+
 class GlobalBatchSampler:
     """Infinite, distributed-aware order of data-set items.
 
@@ -436,7 +469,7 @@ class GlobalBatchSampler:
         if epoch not in self._perms:
             if len(self._perms) >= 4:
                 self._perms.pop(min(self._perms))
-            if self.shuffle:       # drawn on the CPU (same order on every device), then moved once
+            if self.shuffle:  # drawn on the CPU (same order on every device), then moved once
                 gen = torch.Generator().manual_seed((self.seed * 1_000_003 + epoch) % (2**63))
                 perm = torch.randperm(self.size, generator=gen)
             else:
@@ -454,7 +487,7 @@ class GlobalBatchSampler:
         while pos < end:
             epoch, offset = divmod(pos, self.size)
             take = min(end - pos, self.size - offset)
-            pieces.append(self._perm(epoch)[offset:offset + take])
+            pieces.append(self._perm(epoch)[offset : offset + take])
             pos += take
         if not pieces:
             return torch.empty(0, dtype=torch.int64, device=self.device)

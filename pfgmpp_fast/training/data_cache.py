@@ -23,6 +23,7 @@ that waited raise its error (recorded next to the cache) instead of decoding aga
 collective is involved, so it works the same for one process, a process group, or any subset
 of its ranks.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -41,14 +42,24 @@ import torch
 
 from pfgmpp_fast.utils.io_utils import atomic_write, atomic_write_text
 
-__all__ = ["Decoder", "CachedData", "CACHE_VERSION", "CACHE_SUFFIX", "CACHE_ENV", "source_fingerprint",
-           "default_cache_dir", "cache_file", "decode_to_array", "load_cached"]
+__all__ = [
+    "Decoder",
+    "CachedData",
+    "CACHE_VERSION",
+    "CACHE_SUFFIX",
+    "CACHE_ENV",
+    "source_fingerprint",
+    "default_cache_dir",
+    "cache_file",
+    "decode_to_array",
+    "load_cached",
+]
 
-CACHE_VERSION = 1           # bump when the decoded arrays of a source change
+CACHE_VERSION = 1  # bump when the decoded arrays of a source change
 CACHE_SUFFIX = ".pfgmpp-cache"
 CACHE_ENV = "PFGMPP_FAST_CACHE"
 _MAGIC = b"PFGMPPDC"
-_HEADER_BYTES = 4096        # the JSON header is padded to this; the images start page-aligned
+_HEADER_BYTES = 4096  # the JSON header is padded to this; the images start page-aligned
 _DTYPES = {"uint8": np.uint8, "float32": np.float32}
 
 
@@ -77,12 +88,14 @@ class CachedData:
 # ----------------------------------------------------------------------------------------
 # Decoding: one pass over the chunks, checked, into any writer
 
+
 def _checked_chunks(decoder: Decoder, spec: str, progress: bool = False):
     """The decoder's chunks, all of one shape and dtype (ValueError naming the first file that differs)."""
     first, seen = None, 0
     chunks = decoder.chunks()
     if progress:
         from tqdm import tqdm
+
         bar = tqdm(total=decoder.count, desc=f"decoding {os.path.basename(spec)}", unit="img", file=sys.stderr)
     try:
         for name, chunk in chunks:
@@ -91,9 +104,11 @@ def _checked_chunks(decoder: Decoder, spec: str, progress: bool = False):
             if first is None:
                 first = (name, chunk.shape[1:], chunk.dtype)
             elif (chunk.shape[1:], chunk.dtype) != first[1:]:
-                raise ValueError(f"images in {spec} differ: {name} is {_describe(chunk.shape[1:], chunk.dtype)}, "
-                                 f"{first[0]} is {_describe(*first[1:])} (give images of one size and mode, "
-                                 "or build the data set with `python -m pfgmpp_fast dataset --resolution WxH`)")
+                raise ValueError(
+                    f"images in {spec} differ: {name} is {_describe(chunk.shape[1:], chunk.dtype)}, "
+                    f"{first[0]} is {_describe(*first[1:])} (give images of one size and mode, "
+                    "or build the data set with `python -m pfgmpp_fast dataset --resolution WxH`)"
+                )
             seen += chunk.shape[0]
             if seen > decoder.count:
                 break
@@ -118,13 +133,14 @@ def decode_to_array(decoder: Decoder, spec: str) -> np.ndarray:
     for chunk in _checked_chunks(decoder, spec):
         if out is None:
             out = np.empty((decoder.count, *chunk.shape[1:]), dtype=chunk.dtype)
-        out[pos:pos + chunk.shape[0]] = chunk
+        out[pos : pos + chunk.shape[0]] = chunk
         pos += chunk.shape[0]
     return out
 
 
 # ----------------------------------------------------------------------------------------
 # Keys and file names
+
 
 def source_fingerprint(spec: str) -> dict:
     """Size, modification time and content digest of a file or folder (the module docstring)."""
@@ -161,17 +177,17 @@ def _zip_central_directory(path: str) -> Optional[bytes]:
     (the caller then lists the members with zipfile)."""
     with open(path, "rb") as f:
         size = f.seek(0, os.SEEK_END)
-        f.seek(max(0, size - (22 + 65535 + 20)))           # end record, its comment, zip64 locator
+        f.seek(max(0, size - (22 + 65535 + 20)))  # end record, its comment, zip64 locator
         tail = f.read()
         end = tail.rfind(b"PK\x05\x06")
         if end < 0 or len(tail) < end + 22:
             return None
-        entries, cd_size, cd_offset = struct.unpack("<HII", tail[end + 10:end + 20])
-        if 0xFFFFFFFF in (cd_size, cd_offset) or entries == 0xFFFF:     # zip64: the locator precedes the end record
+        entries, cd_size, cd_offset = struct.unpack("<HII", tail[end + 10 : end + 20])
+        if 0xFFFFFFFF in (cd_size, cd_offset) or entries == 0xFFFF:  # zip64: the locator precedes the end record
             locator = tail.rfind(b"PK\x06\x07", 0, end)
             if locator < 0:
                 return None
-            f.seek(struct.unpack("<Q", tail[locator + 8:locator + 16])[0])
+            f.seek(struct.unpack("<Q", tail[locator + 8 : locator + 16])[0])
             record = f.read(56)
             if record[:4] != b"PK\x06\x06":
                 return None
@@ -215,6 +231,7 @@ def cache_file(spec: str, key: str, cache_dir: Optional[str] = None) -> str:
 # ----------------------------------------------------------------------------------------
 # The cache file: header (magic, length, JSON; padded), images, labels
 
+
 def _write_cache(path: str, spec: str, key: str, decoder: Decoder, progress: bool) -> None:
     def write(f):
         f.write(b"\0" * _HEADER_BYTES)
@@ -225,13 +242,21 @@ def _write_cache(path: str, spec: str, key: str, decoder: Decoder, progress: boo
         labels = None if decoder.labels is None else np.asarray(decoder.labels, dtype="<i8")
         if labels is not None:
             f.write(labels.tobytes())
-        header = json.dumps({"version": CACHE_VERSION, "key": key, "source": os.path.abspath(spec),
-                             "shape": [decoder.count, *shape], "dtype": np.dtype(dtype).name,
-                             "labels": labels is not None}).encode()
+        header = json.dumps(
+            {
+                "version": CACHE_VERSION,
+                "key": key,
+                "source": os.path.abspath(spec),
+                "shape": [decoder.count, *shape],
+                "dtype": np.dtype(dtype).name,
+                "labels": labels is not None,
+            }
+        ).encode()
         if len(header) + 16 > _HEADER_BYTES:
             raise ValueError(f"data cache header too long for {spec}")
         f.seek(0)
         f.write(_MAGIC + struct.pack("<Q", len(header)) + header)
+
     atomic_write(path, write)
 
 
@@ -242,7 +267,7 @@ def _read_header(path: str) -> Optional[dict]:
         if len(head) < 16 or head[:8] != _MAGIC:
             return None
         (length,) = struct.unpack("<Q", head[8:16])
-        return json.loads(head[16:16 + length])
+        return json.loads(head[16 : 16 + length])
     except (OSError, ValueError, struct.error):
         return None
 
@@ -250,8 +275,12 @@ def _read_header(path: str) -> Optional[dict]:
 def _open_cache(path: str, key: str) -> Optional[tuple]:
     """(images memory-mapped, labels) of a complete cache with key ``key``; None otherwise."""
     header = _read_header(path)
-    if not header or header.get("version") != CACHE_VERSION or header.get("key") != key \
-            or header.get("dtype") not in _DTYPES:
+    if (
+        not header
+        or header.get("version") != CACHE_VERSION
+        or header.get("key") != key
+        or header.get("dtype") not in _DTYPES
+    ):
         return None
     shape, dtype = tuple(header["shape"]), _DTYPES[header["dtype"]]
     image_bytes = int(np.prod(shape)) * np.dtype(dtype).itemsize
@@ -273,6 +302,7 @@ def _build_lock(path: str):
     process held it first (we waited). Where the file system has no flock (e.g. Lustre
     mounted without it) nothing is locked: the atomic rename still keeps readers safe."""
     import fcntl
+
     lock = os.path.join(os.path.dirname(path), "." + os.path.basename(path) + ".lock")
     fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o666)
     try:
@@ -322,8 +352,11 @@ def _build(path: str, spec: str, key: str, decode: Callable[[], Decoder]) -> Cac
     opened = _open_cache(path, key)
     if opened is None:
         raise RuntimeError(f"the data cache {path} was written but cannot be read back")
-    print(f"data cache: decoded {decoder.count} images of {spec} into {path} in "
-          f"{time.monotonic() - start:.1f} s", file=sys.stderr, flush=True)
+    print(
+        f"data cache: decoded {decoder.count} images of {spec} into {path} in {time.monotonic() - start:.1f} s",
+        file=sys.stderr,
+        flush=True,
+    )
     return CachedData(*opened, path, built=True)
 
 
@@ -342,7 +375,7 @@ def load_cached(spec: str, decode: Callable[[], Decoder], cache_dir: Optional[st
         return CachedData(*opened, path, built=False)
     os.makedirs(os.path.dirname(path), exist_ok=True)
     with _build_lock(path) as waited:
-        opened = _open_cache(path, key)          # another process built it while we waited
+        opened = _open_cache(path, key)  # another process built it while we waited
         if opened is not None:
             return CachedData(*opened, path, built=False)
         if waited:

@@ -19,6 +19,7 @@ Images are decoded as the training loader decodes them (data.decode_image): grey
 stored, other modes (palette, RGBA, …) converted to RGB — where the published tool keeps a
 palette image's indices and stops at an alpha channel.
 """
+
 from __future__ import annotations
 
 import json
@@ -48,6 +49,7 @@ class Source:
 
 def _image_extensions() -> set:
     from PIL import Image
+
     return {ext.lower() for ext in Image.registered_extensions()}
 
 
@@ -61,8 +63,9 @@ def _labels_table(text: bytes, where: str) -> dict:
         table = json.loads(text)["labels"]
         return {} if table is None else {str(name): label for name, label in table}
     except (ValueError, KeyError, TypeError) as exc:
-        raise ValueError(f"{where} is not a dataset.json of the published format "
-                         f'({{"labels": [[file name, label], ...]}}): {exc}') from None
+        raise ValueError(
+            f"{where} is not a dataset.json of the published format ({{\"labels\": [[file name, label], ...]}}): {exc}"
+        ) from None
 
 
 def _folder(path: str, limit: Optional[int]) -> Source:
@@ -74,7 +77,7 @@ def _folder(path: str, limit: Optional[int]) -> Source:
     if os.path.isfile(meta):
         with open(meta, "rb") as f:
             labels = _labels_table(f.read(), meta)
-    if not labels:                          # class folders: the top-level folder of each file
+    if not labels:  # class folders: the top-level folder of each file
         tops = [n.split("/", 1)[0] if "/" in n else "" for n in names]
         classes = {top: i for i, top in enumerate(sorted(set(tops)))}
         if len(classes) > 1:
@@ -88,6 +91,7 @@ def _folder(path: str, limit: Optional[int]) -> Source:
             except OSError as exc:
                 raise ValueError(f"cannot read {file}: {exc}") from None
             yield str(file), decode_image(data, str(file)), labels.get(name)
+
     return Source(count, items())
 
 
@@ -95,7 +99,9 @@ def _zip(path: str, limit: Optional[int]) -> Source:
     try:
         with zipfile.ZipFile(path) as zf:
             all_names = zf.namelist()
-            labels = _labels_table(zf.read("dataset.json"), f"{path}:dataset.json") if "dataset.json" in all_names else {}
+            labels = (
+                _labels_table(zf.read("dataset.json"), f"{path}:dataset.json") if "dataset.json" in all_names else {}
+            )
     except (zipfile.BadZipFile, OSError) as exc:
         raise ValueError(f"{path} is not a readable zip file: {exc}") from None
     extensions = _image_extensions()
@@ -107,9 +113,10 @@ def _zip(path: str, limit: Optional[int]) -> Source:
             for name in names[:count]:
                 try:
                     data = zf.read(name)
-                except (zipfile.BadZipFile, OSError, EOFError) as exc:   # e.g. a CRC error
+                except (zipfile.BadZipFile, OSError, EOFError) as exc:  # e.g. a CRC error
                     raise ValueError(f"cannot read {path}:{name}: {exc}") from None
                 yield f"{path}:{name}", decode_image(data, f"{path}:{name}"), labels.get(name)
+
     return Source(count, items())
 
 
@@ -122,8 +129,11 @@ def _cifar_batch(tar: tarfile.TarFile, path: str, member: str):
         raise ValueError(f"{path} is not the CIFAR-10 python archive: it has no {_CIFAR_DIR}/{member}") from None
     except (tarfile.TarError, OSError, EOFError) as exc:
         raise ValueError(f"cannot read {name}: {exc}") from None
-    batch = {(k.decode("latin1") if isinstance(k, bytes) else k): v for k, v in batch.items()} \
-        if isinstance(batch, dict) else {}
+    batch = (
+        {(k.decode("latin1") if isinstance(k, bytes) else k): v for k, v in batch.items()}
+        if isinstance(batch, dict)
+        else {}
+    )
     data, labels = batch.get("data"), batch.get("labels")
     if not isinstance(data, np.ndarray) or data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3 * 32 * 32:
         raise ValueError(f"{name}: 'data' must be a uint8 array [N, 3072] (CIFAR-10's 32x32 RGB rows)")
@@ -150,8 +160,9 @@ def _array_source(images: np.ndarray, labels, name: str, limit: Optional[int]) -
         images = images[..., 0]
     count = len(images) if limit is None else min(len(images), limit)
     labels = None if labels is None else np.asarray(labels)
-    return Source(count, ((f"{name}[{i}]", images[i], None if labels is None else int(labels[i]))
-                          for i in range(count)))
+    return Source(
+        count, ((f"{name}[{i}]", images[i], None if labels is None else int(labels[i])) for i in range(count))
+    )
 
 
 def _arrays(path: str, limit: Optional[int]) -> Source:

@@ -15,6 +15,7 @@ Every output image must be square, grey or RGB, with a power-of-two size, and al
 otherwise the error names the source file. The output is written to a temporary file or
 folder and renamed into place when complete.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -41,6 +42,7 @@ TRANSFORMS = ("center-crop", "center-crop-wide")
 
 def _resize(image: np.ndarray, size: tuple) -> np.ndarray:
     from PIL import Image
+
     return np.asarray(Image.fromarray(image).resize(size, Image.Resampling.LANCZOS))
 
 
@@ -58,15 +60,15 @@ def transform_image(image: np.ndarray, transform: Optional[str], size: Optional[
     if transform == "center-crop":
         side = min(height, width)
         top, left = (height - side) // 2, (width - side) // 2
-        return _resize(_rgb(image[top:top + side, left:left + side]), (out_w, out_h))
+        return _resize(_rgb(image[top : top + side, left : left + side]), (out_w, out_h))
     if transform == "center-crop-wide":
         rows = int(np.round(out_w * height / width))
         if width < out_w or rows < out_h:
             return None
         top = (height - rows) // 2
-        strip = _resize(_rgb(image[top:top + rows]), (out_w, out_h))
+        strip = _resize(_rgb(image[top : top + rows]), (out_w, out_h))
         canvas = np.zeros((out_w, out_w, 3), dtype=np.uint8)
-        canvas[(out_w - out_h) // 2:(out_w - out_h) // 2 + out_h] = strip
+        canvas[(out_w - out_h) // 2 : (out_w - out_h) // 2 + out_h] = strip
         return canvas
     raise ValueError(f"transform must be one of {TRANSFORMS} or None, got {transform!r}")
 
@@ -79,6 +81,7 @@ def archive_name(index: int) -> str:
 
 def _png(image: np.ndarray) -> bytes:
     from PIL import Image
+
     buffer = io.BytesIO()
     Image.fromarray(image).save(buffer, format="png", compress_level=0, optimize=False)
     return buffer.getvalue()
@@ -90,21 +93,27 @@ def _check_like_first(image: np.ndarray, name: str, first: Optional[tuple]) -> t
     if first is None:
         width, height, channels = attrs
         if width != height or channels not in (1, 3) or width & (width - 1):
-            raise ValueError(f"{name}: the images must be square, grey or RGB, with a power-of-two size; this one is "
-                             f"{width}x{height} with {channels} channels (use --resolution WxH and --transform)")
+            raise ValueError(
+                f"{name}: the images must be square, grey or RGB, with a power-of-two size; this one is "
+                f"{width}x{height} with {channels} channels (use --resolution WxH and --transform)"
+            )
         return attrs
     if attrs != first[0]:
-        raise ValueError(f"{name} is {attrs[0]}x{attrs[1]} with {attrs[2]} channels, but {first[1]} (the first image) "
-                         f"is {first[0][0]}x{first[0][1]} with {first[0][2]} channels: every image must be alike "
-                         "(give --resolution WxH to resize every image; --transform center-crop makes them RGB)")
+        raise ValueError(
+            f"{name} is {attrs[0]}x{attrs[1]} with {attrs[2]} channels, but {first[1]} (the first image) "
+            f"is {first[0][0]}x{first[0][1]} with {first[0][2]} channels: every image must be alike "
+            "(give --resolution WxH to resize every image; --transform center-crop makes them RGB)"
+        )
     return attrs
 
 
 def _write_images(source, transform, size, put: Callable[[str, bytes], None], progress: bool) -> int:
     from tqdm import tqdm
+
     first, labels, written = None, [], 0
-    items = tqdm(source.items, total=source.count, desc="images", unit="img", file=sys.stderr,
-                 disable=None if progress else True)
+    items = tqdm(
+        source.items, total=source.count, desc="images", unit="img", file=sys.stderr, disable=None if progress else True
+    )
     for index, (name, image, label) in enumerate(items):
         image = transform_image(image, transform, size)
         if image is None:
@@ -115,8 +124,10 @@ def _write_images(source, transform, size, put: Callable[[str, bytes], None], pr
         labels.append(None if label is None else [archive_name(index), label])
         written += 1
     if not written:
-        raise ValueError("no image was written (every source image was skipped by --transform center-crop-wide, "
-                         "or the source holds no images)")
+        raise ValueError(
+            "no image was written (every source image was skipped by --transform center-crop-wide, "
+            "or the source holds no images)"
+        )
     put("dataset.json", json.dumps({"labels": labels if all(x is not None for x in labels) else None}).encode())
     return written
 
@@ -127,6 +138,7 @@ def _write_zip(dest: str, write_images: Callable) -> int:
     def write(f):
         with zipfile.ZipFile(f, mode="w", compression=zipfile.ZIP_STORED) as zf:
             count.append(write_images(zf.writestr))
+
     atomic_write(dest, write)
     return count[0]
 
@@ -140,10 +152,11 @@ def _write_folder(dest: str, write_images: Callable) -> int:
         os.makedirs(os.path.dirname(os.path.join(tmp, name)), exist_ok=True)
         with open(os.path.join(tmp, name), "wb") as f:
             f.write(data)
+
     try:
         count = write_images(put)
         if os.path.isdir(dest):
-            os.rmdir(dest)                  # empty (checked before)
+            os.rmdir(dest)  # empty (checked before)
         os.rename(tmp, dest)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -151,8 +164,14 @@ def _write_folder(dest: str, write_images: Callable) -> int:
     return count
 
 
-def build_dataset(source: str, dest: str, transform: Optional[str] = None, resolution: Optional[tuple] = None,
-                  max_images: Optional[int] = None, progress: bool = False) -> int:
+def build_dataset(
+    source: str,
+    dest: str,
+    transform: Optional[str] = None,
+    resolution: Optional[tuple] = None,
+    max_images: Optional[int] = None,
+    progress: bool = False,
+) -> int:
     """Write the data set of ``source`` to ``dest`` (a .zip, or a folder that does not exist or
     is empty) in the published format; returns the number of images written."""
     if transform is not None and resolution is None:
@@ -169,6 +188,7 @@ def build_dataset(source: str, dest: str, transform: Optional[str] = None, resol
 # ----------------------------------------------------------------------------------------
 # Command line
 
+
 def _resolution(text: str) -> tuple:
     match = re.fullmatch(r"(\d+)[x,](\d+)", text.strip())
     if not match or int(match.group(1)) < 1 or int(match.group(2)) < 1:
@@ -182,8 +202,9 @@ _resolution.__name__ = "WxH"
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--source", required=True, metavar="PATH", help=f"input: {SOURCE_KINDS}")
     p.add_argument("--dest", required=True, metavar="PATH", help="output .zip (or folder) in the published format")
-    p.add_argument("--max-images", type=int_at_least(1), default=None, metavar="INT",
-                   help="read at most this many source images")
+    p.add_argument(
+        "--max-images", type=int_at_least(1), default=None, metavar="INT", help="read at most this many source images"
+    )
     p.add_argument("--transform", choices=TRANSFORMS, default=None, help="crop/resize mode (needs --resolution)")
     p.add_argument("--resolution", type=_resolution, default=None, metavar="WxH", help="output resolution, e.g. 32x32")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
@@ -196,15 +217,16 @@ def main(args) -> int:
     if args.transform is not None and args.resolution is None:
         raise UsageError("--transform", f"{args.transform} needs --resolution WxH")
     if args.transform == "center-crop-wide" and args.resolution[1] > args.resolution[0]:
-        raise UsageError("--resolution", f"center-crop-wide needs a height <= width, got "
-                                         f"{args.resolution[0]}x{args.resolution[1]}")
+        raise UsageError(
+            "--resolution", f"center-crop-wide needs a height <= width, got {args.resolution[0]}x{args.resolution[1]}"
+        )
     is_zip = args.dest.lower().endswith(".zip")
     check_output_path("--dest", args.dest, is_dir=not is_zip)
     if not is_zip and os.path.isdir(args.dest) and os.listdir(args.dest):
         raise UsageError("--dest", f"the folder {args.dest} is not empty")
     if args.source != "digits" and not os.path.exists(args.source):
         raise UsageError("--source", f"no such file or folder {args.source!r} (expected {SOURCE_KINDS})")
-    with blame("--source"):         # what the source holds: a corrupt or odd image names its file
+    with blame("--source"):  # what the source holds: a corrupt or odd image names its file
         count = build_dataset(args.source, args.dest, args.transform, args.resolution, args.max_images, args.progress)
     print(f"wrote {count} images to {args.dest}", file=sys.stderr)
     return 0

@@ -8,6 +8,7 @@ the reconstruction are the core module pfgmpp_fast/phema.py).
 Each update is one foreach lerp per average with β a Python float of the image counter, so
 updating never waits for the device.
 """
+
 from __future__ import annotations
 
 import abc
@@ -79,12 +80,11 @@ class PowerFunctionEMA(EMA):
     """The power-function EMAs of one run (one parameter copy per profile, β = (1 − Δt/t)^(γ+1)),
     state for resume, and snapshots every ``snap_kimg``."""
 
-    def __init__(self, stds: Sequence[float], params: List[torch.Tensor], template: torch.nn.Module,
-                 snap_kimg: float):
+    def __init__(self, stds: Sequence[float], params: List[torch.Tensor], template: torch.nn.Module, snap_kimg: float):
         self.stds = tuple(float(s) for s in stds)
         self.gammas = tuple(std_to_exp(s) for s in self.stds)
         self.emas = [[p.detach().clone() for p in params] for _ in self.stds]
-        self.template, self.snap_nimg = template, snap_kimg * 1000      # template: a module to save through
+        self.template, self.snap_nimg = template, snap_kimg * 1000  # template: a module to save through
 
     @torch.no_grad()
     def update(self, params: List[torch.Tensor], cur_nimg: int, batch_size: int) -> None:
@@ -101,8 +101,10 @@ class PowerFunctionEMA(EMA):
         saved = list(state["stds"]) if state else []
         missing = [s for s in self.stds if s not in saved]
         if missing:
-            raise ValueError(f"resume: {source} has no power-function EMA for --phema {missing} (it tracks "
-                             f"{saved or 'none'}); --phema must be given from the start of a run")
+            raise ValueError(
+                f"resume: {source} has no power-function EMA for --phema {missing} (it tracks "
+                f"{saved or 'none'}); --phema must be given from the start of a run"
+            )
         with torch.no_grad():
             for std, ema in zip(self.stds, self.emas):
                 stored = state["emas"][saved.index(std)]
@@ -126,6 +128,13 @@ class PowerFunctionEMA(EMA):
     def save(self, run_dir: str, cur_nimg: int, batch: int, extra: dict) -> None:
         """One snapshot per profile (atomic; rank 0 only)."""
         for (_, net), std, gamma in zip(self.networks(), self.stds, self.gammas):
-            meta = dict(extra, phema_std=std, phema_gamma=gamma, nimg=int(cur_nimg), kimg=cur_nimg / 1000,
-                        step=int(cur_nimg // batch), batch=int(batch))
+            meta = dict(
+                extra,
+                phema_std=std,
+                phema_gamma=gamma,
+                nimg=int(cur_nimg),
+                kimg=cur_nimg / 1000,
+                step=int(cur_nimg // batch),
+                batch=int(batch),
+            )
             save_network(os.path.join(run_dir, SUBDIR, snapshot_name(std, cur_nimg)), net, extra_metadata=meta)

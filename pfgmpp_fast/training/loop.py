@@ -16,6 +16,7 @@ What is different from the published EDM loop (and why it is fast and safe):
   Adam's ``found_inf``), is counted, and the run stops with an error once the count exceeds
   ``max_nonfinite``; a diverged network is never written as a snapshot.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -27,9 +28,8 @@ import torch
 from pfgmpp_fast import reference as R
 from pfgmpp_fast.checkpoint import load_network, save_network
 from pfgmpp_fast.training.augment import drop_labels
-from pfgmpp_fast.training.options import (PRECISIONS, RESUME_KEYS, TrainingError, TrainingOptions, jsonable,
-                                          option_diffs)
 from pfgmpp_fast.training.ema import HalfLifeEMA, PowerFunctionEMA
+from pfgmpp_fast.training.options import PRECISIONS, RESUME_KEYS, TrainingError, TrainingOptions, jsonable, option_diffs
 from pfgmpp_fast.training.report import TickReporter
 from pfgmpp_fast.training.schedule import BatchGeometry, LearningRateSchedule
 from pfgmpp_fast.utils import distributed, faults
@@ -61,8 +61,9 @@ class TrainingRun:
         self.geometry = BatchGeometry.resolve(o["batch"], o["batch_gpu"], self.world_size)
         self._build_data()
         self._build_network()
-        self.phema = (PowerFunctionEMA(o["phema"], self.params, self.ema.net, o["phema_snap_kimg"])
-                      if o["phema"] else None)
+        self.phema = (
+            PowerFunctionEMA(o["phema"], self.params, self.ema.net, o["phema_snap_kimg"]) if o["phema"] else None
+        )
         self.averages = [self.ema] + ([self.phema] if self.phema is not None else [])
         self._build_optimizer()
         self.lr_schedule = LearningRateSchedule(o["lr"], o["lr_rampup_kimg"])
@@ -88,24 +89,30 @@ class TrainingRun:
     def _build_data(self):
         """The data set (validated completely before anything else happens) and augmentation."""
         from pfgmpp_fast.training.data import GlobalBatchSampler, load_dataset
+
         o, dev = self.o, self.device
-        self.dataset = load_dataset(o["data"], resolution=o["resolution"], use_labels=o["cond"], xflip=o["xflip"],
-                                    max_size=o["max_size"])
+        self.dataset = load_dataset(
+            o["data"], resolution=o["resolution"], use_labels=o["cond"], xflip=o["xflip"], max_size=o["max_size"]
+        )
         if self.dataset.images.numel() * self.dataset.images.element_size() < (2 << 30):
             self.dataset = self.dataset.to(dev)
         self.sampler = GlobalBatchSampler(len(self.dataset), seed=o["seed"], device=self.dataset.images.device)
-        self.log(f"data: {o['data']} ({self.dataset.num_images} images, {self.dataset.channels}x"
-                 f"{self.dataset.resolution}x{self.dataset.resolution}, {self.dataset.label_dim} classes, "
-                 f"{len(self.dataset)} items with x-flips)")
+        self.log(
+            f"data: {o['data']} ({self.dataset.num_images} images, {self.dataset.channels}x"
+            f"{self.dataset.resolution}x{self.dataset.resolution}, {self.dataset.label_dim} classes, "
+            f"{len(self.dataset)} items with x-flips)"
+        )
 
         self.augment_pipe = None
         if o["augment"] > 0:
             from pfgmpp_fast.training.augment import AugmentPipe
+
             self.augment_pipe = AugmentPipe.edm_default(o["augment"])
 
     def _build_network(self):
         """The network (seeded, or transferred), its half-life EMA and the fast training view."""
         from pfgmpp_fast.networks import build_network, make_fast
+
         o, dev = self.o, self.device
         overrides = dict(dropout=o["dropout"])
         if self.augment_pipe is not None:
@@ -114,8 +121,14 @@ class TrainingRun:
         overrides.setdefault("sigma_data", o["sigma_data"])
 
         torch.manual_seed(o["seed"])
-        net = build_network(o["arch"], self.dataset.resolution, self.dataset.channels,
-                            label_dim=self.dataset.label_dim, D=o["D"], **overrides)
+        net = build_network(
+            o["arch"],
+            self.dataset.resolution,
+            self.dataset.channels,
+            label_dim=self.dataset.label_dim,
+            D=o["D"],
+            **overrides,
+        )
         if o["transfer"]:
             src = load_network(o["transfer"], device="cpu", trust_pickle=o["trust_pickle"])
             try:
@@ -128,11 +141,12 @@ class TrainingRun:
             self.net.to(memory_format=torch.channels_last)
         self.ema = HalfLifeEMA(self.net, o["ema_halflife_kimg"], o["ema_rampup_ratio"])
         self.params = [p for p in self.net.parameters()]
-        for p in self.params:      # grads exist from the start: a fixed list for foreach ops
+        for p in self.params:  # grads exist from the start: a fixed list for foreach ops
             p.grad = torch.zeros_like(p)
         if self.net_dtype is not None or self.compile or self.channels_last:
-            self.fast_net = make_fast(self.net, dtype=self.net_dtype, channels_last=self.channels_last,
-                                      compile=self.compile)
+            self.fast_net = make_fast(
+                self.net, dtype=self.net_dtype, channels_last=self.channels_last, compile=self.compile
+            )
         else:
             self.fast_net = self.net
 
@@ -162,7 +176,7 @@ class TrainingRun:
         self.nonfinite = torch.zeros((), dtype=torch.int64, device=dev)
         self.nonfinite_total = 0
         self.total_time_before = 0.0
-        torch.manual_seed(o["seed"] * 1009 + self.rank)     # dropout RNG per rank
+        torch.manual_seed(o["seed"] * 1009 + self.rank)  # dropout RNG per rank
 
     # -- state ------------------------------------------------------------------------------
     def state_dict(self) -> dict:
@@ -171,8 +185,10 @@ class TrainingRun:
             net={k: v.detach().cpu() for k, v in self.net.state_dict().items()},
             ema=self.ema.state_dict(),
             optimizer=_to_cpu(self.optimizer.state_dict()),
-            cur_nimg=int(self.cur_nimg), cur_tick=int(self.cur_tick),
-            nonfinite_total=int(self.nonfinite_total), total_time=float(self.total_time()),
+            cur_nimg=int(self.cur_nimg),
+            cur_tick=int(self.cur_tick),
+            nonfinite_total=int(self.nonfinite_total),
+            total_time=float(self.total_time()),
             rng_cpu_ranks=self._gather_rng("cpu"),
             options={k: jsonable(self.o[k]) for k in RESUME_KEYS},
             network_config=jsonable(self.net.config()),
@@ -209,7 +225,7 @@ class TrainingRun:
             raise ValueError(f"resume: {path} does not fit the network/optimizer of this run: {exc}") from None
         if self.phema is not None:
             self.phema.load_state_dict(state.get("phema"), path)
-        self.cur_nimg, self.cur_tick = int(state["cur_nimg"]), int(state["cur_tick"]) + 1   # the next tick
+        self.cur_nimg, self.cur_tick = int(state["cur_nimg"]), int(state["cur_tick"]) + 1  # the next tick
         self.nonfinite_total = int(state.get("nonfinite_total", 0))
         self.total_time_before = float(state.get("total_time", 0.0))
         cpu_states, cuda_states = state.get("rng_cpu_ranks") or [], state.get("rng_cuda_ranks") or []
@@ -217,8 +233,10 @@ class TrainingRun:
             torch.set_rng_state(cpu_states[self.rank])
         else:
             torch.manual_seed((self.o["seed"] * 1009 + self.rank + 7919 * self.cur_nimg) % 2**63)
-            self.log(f"resume: the state was written by {len(cpu_states)} rank(s), this run has "
-                     f"{self.world_size}: dropout masks are reseeded (weights continue exactly)")
+            self.log(
+                f"resume: the state was written by {len(cpu_states)} rank(s), this run has "
+                f"{self.world_size}: dropout masks are reseeded (weights continue exactly)"
+            )
         if self.device.type == "cuda" and len(cuda_states) == self.world_size:
             torch.cuda.set_rng_state(cuda_states[self.rank], self.device)
 
@@ -247,20 +265,21 @@ class TrainingRun:
         module = self.ddp if self.ddp is not None else self.loss_module
         for r in range(g.rounds):
             sync = self.ddp is None or r == g.rounds - 1
-            with (contextlib.nullcontext() if sync else self.ddp.no_sync()):
-                chunk = indices[r * g.batch_gpu:(r + 1) * g.batch_gpu]
+            with contextlib.nullcontext() if sync else self.ddp.no_sync():
+                chunk = indices[r * g.batch_gpu : (r + 1) * g.batch_gpu]
                 y, labels = self.dataset.get_batch(chunk, device=dev)
-                ids = torch.arange(first_id + r * g.batch_gpu, first_id + (r + 1) * g.batch_gpu,
-                                   dtype=torch.int64, device=dev)
+                ids = torch.arange(
+                    first_id + r * g.batch_gpu, first_id + (r + 1) * g.batch_gpu, dtype=torch.int64, device=dev
+                )
                 if o["label_dropout"] > 0:
                     labels = drop_labels(labels, o["seed"], ids, o["label_dropout"])
                 augment_labels = None
                 if self.augment_pipe is not None:
                     y, augment_labels = self.augment_pipe(y, o["seed"], ids, backend=_aug_backend(o["backend"]))
-                loss = module(y, ids, labels, augment_labels)          # mean over the chunk
+                loss = module(y, ids, labels, augment_labels)  # mean over the chunk
                 (loss * (o["loss_scaling"] * g.batch_gpu / g.per_rank)).backward()
                 step_loss += loss.detach().float() * g.batch_gpu
-                if faults.should_kill("AT_STEP", str(step_index), exact=True):   # kill-and-resume tests
+                if faults.should_kill("AT_STEP", str(step_index), exact=True):  # kill-and-resume tests
                     faults.kill()
         return step_loss
 
@@ -284,7 +303,7 @@ class TrainingRun:
         if self.fused:
             self.optimizer.found_inf = self.found_inf
             self.optimizer.step()
-        else:                       # no found_inf support: one host sync, only on this path
+        else:  # no found_inf support: one host sync, only on this path
             if not bool(self.found_inf):
                 self.optimizer.step()
         return global_loss
@@ -294,7 +313,7 @@ class TrainingRun:
         self.nonfinite += self.found_inf.to(torch.int64)
         finite = self.found_inf == 0
         per_image = torch.where(finite, global_loss / self.o["batch"], torch.zeros_like(global_loss))
-        self.loss_moments += torch.stack([finite.double(), per_image, per_image.square()])   # finite steps only
+        self.loss_moments += torch.stack([finite.double(), per_image, per_image.square()])  # finite steps only
 
     # -- the loop ---------------------------------------------------------------------------
     def train(self):
@@ -312,18 +331,24 @@ class TrainingRun:
                 self.step()
                 reporter.advance(o["batch"])
                 done = self.cur_nimg >= total_nimg
-                if (not done and self.cur_tick != 0
-                        and self.cur_nimg < tick_start_nimg + o["tick_kimg"] * 1000):
+                if not done and self.cur_tick != 0 and self.cur_nimg < tick_start_nimg + o["tick_kimg"] * 1000:
                     continue
 
             # ---- end of a tick: the one host sync of the tick --------------------------
             loss_moments, nonfinite, last_step_bad, weights_bad = self._reduce_tick()
             tick_sec = time.time() - tick_start_time
             self.nonfinite_total += nonfinite
-            reporter.report(tick=self.cur_tick, cur_nimg=self.cur_nimg, loss_moments=loss_moments,
-                            pixels=self.dataset.channels * self.dataset.resolution ** 2,
-                            nonfinite_total=self.nonfinite_total, total_sec=self.total_time(), tick_sec=tick_sec,
-                            tick_imgs=self.cur_nimg - tick_start_nimg, maintenance_sec=maintenance)
+            reporter.report(
+                tick=self.cur_tick,
+                cur_nimg=self.cur_nimg,
+                loss_moments=loss_moments,
+                pixels=self.dataset.channels * self.dataset.resolution**2,
+                nonfinite_total=self.nonfinite_total,
+                total_sec=self.total_time(),
+                tick_sec=tick_sec,
+                tick_imgs=self.cur_nimg - tick_start_nimg,
+                maintenance_sec=maintenance,
+            )
             self._stop_if_diverged(done, last_step_bad, weights_bad)
 
             # ---- snapshots and training state ------------------------------------------
@@ -344,11 +369,18 @@ class TrainingRun:
         snap_due = o["snap_ticks"] is not None and (done or self.cur_tick % o["snap_ticks"] == 0)
         # every rank probes (identical EMA weights), so all of them stop together on divergence
         if snap_due and not last_step_bad and self._ema_is_sane(done) and self.rank0:
-            save_network(os.path.join(o["run_dir"], f"network-snapshot-{kimg_tag}.safetensors"), self.ema.net,
-                         extra_metadata={"kimg": self.cur_nimg / 1000, "seed": o["seed"], "D": jsonable(o["D"])})
+            save_network(
+                os.path.join(o["run_dir"], f"network-snapshot-{kimg_tag}.safetensors"),
+                self.ema.net,
+                extra_metadata={"kimg": self.cur_nimg / 1000, "seed": o["seed"], "D": jsonable(o["D"])},
+            )
         if self.phema is not None and self.rank0 and self.phema.due(tick_start_nimg, self.cur_nimg, done):
-            self.phema.save(o["run_dir"], self.cur_nimg, o["batch"], {"seed": o["seed"], "D": jsonable(o["D"]),
-                            "run": {k: jsonable(o[k]) for k in RESUME_KEYS}})
+            self.phema.save(
+                o["run_dir"],
+                self.cur_nimg,
+                o["batch"],
+                {"seed": o["seed"], "D": jsonable(o["D"]), "run": {k: jsonable(o[k]) for k in RESUME_KEYS}},
+            )
         if o["dump_ticks"] is not None and (done or (self.cur_tick % o["dump_ticks"] == 0 and self.cur_tick != 0)):
             state = self.state_dict()
             if self.rank0:
@@ -359,19 +391,23 @@ class TrainingRun:
         """TrainingError when the weights are non-finite, the non-finite budget is spent, or the
         run ends on a non-finite step; a tick that ends on one gets no snapshot (logged)."""
         if weights_bad:
-            raise TrainingError(f"the network weights became non-finite (NaN/Inf) by kimg {self.cur_nimg / 1000:.3f}: "
-                                "stopping without writing them. Lower the learning rate or check the data.")
+            raise TrainingError(
+                f"the network weights became non-finite (NaN/Inf) by kimg {self.cur_nimg / 1000:.3f}: "
+                "stopping without writing them. Lower the learning rate or check the data."
+            )
         if self.nonfinite_total > self.o["max_nonfinite"]:
             raise TrainingError(
                 f"{self.nonfinite_total} training steps had a non-finite loss (NaN/Inf), more than "
                 f"max_nonfinite={self.o['max_nonfinite']}: stopping at kimg {self.cur_nimg / 1000:.3f}. Their updates "
-                "were skipped. Lower the learning rate, use --precision fp32/bf16, or check the data.")
-        if last_step_bad:       # the network diverged by the end of this tick: no snapshot of it
+                "were skipped. Lower the learning rate, use --precision fp32/bf16, or check the data."
+            )
+        if last_step_bad:  # the network diverged by the end of this tick: no snapshot of it
             if done:
                 raise TrainingError(
                     f"the run ended with a non-finite loss (NaN/Inf) at kimg {self.cur_nimg / 1000:.3f} "
                     f"({self.nonfinite_total} non-finite steps in all); no final snapshot was written. "
-                    "Lower the learning rate, use --precision fp32/bf16, or check the data.")
+                    "Lower the learning rate, use --precision fp32/bf16, or check the data."
+                )
             self.log(f"tick {self.cur_tick}: the last step had a non-finite loss; no network snapshot this tick")
 
     @torch.no_grad()
@@ -385,8 +421,10 @@ class TrainingRun:
         error = (self.ema.net(y, sigma, labels, augment_labels=aug).float() - y).square().mean()
         if bool(torch.isfinite(error)):
             return True
-        message = (f"the network diverged at kimg {self.cur_nimg / 1000:.3f} (its denoising error is not finite): "
-                   "no snapshot written")
+        message = (
+            f"the network diverged at kimg {self.cur_nimg / 1000:.3f} (its denoising error is not finite): "
+            "no snapshot written"
+        )
         if done:
             raise TrainingError(message + ". Lower the learning rate or check the data.")
         self.log(f"tick {self.cur_tick}: {message}")
@@ -399,8 +437,9 @@ class TrainingRun:
         weights_bad = torch.stack([~torch.isfinite(p).all() for p in self.params + self.ema.params]).any().double()
         if distributed.is_enabled():
             torch.distributed.all_reduce(weights_bad)
-        packed = torch.cat([self.loss_moments, torch.stack([self.nonfinite.double(), self.found_inf.double(),
-                                                            weights_bad])])
+        packed = torch.cat(
+            [self.loss_moments, torch.stack([self.nonfinite.double(), self.found_inf.double(), weights_bad])]
+        )
         *moments, nonfinite, last_bad, weights_bad = packed.tolist()
         self.loss_moments.zero_()
         self.nonfinite.zero_()
@@ -418,13 +457,36 @@ class _LossModule(torch.nn.Module):
     def forward(self, y, sample_ids, labels, augment_labels):
         o = self.o
         if o["backend"] == "reference":
-            return R.training_loss(self.net, y, o["D"], o["seed"], sample_ids, o["P_mean"], o["P_std"],
-                                   o["sigma_data"], labels=labels, augment_labels=augment_labels)
+            return R.training_loss(
+                self.net,
+                y,
+                o["D"],
+                o["seed"],
+                sample_ids,
+                o["P_mean"],
+                o["P_std"],
+                o["sigma_data"],
+                labels=labels,
+                augment_labels=augment_labels,
+            )
         from pfgmpp_fast.loss import training_loss
-        return training_loss(self.net, y, o["D"], o["seed"], sample_ids, o["P_mean"], o["P_std"], o["sigma_data"],
-                             labels=labels, augment_labels=augment_labels, backend=o["backend"],
-                             net_dtype=self.net_dtype, channels_last=self.channels_last,
-                             check_finite=False)   # non-finite steps are counted on the device (step)
+
+        return training_loss(
+            self.net,
+            y,
+            o["D"],
+            o["seed"],
+            sample_ids,
+            o["P_mean"],
+            o["P_std"],
+            o["sigma_data"],
+            labels=labels,
+            augment_labels=augment_labels,
+            backend=o["backend"],
+            net_dtype=self.net_dtype,
+            channels_last=self.channels_last,
+            check_finite=False,
+        )  # non-finite steps are counted on the device (step)
 
 
 def _aug_backend(backend):

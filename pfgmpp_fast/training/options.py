@@ -2,6 +2,7 @@
 their validation (every error names the option, the value and the allowed range). The `train`
 command (train.py) parses them from the command line; the loop (loop.py) runs them.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -15,58 +16,68 @@ import torch
 from pfgmpp_fast import checks
 from pfgmpp_fast.utils.cli_errors import InvalidArgument, InvalidType, InvalidValue, MissingFile
 
-__all__ = ["TrainingOptions", "DEFAULTS", "ARCHES", "PRECISIONS", "RESUME_KEYS", "TrainingError",
-           "resolve_options", "jsonable", "option_diffs"]
+__all__ = [
+    "TrainingOptions",
+    "DEFAULTS",
+    "ARCHES",
+    "PRECISIONS",
+    "RESUME_KEYS",
+    "TrainingError",
+    "resolve_options",
+    "jsonable",
+    "option_diffs",
+]
 
 
 @dataclasses.dataclass(frozen=True)
 class TrainingOptions:
     """Everything a run is configured by (EDM's train.py options, named as there where possible)."""
-    run_dir: str = "runs/train"           # the run directory (EDM: --outdir); created if missing
-    data: str = "digits"                  # 'digits' | folder | .zip | .npy | .npz
-    cond: bool = False                    # class-conditional (needs labels)
-    arch: str = "ddpmpp"                  # ddpmpp | ncsnpp | adm
-    D: float = math.inf                   # augmented dimension (PFGM++); inf = EDM, the published train.py's default
-    resolution: Optional[int] = None      # expected data resolution (checked); default: the data's
-    batch: int = 512                      # global batch size
-    batch_gpu: Optional[int] = None       # per-rank chunk (gradient accumulation); default batch / ranks
-    lr: float = 10e-4                     # Adam learning rate after the ramp-up
-    lr_rampup_kimg: Optional[float] = 10000.0   # linear lr ramp-up length (kimg)
-    ema_halflife_kimg: float = 500.0      # EMA half-life (EDM --ema 0.5 Mimg)
-    ema_rampup_ratio: Optional[float] = 0.05    # EMA half-life ramp-up: at most this fraction of the images so far
-    phema: Optional[tuple] = None         # power-function EMA lengths to track for post-hoc EMA (training/phema.py)
-    phema_snap_kimg: float = 5000.0       # kimg between power-function EMA snapshots
-    dropout: float = 0.13                 # dropout probability of the network
-    augment: float = 0.12                 # augmentation probability (0 = off; the network then has no augment input)
-    label_dropout: float = 0.0            # probability that a sample's label becomes "no label" (zeros), for
-                                          # classifier-free guidance; needs cond
-    xflip: bool = False                   # dataset x-flips (doubles the data set)
-    duration_mimg: float = 200.0          # training length (Mimg)
-    tick_kimg: float = 50.0               # images per tick (one host sync, one log line per tick)
-    snap_ticks: Optional[int] = 50        # ticks between network snapshots (None: never)
-    dump_ticks: Optional[int] = 500       # ticks between training states (None: never)
-    seed: int = 0                         # network init, data order, augmentation and noise
-    P_mean: float = -1.2                  # mean of ln σ in training
-    P_std: float = 1.2                    # standard deviation of ln σ in training
-    sigma_data: float = 0.5               # σ_d of the EDM preconditioning
-    loss_scaling: float = 1.0             # EDM --ls (gradients are unscaled before Adam; same up to Adam's eps)
-    network: dict = dataclasses.field(default_factory=dict)   # network overrides (model_channels, channel_mult, ...)
-    precision: str = "auto"               # auto (bf16 on CUDA, fp32 on the CPU) | bf16 | fp16 | fp32
-    compile: object = "auto"              # auto (on for CUDA) | True | False
-    channels_last: object = "auto"        # auto (on for CUDA) | True | False
-    backend: str = "auto"                 # kernel backend of the loss: auto | triton | cuda | cpu | reference
-    device: str = "auto"                  # auto | cpu | cuda | cuda:N
-    resume: Optional[str] = None          # None | 'auto' | path of a training-state-*.pt
-    transfer: Optional[str] = None        # network file to start from (ours, or a published pickle with trust_pickle)
-    trust_pickle: bool = False            # allow a published pickle for transfer (restricted unpickler)
-    max_nonfinite: int = 10               # stop once more steps than this had a non-finite loss
-    deterministic: bool = False           # torch.use_deterministic_algorithms
-    cudnn_benchmark: bool = True          # torch.backends.cudnn.benchmark on CUDA (EDM --bench; off when deterministic)
-    progress: object = "auto"             # progress bar: auto (a TTY) | True | False
-    max_size: Optional[int] = None        # use only the first max_size images
-    cache_dir: Optional[str] = None       # where the decoded data set is cached (data_cache.py); None: next to it
 
-    def __getitem__(self, name):          # o["batch"] reads like the published options dict
+    run_dir: str = "runs/train"  # the run directory (EDM: --outdir); created if missing
+    data: str = "digits"  # 'digits' | folder | .zip | .npy | .npz
+    cond: bool = False  # class-conditional (needs labels)
+    arch: str = "ddpmpp"  # ddpmpp | ncsnpp | adm
+    D: float = math.inf  # augmented dimension (PFGM++); inf = EDM, the published train.py's default
+    resolution: Optional[int] = None  # expected data resolution (checked); default: the data's
+    batch: int = 512  # global batch size
+    batch_gpu: Optional[int] = None  # per-rank chunk (gradient accumulation); default batch / ranks
+    lr: float = 10e-4  # Adam learning rate after the ramp-up
+    lr_rampup_kimg: Optional[float] = 10000.0  # linear lr ramp-up length (kimg)
+    ema_halflife_kimg: float = 500.0  # EMA half-life (EDM --ema 0.5 Mimg)
+    ema_rampup_ratio: Optional[float] = 0.05  # EMA half-life ramp-up: at most this fraction of the images so far
+    phema: Optional[tuple] = None  # power-function EMA lengths to track for post-hoc EMA (training/phema.py)
+    phema_snap_kimg: float = 5000.0  # kimg between power-function EMA snapshots
+    dropout: float = 0.13  # dropout probability of the network
+    augment: float = 0.12  # augmentation probability (0 = off; the network then has no augment input)
+    label_dropout: float = 0.0  # probability that a sample's label becomes "no label" (zeros), for
+    # classifier-free guidance; needs cond
+    xflip: bool = False  # dataset x-flips (doubles the data set)
+    duration_mimg: float = 200.0  # training length (Mimg)
+    tick_kimg: float = 50.0  # images per tick (one host sync, one log line per tick)
+    snap_ticks: Optional[int] = 50  # ticks between network snapshots (None: never)
+    dump_ticks: Optional[int] = 500  # ticks between training states (None: never)
+    seed: int = 0  # network init, data order, augmentation and noise
+    P_mean: float = -1.2  # mean of ln σ in training
+    P_std: float = 1.2  # standard deviation of ln σ in training
+    sigma_data: float = 0.5  # σ_d of the EDM preconditioning
+    loss_scaling: float = 1.0  # EDM --ls (gradients are unscaled before Adam; same up to Adam's eps)
+    network: dict = dataclasses.field(default_factory=dict)  # network overrides (model_channels, channel_mult, ...)
+    precision: str = "auto"  # auto (bf16 on CUDA, fp32 on the CPU) | bf16 | fp16 | fp32
+    compile: object = "auto"  # auto (on for CUDA) | True | False
+    channels_last: object = "auto"  # auto (on for CUDA) | True | False
+    backend: str = "auto"  # kernel backend of the loss: auto | triton | cuda | cpu | reference
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    resume: Optional[str] = None  # None | 'auto' | path of a training-state-*.pt
+    transfer: Optional[str] = None  # network file to start from (ours, or a published pickle with trust_pickle)
+    trust_pickle: bool = False  # allow a published pickle for transfer (restricted unpickler)
+    max_nonfinite: int = 10  # stop once more steps than this had a non-finite loss
+    deterministic: bool = False  # torch.use_deterministic_algorithms
+    cudnn_benchmark: bool = True  # torch.backends.cudnn.benchmark on CUDA (EDM --bench; off when deterministic)
+    progress: object = "auto"  # progress bar: auto (a TTY) | True | False
+    max_size: Optional[int] = None  # use only the first max_size images
+    cache_dir: Optional[str] = None  # where the decoded data set is cached (data_cache.py); None: next to it
+
+    def __getitem__(self, name):  # o["batch"] reads like the published options dict
         return getattr(self, name)
 
     def as_dict(self) -> dict:
@@ -77,9 +88,27 @@ DEFAULTS = TrainingOptions().as_dict()
 ARCHES = ("ddpmpp", "ncsnpp", "adm")
 PRECISIONS = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}
 # Options a resumed run must share with the run that wrote the state.
-RESUME_KEYS = ("data", "cond", "arch", "D", "batch", "seed", "P_mean", "P_std", "sigma_data", "augment",
-               "xflip", "network", "lr", "lr_rampup_kimg", "ema_halflife_kimg", "ema_rampup_ratio", "dropout",
-               "max_size", "label_dropout")
+RESUME_KEYS = (
+    "data",
+    "cond",
+    "arch",
+    "D",
+    "batch",
+    "seed",
+    "P_mean",
+    "P_std",
+    "sigma_data",
+    "augment",
+    "xflip",
+    "network",
+    "lr",
+    "lr_rampup_kimg",
+    "ema_halflife_kimg",
+    "ema_rampup_ratio",
+    "dropout",
+    "max_size",
+    "label_dropout",
+)
 
 
 class TrainingError(RuntimeError):
@@ -91,8 +120,11 @@ def parse_network_overrides(text: str) -> dict:
     try:
         network = json.loads(text)
     except json.JSONDecodeError as exc:
-        raise InvalidValue("network", f"must be a JSON object of network overrides, e.g. "
-                                      f"'{{\"model_channels\": 64}}', got {text!r} ({exc})", sep=": ") from None
+        raise InvalidValue(
+            "network",
+            f"must be a JSON object of network overrides, e.g. '{{\"model_channels\": 64}}', got {text!r} ({exc})",
+            sep=": ",
+        ) from None
     if not isinstance(network, dict):
         raise InvalidValue("network", f"must be a JSON object of network overrides, got {text!r}", sep=": ")
     return network
@@ -124,11 +156,12 @@ def resolve_options(**options) -> TrainingOptions:
         o[name] = checks.check_number(name, o[name])
     if o["phema"] is not None:
         from pfgmpp_fast.phema import parse_stds
+
         try:
             o["phema"] = parse_stds(o["phema"])
         except InvalidArgument:
             raise
-        except ValueError as exc:       # a plain ValueError: its whole message is the detail
+        except ValueError as exc:  # a plain ValueError: its whole message is the detail
             raise InvalidValue("phema", str(exc), message=str(exc)) from None
     o["phema_snap_kimg"] = checks.check_number("phema_snap_kimg", o["phema_snap_kimg"])
     for name in ("lr_rampup_kimg", "ema_rampup_ratio"):
@@ -154,7 +187,9 @@ def resolve_options(**options) -> TrainingOptions:
     for name in ("cond", "xflip", "deterministic", "trust_pickle", "cudnn_benchmark"):
         o[name] = checks.as_bool(name, o[name])
     if o["label_dropout"] > 0 and not o["cond"]:
-        raise InvalidValue("label_dropout", f"= {o['label_dropout']:g} needs cond (a class-conditional network: --cond)")
+        raise InvalidValue(
+            "label_dropout", f"= {o['label_dropout']:g} needs cond (a class-conditional network: --cond)"
+        )
     for name in ("compile", "channels_last", "progress"):
         if o[name] != "auto":
             o[name] = checks.as_bool(name, o[name])
@@ -178,8 +213,11 @@ def resolve_options(**options) -> TrainingOptions:
 def option_diffs(saved: dict, o: TrainingOptions) -> list:
     """The RESUME_KEYS on which options ``saved`` by a run (a training state's or its
     training_options.json) differ from ``o``: ['key: state has ..., this run has ...']."""
-    return [f"{k}: state has {saved.get(k)!r}, this run has {jsonable(o[k])!r}"
-            for k in RESUME_KEYS if k in saved and saved.get(k) != jsonable(o[k])]
+    return [
+        f"{k}: state has {saved.get(k)!r}, this run has {jsonable(o[k])!r}"
+        for k in RESUME_KEYS
+        if k in saved and saved.get(k) != jsonable(o[k])
+    ]
 
 
 def jsonable(value):

@@ -3,15 +3,23 @@ length from the snapshots of a run trained with ``--phema`` (tracked during trai
 training/ema.py's :class:`PowerFunctionEMA`). The maths, the snapshots' reading and the
 reconstruction are the core module pfgmpp_fast/phema.py (its docstring has the derivation).
 """
+
 from __future__ import annotations
 
 import argparse
 import os
 
 from pfgmpp_fast.checkpoint import save_network
+from pfgmpp_fast.phema import (
+    MAX_ERROR,
+    available_stds,
+    list_snapshots,
+    parse_stds,
+    reconstruct,
+    reconstruct_network,
+    snapshot_name,
+)
 from pfgmpp_fast.utils.cli_errors import check_output_path, command, number
-from pfgmpp_fast.phema import (MAX_ERROR, available_stds, list_snapshots, parse_stds, reconstruct,
-                               reconstruct_network, snapshot_name)
 
 # available_stds and reconstruct_network are the Python API of post-hoc EMA named in the README.
 __all__ = ["available_stds", "reconstruct_network", "add_arguments", "main"]
@@ -20,15 +28,25 @@ __all__ = ["available_stds", "reconstruct_network", "add_arguments", "main"]
 # ----------------------------------------------------------------------------------------
 # Command line: python -m pfgmpp_fast phema
 
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--run-dir", required=True, help="training run trained with --phema")
-    p.add_argument("--std", required=True, help="EMA lengths to reconstruct (relative standard deviations), "
-                                                "e.g. 0.03,0.05,0.07")
-    p.add_argument("--at-kimg", type=number(positive=True), default=None,
-                   help="training point (default: the newest phema snapshot)")
+    p.add_argument(
+        "--std", required=True, help="EMA lengths to reconstruct (relative standard deviations), e.g. 0.03,0.05,0.07"
+    )
+    p.add_argument(
+        "--at-kimg",
+        type=number(positive=True),
+        default=None,
+        help="training point (default: the newest phema snapshot)",
+    )
     p.add_argument("--outdir", required=True, help="where the networks go (phema-<std>-<kimg>.safetensors)")
-    p.add_argument("--max-error", type=number(positive=True), default=MAX_ERROR,
-                   help=f"largest relative L2 error of a reconstructed EMA profile (default {MAX_ERROR:g})")
+    p.add_argument(
+        "--max-error",
+        type=number(positive=True),
+        default=MAX_ERROR,
+        help=f"largest relative L2 error of a reconstructed EMA profile (default {MAX_ERROR:g})",
+    )
 
 
 @command
@@ -46,6 +64,8 @@ def main(args) -> int:
     for net, info in results:
         path = os.path.join(args.outdir, snapshot_name(info["phema_std"], info["nimg"]))
         save_network(path, net, extra_metadata=dict(info, reconstructed_from=os.path.abspath(args.run_dir)))
-        print(f"wrote {path} (std {info['phema_std']:g}, kimg {info['kimg']:g}, profile error "
-              f"{info['phema_error']:.2e}, from {info['phema_sources']} snapshots)")
+        print(
+            f"wrote {path} (std {info['phema_std']:g}, kimg {info['kimg']:g}, profile error "
+            f"{info['phema_error']:.2e}, from {info['phema_sources']} snapshots)"
+        )
     return 0

@@ -16,6 +16,7 @@ same number of elements); ``num`` counts steps (EDM's counts elements) and ``std
 spread between steps (EDM's is between elements). Single values (the tick, the timings, ...)
 are EDM's ``report0`` statistics: num 1, std 0.
 """
+
 from __future__ import annotations
 
 import json
@@ -71,8 +72,14 @@ class TickReporter:
         self.bar = None
         if show and rank0:
             from tqdm import tqdm
-            self.bar = tqdm(total=total_nimg / 1000, initial=cur_nimg / 1000, unit="kimg", dynamic_ncols=True,
-                            bar_format="{l_bar}{bar}| {n:.1f}/{total:.1f} kimg [{elapsed}<{remaining}]")
+
+            self.bar = tqdm(
+                total=total_nimg / 1000,
+                initial=cur_nimg / 1000,
+                unit="kimg",
+                dynamic_ncols=True,
+                bar_format="{l_bar}{bar}| {n:.1f}/{total:.1f} kimg [{elapsed}<{remaining}]",
+            )
         self.start_tick()
 
     def start_tick(self):
@@ -83,15 +90,26 @@ class TickReporter:
         if self.bar is not None:
             self.bar.update(nimg / 1000)
 
-    def report(self, *, tick: int, cur_nimg: int, loss_moments, pixels: int, nonfinite_total: int,
-               total_sec: float, tick_sec: float, tick_imgs: int, maintenance_sec: float) -> dict:
+    def report(
+        self,
+        *,
+        tick: int,
+        cur_nimg: int,
+        loss_moments,
+        pixels: int,
+        nonfinite_total: int,
+        total_sec: float,
+        tick_sec: float,
+        tick_imgs: int,
+        maintenance_sec: float,
+    ) -> dict:
         """The tick's row. loss_moments: (finite steps, Σ step loss per image, Σ its square)."""
         steps, total, total_sq = loss_moments
         on_gpu = self.device.type == "cuda"
         peak = torch.cuda.max_memory_allocated(self.device) / 2**30 if on_gpu else 0.0
         reserved = torch.cuda.max_memory_reserved(self.device) / 2**30 if on_gpu else 0.0
         stats = {
-            "Loss/loss": moments_stat(steps, total / pixels, total_sq / pixels ** 2),
+            "Loss/loss": moments_stat(steps, total / pixels, total_sq / pixels**2),
             "Loss/loss_per_image": moments_stat(steps, total, total_sq),
             "Loss/nonfinite_steps": single_stat(nonfinite_total),
             "Progress/tick": single_stat(tick),
@@ -109,11 +127,13 @@ class TickReporter:
         if self.rank0:
             append_line(self.stats_path, json.dumps(stats, sort_keys=True))
             v = {name: stat_value(stats, name) for name in stats}
-            line = (f"tick {tick:<5d} kimg {cur_nimg / 1000:<9.3f} loss {v['Loss/loss']:<8.4f} "
-                    f"time {total_sec:<8.1f} sec/tick {tick_sec:<7.2f} "
-                    f"sec/kimg {v['Timing/sec_per_kimg']:<7.3f} img/s {v['Perf/img_per_sec']:<8.1f} "
-                    f"gpumem {peak:<6.2f} nonfinite {nonfinite_total}")
-            if self.bar is not None:       # above the bar, and into log.txt
+            line = (
+                f"tick {tick:<5d} kimg {cur_nimg / 1000:<9.3f} loss {v['Loss/loss']:<8.4f} "
+                f"time {total_sec:<8.1f} sec/tick {tick_sec:<7.2f} "
+                f"sec/kimg {v['Timing/sec_per_kimg']:<7.3f} img/s {v['Perf/img_per_sec']:<8.1f} "
+                f"gpumem {peak:<6.2f} nonfinite {nonfinite_total}"
+            )
+            if self.bar is not None:  # above the bar, and into log.txt
                 self.bar.write(line)
                 append_line(self.log_path, line)
             else:
@@ -135,6 +155,7 @@ def _cpu_mem_gb() -> float:
         pass
     try:
         import resource
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20      # KiB on Linux
+
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
     except Exception:
         return 0.0

@@ -1,6 +1,7 @@
 """The run directory: which files make one (a fresh run never goes where another run's files are),
 EDM's numbered run folders (``NNNNN-<desc>``), and on resume: the newest intact training state,
 the leftovers of interrupted writes, the stats rows of ticks that the resumed run writes again."""
+
 from __future__ import annotations
 
 import glob
@@ -12,13 +13,26 @@ from typing import Optional
 from pfgmpp_fast.training.report import stat_value
 from pfgmpp_fast.utils.io_utils import atomic_write_text, is_temp_file, load_torch_state
 
-__all__ = ["find_latest_state", "remove_temp_files", "drop_stats_after", "run_files_in", "check_fresh_run_dir",
-           "next_numbered_run_dir", "latest_numbered_run_dir"]
+__all__ = [
+    "find_latest_state",
+    "remove_temp_files",
+    "drop_stats_after",
+    "run_files_in",
+    "check_fresh_run_dir",
+    "next_numbered_run_dir",
+    "latest_numbered_run_dir",
+]
 
 STATE_RE = re.compile(r"^training-state-(\d+)\.pt$")
 # What a training run writes into its directory (the lock file is not a run's file).
-RUN_FILE_PATTERNS = ("training_options.json", "stats.jsonl", "log.txt", "network-snapshot-*", "training-state-*",
-                     "phema/*")
+RUN_FILE_PATTERNS = (
+    "training_options.json",
+    "stats.jsonl",
+    "log.txt",
+    "network-snapshot-*",
+    "training-state-*",
+    "phema/*",
+)
 RUN_ID_RE = re.compile(r"^\d+")
 
 
@@ -38,17 +52,22 @@ def check_fresh_run_dir(run_dir: str) -> None:
     found = run_files_in(run_dir)
     if found:
         shown = ", ".join(found[:3]) + (f", ... ({len(found)} files)" if len(found) > 3 else "")
-        raise ValueError(f"{run_dir} already holds a training run ({shown}); a fresh run would mix its stats and "
-                         "snapshots with it. Continue that run with --resume auto (run_training: resume='auto'), "
-                         "or train into a new directory (another --outdir, or --name NAME / --desc TEXT for a "
-                         "new folder inside it)")
+        raise ValueError(
+            f"{run_dir} already holds a training run ({shown}); a fresh run would mix its stats and "
+            "snapshots with it. Continue that run with --resume auto (run_training: resume='auto'), "
+            "or train into a new directory (another --outdir, or --name NAME / --desc TEXT for a "
+            "new folder inside it)"
+        )
 
 
 def _run_ids(parent: str):
     if not os.path.isdir(parent):
         return []
-    return [(int(m.group()), name) for name in os.listdir(parent)
-            if os.path.isdir(os.path.join(parent, name)) and (m := RUN_ID_RE.match(name))]
+    return [
+        (int(m.group()), name)
+        for name in os.listdir(parent)
+        if os.path.isdir(os.path.join(parent, name)) and (m := RUN_ID_RE.match(name))
+    ]
 
 
 def next_numbered_run_dir(parent: str, desc: str) -> str:

@@ -3,6 +3,7 @@ gradient-accumulation rounds) and the learning rate as a function of the image c
 linear ramp-up; EDM2's ``learning_rate_schedule`` has the same shape). Plain Python numbers:
 nothing here touches the device, so the loop can call it every step without a host sync.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -15,6 +16,7 @@ __all__ = ["BatchGeometry", "LearningRateSchedule"]
 class BatchGeometry:
     """A global batch of ``batch`` images over ``world_size`` ranks: each rank takes ``per_rank``
     of them in ``rounds`` chunks of ``batch_gpu`` (gradient accumulation)."""
+
     batch: int
     world_size: int
     per_rank: int
@@ -30,16 +32,20 @@ class BatchGeometry:
         per_rank = batch // world_size
         batch_gpu = batch_gpu or per_rank
         if per_rank % batch_gpu:
-            raise ValueError(f"batch per rank ({per_rank} = batch {batch} / {world_size} ranks) must be a "
-                             f"multiple of batch_gpu ({batch_gpu})")
-        return cls(batch=batch, world_size=world_size, per_rank=per_rank, batch_gpu=batch_gpu,
-                   rounds=per_rank // batch_gpu)
+            raise ValueError(
+                f"batch per rank ({per_rank} = batch {batch} / {world_size} ranks) must be a "
+                f"multiple of batch_gpu ({batch_gpu})"
+            )
+        return cls(
+            batch=batch, world_size=world_size, per_rank=per_rank, batch_gpu=batch_gpu, rounds=per_rank // batch_gpu
+        )
 
 
 @dataclasses.dataclass(frozen=True)
 class LearningRateSchedule:
     """``lr`` after a linear ramp-up over the first ``rampup_kimg`` thousand images (None or 0:
     no ramp-up): lr(n) = lr · min(n / (rampup_kimg·1000), 1)."""
+
     lr: float
     rampup_kimg: Optional[float] = None
 

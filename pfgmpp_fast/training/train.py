@@ -16,6 +16,7 @@ message naming the option, utils/cli_errors.py). The step and the ticks are loop
 Precision: ``auto`` = bf16 autocast on CUDA, fp32 on the CPU (the published code trains in
 fp32; ``--precision fp32`` reproduces that exactly).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -29,15 +30,39 @@ from pfgmpp_fast import checks
 from pfgmpp_fast.checks import parse_D, parse_int_list
 from pfgmpp_fast.training.data import default_cache_dir
 from pfgmpp_fast.training.loop import TrainingRun
-from pfgmpp_fast.training.options import (ARCHES, DEFAULTS, TrainingOptions, jsonable, option_diffs,
-                                          parse_network_overrides, resolve_options)
-from pfgmpp_fast.training.run_files import (check_fresh_run_dir, drop_stats_after, find_latest_state,
-                                            latest_numbered_run_dir, next_numbered_run_dir, remove_temp_files,
-                                            run_files_in)
+from pfgmpp_fast.training.options import (
+    ARCHES,
+    DEFAULTS,
+    TrainingOptions,
+    jsonable,
+    option_diffs,
+    parse_network_overrides,
+    resolve_options,
+)
+from pfgmpp_fast.training.run_files import (
+    check_fresh_run_dir,
+    drop_stats_after,
+    find_latest_state,
+    latest_numbered_run_dir,
+    next_numbered_run_dir,
+    remove_temp_files,
+    run_files_in,
+)
 from pfgmpp_fast.utils import distributed
-from pfgmpp_fast.utils.cli_errors import (BoolOption, D_from_published, InvalidArgument, InvalidValue, UsageError,
-                                          add_threads_argument, blame, check_output_path, checked, command,
-                                          int_at_least, supported_choice)
+from pfgmpp_fast.utils.cli_errors import (
+    BoolOption,
+    D_from_published,
+    InvalidArgument,
+    InvalidValue,
+    UsageError,
+    add_threads_argument,
+    blame,
+    check_output_path,
+    checked,
+    command,
+    int_at_least,
+    supported_choice,
+)
 from pfgmpp_fast.utils.io_utils import atomic_save_json
 from pfgmpp_fast.utils.run_lock import acquire_run_dir
 
@@ -61,13 +86,13 @@ def run_training(run_dir=None, **options) -> str:
     if run_dir is not None:
         options["run_dir"] = run_dir
     o = resolve_options(**options)
-    check_run_dir_use(o)            # every rank, before any joins the group (so before any writes)
+    check_run_dir_use(o)  # every rank, before any joins the group (so before any writes)
     device = distributed.init(o["device"])
     created = not os.path.exists(o["run_dir"])
     lock, finished = None, False
     try:
         os.makedirs(o["run_dir"], exist_ok=True)
-        lock = acquire_run_dir(o["run_dir"], "training run")      # one job per run directory
+        lock = acquire_run_dir(o["run_dir"], "training run")  # one job per run directory
         run = TrainingRun(o, device)
         resume_path = None
         if o["resume"] and run.rank0:
@@ -79,9 +104,9 @@ def run_training(run_dir=None, **options) -> str:
         elif o["resume"]:
             resume_path = o["resume"]
         try:
-            with default_cache_dir(o["cache_dir"]):       # where loop.py's load_dataset caches the data
+            with default_cache_dir(o["cache_dir"]):  # where loop.py's load_dataset caches the data
                 run.setup()
-        except BaseException:      # bad data/options: leave no empty run directory behind
+        except BaseException:  # bad data/options: leave no empty run directory behind
             if created and run.rank0:
                 shutil.rmtree(o["run_dir"], ignore_errors=True)
             raise
@@ -93,15 +118,24 @@ def run_training(run_dir=None, **options) -> str:
         elif o["resume"] == "auto":
             run.log("resume: no training state found; starting a new run")
         if run.rank0:
-            resolved = {**jsonable(o.as_dict()), "world_size": run.world_size, "device": str(device),
-                        "resolved_precision": run.precision, "resolved_compile": run.compile,
-                        "resolved_channels_last": run.channels_last, "batch_gpu_resolved": run.geometry.batch_gpu,
-                        "fused_adam": run.fused, "network_config": jsonable(run.net.config()),
-                        "augment_pipe": None if run.augment_pipe is None else run.augment_pipe.options()}
+            resolved = {
+                **jsonable(o.as_dict()),
+                "world_size": run.world_size,
+                "device": str(device),
+                "resolved_precision": run.precision,
+                "resolved_compile": run.compile,
+                "resolved_channels_last": run.channels_last,
+                "batch_gpu_resolved": run.geometry.batch_gpu,
+                "fused_adam": run.fused,
+                "network_config": jsonable(run.net.config()),
+                "augment_pipe": None if run.augment_pipe is None else run.augment_pipe.options(),
+            }
             atomic_save_json(os.path.join(o["run_dir"], "training_options.json"), resolved)
-        run.log(f"training {o['arch']} D={o['D']} on {device} x{run.world_size}: batch {o['batch']} "
-                f"(batch_gpu {run.geometry.batch_gpu}, {run.geometry.rounds} rounds), precision {run.precision}, "
-                f"compile {run.compile}, backend {o['backend']}, {o['duration_mimg'] * 1000:g} kimg")
+        run.log(
+            f"training {o['arch']} D={o['D']} on {device} x{run.world_size}: batch {o['batch']} "
+            f"(batch_gpu {run.geometry.batch_gpu}, {run.geometry.rounds} rounds), precision {run.precision}, "
+            f"compile {run.compile}, backend {o['backend']}, {o['duration_mimg'] * 1000:g} kimg"
+        )
         run.train()
         run.log("done.")
         finished = True
@@ -120,9 +154,12 @@ def check_run_dir_use(o: TrainingOptions) -> None:
     elif o["resume"] != "auto" and run_files_in(o["run_dir"]):
         state_dir = os.path.dirname(os.path.abspath(o["resume"]))
         if not os.path.samefile(state_dir, o["run_dir"]):
-            raise InvalidValue("resume", f"{o['resume']} is a state of the run in {state_dir}, but {o['run_dir']} "
-                               "holds another run's files; resume into the state's own directory, or into a new one",
-                               sep=": ")
+            raise InvalidValue(
+                "resume",
+                f"{o['resume']} is a state of the run in {state_dir}, but {o['run_dir']} "
+                "holds another run's files; resume into the state's own directory, or into a new one",
+                sep=": ",
+            )
 
 
 def _restart_without_state(o: TrainingOptions, run: TrainingRun) -> None:
@@ -133,8 +170,10 @@ def _restart_without_state(o: TrainingOptions, run: TrainingRun) -> None:
         with open(saved, encoding="utf-8") as f:
             diffs = option_diffs(json.load(f), o)
         if diffs:
-            raise ValueError(f"resume: {o['run_dir']} holds a run with other options and no training state to "
-                             "resume from:\n  " + "\n  ".join(diffs) + "\nuse a new run directory")
+            raise ValueError(
+                f"resume: {o['run_dir']} holds a run with other options and no training state to "
+                "resume from:\n  " + "\n  ".join(diffs) + "\nuse a new run directory"
+            )
     if run.rank0:
         drop_stats_after(os.path.join(o["run_dir"], "stats.jsonl"), 0)
 
@@ -146,31 +185,69 @@ def _restart_without_state(o: TrainingOptions, run: TrainingRun) -> None:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     d = DEFAULTS
     a = parser.add_argument
-    a("--outdir", "--run-dir", dest="run_dir", default=d["run_dir"],
-      help="the run directory (as EDM's --outdir with --nosubdir); a fresh run needs one without another run's "
-           "files, --resume auto continues the run in it; --name / --desc make a new folder inside it")
+    a(
+        "--outdir",
+        "--run-dir",
+        dest="run_dir",
+        default=d["run_dir"],
+        help="the run directory (as EDM's --outdir with --nosubdir); a fresh run needs one without another run's "
+        "files, --resume auto continues the run in it; --name / --desc make a new folder inside it",
+    )
     a("--data", default=d["data"], help="'digits' (embedded), a folder/.zip of PNGs, or .npy/.npz (default: digits)")
     a("--cond", action=BoolOption, default=False, help="class-conditional training (needs labels); --cond=0/1 too")
     a("--arch", choices=ARCHES, default=d["arch"])
-    a("--D", type=D_TYPE, default=None,
-      help="augmented dimension D (default inf = EDM diffusion, as the published train.py without --pfgmpp=1)")
+    a(
+        "--D",
+        type=D_TYPE,
+        default=None,
+        help="augmented dimension D (default inf = EDM diffusion, as the published train.py without --pfgmpp=1)",
+    )
     a("--resolution", type=int, default=None, help="expected data resolution (checked)")
     a("--batch", type=int, default=d["batch"], help="global batch size")
-    a("--batch-gpu", "--batch_gpu", dest="batch_gpu", type=int, default=None, help="per-rank chunk (gradient accumulation)")
+    a(
+        "--batch-gpu",
+        "--batch_gpu",
+        dest="batch_gpu",
+        type=int,
+        default=None,
+        help="per-rank chunk (gradient accumulation)",
+    )
     a("--lr", type=float, default=d["lr"])
     a("--lr-rampup", dest="lr_rampup_kimg", type=float, default=d["lr_rampup_kimg"], help="lr ramp-up (kimg)")
     a("--ema", dest="ema_halflife_mimg", type=float, default=d["ema_halflife_kimg"] / 1000, help="EMA half-life (Mimg)")
-    a("--ema-rampup", dest="ema_rampup_ratio", type=float, default=None,
-      help=f"EMA half-life ramp-up ratio (default {d['ema_rampup_ratio']:g}; none with --transfer, as published)")
-    a("--phema", nargs="?", const="0.05,0.1", default=None, metavar="STD,...",
-      help="also track power-function EMAs of these lengths for post-hoc EMA (default pair: 0.05,0.1)")
-    a("--phema-snap", dest="phema_snap_kimg", type=float, default=d["phema_snap_kimg"],
-      help="kimg between power-function EMA snapshots (written at the first tick end after each multiple)")
+    a(
+        "--ema-rampup",
+        dest="ema_rampup_ratio",
+        type=float,
+        default=None,
+        help=f"EMA half-life ramp-up ratio (default {d['ema_rampup_ratio']:g}; none with --transfer, as published)",
+    )
+    a(
+        "--phema",
+        nargs="?",
+        const="0.05,0.1",
+        default=None,
+        metavar="STD,...",
+        help="also track power-function EMAs of these lengths for post-hoc EMA (default pair: 0.05,0.1)",
+    )
+    a(
+        "--phema-snap",
+        dest="phema_snap_kimg",
+        type=float,
+        default=d["phema_snap_kimg"],
+        help="kimg between power-function EMA snapshots (written at the first tick end after each multiple)",
+    )
     a("--dropout", type=float, default=d["dropout"])
     a("--augment", type=float, default=d["augment"], help="augmentation probability (0 = off)")
-    a("--label-dropout", dest="label_dropout", type=float, default=d["label_dropout"], metavar="P",
-      help="with --cond: replace a sample's label by 'no label' with probability P, for classifier-free guidance "
-           "(generate --guidance W --gnet uncond)")
+    a(
+        "--label-dropout",
+        dest="label_dropout",
+        type=float,
+        default=d["label_dropout"],
+        metavar="P",
+        help="with --cond: replace a sample's label by 'no label' with probability P, for classifier-free guidance "
+        "(generate --guidance W --gnet uncond)",
+    )
     a("--xflip", action=BoolOption, default=False, help="dataset x-flips; --xflip=0/1 too")
     a("--duration", dest="duration_mimg", type=float, default=d["duration_mimg"], help="training duration (Mimg)")
     a("--tick", dest="tick_kimg", type=float, default=d["tick_kimg"], help="kimg per tick")
@@ -189,43 +266,86 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     a("--device", default=d["device"])
     a("--resume", default=None, help="'auto' (newest intact state in the run dir) or a training-state file")
     a("--transfer", default=None, help="initialise the network from this file")
-    a("--trust-pickle", action="store_true",
-      help="allow importing a published pickle for --transfer (read without running its code; TorchScript is refused)")
+    a(
+        "--trust-pickle",
+        action="store_true",
+        help="allow importing a published pickle for --transfer (read without running its code; TorchScript is refused)",
+    )
     a("--max-nonfinite", type=int, default=d["max_nonfinite"], help="stop after this many non-finite losses")
     a("--deterministic", action="store_true")
     a("--no-progress", dest="progress", action="store_false", default="auto")
     a("--max-size", type=int, default=None, help="use only the first N images")
-    a("--cache-dir", default=None, metavar="DIR",
-      help="folder of the decoded data set, decoded once per node and memory-mapped by every rank "
-           "(default: next to --data, or ~/.cache/pfgmpp_fast/data where that is read-only)")
+    a(
+        "--cache-dir",
+        default=None,
+        metavar="DIR",
+        help="folder of the decoded data set, decoded once per node and memory-mapped by every rank "
+        "(default: next to --data, or ~/.cache/pfgmpp_fast/data where that is read-only)",
+    )
     a("-n", "--dry-run", action="store_true", help="print the resolved options (JSON) and exit")
     add_threads_argument(parser)
-    _add_published_arguments(parser.add_argument_group(
-        "the published PFGM++ / EDM train.py's own options (mapped onto the options above)"))
+    _add_published_arguments(
+        parser.add_argument_group("the published PFGM++ / EDM train.py's own options (mapped onto the options above)")
+    )
 
 
 def _add_published_arguments(g) -> None:
     a = g.add_argument
-    a("--pfgmpp", action=BoolOption, default=None,
-      help="1: PFGM++ with D = --aug_dim; 0: EDM diffusion, D = inf (the published default)")
-    a("--aug_dim", "--aug-dim", dest="aug_dim", type=D_TYPE, default=None,
-      help="D with --pfgmpp=1 (default 128); unused with --pfgmpp=0; without --pfgmpp the same as --D")
-    a("--precond", type=supported_choice(("edm",), ("vp", "ve"), "only the EDM preconditioning and loss "
-      "exist (PFGM++ for finite D); omit --precond or give --precond=edm"), default="edm", metavar="edm")
-    a("--stf", action=BoolOption, default=False,
-      refuse="stable target field (STF) training is not supported here; omit --stf (or give --stf=0)")
+    a(
+        "--pfgmpp",
+        action=BoolOption,
+        default=None,
+        help="1: PFGM++ with D = --aug_dim; 0: EDM diffusion, D = inf (the published default)",
+    )
+    a(
+        "--aug_dim",
+        "--aug-dim",
+        dest="aug_dim",
+        type=D_TYPE,
+        default=None,
+        help="D with --pfgmpp=1 (default 128); unused with --pfgmpp=0; without --pfgmpp the same as --D",
+    )
+    a(
+        "--precond",
+        type=supported_choice(
+            ("edm",),
+            ("vp", "ve"),
+            "only the EDM preconditioning and loss exist (PFGM++ for finite D); omit --precond or give --precond=edm",
+        ),
+        default="edm",
+        metavar="edm",
+    )
+    a(
+        "--stf",
+        action=BoolOption,
+        default=False,
+        refuse="stable target field (STF) training is not supported here; omit --stf (or give --stf=0)",
+    )
     a("--rbatch", type=int_at_least(1), default=4096, help="the reference batch of --stf (no effect without it)")
     a("--cbase", type=int_at_least(1), default=None, help="channel multiplier (network model_channels)")
     a("--nblock", type=int_at_least(1), default=None, help="residual blocks per resolution (network num_blocks)")
     a("--fp16", action=BoolOption, default=None, help="1: --precision fp16; 0: --precision fp32 (as published)")
-    a("--bench", action=BoolOption, default=True, help="cuDNN benchmarking on CUDA (default on; off when --deterministic)")
+    a(
+        "--bench",
+        action=BoolOption,
+        default=True,
+        help="cuDNN benchmarking on CUDA (default on; off when --deterministic)",
+    )
     a("--cache", action=BoolOption, default=True, help="no effect: the data set is always held in memory here")
     a("--workers", type=int_at_least(1), default=1, help="no effect: batches are gathered from memory, no DataLoader")
-    a("--lsun", action=BoolOption, default=False,
-      help="the published LSUN noise levels: sigma x 380/80 in training (P_mean + ln 4.75)")
+    a(
+        "--lsun",
+        action=BoolOption,
+        default=False,
+        help="the published LSUN noise levels: sigma x 380/80 in training (P_mean + ln 4.75)",
+    )
     a("--name", default=None, help="run directory --outdir/NAME")
-    a("--desc", default=None, help="EDM's numbered run folder --outdir/NNNNN-<data>-<cond|uncond>-<arch>-edm-"
-                                   "gpus<N>-batch<B>-<precision>-DESC (--resume auto: the newest such folder)")
+    a(
+        "--desc",
+        default=None,
+        help="EDM's numbered run folder --outdir/NNNNN-<data>-<cond|uncond>-<arch>-edm-"
+        "gpus<N>-batch<B>-<precision>-DESC (--resume auto: the newest such folder)",
+    )
     a("--nosubdir", action="store_true", help="the run directory is --outdir itself (already the default here)")
 
 
@@ -239,8 +359,11 @@ def _network_overrides(args) -> dict:
             cres = parse_int_list(args.cres, name="cres")
         if not cres or any(c < 1 for c in cres):
             raise UsageError("--cres", f"must be comma-separated integers >= 1, e.g. 1,2,2,2, got {args.cres!r}")
-    for option, key, value in (("--cres", "channel_mult", cres), ("--cbase", "model_channels", args.cbase),
-                               ("--nblock", "num_blocks", args.nblock)):
+    for option, key, value in (
+        ("--cres", "channel_mult", cres),
+        ("--cbase", "model_channels", args.cbase),
+        ("--nblock", "num_blocks", args.nblock),
+    ):
         if value is None:
             continue
         if key in network and network[key] != value:
@@ -254,8 +377,12 @@ def _precision(args) -> str:
         return args.precision
     wanted = "fp16" if args.fp16 else "fp32"
     if args.precision not in ("auto", wanted):
-        raise UsageError("--fp16", f"--fp16={int(args.fp16)} means --precision {wanted}, but --precision "
-                                   f"{args.precision} was given; give one of them", worded=True)
+        raise UsageError(
+            "--fp16",
+            f"--fp16={int(args.fp16)} means --precision {wanted}, but --precision "
+            f"{args.precision} was given; give one of them",
+            worded=True,
+        )
     return wanted
 
 
@@ -263,11 +390,12 @@ def options_from_args(args) -> dict:
     o = {k: getattr(args, k) for k in DEFAULTS if hasattr(args, k)}
     o["D"] = D_from_published(args.D, args.aug_dim, args.pfgmpp, DEFAULTS["D"])
     o["ema_halflife_kimg"] = args.ema_halflife_mimg * 1000
-    if args.ema_rampup_ratio is None:          # the published --transfer starts without EMA ramp-up
+    if args.ema_rampup_ratio is None:  # the published --transfer starts without EMA ramp-up
         o["ema_rampup_ratio"] = None if args.transfer else DEFAULTS["ema_rampup_ratio"]
     if args.transfer and args.resume not in (None, "auto"):
-        raise UsageError("--transfer", "cannot be given with --resume STATE (the state holds the network); "
-                                       "--resume auto is fine")
+        raise UsageError(
+            "--transfer", "cannot be given with --resume STATE (the state holds the network); --resume auto is fine"
+        )
     if o.get("compile") is None:
         o["compile"] = "auto"
     if o.get("channels_last") is None:
@@ -275,7 +403,7 @@ def options_from_args(args) -> dict:
     o["network"] = _network_overrides(args)
     o["precision"] = _precision(args)
     o["cudnn_benchmark"] = args.bench
-    if args.lsun:                              # published: sigma *= 380/80, i.e. ln sigma shifted by ln 4.75
+    if args.lsun:  # published: sigma *= 380/80, i.e. ln sigma shifted by ln 4.75
         o["P_mean"] = DEFAULTS["P_mean"] + math.log(380 / 80)
     return o
 
@@ -289,18 +417,33 @@ def _run_dir_of(args, o: TrainingOptions, device) -> str:
         return args.run_dir
     precision = o["precision"] if o["precision"] != "auto" else ("bf16" if device.type == "cuda" else "fp32")
     data = os.path.splitext(os.path.basename(os.path.normpath(o["data"])))[0]
-    desc = (f"{data}-{'cond' if o['cond'] else 'uncond'}-{o['arch']}-edm-gpus{int(os.environ.get('WORLD_SIZE', '1'))}"
-            f"-batch{o['batch']}-{precision}-{args.desc}")
+    desc = (
+        f"{data}-{'cond' if o['cond'] else 'uncond'}-{o['arch']}-edm-gpus{int(os.environ.get('WORLD_SIZE', '1'))}"
+        f"-batch{o['batch']}-{precision}-{args.desc}"
+    )
     found = latest_numbered_run_dir(args.run_dir, desc) if o["resume"] == "auto" else None
     return found or next_numbered_run_dir(args.run_dir, desc)
 
 
 # CLI option of each TrainingOptions field (resolve_options names the field; the CLI names the option).
-_OPTION_OF = {"run_dir": "--outdir", "D": "--D", "batch_gpu": "--batch-gpu", "lr_rampup_kimg": "--lr-rampup",
-              "ema_halflife_kimg": "--ema", "ema_rampup_ratio": "--ema-rampup", "duration_mimg": "--duration",
-              "tick_kimg": "--tick", "snap_ticks": "--snap", "dump_ticks": "--dump", "loss_scaling": "--ls",
-              "max_nonfinite": "--max-nonfinite", "max_size": "--max-size", "trust_pickle": "--trust-pickle",
-              "phema_snap_kimg": "--phema-snap", "cudnn_benchmark": "--bench"}
+_OPTION_OF = {
+    "run_dir": "--outdir",
+    "D": "--D",
+    "batch_gpu": "--batch-gpu",
+    "lr_rampup_kimg": "--lr-rampup",
+    "ema_halflife_kimg": "--ema",
+    "ema_rampup_ratio": "--ema-rampup",
+    "duration_mimg": "--duration",
+    "tick_kimg": "--tick",
+    "snap_ticks": "--snap",
+    "dump_ticks": "--dump",
+    "loss_scaling": "--ls",
+    "max_nonfinite": "--max-nonfinite",
+    "max_size": "--max-size",
+    "trust_pickle": "--trust-pickle",
+    "phema_snap_kimg": "--phema-snap",
+    "cudnn_benchmark": "--bench",
+}
 
 
 def _resolve_from_args(args) -> TrainingOptions:
@@ -316,8 +459,9 @@ def _resolve_from_args(args) -> TrainingOptions:
 def main(args) -> int:
     o = _resolve_from_args(args)
     if o["data"] != "digits" and not os.path.exists(o["data"]):
-        raise UsageError("--data", f"no such data set {o['data']!r}: give 'digits', a folder or .zip of images, "
-                                   "or a .npy/.npz file")
+        raise UsageError(
+            "--data", f"no such data set {o['data']!r}: give 'digits', a folder or .zip of images, or a .npy/.npz file"
+        )
     with blame("--device"):
         device = distributed.pick_device(o["device"])
     o = dataclasses.replace(o, run_dir=_run_dir_of(args, o, device))

@@ -4,6 +4,7 @@ Ratios in one run on one device, never a lone absolute time: every suite measure
 device-to-device copy ceiling (bytes read + written) and a large bf16 matmul in the same
 process as the thing it measures.
 """
+
 from __future__ import annotations
 
 import datetime as _dt
@@ -24,8 +25,9 @@ def sync(device) -> None:
         torch.cuda.synchronize(device)
 
 
-def time_ms(fn: Callable[[], object], device="cpu", warmup: int = 3, reps: int = 10,
-            min_time_s: float = 0.0, inner: int = 1) -> float:
+def time_ms(
+    fn: Callable[[], object], device="cpu", warmup: int = 3, reps: int = 10, min_time_s: float = 0.0, inner: int = 1
+) -> float:
     """Median milliseconds per call of fn() (see time_stats)."""
     return time_stats(fn, device, warmup=warmup, reps=reps, inner=inner, min_time_s=min_time_s)["ms"]
 
@@ -44,8 +46,16 @@ def _cuda_graph_of(fn: Callable[[], object], inner: int) -> Callable[[], object]
     return graph.replay
 
 
-def time_stats(fn: Callable[[], object], device="cpu", warmup: int = 3, reps: int = 10, inner: int = 1,
-               graph: bool = False, min_time_s: float = 0.0, max_time_s: Optional[float] = None) -> Dict:
+def time_stats(
+    fn: Callable[[], object],
+    device="cpu",
+    warmup: int = 3,
+    reps: int = 10,
+    inner: int = 1,
+    graph: bool = False,
+    min_time_s: float = 0.0,
+    max_time_s: Optional[float] = None,
+) -> Dict:
     """Milliseconds per call of fn(): median, minimum and spread over `reps` samples.
 
     Each sample times `inner` back-to-back calls between two CUDA events (perf_counter on
@@ -76,8 +86,14 @@ def time_stats(fn: Callable[[], object], device="cpu", warmup: int = 3, reps: in
         samples.append(_one_sample(fn, run, inner, on_cuda) / inner)
     q = statistics.quantiles(samples, n=4) if len(samples) > 1 else [samples[0]] * 3
     median = statistics.median(samples)
-    return {"ms": median, "min_ms": min(samples), "iqr_pct": 100 * (q[2] - q[0]) / median if median else 0.0,
-            "samples": len(samples), "inner": inner, "method": "cuda_graph" if run is not None else "back_to_back"}
+    return {
+        "ms": median,
+        "min_ms": min(samples),
+        "iqr_pct": 100 * (q[2] - q[0]) / median if median else 0.0,
+        "samples": len(samples),
+        "inner": inner,
+        "method": "cuda_graph" if run is not None else "back_to_back",
+    }
 
 
 def _one_sample(fn, run, inner: int, on_cuda: bool) -> float:
@@ -114,14 +130,16 @@ def matmul_ceiling_tflops(device="cpu", size: int = 8192, dtype=torch.bfloat16, 
     a = torch.randn(size, size, device=device, dtype=dtype)
     b = torch.randn(size, size, device=device, dtype=dtype)
     ms = time_ms(lambda: a @ b, device, warmup=2, reps=reps)
-    return 2 * size ** 3 / (ms * 1e-3) / 1e12
+    return 2 * size**3 / (ms * 1e-3) / 1e12
 
 
 def ceilings(device="cpu", smoke: bool = False) -> Dict[str, float]:
     """Both ceilings, small sizes in smoke mode (CPU CI)."""
     if smoke:
-        return {"copy_GBps": copy_ceiling_gbs(device, 1 << 24, reps=3),
-                "bf16_matmul_TFLOPs": matmul_ceiling_tflops(device, 256, reps=3)}
+        return {
+            "copy_GBps": copy_ceiling_gbs(device, 1 << 24, reps=3),
+            "bf16_matmul_TFLOPs": matmul_ceiling_tflops(device, 256, reps=3),
+        }
     # 8192^3 in bf16 takes seconds per product on a CPU: 2048 reaches its rate already.
     size = 8192 if torch.device(device).type == "cuda" else 2048
     return {"copy_GBps": copy_ceiling_gbs(device), "bf16_matmul_TFLOPs": matmul_ceiling_tflops(device, size)}
@@ -160,6 +178,7 @@ def environment(device="cpu") -> Dict[str, object]:
     }
     try:
         import triton
+
         info["triton"] = triton.__version__
     except Exception:  # pragma: no cover - triton is optional on some installs
         info["triton"] = None
@@ -169,6 +188,7 @@ def environment(device="cpu") -> Dict[str, object]:
 def write_text(path: str, text: str) -> None:
     """Atomic text write (temp file, fsync, rename): results are never half written."""
     from pfgmpp_fast.utils.io_utils import atomic_write_text
+
     atomic_write_text(path, text)
 
 

@@ -11,6 +11,7 @@ FileNotFoundError that carry the argument's ``name`` and ``detail``), so a comma
 its own option spelling without reading messages. Below every layer (no package import), so
 every module can use it.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -21,10 +22,27 @@ import os
 import sys
 from typing import Optional
 
-__all__ = ["InvalidArgument", "InvalidValue", "InvalidType", "MissingFile",
-           "UsageError", "blame", "check_output_path", "int_at_least", "number", "boolean", "BoolOption",
-           "Unsupported", "checked", "supported_choice", "D_from_published", "add_threads_argument",
-           "command", "report", "DEBUG_ENV"]
+__all__ = [
+    "InvalidArgument",
+    "InvalidValue",
+    "InvalidType",
+    "MissingFile",
+    "UsageError",
+    "blame",
+    "check_output_path",
+    "int_at_least",
+    "number",
+    "boolean",
+    "BoolOption",
+    "Unsupported",
+    "checked",
+    "supported_choice",
+    "D_from_published",
+    "add_threads_argument",
+    "command",
+    "report",
+    "DEBUG_ENV",
+]
 
 DEBUG_ENV = "PFGMPP_FAST_DEBUG"
 
@@ -39,9 +57,9 @@ class InvalidArgument(Exception):
     def __init__(self, name: str, detail: str, sep: str = " ", message: Optional[str] = None):
         super().__init__(name + sep + detail if message is None else message)
         self.name, self.detail = name, detail
-        self.labelled = message is None and sep == ": "     # the name only labels the detail
+        self.labelled = message is None and sep == ": "  # the name only labels the detail
 
-    def __reduce__(self):           # picklable (exceptions cross process boundaries)
+    def __reduce__(self):  # picklable (exceptions cross process boundaries)
         return _rebuild, (type(self), self.name, self.detail, str(self), self.labelled)
 
 
@@ -104,19 +122,25 @@ def check_output_path(option: str, path, is_dir: bool = False):
         return None
     path = os.path.abspath(os.fspath(path))
     if os.path.exists(path) and os.path.isdir(path) != is_dir:
-        raise UsageError(option, f"{path} exists and is {'a file' if is_dir else 'a folder'}; "
-                                 f"expected {'a folder' if is_dir else 'a file path'}")
+        raise UsageError(
+            option,
+            f"{path} exists and is {'a file' if is_dir else 'a folder'}; "
+            f"expected {'a folder' if is_dir else 'a file path'}",
+        )
     parent = path if is_dir else os.path.dirname(path)
     while not os.path.exists(parent):
         parent = os.path.dirname(parent)
     if not os.path.isdir(parent) or not os.access(parent, os.W_OK | os.X_OK):
-        raise UsageError(option, f"cannot create {path}: {parent} is "
-                                 f"{'not a folder' if not os.path.isdir(parent) else 'not writable'}")
+        raise UsageError(
+            option,
+            f"cannot create {path}: {parent} is {'not a folder' if not os.path.isdir(parent) else 'not writable'}",
+        )
     return path
 
 
 def int_at_least(low: int):
     """An argparse ``type``: an integer >= low (argparse then names the option in its error)."""
+
     def parse(text):
         try:
             value = int(text)
@@ -125,6 +149,7 @@ def int_at_least(low: int):
         if value < low:
             raise argparse.ArgumentTypeError(f"must be an integer >= {low}, got {text!r}")
         return value
+
     parse.__name__ = f"int>={low}"
     return parse
 
@@ -132,6 +157,7 @@ def int_at_least(low: int):
 def number(positive: bool = False, allow_inf: bool = False):
     """An argparse ``type``: a float, never NaN; > 0 if ``positive``, >= 0 otherwise; finite
     unless ``allow_inf``."""
+
     def parse(text):
         try:
             value = float(text)
@@ -141,6 +167,7 @@ def number(positive: bool = False, allow_inf: bool = False):
             allowed = ("(0, " if positive else "[0, ") + ("inf]" if allow_inf else "inf)")
             raise argparse.ArgumentTypeError(f"must be a number in {allowed}, got {text!r}")
         return value
+
     parse.__name__ = "number"
     return parse
 
@@ -192,11 +219,13 @@ class Unsupported(argparse.Action):
 
 def checked(check, name: str):
     """An argparse ``type`` from a checker that raises ValueError/TypeError (argparse names the option)."""
+
     def parse(text):
         try:
             return check(text)
         except (ValueError, TypeError) as exc:
             raise argparse.ArgumentTypeError(_after_option(exc)) from None
+
     parse.__name__ = name
     return parse
 
@@ -204,12 +233,14 @@ def checked(check, name: str):
 def supported_choice(supported, unsupported, instead: str):
     """An argparse ``type`` for a published choice of which only ``supported`` exists here: the
     ``unsupported`` values are refused, saying so and what to use ``instead``."""
+
     def parse(text):
         if text in supported:
             return text
         if text in unsupported:
             raise argparse.ArgumentTypeError(f"{text} is not supported here; {instead}")
         raise argparse.ArgumentTypeError(f"must be one of {', '.join(supported + unsupported)}, got {text!r}")
+
     parse.__name__ = "choice"
     return parse
 
@@ -219,23 +250,29 @@ def D_from_published(D, aug_dim, pfgmpp, default):
     ``--pfgmpp=1`` means D = --aug_dim (published default 128), ``--pfgmpp=0`` means D = inf
     (--aug_dim is then unused, as published); without --pfgmpp, --D or --aug_dim give D, else ``default``."""
     if D is not None and aug_dim is not None and D != aug_dim:
-        raise UsageError("--aug_dim", f"--aug_dim {aug_dim:g} and --D {D:g} disagree; give one of them",
-                         worded=True)
+        raise UsageError("--aug_dim", f"--aug_dim {aug_dim:g} and --D {D:g} disagree; give one of them", worded=True)
     given = D if D is not None else aug_dim
     if pfgmpp is None:
         return default if given is None else given
     if pfgmpp:
         return 128.0 if given is None else given
     if D is not None and not math.isinf(D):
-        raise UsageError("--pfgmpp", f"--pfgmpp=0 means D = inf (EDM diffusion), but --D {D:g} was given; "
-                                     "drop --D, or use --pfgmpp=1 for a finite D", worded=True)
+        raise UsageError(
+            "--pfgmpp",
+            f"--pfgmpp=0 means D = inf (EDM diffusion), but --D {D:g} was given; "
+            "drop --D, or use --pfgmpp=1 for a finite D",
+            worded=True,
+        )
     return math.inf
 
 
 def add_threads_argument(p) -> None:
-    p.add_argument("--threads", type=int_at_least(0), default=1,
-                   help="CPU threads of torch (default 1: robust when other processes share the cores; "
-                        "0 = torch's default)")
+    p.add_argument(
+        "--threads",
+        type=int_at_least(0),
+        default=1,
+        help="CPU threads of torch (default 1: robust when other processes share the cores; 0 = torch's default)",
+    )
 
 
 def _close_process_group(failed: bool) -> None:
@@ -260,15 +297,17 @@ def report(exc: BaseException) -> int:
 
 def command(main_fn):
     """Wrap a command's ``main(args)``: errors become one message and an exit code (:func:`report`)."""
+
     @functools.wraps(main_fn)
     def run(args) -> int:
         try:
             code = int(main_fn(args) or 0)
-            _close_process_group(failed=False)         # a command that joined a process group leaves it
+            _close_process_group(failed=False)  # a command that joined a process group leaves it
             return code
-        except (Exception, KeyboardInterrupt) as exc:   # noqa: BLE001 - the one place errors become messages
+        except (Exception, KeyboardInterrupt) as exc:  # noqa: BLE001 - the one place errors become messages
             if os.environ.get(DEBUG_ENV) == "1" and not isinstance(exc, KeyboardInterrupt):
                 raise
             return report(exc)
+
     run.__wrapped_command__ = True
     return main_fn if getattr(main_fn, "__wrapped_command__", False) else run

@@ -14,6 +14,7 @@ used (named by a nonce of this attempt's rank 0, agreed through the store), with
 logged retries and a timeout per try (``PFGMPP_FAST_DIST_INIT_TRIES``, default 3;
 ``PFGMPP_FAST_DIST_INIT_TIMEOUT`` seconds, default 300).
 """
+
 from __future__ import annotations
 
 import datetime
@@ -25,14 +26,26 @@ from typing import Optional
 
 import torch
 
-__all__ = ["pick_device", "set_cpu_threads", "init", "close", "get_rank", "get_world_size", "is_enabled",
-           "barrier", "all_gather", "ddp", "elastic_info", "join_group"]
+__all__ = [
+    "pick_device",
+    "set_cpu_threads",
+    "init",
+    "close",
+    "get_rank",
+    "get_world_size",
+    "is_enabled",
+    "barrier",
+    "all_gather",
+    "ddp",
+    "elastic_info",
+    "join_group",
+]
 
 INIT_TRIES_ENV = "PFGMPP_FAST_DIST_INIT_TRIES"
 INIT_TIMEOUT_ENV = "PFGMPP_FAST_DIST_INIT_TIMEOUT"
-_group_store = None        # the store of the group join_group made; None when there is none
+_group_store = None  # the store of the group join_group made; None when there is none
 LEAVE_TIMEOUT_S = 60.0
-_LEFT_KEY = "pfgmpp_fast/left"        # how many ranks have left the group (close)
+_LEFT_KEY = "pfgmpp_fast/left"  # how many ranks have left the group (close)
 
 
 def pick_device(name: Optional[str] = "auto") -> torch.device:
@@ -51,8 +64,9 @@ def pick_device(name: Optional[str] = "auto") -> torch.device:
         if device.index is None:
             device = torch.device("cuda", local_rank)
         if device.index >= torch.cuda.device_count():
-            raise ValueError(f"device {name!r} does not exist: this machine has {torch.cuda.device_count()} "
-                             "CUDA device(s)")
+            raise ValueError(
+                f"device {name!r} does not exist: this machine has {torch.cuda.device_count()} CUDA device(s)"
+            )
     elif device.type != "cpu":
         raise ValueError(f"device must be auto, cpu, cuda or cuda:N, got {name!r}")
     return device
@@ -72,7 +86,7 @@ def init(device: Optional[str] = "auto") -> torch.device:
     Returns the device."""
     dev = pick_device(device)
     if dev.type == "cuda":
-        torch.cuda.set_device(dev)          # before NCCL starts: it uses the current device
+        torch.cuda.set_device(dev)  # before NCCL starts: it uses the current device
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1 and not torch.distributed.is_initialized():
         _join_group(dev, world)
@@ -102,8 +116,13 @@ def _warn(msg: str) -> None:
     print(f"pfgmpp_fast.distributed: {msg}", file=sys.stderr, flush=True)
 
 
-def join_group(store, rank: int, world: int, device: torch.device = torch.device("cpu"),
-               setup_timeout: datetime.timedelta = datetime.timedelta(seconds=300)) -> None:
+def join_group(
+    store,
+    rank: int,
+    world: int,
+    device: torch.device = torch.device("cpu"),
+    setup_timeout: datetime.timedelta = datetime.timedelta(seconds=300),
+) -> None:
     """Join the default process group on ``store`` (gloo on the CPU, NCCL on CUDA) and wait
     until every rank is connected; :func:`close` leaves it. ``init`` calls this under
     torchrun; tests call it with a store of their own."""
@@ -116,12 +135,21 @@ def join_group(store, rank: int, world: int, device: torch.device = torch.device
         raise RuntimeError("join_group: this process is already in a process group (call close() first)")
     device = torch.device(device)
     backend = "nccl" if device.type == "cuda" else "gloo"
-    torch.distributed.init_process_group(backend, store=store, rank=rank, world_size=world, timeout=setup_timeout,
-                                         device_id=device if device.type == "cuda" else None)
+    torch.distributed.init_process_group(
+        backend,
+        store=store,
+        rank=rank,
+        world_size=world,
+        timeout=setup_timeout,
+        device_id=device if device.type == "cuda" else None,
+    )
     _group_store = store
-    torch.distributed.barrier()                     # every rank is connected
-    _set_timeout(torch.distributed.constants.default_pg_nccl_timeout if backend == "nccl"
-                 else torch.distributed.constants.default_pg_timeout)
+    torch.distributed.barrier()  # every rank is connected
+    _set_timeout(
+        torch.distributed.constants.default_pg_nccl_timeout
+        if backend == "nccl"
+        else torch.distributed.constants.default_pg_timeout
+    )
 
 
 def _join_group(dev: torch.device, world: int) -> None:
@@ -129,30 +157,36 @@ def _join_group(dev: torch.device, world: int) -> None:
     global _group_store
     rank = int(os.environ.get("RANK", "-1"))
     if not 0 <= rank < world:
-        raise ValueError(f"environment variable RANK must be in [0, {world}) when WORLD_SIZE={world}, "
-                         f"got {os.environ.get('RANK')!r} (launch with torchrun)")
+        raise ValueError(
+            f"environment variable RANK must be in [0, {world}) when WORLD_SIZE={world}, "
+            f"got {os.environ.get('RANK')!r} (launch with torchrun)"
+        )
     tries, per_try = _env_int(INIT_TRIES_ENV, 3), datetime.timedelta(seconds=_env_int(INIT_TIMEOUT_ENV, 300))
     where = f" ({elastic_info()})" if elastic_info() else ""
     base = None
     for attempt in range(1, tries + 1):
         try:
-            if base is None:        # the agent's store, or one that rank 0 serves (kept across tries)
+            if base is None:  # the agent's store, or one that rank 0 serves (kept across tries)
                 base = next(torch.distributed.rendezvous("env://", rank=rank, world_size=world, timeout=per_try))[0]
             join_group(_fresh_namespace(base, rank, world, per_try), rank, world, dev, per_try)
             if attempt > 1:
                 _warn(f"rank {rank}: joined the process group on try {attempt}/{tries}{where}")
             return
-        except Exception as exc:        # noqa: BLE001 — any failure of a try is retried, the last one raised
+        except Exception as exc:  # noqa: BLE001 — any failure of a try is retried, the last one raised
             if torch.distributed.is_initialized():
-                torch.distributed.destroy_process_group()      # a half-made group
+                torch.distributed.destroy_process_group()  # a half-made group
             _group_store = None
             reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
             if attempt == tries:
-                raise RuntimeError(f"rank {rank}: could not join the process group of {world} ranks in {tries} "
-                                   f"tries of {per_try.total_seconds():g} s{where}: {reason}") from exc
-            delay = min(2.0 ** attempt, 30.0)
-            _warn(f"rank {rank}: process-group setup failed (try {attempt}/{tries}{where}): {reason}; "
-                  f"retrying in {delay:g} s")
+                raise RuntimeError(
+                    f"rank {rank}: could not join the process group of {world} ranks in {tries} "
+                    f"tries of {per_try.total_seconds():g} s{where}: {reason}"
+                ) from exc
+            delay = min(2.0**attempt, 30.0)
+            _warn(
+                f"rank {rank}: process-group setup failed (try {attempt}/{tries}{where}): {reason}; "
+                f"retrying in {delay:g} s"
+            )
             time.sleep(delay)
 
 
@@ -208,9 +242,13 @@ def ddp(module: torch.nn.Module, device: torch.device) -> torch.nn.Module:
     ranks by construction), in the API of the installed torch (``forward_sync_buffers``
     replaces the deprecated ``broadcast_buffers`` in torch 2.13)."""
     import inspect
+
     DDP = torch.nn.parallel.DistributedDataParallel
-    no_sync = ({"forward_sync_buffers": False} if "forward_sync_buffers" in inspect.signature(DDP).parameters
-               else {"broadcast_buffers": False})
+    no_sync = (
+        {"forward_sync_buffers": False}
+        if "forward_sync_buffers" in inspect.signature(DDP).parameters
+        else {"broadcast_buffers": False}
+    )
     return DDP(module, device_ids=[device] if device.type == "cuda" else None, **no_sync)
 
 
@@ -234,7 +272,7 @@ def close(failed: bool = False) -> None:
     try:
         if not failed:
             torch.distributed.barrier()
-        deadline = time.monotonic() + LEAVE_TIMEOUT_S       # a peer that died leaving is not waited for
+        deadline = time.monotonic() + LEAVE_TIMEOUT_S  # a peer that died leaving is not waited for
         while in_turn and store.add(_LEFT_KEY, 0) < world - 1 - rank and time.monotonic() < deadline:
             time.sleep(0.01)
     finally:
@@ -245,8 +283,11 @@ def close(failed: bool = False) -> None:
 
 
 def is_enabled() -> bool:
-    return (torch.distributed.is_available() and torch.distributed.is_initialized()
-            and torch.distributed.get_world_size() > 1)
+    return (
+        torch.distributed.is_available()
+        and torch.distributed.is_initialized()
+        and torch.distributed.get_world_size() > 1
+    )
 
 
 def get_rank() -> int:
@@ -267,9 +308,11 @@ def all_gather(t: torch.Tensor) -> list:
     device; [t] without a process group. NCCL gathers on the GPU, gloo on the CPU."""
     if not is_enabled():
         return [t]
-    comm = torch.device("cuda", torch.cuda.current_device()) if torch.distributed.get_backend() == "nccl" \
+    comm = (
+        torch.device("cuda", torch.cuda.current_device())
+        if torch.distributed.get_backend() == "nccl"
         else torch.device("cpu")
+    )
     parts = [torch.empty_like(t, device=comm) for _ in range(get_world_size())]
     torch.distributed.all_gather(parts, t.to(comm).contiguous())
     return [p.to(t.device) for p in parts]
-

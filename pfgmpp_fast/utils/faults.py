@@ -8,6 +8,7 @@ a value that matches; ``PFGMPP_FAST_KILL_<POINT>_SKIP=n`` lets the first n match
     AT_STEP       match: the training step index; training/loop.py dies after the step's
                   backward pass, before the optimiser update
 """
+
 from __future__ import annotations
 
 import os

@@ -10,6 +10,7 @@ For tests of the kill-during-write path (utils/faults.py): with
 SIGKILLs itself after half of that file's bytes are on disk (before the rename);
 ``PFGMPP_FAST_KILL_DURING_WRITE_SKIP=n`` lets the first n matching writes complete.
 """
+
 from __future__ import annotations
 
 import csv
@@ -24,11 +25,24 @@ import torch
 
 from pfgmpp_fast.utils import faults
 
-__all__ = ["TMP_SUFFIX", "DIGEST_KEY", "is_temp_file", "atomic_write", "atomic_write_bytes", "atomic_write_text",
-           "atomic_save_json", "atomic_save_csv", "atomic_save_npz", "content_digest", "atomic_torch_save_state", "load_torch_state", "append_line"]
+__all__ = [
+    "TMP_SUFFIX",
+    "DIGEST_KEY",
+    "is_temp_file",
+    "atomic_write",
+    "atomic_write_bytes",
+    "atomic_write_text",
+    "atomic_save_json",
+    "atomic_save_csv",
+    "atomic_save_npz",
+    "content_digest",
+    "atomic_torch_save_state",
+    "load_torch_state",
+    "append_line",
+]
 
 TMP_SUFFIX = ".tmp"
-DIGEST_KEY = "__sha256__"        # a state file's digest of everything else in it
+DIGEST_KEY = "__sha256__"  # a state file's digest of everything else in it
 
 
 _UMASK = os.umask(0)
@@ -44,7 +58,7 @@ def is_temp_file(name: str) -> bool:
 def _fsync_dir(directory: str) -> None:
     try:
         fd = os.open(directory, os.O_RDONLY)
-    except OSError:        # e.g. Windows: directories cannot be opened
+    except OSError:  # e.g. Windows: directories cannot be opened
         return
     try:
         os.fsync(fd)
@@ -80,7 +94,7 @@ def atomic_write(path: str | os.PathLike, write: Callable[[io.BufferedWriter], N
 def _maybe_kill_midway(path: str, f, data: bytes) -> bytes:
     """Fault injection (utils/faults.py, point DURING_WRITE): half of the bytes, durable, then SIGKILL."""
     if faults.should_kill("DURING_WRITE", os.path.basename(path)):
-        f.write(data[:len(data) // 2])
+        f.write(data[: len(data) // 2])
         f.flush()
         os.fsync(f.fileno())
         faults.kill()
@@ -107,6 +121,7 @@ def atomic_save_json(path: str | os.PathLike, obj: Any, indent: int = 2) -> str:
 def atomic_save_npz(path: str | os.PathLike, **arrays) -> str:
     """``np.savez`` of ``arrays`` (no pickles), written atomically."""
     import numpy as np
+
     buf = io.BytesIO()
     np.savez(buf, **arrays)
     return atomic_write_bytes(path, buf.getvalue())
@@ -135,8 +150,10 @@ def _check_plain(obj: Any, where: str = "state") -> None:
                 raise TypeError(f"{where}: keys must be str or int, got {type(k).__name__}")
             _check_plain(v, f"{where}[{k!r}]")
         return
-    raise TypeError(f"{where} holds a {type(obj).__name__}; only tensors and plain types can be saved "
-                    "(so the file loads with weights_only=True)")
+    raise TypeError(
+        f"{where} holds a {type(obj).__name__}; only tensors and plain types can be saved "
+        "(so the file loads with weights_only=True)"
+    )
 
 
 def _feed(h, obj) -> None:
@@ -194,8 +211,10 @@ def load_torch_state(path: str | os.PathLike, map_location="cpu") -> dict:
         raise ValueError(f"state file {path} does not hold a dict")
     digest = state.pop(DIGEST_KEY, None)
     if digest is not None and digest != content_digest(state):
-        raise ValueError(f"state file {path} is corrupt: its content does not match the SHA-256 digest "
-                         "stored in it (changed on disk after it was written)")
+        raise ValueError(
+            f"state file {path} is corrupt: its content does not match the SHA-256 digest "
+            "stored in it (changed on disk after it was written)"
+        )
     return state
 
 

@@ -3,6 +3,7 @@
 matplotlib is imported lazily with the non-interactive Agg backend, so importing this
 module is cheap and works on machines without a display.
 """
+
 from __future__ import annotations
 
 import io
@@ -16,8 +17,10 @@ __all__ = ["new_figure", "save_figure", "image_grid", "save_image_grid", "save_l
 
 def _pyplot():
     import matplotlib
+
     matplotlib.use("Agg", force=True)
     import matplotlib.pyplot as plt
+
     return plt
 
 
@@ -29,14 +32,23 @@ def new_figure(figsize=(6, 4)):
 def save_figure(fig, path: str) -> str:
     """The figure as a PNG (120 dpi, tight bounding box), written atomically; the figure is closed."""
     from pfgmpp_fast.utils.io_utils import atomic_write_bytes
+
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=120, bbox_inches="tight")
     _pyplot().close(fig)
     return atomic_write_bytes(path, buffer.getvalue())
 
 
-def image_grid(images: np.ndarray, cols: Optional[int] = None, scale: int = 4, gap: int = 1,
-               gap_value: int = 128, pad: int = 0, pad_value: int = 0, border: int = 0) -> np.ndarray:
+def image_grid(
+    images: np.ndarray,
+    cols: Optional[int] = None,
+    scale: int = 4,
+    gap: int = 1,
+    gap_value: int = 128,
+    pad: int = 0,
+    pad_value: int = 0,
+    border: int = 0,
+) -> np.ndarray:
     """uint8 images [B, H, W] (grey) or [B, C, H, W] -> one uint8 grid.
 
     Each image is upscaled by `scale` (nearest neighbour, crisp pixels), framed by `pad`
@@ -68,21 +80,39 @@ def image_grid(images: np.ndarray, cols: Optional[int] = None, scale: int = 4, g
     for i in range(n):
         r, c = divmod(i, cols)
         top, left = border + r * (H + gap), border + c * (W + gap)
-        grid[top:top + H, left:left + W] = pad_value
-        grid[top + pad:top + H - pad, left + pad:left + W - pad] = big[i]
+        grid[top : top + H, left : left + W] = pad_value
+        grid[top + pad : top + H - pad, left + pad : left + W - pad] = big[i]
     return grid
 
 
-def save_image_grid(images: np.ndarray, path: str, cols: Optional[int] = None, scale: int = 4, gap: int = 6,
-                    pad: int = 2, gap_value: int = 210, border: Optional[int] = None) -> str:
+def save_image_grid(
+    images: np.ndarray,
+    path: str,
+    cols: Optional[int] = None,
+    scale: int = 4,
+    gap: int = 6,
+    pad: int = 2,
+    gap_value: int = 210,
+    border: Optional[int] = None,
+) -> str:
     """Write `image_grid(images)` as a PNG (atomically). The defaults are made to be read at
     1:1: each image framed by `pad` (upscaled) pixels of black, cells apart by `gap` pixels
     of a light grey that contrasts with dark backgrounds, the same grey around the grid."""
     from PIL import Image
+
     from pfgmpp_fast.utils.io_utils import atomic_write_bytes
+
     buffer = io.BytesIO()
-    grid = image_grid(images, cols=cols, scale=scale, gap=gap, gap_value=gap_value, pad=pad * scale, pad_value=0,
-                      border=gap if border is None else border)
+    grid = image_grid(
+        images,
+        cols=cols,
+        scale=scale,
+        gap=gap,
+        gap_value=gap_value,
+        pad=pad * scale,
+        pad_value=0,
+        border=gap if border is None else border,
+    )
     Image.fromarray(grid).save(buffer, format="PNG")
     return atomic_write_bytes(path, buffer.getvalue())
 
@@ -93,12 +123,25 @@ def save_loss_curve(kimg: Sequence[float], loss: Sequence[float], path: str, tit
     kimg, loss = np.asarray(kimg, dtype=np.float64), np.asarray(loss, dtype=np.float64)
     fig, ax = plt.subplots(figsize=(6, 3.6))
     smooth = loss.size >= 40
-    ax.plot(kimg, loss, color="tab:blue", alpha=0.35 if smooth else 1.0, lw=0.8 if smooth else 1.5, marker=None if smooth else "o",
-            ms=3, label="mean over each tick")
+    ax.plot(
+        kimg,
+        loss,
+        color="tab:blue",
+        alpha=0.35 if smooth else 1.0,
+        lw=0.8 if smooth else 1.5,
+        marker=None if smooth else "o",
+        ms=3,
+        label="mean over each tick",
+    )
     if smooth:
         k = loss.size // 20
-        ax.plot(kimg[k - 1:], np.convolve(loss, np.ones(k) / k, mode="valid"), color="tab:blue", lw=1.8,
-                label=f"moving average of {k} ticks")
+        ax.plot(
+            kimg[k - 1 :],
+            np.convolve(loss, np.ones(k) / k, mode="valid"),
+            color="tab:blue",
+            lw=1.8,
+            label=f"moving average of {k} ticks",
+        )
     if loss.size and np.all(loss > 0):
         ax.set_yscale("log")
     ax.set_xlabel("training images seen (kimg)")
@@ -109,10 +152,17 @@ def save_loss_curve(kimg: Sequence[float], loss: Sequence[float], path: str, tit
     return save_figure(fig, path)
 
 
-def save_sweep_figure(curves: Dict[str, Tuple[Sequence[float], Sequence[float], Sequence[float]]], path: str,
-                      xlabel: str, ylabel: str, title: str, floor: Optional[float] = None,
-                      xticks: Optional[Sequence[float]] = None, categorical: bool = False,
-                      logy: bool = True) -> str:
+def save_sweep_figure(
+    curves: Dict[str, Tuple[Sequence[float], Sequence[float], Sequence[float]]],
+    path: str,
+    xlabel: str,
+    ylabel: str,
+    title: str,
+    floor: Optional[float] = None,
+    xticks: Optional[Sequence[float]] = None,
+    categorical: bool = False,
+    logy: bool = True,
+) -> str:
     """One line per label: curves[label] = (x, mean, spread); spread drawn as error bars.
     `floor` (e.g. held-out real data) is drawn as a dashed horizontal line. categorical:
     the values of `xticks` are placed at equal spacing, in the given order (e.g. bit widths)."""
@@ -121,8 +171,15 @@ def save_sweep_figure(curves: Dict[str, Tuple[Sequence[float], Sequence[float], 
     position = {v: i for i, v in enumerate(xticks)} if categorical and xticks is not None else None
     for label, (x, mean, spread) in curves.items():
         xs = [position[v] for v in x] if position is not None else x
-        ax.errorbar(np.asarray(xs, dtype=np.float64), np.asarray(mean, dtype=np.float64),
-                    yerr=np.asarray(spread, dtype=np.float64), marker="o", ms=4, capsize=3, label=label)
+        ax.errorbar(
+            np.asarray(xs, dtype=np.float64),
+            np.asarray(mean, dtype=np.float64),
+            yerr=np.asarray(spread, dtype=np.float64),
+            marker="o",
+            ms=4,
+            capsize=3,
+            label=label,
+        )
     if floor is not None and math.isfinite(floor):
         ax.axhline(floor, color="gray", ls="--", lw=1, label="held-out real digits (reference)")
     if xticks is not None:

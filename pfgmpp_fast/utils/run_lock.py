@@ -11,6 +11,7 @@ Under torch.distributed rank 0 holds the lock for the job and every rank gets th
 flock is local to one machine unless the file system forwards it (NFSv4, Lustre with
 ``flock``): on other shared file systems it protects only against jobs on the same host.
 """
+
 from __future__ import annotations
 
 import datetime
@@ -27,7 +28,7 @@ from pfgmpp_fast.utils import distributed
 __all__ = ["LOCK_NAME", "RunDirectoryBusy", "RunLock", "acquire_run_dir", "read_holder"]
 
 LOCK_NAME = ".pfgmpp_fast.lock"
-_held: dict = {}          # realpath -> [fd, depth]: re-entrant within one process
+_held: dict = {}  # realpath -> [fd, depth]: re-entrant within one process
 
 
 class RunDirectoryBusy(RuntimeError):
@@ -46,8 +47,10 @@ def read_holder(directory: str) -> Optional[dict]:
 def _describe(holder: Optional[dict]) -> str:
     if not holder:
         return "a job that has not written its details yet"
-    text = (f"pid {holder.get('pid')} on host {holder.get('host')}, started {holder.get('started')}, "
-            f"command: {holder.get('command')}")
+    text = (
+        f"pid {holder.get('pid')} on host {holder.get('host')}, started {holder.get('started')}, "
+        f"command: {holder.get('command')}"
+    )
     return text + (f" ({holder['torchelastic']})" if holder.get("torchelastic") else "")
 
 
@@ -65,15 +68,22 @@ def _acquire(directory: str, purpose: str) -> Optional[str]:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             os.close(fd)
-            return (f"{directory} is in use by another job ({_describe(read_holder(directory))}); "
-                    f"wait for it to finish or stop it, or use another directory for this {purpose}")
+            return (
+                f"{directory} is in use by another job ({_describe(read_holder(directory))}); "
+                f"wait for it to finish or stop it, or use another directory for this {purpose}"
+            )
         if _same_file(fd, path):
             break
-        os.close(fd)            # the previous holder removed this file as we opened it: take the new one
-    holder = dict(host=socket.gethostname(), pid=os.getpid(), purpose=purpose,
-                  started=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-                  command=shlex.join(getattr(sys, "orig_argv", sys.argv)), torchelastic=distributed.elastic_info())
-    os.ftruncate(fd, 0)         # the lock file itself, in place: the lock lives on this inode
+        os.close(fd)  # the previous holder removed this file as we opened it: take the new one
+    holder = dict(
+        host=socket.gethostname(),
+        pid=os.getpid(),
+        purpose=purpose,
+        started=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        command=shlex.join(getattr(sys, "orig_argv", sys.argv)),
+        torchelastic=distributed.elastic_info(),
+    )
+    os.ftruncate(fd, 0)  # the lock file itself, in place: the lock lives on this inode
     os.pwrite(fd, (json.dumps(holder, sort_keys=True) + "\n").encode(), 0)
     os.fsync(fd)
     _held[key] = [fd, 1]
@@ -97,10 +107,10 @@ def _release(directory: str) -> None:
     if entry[1] == 0:
         del _held[key]
         try:
-            os.unlink(os.path.join(directory, LOCK_NAME))     # still ours: the directory keeps only results
+            os.unlink(os.path.join(directory, LOCK_NAME))  # still ours: the directory keeps only results
         except FileNotFoundError:
             pass
-        os.close(entry[0])      # closing the descriptor drops the flock
+        os.close(entry[0])  # closing the descriptor drops the flock
 
 
 class RunLock:
@@ -127,6 +137,7 @@ def acquire_run_dir(directory: str, purpose: str = "run") -> RunLock:
     refusal = _acquire(directory, purpose) if distributed.get_rank() == 0 else None
     if distributed.is_enabled():
         import torch
+
         verdict = [refusal]
         torch.distributed.broadcast_object_list(verdict, src=0)
         refusal = verdict[0]
