@@ -8,8 +8,10 @@ setup:
 demo: setup
 	$(PYTHON) -m pfgmpp_fast demo
 
+# Two workers, whole files each (the machine's 2 cores; a file's tests share their fixtures).
+TEST_WORKERS ?= 2
 test: setup
-	$(PYTHON) -m pytest
+	$(PYTHON) -m pytest -n $(TEST_WORKERS) --dist loadfile
 
 bench: setup
 	$(PYTHON) -m pfgmpp_fast bench
