@@ -150,3 +150,29 @@ def run_ranks(worker, world, workdir, *args, timeout=TIMEOUT_S):
         problems.append(f"rank {rank} failed during {phase} ({how})")
     if problems:
         pytest.fail("; ".join(problems) + " (the ranks' output is in the captured stderr)")
+
+
+def tiny_run_options(run_dir, steps, batch, network, **extra):
+    """run_training options of a tiny CPU run on the digits: one tick per step, `steps` steps,
+    no snapshots or states unless `extra` asks for them."""
+    options = dict(
+        run_dir=str(run_dir),
+        data="digits",
+        batch=batch,
+        network=network,
+        duration_kimg=steps * batch / 1000,
+        tick_kimg=batch / 1000,
+        snap_ticks=None,
+        dump_ticks=None,
+        lr=2e-3,
+        lr_rampup_kimg=batch * 2 / 1000,
+        dropout=0.0,
+        augment=0.0,
+        precision="fp32",
+        compile=False,
+        channels_last=False,
+        progress=False,
+        device="cpu",
+    )
+    options.update(extra)
+    return options

@@ -11,6 +11,7 @@ import zipfile
 import numpy as np
 import pytest
 import torch
+from helpers import tiny_run_options
 
 from pfgmpp_fast import checkpoint as ck
 from pfgmpp_fast import cli
@@ -31,27 +32,7 @@ def _net(seed=0):
 
 
 def tiny(run_dir, steps, batch=8, **extra):
-    o = dict(
-        run_dir=str(run_dir),
-        data="digits",
-        batch=batch,
-        network=TINY_NET,
-        duration_kimg=steps * batch / 1000,
-        tick_kimg=batch / 1000,
-        snap_ticks=None,
-        dump_ticks=None,
-        lr=2e-3,
-        lr_rampup_kimg=batch * 2 / 1000,
-        dropout=0.0,
-        augment=0.0,
-        precision="fp32",
-        compile=False,
-        channels_last=False,
-        progress=False,
-        device="cpu",
-    )
-    o.update(extra)
-    return o
+    return tiny_run_options(run_dir, steps, batch, extra.pop("network", TINY_NET), **extra)
 
 
 def _flip(path, offset, count):

@@ -11,6 +11,7 @@ import sys
 import numpy as np
 import pytest
 import torch
+from helpers import tiny_run_options
 
 from pfgmpp_fast import ops
 from pfgmpp_fast.checkpoint import find_latest_snapshot
@@ -26,31 +27,9 @@ FUSED_BACKEND = "cpu" if ops.has_extension() else "triton"
 
 def tiny(run_dir, steps, batch=16, **extra):
     """Options of a tiny CPU run: one tick per step, `steps` steps."""
-    o = dict(
-        run_dir=str(run_dir),
-        data="digits",
-        arch="ddpmpp",
-        D=128,
-        batch=batch,
-        network=TINY_NET,
-        duration_kimg=steps * batch / 1000,
-        tick_kimg=batch / 1000,
-        snap_ticks=None,
-        dump_ticks=None,
-        lr=2e-3,
-        lr_rampup_kimg=batch * 2 / 1000,
-        ema_halflife_kimg=0.1,
-        dropout=0.0,
-        augment=0.12,
-        precision="fp32",
-        compile=False,
-        channels_last=False,
-        progress=False,
-        seed=3,
-        device="cpu",
-    )
-    o.update(extra)
-    return o
+    options = dict(arch="ddpmpp", D=128, ema_halflife_kimg=0.1, augment=0.12, seed=3)
+    options.update(extra)
+    return tiny_run_options(run_dir, steps, batch, options.pop("network", TINY_NET), **options)
 
 
 def read_stats(run_dir):
