@@ -1,5 +1,6 @@
 """The robustness experiment in its tiny (CI) configuration: end to end, files, resume."""
 
+import argparse
 import csv
 import json
 import os
@@ -212,3 +213,40 @@ def test_config_ema_lengths():
     for bad in ([0.0], [-0.1], [0.5], [0.05, 0.05], ["0.1"], [True]):
         with pytest.raises(ValueError, match="ema values"):
             make_config(ema=bad)
+
+
+def test_nfe_values_option_builds_the_grid_for_every_solver(capsys):
+    """`--nfe-values`: odd NFE only (Heun: 2·steps − 1), and every NFE sweep samples at those NFE."""
+    from pfgmpp_fast import cli
+    from pfgmpp_fast.apps.experiments import add_arguments, distinct_points, make_config, steps_for_nfe
+    from pfgmpp_fast.apps.robustness_report import sweep_points, sweeps
+    from pfgmpp_fast.sampler import SamplerOptions
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    wanted = [3, 5, 7, 9, 13, 21, 35]
+    args = parser.parse_args(["robustness", "--nfe-values", " 3,5,7, 9,13,21,35"])
+    assert args.nfe_values == wanted and parser.parse_args(["robustness"]).nfe_values is None
+    config = make_config(steps=steps_for_nfe(args.nfe_values))
+    assert config["steps"] == [2, 3, 4, 5, 7, 11, 18]
+    points = distinct_points(config)
+    nfe_sweeps = [s for s in sweeps(config) if s.startswith("nfe")]
+    assert nfe_sweeps == ["nfe", "nfe-euler", "nfe-dpmpp2m", "nfe-ipndm", "nfe-ipndm_v"]
+    for sweep in nfe_sweeps:
+        grid = sweep_points(config, sweep)
+        assert [x for x, _ in grid] == wanted, sweep
+        for x, name in grid:  # the NFE the sampler will actually spend on that point
+            p = points[name]
+            assert SamplerOptions(num_steps=p["steps"], solver=p.get("solver", "heun")).nfe == x, (sweep, name)
+    for text, shown in (
+        ("4,5", "4: not an odd"),
+        ("0", "0: not an odd"),
+        ("3,3", "got 3, 3"),
+        ("a", "'a'"),
+        ("", "none"),
+    ):
+        code = cli.main(["experiment", "robustness", "--nfe-values", text, "--outdir", "unused"])
+        err = capsys.readouterr().err
+        assert code == 2 and "--nfe-values" in err and shown in err and "Traceback" not in err, (text, err)
+    with pytest.raises(ValueError, match="nfe_values: must be distinct odd integers"):
+        steps_for_nfe([1, 2])

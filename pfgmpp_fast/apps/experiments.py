@@ -11,7 +11,8 @@ a user check that with the package's own tools on data that ships with it:
    the power-function EMAs digits.PHEMA_TRACKED (snapshots every 1/20 of the run);
 2. sweep each trained (EMA) network over α (robustness noise), weight bit widths
    (quantize.py, per-channel symmetric fake quantisation) and NFE (Heun: NFE = 2·steps − 1;
-   the same NFE values for each solver of `nfe_solvers`, whose steps are their NFE);
+   the same NFE values for each solver of `nfe_solvers`, whose steps are their NFE; on the
+   command line `--nfe-values 3,5,7`: odd values only, the NFE Heun can reach);
    the base point of every sweep is α = 0, 32 bits, 18 steps (35 NFE), computed once; and
    sweep the EMA length (`ema`): the network reconstructed post hoc for each length
    (pfgmpp_fast/phema.py, EDM2) at the base point's sampler settings;
@@ -70,7 +71,7 @@ from pfgmpp_fast.evaluation.sweep import Point, PointNetwork, score_point
 from pfgmpp_fast.phema import STD_MAX
 from pfgmpp_fast.training.report import stat_value
 from pfgmpp_fast.utils import distributed
-from pfgmpp_fast.utils.cli_errors import add_threads_argument
+from pfgmpp_fast.utils.cli_errors import InvalidValue, add_threads_argument, checked
 from pfgmpp_fast.utils.io_utils import append_line, atomic_save_json
 
 __all__ = [
@@ -80,6 +81,8 @@ __all__ = [
     "run_robustness",
     "make_config",
     "distinct_points",
+    "steps_for_nfe",
+    "parse_nfe_values",
     "add_arguments",
     "main",
 ]
@@ -155,6 +158,33 @@ def make_config(tiny: bool = False, **overrides) -> dict:
     config["ema"] = [float(e) for e in config["ema"]]
     config["duration_kimg"] = float(config["duration_kimg"])
     return config
+
+
+def steps_for_nfe(nfe_values) -> List[int]:
+    """The config's `steps` (Heun's) for the NFE values of the NFE sweeps. Heun costs 2·steps − 1
+    network evaluations and every other solver one per step (steps = NFE), so each NFE must be
+    odd for Heun to reach it; the values must be distinct ints >= 1."""
+    values = list(nfe_values)
+    bad = [n for n in values if isinstance(n, bool) or not isinstance(n, int) or n < 1 or n % 2 == 0]
+    if bad or not values or len(set(values)) != len(values):
+        raise InvalidValue(
+            "nfe_values",
+            "must be distinct odd integers >= 1 (Heun's NFE is 2·steps − 1; the other solvers take "
+            f"NFE steps), got {', '.join(map(str, values)) or 'none'}"
+            + (f" ({', '.join(map(str, bad))}: not an odd integer >= 1)" if bad else ""),
+            sep=": ",
+        )
+    return [(n + 1) // 2 for n in values]
+
+
+def parse_nfe_values(text: str) -> List[int]:
+    """`--nfe-values 3,5,7`: the NFE values (checked by steps_for_nfe)."""
+    try:
+        values = [int(t) for t in text.split(",") if t.strip()]
+    except ValueError:
+        raise InvalidValue("nfe_values", f"must be comma-separated odd integers >= 1, got {text!r}", sep=": ") from None
+    steps_for_nfe(values)
+    return values
 
 
 def distinct_points(config: dict) -> Dict[str, dict]:
@@ -450,6 +480,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sets", type=int, default=None, help="seed sets per point (default 3; --tiny 2)")
     p.add_argument("--seed", type=int, default=None, help="training seed (default 0), e.g. for a replicate run")
     p.add_argument("--D-values", dest="D_values", default=None, help="comma-separated D values, e.g. 8,128,inf")
+    p.add_argument(
+        "--nfe-values",
+        dest="nfe_values",
+        type=checked(parse_nfe_values, "NFE values"),
+        default=None,
+        help="comma-separated NFE of every NFE sweep, odd (Heun: 2·steps − 1; the other solvers: "
+        f"steps = NFE), e.g. 3,5,7,9,13,21,35 (default {','.join(str(2 * s - 1) for s in FULL_CONFIG['steps'])}; "
+        f"--tiny {','.join(str(2 * s - 1) for s in TINY_CONFIG['steps'])})",
+    )
     p.add_argument("--backend", default="auto", help="kernel backend: auto, cpu, cuda, triton, reference")
     add_threads_argument(p)
     p.add_argument(
@@ -479,6 +518,7 @@ def main(args) -> int:
         duration_kimg=args.duration,
         sets=args.sets,
         D_values=D_values,
+        steps=None if args.nfe_values is None else steps_for_nfe(args.nfe_values),
         seed=args.seed,
     )
     return 0
