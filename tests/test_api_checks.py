@@ -204,6 +204,35 @@ def test_sample_reports_a_network_returning_nonfinite_at_its_step(bad, call, ste
         pf.sample(net, latents, 8, 0, torch.tensor([30, 31, 32]), num_steps=3)
 
 
+class OneBadElement(nn.Module):
+    """A plain denoiser x -> x/2 that writes `value` into one element of one sample at the
+    calls given as {call index: (sample, flat element index)}."""
+
+    def __init__(self, value, where):
+        super().__init__()
+        self.value, self.where, self.calls, self.D = value, where, 0, 8.0
+
+    def forward(self, x, sigma, class_labels=None):
+        out = x * 0.5
+        if self.calls in self.where:
+            row, element = self.where[self.calls]
+            out[row].view(-1)[element] = self.value
+        self.calls += 1
+        return out
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+@pytest.mark.parametrize("solver", ["heun", "euler", "dpmpp2m", "ipndm"])
+def test_sample_reports_one_nonfinite_element_per_seed_at_its_first_step(bad, solver):
+    """A single NaN/±Inf element anywhere in a sample's network output is caught, per seed, at
+    the first step it appeared in (Heun: calls 0,1 | 2,3 | 4,5 | 6; else one call per step)."""
+    calls = {"heun": (1, 4, 6)}.get(solver, (0, 2, 3))
+    where = {calls[0]: (2, 47), calls[1]: (0, 0), calls[2]: (2, 5)}  # seed 22 twice: its first step counts
+    net = OneBadElement(bad, where)
+    with pytest.raises(FloatingPointError, match=r"seeds \[20, 22\] \(first at step \[0, 2\] of steps 0..3\)"):
+        pf.sample(net, torch.randn(3, 3, 4, 4) * 80, 8, 0, torch.tensor([20, 21, 22]), num_steps=4, solver=solver)
+
+
 def test_sample_reads_the_flags_once_not_per_step(monkeypatch):
     """The NaN/Inf flags stay on the device during the loop: one read (.cpu()) per call."""
     reads = []
