@@ -1,6 +1,8 @@
 """The public API checks its arguments once at the boundary and reports NaN/Inf (docs/DESIGN.md §7):
 perturb, training_loss, sample and generate_images; sampling keeps no autograd graph."""
 
+import re
+import sys
 import warnings
 
 import pytest
@@ -138,6 +140,48 @@ def test_device_report_reads_negative_ids_once():
 
 
 # ------------------------------------------------------------------------------------ NaN / Inf
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("fn", ["perturb", "perturb_net_input"])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -1.0, 0.0, 1e31])
+def test_perturb_reports_sigma_out_of_range_with_its_value(backend, fn, bad):
+    y = torch.randn(3, 1, 4, 4)
+    with pytest.raises(ValueError, match=rf"sigma must be in \(0, 1e\+30\], got {re.escape(repr(bad))}"):
+        getattr(pf, fn)(y, torch.tensor([0.5, bad, bad], dtype=torch.float64), 8, 0, torch.arange(3), backend=backend)
+    y[0, 0, 0, 0] = float("nan")  # σ is checked first
+    with pytest.raises(ValueError, match=r"sigma must be in"):
+        getattr(pf, fn)(y, bad, 8, 0, torch.arange(3), backend=backend)
+
+
+HOST_READS = ("item", "tolist", "cpu", "numpy", "__bool__", "__int__", "__float__", "__index__")
+
+
+def _count_host_reads(monkeypatch):
+    """Every read of tensor values by the host (a device sync on a GPU), by the function that
+    made it."""
+    reads = []
+    for name in HOST_READS:
+
+        def counting(self, *args, _original=getattr(torch.Tensor, name), **kwargs):
+            reads.append(sys._getframe(1).f_code.co_name)
+            return _original(self, *args, **kwargs)
+
+        monkeypatch.setattr(torch.Tensor, name, counting)
+    return reads
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("fn", ["perturb", "perturb_net_input"])
+def test_perturb_reads_the_device_once(backend, fn, monkeypatch):
+    """σ's range, negative ids and NaN/Inf in y are checked on the device and read together:
+    one host sync per call (σ's range used to be a read of its own)."""
+    y, sigma, ids = torch.randn(3, 1, 4, 4), torch.tensor([0.5, 1.0, 80.0]), torch.arange(3)
+    reads = _count_host_reads(monkeypatch)
+    getattr(pf, fn)(y, sigma, 8, 0, ids, backend=backend)
+    getattr(pf, fn)(y, 2.0, 8, 0, ids, backend=backend)
+    # check_sample_ids reads the ids' sign on the host only when they are host tensors (free there)
+    assert [r for r in reads if r != "check_sample_ids"] == ["raise_if_any"] * 2, reads
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
