@@ -28,6 +28,7 @@ from pfgmpp_fast import reference_multistep as RM
 from pfgmpp_fast.guidance import UNCOND, Guide, check_guide
 from pfgmpp_fast.networks import is_precond_net
 from pfgmpp_fast.utils import distributed
+from pfgmpp_fast.utils.cli_errors import InvalidValue
 
 __all__ = ["SamplerOptions", "SOLVERS", "UNCOND", "sampler_options", "split_sampler_options", "sample", "Sampler"]
 
@@ -157,8 +158,11 @@ class _NetAdapter:
         levels = sorted(set(levels))
         dtype = torch.float32 if self.precond_in_kernels else net_dtype
         values = [R.coefficients(t, self.sd)[3] for t in levels] if self.precond_in_kernels else levels
+        values = torch.tensor(values, dtype=dtype)  # on the host
+        if not bool(torch.isfinite(values).all()):  # torch.full would refuse to convert them
+            raise InvalidValue("net_dtype", f"{dtype} cannot hold the denoiser's σ input up to {max(levels):g}")
         table = torch.empty(len(levels), -(-self.B // _ROW_ALIGN) * _ROW_ALIGN, dtype=dtype)
-        table[:, : self.B] = torch.tensor(values, dtype=dtype).unsqueeze(1)
+        table[:, : self.B] = values.unsqueeze(1)
         rows = distributed.to_device(table, self.device)[:, : self.B].unbind(0)
         self.noise_inputs = dict(zip(levels, rows))
 

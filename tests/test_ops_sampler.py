@@ -229,6 +229,13 @@ def test_ops_per_step(precond, solver):
     )
 
 
+def test_a_net_dtype_that_cannot_hold_sigma_is_named():
+    """A plain denoiser takes σ in net_dtype: float16 overflows above 65504 (torch.full refused it)."""
+    den = R.optimal_denoiser(_data(), 128.0)
+    with pytest.raises(ValueError, match=r"net_dtype torch.float16 cannot hold the denoiser's σ input up to 100000"):
+        sample(den, torch.randn(2, 2, 3, 3), 128, 1, torch.arange(2), sigma_max=1e5, net_dtype=torch.float16)
+
+
 def test_sample_validation():
     den = R.optimal_denoiser(_data(), 128.0)
     lat = torch.randn(2, 2, 3, 3)
