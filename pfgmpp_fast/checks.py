@@ -173,17 +173,24 @@ def check_sampler_options(solver, S_churn, S_min, S_max, S_noise, alpha, dtype) 
         raise TypeError(f"dtype must be torch.float32 or torch.float64, got {dtype}")
 
 
-def check_sigma(sigma, batch, device, dtype) -> torch.Tensor:
-    """σ as a [B] tensor; a scalar is broadcast. Must be in (0, MAX_SIGMA]."""
+def check_sigma(sigma, batch, device, dtype, report: DeviceReport | None = None) -> torch.Tensor:
+    """σ as a [B] tensor; a scalar is broadcast. Must be in (0, MAX_SIGMA] (NaN fails too): checked
+    here (a host read), or with `report` added to the call's one read (a ValueError from
+    `report.raise_if_any()`)."""
     sigma = torch.as_tensor(sigma, dtype=dtype, device=device)
     if sigma.dim() == 0:
         sigma = sigma.expand(batch)
     sigma = sigma.reshape(-1)
     if sigma.shape[0] != batch:
         raise ValueError(f"sigma must be a scalar or have shape [{batch}], got {tuple(sigma.shape)}")
-    if sigma.numel() and not bool(((sigma > 0) & (sigma <= MAX_SIGMA)).all()):  # NaN fails too
-        bad = sigma[~((sigma > 0) & (sigma <= MAX_SIGMA))][0].item()
-        raise ValueError(f"sigma must be in (0, {MAX_SIGMA:g}], got {bad}")
+    if not sigma.numel():
+        return sigma
+    bad = ~((sigma > 0) & (sigma <= MAX_SIGMA))
+    explain = lambda rows, _: f"sigma must be in (0, {MAX_SIGMA:g}], got {sigma[rows[0]].item()}"  # noqa: E731
+    if report is not None and not torch.compiler.is_compiling():
+        report.add(bad, explain, ValueError)
+    elif bool(bad.any()):
+        raise ValueError(explain(bad.nonzero()[0].tolist(), None))
     return sigma
 
 

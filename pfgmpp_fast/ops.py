@@ -231,11 +231,11 @@ def training_scalars_unchecked(key: int, sample_ids: Tensor, D: float, P_mean: f
     return sigma, _noise_scale(sigma, D, key, sample_ids, backend)
 
 
-def _report_input(y: Tensor, sample_ids: Tensor, name: str = "y") -> None:
-    """NaN/Inf in the input and negative ids (on a GPU), read once (one host sync) per call."""
+def _report_input(report: checks.DeviceReport, y: Tensor, sample_ids: Tensor, name: str = "y") -> None:
+    """σ out of range (added by check_sigma), negative ids (on a GPU) and NaN/Inf in the input,
+    read once (the call's one host sync)."""
     if torch.compiler.is_compiling():
         return
-    report = checks.DeviceReport()
     report.ids(sample_ids)
     report.nonfinite(name, y, sample_ids)
     report.raise_if_any()
@@ -245,13 +245,14 @@ def perturb(y: Tensor, sigma, D, key, sample_ids, backend: str = "auto") -> Tens
     """x = y + σ·√(D/V)·g in one fused pass (reference.perturb); y's dtype and memory format.
     NaN/Inf in y is an error naming the sample ids."""
     key, D, sample_ids = checks.check_common("y", y, key, D, sample_ids)
-    sigma = checks.check_sigma(sigma, y.shape[0], y.device, torch.float64)
+    report = checks.DeviceReport()
+    sigma = checks.check_sigma(sigma, y.shape[0], y.device, torch.float64, report)
     cd = R.compute_dtype(y)
     s = _noise_scale(sigma, D, key, sample_ids, backend).to(cd)
     x, _ = perturb_op(
         y, s, torch.ones_like(s), sample_ids, key, R.STREAM_NOISE, y.dtype, is_channels_last(y), False, backend=backend
     )
-    _report_input(y, sample_ids)
+    _report_input(report, y, sample_ids)
     return x
 
 
@@ -271,14 +272,15 @@ def perturb_net_input(
     key, D, sample_ids = checks.check_common("y", y, key, D, sample_ids)
     if out_dtype not in NET_DTYPES:
         raise TypeError(f"out_dtype must be one of {NET_DTYPES}, got {out_dtype}")
-    sigma = checks.check_sigma(sigma, y.shape[0], y.device, torch.float64)
+    report = checks.DeviceReport()
+    sigma = checks.check_sigma(sigma, y.shape[0], y.device, torch.float64, report)
     c_in = R.precond(sigma, sigma_data)[2]
     cd = R.compute_dtype(y)
     s = _noise_scale(sigma, D, key, sample_ids, backend).to(cd)
     out = perturb_op(
         y, s, c_in.to(cd), sample_ids, key, R.STREAM_NOISE, out_dtype, channels_last, write_x, backend=backend
     )
-    _report_input(y, sample_ids)
+    _report_input(report, y, sample_ids)
     return out
 
 

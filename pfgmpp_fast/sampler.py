@@ -7,7 +7,8 @@ Per step i (t̂ = t_i(1+γ)), the kernel calls are
 with d = A·x + Bf·F (A = (1 − c_skip)/t, Bf = −c_out/t).  Euler steps (the last one, or
 solver='euler') are one call.  The multistep solvers (DPM-Solver++(2M), iPNDM, iPNDM-v:
 one network evaluation per step) are `_MultistepStepper`, on the same op.  All schedule
-scalars are Python floats computed once; nothing goes back to the host inside the loop.
+scalars are Python floats computed once, the network's noise inputs one table sent once per
+call; nothing goes back to the host inside the loop.
 
 The settings are one frozen `SamplerOptions`, checked when built; `sample` and `Sampler` take
 it as `options=` and/or its fields as keywords (`sampler_options`).
@@ -26,6 +27,8 @@ from pfgmpp_fast import reference as R
 from pfgmpp_fast import reference_multistep as RM
 from pfgmpp_fast.guidance import UNCOND, Guide, check_guide
 from pfgmpp_fast.networks import is_precond_net
+from pfgmpp_fast.utils import distributed
+from pfgmpp_fast.utils.cli_errors import InvalidValue
 
 __all__ = ["SamplerOptions", "SOLVERS", "UNCOND", "sampler_options", "split_sampler_options", "sample", "Sampler"]
 
@@ -141,33 +144,70 @@ class _NetAdapter:
         self.precond_in_kernels = is_precond_net(net) and (guide is None or guide.raw_compatible)
         self.net, self.B, self.device, self.labels, self.guide = net, B, device, class_labels, guide
         self.sd = float(net.sigma_data) if self.precond_in_kernels else None
+        self.noise_inputs = {}
 
     def coeffs(self, t: float):
         """(c_skip, c_out, c_in) at noise level t as Python floats."""
         return R.coefficients(t, self.sd)[:3] if self.precond_in_kernels else (0.0, 1.0, 1.0)
 
+    def prepare(self, levels, net_dtype) -> None:
+        """The network's noise input [B] at every noise level of the call (c_noise, or σ in
+        `net_dtype` for a plain denoiser), made on the host and sent in one copy, so the step
+        loop launches nothing for it. The values are converted as torch.full converts them (one
+        conversion, c10::convert), and each row starts aligned like a fresh allocation."""
+        levels = sorted(set(levels))
+        dtype = torch.float32 if self.precond_in_kernels else net_dtype
+        values = [R.coefficients(t, self.sd)[3] for t in levels] if self.precond_in_kernels else levels
+        values = torch.tensor(values, dtype=dtype)  # on the host
+        if not bool(torch.isfinite(values).all()):  # torch.full would refuse to convert them
+            raise InvalidValue("net_dtype", f"{dtype} cannot hold the denoiser's σ input up to {max(levels):g}")
+        table = torch.empty(len(levels), -(-self.B // _ROW_ALIGN) * _ROW_ALIGN, dtype=dtype)
+        table[:, : self.B] = values.unsqueeze(1)
+        rows = distributed.to_device(table, self.device)[:, : self.B].unbind(0)
+        self.noise_inputs = dict(zip(levels, rows))
+
     def __call__(self, net_in, t: float):
+        noise = self.noise_inputs[t]
         if self.precond_in_kernels:
-            c_noise = torch.full((self.B,), R.coefficients(t, self.sd)[3], dtype=torch.float32, device=self.device)
             if self.guide is not None:
-                return self.guide.raw(net_in, c_noise)
-            return self.net.raw(net_in, c_noise, self.labels)
-        sigma = torch.full((self.B,), t, dtype=net_in.dtype, device=self.device)
+                return self.guide.raw(net_in, noise)
+            return self.net.raw(net_in, noise, self.labels)
         if self.guide is not None:
-            return self.guide.denoise(net_in, sigma)
-        return self.net(net_in, sigma, self.labels)
+            return self.guide.denoise(net_in, noise)
+        return self.net(net_in, noise, self.labels)
+
+
+_ROW_ALIGN = 128  # elements: 512 bytes in float32, the CUDA caching allocator's alignment
 
 
 class _StepFlags:
-    """Per-seed index of the first step whose network output held NaN/Inf (-1: none), kept on
-    the device: a few elementwise kernels per step, read once at the end of the call."""
+    """Per-seed index of the first step whose network output held NaN/Inf (-1: none). One
+    reduction per network evaluation, kept on the device: max |F| per sample (an ∞-norm, which
+    propagates NaN, so it is finite exactly when every element is); `first` reduces them once
+    at the end of the call."""
 
     def __init__(self, B, device):
-        self.first = torch.full((B,), -1, dtype=torch.int64, device=device)
+        self.B, self.device = B, device
+        self.peaks = []  # per step: the max |F| [B] of each of its network evaluations
 
     def update(self, F, step: int):
-        bad = ~torch.isfinite(F).flatten(1).all(dim=1)
-        self.first = torch.where((self.first < 0) & bad, step, self.first)
+        with torch.no_grad():
+            peak = torch.linalg.vector_norm(F, math.inf, dim=tuple(range(1, F.dim())))
+        if step == len(self.peaks):
+            self.peaks.append([peak])
+        else:
+            self.peaks[step].append(peak)
+
+    @property
+    def first(self) -> torch.Tensor:
+        if not self.peaks:
+            return torch.full((self.B,), -1, dtype=torch.int64, device=self.device)
+        n, k = len(self.peaks), max(map(len, self.peaks))  # k evaluations per step: repeat a step's last
+        rows = [step[min(j, len(step) - 1)] for step in self.peaks for j in range(k)]
+        bad = ~torch.isfinite(torch.stack(rows).view(n, k, self.B)).all(dim=1)
+        steps = torch.arange(n, dtype=torch.int64, device=self.device).unsqueeze(1)
+        first = torch.where(bad, steps, n).amin(dim=0)
+        return torch.where(first == n, -1, first)
 
 
 def sample(
@@ -327,8 +367,14 @@ class _Stepper:
         )
         return y1, y2, (y1 if direct else net_in)
 
+    def noise_levels(self):
+        """Where the network is evaluated: t̂_i of every step, and t_{i+1} of each Heun correction."""
+        heun = self.t[1 : self.num_steps] if self.options.solver == "heun" else []
+        return [self.step_noise(i)[0] for i in range(self.num_steps)] + heun
+
     def run(self, x, flags: _StepFlags, progress: bool):
         adapter, t = self.adapter, self.t
+        adapter.prepare(self.noise_levels(), self.net_dtype)
         nz = self.step_noise(0)
         x_hat, _, net_in = self.update(x, None, None, 0.0, 0.0, 0.0, None, nz, self.c_in_of(nz))
         steps = range(self.num_steps)
@@ -374,8 +420,12 @@ class _MultistepStepper(_Stepper):
     one network evaluation per step (no churn: t̂_i = t_i). The history — D_{i−1}, or the slopes
     d_j — stays on the device as op outputs; all coefficients are Python floats."""
 
+    def noise_levels(self):
+        return self.t[: self.num_steps]
+
     def run(self, x, flags: _StepFlags, progress: bool):
         adapter, t = self.adapter, self.t
+        adapter.prepare(self.noise_levels(), self.net_dtype)
         nz = self.step_noise(0)
         x, _, net_in = self.update(x, None, None, 0.0, 0.0, 0.0, None, nz, self.c_in_of(nz))
         step = self.dpmpp2m_step if self.options.solver == "dpmpp2m" else self.ipndm_step

@@ -1,6 +1,8 @@
 """The public API checks its arguments once at the boundary and reports NaN/Inf (docs/DESIGN.md §7):
 perturb, training_loss, sample and generate_images; sampling keeps no autograd graph."""
 
+import re
+import sys
 import warnings
 
 import pytest
@@ -141,6 +143,48 @@ def test_device_report_reads_negative_ids_once():
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("fn", ["perturb", "perturb_net_input"])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -1.0, 0.0, 1e31])
+def test_perturb_reports_sigma_out_of_range_with_its_value(backend, fn, bad):
+    y = torch.randn(3, 1, 4, 4)
+    with pytest.raises(ValueError, match=rf"sigma must be in \(0, 1e\+30\], got {re.escape(repr(bad))}"):
+        getattr(pf, fn)(y, torch.tensor([0.5, bad, bad], dtype=torch.float64), 8, 0, torch.arange(3), backend=backend)
+    y[0, 0, 0, 0] = float("nan")  # σ is checked first
+    with pytest.raises(ValueError, match=r"sigma must be in"):
+        getattr(pf, fn)(y, bad, 8, 0, torch.arange(3), backend=backend)
+
+
+HOST_READS = ("item", "tolist", "cpu", "numpy", "__bool__", "__int__", "__float__", "__index__")
+
+
+def _count_host_reads(monkeypatch):
+    """Every read of tensor values by the host (a device sync on a GPU), by the function that
+    made it."""
+    reads = []
+    for name in HOST_READS:
+
+        def counting(self, *args, _original=getattr(torch.Tensor, name), **kwargs):
+            reads.append(sys._getframe(1).f_code.co_name)
+            return _original(self, *args, **kwargs)
+
+        monkeypatch.setattr(torch.Tensor, name, counting)
+    return reads
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("fn", ["perturb", "perturb_net_input"])
+def test_perturb_reads_the_device_once(backend, fn, monkeypatch):
+    """σ's range, negative ids and NaN/Inf in y are checked on the device and read together:
+    one host sync per call (σ's range used to be a read of its own)."""
+    y, sigma, ids = torch.randn(3, 1, 4, 4), torch.tensor([0.5, 1.0, 80.0]), torch.arange(3)
+    reads = _count_host_reads(monkeypatch)
+    getattr(pf, fn)(y, sigma, 8, 0, ids, backend=backend)
+    getattr(pf, fn)(y, 2.0, 8, 0, ids, backend=backend)
+    # check_sample_ids reads the ids' sign on the host only when they are host tensors (free there)
+    assert [r for r in reads if r != "check_sample_ids"] == ["raise_if_any"] * 2, reads
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])
 def test_perturb_reports_nonfinite_y(backend, bad):
     y = torch.randn(3, 1, 4, 4)
@@ -202,6 +246,35 @@ def test_sample_reports_a_network_returning_nonfinite_at_its_step(bad, call, ste
         FloatingPointError, match=rf"network returned NaN/Inf for seeds \[31\] \(first at step \[{step}\]"
     ):
         pf.sample(net, latents, 8, 0, torch.tensor([30, 31, 32]), num_steps=3)
+
+
+class OneBadElement(nn.Module):
+    """A plain denoiser x -> x/2 that writes `value` into one element of one sample at the
+    calls given as {call index: (sample, flat element index)}."""
+
+    def __init__(self, value, where):
+        super().__init__()
+        self.value, self.where, self.calls, self.D = value, where, 0, 8.0
+
+    def forward(self, x, sigma, class_labels=None):
+        out = x * 0.5
+        if self.calls in self.where:
+            row, element = self.where[self.calls]
+            out[row].view(-1)[element] = self.value
+        self.calls += 1
+        return out
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+@pytest.mark.parametrize("solver", ["heun", "euler", "dpmpp2m", "ipndm"])
+def test_sample_reports_one_nonfinite_element_per_seed_at_its_first_step(bad, solver):
+    """A single NaN/±Inf element anywhere in a sample's network output is caught, per seed, at
+    the first step it appeared in (Heun: calls 0,1 | 2,3 | 4,5 | 6; else one call per step)."""
+    calls = {"heun": (1, 4, 6)}.get(solver, (0, 2, 3))
+    where = {calls[0]: (2, 47), calls[1]: (0, 0), calls[2]: (2, 5)}  # seed 22 twice: its first step counts
+    net = OneBadElement(bad, where)
+    with pytest.raises(FloatingPointError, match=r"seeds \[20, 22\] \(first at step \[0, 2\] of steps 0..3\)"):
+        pf.sample(net, torch.randn(3, 3, 4, 4) * 80, 8, 0, torch.tensor([20, 21, 22]), num_steps=4, solver=solver)
 
 
 def test_sample_reads_the_flags_once_not_per_step(monkeypatch):

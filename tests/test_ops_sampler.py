@@ -1,5 +1,6 @@
 """Fused sampler update (op level) and the fused sample() vs reference.sample."""
 
+import collections
 import itertools
 import math
 
@@ -183,6 +184,56 @@ def test_sample_empty_batch(backend):
         backend=backend,
     )
     assert x.shape == (0, 2, 3, 3)
+
+
+class _ProfiledNet(nn.Module):
+    """x -> x/2 as an EDMPrecond-like raw network (precond) or a plain denoiser, its work
+    inside one profiler range, so that what the sampler itself launches can be counted apart."""
+
+    def __init__(self, precond):
+        super().__init__()
+        if precond:
+            self.sigma_data = 0.5
+            self.raw = lambda x_in, c_noise, labels=None: self.forward(x_in, c_noise)
+
+    def forward(self, x, noise, labels=None):
+        with torch.profiler.record_function("network"):
+            return x * 0.5 + noise.view(-1, 1, 1, 1)
+
+
+def _top_level_ops(net, num_steps, solver):
+    """The sampler's outermost op calls (each an aten/fused op: a kernel launch on a GPU, or a
+    view) in one call of `num_steps` steps, by name; the network counts as one call."""
+    seeds = torch.arange(3)
+    latents = R.prior((3, 1, 4, 4), 8.0, 80.0, 0, seeds)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        sample(net, latents, 8.0, 0, seeds, num_steps=num_steps, solver=solver, backend="cpu")
+    return collections.Counter(e.name for e in prof.events() if e.cpu_parent is None)
+
+
+@needs_ext
+@pytest.mark.parametrize("precond", [True, False], ids=["precond", "plain"])
+@pytest.mark.parametrize("solver", ["heun", "euler", "dpmpp2m"])
+def test_ops_per_step(precond, solver):
+    """One more step adds only its network evaluations, the fused updates and one NaN/Inf
+    reduction per evaluation: c_noise / σ come from a table made once per call, and the NaN/Inf
+    flags are reduced once at the end (before: 18 ops per Heun step — a torch.full and six flag
+    ops per evaluation)."""
+    net = _ProfiledNet(precond)
+    per_step = _top_level_ops(net, 6, solver)
+    per_step.subtract(_top_level_ops(net, 5, solver))
+    evaluations = 2 if solver == "heun" else 1
+    updates = {"heun": 2, "euler": 1, "dpmpp2m": 2}[solver]
+    assert +per_step == collections.Counter(
+        {"network": evaluations, "aten::linalg_vector_norm": evaluations, "pfgmpp_fast::sampler_update": updates}
+    )
+
+
+def test_a_net_dtype_that_cannot_hold_sigma_is_named():
+    """A plain denoiser takes σ in net_dtype: float16 overflows above 65504 (torch.full refused it)."""
+    den = R.optimal_denoiser(_data(), 128.0)
+    with pytest.raises(ValueError, match=r"net_dtype torch.float16 cannot hold the denoiser's σ input up to 100000"):
+        sample(den, torch.randn(2, 2, 3, 3), 128, 1, torch.arange(2), sigma_max=1e5, net_dtype=torch.float16)
 
 
 def test_sample_validation():

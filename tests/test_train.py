@@ -314,6 +314,29 @@ def test_nonfinite_losses_are_skipped_then_stop(tmp_path):
     assert all(int(s["step"]) == 0 for s in state["optimizer"]["state"].values())
 
 
+def test_a_step_with_a_nonfinite_gradient_is_skipped_and_counted(tmp_path, monkeypatch):
+    """A NaN in one parameter's gradient under a finite loss: the update is skipped on the
+    device (Adam's found_inf) and counted with the non-finite steps; training goes on."""
+    from pfgmpp_fast.training.loop import TrainingRun
+
+    accumulate = TrainingRun._accumulate_gradients
+
+    def poisoned(self, step_index):
+        step_loss = accumulate(self, step_index)
+        if step_index == 1:
+            self.params[len(self.params) // 2].grad.view(-1)[-1] = float("nan")
+        return step_loss
+
+    monkeypatch.setattr(TrainingRun, "_accumulate_gradients", poisoned)
+    run_training(**tiny(tmp_path, steps=3, dump_ticks=3))
+    stats = read_stats(tmp_path)
+    assert [s["Loss/nonfinite_steps"]["mean"] for s in stats] == [0, 1, 1]
+    assert [s["Loss/loss"]["num"] for s in stats] == [1, 0, 1]
+    state = read_state(tmp_path)
+    assert all(torch.isfinite(v).all() for v in state["net"].values())
+    assert all(int(s["step"]) == 2 for s in state["optimizer"]["state"].values())  # 3 steps, 1 skipped
+
+
 def test_cli_dry_run_defaults_are_the_published_recipe(capsys):
     parser = argparse.ArgumentParser()
     add_arguments(parser)

@@ -39,6 +39,7 @@ import numpy as np
 import torch
 
 from pfgmpp_fast.training.data_cache import Decoder, decode_to_array, load_cached
+from pfgmpp_fast.utils.distributed import needs_pinning, to_device
 
 __all__ = [
     "ImageDataset",
@@ -138,23 +139,11 @@ def pinned_empty(shape, dtype) -> torch.Tensor:
     return torch.empty(shape, dtype=dtype, pin_memory=True)
 
 
-def _needs_pinning(t: torch.Tensor, device: torch.device) -> bool:
-    return t.device.type == "cpu" and device.type != "cpu"
-
-
-def to_device(t: torch.Tensor, device) -> torch.Tensor:
-    """``t`` on ``device`` without a pageable host-to-device copy (pinned staging)."""
-    device = torch.device(device)
-    if _needs_pinning(t, device):
-        t = t.pin_memory()
-    return t.to(device, non_blocking=device.type != "cpu")  # a non_blocking copy to the host may not have landed
-
-
 def gather(source: torch.Tensor, index: torch.Tensor, device) -> torch.Tensor:
     """source[index] on ``device``: gathered where ``source`` lives, straight into pinned
     memory when that is the host and ``device`` an accelerator."""
     device = torch.device(device)
-    if _needs_pinning(source, device):
+    if needs_pinning(source, device):
         out = pinned_empty((index.numel(), *source.shape[1:]), source.dtype)
         return torch.index_select(source, 0, index, out=out).to(device, non_blocking=True)
     return source.index_select(0, index).to(device, non_blocking=device.type != "cpu")

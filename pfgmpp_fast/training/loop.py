@@ -284,9 +284,9 @@ class TrainingRun:
         return step_loss
 
     def _update(self, step_loss: torch.Tensor) -> torch.Tensor:
-        """Unscale and sanitise the gradients, then Adam at the scheduled rate; the update is
-        skipped on the device when the loss is not finite. Returns the step's loss summed over
-        the global batch (float64, on the device)."""
+        """Unscale and check the gradients, then Adam at the scheduled rate; the update is
+        skipped on the device (and counted) when the loss or a gradient is not finite. Returns
+        the step's loss summed over the global batch (float64, on the device)."""
         o = self.o
         # The step's loss summed over the global batch, in the one collective of the step's
         # bookkeeping: it is non-finite exactly when some rank's part is (a float64 sum of
@@ -298,7 +298,7 @@ class TrainingRun:
         grads = [p.grad for p in self.params]
         if o["loss_scaling"] != 1:
             torch._foreach_mul_(grads, 1.0 / o["loss_scaling"])
-        _sanitize_(grads)
+        _flag_nonfinite_grads(grads, self.found_inf)  # identical on every rank: the grads are all-reduced
         self.lr_schedule.apply(self.optimizer, self.cur_nimg)
         if self.fused:
             self.optimizer.found_inf = self.found_inf
@@ -493,14 +493,17 @@ def _aug_backend(backend):
     return "reference" if backend == "reference" else "auto"
 
 
-def _sanitize_(grads):
-    """EDM's nan_to_num(nan=0, posinf=1e5, neginf=-1e5) on every gradient, in a fixed number
-    of kernels: flatten into one buffer, clean it, copy back with one foreach copy."""
-    if not grads:
-        return
-    flat = torch._utils._flatten_dense_tensors(grads)
-    torch.nan_to_num_(flat, nan=0.0, posinf=1e5, neginf=-1e5)
-    torch._foreach_copy_(grads, torch._utils._unflatten_dense_tensors(flat, grads))
+def _flag_nonfinite_grads(grads, found_inf: torch.Tensor) -> None:
+    """Sets found_inf (float32 0-d, on the device) to 1 when any gradient holds NaN/Inf, so
+    that Adam skips the step and it is counted, as a step with a non-finite loss is. No host
+    sync and no copy: GradScaler's foreach check, one multi-tensor pass per gradient dtype
+    (it multiplies by 1, which leaves every value as it was)."""
+    one = torch.ones((), dtype=torch.float32, device=found_inf.device)
+    by_dtype = {}
+    for grad in grads:
+        by_dtype.setdefault(grad.dtype, []).append(grad)
+    for group in by_dtype.values():
+        torch._amp_foreach_non_finite_check_and_unscale_(group, found_inf, one)
 
 
 def _to_cpu(obj):

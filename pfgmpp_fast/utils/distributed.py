@@ -28,6 +28,8 @@ import torch
 
 __all__ = [
     "pick_device",
+    "needs_pinning",
+    "to_device",
     "set_cpu_threads",
     "init",
     "close",
@@ -70,6 +72,20 @@ def pick_device(name: Optional[str] = "auto") -> torch.device:
     elif device.type != "cpu":
         raise ValueError(f"device must be auto, cpu, cuda or cuda:N, got {name!r}")
     return device
+
+
+def needs_pinning(t: torch.Tensor, device: torch.device) -> bool:
+    """Whether ``t`` is on the host and bound for an accelerator (then staged in pinned memory)."""
+    return t.device.type == "cpu" and device.type != "cpu"
+
+
+def to_device(t: torch.Tensor, device) -> torch.Tensor:
+    """``t`` on ``device`` without a pageable host-to-device copy (pinned staging): the host
+    does not wait for the device."""
+    device = torch.device(device)
+    if needs_pinning(t, device):
+        t = t.pin_memory()
+    return t.to(device, non_blocking=device.type != "cpu")  # a non_blocking copy to the host may not have landed
 
 
 def set_cpu_threads(device, threads: int) -> None:
