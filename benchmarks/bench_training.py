@@ -13,7 +13,7 @@ Adam lr 1e-3, EMA) on synthetic data of that shape, timed three ways in one proc
    user would: bf16 autocast + channels-last + torch.compile (default mode), TF32 on.
 3. ours          — pfgmpp_fast.training.loop's step: fused perturbation and loss kernels, make_fast
    (bf16, channels-last, compiled), fused Adam with on-device skip of non-finite steps,
-   foreach EMA and gradient clean-up, no host syncs.
+   foreach EMA and gradient check, no host syncs.
 
 No augmentation in any variant (the same network, augment_dim = 0). Reported: img/s,
 peak memory per image (peak allocated during the step minus what was allocated before it,

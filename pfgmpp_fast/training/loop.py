@@ -5,15 +5,15 @@ What is different from the published EDM loop (and why it is fast and safe):
 
 * the step is perturb → network → loss on the fused kernels (pfgmpp_fast.loss), the
   network is channels-last / autocast / compiled (networks.make_fast), Adam is fused,
-  EMA and gradient clean-up are foreach kernels, and nothing in a step waits for the
+  EMA and the gradient check are foreach kernels, and nothing in a step waits for the
   device (losses are summed on the device and read once per tick);
 * the noise of training sample number i (its global position in the run) comes from the
   Philox stream keyed by (seed, i), and the data order and augmentations are functions of
   (seed, i) too, so a run is reproducible and does not depend on the number of ranks or
   on gradient accumulation (with dropout > 0 the dropout masks come from torch's RNG,
   seeded per rank: reproducible for a fixed rank count);
-* files are written atomically; a non-finite loss skips the update on the device (fused
-  Adam's ``found_inf``), is counted, and the run stops with an error once the count exceeds
+* files are written atomically; a non-finite loss or gradient skips the update on the device
+  (fused Adam's ``found_inf``; EDM instead zeroes NaN gradients and applies the step), is counted, and the run stops with an error once the count exceeds
   ``max_nonfinite``; a diverged network is never written as a snapshot.
 """
 
@@ -397,18 +397,20 @@ class TrainingRun:
             )
         if self.nonfinite_total > self.o["max_nonfinite"]:
             raise TrainingError(
-                f"{self.nonfinite_total} training steps had a non-finite loss (NaN/Inf), more than "
+                f"{self.nonfinite_total} training steps had a non-finite loss or gradient (NaN/Inf), more than "
                 f"max_nonfinite={self.o['max_nonfinite']}: stopping at kimg {self.cur_nimg / 1000:.3f}. Their updates "
                 "were skipped. Lower the learning rate, use --precision fp32/bf16, or check the data."
             )
         if last_step_bad:  # the network diverged by the end of this tick: no snapshot of it
             if done:
                 raise TrainingError(
-                    f"the run ended with a non-finite loss (NaN/Inf) at kimg {self.cur_nimg / 1000:.3f} "
+                    f"the run ended with a non-finite loss or gradient (NaN/Inf) at kimg {self.cur_nimg / 1000:.3f} "
                     f"({self.nonfinite_total} non-finite steps in all); no final snapshot was written. "
                     "Lower the learning rate, use --precision fp32/bf16, or check the data."
                 )
-            self.log(f"tick {self.cur_tick}: the last step had a non-finite loss; no network snapshot this tick")
+            self.log(
+                f"tick {self.cur_tick}: the last step had a non-finite loss or gradient; no network snapshot this tick"
+            )
 
     @torch.no_grad()
     def _ema_is_sane(self, done: bool) -> bool:
