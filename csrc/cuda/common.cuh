@@ -298,7 +298,7 @@ __device__ __forceinline__ void load_row(const ImageArg& a, const Geometry& g, i
 #pragma unroll
     for (int k = 0; k < 4; ++k) v[k] = unit[0][k];
   } else {
-    if (!a.channels_last) return load_quad<T>(a, b * g.N + r * g.HW + 4 * u, v);
+    if (!a.channels_last || C == 1) return load_quad<T>(a, b * g.N + r * g.HW + 4 * u, v);  // C = 1: the same run
     const int64_t start = b * g.N + 4 * u * C + r;
 #pragma unroll
     for (int k = 0; k < 4; ++k) v[k] = load1<T>(a, start + k * C);

@@ -16,11 +16,15 @@ static_assert(kLossMaxThreads == kThreads, "the plan's largest block is the kern
 // Blocks per SM that the register cap must allow: float kernels at most 64 registers (50 %
 // occupancy on sm_80/sm_90, without it <float, 3> takes 80: 37.5 %); the float64 ones keep
 // what they need.
-template <typename T>
-constexpr int kLossMinBlocks = sizeof(T) == 4 ? 4 : 1;
+// Blocks of 256 threads per SM that the register cap must allow (sm_80 / sm_90: 65536 registers):
+// float RGB units at most 64 registers (50 % occupancy; uncapped they take 66, 80 before y was
+// loaded by rows: 37.5 %), the other float units at most 40 (75 %, where they were uncapped);
+// the float64 kernels keep what they need.
+template <typename T, int C>
+constexpr int kLossMinBlocks = sizeof(T) == 4 ? (C == 3 ? 4 : 6) : 1;
 
 template <typename T, int C>
-__global__ void __launch_bounds__(kThreads, kLossMinBlocks<T>)
+__global__ void __launch_bounds__(kThreads, kLossMinBlocks<T, C>)
     loss_kernel(LossParams p, int64_t chunk_units, int64_t chunks, float* partials) {
   using U = Unit<C>;
   __shared__ float warp_sums[kThreads / 32];
@@ -36,12 +40,15 @@ __global__ void __launch_bounds__(kThreads, kLossMinBlocks<T>)
     float acc = 0.f;
     for (int64_t u = u_begin + threadIdx.x; u < u_end; u += blockDim.x) {
       const int cnt = U::count(p.g, u);
-      T f[U::kRows][4];  // F, then grad_F: the whole unit (its store needs every row)
+      // F, then grad_F, for the whole unit (its store needs every row); y one row at a time, which
+      // keeps 8 registers fewer live for RGB. The load order is the one that fits each unit's
+      // register cap without spills (tests/test_cuda_compile.py).
+      T f[U::kRows][4], yv[4];
+      if constexpr (U::kRows == 1) load_row<T, C>(p.y, p.g, b, u, 0, cnt, yv);
       load_unit<T, C>(p.F, p.g, b, u, cnt, f);
 #pragma unroll
       for (int r = 0; r < U::kRows; ++r) {
-        T yv[4];  // y one row at a time: 8 registers fewer live for RGB (no spills at 64)
-        load_row<T, C>(p.y, p.g, b, u, r, cnt, yv);
+        if constexpr (U::kRows > 1) load_row<T, C>(p.y, p.g, b, u, r, cnt, yv);
         float z[4];
         unit_normals<C>(sid, p.g, u, r, p.stream, key, z);
 #pragma unroll
