@@ -3,6 +3,7 @@
 // (no torch headers here) so the two compile in parallel.
 #include <pybind11/pybind11.h>
 
+#include "loss_plan.h"
 #include "philox.h"
 
 PYBIND11_MODULE(_C, m) {
@@ -21,4 +22,12 @@ PYBIND11_MODULE(_C, m) {
       },
       pybind11::arg("c0"), pybind11::arg("c1"), pybind11::arg("c2"), pybind11::arg("c3"),
       pybind11::arg("k0"), pybind11::arg("k1"));
+  // The CUDA loss kernel's launch plan for a device (tests/test_cuda_compile.py checks it).
+  m.def(
+      "loss_plan",
+      [](int64_t units, int64_t B, int64_t sms, int64_t resident_threads) {
+        const pfgmpp::LossPlan p = pfgmpp::loss_plan(units, B, sms, resident_threads);
+        return pybind11::make_tuple(p.chunk_units, p.chunks, p.threads);
+      },
+      pybind11::arg("units"), pybind11::arg("B"), pybind11::arg("sms"), pybind11::arg("resident_threads"));
 }

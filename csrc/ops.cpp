@@ -69,6 +69,17 @@ uint32_t checked_stream(const char* op, const char* name, int64_t stream) {
   return static_cast<uint32_t>(stream);
 }
 
+// Element e of a sample draws from Philox block e / 4, and the block index is one 32-bit counter
+// word (philox.h, docs/DESIGN.md §2): every op that draws normals per element takes at most 2^34
+// elements per sample. `what` names the count ("n", "the elements per sample of y"); checked
+// before any input is copied or output allocated. pfgmpp_fast/checks.py says the same.
+constexpr int64_t kMaxElementsPerSample = int64_t(1) << 34;
+
+void check_elements_per_sample(const char* op, const char* what, int64_t n) {
+  TORCH_CHECK_VALUE(n >= 0 && n <= kMaxElementsPerSample, op, ": ", what, " must be in [0, 2^34], got ", n,
+                    " (element e draws from Philox block e // 4, a 32-bit counter word)");
+}
+
 void check_device(const char* op, const char* name, const Tensor& t, const at::Device& dev) {
   TORCH_CHECK_VALUE(t.device() == dev, op, ": ", name, " must be on ", dev,
                     " (the device of the image input), got ", t.device());
@@ -223,7 +234,7 @@ Tensor philox_normal_op(const Tensor& sample_ids, int64_t key, int64_t n, int64_
   const char* op = "philox_normal";
   check_backend_device(op, "sample_ids", sample_ids);
   require_cuda_build(op, sample_ids);
-  TORCH_CHECK_VALUE(n >= 0 && n <= (int64_t(1) << 34), op, ": n must be in [0, 2^34], got ", n);
+  check_elements_per_sample(op, "n", n);
   TORCH_CHECK_VALUE(sample_ids.dim() == 1, op, ": sample_ids must be 1-D, got shape ",
                     sample_ids.sizes());
   const Tensor ids = checked_ids(op, sample_ids, sample_ids.size(0), sample_ids.device());
@@ -268,6 +279,7 @@ std::tuple<Tensor, Tensor> perturb_op(const Tensor& y, const Tensor& scale, cons
   const char* op = "perturb";
   check_image_dims(op, "y", y);
   check_backend_device(op, "y", y);
+  check_elements_per_sample(op, "the elements per sample of y", geometry(y).N);
   require_cuda_build(op, y);
   check_out_dtype(op, "out_dtype", out_dtype);
   const ScalarType compute =
@@ -317,6 +329,7 @@ std::tuple<Tensor, Tensor> loss_fwd_bwd_op(const Tensor& F, const Tensor& y, con
   const char* op = "loss_fwd_bwd";
   check_image_dims(op, "F", F);
   check_backend_device(op, "F", F);
+  check_elements_per_sample(op, "the elements per sample of F", geometry(F).N);
   require_cuda_build(op, F);
   const at::Device dev = F.device();
   check_device(op, "y", y, dev);
@@ -367,6 +380,7 @@ std::tuple<Tensor, Tensor, Tensor> sampler_update_op(
   const char* op = "sampler_update";
   check_image_dims(op, "x", x);
   check_backend_device(op, "x", x);
+  check_elements_per_sample(op, "the elements per sample of x", geometry(x).N);
   require_cuda_build(op, x);
   TORCH_CHECK_TYPE(x.scalar_type() == ScalarType::Float || x.scalar_type() == ScalarType::Double,
                    op, ": x (the sampler state) must be float32 or float64, got ",

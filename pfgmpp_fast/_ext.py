@@ -13,6 +13,7 @@ from typing import Optional
 
 import torch
 
+from pfgmpp_fast.checks import check_elements_per_sample, per_sample_count
 from pfgmpp_fast.reference import compute_dtype
 
 _BUILD_HINT = (
@@ -54,6 +55,7 @@ def _register_fakes() -> None:
 
     @torch.library.register_fake(lib + "philox_normal")
     def _(sample_ids, key, n, stream):
+        check_elements_per_sample("philox_normal", "n", n)
         return sample_ids.new_empty((sample_ids.shape[0], n), dtype=torch.float32)
 
     @torch.library.register_fake(lib + "chi2")
@@ -62,6 +64,7 @@ def _register_fakes() -> None:
 
     @torch.library.register_fake(lib + "perturb")
     def _(y, scale, c_in, sample_ids, key, stream, out_dtype, channels_last, write_x):
+        check_elements_per_sample("perturb", "the elements per sample of y", per_sample_count(y.shape), "y")
         cd = compute_dtype(y)
         net_in = torch.empty(y.shape, dtype=out_dtype, device=y.device, memory_format=_format(channels_last, y))
         x = torch.empty(y.shape, dtype=cd, device=y.device) if write_x else torch.empty(0, dtype=cd, device=y.device)
@@ -69,6 +72,7 @@ def _register_fakes() -> None:
 
     @torch.library.register_fake(lib + "loss_fwd_bwd")
     def _(F, y, scale, c_skip, c_out, sample_ids, key, stream, grad_scale):
+        check_elements_per_sample("loss_fwd_bwd", "the elements per sample of F", per_sample_count(F.shape), "F")
         loss = F.new_empty((F.shape[0],), dtype=torch.float32)
         grad = torch.empty(F.shape, dtype=F.dtype, device=F.device, memory_format=_input_format(F))
         return loss, grad
@@ -92,6 +96,7 @@ def _register_fakes() -> None:
         net_dtype,
         channels_last,
     ):
+        check_elements_per_sample("sampler_update", "the elements per sample of x", per_sample_count(x.shape), "x")
         y1 = torch.empty(x.shape, dtype=x.dtype, device=x.device)
         y2 = (
             torch.empty(x.shape, dtype=x.dtype, device=x.device)

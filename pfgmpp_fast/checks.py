@@ -33,6 +33,8 @@ __all__ = [
     "check_sigma_max",
     "check_common",
     "check_prior",
+    "check_elements_per_sample",
+    "per_sample_count",
     "format_ids",
     "check_backend",
     "DeviceReport",
@@ -40,6 +42,7 @@ __all__ = [
     "MAX_SEED",
     "MAX_SEEDS",
     "MAX_SIGMA",
+    "MAX_ELEMENTS_PER_SAMPLE",
     "SOLVERS",
     "MULTISTEP_SOLVERS",
 ]
@@ -47,6 +50,8 @@ __all__ = [
 MAX_SEED = 2**63
 MAX_SEEDS = 10**9
 MAX_SIGMA = 1e30  # = reference.MAX_SCALE: the largest noise scale every backend represents unclamped
+# Element e of a sample draws from Philox block e // 4, one 32-bit counter word (docs/DESIGN.md §2).
+MAX_ELEMENTS_PER_SAMPLE = 2**34
 BACKENDS = ("auto", "reference", "triton", "cuda", "cpu")  # what every op's `backend` may be (ops.py)
 
 
@@ -100,9 +105,26 @@ def check_sample_ids(sample_ids, name="sample_ids", device=None) -> torch.Tensor
 def check_common(name, images, key, D, sample_ids, ids_name="sample_ids"):
     """(key, D, sample ids) of a per-sample op on `images` [B, ...]: each checked once."""
     check_images(name, images)
+    check_elements_per_sample(None, f"the elements per sample of {name}", per_sample_count(images.shape), name)
     sample_ids = check_sample_ids(sample_ids, name=ids_name, device=images.device)
     check_images(name, images, batch=sample_ids.shape[0])
     return check_key(key), check_D(D), sample_ids
+
+
+def check_elements_per_sample(op, what: str, n, name=None) -> None:
+    """At most 2^34 elements per sample in an op that draws normals per element; `what` names the
+    count ("n", "the elements per sample of y"), `name` the argument (default `what`), `op` the
+    op's name or None (a public function). The C++ ops (csrc/ops.cpp) give the same message."""
+    if 0 <= n <= MAX_ELEMENTS_PER_SAMPLE:
+        return
+    detail = f"must be in [0, 2^34], got {n} (element e draws from Philox block e // 4, a 32-bit counter word)"
+    message = f"{what} {detail}"
+    raise InvalidValue(name or what, detail, message=f"{op}: {message}" if op else message)
+
+
+def per_sample_count(shape) -> int:
+    """Elements per sample of a [B, ...] shape (B may be 0)."""
+    return math.prod(shape[1:])
 
 
 def check_prior(shape, D, sigma_max, key, seeds, device=None):
@@ -111,6 +133,7 @@ def check_prior(shape, D, sigma_max, key, seeds, device=None):
     seeds = check_sample_ids(seeds, name="seeds", device=device)
     if len(shape) < 2 or shape[0] != seeds.shape[0]:
         raise ValueError(f"shape must be [B, ...] with B = len(seeds) = {seeds.shape[0]}, got {shape}")
+    check_elements_per_sample(None, "the elements per sample of shape", per_sample_count(shape), "shape")
     return shape, check_D(D), check_sigma_max("sigma_max", sigma_max), check_key(key), seeds
 
 

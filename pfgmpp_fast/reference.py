@@ -176,8 +176,7 @@ def normal(key, sample_ids, n: int, stream: int = STREAM_NOISE) -> torch.Tensor:
     """Standard normals float32 [B, n]: element e of sample b from block e // 4, lane e % 4."""
     sample_ids, key = checks.check_sample_ids(sample_ids), checks.check_key(key)
     n = int(n)
-    if n < 0:
-        raise ValueError(f"n must be >= 0, got {n}")
+    checks.check_elements_per_sample(None, "n", n)
     return normal_unchecked(key, sample_ids, n, stream)
 
 

@@ -45,6 +45,20 @@ KAT = [
 # < 1e-6); fused ops: relative error ‖out − ref‖/‖ref‖ < 1e-5 for float32/float64 outputs,
 # < 1e-2 for bf16/fp16 outputs.
 HALF = (torch.bfloat16, torch.float16)
+# The device script's memcheck phase runs the `cuda` parametrisations of the tests and cases marked
+# memcheck under compute-sanitizer (`-m "memcheck and gpu and not triton"`): each op once per layout
+# (contiguous, storage offset, channels-last C = 1/3/5, odd N, a large batch), ~20 tests.
+MEMCHECK = pytest.mark.memcheck
+
+
+def memcheck_marked(cases, chosen, marks=()):
+    """`cases` as parametrize values with `marks`, the `chosen` ones also marked memcheck; every
+    chosen case must be in `cases`, so editing a table cannot drop one from the selection unseen."""
+    missing = [c for c in chosen if c not in cases]
+    assert not missing, f"memcheck cases missing from their table: {missing}"
+    return [pytest.param(c, marks=[*marks, MEMCHECK] if c in chosen else list(marks)) for c in cases]
+
+
 needs_ext = pytest.mark.skipif(not ops.has_extension(), reason="pfgmpp_fast._C is not built")
 needs_cuda_kernels = [pytest.mark.gpu, pytest.mark.skipif(not ops.has_cuda_kernels(), reason="no CUDA kernels")]
 

@@ -151,3 +151,28 @@ def test_memcheck_phase_tells_an_unsupported_device_from_memory_errors(tmp_path,
     )
     assert proc.returncode == code, proc.stdout + proc.stderr
     assert said in proc.stdout and verdict in proc.stdout.strip().splitlines()[-1]
+
+
+def test_memcheck_phase_runs_a_curated_selection(tmp_path):
+    """The phase's own pytest command, listed by a stand-in compute-sanitizer (`--collect-only`):
+    about 20 CUDA tests covering every op that launches a kernel, and not the 2^31-element test."""
+    fake = tmp_path / "bin" / "compute-sanitizer"
+    fake.parent.mkdir()
+    fake.write_text('#!/bin/sh\nwhile [ "$1" != "$PY" ]; do shift; done\nexec "$@" --collect-only\n')
+    fake.chmod(0o755)
+    env = dict(os.environ, PATH=f"{fake.parent}:{os.environ['PATH']}", DRY="0", PY=sys.executable, OUT=str(tmp_path))
+    proc = subprocess.run(
+        ["bash", str(SCRIPT), "--phase-body", "memcheck"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+        cwd=ROOT,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
+    selected = [line for line in proc.stdout.splitlines() if "::" in line]
+    assert 15 <= len(selected) <= 30, selected
+    assert all("cuda" in test for test in selected), selected
+    assert not [test for test in selected if "64bit" in test], selected
+    for op in ("philox4x32", "philox_normal", "chi2", "perturb", "loss", "sampler"):
+        assert any(op in test for test in selected), (op, selected)

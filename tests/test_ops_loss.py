@@ -13,6 +13,7 @@ from op_helpers import (
     cpp_ops,
     device_for,
     in_layout,
+    memcheck_marked,
     needs_ext,
     random_ids,
     rel_err,
@@ -79,12 +80,22 @@ LOSS_CASES = [
     ((2, 3, 64, 64), torch.bfloat16, "channels_last", torch.float32, "contiguous", 8.0, 1.0),  # many chunks
     ((3, 1, 8, 12), torch.float32, "channels_last", torch.float32, "channels_last", 2.0, 1.0),  # C = 1
     ((3, 3, 0, 4), torch.float32, "contiguous", torch.float32, "contiguous", 2.0, 1.0),  # N = 0: loss 0
+    ((5, 3, 8, 8), torch.bfloat16, "channels_last_offset", torch.float32, "offset", 8.0, 1.0),  # misaligned
     # H·W % 4 == 0 with a channels-last F: the [channels, pixels] tiled path
     *[
         ((7, C, H, W), F_dtype, "channels_last", torch.float32, "contiguous", None, 0.5)
         for C, H, W in ((3, 4, 6), (5, 2, 2))
         for F_dtype in (torch.float32, torch.bfloat16)
     ],
+]
+
+
+LOSS_MEMCHECK = [  # contiguous with odd N, storage offset, channels-last C = 1, 3 (many chunks), 5
+    ((7, 3, 5, 7), torch.float32, "contiguous", torch.float32, "transposed", None, 0.3),
+    ((5, 3, 8, 8), torch.bfloat16, "channels_last_offset", torch.float32, "offset", 8.0, 1.0),
+    ((3, 1, 8, 12), torch.float32, "channels_last", torch.float32, "channels_last", 2.0, 1.0),
+    ((2, 3, 64, 64), torch.bfloat16, "channels_last", torch.float32, "contiguous", 8.0, 1.0),
+    ((7, 5, 2, 2), torch.bfloat16, "channels_last", torch.float32, "contiguous", None, 0.5),
 ]
 
 
@@ -111,7 +122,7 @@ def _loss(backend, shape, F_dtype, F_layout, y_dtype, y_layout, D, grad_scale):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("case", LOSS_CASES, ids=case_id)
+@pytest.mark.parametrize("case", memcheck_marked(LOSS_CASES, LOSS_MEMCHECK), ids=case_id)
 def test_loss_op_matches_reference(backend, case):
     """Every backend's loss op (the C++ op itself for cpu / cuda) against the reference: the
     per-sample losses elementwise, grad_F (dtype, shape and, for a dense non-empty F, F's exact strides);

@@ -14,6 +14,7 @@ from op_helpers import (
     cpp_ops,
     device_for,
     in_layout,
+    memcheck_marked,
     needs_ext,
     random_ids,
     rel_err,
@@ -81,6 +82,13 @@ PERTURB_CASES = [
     ],
     ((5, 3, 33, 33), torch.float32, "offset", torch.bfloat16, False, True, None),  # misaligned: scalar path
 ]
+PERTURB_MEMCHECK = [  # contiguous with odd N, storage offset, channels-last C = 1, 3 (at an offset), 5
+    ((7, 3, 5, 7), torch.float32, "contiguous", torch.float32, False, True, None),
+    ((5, 3, 33, 33), torch.float32, "offset", torch.bfloat16, False, True, None),
+    ((5, 1, 16, 16), torch.float32, "channels_last", torch.bfloat16, True, True, None),
+    ((5, 3, 16, 16), torch.float32, "channels_last_offset", torch.bfloat16, True, True, None),
+    ((7, 5, 2, 2), torch.float32, "channels_last", torch.bfloat16, True, True, None),
+]
 
 
 def _scales(B, D, gen, dtype, device):
@@ -112,7 +120,7 @@ def _perturb(backend, shape, y_dtype, layout, out_dtype, channels_last, write_x,
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("case", PERTURB_CASES, ids=case_id)
+@pytest.mark.parametrize("case", memcheck_marked(PERTURB_CASES, PERTURB_MEMCHECK), ids=case_id)
 def test_perturb_op_matches_reference(backend, case):
     """Every backend's perturb op (the C++ op itself for cpu / cuda) against the reference: values,
     dtypes, shapes, the network input's memory format, x contiguous in the compute dtype (empty
@@ -258,6 +266,43 @@ def test_perturb_64bit_indexing(backend):
     assert rel_err(net_in[tail], ref) < 1e-2
     del net_in
     torch.cuda.empty_cache()
+
+
+LARGE_B = 66_000  # more samples than a CUDA grid has rows (65535): the loss's blocks stride over samples
+
+
+def _large_batch_call(op, ids, y, F, v):
+    """(the op, its reference, their arguments) of `op` on a batch's ids, images y, F and scalars v."""
+    if op == "philox_normal":
+        return ops.philox_normal, R.normal_unchecked, (9, ids, 48, 0)
+    if op == "perturb":
+        return ops.perturb_op, R.ref_perturb, (y, v, v, ids, 9, 0, torch.bfloat16, True, True)
+    if op == "loss_fwd_bwd":
+        return ops.loss_fwd_bwd, R.ref_loss_fwd_bwd, (F, y, v, v / 2, v, ids, 9, 0, 0.5)
+    step = (0.3, -0.2, 0.5, 0.25, ids, 9, 0.1, R.stream_alpha(1), 0.2, R.stream_churn(1), 0.7, torch.bfloat16, True)
+    return ops.sampler_update, R.ref_sampler_update, (y, F, y, *step)
+
+
+@pytest.mark.memcheck
+@pytest.mark.parametrize("backend", [b for b in BACKENDS if b.values[0] != "triton"])
+@pytest.mark.parametrize("op", ["philox_normal", "perturb", "loss_fwd_bwd", "sampler_update"])
+def test_every_op_at_a_large_batch(backend, op):
+    """B = 66000 (more than a grid's 65535 rows) through every op that draws, on channels-last RGB
+    images (the CUDA whole-pixel units): the first and last samples against the reference."""
+    gen, dev = seeded(66), device_for(backend)
+    shape = (LARGE_B, 3, 4, 4)
+    y = torch.randn(shape, generator=gen).contiguous(memory_format=torch.channels_last)
+    F = torch.randn(shape, generator=gen).to(torch.bfloat16).contiguous(memory_format=torch.channels_last)
+    inputs = (random_ids(LARGE_B, 67), y, F, torch.rand(LARGE_B, generator=gen) + 0.5)
+    fast, ref, args = _large_batch_call(op, *(t.to(dev) for t in inputs))
+    out = fast(*args, backend=backend)
+    ends = torch.tensor([0, 1, LARGE_B - 2, LARGE_B - 1])
+    _, _, ref_args = _large_batch_call(op, *(t[ends] for t in inputs))
+    expected = ref(*ref_args)
+    out, expected = (out, expected) if isinstance(out, tuple) else ((out,), (expected,))
+    for i, (o, r) in enumerate(zip(out, expected, strict=True)):
+        assert o.shape[0] == LARGE_B
+        assert_close_rel(o[ends.to(dev)].cpu(), r, f"{op} output {i}")
 
 
 def test_kernel_ops_reject_mismatched_per_sample_vectors():

@@ -12,6 +12,7 @@ from op_helpers import (
     cpp_ops,
     device_for,
     in_layout,
+    memcheck_marked,
     needs_cuda_kernels,
     needs_ext,
     random_ids,
@@ -270,7 +271,7 @@ def test_sampler_triton_and_cuda_agree():
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("C,H,W", [(3, 4, 6), (5, 2, 2)])
+@pytest.mark.parametrize("C,H,W", [(3, 4, 6), pytest.param(5, 2, 2, marks=pytest.mark.memcheck)])  # C = 5: tiled
 @pytest.mark.parametrize("state_dtype", [torch.float32, torch.float64])
 def test_sampler_update_tiled_channels_last(backend, C, H, W, state_dtype):
     dev = device_for(backend)
@@ -325,7 +326,32 @@ def _sampler_cases():
         [(3, 3, 4, 8), (2, 1, 4, 4)], SAMPLER_DTYPES, [(True,) * 5, (False, False, True, False, True)]
     ):
         cases.append((shape, *dt, "channels_last", True, *fl))
+    # F at storage offset 1 (not 16-byte aligned: no whole-pixel units, no vector accesses)
+    cases.append(
+        ((3, 3, 4, 8), torch.float32, torch.bfloat16, torch.bfloat16, "channels_last_offset", True, *(True,) * 5)
+    )
+    cases.append(((7, 3, 5, 7), torch.float32, torch.float32, torch.float32, "offset", False, *(True,) * 5))
     return cases
+
+
+SAMPLER_MEMCHECK = [  # channels-last C = 3 and 1 (whole pixels), odd N, F at a storage offset
+    ((3, 3, 4, 8), torch.float32, torch.bfloat16, torch.bfloat16, "channels_last", True, *(True,) * 5),
+    ((2, 1, 4, 4), torch.float32, torch.bfloat16, torch.bfloat16, "channels_last", True, *(True,) * 5),
+    (
+        (7, 3, 5, 7),
+        torch.float32,
+        torch.bfloat16,
+        torch.bfloat16,
+        "channels_last",
+        False,
+        True,
+        True,
+        True,
+        True,
+        False,
+    ),
+    ((3, 3, 4, 8), torch.float32, torch.bfloat16, torch.bfloat16, "channels_last_offset", True, *(True,) * 5),
+]
 
 
 def _sampler_case(
@@ -466,6 +492,6 @@ def test_fake_impls_match_real_kernels_sampler():
         torch.library.opcheck(OPS.sampler_update, args, test_utils=("test_schema", "test_faketensor"))
 
 
-@pytest.mark.parametrize("case", [pytest.param(c, marks=needs_cuda_kernels) for c in _sampler_cases()[::2]], ids=str)
+@pytest.mark.parametrize("case", memcheck_marked(_sampler_cases()[::2], SAMPLER_MEMCHECK, needs_cuda_kernels), ids=str)
 def test_sampler_update_cuda(case):
     _sampler_case("cuda", *case)

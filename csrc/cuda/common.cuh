@@ -285,6 +285,26 @@ __device__ __forceinline__ void load_unit(const ImageArg& a, const Geometry& g, 
   }
 }
 
+// Loads row r of unit u of sample b alone into v[k] (logical order; k < cnt valid): for a
+// kernel that uses the rows one after the other, so only one row is live in registers. A
+// contiguous operand's row is one aligned run of 4 (whole-pixel units), a channels-last
+// operand's is 4 elements C apart (then served from L1: the unit's other rows share its lines).
+template <typename T, int C>
+__device__ __forceinline__ void load_row(const ImageArg& a, const Geometry& g, int64_t b, int64_t u, int r, int cnt,
+                                         T (&v)[4]) {
+  if constexpr (C == 0) {
+    T unit[1][4];
+    load_unit<T, C>(a, g, b, u, cnt, unit);
+#pragma unroll
+    for (int k = 0; k < 4; ++k) v[k] = unit[0][k];
+  } else {
+    if (!a.channels_last || C == 1) return load_quad<T>(a, b * g.N + r * g.HW + 4 * u, v);  // C = 1: the same run
+    const int64_t start = b * g.N + 4 * u * C + r;
+#pragma unroll
+    for (int k = 0; k < 4; ++k) v[k] = load1<T>(a, start + k * C);
+  }
+}
+
 // Stores v[row][k] (k < cnt) as unit u of sample b.
 template <typename T, int C>
 __device__ __forceinline__ void store_unit(const ImageArg& a, const Geometry& g, int64_t b, int64_t u, int cnt,

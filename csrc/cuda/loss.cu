@@ -1,7 +1,9 @@
 // CUDA kernel of loss_fwd_bwd (KERNEL_OPS.md op 5). Grid (chunk, sample): each sample's work
 // units are split into chunks so that even a small batch fills the device; every block writes
 // one partial sum of its chunk and a second kernel adds each sample's partials in order, so
-// the per-sample loss is deterministic (no atomics). The maths is elementwise.h.
+// the per-sample loss is deterministic (no atomics). The launch plan (chunks, block size) is
+// ../loss_plan.h; the maths is elementwise.h.
+#include "../loss_plan.h"
 #include "common.cuh"
 
 namespace pfgmpp {
@@ -9,11 +11,20 @@ namespace cuda {
 namespace {
 using namespace cuda_detail;
 
-constexpr int64_t kMaxGridY = 65535;
-constexpr int64_t kMinChunkUnits = 32;
+static_assert(kLossMaxThreads == kThreads, "the plan's largest block is the kernel's launch bound");
+
+// Blocks per SM that the register cap must allow: float kernels at most 64 registers (50 %
+// occupancy on sm_80/sm_90, without it <float, 3> takes 80: 37.5 %); the float64 ones keep
+// what they need.
+// Blocks of 256 threads per SM that the register cap must allow (sm_80 / sm_90: 65536 registers):
+// float RGB units at most 64 registers (50 % occupancy; uncapped they take 66, 80 before y was
+// loaded by rows: 37.5 %), the other float units at most 40 (75 %, where they were uncapped);
+// the float64 kernels keep what they need.
+template <typename T, int C>
+constexpr int kLossMinBlocks = sizeof(T) == 4 ? (C == 3 ? 4 : 6) : 1;
 
 template <typename T, int C>
-__global__ void __launch_bounds__(kThreads)
+__global__ void __launch_bounds__(kThreads, kLossMinBlocks<T, C>)
     loss_kernel(LossParams p, int64_t chunk_units, int64_t chunks, float* partials) {
   using U = Unit<C>;
   __shared__ float warp_sums[kThreads / 32];
@@ -27,31 +38,35 @@ __global__ void __launch_bounds__(kThreads)
     const LossMath<T> m(static_cast<const T*>(p.c_skip)[b], static_cast<const T*>(p.scale)[b],
                         static_cast<const T*>(p.c_out)[b], p.grad_scale);
     float acc = 0.f;
-    for (int64_t u = u_begin + threadIdx.x; u < u_end; u += kThreads) {
+    for (int64_t u = u_begin + threadIdx.x; u < u_end; u += blockDim.x) {
       const int cnt = U::count(p.g, u);
-      T f[U::kRows][4], yv[U::kRows][4];
+      // F, then grad_F, for the whole unit (its store needs every row); y one row at a time, which
+      // keeps 8 registers fewer live for RGB. The load order is the one that fits each unit's
+      // register cap without spills (tests/test_cuda_compile.py).
+      T f[U::kRows][4], yv[4];
+      if constexpr (U::kRows == 1) load_row<T, C>(p.y, p.g, b, u, 0, cnt, yv);
       load_unit<T, C>(p.F, p.g, b, u, cnt, f);
-      load_unit<T, C>(p.y, p.g, b, u, cnt, yv);
 #pragma unroll
       for (int r = 0; r < U::kRows; ++r) {
+        if constexpr (U::kRows > 1) load_row<T, C>(p.y, p.g, b, u, r, cnt, yv);
         float z[4];
         unit_normals<C>(sid, p.g, u, r, p.stream, key, z);
 #pragma unroll
         for (int k = 0; k < 4; ++k) {
-          const T diff = m.diff(f[r][k], yv[r][k], z[k]);
+          const T diff = m.diff(f[r][k], yv[k], z[k]);
           if (k < cnt) acc += static_cast<float>(diff * diff);
           f[r][k] = m.grad(diff);
         }
       }
       store_unit<T, C>(p.grad_F, p.g, b, u, cnt, f);
     }
-    // Block reduction in a fixed order.
+    // Block reduction in a fixed order (blockDim.x is whole warps, loss_plan.h).
     for (int off = 16; off > 0; off >>= 1) acc += __shfl_down_sync(0xffffffffu, acc, off);
     if ((threadIdx.x & 31) == 0) warp_sums[threadIdx.x >> 5] = acc;
     __syncthreads();
     if (threadIdx.x == 0) {
       float total = 0.f;
-      for (int w = 0; w < kThreads / 32; ++w) total += warp_sums[w];
+      for (unsigned w = 0; w < blockDim.x / 32; ++w) total += warp_sums[w];
       partials[b * chunks + chunk] = total;
     }
     __syncthreads();
@@ -66,21 +81,9 @@ __global__ void __launch_bounds__(kThreads) sum_partials_kernel(const float* par
   }
 }
 
-// Chunks per sample: enough blocks to fill the device (occupancy) when the batch alone does
-// not, down to one warp of units per chunk (the rest of such a block idles, but the work of a
-// small batch spreads over every SM instead of a few).
-struct Plan {
-  int64_t chunk_units, chunks;
-};
-
 template <typename T, int C>
-Plan plan(const Geometry& g) {
-  const int64_t units = Unit<C>::per_sample(g);
-  const int64_t rows = std::max<int64_t>(1, std::min(g.B, kMaxGridY));
-  const int64_t wanted = ceil_div(resident_blocks<loss_kernel<T, C>>(), rows);
-  const int64_t chunks = std::max<int64_t>(1, std::min(wanted, ceil_div(units, kMinChunkUnits)));
-  const int64_t chunk_units = std::max<int64_t>(1, ceil_div(units, chunks));
-  return Plan{chunk_units, ceil_div(units, chunk_units)};
+LossPlan plan(const Geometry& g) {
+  return loss_plan(Unit<C>::per_sample(g), g.B, sm_count(), int64_t(resident_blocks<loss_kernel<T, C>>()) * kThreads);
 }
 
 template <typename F>
@@ -106,10 +109,11 @@ void loss_fwd_bwd(const LossParams& p, float* partials, void* stream) {
   int64_t chunks = 1;
   with_types(p, [&](auto t, auto C) {
     using T = decltype(t);
-    const Plan pl = plan<T, C()>(p.g);
+    const LossPlan pl = plan<T, C()>(p.g);
     chunks = pl.chunks;
-    const dim3 grid(static_cast<unsigned>(chunks), static_cast<unsigned>(std::min(p.g.B, kMaxGridY)));
-    loss_kernel<T, C()><<<grid, kThreads, 0, as_stream(stream)>>>(p, pl.chunk_units, chunks, partials);
+    const dim3 grid(static_cast<unsigned>(chunks), static_cast<unsigned>(std::min(p.g.B, kLossMaxGridY)));
+    const unsigned threads = static_cast<unsigned>(pl.threads);
+    loss_kernel<T, C()><<<grid, threads, 0, as_stream(stream)>>>(p, pl.chunk_units, chunks, partials);
   });
   PFG_CUDA_KERNEL_LAUNCH_CHECK();
   constexpr auto sum = sum_partials_kernel;
