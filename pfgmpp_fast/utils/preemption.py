@@ -107,6 +107,7 @@ class Preemption:
         self._previous = {}
         self.lagged = None  # poll_step reads the previous step's agreement (None: on NCCL)
         self._in_flight = None  # poll_step: (flag, CUDA event) of the previous step's all-reduce
+        self._slots = []
 
     def __enter__(self) -> "Preemption":
         global _depth
@@ -152,14 +153,15 @@ class Preemption:
             self.lagged = distributed.is_enabled() and _nccl()
         if not self.lagged:
             return agreed()
-        on_gpu = _nccl()
         flag = torch.full((1,), _local_flag(), dtype=torch.int32, device=_collective_device())
         torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
         event = None
-        if on_gpu:
-            host = torch.empty(1, dtype=torch.int32, pin_memory=True)
+        if flag.is_cuda:  # two pinned buffers and events, in turn: one in flight, one being read
+            if not self._slots:
+                self._slots = [(torch.empty(1, dtype=torch.int32, pin_memory=True), torch.cuda.Event()) for _ in "ab"]
+            self._slots.reverse()
+            host, event = self._slots[0]
             host.copy_(flag, non_blocking=True)
-            event = torch.cuda.Event()
             event.record()
             flag = host
         previous, self._in_flight = self._in_flight, (flag, event)
