@@ -24,7 +24,7 @@ from pfgmpp_fast import cli
 from pfgmpp_fast.training.train import options_from_args, run_training
 from pfgmpp_fast.utils import distributed, io_utils
 from pfgmpp_fast.utils.cli_errors import report
-from pfgmpp_fast.utils.preemption import PREEMPTED_EXIT_CODE, Preempted, Preemption, parse_signals
+from pfgmpp_fast.utils.preemption import PREEMPTED_EXIT_CODE, Preempted, Preemption, parse_signals, stop_if_requested
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS, BATCH = 10, 16  # ticks of 3 steps (the first: 1), so most signals land inside a tick
@@ -350,6 +350,12 @@ def test_signal_names_are_checked_and_none_turns_preemption_off(tmp_path, data, 
     assert signal.getsignal(signal.SIGTERM) == before
     with Preemption() as fresh:
         assert fresh.requested is None  # cleared when the outermost context ends
+    with Preemption(inner_stops=False):  # the training loop's: what it runs between steps never stops it
+        os.kill(os.getpid(), signal.SIGTERM)
+        stop_if_requested("kept")
+        with Preemption(), pytest.raises(Preempted, match="^preempted by SIGTERM: kept$"):
+            stop_if_requested("kept")
+    stop_if_requested("outside every context: nothing")
 
 
 def test_preempted_is_exit_code_75_with_its_one_line():

@@ -139,7 +139,9 @@ def run_training(run_dir=None, **options) -> str:
             f"(batch_gpu {run.geometry.batch_gpu}, {run.geometry.rounds} rounds), precision {run.precision}, "
             f"compile {run.compile}, backend {o['backend']}, {o['duration_mimg'] * 1000:g} kimg"
         )
-        with Preemption(o["preempt_signals"]) as preemption:  # the previous handlers come back after it
+        # the loop alone decides where the run stops (after a step, with a state: inner_stops=False);
+        # the previous signal handlers come back after it
+        with Preemption(o["preempt_signals"], inner_stops=False) as preemption:
             try:
                 run.train(preemption)
             except Preempted:

@@ -50,7 +50,7 @@ CATCHABLE = ("TERM", "USR1", "USR2", "INT", "HUP", "QUIT", "ALRM", "XCPU")
 
 # One request per process, shared by nested contexts (experiment → its training runs).
 _request = {"signal": None, "count": 0}
-_depth = 0
+_active = []  # the contexts entered and not left, innermost last
 
 
 def parse_signals(value: Union[str, Sequence[str], None]) -> tuple:
@@ -102,16 +102,19 @@ class Preemption:
     """``with Preemption(('TERM', 'USR1')) as p:`` — the signals record a request (``requested``)
     instead of ending the process; the previous handlers come back at the end of the block."""
 
-    def __init__(self, signals: Union[str, Sequence[str], None] = DEFAULT_SIGNALS):
+    def __init__(self, signals: Union[str, Sequence[str], None] = DEFAULT_SIGNALS, inner_stops: bool = True):
+        """inner_stops: whether :func:`stop_if_requested` inside this context (and not inside a
+        nested one) stops the work; the training loop says False, so that work it runs between
+        its steps (e.g. an evaluation through fid calc's code) never stops it without its state."""
         self.signals = parse_signals(signals)
+        self.inner_stops = inner_stops
         self._previous = {}
         self.lagged = None  # poll_step reads the previous step's agreement (None: on NCCL)
         self._in_flight = None  # poll_step: (flag, CUDA event) of the previous step's all-reduce
         self._slots = []
 
     def __enter__(self) -> "Preemption":
-        global _depth
-        _depth += 1
+        _active.append(self)
         if threading.current_thread() is threading.main_thread():
             for name in self.signals:
                 number = getattr(signal, "SIG" + name)
@@ -119,12 +122,11 @@ class Preemption:
         return self
 
     def __exit__(self, *exc) -> bool:
-        global _depth
         for number, previous in self._previous.items():
             signal.signal(number, signal.SIG_DFL if previous is None else previous)
         self._previous.clear()
-        _depth -= 1
-        if _depth == 0:  # the next run in this process starts without a request
+        _active.remove(self)
+        if not _active:  # the next run in this process starts without a request
             _request.update(signal=None, count=0)
         return False
 
@@ -186,8 +188,9 @@ def agreed() -> Optional[str]:
 def stop_if_requested(kept: str) -> None:
     """At a safe point that every rank reaches in step: raise :class:`Preempted` when any rank
     received a preemption signal inside an active :class:`Preemption` (``kept``: what was kept
-    and how to continue). Outside one: nothing, and no collective."""
-    if _depth == 0:
+    and how to continue). Outside one, or where the innermost says ``inner_stops=False``:
+    nothing, and no collective."""
+    if not _active or not _active[-1].inner_stops:
         return
     signal_name = agreed()
     if signal_name is not None:
