@@ -333,7 +333,10 @@ def test_signal_names_are_checked_and_none_turns_preemption_off(tmp_path, data, 
     assert parse_signals("TERM,usr1") == parse_signals("SIGTERM, SIGUSR1") == ("TERM", "USR1")
     assert parse_signals("none") == parse_signals("") == parse_signals(None) == ()
     assert train_options(data, tmp_path, "--preempt-signals", "none")["preempt_signals"] == ()
-    for bad in ("KILL", "TERM,STOP", "15"):
+    for bad in (15, [signal.SIGTERM]):
+        with pytest.raises(ValueError, match="preempt_signals: must be signal names such as 'TERM,USR1', got"):
+            parse_signals(bad)
+    for bad in ("KILL", "TERM,STOP", "15", "TERM,none"):
         with pytest.raises(ValueError, match=r"preempt_signals: must be comma-separated signal names of TERM"):
             parse_signals(bad)
         assert cli.main(train_command(data, tmp_path, "--preempt-signals", bad, "--dry-run")) == 2

@@ -56,11 +56,13 @@ _active = []  # the contexts entered and not left, innermost last
 def parse_signals(value: Union[str, Sequence[str], None]) -> tuple:
     """'TERM,USR1' (or 'SIGTERM,SIGUSR1', any case; a sequence of names) → ('TERM', 'USR1');
     'none' / '' / None → () (no handlers: a signal acts as it would without us)."""
-    names = value.split(",") if isinstance(value, str) else list(value or ())
+    names = value.split(",") if isinstance(value, str) else list(value) if isinstance(value, (list, tuple)) else None
+    if value is None:
+        return ()
+    if names is None or not all(isinstance(name, str) for name in names):
+        raise InvalidValue("preempt_signals", f"must be signal names such as 'TERM,USR1', got {value!r}", sep=": ")
     out = []
     for name in names:
-        if not isinstance(name, str):
-            raise InvalidValue("preempt_signals", f"must be signal names, got {value!r}", sep=": ")
         word = name.strip().upper()
         word = word[3:] if word.startswith("SIG") else word
         if word in ("", "NONE") and len(names) == 1:
