@@ -225,18 +225,18 @@ def test_label_dropout_mask_is_a_function_of_key_and_sample_id():
 
 
 def test_training_drops_the_labels_of_the_masked_samples(tmp_path, monkeypatch):
-    from pfgmpp_fast.training import loop
+    from pfgmpp_fast.training import loss_module
     from pfgmpp_fast.training.augment import label_dropout_mask
     from pfgmpp_fast.training.train import run_training
 
     seen = []
-    forward = loop._LossModule.forward
+    forward = loss_module.LossModule.forward
 
     def spy(self, y, sample_ids, labels, augment_labels):
         seen.append((sample_ids.clone(), labels.clone()))
         return forward(self, y, sample_ids, labels, augment_labels)
 
-    monkeypatch.setattr(loop._LossModule, "forward", spy)
+    monkeypatch.setattr(loss_module.LossModule, "forward", spy)
     o = dict(
         data="digits",
         cond=True,

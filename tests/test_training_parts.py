@@ -161,7 +161,7 @@ def _tensors(state):
 
 
 # ----------------------------------------------------------------------------------------
-# The gradient check of a step (loop._flag_nonfinite_grads)
+# The gradient check of a step (loss_module.flag_nonfinite_grads)
 
 
 def _grads():
@@ -178,13 +178,13 @@ def test_the_gradient_check_makes_no_copy_of_the_gradients():
     """One foreach pass over the gradients in place (EDM's flatten-clean-copy-back moved every
     gradient three times: about 1 GB a step at CIFAR-10 size): no flattened buffer, no op per
     parameter."""
-    from pfgmpp_fast.training.loop import _flag_nonfinite_grads
+    from pfgmpp_fast.training.loss_module import flag_nonfinite_grads
 
     grads = _grads()
     before = [g.clone() for g in grads]
     found_inf = torch.zeros(())
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
-        _flag_nonfinite_grads(grads, found_inf)
+        flag_nonfinite_grads(grads, found_inf)
     events = prof.events()
     top = sorted(e.name for e in events if e.cpu_parent is None and e.name != "[memory]")
     assert top == ["aten::_amp_foreach_non_finite_check_and_unscale_", "aten::ones"], top
@@ -197,15 +197,15 @@ def test_the_gradient_check_makes_no_copy_of_the_gradients():
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
 def test_the_gradient_check_finds_nonfinite_values_in_any_one_gradient(bad):
-    from pfgmpp_fast.training.loop import _flag_nonfinite_grads
+    from pfgmpp_fast.training.loss_module import flag_nonfinite_grads
 
     grads = _grads()
     for i, g in enumerate(grads):
         found_inf = torch.zeros(())
         poisoned = [x.clone() for x in grads]
         poisoned[i].view(-1)[(7 * i) % g.numel()] = bad
-        _flag_nonfinite_grads(poisoned, found_inf)
+        flag_nonfinite_grads(poisoned, found_inf)
         assert float(found_inf) == 1.0, f"gradient {i} of {len(grads)}"
     found_inf = torch.ones(())  # a non-finite loss stays flagged when the gradients are fine
-    _flag_nonfinite_grads(grads, found_inf)
+    flag_nonfinite_grads(grads, found_inf)
     assert float(found_inf) == 1.0

@@ -39,7 +39,9 @@ same tables and `robustness-<sweep>-{kid,precision,recall}.png` for the other me
 `summary.md` (all tables and figures, training facts, floor), `training-loss.png` (loss per
 D), `results.json` (every point; the EMA lengths' under `ema_points`) and `log.txt`.
 `--report-only` writes these from the points finished so far without computing anything
-(for a run stopped early).
+(for a run stopped early). A preemption signal (SIGTERM, SIGUSR1: `--preempt-signals`) stops
+the run after the current training step (with a training state) or the current point, with
+exit code 75; the rerun continues with the same bits.
 """
 
 from __future__ import annotations
@@ -73,6 +75,7 @@ from pfgmpp_fast.training.report import stat_value
 from pfgmpp_fast.utils import distributed
 from pfgmpp_fast.utils.cli_errors import InvalidValue, add_threads_argument, checked
 from pfgmpp_fast.utils.io_utils import append_line, atomic_save_json
+from pfgmpp_fast.utils.preemption import DEFAULT_SIGNALS, Preempted, Preemption, add_preempt_argument, stop_if_requested
 
 __all__ = [
     "FULL_CONFIG",
@@ -227,7 +230,15 @@ def _read_json(path: str) -> Optional[dict]:
 
 
 def _train(
-    config: dict, D: float, outdir: str, device, log: _Log, progress, backend: str = "auto", compute: bool = True
+    config: dict,
+    D: float,
+    outdir: str,
+    device,
+    log: _Log,
+    progress,
+    backend: str = "auto",
+    compute: bool = True,
+    preempt_signals=DEFAULT_SIGNALS,
 ) -> Optional[dict]:
     """Train (or resume, or skip) the network for D; returns its done.json record (None when
     it is not finished and compute=False)."""
@@ -250,18 +261,26 @@ def _train(
         + (" (resuming from the newest training state)" if states else "")
     )
     t0 = time.perf_counter()
-    train_small(
-        run_dir,
-        D,
-        config["duration_kimg"],
-        seed=config["seed"],
-        device=device,
-        progress=progress,
-        resume=True,
-        backend=backend,
-        phema=PHEMA_TRACKED,
-        phema_snap_kimg=config["duration_kimg"] / 20,
-    )
+    try:
+        train_small(
+            run_dir,
+            D,
+            config["duration_kimg"],
+            seed=config["seed"],
+            device=device,
+            progress=progress,
+            resume=True,
+            backend=backend,
+            phema=PHEMA_TRACKED,
+            phema_snap_kimg=config["duration_kimg"] / 20,
+            preempt_signals=preempt_signals,
+        )
+    except Preempted as exc:  # the training state is written: the rerun continues it
+        raise Preempted(
+            f"preempted by {exc.signal} while training D={D_label(D)}: its training state is in {run_dir}; "
+            "rerun the same command to continue",
+            exc.signal,
+        ) from None
     stats = read_stats(run_dir)
     done = {
         "D": D_label(D),
@@ -338,6 +357,7 @@ def _score_points(
             continue
         if not compute:
             continue
+        stop_if_requested(f"the finished points are kept in {outdir}: rerun the same command to continue")
         if shared is None:
             shared = PointNetwork(load_snapshot(snapshot, device), None, device)
         if key != weights:  # fp32 everywhere: the bit width is the only quantisation
@@ -389,11 +409,14 @@ def run_robustness(
     command: Optional[str] = None,
     backend: str = "auto",
     report_only: bool = False,
+    preempt_signals=DEFAULT_SIGNALS,
     **overrides,
 ) -> Dict[str, str]:
     """Run (or resume) the robustness experiment; returns {output: path}. report_only: compute
     nothing, write the outputs from what is on disk (points without a finished set are left
-    out of the tables; the set counts say how many sets each number averages)."""
+    out of the tables; the set counts say how many sets each number averages). preempt_signals:
+    the signals that stop it after the current training step or point (utils/preemption.py:
+    Preempted; the finished work is kept and a rerun continues)."""
     config = make_config(tiny, **overrides)
     device = distributed.pick_device(device)
     outdir = os.path.abspath(outdir)
@@ -414,31 +437,32 @@ def run_robustness(
         f"robustness experiment -> {outdir} on {device}: D {[D_label(d) for d in config['D_values']]}, "
         f"{len(distinct_points(config))} points x {config['sets']} sets of {config['set_size']} samples per D"
     )
-    scorer = DigitsScorer(device=device)
-    floor = scorer.fdd(digits_uint8_split()[1][: config["set_size"]])
-    # Train every D first, then score seed set by seed set: a run stopped early has every
-    # point on the first sets (and `report_only` turns that into tables).
-    trainings, all_results = {}, {}
-    for D in config["D_values"]:
-        done = _train(config, D, outdir, device, log, bars, backend, compute=not report_only)
-        if done is not None:
-            trainings[D] = done
-    for k in range(config["sets"]):
-        for D, done in trainings.items():
-            all_results[D] = _score_points(
-                config,
-                D,
-                done,
-                outdir,
-                scorer,
-                device,
-                log,
-                bars,
-                backend,
-                set_index=k,
-                compute=not report_only,
-                results=all_results.get(D),
-            )
+    with Preemption(preempt_signals):  # the previous signal handlers come back after it
+        scorer = DigitsScorer(device=device)
+        floor = scorer.fdd(digits_uint8_split()[1][: config["set_size"]])
+        # Train every D first, then score seed set by seed set: a run stopped early has every
+        # point on the first sets (and `report_only` turns that into tables).
+        trainings, all_results = {}, {}
+        for D in config["D_values"]:
+            done = _train(config, D, outdir, device, log, bars, backend, not report_only, preempt_signals)
+            if done is not None:
+                trainings[D] = done
+        for k in range(config["sets"]):
+            for D, done in trainings.items():
+                all_results[D] = _score_points(
+                    config,
+                    D,
+                    done,
+                    outdir,
+                    scorer,
+                    device,
+                    log,
+                    bars,
+                    backend,
+                    set_index=k,
+                    compute=not report_only,
+                    results=all_results.get(D),
+                )
     if not all_results:
         raise ValueError(f"{outdir}: no finished training yet, nothing to report")
     meta = {
@@ -491,6 +515,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--backend", default="auto", help="kernel backend: auto, cpu, cuda, triton, reference")
     add_threads_argument(p)
+    add_preempt_argument(p)
     p.add_argument(
         "--report-only",
         action="store_true",
@@ -515,6 +540,7 @@ def main(args) -> int:
         command=command,
         backend=args.backend,
         report_only=args.report_only,
+        preempt_signals=args.preempt_signals,
         duration_kimg=args.duration,
         sets=args.sets,
         D_values=D_values,

@@ -19,6 +19,8 @@ computed with; with several detectors (features.Detectors) also the feature rows
 precision-recall need, Inception's logits for IS and `<output>.n/.sum/.sum_outer` of the
 others, e.g. DINOv2). A rerun loads finished shards and computes only the missing ones;
 shards of another configuration or other boundaries are an error, never silently mixed.
+Inside a utils.preemption.Preemption (`fid calc`, `fid sweep`) a preemption signal stops the
+work after the current shard (written, with --outdir), on every rank alike (Preempted).
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ from pfgmpp_fast.evaluation.features import Detectors
 from pfgmpp_fast.evaluation.metrics import FeatureStats
 from pfgmpp_fast.utils import distributed
 from pfgmpp_fast.utils.io_utils import atomic_save_npz, is_temp_file
+from pfgmpp_fast.utils.preemption import stop_if_requested
 from pfgmpp_fast.utils.run_lock import acquire_run_dir
 
 __all__ = [
@@ -340,6 +343,15 @@ def _sharded_stats(
             )
         for k, st in part.items():
             total[k].merge(st)
+        if hi < len(ids):  # a signal stops the work here, between shards (utils/preemption.py)
+            stop_if_requested(
+                f"{hi} of {len(ids)} images done; "
+                + (
+                    f"the finished shards are in {outdir}: rerun the same command to continue"
+                    if outdir
+                    else "nothing was kept (no --outdir): rerun the same command, with --outdir to make it resumable"
+                )
+            )
     if total["features"].count != len(ids):
         raise RuntimeError(f"counted {total['features'].count} images, expected {len(ids)}")
     return total

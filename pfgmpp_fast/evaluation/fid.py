@@ -34,6 +34,7 @@ from pfgmpp_fast.utils.cli_errors import (
     int_at_least,
 )
 from pfgmpp_fast.utils.io_utils import atomic_write_bytes
+from pfgmpp_fast.utils.preemption import Preemption, add_preempt_argument
 
 __all__ = ["add_arguments", "main"]
 
@@ -109,6 +110,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     calc.add_argument("--shard-size", type=int_at_least(1), default=5000)
     calc.add_argument("--dest", default=None, help="also write the statistics (as fid ref does) here")
     calc.add_argument("--dry-run", action="store_true", help="print the resolved options (JSON) and exit")
+    add_preempt_argument(calc)
     _add_feature_arguments(calc)
     _add_published_calc_arguments(calc)
     ref = sub.add_parser("ref", help="reference statistics (published .npz format) of a data set")
@@ -145,6 +147,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     sw.add_argument("--seeds", default="0-49999")
     sw.add_argument("--outdir", default="fid-sweep")
     sw.add_argument("--shard-size", type=int_at_least(1), default=5000)
+    add_preempt_argument(sw)
     _add_feature_arguments(sw)
 
 
@@ -491,10 +494,9 @@ def main(args) -> int:
     device = device_from_args(args)
     rank = distributed.get_rank()
     say = (lambda s: print(s, flush=True)) if rank == 0 else (lambda s: None)
-    if cmd == "calc":
-        return _calc(args, device, say)
-    if cmd == "sweep":
-        return _sweep(args, device, say)
+    if cmd in ("calc", "sweep"):  # a preemption signal stops them after the current shard (exit 75)
+        with Preemption(args.preempt_signals):
+            return (_calc if cmd == "calc" else _sweep)(args, device, say)
     extractor = _extractor(args, device)
     with blame("--data"):
         stats = reference_stats(args.data, extractor, batch_size=args.batch, num=args.num, device=device)

@@ -25,14 +25,15 @@ import time
 
 import torch
 
-from pfgmpp_fast import reference as R
 from pfgmpp_fast.checkpoint import load_network, save_network
 from pfgmpp_fast.training.augment import drop_labels
 from pfgmpp_fast.training.ema import HalfLifeEMA, PowerFunctionEMA
+from pfgmpp_fast.training.loss_module import LossModule, augment_backend, flag_nonfinite_grads
 from pfgmpp_fast.training.options import PRECISIONS, RESUME_KEYS, TrainingError, TrainingOptions, jsonable, option_diffs
 from pfgmpp_fast.training.report import TickReporter
 from pfgmpp_fast.training.schedule import BatchGeometry, LearningRateSchedule
 from pfgmpp_fast.utils import distributed, faults
+from pfgmpp_fast.utils.cli_errors import Preempted
 from pfgmpp_fast.utils.io_utils import append_line, atomic_torch_save_state, load_torch_state
 
 __all__ = ["TrainingRun"]
@@ -162,7 +163,7 @@ class TrainingRun:
         self.found_inf = torch.zeros((), dtype=torch.float32, device=dev)
 
         # The loss (the fused path, or the pure reference).
-        self.loss_module = _LossModule(self.fast_net, o, self.net_dtype, self.channels_last)
+        self.loss_module = LossModule(self.fast_net, o, self.net_dtype, self.channels_last)
         self.ddp = None
         if distributed.is_enabled():
             self.ddp = distributed.ddp(self.loss_module, dev)
@@ -170,7 +171,7 @@ class TrainingRun:
     def _reset_counters(self):
         """Device-side accumulators, read once per tick."""
         o, dev = self.o, self.device
-        self.cur_nimg, self.cur_tick = 0, 0
+        self.cur_nimg, self.cur_tick, self.tick_start_nimg = 0, 0, 0
         # (finite steps, Σ step loss per image, Σ its square): identical on every rank
         self.loss_moments = torch.zeros(3, dtype=torch.float64, device=dev)
         self.nonfinite = torch.zeros((), dtype=torch.int64, device=dev)
@@ -179,7 +180,9 @@ class TrainingRun:
         torch.manual_seed(o["seed"] * 1009 + self.rank)  # dropout RNG per rank
 
     # -- state ------------------------------------------------------------------------------
-    def state_dict(self) -> dict:
+    def state_dict(self, in_tick: bool = False) -> dict:
+        """The training state; ``in_tick``: written inside a tick (on preemption), with the tick's
+        start and sums, so the resumed run finishes that tick and reports it as this one would."""
         state = dict(
             format="pfgmpp_fast.training_state/1",
             net={k: v.detach().cpu() for k, v in self.net.state_dict().items()},
@@ -197,6 +200,9 @@ class TrainingRun:
             state["rng_cuda_ranks"] = self._gather_rng("cuda")
         if self.phema is not None:
             state["phema"] = self.phema.state_dict()
+        if in_tick:
+            sums = dict(loss_moments=self.loss_moments.cpu(), nonfinite=self.nonfinite.cpu())
+            state["tick"] = dict(start_nimg=int(self.tick_start_nimg), **sums)
         return state
 
     def _gather_rng(self, kind):
@@ -225,7 +231,12 @@ class TrainingRun:
             raise ValueError(f"resume: {path} does not fit the network/optimizer of this run: {exc}") from None
         if self.phema is not None:
             self.phema.load_state_dict(state.get("phema"), path)
-        self.cur_nimg, self.cur_tick = int(state["cur_nimg"]), int(state["cur_tick"]) + 1  # the next tick
+        tick = state.get("tick")  # written inside a tick: that tick goes on, else the next one starts
+        self.cur_nimg, self.cur_tick = int(state["cur_nimg"]), int(state["cur_tick"]) + (tick is None)
+        self.tick_start_nimg = self.cur_nimg if tick is None else int(tick["start_nimg"])
+        if tick is not None:
+            self.loss_moments.copy_(tick["loss_moments"])
+            self.nonfinite.copy_(tick["nonfinite"])
         self.nonfinite_total = int(state.get("nonfinite_total", 0))
         self.total_time_before = float(state.get("total_time", 0.0))
         cpu_states, cuda_states = state.get("rng_cpu_ranks") or [], state.get("rng_cuda_ranks") or []
@@ -275,12 +286,12 @@ class TrainingRun:
                     labels = drop_labels(labels, o["seed"], ids, o["label_dropout"])
                 augment_labels = None
                 if self.augment_pipe is not None:
-                    y, augment_labels = self.augment_pipe(y, o["seed"], ids, backend=_aug_backend(o["backend"]))
+                    y, augment_labels = self.augment_pipe(y, o["seed"], ids, backend=augment_backend(o["backend"]))
                 loss = module(y, ids, labels, augment_labels)  # mean over the chunk
                 (loss * (o["loss_scaling"] * g.batch_gpu / g.per_rank)).backward()
                 step_loss += loss.detach().float() * g.batch_gpu
                 if faults.should_kill("AT_STEP", str(step_index), exact=True):  # kill-and-resume tests
-                    faults.kill()
+                    faults.kill("AT_STEP")
         return step_loss
 
     def _update(self, step_loss: torch.Tensor) -> torch.Tensor:
@@ -298,7 +309,7 @@ class TrainingRun:
         grads = [p.grad for p in self.params]
         if o["loss_scaling"] != 1:
             torch._foreach_mul_(grads, 1.0 / o["loss_scaling"])
-        _flag_nonfinite_grads(grads, self.found_inf)  # identical on every rank: the grads are all-reduced
+        flag_nonfinite_grads(grads, self.found_inf)  # identical on every rank: the grads are all-reduced
         self.lr_schedule.apply(self.optimizer, self.cur_nimg)
         if self.fused:
             self.optimizer.found_inf = self.found_inf
@@ -316,7 +327,9 @@ class TrainingRun:
         self.loss_moments += torch.stack([finite.double(), per_image, per_image.square()])  # finite steps only
 
     # -- the loop ---------------------------------------------------------------------------
-    def train(self):
+    def train(self, preemption=None):
+        """Steps and ticks to the end of the run; with a utils.preemption.Preemption, a signal
+        stops it after the step the ranks agree on, with a training state (Preempted)."""
         o = self.o
         total_nimg = int(round(o["duration_mimg"] * 1e6))
         self.start_time = time.time()
@@ -324,14 +337,17 @@ class TrainingRun:
             self.log(f"the run is complete ({self.cur_nimg / 1000:.3f} of {total_nimg / 1000:.3f} kimg); nothing to do")
             return
         reporter = TickReporter(o, self.rank0, self.device, total_nimg, self.cur_nimg, self.log)
-        tick_start_nimg, tick_start_time, maintenance = self.cur_nimg, time.time(), 0.0
+        tick_start_time, maintenance = time.time(), 0.0
         while True:
-            done = self.cur_nimg >= total_nimg
+            done, stop = self.cur_nimg >= total_nimg, None
             if not done:
                 self.step()
                 reporter.advance(o["batch"])
+                stop = preemption.poll_step() if preemption is not None else None
                 done = self.cur_nimg >= total_nimg
-                if not done and self.cur_tick != 0 and self.cur_nimg < tick_start_nimg + o["tick_kimg"] * 1000:
+                if not done and self.cur_tick != 0 and self.cur_nimg < self.tick_start_nimg + o["tick_kimg"] * 1000:
+                    if stop:
+                        self._stop_preempted(stop, preemption, reporter, in_tick=True)
                     continue
 
             # ---- end of a tick: the one host sync of the tick --------------------------
@@ -346,25 +362,28 @@ class TrainingRun:
                 nonfinite_total=self.nonfinite_total,
                 total_sec=self.total_time(),
                 tick_sec=tick_sec,
-                tick_imgs=self.cur_nimg - tick_start_nimg,
+                tick_imgs=self.cur_nimg - self.tick_start_nimg,
                 maintenance_sec=maintenance,
             )
             self._stop_if_diverged(done, last_step_bad, weights_bad)
 
             # ---- snapshots and training state ------------------------------------------
             maint_start = time.time()
-            self._write_files(done, last_step_bad, tick_start_nimg)
+            written = self._write_files(done, last_step_bad, self.tick_start_nimg)
             maintenance = time.time() - maint_start
 
             if done:
                 break
+            if stop:
+                self._stop_preempted(stop, preemption, reporter, in_tick=False, written=written)
             self.cur_tick += 1
-            tick_start_nimg, tick_start_time = self.cur_nimg, time.time()
+            self.tick_start_nimg, tick_start_time = self.cur_nimg, time.time()
             reporter.start_tick()
         reporter.close()
 
     def _write_files(self, done: bool, last_step_bad: bool, tick_start_nimg: int):
-        """The tick's network snapshot (not of a diverged network) and training state, when due."""
+        """The tick's network snapshot (not of a diverged network) and training state, when due;
+        returns the state's path when one was written."""
         o, kimg_tag = self.o, f"{self.cur_nimg // 1000:06d}"
         snap_due = o["snap_ticks"] is not None and (done or self.cur_tick % o["snap_ticks"] == 0)
         # every rank probes (identical EMA weights), so all of them stop together on divergence
@@ -382,10 +401,31 @@ class TrainingRun:
                 {"seed": o["seed"], "D": jsonable(o["D"]), "run": {k: jsonable(o[k]) for k in RESUME_KEYS}},
             )
         if o["dump_ticks"] is not None and (done or (self.cur_tick % o["dump_ticks"] == 0 and self.cur_tick != 0)):
-            state = self.state_dict()
-            if self.rank0:
-                atomic_torch_save_state(os.path.join(o["run_dir"], f"training-state-{kimg_tag}.pt"), state)
-            distributed.barrier()
+            return self._write_state(self.state_dict())
+        return None
+
+    def _write_state(self, state: dict) -> str:
+        path = os.path.join(self.o["run_dir"], f"training-state-{self.cur_nimg // 1000:06d}.pt")
+        if self.rank0:
+            atomic_torch_save_state(path, state)
+        distributed.barrier()
+        return path
+
+    def _stop_preempted(self, signal_name: str, preemption, reporter, in_tick: bool, written=None):
+        """After the step every rank agreed on: the training state (unless this tick end just
+        wrote it; post-hoc EMA profiles included), one log line, Preempted (exit code 75). The
+        phema snapshots stay on their schedule: the resumed run writes them as this one would."""
+        reporter.close()
+        path = written or self._write_state(self.state_dict(in_tick=in_tick))
+        message = (
+            f"preempted by {signal_name} at kimg {self.cur_nimg / 1000:.3f}: state written to {path}, "
+            "resume with --resume auto"
+        )
+        if preemption.ignored:
+            message += f" ({preemption.ignored} further signal(s) ignored while stopping)"
+        if self.rank0:
+            append_line(self.log_path, message)
+        raise Preempted(message, signal_name)
 
     def _stop_if_diverged(self, done: bool, last_step_bad: bool, weights_bad: bool):
         """TrainingError when the weights are non-finite, the non-finite budget is spent, or the
@@ -446,66 +486,6 @@ class TrainingRun:
         self.loss_moments.zero_()
         self.nonfinite.zero_()
         return moments, int(round(nonfinite)), last_bad > 0, weights_bad > 0
-
-
-class _LossModule(torch.nn.Module):
-    """The loss as a module around the network, so DDP sees one forward per chunk."""
-
-    def __init__(self, net, o, net_dtype, channels_last):
-        super().__init__()
-        self.net = net
-        self.o, self.net_dtype, self.channels_last = o, net_dtype, channels_last
-
-    def forward(self, y, sample_ids, labels, augment_labels):
-        o = self.o
-        if o["backend"] == "reference":
-            return R.training_loss(
-                self.net,
-                y,
-                o["D"],
-                o["seed"],
-                sample_ids,
-                o["P_mean"],
-                o["P_std"],
-                o["sigma_data"],
-                labels=labels,
-                augment_labels=augment_labels,
-            )
-        from pfgmpp_fast.loss import training_loss
-
-        return training_loss(
-            self.net,
-            y,
-            o["D"],
-            o["seed"],
-            sample_ids,
-            o["P_mean"],
-            o["P_std"],
-            o["sigma_data"],
-            labels=labels,
-            augment_labels=augment_labels,
-            backend=o["backend"],
-            net_dtype=self.net_dtype,
-            channels_last=self.channels_last,
-            check_finite=False,
-        )  # non-finite steps are counted on the device (step)
-
-
-def _aug_backend(backend):
-    return "reference" if backend == "reference" else "auto"
-
-
-def _flag_nonfinite_grads(grads, found_inf: torch.Tensor) -> None:
-    """Sets found_inf (float32 0-d, on the device) to 1 when any gradient holds NaN/Inf, so
-    that Adam skips the step and it is counted, as a step with a non-finite loss is. No host
-    sync and no copy: GradScaler's foreach check, one multi-tensor pass per gradient dtype
-    (it multiplies by 1, which leaves every value as it was)."""
-    one = torch.ones((), dtype=torch.float32, device=found_inf.device)
-    by_dtype = {}
-    for grad in grads:
-        by_dtype.setdefault(grad.dtype, []).append(grad)
-    for group in by_dtype.values():
-        torch._amp_foreach_non_finite_check_and_unscale_(group, found_inf, one)
 
 
 def _to_cpu(obj):

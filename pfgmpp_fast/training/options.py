@@ -15,6 +15,7 @@ import torch
 
 from pfgmpp_fast import checks
 from pfgmpp_fast.utils.cli_errors import InvalidArgument, InvalidType, InvalidValue, MissingFile
+from pfgmpp_fast.utils.preemption import DEFAULT_SIGNALS, parse_signals
 
 __all__ = [
     "TrainingOptions",
@@ -76,6 +77,8 @@ class TrainingOptions:
     progress: object = "auto"  # progress bar: auto (a TTY) | True | False
     max_size: Optional[int] = None  # use only the first max_size images
     cache_dir: Optional[str] = None  # where the decoded data set is cached (data_cache.py); None: next to it
+    preempt_signals: tuple = DEFAULT_SIGNALS  # signals that stop the run after the current step with a
+    # training state and exit code 75 (utils/preemption.py); () = off
 
     def __getitem__(self, name):  # o["batch"] reads like the published options dict
         return getattr(self, name)
@@ -197,6 +200,7 @@ def resolve_options(**options) -> TrainingOptions:
         raise InvalidValue("precision", f"must be one of auto, bf16, fp16, fp32, got {o['precision']!r}")
     if o["backend"] not in checks.BACKENDS:
         raise InvalidValue("backend", f"must be one of {checks.BACKENDS}, got {o['backend']!r}")
+    o["preempt_signals"] = parse_signals(o["preempt_signals"])
     if o["network"] is None:
         o["network"] = {}
     if isinstance(o["network"], str):

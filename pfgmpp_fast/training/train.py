@@ -11,7 +11,9 @@ One run per directory: a fresh run refuses a directory that holds another run's 
 (``--name`` / ``--desc`` make a new folder inside ``--outdir``, ``--desc`` as EDM's numbered
 ``NNNNN-<desc>``), one job at a time (a lock); ``--resume auto`` continues from the newest intact
 training state; bad data / checkpoints / options fail before any step (the command: one
-message naming the option, utils/cli_errors.py). The step and the ticks are loop.py.
+message naming the option, utils/cli_errors.py). SIGTERM / SIGUSR1 (``--preempt-signals``) stop
+the run after the current step with a training state and exit code 75, and ``--resume auto``
+continues it bit for bit (utils/preemption.py). The step and the ticks are loop.py.
 
 Precision: ``auto`` = bf16 autocast on CUDA, fp32 on the CPU (the published code trains in
 fp32; ``--precision fp32`` reproduces that exactly).
@@ -64,6 +66,7 @@ from pfgmpp_fast.utils.cli_errors import (
     supported_choice,
 )
 from pfgmpp_fast.utils.io_utils import atomic_save_json
+from pfgmpp_fast.utils.preemption import Preempted, Preemption, add_preempt_argument
 from pfgmpp_fast.utils.run_lock import acquire_run_dir
 
 __all__ = ["run_training", "check_run_dir_use", "add_arguments", "options_from_args", "main"]
@@ -136,7 +139,14 @@ def run_training(run_dir=None, **options) -> str:
             f"(batch_gpu {run.geometry.batch_gpu}, {run.geometry.rounds} rounds), precision {run.precision}, "
             f"compile {run.compile}, backend {o['backend']}, {o['duration_mimg'] * 1000:g} kimg"
         )
-        run.train()
+        # the loop alone decides where the run stops (after a step, with a state: inner_stops=False);
+        # the previous signal handlers come back after it
+        with Preemption(o["preempt_signals"], inner_stops=False) as preemption:
+            try:
+                run.train(preemption)
+            except Preempted:
+                finished = True  # every rank stopped after the same step: leave the process group in order
+                raise
         run.log("done.")
         finished = True
         return o["run_dir"]
@@ -283,6 +293,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "(default: next to --data, or ~/.cache/pfgmpp_fast/data where that is read-only)",
     )
     a("-n", "--dry-run", action="store_true", help="print the resolved options (JSON) and exit")
+    add_preempt_argument(parser)
     add_threads_argument(parser)
     _add_published_arguments(
         parser.add_argument_group("the published PFGM++ / EDM train.py's own options (mapped onto the options above)")

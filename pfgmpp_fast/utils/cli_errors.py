@@ -5,7 +5,9 @@ Each command's ``main`` is wrapped by :func:`command`: it raises, and one messag
 ``error: <option>: <what is wrong and what is allowed>``, never a traceback (argparse reports
 malformed values the same way). Exit codes: 0 success; 2 a usage error (a bad option value, or
 a file an option names that is missing or of the wrong kind); 1 a failure while running (I/O,
-non-finite training, ...); 130 interrupted. ``PFGMPP_FAST_DEBUG=1`` re-raises errors, with
+non-finite training, ...); 75 (``PREEMPTED_EXIT_CODE``, sysexits' EX_TEMPFAIL) preempted: a
+signal stopped the work at a safe point after keeping what it needs to continue, so the same
+command continues it (utils/preemption.py); 130 interrupted. ``PFGMPP_FAST_DEBUG=1`` re-raises errors, with
 their traceback. The checkers raise :class:`InvalidArgument` errors (ValueError/TypeError/
 FileNotFoundError that carry the argument's ``name`` and ``detail``), so a command maps them to
 its own option spelling without reading messages. Below every layer (no package import), so
@@ -28,6 +30,8 @@ __all__ = [
     "InvalidType",
     "MissingFile",
     "UsageError",
+    "Preempted",
+    "PREEMPTED_EXIT_CODE",
     "blame",
     "check_output_path",
     "int_at_least",
@@ -45,6 +49,7 @@ __all__ = [
 ]
 
 DEBUG_ENV = "PFGMPP_FAST_DEBUG"
+PREEMPTED_EXIT_CODE = 75  # sysexits.h EX_TEMPFAIL: a temporary failure, the same command continues
 
 
 class InvalidArgument(Exception):
@@ -102,6 +107,19 @@ def _after_option(exc: BaseException) -> str:
     """What follows ``<option>: `` for the input error ``exc``: its message, less the argument's
     name where that only labels it (an :class:`InvalidArgument` says so)."""
     return exc.detail if isinstance(exc, InvalidArgument) and exc.labelled else str(exc)
+
+
+class Preempted(Exception):
+    """The work stopped at a safe point on a preemption signal (``signal``: 'SIGTERM', ...) after
+    keeping what it needs to continue; the message says what was kept and how to continue. The
+    command exits with PREEMPTED_EXIT_CODE (utils/preemption.py raises it)."""
+
+    def __init__(self, message: str, signal: str = "SIGTERM"):
+        super().__init__(message)
+        self.signal = signal
+
+    def __reduce__(self):  # picklable (exceptions cross process boundaries)
+        return type(self), (str(self), self.signal)
 
 
 @contextlib.contextmanager
@@ -286,6 +304,11 @@ def report(exc: BaseException) -> int:
     if isinstance(exc, KeyboardInterrupt):
         print("interrupted", file=sys.stderr)
         return 130
+    if isinstance(exc, Preempted):  # every rank stops at the same agreed point: leave in order
+        _close_process_group(failed=False)
+        if os.environ.get("RANK", "0") == "0":  # the same line on every rank: once
+            print(str(exc), file=sys.stderr)
+        return PREEMPTED_EXIT_CODE
     _close_process_group(failed=True)
     message = str(exc).strip() or type(exc).__name__
     if not isinstance(exc, (ValueError, TypeError, OSError, RuntimeError, ArithmeticError)):

@@ -7,6 +7,10 @@ a value that matches; ``PFGMPP_FAST_KILL_<POINT>_SKIP=n`` lets the first n match
                   bytes, makes them durable, then dies (before the rename)
     AT_STEP       match: the training step index; training/loop.py dies after the step's
                   backward pass, before the optimiser update
+
+``PFGMPP_FAST_KILL_<POINT>_SIGNAL=<name>`` (e.g. TERM, USR1) sends that signal instead of
+SIGKILL, for the preemption tests (utils/preemption.py): the process then goes on, as it would
+when a scheduler's signal arrives at that moment (DURING_WRITE: the rest of the file is written).
 """
 
 from __future__ import annotations
@@ -28,5 +32,7 @@ def should_kill(point: str, value: str, exact: bool = False) -> bool:
     return _matches[point] > int(os.environ.get(ENV_PREFIX + point + "_SKIP", "0"))
 
 
-def kill() -> None:
-    os.kill(os.getpid(), signal.SIGKILL)
+def kill(point: str) -> None:
+    """Send this process SIGKILL, or the signal PFGMPP_FAST_KILL_<point>_SIGNAL names."""
+    name = os.environ.get(ENV_PREFIX + point + "_SIGNAL", "KILL").upper().removeprefix("SIG")
+    os.kill(os.getpid(), getattr(signal, "SIG" + name))

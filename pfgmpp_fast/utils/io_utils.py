@@ -92,12 +92,15 @@ def atomic_write(path: str | os.PathLike, write: Callable[[io.BufferedWriter], N
 
 
 def _maybe_kill_midway(path: str, f, data: bytes) -> bytes:
-    """Fault injection (utils/faults.py, point DURING_WRITE): half of the bytes, durable, then SIGKILL."""
+    """Fault injection (utils/faults.py, point DURING_WRITE): half of the bytes, durable, then
+    SIGKILL (or the signal of PFGMPP_FAST_KILL_SIGNAL, after which the rest is written)."""
     if faults.should_kill("DURING_WRITE", os.path.basename(path)):
-        f.write(data[: len(data) // 2])
+        half = len(data) // 2
+        f.write(data[:half])
         f.flush()
         os.fsync(f.fileno())
-        faults.kill()
+        faults.kill("DURING_WRITE")
+        return data[half:]
     return data
 
 
