@@ -10,6 +10,7 @@ from op_helpers import seeded
 
 from pfgmpp_fast import reference as R
 from pfgmpp_fast.kernels import aot_check, chi2, loss, perturb, philox, sampler_step
+from pfgmpp_fast.kernels.layout import MAX_TILED_CHANNELS
 
 pytestmark = pytest.mark.triton
 
@@ -115,3 +116,61 @@ def test_channels_last_indices_exact_near_the_int32_limit(C, HW):
     elements = [(pos % C) * HW + pos // C for pos in written]
     expected = c_in * (flat_y[written] + scale * _normals_at(key, sid, 0, elements))
     torch.testing.assert_close(flat_net[written], expected, rtol=1e-5, atol=1e-5)
+
+
+def _op_outputs(op, C, S, channels_last):
+    """The outputs of one op on [2, C, S, S] inputs (fixed values), channels-last or contiguous."""
+    gen = seeded(C)
+    y, F = torch.randn(2, C, S, S, generator=gen), torch.randn(2, C, S, S, generator=gen).to(torch.bfloat16)
+    if channels_last:
+        y, F = y.contiguous(memory_format=torch.channels_last), F.contiguous(memory_format=torch.channels_last)
+    ids, v = torch.tensor([3, 2**40]), torch.tensor([0.7, 1.9])
+    if op == "perturb":
+        return perturb.perturb(y, v, v.flip(0), ids, 7, 0, torch.bfloat16, channels_last, True)
+    if op == "loss":
+        return loss.loss_fwd_bwd(F, y.contiguous(), v, v.flip(0), v + 1, ids, 7, 0, 0.5)
+    return sampler_step.sampler_update(
+        y.contiguous(),
+        F,
+        None,
+        0.4,
+        -1.1,
+        0.3,
+        0.15,
+        ids,
+        7,
+        0.2,
+        R.stream_alpha(3),
+        0.5,
+        R.stream_churn(3),
+        0.8,
+        torch.bfloat16,
+        channels_last,
+    )
+
+
+@pytest.mark.parametrize("op,streams", [("perturb", 1), ("loss", 1), ("sampler", 2)])
+@pytest.mark.parametrize("C", [1, 3, 4, 5])
+def test_channels_last_tiles_draw_each_normal_once_at_its_logical_element(op, streams, C, monkeypatch):
+    """Channels-last operands (the tiled path for C <= 4) give the bits of contiguous ones (the
+    flat path): every element draws the normal of its logical NCHW index (DESIGN §2).  And each
+    Philox call of a launch feeds four elements that are written: the old tiles padded C = 3 to
+    4 (and C = 5 to 8) channels and drew 4/3 (8/5) of the normals needed."""
+    calls = []
+
+    def counting_philox(c0, *args):  # the interpreter runs kernels as Python: count the lanes
+        calls.append(int(c0.numel))
+        return philox_rounds(c0, *args)
+
+    philox_rounds = philox.philox4x32_10
+    monkeypatch.setattr(philox, "philox4x32_10", counting_philox)
+    S = 16 if C <= MAX_TILED_CHANNELS else 32  # C = 5 runs flat: its 1024-element blocks divide N = 5·32²
+    flat = _op_outputs(op, C, S, channels_last=False)
+    calls.clear()
+    tiled = _op_outputs(op, C, S, channels_last=True)
+    assert sum(calls) == streams * 2 * C * S * S // 4
+    for a, b in zip(flat, tiled):
+        if op == "loss" and a.dim() == 1:  # per-sample sums: the channels' partial sums added in another order
+            torch.testing.assert_close(a, b, rtol=1e-6, atol=0)
+        else:
+            assert torch.equal(a.contiguous(), b.contiguous())
