@@ -5,10 +5,10 @@ with its kernel launch recorded instead of executed; the recorded call goes thro
 own argument specialisation (so `do_not_specialize` and 16-byte alignment count as at run
 time) and is compiled to PTX and cubin for sm_<arch>.  For each variant this reports:
 accurate log/sin/cos (the interpreter never shows an approximate lowering), the widest
-global load and store in bits (128 = the 16-byte accesses aligned sizes should get), and
-the narrowest global store, the 16-bit scalar global accesses (unvectorised bf16/fp16), the
-floating-point divisions (div.full.f32 is Triton's approximate fp32 division: DESIGN §6) and
-the registers / spills / stack of the cubin.  Run it *without* TRITON_INTERPRET:
+global load and store in bits (128 = the 16-byte accesses aligned sizes should get), the
+narrowest global store, the 16-bit scalar global accesses (unvectorised bf16/fp16), the
+floating-point divisions (div.full.f32 is Triton's approximate fp32 division, within 2 ulp:
+docs/DESIGN.md §6) and the registers / spills / stack of the cubin.  Run it *without* TRITON_INTERPRET:
 
     python -m pfgmpp_fast.kernels.aot_check [--arch 90] [--json]
 

@@ -153,7 +153,7 @@ def _op_outputs(op, C, S, channels_last):
 @pytest.mark.parametrize("C", [1, 3, 4, 5])
 def test_channels_last_tiles_draw_each_normal_once_at_its_logical_element(op, streams, C, monkeypatch):
     """Channels-last operands (the tiled path for C <= 4) give the bits of contiguous ones (the
-    flat path): every element draws the normal of its logical NCHW index (DESIGN §2).  And each
+    flat path): every element draws the normal of its logical NCHW index (docs/DESIGN.md §2).  And each
     Philox call of a launch feeds four elements that are written: the old tiles padded C = 3 to
     4 (and C = 5 to 8) channels and drew 4/3 (8/5) of the normals needed."""
     calls = []
