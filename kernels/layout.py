@@ -2,9 +2,10 @@
 registration.
 
 Host side: 64-bit keys and float64 scalars as 32-bit kernel arguments, the description of an
-image tensor's memory layout (Layout), how a program walks one sample (BlockPlan) and the
-tensor checks of the launchers.  Device side: the memory offsets of logical NCHW elements in
-each layout, the element indices of a flat or tiled block, and casts for stores.
+image tensor's memory layout (Layout), how a program walks one sample (BlockPlan), the launch
+(on the tensors' device) and the tensor checks of the launchers.  Device side: the compute
+dtype, the memory offsets of logical NCHW elements (flat) or of one channel (tiled) in each
+layout, channels-last pixel quads moved as chunks, and casts for stores.
 """
 
 import contextlib

@@ -42,7 +42,7 @@ def _residual(F, y, g, c_skip, c_out, s, mask):
     return tl.where(mask, F - target, 0.0)
 
 
-# do_not_specialize (layout.py, "Specialisation"): the blocks per sample, key words and stream.
+# do_not_specialize (layout.py, "Specialisation and tracing"): the blocks per sample, key words and stream.
 @triton.jit(do_not_specialize=["nblk", "k0", "k1", "stream"])
 def _loss_kernel(
     F_ptr,
@@ -92,7 +92,7 @@ def _loss_kernel(
     pid = tl.program_id(0)
     b = pid // nblk
     blk = pid - b * nblk
-    sid_lo, sid_hi = sample_counter(tl.load(sid_ptr + b))  # loaded here: see layout.register
+    sid_lo, sid_hi = sample_counter(tl.load(sid_ptr + b))  # loaded here: layout.py, "Specialisation and tracing"
     kk0, kk1 = key_words(k0, k1)
     st = stream.to(tl.uint32)
     c_skip = to_compute(tl.load(cskip_ptr + b), IS_F64)

@@ -39,7 +39,7 @@ from .layout import (
 from .philox import key_words, program_normals, sample_counter
 
 
-# do_not_specialize (layout.py, "Specialisation"): the blocks per sample, key words and stream.
+# do_not_specialize (layout.py, "Specialisation and tracing"): the blocks per sample, key words and stream.
 @triton.jit(do_not_specialize=["nblk", "k0", "k1", "stream"])
 def _perturb_kernel(
     y_ptr,
@@ -79,7 +79,7 @@ def _perturb_kernel(
     pid = tl.program_id(0)
     b = pid // nblk
     blk = pid - b * nblk
-    sid_lo, sid_hi = sample_counter(tl.load(sid_ptr + b))  # loaded here: see layout.register
+    sid_lo, sid_hi = sample_counter(tl.load(sid_ptr + b))  # loaded here: layout.py, "Specialisation and tracing"
     kk0, kk1 = key_words(k0, k1)
     s = to_compute(tl.load(scale_ptr + b), IS_F64)
     c_in = to_compute(tl.load(cin_ptr + b), IS_F64)

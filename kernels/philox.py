@@ -102,7 +102,7 @@ def key_words(k0, k1):
     return k0.to(tl.uint32), k1.to(tl.uint32)
 
 
-# do_not_specialize (layout.py, "Specialisation"): the counter count and key words.
+# do_not_specialize (layout.py, "Specialisation and tracing"): the counter count and key words.
 @triton.jit(do_not_specialize=["M", "k0", "k1"])
 def _philox_raw_kernel(ctr_ptr, out_ptr, M, k0, k1, BLOCK: tl.constexpr):
     i = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
@@ -119,7 +119,7 @@ def _philox_raw_kernel(ctr_ptr, out_ptr, M, k0, k1, BLOCK: tl.constexpr):
     tl.store(out_ptr + 4 * i + 3, x3.to(tl.int64), mask=mask)
 
 
-# do_not_specialize (layout.py, "Specialisation"): the blocks per sample, key words and stream.
+# do_not_specialize (layout.py, "Specialisation and tracing"): the blocks per sample, key words and stream.
 @triton.jit(do_not_specialize=["nblk", "k0", "k1", "stream"])
 def _philox_normal_kernel(sid_ptr, out_ptr, n, nblk, k0, k1, stream, BLOCK: tl.constexpr):
     pid = tl.program_id(0)

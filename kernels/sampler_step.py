@@ -92,7 +92,7 @@ def _advance(
     return y1, y2
 
 
-# do_not_specialize (layout.py, "Specialisation"): the blocks per sample, key words and streams.
+# do_not_specialize (layout.py, "Specialisation and tracing"): the blocks per sample, key words and streams.
 @triton.jit(do_not_specialize=["nblk", "k0", "k1", "alpha_stream", "churn_stream"])
 def _sampler_kernel(
     x_ptr,
@@ -153,7 +153,7 @@ def _sampler_kernel(
     pid = tl.program_id(0)
     b = pid // nblk
     blk = pid - b * nblk
-    sid_lo, sid_hi = sample_counter(tl.load(sid_ptr + b))  # loaded here: see layout.register
+    sid_lo, sid_hi = sample_counter(tl.load(sid_ptr + b))  # loaded here: layout.py, "Specialisation and tracing"
     kk0, kk1 = key_words(k0, k1)
     a_st = alpha_stream.to(tl.uint32)
     c_st = churn_stream.to(tl.uint32)

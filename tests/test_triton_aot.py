@@ -170,16 +170,16 @@ def test_grid_beyond_cuda_limit_fails_clearly():
 
 
 def test_each_triton_op_is_registered_with_the_cpp_op_arguments():
-    """Every kernel file registers its op and names its kernel; the argument names and types
-    (optional ones included: `float?`, `Tensor?`) are those of the C++ ops."""
-    from torch._library.triton import get_triton_kernels_for_op
-
+    """Every kernel file registers its op and names its kernel (torch hashes its source into
+    the AOTAutograd cache key); the argument names and types (optional ones included:
+    `float?`, `Tensor?`) are those of the C++ ops."""
     import pfgmpp_fast.kernels  # noqa: F401
 
+    kernels_of = getattr(torch._library.triton, "get_triton_kernels_for_op", None)  # not in every torch
     names = ("philox4x32", "philox_normal", "chi2", "perturb", "loss_fwd_bwd", "sampler_update")
     for name in names:
-        # torch hashes these kernels' source into the AOTAutograd cache key of compiled graphs
-        assert len(get_triton_kernels_for_op(f"pfgmpp_fast_triton::{name}")) == 1, name
+        if kernels_of is not None:
+            assert len(kernels_of(f"pfgmpp_fast_triton::{name}")) == 1, name
         schema = getattr(torch.ops.pfgmpp_fast_triton, name).default._schema
         if ops.has_extension():
             cpp = getattr(torch.ops.pfgmpp_fast, name).default._schema
