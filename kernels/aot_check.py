@@ -5,8 +5,10 @@ with its kernel launch recorded instead of executed; the recorded call goes thro
 own argument specialisation (so `do_not_specialize` and 16-byte alignment count as at run
 time) and is compiled to PTX and cubin for sm_<arch>.  For each variant this reports:
 accurate log/sin/cos (the interpreter never shows an approximate lowering), the widest
-global load and store in bits (128 = the 16-byte accesses aligned sizes should get), and
-the registers / spills / stack of the cubin.  Run it *without* TRITON_INTERPRET:
+global load and store in bits (128 = the 16-byte accesses aligned sizes should get), the
+narrowest global store, the 16-bit scalar global accesses (unvectorised bf16/fp16), the
+floating-point divisions (div.full.f32 is Triton's approximate fp32 division, within 2 ulp:
+docs/DESIGN.md §6) and the registers / spills / stack of the cubin.  Run it *without* TRITON_INTERPRET:
 
     python -m pfgmpp_fast.kernels.aot_check [--arch 90] [--json]
 
@@ -96,6 +98,10 @@ def _variants():
             lambda: perturb.perturb(img(torch.float32), vec(), vec(), ids, 7, 0, torch.bfloat16, True, False),
         ),
         (
+            "perturb tiled fp32 out",
+            lambda: perturb.perturb(img(torch.float32), vec(), vec(), ids, 7, 0, torch.float32, True, True),
+        ),
+        (
             "perturb strided fp64",
             lambda: perturb.perturb(
                 strided, vec(torch.float64), vec(torch.float64), ids, 7, 0, torch.bfloat16, True, True
@@ -140,12 +146,17 @@ def compile_call(kernel, args, kwargs, target):
     return triton.compile(src, target=target, options=options.__dict__)
 
 
+def access_bits(ptx: str, op: str) -> list:
+    """Widths in bits of every `op` (ld.global / st.global) access in the PTX."""
+    return [
+        int(vec or 1) * int(bits)
+        for vec, bits in re.findall(op + r"(?:\.[a-z_0-9]+)*?(?:\.v(\d))?\.[bfsu](\d+)\b", ptx)
+    ]
+
+
 def vector_bits(ptx: str, op: str) -> int:
-    """Widest `op` (ld.global / st.global) access in the PTX, in bits (0 when none)."""
-    widest = 0
-    for vec, bits in re.findall(op + r"(?:\.[a-z_0-9]+)*?(?:\.v(\d))?\.[bfsu](\d+)\b", ptx):
-        widest = max(widest, int(vec or 1) * int(bits))
-    return widest
+    """Widest `op` access in the PTX, in bits (0 when none)."""
+    return max(access_bits(ptx, op), default=0)
 
 
 def resource_usage(cubin: bytes) -> dict:
@@ -193,6 +204,9 @@ def check_all(arch: int):
                 approx=[i for i in APPROX if i in ptx],
                 ld_bits=vector_bits(ptx, r"ld\.global"),
                 st_bits=vector_bits(ptx, r"st\.global"),
+                st_bits_min=min(access_bits(ptx, r"st\.global"), default=0),
+                half_accesses=len(re.findall(r"(?:ld|st)\.global(?:\.[a-z_0-9]+)*?\.[bfu]16\b", ptx)),
+                divisions=sorted(set(re.findall(r"\bdiv(?:\.[a-z]+)*\.f(?:32|64)\b", ptx))),
                 **resource_usage(compiled.asm["cubin"]),
             )
             results.append(res)

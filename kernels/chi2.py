@@ -17,7 +17,8 @@ from .layout import grid, launch, register, split_f64, split_key, warps_for
 from .philox import box_muller, key_words, philox4x32_10, sample_counter, uint_to_unit
 
 
-@triton.jit(do_not_specialize=["B", "k0", "k1", "stream", "D_hi", "D_lo"])
+# do_not_specialize (layout.py, "Specialisation and tracing"): the batch size, key words and stream.
+@triton.jit(do_not_specialize=["B", "k0", "k1", "stream"])
 def _chi2_kernel(sid_ptr, out_ptr, B, k0, k1, stream, D_hi, D_lo, BLOCK: tl.constexpr, ATTEMPTS: tl.constexpr):
     i = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = i < B
@@ -77,4 +78,4 @@ def chi2(sample_ids: Tensor, key: int, D: float, stream: int) -> Tensor:
     return out
 
 
-register(chi2)
+register(chi2, _chi2_kernel)

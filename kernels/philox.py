@@ -11,7 +11,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .layout import grid, launch, register, split_key, tile_elements, warps_for
+from .layout import grid, launch, register, split_key, warps_for
 
 MAX_NORMALS_PER_SAMPLE = 2**34  # block index e // 4 is a 32-bit counter word (the C++ op's bound)
 
@@ -75,8 +75,9 @@ def normal_block(j_start, sid_lo, sid_hi, stream, k0, k1, BLOCK: tl.constexpr):
 
 
 @triton.jit
-def tile_normals(
+def program_normals(
     blk,
+    c: tl.constexpr,
     HW,
     sid_lo,
     sid_hi,
@@ -85,16 +86,13 @@ def tile_normals(
     k1,
     TILED: tl.constexpr,
     BLOCK: tl.constexpr,
-    C_PAD: tl.constexpr,
     BLOCK_HW: tl.constexpr,
 ):
-    """The normals of the elements tile_elements returns (same shape, same order)."""
+    """The normals of program block blk: tiled, channel c at its BLOCK_HW pixels (logical
+    elements c·HW + hw, HW % 4 == 0, so four pixels share a Philox call); flat, BLOCK
+    consecutive elements."""
     if TILED:
-        c = tl.arange(0, C_PAD)[:, None]
-        j = ((c * HW + blk * BLOCK_HW) // 4 + tl.arange(0, BLOCK_HW // 4)[None, :]).to(tl.uint32)
-        z0, z1, z2, z3 = normal4(j, sid_lo, sid_hi, stream, k0, k1)
-        z = tl.join(tl.join(z0, z2), tl.join(z1, z3))
-        return tl.reshape(z, [C_PAD, BLOCK_HW])
+        return normal_block(c * (HW // 4) + blk * (BLOCK_HW // 4), sid_lo, sid_hi, stream, k0, k1, BLOCK_HW)
     else:
         return normal_block(blk * (BLOCK // 4), sid_lo, sid_hi, stream, k0, k1, BLOCK)
 
@@ -104,32 +102,7 @@ def key_words(k0, k1):
     return k0.to(tl.uint32), k1.to(tl.uint32)
 
 
-@triton.jit
-def sample_tile_noise(
-    pid,
-    nblk,
-    sid_ptr,
-    N,
-    HW,
-    k0,
-    k1,
-    stream,
-    TILED: tl.constexpr,
-    BLOCK: tl.constexpr,
-    C_PAD: tl.constexpr,
-    BLOCK_HW: tl.constexpr,
-):
-    """The prologue of the per-sample elementwise kernels: program pid's sample b, the logical
-    elements of its block (e, c, hw, mask as tile_elements) and their noise g of `stream`."""
-    b = pid // nblk
-    blk = pid - b * nblk
-    e, c, hw, mask = tile_elements(blk, N, HW, TILED, BLOCK, C_PAD, BLOCK_HW)
-    sid_lo, sid_hi = sample_counter(tl.load(sid_ptr + b))
-    kk0, kk1 = key_words(k0, k1)
-    g = tile_normals(blk, HW, sid_lo, sid_hi, stream.to(tl.uint32), kk0, kk1, TILED, BLOCK, C_PAD, BLOCK_HW)
-    return b, e, c, hw, mask, g
-
-
+# do_not_specialize (layout.py, "Specialisation and tracing"): the counter count and key words.
 @triton.jit(do_not_specialize=["M", "k0", "k1"])
 def _philox_raw_kernel(ctr_ptr, out_ptr, M, k0, k1, BLOCK: tl.constexpr):
     i = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
@@ -146,6 +119,7 @@ def _philox_raw_kernel(ctr_ptr, out_ptr, M, k0, k1, BLOCK: tl.constexpr):
     tl.store(out_ptr + 4 * i + 3, x3.to(tl.int64), mask=mask)
 
 
+# do_not_specialize (layout.py, "Specialisation and tracing"): the blocks per sample, key words and stream.
 @triton.jit(do_not_specialize=["nblk", "k0", "k1", "stream"])
 def _philox_normal_kernel(sid_ptr, out_ptr, n, nblk, k0, k1, stream, BLOCK: tl.constexpr):
     pid = tl.program_id(0)
@@ -193,5 +167,5 @@ def philox_normal(sample_ids: Tensor, key: int, n: int, stream: int) -> Tensor:
     return out
 
 
-register(philox4x32)
-register(philox_normal)
+register(philox4x32, _philox_raw_kernel)
+register(philox_normal, _philox_normal_kernel)

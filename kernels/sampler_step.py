@@ -15,14 +15,18 @@ import triton.language as tl
 from torch import Tensor
 
 from .layout import (
-    TL_DTYPE,
     BlockPlan,
     Layout,
     cast_for_store,
+    channel_offsets,
     check_image,
     check_out_dtype,
     check_per_sample,
     check_sample_size,
+    cl_channel,
+    cl_load,
+    cl_put,
+    cl_store,
     element_offsets,
     empty_image,
     grid,
@@ -30,43 +34,66 @@ from .layout import (
     register,
     split_f64,
     split_key,
-    tile_elements,
+    to_compute,
     wants_tiling,
 )
-from .philox import key_words, sample_counter, tile_normals
+from .philox import key_words, program_normals, sample_counter
 
 
 @triton.jit
-def _scalar(hi, lo, COMPUTE: tl.constexpr):
-    if COMPUTE == tl.float64:
+def _scalar(hi, lo, IS_F64: tl.constexpr):
+    if IS_F64:
         return tl.cast(hi, tl.float64) + tl.cast(lo, tl.float64)
     else:
         return tl.cast(hi, tl.float32)
 
 
-@triton.jit(
-    do_not_specialize=[
-        "nblk",
-        "k0",
-        "k1",
-        "alpha_stream",
-        "churn_stream",
-        "A_hi",
-        "A_lo",
-        "B_hi",
-        "B_lo",
-        "h1_hi",
-        "h1_lo",
-        "h2_hi",
-        "h2_lo",
-        "as_hi",
-        "as_lo",
-        "cs_hi",
-        "cs_lo",
-        "ci_hi",
-        "ci_lo",
-    ]
-)
+@triton.jit
+def _advance(
+    x,
+    b0,
+    F,
+    blk,
+    c: tl.constexpr,
+    HW,
+    sid_lo,
+    sid_hi,
+    alpha_stream,
+    churn_stream,
+    k0,
+    k1,
+    A,
+    Bf,
+    h1,
+    h2,
+    a_s,
+    c_s,
+    HAS_F: tl.constexpr,
+    HAS_ALPHA: tl.constexpr,
+    HAS_CHURN: tl.constexpr,
+    TILED: tl.constexpr,
+    BLOCK: tl.constexpr,
+    BLOCK_HW: tl.constexpr,
+):
+    """(y1, y2) of the elements a program block holds (channel c when tiled)."""
+    if HAS_F:
+        d = A * x + Bf * F
+        y1 = b0 + h1 * d
+        y2 = b0 + h2 * d
+    else:
+        y1 = b0
+        y2 = b0
+    if HAS_ALPHA:
+        eps = program_normals(blk, c, HW, sid_lo, sid_hi, alpha_stream, k0, k1, TILED, BLOCK, BLOCK_HW)
+        y1 = y1 + a_s * eps.to(y1.dtype)
+    if HAS_CHURN:
+        eps = program_normals(blk, c, HW, sid_lo, sid_hi, churn_stream, k0, k1, TILED, BLOCK, BLOCK_HW)
+        y1 = y1 + c_s * eps.to(y1.dtype)
+    return y1, y2
+
+
+# do_not_specialize (layout.py, "Specialisation and tracing"): the blocks per sample, key words and streams.
+@triton.jit(do_not_specialize=["nblk", "k0", "k1", "alpha_stream", "churn_stream"])
 def _sampler_kernel(
     x_ptr,
     F_ptr,
@@ -117,56 +144,133 @@ def _sampler_kernel(
     HAS_CHURN: tl.constexpr,
     F_MODE: tl.constexpr,
     NET_MODE: tl.constexpr,
-    COMPUTE: tl.constexpr,
+    IS_F64: tl.constexpr,
     TILED: tl.constexpr,
     BLOCK: tl.constexpr,
-    C_PAD: tl.constexpr,
+    C: tl.constexpr,
     BLOCK_HW: tl.constexpr,
 ):
     pid = tl.program_id(0)
     b = pid // nblk
     blk = pid - b * nblk
-    e, c, hw, mask = tile_elements(blk, N, nHW, TILED, BLOCK, C_PAD, BLOCK_HW)
-    state_off = b.to(tl.int64) * N + e
-    x = tl.load(x_ptr + state_off, mask=mask, other=0.0).to(COMPUTE)
-    if HAS_BASE:
-        b0 = tl.load(base_ptr + state_off, mask=mask, other=0.0).to(COMPUTE)
+    sid_lo, sid_hi = sample_counter(tl.load(sid_ptr + b))  # loaded here: layout.py, "Specialisation and tracing"
+    kk0, kk1 = key_words(k0, k1)
+    a_st = alpha_stream.to(tl.uint32)
+    c_st = churn_stream.to(tl.uint32)
+    A = _scalar(A_hi, A_lo, IS_F64)
+    Bf = _scalar(B_hi, B_lo, IS_F64)
+    h1 = _scalar(h1_hi, h1_lo, IS_F64)
+    h2 = _scalar(h2_hi, h2_lo, IS_F64)
+    a_s = _scalar(as_hi, as_lo, IS_F64)
+    c_s = _scalar(cs_hi, cs_lo, IS_F64)
+    ci = _scalar(ci_hi, ci_lo, IS_F64)
+    if TILED:  # geometry (C, HW, W) from x, so the tiling and the noise index agree
+        hw0 = blk * BLOCK_HW
+        hw = hw0 + tl.arange(0, BLOCK_HW)
+        mask = hw < nHW
+        if HAS_F and F_MODE == 1:
+            f0, f1, f2, f3 = cl_load(F_ptr, b, N, hw0, nHW, C, BLOCK_HW)
+        if HAS_NET and NET_MODE == 1:
+            n0 = tl.zeros([BLOCK_HW // 4, 4], dtype=net_ptr.dtype.element_ty)
+            n1 = n0
+            n2 = n0
+            n3 = n0
+        for c in tl.static_range(C):
+            state_off = channel_offsets(b, c, hw, N, nHW, nW, 0, 0, 0, 0, 0)
+            x = to_compute(tl.load(x_ptr + state_off, mask=mask, other=0.0), IS_F64)
+            b0 = x
+            if HAS_BASE:
+                b0 = to_compute(tl.load(base_ptr + state_off, mask=mask, other=0.0), IS_F64)
+            F = x
+            if HAS_F:
+                if F_MODE == 1:
+                    F = cl_channel(f0, f1, f2, f3, c, C)
+                else:
+                    f_off = channel_offsets(b, c, hw, N, nHW, fW, f_sb, f_sc, f_sh, f_sw, F_MODE)
+                    F = tl.load(F_ptr + f_off, mask=mask, other=0.0)
+                F = to_compute(F, IS_F64)
+            y1, y2 = _advance(
+                x,
+                b0,
+                F,
+                blk,
+                c,
+                nHW,
+                sid_lo,
+                sid_hi,
+                a_st,
+                c_st,
+                kk0,
+                kk1,
+                A,
+                Bf,
+                h1,
+                h2,
+                a_s,
+                c_s,
+                HAS_F,
+                HAS_ALPHA,
+                HAS_CHURN,
+                True,
+                BLOCK,
+                BLOCK_HW,
+            )
+            tl.store(y1_ptr + state_off, y1, mask=mask)
+            if HAS_Y2:
+                tl.store(y2_ptr + state_off, y2, mask=mask)
+            if HAS_NET:
+                net = cast_for_store(ci * y1, net_ptr)
+                if NET_MODE == 1:
+                    n0, n1, n2, n3 = cl_put(n0, n1, n2, n3, net, c, C)
+                else:
+                    n_off = channel_offsets(b, c, hw, N, nHW, nW, n_sb, n_sc, n_sh, n_sw, NET_MODE)
+                    tl.store(net_ptr + n_off, net, mask=mask)
+        if HAS_NET and NET_MODE == 1:
+            cl_store(net_ptr, n0, n1, n2, n3, b, N, hw0, nHW, C, BLOCK_HW)
     else:
+        e = blk * BLOCK + tl.arange(0, BLOCK)
+        mask = e < N
+        state_off = b.to(tl.int64) * N + e
+        x = to_compute(tl.load(x_ptr + state_off, mask=mask, other=0.0), IS_F64)
         b0 = x
-    if HAS_F:
-        F = tl.load(
-            F_ptr + element_offsets(b, e, c, hw, N, fC, fHW, fW, f_sb, f_sc, f_sh, f_sw, F_MODE, TILED),
-            mask=mask,
-            other=0.0,
-        ).to(COMPUTE)
-        d = _scalar(A_hi, A_lo, COMPUTE) * x + _scalar(B_hi, B_lo, COMPUTE) * F
-        y1 = b0 + _scalar(h1_hi, h1_lo, COMPUTE) * d
-    else:
-        y1 = b0
-    if HAS_ALPHA or HAS_CHURN:
-        sid_lo, sid_hi = sample_counter(tl.load(sid_ptr + b))
-        kk0, kk1 = key_words(k0, k1)
-        if HAS_ALPHA:
-            eps = tile_normals(
-                blk, nHW, sid_lo, sid_hi, alpha_stream.to(tl.uint32), kk0, kk1, TILED, BLOCK, C_PAD, BLOCK_HW
-            )
-            y1 = y1 + _scalar(as_hi, as_lo, COMPUTE) * eps.to(COMPUTE)
-        if HAS_CHURN:
-            eps = tile_normals(
-                blk, nHW, sid_lo, sid_hi, churn_stream.to(tl.uint32), kk0, kk1, TILED, BLOCK, C_PAD, BLOCK_HW
-            )
-            y1 = y1 + _scalar(cs_hi, cs_lo, COMPUTE) * eps.to(COMPUTE)
-    tl.store(y1_ptr + state_off, y1, mask=mask)
-    if HAS_Y2:
+        if HAS_BASE:
+            b0 = to_compute(tl.load(base_ptr + state_off, mask=mask, other=0.0), IS_F64)
+        F = x
         if HAS_F:
-            y2 = b0 + _scalar(h2_hi, h2_lo, COMPUTE) * d
-        else:
-            y2 = b0
-        tl.store(y2_ptr + state_off, y2, mask=mask)
-    if HAS_NET:
-        n_off = element_offsets(b, e, c, hw, N, nC, nHW, nW, n_sb, n_sc, n_sh, n_sw, NET_MODE, TILED)
-        net = _scalar(ci_hi, ci_lo, COMPUTE) * y1
-        tl.store(net_ptr + n_off, cast_for_store(net, net_ptr), mask=mask)
+            f_off = element_offsets(b, e, N, fC, fHW, fW, f_sb, f_sc, f_sh, f_sw, F_MODE)
+            F = to_compute(tl.load(F_ptr + f_off, mask=mask, other=0.0), IS_F64)
+        y1, y2 = _advance(
+            x,
+            b0,
+            F,
+            blk,
+            0,
+            nHW,
+            sid_lo,
+            sid_hi,
+            a_st,
+            c_st,
+            kk0,
+            kk1,
+            A,
+            Bf,
+            h1,
+            h2,
+            a_s,
+            c_s,
+            HAS_F,
+            HAS_ALPHA,
+            HAS_CHURN,
+            False,
+            BLOCK,
+            BLOCK_HW,
+        )
+        tl.store(y1_ptr + state_off, y1, mask=mask)
+        if HAS_Y2:
+            tl.store(y2_ptr + state_off, y2, mask=mask)
+        if HAS_NET:
+            n_off = element_offsets(b, e, N, nC, nHW, nW, n_sb, n_sc, n_sh, n_sw, NET_MODE)
+            tl.store(net_ptr + n_off, cast_for_store(ci * y1, net_ptr), mask=mask)
 
 
 def sampler_update(
@@ -254,10 +358,10 @@ def sampler_update(
         HAS_CHURN=churn_scale != 0,
         F_MODE=lf.mode,
         NET_MODE=ln.mode,
-        COMPUTE=TL_DTYPE[sd],
+        IS_F64=sd == torch.float64,
         **plan.meta(),
     )
     return y1, y2, net_in
 
 
-register(sampler_update)
+register(sampler_update, _sampler_kernel)
