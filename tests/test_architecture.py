@@ -23,7 +23,7 @@ LAYERS = {"utils": 0, "core": 1, "training": 2, "evaluation": 2, "apps": 3, "cli
 def _modules():
     """{dotted name: path} of every module under pfgmpp_fast/ (the Triton kernels included)."""
     out = {}
-    for dirpath, _, files in os.walk(ROOT):
+    for dirpath, _, files in os.walk(ROOT, followlinks=True):
         for f in files:
             if f.endswith(".py"):
                 rel = os.path.relpath(os.path.join(dirpath, f), os.path.dirname(ROOT))[:-3].replace(os.sep, ".")
