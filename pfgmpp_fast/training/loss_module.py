@@ -21,37 +21,20 @@ class LossModule(torch.nn.Module):
 
     def forward(self, y, sample_ids, labels, augment_labels):
         o = self.o
+        args = (self.net, y, o["D"], o["seed"], sample_ids, o["P_mean"], o["P_std"], o["sigma_data"])
         if o["backend"] == "reference":
-            return R.training_loss(
-                self.net,
-                y,
-                o["D"],
-                o["seed"],
-                sample_ids,
-                o["P_mean"],
-                o["P_std"],
-                o["sigma_data"],
-                labels=labels,
-                augment_labels=augment_labels,
-            )
+            return R.training_loss(*args, labels=labels, augment_labels=augment_labels)
         from pfgmpp_fast.loss import training_loss
 
         return training_loss(
-            self.net,
-            y,
-            o["D"],
-            o["seed"],
-            sample_ids,
-            o["P_mean"],
-            o["P_std"],
-            o["sigma_data"],
+            *args,
             labels=labels,
             augment_labels=augment_labels,
             backend=o["backend"],
             net_dtype=self.net_dtype,
             channels_last=self.channels_last,
-            check_finite=False,
-        )  # non-finite steps are counted on the device (step)
+            check_finite=False,  # non-finite steps are counted on the device (TrainingRun.step)
+        )
 
 
 def augment_backend(backend):
