@@ -10,6 +10,7 @@ import os
 import re
 from typing import Optional
 
+from pfgmpp_fast.training.events import EVENT_FILE_PATTERN
 from pfgmpp_fast.training.report import stat_value
 from pfgmpp_fast.utils.io_utils import atomic_write_text, is_temp_file, load_torch_state
 
@@ -32,6 +33,7 @@ RUN_FILE_PATTERNS = (
     "network-snapshot-*",
     "training-state-*",
     "phema/*",
+    EVENT_FILE_PATTERN,
 )
 RUN_ID_RE = re.compile(r"^\d+")
 
