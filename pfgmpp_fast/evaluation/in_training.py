@@ -4,7 +4,7 @@ through the streaming `fid calc` path (calc.GeneratorSource → calc.calc_stats 
 :class:`SnapshotEvaluator` is what `train.run_training(evaluator=...)` calls at every snapshot,
 on every rank of the job (the ranks share the grid batches as `fid calc` does): it scores the
 network with the fixed seeds 0..N−1, `fid calc`'s defaults for everything it does not name
-(batch grid, shard size, sampler, numerics), so
+(batch grid, shard size, sampler, numerics; ``compile=False`` for short jobs on a GPU), so
 
 * an evaluation gives the bits `fid calc --network <that snapshot> --num-images N --ref REF
   --features F --metrics M --steps S --batch B` gives on the same device (FID/FDD exactly;
@@ -55,6 +55,7 @@ class SnapshotEvaluator:
         batch: int = 64,
         inception_weights: Optional[str] = None,
         digits_cache: Optional[str] = None,
+        compile: Optional[bool] = None,
     ):
         from pfgmpp_fast.sampler import SamplerOptions
 
@@ -84,6 +85,7 @@ class SnapshotEvaluator:
         self.ref, self.features, self.num_images, self.batch = os.path.abspath(ref), features, num_images, batch
         self.options = SamplerOptions(num_steps=num_steps)
         self.inception_weights, self.digits_cache = inception_weights, digits_cache
+        self.compile = None if compile is None else bool(compile)  # None: fid calc's (on a GPU)
         self.seeds = np.arange(num_images, dtype=np.int64)
         self._detectors, self._net, self._fast = None, None, None
 
@@ -97,13 +99,14 @@ class SnapshotEvaluator:
             "features": self.features,
             "steps": self.options.num_steps,
             "batch": self.batch,
+            "compile": "auto" if self.compile is None else self.compile,
         }
 
     @torch.no_grad()
     def __call__(self, net) -> dict:
         device = next(net.parameters()).device
         if self._net is not net:  # one fast view per network: it shares (and follows) its weights
-            self._net, self._fast = net, make_generator_fast(net, device)
+            self._net, self._fast = net, make_generator_fast(net, device, compile=self.compile)
         if self._detectors is None:
             main = get_feature_extractor(self.features, device, self.inception_weights, digits_cache=self.digits_cache)
             self._detectors = Detectors(main, self.metrics)
