@@ -383,7 +383,7 @@ class TrainingRun:
                 extra_metadata={"kimg": self.cur_nimg / 1000, "seed": o["seed"], "D": jsonable(o["D"])},
             )
         if snapshot and self.evaluator is not None:  # before the state: a resume redoes an unfinished one
-            self._evaluate()
+            self.reporter.evaluate(self.evaluator, self.ema.net, tick=self.cur_tick, cur_nimg=self.cur_nimg)
         if self.phema is not None and self.rank0 and self.phema.due(tick_start_nimg, self.cur_nimg, done):
             self.phema.save(
                 o["run_dir"],
@@ -396,17 +396,6 @@ class TrainingRun:
             if self.rank0:
                 atomic_torch_save_state(os.path.join(o["run_dir"], f"training-state-{kimg_tag}.pt"), state)
             distributed.barrier()
-
-    def _evaluate(self):
-        """The evaluator's scores of the EMA network (all ranks take part), as the tick's Eval row.
-        It draws from no RNG of the run: a run with evaluation trains exactly as one without."""
-        start = time.time()
-        devices = [self.device] if self.device.type == "cuda" else []
-        with torch.random.fork_rng(devices=devices), torch.no_grad():
-            scores = self.evaluator(self.ema.net)
-        self.reporter.report_eval(
-            tick=self.cur_tick, cur_nimg=self.cur_nimg, scores=scores, seconds=time.time() - start
-        )
 
     def _stop_if_diverged(self, done: bool, last_step_bad: bool, weights_bad: bool):
         """TrainingError when the weights are non-finite, the non-finite budget is spent, or the

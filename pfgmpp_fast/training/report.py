@@ -72,7 +72,7 @@ def is_eval_row(row: dict) -> bool:
 
 class TickReporter:
     """The reporting of one run's ticks: ``advance`` per step, ``report`` at each tick end,
-    ``report_eval`` after a snapshot's evaluation, ``start_tick`` after it (the peak GPU memory
+    ``evaluate`` at a snapshot (the in-training evaluation and its row), ``start_tick`` after it (the peak GPU memory
     is per tick), ``close`` at the end, also when the run ends by an error (flushes TensorBoard)."""
 
     def __init__(self, o, rank0: bool, device: torch.device, total_nimg: int, cur_nimg: int, log):
@@ -147,6 +147,15 @@ class TickReporter:
             )
             self._say(line)
         return stats
+
+    def evaluate(self, evaluator, net: torch.nn.Module, *, tick: int, cur_nimg: int) -> dict:
+        """The in-training evaluation of this tick's snapshot (every rank calls it), and its row:
+        ``evaluator(net)`` = {metric column: value}. It draws from no random stream of the run, so
+        a run with evaluation trains exactly as one without."""
+        start = time.time()
+        with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []), torch.no_grad():
+            scores = evaluator(net)
+        return self.report_eval(tick=tick, cur_nimg=cur_nimg, scores=scores, seconds=time.time() - start)
 
     def report_eval(self, *, tick: int, cur_nimg: int, scores: dict, seconds: float) -> dict:
         """The row of the evaluation at this tick's snapshot: ``scores`` = {metric column: value}."""
