@@ -293,7 +293,7 @@ def _write_outputs(run, images, paths, t_start, cpu_start) -> dict:
         [stat_value(s, "Loss/loss") for s in stats],
         paths["loss"],
         title=f"PFGM++ D={D_label(D)} on digits: training loss",
-        evaluation=(curve["kimg"], curve["fdd"], f"FDD ({curve['images']} images)"),
+        evaluation=(curve["kimg"], curve["fdd"], "FDD"),
         floor=(run["scorer"].floor, f"held-out real digits ({NUM_HELDOUT})"),
     )
     metrics = _metrics(run, paths)

@@ -183,7 +183,7 @@ def _evaluation_panel(ax, kimg, values, name: str, floor=None, xlim=None) -> Non
         ax.set_xlim(xlim)
     ax.set_xlabel("training images seen (kimg)")
     ax.set_ylabel(f"{name} (lower is better)")
-    ax.set_title(f"in-training evaluation: {name} at each snapshot")
+    ax.set_title(f"in-training evaluation: {name} at each network snapshot")
     ax.grid(alpha=0.3)
     ax.legend()
 
