@@ -18,6 +18,7 @@ from pfgmpp_fast import cli
 from pfgmpp_fast.checkpoint import load_network, save_network
 from pfgmpp_fast.evaluation.in_training import SnapshotEvaluator
 from pfgmpp_fast.training.report import is_eval_row
+from pfgmpp_fast.training.run_files import run_files_in
 from pfgmpp_fast.training.train import run_training
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -111,6 +112,7 @@ def test_tensorboard_reader_sees_the_stats_jsonl_scalars(evaluated_run):
     for tag in expected:
         assert got[tag] == expected[tag], tag  # float32 in the event file: equal to the float32 of the mean
     assert [step for step, _ in got["Eval/FDD"]] == [BATCH, 4 * BATCH, 6 * BATCH]
+    assert run_files_in(run_dir)[-1] == os.path.basename(event_files(run_dir)[0])  # a run's file, named last
 
 
 def test_no_tensorboard_writes_no_event_file(tmp_path, capsys):
