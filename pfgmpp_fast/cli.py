@@ -19,7 +19,7 @@ __all__ = ["COMMANDS", "build_parser", "main"]
 
 COMMANDS = {
     "demo": ("pfgmpp_fast.apps.demo", "train a small PFGM++ on the embedded digits data and sample it (the main job)"),
-    "train": ("pfgmpp_fast.training.train", "train a network (torchrun for several GPUs/nodes)"),
+    "train": ("pfgmpp_fast.apps.train_command", "train a network (torchrun for several GPUs/nodes)"),
     "dataset": (
         "pfgmpp_fast.training.dataset_tool",
         "build a data set zip in the published format (images + dataset.json)",

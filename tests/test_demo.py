@@ -77,6 +77,27 @@ def test_short_demo_trained_beats_untrained(short_demo):
     assert m["network"]["parameters"] > 0 and "torch" in m["versions"]
 
 
+def test_short_demo_evaluates_fdd_during_training(short_demo):
+    """The run's in-training FDD at every snapshot: Eval/FDD rows of run/stats.jsonl, the same
+    curve in metrics.json (and the lower panel of loss.png), from tick 0 to the end."""
+    from PIL import Image
+
+    outdir, stdout = short_demo
+    m = json.loads((outdir / "metrics.json").read_text())
+    curve = m["fdd_during_training"]
+    rows = [json.loads(line) for line in (outdir / "run" / "stats.jsonl").read_text().splitlines()]
+    evals = [r for r in rows if "Eval/FDD" in r]
+    assert curve["fdd"] == [r["Eval/FDD"]["mean"] for r in evals] and len(evals) >= 2
+    assert curve["kimg"] == [r["Progress/kimg"]["mean"] for r in evals] and curve["kimg"][-1] == m["train"]["kimg"]
+    assert curve["images"] == 120 and curve["seeds"] == "0-119" and curve["num_steps"] == 18
+    assert all(np.isfinite(curve["fdd"])) and curve["fdd"][-1] < curve["fdd"][0] / 3
+    assert m["train"]["eval_seconds"] == pytest.approx(curve["seconds"], abs=0.02)
+    assert f"{curve['fdd'][-1]:.2f})" in [line for line in stdout.splitlines() if line.startswith("train :")][0]
+    width, height = Image.open(outdir / "loss.png").size
+    assert height > width  # two panels, one above the other
+    assert list((outdir / "run").glob("events.out.tfevents.*"))
+
+
 def test_short_demo_reports_kid_and_precision_recall(short_demo):
     """metrics.json and the summary hold KID and precision/recall (digits feature space) of the
     trained and untrained samples and the held-out digits, computed by compute_metrics."""

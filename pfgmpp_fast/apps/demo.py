@@ -18,10 +18,16 @@ well under a minute of training on a GPU):
    can score below it, so it is a yardstick, not a hard floor). KID and precision/recall
    of the same sets in the same feature space (`fid calc --metrics fid,kid,prc`'s code) too.
 
+While it trains, the run evaluates its EMA network's FDD (360 images, seeds 0..359, 35 NFE;
+--short: 120 images) at every network snapshot, every EVAL_TICKS ticks, through `train`'s
+in-training evaluation (`--eval-ref`, the streaming `fid calc` path): the Eval/FDD rows of
+run/stats.jsonl, run/'s TensorBoard event files and the lower panel of loss.png.
+
 Outputs in `--outdir` (default demo-out): samples.png (a 10×10 grid, 6× upscaled, 1-px grey gaps),
-loss.png (training loss vs kimg), metrics.json (throughputs, FDDs, 'metric_set': FDD, KID and
-precision/recall, versions, command) and
-run/ (the training run: snapshots, stats.jsonl, log.txt). With --phema the run also tracks
+loss.png (training loss vs kimg, and the FDD vs kimg during training), metrics.json (throughputs,
+FDDs, 'fdd_during_training', 'metric_set': FDD, KID and precision/recall, versions, command),
+digits-train-ref.npz (the training split's statistics, as `fid ref` writes them) and
+run/ (the training run: snapshots, stats.jsonl, log.txt, TensorBoard events). With --phema the run also tracks
 power-function EMAs, and phema.png + metrics.json 'phema' hold the FDD of networks
 reconstructed for a range of EMA lengths from them (post-hoc EMA, pfgmpp_fast/phema.py).
 
@@ -52,6 +58,7 @@ from pfgmpp_fast.apps.digits import (
     latest_snapshot,
     load_snapshot,
     mean_spread,
+    read_eval_stats,
     read_stats,
     sampling_network,
     train_small,
@@ -67,6 +74,10 @@ __all__ = ["DEFAULT_DURATION_KIMG", "SHORT_DURATION_KIMG", "add_arguments", "mai
 DEFAULT_DURATION_KIMG = 200.0
 SHORT_DURATION_KIMG = 12.0
 PHEMA_SWEEP = (0.03, 0.05, 0.07, 0.10, 0.15, 0.20)  # EMA lengths of the sweep (all within 5 % profile error)
+# In-training FDD: every EVAL_TICKS of the run's 20 ticks (6 points), of EVAL_IMAGES images
+# (--short: every 10 ticks, 120 images); about a tenth of the demo's time on the CPU.
+EVAL_TICKS, EVAL_IMAGES = 4, NUM_HELDOUT
+EVAL_TICKS_SHORT, EVAL_IMAGES_SHORT = 10, 120
 
 
 # ----------------------------------------------------------------------------------------
@@ -165,10 +176,12 @@ def main(args) -> int:
     sets_untrained = scorer.metric_sets(untrained_images)
     del untrained
 
-    # 2. Train (fresh run directory each time: the demo measures its own throughput).
+    # 2. Train (fresh run directory each time: the demo measures its own throughput), with the FDD
+    # at every snapshot.
     print(f"[2/4] training ({duration:g} kimg, batch {RECIPE['batch']}) -> {run_dir}", flush=True)
-    train_seconds = _train(run_dir, D, duration, args, device, progress)
-    stats = read_stats(run_dir)
+    evaluator, eval_ticks = _evaluator(scorer, outdir, device, batch, args.short)
+    train_seconds = _train(run_dir, D, duration, args, device, progress, evaluator, eval_ticks)
+    stats, evaluations = read_stats(run_dir), read_eval_stats(run_dir)
 
     # 3. Sample the trained EMA network.
     print(f"[3/4] sampling {num_samples} images ({NUM_STEPS} Heun steps = {2 * NUM_STEPS - 1} NFE)", flush=True)
@@ -185,6 +198,8 @@ def main(args) -> int:
         args=args,
         net=net,
         stats=stats,
+        evaluations=evaluations,
+        evaluator=evaluator,
         scorer=scorer,
         num_samples=num_samples,
         train_seconds=train_seconds,
@@ -210,8 +225,29 @@ def main(args) -> int:
     return 0
 
 
-def _train(run_dir, D, duration, args, device, progress) -> float:
-    """Train in a clean run directory; returns the wall seconds."""
+def _evaluator(scorer, outdir, device, batch, short):
+    """(the in-training FDD evaluator against the training split, ticks between its snapshots)."""
+    from pfgmpp_fast.evaluation.in_training import SnapshotEvaluator
+    from pfgmpp_fast.evaluation.metrics import save_stats
+
+    ref = os.path.join(outdir, "digits-train-ref.npz")
+    save_stats(ref, scorer.mu, scorer.sigma)
+    images = EVAL_IMAGES_SHORT if short else EVAL_IMAGES
+    evaluator = SnapshotEvaluator(
+        ref,
+        "fid",
+        num_images=images,
+        features="digits",
+        num_steps=NUM_STEPS,
+        batch=min(batch, images),
+        digits_cache=scorer.extractor.cache_path,
+        compile=False,  # short jobs: as the demo's sampling (digits.sampling_network)
+    )
+    return evaluator, EVAL_TICKS_SHORT if short else EVAL_TICKS
+
+
+def _train(run_dir, D, duration, args, device, progress, evaluator=None, eval_ticks=None) -> float:
+    """Train in a clean run directory (evaluated at every snapshot, every eval_ticks ticks); returns the wall seconds."""
     for stale in glob.glob(os.path.join(run_dir, "*")) + glob.glob(os.path.join(run_dir, "phema", "*")):
         if os.path.isfile(stale):
             os.unlink(stale)
@@ -225,6 +261,7 @@ def _train(run_dir, D, duration, args, device, progress) -> float:
         progress=progress,
         backend=args.backend,
         **(dict(phema=PHEMA_TRACKED, phema_snap_kimg=duration / 20) if args.phema else {}),
+        **(dict(evaluator=evaluator, snap_ticks=eval_ticks) if evaluator is not None else {}),
     )
     return time.perf_counter() - t0
 
@@ -250,13 +287,17 @@ def _write_outputs(run, images, paths, t_start, cpu_start) -> dict:
 
     D, stats = run["D"], run["stats"]
     save_image_grid(images[:100].numpy(), paths["samples"], cols=10, scale=6)
+    curve = _fdd_curve(run)
     save_loss_curve(
         [stat_value(s, "Progress/kimg") for s in stats],
         [stat_value(s, "Loss/loss") for s in stats],
         paths["loss"],
         title=f"PFGM++ D={D_label(D)} on digits: training loss",
+        evaluation=(curve["kimg"], curve["fdd"], "FDD"),
+        floor=(run["scorer"].floor, f"held-out real digits ({NUM_HELDOUT})"),
     )
     metrics = _metrics(run, paths)
+    metrics["fdd_during_training"] = curve
     if run["args"].phema:
         metrics["phema"] = phema_sweep(
             run["run_dir"],
@@ -276,6 +317,20 @@ def _write_outputs(run, images, paths, t_start, cpu_start) -> dict:
     return metrics
 
 
+def _fdd_curve(run) -> dict:
+    """The FDD of the EMA network at each snapshot during training (the run's Eval/FDD rows)."""
+    rows, described = run["evaluations"], run["evaluator"].describe()
+    return {
+        "kimg": [stat_value(r, "Progress/kimg") for r in rows],
+        "fdd": [stat_value(r, "Eval/FDD") for r in rows],
+        "seconds": round(sum(stat_value(r, "Timing/eval_sec") for r in rows), 2),
+        "images": described["images"],
+        "seeds": described["seeds"],
+        "num_steps": described["steps"],
+        "reference": f"training split (first {NUM_TRAIN} digits): {os.path.basename(described['ref'])}",
+    }
+
+
 def _metrics(run, paths) -> dict:
     import numpy as np
 
@@ -284,7 +339,9 @@ def _metrics(run, paths) -> dict:
     steady = [stat_value(s, "Perf/img_per_sec") for s in stats if stat_value(s, "Progress/tick", 0) > 0]
     trained_mean, trained_spread = mean_spread(run["fdd_trained"])
     untrained_mean, untrained_spread = mean_spread(run["fdd_untrained"])
-    train_seconds, sample_seconds, num_samples = run["train_seconds"], run["sample_seconds"], run["num_samples"]
+    sample_seconds, num_samples = run["sample_seconds"], run["num_samples"]
+    eval_seconds = sum(stat_value(r, "Timing/eval_sec") for r in run["evaluations"])
+    train_seconds = run["train_seconds"] - eval_seconds  # the training itself
     return {
         "command": "python -m pfgmpp_fast demo "
         + " ".join(sys.argv[2:] if sys.argv[1:2] == ["demo"] else sys.argv[1:]),
@@ -301,6 +358,7 @@ def _metrics(run, paths) -> dict:
         "train": {
             "kimg": kimg,
             "seconds": round(train_seconds, 2),
+            "eval_seconds": round(eval_seconds, 2),
             "img_per_sec": round(kimg * 1000 / train_seconds, 1),
             "img_per_sec_steady": round(float(np.median(steady)), 1) if steady else None,
             "final_loss": stat_value(stats[-1], "Loss/loss") if stats else None,
@@ -360,9 +418,11 @@ def _print_summary(run, metrics, paths) -> None:
         f"wrote {paths['samples']}\nwrote {paths['loss']}\nwrote {paths['metrics']}\n"
         f"training run (snapshots, stats.jsonl, log.txt): {paths['run']}"
     )
+    curve = metrics["fdd_during_training"]
     print(
-        f"train : {metrics['train']['kimg']:g} kimg in {run['train_seconds']:.1f} s = "
-        f"{metrics['train']['img_per_sec']:.0f} img/s on {run['device']}"
+        f"train : {metrics['train']['kimg']:g} kimg in {metrics['train']['seconds']:.1f} s = "
+        f"{metrics['train']['img_per_sec']:.0f} img/s on {run['device']} (+ {curve['seconds']:.1f} s of FDD "
+        f"evaluations: " + ", ".join(f"{k:g} kimg {v:.2f}" for k, v in zip(curve["kimg"], curve["fdd"])) + ")"
     )
     print(
         f"sample: {run['num_samples']} images at {2 * NUM_STEPS - 1} NFE in {run['sample_seconds']:.1f} s "

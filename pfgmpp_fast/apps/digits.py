@@ -31,6 +31,7 @@ __all__ = [
     "generate_uint8",
     "sampling_network",
     "read_stats",
+    "read_eval_stats",
     "versions",
 ]
 
@@ -254,6 +255,20 @@ def generate_uint8(
 
 
 def read_stats(run_dir: str) -> List[dict]:
+    """The tick rows of a run's stats.jsonl (EDM's form)."""
+    from pfgmpp_fast.training.report import is_eval_row
+
+    return [row for row in _stats_rows(run_dir) if not is_eval_row(row)]
+
+
+def read_eval_stats(run_dir: str) -> List[dict]:
+    """The in-training evaluation rows of a run's stats.jsonl (Eval/<metric>, Progress/kimg, ...)."""
+    from pfgmpp_fast.training.report import is_eval_row
+
+    return [row for row in _stats_rows(run_dir) if is_eval_row(row)]
+
+
+def _stats_rows(run_dir: str) -> List[dict]:
     path = os.path.join(run_dir, "stats.jsonl")
     rows = []
     if os.path.exists(path):

@@ -42,8 +42,9 @@ __all__ = ["TrainingRun"]
 class TrainingRun:
     """One rank's share of a run: build (setup), load_state, step, train."""
 
-    def __init__(self, o: TrainingOptions, device: torch.device):
+    def __init__(self, o: TrainingOptions, device: torch.device, evaluator=None):
         self.o, self.device = o, device
+        self.evaluator = evaluator  # scores the EMA network at each snapshot (train.run_training)
         self.rank, self.world_size = distributed.get_rank(), distributed.get_world_size()
         self.rank0 = self.rank == 0
         self.log_path = os.path.join(o["run_dir"], "log.txt")
@@ -336,7 +337,14 @@ class TrainingRun:
         if self.cur_nimg >= total_nimg:
             self.log(f"the run is complete ({self.cur_nimg / 1000:.3f} of {total_nimg / 1000:.3f} kimg); nothing to do")
             return
-        reporter = TickReporter(o, self.rank0, self.device, total_nimg, self.cur_nimg, self.log)
+        self.reporter = TickReporter(o, self.rank0, self.device, total_nimg, self.cur_nimg, self.log)
+        try:
+            self._train_ticks(self.reporter, total_nimg, preemption)
+        finally:  # however the run ends: the progress bar and TensorBoard's files are closed
+            self.reporter.close()
+
+    def _train_ticks(self, reporter: TickReporter, total_nimg: int, preemption):
+        o = self.o
         tick_start_time, maintenance = time.time(), 0.0
         while True:
             done, stop = self.cur_nimg >= total_nimg, None
@@ -379,7 +387,6 @@ class TrainingRun:
             self.cur_tick += 1
             self.tick_start_nimg, tick_start_time = self.cur_nimg, time.time()
             reporter.start_tick()
-        reporter.close()
 
     def _write_files(self, done: bool, last_step_bad: bool, tick_start_nimg: int):
         """The tick's network snapshot (not of a diverged network) and training state, when due;
@@ -387,12 +394,15 @@ class TrainingRun:
         o, kimg_tag = self.o, f"{self.cur_nimg // 1000:06d}"
         snap_due = o["snap_ticks"] is not None and (done or self.cur_tick % o["snap_ticks"] == 0)
         # every rank probes (identical EMA weights), so all of them stop together on divergence
-        if snap_due and not last_step_bad and self._ema_is_sane(done) and self.rank0:
+        snapshot = snap_due and not last_step_bad and self._ema_is_sane(done)
+        if snapshot and self.rank0:
             save_network(
                 os.path.join(o["run_dir"], f"network-snapshot-{kimg_tag}.safetensors"),
                 self.ema.net,
                 extra_metadata={"kimg": self.cur_nimg / 1000, "seed": o["seed"], "D": jsonable(o["D"])},
             )
+        if snapshot and self.evaluator is not None:  # before the state: a resume redoes an unfinished one
+            self.reporter.evaluate(self.evaluator, self.ema.net, tick=self.cur_tick, cur_nimg=self.cur_nimg)
         if self.phema is not None and self.rank0 and self.phema.due(tick_start_nimg, self.cur_nimg, done):
             self.phema.save(
                 o["run_dir"],

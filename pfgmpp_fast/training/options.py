@@ -79,6 +79,7 @@ class TrainingOptions:
     cache_dir: Optional[str] = None  # where the decoded data set is cached (data_cache.py); None: next to it
     preempt_signals: tuple = DEFAULT_SIGNALS  # signals that stop the run after the current step with a
     # training state and exit code 75 (utils/preemption.py); () = off
+    tensorboard: bool = True  # TensorBoard event files in the run directory when the package is installed
 
     def __getitem__(self, name):  # o["batch"] reads like the published options dict
         return getattr(self, name)
@@ -187,7 +188,7 @@ def resolve_options(**options) -> TrainingOptions:
         o["resolution"] = int(checks.check_number("resolution", o["resolution"], integer=True))
     if o["max_size"] is not None:
         o["max_size"] = int(checks.check_number("max_size", o["max_size"], integer=True))
-    for name in ("cond", "xflip", "deterministic", "trust_pickle", "cudnn_benchmark"):
+    for name in ("cond", "xflip", "deterministic", "trust_pickle", "cudnn_benchmark", "tensorboard"):
         o[name] = checks.as_bool(name, o[name])
     if o["label_dropout"] > 0 and not o["cond"]:
         raise InvalidValue(

@@ -7,6 +7,10 @@ same quantity (Loss/loss, Progress/tick, Progress/kimg, Timing/total_sec, Timing
 Timing/sec_per_kimg, Timing/maintenance_sec, Resources/cpu_mem_gb, Resources/peak_gpu_mem_gb,
 Resources/peak_gpu_mem_reserved_gb), so scripts written for EDM read ``row["Loss/loss"]["mean"]``.
 Ours beside them, in the same form: Loss/loss_per_image, Loss/nonfinite_steps, Perf/img_per_sec.
+In-training evaluation (``train --eval-metrics``) adds its own row at each network snapshot:
+``Eval/<metric column>`` (Eval/FID, Eval/FDD, Eval/KID, ...: the names of `fid calc`'s results),
+Timing/eval_sec, and the row's Progress/tick and Progress/kimg (the tick it belongs to, so resume
+treats it as that tick's). Every row also goes to TensorBoard's event files (events.py).
 
 Loss/loss: EDM reports every element of the per-element loss λ·(D_θ − y)²; the fused loss kernel
 sums over an image's elements on the device, so our scalars are the steps' losses per element
@@ -27,9 +31,10 @@ import time
 
 import torch
 
+from pfgmpp_fast.training.events import open_event_files
 from pfgmpp_fast.utils.io_utils import append_line
 
-__all__ = ["TickReporter", "moments_stat", "single_stat", "stat_value"]
+__all__ = ["TickReporter", "moments_stat", "single_stat", "stat_value", "is_eval_row"]
 
 
 def moments_stat(num: float, total: float, total_sq: float) -> dict:
@@ -60,14 +65,21 @@ def stat_value(row: dict, name: str, default=None):
     return value["mean"] if isinstance(value, dict) else value
 
 
+def is_eval_row(row: dict) -> bool:
+    """Whether a stats.jsonl row is an in-training evaluation's (Eval/...), not a tick's."""
+    return any(name.startswith("Eval/") for name in row)
+
+
 class TickReporter:
     """The reporting of one run's ticks: ``advance`` per step, ``report`` at each tick end,
-    ``start_tick`` after it (the peak GPU memory is per tick), ``close`` at the end."""
+    ``evaluate`` at a snapshot (the in-training evaluation and its row), ``start_tick`` after it (the peak GPU memory
+    is per tick), ``close`` at the end, also when the run ends by an error (flushes TensorBoard)."""
 
     def __init__(self, o, rank0: bool, device: torch.device, total_nimg: int, cur_nimg: int, log):
         self.rank0, self.device, self.log = rank0, device, log
         self.stats_path = os.path.join(o["run_dir"], "stats.jsonl")
         self.log_path = os.path.join(o["run_dir"], "log.txt")
+        self.events = open_event_files(o["run_dir"], cur_nimg, log) if rank0 and o["tensorboard"] else None
         show = o["progress"] if o["progress"] != "auto" else sys.stderr.isatty()
         self.bar = None
         if show and rank0:
@@ -125,7 +137,7 @@ class TickReporter:
             "timestamp": time.time(),
         }
         if self.rank0:
-            append_line(self.stats_path, json.dumps(stats, sort_keys=True))
+            self._write_row(stats, cur_nimg)
             v = {name: stat_value(stats, name) for name in stats}
             line = (
                 f"tick {tick:<5d} kimg {cur_nimg / 1000:<9.3f} loss {v['Loss/loss']:<8.4f} "
@@ -133,16 +145,54 @@ class TickReporter:
                 f"sec/kimg {v['Timing/sec_per_kimg']:<7.3f} img/s {v['Perf/img_per_sec']:<8.1f} "
                 f"gpumem {peak:<6.2f} nonfinite {nonfinite_total}"
             )
-            if self.bar is not None:  # above the bar, and into log.txt
-                self.bar.write(line)
-                append_line(self.log_path, line)
-            else:
-                self.log(line)
+            self._say(line)
         return stats
+
+    def evaluate(self, evaluator, net: torch.nn.Module, *, tick: int, cur_nimg: int) -> dict:
+        """The in-training evaluation of this tick's snapshot (every rank calls it), and its row:
+        ``evaluator(net)`` = {metric column: value}. It draws from no random stream of the run, so
+        a run with evaluation trains exactly as one without."""
+        start = time.time()
+        with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []), torch.no_grad():
+            scores = evaluator(net)
+        return self.report_eval(tick=tick, cur_nimg=cur_nimg, scores=scores, seconds=time.time() - start)
+
+    def report_eval(self, *, tick: int, cur_nimg: int, scores: dict, seconds: float) -> dict:
+        """The row of the evaluation at this tick's snapshot: ``scores`` = {metric column: value}."""
+        stats = {f"Eval/{name}": single_stat(value) for name, value in scores.items()}
+        stats.update(
+            {
+                "Progress/tick": single_stat(tick),
+                "Progress/kimg": single_stat(cur_nimg / 1000),
+                "Timing/eval_sec": single_stat(seconds),
+                "timestamp": time.time(),
+            }
+        )
+        if self.rank0:
+            self._write_row(stats, cur_nimg)
+            line = f"eval kimg {cur_nimg / 1000:<9.3f} " + " ".join(f"{k} {v:.6g}" for k, v in scores.items())
+            self._say(line + f" ({seconds:.1f} s)")
+        return stats
+
+    def _say(self, line: str) -> None:
+        if self.bar is not None:  # above the bar, and into log.txt
+            self.bar.write(line)
+            append_line(self.log_path, line)
+        else:
+            self.log(line)
+
+    def _write_row(self, stats: dict, cur_nimg: int) -> None:
+        append_line(self.stats_path, json.dumps(stats, sort_keys=True))
+        if self.events is not None:
+            self.events.add_row(stats, cur_nimg)
 
     def close(self):
         if self.bar is not None:
             self.bar.close()
+            self.bar = None
+        if self.events is not None:
+            self.events.close()
+            self.events = None
 
 
 def _cpu_mem_gb() -> float:

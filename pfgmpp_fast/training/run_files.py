@@ -4,12 +4,14 @@ the leftovers of interrupted writes, the stats rows of ticks that the resumed ru
 
 from __future__ import annotations
 
+import fnmatch
 import glob
 import json
 import os
 import re
 from typing import Optional
 
+from pfgmpp_fast.training.events import EVENT_FILE_PATTERN
 from pfgmpp_fast.training.report import stat_value
 from pfgmpp_fast.utils.io_utils import atomic_write_text, is_temp_file, load_torch_state
 
@@ -32,18 +34,20 @@ RUN_FILE_PATTERNS = (
     "network-snapshot-*",
     "training-state-*",
     "phema/*",
+    EVENT_FILE_PATTERN,
 )
 RUN_ID_RE = re.compile(r"^\d+")
 
 
 def run_files_in(run_dir: str) -> list:
-    """The training-run files in ``run_dir`` (names relative to it, sorted; [] if it is missing)."""
+    """The training-run files in ``run_dir`` (names relative to it, sorted, TensorBoard's event files
+    last; [] if it is missing)."""
     if not os.path.isdir(run_dir):
         return []
     found = set()
     for pattern in RUN_FILE_PATTERNS:
         found.update(os.path.relpath(p, run_dir) for p in glob.glob(os.path.join(glob.escape(run_dir), pattern)))
-    return sorted(found)
+    return sorted(found, key=lambda name: (fnmatch.fnmatch(name, EVENT_FILE_PATTERN), name))
 
 
 def check_fresh_run_dir(run_dir: str) -> None:

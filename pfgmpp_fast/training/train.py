@@ -69,16 +69,21 @@ from pfgmpp_fast.utils.io_utils import atomic_save_json
 from pfgmpp_fast.utils.preemption import Preempted, Preemption, add_preempt_argument
 from pfgmpp_fast.utils.run_lock import acquire_run_dir
 
-__all__ = ["run_training", "check_run_dir_use", "add_arguments", "options_from_args", "main"]
+__all__ = ["run_training", "check_run_dir_use", "add_arguments", "options_from_args", "run_from_args", "main"]
 
 D_TYPE = checked(parse_D, "D")
 
 
-def run_training(run_dir=None, **options) -> str:
+def run_training(run_dir=None, evaluator=None, **options) -> str:
     """Train with ``options`` (see DEFAULTS; ``duration_kimg``, ``aug_dim`` and
     ``network_overrides`` are accepted aliases). Returns the run directory, which holds
     ``network-snapshot-*.safetensors`` (see :func:`find_latest_snapshot`). Works as one
     process or under torchrun.
+
+    ``evaluator`` (e.g. evaluation.in_training.SnapshotEvaluator) scores the EMA network at every
+    network snapshot, on every rank: ``evaluator(net) -> {metric: value}`` (the same on every
+    rank), recorded as an ``Eval/<metric>`` row in stats.jsonl and TensorBoard;
+    ``evaluator.describe()`` goes into training_options.json.
 
     Example (a small CPU run)::
 
@@ -89,6 +94,10 @@ def run_training(run_dir=None, **options) -> str:
     if run_dir is not None:
         options["run_dir"] = run_dir
     o = resolve_options(**options)
+    if evaluator is not None and o["snap_ticks"] is None:
+        raise InvalidValue(
+            "snap_ticks", "is None (no network snapshots), but the in-training evaluation runs at every snapshot"
+        )
     check_run_dir_use(o)  # every rank, before any joins the group (so before any writes)
     device = distributed.init(o["device"])
     created = not os.path.exists(o["run_dir"])
@@ -96,7 +105,7 @@ def run_training(run_dir=None, **options) -> str:
     try:
         os.makedirs(o["run_dir"], exist_ok=True)
         lock = acquire_run_dir(o["run_dir"], "training run")  # one job per run directory
-        run = TrainingRun(o, device)
+        run = TrainingRun(o, device, evaluator)
         resume_path = None
         if o["resume"] and run.rank0:
             remove_temp_files(o["run_dir"], run.log)
@@ -132,6 +141,7 @@ def run_training(run_dir=None, **options) -> str:
                 "fused_adam": run.fused,
                 "network_config": jsonable(run.net.config()),
                 "augment_pipe": None if run.augment_pipe is None else run.augment_pipe.options(),
+                "eval": None if evaluator is None else evaluator.describe(),
             }
             atomic_save_json(os.path.join(o["run_dir"], "training_options.json"), resolved)
         run.log(
@@ -285,6 +295,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     a("--deterministic", action="store_true")
     a("--no-progress", dest="progress", action="store_false", default="auto")
     a("--max-size", type=int, default=None, help="use only the first N images")
+    a(
+        "--no-tensorboard",
+        dest="tensorboard",
+        action="store_false",
+        default=True,
+        help="no TensorBoard event files (written into the run directory when tensorboard is installed)",
+    )
     a(
         "--cache-dir",
         default=None,
@@ -468,6 +485,12 @@ def _resolve_from_args(args) -> TrainingOptions:
 
 @command
 def main(args) -> int:
+    return run_from_args(args)
+
+
+def run_from_args(args, evaluator=None) -> int:
+    """The `train` command's work, with ``evaluator`` passed to run_training (the command with
+    in-training evaluation, apps/train_command.py, builds it from its --eval-* options)."""
     o = _resolve_from_args(args)
     if o["data"] != "digits" and not os.path.exists(o["data"]):
         raise UsageError(
@@ -481,8 +504,9 @@ def main(args) -> int:
     with blame("--resume" if o["resume"] else "--outdir"):
         check_run_dir_use(o)
     if args.dry_run:
-        print(json.dumps(jsonable(o.as_dict()), indent=2, sort_keys=True))
+        resolved = {**o.as_dict(), **({"eval": evaluator.describe()} if evaluator is not None else {})}
+        print(json.dumps(jsonable(resolved), indent=2, sort_keys=True))
         return 0
     distributed.set_cpu_threads(device, args.threads)
-    run_training(**o.as_dict())
+    run_training(**o.as_dict(), evaluator=evaluator)
     return 0

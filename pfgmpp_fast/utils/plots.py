@@ -117,11 +117,21 @@ def save_image_grid(
     return atomic_write_bytes(path, buffer.getvalue())
 
 
-def save_loss_curve(kimg: Sequence[float], loss: Sequence[float], path: str, title: str = "training loss") -> str:
-    """Loss vs kimg (raw points and a moving average), log-scaled y."""
+def save_loss_curve(
+    kimg: Sequence[float],
+    loss: Sequence[float],
+    path: str,
+    title: str = "training loss",
+    evaluation: Optional[Tuple[Sequence[float], Sequence[float], str]] = None,
+    floor: Optional[Tuple[float, str]] = None,
+) -> str:
+    """Loss vs kimg (raw points and a moving average), log-scaled y. With ``evaluation`` =
+    (kimg, values, name) a second panel below: the in-training evaluation vs kimg, with
+    ``floor`` = (value, label) as a dashed reference level."""
     plt = _pyplot()
     kimg, loss = np.asarray(kimg, dtype=np.float64), np.asarray(loss, dtype=np.float64)
-    fig, ax = plt.subplots(figsize=(6, 3.6))
+    fig, axes = plt.subplots(2 if evaluation else 1, 1, figsize=(6, 6.4 if evaluation else 3.6), squeeze=False)
+    ax = axes[0][0]
     smooth = loss.size >= 40
     ax.plot(
         kimg,
@@ -149,7 +159,33 @@ def save_loss_curve(kimg: Sequence[float], loss: Sequence[float], path: str, tit
     ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend()
+    if evaluation:
+        _evaluation_panel(axes[1][0], *evaluation, floor=floor, xlim=ax.get_xlim())
+        fig.tight_layout()
     return save_figure(fig, path)
+
+
+def _evaluation_panel(ax, kimg, values, name: str, floor=None, xlim=None) -> None:
+    values = np.asarray(values, dtype=np.float64)
+    ax.plot(
+        np.asarray(kimg, dtype=np.float64),
+        values,
+        color="tab:red",
+        marker="o",
+        ms=4,
+        label=f"{name} of the EMA network",
+    )
+    if floor is not None:
+        ax.axhline(floor[0], color="grey", ls="--", lw=1, label=floor[1])
+    if values.size and np.all(values > 0):
+        ax.set_yscale("log")
+    if xlim is not None:
+        ax.set_xlim(xlim)
+    ax.set_xlabel("training images seen (kimg)")
+    ax.set_ylabel(f"{name} (lower is better)")
+    ax.set_title(f"in-training evaluation: {name} at each network snapshot")
+    ax.grid(alpha=0.3)
+    ax.legend()
 
 
 def save_sweep_figure(
