@@ -122,6 +122,8 @@ def _count_calls(den):
 @pytest.mark.parametrize("solver,steps", [("dpmpp2m", 10), ("ipndm", 24), ("ipndm_v", 10)])
 @pytest.mark.parametrize("D", [1.0, 128.0, math.inf])
 def test_fused_matches_reference(backend, solver, steps, D):
+    if backend == "triton" and not torch.cuda.is_available():
+        steps = 6  # under the CPU interpreter a step costs ~0.2 s; 6 steps reach iPNDM's 4th order
     dev = device_for(backend)
     data = torch.randn(5, 2, 3, 3, generator=torch.Generator().manual_seed(3))
     seeds = torch.tensor([0, 1, 2, 2**40])
