@@ -19,7 +19,9 @@ import pytest  # noqa: E402
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "gpu: needs a CUDA device (skipped without one)")
-    config.addinivalue_line("markers", "slow: long-running end-to-end test: left out of `make test`, run by `make test-slow` and CI")
+    config.addinivalue_line(
+        "markers", "slow: long-running end-to-end test: left out of `make test`, run by `make test-slow` and CI"
+    )
     config.addinivalue_line("markers", "triton: runs a Triton kernel (GPU, or the CPU interpreter)")
 
 
