@@ -14,10 +14,11 @@ import torch
 from helpers import tiny_run_options
 
 from pfgmpp_fast import ops
+from pfgmpp_fast.apps.train_command import add_arguments, main
 from pfgmpp_fast.checkpoint import find_latest_snapshot
 from pfgmpp_fast.training.options import TrainingError
 from pfgmpp_fast.training.run_files import drop_stats_after, find_latest_state
-from pfgmpp_fast.training.train import add_arguments, main, run_training
+from pfgmpp_fast.training.train import run_training
 from pfgmpp_fast.utils import io_utils
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

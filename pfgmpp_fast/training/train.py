@@ -61,7 +61,6 @@ from pfgmpp_fast.utils.cli_errors import (
     blame,
     check_output_path,
     checked,
-    command,
     int_at_least,
     supported_choice,
 )
@@ -69,7 +68,7 @@ from pfgmpp_fast.utils.io_utils import atomic_save_json
 from pfgmpp_fast.utils.preemption import Preempted, Preemption, add_preempt_argument
 from pfgmpp_fast.utils.run_lock import acquire_run_dir
 
-__all__ = ["run_training", "check_run_dir_use", "add_arguments", "options_from_args", "run_from_args", "main"]
+__all__ = ["run_training", "check_run_dir_use", "add_arguments", "options_from_args", "run_from_args"]
 
 D_TYPE = checked(parse_D, "D")
 
@@ -481,11 +480,6 @@ def _resolve_from_args(args) -> TrainingOptions:
         return resolve_options(**options_from_args(args))
     except InvalidArgument as exc:
         raise UsageError.about(_OPTION_OF.get(exc.name, "--" + exc.name.replace("_", "-")), exc) from None
-
-
-@command
-def main(args) -> int:
-    return run_from_args(args)
 
 
 def run_from_args(args, evaluator=None) -> int:
