@@ -10,8 +10,8 @@ demo: setup
 
 # Two workers, whole files each (the machine's 2 cores; a file's tests share their fixtures).
 # `make test` leaves out the few end-to-end tests marked `slow` (killed and restarted torchrun
-# jobs, Inception and DINOv2 on random weights, the GPU script's dry run); `make test-slow` runs
-# them (after `make test`, which set everything up); CI runs both.
+# jobs and experiments, Inception and DINOv2 on random weights, the benchmark and GPU-script
+# dry runs); `make test-slow` runs them (after `make test`, which set everything up); CI runs both.
 TEST_WORKERS ?= 2
 test: setup
 	$(PYTHON) -m pytest -n $(TEST_WORKERS) --dist loadfile -m "not slow"

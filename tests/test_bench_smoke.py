@@ -11,6 +11,7 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 
 
+@pytest.mark.slow
 def test_suite_smoke_writes_json_and_markdown(tmp_path):
     proc = subprocess.run(
         [sys.executable, "-m", "pfgmpp_fast", "bench", "--smoke", "--device", "cpu", "--outdir", str(tmp_path)],

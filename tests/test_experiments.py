@@ -132,6 +132,7 @@ def test_tiny_ema_sweep(tiny_run):
     assert all(r["fdd"] != base[(r["D"], r["set"])] for r in ema)
 
 
+@pytest.mark.slow
 def test_resume_after_kill_skips_finished_points(tiny_run, tmp_path):
     reference_dir, _ = tiny_run
     outdir = tmp_path / "killed"

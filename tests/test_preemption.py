@@ -208,6 +208,7 @@ def _ranks_worker(rank, workdir, data, phases):
             json.dump(outcome, f)
 
 
+@pytest.mark.slow
 @pytest.mark.bitidentity
 def test_two_gloo_ranks_stop_after_the_same_step_and_resume_bit_identically(tmp_path, data):
     forwarded = tmp_path / "ranks" / "forwarded"
