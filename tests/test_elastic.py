@@ -406,6 +406,35 @@ def test_gloo_ranks_leave_one_after_another_rank_0_last(tmp_path):
     assert end[2] <= start[1] and end[1] <= start[0], (start, end)
 
 
+def _slow_final_barrier_on_rank_0(rank, log_dir):
+    """Worker: rank 0 returns from close's barrier 0.5 s after its peers (as a loaded rank
+    may); every rank notes when its barrier returned and when it began to leave."""
+    barrier, destroy = torch.distributed.barrier, torch.distributed.destroy_process_group
+
+    def slow_barrier(*args, **kwargs):
+        barrier(*args, **kwargs)
+        if rank == 0:
+            time.sleep(0.5)
+        with open(os.path.join(log_dir, f"passed-{rank}"), "w") as f:
+            f.write(str(time.monotonic()))
+
+    def noted_destroy(*args, **kwargs):
+        with open(os.path.join(log_dir, f"leaving-{rank}"), "w") as f:
+            f.write(str(time.monotonic()))
+        destroy(*args, **kwargs)
+
+    torch.distributed.barrier, torch.distributed.destroy_process_group = slow_barrier, noted_destroy
+
+
+def test_no_rank_leaves_before_every_rank_has_passed_the_final_barrier(tmp_path):
+    # a rank that closed its connections while a peer was still inside the barrier failed
+    # that peer's barrier in CI ('Connection closed by peer')
+    run_ranks(_slow_final_barrier_on_rank_0, 2, tmp_path / "ranks", str(tmp_path))
+    passed = [float((tmp_path / f"passed-{r}").read_text()) for r in range(2)]
+    leaving = [float((tmp_path / f"leaving-{r}").read_text()) for r in range(2)]
+    assert min(leaving) >= max(passed), (passed, leaving)
+
+
 def _leave_after_failure(rank, flag):
     """Worker: rank 0 fails and leaves at once while rank 1 is busy (is not at any barrier)."""
     if rank == 0:

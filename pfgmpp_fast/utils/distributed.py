@@ -48,6 +48,7 @@ INIT_TIMEOUT_ENV = "PFGMPP_FAST_DIST_INIT_TIMEOUT"
 _group_store = None  # the store of the group join_group made; None when there is none
 LEAVE_TIMEOUT_S = 60.0
 _LEFT_KEY = "pfgmpp_fast/left"  # how many ranks have left the group (close)
+_PASSED_KEY = "pfgmpp_fast/passed-final-barrier"  # how many ranks have returned from close's barrier
 
 
 def pick_device(name: Optional[str] = "auto") -> torch.device:
@@ -272,7 +273,10 @@ def close(failed: bool = False) -> None:
     """Leave the process group that :func:`join_group` made (no-op without one).
 
     After success (``failed`` False) every rank first waits at a barrier, so that no
-    collective is in flight anywhere; gloo ranks then leave one after another, the highest
+    collective is in flight anywhere, and then on the store until every rank has returned
+    from it: a rank that tore down its connections as soon as its own barrier returned
+    could fail a slower peer's barrier ('Connection closed by peer', seen in CI with gloo).
+    Gloo ranks then leave one after another, the highest
     rank first and rank 0 (which may serve the store) last, because a gloo rank that tears
     down its connections while a peer closes the other ends can abort the process
     ('terminate called without an active exception', seen in CI on torch 2.14). NCCL ranks
@@ -289,6 +293,10 @@ def close(failed: bool = False) -> None:
         if not failed:
             torch.distributed.barrier()
         deadline = time.monotonic() + LEAVE_TIMEOUT_S  # a peer that died leaving is not waited for
+        if not failed:
+            store.add(_PASSED_KEY, 1)
+            while store.add(_PASSED_KEY, 0) < world and time.monotonic() < deadline:
+                time.sleep(0.01)
         while in_turn and store.add(_LEFT_KEY, 0) < world - 1 - rank and time.monotonic() < deadline:
             time.sleep(0.01)
     finally:
