@@ -435,6 +435,26 @@ def test_no_rank_leaves_before_every_rank_has_passed_the_final_barrier(tmp_path)
     assert min(leaving) >= max(passed), (passed, leaving)
 
 
+def _rank_0_value_worker(rank):
+    """rank_0_value: rank 0's value on both ranks (as JSON), rank 0's exception on both, and
+    the ranks' collectives still matched afterwards."""
+    got = distributed.rank_0_value(lambda: {"rank": rank, "found": [(100, "net-100.safetensors")], "ok": True})
+    assert got == {"rank": 0, "found": [[100, "net-100.safetensors"]], "ok": True}
+
+    def fails_on_rank_0():
+        raise ValueError("cannot list the run directory")
+
+    raised = ValueError if rank == 0 else RuntimeError
+    with pytest.raises(raised, match="cannot list the run directory"):
+        distributed.rank_0_value(fails_on_rank_0)
+    assert [int(t) for t in distributed.all_gather(torch.tensor([rank]))] == [0, 1]
+
+
+def test_rank_0_value_gives_every_rank_the_value_or_the_error_of_rank_0(tmp_path):
+    run_ranks(_rank_0_value_worker, 2, tmp_path / "ranks")
+    assert distributed.rank_0_value(lambda: (1, "a")) == [1, "a"]  # no process group: JSON all the same
+
+
 def _leave_after_failure(rank, flag):
     """Worker: rank 0 fails and leaves at once while rank 1 is busy (is not at any barrier)."""
     if rank == 0:

@@ -5,6 +5,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import time
 
 import numpy as np
 import pytest
@@ -15,6 +16,7 @@ from helpers import BatchSensitiveFeatures, digits_net, run_ranks, stand_in, tin
 from pfgmpp_fast import checkpoint, checks
 from pfgmpp_fast.evaluation import calc, features, metrics
 from pfgmpp_fast.evaluation import sweep as sweep_engine
+from pfgmpp_fast.utils import distributed
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -554,6 +556,32 @@ def _batch_sensitive_rank_worker(rank, outdir, result):
     stats = calc.calc_stats(_batch_sensitive_source(), det, batch_size=4, outdir=outdir, shard_size=7)
     if rank == 0:
         np.savez(result, **stats["features"].to_arrays())
+
+
+def _rank_1_lags_after_each_shard_worker(rank, outdir, result):
+    """Rank 1 returns from every shard's barrier 0.5 s late: rank 0 meanwhile computes the
+    last shard (from carried rows alone, with no collective) and writes its file."""
+    if rank == 1:
+        barrier = distributed.barrier
+
+        def late_barrier():
+            barrier()
+            time.sleep(0.5)
+
+        distributed.barrier = late_barrier
+    _batch_sensitive_rank_worker(rank, outdir, result)
+
+
+def test_a_lagging_rank_does_not_take_a_shard_written_in_this_run_for_a_resumed_one(tmp_path):
+    # it once did: it read the file, skipped the barrier after the write, and the ranks'
+    # collectives no longer matched (rank 0 hung in the next barrier)
+    det = features.Detectors(BatchSensitiveFeatures(), "fid,kid")
+    one = calc.calc_stats(_batch_sensitive_source(), det, batch_size=4, shard_size=7)["features"]
+    result = str(tmp_path / "two.npz")
+    run_ranks(_rank_1_lags_after_each_shard_worker, 2, tmp_path / "ranks", str(tmp_path / "two"), result, timeout=40)
+    with np.load(result) as f:
+        two = metrics.FeatureStats.from_arrays(f["n"], f["sum"], f["sum_outer"], f["rows"])
+    assert torch.equal(two.rows, one.rows) and torch.equal(two.sum_outer, one.sum_outer)
 
 
 @pytest.mark.bitidentity

@@ -1,6 +1,7 @@
 """Generation (pfgmpp_fast/generate.py): seeds, determinism per seed, ranks, outputs, errors."""
 
 import os
+import time
 import zipfile
 
 import numpy as np
@@ -180,6 +181,38 @@ def test_one_vs_two_gloo_ranks_identical(tmp_path):
     assert list(sa) == list(range(11)) and np.array_equal(sa, sb)
     assert np.array_equal(a, b)
     assert not np.array_equal(a, load_npz_images(other)[0])  # the coupling is felt: other batches differ
+
+
+def _rank_1_lags_after_each_checkpoint(rank, run_dir):
+    """Both ranks generate every checkpoint of `run_dir`. Seeds 0-2 in batches of 4 all go to
+    rank 0, and rank 1 returns 2 s late from each checkpoint's writing: by the time it gets
+    to the next checkpoint, rank 0 has written all of that checkpoint's images."""
+    from pfgmpp_fast import cli
+
+    if rank == 1:
+        write = G.write_images
+
+        def late_write(*args, **kwargs):
+            count = write(*args, **kwargs)
+            time.sleep(2)
+            return count
+
+        G.write_images = late_write
+    argv = ["generate", "--seeds=0-2", f"--outdir={run_dir}", "--batch", "4", "--steps", "2", "--device", "cpu"]
+    assert cli.main([*argv, "--backend", "reference", "--no-progress"]) == 0
+
+
+def test_a_lagging_rank_does_not_skip_a_checkpoint_written_in_this_run(tmp_path):
+    # it once did (it saw all the images there), and its collectives no longer matched rank 0's
+    from pfgmpp_fast.checkpoint import save_network
+
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    for kimg in (100, 200):
+        save_network(str(run_dir / f"network-snapshot-{kimg:06d}.safetensors"), tiny_net(D=128, seed=kimg))
+    run_ranks(_rank_1_lags_after_each_checkpoint, 2, tmp_path / "ranks", str(run_dir), timeout=60)
+    for kimg in (100, 200):
+        assert sorted(os.listdir(run_dir / f"ckpt_{kimg:06d}" / "000000")) == [f"{s:06d}.png" for s in range(3)]
 
 
 def test_cli_generate_and_D_mismatch(tmp_path, capsys):

@@ -295,6 +295,14 @@ def _prepare_outdir(outdir: str, expected: set) -> None:
         )
 
 
+def _shards_on_disk(outdir: str, names: list) -> list:
+    """Which of the shard files `names` a previous run finished, as rank 0 sees them before
+    this run writes any: a rank that looked for each file when it got there could find one
+    a faster rank had just written (a shard computed from carried rows alone needs no
+    collective) and skip the barrier that follows the write."""
+    return distributed.rank_0_value(lambda: [os.path.exists(os.path.join(outdir, n)) for n in names])
+
+
 def _read_shard(path: str, config: str, shard: np.ndarray, extractor: Detectors) -> Dict[str, FeatureStats]:
     with np.load(path, allow_pickle=False) as f:
         if str(f["config"]) != config:
@@ -314,8 +322,10 @@ def _sharded_stats(
     rank = distributed.get_rank()
     config = _config_string(source, extractor, device) if outdir else None
     bounds = [(lo, min(lo + shard_size, len(ids))) for lo in range(0, len(ids), shard_size)]
+    on_disk = [False] * len(bounds)
     if outdir:
         _prepare_outdir(outdir, {_shard_name(ids[lo:hi]) for lo, hi in bounds})
+        on_disk = _shards_on_disk(outdir, [_shard_name(ids[lo:hi]) for lo, hi in bounds])
     total = _empty_stats(extractor, "cpu")
     carry: Dict[int, torch.Tensor] = {}  # a grid batch two shards share is computed once
     iterator = bounds
@@ -323,10 +333,10 @@ def _sharded_stats(
         from tqdm import tqdm
 
         iterator = tqdm(bounds, desc="shards", unit="shard", file=sys.stderr)
-    for lo, hi in iterator:
+    for (lo, hi), resume in zip(iterator, on_disk):
         shard = ids[lo:hi]
         path = os.path.join(outdir, _shard_name(shard)) if outdir else None
-        if path and os.path.exists(path):
+        if resume:
             part = _read_shard(path, config, shard, extractor)
             carry.clear()
             log(f"shard {_shard_name(shard)}: resumed from disk")

@@ -324,7 +324,10 @@ def _calc(args, device, say) -> int:
     )
     from pfgmpp_fast.evaluation.published import ckpt_folders
 
-    folders = ckpt_folders(args.images, args.gen_seed, args.ckpt, args.end_ckpt) if args.images else []
+    # every rank takes rank 0's list: `generate` may add a folder between two ranks' looks
+    folders = distributed.rank_0_value(
+        lambda: ckpt_folders(args.images, args.gen_seed, args.ckpt, args.end_ckpt) if args.images else []
+    )
     if folders:  # the published fid.py: the FID of each RUN/ckpt_<kimg> folder
         extractor = _extractor(args, device)
         ref = _reference(args, extractor)

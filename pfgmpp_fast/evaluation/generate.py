@@ -636,6 +636,10 @@ def _print_dry_run(args, seeds, jobs) -> None:
     print(json.dumps(resolved, indent=2, sort_keys=True))
 
 
+def _all_written(outdir: str, seeds) -> bool:
+    return all(os.path.exists(png_path(outdir, int(s))) for s in seeds)
+
+
 @command
 def main(args) -> int:
     if args.outdir is None and args.npz is None:
@@ -655,8 +659,12 @@ def main(args) -> int:
     device = device_from_args(args)
     rank, world = distributed.get_rank(), distributed.get_world_size()
     mine = rank_seeds(seeds, rank, world, args.batch)
-    for path, outdir in jobs:
-        if not args.network and all(os.path.exists(png_path(outdir, int(s))) for s in seeds):
+    # rank 0's list of the jobs, and of those done earlier, on every rank: between two ranks'
+    # looks a run still training may add a snapshot, and a faster rank may write all of a
+    # checkpoint's images (when the other has no seeds), and their collectives would differ
+    plan = distributed.rank_0_value(lambda: [(p, o, not args.network and _all_written(o, seeds)) for p, o in jobs])
+    for path, outdir, skip in plan:
+        if skip:
             if rank == 0:  # a checkpoint done earlier (the published generate.py skips it too)
                 print(f"{outdir}: all {len(seeds)} images are there; skipped")
             continue

@@ -73,7 +73,8 @@ def make_points(kind: str, values: Optional[Sequence], run_dir: Optional[str] = 
     if kind == "checkpoints":
         if run_dir is None:
             raise ValueError("kind='checkpoints' needs run_dir")
-        ckpts = find_checkpoints(run_dir)
+        # every rank takes rank 0's list: a run that is still training may add a snapshot between two ranks' looks
+        ckpts = [(kimg, path) for kimg, path in distributed.rank_0_value(lambda: find_checkpoints(run_dir))]
         if values is not None:
             wanted = {int(v) for v in values}
             ckpts = [c for c in ckpts if c[0] in wanted]

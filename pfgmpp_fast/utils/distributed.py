@@ -18,11 +18,12 @@ logged retries and a timeout per try (``PFGMPP_FAST_DIST_INIT_TRIES``, default 3
 from __future__ import annotations
 
 import datetime
+import json
 import os
 import sys
 import time
 import uuid
-from typing import Optional
+from typing import Any, Callable, Optional
 
 import torch
 
@@ -38,6 +39,9 @@ __all__ = [
     "is_enabled",
     "barrier",
     "all_gather",
+    "broadcast_from_rank_0",
+    "rank_0_value",
+    "comm_device",
     "ddp",
     "elastic_info",
     "join_group",
@@ -327,16 +331,56 @@ def barrier() -> None:
         torch.distributed.barrier()
 
 
+def comm_device() -> torch.device:
+    """Where the group's collectives run: the current GPU for NCCL, the CPU for gloo."""
+    if torch.distributed.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
 def all_gather(t: torch.Tensor) -> list:
     """Every rank's `t` (the same shape and dtype on every rank), in rank order, on `t`'s
     device; [t] without a process group. NCCL gathers on the GPU, gloo on the CPU."""
     if not is_enabled():
         return [t]
-    comm = (
-        torch.device("cuda", torch.cuda.current_device())
-        if torch.distributed.get_backend() == "nccl"
-        else torch.device("cpu")
-    )
+    comm = comm_device()
     parts = [torch.empty_like(t, device=comm) for _ in range(get_world_size())]
     torch.distributed.all_gather(parts, t.to(comm).contiguous())
     return [p.to(t.device) for p in parts]
+
+
+def broadcast_from_rank_0(t: torch.Tensor) -> torch.Tensor:
+    """Rank 0's `t` on every rank (the same shape and dtype on every rank), on `t`'s device;
+    `t` itself without a process group."""
+    if not is_enabled():
+        return t
+    out = t.to(comm_device()).contiguous()
+    torch.distributed.broadcast(out, src=0)
+    return out.to(t.device)
+
+
+def rank_0_value(compute: Callable[[], Any]) -> Any:
+    """``compute()`` evaluated on rank 0 alone, its value on every rank (two broadcasts). For
+    what every rank must see alike although it changes while they work (the files that a
+    faster rank, or another job, is writing), so that their collectives stay matched. The
+    value travels as JSON (lists, dicts, strings, numbers, bools), never as a pickle: nothing
+    received runs code; every rank, rank 0 and a lone process included, gets it back from
+    JSON (tuples as lists), so a value reads the same at any world size. An exception on
+    rank 0 is raised there and, as a RuntimeError naming it, on every other rank."""
+    if get_rank() != 0:
+        size = int(broadcast_from_rank_0(torch.zeros(1, dtype=torch.int64)))
+        got = json.loads(broadcast_from_rank_0(torch.zeros(size, dtype=torch.uint8)).numpy().tobytes())
+        if got["error"] is not None:
+            raise RuntimeError(f"rank 0 failed: {got['error']}")
+        return got["value"]
+    try:
+        data, error = json.dumps({"value": compute(), "error": None}), None
+    except Exception as exc:  # noqa: BLE001 — every rank must hear of it, not wait forever
+        data, error = json.dumps({"value": None, "error": repr(exc)}), exc
+    if is_enabled():
+        payload = torch.frombuffer(bytearray(data.encode()), dtype=torch.uint8)
+        broadcast_from_rank_0(torch.tensor([payload.numel()], dtype=torch.int64))
+        broadcast_from_rank_0(payload)
+    if error is not None:
+        raise error
+    return json.loads(data)["value"]

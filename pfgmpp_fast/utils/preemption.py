@@ -157,7 +157,7 @@ class Preemption:
             self.lagged = distributed.is_enabled() and _nccl()
         if not self.lagged:
             return agreed()
-        flag = torch.full((1,), _local_flag(), dtype=torch.int32, device=_collective_device())
+        flag = torch.full((1,), _local_flag(), dtype=torch.int32, device=distributed.comm_device())
         torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
         event = None
         if flag.is_cuda:  # two pinned buffers and events, in turn: one in flight, one being read
@@ -182,7 +182,7 @@ def agreed() -> Optional[str]:
     same point."""
     if not distributed.is_enabled():
         return _request["signal"]
-    flag = torch.tensor([_local_flag()], dtype=torch.int32, device=_collective_device())
+    flag = torch.tensor([_local_flag()], dtype=torch.int32, device=distributed.comm_device())
     torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
     return _name(int(flag.item()))
 
@@ -205,10 +205,6 @@ def _local_flag() -> int:
 
 def _nccl() -> bool:
     return torch.distributed.get_backend() == "nccl"
-
-
-def _collective_device() -> torch.device:
-    return torch.device("cuda", torch.cuda.current_device()) if _nccl() else torch.device("cpu")
 
 
 def _name(number: int) -> Optional[str]:
