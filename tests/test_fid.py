@@ -179,39 +179,11 @@ def test_fewer_images_than_requested(tmp_path, digits, digits_cache, capsys):
     with pytest.raises(ValueError, match="fewer images than requested: 20 .* only 10"):
         calc.calc_stats(calc.ImagesSource(digits_uint8()[0][:10]), digits, num=20)
     np.savez(tmp_path / "imgs.npz", images=digits_uint8()[0][:10].permute(0, 2, 3, 1).numpy())
-    rc = cli.main(
-        [
-            "fid",
-            "calc",
-            "--images",
-            str(tmp_path / "imgs.npz"),
-            "--num",
-            "20",
-            "--features",
-            "digits",
-            "--digits-cache",
-            digits_cache,
-            "--dest",
-            str(tmp_path / "s.npz"),
-        ]
-    )
+    calc_images = ["fid", "calc", "--images", str(tmp_path / "imgs.npz"), "--features", "digits"]
+    calc_images += ["--digits-cache", digits_cache]
+    rc = cli.main([*calc_images, "--num", "20", "--dest", str(tmp_path / "s.npz")])
     assert rc == 2 and "fewer images than requested" in capsys.readouterr().err
-    rc = cli.main(
-        [
-            "fid",
-            "calc",
-            "--images",
-            str(tmp_path / "imgs.npz"),
-            "--num",
-            "10",
-            "--features",
-            "digits",
-            "--digits-cache",
-            digits_cache,
-            "--outdir",
-            str(tmp_path / "o"),
-        ]
-    )
+    rc = cli.main([*calc_images, "--num", "10", "--outdir", str(tmp_path / "o")])
     assert rc == 0 and (tmp_path / "o" / "stats.npz").exists()
 
 
@@ -228,47 +200,13 @@ def test_cli_ref_and_calc_with_reference(tmp_path, digits_cache, capsys):
     np.savez(
         tmp_path / "imgs.npz", images=(np.arange(5).reshape(5, 1, 1, 1) * 40 + np.zeros((5, 8, 8, 1))).astype(np.uint8)
     )
-    assert (
-        cli.main(
-            [
-                "fid",
-                "calc",
-                "--images",
-                str(tmp_path / "imgs.npz"),
-                "--num",
-                "5",
-                "--features",
-                "digits",
-                "--digits-cache",
-                digits_cache,
-                "--ref",
-                ref,
-            ]
-        )
-        == 0
-    )
+    calc_images = ["fid", "calc", "--images", str(tmp_path / "imgs.npz"), "--num", "5", "--features", "digits"]
+    calc_images += ["--digits-cache", digits_cache]
+    assert cli.main([*calc_images, "--ref", ref]) == 0
     assert '"FDD"' in capsys.readouterr().out
     bad = tmp_path / "bad.npz"
     np.savez(bad, mu=np.zeros(2048), sigma=np.eye(2048, dtype=np.float32)[:2048])
-    assert (
-        cli.main(
-            [
-                "fid",
-                "calc",
-                "--images",
-                str(tmp_path / "imgs.npz"),
-                "--num",
-                "5",
-                "--features",
-                "digits",
-                "--digits-cache",
-                digits_cache,
-                "--ref",
-                str(bad),
-            ]
-        )
-        == 2
-    )
+    assert cli.main([*calc_images, "--ref", str(bad)]) == 2
     assert "2048-d statistics" in capsys.readouterr().err
 
 

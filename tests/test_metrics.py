@@ -134,62 +134,15 @@ def test_cli_ref_and_calc_report_every_digits_metric(tmp_path, digits_cache, cap
         assert sorted(f.files) == ["features", "mu", "sigma"] and f["features"].shape == (1797, 64)
     net_path = str(tmp_path / "net.safetensors")
     save_network(net_path, tiny_net())
-    assert (
-        cli.main(
-            [
-                "fid",
-                "calc",
-                "--network",
-                net_path,
-                "--steps",
-                "2",
-                "--batch",
-                "8",
-                "--num",
-                "16",
-                "--ref",
-                ref,
-                "--outdir",
-                str(tmp_path / "calc"),
-                "--shard-size",
-                "8",
-                *common,
-            ]
-        )
-        == 0
-    )
+    calc_net = ["fid", "calc", "--network", net_path, "--steps", "2", "--batch", "8", "--num", "16", "--ref", ref]
+    calc_net += ["--outdir", str(tmp_path / "calc"), "--shard-size", "8"]
+    assert cli.main([*calc_net, *common]) == 0
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert {"FDD", "KID", "KID_std", "precision_digits", "recall_digits"} <= set(result) and result["images"] == 16
     assert "precision" not in result and result["features"] == "digits"
     assert json.loads((tmp_path / "calc" / "result.json").read_text())["KID"] == result["KID"]
     # a shard directory of FID alone is not resumed into KID (it lacks the features)
-    assert (
-        cli.main(
-            [
-                "fid",
-                "calc",
-                "--network",
-                net_path,
-                "--steps",
-                "2",
-                "--batch",
-                "8",
-                "--num",
-                "16",
-                "--ref",
-                ref,
-                "--outdir",
-                str(tmp_path / "calc"),
-                "--shard-size",
-                "8",
-                "--features",
-                "digits",
-                "--digits-cache",
-                digits_cache,
-            ]
-        )
-        == 2
-    )
+    assert cli.main([*calc_net, *common[:4]]) == 2
     assert "another configuration" in capsys.readouterr().err
     assert (
         cli.main(
@@ -375,49 +328,13 @@ def test_fd_dinov2_through_dinov2_weights_with_sha256(tmp_path, digits_cache, di
     ]
     ref = str(tmp_path / "ref.npz")
     assert cli.main(["fid", "ref", "--data", str(tmp_path / "real.npz"), "--dest", ref, *common]) == 0
-    assert (
-        cli.main(
-            [
-                "fid",
-                "calc",
-                "--images",
-                str(tmp_path / "gen.npz"),
-                "--num",
-                "6",
-                "--ref",
-                ref,
-                "--outdir",
-                str(tmp_path / "o"),
-                "--shard-size",
-                "3",
-                *common,
-            ]
-        )
-        == 0
-    )
+    calc_images = ["fid", "calc", "--images", str(tmp_path / "gen.npz"), "--num", "6", "--ref", ref]
+    calc_images += ["--outdir", str(tmp_path / "o"), "--shard-size", "3", *common]
+    assert cli.main(calc_images) == 0
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     # resume: a lost shard is recomputed, the DINOv2 moments come back identical
     os.unlink(tmp_path / "o" / "stats-3-5.npz")
-    assert (
-        cli.main(
-            [
-                "fid",
-                "calc",
-                "--images",
-                str(tmp_path / "gen.npz"),
-                "--num",
-                "6",
-                "--ref",
-                ref,
-                "--outdir",
-                str(tmp_path / "o"),
-                "--shard-size",
-                "3",
-                *common,
-            ]
-        )
-        == 0
-    )
+    assert cli.main(calc_images) == 0
     again = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert (again["FD_DINOv2"], again["FDD"]) == (result["FD_DINOv2"], result["FDD"])
     # independent: timm's model for a 2x2 patch grid, the positional embedding resampled as the
