@@ -278,8 +278,9 @@ def close(failed: bool = False) -> None:
 
     After success (``failed`` False) every rank first waits at a barrier, so that no
     collective is in flight anywhere, and then on the store until every rank has returned
-    from it: a rank that tore down its connections as soon as its own barrier returned
-    could fail a slower peer's barrier ('Connection closed by peer', seen in CI with gloo).
+    from it, so that no rank tears down its connections while a peer still waits inside a
+    collective. (A rank whose collectives did not match its peers' passed this barrier on a
+    peer's earlier one and left while that peer hung here: see rank_0_value.)
     Gloo ranks then leave one after another, the highest
     rank first and rank 0 (which may serve the store) last, because a gloo rank that tears
     down its connections while a peer closes the other ends can abort the process
